@@ -1,0 +1,165 @@
+//! Per-CPU emulation: CPU slots that threads bind to, and real preemption guards.
+//!
+//! # Theory
+//!
+//! 1. The machine has `n` CPU slots. A thread *binds* to a slot with
+//!    [`HostPlatform::bind_cpu`](crate::HostPlatform::bind_cpu) and owns it until the
+//!    returned [`CpuBinding`] drops; no other thread can bind it meanwhile. A bound thread's
+//!    preemption guard costs a load and a compare: nobody else can run on its CPU.
+//! 2. An unbound thread is given a slot by a hash of its thread number; its preemption guard
+//!    claims the slot with a compare-and-swap for the guard's lifetime, spinning (then
+//!    yielding) while another thread holds it, exactly as a thread would wait to be scheduled
+//!    on a busy CPU. So per-CPU data is never touched by two threads at once, bound or not.
+//! 3. Guards nest on one thread (a depth count). Releasing a slot the thread does not hold is
+//!    a bug in the caller and panics with both parties named: it would otherwise corrupt
+//!    per-CPU state silently.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use busdma::{Error, Result};
+
+/// Owner word: 0 = free; otherwise the owning thread's token, with [`PERMANENT`] set when the
+/// thread bound the slot (as opposed to holding it for one guard).
+const PERMANENT: u64 = 1 << 63;
+
+/// Spins before a waiting thread yields its host CPU: long enough to cover a short critical
+/// section of a busy peer (a few hundred ns), short enough not to burn a time slice when the
+/// peer was descheduled by the host.
+const SPINS_BEFORE_YIELD: u32 = 128;
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+    /// (machine id, cpu) this thread is bound to, machine id 0 meaning unbound.
+    static BOUND: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
+}
+
+pub(crate) fn thread_token() -> u64 {
+    TOKEN.with(|t| *t)
+}
+
+/// One CPU slot.
+#[derive(Debug, Default)]
+pub(crate) struct CpuSlot {
+    owner: AtomicU64,
+    depth: AtomicU32,
+}
+
+/// The CPU slots of one machine.
+#[derive(Debug)]
+pub(crate) struct Cpus {
+    machine: u64,
+    slots: Box<[CpuSlot]>,
+}
+
+static NEXT_MACHINE: AtomicU64 = AtomicU64::new(1);
+
+impl Cpus {
+    pub(crate) fn new(n: usize) -> Self {
+        Self {
+            machine: NEXT_MACHINE.fetch_add(1, Ordering::Relaxed),
+            slots: (0..n).map(|_| CpuSlot::default()).collect(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The slot the calling thread runs on.
+    pub(crate) fn current(&self) -> usize {
+        let (m, cpu) = BOUND.with(Cell::get);
+        if m == self.machine { cpu } else { (thread_token() % self.slots.len() as u64) as usize }
+    }
+
+    pub(crate) fn bind(&self, cpu: usize) -> Result<()> {
+        if cpu >= self.slots.len() {
+            return Err(Error::OutOfRange { addr: cpu as u64, limit: self.slots.len() as u64 });
+        }
+        if BOUND.with(Cell::get).0 == self.machine {
+            return Err(Error::BadState { what: "thread already bound to a CPU of this machine" });
+        }
+        let me = thread_token() | PERMANENT;
+        let slot = &self.slots[cpu];
+        let mut spins = 0;
+        loop {
+            match slot.owner.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(o) if o & PERMANENT != 0 => {
+                    return Err(Error::Busy { what: "CPU slot bound to another thread", count: 1 });
+                }
+                Err(_) => backoff(&mut spins),
+            }
+        }
+        BOUND.with(|b| b.set((self.machine, cpu)));
+        Ok(())
+    }
+
+    pub(crate) fn unbind(&self, cpu: usize) {
+        BOUND.with(|b| b.set((0, 0)));
+        let slot = &self.slots[cpu];
+        assert_eq!(slot.depth.load(Ordering::Relaxed), 0, "CPU {cpu} unbound inside a preemption guard");
+        slot.owner.store(0, Ordering::Release);
+    }
+
+    pub(crate) fn preempt_disable(&self) -> usize {
+        let cpu = self.current();
+        let slot = &self.slots[cpu];
+        let me = thread_token();
+        let owner = slot.owner.load(Ordering::Relaxed);
+        if owner & !PERMANENT != me {
+            let mut spins = 0;
+            while slot.owner.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
+                backoff(&mut spins);
+            }
+        }
+        // Only the owner touches depth; Relaxed suffices, the owner word orders hand-overs.
+        slot.depth.fetch_add(1, Ordering::Relaxed);
+        cpu
+    }
+
+    pub(crate) fn preempt_enable(&self, cpu: usize) {
+        let slot = &self.slots[cpu];
+        let owner = slot.owner.load(Ordering::Relaxed);
+        let me = thread_token();
+        assert!(
+            owner & !PERMANENT == me && slot.depth.load(Ordering::Relaxed) > 0,
+            "preempt_enable(cpu {cpu}) by thread {me} which does not hold it (owner {owner:#x})"
+        );
+        if slot.depth.fetch_sub(1, Ordering::Relaxed) == 1 && owner & PERMANENT == 0 {
+            slot.owner.store(0, Ordering::Release);
+        }
+    }
+}
+
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < SPINS_BEFORE_YIELD {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// A thread's binding to a CPU slot; dropping it unbinds.
+#[derive(Debug)]
+pub struct CpuBinding<'a> {
+    pub(crate) cpus: &'a Cpus,
+    pub(crate) cpu: usize,
+    pub(crate) _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl CpuBinding<'_> {
+    /// The bound CPU.
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+}
+
+impl Drop for CpuBinding<'_> {
+    fn drop(&mut self) {
+        self.cpus.unbind(self.cpu);
+    }
+}

@@ -1,0 +1,600 @@
+//! The hosted platform: RAM arena, direct map, quick-map windows, CPUs and MMIO.
+//!
+//! See the crate documentation for the picture. Every `unsafe` block here touches one of
+//! three mappings this type creates and owns for its whole life: the physical view, the
+//! direct map, and the quick-map windows.
+
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use busdma::platform::QUICK_SLOTS;
+use busdma::{AddrRange, Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, TablePage};
+
+use crate::cpu::{CpuBinding, Cpus};
+use crate::ram::{FrameAllocator, FrameBlock, FrameRequest, Placement};
+
+/// Default RAM size: 1 GiB, enough for 262 144-page benchmarks with room to spare; sparse,
+/// so it costs only what is touched.
+pub const DEFAULT_RAM_SIZE: u64 = 1 << 30;
+/// Default first physical address: 16 MiB. Not zero, so "PA == offset" bugs show; low enough
+/// that 240 MiB of RAM lies below 2^28, the DMA limit of 28-bit devices such as QEMU's edu.
+pub const DEFAULT_RAM_BASE: u64 = 16 << 20;
+
+/// The machine's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// First physical address of RAM (page-aligned, non-zero is wise).
+    pub ram_base: PhysAddr,
+    /// RAM size in bytes (non-zero, page-aligned).
+    pub ram_size: u64,
+    /// Bytes of RAM, from its start, that the direct map covers (page-aligned, at most
+    /// `ram_size`). RAM above is reachable by the CPU only through quick maps.
+    pub direct_map_size: u64,
+    /// Number of CPU slots (at least one).
+    pub cpus: usize,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            ram_base: PhysAddr::new(DEFAULT_RAM_BASE),
+            ram_size: DEFAULT_RAM_SIZE,
+            direct_map_size: DEFAULT_RAM_SIZE,
+            cpus: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+impl MachineConfig {
+    /// A machine of `ram_size` bytes, all direct-mapped, with default base and CPUs.
+    pub fn with_ram(ram_size: u64) -> Self {
+        Self { ram_size, direct_map_size: ram_size, ..Self::default() }
+    }
+
+    /// The same machine with the upper half of RAM outside the direct map.
+    pub fn upper_half_not_direct_mapped(mut self) -> Self {
+        self.direct_map_size = (self.ram_size / 2) & !(PAGE_SIZE - 1);
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.ram_size == 0 {
+            return Err(Error::ZeroSize);
+        }
+        for v in [self.ram_size, self.ram_base.raw(), self.direct_map_size] {
+            if v % PAGE_SIZE != 0 {
+                return Err(Error::Misaligned { value: v, align: PAGE_SIZE });
+            }
+        }
+        AddrRange::from_start_len(self.ram_base, self.ram_size)?;
+        if self.direct_map_size > self.ram_size {
+            return Err(Error::BadSize { size: self.direct_map_size, limit: self.ram_size });
+        }
+        if self.cpus == 0 {
+            return Err(Error::InvalidArgument { what: "CPU count", value: 0 });
+        }
+        if isize::try_from(self.ram_size).is_err() {
+            return Err(Error::BadSize { size: self.ram_size, limit: isize::MAX as u64 });
+        }
+        Ok(())
+    }
+}
+
+/// A device's registers, reachable through the platform's MMIO methods.
+pub trait MmioHandler: Send + Sync {
+    /// Reads `size` (4 or 8) bytes at `offset` into the register window.
+    fn read(&self, offset: u64, size: u8) -> u64;
+    /// Writes `size` (4 or 8) bytes at `offset` into the register window.
+    fn write(&self, offset: u64, size: u8, value: u64);
+}
+
+struct MmioWindow {
+    range: AddrRange<PhysAddr>,
+    handler: Box<dyn MmioHandler>,
+}
+
+/// Counters a user can read.
+#[derive(Debug, Default)]
+pub struct HostCounters {
+    /// Table pages currently allocated through [`Platform::alloc_table_page`].
+    pub table_pages_live: AtomicU64,
+    /// Quick-map entries that needed a real mapping change.
+    pub quick_maps: AtomicU64,
+    /// MMIO accesses that hit no registered device.
+    pub mmio_unclaimed: AtomicU64,
+}
+
+/// The hosted implementation of [`busdma::Platform`].
+pub struct HostPlatform {
+    config: MachineConfig,
+    fd: libc::c_int,
+    /// Physical view: all of RAM.
+    phys: *mut u8,
+    /// Direct map: the first `direct_map_size` bytes of RAM.
+    direct: *mut u8,
+    /// Quick-map windows: `cpus * QUICK_SLOTS` pages.
+    quick: *mut u8,
+    frames: FrameAllocator,
+    cpus: Cpus,
+    mmio: RwLock<Vec<MmioWindow>>,
+    counters: HostCounters,
+}
+
+// SAFETY: the raw pointers are addresses of mappings owned by this value for its whole life;
+// all access through them is bounds-checked and uses atomics or copies, never references
+// held across calls, so sharing the value between threads is sound.
+unsafe impl Send for HostPlatform {}
+// SAFETY: as above; mutable state other than RAM bytes is behind atomics or locks.
+unsafe impl Sync for HostPlatform {}
+
+fn os_error(what: &'static str) -> Error {
+    let _ = std::io::Error::last_os_error();
+    Error::Unsupported { what }
+}
+
+fn map(
+    addr: *mut u8,
+    len: u64,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: libc::c_int,
+    off: u64,
+) -> Result<*mut u8> {
+    // SAFETY: mmap with a null hint creates a new mapping; with MAP_FIXED callers pass an
+    // address inside a reservation they own. Arguments are checked by the kernel.
+    let p = unsafe { libc::mmap(addr.cast(), len as usize, prot, flags, fd, off as libc::off_t) };
+    if p == libc::MAP_FAILED { Err(os_error("mmap of the RAM arena")) } else { Ok(p.cast()) }
+}
+
+impl HostPlatform {
+    /// Builds a machine.
+    ///
+    /// Errors: [`Error::ZeroSize`] (no RAM), [`Error::Misaligned`] (size, base or direct-map
+    /// size not page-aligned), [`Error::Overflow`] (RAM wraps), [`Error::BadSize`],
+    /// [`Error::InvalidArgument`] (no CPUs), [`Error::Unsupported`] (the OS refused the memfd).
+    pub fn new(config: MachineConfig) -> Result<Self> {
+        config.validate()?;
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd = unsafe { libc::memfd_create(c"busdma-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_error("memfd_create"));
+        }
+        // SAFETY: fd is the memfd just created.
+        if unsafe { libc::ftruncate(fd, config.ram_size as libc::off_t) } != 0 {
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(fd) };
+            return Err(os_error("ftruncate of the RAM memfd"));
+        }
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let shared = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        let phys = map(std::ptr::null_mut(), config.ram_size, rw, shared, fd, 0)?;
+        let direct = if config.direct_map_size > 0 {
+            map(std::ptr::null_mut(), config.direct_map_size, rw, shared, fd, 0)?
+        } else {
+            std::ptr::null_mut()
+        };
+        let quick_len = (config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
+        let quick = map(
+            std::ptr::null_mut(),
+            quick_len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )?;
+        Ok(Self {
+            config,
+            fd,
+            phys,
+            direct,
+            quick,
+            frames: FrameAllocator::new(
+                config.ram_base,
+                config.ram_size / PAGE_SIZE,
+                config.direct_map_size / PAGE_SIZE,
+            ),
+            cpus: Cpus::new(config.cpus),
+            mmio: RwLock::new(Vec::new()),
+            counters: HostCounters::default(),
+        })
+    }
+
+    /// The machine's configuration.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// RAM as a physical range.
+    pub fn ram(&self) -> AddrRange<PhysAddr> {
+        // Validated at construction.
+        AddrRange::from_start_len(self.config.ram_base, self.config.ram_size)
+            .unwrap_or_else(|_| unreachable!())
+    }
+
+    /// The frame allocator.
+    pub fn frames(&self) -> &FrameAllocator {
+        &self.frames
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &HostCounters {
+        &self.counters
+    }
+
+    /// Allocates a run of frames, returned to the allocator when the block drops.
+    pub fn alloc_frames(&self, req: FrameRequest) -> Result<FrameBlock<'_>> {
+        let pa = self.frames.alloc(req)?;
+        Ok(FrameBlock { alloc: &self.frames, pa, pages: req.pages })
+    }
+
+    /// Binds the calling thread to CPU slot `cpu` until the binding drops.
+    ///
+    /// Errors: [`Error::OutOfRange`] (no such CPU), [`Error::Busy`] (another thread bound it),
+    /// [`Error::BadState`] (this thread is already bound on this machine).
+    pub fn bind_cpu(&self, cpu: usize) -> Result<CpuBinding<'_>> {
+        self.cpus.bind(cpu)?;
+        Ok(CpuBinding { cpus: &self.cpus, cpu, _not_send: std::marker::PhantomData })
+    }
+
+    /// Places a device's register window at `range`.
+    ///
+    /// Errors: [`Error::AlreadyMapped`] if it overlaps another window or RAM.
+    pub fn add_mmio(&self, range: AddrRange<PhysAddr>, handler: Box<dyn MmioHandler>) -> Result<()> {
+        if range.overlaps(&self.ram()) {
+            return Err(Error::AlreadyMapped { addr: range.start().raw() });
+        }
+        let mut w = self.mmio.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = w.iter().find(|o| o.range.overlaps(&range)) {
+            return Err(Error::AlreadyMapped { addr: o.range.start().raw() });
+        }
+        w.push(MmioWindow { range, handler });
+        Ok(())
+    }
+
+    /// Offset of `[pa, pa + len)` into RAM, checked.
+    #[inline]
+    fn ram_offset(&self, pa: PhysAddr, len: u64) -> Result<u64> {
+        let off = pa.raw().wrapping_sub(self.config.ram_base.raw());
+        if pa < self.config.ram_base || len > self.config.ram_size || off > self.config.ram_size - len {
+            return Err(Error::OutOfRange {
+                addr: pa.raw(),
+                limit: self.config.ram_base.raw() + self.config.ram_size,
+            });
+        }
+        Ok(off)
+    }
+
+    fn mmio_access<R>(&self, pa: PhysAddr, f: impl FnOnce(&dyn MmioHandler, u64) -> R) -> Option<R> {
+        let w = self.mmio.read().unwrap_or_else(|e| e.into_inner());
+        let win = w.iter().find(|win| win.range.contains(pa))?;
+        Some(f(win.handler.as_ref(), pa.raw() - win.range.start().raw()))
+    }
+
+    fn quick_slot_ptr(&self, cpu: usize, slot: usize) -> *mut u8 {
+        assert!(cpu < self.config.cpus && slot < QUICK_SLOTS, "quick slot ({cpu}, {slot}) out of range");
+        // SAFETY: (cpu, slot) is inside the window reservation, checked above.
+        unsafe { self.quick.add((cpu * QUICK_SLOTS + slot) * PAGE_SIZE as usize) }
+    }
+
+    /// The quick-map windows as a kernel virtual range (for "is this a quick-map address?").
+    pub fn quick_window(&self) -> AddrRange<KernVa> {
+        let len = (self.config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
+        AddrRange::from_start_len(KernVa::new(self.quick as u64), len).unwrap_or_else(|_| unreachable!())
+    }
+
+    /// Reads a little-endian u64 of physical memory atomically (what a hardware walker does).
+    ///
+    /// Errors: [`Error::OutOfRange`], [`Error::Misaligned`].
+    #[inline]
+    pub fn read_phys_u64(&self, pa: PhysAddr) -> Result<u64> {
+        if !pa.is_aligned(8) {
+            return Err(Error::Misaligned { value: pa.raw(), align: 8 });
+        }
+        let off = self.ram_offset(pa, 8)?;
+        // SAFETY: the word is inside the physical view (checked) and 8-aligned; RAM words are
+        // only accessed atomically or by byte copies, never through references.
+        let a = unsafe { AtomicU64::from_ptr(self.phys.add(off as usize).cast()) };
+        Ok(a.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for HostPlatform {
+    fn drop(&mut self) {
+        let len = (self.config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
+        // SAFETY: unmapping the mappings this value created; nothing refers to them after drop
+        // (frame blocks and guards borrow the platform, so they are gone).
+        unsafe {
+            libc::munmap(self.phys.cast(), self.config.ram_size as usize);
+            if !self.direct.is_null() {
+                libc::munmap(self.direct.cast(), self.config.direct_map_size as usize);
+            }
+            libc::munmap(self.quick.cast(), len as usize);
+            libc::close(self.fd);
+        }
+    }
+}
+
+impl Platform for HostPlatform {
+    fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
+        let off = self.ram_offset(pa, buf.len() as u64)?;
+        // SAFETY: the source bytes are inside the physical view (checked); copying bytes a
+        // device may write concurrently is a plain data race on raw memory we never reference,
+        // which is what DMA is; the destination is the caller's exclusive buffer.
+        unsafe { std::ptr::copy_nonoverlapping(self.phys.add(off as usize), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn write_phys(&self, pa: PhysAddr, data: &[u8]) -> Result<()> {
+        let off = self.ram_offset(pa, data.len() as u64)?;
+        // SAFETY: destination inside the physical view (checked), never referenced elsewhere.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.phys.add(off as usize), data.len()) };
+        Ok(())
+    }
+
+    fn fill_phys(&self, pa: PhysAddr, len: u64, byte: u8) -> Result<()> {
+        let off = self.ram_offset(pa, len)?;
+        // SAFETY: destination inside the physical view (checked).
+        unsafe { std::ptr::write_bytes(self.phys.add(off as usize), byte, len as usize) };
+        Ok(())
+    }
+
+    fn alloc_table_page(&self) -> Result<TablePage> {
+        let req = FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) };
+        let pa = self.frames.alloc(req)?;
+        self.fill_phys(pa, PAGE_SIZE, 0)?;
+        let kva = self.phys_to_kva(pa).ok_or(Error::NotDirectMapped { pa: pa.raw() })?;
+        self.counters.table_pages_live.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: kva is the direct-map address of the frame just allocated, which stays
+        // mapped for the platform's life and is ours until freed.
+        Ok(unsafe { TablePage::new(pa, kva) })
+    }
+
+    unsafe fn free_table_page(&self, page: TablePage) {
+        let r = self.frames.free(page.pa(), 1);
+        debug_assert!(r.is_ok(), "table page free failed: {r:?}");
+        if r.is_ok() {
+            self.counters.table_pages_live.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn phys_to_kva(&self, pa: PhysAddr) -> Option<KernVa> {
+        let off = pa.raw().checked_sub(self.config.ram_base.raw())?;
+        (off < self.config.direct_map_size).then(|| KernVa::new(self.direct as u64 + off))
+    }
+
+    #[inline]
+    fn kva_to_phys(&self, kva: KernVa) -> Option<PhysAddr> {
+        let off = kva.raw().checked_sub(self.direct as u64)?;
+        (off < self.config.direct_map_size).then(|| PhysAddr::new(self.config.ram_base.raw() + off))
+    }
+
+    fn num_cpus(&self) -> usize {
+        self.cpus.len()
+    }
+
+    #[inline]
+    fn preempt_disable(&self) -> usize {
+        self.cpus.preempt_disable()
+    }
+
+    #[inline]
+    fn preempt_enable(&self, cpu: usize) {
+        self.cpus.preempt_enable(cpu)
+    }
+
+    // No cache model yet: the host's caches are coherent with the model's devices, which read
+    // RAM through the same physical memory. A fence keeps ordering honest.
+    fn cache_clean(&self, _kva: KernVa, _len: u64) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    fn cache_invalidate(&self, _kva: KernVa, _len: u64) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    fn cache_clean_invalidate(&self, _kva: KernVa, _len: u64) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    unsafe fn mmio_read32(&self, pa: PhysAddr) -> u32 {
+        self.mmio_access(pa, |h, off| h.read(off, 4) as u32).unwrap_or_else(|| {
+            self.counters.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+            u32::MAX // a read nobody claims returns all-ones, as a PCI master abort does
+        })
+    }
+
+    unsafe fn mmio_write32(&self, pa: PhysAddr, value: u32) {
+        if self.mmio_access(pa, |h, off| h.write(off, 4, value.into())).is_none() {
+            self.counters.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    unsafe fn mmio_read64(&self, pa: PhysAddr) -> u64 {
+        self.mmio_access(pa, |h, off| h.read(off, 8)).unwrap_or_else(|| {
+            self.counters.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+            u64::MAX
+        })
+    }
+
+    unsafe fn mmio_write64(&self, pa: PhysAddr, value: u64) {
+        if self.mmio_access(pa, |h, off| h.write(off, 8, value)).is_none() {
+            self.counters.mmio_unclaimed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    unsafe fn quick_map(&self, cpu: usize, slot: usize, pa: PhysAddr) -> KernVa {
+        let win = self.quick_slot_ptr(cpu, slot);
+        // A quick map never fails: a PA outside RAM is a caller bug (the contract says RAM).
+        let off = match self.ram_offset(pa, PAGE_SIZE) {
+            Ok(off) if pa.is_aligned(PAGE_SIZE) => off,
+            _ => panic!("quick_map of {pa:?}: not a page of RAM"),
+        };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // A real mapping change: the memfd page at `off` replaces whatever the slot held.
+        let r = map(win, PAGE_SIZE, rw, libc::MAP_SHARED | libc::MAP_FIXED, self.fd, off);
+        // The reservation exists, so MAP_FIXED inside it fails only if the process runs out of
+        // mappings; a kernel's quick map cannot fail, so neither may ours.
+        assert!(r.is_ok(), "quick_map: mmap(MAP_FIXED) failed: {}", std::io::Error::last_os_error());
+        self.counters.quick_maps.fetch_add(1, Ordering::Relaxed);
+        KernVa::new(win as u64)
+    }
+
+    unsafe fn quick_unmap(&self, cpu: usize, slot: usize) {
+        let win = self.quick_slot_ptr(cpu, slot);
+        // Back to an inaccessible page, so a stale use of the slot faults instead of reading
+        // whatever page was there.
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE;
+        let r = map(win, PAGE_SIZE, libc::PROT_NONE, flags, -1, 0);
+        assert!(r.is_ok(), "quick_unmap: mmap(MAP_FIXED) failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> MachineConfig {
+        MachineConfig { ram_size: 16 << 20, direct_map_size: 8 << 20, cpus: 2, ..MachineConfig::default() }
+    }
+
+    #[test]
+    fn bad_configurations_are_errors() {
+        let mut c = small();
+        c.ram_size = 0;
+        assert_eq!(HostPlatform::new(c).err(), Some(Error::ZeroSize));
+        c.ram_size = 4097;
+        assert!(matches!(HostPlatform::new(c), Err(Error::Misaligned { value: 4097, .. })));
+        let mut c = small();
+        c.ram_base = PhysAddr::new(!0xfff);
+        assert!(matches!(HostPlatform::new(c), Err(Error::Overflow { .. })));
+        let mut c = small();
+        c.direct_map_size = c.ram_size * 2;
+        assert!(matches!(HostPlatform::new(c), Err(Error::BadSize { .. })));
+        let mut c = small();
+        c.cpus = 0;
+        assert!(HostPlatform::new(c).is_err());
+    }
+
+    #[test]
+    fn phys_access_outside_ram_is_an_error() {
+        let m = HostPlatform::new(small()).unwrap();
+        let end = m.ram().end();
+        let mut b = [0u8; 8];
+        assert!(matches!(m.read_phys(end, &mut b), Err(Error::OutOfRange { .. })));
+        assert!(m.read_phys(end.checked_sub(8).unwrap(), &mut b).is_ok());
+        assert!(m.read_phys(end.checked_sub(4).unwrap(), &mut b).is_err());
+        assert!(m.write_phys(PhysAddr::new(0), &b).is_err());
+        assert!(m.read_phys(PhysAddr::new(u64::MAX - 2), &mut b).is_err());
+    }
+
+    #[test]
+    fn direct_map_refuses_pas_outside_it() {
+        let m = HostPlatform::new(small()).unwrap();
+        let base = m.ram().start();
+        let kva = m.phys_to_kva(base).unwrap();
+        assert_eq!(m.kva_to_phys(kva), Some(base));
+        let last = base.checked_add((8 << 20) - 1).unwrap();
+        assert!(m.phys_to_kva(last).is_some());
+        assert_eq!(m.phys_to_kva(base.checked_add(8 << 20).unwrap()), None);
+        assert_eq!(m.phys_to_kva(base.checked_sub(1).unwrap()), None);
+        assert_eq!(m.phys_to_kva(m.ram().end()), None);
+    }
+
+    #[test]
+    fn direct_map_and_physical_view_see_the_same_bytes() {
+        let m = HostPlatform::new(small()).unwrap();
+        let f = m
+            .alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) })
+            .unwrap();
+        m.write_phys(f.pa(), b"hello").unwrap();
+        let kva = m.phys_to_kva(f.pa()).unwrap();
+        let mut got = [0u8; 5];
+        // SAFETY: kva is the direct-map address of a frame we own, 5 bytes in range.
+        unsafe { std::ptr::copy_nonoverlapping(kva.raw() as *const u8, got.as_mut_ptr(), 5) };
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn quick_map_reaches_memory_outside_the_direct_map() {
+        let m = HostPlatform::new(small()).unwrap();
+        let f = m
+            .alloc_frames(FrameRequest { placement: Placement::NotDirectMapped, ..FrameRequest::pages(1) })
+            .unwrap();
+        assert!(m.phys_to_kva(f.pa()).is_none());
+        m.write_phys(f.pa(), b"far").unwrap();
+        let g = m.pin_cpu();
+        // SAFETY: we hold the guard for g.cpu(), the page is RAM, slot 0 is unused.
+        let kva = unsafe { m.quick_map(g.cpu(), 0, f.pa()) };
+        let mut got = [0u8; 3];
+        // SAFETY: the slot maps the page for 4 KiB until quick_unmap.
+        unsafe { std::ptr::copy_nonoverlapping(kva.raw() as *const u8, got.as_mut_ptr(), 3) };
+        // SAFETY: same guard, the slot was mapped above and is no longer used.
+        unsafe { m.quick_unmap(g.cpu(), 0) };
+        assert_eq!(&got, b"far");
+        assert!(m.quick_window().contains(kva));
+    }
+
+    #[test]
+    fn table_pages_are_zeroed_direct_mapped_and_counted() {
+        let m = HostPlatform::new(small()).unwrap();
+        let p = m.alloc_table_page().unwrap();
+        assert!(p.entry(511).unwrap().load(Ordering::Relaxed) == 0 && p.entry(512).is_none());
+        p.entry(3).unwrap().store(0xdead_b000, Ordering::Relaxed);
+        assert_eq!(m.read_phys_u64(p.pa().checked_add(24).unwrap()).unwrap(), 0xdead_b000);
+        assert_eq!(m.counters().table_pages_live.load(Ordering::Relaxed), 1);
+        let free = m.frames().free_frames();
+        // SAFETY: allocated above, freed once, no walker uses it.
+        unsafe { m.free_table_page(p) };
+        assert_eq!(m.frames().free_frames(), free + 1);
+    }
+
+    #[test]
+    fn frame_blocks_return_their_frames_on_drop() {
+        let m = HostPlatform::new(small()).unwrap();
+        let before = m.frames().free_frames();
+        {
+            let _a = m.alloc_frames(FrameRequest::pages(7)).unwrap();
+            assert_eq!(m.frames().free_frames(), before - 7);
+        }
+        assert_eq!(m.frames().free_frames(), before);
+    }
+
+    #[test]
+    fn preemption_guards_exclude_other_threads_from_a_cpu() {
+        let mut c = small();
+        c.cpus = 1;
+        let m = HostPlatform::new(c).unwrap();
+        let counter = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        let _g = m.pin_cpu();
+                        // A non-atomic read-modify-write: lost updates would show if two
+                        // threads were inside a guard of the one CPU at once.
+                        let v = counter.load(Ordering::Relaxed);
+                        std::hint::spin_loop();
+                        counter.store(v + 1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(counter.load(Ordering::Relaxed), 8000);
+    }
+
+    #[test]
+    fn binding_is_exclusive_and_released_on_drop() {
+        let m = HostPlatform::new(small()).unwrap();
+        let b = m.bind_cpu(1).unwrap();
+        assert_eq!(m.pin_cpu().cpu(), 1);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(matches!(m.bind_cpu(1), Err(Error::Busy { .. }))));
+        });
+        drop(b);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(m.bind_cpu(1).is_ok()));
+        });
+        assert!(matches!(m.bind_cpu(2), Err(Error::OutOfRange { .. })));
+    }
+}

@@ -1,0 +1,25 @@
+//! # busdma-model: a machine to run busdma on, in userspace
+//!
+//! [`HostPlatform`] implements [`busdma::Platform`] over real memory:
+//!
+//! - **RAM** is a `memfd` of configurable size (default 1 GiB, sparse: untouched pages cost
+//!   nothing), whose physical addresses start at a configurable non-zero base so that
+//!   "physical address == offset" bugs show. A [`ram::FrameAllocator`] hands out its frames.
+//! - **The direct map** is a second, shared mapping of the same memfd that covers a
+//!   configurable prefix of RAM (default: all of it). RAM outside it has no kernel virtual
+//!   address; the CPU reaches it only through quick maps, which really remap a per-CPU window
+//!   with `mmap(MAP_FIXED)`.
+//! - **CPUs** are slots a thread binds to ([`HostPlatform::bind_cpu`]); preemption guards
+//!   really exclude other threads from the slot for their lifetime.
+//!
+//! Devices reach RAM through [`HostPlatform::read_phys`](busdma::Platform::read_phys) and
+//! friends, never through Rust references.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
+
+pub mod cpu;
+pub mod host;
+pub mod ram;
+
+pub use cpu::CpuBinding;
+pub use host::{HostPlatform, MachineConfig, MmioHandler};
+pub use ram::{FrameBlock, FrameRequest, Placement};

@@ -1,0 +1,284 @@
+//! The platform seam: the one door from busdma to hardware.
+//!
+//! # Theory
+//!
+//! 1. **Everything physical goes through [`Platform`].** Physical memory, table pages, the
+//!    direct map, CPUs and preemption, cache maintenance, barriers, MMIO and temporary (quick)
+//!    mappings. Algorithms above the seam contain no `cfg(test)` and no knowledge of whether
+//!    they run on the machine model (`busdma-model`) or on bare metal.
+//! 2. **No references to device-visible memory.** Physical memory is read and written by copy
+//!    ([`Platform::read_phys`], [`Platform::write_phys`]) or by single atomic words
+//!    ([`TablePage`] entries); the seam never hands out `&`/`&mut` to memory a device can
+//!    write, because the device may change it under the reference.
+//! 3. **Table pages are direct-mapped.** [`Platform::alloc_table_page`] returns pages whose
+//!    kernel virtual address stays valid until [`Platform::free_table_page`], so page-table code
+//!    can update entries with atomic instructions through [`TablePage::entry`], and find a
+//!    next-level table from the physical address stored in an entry through
+//!    [`Platform::phys_to_kva`].
+//! 4. **CPUs.** Per-CPU caches index arrays by [`CpuGuard::cpu`]. A [`CpuGuard`] disables
+//!    preemption (and migration) for its lifetime: while it lives, no other thread runs on that
+//!    CPU, so per-CPU data needs no lock, only the guard.
+//!
+//! # Execution context
+//!
+//! Unless a method says otherwise: it never sleeps, it may be called with preemption disabled
+//! (inside a [`CpuGuard`]), and it is safe to call concurrently from every CPU.
+
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering, fence};
+
+use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
+use crate::error::Result;
+
+/// Number of quick-map slots each CPU owns: two, so a copy can span or join two pages (the
+/// extension seed 000 anticipates).
+pub const QUICK_SLOTS: usize = 2;
+
+/// A 4 KiB page-table page: its physical address (what entries and hardware registers store)
+/// and its kernel virtual address (where the CPU updates it).
+///
+/// # Invariants
+///
+/// `kva` maps `pa` for 4 KiB, is 4 KiB-aligned, and stays valid until the page is given back
+/// with [`Platform::free_table_page`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TablePage {
+    pa: PhysAddr,
+    kva: KernVa,
+}
+
+impl TablePage {
+    /// Number of 64-bit entries in a table page.
+    pub const ENTRIES: usize = (PAGE_SIZE / 8) as usize;
+
+    /// Wraps a page.
+    ///
+    /// # Safety
+    ///
+    /// `kva` must map the 4 KiB page at `pa`, both 4 KiB-aligned, and stay valid (and not be
+    /// used for anything else) until the page is freed.
+    pub const unsafe fn new(pa: PhysAddr, kva: KernVa) -> Self {
+        // INVARIANT: the caller guarantees the mapping and its lifetime.
+        Self { pa, kva }
+    }
+
+    /// The page's physical address.
+    #[inline]
+    pub fn pa(&self) -> PhysAddr {
+        self.pa
+    }
+
+    /// The page's kernel virtual address.
+    #[inline]
+    pub fn kva(&self) -> KernVa {
+        self.kva
+    }
+
+    /// Entry `index` (< 512) as an atomic word. Hardware walkers read it concurrently, so it
+    /// is only ever accessed atomically.
+    ///
+    /// Returns `None` for an index out of the page.
+    #[inline]
+    pub fn entry(&self, index: usize) -> Option<&AtomicU64> {
+        if index >= Self::ENTRIES {
+            return None;
+        }
+        let ptr = (self.kva.raw() as usize + index * 8) as *mut u64;
+        // SAFETY: by the type invariant `kva` maps 4 KiB of memory that lives until the page
+        // is freed; `index < 512` keeps the 8-byte, 8-aligned word inside it. The memory is
+        // only ever accessed atomically (here and by hardware walkers, which read whole
+        // aligned words), so an `AtomicU64` view is sound. The borrow of `self` does not
+        // outlive the page because freeing it takes the `TablePage` by value.
+        Some(unsafe { AtomicU64::from_ptr(ptr) })
+    }
+}
+
+/// The seam between busdma and the machine.
+///
+/// See the module documentation for the rules every implementation follows. Each method
+/// states its execution context where it differs from the default (never sleeps, callable
+/// with preemption disabled, callable concurrently).
+pub trait Platform: Sync {
+    // ---- physical memory -------------------------------------------------------------
+
+    /// Copies `buf.len()` bytes of physical memory starting at `pa` into `buf`.
+    ///
+    /// Errors: [`crate::Error::OutOfRange`] if any byte is outside RAM.
+    fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()>;
+
+    /// Copies `data` into physical memory starting at `pa`.
+    ///
+    /// Errors: [`crate::Error::OutOfRange`] if any byte is outside RAM.
+    fn write_phys(&self, pa: PhysAddr, data: &[u8]) -> Result<()>;
+
+    /// Sets `len` bytes of physical memory starting at `pa` to `byte`.
+    ///
+    /// Errors: [`crate::Error::OutOfRange`] if any byte is outside RAM.
+    fn fill_phys(&self, pa: PhysAddr, len: u64, byte: u8) -> Result<()>;
+
+    // ---- table pages -----------------------------------------------------------------
+
+    /// Allocates one zeroed, direct-mapped 4 KiB page for page tables (or other memory that
+    /// hardware reads and the CPU updates atomically).
+    ///
+    /// Never sleeps. Errors: [`crate::Error::NoMemory`] when no page is free.
+    fn alloc_table_page(&self) -> Result<TablePage>;
+
+    /// Returns a page obtained from [`Platform::alloc_table_page`].
+    ///
+    /// # Safety
+    ///
+    /// The page must have come from this platform's `alloc_table_page`, be freed once, and no
+    /// hardware walker may reach it any more (the invalidation that covers its last use has
+    /// completed).
+    unsafe fn free_table_page(&self, page: TablePage);
+
+    // ---- direct map ------------------------------------------------------------------
+
+    /// The direct-map kernel virtual address of `pa`, or `None` if `pa` has no permanent
+    /// kernel mapping (outside RAM, or RAM outside the direct map).
+    fn phys_to_kva(&self, pa: PhysAddr) -> Option<KernVa>;
+
+    /// The physical address behind a direct-map `kva`, or `None` if `kva` is not in the
+    /// direct map.
+    fn kva_to_phys(&self, kva: KernVa) -> Option<PhysAddr>;
+
+    // ---- CPUs and preemption ---------------------------------------------------------
+
+    /// Number of CPUs; CPU indices are `0..num_cpus()`.
+    fn num_cpus(&self) -> usize;
+
+    /// Disables preemption and migration for the calling thread and returns the index of the
+    /// CPU it now runs on. Nests: each call is paired with one [`Platform::preempt_enable`].
+    /// Prefer [`Platform::pin_cpu`], which pairs them for you.
+    fn preempt_disable(&self) -> usize;
+
+    /// Undoes one [`Platform::preempt_disable`] on `cpu`.
+    fn preempt_enable(&self, cpu: usize);
+
+    /// Disables preemption until the returned guard drops.
+    #[inline]
+    fn pin_cpu(&self) -> CpuGuard<'_, Self>
+    where
+        Self: Sized,
+    {
+        let cpu = self.preempt_disable();
+        CpuGuard { platform: self, cpu, _not_send: PhantomData }
+    }
+
+    // ---- cache maintenance (by kernel virtual range) ---------------------------------
+
+    /// Writes back dirty lines of `[kva, kva + len)` to memory (before a device reads it).
+    fn cache_clean(&self, kva: KernVa, len: u64);
+
+    /// Discards lines of `[kva, kva + len)` without writing back (before the CPU reads what a
+    /// device wrote). Callers must own whole lines or clean the partial ones first.
+    fn cache_invalidate(&self, kva: KernVa, len: u64);
+
+    /// Writes back then discards lines of `[kva, kva + len)`.
+    fn cache_clean_invalidate(&self, kva: KernVa, len: u64);
+
+    // ---- barriers --------------------------------------------------------------------
+
+    /// Orders the CPU's earlier writes to memory before later writes that a device observes
+    /// (a descriptor's payload before its doorbell). Defaults to a release fence.
+    #[inline]
+    fn dma_wmb(&self) {
+        fence(Ordering::Release);
+    }
+
+    /// Orders the CPU's earlier reads of device-written status before later reads of the data
+    /// it describes. Defaults to an acquire fence.
+    #[inline]
+    fn dma_rmb(&self) {
+        fence(Ordering::Acquire);
+    }
+
+    /// A full barrier. Defaults to a sequentially consistent fence.
+    #[inline]
+    fn mb(&self) {
+        fence(Ordering::SeqCst);
+    }
+
+    // ---- MMIO ------------------------------------------------------------------------
+
+    /// Reads a 32-bit device register.
+    ///
+    /// # Safety
+    ///
+    /// `pa` must be a 4-aligned register of a device the caller owns; reads may have side
+    /// effects.
+    unsafe fn mmio_read32(&self, pa: PhysAddr) -> u32;
+
+    /// Writes a 32-bit device register.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read32`].
+    unsafe fn mmio_write32(&self, pa: PhysAddr, value: u32);
+
+    /// Reads a 64-bit device register.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read32`], with 8-byte alignment.
+    unsafe fn mmio_read64(&self, pa: PhysAddr) -> u64;
+
+    /// Writes a 64-bit device register.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read64`].
+    unsafe fn mmio_write64(&self, pa: PhysAddr, value: u64);
+
+    // ---- quick (temporary per-CPU) mappings ------------------------------------------
+
+    /// Points quick-map slot `slot` (< [`QUICK_SLOTS`]) of CPU `cpu` at the 4 KiB page `pa`
+    /// and returns the slot's kernel virtual address. Never sleeps, never fails.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds a [`CpuGuard`] for `cpu`, `pa` is page-aligned RAM, and the slot is
+    /// not in use (no nesting; `busdma::quickmap` checks this).
+    unsafe fn quick_map(&self, cpu: usize, slot: usize, pa: PhysAddr) -> KernVa;
+
+    /// Unmaps quick-map slot `slot` of CPU `cpu`. Never sleeps, never fails.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds a [`CpuGuard`] for `cpu` and mapped the slot with
+    /// [`Platform::quick_map`]; nothing uses the slot's address afterwards.
+    unsafe fn quick_unmap(&self, cpu: usize, slot: usize);
+}
+
+/// Preemption (and migration) disabled on one CPU for the guard's lifetime.
+///
+/// `!Send`: it belongs to the thread that created it. While it lives the thread stays on
+/// [`CpuGuard::cpu`] and no other thread runs there, so per-CPU state indexed by it needs no
+/// lock.
+pub struct CpuGuard<'p, P: Platform> {
+    platform: &'p P,
+    cpu: usize,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<P: Platform> CpuGuard<'_, P> {
+    /// The CPU this guard pins.
+    #[inline]
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    /// The platform the guard belongs to.
+    #[inline]
+    pub fn platform(&self) -> &P {
+        self.platform
+    }
+}
+
+impl<P: Platform> Drop for CpuGuard<'_, P> {
+    #[inline]
+    fn drop(&mut self) {
+        self.platform.preempt_enable(self.cpu);
+    }
+}

@@ -1,0 +1,99 @@
+//! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
+//! with `--json`.
+
+mod report;
+
+use std::process::ExitCode;
+
+use busdma_model::{HostPlatform, MachineConfig};
+use clap::{Args, Parser, Subcommand};
+use report::Report;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "dmalab", version, about = "The busdma lab: DMA-mapping designs, measured side by side")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command shares.
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Print JSON Lines (one object per result row) instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// The machine-model shape, shared by the commands that build a machine.
+#[derive(Args, Debug, Clone)]
+struct MachineArgs {
+    /// RAM size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    ram_mib: u64,
+    /// First physical address of RAM, in MiB.
+    #[arg(long, default_value_t = 16)]
+    ram_base_mib: u64,
+    /// MiB of RAM (from its start) covered by the direct map; default all.
+    #[arg(long)]
+    direct_map_mib: Option<u64>,
+    /// Number of model CPUs; default the host's.
+    #[arg(long)]
+    cpus: Option<usize>,
+}
+
+impl MachineArgs {
+    fn config(&self) -> Result<MachineConfig, String> {
+        let mib = |v: u64| v.checked_mul(1 << 20).ok_or_else(|| format!("{v} MiB does not fit in 64 bits"));
+        let ram_size = mib(self.ram_mib)?;
+        Ok(MachineConfig {
+            ram_base: busdma::PhysAddr::new(mib(self.ram_base_mib)?),
+            ram_size,
+            direct_map_size: self.direct_map_mib.map(mib).transpose()?.unwrap_or(ram_size),
+            cpus: self.cpus.unwrap_or(MachineConfig::default().cpus),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the machine model's configuration.
+    Info {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
+}
+
+fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
+    let config = machine.config()?;
+    let m = HostPlatform::new(config).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let ram = m.ram();
+    let mut r = Report::new();
+    let mut row = |item: &str, value: String| r.push(json!({"item": item, "value": value}));
+    row("ram", format!("[{:#x}, {:#x})", ram.start().raw(), ram.end().raw()));
+    row("ram_bytes", config.ram_size.to_string());
+    row("direct_map_bytes", config.direct_map_size.to_string());
+    row("not_direct_mapped_bytes", (config.ram_size - config.direct_map_size).to_string());
+    row("page_size", busdma::PAGE_SIZE.to_string());
+    row("cpus", config.cpus.to_string());
+    row("quick_map_slots_per_cpu", busdma::platform::QUICK_SLOTS.to_string());
+    row("free_frames", m.frames().free_frames().to_string());
+    r.print(common.json);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Info { common, machine } => info(common, machine),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmalab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# busdma's whole test suite: one command, from a fresh Debian machine.
+# It installs what it needs (and says so), runs every check, and fails loudly; nothing is
+# silently skipped. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MSRV=1.85
+step() { printf '\n=== %s\n' "$*"; }
+die() { printf 'test.sh: FAILED: %s\n' "$*" >&2; exit 1; }
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# Debian packages the suite needs: command -> package.
+apt_need() {
+  local cmd=$1 pkg=$2
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    echo "installing $pkg (for $cmd)"
+    $SUDO apt-get update -q >/dev/null || die "apt-get update failed (needed for $pkg)"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "$pkg" >/dev/null || die "cannot install $pkg"
+    command -v "$cmd" >/dev/null 2>&1 || die "$pkg installed but $cmd is still missing"
+  fi
+}
+
+step "toolchains and tools"
+command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt \
+  || die "cannot add clippy/rustfmt"
+rustup toolchain list | grep -q "^$MSRV" || rustup toolchain install "$MSRV" --profile minimal \
+  || die "cannot install the MSRV toolchain $MSRV"
+
+step "format"
+cargo fmt --all --check || die "cargo fmt --check (run: cargo fmt --all)"
+
+step "clippy (all targets, warnings denied)"
+cargo clippy --workspace --all-targets -- -D warnings || die "clippy"
+
+step "docs (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet || die "cargo doc"
+
+step "MSRV $MSRV builds the workspace"
+cargo +"$MSRV" check --workspace --quiet || die "MSRV $MSRV check"
+
+step "unit, property and doc tests"
+cargo test --workspace || die "cargo test"
+
+step "the lab runs"
+cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
+
+printf '\ntest.sh: all checks passed\n'
