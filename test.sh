@@ -44,6 +44,14 @@ cargo +"$MSRV" check --workspace --quiet || die "MSRV $MSRV check"
 step "unit, property and doc tests"
 cargo test --workspace || die "cargo test"
 
+step "loom models (every interleaving of the lock-free pieces)"
+if compgen -G "crates/busdma/tests/loom_*.rs" >/dev/null; then
+  RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p busdma --release --test 'loom_*' \
+    || die "loom models"
+else
+  echo "no loom model exists yet"
+fi
+
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
 

@@ -32,6 +32,7 @@ extern crate std;
 pub mod addr;
 pub mod error;
 pub mod platform;
+pub mod sync;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use error::{Error, Result};
