@@ -4,11 +4,14 @@
 //! three mappings this type creates and owns for its whole life: the physical view, the
 //! direct map, and the quick-map windows.
 
-use std::sync::RwLock;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use busdma::platform::QUICK_SLOTS;
-use busdma::{AddrRange, Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, TablePage};
+use busdma::{
+    AddrRange, Error, KernVa, MemAttr, PAGE_SIZE, PageRequest, PhysAddr, Platform, Result, TablePage,
+};
 
 use crate::cpu::{CpuBinding, Cpus};
 use crate::ram::{FrameAllocator, FrameBlock, FrameRequest, Placement};
@@ -117,6 +120,8 @@ pub struct HostPlatform {
     frames: FrameAllocator,
     cpus: Cpus,
     mmio: RwLock<Vec<MmioWindow>>,
+    /// Runs allocated uncached: first PA -> pages.
+    uncached: Mutex<BTreeMap<u64, u64>>,
     counters: HostCounters,
 }
 
@@ -195,6 +200,7 @@ impl HostPlatform {
             ),
             cpus: Cpus::new(config.cpus),
             mmio: RwLock::new(Vec::new()),
+            uncached: Mutex::new(BTreeMap::new()),
             counters: HostCounters::default(),
         })
     }
@@ -225,6 +231,16 @@ impl HostPlatform {
     pub fn alloc_frames(&self, req: FrameRequest) -> Result<FrameBlock<'_>> {
         let pa = self.frames.alloc(req)?;
         Ok(FrameBlock { alloc: &self.frames, pa, pages: req.pages })
+    }
+
+    /// The CPU mapping attribute of the page holding `pa` (as allocated by
+    /// [`Platform::alloc_pages`]; everything else is write-back).
+    pub fn mem_attr(&self, pa: PhysAddr) -> MemAttr {
+        let u = self.uncached.lock().unwrap_or_else(|e| e.into_inner());
+        match u.range(..=pa.raw()).next_back() {
+            Some((&start, &pages)) if pa.raw() < start + pages * PAGE_SIZE => MemAttr::Uncached,
+            _ => MemAttr::WriteBack,
+        }
     }
 
     /// Binds the calling thread to CPU slot `cpu` until the binding drops.
@@ -355,6 +371,23 @@ impl Platform for HostPlatform {
         if r.is_ok() {
             self.counters.table_pages_live.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    fn alloc_pages(&self, req: &PageRequest) -> Result<PhysAddr> {
+        let fr =
+            FrameRequest { pages: req.pages, align: req.align, below: req.below, placement: req.placement };
+        let pa = self.frames.alloc(fr)?;
+        self.fill_phys(pa, req.pages * PAGE_SIZE, 0)?;
+        if req.attr == MemAttr::Uncached {
+            self.uncached.lock().unwrap_or_else(|e| e.into_inner()).insert(pa.raw(), req.pages);
+        }
+        Ok(pa)
+    }
+
+    unsafe fn free_pages(&self, pa: PhysAddr, pages: u64) {
+        self.uncached.lock().unwrap_or_else(|e| e.into_inner()).remove(&pa.raw());
+        let r = self.frames.free(pa, pages);
+        debug_assert!(r.is_ok(), "free_pages failed: {r:?}");
     }
 
     #[inline]
@@ -547,6 +580,28 @@ mod tests {
         // SAFETY: allocated above, freed once, no walker uses it.
         unsafe { m.free_table_page(p) };
         assert_eq!(m.frames().free_frames(), free + 1);
+    }
+
+    #[test]
+    fn dma_pages_honour_limit_placement_and_attribute() {
+        let m = HostPlatform::new(small()).unwrap();
+        let below = m.ram().start().checked_add(1 << 20).unwrap();
+        let req = PageRequest { below: Some(below), attr: MemAttr::Uncached, ..PageRequest::pages(3) };
+        let pa = m.alloc_pages(&req).unwrap();
+        assert!(pa.raw() + 3 * PAGE_SIZE <= below.raw());
+        assert_eq!(m.mem_attr(pa.checked_add(2 * PAGE_SIZE).unwrap()), MemAttr::Uncached);
+        assert_eq!(m.mem_attr(pa.checked_add(3 * PAGE_SIZE).unwrap()), MemAttr::WriteBack);
+        let far = PageRequest { placement: Placement::NotDirectMapped, ..PageRequest::pages(1) };
+        let q = m.alloc_pages(&far).unwrap();
+        assert!(m.phys_to_kva(q).is_none());
+        let free = m.frames().free_frames();
+        // SAFETY: both runs were allocated above, are freed once, and no device reaches them.
+        unsafe {
+            m.free_pages(pa, 3);
+            m.free_pages(q, 1);
+        }
+        assert_eq!(m.frames().free_frames(), free + 4);
+        assert_eq!(m.mem_attr(pa), MemAttr::WriteBack);
     }
 
     #[test]

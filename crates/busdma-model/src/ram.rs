@@ -20,16 +20,7 @@ use std::sync::Mutex;
 
 use busdma::{Error, PAGE_SIZE, PhysAddr, Result};
 
-/// Where a run of frames may lie with respect to the direct map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placement {
-    /// Anywhere in RAM.
-    Any,
-    /// Only where the direct map covers it (table pages, anything the CPU must reach directly).
-    DirectMapped,
-    /// Only outside the direct map (memory the CPU reaches through quick maps alone).
-    NotDirectMapped,
-}
+pub use busdma::Placement;
 
 /// A request for a contiguous run of frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

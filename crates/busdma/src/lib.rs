@@ -36,4 +36,4 @@ pub mod sync;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use error::{Error, Result};
-pub use platform::{CpuGuard, Platform, TablePage};
+pub use platform::{CpuGuard, MemAttr, PageRequest, Placement, Platform, TablePage};

@@ -34,6 +34,48 @@ use crate::error::Result;
 /// extension seed 000 anticipates).
 pub const QUICK_SLOTS: usize = 2;
 
+/// Where pages may lie with respect to the direct map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Placement {
+    /// Anywhere in RAM.
+    Any,
+    /// Only where the direct map covers them (the CPU reaches them at a permanent KVA).
+    DirectMapped,
+    /// Only outside the direct map (the CPU reaches them through quick maps alone).
+    NotDirectMapped,
+}
+
+/// How the CPU maps memory allocated for DMA (seed 002's cacheability question).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemAttr {
+    /// Normal write-back cached memory: non-coherent devices need cache maintenance.
+    WriteBack,
+    /// Uncached: CPU accesses go straight to memory; no maintenance needed, slower CPU access.
+    Uncached,
+}
+
+/// A request for contiguous, zeroed RAM pages for DMA (coherent buffers, bounce pages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Number of 4 KiB pages (> 0).
+    pub pages: u64,
+    /// Alignment of the first page in bytes: a power of two, at least [`PAGE_SIZE`].
+    pub align: u64,
+    /// Every byte lies below this physical address (a device's DMA limit), if set.
+    pub below: Option<PhysAddr>,
+    /// Direct-map placement.
+    pub placement: Placement,
+    /// CPU mapping attribute.
+    pub attr: MemAttr,
+}
+
+impl PageRequest {
+    /// `pages` write-back pages anywhere, page-aligned.
+    pub const fn pages(pages: u64) -> Self {
+        Self { pages, align: PAGE_SIZE, below: None, placement: Placement::Any, attr: MemAttr::WriteBack }
+    }
+}
+
 /// A 4 KiB page-table page: its physical address (what entries and hardware registers store)
 /// and its kernel virtual address (where the CPU updates it).
 ///
@@ -132,6 +174,21 @@ pub trait Platform: Sync {
     /// hardware walker may reach it any more (the invalidation that covers its last use has
     /// completed).
     unsafe fn free_table_page(&self, page: TablePage);
+
+    /// Allocates contiguous zeroed RAM pages meeting `req` (for coherent DMA buffers and
+    /// bounce pages). Never sleeps.
+    ///
+    /// Errors: [`crate::Error::ZeroSize`], [`crate::Error::BadAlignment`],
+    /// [`crate::Error::NoMemory`] (no run fits the constraints).
+    fn alloc_pages(&self, req: &PageRequest) -> Result<PhysAddr>;
+
+    /// Returns pages obtained from [`Platform::alloc_pages`].
+    ///
+    /// # Safety
+    ///
+    /// `(pa, pages)` must be exactly one earlier allocation, freed once, that no device can
+    /// reach any more.
+    unsafe fn free_pages(&self, pa: PhysAddr, pages: u64);
 
     // ---- direct map ------------------------------------------------------------------
 
