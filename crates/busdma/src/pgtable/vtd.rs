@@ -116,6 +116,6 @@ mod tests {
         assert!(!VtdSl::is_leaf(0x83, 3), "bit 7 is reserved in an SL-PML4E: always a table");
         assert!(!VtdSl::is_present(0x1234_5000 | PS));
         assert_eq!(VtdSl::split_block(0x4020_0083, 1), 0x4020_0003);
-        assert_eq!(VtdSl::output(0xfff0_0000_0000_1003, 1), PhysAddr::new(0x000f_0000_0000_1000));
+        assert_eq!(VtdSl::output(0xfff8_0000_0000_1003, 1), PhysAddr::new(0x0008_0000_0000_1000));
     }
 }
