@@ -142,6 +142,11 @@ pub struct HostPlatform {
     /// The page each quick-map slot maps (`NO_PAGE` when none), so cache maintenance through a
     /// quick-map address finds its physical lines.
     quick_pa: Box<[AtomicU64]>,
+    /// What the platform handed each frame out for: ground truth for ownership checks.
+    kinds: crate::audit::PageKinds,
+    /// Threads currently recording bus accesses ([`HostPlatform::watch_bus`]); zero keeps the
+    /// data path to one relaxed load.
+    watchers: AtomicU64,
 }
 
 /// `quick_pa` value of an empty slot: not a page-aligned address, so never a page.
@@ -238,6 +243,8 @@ impl HostPlatform {
             counters: HostCounters::default(),
             cache: config.cache.map(Cache::new).transpose()?,
             quick_pa: (0..config.cpus * QUICK_SLOTS).map(|_| AtomicU64::new(NO_PAGE)).collect(),
+            kinds: crate::audit::PageKinds::new(config.ram_base, config.ram_size / PAGE_SIZE),
+            watchers: AtomicU64::new(0),
         })
     }
 
@@ -355,11 +362,37 @@ impl HostPlatform {
         (slot != NO_PAGE).then(|| PhysAddr::new(slot + off % PAGE_SIZE))
     }
 
+    /// What the platform handed the frame holding `pa` out for (see [`crate::audit`]).
+    pub fn page_kind(&self, pa: PhysAddr) -> crate::audit::PageKind {
+        self.kinds.get(pa)
+    }
+
+    /// Runs `f` and returns, with its result, every bus-side access (`read_phys`,
+    /// `write_phys`, `fill_phys`, `bus_read`, `bus_write`) the calling thread made meanwhile:
+    /// the physical bytes a device really reached, whatever translated its addresses. Page-table
+    /// walks (`read_phys_u64`) are the IOMMU's own reads and are not recorded.
+    pub fn watch_bus<R>(&self, f: impl FnOnce() -> R) -> (R, Vec<crate::audit::BusAccess>) {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        let outer = crate::audit::start_recording();
+        let r = f();
+        let seen = crate::audit::stop_recording(outer);
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
+        (r, seen)
+    }
+
+    #[inline]
+    fn record(&self, pa: PhysAddr, len: u64, write: bool) {
+        if self.watchers.load(Ordering::Relaxed) != 0 {
+            crate::audit::record(crate::audit::BusAccess { pa, len, write });
+        }
+    }
+
     /// A device (bus-side) read of RAM at `pa`, with an explicit snoop: what a model IOMMU
     /// with a coherence index uses. Without a cache model the snoop is moot.
     ///
     /// Errors: [`Error::OutOfRange`] if any byte is outside RAM.
     pub fn bus_read(&self, pa: PhysAddr, buf: &mut [u8], snoop: Snoop) -> Result<()> {
+        self.record(pa, buf.len() as u64, false);
         match &self.cache {
             Some(c) if snoop != Snoop::None => c.device_read(&RawRam(self), pa, buf, snoop),
             _ => self.raw_read(pa, buf),
@@ -370,6 +403,7 @@ impl HostPlatform {
     ///
     /// Errors: [`Error::OutOfRange`] if any byte is outside RAM.
     pub fn bus_write(&self, pa: PhysAddr, data: &[u8], snoop: Snoop) -> Result<()> {
+        self.record(pa, data.len() as u64, true);
         match &self.cache {
             Some(c) if snoop != Snoop::None => c.device_write(&RawRam(self), pa, data, snoop),
             _ => self.raw_write(pa, data),
@@ -498,6 +532,7 @@ impl Platform for HostPlatform {
             }
             return Ok(());
         }
+        self.record(pa, len, true);
         let off = self.ram_offset(pa, len)?;
         // SAFETY: destination inside the physical view (checked).
         unsafe { std::ptr::write_bytes(self.phys.add(off as usize), byte, len as usize) };
@@ -509,6 +544,7 @@ impl Platform for HostPlatform {
         let pa = self.frames.alloc(req)?;
         self.fill_fresh(pa, PAGE_SIZE)?;
         let kva = self.phys_to_kva(pa).ok_or(Error::NotDirectMapped { pa: pa.raw() })?;
+        self.kinds.set(pa, 1, crate::audit::PageKind::Table);
         self.counters.table_pages_live.fetch_add(1, Ordering::Relaxed);
         // SAFETY: kva is the direct-map address of the frame just allocated, which stays
         // mapped for the platform's life and is ours until freed.
@@ -518,6 +554,7 @@ impl Platform for HostPlatform {
     unsafe fn free_table_page(&self, page: TablePage) {
         let r = self.frames.free(page.pa(), 1);
         debug_assert!(r.is_ok(), "table page free failed: {r:?}");
+        self.kinds.set(page.pa(), 1, crate::audit::PageKind::Other);
         if r.is_ok() {
             self.counters.table_pages_live.fetch_sub(1, Ordering::Relaxed);
         }
@@ -531,6 +568,7 @@ impl Platform for HostPlatform {
         if req.attr == MemAttr::Uncached {
             self.uncached.lock().unwrap_or_else(|e| e.into_inner()).insert(pa.raw(), req.pages);
         }
+        self.kinds.set(pa, req.pages, crate::audit::PageKind::Dma);
         Ok(pa)
     }
 
@@ -538,6 +576,9 @@ impl Platform for HostPlatform {
         self.uncached.lock().unwrap_or_else(|e| e.into_inner()).remove(&pa.raw());
         let r = self.frames.free(pa, pages);
         debug_assert!(r.is_ok(), "free_pages failed: {r:?}");
+        if r.is_ok() {
+            self.kinds.set(pa, pages, crate::audit::PageKind::Other);
+        }
     }
 
     #[inline]
