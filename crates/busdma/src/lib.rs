@@ -31,6 +31,7 @@ extern crate std;
 
 pub mod addr;
 pub mod error;
+pub mod iommu;
 pub mod platform;
 pub mod sync;
 
