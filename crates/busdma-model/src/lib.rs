@@ -21,12 +21,17 @@
 //! friends, never through Rust references.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
 
+pub mod audit;
+pub mod cache;
 pub mod cpu;
 pub mod dma;
 pub mod host;
+pub mod hostile;
 pub mod iommu;
 pub mod ram;
 
+pub use audit::{BusAccess, PageKind};
+pub use cache::{Cache, CacheConfig, CachedCpu, Coherence, Indexing, Snoop};
 pub use cpu::CpuBinding;
 pub use dma::{DeviceId, DirectPort, DmaFault, DmaPort, FaultReason};
 pub use host::{HostPlatform, MachineConfig, MmioHandler};
