@@ -34,6 +34,8 @@ pub mod error;
 #[cfg(feature = "alloc")]
 pub mod front;
 pub mod iommu;
+#[cfg(feature = "alloc")]
+pub mod pgtable;
 pub mod platform;
 pub mod sync;
 
