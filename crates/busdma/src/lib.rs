@@ -33,6 +33,9 @@ pub mod addr;
 pub mod error;
 #[cfg(feature = "alloc")]
 pub mod front;
+pub mod iommu;
+#[cfg(feature = "alloc")]
+pub mod pgtable;
 pub mod platform;
 pub mod sync;
 
