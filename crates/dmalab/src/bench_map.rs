@@ -30,6 +30,9 @@ pub struct Row {
     pub unmap_ns_std: f64,
 }
 
+/// Per-batch mean latencies of one thread: (map, unmap).
+type Samples = (Vec<f64>, Vec<f64>);
+
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -53,10 +56,10 @@ pub fn measure<S>(
 where
     S: Strategy<HostPlatform> + Sync,
 {
-    let per_thread: Vec<Result<(Vec<f64>, Vec<f64>), String>> = std::thread::scope(|s| {
+    let per_thread: Vec<Result<Samples, String>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
-                s.spawn(move || -> Result<(Vec<f64>, Vec<f64>), String> {
+                s.spawn(move || -> Result<Samples, String> {
                     let _bind = m.bind_cpu(t).map_err(|e| format!("bind cpu {t}: {e}"))?;
                     let buf = m
                         .frames()
