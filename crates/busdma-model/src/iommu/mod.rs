@@ -20,7 +20,7 @@
 //!    VT-d's primary fault overflow).
 //! 5. **The audit** ([`audit`], optional) checks the invalidation protocol of the software
 //!    above against the worst cache the specifications allow.
-//! 6. **Coherence index** ([`lci`]): on a machine whose cache model is kept coherent by
+//! 6. **Coherence index** (module `lci`): on a machine whose cache model is kept coherent by
 //!    coherence indexes (parisc, seed 003), each mapping's index, programmed through
 //!    [`IotlbInvalidator::set_coherence_index`], names the one CPU alias a transfer snoops; on
 //!    every other machine transfers are plain bus accesses (`read_phys` / `write_phys`).
@@ -181,7 +181,7 @@ pub struct ModelIommu<'m> {
     faults: Mutex<Vec<DmaFault>>,
     counters: Counters,
     audit: Option<Mutex<audit::Audit>>,
-    /// Coherence indexes, on a machine whose cache is kept coherent by them ([`lci`]).
+    /// Coherence indexes, on a machine whose cache is kept coherent by them (module `lci`).
     lci: lci::CoherenceIndexes<'m>,
 }
 
