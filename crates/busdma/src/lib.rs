@@ -30,8 +30,12 @@ extern crate alloc;
 extern crate std;
 
 pub mod addr;
+#[cfg(feature = "alloc")]
+pub mod bounce;
 pub mod error;
 pub mod platform;
+#[cfg(feature = "alloc")]
+pub mod quickmap;
 pub mod sync;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
