@@ -230,6 +230,9 @@ fn a_kernel_mapped_client_is_copied_through_its_own_mapping() {
     round_trip(&m, &zone, &qm, &[seg]);
 }
 
+/// Deferred loads as they complete: (name, load).
+type Completed<'p> = Arc<Mutex<Vec<(&'static str, BounceLoad<'p, HostPlatform>)>>>;
+
 #[test]
 fn deferred_loads_complete_in_order_when_pages_are_released() {
     let m = machine();
@@ -244,7 +247,7 @@ fn deferred_loads_complete_in_order_when_pages_are_released() {
         ClientSeg::phys(PhysAddr::new(far.raw() + page * PAGE_SIZE), pages * PAGE_SIZE)
     };
     let a = BounceLoad::load(&zone, &qm, &[seg(0, 3)], &c).unwrap();
-    let done: Arc<Mutex<Vec<(&str, BounceLoad<'_, HostPlatform>)>>> = Arc::new(Mutex::new(Vec::new()));
+    let done: Completed<'_> = Arc::new(Mutex::new(Vec::new()));
     let defer = |name: &'static str, s: ClientSeg| {
         let done = done.clone();
         BounceLoad::load_or_defer(
