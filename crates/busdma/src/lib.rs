@@ -33,6 +33,12 @@ pub mod addr;
 #[cfg(feature = "alloc")]
 pub mod bounce;
 pub mod error;
+pub mod front;
+pub mod iommu;
+#[cfg(feature = "alloc")]
+pub mod iova;
+#[cfg(feature = "alloc")]
+pub mod pgtable;
 pub mod platform;
 #[cfg(feature = "alloc")]
 pub mod quickmap;
