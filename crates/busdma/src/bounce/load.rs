@@ -108,6 +108,14 @@ impl Constraint {
         }
     }
 
+    /// Whether `seg` must be bounced under this constraint.
+    ///
+    /// Errors: [`Error::InvalidArgument`] (a page-less piece that would need it),
+    /// [`Error::Overflow`].
+    pub fn needs_bounce(&self, seg: &ClientSeg) -> Result<bool> {
+        self.must_bounce(seg).map(|w| w.is_some())
+    }
+
     /// Why `seg` must be bounced, if it must.
     fn must_bounce(&self, seg: &ClientSeg) -> Result<Option<Why>> {
         let end =
