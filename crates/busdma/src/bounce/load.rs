@@ -220,7 +220,20 @@ fn layout(segs: &[ClientSeg], c: &Constraint, mut next: impl FnMut() -> Option<P
                 kva: seg.kva.map(|k| KernVa::new(k.raw() + done)),
                 has_page: true,
             };
-            l.items.push(Item { buf_off: buf_start + done, client, bounce });
+            // A chunk that continues the previous one on both sides (consecutive bounce pages
+            // that happen to be physically adjacent) extends it: one copy instead of two.
+            match l.items.last_mut() {
+                Some(last)
+                    if last.buf_off + last.client.len == buf_start + done
+                        && last.client.pa.raw() + last.client.len == client.pa.raw()
+                        && last.client.kva.map(|k| k.raw() + last.client.len)
+                            == client.kva.map(KernVa::raw)
+                        && last.bounce.raw() + last.client.len == bounce.raw() =>
+                {
+                    last.client.len += n;
+                }
+                _ => l.items.push(Item { buf_off: buf_start + done, client, bounce }),
+            }
             match l.device.last_mut() {
                 Some(d) if d.bounced && d.addr.raw() + d.len == bounce.raw() => d.len += n,
                 _ => l.device.push(DeviceSeg { addr: bounce, len: n, bounced: true }),
