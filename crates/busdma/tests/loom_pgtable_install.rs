@@ -35,7 +35,10 @@ fn pa_of(page: usize) -> PhysAddr {
 
 fn page_of(pa: PhysAddr) -> usize {
     let p = (pa.raw() >> 12) as usize;
-    assert!((1..=PAGES).contains(&p), "followed {pa:?}, not an arena page: a table was seen before its zeroing");
+    assert!(
+        (1..=PAGES).contains(&p),
+        "followed {pa:?}, not an arena page: a table was seen before its zeroing"
+    );
     p - 1
 }
 
@@ -80,7 +83,10 @@ fn mapper(arena: &Arena, root: &AtomicU64, slot: usize, mine: [usize; 2]) {
     let e = &arena.tables[page_of(leaf)][slot];
     // The mapper owns this entry; it must find it zeroed (the table's zeroing is visible).
     assert_eq!(e.load(Ordering::Relaxed), 0, "mapper {slot} found a non-zero entry in a fresh table");
-    e.store(VtdSl::make_leaf(PhysAddr::new(0x10_0000 * (slot as u64 + 1)), busdma::pgtable::Prot::READ, 0), Ordering::Relaxed);
+    e.store(
+        VtdSl::make_leaf(PhysAddr::new(0x10_0000 * (slot as u64 + 1)), busdma::pgtable::Prot::READ, 0),
+        Ordering::Relaxed,
+    );
 }
 
 #[test]
@@ -106,12 +112,20 @@ fn concurrent_installs_publish_one_zeroed_table_per_level_and_discard_the_losers
             let allocated = arena.allocated[p].load(Ordering::Relaxed);
             let discarded = arena.discarded[p].load(Ordering::Relaxed);
             // Every page a mapper allocated is installed or discarded: exactly one of them.
-            assert_eq!(allocated, installed.contains(&p) != discarded, "page {p}: allocated {allocated}, discarded {discarded}");
+            assert_eq!(
+                allocated,
+                installed.contains(&p) != discarded,
+                "page {p}: allocated {allocated}, discarded {discarded}"
+            );
             assert!(!(installed.contains(&p) && discarded), "page {p} both installed and discarded");
         }
         for slot in 0..ENTRIES {
             let pte = arena.tables[leaf][slot].load(Ordering::Relaxed);
-            assert_eq!(VtdSl::output(pte, 0), PhysAddr::new(0x10_0000 * (slot as u64 + 1)), "leaf {slot} lost");
+            assert_eq!(
+                VtdSl::output(pte, 0),
+                PhysAddr::new(0x10_0000 * (slot as u64 + 1)),
+                "leaf {slot} lost"
+            );
         }
     });
 }
