@@ -33,6 +33,7 @@ pub mod addr;
 pub mod error;
 #[cfg(feature = "alloc")]
 pub mod front;
+pub mod iommu;
 #[cfg(feature = "alloc")]
 pub mod pgtable;
 pub mod platform;
