@@ -80,6 +80,9 @@ impl Platform for Shadow {
     fn preempt_enable(&self, cpu: usize) {
         self.inner.preempt_enable(cpu)
     }
+    fn monotonic_ns(&self) -> u64 {
+        self.inner.monotonic_ns()
+    }
     fn cache_clean(&self, kva: KernVa, len: u64) {
         let pa = self.inner.kva_to_phys(kva).expect("clean of a KVA outside the direct map").raw();
         assert!(pa % 8 == 0 && len % 8 == 0, "clean of a partial entry");

@@ -242,12 +242,36 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         }
         let mut ctx =
             MapCtx { pool: self.pool, g, prot, coherent: self.coherent, installed: false, done: iova.raw() };
-        let r = self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw());
+        let r = if len < height_span(1) && iova.raw() >> height_shift(1) == (end - 1) >> height_shift(1) {
+            // Fast path: the run lies inside one last-level table and cannot be a block (the
+            // common map of a small buffer): one descent, then the pages.
+            self.last_level_table_or_install(&mut ctx, iova.raw())
+                .and_then(|t| self.map_pages(&mut ctx, &t, iova.raw(), end, pa.raw()))
+        } else {
+            self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw())
+        };
         if r.is_err() && ctx.done > iova.raw() {
             // Roll back: clear every leaf this call wrote. Tables stay (rule 4).
             let _ = self.clear_leaves(self.root, self.top(), iova.raw(), ctx.done);
         }
         r
+    }
+
+    /// The last-level table for `a`, installing missing levels.
+    fn last_level_table_or_install(&self, ctx: &mut MapCtx<'_, '_, P>, a: u64) -> Result<TablePage> {
+        let mut t = self.root;
+        for height in (1..self.levels).rev() {
+            let i = index(a, height);
+            let next = install::table_or_install::<F, _, _>(entry(&t, i)?, height, ctx)?;
+            if core::mem::take(&mut ctx.installed) {
+                self.clean(&t, i, 1);
+            }
+            t = match next {
+                Next::Table(tpa) => self.table_at(tpa)?,
+                Next::Leaf(_) => return Err(Error::AlreadyMapped { addr: a }),
+            };
+        }
+        Ok(t)
     }
 
     /// Maps `[a, end)` (inside table `t`'s span, at `height`) to `pa...`.
@@ -369,6 +393,13 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         check_aligned(start)?;
         check_aligned(end)?;
         self.check_input(start, end - start)?;
+        // Fast path: the range lies inside one last-level table without covering all of it
+        // (the common unmap of a small buffer): one descent, check, clear.
+        if end - start < height_span(1) && start >> height_shift(1) == (end - 1) >> height_shift(1) {
+            if let Some(t) = self.last_level_table(start)? {
+                return self.unmap_pages(&t, start, end, gather);
+            }
+        }
         let mut splits = 0;
         self.check_mapped(self.root, self.top(), start, end, &mut splits)?;
         let mut ctx = UnmapCtx { spares: [None; MAX_SPLITS], gather };
@@ -385,6 +416,43 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         self.return_spares(g, &mut ctx.spares);
         ctx.gather.add_range(range);
         r
+    }
+
+    /// The last-level table holding `a`'s leaf; `None` if a block maps `a` (the general path
+    /// splits it). Errors: [`Error::NotMapped`] at `a` if an upper entry is empty.
+    fn last_level_table(&self, a: u64) -> Result<Option<TablePage>> {
+        let mut t = self.root;
+        for height in (1..self.levels).rev() {
+            let cur = entry(&t, index(a, height))?.load(Ordering::Acquire);
+            if !F::is_present(cur) {
+                return Err(Error::NotMapped { addr: a });
+            }
+            if F::is_leaf(cur, height) {
+                return Ok(None);
+            }
+            t = self.table_at(F::output(cur, height))?;
+        }
+        Ok(Some(t))
+    }
+
+    /// Unmaps `[a, end)`, all inside the last-level table `t`: checks every page is mapped,
+    /// then clears them.
+    fn unmap_pages(&self, t: &TablePage, a: u64, end: u64, gather: &mut Gather) -> Result<()> {
+        let first = index(a, 0);
+        let n = ((end - a) / PAGE_SIZE) as usize;
+        for k in 0..n {
+            if !F::is_present(entry(t, first + k)?.load(Ordering::Relaxed)) {
+                return Err(Error::NotMapped { addr: a + k as u64 * PAGE_SIZE });
+            }
+        }
+        for k in 0..n {
+            // Relaxed: only the owner of the range writes these entries; the invalidation the
+            // caller issues for the gathered range orders the hardware's view.
+            entry(t, first + k)?.store(0, Ordering::Relaxed);
+        }
+        self.clean(t, first, n);
+        gather.add_range(AddrRange::new(Iova::new(a), Iova::new(end))?);
+        Ok(())
     }
 
     fn return_spares(&self, g: &CpuGuard<'_, P>, spares: &mut [Option<TablePage>; MAX_SPLITS]) {
