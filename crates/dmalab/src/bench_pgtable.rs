@@ -23,10 +23,8 @@
 
 use std::time::Instant;
 
-use aarch64_paging::descriptor::El1Attributes;
 use aarch64_paging::idmap::IdMap;
-use aarch64_paging::descriptor::PhysicalAddress;
-use aarch64_paging::paging::{Constraints, El1And0, MemoryRegion};
+use aarch64_paging::paging::{Attributes, Constraints, MemoryRegion, TranslationRegime};
 use busdma::pgtable::{
     ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
 };
@@ -123,20 +121,20 @@ fn busdma<F: PteFormat>(
 }
 
 /// The same stage-1 attributes busdma's `ArmLpaeS1` writes for read-write: AttrIndx 0, inner
-/// shareable, AP[1] (unprivileged), AF, PXN, UXN, valid.
-fn apg_flags() -> El1Attributes {
-    El1Attributes::ATTRIBUTE_INDEX_0
-        | El1Attributes::INNER_SHAREABLE
-        | El1Attributes::USER
-        | El1Attributes::ACCESSED
-        | El1Attributes::PXN
-        | El1Attributes::UXN
-        | El1Attributes::VALID
+/// shareable, AP\[1\] (unprivileged), AF, PXN, UXN, valid.
+fn apg_flags() -> Attributes {
+    Attributes::ATTRIBUTE_INDEX_0
+        | Attributes::INNER_SHAREABLE
+        | Attributes::USER
+        | Attributes::ACCESSED
+        | Attributes::PXN
+        | Attributes::UXN
+        | Attributes::VALID
 }
 
 fn aarch64_paging(blocks: bool, pages: u64, rounds: usize) -> Result<(f64, f64), String> {
     // Root level 0: 48-bit input, 4 levels, as busdma's table.
-    let mut map = IdMap::with_asid(1, 0, El1And0);
+    let mut map = IdMap::new(1, 0, TranslationRegime::El1And0);
     let constraints = if blocks { Constraints::empty() } else { Constraints::NO_BLOCK_MAPPINGS };
     let ops = ops_for(pages);
     let len = (pages * PAGE_SIZE) as usize;
@@ -153,8 +151,13 @@ fn aarch64_paging(blocks: bool, pages: u64, rounds: usize) -> Result<(f64, f64),
             let r = MemoryRegion::new(base + i * len, base + (i + 1) * len);
             // Invalidate every leaf, keeping the tables (as busdma keeps tables a partial unmap
             // empties): the next round's map then reuses them, aarch64-paging's best case.
-            map.modify_range(&r, &|_, d| {
-                if d.is_table() { Ok(()) } else { d.set(PhysicalAddress(0), El1Attributes::empty()) }
+            map.modify_range(&r, &|_, d, level| {
+                if level < 3 && d.is_table_or_page() {
+                    Ok(()) // a table descriptor: kept
+                } else {
+                    d.modify_flags(Attributes::empty(), Attributes::VALID);
+                    Ok(())
+                }
             })
             .map_err(|e| format!("aarch64-paging unmap: {e:?}"))?;
         }

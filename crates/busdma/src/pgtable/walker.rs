@@ -105,6 +105,18 @@ fn chunk_end(a: u64, end: u64, height: u32) -> u64 {
     ((a | (span - 1)) + 1).min(end)
 }
 
+/// The entry indices `[first, last)` of the 4 KiB leaves of `[a, end)`, which lie in one
+/// last-level table.
+#[inline]
+fn leaf_span(a: u64, end: u64) -> Result<(usize, usize)> {
+    let first = index(a, 0);
+    let last = first + ((end - a) / PAGE_SIZE) as usize;
+    if last > ENTRIES {
+        return Err(Error::OutOfRange { addr: last as u64, limit: ENTRIES as u64 });
+    }
+    Ok((first, last))
+}
+
 fn check_aligned(value: u64) -> Result<()> {
     if value % PAGE_SIZE != 0 { Err(Error::Misaligned { value, align: PAGE_SIZE }) } else { Ok(()) }
 }
@@ -333,23 +345,23 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
 
     /// Writes 4 KiB leaves for `[a, end)` in the last-level table `t`.
     fn map_pages(&self, ctx: &mut MapCtx<'_, '_, P>, t: &TablePage, a: u64, end: u64, pa: u64) -> Result<()> {
-        let first = index(a, 0);
-        let n = ((end - a) / PAGE_SIZE) as usize;
-        for k in 0..n {
-            let slot = entry(t, first + k)?;
+        let (first, last) = leaf_span(a, end)?;
+        // Consecutive leaves differ by the page size in their address field (PteFormat's
+        // invariant), so the loop adds instead of rebuilding each entry.
+        let mut pte = F::make_leaf(PhysAddr::new(pa), ctx.prot, 0);
+        for i in first..last {
+            let slot = entry(t, i)?;
             if slot.load(Ordering::Relaxed) != 0 {
-                self.clean(t, first, k);
-                ctx.done = a + k as u64 * PAGE_SIZE;
+                self.clean(t, first, i - first);
+                ctx.done = a + (i - first) as u64 * PAGE_SIZE;
                 return Err(Error::AlreadyMapped { addr: ctx.done });
             }
             // Relaxed: as for blocks in `map_in`, only the owner writes, and the device sees
             // the IOVA only after the caller's DMA barrier.
-            slot.store(
-                F::make_leaf(PhysAddr::new(pa + k as u64 * PAGE_SIZE), ctx.prot, 0),
-                Ordering::Relaxed,
-            );
+            slot.store(pte, Ordering::Relaxed);
+            pte += PAGE_SIZE;
         }
-        self.clean(t, first, n);
+        self.clean(t, first, last - first);
         ctx.done = end;
         Ok(())
     }
@@ -438,20 +450,26 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
     /// Unmaps `[a, end)`, all inside the last-level table `t`: checks every page is mapped,
     /// then clears them.
     fn unmap_pages(&self, t: &TablePage, a: u64, end: u64, gather: &mut Gather) -> Result<()> {
-        let first = index(a, 0);
-        let n = ((end - a) / PAGE_SIZE) as usize;
-        for k in 0..n {
-            if !F::is_present(entry(t, first + k)?.load(Ordering::Relaxed)) {
-                return Err(Error::NotMapped { addr: a + k as u64 * PAGE_SIZE });
-            }
-        }
-        for k in 0..n {
+        let (first, last) = leaf_span(a, end)?;
+        self.check_pages(t, a, end)?;
+        for i in first..last {
             // Relaxed: only the owner of the range writes these entries; the invalidation the
             // caller issues for the gathered range orders the hardware's view.
-            entry(t, first + k)?.store(0, Ordering::Relaxed);
+            entry(t, i)?.store(0, Ordering::Relaxed);
         }
-        self.clean(t, first, n);
+        self.clean(t, first, last - first);
         gather.add_range(AddrRange::new(Iova::new(a), Iova::new(end))?);
+        Ok(())
+    }
+
+    /// Checks every 4 KiB leaf of `[a, end)` in the last-level table `t` is present.
+    fn check_pages(&self, t: &TablePage, a: u64, end: u64) -> Result<()> {
+        let (first, last) = leaf_span(a, end)?;
+        for i in first..last {
+            if !F::is_present(entry(t, i)?.load(Ordering::Relaxed)) {
+                return Err(Error::NotMapped { addr: a + (i - first) as u64 * PAGE_SIZE });
+            }
+        }
         Ok(())
     }
 
@@ -471,6 +489,9 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         end: u64,
         splits: &mut usize,
     ) -> Result<()> {
+        if height == 0 {
+            return self.check_pages(&t, a, end);
+        }
         let span = height_span(height);
         while a < end {
             let i = index(a, height);
