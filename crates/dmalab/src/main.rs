@@ -3,6 +3,7 @@
 
 mod bench_bounce;
 mod bench_map;
+mod bench_pgtable;
 mod report;
 
 use std::process::ExitCode;
@@ -91,6 +92,15 @@ enum Bench {
         #[command(flatten)]
         args: bench_bounce::BounceArgs,
     },
+    /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
+    Pgtable {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_pgtable::PgtableArgs,
+    },
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -98,6 +108,21 @@ fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapAr
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut r = Report::new();
     for row in bench_map::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_pgtable_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_pgtable::PgtableArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_pgtable::run(args, &m)? {
         r.push(row);
     }
     r.print(common.json);
@@ -132,6 +157,7 @@ fn main() -> ExitCode {
             rows.into_iter().for_each(|row| r.push(row));
             r.print(common.json);
         }),
+        Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,13 +21,14 @@
 //!    wraps a strategy, moves such runs into bounce pages before the strategy sees them, and
 //!    does its copies in [`Strategy::sync`]. A run without a page and without a kernel mapping
 //!    can never be bounced and fails with a message saying so.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod direct;
 pub mod identity;
 pub mod iommu;
 pub mod per_map;
 pub mod per_segment;
+pub mod reserve_levels;
 pub mod reserved;
 
 use crate::error::{Error, Result};
