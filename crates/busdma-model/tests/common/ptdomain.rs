@@ -83,10 +83,15 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         self.pt.map(g, iova, pa, len, prot)
     }
 
-    fn unmap(&self, g: &CpuGuard<'_, HostPlatform>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) {
+    fn unmap(
+        &self,
+        g: &CpuGuard<'_, HostPlatform>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<()> {
         let mut gather = Gather::default();
         for r in mapped {
-            self.pt.unmap(g, *r, &mut gather).expect("unmap of a mapped range");
+            self.pt.unmap(g, *r, &mut gather)?;
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
         if let Some(r) = gather.range() {
@@ -97,6 +102,7 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         for r in free {
             self.free_iova(g, *r);
         }
+        Ok(())
     }
 
     fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) {}

@@ -63,12 +63,15 @@ pub trait IommuOps<P: Platform>: Sync {
     /// Unmaps every range of `mapped` with one invalidation (strict: complete on return;
     /// deferred: queued), then returns every range of `free` to the IOVA allocator once that
     /// invalidation has completed.
+    ///
+    /// Errors: the domain's (a range that is not mapped: a front-end bug); on error nothing
+    /// was unmapped and nothing freed.
     fn unmap(
         &self,
         g: &CpuGuard<'_, P>,
         mapped: &[AddrRange<Iova>],
         free: &[AddrRange<Iova>],
-    ) -> Self::Ticket;
+    ) -> Result<Self::Ticket>;
 
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
     fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);

@@ -110,7 +110,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         }
         if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
             if !st.mapped.is_empty() {
-                st.pending = Some(d.unmap(&g, &st.mapped, &[]));
+                st.pending = d.unmap(&g, &st.mapped, &[]).ok();
             }
             st.mapped.clear();
             return Err(e);
@@ -122,7 +122,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) {
         if !st.mapped.is_empty() {
             let g = p.pin_cpu();
-            st.pending = Some(self.0.unmap(&g, &st.mapped, &[]));
+            st.pending = self.0.unmap(&g, &st.mapped, &[]).ok();
         }
         st.mapped.clear();
     }
