@@ -69,21 +69,23 @@ pub(crate) fn map_runs<P: Platform, D: IommuOps<P>>(
     .map(|_| ())
 }
 
-/// Pushes the segments of the layout at `base` into `segs`.
+/// Pushes the segments of the layout at `base` into `segs`; returns the window size the
+/// layout needs.
 pub(crate) fn push_segments(
     runs: &[Run],
     align: u64,
     base: u64,
     segs: &mut SegmentBuilder<'_>,
-) -> Result<()> {
-    layout(runs, align, |r, place| {
+) -> Result<u64> {
+    let size = layout(runs, align, |r, place| {
         let (a, l) = match place {
             Place::Bypass(b) => (b.raw(), r.len),
             Place::At { off, .. } => (base + off, r.len),
         };
         segs.push(a, l).map_err(|e| builder_error(r, e))
     })?;
-    segs.check()
+    segs.check()?;
+    Ok(size)
 }
 
 impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
@@ -116,7 +118,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         let size = layout(runs, align, |_, _| Ok(()))?;
         if size == 0 {
             // Only bypass runs: nothing to map.
-            return push_segments(runs, align, 0, segs);
+            return push_segments(runs, align, 0, segs).map(|_| ());
         }
         let g = p.pin_cpu();
         let window = d.alloc_iova(&g, size, align, iova_limit(d, spec))?;

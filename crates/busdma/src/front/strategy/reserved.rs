@@ -25,7 +25,7 @@ use crate::addr::{AddrRange, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::iommu::{IommuOps, iova_limit, layout, max_runs, window_align};
+use super::iommu::{IommuOps, iova_limit, max_runs, window_align};
 use super::per_map::{map_runs, push_segments};
 use super::{Invalidation, Strategy};
 use crate::front::load::Run;
@@ -98,12 +98,13 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         super::iommu::check_untrusted(spec, runs)?;
         let d = &self.0;
         let align = window_align(spec);
-        let size = layout(runs, align, |_, _| Ok(()))?;
+        let base = st.window.start().raw();
+        // One pass builds the segments and sizes the layout; nothing is mapped before the
+        // size is checked against the window.
+        let size = push_segments(runs, align, base, segs)?;
         if size > st.window.len() {
             return Err(Error::Exhausted { size, limit: st.window.len() });
         }
-        let base = st.window.start().raw();
-        push_segments(runs, align, base, segs)?;
         let g = p.pin_cpu();
         if let Some(t) = st.pending.take() {
             d.ensure_flushed(&g, t);
