@@ -33,6 +33,8 @@ pub mod addr;
 pub mod error;
 pub mod platform;
 pub mod sync;
+#[cfg(feature = "vtd")]
+pub mod vtd;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Intel VT-d (placeholder while the driver is written).
