@@ -75,8 +75,15 @@ pub fn run(info: &BootInfo) -> usize {
             return r.failed + 1;
         }
     };
+    let frames_before = frames::in_use();
     // SAFETY: q35's only remapping unit sits at VTD_BASE and nothing else drives it.
-    let vtd = match unsafe { Vtd::new(&PLATFORM, PhysAddr::new(VTD_BASE), VtdConfig { invalidation: choice, ..VtdConfig::default() }) } {
+    let vtd = match unsafe {
+        Vtd::new(
+            &PLATFORM,
+            PhysAddr::new(VTD_BASE),
+            VtdConfig { invalidation: choice, ..VtdConfig::default() },
+        )
+    } {
         Ok(v) => Box::new(v),
         Err(e) => {
             println!("FAIL - vtd: bring-up: {e}");
@@ -86,8 +93,16 @@ pub fn run(info: &BootInfo) -> usize {
     let caps = vtd.caps();
     println!(
         "vtd: version {:#x} cap {:#018x} ecap {:#018x}: {}-level tables, {:?} invalidation, psi {} mamv {} coherent {} rwbf {} fault records {}",
-        vtd.version(), caps.cap, caps.ecap, vtd.levels().count(), vtd.method(), caps.psi(), caps.mamv(),
-        caps.coherent(), caps.rwbf(), caps.fault_records()
+        vtd.version(),
+        caps.cap,
+        caps.ecap,
+        vtd.levels().count(),
+        vtd.method(),
+        caps.psi(),
+        caps.mamv(),
+        caps.coherent(),
+        caps.rwbf(),
+        caps.fault_records()
     );
     r.check("vtd: the invalidation method asked for is the one in use", || {
         let want = match choice {
@@ -100,9 +115,30 @@ pub fn run(info: &BootInfo) -> usize {
         }
         Ok(())
     });
+    r.check("vtd: the table depth follows the address width", || {
+        let want = info.param("levels").unwrap_or("?");
+        let got = vtd.levels().count();
+        if want.parse::<u32>() != Ok(got) {
+            return Err(format!("driver chose {got} levels, the runner expected {want}"));
+        }
+        Ok(())
+    });
     r.check("vtd: translation enables", || vtd.enable_translation().map_err(|e| format!("{e}")));
     r.check("vtd: DMA from an unattached device is blocked and recorded", || {
         unattached_is_blocked(&vtd, &devs[0])
+    });
+    r.check("vtd: teardown turns translation off and frees every page it took", || {
+        drop(vtd);
+        let gsts = busdma::vtd::regs::GSTS;
+        // SAFETY: the driver is gone; reading the unit's status register has no side effect.
+        let status = unsafe { PLATFORM.mmio_read32(PhysAddr::new(VTD_BASE + gsts)) };
+        if status & busdma::vtd::regs::gcmd::TE != 0 {
+            return Err("translation still on".into());
+        }
+        if frames::in_use() != frames_before {
+            return Err(format!("{} frames in use, {frames_before} before bring-up", frames::in_use()));
+        }
+        Ok(())
     });
     r.failed
 }

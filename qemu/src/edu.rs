@@ -16,8 +16,6 @@ pub const DEVICE: u16 = 0x11e8;
 pub const BUF: u64 = 0x40000;
 /// Largest transfer QEMU 7.2's edu survives (4096 crashes it; see the module docs).
 pub const MAX_DMA: u64 = 4095;
-/// The device's DMA mask: 28 address bits.
-pub const DMA_BITS: u32 = 28;
 
 const REG_IDENT: u64 = 0x00;
 const REG_SRC: u64 = 0x80;

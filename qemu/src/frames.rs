@@ -27,8 +27,6 @@ pub const FRAMES: usize = 32768;
 /// First byte of the low scratch zone whose pages the checks may overwrite: 4 MiB, above the
 /// BIOS areas and the kernel image (checked at boot).
 pub const SCRATCH_BASE: u64 = 4 << 20;
-/// End of the scratch zone: the arena's start.
-pub const SCRATCH_END: u64 = ARENA_BASE;
 
 const WORDS: usize = FRAMES / 64;
 

@@ -190,8 +190,3 @@ impl Platform for KernelPlatform {
 
 /// The one platform instance.
 pub static PLATFORM: KernelPlatform = KernelPlatform;
-
-/// Whether `PAGE_SIZE` bytes at `pa` lie in the low scratch zone the checks may overwrite.
-pub fn in_scratch(pa: u64) -> bool {
-    pa >= frames::SCRATCH_BASE && pa.saturating_add(PAGE_SIZE) <= frames::SCRATCH_END && is_ram(pa, PAGE_SIZE)
-}

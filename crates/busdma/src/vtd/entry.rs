@@ -59,7 +59,10 @@ pub const fn root_entry(context_table: PhysAddr) -> [u64; 2] {
 /// The two words of a present context entry: second-level table at `sl_root` with depth
 /// `levels`, domain `did`.
 pub const fn context_entry(sl_root: PhysAddr, levels: Levels, did: DomainId) -> [u64; 2] {
-    [(sl_root.raw() & ADDR_MASK) | TT_UNTRANSLATED_ONLY | PRESENT, levels.aw() | ((did.0 as u64) << DID_SHIFT)]
+    [
+        (sl_root.raw() & ADDR_MASK) | TT_UNTRANSLATED_ONLY | PRESENT,
+        levels.aw() | ((did.0 as u64) << DID_SHIFT),
+    ]
 }
 
 /// Decodes a context entry: `(sl_root, AW field, domain id)` if present.

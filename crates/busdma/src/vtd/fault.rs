@@ -70,7 +70,12 @@ mod tests {
         let f = decode([0x0fff_e123, F | (5 << 32) | 0x0010]).unwrap();
         assert_eq!(
             f,
-            Fault { source: SourceId(0x10), addr: Iova::new(0x0fff_e000), access: Access::Write, reason: REASON_WRITE }
+            Fault {
+                source: SourceId(0x10),
+                addr: Iova::new(0x0fff_e000),
+                access: Access::Write,
+                reason: REASON_WRITE
+            }
         );
     }
 

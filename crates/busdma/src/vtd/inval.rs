@@ -206,7 +206,10 @@ mod tests {
     fn without_psi_the_domain_is_invalidated() {
         let r = range(0x5000, 0x6000);
         assert_eq!(iotlb_scope(DomainId(3), r, false, 9), IotlbScope::Domain(DomainId(3)));
-        assert_eq!(iotlb_scope(DomainId(3), r, true, 9), IotlbScope::Pages { did: DomainId(3), addr: 0x5000, am: 0 });
+        assert_eq!(
+            iotlb_scope(DomainId(3), r, true, 9),
+            IotlbScope::Pages { did: DomainId(3), addr: 0x5000, am: 0 }
+        );
     }
 
     proptest! {
@@ -261,11 +264,20 @@ mod tests {
     #[test]
     fn descriptors_match_the_spec_layout() {
         assert_eq!(context_desc(ContextScope::Global), [0x11, 0]);
-        assert_eq!(context_desc(ContextScope::Device(DomainId(2), SourceId(0x18))), [0x31 | (2 << 16) | (0x18 << 32), 0]);
-        assert_eq!(iotlb_desc(IotlbScope::Global, Drain::default()), [0x12, 0]);
-        assert_eq!(iotlb_desc(IotlbScope::Domain(DomainId(5)), Drain { reads: true, writes: false }), [0xa2 | (5 << 16), 0]);
         assert_eq!(
-            iotlb_desc(IotlbScope::Pages { did: DomainId(5), addr: 0x40_0000, am: 3 }, Drain { reads: false, writes: true }),
+            context_desc(ContextScope::Device(DomainId(2), SourceId(0x18))),
+            [0x31 | (2 << 16) | (0x18 << 32), 0]
+        );
+        assert_eq!(iotlb_desc(IotlbScope::Global, Drain::default()), [0x12, 0]);
+        assert_eq!(
+            iotlb_desc(IotlbScope::Domain(DomainId(5)), Drain { reads: true, writes: false }),
+            [0xa2 | (5 << 16), 0]
+        );
+        assert_eq!(
+            iotlb_desc(
+                IotlbScope::Pages { did: DomainId(5), addr: 0x40_0000, am: 3 },
+                Drain { reads: false, writes: true }
+            ),
             [0x72 | (5 << 16), 0x40_0003]
         );
         assert_eq!(wait_desc(0x1234_5678, 9), [0x25 | (9 << 32), 0x1234_5678]);
@@ -282,7 +294,9 @@ mod tests {
         for did in [DomainId(1), DomainId(0xffff)] {
             let c = context_desc(ContextScope::Device(did, SourceId(0xffff)));
             assert_eq!(c[0] & CC_RESERVED, 0);
-            for s in [IotlbScope::Global, IotlbScope::Domain(did), IotlbScope::Pages { did, addr: !0xfff, am: 63 }] {
+            for s in
+                [IotlbScope::Global, IotlbScope::Domain(did), IotlbScope::Pages { did, addr: !0xfff, am: 63 }]
+            {
                 let i = iotlb_desc(s, d);
                 assert_eq!((i[0] & IOTLB_RESERVED[0], i[1] & IOTLB_RESERVED[1]), (0, 0));
             }

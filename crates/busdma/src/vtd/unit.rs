@@ -149,7 +149,9 @@ impl<'p, P: Platform> Vtd<'p, P> {
         let caps = Capabilities::new(cap, ecap);
         let levels = caps.choose_levels(config.max_levels)?;
         let method = match (config.invalidation, caps.queued_invalidation()) {
-            (InvalidationChoice::Register, _) | (InvalidationChoice::Auto, false) => InvalidationMethod::Register,
+            (InvalidationChoice::Register, _) | (InvalidationChoice::Auto, false) => {
+                InvalidationMethod::Register
+            }
             (InvalidationChoice::Queued | InvalidationChoice::Auto, true) => InvalidationMethod::Queued,
             (InvalidationChoice::Queued, false) => {
                 return Err(Error::Unsupported { what: "queued invalidation (ECAP.QI is clear)" });
@@ -314,10 +316,16 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// [`Error::NoMemory`] (a context table), [`Error::BadState`] (invalidation failed).
     pub fn attach(&self, sid: SourceId, did: DomainId, sl_root: PhysAddr, levels: Levels) -> Result<()> {
         if did.0 == 0 || u32::from(did.0) >= self.caps.domains() {
-            return Err(Error::InvalidArgument { what: "VT-d domain id (0 or beyond CAP.ND)", value: did.0.into() });
+            return Err(Error::InvalidArgument {
+                what: "VT-d domain id (0 or beyond CAP.ND)",
+                value: did.0.into(),
+            });
         }
         if self.caps.sagaw() & (1 << levels.aw()) == 0 {
-            return Err(Error::InvalidArgument { what: "second-level depth not in CAP.SAGAW", value: levels.aw() });
+            return Err(Error::InvalidArgument {
+                what: "second-level depth not in CAP.SAGAW",
+                value: levels.aw(),
+            });
         }
         if !sl_root.is_aligned(PAGE_SIZE) {
             return Err(Error::Misaligned { value: sl_root.raw(), align: PAGE_SIZE });
@@ -474,9 +482,13 @@ impl<'p, P: Platform> Vtd<'p, P> {
             Some(q) => self.submit(q, inval::context_desc(scope)),
             None => {
                 self.w64(regs::CCMD, inval::ccmd_value(scope));
-                self.poll("context-cache invalidation (CCMD.ICC)", || self.r64(regs::CCMD) & regs::ccmd::ICC == 0)?;
+                self.poll("context-cache invalidation (CCMD.ICC)", || {
+                    self.r64(regs::CCMD) & regs::ccmd::ICC == 0
+                })?;
                 if (self.r64(regs::CCMD) >> regs::ccmd::CAIG_SHIFT) & 0b11 == 0 {
-                    return Err(Error::BadState { what: "VT-d refused a context-cache invalidation (CAIG = 0)" });
+                    return Err(Error::BadState {
+                        what: "VT-d refused a context-cache invalidation (CAIG = 0)",
+                    });
                 }
                 Ok(())
             }
@@ -537,7 +549,9 @@ impl<'p, P: Platform> Vtd<'p, P> {
         })?;
         let errors = self.r32(regs::FSTS) & (fsts::IQE | fsts::ICE | fsts::ITE);
         if errors != 0 {
-            return Err(Error::BadState { what: "VT-d reported an invalidation queue error (FSTS.IQE/ICE/ITE)" });
+            return Err(Error::BadState {
+                what: "VT-d reported an invalidation queue error (FSTS.IQE/ICE/ITE)",
+            });
         }
         // Reads of data the invalidation protects must not move before the status read.
         self.platform.dma_rmb();
@@ -604,9 +618,11 @@ impl<P: Platform> Drop for Vtd<'_, P> {
             // than hand memory it reads to someone else.
             return;
         }
-        let pages = state.context.iter_mut().filter_map(Option::take).chain(
-            state.queue.take().into_iter().flat_map(|q| [q.ring, q.status]),
-        );
+        let pages = state
+            .context
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(state.queue.take().into_iter().flat_map(|q| [q.ring, q.status]));
         for page in pages {
             // SAFETY: translation and queued invalidation are off, so the unit reads none of
             // these pages any more; each came from `alloc_table_page` and is freed once.
