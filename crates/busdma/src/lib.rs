@@ -31,6 +31,10 @@ extern crate std;
 
 pub mod addr;
 pub mod error;
+#[cfg(feature = "alloc")]
+pub mod front;
+#[cfg(feature = "alloc")]
+pub mod pgtable;
 pub mod platform;
 pub mod sync;
 #[cfg(feature = "vtd")]
