@@ -13,6 +13,7 @@ extern crate alloc;
 mod boot;
 mod checks;
 mod console;
+mod domain;
 mod edu;
 mod exit;
 mod frames;

@@ -60,6 +60,15 @@ pub mod regs;
 mod unit;
 
 pub use caps::{Capabilities, Levels};
+
+/// The second-level page-table format domains behind this driver use: `busdma::pgtable`'s
+/// [`VtdSl`](crate::pgtable::VtdSl) (or, in the `vtd-mutant-nonleaf-no-rw` build only, the
+/// mutant that breaks it).
+#[cfg(not(feature = "vtd-mutant-nonleaf-no-rw"))]
+pub type SecondLevel = crate::pgtable::VtdSl;
+/// The second-level page-table format: the mutant build's broken one.
+#[cfg(feature = "vtd-mutant-nonleaf-no-rw")]
+pub type SecondLevel = mutant::NonLeafNoRw;
 pub use entry::{DomainId, SourceId};
 pub use fault::{Access, Fault};
 pub use unit::{InvalidationChoice, InvalidationMethod, Vtd, VtdConfig, VtdStats};
