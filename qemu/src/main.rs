@@ -18,6 +18,7 @@ mod edu;
 mod exit;
 mod frames;
 mod heap;
+mod hpet;
 mod mem;
 mod pci;
 mod platform;
@@ -60,6 +61,10 @@ pub extern "C" fn kmain(start_info: u32) -> ! {
             exit::exit(exit::FAIL)
         }
     };
+    if let Err(why) = hpet::init() {
+        println!("FAIL - boot: {why}");
+        exit::exit(exit::FAIL)
+    }
     let failed = checks::run(&info);
     if failed == 0 {
         println!("busdma-qemu: all checks passed");

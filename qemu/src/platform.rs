@@ -145,6 +145,10 @@ impl Platform for KernelPlatform {
 
     fn preempt_enable(&self, _cpu: usize) {}
 
+    fn monotonic_ns(&self) -> u64 {
+        crate::hpet::now_ns()
+    }
+
     fn cache_clean(&self, kva: KernVa, len: u64) {
         for_each_line(kva, len, clflush);
     }

@@ -55,6 +55,7 @@ pub mod caps;
 pub mod entry;
 pub mod fault;
 pub mod inval;
+mod invalidator;
 pub mod mutant;
 pub mod regs;
 mod unit;
