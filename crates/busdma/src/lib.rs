@@ -43,6 +43,8 @@ pub mod platform;
 #[cfg(feature = "alloc")]
 pub mod quickmap;
 pub mod sync;
+#[cfg(feature = "vtd")]
+pub mod vtd;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use error::{Error, Result};
