@@ -199,3 +199,71 @@ pub fn push_range(out: &mut alloc::vec::Vec<AddrRange<Iova>>, start: u64, end: u
 pub fn max_runs(spec: &TagSpec) -> usize {
     (spec.max_segments as usize).saturating_add(spec.max_size.div_ceil(PAGE_SIZE) as usize).saturating_add(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn run(pa: u64, len: u64) -> Run {
+        Run { pa: PhysAddr::new(pa), len, kind: MemKind::Page, kva: None }
+    }
+
+    fn places(runs: &[Run], align: u64) -> (Vec<Place>, u64) {
+        let mut v = Vec::new();
+        let total = layout(runs, align, |_, p| {
+            v.push(p);
+            Ok(())
+        })
+        .unwrap();
+        (v, total)
+    }
+
+    #[test]
+    fn a_run_keeps_its_page_offset_and_maps_its_pages() {
+        let (v, total) = places(&[run(0x10_0800, 0x1000)], PAGE_SIZE);
+        assert_eq!(
+            v,
+            [Place::At { off: 0x800, map_start: 0, map_end: 0x2000, pa: PhysAddr::new(0x10_0000) }]
+        );
+        assert_eq!(total, 0x2000);
+    }
+
+    #[test]
+    fn a_physically_continuing_run_shares_the_partly_used_page() {
+        let (v, total) = places(&[run(0x10_0800, 0x400), run(0x10_0c00, 0x800)], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0xc00, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x10_1000) }
+        );
+        assert_eq!(total, 0x2000);
+    }
+
+    #[test]
+    fn other_runs_start_on_a_fresh_page_and_large_alignment_pads() {
+        let (v, _) = places(&[run(0x10_0000, 0x100), run(0x30_0000, 0x100)], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x1000, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x30_0000) }
+        );
+        let (v, total) = places(&[run(0x10_0000, 0x100), run(0x30_0000, 0x100)], 0x4000);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x4000, map_start: 0x4000, map_end: 0x5000, pa: PhysAddr::new(0x30_0000) }
+        );
+        assert_eq!(total, 0x5000);
+    }
+
+    #[test]
+    fn a_peer_bar_with_a_bus_address_takes_no_iova() {
+        let bar = Run {
+            pa: PhysAddr::new(0xf000_0000),
+            len: 0x100,
+            kind: MemKind::PeerBar { bus: Some(Iova::new(0x9000)) },
+            kva: None,
+        };
+        let (v, total) = places(&[bar], PAGE_SIZE);
+        assert_eq!(v, [Place::Bypass(Iova::new(0x9000))]);
+        assert_eq!(total, 0);
+    }
+}
