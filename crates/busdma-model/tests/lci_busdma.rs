@@ -38,7 +38,7 @@ struct Lci<'a, 'p> {
     forward: bool,
 }
 
-impl IommuOps for Lci<'_, '_> {
+impl IommuOps<HostPlatform> for Lci<'_, '_> {
     type Ticket = ();
     fn invalidation(&self) -> Invalidation {
         Invalidation::Strict
@@ -46,24 +46,25 @@ impl IommuOps for Lci<'_, '_> {
     fn max_iova(&self) -> u64 {
         self.d.max_iova()
     }
-    fn alloc_iova(&self, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>> {
-        self.d.alloc_iova(size, align, limit)
+    fn alloc_iova(&self, g: &G<'_>, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>> {
+        self.d.alloc_iova(g, size, align, limit)
     }
-    fn free_iova(&self, range: AddrRange<Iova>) {
-        self.d.free_iova(range)
+    fn free_iova(&self, g: &G<'_>, range: AddrRange<Iova>) {
+        self.d.free_iova(g, range)
     }
-    fn map(&self, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
-        self.d.map(iova, pa, len, dir)
+    fn map(&self, g: &G<'_>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
+        self.d.map(g, iova, pa, len, dir)
     }
-    fn unmap(&self, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) {
-        self.d.unmap(mapped, free);
+    fn unmap(&self, g: &G<'_>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<()> {
+        self.d.unmap(g, mapped, free)?;
         for r in mapped {
             self.iommu.invalidate_range(DOMAIN, *r);
         }
+        Ok(())
     }
-    fn ensure_flushed(&self, _: ()) {}
-    fn reserve_tables(&self, range: AddrRange<Iova>) -> Result<()> {
-        self.d.reserve_tables(range)
+    fn ensure_flushed(&self, _: &G<'_>, _: ()) {}
+    fn reserve_tables(&self, g: &G<'_>, range: AddrRange<Iova>) -> Result<()> {
+        self.d.reserve_tables(g, range)
     }
     fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
         if self.forward {
@@ -71,6 +72,8 @@ impl IommuOps for Lci<'_, '_> {
         }
     }
 }
+
+type G<'a> = busdma::CpuGuard<'a, HostPlatform>;
 
 fn device_read(iommu: &ModelIommu<'_>, segs: &[Segment]) -> Vec<u8> {
     let mut out = Vec::new();
