@@ -1,34 +1,39 @@
 //! A strict IOMMU domain for the front-end tests, built from the real page table (VT-d
-//! second level) and a first-fit IOVA list, with counters: live IOVA bytes, unmap calls
-//! (one invalidation each), table pages. It stands in until `busdma::iommu::Domain` lands;
-//! the tests only see it through `IommuOps`.
+//! second level) and the real IOVA allocator (per-CPU caches on), with counters: live IOVA
+//! bytes, unmap calls (one invalidation each). It has no IOTLB (clearing an entry is the
+//! invalidation), so it stands in for `busdma::iommu::Domain` only in tests of the front end's
+//! own properties; the tests see it through `IommuOps` alone.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use busdma::front::strategy::reserve_levels::reserve_levels;
 use busdma::front::{Direction, Invalidation, IommuOps};
+use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{FlushDone, Gather, PageTable, PageTableConfig, Prot, TablePool, VtdSl};
-use busdma::{AddrRange, Error, Iova, PhysAddr, Platform, Result};
+use busdma::{AddrRange, CpuGuard, Iova, PhysAddr, Platform, Result};
 use busdma_model::HostPlatform;
 
 pub struct PtDomain<'p> {
     pub m: &'p HostPlatform,
     pub pt: PageTable<'p, HostPlatform, VtdSl>,
-    /// start -> len of allocated IOVA.
-    live: Mutex<BTreeMap<u64, u64>>,
+    pub iova: IovaAllocator,
+    live: AtomicU64,
     pub invalidations: AtomicU64,
 }
 
 impl<'p> PtDomain<'p> {
     pub fn new(m: &'p HostPlatform, pool: &'p TablePool<'p, HostPlatform>) -> Self {
         let pt = PageTable::new(pool, PageTableConfig { input_bits: 39, coherent_walker: true }).unwrap();
-        Self { m, pt, live: Mutex::new(BTreeMap::new()), invalidations: AtomicU64::new(0) }
+        // IOVA from 1 MiB (0 is never handed out) to the table's input limit.
+        let space = AddrRange::new(Iova::new(1 << 20), Iova::new(pt.input_limit())).unwrap();
+        let iova =
+            IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
+                .unwrap();
+        Self { m, pt, iova, live: AtomicU64::new(0), invalidations: AtomicU64::new(0) }
     }
     pub fn live_iova_bytes(&self) -> u64 {
-        self.live.lock().unwrap().values().sum()
+        self.live.load(Ordering::Relaxed)
     }
     /// What the device reaches at `iova` (a software walk of the very tables the hardware
     /// would walk).
@@ -37,7 +42,7 @@ impl<'p> PtDomain<'p> {
     }
 }
 
-impl IommuOps for &PtDomain<'_> {
+impl IommuOps<HostPlatform> for &PtDomain<'_> {
     type Ticket = ();
 
     fn invalidation(&self) -> Invalidation {
@@ -48,57 +53,61 @@ impl IommuOps for &PtDomain<'_> {
         self.pt.input_limit() - 1
     }
 
-    fn alloc_iova(&self, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>> {
-        let mut live = self.live.lock().unwrap();
-        // First fit above 1 MiB (IOVA 0 is never handed out).
-        let mut cand = 1u64 << 20;
-        for (&s, &l) in live.iter() {
-            let c = cand.next_multiple_of(align);
-            if c + size <= s {
-                break;
-            }
-            cand = cand.max(s + l);
-        }
-        let c = cand.next_multiple_of(align);
-        if c + size - 1 > limit {
-            return Err(Error::Exhausted { size, limit });
-        }
-        live.insert(c, size);
-        AddrRange::from_start_len(Iova::new(c), size)
+    fn alloc_iova(
+        &self,
+        g: &CpuGuard<'_, HostPlatform>,
+        size: u64,
+        align: u64,
+        limit: u64,
+    ) -> Result<AddrRange<Iova>> {
+        let req = IovaRequest { size, align, boundary: 0, limit: Iova::new(limit.saturating_add(1)) };
+        let r = self.iova.alloc(g, &req)?;
+        self.live.fetch_add(size, Ordering::Relaxed);
+        Ok(r)
     }
 
-    fn free_iova(&self, range: AddrRange<Iova>) {
-        let l = self.live.lock().unwrap().remove(&range.start().raw());
-        assert_eq!(l, Some(range.len()), "free of IOVA that was not allocated so: {range:?}");
+    fn free_iova(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) {
+        self.iova.free(g, range).expect("free of IOVA as allocated");
+        self.live.fetch_sub(range.len(), Ordering::Relaxed);
     }
 
-    fn map(&self, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
+    fn map(
+        &self,
+        g: &CpuGuard<'_, HostPlatform>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        dir: Direction,
+    ) -> Result<()> {
         let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
-        let g = self.m.pin_cpu();
-        self.pt.map(&g, iova, pa, len, prot)
+        self.pt.map(g, iova, pa, len, prot)
     }
 
-    fn unmap(&self, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) {
-        let g = self.m.pin_cpu();
+    fn unmap(
+        &self,
+        g: &CpuGuard<'_, HostPlatform>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<()> {
         let mut gather = Gather::default();
         for r in mapped {
-            self.pt.unmap(&g, *r, &mut gather).expect("unmap of a mapped range");
+            self.pt.unmap(g, *r, &mut gather)?;
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
         if let Some(r) = gather.range() {
             // SAFETY: this domain has no IOTLB: clearing the entries is the invalidation.
             let proof = unsafe { FlushDone::for_range(r) };
-            gather.release_after_flush(proof, self.pt.pool(), &g).unwrap();
+            gather.release_after_flush(proof, self.pt.pool(), g).unwrap();
         }
         for r in free {
-            self.free_iova(*r);
+            self.free_iova(g, *r);
         }
+        Ok(())
     }
 
-    fn ensure_flushed(&self, _ticket: ()) {}
+    fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) {}
 
-    fn reserve_tables(&self, range: AddrRange<Iova>) -> Result<()> {
-        let g = self.m.pin_cpu();
-        reserve_levels(&self.pt, &g, range)
+    fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {
+        reserve_levels(&self.pt, g, range)
     }
 }
