@@ -23,6 +23,8 @@
 //! The `Domain` type that applies these policies is in this module's `domain` submodule.
 #![forbid(unsafe_code)]
 
+pub mod flushq;
+
 use crate::addr::{AddrRange, Iova, PhysAddr};
 
 /// An IOMMU domain number: the tag the hardware keys its caches by (VT-d's 16-bit domain id,
