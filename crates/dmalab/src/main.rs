@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_map;
 mod report;
 
 use std::process::ExitCode;
@@ -58,6 +59,9 @@ impl MachineArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Benchmarks, each comparing designs side by side in one run.
+    #[command(subcommand)]
+    Bench(Bench),
     /// Print the machine model's configuration.
     Info {
         #[command(flatten)]
@@ -65,6 +69,31 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+}
+
+/// `dmalab bench <name>`.
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Map/unmap latency per strategy (Linux's dma_map_benchmark equivalent).
+    Map {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_map::MapArgs,
+    },
+}
+
+fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_map::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
 }
 
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
@@ -89,6 +118,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
