@@ -32,6 +32,7 @@
 //! 6. **Per-CPU.** Each queue has its own spin lock: uncontended except while a flusher on
 //!    another CPU drains it. Items are released by whoever drains them, under the queue's lock,
 //!    through the caller's `release` closure.
+#![forbid(unsafe_code)]
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
