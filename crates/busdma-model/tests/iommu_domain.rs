@@ -47,16 +47,14 @@ fn with_domain<F: PteFormat, S: IovaSource, H: IotlbInvalidator, R>(
     body: impl FnOnce(&Domain<'_, HostPlatform, F, S, H>, &TablePool<'_, HostPlatform>) -> R,
 ) -> R {
     let pool = TablePool::new(m);
-    let r = {
-        let pt =
-            PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-        iommu.attach(DEV, Context::new(DOM, pt.root(), model_format::<F>(), 48)).unwrap();
-        let cfg = DomainConfig { id: DOM, policy, untrusted };
-        let d = Domain::new(m, pt, iova, hw, cfg).unwrap();
-        let r = body(&d, &pool);
-        iommu.detach(DEV).unwrap();
-        r
-    };
+    let pt =
+        PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
+    iommu.attach(DEV, Context::new(DOM, pt.root(), model_format::<F>(), 48)).unwrap();
+    let cfg = DomainConfig { id: DOM, policy, untrusted };
+    let d = Domain::new(m, pt, iova, hw, cfg).unwrap();
+    let r = body(&d, &pool);
+    iommu.detach(DEV).unwrap();
+    drop(d);
     r
 }
 
@@ -363,12 +361,7 @@ fn injection_case<F: PteFormat>(policy: InvalidationPolicy) {
         let g = m.pin_cpu();
         // A map that needs every level below the root: 3 pages straddling a 2 MiB line.
         for n in 1u64.. {
-            let req = IovaRequest {
-                size: 4 * PAGE_SIZE,
-                align: PAGE_SIZE,
-                boundary: 0,
-                limit: Iova::new(u64::MAX & !(PAGE_SIZE - 1)),
-            };
+            let req = IovaRequest::pages(4);
             // Allocation points in order: the IOVA, then each table page the map installs.
             d.iova().fail_at.store(d.iova().attempts.load(Ordering::Relaxed) + n, Ordering::Relaxed);
             let table_n = n.saturating_sub(1);
