@@ -437,10 +437,10 @@ impl IotlbInvalidator for ModelIommu<'_> {
         self.lci.set(domain, range, index);
     }
 
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let (first, last) = Self::pages(range);
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
         self.with_audit(|a| {
-            a.unmapped(domain, first, last, self.platform.monotonic_ns(), self.iotlb.generation());
+            let pages = ranges.iter().map(|&r| Self::pages(r));
+            a.unmapped(domain, pages, self.platform.monotonic_ns(), self.iotlb.generation());
         });
     }
 
