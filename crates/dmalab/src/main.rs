@@ -2,6 +2,7 @@
 //! with `--json`.
 
 mod bench_map;
+mod bench_pgtable;
 mod report;
 
 use std::process::ExitCode;
@@ -83,6 +84,15 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
+    Pgtable {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_pgtable::PgtableArgs,
+    },
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -90,6 +100,21 @@ fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapAr
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut r = Report::new();
     for row in bench_map::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_pgtable_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_pgtable::PgtableArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_pgtable::run(args, &m)? {
         r.push(row);
     }
     r.print(common.json);
@@ -119,6 +144,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
