@@ -78,7 +78,7 @@ fn check_live(iommu: &ModelIommu<'_>, l: &Live) {
         }
         Some(pa) => {
             let s = l.segs[0];
-            for off in [0, s.len() / 2 & !(PAGE_SIZE - 1), s.len() - PAGE_SIZE] {
+            for off in [0, (s.len() / 2) & !(PAGE_SIZE - 1), s.len() - PAGE_SIZE] {
                 let got = iommu.translate(DEV, Iova::new(s.start().raw() + off), true).unwrap();
                 assert_eq!(got, PhysAddr::new(pa.raw() + off));
             }
