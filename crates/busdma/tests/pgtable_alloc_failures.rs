@@ -181,3 +181,42 @@ fn concurrent_mappers_under_one_missing_table_share_one_install() {
         assert_eq!(live(&m), 0);
     }
 }
+
+fn detach_sweep<F: PteFormat>() {
+    // An unmap covering whole tables needs room in the gather for them (one allocation point
+    // per detached subtree). Failing it is not an error: the tables stay installed and their
+    // leaves are cleared one by one; nothing leaks, nothing stays mapped.
+    let m = machine();
+    let pool = TablePool::new(&m);
+    let pt = PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: false })
+        .unwrap()
+        .with_max_leaf(PageSize::Size4K);
+    let g = m.pin_cpu();
+    let r = AddrRange::from_start_len(Iova::new(IOVA), LEN).unwrap();
+    for n in 1..=3 {
+        pt.map(&g, Iova::new(IOVA), PhysAddr::new(0x1_0000_0000), LEN, Prot::READ_WRITE).unwrap();
+        let tables = pt.table_pages();
+        pool.fail_nth_alloc(Some(n));
+        let mut gather = Gather::new();
+        assert_eq!(pt.unmap(&g, r, &mut gather), Ok(()), "{} point {n}", F::NAME);
+        assert_eq!(pool.stats().injected_failures, n, "the injector fired at point {n}");
+        assert_eq!(pt.table_pages() + gather.freed_tables(), tables, "every table is installed or gathered");
+        assert!(pt.table_pages() > 1, "point {n}: the refused subtree stayed installed");
+        for off in (0..LEN).step_by(0x1000) {
+            assert_eq!(pt.iova_to_phys(Iova::new(IOVA + off)), None, "point {n}: +{off:#x}");
+        }
+        // SAFETY: no IOMMU walks this table.
+        gather.release_after_flush(unsafe { FlushDone::for_all() }, &pool, &g).unwrap();
+        assert_eq!(live(&m), pt.table_pages() as u64 + pool.stats().cached);
+    }
+}
+
+#[test]
+fn a_gather_allocation_failure_keeps_tables_installed_and_still_unmaps_vtd() {
+    detach_sweep::<VtdSl>();
+}
+
+#[test]
+fn a_gather_allocation_failure_keeps_tables_installed_and_still_unmaps_lpae() {
+    detach_sweep::<ArmLpaeS1>();
+}
