@@ -8,8 +8,8 @@
 //!    translation and the table pages the walk went through, until an invalidation covering
 //!    the page removes it. It fills under the same generation rule as the IOTLB (a walk that
 //!    raced an invalidation is not recorded), so it is a superset of the IOTLB's contents.
-//! 2. **Release checks.** When software says an IOVA range goes back to its allocator, no
-//!    page of it may be in the may-cache set; when it says a table page goes back to its
+//! 2. **Release checks.** When software says an IOVA range goes back to its allocator, or
+//!    that it is about to map a range, no page of it may be in the may-cache set; when it says a table page goes back to its
 //!    pool, no recorded walk may have gone through it. Either would let a device reach
 //!    memory the IOVA or the table page is reused for: a [`Violation`].
 //! 3. **Exposure.** When software says it cleared the entries of a range, the audit stamps
@@ -40,6 +40,16 @@ const PROBE_PAGES: u64 = 64;
 pub enum Violation {
     /// An IOVA page went back to the allocator while a translation of it may be cached.
     IovaReleasedWhileCached {
+        /// The domain.
+        domain: DomainId,
+        /// The page's IOVA.
+        iova: Iova,
+        /// Where the cached translation leads.
+        pa: PhysAddr,
+    },
+    /// An IOVA page was mapped again while a translation of its previous mapping may be
+    /// cached (a kept window reused before the flush covering its unmap).
+    IovaMappedWhileCached {
         /// The domain.
         domain: DomainId,
         /// The page's IOVA.
@@ -199,7 +209,21 @@ impl Audit {
 
     /// Software releases pages `first..=last` of `domain` to its IOVA allocator.
     pub(crate) fn released_iova(&mut self, domain: DomainId, first: u64, last: u64) {
-        let hits: Vec<(u64, PhysAddr)> = if last - first < PROBE_PAGES {
+        for (p, pa) in self.cached_in(domain, first, last) {
+            self.violation(Violation::IovaReleasedWhileCached { domain, iova: Iova::new(p << 12), pa });
+        }
+    }
+
+    /// Software is about to write entries for pages `first..=last` of `domain`.
+    pub(crate) fn mapping(&mut self, domain: DomainId, first: u64, last: u64) {
+        for (p, pa) in self.cached_in(domain, first, last) {
+            self.violation(Violation::IovaMappedWhileCached { domain, iova: Iova::new(p << 12), pa });
+        }
+    }
+
+    /// The recorded translations of pages `first..=last` of `domain`.
+    fn cached_in(&self, domain: DomainId, first: u64, last: u64) -> Vec<(u64, PhysAddr)> {
+        if last - first < PROBE_PAGES {
             (first..=last).filter_map(|p| self.cached.get(&(domain, p)).map(|w| (p, w.pa))).collect()
         } else {
             self.cached
@@ -207,9 +231,6 @@ impl Audit {
                 .filter(|&(&(d, p), _)| d == domain && (first..=last).contains(&p))
                 .map(|(&(_, p), w)| (p, w.pa))
                 .collect()
-        };
-        for (p, pa) in hits {
-            self.violation(Violation::IovaReleasedWhileCached { domain, iova: Iova::new(p << 12), pa });
         }
     }
 

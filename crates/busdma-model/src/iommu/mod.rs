@@ -452,6 +452,11 @@ impl IotlbInvalidator for ModelIommu<'_> {
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         self.with_audit(|a| a.released_table_page(domain, page));
     }
+
+    fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| a.mapping(domain, first, last));
+    }
 }
 
 /// A device behind the model IOMMU.
