@@ -11,10 +11,11 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use busdma::front::{Direction, IommuPerMap, KernelBuf, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::{Prot, TablePool};
 use busdma::vtd::{Access, InvalidationChoice, InvalidationMethod, SourceId, Vtd, VtdConfig, fault};
-use busdma::{AddrRange, Iova, PAGE_SIZE, PageRequest, PhysAddr, Platform};
+use busdma::{AddrRange, Iova, KernVa, PAGE_SIZE, PageRequest, PhysAddr, Platform};
 
 use crate::domain::{DevDomain, EDU_LIMIT, Unit};
 use crate::edu::{self, Dir, Edu};
@@ -375,29 +376,8 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
     let (d0, d1) = (&doms[0], &doms[1]);
 
     r.check(
-        "translated DMA: data arrives through the mappings, IOVAs stay below 2^28, the pages at the IOVAs' own addresses are untouched",
-        || {
-            let src = Buf::new(1, PAGE_SIZE)?;
-            let dst = Buf::new(1, PAGE_SIZE)?;
-            PLATFORM.write_phys(src.at(0x800), &pattern()).map_err(e2s)?;
-            let rs = d0.map(src.pa, 1, Prot::READ).map_err(e2s)?;
-            let rd = d0.map(dst.pa, 1, Prot::WRITE).map_err(e2s)?;
-            below_mask(rs)?;
-            below_mask(rd)?;
-            let twins = [Twin::of(rs.start())?, Twin::of(rd.start())?];
-            d0.dev.dma(Dir::FromRam, rs.start().raw() + 0x800, 0, XFER)?;
-            d0.dev.dma(Dir::ToRam, rd.start().raw() + 0x400, 0, XFER)?;
-            expect_no_fault(vtd)?;
-            if !dst.holds_pattern(0x400)? {
-                return Err("the data did not arrive in the destination buffer".into());
-            }
-            for t in &twins {
-                t.untouched()?;
-            }
-            d0.unmap_one(rs).map_err(e2s)?;
-            d0.unmap_one(rd).map_err(e2s)?;
-            Ok(())
-        },
+        "loaded maps: data DMA'd through a 28-bit tag's maps arrives, bus addresses stay below 2^28, the pages at their own numbers are untouched",
+        || through_maps(vtd, d0),
     );
 
     for access in [Access::Write, Access::Read] {
@@ -407,6 +387,7 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
             ),
             || {
                 let ir = d0.alloc(1, PAGE_SIZE).map_err(e2s)?;
+                below_mask(ir)?;
                 let twin = Twin::of(ir.start())?;
                 let dir = if access == Access::Write { Dir::ToRam } else { Dir::FromRam };
                 d0.dev.dma(dir, ir.start().raw() + 0x100, 0, XFER)?;
@@ -430,31 +411,38 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
         d0.unmap_one(m).map_err(e2s).map(|_| ())
     });
 
-    r.check("strict unload: one ranged invalidation, after which a DMA to the old IOVA faults", || {
-        load_pattern(d0, &scratch)?;
-        let buf = Buf::new(1, PAGE_SIZE)?;
-        let m = d0.map(buf.pa, 1, Prot::READ_WRITE).map_err(e2s)?;
-        let twin = Twin::of(m.start())?;
-        // Cache the translation in the IOTLB.
-        d0.dev.dma(Dir::ToRam, m.start().raw(), 0, XFER)?;
-        expect_no_fault(vtd)?;
-        if !buf.holds_pattern(0)? {
-            return Err("the first DMA did not arrive".into());
-        }
-        buf.fill(SENTINEL)?;
-        let before = vtd.stats().iotlb_total();
-        d0.unmap_one(m).map_err(e2s)?;
-        let n = vtd.stats().iotlb_total() - before;
-        if n != 1 {
-            return Err(format!("expected one IOTLB invalidation, saw {n}"));
-        }
-        d0.dev.dma(Dir::ToRam, m.start().raw(), 0, XFER)?;
-        expect_fault(vtd, d0.sid(), m.start().raw(), Access::Write, reason_of(Access::Write))?;
-        if !buf.all(SENTINEL)? {
-            return Err("a DMA after the strict unload reached the buffer".into());
-        }
-        twin.untouched()
-    });
+    r.check(
+        "strict unload: one ranged invalidation, after which a DMA to the old bus address faults",
+        || {
+            load_pattern(d0, &scratch)?;
+            let tag = edu_tag(d0)?;
+            let buf = Buf::new(1, PAGE_SIZE)?;
+            let mut map = tag.create_map().map_err(e2s)?;
+            let bus = map.load(&kbuf(&buf, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+            let twin = Twin::of(Iova::new(bus))?;
+            // The DMA caches the translation in the IOTLB.
+            map.sync(SyncOp::PREREAD).map_err(e2s)?;
+            d0.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+            map.sync(SyncOp::POSTREAD).map_err(e2s)?;
+            expect_no_fault(vtd)?;
+            if !buf.holds_pattern(0)? {
+                return Err("the first DMA did not arrive".into());
+            }
+            buf.fill(SENTINEL)?;
+            let before = vtd.stats().iotlb_total();
+            map.unload().map_err(e2s)?;
+            let n = vtd.stats().iotlb_total() - before;
+            if n != 1 {
+                return Err(format!("expected one IOTLB invalidation, saw {n}"));
+            }
+            d0.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+            expect_fault(vtd, d0.sid(), bus, Access::Write, reason_of(Access::Write))?;
+            if !buf.all(SENTINEL)? {
+                return Err("a DMA after the strict unload reached the buffer".into());
+            }
+            twin.untouched()
+        },
+    );
 
     r.check(
         "page-selective invalidation covers a range straddling an alignment boundary (address mask)",
@@ -578,21 +566,25 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
     drop(doms);
 }
 
-/// The deferred-mode check on domain `d` (deferred, flush after 8 queued unmaps).
+/// The deferred-mode check on domain `d` (deferred, flush after 8 queued unmaps), through
+/// a tag's maps.
 fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
     load_pattern(d, scratch)?;
+    let tag = edu_tag(d)?;
     let buf = Buf::new(1, PAGE_SIZE)?;
-    // 1. The window deferral opens: after the unload, the IOTLB still translates the old IOVA.
-    let m = d.map(buf.pa, 1, Prot::WRITE).map_err(e2s)?;
-    d.dev.dma(Dir::ToRam, m.start().raw(), 0, XFER)?;
+    let mut map = tag.create_map().map_err(e2s)?;
+    // 1. The window deferral opens: after the unload, the IOTLB still translates the old
+    //    bus address.
+    let bus = map.load(&kbuf(&buf, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
     expect_no_fault(vtd)?;
     buf.fill(SENTINEL)?;
     let before = vtd.stats().iotlb_total();
-    d.unmap_one(m).map_err(e2s)?;
+    map.unload().map_err(e2s)?;
     if vtd.stats().iotlb_total() != before || d.dom.pending() != 1 {
         return Err(format!("the unload was not deferred ({} pending)", d.dom.pending()));
     }
-    d.dev.dma(Dir::ToRam, m.start().raw(), 0, XFER)?;
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
     if !buf.holds_pattern(0)? {
         return Err(
             "the stale translation was not used: the unit did not cache it, so this check has no teeth"
@@ -605,39 +597,111 @@ fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
     if d.dom.pending() != 0 || vtd.stats().iotlb_total() == before {
         return Err("the flush invalidated nothing".into());
     }
-    d.dev.dma(Dir::ToRam, m.start().raw(), 0, XFER)?;
-    expect_fault(vtd, d.sid(), m.start().raw(), Access::Write, reason_of(Access::Write))?;
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    expect_fault(vtd, d.sid(), bus, Access::Write, reason_of(Access::Write))?;
     if !buf.all(SENTINEL)? {
         return Err("a DMA after the flush reached the buffer".into());
     }
-    // 3. Load/unload cycles: an IOVA handed out again must have been invalidated (some IOTLB
-    //    invalidation completed) after its last unload.
-    // (IOVA, IOTLB invalidations completed before its unload began).
+    // 3. Load/unload cycles: a bus address handed out again must have been invalidated (some
+    //    IOTLB invalidation completed) after its last unload began.
+    // (bus address, IOTLB invalidations completed before its unload began).
     let mut unloaded_at: Vec<(u64, u64)> = Vec::new();
     let mut reused = 0;
-    // Why 40 cycles: five flushes at 8 per queue, so IOVAs come back several times.
+    // Why 40 cycles: five flushes at 8 per queue, so addresses come back several times.
     for _ in 0..40 {
-        let m = d.map(buf.pa, 1, Prot::WRITE).map_err(e2s)?;
-        let a = m.start().raw();
-        below_mask(m)?;
+        let seg = map.load(&kbuf(&buf, 0, XFER), Direction::FromDevice).map_err(e2s)?[0];
+        let a = seg.addr.raw();
+        if seg.end() > EDU_LIMIT {
+            return Err(format!("bus address {a:#x} beyond edu's 28-bit mask"));
+        }
         if let Some(&(_, at)) = unloaded_at.iter().rev().find(|(i, _)| *i == a) {
             if vtd.stats().iotlb_total() <= at {
-                return Err(format!("IOVA {a:#x} handed out again before any invalidation since its unload"));
+                return Err(format!(
+                    "bus address {a:#x} handed out again before any invalidation since its unload"
+                ));
             }
             reused += 1;
         }
         d.dev.dma(Dir::ToRam, a, 0, XFER)?;
         // Counted before the unload: an invalidation issued inside it (a full queue flushes)
-        // comes after the entry was cleared, so it does cover the IOVA.
+        // comes after the entry was cleared, so it does cover the address.
         let at = vtd.stats().iotlb_total();
-        d.unmap_one(m).map_err(e2s)?;
+        map.unload().map_err(e2s)?;
         unloaded_at.push((a, at));
     }
     expect_no_fault(vtd)?;
     d.flush();
     if reused == 0 {
-        return Err("no IOVA was ever reused: the check proved nothing".into());
+        return Err("no bus address was ever reused: the check proved nothing".into());
     }
+    Ok(())
+}
+
+/// A tag for edu behind `d`: 28-bit DMA mask, loads of up to two pages in up to two segments,
+/// one IOVA allocation per load (`IommuPerMap`).
+fn edu_tag<'a>(
+    d: &'a DevDomain<'_>,
+) -> Result<Tag<'static, KernelPlatform, IommuPerMap<&'a DevDomain<'a>>>, String> {
+    let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(2 * PAGE_SIZE, 2) };
+    Tag::new_root(&PLATFORM, IommuPerMap(d), spec).map_err(e2s)
+}
+
+/// `len` bytes of `buf` from `off`, as a kernel buffer (KVA == PA in this kernel).
+fn kbuf(buf: &Buf, off: u64, len: u64) -> KernelBuf {
+    KernelBuf { kva: KernVa::new(buf.at(off).raw()), len }
+}
+
+/// DMAs between the edu buffer and the segments of a loaded map, segment by segment (the
+/// device buffer offset advancing).
+fn dma_segments(dev: &Edu, dir: Dir, segs: &[Segment]) -> CheckResult {
+    let mut off = 0;
+    for s in segs {
+        dev.dma(dir, s.addr.raw(), off, s.len)?;
+        off += s.len;
+    }
+    Ok(())
+}
+
+fn through_maps(vtd: &Unit, d: &DevDomain<'_>) -> CheckResult {
+    let tag = edu_tag(d)?;
+    let src = Buf::new(1, PAGE_SIZE)?;
+    let dst = Buf::new(2, PAGE_SIZE)?;
+    PLATFORM.write_phys(src.at(0x800), &pattern()).map_err(e2s)?;
+    let mut tx = tag.create_map().map_err(e2s)?;
+    let mut rx = tag.create_map().map_err(e2s)?;
+    // The transmit buffer sits inside one page; the receive buffer straddles two pages, so the
+    // device crosses an IOVA page boundary in one transfer.
+    let tx_segs: Vec<Segment> = tx.load(&kbuf(&src, 0x800, XFER), Direction::ToDevice).map_err(e2s)?.to_vec();
+    let rx_segs: Vec<Segment> =
+        rx.load(&kbuf(&dst, 0xc00, XFER), Direction::FromDevice).map_err(e2s)?.to_vec();
+    let mut twins = Vec::new();
+    for s in tx_segs.iter().chain(&rx_segs) {
+        if s.end() > EDU_LIMIT {
+            return Err(format!("segment {s:?} beyond edu's 28-bit mask"));
+        }
+        let mut page = s.addr.raw() & !(PAGE_SIZE - 1);
+        while page < s.end() {
+            twins.push(Twin::of(Iova::new(page))?);
+            page += PAGE_SIZE;
+        }
+    }
+    tx.sync(SyncOp::PREWRITE).map_err(e2s)?;
+    dma_segments(d.dev, Dir::FromRam, &tx_segs)?;
+    tx.sync(SyncOp::POSTWRITE).map_err(e2s)?;
+    rx.sync(SyncOp::PREREAD).map_err(e2s)?;
+    dma_segments(d.dev, Dir::ToRam, &rx_segs)?;
+    rx.sync(SyncOp::POSTREAD).map_err(e2s)?;
+    expect_no_fault(vtd)?;
+    let mut got = vec![0u8; XFER as usize];
+    rx.read(0, &mut got).map_err(e2s)?;
+    if got != pattern() || !dst.holds_pattern(0xc00)? {
+        return Err("the data did not arrive in the receive buffer".into());
+    }
+    for t in &twins {
+        t.untouched()?;
+    }
+    tx.unload().map_err(e2s)?;
+    rx.unload().map_err(e2s)?;
     Ok(())
 }
 

@@ -2,11 +2,13 @@
 //! a `busdma::iommu::Domain` (IOVA allocator + second-level page table + strict or deferred
 //! invalidation) whose invalidations the VT-d driver executes.
 
+use busdma::front::strategy::reserve_levels::reserve_levels;
+use busdma::front::{Direction, Invalidation, IommuOps};
 use busdma::iommu::{Domain, DomainConfig, FlushTicket, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool};
 use busdma::vtd::{DomainId, SecondLevel, SourceId, Vtd};
-use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
+use busdma::{AddrRange, CpuGuard, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 
 use crate::edu::Edu;
 use crate::platform::{KernelPlatform, PLATFORM};
@@ -128,5 +130,71 @@ impl<'p> DevDomain<'p> {
         vtd.detach(sid)?;
         drop(self.dom);
         vtd.free_domain_id(did)
+    }
+}
+
+/// The front end's view of a device's domain: the IOMMU strategies (`IommuPerMap` & co.) load
+/// and unload maps through this, so tags and maps drive the real `Domain` and, below it, the
+/// VT-d driver.
+impl IommuOps<KernelPlatform> for &DevDomain<'_> {
+    type Ticket = FlushTicket;
+
+    fn invalidation(&self) -> Invalidation {
+        match self.dom.policy() {
+            InvalidationPolicy::Strict => Invalidation::Strict,
+            InvalidationPolicy::Deferred { .. } => Invalidation::Deferred,
+        }
+    }
+
+    fn max_iova(&self) -> u64 {
+        self.dom.table().input_limit() - 1
+    }
+
+    fn alloc_iova(
+        &self,
+        g: &CpuGuard<'_, KernelPlatform>,
+        size: u64,
+        align: u64,
+        limit: u64,
+    ) -> Result<AddrRange<Iova>> {
+        let req = IovaRequest { size, align, boundary: 0, limit: Iova::new(limit.saturating_add(1)) };
+        self.dom.alloc_iova(g, &req)
+    }
+
+    fn free_iova(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) {
+        if let Err(e) = self.dom.iova().free(g, range) {
+            // The front end gives back only what it allocated: a failure is a bug worth a
+            // loud stop of the test kernel.
+            panic!("freeing IOVA {range:?} that the front end allocated: {e}");
+        }
+    }
+
+    fn map(
+        &self,
+        g: &CpuGuard<'_, KernelPlatform>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        dir: Direction,
+    ) -> Result<()> {
+        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        self.dom.map(g, iova, pa, len, prot)
+    }
+
+    fn unmap(
+        &self,
+        g: &CpuGuard<'_, KernelPlatform>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<FlushTicket> {
+        self.dom.unmap(g, mapped, free)
+    }
+
+    fn ensure_flushed(&self, g: &CpuGuard<'_, KernelPlatform>, ticket: FlushTicket) {
+        self.dom.ensure_flushed(g, ticket);
+    }
+
+    fn reserve_tables(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) -> Result<()> {
+        reserve_levels(self.dom.table(), g, range)
     }
 }
