@@ -411,6 +411,15 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
         d0.unmap_one(m).map_err(e2s).map(|_| ())
     });
 
+    r.check("a write-only mapping refuses device reads (fault: read)", || {
+        let buf = Buf::new(1, PAGE_SIZE)?;
+        PLATFORM.write_phys(buf.pa, &pattern()).map_err(e2s)?;
+        let m = d0.map(buf.pa, 1, Prot::WRITE).map_err(e2s)?;
+        d0.dev.dma(Dir::FromRam, m.start().raw(), 0, XFER)?;
+        expect_fault(vtd, d0.sid(), m.start().raw(), Access::Read, reason_of(Access::Read))?;
+        d0.unmap_one(m).map_err(e2s).map(|_| ())
+    });
+
     r.check(
         "strict unload: one ranged invalidation, after which a DMA to the old bus address faults",
         || {
