@@ -96,6 +96,10 @@ pub struct DomainStats {
     pub flushes: u64,
     /// Flushes that found a later flush had already covered them and issued nothing.
     pub flushes_coalesced: u64,
+    /// Flushes forced by a full queue (the count bound).
+    pub flushes_full: u64,
+    /// Flushes forced by a queued unmap reaching the age bound.
+    pub flushes_aged: u64,
     /// Unmaps queued for a deferred flush.
     pub queued: u64,
     /// Table pages given back to the pool after their invalidation.
@@ -117,6 +121,8 @@ struct Counters {
     range_invalidations: AtomicU64,
     flushes: AtomicU64,
     flushes_coalesced: AtomicU64,
+    flushes_full: AtomicU64,
+    flushes_aged: AtomicU64,
     queued: AtomicU64,
     table_pages_released: AtomicU64,
     iova_released: AtomicU64,
@@ -211,6 +217,8 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             range_invalidations: l(&c.range_invalidations),
             flushes: l(&c.flushes),
             flushes_coalesced: l(&c.flushes_coalesced),
+            flushes_full: l(&c.flushes_full),
+            flushes_aged: l(&c.flushes_aged),
             queued: l(&c.queued),
             table_pages_released: l(&c.table_pages_released),
             iova_released: l(&c.iova_released),
@@ -277,13 +285,15 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         add(&self.counters.unmaps, 1);
         let mut gather = Gather::new();
         let mut failed = None;
+        let mut cleared = 0;
         for &r in ranges {
             if let Err(e) = self.table.unmap(g, r, &mut gather) {
                 failed = Some(e);
                 break;
             }
-            self.hw.audit_unmapped(self.cfg.id, r);
+            cleared += 1;
         }
+        self.hw.audit_unmapped(self.cfg.id, &ranges[..cleared]);
         let fq = match (&self.fq, failed) {
             (Some(fq), None) => fq,
             (_, failed) => {
@@ -319,11 +329,16 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         match fq.push(g.cpu(), ticket, now, item, &mut |p| self.release(g, p)) {
             Pushed::Queued => {
                 if fq.due(now) {
+                    add(&self.counters.flushes_aged, 1);
                     self.flush_now(g, fq);
                 }
             }
-            Pushed::QueuedFull => self.flush_now(g, fq),
+            Pushed::QueuedFull => {
+                add(&self.counters.flushes_full, 1);
+                self.flush_now(g, fq);
+            }
             Pushed::NoRoom(p) => {
+                add(&self.counters.flushes_full, 1);
                 self.flush_now(g, fq);
                 self.release(g, p);
             }
@@ -359,6 +374,7 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     fn flush_if_due(&self, g: &CpuGuard<'_, P>) {
         if let Some(fq) = &self.fq {
             if fq.due(self.platform.monotonic_ns()) {
+                add(&self.counters.flushes_aged, 1);
                 self.flush_now(g, fq);
             }
         }

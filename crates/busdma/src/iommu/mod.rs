@@ -61,11 +61,11 @@ pub trait IotlbInvalidator: Sync {
         let _ = (domain, range, index);
     }
 
-    /// Debug hook: the entries of `range` in `domain` have just been cleared. A checking
+    /// Debug hook: one unmap has just cleared the entries of `ranges` in `domain`. A checking
     /// model stamps them to measure how long a device could still use them. Hardware drivers
     /// do nothing (the default).
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let _ = (domain, range);
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
+        let _ = (domain, ranges);
     }
 
     /// Debug hook: `range` of `domain` is going back to the IOVA allocator. A checking model
