@@ -1,7 +1,9 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_bounce;
 mod bench_map;
+mod bench_pgtable;
 mod report;
 
 use std::process::ExitCode;
@@ -83,6 +85,22 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// Bounce sync copies (memcpy, direct map, quick map) and the quick-map enter/remove cost.
+    Bounce {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: bench_bounce::BounceArgs,
+    },
+    /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
+    Pgtable {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_pgtable::PgtableArgs,
+    },
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -90,6 +108,21 @@ fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapAr
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut r = Report::new();
     for row in bench_map::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_pgtable_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_pgtable::PgtableArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_pgtable::run(args, &m)? {
         r.push(row);
     }
     r.print(common.json);
@@ -119,6 +152,12 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
+            let mut r = Report::new();
+            rows.into_iter().for_each(|row| r.push(row));
+            r.print(common.json);
+        }),
+        Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
