@@ -1,5 +1,5 @@
 //! The live map: one mark byte per page of the space, telling whether a size-class range that
-//! starts on that page is live (held by a caller) and of which class.
+//! starts on that page is live (held by a caller) and for how many pages it was asked.
 //!
 //! # Theory
 //!
