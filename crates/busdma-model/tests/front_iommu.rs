@@ -150,7 +150,7 @@ proptest! {
         if let Err(e) = per_map { check_err(e)?; }
         let tag = Tag::new_root(&m, IommuPerSegment(&d), spec).unwrap();
         if let Err(e) = exercise(&m, &d, &tag, &sg, &want) { check_err(e)?; }
-        let tag = Tag::new_root(&m, IommuReserved(&d), spec).unwrap();
+        let tag = Tag::new_root(&m, IommuReserved::new(&d), spec).unwrap();
         let reserved = exercise(&m, &d, &tag, &sg, &want);
         // Reserved and per-map lay loads out the same way: they succeed or fail together.
         prop_assert_eq!(reserved.is_ok(), per_map.is_ok(), "{:?} vs {:?}", reserved, per_map);
@@ -193,7 +193,7 @@ fn reserved_maps_allocate_their_window_and_table_levels_at_create_only() {
     let d = PtDomain::new(&m, &pool);
     let pa = m.frames().alloc(FrameRequest::pages(4)).unwrap();
     let spec = TagSpec::new(4 * PAGE_SIZE, 4);
-    let tag = Tag::new_root(&m, IommuReserved(&d), spec).unwrap();
+    let tag = Tag::new_root(&m, IommuReserved::new(&d), spec).unwrap();
     let mut map = tag.create_map().unwrap();
     let window = map.state().window();
     assert_eq!(window.len(), 4 * PAGE_SIZE + 4 * PAGE_SIZE, "max size plus one page per segment");

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use busdma::front::{
-    Direction, Identity, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments, Strategy, Tag,
-    TagSpec,
+    Direction, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments,
+    Strategy, Tag, TagSpec,
 };
 use busdma::{PAGE_SIZE, PhysAddr};
 use busdma_model::{FrameRequest, HostPlatform};
@@ -52,6 +52,7 @@ pub fn bench_spec() -> TagSpec {
 pub fn measure<S>(
     m: &HostPlatform,
     tag: &Tag<'_, HostPlatform, S>,
+    label: &'static str,
     threads: usize,
     pages: u64,
     duration: Duration,
@@ -111,7 +112,7 @@ where
     let (map_ns, map_ns_std) = mean_std(&maps);
     let (unmap_ns, unmap_ns_std) = mean_std(&unmaps);
     Ok(Row {
-        strategy: S::NAME,
+        strategy: label,
         invalidation: tag.strategy().invalidation().name(),
         threads,
         pages,
@@ -131,17 +132,24 @@ where
     let dur = Duration::from_millis(args.ms);
     let spec = bench_spec();
     let per_map = Tag::new_root(m, IommuPerMap(d.clone()), spec).map_err(|e| e.to_string())?;
-    let reserved = Tag::new_root(m, IommuReserved(d.clone()), spec).map_err(|e| e.to_string())?;
+    let reserved = Tag::new_root(m, IommuReserved::new(d.clone()), spec).map_err(|e| e.to_string())?;
+    // Two windows per map, used in turn: under deferred invalidation a load waits for the
+    // unload before last, so at most every other load forces a flush.
+    let reserved2 =
+        Tag::new_root(m, IommuReserved::alternating(d.clone(), 2), spec).map_err(|e| e.to_string())?;
     let per_seg = Tag::new_root(m, IommuPerSegment(d.clone()), spec).map_err(|e| e.to_string())?;
     let identity = Tag::new_root(m, Identity::new(d.clone()), spec).map_err(|e| e.to_string())?;
     for &threads in &args.threads {
         for &pages in &args.pages {
             let inv = d.invalidation().name();
             eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
-            rows.push(measure(m, &per_map, threads, pages, dur)?);
-            rows.push(measure(m, &reserved, threads, pages, dur)?);
-            rows.push(measure(m, &per_seg, threads, pages, dur)?);
-            rows.push(measure(m, &identity, threads, pages, dur)?);
+            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur)?);
+            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur)?);
+            if d.invalidation() == Invalidation::Deferred {
+                rows.push(measure(m, &reserved2, "iommu-reserved-2win", threads, pages, dur)?);
+            }
+            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur)?);
+            rows.push(measure(m, &identity, "identity", threads, pages, dur)?);
         }
     }
     Ok(())
@@ -178,7 +186,7 @@ pub fn run(args: &MapArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
                 return Err(format!("pages must be 1..=256 (the bench tag's max size), not {pages}"));
             }
             eprintln!("bench map: direct threads={threads} pages={pages}");
-            rows.push(measure(m, &tag, threads, pages, d)?);
+            rows.push(measure(m, &tag, "direct", threads, pages, d)?);
         }
     }
     Ok(rows)
