@@ -246,7 +246,12 @@ fn one<S: Strategy<HostPlatform>>(
         Err(e) => {
             pool.fail_nth_alloc(None);
             m.fail_nth_alloc(None);
-            assert_eq!(injected(), inj0 + 1, "n={n:?}: create failed without an injected fault: {e:?} (attempts {})", m.alloc_attempts());
+            assert_eq!(
+                injected(),
+                inj0 + 1,
+                "n={n:?}: create failed without an injected fault: {e:?} (attempts {})",
+                m.alloc_attempts()
+            );
             check_failed(counts(), before, clean, n);
             // Fault gone: a fresh map loads.
             let mut map = tag.create_map().unwrap();

@@ -5,6 +5,7 @@ mod bench_bounce;
 mod bench_map;
 mod bench_pgtable;
 mod report;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,13 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// Random mixed workload on every strategy with invariant checks; fails on any violation.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: soak::SoakArgs,
+    },
     /// Print the machine model's configuration.
     Info {
         #[command(flatten)]
@@ -158,6 +166,13 @@ fn main() -> ExitCode {
             r.print(common.json);
         }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Soak { common, args } => soak::run(args).and_then(|row| {
+            let violations = row.violations;
+            let mut r = Report::new();
+            r.push(row);
+            r.print(common.json);
+            if violations == 0 { Ok(()) } else { Err(format!("soak: {violations} violations")) }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
