@@ -451,10 +451,10 @@ impl IotlbInvalidator for ModelIommu<'_> {
         });
     }
 
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let (first, last) = Self::pages(range);
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
         self.with_audit(|a| {
-            a.unmapped(domain, first, last, self.platform.monotonic_ns(), self.iotlb.generation());
+            let pages = ranges.iter().map(|&r| Self::pages(r));
+            a.unmapped(domain, pages, self.platform.monotonic_ns(), self.iotlb.generation());
         });
     }
 
@@ -465,6 +465,11 @@ impl IotlbInvalidator for ModelIommu<'_> {
 
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         self.with_audit(|a| a.released_table_page(domain, page));
+    }
+
+    fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| a.mapping(domain, first, last));
     }
 }
 
