@@ -62,5 +62,6 @@ qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU s
 
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
+cargo run --release --quiet -- attack --per-class 2000 --json >/dev/null || die "dmalab attack"
 
 printf '\ntest.sh: all checks passed\n'

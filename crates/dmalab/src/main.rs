@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod attack;
 mod bench_bounce;
 mod bench_map;
 mod bench_pgtable;
@@ -64,6 +65,16 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// The hostile device against busdma's IOMMU path: attempts, escapes, bytes leaked per
+    /// attack class and mode, and the deferred window.
+    Attack {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: attack::AttackArgs,
+    },
     /// Print the machine model's configuration.
     Info {
         #[command(flatten)]
@@ -151,6 +162,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Attack { common, machine, args } => {
+            machine.config().and_then(|c| attack::run_cmd(common.json, c, args))
+        }
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
         Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
             let mut r = Report::new();
