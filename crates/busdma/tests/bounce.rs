@@ -313,6 +313,42 @@ fn a_no_wait_load_under_pressure_fails_cleanly_and_leaks_nothing() {
 }
 
 #[test]
+fn a_zone_that_cannot_grow_below_its_limit_keeps_what_it_got_and_says_no_memory() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let start = m.ram().start().raw();
+    // Only three free pages below the limit: hold everything else under it.
+    let limit = start + (1 << 20);
+    let mut held = Vec::new();
+    let mut left = (1 << 20) / PAGE_SIZE - 3;
+    let mut k = left;
+    while left > 0 {
+        match m.frames().alloc(FrameRequest { below: Some(PhysAddr::new(limit)), ..FrameRequest::pages(k) }) {
+            Ok(pa) => {
+                held.push((pa, k));
+                left -= k;
+                k = k.min(left);
+            }
+            Err(_) => k = (k / 2).max(1),
+        }
+    }
+    let zones = BounceZones::new(&m, ZoneConfig::default());
+    let c = Constraint { below: Some(PhysAddr::new(limit)), align: 1, untrusted_granule: None };
+    let zone = zones.zone(c.zone_key()).unwrap();
+    assert_eq!(zone.grow_for_map(5), Err(Error::NoMemory { requested: 5 * PAGE_SIZE }));
+    let st = zone.stats();
+    assert_eq!((st.total_pages, st.free_pages), (3, 3));
+    // The three pages serve loads that fit.
+    let far = PhysAddr::new(start + (300 << 20));
+    let load = BounceLoad::load(&zone, &qm, &[ClientSeg::phys(far, 3 * PAGE_SIZE)], &c).unwrap();
+    assert!(load.segments().iter().all(|s| s.addr.raw() + s.len <= limit));
+    drop(load);
+    for (pa, k) in held {
+        m.frames().free(pa, k).unwrap();
+    }
+}
+
+#[test]
 fn zones_are_shared_per_constraint_and_distinct_across_constraints() {
     let m = machine();
     let qm = QuickMaps::for_platform(&m);
