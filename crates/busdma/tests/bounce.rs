@@ -212,6 +212,28 @@ fn one_bounce_page_holds_the_end_of_one_client_page_and_the_start_of_the_next() 
 }
 
 #[test]
+fn sync_copies_run_with_preemption_already_disabled_by_the_caller() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let zones =
+        BounceZones::new(&m, ZoneConfig { placement: Placement::DirectMapped, ..ZoneConfig::default() });
+    let c = Constraint::dma_bits(28);
+    let zone = zones.zone(c.zone_key()).unwrap();
+    zone.grow_for_map(2).unwrap();
+    let direct_end = m.ram().start().raw() + m.config().direct_map_size;
+    let far = frames_at(&m, direct_end + (1 << 20), 2);
+    let data = pattern(5000, 4);
+    m.write_phys(PhysAddr::new(far.raw() + 10), &data).unwrap();
+    let load =
+        BounceLoad::load(&zone, &qm, &[ClientSeg::phys(PhysAddr::new(far.raw() + 10), 5000)], &c).unwrap();
+    // An interrupt handler's context: preemption is off around the sync (quick maps inside).
+    let g = m.pin_cpu();
+    load.sync(&m, SyncOp::PreWrite).unwrap();
+    drop(g);
+    assert_eq!(dev28(&m).read(load.segments()), data);
+}
+
+#[test]
 fn a_kernel_mapped_client_is_copied_through_its_own_mapping() {
     let m = machine();
     let qm = QuickMaps::for_platform(&m);
