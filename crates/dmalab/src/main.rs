@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_inval;
 mod bench_map;
 mod bench_pgtable;
 mod report;
@@ -84,6 +85,15 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
+    Inval {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_inval::InvalArgs,
+    },
     /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
     Pgtable {
         #[command(flatten)]
@@ -121,6 +131,21 @@ fn bench_pgtable_cmd(
     Ok(())
 }
 
+fn bench_inval_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_inval::InvalArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_inval::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
     let config = machine.config()?;
     let m = HostPlatform::new(config).map_err(|e| format!("cannot build the machine model: {e}"))?;
@@ -145,6 +170,7 @@ fn main() -> ExitCode {
         Command::Info { common, machine } => info(common, machine),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
