@@ -238,7 +238,7 @@ where
     if args.threads > m.num_cpus() {
         return Err(format!("{} threads but the machine has {} CPUs", args.threads, m.num_cpus()));
     }
-    let results: Vec<Result<(u64, u64, u64, u64, f64), String>> = std::thread::scope(|s| {
+    let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..args.threads)
             .map(|t| {
                 let frag_lens = &frag_lens;
@@ -253,17 +253,28 @@ where
     });
     let (mut packets, mut verified, mut map_ns, mut wall_ns) = (0, 0, 0.0, 0.0f64);
     for r in results {
-        let (p, v, dma_ticks, run_ticks, run_ns) = r?;
-        packets += p;
-        verified += v;
-        let ns_per_tick = if run_ticks > 0 { run_ns / run_ticks as f64 } else { 0.0 };
-        map_ns += dma_ticks as f64 * ns_per_tick;
-        wall_ns = wall_ns.max(run_ns);
+        let q = r?;
+        packets += q.packets;
+        verified += q.verified;
+        let ns_per_tick = if q.run_ticks > 0 { q.run_ns / q.run_ticks as f64 } else { 0.0 };
+        map_ns += q.dma_ticks as f64 * ns_per_tick;
+        wall_ns = wall_ns.max(q.run_ns);
     }
     Ok(Measured { packets, verified, wall_ns, map_unmap_ns: map_ns })
 }
 
-/// One transmit queue: returns (packets, verified, dma ticks, run ticks, run ns).
+/// What one transmit queue did.
+struct QueueResult {
+    packets: u64,
+    verified: u64,
+    /// Time-stamp-counter ticks inside load/sync/unload.
+    dma_ticks: u64,
+    /// Ticks of the whole run, and its nanoseconds: the calibration of `dma_ticks`.
+    run_ticks: u64,
+    run_ns: f64,
+}
+
+/// One transmit queue.
 #[allow(clippy::too_many_arguments)]
 fn run_queue<S>(
     m: &HostPlatform,
@@ -274,7 +285,7 @@ fn run_queue<S>(
     cpu: usize,
     packets: u64,
     progress: &AtomicU64,
-) -> Result<(u64, u64, u64, u64, f64), String>
+) -> Result<QueueResult, String>
 where
     S: Strategy<HostPlatform>,
 {
@@ -337,7 +348,7 @@ where
     let run_ns = start.elapsed().as_nanos() as f64;
     progress.fetch_add(packets % PROGRESS_EVERY, Ordering::Relaxed);
     drop(maps);
-    Ok((packets, verified, dma_ticks, run_ticks, run_ns))
+    Ok(QueueResult { packets, verified, dma_ticks, run_ticks, run_ns })
 }
 
 /// The cost of copying one packet's bytes once, from its fragments into a contiguous buffer
