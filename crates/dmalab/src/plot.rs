@@ -37,13 +37,18 @@ pub fn bars(path: &Path, title: &str, unit: &str, names: (&str, &str), data: &[B
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(260)
-        .build_cartesian_2d((lo..hi).log_scale(), 0..n)
+        .build_cartesian_2d((lo..hi).log_scale(), (0..n).into_segmented())
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
         .x_desc(unit)
+        .x_labels(6)
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_labels(data.len() + 1)
-        .y_label_formatter(&|i| labels.get(*i as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
         .draw()
         .map_err(|x| e(&x))?;
     let series = [(names.0, RGBColor(31, 119, 180), 0u8), (names.1, RGBColor(255, 127, 14), 1u8)];
@@ -54,7 +59,10 @@ pub fn bars(path: &Path, title: &str, unit: &str, names: (&str, &str), data: &[B
                 let i = i as i32;
                 // Two thin bars per category; integer y cells, so draw in the cell's lower and
                 // upper halves by shrinking with a margin in pixels.
-                let mut r = Rectangle::new([(lo, i), (v, i + 1)], color.filled());
+                let mut r = Rectangle::new(
+                    [(lo, SegmentValue::Exact(i)), (v, SegmentValue::Exact(i + 1))],
+                    color.filled(),
+                );
                 r.set_margin(if which == 0 { 4 } else { 22 }, if which == 0 { 22 } else { 4 }, 0, 0);
                 r
             })
