@@ -31,13 +31,16 @@ extern crate std;
 
 pub mod addr;
 pub mod error;
-#[cfg(feature = "alloc")]
 pub mod front;
 pub mod iommu;
+#[cfg(feature = "alloc")]
+pub mod iova;
 #[cfg(feature = "alloc")]
 pub mod pgtable;
 pub mod platform;
 pub mod sync;
+#[cfg(feature = "vtd")]
+pub mod vtd;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use error::{Error, Result};

@@ -2,6 +2,7 @@
 //! with `--json`.
 
 mod bench_map;
+mod bench_pgtable;
 mod plot;
 mod report;
 mod tcpbench;
@@ -94,6 +95,15 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
+    Pgtable {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_pgtable::PgtableArgs,
+    },
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -162,6 +172,21 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
     Ok(())
 }
 
+fn bench_pgtable_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_pgtable::PgtableArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_pgtable::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
     let config = machine.config()?;
     let m = HostPlatform::new(config).map_err(|e| format!("cannot build the machine model: {e}"))?;
@@ -186,6 +211,7 @@ fn main() -> ExitCode {
         Command::Info { common, machine } => info(common, machine),
         Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -462,3 +462,96 @@ fn check_honest(name: &str, r: &Measured) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use busdma::Iova;
+    use busdma_model::{DmaFault, MachineConfig};
+
+    fn small_args() -> TcpArgs {
+        TcpArgs {
+            packets: 3000,
+            threads: 1,
+            ring: 16,
+            segments: 3,
+            size: 1500,
+            strategy: Vec::new(),
+            plot: None,
+            quick: false,
+        }
+    }
+
+    fn machine() -> HostPlatform {
+        HostPlatform::new(MachineConfig {
+            ram_size: 64 << 20,
+            direct_map_size: 64 << 20,
+            cpus: 2,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A NIC port that flips one bit of everything it reads: the workload must notice.
+    struct CorruptingPort<'m>(DirectPort<'m>);
+
+    impl DmaPort for CorruptingPort<'_> {
+        fn dma_read(&self, bus: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
+            self.0.dma_read(bus, buf)?;
+            if let Some(b) = buf.last_mut() {
+                *b ^= 1;
+            }
+            Ok(())
+        }
+        fn dma_write(&self, bus: Iova, data: &[u8]) -> Result<(), DmaFault> {
+            self.0.dma_write(bus, data)
+        }
+    }
+
+    #[test]
+    fn fragments_add_up_to_the_packet_and_bad_shapes_are_refused() {
+        let a = small_args();
+        assert_eq!(a.fragments().unwrap(), vec![66, 717, 717]);
+        let odd = TcpArgs { size: 1001, segments: 4, ..small_args() };
+        assert_eq!(odd.fragments().unwrap().iter().sum::<u64>(), 1001);
+        assert!(TcpArgs { segments: 0, ..small_args() }.fragments().is_err());
+        assert!(TcpArgs { size: 20, ..small_args() }.fragments().is_err());
+        assert!(TcpArgs { size: 1 << 20, ..small_args() }.fragments().is_err());
+    }
+
+    #[test]
+    fn the_nic_verifies_every_packet_sent() {
+        let m = machine();
+        let args = small_args();
+        let tag = Tag::new_root(&m, Direct, nic_spec(&args)).unwrap();
+        let nic = DirectPort::new(&m, NIC_DEVICE, 64);
+        let r = measure(&m, &tag, &nic, &args, &AtomicU64::new(0)).unwrap();
+        assert_eq!((r.packets, r.verified), (3000, 3000));
+        assert!(r.wall_ns > 0.0 && r.map_unmap_ns > 0.0 && r.map_unmap_ns < r.wall_ns);
+    }
+
+    #[test]
+    fn a_nic_reading_wrong_bytes_fails_the_run() {
+        let m = machine();
+        let args = small_args();
+        let tag = Tag::new_root(&m, Direct, nic_spec(&args)).unwrap();
+        let nic = CorruptingPort(DirectPort::new(&m, NIC_DEVICE, 64));
+        let e = measure(&m, &tag, &nic, &args, &AtomicU64::new(0)).unwrap_err();
+        assert!(e.contains("wrong bytes"), "{e}");
+    }
+
+    #[test]
+    fn every_strategy_runs_honestly_side_by_side() {
+        let m = machine();
+        let args = TcpArgs { packets: 2000, ..small_args() };
+        let res = run(&args, &m, &AtomicU64::new(0)).unwrap();
+        let names: Vec<(&str, &str)> =
+            res.rows.iter().map(|r| (r.strategy.as_str(), r.invalidation)).collect();
+        assert_eq!(names, STRATEGIES.to_vec());
+        for r in &res.rows {
+            assert_eq!(r.packets, 2000, "{r:?}");
+            assert!(r.ns_per_packet > 0.0 && r.mbit_s > 0.0, "{r:?}");
+        }
+        assert!(res.memcpy.ns_per_packet > 0.0);
+    }
+}

@@ -88,6 +88,12 @@ impl Gather {
         self.freed.len()
     }
 
+    /// Physical addresses of the table pages waiting for the flush (for audits: a checking
+    /// IOMMU model verifies none of them can still be reached through its caches).
+    pub fn freed_pages(&self) -> impl Iterator<Item = crate::addr::PhysAddr> + '_ {
+        self.freed.iter().map(|p| p.pa())
+    }
+
     /// True if nothing waits for a flush.
     pub fn is_empty(&self) -> bool {
         self.range.is_none() && self.freed.is_empty()
