@@ -99,6 +99,19 @@ impl Gather {
         self.range.is_none() && self.freed.is_empty()
     }
 
+    /// Moves everything `other` waits for into `self` (e.g. to flush several unmaps with one
+    /// invalidation); the range becomes the hull of both.
+    ///
+    /// Errors: [`Error::NoMemory`] if `self` cannot grow; nothing moves then.
+    pub fn append(&mut self, other: &mut Gather) -> Result<()> {
+        self.reserve(other.freed.len())?;
+        self.freed.append(&mut other.freed);
+        if let Some(r) = other.range.take() {
+            self.add_range(r);
+        }
+        Ok(())
+    }
+
     pub(crate) fn add_range(&mut self, r: AddrRange<Iova>) {
         self.range = Some(match self.range {
             None => r,

@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod direct;
+pub mod domain;
 pub mod identity;
 pub mod iommu;
 pub mod per_map;
