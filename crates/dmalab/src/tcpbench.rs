@@ -34,15 +34,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use busdma::front::{
-    Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, SgEntry, SgList, Strategy,
-    SyncOp, Tag, TagSpec,
+    Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, SgEntry, SgList,
+    Strategy, SyncOp, Tag, TagSpec,
 };
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaSource, extent::ExtentAllocator};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
 use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
 use busdma_model::{
-    Context, DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu, TableFormat,
+    Context, DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu,
+    TableFormat,
 };
 use serde::Serialize;
 
@@ -500,9 +501,11 @@ fn measure_domain<I: IovaSource>(
     let e = |e: busdma::Error| e.to_string();
     let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(e)?;
     let pool = TablePool::new(m);
-    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).map_err(e)?;
+    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
+        .map_err(e)?;
     iommu.attach(NIC_DEVICE, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).map_err(e)?;
-    let dom = Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).map_err(e)?;
+    let dom =
+        Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).map_err(e)?;
     let port = iommu.port(NIC_DEVICE);
     let r = match kind {
         Kind::Identity => measure_strategy(m, args, Identity::new(&dom), &port, progress)?,
@@ -525,7 +528,6 @@ fn measure_domain<I: IovaSource>(
     }
     Ok(r)
 }
-
 
 /// Runs every selected strategy side by side.
 pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Results, String> {
@@ -550,13 +552,15 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     }
     let cpus = m.num_cpus();
     let caches = |on: bool| -> Result<IovaAllocator, String> {
-        IovaAllocator::new(iova_space()?, IovaConfig { cpus, caches: on, guard_page: false }).map_err(|e| e.to_string())
+        IovaAllocator::new(iova_space()?, IovaConfig { cpus, caches: on, guard_page: false })
+            .map_err(|e| e.to_string())
     };
     for &(name, inv) in &STRATEGIES[1..] {
         if !wanted(name) {
             continue;
         }
-        let policy = if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
+        let policy =
+            if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
         let r = match name {
             "identity" => measure_domain(m, args, policy, caches(true)?, progress, Kind::Identity)?,
             "iommu-per-segment" => {
