@@ -1,6 +1,8 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_bounce;
+mod bench_inval;
 mod bench_map;
 mod bench_pgtable;
 mod plot;
@@ -95,6 +97,22 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
+    Inval {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_inval::InvalArgs,
+    },
+    /// Bounce sync copies (memcpy, direct map, quick map) and the quick-map enter/remove cost.
+    Bounce {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: bench_bounce::BounceArgs,
+    },
     /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
     Pgtable {
         #[command(flatten)]
@@ -187,6 +205,21 @@ fn bench_pgtable_cmd(
     Ok(())
 }
 
+fn bench_inval_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_inval::InvalArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_inval::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
     let config = machine.config()?;
     let m = HostPlatform::new(config).map_err(|e| format!("cannot build the machine model: {e}"))?;
@@ -211,7 +244,13 @@ fn main() -> ExitCode {
         Command::Info { common, machine } => info(common, machine),
         Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
+            let mut r = Report::new();
+            rows.into_iter().for_each(|row| r.push(row));
+            r.print(common.json);
+        }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
