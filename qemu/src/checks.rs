@@ -496,7 +496,7 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
         || {
             load_pattern(d1, &scratch)?;
             let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
-            let tag = Tag::new_root(&PLATFORM, IommuReserved(d1), spec).map_err(e2s)?;
+            let tag = Tag::new_root(&PLATFORM, IommuReserved::new(d1), spec).map_err(e2s)?;
             let (a, b) = (Buf::new(1, PAGE_SIZE)?, Buf::new(1, PAGE_SIZE)?);
             let mut map = tag.create_map().map_err(e2s)?;
             let bus_a = map.load(&kbuf(&a, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
