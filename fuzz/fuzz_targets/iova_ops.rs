@@ -1,6 +1,7 @@
 //! Fuzz target 1: IOVA allocator op sequences against a reference model.
 //!
-//! The reference is a `BTreeMap` of live allocations and reserved holes. After every op:
+//! The reference is a `BTreeMap` of live allocations and reserved holes (each live range with
+//! the length the tree occupies for it: a class size is rounded up to its class). After every op:
 //! no allocation overlaps another or a hole; every constraint of its request holds; a free of
 //! a live range succeeds and a free of anything else fails without effect; an allocation
 //! fails with `Exhausted` only if no fit exists in the reference's free space; the
@@ -95,8 +96,15 @@ fuzz_target!(|ops: Vec<Op>| {
                         assert!(boundary == 0 || s / boundary == (s + l - 1) / boundary, "boundary {req:?} -> {r:?}");
                         let clash = used.range(..s + l).next_back().is_some_and(|(&us, &ul)| us + ul > s);
                         assert!(!clash, "overlap {r:?} with {used:?}");
+                        // The tree holds a class-size range rounded up to its class (a power
+                        // of two of at most 64 pages): the reference's free space must know.
+                        let occ = a.occupied_len(r.start()).expect("an allocated range is occupied");
+                        let class = if l <= 64 * PAGE_SIZE { (l / PAGE_SIZE).next_power_of_two() * PAGE_SIZE } else { l };
+                        assert!(occ == l || occ == class, "occupies {occ:#x} for {l:#x}");
+                        let clash = used.range(..s + occ).next_back().is_some_and(|(&us, &ul)| us + ul > s);
+                        assert!(!clash, "rounded range overlaps {r:?} ({occ:#x}) with {used:?}");
                         live.insert(s, l);
-                        used.insert(s, l);
+                        used.insert(s, occ);
                     }
                     Err(Error::Exhausted { .. }) => {
                         assert!(!fits(&used, size, align, boundary, limit), "exhausted but {req:?} fits");

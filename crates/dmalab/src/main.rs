@@ -1,11 +1,15 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod attack;
 mod bench_bounce;
+mod bench_inval;
 mod bench_map;
 mod bench_pgtable;
+mod plot;
 mod report;
 mod soak;
+mod tcpbench;
 
 use std::process::ExitCode;
 
@@ -72,6 +76,25 @@ enum Command {
         #[command(flatten)]
         args: soak::SoakArgs,
     },
+    /// The hostile device against busdma's IOMMU path: attempts, escapes, bytes leaked per
+    /// attack class and mode, and the deferred window.
+    Attack {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: attack::AttackArgs,
+    },
+    /// Seed 002's tcpbench: a NIC transmitting through every DMA-mapping design, side by side.
+    Tcpbench {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: tcpbench::TcpArgs,
+    },
     /// Print the machine model's configuration.
     Info {
         #[command(flatten)]
@@ -92,6 +115,15 @@ enum Bench {
         machine: MachineArgs,
         #[command(flatten)]
         args: bench_map::MapArgs,
+    },
+    /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
+    Inval {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_inval::InvalArgs,
     },
     /// Bounce sync copies (memcpy, direct map, quick map) and the quick-map enter/remove cost.
     Bounce {
@@ -122,6 +154,61 @@ fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapAr
     Ok(())
 }
 
+fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    args.fragments()?;
+    let runs = if args.strategy.is_empty() { tcpbench::STRATEGIES.len() } else { args.strategy.len() + 1 };
+    let total = args.effective_packets() * runs as u64;
+    let progress = std::sync::atomic::AtomicU64::new(0);
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template("tcpbench {bar:40} {pos}/{len} packets ({eta})")
+            .map_err(|e| e.to_string())?,
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results = std::thread::scope(|s| {
+        let ticker = s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                bar.set_position(progress.load(std::sync::atomic::Ordering::Relaxed));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let r = tcpbench::run(args, &m, &progress);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = ticker.join();
+        r
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let mut r = Report::new();
+    for row in &results.rows {
+        r.push(row);
+    }
+    r.push(&results.memcpy);
+    r.print(common.json);
+    if let Some(path) = &args.plot {
+        let bars: Vec<plot::Bar> = results
+            .rows
+            .iter()
+            .map(|row| plot::Bar {
+                label: format!("{} ({})", row.strategy, row.invalidation),
+                a: row.ns_per_packet,
+                b: row.map_unmap_ns_per_packet,
+            })
+            .chain([plot::Bar { label: "memcpy".into(), a: results.memcpy.ns_per_packet, b: 0.0 }])
+            .collect();
+        plot::bars(
+            path,
+            "tcpbench: cost per 1500-byte packet (log scale)",
+            "ns per packet",
+            ("ns per packet", "DMA mapping ns per packet"),
+            &bars,
+        )?;
+        eprintln!("tcpbench: plot written to {}", path.display());
+    }
+    Ok(())
+}
+
 fn bench_pgtable_cmd(
     common: &Common,
     machine: &MachineArgs,
@@ -131,6 +218,21 @@ fn bench_pgtable_cmd(
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut r = Report::new();
     for row in bench_pgtable::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_inval_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_inval::InvalArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_inval::run(args, &m)? {
         r.push(row);
     }
     r.print(common.json);
@@ -159,6 +261,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Attack { common, machine, args } => {
+            machine.config().and_then(|c| attack::run_cmd(common.json, c, args))
+        }
+        Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
         Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
             let mut r = Report::new();
@@ -173,6 +279,7 @@ fn main() -> ExitCode {
             r.print(common.json);
             if violations == 0 { Ok(()) } else { Err(format!("soak: {violations} violations")) }
         }),
+        Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
