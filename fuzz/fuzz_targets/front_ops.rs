@@ -25,15 +25,17 @@ use arbitrary::Arbitrary;
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::segments::{Constraints, check_segments};
 use busdma::front::{
-    Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, Segment, SgEntry, SgList,
-    Strategy, SyncOp, Tag, TagSpec,
+    Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, Segment, SgEntry,
+    SgList, Strategy, SyncOp, Tag, TagSpec,
 };
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
 use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform};
-use busdma_model::{Context, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat};
+use busdma_model::{
+    Context, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat,
+};
 use libfuzzer_sys::fuzz_target;
 
 const DEV: u32 = 0x30;
@@ -56,7 +58,8 @@ struct World {
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).expect("machine");
+        let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) })
+            .expect("machine");
         // Take the RAM below 64 MiB first so that the source lies above the 26-bit limit.
         let low = m.frames().alloc(FrameRequest::pages(12288)).expect("low");
         let src = m.frames().alloc(FrameRequest::pages(SLOTS as u64 * SLOT_PAGES)).expect("source");
@@ -218,17 +221,20 @@ fuzz_target!(|input: Input| {
     let policy = if input.deferred { DEFERRED } else { InvalidationPolicy::Strict };
     let iommu = ModelIommu::new(m, IommuConfig { audit: true, ..IommuConfig::default() }).unwrap();
     let pool = TablePool::new(m);
-    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
+    let pt =
+        PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
     iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
     let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false }).unwrap();
-    let d: Dom<'_> = Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).unwrap();
+    let d: Dom<'_> =
+        Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).unwrap();
     let qm = QuickMaps::for_platform(m);
     let zones = BounceZones::new(m, ZoneConfig::default());
     let id = Identity::new(&d);
     // Fill the source with a pattern of this input.
     for i in 0..SLOTS as u64 * SLOT_PAGES {
-        m.fill_phys(PhysAddr::new(w.src.raw() + i * PAGE_SIZE), PAGE_SIZE, (i as u8).wrapping_mul(37) | 1).unwrap();
+        m.fill_phys(PhysAddr::new(w.src.raw() + i * PAGE_SIZE), PAGE_SIZE, (i as u8).wrapping_mul(37) | 1)
+            .unwrap();
     }
     {
         let sp = input.specs;
@@ -251,12 +257,30 @@ fuzz_target!(|input: Input| {
                     }
                     let kind = usize::from(slot) / SLOTS % 6;
                     let map: Result<Box<dyn AnyMap + '_>, Error> = match kind {
-                        0 => t0.as_ref().map_err(|e| *e).and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
-                        1 => t1.as_ref().map_err(|e| *e).and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
-                        2 => t2.as_ref().map_err(|e| *e).and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
-                        3 => t3.as_ref().map_err(|e| *e).and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
-                        4 => t4.as_ref().map_err(|e| *e).and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
-                        _ => t5.as_ref().map_err(|e| *e).and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
+                        0 => t0
+                            .as_ref()
+                            .map_err(|e| *e)
+                            .and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
+                        1 => t1
+                            .as_ref()
+                            .map_err(|e| *e)
+                            .and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
+                        2 => t2
+                            .as_ref()
+                            .map_err(|e| *e)
+                            .and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
+                        3 => t3
+                            .as_ref()
+                            .map_err(|e| *e)
+                            .and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
+                        4 => t4
+                            .as_ref()
+                            .map_err(|e| *e)
+                            .and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
+                        _ => t5
+                            .as_ref()
+                            .map_err(|e| *e)
+                            .and_then(|t| Ok(Box::new(t.create_map()?) as Box<dyn AnyMap>)),
                     };
                     if let Ok(map) = map {
                         slots[i] = Some(Slot { map, kind, loaded: None });
@@ -265,9 +289,14 @@ fuzz_target!(|input: Input| {
                 Op::Load { slot, dir, runs } => {
                     let i = usize::from(slot) % SLOTS;
                     let Some(s) = slots[i].as_mut() else { continue };
-                    let spec = *[&t0.as_ref().map(|t| *t.spec()), &t1.as_ref().map(|t| *t.spec()),
-                        &t2.as_ref().map(|t| *t.spec()), &t3.as_ref().map(|t| *t.spec()),
-                        &t4.as_ref().map(|t| *t.spec()), &t5.as_ref().map(|t| *t.spec())][s.kind]
+                    let spec = *[
+                        &t0.as_ref().map(|t| *t.spec()),
+                        &t1.as_ref().map(|t| *t.spec()),
+                        &t2.as_ref().map(|t| *t.spec()),
+                        &t3.as_ref().map(|t| *t.spec()),
+                        &t4.as_ref().map(|t| *t.spec()),
+                        &t5.as_ref().map(|t| *t.spec()),
+                    ][s.kind]
                         .as_ref()
                         .unwrap();
                     let base = w.src.raw() + i as u64 * SLOT_PAGES * PAGE_SIZE;
@@ -289,8 +318,10 @@ fuzz_target!(|input: Input| {
                     if pr.is_empty() {
                         continue;
                     }
-                    let sg: Vec<SgEntry> =
-                        pr.iter().map(|&(pa, len)| SgEntry { pa: PhysAddr::new(pa), len, kind: MemKind::Page }).collect();
+                    let sg: Vec<SgEntry> = pr
+                        .iter()
+                        .map(|&(pa, len)| SgEntry { pa: PhysAddr::new(pa), len, kind: MemKind::Page })
+                        .collect();
                     let dir = direction(dir);
                     let before = (live_iova(), bounce_free());
                     let was = s.map.is_loaded();
@@ -300,12 +331,19 @@ fuzz_target!(|input: Input| {
                             assert!(!was, "a load into a loaded map was accepted");
                             check_segments(&segs, &Constraints::of(&spec)).unwrap();
                             let total: u64 = pr.iter().map(|r| r.1).sum();
-                            assert_eq!(segs.iter().map(|s| s.len).sum::<u64>(), total, "segments cover the load");
+                            assert_eq!(
+                                segs.iter().map(|s| s.len).sum::<u64>(),
+                                total,
+                                "segments cover the load"
+                            );
                             s.loaded = Some((pr, dir, segs));
                         }
                         Err(e) => {
                             if was {
-                                assert!(s.map.is_loaded() && s.map.segments() == old, "a refused load changed the map");
+                                assert!(
+                                    s.map.is_loaded() && s.map.segments() == old,
+                                    "a refused load changed the map"
+                                );
                             } else {
                                 assert!(!s.map.is_loaded(), "a failed load left the map loaded");
                                 if input.deferred {
@@ -348,7 +386,9 @@ fuzz_target!(|input: Input| {
                     let r = s.map.sync(op);
                     match &s.loaded {
                         None => assert!(r.is_err(), "sync of an unloaded map accepted"),
-                        Some((_, dir, _)) if !dir.allows(op) => assert!(r.is_err(), "{op:?} against {dir:?} accepted"),
+                        Some((_, dir, _)) if !dir.allows(op) => {
+                            assert!(r.is_err(), "{op:?} against {dir:?} accepted")
+                        }
                         Some(_) => r.expect("a sync the direction allows"),
                     }
                 }
@@ -359,13 +399,18 @@ fuzz_target!(|input: Input| {
                         continue;
                     }
                     let total: u64 = pr.iter().map(|r| r.1).sum();
-                    let data: Vec<u8> = (0..total).map(|i| (i as u8).wrapping_mul(seed | 1).wrapping_add(seed)).collect();
+                    let data: Vec<u8> =
+                        (0..total).map(|i| (i as u8).wrapping_mul(seed | 1).wrapping_add(seed)).collect();
                     s.map.sync(SyncOp::PREREAD).expect("PREREAD of a loaded map");
                     device_write(w, &iommu, s.kind, segs, &data);
                     s.map.sync(SyncOp::POSTREAD).expect("POSTREAD of a loaded map");
                     let got = read_src(w, pr);
                     let bad = got.iter().zip(&data).position(|(a, b)| a != b);
-                    assert!(bad.is_none(), "the device's bytes reach the loaded memory (kind {}): first differing byte {bad:?} of {total}, runs {pr:x?}, segments {segs:x?}", s.kind);
+                    assert!(
+                        bad.is_none(),
+                        "the device's bytes reach the loaded memory (kind {}): first differing byte {bad:?} of {total}, runs {pr:x?}, segments {segs:x?}",
+                        s.kind
+                    );
                 }
                 Op::Unload { slot } => {
                     let Some(s) = slots[usize::from(slot) % SLOTS].as_mut() else { continue };
@@ -377,7 +422,11 @@ fuzz_target!(|input: Input| {
                             assert!(!s.map.is_loaded());
                             if iommu_kind(s.kind) {
                                 flush();
-                                assert!(!any_reachable(&iommu, &segs), "reachable after unload (kind {})", s.kind);
+                                assert!(
+                                    !any_reachable(&iommu, &segs),
+                                    "reachable after unload (kind {})",
+                                    s.kind
+                                );
                             }
                         }
                     }
@@ -388,7 +437,11 @@ fuzz_target!(|input: Input| {
                         drop(s.map);
                         if let (Some(segs), true) = (segs, iommu_kind(s.kind)) {
                             flush();
-                            assert!(!any_reachable(&iommu, &segs), "reachable after destroy (kind {})", s.kind);
+                            assert!(
+                                !any_reachable(&iommu, &segs),
+                                "reachable after destroy (kind {})",
+                                s.kind
+                            );
                         }
                     }
                 }

@@ -35,8 +35,13 @@ enum Op {
 fn machine() -> &'static HostPlatform {
     static M: OnceLock<HostPlatform> = OnceLock::new();
     M.get_or_init(|| {
-        HostPlatform::new(MachineConfig { ram_size: 1 << 20, direct_map_size: 1 << 20, cpus: 2, ..MachineConfig::default() })
-            .expect("machine")
+        HostPlatform::new(MachineConfig {
+            ram_size: 1 << 20,
+            direct_map_size: 1 << 20,
+            cpus: 2,
+            ..MachineConfig::default()
+        })
+        .expect("machine")
     })
 }
 
@@ -93,13 +98,20 @@ fuzz_target!(|ops: Vec<Op>| {
                         assert_eq!(l, size, "size");
                         assert!(s % align == 0, "alignment {req:?} -> {r:?}");
                         assert!(s + l <= limit && s >= BASE, "limit {req:?} -> {r:?}");
-                        assert!(boundary == 0 || s / boundary == (s + l - 1) / boundary, "boundary {req:?} -> {r:?}");
+                        assert!(
+                            boundary == 0 || s / boundary == (s + l - 1) / boundary,
+                            "boundary {req:?} -> {r:?}"
+                        );
                         let clash = used.range(..s + l).next_back().is_some_and(|(&us, &ul)| us + ul > s);
                         assert!(!clash, "overlap {r:?} with {used:?}");
                         // The tree holds a class-size range rounded up to its class (a power
                         // of two of at most 64 pages): the reference's free space must know.
                         let occ = a.occupied_len(r.start()).expect("an allocated range is occupied");
-                        let class = if l <= 64 * PAGE_SIZE { (l / PAGE_SIZE).next_power_of_two() * PAGE_SIZE } else { l };
+                        let class = if l <= 64 * PAGE_SIZE {
+                            (l / PAGE_SIZE).next_power_of_two() * PAGE_SIZE
+                        } else {
+                            l
+                        };
                         assert!(occ == l || occ == class, "occupies {occ:#x} for {l:#x}");
                         let clash = used.range(..s + occ).next_back().is_some_and(|(&us, &ul)| us + ul > s);
                         assert!(!clash, "rounded range overlaps {r:?} ({occ:#x}) with {used:?}");

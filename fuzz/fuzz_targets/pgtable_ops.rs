@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
-use busdma::pgtable::{ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl};
+use busdma::pgtable::{
+    ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
+};
 use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
 use busdma_model::{Context, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat};
 use libfuzzer_sys::fuzz_target;
@@ -37,8 +39,13 @@ struct Input {
 fn machine() -> &'static HostPlatform {
     static M: OnceLock<HostPlatform> = OnceLock::new();
     M.get_or_init(|| {
-        HostPlatform::new(MachineConfig { ram_size: 64 << 20, direct_map_size: 64 << 20, cpus: 1, ..MachineConfig::default() })
-            .expect("machine")
+        HostPlatform::new(MachineConfig {
+            ram_size: 64 << 20,
+            direct_map_size: 64 << 20,
+            cpus: 1,
+            ..MachineConfig::default()
+        })
+        .expect("machine")
     })
 }
 
@@ -46,7 +53,8 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
     let m = machine();
     let bits = if input.wide { 48 } else { 39 };
     let pool = TablePool::new(m);
-    let table: PageTable<'_, _, F> = PageTable::new(&pool, PageTableConfig { input_bits: bits, coherent_walker: true }).unwrap();
+    let table: PageTable<'_, _, F> =
+        PageTable::new(&pool, PageTableConfig { input_bits: bits, coherent_walker: true }).unwrap();
     let iommu = ModelIommu::new(m, IommuConfig { iotlb_entries: 0, ..IommuConfig::default() }).unwrap();
     iommu.attach(7, Context::new(1, table.root(), format, bits)).unwrap();
     let top_page = (1u64 << bits) / PAGE_SIZE - 1;
@@ -59,14 +67,24 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
         touched.clear();
         match *op {
             Op::Map { page, pages, frame, write, huge } => {
-                let (mut p, mut n, mut f) = (u64::from(page) % window, u64::from(pages) % 1100 + 1, u64::from(frame) % window + 0x1000);
+                let (mut p, mut n, mut f) = (
+                    u64::from(page) % window,
+                    u64::from(pages) % 1100 + 1,
+                    u64::from(frame) % window + 0x1000,
+                );
                 if huge {
                     p = p / TWO_MB * TWO_MB;
                     f = f / TWO_MB * TWO_MB + TWO_MB;
                     n = TWO_MB * (n % 3 + 1);
                 }
                 let free = (p..p + n).all(|q| !reference.contains_key(&q));
-                let r = table.map(&g, Iova::new(p * PAGE_SIZE), PhysAddr::new(f * PAGE_SIZE), n * PAGE_SIZE, Prot { read: true, write });
+                let r = table.map(
+                    &g,
+                    Iova::new(p * PAGE_SIZE),
+                    PhysAddr::new(f * PAGE_SIZE),
+                    n * PAGE_SIZE,
+                    Prot { read: true, write },
+                );
                 assert_eq!(r.is_ok(), free, "map {op:?}: {r:?}");
                 if r.is_ok() {
                     for q in 0..n {
@@ -106,13 +124,25 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
             Op::MapTop { frame } => {
                 let f = u64::from(frame) % window;
                 let free = !reference.contains_key(&top_page);
-                let r = table.map(&g, Iova::new(top_page * PAGE_SIZE), PhysAddr::new(f * PAGE_SIZE), PAGE_SIZE, Prot { read: true, write: false });
+                let r = table.map(
+                    &g,
+                    Iova::new(top_page * PAGE_SIZE),
+                    PhysAddr::new(f * PAGE_SIZE),
+                    PAGE_SIZE,
+                    Prot { read: true, write: false },
+                );
                 assert_eq!(r.is_ok(), free, "map of the last page: {r:?}");
                 if r.is_ok() {
                     reference.insert(top_page, (f, false));
                 }
                 // One past the input width is refused.
-                let beyond = table.map(&g, Iova::new((top_page + 1) * PAGE_SIZE), PhysAddr::new(0), PAGE_SIZE, Prot { read: true, write: false });
+                let beyond = table.map(
+                    &g,
+                    Iova::new((top_page + 1) * PAGE_SIZE),
+                    PhysAddr::new(0),
+                    PAGE_SIZE,
+                    Prot { read: true, write: false },
+                );
                 assert!(beyond.is_err(), "a map beyond the input width was accepted");
                 touched.extend([top_page, top_page - 1]);
             }
@@ -121,7 +151,11 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
             let iova = Iova::new(q * PAGE_SIZE + 0x18);
             let want = reference.get(&q).copied();
             let sw = table.iova_to_phys(iova);
-            assert_eq!(sw, want.map(|(f, _)| PhysAddr::new(f * PAGE_SIZE + 0x18)), "iova_to_phys of page {q:#x}");
+            assert_eq!(
+                sw,
+                want.map(|(f, _)| PhysAddr::new(f * PAGE_SIZE + 0x18)),
+                "iova_to_phys of page {q:#x}"
+            );
             let hw_read = iommu.translate(7, iova, false).ok();
             assert_eq!(hw_read, sw, "hardware walk (read) of page {q:#x}");
             let hw_write = iommu.translate(7, iova, true).is_ok();
