@@ -69,7 +69,7 @@
 //! [`CpuGuard::cpu`]; a guard for a CPU at or beyond `IovaConfig::cpus` is an error.
 
 pub mod extent;
-mod livemap;
+pub mod livemap;
 pub mod magazine;
 mod tree;
 mod window;
