@@ -54,5 +54,6 @@ fi
 
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
+cargo run --release --quiet -- bench iova --json --live 1000 --millis 10 >/dev/null || die "dmalab bench iova"
 
 printf '\ntest.sh: all checks passed\n'

@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_iova;
 mod bench_map;
 mod report;
 
@@ -83,6 +84,14 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// IOVA allocators (busdma with and without caches, vm-allocator, extent) under a
+    /// fragmented space: ns per alloc+free pair.
+    Iova {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: bench_iova::IovaArgs,
+    },
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -119,6 +128,11 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Iova { common, args }) => bench_iova::run(args).map(|rows| {
+            let mut r = Report::new();
+            rows.into_iter().for_each(|row| r.push(row));
+            r.print(common.json);
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
