@@ -32,10 +32,11 @@
 //!    written by escaping attempts).
 #![forbid(unsafe_code)]
 
-use busdma::{PAGE_SIZE, PhysAddr};
+use busdma::{Iova, PAGE_SIZE, PhysAddr};
 
 use crate::HostPlatform;
 use crate::audit::{BusAccess, PageKind};
+use crate::dma::DmaPort;
 
 /// A named class of attack (the numbering).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -237,13 +238,22 @@ pub fn xorshift(mut x: u64) -> u64 {
     x
 }
 
-/// How the hostile device reaches memory: a DMA port by any other name. A blanket
-/// implementation covers `crate::dma::DmaPort` when it exists; tests may use closures.
+/// How the hostile device reaches memory: a DMA port by any other name. Every
+/// [`DmaPort`] is one (a [`crate::DirectPort`], a model IOMMU's port).
 pub trait AttackPort {
     /// Reads at bus address `bus`; `false` if the access was refused.
     fn attack_read(&self, bus: u64, buf: &mut [u8]) -> bool;
     /// Writes at bus address `bus`; `false` if the access was refused.
     fn attack_write(&self, bus: u64, data: &[u8]) -> bool;
+}
+
+impl<T: DmaPort + ?Sized> AttackPort for T {
+    fn attack_read(&self, bus: u64, buf: &mut [u8]) -> bool {
+        self.dma_read(Iova::new(bus), buf).is_ok()
+    }
+    fn attack_write(&self, bus: u64, data: &[u8]) -> bool {
+        self.dma_write(Iova::new(bus), data).is_ok()
+    }
 }
 
 /// A device that attacks. See the module documentation.

@@ -48,15 +48,21 @@ fn reference(spec: &TagSpec, runs: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, &'s
 
 /// A tag spec and, optionally, the page of the 32-page region where its DMA mask ends.
 fn arb_spec() -> impl Strategy<Value = (TagSpec, Option<u64>)> {
-    (0u32..=13, prop::option::of(9u32..=16), 1u64..=8, 1u32..=12, any::<bool>(), 1u64..32).prop_map(
-        move |(al, bd, seg_pages, nsegs, cut, cut_page)| {
+    (
+        prop_oneof![3 => Just(0u32), 1 => 0u32..=13],
+        prop::option::of(9u32..=16),
+        1u64..=8,
+        1u32..=12,
+        any::<bool>(),
+        1u64..32,
+    )
+        .prop_map(move |(al, bd, seg_pages, nsegs, cut, cut_page)| {
             let mut s = TagSpec::new(16 * PAGE_SIZE, nsegs);
             s.alignment = 1 << al;
             s.boundary = bd.map_or(0, |b| (1u64 << b).max(s.alignment));
             s.max_segment_size = (seg_pages * PAGE_SIZE / 3).max(s.alignment);
             (s, cut.then_some(cut_page))
-        },
-    )
+        })
 }
 
 /// Runs as (page, offset, len, adjacent-to-previous) within a 32-page region.

@@ -8,7 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use busdma::front::{Direction, RawSegments, Strategy, Tag, TagSpec};
+use busdma::front::{
+    Direction, Identity, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments, Strategy, Tag,
+    TagSpec,
+};
 use busdma::{PAGE_SIZE, PhysAddr};
 use busdma_model::{FrameRequest, HostPlatform};
 use serde::Serialize;
@@ -117,6 +120,31 @@ where
         unmap_ns,
         unmap_ns_std,
     })
+}
+
+/// Measures the four IOMMU strategies over domain handle `d` for every threads × pages.
+#[allow(dead_code)] // called once busdma::iommu::Domain lands (the model IOMMU in the loop)
+pub fn measure_iommu<D>(m: &HostPlatform, d: D, args: &MapArgs, rows: &mut Vec<Row>) -> Result<(), String>
+where
+    D: IommuOps<HostPlatform> + Clone + Sync,
+{
+    let dur = Duration::from_millis(args.ms);
+    let spec = bench_spec();
+    let per_map = Tag::new_root(m, IommuPerMap(d.clone()), spec).map_err(|e| e.to_string())?;
+    let reserved = Tag::new_root(m, IommuReserved(d.clone()), spec).map_err(|e| e.to_string())?;
+    let per_seg = Tag::new_root(m, IommuPerSegment(d.clone()), spec).map_err(|e| e.to_string())?;
+    let identity = Tag::new_root(m, Identity::new(d.clone()), spec).map_err(|e| e.to_string())?;
+    for &threads in &args.threads {
+        for &pages in &args.pages {
+            let inv = d.invalidation().name();
+            eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
+            rows.push(measure(m, &per_map, threads, pages, dur)?);
+            rows.push(measure(m, &reserved, threads, pages, dur)?);
+            rows.push(measure(m, &per_seg, threads, pages, dur)?);
+            rows.push(measure(m, &identity, threads, pages, dur)?);
+        }
+    }
+    Ok(())
 }
 
 /// Options of `dmalab bench map`.

@@ -3,6 +3,7 @@
 
 mod bench_iova;
 mod bench_map;
+mod bench_pgtable;
 mod report;
 
 use std::process::ExitCode;
@@ -92,6 +93,15 @@ enum Bench {
         #[command(flatten)]
         args: bench_iova::IovaArgs,
     },
+    /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
+    Pgtable {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_pgtable::PgtableArgs,
+    },
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -99,6 +109,21 @@ fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapAr
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut r = Report::new();
     for row in bench_map::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_pgtable_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_pgtable::PgtableArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_pgtable::run(args, &m)? {
         r.push(row);
     }
     r.print(common.json);
@@ -133,6 +158,7 @@ fn main() -> ExitCode {
             rows.into_iter().for_each(|row| r.push(row));
             r.print(common.json);
         }),
+        Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

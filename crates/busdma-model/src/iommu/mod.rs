@@ -20,6 +20,10 @@
 //!    VT-d's primary fault overflow).
 //! 5. **The audit** ([`audit`], optional) checks the invalidation protocol of the software
 //!    above against the worst cache the specifications allow.
+//! 6. **Coherence index** (module `lci`): on a machine whose cache model is kept coherent by
+//!    coherence indexes (parisc, seed 003), each mapping's index, programmed through
+//!    [`IotlbInvalidator::set_coherence_index`], names the one CPU alias a transfer snoops; on
+//!    every other machine transfers are plain bus accesses (`read_phys` / `write_phys`).
 //!
 //! # Concurrency
 //!
@@ -30,6 +34,7 @@
 
 pub mod audit;
 mod iotlb;
+mod lci;
 mod lpae;
 mod vtd;
 mod walk;
@@ -38,7 +43,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use busdma::iommu::{DomainId, IotlbInvalidator};
+use busdma::iommu::{CoherenceIndex, DomainId, IotlbInvalidator};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 
 use crate::HostPlatform;
@@ -176,6 +181,8 @@ pub struct ModelIommu<'m> {
     faults: Mutex<Vec<DmaFault>>,
     counters: Counters,
     audit: Option<Mutex<audit::Audit>>,
+    /// Coherence indexes, on a machine whose cache is kept coherent by them (module `lci`).
+    lci: lci::CoherenceIndexes<'m>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -203,6 +210,7 @@ impl<'m> ModelIommu<'m> {
             faults: Mutex::new(Vec::new()),
             counters: Counters::default(),
             audit: config.audit.then(|| Mutex::new(audit::Audit::default())),
+            lci: lci::CoherenceIndexes::new(platform),
         })
     }
 
@@ -369,6 +377,19 @@ impl<'m> ModelIommu<'m> {
         }
     }
 
+    /// The line programmed for [`CoherenceIndex::Untouched`] mappings, on a machine whose cache
+    /// is kept coherent by coherence indexes.
+    pub fn untouched_line(&self) -> Option<busdma::KernVa> {
+        self.lci.untouched()
+    }
+
+    /// The snoop of a transfer by `device` at `iova` (reaching `pa`): its mapping's coherence index on a
+    /// coherence-index machine, the machine's default otherwise (`None`).
+    fn snoop(&self, device: DeviceId, iova: Iova, pa: PhysAddr) -> Option<crate::cache::Snoop> {
+        self.lci.untouched()?;
+        self.lci.snoop(self.context(device)?.domain, iova, pa)
+    }
+
     /// The audit's findings, if the audit is on.
     pub fn audit_report(&self) -> Option<AuditReport> {
         self.audit.as_ref().map(|a| lock(a).report())
@@ -412,10 +433,28 @@ impl IotlbInvalidator for ModelIommu<'_> {
         self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
     }
 
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let (first, last) = Self::pages(range);
+    fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {
+        if self.lci.untouched().is_none() {
+            return;
+        }
+        // The table of the domain, as any device attached to it sees it.
+        let ctx = self
+            .contexts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|c| c.domain == domain)
+            .copied();
+        self.lci.set(domain, range, index, |iova| {
+            let w = self.walk(ctx.as_ref()?, iova.raw()).ok()?;
+            Some(w.page)
+        });
+    }
+
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
         self.with_audit(|a| {
-            a.unmapped(domain, first, last, self.platform.monotonic_ns(), self.iotlb.generation());
+            let pages = ranges.iter().map(|&r| Self::pages(r));
+            a.unmapped(domain, pages, self.platform.monotonic_ns(), self.iotlb.generation());
         });
     }
 
@@ -426,6 +465,11 @@ impl IotlbInvalidator for ModelIommu<'_> {
 
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         self.with_audit(|a| a.released_table_page(domain, page));
+    }
+
+    fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| a.mapping(domain, first, last));
     }
 }
 
@@ -442,14 +486,14 @@ impl IommuPort<'_, '_> {
         self.device
     }
 
-    /// Runs `copy(pa, offset, len)` over each page-sized piece of `[bus, bus + len)`,
+    /// Runs `copy(iova, pa, offset, len)` over each page-sized piece of `[bus, bus + len)`,
     /// translating each; stops at the first fault.
     fn each_piece(
         &self,
         bus: Iova,
         len: usize,
         write: bool,
-        mut copy: impl FnMut(PhysAddr, usize, usize) -> Result<()>,
+        mut copy: impl FnMut(Iova, PhysAddr, usize, usize) -> Result<()>,
     ) -> core::result::Result<(), DmaFault> {
         let mut done = 0usize;
         while done < len {
@@ -462,7 +506,7 @@ impl IommuPort<'_, '_> {
             };
             let piece = (PAGE_SIZE - iova.page_offset()).min((len - done) as u64) as usize;
             let pa = self.iommu.translate(self.device, iova, write)?;
-            if copy(pa, done, piece).is_err() {
+            if copy(iova, pa, done, piece).is_err() {
                 let reason = FaultReason::NoMemory { pa: pa.raw() };
                 return Err(self.iommu.fault(DmaFault { device: self.device, iova, write, reason }));
             }
@@ -476,12 +520,20 @@ impl DmaPort for IommuPort<'_, '_> {
     fn dma_read(&self, bus: Iova, buf: &mut [u8]) -> core::result::Result<(), DmaFault> {
         let p = self.iommu.platform;
         let len = buf.len();
-        self.each_piece(bus, len, false, |pa, off, n| p.read_phys(pa, &mut buf[off..off + n]))
+        self.each_piece(bus, len, false, |iova, pa, off, n| match self.iommu.snoop(self.device, iova, pa) {
+            Some(snoop) => p.bus_read(pa, &mut buf[off..off + n], snoop),
+            None => p.read_phys(pa, &mut buf[off..off + n]),
+        })
     }
 
     fn dma_write(&self, bus: Iova, data: &[u8]) -> core::result::Result<(), DmaFault> {
         let p = self.iommu.platform;
-        self.each_piece(bus, data.len(), true, |pa, off, n| p.write_phys(pa, &data[off..off + n]))
+        self.each_piece(bus, data.len(), true, |iova, pa, off, n| {
+            match self.iommu.snoop(self.device, iova, pa) {
+                Some(snoop) => p.bus_write(pa, &data[off..off + n], snoop),
+                None => p.write_phys(pa, &data[off..off + n]),
+            }
+        })
     }
 }
 

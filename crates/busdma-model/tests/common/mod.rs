@@ -114,3 +114,5 @@ impl Platform for Recording<'_> {
 
 /// Keeps `CpuGuard` in scope for helpers that need it.
 pub type Guard<'a> = CpuGuard<'a, HostPlatform>;
+
+pub mod ptdomain;

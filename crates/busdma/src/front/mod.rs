@@ -55,5 +55,7 @@ pub use coherent::{Coherent, DmaMemory};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use segments::{Constraints, Segment};
-pub use strategy::{Direct, Invalidation, Strategy};
+pub use strategy::{
+    Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
+};
 pub use tag::{Tag, TagFlags, TagSpec};

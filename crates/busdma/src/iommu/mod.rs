@@ -20,10 +20,20 @@
 //!    *untrusted* device is always strict: the exposure window of deferred invalidation is
 //!    exactly what a hostile device would use.
 //!
-//! The `Domain` type that applies these policies is in this module's `domain` submodule.
-#![forbid(unsafe_code)]
+//! [`Domain`] applies these policies; [`flushq`] holds the deferred queues and generations.
+#![deny(unsafe_code)]
 
-use crate::addr::{AddrRange, Iova, PhysAddr};
+#[cfg(feature = "alloc")]
+mod domain;
+#[cfg(feature = "alloc")]
+pub mod flushq;
+
+#[cfg(feature = "alloc")]
+pub use domain::{Domain, DomainStats};
+#[cfg(feature = "alloc")]
+pub use flushq::FlushTicket;
+
+use crate::addr::{AddrRange, Iova, KernVa, PhysAddr};
 
 /// An IOMMU domain number: the tag the hardware keys its caches by (VT-d's 16-bit domain id,
 /// an SMMU's ASID/VMID).
@@ -43,11 +53,19 @@ pub trait IotlbInvalidator: Sync {
     /// Invalidates every cached translation of `domain`. Complete when it returns.
     fn invalidate_all(&self, domain: DomainId);
 
-    /// Debug hook: the entries of `range` in `domain` have just been cleared. A checking
+    /// Programs the coherence index of the mapping of `range` in `domain` (parisc's local
+    /// coherence index, seed 003): the virtual cache index the IOMMU uses to keep one CPU alias
+    /// of each page coherent during DMA. Called after the range is mapped. IOMMUs without a
+    /// coherence index ignore it (the default).
+    fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {
+        let _ = (domain, range, index);
+    }
+
+    /// Debug hook: one unmap has just cleared the entries of `ranges` in `domain`. A checking
     /// model stamps them to measure how long a device could still use them. Hardware drivers
     /// do nothing (the default).
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let _ = (domain, range);
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
+        let _ = (domain, ranges);
     }
 
     /// Debug hook: `range` of `domain` is going back to the IOVA allocator. A checking model
@@ -62,6 +80,30 @@ pub trait IotlbInvalidator: Sync {
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         let _ = (domain, page);
     }
+
+    /// Debug hook: entries for `range` of `domain` are about to be written. A checking model
+    /// verifies that it may no longer cache a translation of the range (an IOVA reused, for
+    /// instance inside a reserved window, before the flush that covers its last unmap).
+    fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let _ = (domain, range);
+    }
+}
+
+/// Which CPU alias an IOMMU with a coherence index keeps coherent during a transfer (seed 003).
+///
+/// A virtually indexed cache can hold one physical line under several virtual aliases; the
+/// IOMMU can flush only one of them per transfer, the one its mapping's index names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CoherenceIndex {
+    /// The kernel alias of the range's first page: page `i` of the range is indexed by this
+    /// address plus `i` pages. For page-backed and kernel-mapped memory; any other alias (a user
+    /// mapping) must have been made coherent before the load (pinning cleans it, as
+    /// `get_user_pages` does).
+    Alias(KernVa),
+    /// Memory with no kernel mapping: the CPU never cached it through a kernel alias, so the
+    /// driver programs a line it knows the kernel never touches and the transfer flushes
+    /// nothing (a zero index would work too, but would flush the poor zero line every time).
+    Untouched,
 }
 
 /// When the IOTLB is invalidated after an unmap.

@@ -72,7 +72,7 @@ fn counted(r: &Run) -> bool {
     !matches!(r.kind, MemKind::PeerBar { bus: Some(_) })
 }
 
-impl<D: IommuOps> Identity<D> {
+impl<D> Identity<D> {
     /// Uncounts the pages of `runs` (in `refs`), collecting pages that reach zero into
     /// `out` if `collect`; `limit` pages at most (for rollback of a partial load).
     fn uncount(
@@ -105,7 +105,7 @@ impl<D: IommuOps> Identity<D> {
     }
 }
 
-impl<P: Platform, D: IommuOps + Clone> Strategy<P> for Identity<D> {
+impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
     const NAME: &'static str = "identity";
     type MapState = IdentityState;
 
@@ -124,7 +124,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for Identity<D> {
 
     fn load(
         &self,
-        _p: &P,
+        p: &P,
         spec: &TagSpec,
         st: &mut IdentityState,
         runs: &[Run],
@@ -141,6 +141,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for Identity<D> {
         }
         segs.check()?;
         let d = &self.domain;
+        let g = p.pin_cpu();
         let mut refs = self.refs.lock();
         let mut done: u64 = 0;
         // Ranges this load mapped (fresh pages), for rollback; `pending` is the fresh run
@@ -150,7 +151,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for Identity<D> {
         let flush = |pending: &mut Option<(u64, u64)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
             if let Some((s, e)) = pending.take() {
                 let pa = PhysAddr::new(s << PAGE_SHIFT);
-                d.map(Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir)?;
+                d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir)?;
                 push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
             }
             Ok(())
@@ -183,7 +184,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for Identity<D> {
             let mut none = Vec::new();
             Self::uncount(&mut refs, runs, done, &mut none, false);
             if !st.scratch.is_empty() {
-                let _ = d.unmap(&st.scratch, &[]);
+                let _ = d.unmap(&g, &st.scratch, &[]);
             }
             st.scratch.clear();
             return Err(e);
@@ -192,12 +193,13 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for Identity<D> {
         Ok(())
     }
 
-    fn unload(&self, _p: &P, st: &mut IdentityState, runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut IdentityState, runs: &[Run], _segs: &[Segment]) {
+        let g = p.pin_cpu();
         let mut refs = self.refs.lock();
         st.scratch.clear();
         Self::uncount(&mut refs, runs, u64::MAX, &mut st.scratch, true);
         if !st.scratch.is_empty() {
-            let _ = self.domain.unmap(&st.scratch, &[]);
+            let _ = self.domain.unmap(&g, &st.scratch, &[]);
         }
         st.scratch.clear();
     }

@@ -21,10 +21,17 @@
 //!    is the size of `iommu-reserved`'s window.
 //! 4. **Untrusted devices** must not see the rest of a page they were given part of: a
 //!    sub-page run for an untrusted tag goes to the bounce hook.
+//! 5. **Coherence index** (seed 003). After mapping each range, the per-map and per-segment
+//!    strategies tell the domain which CPU alias an IOMMU with a coherence index must keep
+//!    coherent ([`IommuOps::set_coherence_index`], [`coherence_index`]): the run's kernel
+//!    alias, or the untouched line for a run with no kernel mapping. Identity mappings are
+//!    shared between loads, so they carry no per-load index.
 #![forbid(unsafe_code)]
 
-use crate::addr::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
+use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
+use crate::iommu::CoherenceIndex;
+use crate::platform::{CpuGuard, Platform};
 
 use super::{BounceReason, Invalidation, bounce_hook};
 use crate::front::load::{MemKind, Run};
@@ -35,9 +42,10 @@ use crate::front::tag::TagSpec;
 ///
 /// # Execution context
 ///
-/// Every method may be called with preemption disabled and concurrently from every CPU, for
-/// disjoint IOVA ranges; none sleeps.
-pub trait IommuOps: Sync {
+/// Every method runs with preemption disabled (the caller's [`CpuGuard`], which per-CPU IOVA
+/// caches and table pools are indexed by; a strategy pins once per load or unload) and
+/// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
+pub trait IommuOps<P: Platform>: Sync {
     /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
     type Ticket: Copy;
 
@@ -49,26 +57,42 @@ pub trait IommuOps: Sync {
 
     /// Allocates `size` bytes (page multiple) of IOVA aligned to `align`, ending at or below
     /// `limit` (inclusive).
-    fn alloc_iova(&self, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>>;
+    fn alloc_iova(&self, g: &CpuGuard<'_, P>, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>>;
 
     /// Returns IOVA that was never mapped (or whose unmaps have been flushed).
-    fn free_iova(&self, range: AddrRange<Iova>);
+    fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>);
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` (page multiples) with the rights of
     /// `dir`. On error nothing it mapped translates any more.
-    fn map(&self, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()>;
+    fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()>;
 
     /// Unmaps every range of `mapped` with one invalidation (strict: complete on return;
     /// deferred: queued), then returns every range of `free` to the IOVA allocator once that
     /// invalidation has completed.
-    fn unmap(&self, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Self::Ticket;
+    ///
+    /// Errors: the domain's (a range that is not mapped: a front-end bug); on error nothing
+    /// was unmapped and nothing freed.
+    fn unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<Self::Ticket>;
 
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
-    fn ensure_flushed(&self, ticket: Self::Ticket);
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
 
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
-    fn reserve_tables(&self, range: AddrRange<Iova>) -> Result<()>;
+    fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
+
+    /// Programs the coherence index of the freshly mapped `range` (seed 003, see
+    /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the
+    /// range's first page, or [`CoherenceIndex::Untouched`] for memory with no kernel mapping.
+    /// Domains whose IOMMU has no coherence index ignore it (the default).
+    fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
+        let _ = (range, index);
+    }
 }
 
 /// Where [`layout`] puts one run.
@@ -132,6 +156,17 @@ pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result
     Ok(page_up(cursor))
 }
 
+/// The coherence index of the mapped bytes starting `delta` bytes after run `r`'s first byte
+/// (negative: before it, in its first page): the kernel alias there, or the untouched line for
+/// a run without a kernel mapping (seed 003).
+#[inline]
+pub fn coherence_index(r: &Run, delta: i64) -> CoherenceIndex {
+    match r.kva {
+        Some(kva) => CoherenceIndex::Alias(KernVa::new(kva.raw().wrapping_add_signed(delta))),
+        None => CoherenceIndex::Untouched,
+    }
+}
+
 /// The untrusted-device check of theory 4.
 #[inline]
 pub fn check_untrusted(spec: &TagSpec, runs: &[Run]) -> Result<()> {
@@ -166,7 +201,7 @@ pub fn window_align(spec: &TagSpec) -> u64 {
 
 /// The inclusive IOVA limit for `spec` on a domain.
 #[inline]
-pub fn iova_limit<D: IommuOps>(d: &D, spec: &TagSpec) -> u64 {
+pub fn iova_limit<P: Platform, D: IommuOps<P>>(d: &D, spec: &TagSpec) -> u64 {
     spec.dma_mask.min(d.max_iova())
 }
 
@@ -198,4 +233,72 @@ pub fn push_range(out: &mut alloc::vec::Vec<AddrRange<Iova>>, start: u64, end: u
 #[inline]
 pub fn max_runs(spec: &TagSpec) -> usize {
     (spec.max_segments as usize).saturating_add(spec.max_size.div_ceil(PAGE_SIZE) as usize).saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn run(pa: u64, len: u64) -> Run {
+        Run { pa: PhysAddr::new(pa), len, kind: MemKind::Page, kva: None }
+    }
+
+    fn places(runs: &[Run], align: u64) -> (Vec<Place>, u64) {
+        let mut v = Vec::new();
+        let total = layout(runs, align, |_, p| {
+            v.push(p);
+            Ok(())
+        })
+        .unwrap();
+        (v, total)
+    }
+
+    #[test]
+    fn a_run_keeps_its_page_offset_and_maps_its_pages() {
+        let (v, total) = places(&[run(0x10_0800, 0x1000)], PAGE_SIZE);
+        assert_eq!(
+            v,
+            [Place::At { off: 0x800, map_start: 0, map_end: 0x2000, pa: PhysAddr::new(0x10_0000) }]
+        );
+        assert_eq!(total, 0x2000);
+    }
+
+    #[test]
+    fn a_physically_continuing_run_shares_the_partly_used_page() {
+        let (v, total) = places(&[run(0x10_0800, 0x400), run(0x10_0c00, 0x800)], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0xc00, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x10_1000) }
+        );
+        assert_eq!(total, 0x2000);
+    }
+
+    #[test]
+    fn other_runs_start_on_a_fresh_page_and_large_alignment_pads() {
+        let (v, _) = places(&[run(0x10_0000, 0x100), run(0x30_0000, 0x100)], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x1000, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x30_0000) }
+        );
+        let (v, total) = places(&[run(0x10_0000, 0x100), run(0x30_0000, 0x100)], 0x4000);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x4000, map_start: 0x4000, map_end: 0x5000, pa: PhysAddr::new(0x30_0000) }
+        );
+        assert_eq!(total, 0x5000);
+    }
+
+    #[test]
+    fn a_peer_bar_with_a_bus_address_takes_no_iova() {
+        let bar = Run {
+            pa: PhysAddr::new(0xf000_0000),
+            len: 0x100,
+            kind: MemKind::PeerBar { bus: Some(Iova::new(0x9000)) },
+            kva: None,
+        };
+        let (v, total) = places(&[bar], PAGE_SIZE);
+        assert_eq!(v, [Place::Bypass(Iova::new(0x9000))]);
+        assert_eq!(total, 0);
+    }
 }

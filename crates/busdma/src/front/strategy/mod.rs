@@ -19,13 +19,14 @@
 //!    goes through [`bounce_hook`], which names the run and the reason. Until bounce buffering
 //!    (`busdma::bounce`) plugs in there, it fails with [`Error::Unsupported`]; a run without a
 //!    page and without a kernel mapping can never be bounced and fails with a message saying so.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod direct;
 pub mod identity;
 pub mod iommu;
 pub mod per_map;
 pub mod per_segment;
+pub mod reserve_levels;
 pub mod reserved;
 
 use crate::error::{Error, Result};

@@ -16,10 +16,11 @@ use alloc::vec::Vec;
 
 use crate::addr::{AddrRange, Iova};
 use crate::error::{Error, Result};
-use crate::platform::Platform;
+use crate::platform::{CpuGuard, Platform};
 
 use super::iommu::{
-    IommuOps, Place, builder_error, check_untrusted, iova_limit, layout, max_runs, push_range, window_align,
+    IommuOps, Place, builder_error, check_untrusted, coherence_index, iova_limit, layout, max_runs,
+    push_range, window_align,
 };
 use super::{Invalidation, Strategy};
 use crate::front::load::Run;
@@ -47,8 +48,9 @@ impl PerMapState {
 
 /// Maps the runs into `window` per the layout, recording ranges in `mapped`; on error unmaps
 /// them (freeing `free`) and returns the error.
-pub(crate) fn map_runs<D: IommuOps>(
+pub(crate) fn map_runs<P: Platform, D: IommuOps<P>>(
     d: &D,
+    g: &CpuGuard<'_, P>,
     runs: &[Run],
     align: u64,
     base: u64,
@@ -56,11 +58,13 @@ pub(crate) fn map_runs<D: IommuOps>(
     mapped: &mut Vec<AddrRange<Iova>>,
 ) -> Result<()> {
     mapped.clear();
-    layout(runs, align, |_, place| {
-        if let Place::At { map_start, map_end, pa, .. } = place {
+    layout(runs, align, |r, place| {
+        if let Place::At { off, map_start, map_end, pa } = place {
             if map_end > map_start {
-                d.map(Iova::new(base + map_start), pa, map_end - map_start, dir)?;
+                d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir)?;
                 push_range(mapped, base + map_start, base + map_end)?;
+                let range = AddrRange::new(Iova::new(base + map_start), Iova::new(base + map_end))?;
+                d.set_coherence_index(range, coherence_index(r, map_start as i64 - off as i64));
             }
         }
         Ok(())
@@ -68,24 +72,26 @@ pub(crate) fn map_runs<D: IommuOps>(
     .map(|_| ())
 }
 
-/// Pushes the segments of the layout at `base` into `segs`.
+/// Pushes the segments of the layout at `base` into `segs`; returns the window size the
+/// layout needs.
 pub(crate) fn push_segments(
     runs: &[Run],
     align: u64,
     base: u64,
     segs: &mut SegmentBuilder<'_>,
-) -> Result<()> {
-    layout(runs, align, |r, place| {
+) -> Result<u64> {
+    let size = layout(runs, align, |r, place| {
         let (a, l) = match place {
             Place::Bypass(b) => (b.raw(), r.len),
             Place::At { off, .. } => (base + off, r.len),
         };
         segs.push(a, l).map_err(|e| builder_error(r, e))
     })?;
-    segs.check()
+    segs.check()?;
+    Ok(size)
 }
 
-impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerMap<D> {
+impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
     const NAME: &'static str = "iommu-per-map";
     type MapState = PerMapState;
 
@@ -102,7 +108,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerMap<D> {
 
     fn load(
         &self,
-        _p: &P,
+        p: &P,
         spec: &TagSpec,
         st: &mut PerMapState,
         runs: &[Run],
@@ -115,16 +121,17 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerMap<D> {
         let size = layout(runs, align, |_, _| Ok(()))?;
         if size == 0 {
             // Only bypass runs: nothing to map.
-            return push_segments(runs, align, 0, segs);
+            return push_segments(runs, align, 0, segs).map(|_| ());
         }
-        let window = d.alloc_iova(size, align, iova_limit(d, spec))?;
+        let g = p.pin_cpu();
+        let window = d.alloc_iova(&g, size, align, iova_limit(d, spec))?;
         let base = window.start().raw();
         if let Err(e) = push_segments(runs, align, base, segs) {
-            d.free_iova(window);
+            d.free_iova(&g, window);
             return Err(e);
         }
-        if let Err(e) = map_runs(d, runs, align, base, dir, &mut st.mapped) {
-            let _ = d.unmap(&st.mapped, &[window]);
+        if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
+            let _ = d.unmap(&g, &st.mapped, &[window]);
             st.mapped.clear();
             return Err(e);
         }
@@ -132,9 +139,10 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerMap<D> {
         Ok(())
     }
 
-    fn unload(&self, _p: &P, st: &mut PerMapState, _runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut PerMapState, _runs: &[Run], _segs: &[Segment]) {
         if let Some(w) = st.window.take() {
-            let _ = self.0.unmap(&st.mapped, &[w]);
+            let g = p.pin_cpu();
+            let _ = self.0.unmap(&g, &st.mapped, &[w]);
         }
         st.mapped.clear();
     }

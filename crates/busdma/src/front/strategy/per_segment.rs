@@ -17,7 +17,9 @@ use crate::addr::{AddrRange, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::iommu::{IommuOps, builder_error, check_untrusted, iova_limit, max_runs, window_align};
+use super::iommu::{
+    IommuOps, builder_error, check_untrusted, coherence_index, iova_limit, max_runs, window_align,
+};
 use super::{Invalidation, Strategy};
 use crate::front::load::{MemKind, Run};
 use crate::front::map::Direction;
@@ -41,7 +43,7 @@ impl PerSegmentState {
     }
 }
 
-impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerSegment<D> {
+impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerSegment<D> {
     const NAME: &'static str = "iommu-per-segment";
     type MapState = PerSegmentState;
 
@@ -58,7 +60,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerSegment<D> {
 
     fn load(
         &self,
-        _p: &P,
+        p: &P,
         spec: &TagSpec,
         st: &mut PerSegmentState,
         runs: &[Run],
@@ -69,6 +71,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerSegment<D> {
         let d = &self.0;
         let align = window_align(spec);
         st.ranges.clear();
+        let g = p.pin_cpu();
         let placed = (|| {
             for r in runs {
                 if let MemKind::PeerBar { bus: Some(b) } = r.kind {
@@ -77,7 +80,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerSegment<D> {
                 }
                 let off = r.pa.page_offset();
                 let size = (off + r.len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-                let range = d.alloc_iova(size, align, iova_limit(d, spec))?;
+                let range = d.alloc_iova(&g, size, align, iova_limit(d, spec))?;
                 // INVARIANT: at most one range per run; capacity is the run bound.
                 st.ranges.push(range);
                 segs.push(range.start().raw() + off, r.len).map_err(|e| builder_error(r, e))?;
@@ -86,7 +89,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerSegment<D> {
         })();
         if let Err(e) = placed {
             for &r in &st.ranges {
-                d.free_iova(r);
+                d.free_iova(&g, r);
             }
             st.ranges.clear();
             return Err(e);
@@ -98,19 +101,21 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuPerSegment<D> {
             }
             let range = st.ranges[i];
             let pa = r.pa.page_base();
-            if let Err(e) = d.map(range.start(), pa, range.len(), dir) {
-                let _ = d.unmap(&st.ranges[..i], &st.ranges);
+            if let Err(e) = d.map(&g, range.start(), pa, range.len(), dir) {
+                let _ = d.unmap(&g, &st.ranges[..i], &st.ranges);
                 st.ranges.clear();
                 return Err(e);
             }
+            d.set_coherence_index(range, coherence_index(r, -(r.pa.page_offset() as i64)));
             i += 1;
         }
         Ok(())
     }
 
-    fn unload(&self, _p: &P, st: &mut PerSegmentState, _runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut PerSegmentState, _runs: &[Run], _segs: &[Segment]) {
         if !st.ranges.is_empty() {
-            let _ = self.0.unmap(&st.ranges, &st.ranges);
+            let g = p.pin_cpu();
+            let _ = self.0.unmap(&g, &st.ranges, &st.ranges);
         }
         st.ranges.clear();
     }

@@ -25,7 +25,7 @@ use crate::addr::{AddrRange, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::iommu::{IommuOps, iova_limit, layout, max_runs, window_align};
+use super::iommu::{IommuOps, iova_limit, max_runs, window_align};
 use super::per_map::{map_runs, push_segments};
 use super::{Invalidation, Strategy};
 use crate::front::load::Run;
@@ -62,23 +62,24 @@ pub fn window_size(spec: &TagSpec) -> Result<u64> {
     raw.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::Overflow { base: raw, len: PAGE_SIZE })
 }
 
-impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuReserved<D> {
+impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     const NAME: &'static str = "iommu-reserved";
-    type MapState = ReservedState<D::Ticket>;
+    type MapState = ReservedState<<D as IommuOps<P>>::Ticket>;
 
     fn invalidation(&self) -> Invalidation {
         self.0.invalidation()
     }
 
-    fn create(&self, _p: &P, spec: &TagSpec) -> Result<Self::MapState> {
+    fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState> {
         let d = &self.0;
+        let g = p.pin_cpu();
         let mut mapped = Vec::new();
         let n = max_runs(spec);
         mapped.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
         let size = window_size(spec)?;
-        let window = d.alloc_iova(size, window_align(spec), iova_limit(d, spec))?;
-        if let Err(e) = d.reserve_tables(window) {
-            d.free_iova(window);
+        let window = d.alloc_iova(&g, size, window_align(spec), iova_limit(d, spec))?;
+        if let Err(e) = d.reserve_tables(&g, window) {
+            d.free_iova(&g, window);
             return Err(e);
         }
         Ok(ReservedState { window, mapped, pending: None })
@@ -87,7 +88,7 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuReserved<D> {
     #[inline]
     fn load(
         &self,
-        _p: &P,
+        p: &P,
         spec: &TagSpec,
         st: &mut Self::MapState,
         runs: &[Run],
@@ -97,18 +98,20 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuReserved<D> {
         super::iommu::check_untrusted(spec, runs)?;
         let d = &self.0;
         let align = window_align(spec);
-        let size = layout(runs, align, |_, _| Ok(()))?;
+        let base = st.window.start().raw();
+        // One pass builds the segments and sizes the layout; nothing is mapped before the
+        // size is checked against the window.
+        let size = push_segments(runs, align, base, segs)?;
         if size > st.window.len() {
             return Err(Error::Exhausted { size, limit: st.window.len() });
         }
-        let base = st.window.start().raw();
-        push_segments(runs, align, base, segs)?;
+        let g = p.pin_cpu();
         if let Some(t) = st.pending.take() {
-            d.ensure_flushed(t);
+            d.ensure_flushed(&g, t);
         }
-        if let Err(e) = map_runs(d, runs, align, base, dir, &mut st.mapped) {
+        if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
             if !st.mapped.is_empty() {
-                st.pending = Some(d.unmap(&st.mapped, &[]));
+                st.pending = d.unmap(&g, &st.mapped, &[]).ok();
             }
             st.mapped.clear();
             return Err(e);
@@ -117,17 +120,19 @@ impl<P: Platform, D: IommuOps + Clone> Strategy<P> for IommuReserved<D> {
     }
 
     #[inline]
-    fn unload(&self, _p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) {
         if !st.mapped.is_empty() {
-            st.pending = Some(self.0.unmap(&st.mapped, &[]));
+            let g = p.pin_cpu();
+            st.pending = self.0.unmap(&g, &st.mapped, &[]).ok();
         }
         st.mapped.clear();
     }
 
-    fn destroy(&self, _p: &P, st: Self::MapState) {
+    fn destroy(&self, p: &P, st: Self::MapState) {
+        let g = p.pin_cpu();
         if let Some(t) = st.pending {
-            self.0.ensure_flushed(t);
+            self.0.ensure_flushed(&g, t);
         }
-        self.0.free_iova(st.window);
+        self.0.free_iova(&g, st.window);
     }
 }
