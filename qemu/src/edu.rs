@@ -14,6 +14,8 @@ pub const VENDOR: u16 = 0x1234;
 pub const DEVICE: u16 = 0x11e8;
 /// Where the device's 4 KiB buffer sits in its own address space.
 pub const BUF: u64 = 0x40000;
+/// The device's DMA mask: 28 address bits.
+pub const DMA_BITS: u32 = 28;
 /// Largest transfer QEMU 7.2's edu survives (4096 crashes it; see the module docs).
 pub const MAX_DMA: u64 = 4095;
 

@@ -30,6 +30,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod addr;
+#[cfg(feature = "alloc")]
+pub mod bounce;
 pub mod error;
 pub mod front;
 pub mod iommu;
@@ -38,6 +40,8 @@ pub mod iova;
 #[cfg(feature = "alloc")]
 pub mod pgtable;
 pub mod platform;
+#[cfg(feature = "alloc")]
+pub mod quickmap;
 pub mod sync;
 #[cfg(feature = "vtd")]
 pub mod vtd;

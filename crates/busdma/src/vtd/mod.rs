@@ -38,6 +38,10 @@
 //! 7. **Faults.** Fault interrupts stay masked: callers poll [`Vtd::take_fault`], which reads
 //!    the record at FSTS.FRI, decodes source id, page address, direction and reason, and
 //!    clears its F bit (the unit records nothing more from that source until then).
+//! 8. **Policy lives above.** The driver implements `busdma::iommu::IotlbInvalidator`
+//!    (`invalidator.rs`): a `busdma::iommu::Domain` decides *when* to invalidate (strict: per
+//!    unmap; deferred: batched) and the driver only executes ranged and whole-domain requests,
+//!    each complete when the call returns.
 //!
 //! # Locking and execution context
 //!
