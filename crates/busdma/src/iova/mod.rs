@@ -26,12 +26,17 @@
 //!    alone. [`extent::ExtentAllocator`] is the baseline the lab compares against.
 //!
 //! 3. **Size classes.** With caches on, a request of up to 64 pages occupies its class size
-//!    (its page count rounded up to a power of two) *in the tree*, so any cached range of a
-//!    class can serve any request of that class; the caller receives exactly the size it asked
-//!    for. A magazine's top round serves a request only if it honours the request's alignment,
-//!    boundary and limit; otherwise the request goes to the tree. If no class-size range fits,
-//!    the request is placed exactly (its own size) as a plain, uncached allocation, so rounding
-//!    never makes a request fail that could fit.
+//!    (its page count rounded up to a power of two) *in the tree*, naturally aligned (a range
+//!    of 2^k pages at a multiple of 2^k pages, as Linux's size-aligned IOVAs), so any cached
+//!    range of a class serves any request of that class with an alignment up to the class size,
+//!    and never crosses a boundary (a power of two at least the size, hence at least the
+//!    class); the caller receives exactly the size it asked for. In a space too fragmented
+//!    for a naturally aligned range, a class range with the request's own alignment is tried
+//!    next. A magazine's top round serves a request only if it honours the request's
+//!    alignment, boundary and limit (checked, not assumed); otherwise the request goes to the
+//!    tree. If no class range fits, the request is placed exactly (its own size and
+//!    alignment) as a plain, uncached allocation, so rounding never makes a request fail that
+//!    could fit.
 //!
 //! 4. **Double frees are detected, never cached.** The tree knows every occupied range; a
 //!    class range stays occupied in the tree while it sits in a cache. The *live map*
@@ -383,12 +388,25 @@ impl IovaAllocator {
     #[cold]
     fn alloc_class_slow(&self, v: &Validated, c: usize) -> Result<AddrRange<Iova>> {
         let cb = class_bytes(c);
-        // A boundary is a power of two at least the size, hence at least the class size.
-        let class_fit =
-            Fit { size: cb, total: cb + self.guard, align: v.align, boundary: v.boundary, limit: v.limit };
+        // Naturally aligned first; a boundary is a power of two at least the size, hence at
+        // least the class size, so such a range never crosses one. In a space too fragmented
+        // for that, a class range with the request's own alignment and boundary (still
+        // cacheable: every cache hit checks its round against the request).
+        let natural = Fit {
+            size: cb,
+            total: cb + self.guard,
+            align: v.align.max(cb),
+            boundary: v.boundary,
+            limit: v.limit,
+        };
+        let loose = Fit { align: v.align, ..natural };
         for attempt in 0..2 {
             let mut t = self.tree.lock();
-            match t.alloc(&class_fit, Kind::Class) {
+            let class = match t.alloc(&natural, Kind::Class) {
+                Err(Error::Exhausted { .. }) if loose != natural => t.alloc(&loose, Kind::Class),
+                r => r,
+            };
+            match class {
                 Ok(s) => {
                     drop(t);
                     if let Err(e) = self.mark_live(s, c) {
