@@ -2,6 +2,7 @@
 //! with `--json`.
 
 mod bench_bounce;
+mod bench_inval;
 mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
@@ -94,6 +95,15 @@ enum Bench {
         #[command(flatten)]
         args: bench_iova::IovaArgs,
     },
+    /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
+    Inval {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_inval::InvalArgs,
+    },
     /// Bounce sync copies (memcpy, direct map, quick map) and the quick-map enter/remove cost.
     Bounce {
         #[command(flatten)]
@@ -138,6 +148,21 @@ fn bench_pgtable_cmd(
     Ok(())
 }
 
+fn bench_inval_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_inval::InvalArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_inval::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
     let config = machine.config()?;
     let m = HostPlatform::new(config).map_err(|e| format!("cannot build the machine model: {e}"))?;
@@ -172,6 +197,7 @@ fn main() -> ExitCode {
             r.print(common.json);
         }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
