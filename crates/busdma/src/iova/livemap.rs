@@ -30,7 +30,7 @@ pub const LEAF_PAGES: usize = 1 << LEAF_BITS;
 /// log2 of the children of an interior node: 512 pointers fill one 4 KiB page.
 const FAN_BITS: u32 = 9;
 /// Children per interior node.
-const FAN: usize = 1 << FAN_BITS;
+pub const FAN: usize = 1 << FAN_BITS;
 
 /// See the module documentation.
 ///
