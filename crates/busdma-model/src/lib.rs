@@ -18,7 +18,9 @@
 
 pub mod cpu;
 pub mod host;
+pub mod linux_pin;
 pub mod ram;
+pub mod uspace;
 
 pub use cpu::CpuBinding;
 pub use host::{HostPlatform, MachineConfig, MmioHandler};

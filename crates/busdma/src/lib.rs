@@ -31,6 +31,8 @@ extern crate std;
 
 pub mod addr;
 pub mod error;
+#[cfg(feature = "alloc")]
+pub mod pin;
 pub mod platform;
 pub mod sync;
 

@@ -1,0 +1,190 @@
+//! The registry's interval index: a two-level, copy-on-write sorted array of regions.
+//!
+//! # Theory
+//!
+//! 1. **Shape.** A [`Snapshot`] is a sorted array of *leaves* plus, for binary search, the
+//!    first start address of each leaf. A [`Leaf`] holds up to [`LEAF_MAX`] disjoint
+//!    registered ranges `[start, end)` sorted by start, with a pointer to each region. Lookup
+//!    is two binary searches: O(log n), no lock, no allocation, no write.
+//! 2. **Copy on write.** Nothing reachable from a published snapshot is ever modified. An
+//!    insert or removal builds a new leaf (or two, on a split) and a new top level that shares
+//!    every other leaf with the old one, and reports what the new snapshot no longer reaches
+//!    (the replaced leaf) so the caller can retire it. The cost is O(`LEAF_MAX` + n /
+//!    `LEAF_MAX`) copies per update, against O(n) for one flat array: registering 100 000
+//!    regions one by one copies ~10^8 words instead of ~5·10^9.
+//! 3. **Ownership.** Leaves are shared by consecutive snapshots, so a snapshot does not own
+//!    them: the registry owns the leaves of the *current* snapshot; a replaced leaf is retired
+//!    together with the snapshot that still reaches it, and freed with it after the grace
+//!    period. Regions are owned the same way (see `registry.rs`).
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use super::region::Region;
+
+/// Most ranges per leaf. 64 starts are 512 bytes, eight cache lines: six binary-search steps
+/// in a leaf, and an update copies at most 64 entries. The top level then has n/32 to n/64
+/// entries (leaves split in halves), 1 600 to 3 200 for 100 000 regions: 11 or 12 more steps
+/// over 13 to 26 KiB, most of which stays in cache.
+pub(crate) const LEAF_MAX: usize = 64;
+
+/// Up to [`LEAF_MAX`] disjoint ranges, sorted by start.
+///
+/// # Invariants
+///
+/// `starts`, `ends`, `regions` have equal, non-zero length; `starts[i] < ends[i] <=
+/// starts[i + 1]`; `regions[i]` points to the live region registered at `[starts[i], ends[i])`
+/// for as long as any snapshot reaching this leaf can be read.
+#[derive(Debug, Default)]
+pub(crate) struct Leaf {
+    starts: Vec<u64>,
+    ends: Vec<u64>,
+    regions: Vec<NonNull<Region>>,
+}
+
+/// One version of the index.
+///
+/// # Invariants
+///
+/// `firsts[i]` is the first start of `*leaves[i]`; leaves are sorted and their ranges disjoint
+/// across leaves too. Every leaf pointer is valid while the snapshot is reachable by its
+/// reader: a leaf is freed no earlier than every snapshot that reaches it (section 3).
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    firsts: Vec<u64>,
+    leaves: Vec<NonNull<Leaf>>,
+    len: usize,
+}
+
+/// One registered range found in the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hit {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) region: NonNull<Region>,
+}
+
+impl Leaf {
+    fn hit(&self, i: usize) -> Hit {
+        Hit { start: self.starts[i], end: self.ends[i], region: self.regions[i] }
+    }
+
+    fn from_hits(hits: &[Hit]) -> NonNull<Leaf> {
+        let leaf = Leaf {
+            starts: hits.iter().map(|h| h.start).collect(),
+            ends: hits.iter().map(|h| h.end).collect(),
+            regions: hits.iter().map(|h| h.region).collect(),
+        };
+        NonNull::from(Box::leak(Box::new(leaf)))
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        (0..self.starts.len()).map(|i| self.hit(i)).collect()
+    }
+}
+
+/// Frees a leaf that no snapshot a reader can reach still holds.
+///
+/// # Safety
+///
+/// `leaf` came from this module (a leaked `Box`), is freed once, and no reader can reach it.
+pub(crate) unsafe fn free_leaf(leaf: NonNull<Leaf>) {
+    // SAFETY: the caller guarantees it is an unreachable, leaked box freed once.
+    drop(unsafe { Box::from_raw(leaf.as_ptr()) });
+}
+
+impl Snapshot {
+    /// Number of registered ranges.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn leaf(&self, i: usize) -> &Leaf {
+        // SAFETY: by the type invariant, the leaf lives while this snapshot is reachable, which
+        // the borrow of `self` (held inside a read section or under the writer lock) ensures.
+        unsafe { self.leaves[i].as_ref() }
+    }
+
+    /// The range with the greatest start `<= ua`, whether or not it contains `ua`.
+    #[inline]
+    fn floor(&self, ua: u64) -> Option<Hit> {
+        let i = self.firsts.partition_point(|&f| f <= ua).checked_sub(1)?;
+        let leaf = self.leaf(i);
+        // Non-zero: `firsts[i] <= ua` is the leaf's first start.
+        let j = leaf.starts.partition_point(|&s| s <= ua).checked_sub(1)?;
+        Some(leaf.hit(j))
+    }
+
+    /// The range containing `ua`.
+    #[inline]
+    pub(crate) fn find(&self, ua: u64) -> Option<Hit> {
+        self.floor(ua).filter(|h| ua < h.end)
+    }
+
+    /// A range sharing a byte with `[start, end)` (`start < end`), if any.
+    pub(crate) fn overlapping(&self, start: u64, end: u64) -> Option<Hit> {
+        // Ranges are disjoint and sorted, so only the last one starting below `end` can reach
+        // past `start`.
+        self.floor(end - 1).filter(|h| h.end > start)
+    }
+
+    /// Every range, in order (writers and teardown only).
+    pub(crate) fn all(&self) -> Vec<Hit> {
+        (0..self.leaves.len()).flat_map(|i| self.leaf(i).hits()).collect()
+    }
+
+    /// Every leaf (teardown only).
+    pub(crate) fn leaves(&self) -> &[NonNull<Leaf>] {
+        &self.leaves
+    }
+
+    /// A new snapshot with `hit` added (it must not overlap any range) and the leaf the new
+    /// one no longer reaches, if any.
+    pub(crate) fn inserted(&self, hit: Hit) -> (Snapshot, Option<NonNull<Leaf>>) {
+        let mut firsts = self.firsts.clone();
+        let mut leaves = self.leaves.clone();
+        // The leaf to insert into: the last one starting at or below `hit.start`, or the first.
+        let i = self.firsts.partition_point(|&f| f <= hit.start).saturating_sub(1);
+        if leaves.is_empty() {
+            firsts.push(hit.start);
+            leaves.push(Leaf::from_hits(&[hit]));
+            return (Snapshot { firsts, leaves, len: 1 }, None);
+        }
+        let old = self.leaves[i];
+        let mut hits = self.leaf(i).hits();
+        let at = hits.partition_point(|h| h.start < hit.start);
+        hits.insert(at, hit);
+        if hits.len() <= LEAF_MAX {
+            firsts[i] = hits[0].start;
+            leaves[i] = Leaf::from_hits(&hits);
+        } else {
+            let (lo, hi) = hits.split_at(hits.len() / 2);
+            firsts[i] = lo[0].start;
+            leaves[i] = Leaf::from_hits(lo);
+            firsts.insert(i + 1, hi[0].start);
+            leaves.insert(i + 1, Leaf::from_hits(hi));
+        }
+        (Snapshot { firsts, leaves, len: self.len + 1 }, Some(old))
+    }
+
+    /// A new snapshot without the range starting at `start`, and the leaf it no longer
+    /// reaches; `None` if no range starts there.
+    pub(crate) fn removed(&self, start: u64) -> Option<(Snapshot, NonNull<Leaf>)> {
+        let i = self.firsts.partition_point(|&f| f <= start).checked_sub(1)?;
+        let mut hits = self.leaf(i).hits();
+        let at = hits.iter().position(|h| h.start == start)?;
+        hits.remove(at);
+        let mut firsts = self.firsts.clone();
+        let mut leaves = self.leaves.clone();
+        if hits.is_empty() {
+            firsts.remove(i);
+            leaves.remove(i);
+        } else {
+            firsts[i] = hits[0].start;
+            leaves[i] = Leaf::from_hits(&hits);
+        }
+        Some((Snapshot { firsts, leaves, len: self.len - 1 }, self.leaves[i]))
+    }
+}
