@@ -12,9 +12,10 @@
 //! 3. **Entering** (readers, lock-free, allocation-free, never blocks on a writer): load `e`,
 //!    increment `readers[e & 1]`, load `now` again; if it moved, undo and retry. A reader whose
 //!    re-check succeeded is counted in the parity of an epoch that was current *after* its
-//!    increment, so a writer that later advances past that epoch sees it (all four operations
-//!    are `SeqCst`: they sit in one total order with the writer's advance and its counter
-//!    load). Retrying is bounded: `now` moves only when a writer completes an operation.
+//!    increment, so a writer that later advances past that epoch sees it: a `SeqCst` fence
+//!    between the reader's increment and its re-check, and another before the writer's counter
+//!    load, order the two sides (the store-load pattern of Dekker's algorithm). Retrying is
+//!    bounded: `now` moves only when a writer completes an operation.
 //! 4. **Advancing** (writers, under the registry's writer lock, so one at a time): from `e` to
 //!    `e + 1` only when `readers[(e + 1) & 1]`, the counter of epoch `e - 1`, is zero. The
 //!    advance never waits: when readers remain, it simply does not happen now.
@@ -29,7 +30,7 @@
 //!    under one section), not one each. Writers pay nothing extra and never block: garbage
 //!    waits in a list until a later write, or an explicit `synchronize`, frees it.
 
-use crate::sync::{AtomicUsize, Ordering, spin_hint};
+use crate::sync::{AtomicUsize, Ordering, fence, spin_hint};
 
 /// The epoch clock and its reader counters.
 ///
@@ -58,6 +59,11 @@ impl Epoch {
             let e = self.now.load(Ordering::SeqCst);
             let slot = e & 1;
             self.readers[slot].fetch_add(1, Ordering::SeqCst);
+            // Store-load order (Dekker): our increment before our re-check and our load of the
+            // index, against a writer's index swap and epoch store before its counter load
+            // (the matching fence is in `try_advance`). SeqCst accesses alone do not promise
+            // this in every model (loom treats them as AcqRel); SeqCst fences do.
+            fence(Ordering::SeqCst);
             if self.now.load(Ordering::SeqCst) == e {
                 return slot;
             }
@@ -85,6 +91,9 @@ impl Epoch {
     /// Advances the epoch by one if no reader of the previous epoch remains; returns the epoch
     /// now current. Writers only, serialised by the caller.
     pub(crate) fn try_advance(&self) -> usize {
+        // Pairs with the fence in `enter`: the index swap and the previous epoch store come
+        // before the counter load below, so a reader that loaded the old index is seen.
+        fence(Ordering::SeqCst);
         let e = self.now.load(Ordering::SeqCst);
         if self.readers[(e + 1) & 1].load(Ordering::SeqCst) != 0 {
             return e;
