@@ -123,11 +123,24 @@ impl Snapshot {
         self.floor(ua).filter(|h| ua < h.end)
     }
 
-    /// A range sharing a byte with `[start, end)` (`start < end`), if any.
+    /// The first range starting after `ua`.
+    fn successor(&self, ua: u64) -> Option<Hit> {
+        let i = self.firsts.partition_point(|&f| f <= ua);
+        if let Some(prev) = i.checked_sub(1) {
+            let leaf = self.leaf(prev);
+            let j = leaf.starts.partition_point(|&s| s <= ua);
+            if j < leaf.starts.len() {
+                return Some(leaf.hit(j));
+            }
+        }
+        (i < self.leaves.len()).then(|| self.leaf(i).hit(0))
+    }
+
+    /// The first range (lowest addresses) sharing a byte with `[start, end)` (`start < end`).
     pub(crate) fn overlapping(&self, start: u64, end: u64) -> Option<Hit> {
-        // Ranges are disjoint and sorted, so only the last one starting below `end` can reach
-        // past `start`.
-        self.floor(end - 1).filter(|h| h.end > start)
+        // Ranges are disjoint and sorted: either one contains `start`, or the first one after
+        // `start` is the first candidate.
+        self.find(start).or_else(|| self.successor(start).filter(|h| h.start < end))
     }
 
     /// Every range, in order (writers and teardown only).
@@ -186,5 +199,82 @@ impl Snapshot {
             leaves[i] = Leaf::from_hits(&hits);
         }
         Some((Snapshot { firsts, leaves, len: self.len - 1 }, self.leaves[i]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::BTreeMap;
+    use proptest::prelude::*;
+
+    /// Owns a snapshot's leaves the way the registry does, freeing replaced ones at once (no
+    /// readers in these tests).
+    struct Owner {
+        snap: Snapshot,
+    }
+
+    impl Owner {
+        fn insert(&mut self, start: u64, end: u64) {
+            let (next, old) = self.snap.inserted(Hit { start, end, region: NonNull::dangling() });
+            self.snap = next;
+            // SAFETY: the replaced leaf is unreachable from the new snapshot, and no reader exists.
+            old.into_iter().for_each(|l| unsafe { free_leaf(l) });
+        }
+        fn remove(&mut self, start: u64) -> bool {
+            match self.snap.removed(start) {
+                Some((next, old)) => {
+                    self.snap = next;
+                    // SAFETY: as above.
+                    unsafe { free_leaf(old) };
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            for &l in self.snap.leaves() {
+                // SAFETY: the current snapshot's leaves, freed once.
+                unsafe { free_leaf(l) };
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn index_matches_a_btreemap_through_splits_and_emptied_leaves(
+            ops in prop::collection::vec((any::<bool>(), 0..2000u64, 1..4u64), 1..1500),
+            probes in prop::collection::vec(0..8100u64, 64),
+        ) {
+            let mut t = Owner { snap: Snapshot::default() };
+            let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+            for (insert, slot, len) in ops {
+                let (start, end) = (slot * 4, slot * 4 + len);
+                let clash = model.range(..end).next_back().is_some_and(|(_, &e)| e > start);
+                prop_assert_eq!(t.snap.overlapping(start, end).map(|h| h.start),
+                    model.iter().find(|&(&s, &e)| s < end && start < e).map(|(&s, _)| s));
+                if insert && !clash {
+                    t.insert(start, end);
+                    model.insert(start, end);
+                } else if !insert {
+                    prop_assert_eq!(t.remove(start), model.remove(&start).is_some());
+                }
+                prop_assert_eq!(t.snap.len(), model.len());
+            }
+            for ua in probes {
+                let want = model.range(..=ua).next_back().filter(|&(_, &e)| ua < e).map(|(&s, &e)| (s, e));
+                prop_assert_eq!(t.snap.find(ua).map(|h| (h.start, h.end)), want);
+            }
+            let all: alloc::vec::Vec<(u64, u64)> = t.snap.all().iter().map(|h| (h.start, h.end)).collect();
+            prop_assert_eq!(all, model.into_iter().collect::<alloc::vec::Vec<_>>());
+            for l in t.snap.leaves() {
+                // SAFETY: live leaves of the current snapshot.
+                let n = unsafe { l.as_ref() }.starts.len();
+                prop_assert!(n <= LEAF_MAX);
+            }
+        }
     }
 }
