@@ -13,6 +13,7 @@ use busdma::{
     AddrRange, Error, KernVa, MemAttr, PAGE_SIZE, PageRequest, PhysAddr, Platform, Result, TablePage,
 };
 
+use crate::cache::{Cache, CacheConfig, CachedCpu, Coherence, Memory, Snoop};
 use crate::cpu::{CpuBinding, Cpus};
 use crate::ram::{FrameAllocator, FrameBlock, FrameRequest, Placement};
 
@@ -35,6 +36,9 @@ pub struct MachineConfig {
     pub direct_map_size: u64,
     /// Number of CPU slots (at least one).
     pub cpus: usize,
+    /// The CPU cache model, if any (see [`crate::cache`]). `None`: no cache is modelled, CPU
+    /// and devices see the same bytes at once.
+    pub cache: Option<CacheConfig>,
 }
 
 impl Default for MachineConfig {
@@ -44,6 +48,7 @@ impl Default for MachineConfig {
             ram_size: DEFAULT_RAM_SIZE,
             direct_map_size: DEFAULT_RAM_SIZE,
             cpus: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cache: None,
         }
     }
 }
@@ -60,7 +65,16 @@ impl MachineConfig {
         self
     }
 
+    /// The same machine with a CPU cache model.
+    pub fn with_cache(mut self, cache: CacheConfig) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
     fn validate(&self) -> Result<()> {
+        if let Some(c) = &self.cache {
+            c.validate()?;
+        }
         if self.ram_size == 0 {
             return Err(Error::ZeroSize);
         }
@@ -123,6 +137,31 @@ pub struct HostPlatform {
     /// Runs allocated uncached: first PA -> pages.
     uncached: Mutex<BTreeMap<u64, u64>>,
     counters: HostCounters,
+    /// The CPU cache model (`config.cache`).
+    cache: Option<Cache>,
+    /// The page each quick-map slot maps (`NO_PAGE` when none), so cache maintenance through a
+    /// quick-map address finds its physical lines.
+    quick_pa: Box<[AtomicU64]>,
+    /// What the platform handed each frame out for: ground truth for ownership checks.
+    kinds: crate::audit::PageKinds,
+    /// Threads currently recording bus accesses ([`HostPlatform::watch_bus`]); zero keeps the
+    /// data path to one relaxed load.
+    watchers: AtomicU64,
+}
+
+/// `quick_pa` value of an empty slot: not a page-aligned address, so never a page.
+const NO_PAGE: u64 = u64::MAX;
+
+/// RAM as it is, under any cache: what the cache model fills from and writes back to.
+pub(crate) struct RawRam<'a>(pub(crate) &'a HostPlatform);
+
+impl Memory for RawRam<'_> {
+    fn load(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
+        self.0.raw_read(pa, buf)
+    }
+    fn store(&self, pa: PhysAddr, data: &[u8]) -> Result<()> {
+        self.0.raw_write(pa, data)
+    }
 }
 
 // SAFETY: the raw pointers are addresses of mappings owned by this value for its whole life;
@@ -202,6 +241,10 @@ impl HostPlatform {
             mmio: RwLock::new(Vec::new()),
             uncached: Mutex::new(BTreeMap::new()),
             counters: HostCounters::default(),
+            cache: config.cache.map(Cache::new).transpose()?,
+            quick_pa: (0..config.cpus * QUICK_SLOTS).map(|_| AtomicU64::new(NO_PAGE)).collect(),
+            kinds: crate::audit::PageKinds::new(config.ram_base, config.ram_size / PAGE_SIZE),
+            watchers: AtomicU64::new(0),
         })
     }
 
@@ -298,6 +341,142 @@ impl HostPlatform {
         AddrRange::from_start_len(KernVa::new(self.quick as u64), len).unwrap_or_else(|_| unreachable!())
     }
 
+    /// The CPU cache model, if the machine has one.
+    pub fn cache(&self) -> Option<&Cache> {
+        self.cache.as_ref()
+    }
+
+    /// The CPU's loads and stores, through the cache model when there is one.
+    pub fn cpu(&self) -> CachedCpu<'_> {
+        CachedCpu::new(self)
+    }
+
+    /// The physical address behind a kernel virtual address the CPU can use: the direct map,
+    /// or a quick-map slot while it maps a page.
+    pub fn cpu_translate(&self, kva: KernVa) -> Option<PhysAddr> {
+        if let Some(pa) = self.kva_to_phys(kva) {
+            return Some(pa);
+        }
+        let off = kva.offset_from(self.quick_window().start())?;
+        let slot = self.quick_pa.get((off / PAGE_SIZE) as usize)?.load(Ordering::Acquire);
+        (slot != NO_PAGE).then(|| PhysAddr::new(slot + off % PAGE_SIZE))
+    }
+
+    /// What the platform handed the frame holding `pa` out for (see [`crate::audit`]).
+    pub fn page_kind(&self, pa: PhysAddr) -> crate::audit::PageKind {
+        self.kinds.get(pa)
+    }
+
+    /// Runs `f` and returns, with its result, every bus-side access (`read_phys`,
+    /// `write_phys`, `fill_phys`, `bus_read`, `bus_write`) the calling thread made meanwhile:
+    /// the physical bytes a device really reached, whatever translated its addresses. Page-table
+    /// walks (`read_phys_u64`) are the IOMMU's own reads and are not recorded.
+    pub fn watch_bus<R>(&self, f: impl FnOnce() -> R) -> (R, Vec<crate::audit::BusAccess>) {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        let outer = crate::audit::start_recording();
+        let r = f();
+        let seen = crate::audit::stop_recording(outer);
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
+        (r, seen)
+    }
+
+    #[inline]
+    fn record(&self, pa: PhysAddr, len: u64, write: bool) {
+        if self.watchers.load(Ordering::Relaxed) != 0 {
+            crate::audit::record(crate::audit::BusAccess { pa, len, write });
+        }
+    }
+
+    /// A device (bus-side) read of RAM at `pa`, with an explicit snoop: what a model IOMMU
+    /// with a coherence index uses. Without a cache model the snoop is moot.
+    ///
+    /// Errors: [`Error::OutOfRange`] if any byte is outside RAM.
+    pub fn bus_read(&self, pa: PhysAddr, buf: &mut [u8], snoop: Snoop) -> Result<()> {
+        self.record(pa, buf.len() as u64, false);
+        match &self.cache {
+            Some(c) if snoop != Snoop::None => c.device_read(&RawRam(self), pa, buf, snoop),
+            _ => self.raw_read(pa, buf),
+        }
+    }
+
+    /// A device (bus-side) write of RAM at `pa`, with an explicit snoop.
+    ///
+    /// Errors: [`Error::OutOfRange`] if any byte is outside RAM.
+    pub fn bus_write(&self, pa: PhysAddr, data: &[u8], snoop: Snoop) -> Result<()> {
+        self.record(pa, data.len() as u64, true);
+        match &self.cache {
+            Some(c) if snoop != Snoop::None => c.device_write(&RawRam(self), pa, data, snoop),
+            _ => self.raw_write(pa, data),
+        }
+    }
+
+    /// The snoop every `read_phys`/`write_phys` makes: physical on a snooping machine, none
+    /// otherwise (a coherence-index machine snoops only through its IOMMU's mappings).
+    fn default_snoop(&self) -> Snoop {
+        match self.cache.as_ref().map(|c| c.config().coherence) {
+            Some(Coherence::Snooping) => Snoop::Physical,
+            _ => Snoop::None,
+        }
+    }
+
+    /// Applies a cache-maintenance operation of the platform seam to the model cache, page by
+    /// page (each page of a KVA range may be a different physical page).
+    fn maintain(&self, kva: KernVa, len: u64, op: fn(&Cache, &dyn Memory, u64, PhysAddr, u64) -> Result<()>) {
+        let Some(cache) = &self.cache else {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            return;
+        };
+        let mut done = 0;
+        while done < len {
+            let va = kva.raw().wrapping_add(done);
+            let n = (PAGE_SIZE - va % PAGE_SIZE).min(len - done);
+            match self.cpu_translate(KernVa::new(va)) {
+                Some(pa) => {
+                    let r = op(cache, &RawRam(self), va, pa, n);
+                    debug_assert!(r.is_ok(), "cache maintenance of {va:#x}: {r:?}");
+                }
+                None => {
+                    cache.counters().maintenance_unmapped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            done += n;
+        }
+    }
+
+    /// Zeroes (or fills) freshly allocated pages, dropping any line a previous owner left in the
+    /// cache first (as a kernel does before handing pages to DMA), so that no stale dirty line
+    /// is written back over the new owner's data later.
+    fn fill_fresh(&self, pa: PhysAddr, len: u64) -> Result<()> {
+        if self.cache.is_none() {
+            return self.fill_phys(pa, len, 0);
+        }
+        let zero = [0u8; PAGE_SIZE as usize];
+        let mut done = 0;
+        while done < len {
+            let n = PAGE_SIZE.min(len - done);
+            let at = pa.checked_add(done).ok_or(Error::Overflow { base: pa.raw(), len })?;
+            self.bus_write(at, &zero[..n as usize], Snoop::Physical)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn raw_read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
+        let off = self.ram_offset(pa, buf.len() as u64)?;
+        // SAFETY: the source bytes are inside the physical view (checked); copying bytes a
+        // device may write concurrently is a plain data race on raw memory we never reference,
+        // which is what DMA is; the destination is the caller's exclusive buffer.
+        unsafe { std::ptr::copy_nonoverlapping(self.phys.add(off as usize), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    pub(crate) fn raw_write(&self, pa: PhysAddr, data: &[u8]) -> Result<()> {
+        let off = self.ram_offset(pa, data.len() as u64)?;
+        // SAFETY: destination inside the physical view (checked), never referenced elsewhere.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.phys.add(off as usize), data.len()) };
+        Ok(())
+    }
+
     /// Reads a little-endian u64 of physical memory atomically (what a hardware walker does).
     ///
     /// Errors: [`Error::OutOfRange`], [`Error::Misaligned`].
@@ -331,23 +510,29 @@ impl Drop for HostPlatform {
 }
 
 impl Platform for HostPlatform {
+    // With a cache model, physical accesses are bus-side (what a device sees): RAM, snooped
+    // only on a `Coherence::Snooping` machine. The CPU's own view is `HostPlatform::cpu()`.
     fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
-        let off = self.ram_offset(pa, buf.len() as u64)?;
-        // SAFETY: the source bytes are inside the physical view (checked); copying bytes a
-        // device may write concurrently is a plain data race on raw memory we never reference,
-        // which is what DMA is; the destination is the caller's exclusive buffer.
-        unsafe { std::ptr::copy_nonoverlapping(self.phys.add(off as usize), buf.as_mut_ptr(), buf.len()) };
-        Ok(())
+        self.bus_read(pa, buf, self.default_snoop())
     }
 
     fn write_phys(&self, pa: PhysAddr, data: &[u8]) -> Result<()> {
-        let off = self.ram_offset(pa, data.len() as u64)?;
-        // SAFETY: destination inside the physical view (checked), never referenced elsewhere.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.phys.add(off as usize), data.len()) };
-        Ok(())
+        self.bus_write(pa, data, self.default_snoop())
     }
 
     fn fill_phys(&self, pa: PhysAddr, len: u64, byte: u8) -> Result<()> {
+        if self.default_snoop() != Snoop::None {
+            let page = [byte; PAGE_SIZE as usize];
+            let mut done = 0;
+            while done < len {
+                let n = PAGE_SIZE.min(len - done);
+                let at = pa.checked_add(done).ok_or(Error::Overflow { base: pa.raw(), len })?;
+                self.bus_write(at, &page[..n as usize], Snoop::Physical)?;
+                done += n;
+            }
+            return Ok(());
+        }
+        self.record(pa, len, true);
         let off = self.ram_offset(pa, len)?;
         // SAFETY: destination inside the physical view (checked).
         unsafe { std::ptr::write_bytes(self.phys.add(off as usize), byte, len as usize) };
@@ -357,8 +542,9 @@ impl Platform for HostPlatform {
     fn alloc_table_page(&self) -> Result<TablePage> {
         let req = FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) };
         let pa = self.frames.alloc(req)?;
-        self.fill_phys(pa, PAGE_SIZE, 0)?;
+        self.fill_fresh(pa, PAGE_SIZE)?;
         let kva = self.phys_to_kva(pa).ok_or(Error::NotDirectMapped { pa: pa.raw() })?;
+        self.kinds.set(pa, 1, crate::audit::PageKind::Table);
         self.counters.table_pages_live.fetch_add(1, Ordering::Relaxed);
         // SAFETY: kva is the direct-map address of the frame just allocated, which stays
         // mapped for the platform's life and is ours until freed.
@@ -368,6 +554,7 @@ impl Platform for HostPlatform {
     unsafe fn free_table_page(&self, page: TablePage) {
         let r = self.frames.free(page.pa(), 1);
         debug_assert!(r.is_ok(), "table page free failed: {r:?}");
+        self.kinds.set(page.pa(), 1, crate::audit::PageKind::Other);
         if r.is_ok() {
             self.counters.table_pages_live.fetch_sub(1, Ordering::Relaxed);
         }
@@ -377,10 +564,11 @@ impl Platform for HostPlatform {
         let fr =
             FrameRequest { pages: req.pages, align: req.align, below: req.below, placement: req.placement };
         let pa = self.frames.alloc(fr)?;
-        self.fill_phys(pa, req.pages * PAGE_SIZE, 0)?;
+        self.fill_fresh(pa, req.pages * PAGE_SIZE)?;
         if req.attr == MemAttr::Uncached {
             self.uncached.lock().unwrap_or_else(|e| e.into_inner()).insert(pa.raw(), req.pages);
         }
+        self.kinds.set(pa, req.pages, crate::audit::PageKind::Dma);
         Ok(pa)
     }
 
@@ -388,6 +576,9 @@ impl Platform for HostPlatform {
         self.uncached.lock().unwrap_or_else(|e| e.into_inner()).remove(&pa.raw());
         let r = self.frames.free(pa, pages);
         debug_assert!(r.is_ok(), "free_pages failed: {r:?}");
+        if r.is_ok() {
+            self.kinds.set(pa, pages, crate::audit::PageKind::Other);
+        }
     }
 
     #[inline]
@@ -416,18 +607,19 @@ impl Platform for HostPlatform {
         self.cpus.preempt_enable(cpu)
     }
 
-    // No cache model yet: the host's caches are coherent with the model's devices, which read
-    // RAM through the same physical memory. A fence keeps ordering honest.
-    fn cache_clean(&self, _kva: KernVa, _len: u64) {
-        std::sync::atomic::fence(Ordering::SeqCst);
+    // Without a cache model the host's caches are coherent with the model's devices, which
+    // read RAM through the same physical memory, and a fence keeps ordering honest. With one,
+    // maintenance acts on the model cache through the alias `kva` (see `crate::cache`).
+    fn cache_clean(&self, kva: KernVa, len: u64) {
+        self.maintain(kva, len, Cache::clean);
     }
 
-    fn cache_invalidate(&self, _kva: KernVa, _len: u64) {
-        std::sync::atomic::fence(Ordering::SeqCst);
+    fn cache_invalidate(&self, kva: KernVa, len: u64) {
+        self.maintain(kva, len, Cache::invalidate);
     }
 
-    fn cache_clean_invalidate(&self, _kva: KernVa, _len: u64) {
-        std::sync::atomic::fence(Ordering::SeqCst);
+    fn cache_clean_invalidate(&self, kva: KernVa, len: u64) {
+        self.maintain(kva, len, Cache::clean_invalidate);
     }
 
     unsafe fn mmio_read32(&self, pa: PhysAddr) -> u32 {
@@ -469,12 +661,14 @@ impl Platform for HostPlatform {
         // The reservation exists, so MAP_FIXED inside it fails only if the process runs out of
         // mappings; a kernel's quick map cannot fail, so neither may ours.
         assert!(r.is_ok(), "quick_map: mmap(MAP_FIXED) failed: {}", std::io::Error::last_os_error());
+        self.quick_pa[cpu * QUICK_SLOTS + slot].store(pa.raw(), Ordering::Release);
         self.counters.quick_maps.fetch_add(1, Ordering::Relaxed);
         KernVa::new(win as u64)
     }
 
     unsafe fn quick_unmap(&self, cpu: usize, slot: usize) {
         let win = self.quick_slot_ptr(cpu, slot);
+        self.quick_pa[cpu * QUICK_SLOTS + slot].store(NO_PAGE, Ordering::Release);
         // Back to an inaccessible page, so a stale use of the slot faults instead of reading
         // whatever page was there.
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE;

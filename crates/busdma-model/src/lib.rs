@@ -16,12 +16,17 @@
 //! friends, never through Rust references.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
 
+pub mod audit;
+pub mod cache;
 pub mod cpu;
 pub mod host;
+pub mod hostile;
 pub mod linux_pin;
 pub mod ram;
 pub mod uspace;
 
+pub use audit::{BusAccess, PageKind};
+pub use cache::{Cache, CacheConfig, CachedCpu, Coherence, Indexing, Snoop};
 pub use cpu::CpuBinding;
 pub use host::{HostPlatform, MachineConfig, MmioHandler};
 pub use ram::{FrameBlock, FrameRequest, Placement};

@@ -32,6 +32,10 @@ extern crate std;
 pub mod addr;
 pub mod error;
 #[cfg(feature = "alloc")]
+pub mod front;
+#[cfg(feature = "alloc")]
+pub mod pgtable;
+#[cfg(feature = "alloc")]
 pub mod pin;
 pub mod platform;
 pub mod sync;

@@ -51,6 +51,7 @@ impl MachineArgs {
             ram_size,
             direct_map_size: self.direct_map_mib.map(mib).transpose()?.unwrap_or(ram_size),
             cpus: self.cpus.unwrap_or(MachineConfig::default().cpus),
+            cache: None,
         })
     }
 }

@@ -1,0 +1,169 @@
+//! Ground truth the machine keeps about itself, for judging busdma from outside.
+//!
+//! # Theory
+//!
+//! 1. **Page kinds.** The platform knows what it handed each frame out for: a page-table page
+//!    ([`busdma::Platform::alloc_table_page`]), a DMA page ([`busdma::Platform::alloc_pages`]:
+//!    coherent buffers and bounce pages), or neither (free, or frames the model's users took
+//!    with [`crate::HostPlatform::alloc_frames`]). Two bits per frame in atomic words, so the
+//!    allocation paths stay lock-free here. An ownership check asks it whether a page a device
+//!    can reach is metadata.
+//! 2. **Bus accesses.** [`crate::HostPlatform::watch_bus`] records, for the calling thread, every
+//!    bus-side access (physical address, length, direction): the bytes a device really
+//!    reached, as the memory controller saw them, independent of what any IOMMU or busdma
+//!    believes it mapped. Recording is per thread (a thread-local list), so other threads'
+//!    traffic never pollutes a verdict.
+#![deny(unsafe_code)]
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use busdma::{PAGE_SIZE, PhysAddr};
+
+/// What the platform handed a frame out for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageKind {
+    /// Not handed out by the platform seam (free, or a frame the model's user allocated).
+    Other,
+    /// A page-table page (busdma metadata the IOMMU walks).
+    Table,
+    /// A DMA page: a coherent buffer or a bounce page.
+    Dma,
+}
+
+/// Frames per 64-bit word at two bits each.
+const PER_WORD: u64 = 32;
+
+/// Two bits of [`PageKind`] per frame.
+#[derive(Debug)]
+pub(crate) struct PageKinds {
+    base: PhysAddr,
+    frames: u64,
+    words: Box<[AtomicU64]>,
+}
+
+impl PageKinds {
+    pub(crate) fn new(base: PhysAddr, frames: u64) -> Self {
+        Self { base, frames, words: (0..frames.div_ceil(PER_WORD)).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    fn frame(&self, pa: PhysAddr) -> Option<u64> {
+        let f = pa.offset_from(self.base)? / PAGE_SIZE;
+        (f < self.frames).then_some(f)
+    }
+
+    pub(crate) fn set(&self, pa: PhysAddr, pages: u64, kind: PageKind) {
+        let code = match kind {
+            PageKind::Other => 0,
+            PageKind::Table => 1,
+            PageKind::Dma => 2,
+        };
+        let Some(first) = self.frame(pa) else { return };
+        for f in first..(first + pages).min(self.frames) {
+            let (w, shift) = ((f / PER_WORD) as usize, (f % PER_WORD) * 2);
+            // Frames are owned by one allocation at a time, so no two callers race on the same
+            // two bits; the RMW keeps the neighbours' bits intact.
+            let _ = self.words[w].fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some((v & !(3 << shift)) | (code << shift))
+            });
+        }
+    }
+
+    pub(crate) fn get(&self, pa: PhysAddr) -> PageKind {
+        let Some(f) = self.frame(pa) else { return PageKind::Other };
+        match (self.words[(f / PER_WORD) as usize].load(Ordering::Acquire) >> ((f % PER_WORD) * 2)) & 3 {
+            1 => PageKind::Table,
+            2 => PageKind::Dma,
+            _ => PageKind::Other,
+        }
+    }
+}
+
+/// One bus-side access to RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BusAccess {
+    /// First physical byte.
+    pub pa: PhysAddr,
+    /// Bytes.
+    pub len: u64,
+    /// True for a write to memory.
+    pub write: bool,
+}
+
+thread_local! {
+    static RECORDING: RefCell<Option<Vec<BusAccess>>> = const { RefCell::new(None) };
+}
+
+/// Starts recording on this thread; returns the outer recording (nesting keeps it aside).
+pub(crate) fn start_recording() -> Option<Vec<BusAccess>> {
+    RECORDING.with(|r| r.borrow_mut().replace(Vec::new()))
+}
+
+/// Stops recording and returns what was seen; restores an outer recording, appending to it.
+pub(crate) fn stop_recording(outer: Option<Vec<BusAccess>>) -> Vec<BusAccess> {
+    RECORDING.with(|r| {
+        let mut slot = r.borrow_mut();
+        let seen = slot.take().unwrap_or_default();
+        if let Some(mut o) = outer {
+            o.extend_from_slice(&seen);
+            *slot = Some(o);
+        }
+        seen
+    })
+}
+
+pub(crate) fn record(a: BusAccess) {
+    RECORDING.with(|r| {
+        if let Some(v) = r.borrow_mut().as_mut() {
+            v.push(a);
+        }
+    });
+}
+
+#[cfg(test)]
+#[allow(unsafe_code)] // freeing pages is unsafe; the module itself needs no unsafe code
+mod tests {
+    use super::*;
+    use crate::{HostPlatform, MachineConfig};
+    use busdma::{PageRequest, Platform};
+
+    #[test]
+    fn the_platform_knows_what_it_handed_each_page_out_for() {
+        let m = HostPlatform::new(MachineConfig { cpus: 1, ..MachineConfig::with_ram(8 << 20) }).unwrap();
+        let t = m.alloc_table_page().unwrap();
+        let d = m.alloc_pages(&PageRequest::pages(3)).unwrap();
+        let f = m.alloc_frames(crate::FrameRequest::pages(1)).unwrap();
+        assert_eq!(m.page_kind(t.pa()), PageKind::Table);
+        assert_eq!(m.page_kind(d.checked_add(2 * PAGE_SIZE + 5).unwrap()), PageKind::Dma);
+        assert_eq!(m.page_kind(f.pa()), PageKind::Other);
+        // SAFETY: both allocated above, freed once, unreachable by any device.
+        unsafe {
+            m.free_table_page(t);
+            m.free_pages(d, 3);
+        }
+        assert_eq!(m.page_kind(t.pa()), PageKind::Other);
+        assert_eq!(m.page_kind(d), PageKind::Other);
+    }
+
+    #[test]
+    fn watching_the_bus_records_this_threads_accesses_only() {
+        let m = HostPlatform::new(MachineConfig { cpus: 1, ..MachineConfig::with_ram(8 << 20) }).unwrap();
+        let pa = m.ram().start().checked_add(0x3000).unwrap();
+        let ((), seen) = m.watch_bus(|| {
+            let mut b = [0u8; 16];
+            m.read_phys(pa, &mut b).unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| m.write_phys(pa, b"elsewhere").unwrap());
+            });
+            m.fill_phys(pa, 4, 1).unwrap();
+        });
+        assert_eq!(
+            seen,
+            vec![BusAccess { pa, len: 16, write: false }, BusAccess { pa, len: 4, write: true }]
+        );
+        let mut b = [0u8; 1];
+        let ((), nothing) = m.watch_bus(|| ());
+        m.read_phys(pa, &mut b).unwrap();
+        assert!(nothing.is_empty());
+    }
+}

@@ -1,0 +1,132 @@
+//! Sync: making the CPU's and the device's views of a loaded buffer agree.
+//!
+//! # Theory
+//!
+//! 1. **Four operations** (bus_dma's): PREWRITE (the CPU wrote, the device will read: write
+//!    dirty lines back), PREREAD (the device will write: write back and discard, so no dirty
+//!    line is evicted over the device's data later, and partial lines at the ends keep the
+//!    CPU's bytes), POSTREAD (the device wrote: discard lines the CPU may have fetched
+//!    speculatively meanwhile), POSTWRITE (the device read: nothing to do for caches).
+//!    Operations combine ([`SyncOp`] is a set).
+//! 2. **Per run, by kernel address.** Maintenance goes through
+//!    [`Platform::cache_clean`] and friends on each run's kernel virtual range. A run with no
+//!    kernel mapping is skipped (seed 003): the CPU has never cached it through a kernel
+//!    alias, and there is no address to name. MMIO and peer BARs are never cached.
+//! 3. **Coherent tags skip maintenance** and keep only the ordering: a DMA write barrier before
+//!    handing memory to the device, a read barrier after taking it back.
+//! 4. **Bounce copies** (PREWRITE: copy into the bounce page; POSTREAD: copy out) belong to
+//!    bounce buffering and plug in beside this, through the strategy's per-map state.
+#![forbid(unsafe_code)]
+
+use core::ops::BitOr;
+
+use crate::platform::Platform;
+
+use super::load::{MemKind, Run};
+
+/// A set of sync operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SyncOp(u8);
+
+impl SyncOp {
+    /// The device will read what the CPU wrote.
+    pub const PREWRITE: SyncOp = SyncOp(1);
+    /// The device will write.
+    pub const PREREAD: SyncOp = SyncOp(2);
+    /// The device has read.
+    pub const POSTWRITE: SyncOp = SyncOp(4);
+    /// The device has written; the CPU will read.
+    pub const POSTREAD: SyncOp = SyncOp(8);
+
+    /// The union of two sets.
+    #[inline]
+    pub const fn union(self, other: SyncOp) -> SyncOp {
+        SyncOp(self.0 | other.0)
+    }
+
+    /// Whether every operation of `other` is in `self`.
+    #[inline]
+    pub fn contains(self, other: SyncOp) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether the set is empty.
+    #[inline]
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The raw bits (PREWRITE 1, PREREAD 2, POSTWRITE 4, POSTREAD 8).
+    #[inline]
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// Whether the set names an operation about device writes (PREREAD or POSTREAD).
+    #[inline]
+    pub fn about_device_writes(self) -> bool {
+        self.0 & (Self::PREREAD.0 | Self::POSTREAD.0) != 0
+    }
+
+    /// Whether the set names an operation about device reads (PREWRITE or POSTWRITE).
+    #[inline]
+    pub fn about_device_reads(self) -> bool {
+        self.0 & (Self::PREWRITE.0 | Self::POSTWRITE.0) != 0
+    }
+}
+
+impl BitOr for SyncOp {
+    type Output = SyncOp;
+    fn bitor(self, rhs: SyncOp) -> SyncOp {
+        SyncOp(self.0 | rhs.0)
+    }
+}
+
+/// Counts of what one sync did (for tests and the lab).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Runs that got cache maintenance.
+    pub maintained: u32,
+    /// Runs skipped because they have no kernel mapping or are never cached.
+    pub skipped: u32,
+}
+
+/// Performs `op` on `runs` (theory 1–3).
+pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> SyncStats {
+    let mut st = SyncStats::default();
+    let pre = op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD);
+    if coherent {
+        if pre {
+            p.dma_wmb();
+        }
+        if op.contains(SyncOp::POSTREAD) {
+            p.dma_rmb();
+        }
+        return st;
+    }
+    for r in runs {
+        let kva = match (r.kind, r.kva) {
+            (MemKind::Mmio | MemKind::PeerBar { .. }, _) | (_, None) => {
+                st.skipped += 1;
+                continue;
+            }
+            (_, Some(kva)) => kva,
+        };
+        if op.contains(SyncOp::PREREAD) {
+            p.cache_clean_invalidate(kva, r.len);
+        } else if op.contains(SyncOp::PREWRITE) {
+            p.cache_clean(kva, r.len);
+        }
+        if op.contains(SyncOp::POSTREAD) {
+            p.cache_invalidate(kva, r.len);
+        }
+        st.maintained += 1;
+    }
+    if pre {
+        p.dma_wmb();
+    }
+    if op.contains(SyncOp::POSTREAD) {
+        p.dma_rmb();
+    }
+    st
+}

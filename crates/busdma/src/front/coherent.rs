@@ -1,0 +1,176 @@
+//! Coherent (consistent) DMA memory: allocated to meet a tag, mapped for the device at once.
+//!
+//! # Theory
+//!
+//! 1. **Meeting the tag.** Pages come from [`Platform::alloc_pages`]: aligned to the tag's
+//!    alignment (at least a page), below the DMA mask (so even the `direct` strategy reaches
+//!    them), in the direct map (the CPU needs an address), and, when the buffer fits in one
+//!    boundary window, aligned to the buffer's size rounded up to a power of two, so it cannot
+//!    cross a boundary.
+//! 2. **Cacheability** (seed 002): on a coherent tag the memory is write-back (the device
+//!    snoops); on a non-coherent tag, or when the caller asks for no caching, it is uncached,
+//!    so CPU and device never disagree and no sync is needed.
+//! 3. **Teardown order is field order.** [`Coherent`] holds the map before the memory, so the
+//!    map is unloaded (the device loses access) before the pages go back to the platform.
+//!    Under deferred invalidation the IOTLB may hold the translation until the next flush;
+//!    as with Linux's `dma_free_coherent`, the driver promises the device is quiescent.
+//! 4. **No references.** The CPU reaches the memory by copy ([`DmaMemory::read`],
+//!    [`DmaMemory::write`]); the device may write it at any time.
+#![allow(unsafe_code)] // one block: giving pages back to the platform in `DmaMemory::drop`
+
+use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
+use crate::error::{Error, Result};
+use crate::platform::{MemAttr, PageRequest, Placement, Platform};
+
+use super::load::RawSegments;
+use super::map::{Direction, DmaMap};
+use super::segments::Segment;
+use super::strategy::Strategy;
+use super::tag::{Tag, TagSpec};
+
+/// Contiguous RAM pages for DMA, given back on drop.
+///
+/// # Invariants
+///
+/// `(pa, pages)` is one allocation of `p.alloc_pages`, owned by this value.
+pub struct DmaMemory<'p, P: Platform> {
+    p: &'p P,
+    pa: PhysAddr,
+    pages: u64,
+    len: u64,
+    kva: Option<KernVa>,
+    attr: MemAttr,
+}
+
+impl<'p, P: Platform> DmaMemory<'p, P> {
+    /// Allocates `len` bytes meeting `spec` (theory 1), mapped `attr`.
+    ///
+    /// Errors: [`Error::ZeroSize`], [`Error::BadSize`] (beyond the tag's `max_size`),
+    /// [`Error::NoMemory`].
+    pub fn alloc(p: &'p P, spec: &TagSpec, len: u64, attr: MemAttr) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if len > spec.max_size {
+            return Err(Error::BadSize { size: len, limit: spec.max_size });
+        }
+        let bytes =
+            len.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::Overflow { base: len, len: PAGE_SIZE })?;
+        let mut align = spec.alignment.max(PAGE_SIZE);
+        if spec.boundary != 0 && bytes <= spec.boundary {
+            // A power-of-two-aligned block no larger than its alignment cannot cross a
+            // multiple of a (larger or equal) power of two.
+            align = align.max(bytes.next_power_of_two());
+        }
+        let req = PageRequest {
+            pages: bytes / PAGE_SIZE,
+            align,
+            below: Some(PhysAddr::new(spec.dma_mask.saturating_add(1))),
+            placement: Placement::DirectMapped,
+            attr,
+        };
+        let pa = p.alloc_pages(&req)?;
+        // INVARIANT: one allocation, owned from here.
+        Ok(Self { p, pa, pages: req.pages, len, kva: p.phys_to_kva(pa), attr })
+    }
+
+    /// First physical byte.
+    pub fn pa(&self) -> PhysAddr {
+        self.pa
+    }
+
+    /// Length in bytes as asked.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false (allocations are never empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The kernel virtual address of the first byte.
+    pub fn kva(&self) -> Option<KernVa> {
+        self.kva
+    }
+
+    /// How the CPU maps the memory.
+    pub fn attr(&self) -> MemAttr {
+        self.attr
+    }
+
+    /// Copies bytes at `offset` into `buf`.
+    ///
+    /// Errors: [`Error::OutOfRange`] beyond the allocation.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let pa = self.at(offset, buf.len() as u64)?;
+        self.p.read_phys(pa, buf)
+    }
+
+    /// Copies `data` into the memory at `offset`.
+    ///
+    /// Errors: [`Error::OutOfRange`] beyond the allocation.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let pa = self.at(offset, data.len() as u64)?;
+        self.p.write_phys(pa, data)
+    }
+
+    fn at(&self, offset: u64, n: u64) -> Result<PhysAddr> {
+        let end = offset.checked_add(n).ok_or(Error::Overflow { base: offset, len: n })?;
+        if end > self.len {
+            return Err(Error::OutOfRange { addr: end, limit: self.len });
+        }
+        Ok(PhysAddr::new(self.pa.raw() + offset))
+    }
+}
+
+impl<P: Platform> Drop for DmaMemory<'_, P> {
+    fn drop(&mut self) {
+        // SAFETY: `(pa, pages)` is exactly one allocation from this platform (type invariant),
+        // freed once (here). Owners that map it for a device ([`Coherent`], the typed buffers)
+        // declare their map before the memory, so the map is unloaded before this runs.
+        unsafe { self.p.free_pages(self.pa, self.pages) };
+    }
+}
+
+/// Coherent DMA memory of a tag: the memory and its (loaded, bidirectional) map.
+///
+/// # Invariants
+///
+/// `map` holds exactly `mem` loaded; it is declared first so it drops (unloads) first.
+pub struct Coherent<'t, 'p, P: Platform, S: Strategy<P>> {
+    map: DmaMap<'t, 'p, P, S>,
+    mem: DmaMemory<'p, P>,
+}
+
+impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
+    /// Allocates `len` bytes of coherent memory for this tag's device and maps it (theory 1, 2).
+    /// `no_cache` asks for uncached memory even on a coherent tag.
+    ///
+    /// Errors: those of [`DmaMemory::alloc`], [`Tag::create_map`] and [`DmaMap::load`];
+    /// nothing is leaked on error.
+    pub fn alloc_coherent(&self, len: u64, no_cache: bool) -> Result<Coherent<'_, 'p, P, S>> {
+        let attr = if no_cache || !self.spec.flags.coherent { MemAttr::Uncached } else { MemAttr::WriteBack };
+        let mem = DmaMemory::alloc(self.platform, &self.spec, len, attr)?;
+        let mut map = self.create_map()?;
+        map.load(&RawSegments(&[(mem.pa(), len)]), Direction::Bidirectional)?;
+        Ok(Coherent { map, mem })
+    }
+}
+
+impl<'t, 'p, P: Platform, S: Strategy<P>> Coherent<'t, 'p, P, S> {
+    /// The bus segments the device uses.
+    pub fn segments(&self) -> &[Segment] {
+        self.map.segments()
+    }
+
+    /// The memory (CPU access by copy).
+    pub fn memory(&self) -> &DmaMemory<'p, P> {
+        &self.mem
+    }
+
+    /// The map (for syncs on write-back memory of a non-coherent device).
+    pub fn map_mut(&mut self) -> &mut DmaMap<'t, 'p, P, S> {
+        &mut self.map
+    }
+}

@@ -1,0 +1,432 @@
+//! DMA maps: create, load, sync, unload, destroy.
+//!
+//! # Theory
+//!
+//! 1. **Life.** A map is created from a tag (the strategy may reserve resources then), loaded
+//!    with one buffer at a time, synced around each device access, unloaded, and destroyed.
+//!    Dropping a loaded map unloads it first (seed 002: destroy unloads a loaded map), so a
+//!    map can never leak its mappings.
+//! 2. **No allocation per load.** At create the map allocates its segment array
+//!    (`max_segments` entries) and its run array (`max_segments + pages(max_size) + 1`
+//!    entries: between two segment breaks every run but the last covers whole pages, so no
+//!    load that fits the tag needs more). `load` writes into them; it never allocates.
+//! 3. **A load that cannot honour the tag fails and leaves nothing behind**: zero length,
+//!    beyond `max_size`, too many segments, a bounce that is not available. The runs and
+//!    segments are cleared, and the strategy releases what it took (its own rule 2).
+//! 4. **Direction.** A load names its direction; it sets the IOMMU permissions and which syncs
+//!    make sense (PREREAD/POSTREAD need a device that writes, PREWRITE/POSTWRITE one that
+//!    reads). A sync that does not match is refused.
+//! 5. **Ownership.** After a PREREAD sync the device may be writing the buffer; a CPU read
+//!    through the map before the POSTREAD sync is refused. The typed API
+//!    ([`super::typed`]) makes the same rule a compile-time one.
+//! 6. **Tags.** A map belongs to the tag that created it; the bus_dma-style calls on the tag
+//!    ([`Tag::load`], [`Tag::sync`], [`Tag::unload`], [`Tag::destroy`]) refuse a map of another
+//!    tag.
+//!
+//! # Execution context
+//!
+//! `create` allocates (may not be called with preemption disabled in a kernel whose
+//! allocator sleeps); `load`, `sync`, `unload` never allocate and never sleep (the IOMMU
+//! strategies may spin briefly on their domain's locks).
+#![forbid(unsafe_code)]
+
+use alloc::vec::Vec;
+
+use crate::addr::{PAGE_SIZE, PhysAddr};
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+use super::cache_sync::{SyncOp, SyncStats, sync_runs};
+use super::load::{LoadSource, Run};
+use super::segments::{Constraints, Segment, SegmentBuilder};
+use super::strategy::Strategy;
+use super::tag::{Tag, next_id};
+
+/// Which way data moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The device reads (a transmit buffer).
+    ToDevice,
+    /// The device writes (a receive buffer).
+    FromDevice,
+    /// Both.
+    Bidirectional,
+}
+
+impl Direction {
+    /// Whether the device may read the buffer.
+    #[inline]
+    pub fn device_reads(self) -> bool {
+        !matches!(self, Direction::FromDevice)
+    }
+
+    /// Whether the device may write the buffer.
+    #[inline]
+    pub fn device_writes(self) -> bool {
+        !matches!(self, Direction::ToDevice)
+    }
+
+    /// Whether `op` makes sense for a buffer loaded in this direction.
+    #[inline]
+    pub fn allows(self, op: SyncOp) -> bool {
+        (!op.about_device_writes() || self.device_writes())
+            && (!op.about_device_reads() || self.device_reads())
+    }
+}
+
+/// The current load of a map.
+#[derive(Clone, Copy, Debug)]
+struct Loaded {
+    dir: Direction,
+    len: u64,
+    /// PREREAD done and POSTREAD not yet: the device may be writing.
+    device_writing: bool,
+}
+
+/// A DMA map of tag `'t`.
+///
+/// # Invariants
+///
+/// `segs.capacity() >= max_segments` and `runs.capacity() >= max_runs` (so loads never
+/// allocate); `loaded.is_some()` exactly when the strategy holds a load in `state`; `state` is
+/// `Some` until drop.
+pub struct DmaMap<'t, 'p, P: Platform, S: Strategy<P>> {
+    tag: &'t Tag<'p, P, S>,
+    state: Option<S::MapState>,
+    segs: Vec<Segment>,
+    runs: Vec<Run>,
+    max_runs: usize,
+    loaded: Option<Loaded>,
+    id: u64,
+}
+
+impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
+    /// Creates a map (theory 2). The strategy may reserve IOVA space and table levels.
+    ///
+    /// Errors: [`Error::NoMemory`] (the arrays), and the strategy's (an IOVA window that does
+    /// not fit: [`Error::Exhausted`]).
+    pub fn create_map(&self) -> Result<DmaMap<'_, 'p, P, S>> {
+        let max_segs = self.spec.max_segments as usize;
+        let max_runs =
+            max_segs.saturating_add(self.spec.max_size.div_ceil(PAGE_SIZE) as usize).saturating_add(1);
+        let mut segs = Vec::new();
+        segs.try_reserve_exact(max_segs).map_err(|_| Error::NoMemory {
+            requested: (max_segs * core::mem::size_of::<Segment>()) as u64,
+        })?;
+        let mut runs = Vec::new();
+        runs.try_reserve_exact(max_runs)
+            .map_err(|_| Error::NoMemory { requested: (max_runs * core::mem::size_of::<Run>()) as u64 })?;
+        let state = self.strategy.create(self.platform, &self.spec)?;
+        // INVARIANT: capacities reserved above; nothing loaded yet.
+        Ok(DmaMap { tag: self, state: Some(state), segs, runs, max_runs, loaded: None, id: next_id() })
+    }
+
+    fn check_owner(&self, call: &'static str, map: &DmaMap<'_, 'p, P, S>) -> Result<()> {
+        if map.tag.id == self.id {
+            return Ok(());
+        }
+        #[cfg(feature = "dma-debug")]
+        self.debug.report(super::debug::Violation::WrongTag {
+            call,
+            used: self.id,
+            owner: map.tag.id,
+            map: map.id,
+        });
+        let _ = call;
+        Err(Error::InvalidArgument {
+            what: "map used through a tag that does not own it (value: owner tag)",
+            value: map.tag.id,
+        })
+    }
+
+    /// bus_dma's `bus_dmamap_load`: [`DmaMap::load`] through this tag, which must own `map`.
+    pub fn load<L: LoadSource>(&self, map: &mut DmaMap<'_, 'p, P, S>, src: &L, dir: Direction) -> Result<()> {
+        self.check_owner("load", map)?;
+        map.load(src, dir).map(|_| ())
+    }
+
+    /// bus_dma's `bus_dmamap_sync`: [`DmaMap::sync`] through this tag, which must own `map`.
+    pub fn sync(&self, map: &mut DmaMap<'_, 'p, P, S>, op: SyncOp) -> Result<SyncStats> {
+        self.check_owner("sync", map)?;
+        map.sync(op)
+    }
+
+    /// bus_dma's `bus_dmamap_unload`: [`DmaMap::unload`] through this tag, which must own it.
+    pub fn unload(&self, map: &mut DmaMap<'_, 'p, P, S>) -> Result<()> {
+        self.check_owner("unload", map)?;
+        map.unload()
+    }
+
+    /// bus_dma's `bus_dmamap_destroy`: drops `map` (unloading it if loaded). Through a tag that
+    /// does not own it, the map is handed back with the error.
+    #[allow(clippy::result_large_err)]
+    pub fn destroy<'t>(
+        &self,
+        map: DmaMap<'t, 'p, P, S>,
+    ) -> core::result::Result<(), (Error, DmaMap<'t, 'p, P, S>)> {
+        match self.check_owner("destroy", &map) {
+            Ok(()) => {
+                drop(map);
+                Ok(())
+            }
+            Err(e) => Err((e, map)),
+        }
+    }
+}
+
+impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
+    /// The map's unique id.
+    #[inline]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The tag that owns the map.
+    #[inline]
+    pub fn tag(&self) -> &'t Tag<'p, P, S> {
+        self.tag
+    }
+
+    /// Whether a buffer is loaded.
+    #[inline]
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.is_some()
+    }
+
+    /// The segments of the current load (empty when unloaded).
+    #[inline]
+    pub fn segments(&self) -> &[Segment] {
+        &self.segs
+    }
+
+    /// The physical runs of the current load (empty when unloaded).
+    #[inline]
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// Bytes loaded (0 when unloaded).
+    #[inline]
+    pub fn len(&self) -> u64 {
+        self.loaded.map_or(0, |l| l.len)
+    }
+
+    /// Whether nothing is loaded.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.loaded.is_none()
+    }
+
+    /// The strategy's per-map state (for the lab and tests).
+    #[inline]
+    pub fn state(&self) -> &S::MapState {
+        // INVARIANT: `state` is Some until drop.
+        self.state.as_ref().unwrap_or_else(|| unreachable!("map state taken before drop"))
+    }
+
+    /// Loads `src` for a transfer in direction `dir` and returns its segments.
+    ///
+    /// Errors (the map stays unloaded, nothing is leaked): [`Error::BadState`] (already
+    /// loaded), [`Error::ZeroSize`], [`Error::BadSize`] (beyond `max_size`),
+    /// [`Error::TooManySegments`], [`Error::LimitExceeded`] (more physical runs than the map
+    /// can track), [`Error::Unsupported`] (a bounce would be needed: the bounce hook), the
+    /// source's and the strategy's errors.
+    pub fn load<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<&[Segment]> {
+        if self.loaded.is_some() {
+            return Err(Error::BadState { what: "load into a map that is already loaded" });
+        }
+        match self.load_inner(src, dir) {
+            Ok(len) => {
+                self.loaded = Some(Loaded { dir, len, device_writing: false });
+                #[cfg(feature = "dma-debug")]
+                self.tag.debug.loaded(
+                    self.tag.id,
+                    self.id,
+                    self.segs.first().map_or(0, |s| s.addr.raw()),
+                    len,
+                );
+                Ok(&self.segs)
+            }
+            Err(e) => {
+                self.runs.clear();
+                self.segs.clear();
+                Err(e)
+            }
+        }
+    }
+
+    fn load_inner<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<u64> {
+        let spec = &self.tag.spec;
+        let (runs, max_runs) = (&mut self.runs, self.max_runs);
+        runs.clear();
+        let mut total: u64 = 0;
+        src.for_each_run(self.tag.platform, |r| {
+            if r.len == 0 {
+                return Err(Error::ZeroSize);
+            }
+            total = total.checked_add(r.len).ok_or(Error::Overflow { base: total, len: r.len })?;
+            if total > spec.max_size {
+                return Err(Error::BadSize { size: total, limit: spec.max_size });
+            }
+            if let Some(last) = runs.last_mut() {
+                if last.joins(&r) {
+                    last.len += r.len;
+                    return Ok(());
+                }
+            }
+            if runs.len() == max_runs {
+                return Err(Error::LimitExceeded {
+                    what: "physical runs per load (max_segments + pages of max_size + 1)",
+                    requested: max_runs as u64 + 1,
+                    limit: max_runs as u64,
+                });
+            }
+            // INVARIANT: len < max_runs <= capacity: no allocation.
+            runs.push(r);
+            Ok(())
+        })?;
+        if total == 0 {
+            return Err(Error::ZeroSize);
+        }
+        let mut b = SegmentBuilder::new(&mut self.segs, Constraints::of(spec));
+        let state = self.state.as_mut().ok_or(Error::BadState { what: "map state missing" })?;
+        self.tag.strategy.load(self.tag.platform, spec, state, &self.runs, dir, &mut b)?;
+        if let Err(e) = b.finish() {
+            // The strategy placed everything but the tag forbids the result: undo it.
+            self.tag.strategy.unload(self.tag.platform, state, &self.runs, &[]);
+            return Err(e);
+        }
+        Ok(total)
+    }
+
+    /// Makes the CPU's and the device's views agree ([`super::cache_sync`]).
+    ///
+    /// Errors: [`Error::BadState`] (not loaded), [`Error::InvalidArgument`] (an operation the
+    /// load's direction does not allow; value: the operation's bits).
+    pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
+        let Some(l) = self.loaded.as_mut() else {
+            return Err(Error::BadState { what: "sync of a map that is not loaded" });
+        };
+        if !l.dir.allows(op) {
+            #[cfg(feature = "dma-debug")]
+            self.tag.debug.report(super::debug::Violation::SyncWrongDirection {
+                tag: self.tag.id,
+                map: self.id,
+                dir: l.dir,
+                op,
+                bus: self.segs.first().map_or(0, |s| s.addr.raw()),
+            });
+            return Err(Error::InvalidArgument {
+                what: "sync operation for the load's direction",
+                value: u64::from(op.bits()),
+            });
+        }
+        let st = sync_runs(self.tag.platform, &self.runs, op, self.tag.spec.flags.coherent);
+        if op.contains(SyncOp::PREREAD) {
+            l.device_writing = true;
+        }
+        if op.contains(SyncOp::POSTREAD) {
+            l.device_writing = false;
+        }
+        Ok(st)
+    }
+
+    /// Unloads the map: the device can no longer reach the buffer once this returns (strict
+    /// invalidation) or once the domain's next flush completes (deferred).
+    ///
+    /// Errors: [`Error::BadState`] (not loaded: a double unload).
+    pub fn unload(&mut self) -> Result<()> {
+        if self.loaded.is_none() {
+            #[cfg(feature = "dma-debug")]
+            self.tag.debug.report(super::debug::Violation::DoubleUnload { tag: self.tag.id, map: self.id });
+            return Err(Error::BadState { what: "unload of a map that is not loaded" });
+        }
+        if let Some(state) = self.state.as_mut() {
+            self.tag.strategy.unload(self.tag.platform, state, &self.runs, &self.segs);
+        }
+        self.loaded = None;
+        self.runs.clear();
+        self.segs.clear();
+        #[cfg(feature = "dma-debug")]
+        self.tag.debug.unloaded(self.id);
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes at `offset` of the loaded buffer into `buf` (the CPU's view, by
+    /// copy: no reference to device-visible memory is ever formed).
+    ///
+    /// Errors: [`Error::BadState`] (not loaded, or the device may be writing: PREREAD without
+    /// POSTREAD), [`Error::OutOfRange`] (beyond the load).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let l = self.loaded.ok_or(Error::BadState { what: "CPU read of a map that is not loaded" })?;
+        if l.device_writing {
+            #[cfg(feature = "dma-debug")]
+            self.tag.debug.report(super::debug::Violation::CpuReadWithoutPostRead {
+                tag: self.tag.id,
+                map: self.id,
+                dir: l.dir,
+                offset,
+                len: buf.len() as u64,
+                bus: self.segs.first().map_or(0, |s| s.addr.raw()),
+            });
+            return Err(Error::BadState {
+                what: "CPU read of a buffer the device may be writing (no POSTREAD sync)",
+            });
+        }
+        let p = self.tag.platform;
+        let mut done = 0usize;
+        self.walk(offset, buf.len() as u64, |pa, at, n| {
+            p.read_phys(pa, &mut buf[at..at + n])?;
+            done += n;
+            Ok(())
+        })
+    }
+
+    /// Copies `data` into the loaded buffer at `offset` (the CPU's view, by copy).
+    ///
+    /// Errors: [`Error::BadState`] (not loaded), [`Error::OutOfRange`] (beyond the load).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.loaded.is_none() {
+            return Err(Error::BadState { what: "CPU write to a map that is not loaded" });
+        }
+        let p = self.tag.platform;
+        self.walk(offset, data.len() as u64, |pa, at, n| p.write_phys(pa, &data[at..at + n]))
+    }
+
+    /// Calls `f(pa, buffer_offset_relative_to_offset, len)` for each physical piece of
+    /// `[offset, offset + len)` of the load.
+    fn walk(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(PhysAddr, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let end = offset.checked_add(len).ok_or(Error::Overflow { base: offset, len })?;
+        if end > self.len() {
+            return Err(Error::OutOfRange { addr: end, limit: self.len() });
+        }
+        let mut pos = 0u64;
+        for r in &self.runs {
+            let (rs, re) = (pos, pos + r.len);
+            pos = re;
+            let (s, e) = (rs.max(offset), re.min(end));
+            if s >= e {
+                continue;
+            }
+            let pa = PhysAddr::new(r.pa.raw() + (s - rs));
+            f(pa, (s - offset) as usize, (e - s) as usize)?;
+        }
+        Ok(())
+    }
+}
+
+impl<P: Platform, S: Strategy<P>> Drop for DmaMap<'_, '_, P, S> {
+    fn drop(&mut self) {
+        if self.loaded.is_some() {
+            let _ = self.unload();
+        }
+        if let Some(state) = self.state.take() {
+            self.tag.strategy.destroy(self.tag.platform, state);
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The bus_dma front end: what a driver author touches.
+//!
+//! # Theory
+//!
+//! 1. **Objects** (FreeBSD/OpenBSD bus_dma, seed 002): a [`tag::Tag`] states a device's
+//!    constraints and carries the strategy that serves them; a [`map::DmaMap`] holds one load at
+//!    a time; a load source ([`load::LoadSource`]) is anything that reduces to physical runs
+//!    `(PA, len, kind)`; a load yields [`segments::Segment`]s of bus addresses that honour
+//!    every constraint of the tag ([`segments`]); [`cache_sync`] makes the CPU's and the
+//!    device's views agree; [`coherent`] allocates memory meeting a tag.
+//! 2. **Layers.** Front end (this module) → strategy ([`strategy`]: direct, the IOMMU
+//!    strategies, identity; bounce buffering at the [`strategy::bounce_hook`]) → mechanisms
+//!    (IOVA allocator, page tables, invalidation) → the platform seam. The front end itself
+//!    does no mapping: it collects runs, asks the strategy to place them, and checks the result.
+//! 3. **The hot path** (`load`, `sync`, `unload`) is monomorphic over the strategy and never
+//!    allocates: every array a load needs is sized at map create from the tag.
+//! 4. **Failure leaves nothing behind.** Every load either succeeds or leaves the map exactly
+//!    as before, with every IOVA, table entry and reference it took released.
+//! 5. **Misuse is refused** (a load into a loaded map, a sync or unload of an unloaded map, a
+//!    wrong-direction sync, a map used through another tag, a CPU read while the device may be
+//!    writing) with an error; with the `dma-debug` feature it is also reported with every
+//!    argument (`debug`, feature `dma-debug`). The typed API ([`typed`]) makes direction and ownership compile-time
+//!    properties.
+//!
+//! ## Example
+//!
+//! ```
+//! use busdma::front::{Direct, Direction, KernelBuf, SyncOp, Tag, TagSpec};
+//! # fn demo<P: busdma::Platform>(platform: &P, kva: busdma::KernVa) -> busdma::Result<()> {
+//! let tag = Tag::new_root(platform, Direct, TagSpec::new(64 * 1024, 16))?;
+//! let mut map = tag.create_map()?;
+//! let segs = map.load(&KernelBuf { kva, len: 1500 }, Direction::ToDevice)?;
+//! assert!(!segs.is_empty());
+//! map.sync(SyncOp::PREWRITE)?;
+//! // ... the device reads ...
+//! map.sync(SyncOp::POSTWRITE)?;
+//! map.unload()?; // or just drop the map
+//! # Ok(()) }
+//! ```
+#![deny(unsafe_code)]
+
+pub mod cache_sync;
+pub mod coherent;
+#[cfg(feature = "dma-debug")]
+pub mod debug;
+pub mod load;
+pub mod map;
+pub mod segments;
+pub mod strategy;
+pub mod tag;
+pub mod typed;
+
+pub use cache_sync::{SyncOp, SyncStats};
+pub use coherent::{Coherent, DmaMemory};
+pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEntry, SgList};
+pub use map::{Direction, DmaMap};
+pub use segments::{Constraints, Segment};
+pub use strategy::{Direct, Invalidation, Strategy};
+pub use tag::{Tag, TagFlags, TagSpec};

@@ -1,0 +1,130 @@
+//! Strategies: how a load's physical runs become bus addresses.
+//!
+//! # Theory
+//!
+//! 1. **One trait, one type per strategy.** [`Strategy`] has four steps matching the map's
+//!    life: `create` (reserve what can be reserved), `load` (place runs in bus space, feeding
+//!    the segment builder), `unload` (undo exactly what `load` did) and `destroy` (release the
+//!    reservation). A tag is generic over its strategy, so the per-packet path is monomorphic:
+//!    no virtual call, no allocation (per-map state lives in the map, sized at create).
+//! 2. **A failed load leaves nothing behind.** `load` either succeeds or returns the strategy's
+//!    per-map state to what `create` left, having released every IOVA, entry and reference it
+//!    took.
+//! 3. **The strategies** (see each file's theory):
+//!    - [`direct`]: no IOMMU; the bus address is the physical address; memory the device
+//!      cannot reach (beyond the DMA mask, misaligned) needs a bounce: [`bounce_hook`].
+//!    - `iommu_per_segment`, `iommu_per_map`, `iommu_reserved`, `identity`: through an IOMMU
+//!      domain (added as the IOMMU layer lands).
+//! 4. **The bounce hook.** Every "this run cannot be given to the device as it is" decision
+//!    goes through [`bounce_hook`], which names the run and the reason. Until bounce buffering
+//!    (`busdma::bounce`) plugs in there, it fails with [`Error::Unsupported`]; a run without a
+//!    page and without a kernel mapping can never be bounced and fails with a message saying so.
+#![forbid(unsafe_code)]
+
+pub mod direct;
+
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+use super::load::Run;
+use super::map::Direction;
+use super::segments::{Segment, SegmentBuilder};
+use super::tag::TagSpec;
+
+pub use direct::Direct;
+
+/// How a strategy invalidates IOTLBs (for reports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidation {
+    /// No IOMMU, nothing to invalidate.
+    None,
+    /// One ranged invalidation before unload returns.
+    Strict,
+    /// Queued, completed in batches later.
+    Deferred,
+}
+
+impl Invalidation {
+    /// The lower-case name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Invalidation::None => "none",
+            Invalidation::Strict => "strict",
+            Invalidation::Deferred => "deferred",
+        }
+    }
+}
+
+/// A way of turning physical runs into bus addresses. See the module theory.
+pub trait Strategy<P: Platform>: Clone {
+    /// The strategy's name in reports (`direct`, `iommu-per-map`, ...).
+    const NAME: &'static str;
+
+    /// Per-map state (an IOVA range, a reserved window, ...), created at map create.
+    type MapState;
+
+    /// The invalidation mode (for reports).
+    fn invalidation(&self) -> Invalidation;
+
+    /// Checks that the strategy can serve a root tag's spec (an IOMMU aperture that covers
+    /// the mask, say). Defaults to accepting.
+    fn check_tag(&self, _p: &P, _spec: &TagSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Creates a map's state (reserving resources if the strategy reserves).
+    fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState>;
+
+    /// Places `runs` (at least one, coalesced, total ≤ `spec.max_size`) in bus space, pushing
+    /// the bus runs into `segs` in order. On error, `state` is as `create` left it and every
+    /// resource the call took is released.
+    fn load(
+        &self,
+        p: &P,
+        spec: &TagSpec,
+        state: &mut Self::MapState,
+        runs: &[Run],
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()>;
+
+    /// Undoes a successful `load` of `runs` whose segments were `segs`.
+    fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]);
+
+    /// Releases the map's state (the map is unloaded).
+    fn destroy(&self, p: &P, state: Self::MapState);
+}
+
+/// Why a run cannot be given to the device as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BounceReason {
+    /// Some byte lies beyond the tag's DMA mask.
+    BeyondMask,
+    /// The run would open a segment at a bus address the tag's alignment forbids.
+    Misaligned,
+    /// An untrusted device would see the rest of a partially used page.
+    UntrustedSubPage,
+}
+
+/// The bounce hook: called for every run that needs bouncing, with the reason.
+///
+/// Bounce buffering (`busdma::bounce`) replaces this body: reserve a bounce page meeting the
+/// tag, record it in the map's state, return its bus address. Until then it fails:
+/// [`Error::Unsupported`] naming the reason, or, for a run that has neither a page nor a
+/// kernel mapping (seed 003's entries), the error that such a run can never be bounced.
+pub fn bounce_hook(run: &Run, reason: BounceReason) -> Error {
+    if !run.kind.bounceable() {
+        return Error::Unsupported {
+            what: "bounce of a run with no page and no kernel mapping (cannot be copied)",
+        };
+    }
+    Error::Unsupported {
+        what: match reason {
+            BounceReason::BeyondMask => "bounce buffering (not built yet): run beyond the tag's DMA mask",
+            BounceReason::Misaligned => "bounce buffering (not built yet): run misaligned for the tag",
+            BounceReason::UntrustedSubPage => {
+                "bounce buffering (not built yet): sub-page run for an untrusted device"
+            }
+        },
+    }
+}

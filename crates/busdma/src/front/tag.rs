@@ -1,0 +1,243 @@
+//! DMA tags: the constraints of a device, and the tree of tags that narrows them.
+//!
+//! # Theory
+//!
+//! 1. **A tag is a device's contract.** [`TagSpec`] says what bus addresses the device can use:
+//!    the DMA mask (highest address it can emit), the alignment of each segment's start, the
+//!    boundary no segment may cross, the longest segment, the most segments per load, the
+//!    largest load, and flags (coherent, untrusted, may-wait).
+//! 2. **Children only narrow.** A bridge or a driver derives a child from its parent's tag
+//!    ([`Tag::child`]). Every constraint of the child must be at least as strict as its
+//!    parent's: a wider one is an error ([`Error::InvalidArgument`] naming the field), never a
+//!    silent clamp, because a driver that asks for more than its bus allows has a bug.
+//!    Coherence cannot be claimed where the parent lacks it; untrusted cannot be cleared.
+//! 3. **A tag carries its strategy.** The strategy (direct, an IOMMU strategy, identity) is a
+//!    type parameter, so every load through a tag is one monomorphic call chain; children
+//!    share the parent's strategy handle (a clone: a reference to a domain, typically).
+//! 4. **Identity.** Each tag has a unique id. A map remembers the tag that created it; a load,
+//!    sync or unload through another tag is an error (and a debug-checker report).
+//!
+//! # Execution context
+//!
+//! Creating tags allocates (the debug checker's shared log only); it never sleeps.
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "dma-debug")]
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::addr::{PAGE_SIZE, is_pow2};
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+use super::strategy::Strategy;
+
+/// Flags of a tag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TagFlags {
+    /// The device snoops CPU caches: no cache maintenance at sync.
+    pub coherent: bool,
+    /// The device is assumed hostile: strict invalidation, sub-page buffers bounced.
+    pub untrusted: bool,
+    /// Loads may wait for resources (bounce pages); without it they fail at once.
+    pub may_wait: bool,
+}
+
+/// The constraints of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TagSpec {
+    /// Every segment starts at a bus address that is a multiple of this (a power of two ≥ 1).
+    pub alignment: u64,
+    /// No segment crosses a multiple of this (a power of two ≥ `alignment`), or 0 for none.
+    pub boundary: u64,
+    /// Highest bus address the device can emit, inclusive (`2^bits - 1` for a `bits`-bit
+    /// device).
+    pub dma_mask: u64,
+    /// Largest load, in bytes (> 0).
+    pub max_size: u64,
+    /// Most segments per load (≥ 1).
+    pub max_segments: u32,
+    /// Longest segment, in bytes (≥ `alignment`).
+    pub max_segment_size: u64,
+    /// Flags.
+    pub flags: TagFlags,
+}
+
+impl TagSpec {
+    /// A 64-bit device with no alignment or boundary constraint, loads of at most `max_size`
+    /// bytes in at most `max_segments` segments of any length.
+    pub const fn new(max_size: u64, max_segments: u32) -> Self {
+        Self {
+            alignment: 1,
+            boundary: 0,
+            // u64::MAX - 1 rather than u64::MAX: a range end of 2^64 is not representable
+            // (addr.rs, theory 2), so the last byte of the space is never mapped anyway.
+            dma_mask: u64::MAX - 1,
+            max_size,
+            max_segments,
+            max_segment_size: max_size,
+            flags: TagFlags { coherent: false, untrusted: false, may_wait: false },
+        }
+    }
+
+    /// The mask of a device that emits `bits`-bit addresses (12 ≤ bits ≤ 64).
+    pub const fn mask_of_bits(bits: u32) -> u64 {
+        if bits >= 64 { u64::MAX - 1 } else { (1u64 << bits) - 1 }
+    }
+
+    /// Checks the spec on its own.
+    ///
+    /// Errors: [`Error::BadAlignment`] (alignment or boundary not a power of two),
+    /// [`Error::ZeroSize`] (zero max size), [`Error::InvalidArgument`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if !is_pow2(self.alignment) {
+            return Err(Error::BadAlignment { align: self.alignment });
+        }
+        if self.boundary != 0 && !is_pow2(self.boundary) {
+            return Err(Error::BadAlignment { align: self.boundary });
+        }
+        if self.boundary != 0 && self.boundary < self.alignment {
+            return Err(Error::InvalidArgument {
+                what: "tag boundary smaller than its alignment",
+                value: self.boundary,
+            });
+        }
+        if self.max_size == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if self.max_segments == 0 {
+            return Err(Error::InvalidArgument { what: "tag max_segments (zero)", value: 0 });
+        }
+        if self.max_segment_size < self.alignment {
+            return Err(Error::InvalidArgument {
+                what: "tag max_segment_size smaller than its alignment",
+                value: self.max_segment_size,
+            });
+        }
+        // A device that cannot reach one whole page cannot be given any buffer.
+        if self.dma_mask < PAGE_SIZE - 1 {
+            return Err(Error::InvalidArgument { what: "tag dma_mask below one page", value: self.dma_mask });
+        }
+        Ok(())
+    }
+
+    /// Checks that `self` (a child) only narrows `parent`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the first constraint the child widens, with
+    /// the child's value.
+    pub fn check_narrows(&self, parent: &TagSpec) -> Result<()> {
+        let widen = |what, value| Err(Error::InvalidArgument { what, value });
+        if self.alignment < parent.alignment {
+            return widen("child tag alignment looser than its parent's", self.alignment);
+        }
+        if parent.boundary != 0 && (self.boundary == 0 || self.boundary > parent.boundary) {
+            return widen("child tag boundary looser than its parent's", self.boundary);
+        }
+        if self.dma_mask > parent.dma_mask {
+            return widen("child tag dma_mask above its parent's", self.dma_mask);
+        }
+        if self.max_size > parent.max_size {
+            return widen("child tag max_size above its parent's", self.max_size);
+        }
+        if self.max_segments > parent.max_segments {
+            return widen("child tag max_segments above its parent's", u64::from(self.max_segments));
+        }
+        if self.max_segment_size > parent.max_segment_size {
+            return widen("child tag max_segment_size above its parent's", self.max_segment_size);
+        }
+        if self.flags.coherent && !parent.flags.coherent {
+            return widen("child tag claims coherence its parent lacks", 1);
+        }
+        if parent.flags.untrusted && !self.flags.untrusted {
+            return widen("child tag clears its parent's untrusted flag", 0);
+        }
+        Ok(())
+    }
+}
+
+/// Source of tag and map ids. A plain `core` atomic (not the loom-swappable one): ids only
+/// need uniqueness, and a `static` cannot hold a loom atomic.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A DMA tag: constraints, the strategy that serves them, and the platform.
+///
+/// # Invariants
+///
+/// `spec` is valid ([`TagSpec::validate`]) and narrows the spec of every ancestor.
+pub struct Tag<'p, P: Platform, S: Strategy<P>> {
+    pub(crate) platform: &'p P,
+    pub(crate) strategy: S,
+    pub(crate) spec: TagSpec,
+    pub(crate) id: u64,
+    #[cfg(feature = "dma-debug")]
+    pub(crate) debug: Arc<super::debug::DomainWatch>,
+}
+
+impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
+    /// A root tag (a device's DMA domain in front-end terms) served by `strategy`.
+    ///
+    /// Errors: those of [`TagSpec::validate`], and the strategy's own check of the spec
+    /// ([`Strategy::check_tag`]).
+    pub fn new_root(platform: &'p P, strategy: S, spec: TagSpec) -> Result<Self> {
+        spec.validate()?;
+        strategy.check_tag(platform, &spec)?;
+        Ok(Self {
+            platform,
+            strategy,
+            spec,
+            id: next_id(),
+            #[cfg(feature = "dma-debug")]
+            debug: Arc::new(super::debug::DomainWatch::new()),
+        })
+    }
+
+    /// A child tag: `spec` must only narrow this tag's constraints (theory 2).
+    ///
+    /// Errors: those of [`TagSpec::validate`] and [`TagSpec::check_narrows`].
+    pub fn child(&self, spec: TagSpec) -> Result<Self> {
+        spec.validate()?;
+        spec.check_narrows(&self.spec)?;
+        Ok(Self {
+            platform: self.platform,
+            strategy: self.strategy.clone(),
+            spec,
+            id: next_id(),
+            #[cfg(feature = "dma-debug")]
+            debug: self.debug.clone(),
+        })
+    }
+
+    /// The constraints.
+    #[inline]
+    pub fn spec(&self) -> &TagSpec {
+        &self.spec
+    }
+
+    /// The tag's unique id.
+    #[inline]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The platform.
+    #[inline]
+    pub fn platform(&self) -> &'p P {
+        self.platform
+    }
+
+    /// The strategy.
+    #[inline]
+    pub fn strategy(&self) -> &S {
+        &self.strategy
+    }
+
+    /// The debug checker's log shared by this tag's tree (feature `dma-debug`).
+    #[cfg(feature = "dma-debug")]
+    pub fn debug_log(&self) -> Arc<super::debug::DebugLog> {
+        self.debug.log.clone()
+    }
+}

@@ -1,0 +1,163 @@
+//! Arm VMSAv8-64 stage 1 translation table descriptors, 4 KiB granule (Arm ARM, D8
+//! "The AArch64 Virtual Memory System Architecture": translation table descriptor formats),
+//! as an SMMUv2/v3 walks them for a stage-1 context (context descriptor TTB0, TG0 = 4 KiB).
+//!
+//! # The format
+//!
+//! A table is a 4 KiB page of 512 64-bit descriptors; each level resolves 9 bits. With a
+//! 4 KiB granule, a 39-bit input (T0SZ = 25) starts the walk at level 1 (3 levels) and a
+//! 48-bit input (T0SZ = 16) at level 0 (4 levels). Arm numbers levels from the root (0..3);
+//! this crate's *height* is `3 - level`.
+//!
+//! | bits | field | here |
+//! |---|---|---|
+//! | 1:0 | type: `x0` invalid; `11` table (levels 0-2) or page (level 3); `01` block (levels 1, 2) | |
+//! | 4:2 | AttrIndx: index into MAIR | [`ArmLpaeS1::ATTR_INDEX`] (Normal write-back, see [`ArmLpaeS1::MAIR`]) |
+//! | 5 | NS | 0 (the context's security state) |
+//! | 7:6 | AP[2:1]: AP[2] = 1 read-only; AP[1] = 1 unprivileged (EL0) access | AP[1] = 1 always; AP[2] = !write |
+//! | 9:8 | SH: shareability | `11` inner shareable |
+//! | 10 | AF: access flag; 0 faults on first access | 1 |
+//! | 11 | nG: not global | 0 |
+//! | 47:12 | output address (47:21 for 2 MiB blocks, 47:30 for 1 GiB blocks), or next table | |
+//! | 52 | contiguous hint | 0 |
+//! | 53 | PXN | 1 |
+//! | 54 | UXN / XN | 1: devices do not execute |
+//! | 63:59 | table descriptors: NSTable, APTable, UXNTable, PXNTable | 0 (no restriction) |
+//!
+//! - **AP[1] = 1.** An SMMU stage-1 transaction with unprivileged attributes is checked like
+//!   an EL0 access; Linux io-pgtable-arm sets AP[1] for the same reason: devices are usually
+//!   unprivileged, and the rights are then exactly AP[2].
+//! - **Rights.** Stage 1 has no "no read" encoding: every valid descriptor allows reads. A
+//!   write-only request is therefore mapped read-write ([`PteFormat::effective_prot`] says so,
+//!   and [`PteFormat::prot`] reads the entry back as read-write).
+//! - **Output width.** Without FEAT_LPA2, 4 KiB-granule descriptors hold output addresses of
+//!   48 bits (bits 47:12).
+//! - **Blocks** at level 1 (1 GiB) and level 2 (2 MiB); a level-0 block does not exist with a
+//!   4 KiB granule, so height 3 is always a table.
+#![forbid(unsafe_code)]
+
+use super::{Prot, PteFormat};
+use crate::addr::PhysAddr;
+use crate::error::{Error, Result};
+
+/// The Arm LPAE stage-1 format, 4 KiB granule.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ArmLpaeS1;
+
+/// Bit 0: valid.
+const VALID: u64 = 1 << 0;
+/// Bits 1:0 = `11`: table (heights 1-3) or page (height 0).
+const TYPE_TABLE_OR_PAGE: u64 = 0b11;
+/// Bits 1:0 = `01`: block (heights 1, 2).
+const TYPE_BLOCK: u64 = 0b01;
+/// Bits 1:0 mask.
+const TYPE_MASK: u64 = 0b11;
+/// Bits 4:2: AttrIndx.
+const ATTR_INDX_SHIFT: u32 = 2;
+/// Bit 6: AP[1], unprivileged access.
+const AP_UNPRIV: u64 = 1 << 6;
+/// Bit 7: AP[2], read-only.
+const AP_RDONLY: u64 = 1 << 7;
+/// Bits 9:8 = `11`: inner shareable.
+const SH_INNER: u64 = 0b11 << 8;
+/// Bit 10: access flag.
+const AF: u64 = 1 << 10;
+/// Bit 53: privileged execute never.
+const PXN: u64 = 1 << 53;
+/// Bit 54: (unprivileged) execute never.
+const UXN: u64 = 1 << 54;
+/// Output address, bits 47:12.
+const ADDR_MASK: u64 = ((1 << 48) - 1) & !0xfff;
+
+impl ArmLpaeS1 {
+    /// The MAIR index every leaf uses: attribute 0.
+    pub const ATTR_INDEX: u64 = 0;
+    /// The MAIR value (for the SMMU context descriptor's MAIR0) this format's leaves assume:
+    /// attribute 0 = `0xff`, Normal memory, inner and outer write-back, read- and
+    /// write-allocate, non-transient: the attribute of ordinary DMA buffers for a coherent
+    /// device. Other attributes are 0 (Device-nGnRnE), unused.
+    pub const MAIR: u64 = 0xff;
+}
+
+impl PteFormat for ArmLpaeS1 {
+    const NAME: &'static str = "arm-lpae-s1";
+    const OUTPUT_BITS: u32 = 48;
+    const MAX_LEAF_HEIGHT: u32 = 2;
+
+    fn effective_prot(prot: Prot) -> Result<Prot> {
+        if !prot.read && !prot.write {
+            return Err(Error::InvalidArgument { what: "rights: neither read nor write", value: 0 });
+        }
+        // Stage 1 cannot deny reads of a valid entry (module docs).
+        Ok(Prot { read: true, write: prot.write })
+    }
+
+    #[inline]
+    fn is_present(pte: u64) -> bool {
+        pte & VALID != 0
+    }
+
+    #[inline]
+    fn is_leaf(pte: u64, height: u32) -> bool {
+        height == 0 || (height <= Self::MAX_LEAF_HEIGHT && pte & TYPE_MASK == TYPE_BLOCK)
+    }
+
+    #[inline]
+    fn make_table(table: PhysAddr) -> u64 {
+        (table.raw() & ADDR_MASK) | TYPE_TABLE_OR_PAGE
+    }
+
+    #[inline]
+    fn make_leaf(pa: PhysAddr, prot: Prot, height: u32) -> u64 {
+        let ty = if height == 0 { TYPE_TABLE_OR_PAGE } else { TYPE_BLOCK };
+        let ro = if prot.write { 0 } else { AP_RDONLY };
+        (pa.raw() & ADDR_MASK)
+            | ty
+            | (Self::ATTR_INDEX << ATTR_INDX_SHIFT)
+            | AP_UNPRIV
+            | ro
+            | SH_INNER
+            | AF
+            | PXN
+            | UXN
+    }
+
+    #[inline]
+    fn output(pte: u64, _height: u32) -> PhysAddr {
+        PhysAddr::new(pte & ADDR_MASK)
+    }
+
+    #[inline]
+    fn prot(pte: u64) -> Prot {
+        Prot { read: true, write: pte & AP_RDONLY == 0 }
+    }
+
+    #[inline]
+    fn split_block(pte: u64, height: u32) -> u64 {
+        // Children keep every attribute; at level 3 (height 0) the type becomes "page".
+        if height == 1 { (pte & !TYPE_MASK) | TYPE_TABLE_OR_PAGE } else { pte }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lpae_entries_have_the_spec_bit_layout() {
+        let pa = PhysAddr::new(0x8_1234_5000);
+        // page, RW: type 11, AP[1], SH 11, AF, PXN, UXN.
+        assert_eq!(ArmLpaeS1::make_leaf(pa, Prot::READ_WRITE, 0), 0x0060_0008_1234_5743);
+        // read-only adds AP[2].
+        assert_eq!(ArmLpaeS1::make_leaf(pa, Prot::READ, 0), 0x0060_0008_1234_57c3);
+        // 2 MiB block: type 01.
+        let blk = ArmLpaeS1::make_leaf(PhysAddr::new(0x4020_0000), Prot::READ_WRITE, 1);
+        assert_eq!(blk, 0x0060_0000_4020_0741);
+        assert!(ArmLpaeS1::is_leaf(blk, 1) && !ArmLpaeS1::is_leaf(ArmLpaeS1::make_table(pa), 1));
+        assert_eq!(ArmLpaeS1::make_table(pa), 0x8_1234_5003);
+        assert!(!ArmLpaeS1::is_leaf(0x741, 3), "no level-0 blocks with a 4 KiB granule");
+        assert_eq!(ArmLpaeS1::split_block(blk, 1), 0x0060_0000_4020_0743);
+        assert_eq!(ArmLpaeS1::effective_prot(Prot::WRITE), Ok(Prot::READ_WRITE));
+        assert!(ArmLpaeS1::effective_prot(Prot { read: false, write: false }).is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! IO page tables in real hardware formats: a generic walker over formats that know only bits.
+//!
+//! # Theory
+//!
+//! 1. **Format apart from walker.** A [`PteFormat`] knows how one 64-bit entry encodes "not
+//!    present", "next table at PA", "leaf for PA with these rights" at a given *height* (0 =
+//!    the last level, whose entries map 4 KiB; 1 maps 2 MiB; 2 maps 1 GiB; 3 maps 512 GiB).
+//!    The walker ([`PageTable`]) knows the shape every supported format shares (4 KiB tables
+//!    of 512 entries, 9 bits of input address per level, 3 levels for 39-bit and 4 for 48-bit
+//!    input) and nothing of the bits. Two formats exist: [`VtdSl`] (Intel VT-d second level)
+//!    and [`ArmLpaeS1`] (Arm VMSAv8-64 stage 1, 4 KiB granule, as SMMUv2/v3 walk it). Each is
+//!    documented from its specification at the top of its file.
+//! 2. **Batches and blocks.** [`PageTable::map`] maps a run of pages in one call, descending
+//!    once per table it touches, not once per page. Where the run covers a whole 2 MiB or
+//!    1 GiB span, IOVA and PA both aligned to it, the walker writes one block entry instead of
+//!    a table of pages (up to the table's `max_leaf`, see [`PageTable::with_max_leaf`]).
+//!    [`PageTable::unmap`] of part of a block first replaces the block by a table of the next
+//!    smaller leaves mapping the same memory (a *split*), then clears the part unmapped.
+//! 3. **Lock-free table installation; callers own disjoint ranges.** Many threads map and
+//!    unmap one table at once, without a lock, on the rule that at any moment each IOVA
+//!    belongs to at most one caller (the IOVA allocator makes it so). Two callers whose ranges
+//!    share a missing intermediate table both allocate one and race to install it by
+//!    compare-and-swap on the parent entry ([`install::table_or_install`]); the loser gives its
+//!    page back (it was never reachable, so no flush is needed) and descends into the
+//!    winner's. Leaf entries are written with plain atomic stores: only their owner writes them.
+//! 4. **Who may free a table.** A table page is detached only by a call whose range covers
+//!    the table's whole span: no other caller can own an address below it, so nobody else can
+//!    be walking through it. A table left empty by a *partial* unmap stays installed (Linux
+//!    io-pgtable does the same); it holds no translation and is reused by the next map below
+//!    it, and freed by a later covering unmap or when the table is dropped.
+//! 5. **Nothing is reused before the hardware has forgotten it.** Unmap clears entries and
+//!    fills a [`Gather`]: the IOVA range the IOTLB must forget and the detached table pages
+//!    (walk caches may still point at them). Those pages go back to the pool only through
+//!    [`Gather::release_after_flush`], which takes a [`FlushDone`]: the proof, made by the
+//!    invalidation code, that an invalidation covering the range has completed.
+//! 6. **Errors, not panics, and no partial effects.** Every argument is checked before any
+//!    entry changes (alignment, input and output width, rights). Map fails on the first entry
+//!    already in use ([`Error::AlreadyMapped`]) or allocation failure ([`Error::NoMemory`]) and
+//!    then clears every leaf it wrote, so nothing it did translates any more (intermediate
+//!    tables it installed stay, empty and reachable, by rule 4; a device may have cached the
+//!    partial translation, so the caller invalidates the range before reusing the IOVA).
+//!    Unmap checks the whole range is mapped ([`Error::NotMapped`]) and takes every page a
+//!    split needs from the pool *before* it changes anything, so it fails with no effect.
+//! 7. **Non-coherent walkers.** When the IOMMU does not snoop the CPU caches (VT-d with
+//!    `ECAP.C = 0`), every entry written is cleaned to memory with [`Platform::cache_clean`]
+//!    before it can matter: a new table page is cleaned whole before the entry pointing to it
+//!    is written, and written entries are cleaned in runs (one call per run per table).
+//!    [`PageTableConfig::coherent_walker`] turns this off for snooping walkers.
+//! 8. **Descriptor pools.** Table pages come from a [`TablePool`]: per-CPU caches in front of
+//!    a shared depot in front of [`Platform::alloc_table_page`] (seed 002's per-CPU PTED
+//!    pools). Pages come back zeroed; every allocation point can be made to fail on purpose.
+//!
+//! # Execution context
+//!
+//! Map, unmap and lookups never sleep and may run with preemption disabled; map and unmap
+//! take the caller's [`CpuGuard`](crate::CpuGuard) because the pool's per-CPU caches are
+//! indexed by it.
+//!
+//! [`Platform::cache_clean`]: crate::Platform::cache_clean
+//! [`Platform::alloc_table_page`]: crate::Platform::alloc_table_page
+//! [`Error::AlreadyMapped`]: crate::Error::AlreadyMapped
+//! [`Error::NoMemory`]: crate::Error::NoMemory
+//! [`Error::NotMapped`]: crate::Error::NotMapped
+
+mod format;
+mod gather;
+pub mod install;
+mod lpae;
+mod pool;
+mod vtd;
+mod walker;
+
+pub use format::{PteFormat, height_shift, height_span};
+pub use gather::{FlushDone, Gather};
+pub use lpae::ArmLpaeS1;
+pub use pool::{PoolStats, TablePool};
+pub use vtd::VtdSl;
+pub use walker::{PageTable, PageTableConfig};
+
+/// A device's access rights to a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prot {
+    /// The device may read (DMA to the device).
+    pub read: bool,
+    /// The device may write (DMA from the device).
+    pub write: bool,
+}
+
+impl Prot {
+    /// Read only.
+    pub const READ: Prot = Prot { read: true, write: false };
+    /// Write only (a format that cannot express it grants read too; see the format).
+    pub const WRITE: Prot = Prot { read: false, write: true };
+    /// Read and write.
+    pub const READ_WRITE: Prot = Prot { read: true, write: true };
+}

@@ -1,0 +1,628 @@
+//! The generic walker: map, unmap, split and lookup over any [`PteFormat`].
+//!
+//! See the module documentation of [`crate::pgtable`] for the theory; this file follows it
+//! rule by rule, with a comment at each ordering hazard.
+
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::format::{ENTRIES, height_shift, height_span};
+use super::install::{self, Next, TableSource};
+use super::{Gather, Prot, PteFormat, TablePool};
+use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PageSize, PhysAddr};
+use crate::error::{Error, Result};
+use crate::platform::{CpuGuard, Platform, TablePage};
+
+/// Splits one unmap may need: at each end of the range, a 1 GiB block splits into 2 MiB
+/// blocks and the 2 MiB block holding the end splits into 4 KiB pages: 2 per end, 2 ends.
+const MAX_SPLITS: usize = 4;
+
+/// The shape of a page table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageTableConfig {
+    /// Input (IOVA) address width: 39 (3 levels) or 48 (4 levels).
+    pub input_bits: u32,
+    /// True if the IOMMU's table walker snoops the CPU caches (VT-d `ECAP.C = 1`, SMMU with
+    /// coherent walks). False: every table update is cleaned to memory with
+    /// [`Platform::cache_clean`] before it matters.
+    pub coherent_walker: bool,
+}
+
+/// An IO page table in format `F`, its pages from a [`TablePool`].
+///
+/// `Send + Sync`: every operation takes `&self`; concurrent callers must work on disjoint IOVA
+/// ranges (the module's rule 3).
+///
+/// # Invariants
+///
+/// - `root` and every table reachable from it came from `pool` and stay allocated while
+///   reachable; entries are accessed only atomically.
+/// - Every present entry was built by `F` for its height.
+pub struct PageTable<'p, P: Platform, F: PteFormat> {
+    pool: &'p TablePool<'p, P>,
+    root: TablePage,
+    levels: u32,
+    input_bits: u32,
+    coherent: bool,
+    max_leaf_height: u32,
+    _format: PhantomData<fn() -> F>,
+}
+
+/// The map walk's state.
+struct MapCtx<'a, 'p, P: Platform> {
+    pool: &'a TablePool<'p, P>,
+    g: &'a CpuGuard<'a, P>,
+    prot: Prot,
+    coherent: bool,
+    /// Set by `published`: the last install was ours, its parent entry needs a clean.
+    installed: bool,
+    /// Every leaf of `[start, done)` was written by this call.
+    done: u64,
+}
+
+impl<P: Platform> TableSource for MapCtx<'_, '_, P> {
+    type Page = TablePage;
+
+    fn alloc_table(&mut self) -> Result<(PhysAddr, TablePage)> {
+        let page = self.pool.alloc(self.g)?;
+        if !self.coherent {
+            // Non-coherent walker: the zeroed page must be in memory before any entry points
+            // to it.
+            self.pool.platform().cache_clean(page.kva(), PAGE_SIZE);
+        }
+        Ok((page.pa(), page))
+    }
+
+    fn published(&mut self, _page: TablePage) {
+        self.installed = true;
+    }
+
+    fn discard(&mut self, page: TablePage) {
+        self.pool.free_zeroed(self.g, page);
+    }
+}
+
+/// The unmap walk's state.
+struct UnmapCtx<'a> {
+    spares: [Option<TablePage>; MAX_SPLITS],
+    gather: &'a mut Gather,
+}
+
+fn entry(t: &TablePage, i: usize) -> Result<&AtomicU64> {
+    t.entry(i).ok_or(Error::OutOfRange { addr: i as u64, limit: ENTRIES as u64 })
+}
+
+#[inline]
+fn index(addr: u64, height: u32) -> usize {
+    ((addr >> height_shift(height)) as usize) & (ENTRIES - 1)
+}
+
+/// End of the entry at `height` holding `a`, clipped to `end`.
+#[inline]
+fn chunk_end(a: u64, end: u64, height: u32) -> u64 {
+    let span = height_span(height);
+    // a < 2^48, so this does not overflow.
+    ((a | (span - 1)) + 1).min(end)
+}
+
+fn check_aligned(value: u64) -> Result<()> {
+    if value % PAGE_SIZE != 0 { Err(Error::Misaligned { value, align: PAGE_SIZE }) } else { Ok(()) }
+}
+
+impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
+    /// An empty table: one zeroed root page from `pool`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an input width the format does not support;
+    /// [`Error::NoMemory`].
+    pub fn new(pool: &'p TablePool<'p, P>, cfg: PageTableConfig) -> Result<Self> {
+        let levels = F::levels(cfg.input_bits)?;
+        let root = {
+            let g = pool.platform().pin_cpu();
+            let root = pool.alloc(&g)?;
+            if !cfg.coherent_walker {
+                pool.platform().cache_clean(root.kva(), PAGE_SIZE);
+            }
+            root
+        };
+        Ok(Self {
+            pool,
+            root,
+            levels,
+            input_bits: cfg.input_bits,
+            coherent: cfg.coherent_walker,
+            max_leaf_height: F::MAX_LEAF_HEIGHT,
+            _format: PhantomData,
+        })
+    }
+
+    /// The same table with leaves no larger than `size` (4 KiB: no blocks; 2 MiB: no 1 GiB
+    /// blocks). For hardware without large-page support (VT-d `CAP.SLLPS`) and for
+    /// comparisons with walkers that build only pages.
+    pub fn with_max_leaf(mut self, size: PageSize) -> Self {
+        let h = match size {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 1,
+            PageSize::Size1G => 2,
+        };
+        self.max_leaf_height = h.min(F::MAX_LEAF_HEIGHT);
+        self
+    }
+
+    /// The root table's physical address: what the hardware is programmed with (VT-d context
+    /// entry SLPTPTR, SMMU context descriptor TTB0).
+    pub fn root(&self) -> PhysAddr {
+        self.root.pa()
+    }
+
+    /// Number of levels (3 for 39-bit input, 4 for 48-bit).
+    pub fn levels(&self) -> u32 {
+        self.levels
+    }
+
+    /// Input address width in bits.
+    pub fn input_bits(&self) -> u32 {
+        self.input_bits
+    }
+
+    /// The first IOVA the table cannot map: `2^input_bits`.
+    pub fn input_limit(&self) -> u64 {
+        1 << self.input_bits
+    }
+
+    /// True if the walker snoops CPU caches (no cleaning).
+    pub fn coherent_walker(&self) -> bool {
+        self.coherent
+    }
+
+    /// The pool the table's pages come from.
+    pub fn pool(&self) -> &'p TablePool<'p, P> {
+        self.pool
+    }
+
+    fn top(&self) -> u32 {
+        self.levels - 1
+    }
+
+    fn platform(&self) -> &'p P {
+        self.pool.platform()
+    }
+
+    /// The table page at `pa`, found in a present non-leaf entry.
+    fn table_at(&self, pa: PhysAddr) -> Result<TablePage> {
+        let kva = self.platform().phys_to_kva(pa).ok_or(Error::NotDirectMapped { pa: pa.raw() })?;
+        // SAFETY: `pa` was read from a present table entry of this page table, which only ever
+        // points to pool pages (direct-mapped, from `alloc_table_page`) that stay allocated
+        // while reachable; callers own disjoint ranges, and only a caller whose range covers a
+        // table's whole span detaches it, so no other caller is walking it.
+        Ok(unsafe { TablePage::new(pa, kva) })
+    }
+
+    /// Cleans entries `[first, first + n)` of `t` to memory for a non-coherent walker.
+    #[inline]
+    fn clean(&self, t: &TablePage, first: usize, n: usize) {
+        if !self.coherent && n > 0 {
+            let kva = KernVa::new(t.kva().raw() + first as u64 * 8);
+            self.platform().cache_clean(kva, n as u64 * 8);
+        }
+    }
+
+    /// Checks `[start, start + len)` fits the input width; returns its end.
+    fn check_input(&self, start: u64, len: u64) -> Result<u64> {
+        let end = start.checked_add(len).ok_or(Error::Overflow { base: start, len })?;
+        let limit = self.input_limit();
+        if end > limit {
+            return Err(Error::OutOfRange { addr: start.max(limit), limit });
+        }
+        Ok(end)
+    }
+
+    // ---- map ---------------------------------------------------------------------------
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` with rights `prot`, using blocks where
+    /// the run is aligned and long enough.
+    ///
+    /// Errors (nothing changed, except empty intermediate tables may remain; see the module's
+    /// rule 6): [`Error::ZeroSize`]; [`Error::Misaligned`] (IOVA, PA or length not 4 KiB
+    /// multiples); [`Error::Overflow`]; [`Error::OutOfRange`] (IOVA beyond the input width,
+    /// PA beyond the format's output width); [`Error::InvalidArgument`] (no rights);
+    /// [`Error::AlreadyMapped`] with the first mapped IOVA met; [`Error::NoMemory`].
+    pub fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        check_aligned(iova.raw())?;
+        check_aligned(pa.raw())?;
+        check_aligned(len)?;
+        let prot = F::effective_prot(prot)?;
+        let end = self.check_input(iova.raw(), len)?;
+        let pa_end = pa.raw().checked_add(len).ok_or(Error::Overflow { base: pa.raw(), len })?;
+        let out_limit = 1u64 << F::OUTPUT_BITS;
+        if pa_end > out_limit {
+            return Err(Error::OutOfRange { addr: pa.raw().max(out_limit), limit: out_limit });
+        }
+        let mut ctx =
+            MapCtx { pool: self.pool, g, prot, coherent: self.coherent, installed: false, done: iova.raw() };
+        let r = self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw());
+        if r.is_err() && ctx.done > iova.raw() {
+            // Roll back: clear every leaf this call wrote. Tables stay (rule 4).
+            let _ = self.clear_leaves(self.root, self.top(), iova.raw(), ctx.done);
+        }
+        r
+    }
+
+    /// Maps `[a, end)` (inside table `t`'s span, at `height`) to `pa...`.
+    fn map_in(
+        &self,
+        ctx: &mut MapCtx<'_, '_, P>,
+        t: TablePage,
+        height: u32,
+        mut a: u64,
+        end: u64,
+        mut pa: u64,
+    ) -> Result<()> {
+        if height == 0 {
+            return self.map_pages(ctx, &t, a, end, pa);
+        }
+        let span = height_span(height);
+        while a < end {
+            let i = index(a, height);
+            let e = chunk_end(a, end, height);
+            let slot = entry(&t, i)?;
+            let whole = a % span == 0 && e - a == span && pa % span == 0;
+            if whole && height <= self.max_leaf_height {
+                // Acquire: if another caller installed a table here earlier, see its contents.
+                let cur = slot.load(Ordering::Acquire);
+                if cur == 0 {
+                    // Relaxed suffices: only the owner of [a, e) writes this entry, and the
+                    // hardware uses it only after the caller publishes the IOVA to the device,
+                    // which orders with the platform's DMA barrier / MMIO doorbell.
+                    slot.store(F::make_leaf(PhysAddr::new(pa), ctx.prot, height), Ordering::Relaxed);
+                    self.clean(&t, i, 1);
+                    ctx.done = e;
+                    a = e;
+                    pa += span;
+                    continue;
+                }
+                if F::is_leaf(cur, height) {
+                    return Err(Error::AlreadyMapped { addr: a });
+                }
+                // An empty table left by a partial unmap: map below it (it cannot be replaced
+                // by a block without a flush; map has no gather).
+            }
+            let next = install::table_or_install::<F, _, _>(slot, height, ctx)?;
+            if core::mem::take(&mut ctx.installed) {
+                // Non-coherent walker: the new table was cleaned before the CAS; now the entry.
+                self.clean(&t, i, 1);
+            }
+            match next {
+                Next::Table(tpa) => {
+                    let child = self.table_at(tpa)?;
+                    self.map_in(ctx, child, height - 1, a, e, pa)?;
+                }
+                Next::Leaf(_) => return Err(Error::AlreadyMapped { addr: a }),
+            }
+            pa += e - a;
+            a = e;
+        }
+        Ok(())
+    }
+
+    /// Writes 4 KiB leaves for `[a, end)` in the last-level table `t`.
+    fn map_pages(&self, ctx: &mut MapCtx<'_, '_, P>, t: &TablePage, a: u64, end: u64, pa: u64) -> Result<()> {
+        let first = index(a, 0);
+        let n = ((end - a) / PAGE_SIZE) as usize;
+        for k in 0..n {
+            let slot = entry(t, first + k)?;
+            if slot.load(Ordering::Relaxed) != 0 {
+                self.clean(t, first, k);
+                ctx.done = a + k as u64 * PAGE_SIZE;
+                return Err(Error::AlreadyMapped { addr: ctx.done });
+            }
+            // Relaxed: as for blocks in `map_in`, only the owner writes, and the device sees
+            // the IOVA only after the caller's DMA barrier.
+            slot.store(
+                F::make_leaf(PhysAddr::new(pa + k as u64 * PAGE_SIZE), ctx.prot, 0),
+                Ordering::Relaxed,
+            );
+        }
+        self.clean(t, first, n);
+        ctx.done = end;
+        Ok(())
+    }
+
+    /// Clears every leaf in `[a, end)`, keeping tables (map's rollback). `[a, end)` holds only
+    /// whole leaves this call wrote.
+    fn clear_leaves(&self, t: TablePage, height: u32, mut a: u64, end: u64) -> Result<()> {
+        while a < end {
+            let i = index(a, height);
+            let e = chunk_end(a, end, height);
+            let slot = entry(&t, i)?;
+            let cur = slot.load(Ordering::Acquire);
+            if F::is_present(cur) {
+                if F::is_leaf(cur, height) {
+                    slot.store(0, Ordering::Relaxed);
+                    self.clean(&t, i, 1);
+                } else {
+                    let child = self.table_at(F::output(cur, height))?;
+                    self.clear_leaves(child, height - 1, a, e)?;
+                }
+            }
+            a = e;
+        }
+        Ok(())
+    }
+
+    // ---- unmap -------------------------------------------------------------------------
+
+    /// Unmaps `range`, splitting blocks it covers partly. Adds the cleared range and the
+    /// detached table pages to `gather`; the caller invalidates the IOTLB for
+    /// [`Gather::range`] and then releases the pages with [`Gather::release_after_flush`].
+    ///
+    /// Errors (nothing changed): [`Error::Misaligned`]; [`Error::OutOfRange`] (beyond the
+    /// input width); [`Error::NotMapped`] with the first IOVA of the range not mapped;
+    /// [`Error::NoMemory`] (a split needs a page and none is left).
+    pub fn unmap(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>, gather: &mut Gather) -> Result<()> {
+        let (start, end) = (range.start().raw(), range.end().raw());
+        if start == end {
+            return Err(Error::ZeroSize);
+        }
+        check_aligned(start)?;
+        check_aligned(end)?;
+        self.check_input(start, end - start)?;
+        let mut splits = 0;
+        self.check_mapped(self.root, self.top(), start, end, &mut splits)?;
+        let mut ctx = UnmapCtx { spares: [None; MAX_SPLITS], gather };
+        for s in ctx.spares.iter_mut().take(splits) {
+            match self.pool.alloc(g) {
+                Ok(p) => *s = Some(p),
+                Err(e) => {
+                    self.return_spares(g, &mut ctx.spares);
+                    return Err(e);
+                }
+            }
+        }
+        let r = self.clear(&mut ctx, self.root, self.top(), start, end);
+        self.return_spares(g, &mut ctx.spares);
+        ctx.gather.add_range(range);
+        r
+    }
+
+    fn return_spares(&self, g: &CpuGuard<'_, P>, spares: &mut [Option<TablePage>; MAX_SPLITS]) {
+        for p in spares.iter_mut().filter_map(Option::take) {
+            // Never published; the split that took it filled and published it instead.
+            self.pool.free_zeroed(g, p);
+        }
+    }
+
+    /// Checks every page of `[a, end)` is mapped; counts the splits unmapping it needs.
+    fn check_mapped(
+        &self,
+        t: TablePage,
+        height: u32,
+        mut a: u64,
+        end: u64,
+        splits: &mut usize,
+    ) -> Result<()> {
+        let span = height_span(height);
+        while a < end {
+            let i = index(a, height);
+            let e = chunk_end(a, end, height);
+            let cur = entry(&t, i)?.load(Ordering::Acquire);
+            if !F::is_present(cur) {
+                return Err(Error::NotMapped { addr: a });
+            }
+            if F::is_leaf(cur, height) {
+                if a % span != 0 || e - a != span {
+                    *splits += split_cost(height, a, e);
+                }
+            } else {
+                self.check_mapped(self.table_at(F::output(cur, height))?, height - 1, a, e, splits)?;
+            }
+            a = e;
+        }
+        if *splits > MAX_SPLITS {
+            return Err(Error::BadState { what: "unmap would need more splits than two range ends can" });
+        }
+        Ok(())
+    }
+
+    /// Clears `[a, end)` (checked mapped) in table `t` at `height`.
+    fn clear(&self, ctx: &mut UnmapCtx<'_>, t: TablePage, height: u32, mut a: u64, end: u64) -> Result<()> {
+        let span = height_span(height);
+        let (first, mut last) = (index(a, height), index(a, height));
+        while a < end {
+            let i = index(a, height);
+            last = i;
+            let e = chunk_end(a, end, height);
+            let slot = entry(&t, i)?;
+            let cur = slot.load(Ordering::Acquire);
+            let whole = a % span == 0 && e - a == span;
+            if !F::is_present(cur) {
+                return Err(Error::NotMapped { addr: a });
+            }
+            if F::is_leaf(cur, height) {
+                if whole {
+                    slot.store(0, Ordering::Relaxed);
+                } else {
+                    let child = self.split(ctx, slot, cur, height)?;
+                    self.clear(ctx, child, height - 1, a, e)?;
+                }
+            } else {
+                let child = self.table_at(F::output(cur, height))?;
+                if whole && self.detach(ctx, slot, child, height - 1)? {
+                    // Detached: the subtree is in the gather, cleared with the entry.
+                } else {
+                    self.clear(ctx, child, height - 1, a, e)?;
+                }
+            }
+            a = e;
+        }
+        // One clean for the run of entries this table had written.
+        self.clean(&t, first, last + 1 - first);
+        Ok(())
+    }
+
+    /// Replaces the block `cur` in `slot` (at `height`) by a table of the next smaller leaves
+    /// mapping the same memory; returns the new table.
+    fn split(&self, ctx: &mut UnmapCtx<'_>, slot: &AtomicU64, cur: u64, height: u32) -> Result<TablePage> {
+        let page = ctx
+            .spares
+            .iter_mut()
+            .find_map(Option::take)
+            .ok_or(Error::BadState { what: "split without a reserved page" })?;
+        let child0 = F::split_block(cur, height);
+        let step = height_span(height - 1);
+        for k in 0..ENTRIES {
+            entry(&page, k)?.store(child0 + k as u64 * step, Ordering::Relaxed);
+        }
+        self.clean(&page, 0, ENTRIES);
+        // Release: the new table's entries happen-before any walk that finds it. The block and
+        // the table translate the unmapped part identically until it is cleared, and the
+        // caller's flush covers it, so a stale block in the IOTLB is harmless.
+        slot.store(F::make_table(page.pa()), Ordering::Release);
+        Ok(page)
+    }
+
+    /// Detaches the table `child` (at `height`) below `slot` into the gather, if the gather
+    /// has room for its whole subtree; false (nothing changed) if not.
+    fn detach(
+        &self,
+        ctx: &mut UnmapCtx<'_>,
+        slot: &AtomicU64,
+        child: TablePage,
+        height: u32,
+    ) -> Result<bool> {
+        let n = self.count_tables(child, height)?;
+        if ctx.gather.reserve(n).is_err() {
+            return Ok(false);
+        }
+        // The hardware may still walk the detached subtree through its caches until the flush;
+        // the subtree's pages are not reused before it (they go to the gather untouched).
+        slot.store(0, Ordering::Relaxed);
+        self.collect(ctx.gather, child, height)?;
+        Ok(true)
+    }
+
+    fn count_tables(&self, t: TablePage, height: u32) -> Result<usize> {
+        let mut n = 1;
+        if height > 0 {
+            for i in 0..ENTRIES {
+                let cur = entry(&t, i)?.load(Ordering::Acquire);
+                if F::is_present(cur) && !F::is_leaf(cur, height) {
+                    n += self.count_tables(self.table_at(F::output(cur, height))?, height - 1)?;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn collect(&self, gather: &mut Gather, t: TablePage, height: u32) -> Result<()> {
+        if height > 0 {
+            for i in 0..ENTRIES {
+                let cur = entry(&t, i)?.load(Ordering::Acquire);
+                if F::is_present(cur) && !F::is_leaf(cur, height) {
+                    self.collect(gather, self.table_at(F::output(cur, height))?, height - 1)?;
+                }
+            }
+        }
+        gather.push_reserved(t);
+        Ok(())
+    }
+
+    // ---- lookup ------------------------------------------------------------------------
+
+    /// The physical address `iova` translates to, or `None` if it is not mapped.
+    pub fn iova_to_phys(&self, iova: Iova) -> Option<PhysAddr> {
+        let a = iova.raw();
+        if a >= self.input_limit() {
+            return None;
+        }
+        let mut t = self.root;
+        let mut height = self.top();
+        loop {
+            let cur = t.entry(index(a, height))?.load(Ordering::Acquire);
+            if !F::is_present(cur) {
+                return None;
+            }
+            if F::is_leaf(cur, height) {
+                let off = a & (height_span(height) - 1);
+                return F::output(cur, height).checked_add(off);
+            }
+            t = self.table_at(F::output(cur, height)).ok()?;
+            height -= 1;
+        }
+    }
+
+    /// The leaf translating `iova`: its entry value and height, or `None`.
+    pub fn leaf_of(&self, iova: Iova) -> Option<(u64, u32)> {
+        let a = iova.raw();
+        if a >= self.input_limit() {
+            return None;
+        }
+        let (mut t, mut height) = (self.root, self.top());
+        loop {
+            let cur = t.entry(index(a, height))?.load(Ordering::Acquire);
+            if !F::is_present(cur) {
+                return None;
+            }
+            if F::is_leaf(cur, height) {
+                return Some((cur, height));
+            }
+            t = self.table_at(F::output(cur, height)).ok()?;
+            height -= 1;
+        }
+    }
+
+    /// Table pages reachable from the root, the root included.
+    pub fn table_pages(&self) -> usize {
+        self.count_tables(self.root, self.top()).unwrap_or(0)
+    }
+
+    fn free_tree(&self, g: &CpuGuard<'_, P>, t: TablePage, height: u32) {
+        if height > 0 {
+            for i in 0..ENTRIES {
+                let Some(e) = t.entry(i) else { continue };
+                let cur = e.load(Ordering::Acquire);
+                if F::is_present(cur) && !F::is_leaf(cur, height) {
+                    if let Ok(child) = self.table_at(F::output(cur, height)) {
+                        self.free_tree(g, child, height - 1);
+                    }
+                }
+            }
+        }
+        self.pool.free_dirty(g, t);
+    }
+}
+
+/// Pages splitting the block at `height` needs to unmap `[a, e)` from it (partly covered).
+fn split_cost(height: u32, a: u64, e: u64) -> usize {
+    if height == 0 {
+        return 0;
+    }
+    let h = height - 1;
+    if h == 0 {
+        return 1;
+    }
+    let sub = height_span(h);
+    let partial = |s: u64| a.max(s) != s || e.min(s + sub) != s + sub;
+    let first = a & !(sub - 1);
+    let last = (e - 1) & !(sub - 1);
+    let mut n = 1;
+    if partial(first) {
+        n += split_cost(h, a, e.min(first + sub));
+    }
+    if last != first && partial(last) {
+        n += split_cost(h, a.max(last), e);
+    }
+    n
+}
+
+impl<P: Platform, F: PteFormat> Drop for PageTable<'_, P, F> {
+    /// Frees every table page. Dropping a page table asserts that no walker can reach it any
+    /// more: its owner (the domain) detached it from every device and invalidated the
+    /// domain's IOTLB and walk caches first.
+    fn drop(&mut self) {
+        let g = self.platform().pin_cpu();
+        self.free_tree(&g, self.root, self.top());
+    }
+}
