@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_pin;
 mod report;
 
 use std::process::ExitCode;
@@ -65,6 +66,16 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Benchmarks: designs side by side, in one run.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+/// `dmalab bench <name>`.
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Pre-registered memory: ua_to_pa, busdma's registry vs a linear list (Linux's walk).
+    Pin(bench_pin::PinArgs),
 }
 
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,7 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use super::region::Region;
+use crate::addr::PhysAddr;
 
 /// Most ranges per leaf. 64 starts are 512 bytes, eight cache lines: six binary-search steps
 /// in a leaf, and an update copies at most 64 entries. The top level then has n/32 to n/64
@@ -29,19 +30,33 @@ use super::region::Region;
 /// over 13 to 26 KiB, most of which stays in cache.
 pub(crate) const LEAF_MAX: usize = 64;
 
-/// Up to [`LEAF_MAX`] disjoint ranges, sorted by start.
+/// Up to [`LEAF_MAX`] disjoint ranges, sorted by start, in one allocation: the starts (what
+/// the binary search reads) packed together, then per range everything a translation needs
+/// (end, page array, pinned page shift), so a lookup touches the leaf and the page array only.
 ///
 /// # Invariants
 ///
-/// `starts`, `ends`, `regions` have equal, non-zero length; `starts[i] < ends[i] <=
-/// starts[i + 1]`; `regions[i]` points to the live region registered at `[starts[i], ends[i])`
-/// for as long as any snapshot reaching this leaf can be read.
-#[derive(Debug, Default)]
+/// `len` is in `1..=LEAF_MAX`; for `i < len`: `starts[i] < entries[i].end <= starts[i + 1]`,
+/// and `entries[i]` describes the live region registered at `[starts[i], entries[i].end)` for
+/// as long as any snapshot reaching this leaf can be read. Slots `>= len` are unused.
 pub(crate) struct Leaf {
-    starts: Vec<u64>,
-    ends: Vec<u64>,
-    regions: Vec<NonNull<Region>>,
+    len: usize,
+    starts: [u64; LEAF_MAX],
+    entries: [Entry; LEAF_MAX],
 }
+
+/// Per-range data of a leaf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    end: u64,
+    /// The region's page array (`(end - start) / 4 KiB` addresses); it lives as long as the
+    /// region, which never moves it.
+    hpas: *const PhysAddr,
+    region: NonNull<Region>,
+    page_shift: u32,
+}
+
+const UNUSED: Entry = Entry { end: 0, hpas: core::ptr::null(), region: NonNull::dangling(), page_shift: 0 };
 
 /// One version of the index.
 ///
@@ -63,25 +78,54 @@ pub(crate) struct Hit {
     pub(crate) start: u64,
     pub(crate) end: u64,
     pub(crate) region: NonNull<Region>,
+    /// The region's page array: `(end - start) / 4 KiB` physical addresses.
+    pub(crate) hpas: *const PhysAddr,
+    /// The region's pinned page shift.
+    pub(crate) page_shift: u32,
+}
+
+impl Hit {
+    /// The index entry of `region`, registered at `[start, end)`.
+    pub(crate) fn of(start: u64, end: u64, region: NonNull<Region>, r: &Region) -> Self {
+        Hit { start, end, region, hpas: r.hpas().as_ptr(), page_shift: r.page_shift() }
+    }
 }
 
 impl Leaf {
+    #[inline]
     fn hit(&self, i: usize) -> Hit {
-        Hit { start: self.starts[i], end: self.ends[i], region: self.regions[i] }
+        let e = self.entries[i];
+        Hit { start: self.starts[i], end: e.end, region: e.region, hpas: e.hpas, page_shift: e.page_shift }
     }
 
     fn from_hits(hits: &[Hit]) -> NonNull<Leaf> {
-        let leaf = Leaf {
-            starts: hits.iter().map(|h| h.start).collect(),
-            ends: hits.iter().map(|h| h.end).collect(),
-            regions: hits.iter().map(|h| h.region).collect(),
-        };
-        NonNull::from(Box::leak(Box::new(leaf)))
+        debug_assert!(!hits.is_empty() && hits.len() <= LEAF_MAX);
+        let mut leaf =
+            Box::new(Leaf { len: hits.len(), starts: [u64::MAX; LEAF_MAX], entries: [UNUSED; LEAF_MAX] });
+        for (i, h) in hits.iter().enumerate() {
+            leaf.starts[i] = h.start;
+            leaf.entries[i] = Entry { end: h.end, hpas: h.hpas, region: h.region, page_shift: h.page_shift };
+        }
+        NonNull::from(Box::leak(leaf))
     }
 
     fn hits(&self) -> Vec<Hit> {
-        (0..self.starts.len()).map(|i| self.hit(i)).collect()
+        (0..self.len).map(|i| self.hit(i)).collect()
     }
+}
+
+/// A hint to start loading the cache line holding `p`. Never faults, whatever `p` is (the
+/// instruction ignores invalid addresses), and has no other effect; a no-op where no stable
+/// intrinsic exists.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 reads nothing architecturally and cannot fault on any address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Frees a leaf that no snapshot a reader can reach still holds.
@@ -113,8 +157,49 @@ impl Snapshot {
         let i = self.firsts.partition_point(|&f| f <= ua).checked_sub(1)?;
         let leaf = self.leaf(i);
         // Non-zero: `firsts[i] <= ua` is the leaf's first start.
-        let j = leaf.starts.partition_point(|&s| s <= ua).checked_sub(1)?;
+        let j = leaf.starts[..leaf.len].partition_point(|&s| s <= ua).checked_sub(1)?;
         Some(leaf.hit(j))
+    }
+
+    // ---- the steps of `floor`, split for batched lookups (`ReadGuard::ua_to_pa_batch`) ----
+
+    /// Step 1: the leaf that may hold `ua`.
+    #[inline]
+    pub(crate) fn locate(&self, ua: u64) -> Option<usize> {
+        self.firsts.partition_point(|&f| f <= ua).checked_sub(1)
+    }
+
+    /// Asks the CPU to start fetching leaf `i`'s starts (what step 2 reads).
+    #[inline]
+    pub(crate) fn prefetch_starts(&self, i: usize) {
+        if let Some(leaf) = self.leaves.get(i) {
+            let base = leaf.as_ptr() as *const u8;
+            // The leaf header and its starts: 8 + 8 * LEAF_MAX bytes, 64 bytes per line.
+            for line in 0..(8 + 8 * LEAF_MAX).div_ceil(64) {
+                prefetch(base.wrapping_add(line * 64));
+            }
+        }
+    }
+
+    /// Step 2: the slot in leaf `i` of the range with the greatest start `<= ua`.
+    #[inline]
+    pub(crate) fn slot(&self, i: usize, ua: u64) -> Option<usize> {
+        let leaf = self.leaf(i);
+        leaf.starts[..leaf.len].partition_point(|&s| s <= ua).checked_sub(1)
+    }
+
+    /// Asks the CPU to start fetching slot `j` of leaf `i` (what step 3 reads).
+    #[inline]
+    pub(crate) fn prefetch_entry(&self, i: usize, j: usize) {
+        if let Some(e) = self.leaf(i).entries.get(j) {
+            prefetch(e as *const Entry);
+        }
+    }
+
+    /// Step 3: the range in slot `j` of leaf `i` (both from steps 1 and 2).
+    #[inline]
+    pub(crate) fn hit_at(&self, i: usize, j: usize) -> Hit {
+        self.leaf(i).hit(j)
     }
 
     /// The range containing `ua`.
@@ -128,8 +213,8 @@ impl Snapshot {
         let i = self.firsts.partition_point(|&f| f <= ua);
         if let Some(prev) = i.checked_sub(1) {
             let leaf = self.leaf(prev);
-            let j = leaf.starts.partition_point(|&s| s <= ua);
-            if j < leaf.starts.len() {
+            let j = leaf.starts[..leaf.len].partition_point(|&s| s <= ua);
+            if j < leaf.len {
                 return Some(leaf.hit(j));
             }
         }
@@ -166,7 +251,15 @@ impl Snapshot {
             return (Snapshot { firsts, leaves, len: 1 }, None);
         }
         let old = self.leaves[i];
-        let mut hits = self.leaf(i).hits();
+        let last = self.leaf(i);
+        if i + 1 == leaves.len() && last.len == LEAF_MAX && last.starts[LEAF_MAX - 1] < hit.start {
+            // Appending past a full last leaf (registrations in address order): open a new
+            // leaf and leave the full one shared, so such leaves stay full, not half full.
+            firsts.push(hit.start);
+            leaves.push(Leaf::from_hits(&[hit]));
+            return (Snapshot { firsts, leaves, len: self.len + 1 }, None);
+        }
+        let mut hits = last.hits();
         let at = hits.partition_point(|h| h.start < hit.start);
         hits.insert(at, hit);
         if hits.len() <= LEAF_MAX {
@@ -216,7 +309,9 @@ mod tests {
 
     impl Owner {
         fn insert(&mut self, start: u64, end: u64) {
-            let (next, old) = self.snap.inserted(Hit { start, end, region: NonNull::dangling() });
+            let hit =
+                Hit { start, end, region: NonNull::dangling(), hpas: core::ptr::null(), page_shift: 12 };
+            let (next, old) = self.snap.inserted(hit);
             self.snap = next;
             // SAFETY: the replaced leaf is unreachable from the new snapshot, and no reader exists.
             old.into_iter().for_each(|l| unsafe { free_leaf(l) });
@@ -272,7 +367,7 @@ mod tests {
             prop_assert_eq!(all, model.into_iter().collect::<alloc::vec::Vec<_>>());
             for l in t.snap.leaves() {
                 // SAFETY: live leaves of the current snapshot.
-                let n = unsafe { l.as_ref() }.starts.len();
+                let n = unsafe { l.as_ref() }.len;
                 prop_assert!(n <= LEAF_MAX);
             }
         }
