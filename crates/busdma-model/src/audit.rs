@@ -13,12 +13,21 @@
 //!    reached, as the memory controller saw them, independent of what any IOMMU or busdma
 //!    believes it mapped. Recording is per thread (a thread-local list), so other threads'
 //!    traffic never pollutes a verdict.
+//! 3. **Reachable pages.** [`reachable`] walks an IO page table *from RAM*, as the hardware
+//!    would (atomic word reads from the root's physical address, decoded by the format), and
+//!    lists every leaf: what a device attached to that table can reach, whatever the software
+//!    that built it believes. [`metadata_exposed`] keeps the leaves that cover a page-table
+//!    page: busdma metadata a device could read or overwrite.
 #![deny(unsafe_code)]
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use busdma::{PAGE_SIZE, PhysAddr};
+use busdma::pgtable::PteFormat;
+use busdma::pgtable::install::{Next, classify};
+use busdma::{Iova, PAGE_SIZE, PhysAddr};
+
+use crate::HostPlatform;
 
 /// What the platform handed a frame out for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -90,6 +99,67 @@ pub struct BusAccess {
     pub write: bool,
 }
 
+/// One leaf of an IO page table: `[iova, iova + len)` reaches `[pa, pa + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Leaf {
+    /// First bus address.
+    pub iova: Iova,
+    /// First physical address.
+    pub pa: PhysAddr,
+    /// Span: 4 KiB, 2 MiB or 1 GiB.
+    pub len: u64,
+    /// The device may write through it.
+    pub write: bool,
+}
+
+/// log2 of the entries per table page (512).
+const BITS_PER_LEVEL: u32 = 9;
+
+/// Every leaf of the `levels`-level table of format `F` rooted at `root`, read from RAM.
+/// Entries that cannot be read (outside RAM) are skipped; a walk never loops, since it
+/// descends `levels` times at most.
+pub fn reachable<F: PteFormat>(m: &HostPlatform, root: PhysAddr, levels: u32) -> Vec<Leaf> {
+    let mut out = Vec::new();
+    if levels > 0 {
+        walk_table::<F>(m, root, levels - 1, 0, &mut out);
+    }
+    out
+}
+
+fn walk_table<F: PteFormat>(m: &HostPlatform, table: PhysAddr, height: u32, base: u64, out: &mut Vec<Leaf>) {
+    let span = PAGE_SIZE << (BITS_PER_LEVEL * height);
+    for i in 0..(1u64 << BITS_PER_LEVEL) {
+        let Some(at) = table.checked_add(i * 8) else { return };
+        let Ok(pte) = m.read_phys_u64(at) else { return };
+        if !F::is_present(pte) {
+            continue;
+        }
+        let iova = base + i * span;
+        match (height, classify::<F>(pte, height)) {
+            (0, _) | (_, Next::Leaf(_)) => out.push(Leaf {
+                iova: Iova::new(iova),
+                pa: F::output(pte, height),
+                len: span,
+                write: F::prot(pte).write,
+            }),
+            (_, Next::Table(next)) => walk_table::<F>(m, next, height - 1, iova, out),
+        }
+    }
+}
+
+/// The leaves of `leaves` that reach a page-table page ([`PageKind::Table`]): metadata a
+/// device could read or overwrite. Empty when busdma keeps its promise.
+pub fn metadata_exposed(m: &HostPlatform, leaves: &[Leaf]) -> Vec<Leaf> {
+    leaves
+        .iter()
+        .filter(|l| {
+            (0..l.len / PAGE_SIZE)
+                .any(|p| l.pa.checked_add(p * PAGE_SIZE).is_some_and(|pa| m.page_kind(pa) == PageKind::Table))
+        })
+        .copied()
+        .collect()
+}
+
 thread_local! {
     static RECORDING: RefCell<Option<Vec<BusAccess>>> = const { RefCell::new(None) };
 }
@@ -143,6 +213,38 @@ mod tests {
         }
         assert_eq!(m.page_kind(t.pa()), PageKind::Other);
         assert_eq!(m.page_kind(d), PageKind::Other);
+    }
+
+    #[test]
+    fn reachable_lists_exactly_the_leaves_and_flags_table_pages() {
+        use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool, VtdSl};
+        let m = HostPlatform::new(MachineConfig { cpus: 1, ..MachineConfig::with_ram(16 << 20) }).unwrap();
+        let pool = TablePool::new(&m);
+        let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
+            .unwrap();
+        let buf = m.alloc_pages(&PageRequest::pages(2)).unwrap();
+        let g = m.pin_cpu();
+        pt.map(&g, Iova::new(0x7_0000_0000), buf, 2 * PAGE_SIZE, Prot::READ).unwrap();
+        let leaves = reachable::<VtdSl>(&m, pt.root(), pt.levels());
+        assert_eq!(
+            leaves,
+            vec![
+                Leaf { iova: Iova::new(0x7_0000_0000), pa: buf, len: PAGE_SIZE, write: false },
+                Leaf {
+                    iova: Iova::new(0x7_0000_1000),
+                    pa: buf.checked_add(PAGE_SIZE).unwrap(),
+                    len: PAGE_SIZE,
+                    write: false
+                },
+            ]
+        );
+        assert!(metadata_exposed(&m, &leaves).is_empty());
+        // A (buggy) mapping of the table's own root page is found.
+        pt.map(&g, Iova::new(0x8000), pt.root(), PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        let leaves = reachable::<VtdSl>(&m, pt.root(), pt.levels());
+        let bad = metadata_exposed(&m, &leaves);
+        assert_eq!(bad.len(), 1);
+        assert_eq!((bad[0].iova, bad[0].pa, bad[0].write), (Iova::new(0x8000), pt.root(), true));
     }
 
     #[test]

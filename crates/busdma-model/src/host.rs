@@ -147,6 +147,42 @@ pub struct HostPlatform {
     /// Threads currently recording bus accesses ([`HostPlatform::watch_bus`]); zero keeps the
     /// data path to one relaxed load.
     watchers: AtomicU64,
+    /// The monotonic clock behind [`Platform::monotonic_ns`].
+    clock: Clock,
+}
+
+/// The machine's monotonic clock: host time since the machine was built, or, once frozen, a
+/// value that moves only when a test advances it (so time-bounded behaviour is reproducible
+/// on a loaded machine).
+#[derive(Debug)]
+struct Clock {
+    origin: std::time::Instant,
+    frozen: std::sync::atomic::AtomicBool,
+    manual_ns: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            frozen: std::sync::atomic::AtomicBool::new(false),
+            manual_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn host_ns(&self) -> u64 {
+        // u64 nanoseconds last 584 years; saturate rather than wrap beyond.
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    #[inline]
+    fn now(&self) -> u64 {
+        if self.frozen.load(Ordering::Acquire) {
+            self.manual_ns.load(Ordering::Acquire)
+        } else {
+            self.host_ns()
+        }
+    }
 }
 
 /// `quick_pa` value of an empty slot: not a page-aligned address, so never a page.
@@ -241,6 +277,7 @@ impl HostPlatform {
             mmio: RwLock::new(Vec::new()),
             uncached: Mutex::new(BTreeMap::new()),
             counters: HostCounters::default(),
+            clock: Clock::new(),
             cache: config.cache.map(Cache::new).transpose()?,
             quick_pa: (0..config.cpus * QUICK_SLOTS).map(|_| AtomicU64::new(NO_PAGE)).collect(),
             kinds: crate::audit::PageKinds::new(config.ram_base, config.ram_size / PAGE_SIZE),
@@ -284,6 +321,26 @@ impl HostPlatform {
             Some((&start, &pages)) if pa.raw() < start + pages * PAGE_SIZE => MemAttr::Uncached,
             _ => MemAttr::WriteBack,
         }
+    }
+
+    /// Stops the machine's clock ([`Platform::monotonic_ns`]) at its current value; from now on
+    /// it moves only by [`HostPlatform::advance_clock`]. Tests of time-bounded behaviour use
+    /// it so that a host that deschedules a thread for 100 ms does not make them flaky.
+    pub fn freeze_clock(&self) {
+        if !self.clock.frozen.load(Ordering::Acquire) {
+            self.clock.manual_ns.fetch_max(self.clock.host_ns(), Ordering::AcqRel);
+            self.clock.frozen.store(true, Ordering::Release);
+        }
+    }
+
+    /// Advances a frozen clock by `ns` (saturating) and returns the new time; on a running
+    /// clock it changes nothing and returns the current time.
+    pub fn advance_clock(&self, ns: u64) -> u64 {
+        if !self.clock.frozen.load(Ordering::Acquire) {
+            return self.clock.now();
+        }
+        let old = self.clock.manual_ns.fetch_add(ns, Ordering::AcqRel);
+        old.saturating_add(ns)
     }
 
     /// Binds the calling thread to CPU slot `cpu` until the binding drops.
@@ -598,6 +655,11 @@ impl Platform for HostPlatform {
     }
 
     #[inline]
+    fn monotonic_ns(&self) -> u64 {
+        self.clock.now()
+    }
+
+    #[inline]
     fn preempt_disable(&self) -> usize {
         self.cpus.preempt_disable()
     }
@@ -830,6 +892,22 @@ mod tests {
             }
         });
         assert_eq!(counter.load(Ordering::Relaxed), 8000);
+    }
+
+    #[test]
+    fn the_clock_is_monotonic_and_a_frozen_clock_moves_only_when_advanced() {
+        let m = HostPlatform::new(small()).unwrap();
+        let a = m.monotonic_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = m.monotonic_ns();
+        assert!(b >= a + 2_000_000, "{a} -> {b}");
+        m.freeze_clock();
+        let c = m.monotonic_ns();
+        assert!(c >= b);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(m.monotonic_ns(), c);
+        assert_eq!(m.advance_clock(500), c + 500);
+        assert_eq!(m.monotonic_ns(), c + 500);
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! - **CPUs** are slots a thread binds to ([`HostPlatform::bind_cpu`]); preemption guards
 //!   really exclude other threads from the slot for their lifetime.
 //!
+//! - **Devices** reach memory through a [`DmaPort`]: a [`DirectPort`] (no IOMMU, bus address =
+//!   physical address, limited by the device's DMA mask) or the port of the [`ModelIommu`],
+//!   which walks VT-d or Arm page tables in the model's RAM, caches translations in a real
+//!   IOTLB, logs faults and counts invalidation commands.
+//!
 //! Devices reach RAM through [`HostPlatform::read_phys`](busdma::Platform::read_phys) and
 //! friends, never through Rust references.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
@@ -19,8 +24,10 @@
 pub mod audit;
 pub mod cache;
 pub mod cpu;
+pub mod dma;
 pub mod host;
 pub mod hostile;
+pub mod iommu;
 pub mod linux_pin;
 pub mod ram;
 pub mod uspace;
@@ -28,5 +35,9 @@ pub mod uspace;
 pub use audit::{BusAccess, PageKind};
 pub use cache::{Cache, CacheConfig, CachedCpu, Coherence, Indexing, Snoop};
 pub use cpu::CpuBinding;
+pub use dma::{DeviceId, DirectPort, DmaFault, DmaPort, FaultReason};
 pub use host::{HostPlatform, MachineConfig, MmioHandler};
+pub use iommu::{
+    AuditReport, Context, IommuConfig, IommuPort, IommuStats, ModelIommu, TableFormat, Violation,
+};
 pub use ram::{FrameBlock, FrameRequest, Placement};

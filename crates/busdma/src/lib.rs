@@ -31,8 +31,10 @@ extern crate std;
 
 pub mod addr;
 pub mod error;
-#[cfg(feature = "alloc")]
 pub mod front;
+pub mod iommu;
+#[cfg(feature = "alloc")]
+pub mod iova;
 #[cfg(feature = "alloc")]
 pub mod pgtable;
 #[cfg(feature = "alloc")]

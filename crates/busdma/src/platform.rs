@@ -3,8 +3,8 @@
 //! # Theory
 //!
 //! 1. **Everything physical goes through [`Platform`].** Physical memory, table pages, the
-//!    direct map, CPUs and preemption, cache maintenance, barriers, MMIO and temporary (quick)
-//!    mappings. Algorithms above the seam contain no `cfg(test)` and no knowledge of whether
+//!    direct map, CPUs and preemption, a monotonic clock, cache maintenance, barriers, MMIO and
+//!    temporary (quick) mappings. Algorithms above the seam contain no `cfg(test)` and no knowledge of whether
 //!    they run on the machine model (`busdma-model`) or on bare metal.
 //! 2. **No references to device-visible memory.** Physical memory is read and written by copy
 //!    ([`Platform::read_phys`], [`Platform::write_phys`]) or by single atomic words
@@ -222,6 +222,16 @@ pub trait Platform: Sync {
         let cpu = self.preempt_disable();
         CpuGuard { platform: self, cpu, _not_send: PhantomData }
     }
+
+    // ---- time ------------------------------------------------------------------------
+
+    /// Nanoseconds on a monotonic clock: never goes backwards, counts from an arbitrary
+    /// origin (the model: the platform's creation), and is comparable across CPUs. Deferred
+    /// IOTLB invalidation bounds the age of its flush queues with it.
+    ///
+    /// Execution context: never sleeps, callable with preemption disabled and from every CPU
+    /// at once; cheap enough to read on every unmap (a TSC or generic-timer read on hardware).
+    fn monotonic_ns(&self) -> u64;
 
     // ---- cache maintenance (by kernel virtual range) ---------------------------------
 

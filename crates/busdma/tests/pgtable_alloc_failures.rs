@@ -26,6 +26,12 @@ const IOVA: u64 = (1 << 30) - (4 << 21);
 const LEN: u64 = 8 << 21;
 
 fn sweep<F: PteFormat>(bits: u32) {
+    sweep_run::<F>(bits, IOVA, LEN, 9);
+    // A small run inside one last-level table (the map fast path): one table per level.
+    sweep_run::<F>(bits, 0x7f_f000, 0x2000, u64::from(bits / 9 - 2));
+}
+
+fn sweep_run<F: PteFormat>(bits: u32, iova: u64, len: u64, min_points: u64) {
     let m = machine();
     // Count the allocation points of a clean run.
     let points = {
@@ -35,10 +41,10 @@ fn sweep<F: PteFormat>(bits: u32) {
             .with_max_leaf(PageSize::Size4K);
         let g = m.pin_cpu();
         let before = pool.alloc_attempts();
-        pt.map(&g, Iova::new(IOVA), PhysAddr::new(0x1_0000_0000), LEN, Prot::READ_WRITE).unwrap();
+        pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE).unwrap();
         pool.alloc_attempts() - before
     };
-    assert!(points >= 9, "{} {bits}: {points} allocation points", F::NAME);
+    assert!(points >= min_points, "{} {bits}: {points} allocation points", F::NAME);
     for n in 1..=points {
         {
             let pool = TablePool::new(&m);
@@ -48,12 +54,12 @@ fn sweep<F: PteFormat>(bits: u32) {
                     .with_max_leaf(PageSize::Size4K);
             let g = m.pin_cpu();
             pool.fail_nth_alloc(Some(n));
-            let r = pt.map(&g, Iova::new(IOVA), PhysAddr::new(0x1_0000_0000), LEN, Prot::READ_WRITE);
+            let r = pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE);
             assert_eq!(r, Err(Error::NoMemory { requested: 4096 }), "{} {bits}: point {n}", F::NAME);
             assert_eq!(pool.stats().injected_failures, 1);
-            for off in (0..LEN).step_by(0x1000) {
+            for off in (0..len).step_by(0x1000) {
                 assert_eq!(
-                    pt.iova_to_phys(Iova::new(IOVA + off)),
+                    pt.iova_to_phys(Iova::new(iova + off)),
                     None,
                     "{} {bits} point {n}: +{off:#x}",
                     F::NAME
@@ -68,10 +74,10 @@ fn sweep<F: PteFormat>(bits: u32) {
                 F::NAME
             );
             // And the same map succeeds afterwards.
-            pt.map(&g, Iova::new(IOVA), PhysAddr::new(0x1_0000_0000), LEN, Prot::READ_WRITE).unwrap();
+            pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE).unwrap();
             assert_eq!(
-                pt.iova_to_phys(Iova::new(IOVA + LEN - 1)),
-                Some(PhysAddr::new(0x1_0000_0000 + LEN - 1))
+                pt.iova_to_phys(Iova::new(iova + len - 1)),
+                Some(PhysAddr::new(0x1_0000_0000 + len - 1))
             );
         }
         assert_eq!(live(&m), 0, "{} {bits}: point {n}: pages leaked", F::NAME);

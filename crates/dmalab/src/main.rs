@@ -1,6 +1,8 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_map;
+mod bench_pgtable;
 mod bench_pin;
 mod report;
 
@@ -59,6 +61,9 @@ impl MachineArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Benchmarks, each comparing designs side by side in one run.
+    #[command(subcommand)]
+    Bench(Bench),
     /// Print the machine model's configuration.
     Info {
         #[command(flatten)]
@@ -66,16 +71,57 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
-    /// Benchmarks: designs side by side, in one run.
-    #[command(subcommand)]
-    Bench(Bench),
 }
 
 /// `dmalab bench <name>`.
 #[derive(Subcommand, Debug)]
 enum Bench {
+    /// Map/unmap latency per strategy (Linux's dma_map_benchmark equivalent).
+    Map {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_map::MapArgs,
+    },
+    /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
+    Pgtable {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_pgtable::PgtableArgs,
+    },
     /// Pre-registered memory: ua_to_pa, busdma's registry vs a linear list (Linux's walk).
     Pin(bench_pin::PinArgs),
+}
+
+fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_map::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_pgtable_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_pgtable::PgtableArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_pgtable::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
 }
 
 fn info(common: &Common, machine: &MachineArgs) -> Result<(), String> {
@@ -100,6 +146,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
         Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
     };
     match result {

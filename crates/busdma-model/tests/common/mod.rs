@@ -68,6 +68,9 @@ impl Platform for Recording<'_> {
     fn num_cpus(&self) -> usize {
         self.host.num_cpus()
     }
+    fn monotonic_ns(&self) -> u64 {
+        self.host.monotonic_ns()
+    }
     fn preempt_disable(&self) -> usize {
         self.host.preempt_disable()
     }
@@ -111,3 +114,5 @@ impl Platform for Recording<'_> {
 
 /// Keeps `CpuGuard` in scope for helpers that need it.
 pub type Guard<'a> = CpuGuard<'a, HostPlatform>;
+
+pub mod ptdomain;

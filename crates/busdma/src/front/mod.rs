@@ -57,5 +57,7 @@ pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEnt
 pub use map::{Direction, DmaMap};
 pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};
-pub use strategy::{Direct, Invalidation, Strategy};
+pub use strategy::{
+    Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
+};
 pub use tag::{Tag, TagFlags, TagSpec};

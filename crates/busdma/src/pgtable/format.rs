@@ -36,6 +36,9 @@ pub const fn height_span(height: u32) -> u64 {
 /// - [`PteFormat::output`] of [`PteFormat::make_table`]`(pa)` is `pa`, and of
 ///   [`PteFormat::make_leaf`]`(pa, prot, h)` is `pa`, for every aligned `pa` below
 ///   `2^OUTPUT_BITS`.
+/// - The address field is linear: `make_leaf(pa + d, prot, h) == make_leaf(pa, prot, h) + d`
+///   for `d` a multiple of the height's span with `pa + d` below `2^OUTPUT_BITS` (the walker
+///   steps through a run of leaves by adding, and splits blocks the same way).
 pub trait PteFormat: Send + Sync + 'static {
     /// Short name, for reports.
     const NAME: &'static str;

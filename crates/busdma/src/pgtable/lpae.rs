@@ -160,4 +160,19 @@ mod tests {
         assert_eq!(ArmLpaeS1::effective_prot(Prot::WRITE), Ok(Prot::READ_WRITE));
         assert!(ArmLpaeS1::effective_prot(Prot { read: false, write: false }).is_err());
     }
+
+    #[test]
+    fn address_field_is_linear_for_every_height() {
+        for h in 0..=2 {
+            let span = 1u64 << (12 + 9 * h);
+            let pa = PhysAddr::new(7 * span);
+            for d in [span, 5 * span] {
+                let moved = PhysAddr::new(pa.raw() + d);
+                assert_eq!(
+                    ArmLpaeS1::make_leaf(moved, Prot::READ, h),
+                    ArmLpaeS1::make_leaf(pa, Prot::READ, h) + d
+                );
+            }
+        }
+    }
 }

@@ -118,4 +118,16 @@ mod tests {
         assert_eq!(VtdSl::split_block(0x4020_0083, 1), 0x4020_0003);
         assert_eq!(VtdSl::output(0xfff8_0000_0000_1003, 1), PhysAddr::new(0x0008_0000_0000_1000));
     }
+
+    #[test]
+    fn address_field_is_linear_for_every_height() {
+        for h in 0..=2 {
+            let span = 1u64 << (12 + 9 * h);
+            let pa = PhysAddr::new(7 * span);
+            for d in [span, 5 * span] {
+                let moved = PhysAddr::new(pa.raw() + d);
+                assert_eq!(VtdSl::make_leaf(moved, Prot::READ, h), VtdSl::make_leaf(pa, Prot::READ, h) + d);
+            }
+        }
+    }
 }

@@ -105,6 +105,18 @@ fn chunk_end(a: u64, end: u64, height: u32) -> u64 {
     ((a | (span - 1)) + 1).min(end)
 }
 
+/// The entry indices `[first, last)` of the 4 KiB leaves of `[a, end)`, which lie in one
+/// last-level table.
+#[inline]
+fn leaf_span(a: u64, end: u64) -> Result<(usize, usize)> {
+    let first = index(a, 0);
+    let last = first + ((end - a) / PAGE_SIZE) as usize;
+    if last > ENTRIES {
+        return Err(Error::OutOfRange { addr: last as u64, limit: ENTRIES as u64 });
+    }
+    Ok((first, last))
+}
+
 fn check_aligned(value: u64) -> Result<()> {
     if value % PAGE_SIZE != 0 { Err(Error::Misaligned { value, align: PAGE_SIZE }) } else { Ok(()) }
 }
@@ -242,12 +254,36 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         }
         let mut ctx =
             MapCtx { pool: self.pool, g, prot, coherent: self.coherent, installed: false, done: iova.raw() };
-        let r = self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw());
+        let r = if len < height_span(1) && iova.raw() >> height_shift(1) == (end - 1) >> height_shift(1) {
+            // Fast path: the run lies inside one last-level table and cannot be a block (the
+            // common map of a small buffer): one descent, then the pages.
+            self.last_level_table_or_install(&mut ctx, iova.raw())
+                .and_then(|t| self.map_pages(&mut ctx, &t, iova.raw(), end, pa.raw()))
+        } else {
+            self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw())
+        };
         if r.is_err() && ctx.done > iova.raw() {
             // Roll back: clear every leaf this call wrote. Tables stay (rule 4).
             let _ = self.clear_leaves(self.root, self.top(), iova.raw(), ctx.done);
         }
         r
+    }
+
+    /// The last-level table for `a`, installing missing levels.
+    fn last_level_table_or_install(&self, ctx: &mut MapCtx<'_, '_, P>, a: u64) -> Result<TablePage> {
+        let mut t = self.root;
+        for height in (1..self.levels).rev() {
+            let i = index(a, height);
+            let next = install::table_or_install::<F, _, _>(entry(&t, i)?, height, ctx)?;
+            if core::mem::take(&mut ctx.installed) {
+                self.clean(&t, i, 1);
+            }
+            t = match next {
+                Next::Table(tpa) => self.table_at(tpa)?,
+                Next::Leaf(_) => return Err(Error::AlreadyMapped { addr: a }),
+            };
+        }
+        Ok(t)
     }
 
     /// Maps `[a, end)` (inside table `t`'s span, at `height`) to `pa...`.
@@ -309,23 +345,23 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
 
     /// Writes 4 KiB leaves for `[a, end)` in the last-level table `t`.
     fn map_pages(&self, ctx: &mut MapCtx<'_, '_, P>, t: &TablePage, a: u64, end: u64, pa: u64) -> Result<()> {
-        let first = index(a, 0);
-        let n = ((end - a) / PAGE_SIZE) as usize;
-        for k in 0..n {
-            let slot = entry(t, first + k)?;
+        let (first, last) = leaf_span(a, end)?;
+        // Consecutive leaves differ by the page size in their address field (PteFormat's
+        // invariant), so the loop adds instead of rebuilding each entry.
+        let mut pte = F::make_leaf(PhysAddr::new(pa), ctx.prot, 0);
+        for i in first..last {
+            let slot = entry(t, i)?;
             if slot.load(Ordering::Relaxed) != 0 {
-                self.clean(t, first, k);
-                ctx.done = a + k as u64 * PAGE_SIZE;
+                self.clean(t, first, i - first);
+                ctx.done = a + (i - first) as u64 * PAGE_SIZE;
                 return Err(Error::AlreadyMapped { addr: ctx.done });
             }
             // Relaxed: as for blocks in `map_in`, only the owner writes, and the device sees
             // the IOVA only after the caller's DMA barrier.
-            slot.store(
-                F::make_leaf(PhysAddr::new(pa + k as u64 * PAGE_SIZE), ctx.prot, 0),
-                Ordering::Relaxed,
-            );
+            slot.store(pte, Ordering::Relaxed);
+            pte += PAGE_SIZE;
         }
-        self.clean(t, first, n);
+        self.clean(t, first, last - first);
         ctx.done = end;
         Ok(())
     }
@@ -369,6 +405,13 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         check_aligned(start)?;
         check_aligned(end)?;
         self.check_input(start, end - start)?;
+        // Fast path: the range lies inside one last-level table without covering all of it
+        // (the common unmap of a small buffer): one descent, check, clear.
+        if end - start < height_span(1) && start >> height_shift(1) == (end - 1) >> height_shift(1) {
+            if let Some(t) = self.last_level_table(start)? {
+                return self.unmap_pages(&t, start, end, gather);
+            }
+        }
         let mut splits = 0;
         self.check_mapped(self.root, self.top(), start, end, &mut splits)?;
         let mut ctx = UnmapCtx { spares: [None; MAX_SPLITS], gather };
@@ -387,6 +430,49 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         r
     }
 
+    /// The last-level table holding `a`'s leaf; `None` if a block maps `a` (the general path
+    /// splits it). Errors: [`Error::NotMapped`] at `a` if an upper entry is empty.
+    fn last_level_table(&self, a: u64) -> Result<Option<TablePage>> {
+        let mut t = self.root;
+        for height in (1..self.levels).rev() {
+            let cur = entry(&t, index(a, height))?.load(Ordering::Acquire);
+            if !F::is_present(cur) {
+                return Err(Error::NotMapped { addr: a });
+            }
+            if F::is_leaf(cur, height) {
+                return Ok(None);
+            }
+            t = self.table_at(F::output(cur, height))?;
+        }
+        Ok(Some(t))
+    }
+
+    /// Unmaps `[a, end)`, all inside the last-level table `t`: checks every page is mapped,
+    /// then clears them.
+    fn unmap_pages(&self, t: &TablePage, a: u64, end: u64, gather: &mut Gather) -> Result<()> {
+        let (first, last) = leaf_span(a, end)?;
+        self.check_pages(t, a, end)?;
+        for i in first..last {
+            // Relaxed: only the owner of the range writes these entries; the invalidation the
+            // caller issues for the gathered range orders the hardware's view.
+            entry(t, i)?.store(0, Ordering::Relaxed);
+        }
+        self.clean(t, first, last - first);
+        gather.add_range(AddrRange::new(Iova::new(a), Iova::new(end))?);
+        Ok(())
+    }
+
+    /// Checks every 4 KiB leaf of `[a, end)` in the last-level table `t` is present.
+    fn check_pages(&self, t: &TablePage, a: u64, end: u64) -> Result<()> {
+        let (first, last) = leaf_span(a, end)?;
+        for i in first..last {
+            if !F::is_present(entry(t, i)?.load(Ordering::Relaxed)) {
+                return Err(Error::NotMapped { addr: a + (i - first) as u64 * PAGE_SIZE });
+            }
+        }
+        Ok(())
+    }
+
     fn return_spares(&self, g: &CpuGuard<'_, P>, spares: &mut [Option<TablePage>; MAX_SPLITS]) {
         for p in spares.iter_mut().filter_map(Option::take) {
             // Never published; the split that took it filled and published it instead.
@@ -403,6 +489,9 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         end: u64,
         splits: &mut usize,
     ) -> Result<()> {
+        if height == 0 {
+            return self.check_pages(&t, a, end);
+        }
         let span = height_span(height);
         while a < end {
             let i = index(a, height);

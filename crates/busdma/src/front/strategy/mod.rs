@@ -14,14 +14,20 @@
 //!    - [`direct`]: no IOMMU; the bus address is the physical address; memory the device
 //!      cannot reach (beyond the DMA mask, misaligned) needs a bounce: [`bounce_hook`].
 //!    - `iommu_per_segment`, `iommu_per_map`, `iommu_reserved`, `identity`: through an IOMMU
-//!      domain (added as the IOMMU layer lands).
+//!      domain ([`IommuOps`]).
 //! 4. **The bounce hook.** Every "this run cannot be given to the device as it is" decision
 //!    goes through [`bounce_hook`], which names the run and the reason. Until bounce buffering
 //!    (`busdma::bounce`) plugs in there, it fails with [`Error::Unsupported`]; a run without a
 //!    page and without a kernel mapping can never be bounced and fails with a message saying so.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod direct;
+pub mod identity;
+pub mod iommu;
+pub mod per_map;
+pub mod per_segment;
+pub mod reserve_levels;
+pub mod reserved;
 
 use crate::error::{Error, Result};
 use crate::platform::Platform;
@@ -32,6 +38,11 @@ use super::segments::{Segment, SegmentBuilder};
 use super::tag::TagSpec;
 
 pub use direct::Direct;
+pub use identity::Identity;
+pub use iommu::IommuOps;
+pub use per_map::IommuPerMap;
+pub use per_segment::IommuPerSegment;
+pub use reserved::IommuReserved;
 
 /// How a strategy invalidates IOTLBs (for reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

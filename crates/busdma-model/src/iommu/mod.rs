@@ -1,0 +1,520 @@
+//! The model IOMMU: the remapping hardware, in software.
+//!
+//! # Theory
+//!
+//! 1. **It walks guest RAM.** A device's request is translated by walking the domain's page
+//!    tables in the model's RAM, word by word with atomic loads
+//!    ([`HostPlatform::read_phys_u64`]), exactly as hardware does; it never looks at the data
+//!    structures of the code that built the tables. The two walkers, `vtd.rs` (Intel VT-d
+//!    second level) and `lpae.rs` (Arm VMSAv8-64 stage 1, 4 KiB granule), are written from the
+//!    specifications and share no code with busdma's page-table formats, so a misread bit
+//!    in either shows as a disagreement.
+//! 2. **Contexts.** A device id is attached to one domain: the domain id (the cache tag), the
+//!    root table, the format and the input width ([`Context`]). An unattached device faults.
+//! 3. **The IOTLB really caches** (`iotlb.rs`): a hit does not walk, so an entry cleared without
+//!    an invalidation still translates. Invalidation commands ([`IotlbInvalidator`]) drop
+//!    cached pages of a range (probing sets for small ranges, scanning for large ones) or of
+//!    a whole domain, and are counted by kind ([`IommuStats`]).
+//! 4. **Faults** are returned to the device and recorded in a bounded log (the first
+//!    [`IommuConfig::fault_log_entries`] until read; later ones are counted as dropped, like
+//!    VT-d's primary fault overflow).
+//! 5. **The audit** ([`audit`], optional) checks the invalidation protocol of the software
+//!    above against the worst cache the specifications allow.
+//! 6. **Coherence index** (module `lci`): on a machine whose cache model is kept coherent by
+//!    coherence indexes (parisc, seed 003), each mapping's index, programmed through
+//!    [`IotlbInvalidator::set_coherence_index`], names the one CPU alias a transfer snoops; on
+//!    every other machine transfers are plain bus accesses (`read_phys` / `write_phys`).
+//!
+//! # Concurrency
+//!
+//! Devices translate from any number of threads. The context table is read-mostly (a
+//! read-write lock); each IOTLB set has its own spin lock; counters are relaxed atomics. An
+//! invalidation is complete when the call returns: any walk that read the tables before it
+//! started cannot fill the cache afterwards (the generation rule of `iotlb.rs`).
+
+pub mod audit;
+mod iotlb;
+mod lci;
+mod lpae;
+mod vtd;
+mod walk;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use busdma::iommu::{CoherenceIndex, DomainId, IotlbInvalidator};
+use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
+
+use crate::HostPlatform;
+use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
+pub use audit::{AuditReport, Violation};
+use iotlb::Iotlb;
+use walk::Walk;
+
+/// A page-table format the model IOMMU walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TableFormat {
+    /// Intel VT-d second-level tables (39-, 48- or 57-bit input).
+    VtdSecondLevel,
+    /// Arm VMSAv8-64 stage 1, 4 KiB granule, as an SMMU walks it (25- to 48-bit input).
+    ArmLpaeStage1,
+}
+
+/// What a device is attached to: the IOMMU's context (VT-d context entry, SMMU stream table
+/// entry plus context descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    /// The domain: the tag of the device's cached translations.
+    pub domain: DomainId,
+    /// Physical address of the root (start-level) table.
+    pub root: PhysAddr,
+    /// The table format.
+    pub format: TableFormat,
+    /// Input-address width in bits (VT-d AGAW; Arm 64 - T0SZ).
+    pub input_bits: u32,
+    /// Arm only: the device's requests are privileged (SMMU STE.PRIVCFG forcing privileged);
+    /// by default they are unprivileged, as PCIe requests arrive.
+    pub privileged: bool,
+}
+
+impl Context {
+    /// A context for `domain` with root `root`, unprivileged requests.
+    pub const fn new(domain: DomainId, root: PhysAddr, format: TableFormat, input_bits: u32) -> Self {
+        Self { domain, root, format, input_bits, privileged: false }
+    }
+
+    /// Levels of the walk, or an error for an input width the format does not have.
+    pub fn levels(&self) -> Result<u32> {
+        let l = match self.format {
+            TableFormat::VtdSecondLevel => vtd::levels(self.input_bits),
+            TableFormat::ArmLpaeStage1 => lpae::levels(self.input_bits),
+        };
+        l.ok_or(Error::InvalidArgument {
+            what: "input width for this table format",
+            value: self.input_bits.into(),
+        })
+    }
+}
+
+/// The model IOMMU's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IommuConfig {
+    /// IOTLB entries (rounded up to whole 4-way sets, a power of two of them; 0 disables the
+    /// IOTLB).
+    pub iotlb_entries: usize,
+    /// Fault records kept until read.
+    pub fault_log_entries: usize,
+    /// Output (host physical) address width: VT-d HAW, SMMU OAS. 32 to 48 bits.
+    pub output_bits: u32,
+    /// Keep the audit of the software's invalidation protocol (costs a hash-map update per
+    /// walk; for tests).
+    pub audit: bool,
+}
+
+impl Default for IommuConfig {
+    fn default() -> Self {
+        Self {
+            // 1024 entries: the order of IOTLBs in VT-d and SMMU implementations (hundreds to
+            // a few thousand entries), large enough that a test's working set stays cached,
+            // which is what makes a missing invalidation visible.
+            iotlb_entries: 1024,
+            // 256: the most fault recording registers VT-d's CAP.NFR can report.
+            fault_log_entries: 256,
+            // 48 bits: the widest output both formats share without Arm's 52-bit extension.
+            output_bits: 48,
+            audit: false,
+        }
+    }
+}
+
+/// Counters of the model IOMMU (a snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IommuStats {
+    /// Page translations requested by devices.
+    pub translations: u64,
+    /// Translations served by the IOTLB.
+    pub iotlb_hits: u64,
+    /// Table walks (IOTLB misses).
+    pub walks: u64,
+    /// Faults raised.
+    pub faults: u64,
+    /// Faults not recorded because the log was full.
+    pub faults_dropped: u64,
+    /// Ranged invalidation commands.
+    pub inv_range: u64,
+    /// ...of which served by probing the sets of each page.
+    pub inv_range_probed: u64,
+    /// ...of which served by scanning the whole IOTLB (large ranges).
+    pub inv_range_scanned: u64,
+    /// Whole-domain invalidation commands.
+    pub inv_domain: u64,
+    /// IOTLB entries dropped by invalidations.
+    pub iotlb_entries_dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    translations: AtomicU64,
+    iotlb_hits: AtomicU64,
+    walks: AtomicU64,
+    faults: AtomicU64,
+    faults_dropped: AtomicU64,
+    inv_range: AtomicU64,
+    inv_range_probed: AtomicU64,
+    inv_range_scanned: AtomicU64,
+    inv_domain: AtomicU64,
+    iotlb_entries_dropped: AtomicU64,
+}
+
+#[inline]
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The model IOMMU.
+pub struct ModelIommu<'m> {
+    platform: &'m HostPlatform,
+    config: IommuConfig,
+    contexts: RwLock<HashMap<DeviceId, Context>>,
+    iotlb: Iotlb,
+    faults: Mutex<Vec<DmaFault>>,
+    counters: Counters,
+    audit: Option<Mutex<audit::Audit>>,
+    /// Coherence indexes, on a machine whose cache is kept coherent by them (module `lci`).
+    lci: lci::CoherenceIndexes<'m>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves its state consistent at each step, so a panic elsewhere
+    // (a failing test thread) does not make it unusable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<'m> ModelIommu<'m> {
+    /// An IOMMU in front of `platform`'s RAM.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an output width outside 32..=48 bits.
+    pub fn new(platform: &'m HostPlatform, config: IommuConfig) -> Result<Self> {
+        if !(32..=48).contains(&config.output_bits) {
+            return Err(Error::InvalidArgument {
+                what: "IOMMU output width (32..=48 bits)",
+                value: config.output_bits.into(),
+            });
+        }
+        Ok(Self {
+            platform,
+            config,
+            contexts: RwLock::new(HashMap::new()),
+            iotlb: Iotlb::new(config.iotlb_entries),
+            faults: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            audit: config.audit.then(|| Mutex::new(audit::Audit::default())),
+            lci: lci::CoherenceIndexes::new(platform),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IommuConfig {
+        &self.config
+    }
+
+    /// The platform whose RAM the IOMMU walks.
+    pub fn platform(&self) -> &'m HostPlatform {
+        self.platform
+    }
+
+    /// IOTLB entries really available.
+    pub fn iotlb_capacity(&self) -> usize {
+        self.iotlb.capacity()
+    }
+
+    /// Attaches `device` to the domain `ctx` describes.
+    ///
+    /// Errors: [`Error::InvalidArgument`] (input width not of the format),
+    /// [`Error::Misaligned`] (root not 4 KiB-aligned), [`Error::OutOfRange`] (root outside
+    /// RAM or beyond the output width), [`Error::AlreadyMapped`] (device already attached:
+    /// detach first).
+    pub fn attach(&self, device: DeviceId, ctx: Context) -> Result<()> {
+        ctx.levels()?;
+        if !ctx.root.is_aligned(PAGE_SIZE) {
+            return Err(Error::Misaligned { value: ctx.root.raw(), align: PAGE_SIZE });
+        }
+        let ram = self.platform.ram();
+        if !ram.contains(ctx.root) || ctx.root.raw() >> self.config.output_bits != 0 {
+            return Err(Error::OutOfRange { addr: ctx.root.raw(), limit: ram.end().raw() });
+        }
+        let mut c = self.contexts.write().unwrap_or_else(|e| e.into_inner());
+        if c.contains_key(&device) {
+            return Err(Error::AlreadyMapped { addr: device.into() });
+        }
+        c.insert(device, ctx);
+        Ok(())
+    }
+
+    /// Detaches `device`; returns its context.
+    ///
+    /// Errors: [`Error::NotMapped`] if it is not attached.
+    pub fn detach(&self, device: DeviceId) -> Result<Context> {
+        let mut c = self.contexts.write().unwrap_or_else(|e| e.into_inner());
+        c.remove(&device).ok_or(Error::NotMapped { addr: device.into() })
+    }
+
+    /// The context `device` is attached to.
+    pub fn context(&self, device: DeviceId) -> Option<Context> {
+        self.contexts.read().unwrap_or_else(|e| e.into_inner()).get(&device).copied()
+    }
+
+    /// The DMA port of `device`: its reads and writes go through this IOMMU.
+    pub fn port(&self, device: DeviceId) -> IommuPort<'_, 'm> {
+        IommuPort { iommu: self, device }
+    }
+
+    /// Translates the page of `iova` for a `write` (or read) by `device`: the physical
+    /// address of the byte. A refusal is recorded in the fault log.
+    pub fn translate(
+        &self,
+        device: DeviceId,
+        iova: Iova,
+        write: bool,
+    ) -> core::result::Result<PhysAddr, DmaFault> {
+        bump(&self.counters.translations);
+        match self.translate_page(device, iova.raw(), write) {
+            Ok(page) => Ok(PhysAddr::new(page | iova.page_offset())),
+            Err(reason) => Err(self.fault(DmaFault { device, iova, write, reason })),
+        }
+    }
+
+    fn translate_page(
+        &self,
+        device: DeviceId,
+        iova: u64,
+        write: bool,
+    ) -> core::result::Result<u64, FaultReason> {
+        let ctx = self.context(device).ok_or(FaultReason::NotAttached)?;
+        if ctx.input_bits < 64 && iova >> ctx.input_bits != 0 {
+            return Err(FaultReason::BeyondInputWidth { input_bits: ctx.input_bits });
+        }
+        let page_number = iova >> 12;
+        let key = iotlb::key(ctx.domain, page_number);
+        let cached = match self.iotlb.lookup(key) {
+            Some(c) => {
+                bump(&self.counters.iotlb_hits);
+                c
+            }
+            None => {
+                bump(&self.counters.walks);
+                let generation = self.iotlb.generation();
+                let w = self.walk(&ctx, iova)?;
+                let c = w.page.raw() | u64::from(w.read) | (u64::from(w.write) << 1);
+                if let Some(a) = &self.audit {
+                    let mut a = lock(a);
+                    if self.iotlb.generation() == generation {
+                        a.fill(ctx.domain, page_number, &w);
+                    }
+                }
+                self.iotlb.fill(key, c, generation);
+                c
+            }
+        };
+        let allowed = if write { cached & 2 != 0 } else { cached & 1 != 0 };
+        if !allowed {
+            return Err(FaultReason::Permission);
+        }
+        Ok(cached & !(PAGE_SIZE - 1))
+    }
+
+    fn walk(&self, ctx: &Context, iova: u64) -> core::result::Result<Walk, FaultReason> {
+        let mem = |pa: u64| self.platform.read_phys_u64(PhysAddr::new(pa)).ok();
+        let root = ctx.root.raw();
+        let out = self.config.output_bits;
+        match ctx.format {
+            TableFormat::VtdSecondLevel => {
+                let levels = vtd::levels(ctx.input_bits)
+                    .ok_or(FaultReason::BeyondInputWidth { input_bits: ctx.input_bits })?;
+                vtd::walk(&mem, root, levels, iova, out)
+            }
+            TableFormat::ArmLpaeStage1 => lpae::walk(&mem, root, ctx.input_bits, iova, out, ctx.privileged),
+        }
+    }
+
+    fn fault(&self, f: DmaFault) -> DmaFault {
+        bump(&self.counters.faults);
+        let mut log = lock(&self.faults);
+        if log.len() < self.config.fault_log_entries {
+            log.push(f);
+        } else {
+            bump(&self.counters.faults_dropped);
+        }
+        f
+    }
+
+    /// The fault records, oldest first, without clearing them.
+    pub fn faults(&self) -> Vec<DmaFault> {
+        lock(&self.faults).clone()
+    }
+
+    /// Reads and clears the fault records (making room for new ones).
+    pub fn take_faults(&self) -> Vec<DmaFault> {
+        std::mem::take(&mut *lock(&self.faults))
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> IommuStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IommuStats {
+            translations: l(&c.translations),
+            iotlb_hits: l(&c.iotlb_hits),
+            walks: l(&c.walks),
+            faults: l(&c.faults),
+            faults_dropped: l(&c.faults_dropped),
+            inv_range: l(&c.inv_range),
+            inv_range_probed: l(&c.inv_range_probed),
+            inv_range_scanned: l(&c.inv_range_scanned),
+            inv_domain: l(&c.inv_domain),
+            iotlb_entries_dropped: l(&c.iotlb_entries_dropped),
+        }
+    }
+
+    /// The line programmed for [`CoherenceIndex::Untouched`] mappings, on a machine whose cache
+    /// is kept coherent by coherence indexes.
+    pub fn untouched_line(&self) -> Option<busdma::KernVa> {
+        self.lci.untouched()
+    }
+
+    /// The snoop of a transfer by `device` at `iova`: its mapping's coherence index on a
+    /// coherence-index machine, the machine's default otherwise (`None`).
+    fn snoop(&self, device: DeviceId, iova: Iova) -> Option<crate::cache::Snoop> {
+        self.lci.untouched()?;
+        self.lci.snoop(self.context(device)?.domain, iova)
+    }
+
+    /// The audit's findings, if the audit is on.
+    pub fn audit_report(&self) -> Option<AuditReport> {
+        self.audit.as_ref().map(|a| lock(a).report())
+    }
+
+    /// Pages `first..=last` of a range.
+    fn pages(range: AddrRange<Iova>) -> (u64, u64) {
+        (range.start().raw() >> 12, (range.end().raw() - 1) >> 12)
+    }
+
+    fn with_audit(&self, f: impl FnOnce(&mut audit::Audit)) {
+        if let Some(a) = &self.audit {
+            f(&mut lock(a));
+        }
+    }
+}
+
+impl IotlbInvalidator for ModelIommu<'_> {
+    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) {
+        bump(&self.counters.inv_range);
+        let generation = self.iotlb.bump_generation();
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| {
+            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
+        });
+        let dropped = if last - first < self.iotlb.sets() as u64 {
+            bump(&self.counters.inv_range_probed);
+            self.iotlb.probe_out(domain, first, last)
+        } else {
+            bump(&self.counters.inv_range_scanned);
+            self.iotlb.scan_out(domain, first, last)
+        };
+        self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    fn invalidate_all(&self, domain: DomainId) {
+        bump(&self.counters.inv_domain);
+        let generation = self.iotlb.bump_generation();
+        self.with_audit(|a| a.invalidate(domain, None, generation, self.platform.monotonic_ns()));
+        let dropped = self.iotlb.scan_out(domain, 0, u64::MAX);
+        self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {
+        self.lci.set(domain, range, index);
+    }
+
+    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| {
+            a.unmapped(domain, first, last, self.platform.monotonic_ns(), self.iotlb.generation());
+        });
+    }
+
+    fn audit_iova_released(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| a.released_iova(domain, first, last));
+    }
+
+    fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
+        self.with_audit(|a| a.released_table_page(domain, page));
+    }
+}
+
+/// A device behind the model IOMMU.
+#[derive(Clone, Copy)]
+pub struct IommuPort<'a, 'm> {
+    iommu: &'a ModelIommu<'m>,
+    device: DeviceId,
+}
+
+impl IommuPort<'_, '_> {
+    /// The device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// Runs `copy(iova, pa, offset, len)` over each page-sized piece of `[bus, bus + len)`,
+    /// translating each; stops at the first fault.
+    fn each_piece(
+        &self,
+        bus: Iova,
+        len: usize,
+        write: bool,
+        mut copy: impl FnMut(Iova, PhysAddr, usize, usize) -> Result<()>,
+    ) -> core::result::Result<(), DmaFault> {
+        let mut done = 0usize;
+        while done < len {
+            let iova = match bus.checked_add(done as u64) {
+                Some(a) => a,
+                None => {
+                    let reason = FaultReason::BeyondInputWidth { input_bits: 64 };
+                    return Err(self.iommu.fault(DmaFault { device: self.device, iova: bus, write, reason }));
+                }
+            };
+            let piece = (PAGE_SIZE - iova.page_offset()).min((len - done) as u64) as usize;
+            let pa = self.iommu.translate(self.device, iova, write)?;
+            if copy(iova, pa, done, piece).is_err() {
+                let reason = FaultReason::NoMemory { pa: pa.raw() };
+                return Err(self.iommu.fault(DmaFault { device: self.device, iova, write, reason }));
+            }
+            done += piece;
+        }
+        Ok(())
+    }
+}
+
+impl DmaPort for IommuPort<'_, '_> {
+    fn dma_read(&self, bus: Iova, buf: &mut [u8]) -> core::result::Result<(), DmaFault> {
+        let p = self.iommu.platform;
+        let len = buf.len();
+        self.each_piece(bus, len, false, |iova, pa, off, n| match self.iommu.snoop(self.device, iova) {
+            Some(snoop) => p.bus_read(pa, &mut buf[off..off + n], snoop),
+            None => p.read_phys(pa, &mut buf[off..off + n]),
+        })
+    }
+
+    fn dma_write(&self, bus: Iova, data: &[u8]) -> core::result::Result<(), DmaFault> {
+        let p = self.iommu.platform;
+        self.each_piece(bus, data.len(), true, |iova, pa, off, n| match self.iommu.snoop(self.device, iova) {
+            Some(snoop) => p.bus_write(pa, &data[off..off + n], snoop),
+            None => p.write_phys(pa, &data[off..off + n]),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,279 @@
+//! What the IOMMU strategies need from a domain, and how they lay a load out in IOVA space.
+//!
+//! # Theory
+//!
+//! 1. **The domain interface.** [`IommuOps`] is the part of an IOMMU domain the front end
+//!    uses: allocate and free IOVA, map a run of pages with the direction's rights, unmap a
+//!    list of ranges with *one* invalidation (strict) or one queued entry (deferred), wait for
+//!    an unmap's invalidation, and reserve the table levels of a range. `busdma::iommu`'s
+//!    domain implements it; a strategy is generic over it, so the hot path stays monomorphic.
+//! 2. **Layout.** A load's runs are laid out in one IOVA window by [`layout`]: a run that
+//!    continues the previous one in physical space continues it in IOVA space (sharing its
+//!    partly used page); any other run starts on a fresh IOVA page at its own page offset
+//!    (an IOMMU maps pages, so the offset within the page cannot change), on a multiple of the
+//!    tag's alignment when that exceeds a page and the run starts a page. A peer BAR with a
+//!    bypass bus address takes no IOVA. The layout is a pure function of the runs, so
+//!    strategies run it once to size the window, once to build segments and once to map,
+//!    without storing anything per run.
+//! 3. **Waste bound.** A run starts a fresh page only when the previous run ended mid-page
+//!    (or at a gap the alignment demands), and then it also starts a new segment; so a load of
+//!    `s` segments needs at most `max_size + s × max(PAGE_SIZE, alignment)` bytes of IOVA. This
+//!    is the size of `iommu-reserved`'s window.
+//! 4. **Untrusted devices** must not see the rest of a page they were given part of: a
+//!    sub-page run for an untrusted tag goes to the bounce hook.
+#![forbid(unsafe_code)]
+
+use crate::addr::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
+use crate::error::Result;
+use crate::platform::{CpuGuard, Platform};
+
+use super::{BounceReason, Invalidation, bounce_hook};
+use crate::front::load::{MemKind, Run};
+use crate::front::map::Direction;
+use crate::front::tag::TagSpec;
+
+/// The domain operations the IOMMU strategies use (theory 1).
+///
+/// # Execution context
+///
+/// Every method runs with preemption disabled (the caller's [`CpuGuard`], which per-CPU IOVA
+/// caches and table pools are indexed by; a strategy pins once per load or unload) and
+/// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
+pub trait IommuOps<P: Platform>: Sync {
+    /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
+    type Ticket: Copy;
+
+    /// The domain's invalidation mode.
+    fn invalidation(&self) -> Invalidation;
+
+    /// Highest IOVA the domain can map, inclusive (its page table's input width).
+    fn max_iova(&self) -> u64;
+
+    /// Allocates `size` bytes (page multiple) of IOVA aligned to `align`, ending at or below
+    /// `limit` (inclusive).
+    fn alloc_iova(&self, g: &CpuGuard<'_, P>, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>>;
+
+    /// Returns IOVA that was never mapped (or whose unmaps have been flushed).
+    fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>);
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` (page multiples) with the rights of
+    /// `dir`. On error nothing it mapped translates any more.
+    fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()>;
+
+    /// Unmaps every range of `mapped` with one invalidation (strict: complete on return;
+    /// deferred: queued), then returns every range of `free` to the IOVA allocator once that
+    /// invalidation has completed.
+    ///
+    /// Errors: the domain's (a range that is not mapped: a front-end bug); on error nothing
+    /// was unmapped and nothing freed.
+    fn unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<Self::Ticket>;
+
+    /// Waits until the invalidation of `ticket` has completed (flushing if needed).
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
+
+    /// Installs every intermediate table level over `range`, so later maps and unmaps inside
+    /// it touch only leaf entries and never allocate.
+    fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
+}
+
+/// Where [`layout`] puts one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// A peer BAR reached at this bus address, bypassing the IOMMU.
+    Bypass(Iova),
+    /// In the window.
+    At {
+        /// Offset of the run's first byte in the window.
+        off: u64,
+        /// Page-aligned offsets `[map_start, map_end)` this run newly needs mapped (empty
+        /// when it lies within a page the previous run already mapped).
+        map_start: u64,
+        /// End of the pages to map.
+        map_end: u64,
+        /// Physical address that `map_start` maps to.
+        pa: PhysAddr,
+    },
+}
+
+#[inline]
+fn page_up(x: u64) -> u64 {
+    (x + (PAGE_SIZE - 1)) & !(PAGE_SIZE - 1)
+}
+
+/// Lays `runs` out in a window (theory 2); calls `f` for each run in order and returns the
+/// window size needed (a page multiple).
+#[inline]
+pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result<()>) -> Result<u64> {
+    let mut cursor = 0u64;
+    let mut mapped_to = 0u64;
+    let mut prev_pa_end: Option<u64> = None;
+    for r in runs {
+        if let MemKind::PeerBar { bus: Some(b) } = r.kind {
+            f(r, Place::Bypass(b))?;
+            prev_pa_end = None;
+            continue;
+        }
+        let page_off = r.pa.page_offset();
+        let off = if prev_pa_end == Some(r.pa.raw()) {
+            cursor
+        } else {
+            let mut s = page_up(cursor);
+            if align > PAGE_SIZE && page_off == 0 {
+                s = (s + (align - 1)) & !(align - 1);
+            }
+            s + page_off
+        };
+        let end = off + r.len;
+        let map_start = (off & !(PAGE_SIZE - 1)).max(mapped_to);
+        let map_end = page_up(end).max(map_start);
+        // IOVA offset x maps PA `r.pa + x - off`; map_start ≥ off - page_off, so this does
+        // not go below the run's first page.
+        let pa = PhysAddr::new(r.pa.raw().wrapping_add(map_start).wrapping_sub(off));
+        f(r, Place::At { off, map_start, map_end, pa })?;
+        cursor = end;
+        mapped_to = map_end;
+        prev_pa_end = Some(r.pa_end());
+    }
+    Ok(page_up(cursor))
+}
+
+/// The untrusted-device check of theory 4.
+#[inline]
+pub fn check_untrusted(spec: &TagSpec, runs: &[Run]) -> Result<()> {
+    if !spec.flags.untrusted {
+        return Ok(());
+    }
+    for r in runs {
+        let bypass = matches!(r.kind, MemKind::PeerBar { bus: Some(_) });
+        if !bypass && (r.pa.page_offset() != 0 || r.pa_end() & (PAGE_SIZE - 1) != 0) {
+            return Err(bounce_hook(r, BounceReason::UntrustedSubPage));
+        }
+    }
+    Ok(())
+}
+
+/// Maps an IOVA-space builder error to the bounce hook (theory: only a misaligned run start
+/// or a bypass address beyond the mask can fail there).
+#[inline]
+pub fn builder_error(r: &Run, e: crate::Error) -> crate::Error {
+    match e {
+        crate::Error::Misaligned { .. } => bounce_hook(r, BounceReason::Misaligned),
+        crate::Error::OutOfRange { .. } => bounce_hook(r, BounceReason::BeyondMask),
+        e => e,
+    }
+}
+
+/// IOVA alignment of a window for `spec`: a page, or the tag's alignment if larger.
+#[inline]
+pub fn window_align(spec: &TagSpec) -> u64 {
+    spec.alignment.max(PAGE_SIZE)
+}
+
+/// The inclusive IOVA limit for `spec` on a domain.
+#[inline]
+pub fn iova_limit<P: Platform, D: IommuOps<P>>(d: &D, spec: &TagSpec) -> u64 {
+    spec.dma_mask.min(d.max_iova())
+}
+
+/// Pushes a mapped range onto `out`, merging it with the last one when adjacent. `out` has
+/// room (its capacity bounds the runs of a load).
+#[inline]
+pub fn push_range(out: &mut alloc::vec::Vec<AddrRange<Iova>>, start: u64, end: u64) -> Result<()> {
+    if start >= end {
+        return Ok(());
+    }
+    if let Some(last) = out.last_mut() {
+        if last.end().raw() == start {
+            *last = AddrRange::new(last.start(), Iova::new(end))?;
+            return Ok(());
+        }
+    }
+    if out.len() == out.capacity() {
+        return Err(crate::Error::LimitExceeded {
+            what: "mapped ranges per load",
+            requested: out.len() as u64 + 1,
+            limit: out.capacity() as u64,
+        });
+    }
+    out.push(AddrRange::new(Iova::new(start), Iova::new(end))?);
+    Ok(())
+}
+
+/// Capacity of per-map range arrays: the map's run bound (map.rs theory 2).
+#[inline]
+pub fn max_runs(spec: &TagSpec) -> usize {
+    (spec.max_segments as usize).saturating_add(spec.max_size.div_ceil(PAGE_SIZE) as usize).saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn run(pa: u64, len: u64) -> Run {
+        Run { pa: PhysAddr::new(pa), len, kind: MemKind::Page, kva: None }
+    }
+
+    fn places(runs: &[Run], align: u64) -> (Vec<Place>, u64) {
+        let mut v = Vec::new();
+        let total = layout(runs, align, |_, p| {
+            v.push(p);
+            Ok(())
+        })
+        .unwrap();
+        (v, total)
+    }
+
+    #[test]
+    fn a_run_keeps_its_page_offset_and_maps_its_pages() {
+        let (v, total) = places(&[run(0x10_0800, 0x1000)], PAGE_SIZE);
+        assert_eq!(
+            v,
+            [Place::At { off: 0x800, map_start: 0, map_end: 0x2000, pa: PhysAddr::new(0x10_0000) }]
+        );
+        assert_eq!(total, 0x2000);
+    }
+
+    #[test]
+    fn a_physically_continuing_run_shares_the_partly_used_page() {
+        let (v, total) = places(&[run(0x10_0800, 0x400), run(0x10_0c00, 0x800)], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0xc00, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x10_1000) }
+        );
+        assert_eq!(total, 0x2000);
+    }
+
+    #[test]
+    fn other_runs_start_on_a_fresh_page_and_large_alignment_pads() {
+        let (v, _) = places(&[run(0x10_0000, 0x100), run(0x30_0000, 0x100)], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x1000, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x30_0000) }
+        );
+        let (v, total) = places(&[run(0x10_0000, 0x100), run(0x30_0000, 0x100)], 0x4000);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x4000, map_start: 0x4000, map_end: 0x5000, pa: PhysAddr::new(0x30_0000) }
+        );
+        assert_eq!(total, 0x5000);
+    }
+
+    #[test]
+    fn a_peer_bar_with_a_bus_address_takes_no_iova() {
+        let bar = Run {
+            pa: PhysAddr::new(0xf000_0000),
+            len: 0x100,
+            kind: MemKind::PeerBar { bus: Some(Iova::new(0x9000)) },
+            kva: None,
+        };
+        let (v, total) = places(&[bar], PAGE_SIZE);
+        assert_eq!(v, [Place::Bypass(Iova::new(0x9000))]);
+        assert_eq!(total, 0);
+    }
+}

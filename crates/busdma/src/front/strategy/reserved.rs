@@ -1,0 +1,138 @@
+//! `iommu-reserved`: IOVA window and table levels reserved at map create (seed 002's open
+//! idea: "reserve IOVA during bus_dmamap_create(9)").
+//!
+//! # Theory
+//!
+//! 1. **Create** allocates a window of `max_size + max_segments × max(PAGE_SIZE, alignment)`
+//!    bytes (the layout's waste bound, [`super::iommu`] theory 3) and installs every table
+//!    level over it, so load and unload touch only leaf entries: no allocator call, no table
+//!    allocation, on the per-packet path.
+//! 2. **Load** lays the runs out at the window's start and maps leaves; **unload** clears them
+//!    with one `unmap` that frees nothing (the window stays the map's) and keeps the ticket.
+//! 3. **Reuse under deferred invalidation.** The next load may reuse IOVAs whose unmap is
+//!    still queued: a device could reach the old pages through a stale IOTLB entry *and* now
+//!    the new ones through the same IOVA, which is only harmless if the old invalidation has
+//!    completed. So load first calls `ensure_flushed` on the previous unload's ticket (a no-op
+//!    once the queue has been drained, a flush otherwise). Under strict invalidation the ticket
+//!    is already complete. The cost of this (a forced flush per reuse when maps are recycled
+//!    faster than the queue drains) is what `dmalab bench map` shows in its deferred rows.
+//! 4. **Destroy** waits for the last unload's invalidation, then frees the window.
+#![forbid(unsafe_code)]
+
+use alloc::vec::Vec;
+
+use crate::addr::{AddrRange, Iova, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+use super::iommu::{IommuOps, iova_limit, max_runs, window_align};
+use super::per_map::{map_runs, push_segments};
+use super::{Invalidation, Strategy};
+use crate::front::load::Run;
+use crate::front::map::Direction;
+use crate::front::segments::{Segment, SegmentBuilder};
+use crate::front::tag::TagSpec;
+
+/// The reserved-window strategy over domain handle `D`.
+#[derive(Clone, Debug)]
+pub struct IommuReserved<D>(pub D);
+
+/// Per-map state: the window, what the current load mapped, the last unload's ticket.
+#[derive(Debug)]
+pub struct ReservedState<T> {
+    window: AddrRange<Iova>,
+    mapped: Vec<AddrRange<Iova>>,
+    pending: Option<T>,
+}
+
+impl<T> ReservedState<T> {
+    /// The reserved window.
+    pub fn window(&self) -> AddrRange<Iova> {
+        self.window
+    }
+}
+
+/// The window size for `spec` (theory 1).
+pub fn window_size(spec: &TagSpec) -> Result<u64> {
+    let per_seg = window_align(spec);
+    let waste = per_seg
+        .checked_mul(u64::from(spec.max_segments))
+        .ok_or(Error::Overflow { base: per_seg, len: u64::from(spec.max_segments) })?;
+    let raw = spec.max_size.checked_add(waste).ok_or(Error::Overflow { base: spec.max_size, len: waste })?;
+    raw.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::Overflow { base: raw, len: PAGE_SIZE })
+}
+
+impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
+    const NAME: &'static str = "iommu-reserved";
+    type MapState = ReservedState<<D as IommuOps<P>>::Ticket>;
+
+    fn invalidation(&self) -> Invalidation {
+        self.0.invalidation()
+    }
+
+    fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState> {
+        let d = &self.0;
+        let g = p.pin_cpu();
+        let mut mapped = Vec::new();
+        let n = max_runs(spec);
+        mapped.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
+        let size = window_size(spec)?;
+        let window = d.alloc_iova(&g, size, window_align(spec), iova_limit(d, spec))?;
+        if let Err(e) = d.reserve_tables(&g, window) {
+            d.free_iova(&g, window);
+            return Err(e);
+        }
+        Ok(ReservedState { window, mapped, pending: None })
+    }
+
+    #[inline]
+    fn load(
+        &self,
+        p: &P,
+        spec: &TagSpec,
+        st: &mut Self::MapState,
+        runs: &[Run],
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        super::iommu::check_untrusted(spec, runs)?;
+        let d = &self.0;
+        let align = window_align(spec);
+        let base = st.window.start().raw();
+        // One pass builds the segments and sizes the layout; nothing is mapped before the
+        // size is checked against the window.
+        let size = push_segments(runs, align, base, segs)?;
+        if size > st.window.len() {
+            return Err(Error::Exhausted { size, limit: st.window.len() });
+        }
+        let g = p.pin_cpu();
+        if let Some(t) = st.pending.take() {
+            d.ensure_flushed(&g, t);
+        }
+        if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
+            if !st.mapped.is_empty() {
+                st.pending = d.unmap(&g, &st.mapped, &[]).ok();
+            }
+            st.mapped.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) {
+        if !st.mapped.is_empty() {
+            let g = p.pin_cpu();
+            st.pending = self.0.unmap(&g, &st.mapped, &[]).ok();
+        }
+        st.mapped.clear();
+    }
+
+    fn destroy(&self, p: &P, st: Self::MapState) {
+        let g = p.pin_cpu();
+        if let Some(t) = st.pending {
+            self.0.ensure_flushed(&g, t);
+        }
+        self.0.free_iova(&g, st.window);
+    }
+}

@@ -1,0 +1,189 @@
+//! The live map: one mark byte per page of the space, telling whether a size-class range that
+//! starts on that page is live (held by a caller) and of which class.
+//!
+//! # Theory
+//!
+//! 1. **Why.** The per-CPU caches must catch a double free without taking the tree lock (the
+//!    tree knows every range but is shared by all CPUs). A free of a class range does one
+//!    compare-and-swap on the range's mark, from "live, class c" to "not live": it succeeds
+//!    exactly once per allocation, whichever CPUs race, so a second free sees "not live" and
+//!    goes to the tree, which reports it (see `iova::tree`, `Kind::Class`).
+//! 2. **Shape.** A radix tree like a page table: leaves of [`LEAF_PAGES`] mark bytes, interior
+//!    nodes of [`FAN`] pointers, as many levels as the space needs (3 for a 48-bit space). Only
+//!    the paths to pages where a class range was ever placed exist; they are installed by
+//!    compare-and-swap and never removed before the map drops, so a reader holding `&self`
+//!    can follow them without a lock.
+//! 3. **Cost.** A lookup is `levels` dependent loads of hot lines plus the mark; memory is one
+//!    4 KiB leaf per 16 MiB of IOVA space that ever held a class range (1/4096 of it).
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ptr;
+
+use crate::error::{Error, Result};
+use crate::sync::{AtomicPtr, AtomicU8, Ordering};
+
+/// log2 of the pages one leaf covers: a leaf is one 4 KiB page of marks.
+const LEAF_BITS: u32 = 12;
+/// Pages (marks) per leaf.
+pub(crate) const LEAF_PAGES: usize = 1 << LEAF_BITS;
+/// log2 of the children of an interior node: 512 pointers fill one 4 KiB page.
+const FAN_BITS: u32 = 9;
+/// Children per interior node.
+const FAN: usize = 1 << FAN_BITS;
+
+/// See the module documentation.
+///
+/// # Invariants
+///
+/// `root` points to a leaf of [`LEAF_PAGES`] `AtomicU8`s if `levels == 0`, else to an
+/// interior node of [`FAN`] `AtomicPtr<u8>`s; an interior node at height `h` (leaves are at
+/// height 0, the root at `levels`) holds null or pointers to nodes of height `h - 1`. Every
+/// node was made by `Box::into_raw` of a boxed slice of that length and is freed only in `Drop`.
+#[derive(Debug)]
+pub(crate) struct LiveMap {
+    levels: u32,
+    root: *mut u8,
+}
+
+// SAFETY: the map owns its nodes; all shared access goes through atomics.
+unsafe impl Send for LiveMap {}
+// SAFETY: as above: `&self` methods only read pointers and marks atomically.
+unsafe impl Sync for LiveMap {}
+
+fn new_leaf() -> Result<*mut u8> {
+    let mut v: Vec<AtomicU8> = Vec::new();
+    v.try_reserve_exact(LEAF_PAGES).map_err(|_| Error::NoMemory { requested: LEAF_PAGES as u64 })?;
+    v.extend((0..LEAF_PAGES).map(|_| AtomicU8::new(0)));
+    Ok(Box::into_raw(v.into_boxed_slice()) as *mut AtomicU8 as *mut u8)
+}
+
+fn new_interior() -> Result<*mut u8> {
+    let mut v: Vec<AtomicPtr<u8>> = Vec::new();
+    v.try_reserve_exact(FAN).map_err(|_| Error::NoMemory { requested: (FAN * 8) as u64 })?;
+    v.extend((0..FAN).map(|_| AtomicPtr::new(ptr::null_mut())));
+    Ok(Box::into_raw(v.into_boxed_slice()) as *mut AtomicPtr<u8> as *mut u8)
+}
+
+/// Frees a node of height `h` and everything below it.
+///
+/// # Safety
+///
+/// `p` is a node of height `h` per the [`LiveMap`] invariants, not freed yet, and unreachable
+/// by anyone else.
+unsafe fn free_node(p: *mut u8, h: u32) {
+    if h == 0 {
+        // SAFETY: per the invariant, a leaf is a boxed slice of LEAF_PAGES marks.
+        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p as *mut AtomicU8, LEAF_PAGES)) });
+        return;
+    }
+    // SAFETY: per the invariant, an interior node is a boxed slice of FAN pointers.
+    let node = unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p as *mut AtomicPtr<u8>, FAN)) };
+    for c in node.iter() {
+        let c = c.load(Ordering::Relaxed);
+        if !c.is_null() {
+            // SAFETY: children of a height-h node are height h-1 nodes owned by it.
+            unsafe { free_node(c, h - 1) };
+        }
+    }
+}
+
+impl LiveMap {
+    /// A map for a space of `pages` pages.
+    pub fn new(pages: u64) -> Result<Self> {
+        let mut levels = 0;
+        while levels < 8 && (pages.saturating_sub(1) >> (LEAF_BITS + FAN_BITS * levels)) != 0 {
+            levels += 1;
+        }
+        let root = if levels == 0 { new_leaf()? } else { new_interior()? };
+        // INVARIANT: root is a fresh node of height `levels`.
+        Ok(Self { levels, root })
+    }
+
+    /// The child slot of interior node `p` (height `h >= 1`) on the way to `page`.
+    ///
+    /// # Safety
+    ///
+    /// `p` is an interior node of height `h` of this map.
+    #[inline]
+    unsafe fn child(&self, p: *mut u8, h: u32, page: u64) -> &AtomicPtr<u8> {
+        let idx = ((page >> (LEAF_BITS + FAN_BITS * (h - 1))) as usize) & (FAN - 1);
+        // SAFETY: an interior node is FAN AtomicPtrs that live until the map drops (which
+        // needs `&mut self`, so not while `&self` is borrowed); idx < FAN.
+        unsafe { &*(p as *const AtomicPtr<u8>).add(idx) }
+    }
+
+    /// The mark of `page`, if its leaf exists. Lock-free.
+    #[inline]
+    pub fn get(&self, page: u64) -> Option<&AtomicU8> {
+        let mut p = self.root;
+        let mut h = self.levels;
+        while h > 0 {
+            // SAFETY: p is an interior node of height h (invariant, by induction from root).
+            p = unsafe { self.child(p, h, page) }.load(Ordering::Acquire);
+            if p.is_null() {
+                return None;
+            }
+            h -= 1;
+        }
+        // SAFETY: p is a leaf: LEAF_PAGES marks alive until drop; the index is masked.
+        Some(unsafe { &*(p as *const AtomicU8).add(page as usize & (LEAF_PAGES - 1)) })
+    }
+
+    /// The mark of `page`, creating the path to it if needed.
+    ///
+    /// Errors: [`Error::NoMemory`] if a node cannot be allocated (nothing changes).
+    pub fn get_or_create(&self, page: u64) -> Result<&AtomicU8> {
+        let mut p = self.root;
+        let mut h = self.levels;
+        while h > 0 {
+            // SAFETY: p is an interior node of height h.
+            let slot = unsafe { self.child(p, h, page) };
+            let mut c = slot.load(Ordering::Acquire);
+            if c.is_null() {
+                let fresh = if h == 1 { new_leaf()? } else { new_interior()? };
+                // Release publishes the zeroed node before its pointer.
+                match slot.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => c = fresh,
+                    Err(winner) => {
+                        // SAFETY: `fresh` was never published; it is a node of height h-1.
+                        unsafe { free_node(fresh, h - 1) };
+                        c = winner;
+                    }
+                }
+            }
+            p = c;
+            h -= 1;
+        }
+        // SAFETY: as in `get`.
+        Ok(unsafe { &*(p as *const AtomicU8).add(page as usize & (LEAF_PAGES - 1)) })
+    }
+}
+
+impl Drop for LiveMap {
+    fn drop(&mut self) {
+        // SAFETY: root is a node of height `levels` owned by us; `&mut self` excludes readers.
+        unsafe { free_node(self.root, self.levels) };
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_created_once_and_found_again() {
+        let m = LiveMap::new(1 << 36).unwrap();
+        assert_eq!(m.levels, 3);
+        assert!(m.get(12345).is_none());
+        m.get_or_create(12345).unwrap().store(7, Ordering::Relaxed);
+        assert_eq!(m.get(12345).unwrap().load(Ordering::Relaxed), 7);
+        assert_eq!(m.get(12346).unwrap().load(Ordering::Relaxed), 0);
+        assert!(m.get((1 << 36) - 1).is_none());
+        m.get_or_create((1 << 36) - 1).unwrap().store(1, Ordering::Relaxed);
+        assert_eq!(m.get(12345).unwrap().load(Ordering::Relaxed), 7);
+        let small = LiveMap::new(16).unwrap();
+        assert_eq!(small.levels, 0);
+        assert!(small.get(3).is_some());
+    }
+}

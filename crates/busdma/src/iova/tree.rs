@@ -1,0 +1,620 @@
+//! The slow path: a treap of occupied ranges, augmented with the largest free gap of each
+//! subtree, searched top-down.
+//!
+//! # Theory
+//!
+//! 1. **What is stored.** One node per occupied range of the space: live allocations
+//!    ([`Kind::Allocated`]), ranges owned by the per-CPU caches ([`Kind::Class`], live or
+//!    cached: the tree cannot tell and does not need to), reserved holes ([`Kind::Reserved`])
+//!    and windows ([`Kind::Window`]). Two zero-length sentinels sit at the space's two ends, so
+//!    every free byte lies in a *gap* between two in-order neighbours.
+//! 2. **Augmentation.** Each node keeps, for its subtree, the smallest start, the largest end
+//!    and the largest gap between two consecutive nodes *inside* the subtree. All three depend
+//!    on the subtree alone (not on an outside predecessor, unlike a per-node "gap to my
+//!    predecessor"), so a rotation or an insertion recomputes them bottom-up along one path:
+//!    `pull` is O(1), an update O(depth).
+//! 3. **Balance.** A treap: a node's priority is a hash of its start (deterministic, no random
+//!    source needed in `no_std`), heap-ordered; the expected depth is `~1.39 log2 n`, so
+//!    insert, remove, lookup and search are O(log n) expected.
+//! 4. **Search** (top-down placement, as Linux and FreeBSD do, so low addresses stay free for
+//!    devices with narrow masks): visit the candidate gaps of a subtree from the highest
+//!    address down (right subtree, the gap between the node and its right subtree, the gap
+//!    between its left subtree and the node, left subtree), pruning every subtree whose largest
+//!    gap is smaller than the request or whose leftmost start is already past the limit. In each
+//!    gap the highest start honouring alignment, boundary and limit is tried. The first hit is
+//!    the highest fit.
+//! 5. **Remembered failures.** A failed search is recorded as (limit, size, align, boundary);
+//!    a later request with the same limit that is at least as large, at least as aligned and no
+//!    less constrained by its boundary cannot fit either, and fails without a search. Any free
+//!    into the tree forgets every record (space came back).
+//! 6. **Storage.** Nodes live in an arena (`Vec`) linked by `u32` indices, recycled through a
+//!    free list; growth uses `try_reserve`, so exhaustion of kernel memory is an error, not a
+//!    panic.
+
+use alloc::vec::Vec;
+
+use crate::error::{Error, Result};
+
+/// "No node".
+const NIL: u32 = u32::MAX;
+
+/// Number of remembered failures: one per distinct DMA limit a domain commonly sees (32-bit,
+/// the IOMMU's input width, and two more for odd masks such as 40 or 44 bits); a fifth limit
+/// evicts the oldest record, which costs at most one extra search.
+const FAIL_SLOTS: usize = 4;
+
+/// What a node's range is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A space sentinel (zero length).
+    Sentinel,
+    /// A live allocation of the exact size asked for, freed through the tree.
+    Allocated,
+    /// A size-class range owned by the per-CPU caches: live with a caller or cached.
+    Class,
+    /// A reserved hole ([`super::IovaAllocator::reserve`]); never freed.
+    Reserved,
+    /// A reserved window ([`super::IovaAllocator::reserve_window`]).
+    Window,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Node {
+    start: u64,
+    /// End of the occupied range, guard page included.
+    end: u64,
+    min_start: u64,
+    max_end: u64,
+    max_gap: u64,
+    left: u32,
+    right: u32,
+    prio: u32,
+    kind: Kind,
+}
+
+/// A placement request, already validated and with the guard page folded into `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fit {
+    /// Bytes the caller gets (alignment and boundary apply to these).
+    pub size: u64,
+    /// Bytes occupied in the tree (`size` plus an optional guard page).
+    pub total: u64,
+    /// Power of two, at least a page.
+    pub align: u64,
+    /// 0 or a power of two `>= size`.
+    pub boundary: u64,
+    /// Exclusive upper bound of the occupied range.
+    pub limit: u64,
+}
+
+/// Counters of the slow path.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TreeStats {
+    pub allocs: u64,
+    pub frees: u64,
+    pub visited: u64,
+    pub fast_failures: u64,
+    /// Window allocations (among `allocs`).
+    pub windows: u64,
+    /// Class ranges returned by the caches (among `frees`).
+    pub class_returns: u64,
+    /// Windows released (among `frees`).
+    pub window_frees: u64,
+}
+
+/// The augmented treap over one space.
+#[derive(Debug)]
+pub(crate) struct Tree {
+    nodes: Vec<Node>,
+    free_slots: Vec<u32>,
+    root: u32,
+    fails: [Option<Fit>; FAIL_SLOTS],
+    next_fail: usize,
+    /// Occupied nodes that are not sentinels, by kind: allocated, class, reserved, window.
+    pub counts: [u64; 4],
+    pub stats: TreeStats,
+}
+
+/// splitmix64's finaliser: a well-mixed priority from a start address.
+fn prio_of(start: u64) -> u32 {
+    let mut z = start.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
+fn kind_slot(kind: Kind) -> Option<usize> {
+    match kind {
+        Kind::Sentinel => None,
+        Kind::Allocated => Some(0),
+        Kind::Class => Some(1),
+        Kind::Reserved => Some(2),
+        Kind::Window => Some(3),
+    }
+}
+
+impl Fit {
+    /// True if a failure of `self` proves that `other` fails too.
+    fn implies_failure_of(&self, other: &Fit) -> bool {
+        self.limit == other.limit
+            && other.total >= self.total
+            && other.size >= self.size
+            && other.align >= self.align
+            && (self.boundary == 0 || (other.boundary != 0 && other.boundary <= self.boundary))
+    }
+
+    /// The highest start in the gap `[lo, hi)` that honours the request, if any.
+    #[inline]
+    fn place(&self, lo: u64, hi: u64) -> Option<u64> {
+        let hi = hi.min(self.limit);
+        if hi < lo || hi - lo < self.total {
+            return None;
+        }
+        let mut s = (hi - self.total) & !(self.align - 1);
+        if self.boundary != 0 && (s ^ (s + self.size - 1)) & !(self.boundary - 1) != 0 {
+            // Crosses: end the range exactly at the boundary it crossed, then realign (which
+            // cannot cross the previous boundary, see `place_honours_boundary`).
+            let m = (s + self.size - 1) & !(self.boundary - 1);
+            s = m.checked_sub(self.size)? & !(self.align - 1);
+        }
+        (s >= lo).then_some(s)
+    }
+}
+
+impl Tree {
+    /// A tree over `[base, end)` with nothing occupied.
+    pub fn new(base: u64, end: u64) -> Result<Self> {
+        let mut t = Tree {
+            nodes: Vec::new(),
+            free_slots: Vec::new(),
+            root: NIL,
+            fails: [None; FAIL_SLOTS],
+            next_fail: 0,
+            counts: [0; 4],
+            stats: TreeStats::default(),
+        };
+        t.insert_node(base, base, Kind::Sentinel)?;
+        t.insert_node(end, end, Kind::Sentinel)?;
+        Ok(t)
+    }
+
+    #[inline]
+    fn n(&self, i: u32) -> &Node {
+        &self.nodes[i as usize]
+    }
+
+    #[inline]
+    fn n_mut(&mut self, i: u32) -> &mut Node {
+        &mut self.nodes[i as usize]
+    }
+
+    /// Recomputes the augmentation of `i` from its children.
+    #[inline]
+    fn pull(&mut self, i: u32) {
+        let n = *self.n(i);
+        let (mut min_start, mut max_end, mut gap) = (n.start, n.end, 0);
+        if n.left != NIL {
+            let l = self.n(n.left);
+            min_start = l.min_start;
+            gap = l.max_gap.max(n.start - l.max_end);
+        }
+        if n.right != NIL {
+            let r = self.n(n.right);
+            max_end = r.max_end;
+            gap = gap.max(r.max_gap).max(r.min_start - n.end);
+        }
+        let m = self.n_mut(i);
+        m.min_start = min_start;
+        m.max_end = max_end;
+        m.max_gap = gap;
+    }
+
+    fn rotate_right(&mut self, t: u32) -> u32 {
+        let l = self.n(t).left;
+        self.n_mut(t).left = self.n(l).right;
+        self.n_mut(l).right = t;
+        self.pull(t);
+        self.pull(l);
+        l
+    }
+
+    fn rotate_left(&mut self, t: u32) -> u32 {
+        let r = self.n(t).right;
+        self.n_mut(t).right = self.n(r).left;
+        self.n_mut(r).left = t;
+        self.pull(t);
+        self.pull(r);
+        r
+    }
+
+    #[inline]
+    fn key(&self, i: u32) -> (u64, u64) {
+        let n = self.n(i);
+        (n.start, n.end)
+    }
+
+    fn insert_at(&mut self, t: u32, x: u32) -> u32 {
+        if t == NIL {
+            return x;
+        }
+        self.stats.visited += 1;
+        let t = if self.key(x) < self.key(t) {
+            let l = self.insert_at(self.n(t).left, x);
+            self.n_mut(t).left = l;
+            if self.n(l).prio > self.n(t).prio { self.rotate_right(t) } else { t }
+        } else {
+            let r = self.insert_at(self.n(t).right, x);
+            self.n_mut(t).right = r;
+            if self.n(r).prio > self.n(t).prio { self.rotate_left(t) } else { t }
+        };
+        self.pull(t);
+        t
+    }
+
+    fn merge(&mut self, a: u32, b: u32) -> u32 {
+        if a == NIL {
+            return b;
+        }
+        if b == NIL {
+            return a;
+        }
+        self.stats.visited += 1;
+        if self.n(a).prio > self.n(b).prio {
+            let r = self.merge(self.n(a).right, b);
+            self.n_mut(a).right = r;
+            self.pull(a);
+            a
+        } else {
+            let l = self.merge(a, self.n(b).left);
+            self.n_mut(b).left = l;
+            self.pull(b);
+            b
+        }
+    }
+
+    /// Removes the non-sentinel node starting at `start` from the subtree `t`.
+    fn remove_at(&mut self, t: u32, start: u64, removed: &mut u32) -> u32 {
+        if t == NIL {
+            return NIL;
+        }
+        self.stats.visited += 1;
+        let n = *self.n(t);
+        if start == n.start && n.kind != Kind::Sentinel {
+            *removed = t;
+            return self.merge(n.left, n.right);
+        }
+        if start < n.start {
+            let l = self.remove_at(n.left, start, removed);
+            self.n_mut(t).left = l;
+        } else {
+            let r = self.remove_at(n.right, start, removed);
+            self.n_mut(t).right = r;
+        }
+        self.pull(t);
+        t
+    }
+
+    /// The non-sentinel node starting exactly at `start`.
+    fn lookup(&mut self, start: u64) -> Option<u32> {
+        let mut t = self.root;
+        while t != NIL {
+            self.stats.visited += 1;
+            let n = self.n(t);
+            if start == n.start && n.kind != Kind::Sentinel {
+                return Some(t);
+            }
+            t = if start < n.start { n.left } else { n.right };
+        }
+        None
+    }
+
+    /// An occupied non-sentinel range overlapping `[s, e)`, if any.
+    pub fn overlapping(&mut self, s: u64, e: u64) -> Option<(u64, u64)> {
+        let mut t = self.root;
+        while t != NIL {
+            self.stats.visited += 1;
+            let n = *self.n(t);
+            if n.end <= s {
+                t = n.right;
+            } else if n.start >= e {
+                t = n.left;
+            } else if n.kind == Kind::Sentinel {
+                // A zero-length sentinel inside [s, e) occupies nothing.
+                t = if n.start <= s { n.right } else { n.left };
+            } else {
+                return Some((n.start, n.end));
+            }
+        }
+        None
+    }
+
+    fn insert_node(&mut self, start: u64, end: u64, kind: Kind) -> Result<()> {
+        let node = Node {
+            start,
+            end,
+            min_start: start,
+            max_end: end,
+            max_gap: 0,
+            left: NIL,
+            right: NIL,
+            prio: prio_of(start),
+            kind,
+        };
+        let x = match self.free_slots.pop() {
+            Some(x) => {
+                self.nodes[x as usize] = node;
+                x
+            }
+            None => {
+                if self.nodes.len() >= NIL as usize {
+                    return Err(Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 });
+                }
+                self.nodes
+                    .try_reserve(1)
+                    .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 })?;
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        // Reserve the free-list slot now so that a later removal never needs to allocate.
+        if self.free_slots.try_reserve(1).is_err() {
+            self.free_slots.push(x);
+            return Err(Error::NoMemory { requested: 4 });
+        }
+        self.root = self.insert_at(self.root, x);
+        if let Some(k) = kind_slot(kind) {
+            self.counts[k] += 1;
+        }
+        Ok(())
+    }
+
+    fn remove_node(&mut self, start: u64) -> Node {
+        let mut removed = NIL;
+        self.root = self.remove_at(self.root, start, &mut removed);
+        debug_assert!(removed != NIL, "remove_node of an absent start {start:#x}");
+        let n = *self.n(removed);
+        // Capacity was reserved at insertion: this push never allocates.
+        self.free_slots.push(removed);
+        if let Some(k) = kind_slot(n.kind) {
+            self.counts[k] -= 1;
+        }
+        n
+    }
+
+    fn search(&mut self, t: u32, f: &Fit) -> Option<u64> {
+        self.stats.visited += 1;
+        let n = *self.n(t);
+        if n.right != NIL {
+            let r = *self.n(n.right);
+            if r.max_gap >= f.total && r.min_start < f.limit {
+                if let Some(s) = self.search(n.right, f) {
+                    return Some(s);
+                }
+            }
+            if let Some(s) = f.place(n.end, r.min_start) {
+                return Some(s);
+            }
+        }
+        if n.left != NIL {
+            let l = *self.n(n.left);
+            if let Some(s) = f.place(l.max_end, n.start) {
+                return Some(s);
+            }
+            if l.max_gap >= f.total {
+                return self.search(n.left, f);
+            }
+        }
+        None
+    }
+
+    /// Places `f` at the highest fitting address and records it as `kind`. Returns the start.
+    pub fn alloc(&mut self, f: &Fit, kind: Kind) -> Result<u64> {
+        if self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
+            self.stats.fast_failures += 1;
+            return Err(Error::Exhausted { size: f.size, limit: f.limit });
+        }
+        let found = if self.n(self.root).max_gap >= f.total { self.search(self.root, f) } else { None };
+        let Some(s) = found else {
+            self.fails[self.next_fail] = Some(*f);
+            self.next_fail = (self.next_fail + 1) % FAIL_SLOTS;
+            return Err(Error::Exhausted { size: f.size, limit: f.limit });
+        };
+        self.insert_node(s, s + f.total, kind)?;
+        self.stats.allocs += 1;
+        self.stats.windows += u64::from(kind == Kind::Window);
+        Ok(s)
+    }
+
+    /// Occupies exactly `[s, e)` as `kind`; fails with [`Error::AlreadyMapped`] on overlap.
+    pub fn occupy(&mut self, s: u64, e: u64, kind: Kind) -> Result<()> {
+        if let Some((o, _)) = self.overlapping(s, e) {
+            return Err(Error::AlreadyMapped { addr: o.max(s) });
+        }
+        self.insert_node(s, e, kind)
+    }
+
+    /// Frees the node at `start`, which must be of `kind` and occupy `total` bytes; `size` is
+    /// what the caller believes it holds (used in error reports).
+    ///
+    /// Errors: [`Error::DoubleFree`] if nothing of that kind starts there,
+    /// [`Error::WrongSize`] if it occupies a different length.
+    ///
+    /// `class_total`, when the caller's size has a size class, is what a class range of that
+    /// class occupies: a [`Kind::Class`] node of that length found here means the range was
+    /// freed into a cache already (a double free).
+    pub fn free(
+        &mut self,
+        start: u64,
+        size: u64,
+        total: u64,
+        kind: Kind,
+        class_total: Option<u64>,
+    ) -> Result<()> {
+        let Some(i) = self.lookup(start) else {
+            return Err(Error::DoubleFree { addr: start, size });
+        };
+        let n = *self.n(i);
+        if n.kind != kind {
+            return Err(Self::kind_mismatch(start, size, total, &n, kind, class_total));
+        }
+        if n.end - n.start != total {
+            let guard = total - size;
+            return Err(Error::WrongSize { addr: start, given: size, actual: n.end - n.start - guard });
+        }
+        self.remove_node(start);
+        self.stats.frees += 1;
+        self.stats.class_returns += u64::from(kind == Kind::Class);
+        self.stats.window_frees += u64::from(kind == Kind::Window);
+        self.fails = [None; FAIL_SLOTS];
+        Ok(())
+    }
+
+    fn kind_mismatch(
+        start: u64,
+        size: u64,
+        total: u64,
+        n: &Node,
+        want: Kind,
+        class_total: Option<u64>,
+    ) -> Error {
+        match (n.kind, want) {
+            (Kind::Reserved, _) => Error::BadState { what: "free of a reserved IOVA range" },
+            (Kind::Window, _) => Error::BadState { what: "free of an IOVA window (use release_window)" },
+            (_, Kind::Window) => Error::BadState { what: "release_window of a range that is not a window" },
+            // A class range reached the tree path: its live mark was clear, so it sits in a
+            // cache already (a double free) unless the caller's size names another class.
+            (Kind::Class, _) if Some(n.end - n.start) == class_total => {
+                Error::DoubleFree { addr: start, size }
+            }
+            (Kind::Class, _) => {
+                let guard = total.saturating_sub(size);
+                Error::WrongSize { addr: start, given: size, actual: (n.end - n.start).saturating_sub(guard) }
+            }
+            _ => Error::DoubleFree { addr: start, size },
+        }
+    }
+
+    /// Length occupied by the node at `start`, if one (not a sentinel) starts there.
+    pub fn occupied_len(&mut self, start: u64) -> Option<(u64, Kind)> {
+        let i = self.lookup(start)?;
+        let n = self.n(i);
+        Some((n.end - n.start, n.kind))
+    }
+
+    /// Checks every invariant of the tree (order, disjointness, augmentation, heap order);
+    /// O(n), for tests and debugging.
+    pub fn check(&self) -> core::result::Result<(), &'static str> {
+        let mut prev_end = None;
+        self.check_at(self.root, &mut prev_end)?;
+        Ok(())
+    }
+
+    fn check_at(&self, t: u32, prev_end: &mut Option<u64>) -> core::result::Result<(), &'static str> {
+        if t == NIL {
+            return Ok(());
+        }
+        let n = *self.n(t);
+        for c in [n.left, n.right] {
+            if c != NIL && self.n(c).prio > n.prio {
+                return Err("heap order");
+            }
+        }
+        self.check_at(n.left, prev_end)?;
+        if let Some(p) = *prev_end {
+            if n.start < p {
+                return Err("overlap or order");
+            }
+        }
+        *prev_end = Some(n.end);
+        self.check_at(n.right, prev_end)?;
+        let mut copy = self.clone_node_for_check(t);
+        let (a, b, c) = (copy.min_start, copy.max_end, copy.max_gap);
+        self.recompute(&mut copy);
+        if (a, b, c) != (copy.min_start, copy.max_end, copy.max_gap) {
+            return Err("augmentation");
+        }
+        Ok(())
+    }
+
+    fn clone_node_for_check(&self, t: u32) -> Node {
+        *self.n(t)
+    }
+
+    fn recompute(&self, n: &mut Node) {
+        let (mut min_start, mut max_end, mut gap) = (n.start, n.end, 0);
+        if n.left != NIL {
+            let l = self.n(n.left);
+            min_start = l.min_start;
+            gap = l.max_gap.max(n.start - l.max_end);
+        }
+        if n.right != NIL {
+            let r = self.n(n.right);
+            max_end = r.max_end;
+            gap = gap.max(r.max_gap).max(r.min_start - n.end);
+        }
+        n.min_start = min_start;
+        n.max_end = max_end;
+        n.max_gap = gap;
+    }
+
+    /// Total free bytes (for tests): the sum of all gaps.
+    pub fn free_bytes(&self) -> u64 {
+        let mut v = Vec::new();
+        self.collect(self.root, &mut v);
+        v.windows(2).map(|w| w[1].0 - w[0].1).sum()
+    }
+
+    fn collect(&self, t: u32, out: &mut Vec<(u64, u64)>) {
+        if t == NIL {
+            return;
+        }
+        let n = self.n(t);
+        self.collect(n.left, out);
+        out.push((n.start, n.end));
+        self.collect(n.right, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::PAGE_SIZE;
+
+    fn fit(pages: u64, align: u64, boundary: u64, limit: u64) -> Fit {
+        Fit { size: pages * PAGE_SIZE, total: pages * PAGE_SIZE, align, boundary, limit }
+    }
+
+    #[test]
+    fn placement_is_top_down() {
+        let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+        let a = t.alloc(&fit(1, PAGE_SIZE, 0, u64::MAX), Kind::Allocated).unwrap();
+        assert_eq!(a, 0x20_0000 - PAGE_SIZE);
+        let b = t.alloc(&fit(2, PAGE_SIZE, 0, 0x18_0000), Kind::Allocated).unwrap();
+        assert_eq!(b, 0x18_0000 - 2 * PAGE_SIZE);
+        t.check().unwrap();
+    }
+
+    #[test]
+    fn place_honours_boundary() {
+        let f = fit(3, 2 * PAGE_SIZE, 4 * PAGE_SIZE, u64::MAX);
+        for hi in (8..64).map(|p| p * PAGE_SIZE) {
+            if let Some(s) = f.place(0, hi) {
+                assert_eq!(s % f.align, 0);
+                assert_eq!(s / f.boundary, (s + f.size - 1) / f.boundary, "crosses at {s:#x}");
+                assert!(s + f.total <= hi);
+            }
+        }
+    }
+
+    #[test]
+    fn remembered_failure_short_circuits_and_is_forgotten_on_free() {
+        let mut t = Tree::new(0, 16 * PAGE_SIZE).unwrap();
+        let a = t.alloc(&fit(16, PAGE_SIZE, 0, u64::MAX), Kind::Allocated).unwrap();
+        assert!(t.alloc(&fit(1, PAGE_SIZE, 0, 1 << 32), Kind::Allocated).is_err());
+        let before = t.stats.fast_failures;
+        assert!(t.alloc(&fit(2, PAGE_SIZE, 0, 1 << 32), Kind::Allocated).is_err());
+        assert_eq!(t.stats.fast_failures, before + 1);
+        t.free(a, 16 * PAGE_SIZE, 16 * PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert!(t.alloc(&fit(2, PAGE_SIZE, 0, 1 << 32), Kind::Allocated).is_ok());
+    }
+}
