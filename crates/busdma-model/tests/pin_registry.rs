@@ -417,3 +417,33 @@ fn readers_translate_correctly_while_writers_register_and_unregister() {
     assert_eq!(us.pinned_pages(), 128);
     assert_eq!(reg.stats().garbage, 0);
 }
+
+#[test]
+fn batched_translation_agrees_with_one_by_one_and_reports_the_first_failure() {
+    let m = machine();
+    let us = UserSpace::new(&m);
+    us.map(UA, 400 * PAGE_SIZE).unwrap();
+    let reg = Registry::new(&us, u64::MAX).unwrap();
+    // 200 one-page regions (several leaves) at even pages.
+    for p in (0..400).step_by(2) {
+        reg.register(ua(p), PAGE_SIZE).unwrap();
+    }
+    let uas: Vec<UserVa> =
+        (0..100u64).map(|i| UserVa::new(ua((i * 74) % 400 & !1).raw() + i * 41 % 4096)).collect();
+    let g = reg.read();
+    let mut out = vec![PhysAddr::new(0); uas.len()];
+    g.ua_to_pa_batch(&uas, 12, &mut out).unwrap();
+    for (ua, pa) in uas.iter().zip(&out) {
+        assert_eq!(g.ua_to_pa(*ua, 12), Ok(*pa));
+        assert_eq!(us.translate(*ua), Some(*pa));
+    }
+    let mut bad = uas.clone();
+    bad[37] = ua(41);
+    assert_eq!(g.ua_to_pa_batch(&bad, 12, &mut out), Err(Error::NotMapped { addr: ua(41).raw() }));
+    assert_eq!(g.ua_to_pa_batch(&uas, 21, &mut out), Err(Error::BadSize { size: 2 * MIB, limit: PAGE_SIZE }));
+    assert!(matches!(g.ua_to_pa_batch(&uas, 12, &mut out[1..]), Err(Error::InvalidArgument { .. })));
+    assert_eq!(
+        g.ua_to_pa_batch(&[UserVa::new(0x10)], 12, &mut out[..1]),
+        Err(Error::NotMapped { addr: 0x10 })
+    );
+}

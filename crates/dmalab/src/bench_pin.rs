@@ -45,7 +45,24 @@ pub struct PinArgs {
     /// Rounds per design (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Query stream: `random` (a random region per query: the worst case for caches) or
+    /// `runs` (runs of 16 consecutive pages from a random start, as a TCE list maps
+    /// consecutive guest pages).
+    #[arg(long, value_enum, default_value_t = Pattern::Random)]
+    pattern: Pattern,
 }
+
+/// The query streams of `--pattern`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// A random region for every query.
+    Random,
+    /// Runs of 16 consecutive pages from a random start.
+    Runs,
+}
+
+/// Pages per run of `--pattern runs`: a small TCE list (H_PUT_TCE_INDIRECT takes up to 512).
+const RUN: u64 = 16;
 
 /// First user address of the registered space: 1 GiB-aligned, arbitrary otherwise.
 const UA_BASE: u64 = 0x40_0000_0000;
@@ -170,10 +187,20 @@ fn one(n: usize, args: &PinArgs, report: &mut Report) -> Result<(), String> {
         list.push(ua.raw(), region.hpas());
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let queries: Vec<UserVa> = (0..QUERIES)
-        .map(|_| {
+    let mut run_start = 0;
+    let queries: Vec<UserVa> = (0..QUERIES as u64)
+        .map(|q| {
             let r = rng.next();
-            UserVa::new(UA_BASE + (r % n as u64) * PAGE_SIZE + ((r >> 40) & (PAGE_SIZE - 1)))
+            let page = match args.pattern {
+                Pattern::Random => r % n as u64,
+                Pattern::Runs => {
+                    if q % RUN == 0 {
+                        run_start = r % n as u64;
+                    }
+                    (run_start + q % RUN) % n as u64
+                }
+            };
+            UserVa::new(UA_BASE + page * PAGE_SIZE + ((r >> 40) & (PAGE_SIZE - 1)))
         })
         .collect();
     let budget = Duration::from_secs_f64(args.seconds);

@@ -542,11 +542,15 @@ impl<B: PinBackend> ReadGuard<'_, B> {
             let mut leaf = [0usize; BATCH_GROUP];
             for (k, ua) in uas.iter().enumerate() {
                 leaf[k] = snap.locate(ua.raw()).ok_or_else(|| missing(ua))?;
-                snap.prefetch_starts(leaf[k]);
+                snap.prefetch_head(leaf[k]);
+            }
+            let mut block = [0usize; BATCH_GROUP];
+            for (k, ua) in uas.iter().enumerate() {
+                block[k] = snap.block(leaf[k], ua.raw());
             }
             let mut slot = [0usize; BATCH_GROUP];
             for (k, ua) in uas.iter().enumerate() {
-                slot[k] = snap.slot(leaf[k], ua.raw()).ok_or_else(|| missing(ua))?;
+                slot[k] = snap.slot(leaf[k], block[k], ua.raw()).ok_or_else(|| missing(ua))?;
                 snap.prefetch_entry(leaf[k], slot[k]);
             }
             let mut at = [core::ptr::null::<PhysAddr>(); BATCH_GROUP];
