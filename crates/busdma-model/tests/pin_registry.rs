@@ -429,7 +429,7 @@ fn batched_translation_agrees_with_one_by_one_and_reports_the_first_failure() {
         reg.register(ua(p), PAGE_SIZE).unwrap();
     }
     let uas: Vec<UserVa> =
-        (0..100u64).map(|i| UserVa::new(ua((i * 74) % 400 & !1).raw() + i * 41 % 4096)).collect();
+        (0..100u64).map(|i| UserVa::new(ua(((i * 74) % 400) & !1).raw() + (i * 41) % 4096)).collect();
     let g = reg.read();
     let mut out = vec![PhysAddr::new(0); uas.len()];
     g.ua_to_pa_batch(&uas, 12, &mut out).unwrap();
