@@ -52,6 +52,14 @@ else
   echo "no loom model exists yet"
 fi
 
+step "QEMU suite: the VT-d driver against QEMU's intel-iommu (qemu/run)"
+apt_need qemu-system-x86_64 qemu-system-x86
+apt_need timeout coreutils
+(cd qemu && cargo fmt --check) || die "cargo fmt --check in qemu/ (run: cd qemu && cargo fmt)"
+(cd qemu && cargo clippy --release --quiet -- -D warnings) || die "clippy on the test kernel (qemu/)"
+qemu/run || die "qemu/run: the QEMU suite failed"
+qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU suite"
+
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
 

@@ -41,6 +41,8 @@ pub mod pgtable;
 pub mod pin;
 pub mod platform;
 pub mod sync;
+#[cfg(feature = "vtd")]
+pub mod vtd;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use error::{Error, Result};

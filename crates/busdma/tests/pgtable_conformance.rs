@@ -301,3 +301,34 @@ fn unsupported_input_widths_are_refused() {
         assert!(matches!(r, Err(Error::InvalidArgument { .. })), "{bits}");
     }
 }
+
+#[test]
+fn page_tables_and_pools_are_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<PageTable<'static, HostPlatform, VtdSl>>();
+    send_sync::<PageTable<'static, HostPlatform, ArmLpaeS1>>();
+    send_sync::<TablePool<'static, HostPlatform>>();
+    send_sync::<Gather>();
+}
+
+#[test]
+fn appended_gathers_cover_the_hull_and_release_together() {
+    let m = machine();
+    let pool = TablePool::new(&m);
+    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 39, coherent_walker: true })
+        .unwrap()
+        .with_max_leaf(PageSize::Size4K);
+    let g = m.pin_cpu();
+    pt.map(&g, Iova::new(0), PhysAddr::new(0), 0x60_0000, Prot::READ).unwrap();
+    let (mut a, mut b) = (Gather::new(), Gather::new());
+    pt.unmap(&g, range(0x20_0000, 0x20_0000), &mut a).unwrap();
+    pt.unmap(&g, range(0x1000, 0x1000), &mut b).unwrap();
+    a.append(&mut b).unwrap();
+    assert!(b.is_empty());
+    assert_eq!(a.range(), Some(range(0x1000, 0x3f_f000)));
+    assert_eq!(a.freed_tables(), 1);
+    // SAFETY: no IOMMU walks this table.
+    let proof = unsafe { FlushDone::for_range(range(0x1000, 0x3f_f000)) };
+    assert_eq!(a.release_after_flush(proof, &pool, &g), Ok(1));
+    assert!(a.is_empty());
+}

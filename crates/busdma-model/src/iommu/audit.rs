@@ -8,14 +8,14 @@
 //!    translation and the table pages the walk went through, until an invalidation covering
 //!    the page removes it. It fills under the same generation rule as the IOTLB (a walk that
 //!    raced an invalidation is not recorded), so it is a superset of the IOTLB's contents.
-//! 2. **Release checks.** When software says an IOVA range goes back to its allocator, no
-//!    page of it may be in the may-cache set; when it says a table page goes back to its
+//! 2. **Release checks.** When software says an IOVA range goes back to its allocator, or
+//!    that it is about to map a range, no page of it may be in the may-cache set; when it says a table page goes back to its
 //!    pool, no recorded walk may have gone through it. Either would let a device reach
 //!    memory the IOVA or the table page is reused for: a [`Violation`].
-//! 3. **Exposure.** When software says it cleared the entries of a range, the audit stamps
-//!    each page with the time, the domain's unmap count and the invalidation generation. The
-//!    first invalidation covering the page that *started* after the stamp (its generation is
-//!    newer) ends the exposure window; the audit keeps the largest window, in nanoseconds
+//! 3. **Exposure.** When software says one unmap cleared the entries of some ranges, the audit
+//!    stamps each range with the time, the domain's unmap count and the invalidation
+//!    generation. The first invalidation covering the whole range that *started* after the
+//!    stamp (its generation is newer) ends the exposure window; the audit keeps the largest window, in nanoseconds
 //!    of the platform clock and in unmaps of the domain.
 //! 4. The audit costs a hash-map update per walk and per page released; it is off unless
 //!    [`super::IommuConfig::audit`] is set.
@@ -47,6 +47,16 @@ pub enum Violation {
         /// Where the cached translation leads.
         pa: PhysAddr,
     },
+    /// An IOVA page was mapped again while a translation of its previous mapping may be
+    /// cached (a kept window reused before the flush covering its unmap).
+    IovaMappedWhileCached {
+        /// The domain.
+        domain: DomainId,
+        /// The page's IOVA.
+        iova: Iova,
+        /// Where the cached translation leads.
+        pa: PhysAddr,
+    },
     /// A table page went back to the pool while a walk through it may be cached.
     TablePageReleasedWhileCached {
         /// The domain.
@@ -65,13 +75,13 @@ pub struct AuditReport {
     pub violations: Vec<Violation>,
     /// Every violation found.
     pub violation_count: u64,
-    /// Exposure windows measured (pages whose unmap was followed by a covering invalidation).
+    /// Exposure windows measured (unmapped ranges followed by a covering invalidation).
     pub exposures: u64,
     /// The longest window, in platform-clock nanoseconds.
     pub max_exposure_ns: u64,
     /// The longest window, in unmaps of the same domain after the page's own.
     pub max_exposure_unmaps: u64,
-    /// Pages stamped unmapped and not yet covered by an invalidation.
+    /// Unmapped ranges not yet covered by an invalidation.
     pub pending: u64,
     /// Pages in the may-cache set.
     pub cached: u64,
@@ -90,8 +100,12 @@ impl CachedWalk {
     }
 }
 
+/// An unmapped range waiting for its covering invalidation.
 #[derive(Clone, Copy)]
 struct Stamp {
+    domain: DomainId,
+    first: u64,
+    last: u64,
     ns: u64,
     seq: u64,
     generation: u64,
@@ -102,7 +116,7 @@ struct Stamp {
 pub(crate) struct Audit {
     cached: HashMap<(DomainId, u64), CachedWalk>,
     table_refs: HashMap<(DomainId, u64), u32>,
-    stamps: HashMap<(DomainId, u64), Stamp>,
+    stamps: Vec<Stamp>,
     unmaps: HashMap<DomainId, u64>,
     report: AuditReport,
 }
@@ -153,40 +167,40 @@ impl Audit {
             self.unref(domain, w);
         }
         let seq = self.unmaps.get(&domain).copied().unwrap_or(0);
-        let done: Vec<(DomainId, u64)> = match pages {
-            Some((a, b)) if b - a < PROBE_PAGES => (a..=b)
-                .map(|p| (domain, p))
-                .filter(|k| self.stamps.get(k).is_some_and(|s| s.generation < generation))
-                .collect(),
-            _ => self
-                .stamps
-                .iter()
-                .filter(|&(&(d, p), s)| in_range(d, p) && s.generation < generation)
-                .map(|(&k, _)| k)
-                .collect(),
+        // A stamp ends when an invalidation that started after it covers its whole range.
+        let covers = |st: &Stamp| {
+            st.domain == domain
+                && st.generation < generation
+                && pages.is_none_or(|(a, b)| a <= st.first && st.last <= b)
         };
-        for k in done {
-            if let Some(s) = self.stamps.remove(&k) {
-                let r = &mut self.report;
-                r.exposures += 1;
-                r.max_exposure_ns = r.max_exposure_ns.max(now_ns.saturating_sub(s.ns));
-                r.max_exposure_unmaps = r.max_exposure_unmaps.max(seq - s.seq);
+        let r = &mut self.report;
+        self.stamps.retain(|st| {
+            if !covers(st) {
+                return true;
             }
-        }
+            r.exposures += 1;
+            r.max_exposure_ns = r.max_exposure_ns.max(now_ns.saturating_sub(st.ns));
+            r.max_exposure_unmaps = r.max_exposure_unmaps.max(seq - st.seq);
+            false
+        });
     }
 
-    /// Software cleared the entries of pages `first..=last` of `domain` at `now_ns`, with
-    /// the invalidation generation at `generation`.
-    pub(crate) fn unmapped(&mut self, domain: DomainId, first: u64, last: u64, now_ns: u64, generation: u64) {
+    /// One unmap cleared the entries of the page runs `pages` (first, last) of `domain` at
+    /// `now_ns`, with the invalidation generation at `generation`.
+    pub(crate) fn unmapped(
+        &mut self,
+        domain: DomainId,
+        pages: impl Iterator<Item = (u64, u64)>,
+        now_ns: u64,
+        generation: u64,
+    ) {
         let seq = {
             let n = self.unmaps.entry(domain).or_insert(0);
             *n += 1;
             *n
         };
-        for p in first..=last {
-            // Keep the earliest stamp: a page unmapped twice without an invalidation between
-            // has been exposed since the first.
-            self.stamps.entry((domain, p)).or_insert(Stamp { ns: now_ns, seq, generation });
+        for (first, last) in pages {
+            self.stamps.push(Stamp { domain, first, last, ns: now_ns, seq, generation });
         }
     }
 
@@ -199,7 +213,21 @@ impl Audit {
 
     /// Software releases pages `first..=last` of `domain` to its IOVA allocator.
     pub(crate) fn released_iova(&mut self, domain: DomainId, first: u64, last: u64) {
-        let hits: Vec<(u64, PhysAddr)> = if last - first < PROBE_PAGES {
+        for (p, pa) in self.cached_in(domain, first, last) {
+            self.violation(Violation::IovaReleasedWhileCached { domain, iova: Iova::new(p << 12), pa });
+        }
+    }
+
+    /// Software is about to write entries for pages `first..=last` of `domain`.
+    pub(crate) fn mapping(&mut self, domain: DomainId, first: u64, last: u64) {
+        for (p, pa) in self.cached_in(domain, first, last) {
+            self.violation(Violation::IovaMappedWhileCached { domain, iova: Iova::new(p << 12), pa });
+        }
+    }
+
+    /// The recorded translations of pages `first..=last` of `domain`.
+    fn cached_in(&self, domain: DomainId, first: u64, last: u64) -> Vec<(u64, PhysAddr)> {
+        if last - first < PROBE_PAGES {
             (first..=last).filter_map(|p| self.cached.get(&(domain, p)).map(|w| (p, w.pa))).collect()
         } else {
             self.cached
@@ -207,9 +235,6 @@ impl Audit {
                 .filter(|&(&(d, p), _)| d == domain && (first..=last).contains(&p))
                 .map(|(&(_, p), w)| (p, w.pa))
                 .collect()
-        };
-        for (p, pa) in hits {
-            self.violation(Violation::IovaReleasedWhileCached { domain, iova: Iova::new(p << 12), pa });
         }
     }
 

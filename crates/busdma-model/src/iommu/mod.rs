@@ -383,11 +383,11 @@ impl<'m> ModelIommu<'m> {
         self.lci.untouched()
     }
 
-    /// The snoop of a transfer by `device` at `iova`: its mapping's coherence index on a
+    /// The snoop of a transfer by `device` at `iova` (reaching `pa`): its mapping's coherence index on a
     /// coherence-index machine, the machine's default otherwise (`None`).
-    fn snoop(&self, device: DeviceId, iova: Iova) -> Option<crate::cache::Snoop> {
+    fn snoop(&self, device: DeviceId, iova: Iova, pa: PhysAddr) -> Option<crate::cache::Snoop> {
         self.lci.untouched()?;
-        self.lci.snoop(self.context(device)?.domain, iova)
+        self.lci.snoop(self.context(device)?.domain, iova, pa)
     }
 
     /// The audit's findings, if the audit is on.
@@ -434,13 +434,27 @@ impl IotlbInvalidator for ModelIommu<'_> {
     }
 
     fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {
-        self.lci.set(domain, range, index);
+        if self.lci.untouched().is_none() {
+            return;
+        }
+        // The table of the domain, as any device attached to it sees it.
+        let ctx = self
+            .contexts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|c| c.domain == domain)
+            .copied();
+        self.lci.set(domain, range, index, |iova| {
+            let w = self.walk(ctx.as_ref()?, iova.raw()).ok()?;
+            Some(w.page)
+        });
     }
 
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let (first, last) = Self::pages(range);
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
         self.with_audit(|a| {
-            a.unmapped(domain, first, last, self.platform.monotonic_ns(), self.iotlb.generation());
+            let pages = ranges.iter().map(|&r| Self::pages(r));
+            a.unmapped(domain, pages, self.platform.monotonic_ns(), self.iotlb.generation());
         });
     }
 
@@ -451,6 +465,11 @@ impl IotlbInvalidator for ModelIommu<'_> {
 
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         self.with_audit(|a| a.released_table_page(domain, page));
+    }
+
+    fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| a.mapping(domain, first, last));
     }
 }
 
@@ -501,7 +520,7 @@ impl DmaPort for IommuPort<'_, '_> {
     fn dma_read(&self, bus: Iova, buf: &mut [u8]) -> core::result::Result<(), DmaFault> {
         let p = self.iommu.platform;
         let len = buf.len();
-        self.each_piece(bus, len, false, |iova, pa, off, n| match self.iommu.snoop(self.device, iova) {
+        self.each_piece(bus, len, false, |iova, pa, off, n| match self.iommu.snoop(self.device, iova, pa) {
             Some(snoop) => p.bus_read(pa, &mut buf[off..off + n], snoop),
             None => p.read_phys(pa, &mut buf[off..off + n]),
         })
@@ -509,9 +528,11 @@ impl DmaPort for IommuPort<'_, '_> {
 
     fn dma_write(&self, bus: Iova, data: &[u8]) -> core::result::Result<(), DmaFault> {
         let p = self.iommu.platform;
-        self.each_piece(bus, data.len(), true, |iova, pa, off, n| match self.iommu.snoop(self.device, iova) {
-            Some(snoop) => p.bus_write(pa, &data[off..off + n], snoop),
-            None => p.write_phys(pa, &data[off..off + n]),
+        self.each_piece(bus, data.len(), true, |iova, pa, off, n| {
+            match self.iommu.snoop(self.device, iova, pa) {
+                Some(snoop) => p.bus_write(pa, &data[off..off + n], snoop),
+                None => p.write_phys(pa, &data[off..off + n]),
+            }
         })
     }
 }

@@ -262,7 +262,7 @@ fn the_audit_flags_an_iova_released_before_its_invalidation() {
     iommu.port(1).dma_read(Iova::new(3 * PAGE_SIZE), &mut b).unwrap();
     t.clear(3);
     let r = range(3 * PAGE_SIZE, PAGE_SIZE);
-    iommu.audit_unmapped(2, r);
+    iommu.audit_unmapped(2, &[r]);
     // Released with the translation possibly cached: a violation, with the page named.
     iommu.audit_iova_released(2, r);
     let rep = iommu.audit_report().unwrap();
@@ -306,14 +306,14 @@ fn the_audit_measures_exposure_from_unmap_to_the_first_invalidation_that_started
     m.freeze_clock();
     let iommu = audited(&m);
     let r = range(0x10_0000, 2 * PAGE_SIZE);
-    iommu.audit_unmapped(1, r);
+    iommu.audit_unmapped(1, &[r]);
     m.advance_clock(1_000);
-    iommu.audit_unmapped(1, range(0x20_0000, PAGE_SIZE));
-    iommu.audit_unmapped(1, range(0x30_0000, PAGE_SIZE));
+    iommu.audit_unmapped(1, &[range(0x20_0000, PAGE_SIZE), range(0x28_0000, PAGE_SIZE)]);
+    iommu.audit_unmapped(1, &[range(0x30_0000, PAGE_SIZE)]);
     m.advance_clock(500);
     iommu.invalidate_range(1, r);
     let rep = iommu.audit_report().unwrap();
-    assert_eq!((rep.exposures, rep.max_exposure_ns, rep.max_exposure_unmaps, rep.pending), (2, 1_500, 2, 2));
+    assert_eq!((rep.exposures, rep.max_exposure_ns, rep.max_exposure_unmaps, rep.pending), (1, 1_500, 2, 3));
     iommu.invalidate_all(1);
     let rep = iommu.audit_report().unwrap();
     assert_eq!((rep.exposures, rep.max_exposure_ns, rep.pending), (4, 1_500, 0));

@@ -20,8 +20,18 @@
 //!    *untrusted* device is always strict: the exposure window of deferred invalidation is
 //!    exactly what a hostile device would use.
 //!
-//! The `Domain` type that applies these policies is in this module's `domain` submodule.
-#![forbid(unsafe_code)]
+//! [`Domain`] applies these policies; [`flushq`] holds the deferred queues and generations.
+#![deny(unsafe_code)]
+
+#[cfg(feature = "alloc")]
+mod domain;
+#[cfg(feature = "alloc")]
+pub mod flushq;
+
+#[cfg(feature = "alloc")]
+pub use domain::{Domain, DomainStats};
+#[cfg(feature = "alloc")]
+pub use flushq::FlushTicket;
 
 use crate::addr::{AddrRange, Iova, KernVa, PhysAddr};
 
@@ -51,11 +61,11 @@ pub trait IotlbInvalidator: Sync {
         let _ = (domain, range, index);
     }
 
-    /// Debug hook: the entries of `range` in `domain` have just been cleared. A checking
+    /// Debug hook: one unmap has just cleared the entries of `ranges` in `domain`. A checking
     /// model stamps them to measure how long a device could still use them. Hardware drivers
     /// do nothing (the default).
-    fn audit_unmapped(&self, domain: DomainId, range: AddrRange<Iova>) {
-        let _ = (domain, range);
+    fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
+        let _ = (domain, ranges);
     }
 
     /// Debug hook: `range` of `domain` is going back to the IOVA allocator. A checking model
@@ -69,6 +79,13 @@ pub trait IotlbInvalidator: Sync {
     /// walked through it.
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         let _ = (domain, page);
+    }
+
+    /// Debug hook: entries for `range` of `domain` are about to be written. A checking model
+    /// verifies that it may no longer cache a translation of the range (an IOVA reused, for
+    /// instance inside a reserved window, before the flush that covers its last unmap).
+    fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
+        let _ = (domain, range);
     }
 }
 

@@ -88,9 +88,28 @@ impl Gather {
         self.freed.len()
     }
 
+    /// Physical addresses of the table pages waiting for the flush (for audits: a checking
+    /// IOMMU model verifies none of them can still be reached through its caches).
+    pub fn freed_pages(&self) -> impl Iterator<Item = crate::addr::PhysAddr> + '_ {
+        self.freed.iter().map(|p| p.pa())
+    }
+
     /// True if nothing waits for a flush.
     pub fn is_empty(&self) -> bool {
         self.range.is_none() && self.freed.is_empty()
+    }
+
+    /// Moves everything `other` waits for into `self` (e.g. to flush several unmaps with one
+    /// invalidation); the range becomes the hull of both.
+    ///
+    /// Errors: [`Error::NoMemory`] if `self` cannot grow; nothing moves then.
+    pub fn append(&mut self, other: &mut Gather) -> Result<()> {
+        self.reserve(other.freed.len())?;
+        self.freed.append(&mut other.freed);
+        if let Some(r) = other.range.take() {
+            self.add_range(r);
+        }
+        Ok(())
     }
 
     pub(crate) fn add_range(&mut self, r: AddrRange<Iova>) {

@@ -16,7 +16,9 @@
 //!    caller may do only once no walker can reach it (after the flush; see `Gather`).
 //! 3. **Fault injection.** [`TablePool::fail_nth_alloc`] makes the n-th following allocation
 //!    fail with [`Error::NoMemory`], whatever layer would have served it. It is an ordinary
-//!    counter check in every build, so tests drive the production path.
+//!    counter check in every build, so tests drive the production path. The page-table code
+//!    routes its other allocation (room in a `Gather` for detached tables) through the same
+//!    counter.
 //! 4. **Counters** ([`PoolStats`]) are plain relaxed counters: statistics, not synchronisation.
 //!
 //! # Execution context
@@ -152,6 +154,20 @@ impl<'m, P: Platform> TablePool<'m, P> {
         }
     }
 
+    /// One allocation attempt of `bytes` by the page-table code (a table page here, room in a
+    /// `Gather` in unmap): fails it if the fault injector says so.
+    ///
+    /// Errors: [`Error::NoMemory`] when the injector fires.
+    pub(crate) fn fault_point(&self, bytes: u64) -> Result<()> {
+        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        if attempt == self.fail_at.load(Ordering::Relaxed) {
+            self.fail_at.store(0, Ordering::Relaxed);
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::NoMemory { requested: bytes });
+        }
+        Ok(())
+    }
+
     /// The cache of the guard's CPU, after checking the guard belongs to this pool's platform.
     #[allow(clippy::mut_from_ref)]
     fn cache(&self, g: &CpuGuard<'_, P>) -> Result<&mut CpuCache> {
@@ -174,12 +190,7 @@ impl<'m, P: Platform> TablePool<'m, P> {
     /// [`Error::BadState`] if `g` belongs to another platform.
     pub fn alloc(&self, g: &CpuGuard<'_, P>) -> Result<TablePage> {
         let cache = self.cache(g)?;
-        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-        if attempt == self.fail_at.load(Ordering::Relaxed) {
-            self.fail_at.store(0, Ordering::Relaxed);
-            self.injected.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::NoMemory { requested: PAGE_SIZE });
-        }
+        self.fault_point(PAGE_SIZE)?;
         if cache.len == 0 {
             let mut depot = self.depot.lock();
             while cache.len < BATCH {

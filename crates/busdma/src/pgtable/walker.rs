@@ -582,7 +582,10 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         height: u32,
     ) -> Result<bool> {
         let n = self.count_tables(child, height)?;
-        if ctx.gather.reserve(n).is_err() {
+        let bytes = (n * core::mem::size_of::<TablePage>()) as u64;
+        if self.pool.fault_point(bytes).and_then(|()| ctx.gather.reserve(n)).is_err() {
+            // No room to hold the pages until the flush: keep the tables installed (the caller
+            // clears their leaves instead); they stay reachable, nothing leaks.
             return Ok(false);
         }
         // The hardware may still walk the detached subtree through its caches until the flush;

@@ -21,10 +21,16 @@
 //!    is the size of `iommu-reserved`'s window.
 //! 4. **Untrusted devices** must not see the rest of a page they were given part of: a
 //!    sub-page run for an untrusted tag goes to the bounce hook.
+//! 5. **Coherence index** (seed 003). After mapping each range, the per-map and per-segment
+//!    strategies tell the domain which CPU alias an IOMMU with a coherence index must keep
+//!    coherent ([`IommuOps::set_coherence_index`], [`coherence_index`]): the run's kernel
+//!    alias, or the untouched line for a run with no kernel mapping. Identity mappings are
+//!    shared between loads, so they carry no per-load index.
 #![forbid(unsafe_code)]
 
-use crate::addr::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
+use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
+use crate::iommu::CoherenceIndex;
 use crate::platform::{CpuGuard, Platform};
 
 use super::{BounceReason, Invalidation, bounce_hook};
@@ -79,6 +85,14 @@ pub trait IommuOps<P: Platform>: Sync {
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
+
+    /// Programs the coherence index of the freshly mapped `range` (seed 003, see
+    /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the
+    /// range's first page, or [`CoherenceIndex::Untouched`] for memory with no kernel mapping.
+    /// Domains whose IOMMU has no coherence index ignore it (the default).
+    fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
+        let _ = (range, index);
+    }
 }
 
 /// Where [`layout`] puts one run.
@@ -140,6 +154,17 @@ pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result
         prev_pa_end = Some(r.pa_end());
     }
     Ok(page_up(cursor))
+}
+
+/// The coherence index of the mapped bytes starting `delta` bytes after run `r`'s first byte
+/// (negative: before it, in its first page): the kernel alias there, or the untouched line for
+/// a run without a kernel mapping (seed 003).
+#[inline]
+pub fn coherence_index(r: &Run, delta: i64) -> CoherenceIndex {
+    match r.kva {
+        Some(kva) => CoherenceIndex::Alias(KernVa::new(kva.raw().wrapping_add_signed(delta))),
+        None => CoherenceIndex::Untouched,
+    }
 }
 
 /// The untrusted-device check of theory 4.

@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
 
 use super::iommu::{
-    IommuOps, Place, builder_error, check_untrusted, iova_limit, layout, max_runs, push_range, window_align,
+    IommuOps, Place, builder_error, check_untrusted, coherence_index, iova_limit, layout, max_runs,
+    push_range, window_align,
 };
 use super::{Invalidation, Strategy};
 use crate::front::load::Run;
@@ -57,11 +58,13 @@ pub(crate) fn map_runs<P: Platform, D: IommuOps<P>>(
     mapped: &mut Vec<AddrRange<Iova>>,
 ) -> Result<()> {
     mapped.clear();
-    layout(runs, align, |_, place| {
-        if let Place::At { map_start, map_end, pa, .. } = place {
+    layout(runs, align, |r, place| {
+        if let Place::At { off, map_start, map_end, pa } = place {
             if map_end > map_start {
                 d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir)?;
                 push_range(mapped, base + map_start, base + map_end)?;
+                let range = AddrRange::new(Iova::new(base + map_start), Iova::new(base + map_end))?;
+                d.set_coherence_index(range, coherence_index(r, map_start as i64 - off as i64));
             }
         }
         Ok(())

@@ -17,7 +17,9 @@ use crate::addr::{AddrRange, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::iommu::{IommuOps, builder_error, check_untrusted, iova_limit, max_runs, window_align};
+use super::iommu::{
+    IommuOps, builder_error, check_untrusted, coherence_index, iova_limit, max_runs, window_align,
+};
 use super::{Invalidation, Strategy};
 use crate::front::load::{MemKind, Run};
 use crate::front::map::Direction;
@@ -104,6 +106,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerSegment<D> {
                 st.ranges.clear();
                 return Err(e);
             }
+            d.set_coherence_index(range, coherence_index(r, -(r.pa.page_offset() as i64)));
             i += 1;
         }
         Ok(())

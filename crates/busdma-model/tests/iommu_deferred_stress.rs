@@ -1,0 +1,208 @@
+//! Deferred invalidation under load: 1 000 000 random map/unmap operations on two threads,
+//! each bound to its own model CPU, on one domain of the model IOMMU with its audit on.
+//!
+//! What is checked, and by whom:
+//! - **No early reuse (the model's audit).** Every IOVA range and table page the domain
+//!   releases, and every range it maps, is checked against every translation the hardware may
+//!   still cache (every walk since the last invalidation covering it). Any hit is a violation.
+//! - **The device sees the right memory (the test).** After each map and before each unmap
+//!   the device reads every page of small maps through the IOMMU (IOTLB included) and finds
+//!   the tag written for this very map; an IOVA reused under a stale IOTLB entry would show
+//!   another map's tag. Large maps are translated at both ends and the middle.
+//! - **Bounded exposure (the model's audit).** From each unmap to the first invalidation that
+//!   started after it: at most `cpus × max_entries` (+ one in flight per CPU) unmaps of the
+//!   domain, and at most `max_age_ns` plus a few clock steps of the frozen, op-driven clock.
+//! - **Both bounds and the table-page path are exercised**: flushes by count and by age both
+//!   happen, and large maps free leaf tables (counted), so the table-page check has teeth.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest};
+use busdma::pgtable::{ArmLpaeS1, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl};
+use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform};
+use busdma_model::{
+    Context, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat,
+};
+
+const DEV: u32 = 0x30;
+const CPUS: usize = 2;
+/// Queue bounds small enough that both fire thousands of times: 32 unmaps of one CPU take
+/// about 128 clock steps (half the operations unmap, two threads advance the clock), so a
+/// 100-step age bound and the count bound take turns.
+const MAX_ENTRIES: usize = 32;
+const MAX_AGE_NS: u64 = 100_000;
+/// Clock advance per operation: 1 µs, so 100 operations of the domain make an entry due.
+const STEP_NS: u64 = 1_000;
+/// Live maps per thread at most: keeps the IOVA space and frames busy, and reuse frequent.
+const LIVE: usize = 24;
+/// Data frames per thread (small maps use 1 to 4 of them, one per segment).
+const FRAMES: u64 = 128;
+
+/// xorshift64*: a small deterministic generator, seeded per thread.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Live {
+    alloc: AddrRange<Iova>,
+    segs: Vec<AddrRange<Iova>>,
+    /// Small maps: each segment's frame and tag. Large maps: the PA of the first page.
+    frames: Vec<(PhysAddr, u64)>,
+    big_pa: Option<PhysAddr>,
+}
+
+fn check_live(iommu: &ModelIommu<'_>, l: &Live) {
+    let port = iommu.port(DEV);
+    match l.big_pa {
+        None => {
+            for (s, &(_, tag)) in l.segs.iter().zip(&l.frames) {
+                let mut b = [0u8; 8];
+                port.dma_read(s.start(), &mut b).unwrap_or_else(|f| panic!("live page faulted: {f}"));
+                assert_eq!(
+                    u64::from_le_bytes(b),
+                    tag,
+                    "device reached another map's page at {:?}",
+                    s.start()
+                );
+            }
+        }
+        Some(pa) => {
+            let s = l.segs[0];
+            for off in [0, (s.len() / 2) & !(PAGE_SIZE - 1), s.len() - PAGE_SIZE] {
+                let got = iommu.translate(DEV, Iova::new(s.start().raw() + off), true).unwrap();
+                assert_eq!(got, PhysAddr::new(pa.raw() + off));
+            }
+        }
+    }
+}
+
+fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
+    let m = HostPlatform::new(MachineConfig { cpus: CPUS, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+    m.freeze_clock();
+    let iommu = ModelIommu::new(&m, IommuConfig { audit: true, ..IommuConfig::default() }).unwrap();
+    let pool = TablePool::new(&m);
+    let pt =
+        PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
+    iommu.attach(DEV, Context::new(3, pt.root(), format, 48)).unwrap();
+    let space = AddrRange::from_start_len(Iova::new(1 << 32), 256 << 20).unwrap();
+    let iova = IovaAllocator::new(space, IovaConfig { cpus: CPUS, caches: true, guard_page: false }).unwrap();
+    let policy = InvalidationPolicy::Deferred { max_entries: MAX_ENTRIES, max_age_ns: MAX_AGE_NS };
+    let d = Domain::new(&m, pt, iova, &iommu, DomainConfig { id: 3, policy, untrusted: false }).unwrap();
+    let maps = AtomicU64::new(0);
+    let tags = AtomicU64::new(1);
+    std::thread::scope(|s| {
+        for cpu in 0..CPUS {
+            let (m, d, iommu, maps, tags) = (&m, &d, &iommu, &maps, &tags);
+            s.spawn(move || {
+                let _bind = m.bind_cpu(cpu).unwrap();
+                let frames = m.alloc_frames(FrameRequest::pages(FRAMES)).unwrap();
+                let mut free_frames: Vec<u64> = (0..FRAMES).collect();
+                // Large maps point far outside RAM (translation only), at an address that is
+                // not 2 MiB-aligned so they are built of leaf tables, which their unmaps free.
+                let big_base = 0x40_0000_0000 * (cpu as u64 + 1) + PAGE_SIZE;
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1));
+                let mut live: Vec<Live> = Vec::new();
+                for _ in 0..ops_per_thread {
+                    m.advance_clock(STEP_NS);
+                    let g = m.pin_cpu();
+                    let map = live.is_empty() || (live.len() < LIVE && rng.below(2) == 0);
+                    if !map {
+                        let l = live.swap_remove(rng.below(live.len() as u64) as usize);
+                        check_live(iommu, &l);
+                        d.unmap(&g, &l.segs, &[l.alloc]).unwrap();
+                        free_frames.extend(
+                            l.frames.iter().map(|&(pa, _)| (pa.raw() - frames.pa().raw()) / PAGE_SIZE),
+                        );
+                        continue;
+                    }
+                    let big = rng.below(10) == 0;
+                    let l = if big {
+                        let pages = 512 + rng.below(513);
+                        let req = IovaRequest {
+                            size: pages * PAGE_SIZE,
+                            align: 2 << 20,
+                            ..IovaRequest::pages(pages)
+                        };
+                        let alloc = d.alloc_iova(&g, &req).unwrap();
+                        let pa = PhysAddr::new(big_base + rng.below(64) * (4 << 20));
+                        d.map(&g, alloc.start(), pa, alloc.len(), Prot::READ_WRITE).unwrap();
+                        Live { alloc, segs: vec![alloc], frames: Vec::new(), big_pa: Some(pa) }
+                    } else {
+                        let n = 1 + rng.below(4);
+                        let alloc = d.alloc_iova(&g, &IovaRequest::pages(n)).unwrap();
+                        let mut segs = Vec::new();
+                        let mut fr = Vec::new();
+                        for i in 0..n {
+                            let k = free_frames.swap_remove(rng.below(free_frames.len() as u64) as usize);
+                            let pa = frames.pa().checked_add(k * PAGE_SIZE).unwrap();
+                            let tag = tags.fetch_add(1, Ordering::Relaxed);
+                            m.write_phys(pa, &tag.to_le_bytes()).unwrap();
+                            let seg = AddrRange::from_start_len(
+                                Iova::new(alloc.start().raw() + i * PAGE_SIZE),
+                                PAGE_SIZE,
+                            )
+                            .unwrap();
+                            d.map(&g, seg.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+                            segs.push(seg);
+                            fr.push((pa, tag));
+                        }
+                        Live { alloc, segs, frames: fr, big_pa: None }
+                    };
+                    maps.fetch_add(1, Ordering::Relaxed);
+                    check_live(iommu, &l);
+                    live.push(l);
+                }
+                let g = m.pin_cpu();
+                for l in live.drain(..) {
+                    d.unmap(&g, &l.segs, &[l.alloc]).unwrap();
+                }
+                d.flush(&g);
+            });
+        }
+    });
+    let g = m.pin_cpu();
+    d.flush(&g);
+    drop(g);
+    let st = d.stats();
+    let rep = iommu.audit_report().unwrap();
+    let hw = iommu.stats();
+    let name = F::NAME;
+    eprintln!("{name}: {st:?}\n{name}: {rep:?}\n{name}: {hw:?}");
+    assert_eq!(rep.violation_count, 0, "{name}: released or remapped while cached: {:?}", rep.violations);
+    assert_eq!(st.release_errors, 0);
+    assert_eq!(st.iova_released, maps.load(Ordering::Relaxed), "{name}: every map's IOVA came back");
+    assert_eq!((d.pending(), rep.pending), (0, 0), "{name}: everything flushed");
+    assert!(st.table_pages_released > 100, "{name}: the table-page path ran ({st:?})");
+    assert!(st.flushes > 1000 && hw.inv_domain >= st.flushes, "{name}: {st:?}");
+    assert!(rep.exposures > 0);
+    let count_bound = (CPUS * MAX_ENTRIES + CPUS) as u64;
+    assert!(
+        rep.max_exposure_unmaps <= count_bound,
+        "{name}: exposure of {} unmaps > {count_bound}",
+        rep.max_exposure_unmaps
+    );
+    let age_bound = MAX_AGE_NS + 4 * STEP_NS;
+    assert!(rep.max_exposure_ns <= age_bound, "{name}: exposure of {} ns > {age_bound}", rep.max_exposure_ns);
+    assert!(st.flushes_full > 100 && st.flushes_aged > 100, "{name}: both bounds fired ({st:?})");
+    iommu.detach(DEV).unwrap();
+}
+
+#[test]
+fn a_million_random_deferred_ops_on_two_cpus_never_reuse_before_the_covering_flush() {
+    stress::<VtdSl>(TableFormat::VtdSecondLevel, 500_000);
+}
+
+#[test]
+fn deferred_ops_on_arm_tables_never_reuse_before_the_covering_flush() {
+    stress::<ArmLpaeS1>(TableFormat::ArmLpaeStage1, 50_000);
+}

@@ -1,0 +1,445 @@
+//! A domain: one IOVA space, one page table, one invalidation policy.
+//!
+//! # Theory
+//!
+//! 1. **Binding.** A [`Domain`] owns a [`PageTable`] and an [`IovaSource`] and talks to the
+//!    hardware through an [`IotlbInvalidator`]. Callers allocate IOVA from it, map, and unmap
+//!    with the list of IOVA ranges to give back; the domain decides *when* it is safe to give
+//!    them back (module rule 1 of [`crate::iommu`]).
+//! 2. **Strict unmap** clears every range of the map into one [`Gather`], issues exactly one
+//!    ranged invalidation covering the gathered hull (however many segments the map had),
+//!    and, once it has completed, releases the table pages the unmap detached and frees the
+//!    IOVA ranges. The returned [`FlushTicket`] is [`FlushTicket::DONE`].
+//! 3. **Deferred unmap** clears the ranges, takes a ticket, and queues the gather and the
+//!    ranges to free on its CPU's flush queue ([`FlushQueues`]); a later whole-domain
+//!    invalidation releases them. The queue forces a flush when it holds `max_entries` unmaps,
+//!    and every map and unmap of the domain (and [`Domain::poll`], for a kernel's timer)
+//!    flushes when the oldest queued unmap is `max_age_ns` old. An unmap whose free list
+//!    cannot be queued (no memory for a long list) flushes at once and releases it.
+//! 4. **Reserved windows.** A caller that keeps its IOVA (unmap with an empty `free` list) and
+//!    maps into it again must first call [`Domain::ensure_flushed`] with the unmap's ticket:
+//!    a flush that started after that unmap has finished when it returns.
+//! 5. **Failed maps.** When [`PageTable::map`] fails it has cleared what it wrote, but a
+//!    device may have cached a translation in between; the domain invalidates the range
+//!    before returning the error, so the IOVA is reusable at once.
+//! 6. **Exhaustion.** An IOVA allocation that finds the space exhausted while unmaps are
+//!    queued flushes them (their IOVA goes back) and retries once.
+//! 7. **Untrusted devices** get a strict domain whatever policy was asked for.
+//!
+//! # Execution context
+//!
+//! Every method takes the caller's [`CpuGuard`]: it never sleeps and runs with preemption
+//! disabled; a flush spins until the hardware completes its invalidation.
+
+use alloc::vec::Vec;
+
+use super::flushq::{FlushGenerations, FlushQueues, FlushTicket, Pushed};
+use super::{DomainConfig, DomainId, InvalidationPolicy, IotlbInvalidator};
+use crate::addr::{AddrRange, Iova, PhysAddr};
+use crate::error::{Error, Result};
+use crate::iova::{IovaRequest, IovaSource};
+use crate::pgtable::{FlushDone, Gather, PageTable, Prot, PteFormat};
+use crate::platform::{CpuGuard, Platform};
+use crate::sync::{AtomicU64, Ordering};
+
+/// IOVA ranges one queued unmap frees without a heap allocation: a map holds one IOVA
+/// allocation (seed 002: never one per segment), so one range is the common case; two
+/// leaves room for a map and its neighbour released together. Longer lists go to the heap.
+const INLINE_FREES: usize = 2;
+
+/// The ranges an unmap gives back.
+enum FreeList {
+    Inline(usize, [AddrRange<Iova>; INLINE_FREES]),
+    Heap(Vec<AddrRange<Iova>>),
+}
+
+impl FreeList {
+    fn new(free: &[AddrRange<Iova>]) -> Result<Self> {
+        if free.len() <= INLINE_FREES {
+            let mut a = [AddrRange::empty_at(Iova::new(0)); INLINE_FREES];
+            a[..free.len()].copy_from_slice(free);
+            return Ok(FreeList::Inline(free.len(), a));
+        }
+        let mut v = Vec::new();
+        v.try_reserve_exact(free.len())
+            .map_err(|_| Error::NoMemory { requested: core::mem::size_of_val(free) as u64 })?;
+        v.extend_from_slice(free);
+        Ok(FreeList::Heap(v))
+    }
+
+    fn as_slice(&self) -> &[AddrRange<Iova>] {
+        match self {
+            FreeList::Inline(n, a) => &a[..*n],
+            FreeList::Heap(v) => v,
+        }
+    }
+}
+
+/// One queued unmap: what it detached and what it frees.
+struct Pending {
+    gather: Gather,
+    free: FreeList,
+}
+
+/// Counters a user can read (a snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainStats {
+    /// Successful maps.
+    pub maps: u64,
+    /// Failed maps (each followed by an invalidation of its range).
+    pub map_failures: u64,
+    /// Unmaps (calls).
+    pub unmaps: u64,
+    /// Ranged invalidations issued (strict unmaps, failed maps).
+    pub range_invalidations: u64,
+    /// Whole-domain invalidations issued by flushes.
+    pub flushes: u64,
+    /// Flushes that found a later flush had already covered them and issued nothing.
+    pub flushes_coalesced: u64,
+    /// Flushes forced by a full queue (the count bound).
+    pub flushes_full: u64,
+    /// Flushes forced by a queued unmap reaching the age bound.
+    pub flushes_aged: u64,
+    /// Unmaps queued for a deferred flush.
+    pub queued: u64,
+    /// Table pages given back to the pool after their invalidation.
+    pub table_pages_released: u64,
+    /// IOVA ranges given back to the allocator after their invalidation.
+    pub iova_released: u64,
+    /// IOVA allocations retried after a flush because the space was exhausted.
+    pub exhaustion_retries: u64,
+    /// Releases that failed (a double free of IOVA reported by the allocator); the first
+    /// error of a strict unmap is also returned to its caller.
+    pub release_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    maps: AtomicU64,
+    map_failures: AtomicU64,
+    unmaps: AtomicU64,
+    range_invalidations: AtomicU64,
+    flushes: AtomicU64,
+    flushes_coalesced: AtomicU64,
+    flushes_full: AtomicU64,
+    flushes_aged: AtomicU64,
+    queued: AtomicU64,
+    table_pages_released: AtomicU64,
+    iova_released: AtomicU64,
+    exhaustion_retries: AtomicU64,
+    release_errors: AtomicU64,
+}
+
+#[inline]
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// An IOMMU domain: an IOVA space, a page table and an invalidation policy.
+///
+/// # Invariants
+///
+/// - Every IOVA range and table page an unmap gave up is released only after an
+///   invalidation that started after its entries were cleared has completed: at once for
+///   strict domains, through `fq` for deferred ones.
+/// - `fq` is `Some` exactly when the effective policy is deferred.
+pub struct Domain<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> {
+    platform: &'p P,
+    table: PageTable<'p, P, F>,
+    iova: S,
+    hw: &'p H,
+    cfg: DomainConfig,
+    fq: Option<FlushQueues<Pending>>,
+    counters: Counters,
+}
+
+impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'p, P, F, S, H> {
+    /// Binds `table` and `iova` under `cfg`, invalidating through `hw`. A deferred policy
+    /// gets one flush queue per CPU of `platform`; an untrusted device gets a strict domain.
+    ///
+    /// Errors: [`Error::InvalidArgument`] (a deferred bound of zero), [`Error::NoMemory`]
+    /// (the queues).
+    pub fn new(
+        platform: &'p P,
+        table: PageTable<'p, P, F>,
+        iova: S,
+        hw: &'p H,
+        cfg: DomainConfig,
+    ) -> Result<Self> {
+        let fq = match cfg.effective_policy() {
+            InvalidationPolicy::Strict => None,
+            InvalidationPolicy::Deferred { max_entries, max_age_ns } => {
+                Some(FlushQueues::new(platform.num_cpus(), max_entries, max_age_ns)?)
+            }
+        };
+        // INVARIANT: fq is Some exactly for an effective deferred policy.
+        Ok(Self { platform, table, iova, hw, cfg, fq, counters: Counters::default() })
+    }
+
+    /// The domain id.
+    pub fn id(&self) -> DomainId {
+        self.cfg.id
+    }
+
+    /// The policy really applied (strict for untrusted devices).
+    pub fn policy(&self) -> InvalidationPolicy {
+        self.cfg.effective_policy()
+    }
+
+    /// The page table.
+    pub fn table(&self) -> &PageTable<'p, P, F> {
+        &self.table
+    }
+
+    /// The IOVA allocator.
+    pub fn iova(&self) -> &S {
+        &self.iova
+    }
+
+    /// The flush generations, if the policy is deferred.
+    pub fn generations(&self) -> Option<&FlushGenerations> {
+        self.fq.as_ref().map(|fq| fq.generations())
+    }
+
+    /// Unmaps queued and not yet released (0 for a strict domain).
+    pub fn pending(&self) -> usize {
+        self.fq.as_ref().map_or(0, |fq| fq.pending())
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DomainStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DomainStats {
+            maps: l(&c.maps),
+            map_failures: l(&c.map_failures),
+            unmaps: l(&c.unmaps),
+            range_invalidations: l(&c.range_invalidations),
+            flushes: l(&c.flushes),
+            flushes_coalesced: l(&c.flushes_coalesced),
+            flushes_full: l(&c.flushes_full),
+            flushes_aged: l(&c.flushes_aged),
+            queued: l(&c.queued),
+            table_pages_released: l(&c.table_pages_released),
+            iova_released: l(&c.iova_released),
+            exhaustion_retries: l(&c.exhaustion_retries),
+            release_errors: l(&c.release_errors),
+        }
+    }
+
+    /// Allocates IOVA space; if the space is exhausted while unmaps are queued, flushes them
+    /// and retries once.
+    ///
+    /// Errors: those of [`IovaSource::alloc`].
+    pub fn alloc_iova(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
+        match self.iova.alloc(g, req) {
+            Err(Error::Exhausted { .. }) if self.pending() > 0 => {
+                add(&self.counters.exhaustion_retries, 1);
+                self.flush(g);
+                self.iova.alloc(g, req)
+            }
+            r => r,
+        }
+    }
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` with `prot`. On failure nothing of the
+    /// range translates and no translation of it is cached: the IOVA may be reused at once.
+    ///
+    /// Errors: those of [`PageTable::map`] (misaligned or out-of-range arguments, an
+    /// existing mapping, no memory for a table page).
+    pub fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+        self.flush_if_due(g);
+        let range = AddrRange::from_start_len(iova, len)?;
+        self.hw.audit_mapping(self.cfg.id, range);
+        match self.table.map(g, iova, pa, len, prot) {
+            Ok(()) => {
+                add(&self.counters.maps, 1);
+                Ok(())
+            }
+            Err(e) => {
+                // Rule 5: the table cleared what it wrote; a walk in between may have cached
+                // part of it.
+                add(&self.counters.map_failures, 1);
+                add(&self.counters.range_invalidations, 1);
+                self.hw.invalidate_range(self.cfg.id, range);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmaps `ranges` (the segments of one map) and gives `free` back to the IOVA allocator
+    /// once no device can reach it. Strict: one ranged invalidation covering every range,
+    /// then the release, before returning. Deferred: the release is queued. Returns the
+    /// ticket to pass to [`Domain::ensure_flushed`] before mapping into a kept range again.
+    ///
+    /// Errors: those of [`PageTable::unmap`] (a range not mapped, misaligned, no memory for a
+    /// block split). Ranges before the failing one are unmapped, invalidated and their table
+    /// pages released; nothing of `free` is freed. In a strict domain, the first error the
+    /// IOVA allocator reports for `free` (a double free) after everything else is done.
+    pub fn unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        ranges: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<FlushTicket> {
+        add(&self.counters.unmaps, 1);
+        let mut gather = Gather::new();
+        let mut failed = None;
+        let mut cleared = 0;
+        for &r in ranges {
+            if let Err(e) = self.table.unmap(g, r, &mut gather) {
+                failed = Some(e);
+                break;
+            }
+            cleared += 1;
+        }
+        self.hw.audit_unmapped(self.cfg.id, &ranges[..cleared]);
+        let fq = match (&self.fq, failed) {
+            (Some(fq), None) => fq,
+            (_, failed) => {
+                self.invalidate_and_release(g, gather);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let mut first = Ok(FlushTicket::DONE);
+                for &r in free {
+                    if let Err(e) = self.release_iova(g, r) {
+                        first = first.and(Err(e));
+                    }
+                }
+                return first;
+            }
+        };
+        let ticket = fq.ticket();
+        let now = self.platform.monotonic_ns();
+        let item = match FreeList::new(free) {
+            Ok(free) => Pending { gather, free },
+            Err(_) => {
+                // No memory to queue a long free list: flush now (it starts after the clear),
+                // then the ranges are free to go.
+                self.flush_now(g, fq);
+                self.release_gather(g, gather);
+                for &r in free {
+                    let _ = self.release_iova(g, r);
+                }
+                return Ok(FlushTicket::DONE);
+            }
+        };
+        add(&self.counters.queued, 1);
+        match fq.push(g.cpu(), ticket, now, item, &mut |p| self.release(g, p)) {
+            Pushed::Queued => {
+                if fq.due(now) {
+                    add(&self.counters.flushes_aged, 1);
+                    self.flush_now(g, fq);
+                }
+            }
+            Pushed::QueuedFull => {
+                add(&self.counters.flushes_full, 1);
+                self.flush_now(g, fq);
+            }
+            Pushed::NoRoom(p) => {
+                add(&self.counters.flushes_full, 1);
+                self.flush_now(g, fq);
+                self.release(g, p);
+            }
+        }
+        Ok(ticket)
+    }
+
+    /// Drains every flush queue now: one whole-domain invalidation (unless a later one
+    /// already finished), then every queued release. Nothing to do for a strict domain.
+    pub fn flush(&self, g: &CpuGuard<'_, P>) {
+        if let Some(fq) = &self.fq {
+            self.flush_now(g, fq);
+        }
+    }
+
+    /// Returns once a flush that started after the unmap of `t` has finished (flushing if
+    /// none has yet).
+    pub fn ensure_flushed(&self, g: &CpuGuard<'_, P>, t: FlushTicket) {
+        if let Some(fq) = &self.fq {
+            if !fq.generations().is_flushed(t) {
+                self.flush_now(g, fq);
+            }
+        }
+    }
+
+    /// Flushes if the oldest queued unmap is due by age: what a kernel's timer calls so that
+    /// an idle domain's queues drain within the age bound.
+    pub fn poll(&self, g: &CpuGuard<'_, P>) {
+        self.flush_if_due(g);
+    }
+
+    #[inline]
+    fn flush_if_due(&self, g: &CpuGuard<'_, P>) {
+        if let Some(fq) = &self.fq {
+            if fq.due(self.platform.monotonic_ns()) {
+                add(&self.counters.flushes_aged, 1);
+                self.flush_now(g, fq);
+            }
+        }
+    }
+
+    fn flush_now(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) {
+        let ran = fq.flush(|| self.hw.invalidate_all(self.cfg.id), &mut |p| self.release(g, p));
+        add(if ran { &self.counters.flushes } else { &self.counters.flushes_coalesced }, 1);
+    }
+
+    /// Strict path: one ranged invalidation over the gathered hull, then the release.
+    fn invalidate_and_release(&self, g: &CpuGuard<'_, P>, gather: Gather) {
+        if let Some(hull) = gather.range() {
+            add(&self.counters.range_invalidations, 1);
+            self.hw.invalidate_range(self.cfg.id, hull);
+        }
+        self.release_gather(g, gather);
+    }
+
+    /// Releases a queued unmap: a flush that started after its clear has finished.
+    fn release(&self, g: &CpuGuard<'_, P>, p: Pending) {
+        self.release_gather(g, p.gather);
+        for &r in p.free.as_slice() {
+            let _ = self.release_iova(g, r);
+        }
+    }
+
+    /// Gives the gathered table pages back. Only called once an invalidation covering the
+    /// gathered range has completed (the callers above).
+    fn release_gather(&self, g: &CpuGuard<'_, P>, mut gather: Gather) {
+        for pa in gather.freed_pages() {
+            self.hw.audit_table_page_released(self.cfg.id, pa);
+        }
+        // SAFETY: (a promise, no unsafe operation) every caller runs this after a ranged
+        // invalidation of the gathered hull or a whole-domain flush that started after the
+        // entries were cleared has completed: the domain's invariant.
+        #[allow(unsafe_code)]
+        let proof = unsafe { FlushDone::for_all() };
+        match gather.release_after_flush(proof, self.table.pool(), g) {
+            Ok(n) => add(&self.counters.table_pages_released, n as u64),
+            Err(_) => add(&self.counters.release_errors, 1),
+        }
+    }
+
+    fn release_iova(&self, g: &CpuGuard<'_, P>, r: AddrRange<Iova>) -> Result<()> {
+        self.hw.audit_iova_released(self.cfg.id, r);
+        match self.iova.free(g, r) {
+            Ok(()) => {
+                add(&self.counters.iova_released, 1);
+                Ok(())
+            }
+            Err(e) => {
+                add(&self.counters.release_errors, 1);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Drop for Domain<'_, P, F, S, H> {
+    /// Drains the queues and invalidates the whole domain, so that the page table, dropped
+    /// next, frees pages no cache reaches. The caller has detached every device first.
+    fn drop(&mut self) {
+        let g = self.platform.pin_cpu();
+        self.flush(&g);
+        self.hw.invalidate_all(self.cfg.id);
+    }
+}

@@ -1,0 +1,387 @@
+//! Deferred invalidation: per-CPU flush queues and the generations that free them.
+//!
+//! # Theory
+//!
+//! 1. **What waits.** A deferred unmap clears its page-table entries, then queues what must
+//!    not be reused yet (the IOVA ranges, the detached table pages) on its CPU's queue, with
+//!    a *ticket* and the time. One whole-domain invalidation later releases many entries at
+//!    once: that is the whole point, one command amortised over up to `max_entries` unmaps.
+//! 2. **Generations.** [`FlushGenerations`] counts flushes *started* and flushes *finished*.
+//!    The ticket of an unmap is the started count read after its entries were cleared. An
+//!    entry may be released once `finished > ticket`: flushes run one at a time, so flush
+//!    number `ticket + 1` has finished, and it started after the ticket was read, hence after
+//!    the clear. (Flushes are serialised by a lock: an invalidation takes microseconds and a
+//!    second flusher waiting for the first usually finds it already covers its clears, see 4.)
+//! 3. **The ordering hazard.** The unmapper does `clear entries; fence(SeqCst); load started`;
+//!    the flusher does `started += 1 (SeqCst); fence(SeqCst); invalidate`. By the two
+//!    sequentially consistent fences, either the unmapper's load sees the increment (its ticket
+//!    counts that flush, which therefore does not release it), or the flusher's invalidation,
+//!    and every table walk the hardware makes after it, sees the cleared entries. Either way
+//!    no entry is released by a flush that could have missed its clear.
+//! 4. **Coalescing.** A flusher reads its own ticket first; if, once it holds the flush lock,
+//!    `finished > ticket`, a flush that started after its clears has already finished and it
+//!    issues no command of its own.
+//! 5. **Bounds.** A queue holds at most `max_entries` entries: the push that fills it tells
+//!    the caller to flush, and the flush empties it (every entry in it was pushed before the
+//!    flush started). An entry is due when it is `max_age_ns` old; [`FlushQueues::due`] is
+//!    cheap enough for every map and unmap (one atomic load and a compare: a domain-wide lower
+//!    bound of the queues' oldest times, refreshed exactly only when it says "maybe due").
+//!    So an unmapped page waits for at most `max_entries - 1` later unmaps on its CPU, and for
+//!    at most `max_age_ns` plus the gap until the next map, unmap or [`FlushQueues::due`] poll
+//!    of the domain on any CPU.
+//! 6. **Per-CPU.** Each queue has its own spin lock: uncontended except while a flusher on
+//!    another CPU drains it. Items are released by whoever drains them, under the queue's lock,
+//!    through the caller's `release` closure.
+#![forbid(unsafe_code)]
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+
+use crate::error::{Error, Result};
+use crate::sync::{AtomicU64, Ordering, SpinLock, fence};
+
+/// Proof-of-order for one unmap: a flush that started after it must finish before what it
+/// cleared is reused. `FlushTicket::DONE` is the ticket of an unmap already invalidated
+/// (strict).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushTicket(Option<u64>);
+
+impl FlushTicket {
+    /// Nothing to wait for.
+    pub const DONE: FlushTicket = FlushTicket(None);
+
+    /// The started-flush count the ticket was taken at, if it waits for a flush.
+    pub fn generation(&self) -> Option<u64> {
+        self.0
+    }
+}
+
+/// Flushes started and finished, and the lock that runs them one at a time.
+///
+/// # Invariants
+///
+/// `finished <= started <= finished + 1`; both only grow; they change only under `lock`.
+#[derive(Debug)]
+pub struct FlushGenerations {
+    started: AtomicU64,
+    finished: AtomicU64,
+    lock: SpinLock<()>,
+}
+
+impl Default for FlushGenerations {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FlushGenerations {
+    /// No flush yet.
+    pub fn new() -> Self {
+        Self { started: AtomicU64::new(0), finished: AtomicU64::new(0), lock: SpinLock::new(()) }
+    }
+
+    /// The ticket of entries the caller has just cleared.
+    #[inline]
+    pub fn ticket(&self) -> FlushTicket {
+        // Rule 3: the clear (earlier stores) is ordered before the load of `started`.
+        fence(Ordering::SeqCst);
+        FlushTicket(Some(self.started.load(Ordering::SeqCst)))
+    }
+
+    /// True if a flush that started after `t` was taken has finished.
+    #[inline]
+    pub fn is_flushed(&self, t: FlushTicket) -> bool {
+        match t.0 {
+            None => true,
+            Some(g) => self.finished.load(Ordering::Acquire) > g,
+        }
+    }
+
+    /// Flushes started so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Flushes finished so far.
+    pub fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Makes sure a flush that started after the caller's earlier clears has finished: runs
+    /// `invalidate` (which must complete the hardware invalidation before returning) as the
+    /// next flush, unless one that started after them already finished. Returns true if it
+    /// ran `invalidate`.
+    pub fn flush(&self, invalidate: impl FnOnce()) -> bool {
+        let mine = self.ticket();
+        let _serial = self.lock.lock();
+        if self.is_flushed(mine) {
+            return false;
+        }
+        self.started.fetch_add(1, Ordering::SeqCst);
+        // Rule 3: the increment is ordered before every read the invalidation (and the walks
+        // after it) makes of the tables.
+        fence(Ordering::SeqCst);
+        invalidate();
+        // INVARIANT: under the lock, started == finished + 1 here, and equal after.
+        self.finished.fetch_add(1, Ordering::Release);
+        true
+    }
+}
+
+struct Queued<T> {
+    ticket: FlushTicket,
+    at_ns: u64,
+    item: T,
+}
+
+struct Queue<T> {
+    ring: VecDeque<Queued<T>>,
+}
+
+/// One queue per CPU of items waiting for a flush, bounded by count and age.
+pub struct FlushQueues<T> {
+    gens: FlushGenerations,
+    queues: Box<[SpinLock<Queue<T>>]>,
+    /// Per queue: the time of its oldest entry, `u64::MAX` when empty (written under the
+    /// queue's lock, read without it).
+    oldest: Box<[AtomicU64]>,
+    /// A lower bound of `oldest` over all queues (`u64::MAX`: all empty, as far as known).
+    hint: AtomicU64,
+    max_entries: usize,
+    max_age_ns: u64,
+}
+
+/// What [`FlushQueues::push`] did.
+#[derive(Debug)]
+pub enum Pushed<T> {
+    /// Queued; the queue still has room.
+    Queued,
+    /// Queued, and the queue is now full: the caller must flush.
+    QueuedFull,
+    /// Not queued: the queue is full of entries no finished flush covers. The caller flushes
+    /// and may then release the item itself (the flush started after its clear).
+    NoRoom(T),
+}
+
+impl<T> FlushQueues<T> {
+    /// Queues for `cpus` CPUs, each holding at most `max_entries` items, due at
+    /// `max_age_ns`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for zero CPUs, entries or age;
+    /// [`Error::NoMemory`] if the rings cannot be allocated.
+    pub fn new(cpus: usize, max_entries: usize, max_age_ns: u64) -> Result<Self> {
+        if cpus == 0 {
+            return Err(Error::InvalidArgument { what: "flush queue CPU count", value: 0 });
+        }
+        if max_entries == 0 || max_age_ns == 0 {
+            return Err(Error::InvalidArgument {
+                what: "flush queue bound (entries and age must be > 0)",
+                value: 0,
+            });
+        }
+        let mut queues = alloc::vec::Vec::new();
+        let nomem = |n: usize| Error::NoMemory { requested: (n * core::mem::size_of::<Queued<T>>()) as u64 };
+        queues.try_reserve_exact(cpus).map_err(|_| nomem(cpus))?;
+        for _ in 0..cpus {
+            let mut ring = VecDeque::new();
+            ring.try_reserve_exact(max_entries).map_err(|_| nomem(max_entries))?;
+            queues.push(SpinLock::new(Queue { ring }));
+        }
+        let oldest = (0..cpus).map(|_| AtomicU64::new(u64::MAX)).collect();
+        Ok(Self {
+            gens: FlushGenerations::new(),
+            queues: queues.into_boxed_slice(),
+            oldest,
+            hint: AtomicU64::new(u64::MAX),
+            max_entries,
+            max_age_ns,
+        })
+    }
+
+    /// The generation counters.
+    pub fn generations(&self) -> &FlushGenerations {
+        &self.gens
+    }
+
+    /// The ticket of entries the caller has just cleared (see [`FlushGenerations::ticket`]).
+    #[inline]
+    pub fn ticket(&self) -> FlushTicket {
+        self.gens.ticket()
+    }
+
+    /// The count bound.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
+    /// The age bound.
+    pub fn max_age_ns(&self) -> u64 {
+        self.max_age_ns
+    }
+
+    /// Items queued on every CPU (a snapshot; takes each queue's lock).
+    pub fn pending(&self) -> usize {
+        self.queues.iter().map(|q| q.lock().ring.len()).sum()
+    }
+
+    /// Releases the items of queue `cpu` that a finished flush covers, oldest first. Call
+    /// with the queue's lock held (`q`).
+    fn reclaim_locked(&self, cpu: usize, q: &mut Queue<T>, release: &mut impl FnMut(T)) -> usize {
+        let mut n = 0;
+        while let Some(front) = q.ring.front() {
+            if !self.gens.is_flushed(front.ticket) {
+                break;
+            }
+            if let Some(e) = q.ring.pop_front() {
+                release(e.item);
+                n += 1;
+            }
+        }
+        let oldest = q.ring.front().map_or(u64::MAX, |e| e.at_ns);
+        self.oldest[cpu].store(oldest, Ordering::Release);
+        n
+    }
+
+    /// Queues `item`, cleared under `ticket` at `now_ns`, on `cpu`'s queue (the caller holds
+    /// a guard for `cpu`, `cpu < cpus`). First releases that queue's flushed items through
+    /// `release`.
+    pub fn push(
+        &self,
+        cpu: usize,
+        ticket: FlushTicket,
+        now_ns: u64,
+        item: T,
+        release: &mut impl FnMut(T),
+    ) -> Pushed<T> {
+        let Some(queue) = self.queues.get(cpu) else {
+            return Pushed::NoRoom(item);
+        };
+        let mut q = queue.lock();
+        self.reclaim_locked(cpu, &mut q, release);
+        if q.ring.len() >= self.max_entries {
+            return Pushed::NoRoom(item);
+        }
+        let was_empty = q.ring.is_empty();
+        // Capacity was reserved for max_entries: no allocation here.
+        q.ring.push_back(Queued { ticket, at_ns: now_ns, item });
+        if was_empty {
+            self.oldest[cpu].store(now_ns, Ordering::Release);
+            self.hint.fetch_min(now_ns, Ordering::AcqRel);
+        }
+        if q.ring.len() >= self.max_entries { Pushed::QueuedFull } else { Pushed::Queued }
+    }
+
+    /// True if some queued item is at least `max_age_ns` old at `now_ns`. One load and a
+    /// compare unless the domain-wide hint says "maybe"; then the queues' oldest times are
+    /// read and the hint refreshed.
+    #[inline]
+    pub fn due(&self, now_ns: u64) -> bool {
+        let hint = self.hint.load(Ordering::Acquire);
+        if hint == u64::MAX || now_ns.saturating_sub(hint) < self.max_age_ns {
+            return false;
+        }
+        self.due_slow(hint, now_ns)
+    }
+
+    fn due_slow(&self, hint: u64, now_ns: u64) -> bool {
+        let oldest = self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        if oldest != u64::MAX && now_ns.saturating_sub(oldest) >= self.max_age_ns {
+            return true;
+        }
+        // Raise the hint to the true minimum, unless a push lowered it meanwhile (its
+        // fetch_min then made the CAS fail, and its smaller value stays).
+        let _ = self.hint.compare_exchange(hint, oldest, Ordering::AcqRel, Ordering::Acquire);
+        false
+    }
+
+    /// Runs one flush (see [`FlushGenerations::flush`]), then releases every covered item of
+    /// every queue. Returns true if it ran `invalidate`.
+    pub fn flush(&self, invalidate: impl FnOnce(), release: &mut impl FnMut(T)) -> bool {
+        let ran = self.gens.flush(invalidate);
+        let hint = self.hint.load(Ordering::Acquire);
+        for (cpu, queue) in self.queues.iter().enumerate() {
+            let mut q = queue.lock();
+            self.reclaim_locked(cpu, &mut q, release);
+        }
+        let oldest = self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let _ = self.hint.compare_exchange(hint, oldest, Ordering::AcqRel, Ordering::Acquire);
+        ran
+    }
+
+    /// Releases, without flushing, every item of every queue that a finished flush covers.
+    pub fn reclaim_all(&self, release: &mut impl FnMut(T)) -> usize {
+        let mut n = 0;
+        for (cpu, queue) in self.queues.iter().enumerate() {
+            let mut q = queue.lock();
+            n += self.reclaim_locked(cpu, &mut q, release);
+        }
+        n
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    #[test]
+    fn an_item_is_released_only_by_a_flush_that_started_after_its_ticket() {
+        let q = FlushQueues::new(2, 4, 1_000).unwrap();
+        let mut out = Vec::new();
+        let t = q.ticket();
+        assert!(!q.generations().is_flushed(t));
+        assert!(matches!(q.push(0, t, 10, 1u32, &mut |i| out.push(i)), Pushed::Queued));
+        assert_eq!(q.reclaim_all(&mut |i| out.push(i)), 0);
+        let mut ran = 0;
+        assert!(q.flush(|| ran += 1, &mut |i| out.push(i)));
+        assert_eq!((ran, out.as_slice()), (1, &[1u32][..]));
+        assert!(q.generations().is_flushed(t));
+        assert_eq!((q.generations().started(), q.generations().finished()), (1, 1));
+    }
+
+    #[test]
+    fn a_flush_already_covering_the_callers_clears_is_coalesced() {
+        let g = FlushGenerations::new();
+        let before = g.ticket();
+        assert!(g.flush(|| {}));
+        // Nothing cleared since that flush started? A new flush is still needed: the caller
+        // may have cleared entries after it.
+        assert!(g.flush(|| {}));
+        assert!(g.is_flushed(before));
+        assert!(g.is_flushed(FlushTicket::DONE));
+    }
+
+    #[test]
+    fn the_push_that_fills_a_queue_asks_for_a_flush_and_the_flush_empties_it() {
+        let q = FlushQueues::new(1, 3, u64::MAX).unwrap();
+        let mut out = Vec::new();
+        for i in 0..2 {
+            assert!(matches!(q.push(0, q.ticket(), i, i, &mut |x| out.push(x)), Pushed::Queued));
+        }
+        assert!(matches!(q.push(0, q.ticket(), 2, 2, &mut |x| out.push(x)), Pushed::QueuedFull));
+        assert!(matches!(q.push(0, q.ticket(), 3, 3, &mut |x| out.push(x)), Pushed::NoRoom(3)));
+        q.flush(|| {}, &mut |x| out.push(x));
+        assert_eq!(out, [0, 1, 2]);
+        assert_eq!(q.pending(), 0);
+    }
+
+    #[test]
+    fn age_makes_an_item_due_on_any_cpu() {
+        let q = FlushQueues::new(2, 100, 1_000).unwrap();
+        assert!(!q.due(u64::MAX - 1));
+        let _ = q.push(1, q.ticket(), 500, 7u8, &mut |_| {});
+        assert!(!q.due(1_499));
+        assert!(q.due(1_500));
+        q.flush(|| {}, &mut |_| {});
+        assert!(!q.due(10_000));
+        let _ = q.push(0, q.ticket(), 20_000, 8u8, &mut |_| {});
+        assert!(!q.due(20_999) && q.due(21_000));
+    }
+
+    #[test]
+    fn bad_bounds_are_errors() {
+        assert!(FlushQueues::<u8>::new(0, 1, 1).is_err());
+        assert!(FlushQueues::<u8>::new(1, 0, 1).is_err());
+        assert!(FlushQueues::<u8>::new(1, 1, 0).is_err());
+    }
+}

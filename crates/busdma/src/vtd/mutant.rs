@@ -1,0 +1,84 @@
+//! Mutants: the driver broken on purpose, one way each, so the QEMU suite can prove it
+//! notices (`qemu/run --mutants`). Each is a Cargo feature that nothing but that check enables;
+//! in every other build these are `false` and the compiler removes the branches.
+#![forbid(unsafe_code)]
+
+use crate::addr::PhysAddr;
+use crate::error::Result;
+use crate::pgtable::{Prot, PteFormat, VtdSl};
+
+/// Skip the IOTLB invalidation that unmapping asks for (stale translations stay usable).
+pub(crate) const SKIP_IOTLB_FLUSH: bool = cfg!(feature = "vtd-mutant-skip-iotlb-flush");
+/// Write each context entry at the wrong device/function (devfn XOR 1).
+pub(crate) const WRONG_DEVFN: bool = cfg!(feature = "vtd-mutant-wrong-devfn");
+/// Never latch the root table pointer (no GCMD.SRTP).
+pub(crate) const SKIP_SRTP: bool = cfg!(feature = "vtd-mutant-skip-srtp");
+/// Build non-leaf second-level entries without their read/write bits.
+pub const NONLEAF_NO_RW: bool = cfg!(feature = "vtd-mutant-nonleaf-no-rw");
+
+/// The second-level format with the [`NONLEAF_NO_RW`] breakage: table (non-leaf) entries carry
+/// their address but neither R nor W, so a walk stops at the first level ("not present").
+/// Everything else is [`VtdSl`]'s; presence is "non-zero" so the software walker still
+/// descends through the broken entries it built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NonLeafNoRw;
+
+impl PteFormat for NonLeafNoRw {
+    const NAME: &'static str = "vtd-sl-mutant-nonleaf-no-rw";
+    const OUTPUT_BITS: u32 = VtdSl::OUTPUT_BITS;
+    const MAX_LEAF_HEIGHT: u32 = VtdSl::MAX_LEAF_HEIGHT;
+
+    fn effective_prot(prot: Prot) -> Result<Prot> {
+        VtdSl::effective_prot(prot)
+    }
+
+    fn is_present(pte: u64) -> bool {
+        pte != 0
+    }
+
+    fn is_leaf(pte: u64, height: u32) -> bool {
+        VtdSl::is_leaf(pte, height)
+    }
+
+    fn make_table(table: PhysAddr) -> u64 {
+        // R is bit 0, W bit 1 of a second-level entry.
+        VtdSl::make_table(table) & !0b11
+    }
+
+    fn make_leaf(pa: PhysAddr, prot: Prot, height: u32) -> u64 {
+        VtdSl::make_leaf(pa, prot, height)
+    }
+
+    fn output(pte: u64, height: u32) -> PhysAddr {
+        VtdSl::output(pte, height)
+    }
+
+    fn prot(pte: u64) -> Prot {
+        VtdSl::prot(pte)
+    }
+
+    fn split_block(pte: u64, height: u32) -> u64 {
+        VtdSl::split_block(pte, height)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mutant_switches_are_off_in_ordinary_builds() {
+        // The workspace never enables a mutant feature; if one leaked into a normal build the
+        // driver would be broken for real.
+        const { assert!(!SKIP_IOTLB_FLUSH && !WRONG_DEVFN && !SKIP_SRTP && !NONLEAF_NO_RW) };
+    }
+
+    #[test]
+    fn the_nonleaf_mutant_differs_from_vtd_sl_only_in_table_rights() {
+        let t = PhysAddr::new(0x1234_5000);
+        assert_eq!(NonLeafNoRw::make_table(t), VtdSl::make_table(t) & !0b11);
+        assert_eq!(NonLeafNoRw::make_table(t) & 0b11, 0);
+        assert!(NonLeafNoRw::is_present(NonLeafNoRw::make_table(t)));
+        assert_eq!(NonLeafNoRw::make_leaf(t, Prot::READ_WRITE, 0), VtdSl::make_leaf(t, Prot::READ_WRITE, 0));
+    }
+}

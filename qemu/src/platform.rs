@@ -1,0 +1,196 @@
+//! The kernel's implementation of `busdma::Platform`: identity-mapped RAM (KVA == PA for the
+//! low 4 GiB), frames from [`crate::frames`], MMIO by volatile access, cache maintenance by
+//! `clflush`, one CPU that is never preempted (interrupts stay off).
+
+use core::arch::asm;
+
+use busdma::platform::{MemAttr, PageRequest, Placement};
+use busdma::sync::SpinLock;
+use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, TablePage};
+
+use crate::frames;
+
+/// Most RAM ranges the kernel remembers from the boot memory map (QEMU gives 2 or 3).
+const MAX_RANGES: usize = 16;
+/// x86 cache line: 64 bytes.
+const LINE: u64 = 64;
+/// The identity map covers the low 4 GiB (boot.rs builds it).
+const IDENTITY_END: u64 = 1 << 32;
+
+struct RamMap {
+    ranges: [(u64, u64); MAX_RANGES],
+    count: usize,
+}
+
+static RAM: SpinLock<RamMap> = SpinLock::new(RamMap { ranges: [(0, 0); MAX_RANGES], count: 0 });
+
+/// Records a RAM range `[start, end)` from the boot memory map (clipped to the identity map).
+pub fn add_ram(start: u64, end: u64) {
+    let end = end.min(IDENTITY_END);
+    let mut ram = RAM.lock();
+    if start < end && ram.count < MAX_RANGES {
+        let i = ram.count;
+        ram.ranges[i] = (start, end);
+        ram.count += 1;
+    }
+}
+
+/// Whether `[start, start + len)` is RAM.
+pub fn is_ram(start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else { return false };
+    let ram = RAM.lock();
+    ram.ranges[..ram.count].iter().any(|&(s, e)| s <= start && end <= e)
+}
+
+fn check_ram(pa: PhysAddr, len: u64) -> Result<()> {
+    if is_ram(pa.raw(), len) {
+        Ok(())
+    } else {
+        Err(Error::OutOfRange { addr: pa.raw(), limit: pa.raw().saturating_add(len) })
+    }
+}
+
+fn for_each_line(kva: KernVa, len: u64, f: impl Fn(u64)) {
+    let start = kva.raw() & !(LINE - 1);
+    let end = kva.raw().saturating_add(len);
+    // SAFETY: mfence orders earlier stores before the flushes (clflush is ordered only by
+    // fences) and touches no memory itself.
+    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
+    let mut line = start;
+    while line < end {
+        f(line);
+        line += LINE;
+    }
+    // SAFETY: as above; orders the flushes before whatever the caller does next (a doorbell).
+    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
+}
+
+fn clflush(line: u64) {
+    // SAFETY: clflush on an identity-mapped address only writes the line back and drops it;
+    // it never faults on mapped memory and changes no data.
+    unsafe { asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
+}
+
+/// The platform of the test kernel.
+pub struct KernelPlatform;
+
+impl Platform for KernelPlatform {
+    fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
+        check_ram(pa, buf.len() as u64)?;
+        // SAFETY: the range is RAM, identity-mapped; copying out does not alias `buf`.
+        unsafe { core::ptr::copy_nonoverlapping(pa.raw() as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn write_phys(&self, pa: PhysAddr, data: &[u8]) -> Result<()> {
+        check_ram(pa, data.len() as u64)?;
+        // SAFETY: as in read_phys.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa.raw() as *mut u8, data.len()) };
+        Ok(())
+    }
+
+    fn fill_phys(&self, pa: PhysAddr, len: u64, byte: u8) -> Result<()> {
+        check_ram(pa, len)?;
+        // SAFETY: as in read_phys.
+        unsafe { core::ptr::write_bytes(pa.raw() as *mut u8, byte, len as usize) };
+        Ok(())
+    }
+
+    fn alloc_table_page(&self) -> Result<TablePage> {
+        let pa = frames::alloc(1, PAGE_SIZE, None)?;
+        // SAFETY: a fresh, zeroed, page-aligned frame, identity-mapped, ours until freed.
+        Ok(unsafe { TablePage::new(pa, KernVa::new(pa.raw())) })
+    }
+
+    unsafe fn free_table_page(&self, page: TablePage) {
+        if let Err(e) = frames::free(page.pa(), 1) {
+            panic!("free_table_page({:#x}): {e}", page.pa().raw());
+        }
+    }
+
+    fn alloc_pages(&self, req: &PageRequest) -> Result<PhysAddr> {
+        match (req.placement, req.attr) {
+            (Placement::NotDirectMapped, _) => {
+                Err(Error::Unsupported { what: "memory outside the direct map (the kernel maps all RAM)" })
+            }
+            (_, MemAttr::Uncached) => {
+                Err(Error::Unsupported { what: "uncached memory (the kernel maps RAM write-back only)" })
+            }
+            _ => frames::alloc(req.pages, req.align, req.below.map(|b| b.raw())),
+        }
+    }
+
+    unsafe fn free_pages(&self, pa: PhysAddr, pages: u64) {
+        if let Err(e) = frames::free(pa, pages) {
+            panic!("free_pages({:#x}, {pages}): {e}", pa.raw());
+        }
+    }
+
+    fn phys_to_kva(&self, pa: PhysAddr) -> Option<KernVa> {
+        is_ram(pa.raw(), 1).then(|| KernVa::new(pa.raw()))
+    }
+
+    fn kva_to_phys(&self, kva: KernVa) -> Option<PhysAddr> {
+        is_ram(kva.raw(), 1).then(|| PhysAddr::new(kva.raw()))
+    }
+
+    fn num_cpus(&self) -> usize {
+        1
+    }
+
+    fn preempt_disable(&self) -> usize {
+        // One CPU, interrupts always off: nothing can preempt.
+        0
+    }
+
+    fn preempt_enable(&self, _cpu: usize) {}
+
+    fn monotonic_ns(&self) -> u64 {
+        crate::hpet::now_ns()
+    }
+
+    fn cache_clean(&self, kva: KernVa, len: u64) {
+        for_each_line(kva, len, clflush);
+    }
+
+    fn cache_invalidate(&self, kva: KernVa, len: u64) {
+        // x86 has no user-level "discard without write-back"; clflush writes back then
+        // discards, which is what the contract allows for lines the caller owns.
+        for_each_line(kva, len, clflush);
+    }
+
+    fn cache_clean_invalidate(&self, kva: KernVa, len: u64) {
+        for_each_line(kva, len, clflush);
+    }
+
+    unsafe fn mmio_read32(&self, pa: PhysAddr) -> u32 {
+        // SAFETY: the caller owns the register; the low 4 GiB are identity-mapped uncached
+        // above 3 GiB (boot.rs), where QEMU's MMIO lives.
+        unsafe { core::ptr::read_volatile(pa.raw() as *const u32) }
+    }
+
+    unsafe fn mmio_write32(&self, pa: PhysAddr, value: u32) {
+        // SAFETY: as in mmio_read32.
+        unsafe { core::ptr::write_volatile(pa.raw() as *mut u32, value) }
+    }
+
+    unsafe fn mmio_read64(&self, pa: PhysAddr) -> u64 {
+        // SAFETY: as in mmio_read32 (8-byte aligned per the contract).
+        unsafe { core::ptr::read_volatile(pa.raw() as *const u64) }
+    }
+
+    unsafe fn mmio_write64(&self, pa: PhysAddr, value: u64) {
+        // SAFETY: as in mmio_read32.
+        unsafe { core::ptr::write_volatile(pa.raw() as *mut u64, value) }
+    }
+
+    unsafe fn quick_map(&self, _cpu: usize, _slot: usize, pa: PhysAddr) -> KernVa {
+        // Every page of RAM is permanently mapped at KVA == PA: a quick map is the identity.
+        KernVa::new(pa.raw())
+    }
+
+    unsafe fn quick_unmap(&self, _cpu: usize, _slot: usize) {}
+}
+
+/// The one platform instance.
+pub static PLATFORM: KernelPlatform = KernelPlatform;
