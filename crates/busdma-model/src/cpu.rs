@@ -104,6 +104,15 @@ impl Cpus {
         slot.owner.store(0, Ordering::Release);
     }
 
+    /// True if the calling thread holds a preemption guard on `cpu` (what a per-CPU resource
+    /// such as a quick-map window requires).
+    pub(crate) fn held_by_current(&self, cpu: usize) -> bool {
+        self.slots.get(cpu).is_some_and(|s| {
+            s.owner.load(Ordering::Relaxed) & !PERMANENT == thread_token()
+                && s.depth.load(Ordering::Relaxed) > 0
+        })
+    }
+
     pub(crate) fn preempt_disable(&self) -> usize {
         let cpu = self.current();
         let slot = &self.slots[cpu];

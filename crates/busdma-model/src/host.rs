@@ -392,6 +392,16 @@ impl HostPlatform {
         unsafe { self.quick.add((cpu * QUICK_SLOTS + slot) * PAGE_SIZE as usize) }
     }
 
+    /// Panics unless the calling thread holds a preemption guard on `cpu`: a quick-map window
+    /// belongs to its CPU, and touching it unpinned would race with that CPU's owner. A kernel
+    /// would not check; the model does, so tests catch the misuse.
+    fn check_quick_owner(&self, cpu: usize, slot: usize) {
+        assert!(
+            self.cpus.held_by_current(cpu),
+            "quick map of CPU {cpu} slot {slot} by a thread without a preemption guard on that CPU"
+        );
+    }
+
     /// The quick-map windows as a kernel virtual range (for "is this a quick-map address?").
     pub fn quick_window(&self) -> AddrRange<KernVa> {
         let len = (self.config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
@@ -710,7 +720,12 @@ impl Platform for HostPlatform {
         }
     }
 
+    // The contract, checked: never sleeps (no lock, no allocation: one `mmap` system call on
+    // a reservation we own), never fails (a refused `mmap` inside our own reservation would
+    // mean the process is out of mappings, and panics), and is only called with preemption
+    // disabled on `cpu` (checked below: using another CPU's window would race with its owner).
     unsafe fn quick_map(&self, cpu: usize, slot: usize, pa: PhysAddr) -> KernVa {
+        self.check_quick_owner(cpu, slot);
         let win = self.quick_slot_ptr(cpu, slot);
         // A quick map never fails: a PA outside RAM is a caller bug (the contract says RAM).
         let off = match self.ram_offset(pa, PAGE_SIZE) {
@@ -729,6 +744,7 @@ impl Platform for HostPlatform {
     }
 
     unsafe fn quick_unmap(&self, cpu: usize, slot: usize) {
+        self.check_quick_owner(cpu, slot);
         let win = self.quick_slot_ptr(cpu, slot);
         self.quick_pa[cpu * QUICK_SLOTS + slot].store(NO_PAGE, Ordering::Release);
         // Back to an inaccessible page, so a stale use of the slot faults instead of reading
@@ -822,6 +838,50 @@ mod tests {
         unsafe { m.quick_unmap(g.cpu(), 0) };
         assert_eq!(&got, b"far");
         assert!(m.quick_window().contains(kva));
+    }
+
+    #[test]
+    #[should_panic(expected = "without a preemption guard")]
+    fn quick_map_without_a_cpu_guard_is_refused() {
+        let m = HostPlatform::new(small()).unwrap();
+        let cpu = {
+            let g = m.pin_cpu();
+            g.cpu()
+        };
+        // SAFETY: deliberately breaks the guard contract; the model must refuse before mapping.
+        unsafe { m.quick_map(cpu, 0, m.ram().start()) };
+    }
+
+    #[test]
+    fn quick_map_windows_of_different_cpus_are_independent() {
+        let m = HostPlatform::new(small()).unwrap();
+        let req = FrameRequest { placement: Placement::NotDirectMapped, ..FrameRequest::pages(2) };
+        let f = m.alloc_frames(req).unwrap();
+        let pages = [f.pa(), f.pa().checked_add(PAGE_SIZE).unwrap()];
+        std::thread::scope(|s| {
+            for (cpu, &pa) in pages.iter().enumerate() {
+                let m = &m;
+                s.spawn(move || {
+                    let _b = m.bind_cpu(cpu).unwrap();
+                    for round in 0..200u8 {
+                        let g = m.pin_cpu();
+                        // SAFETY: we hold the guard for our bound CPU; the page is RAM.
+                        let kva = unsafe { m.quick_map(g.cpu(), 0, pa) };
+                        let v = [cpu as u8 ^ round; 64];
+                        // SAFETY: the window maps our page for 4 KiB until quick_unmap.
+                        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), kva.raw() as *mut u8, 64) };
+                        let mut back = [0u8; 64];
+                        // SAFETY: as above.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(kva.raw() as *const u8, back.as_mut_ptr(), 64)
+                        };
+                        // SAFETY: same guard, slot mapped above, no further use.
+                        unsafe { m.quick_unmap(g.cpu(), 0) };
+                        assert_eq!(back, v, "CPU {cpu} saw another CPU's window");
+                    }
+                });
+            }
+        });
     }
 
     #[test]

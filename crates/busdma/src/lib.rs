@@ -30,6 +30,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod addr;
+#[cfg(feature = "alloc")]
+pub mod bounce;
 pub mod error;
 pub mod front;
 pub mod iommu;
@@ -40,6 +42,8 @@ pub mod pgtable;
 #[cfg(feature = "alloc")]
 pub mod pin;
 pub mod platform;
+#[cfg(feature = "alloc")]
+pub mod quickmap;
 pub mod sync;
 #[cfg(feature = "vtd")]
 pub mod vtd;

@@ -9,11 +9,14 @@
 use std::time::{Duration, Instant};
 
 use busdma::front::{
-    Direction, Identity, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments, Strategy, Tag,
-    TagSpec,
+    Direction, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments,
+    Strategy, Tag, TagSpec,
 };
-use busdma::{PAGE_SIZE, PhysAddr};
-use busdma_model::{FrameRequest, HostPlatform};
+use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+use busdma::iova::{IovaAllocator, IovaConfig};
+use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
+use busdma_model::{Context, FrameRequest, HostPlatform, IommuConfig, ModelIommu, TableFormat};
 use serde::Serialize;
 
 /// Maps loaded per timed batch. 32: enough that the two clock reads around a batch cost
@@ -52,6 +55,7 @@ pub fn bench_spec() -> TagSpec {
 pub fn measure<S>(
     m: &HostPlatform,
     tag: &Tag<'_, HostPlatform, S>,
+    label: &'static str,
     threads: usize,
     pages: u64,
     duration: Duration,
@@ -111,7 +115,7 @@ where
     let (map_ns, map_ns_std) = mean_std(&maps);
     let (unmap_ns, unmap_ns_std) = mean_std(&unmaps);
     Ok(Row {
-        strategy: S::NAME,
+        strategy: label,
         invalidation: tag.strategy().invalidation().name(),
         threads,
         pages,
@@ -123,7 +127,6 @@ where
 }
 
 /// Measures the four IOMMU strategies over domain handle `d` for every threads × pages.
-#[allow(dead_code)] // called once busdma::iommu::Domain lands (the model IOMMU in the loop)
 pub fn measure_iommu<D>(m: &HostPlatform, d: D, args: &MapArgs, rows: &mut Vec<Row>) -> Result<(), String>
 where
     D: IommuOps<HostPlatform> + Clone + Sync,
@@ -131,17 +134,24 @@ where
     let dur = Duration::from_millis(args.ms);
     let spec = bench_spec();
     let per_map = Tag::new_root(m, IommuPerMap(d.clone()), spec).map_err(|e| e.to_string())?;
-    let reserved = Tag::new_root(m, IommuReserved(d.clone()), spec).map_err(|e| e.to_string())?;
+    let reserved = Tag::new_root(m, IommuReserved::new(d.clone()), spec).map_err(|e| e.to_string())?;
+    // Two windows per map, used in turn: under deferred invalidation a load waits for the
+    // unload before last, so at most every other load forces a flush.
+    let reserved2 =
+        Tag::new_root(m, IommuReserved::alternating(d.clone(), 2), spec).map_err(|e| e.to_string())?;
     let per_seg = Tag::new_root(m, IommuPerSegment(d.clone()), spec).map_err(|e| e.to_string())?;
     let identity = Tag::new_root(m, Identity::new(d.clone()), spec).map_err(|e| e.to_string())?;
     for &threads in &args.threads {
         for &pages in &args.pages {
             let inv = d.invalidation().name();
             eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
-            rows.push(measure(m, &per_map, threads, pages, dur)?);
-            rows.push(measure(m, &reserved, threads, pages, dur)?);
-            rows.push(measure(m, &per_seg, threads, pages, dur)?);
-            rows.push(measure(m, &identity, threads, pages, dur)?);
+            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur)?);
+            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur)?);
+            if d.invalidation() == Invalidation::Deferred {
+                rows.push(measure(m, &reserved2, "iommu-reserved-2win", threads, pages, dur)?);
+            }
+            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur)?);
+            rows.push(measure(m, &identity, "identity", threads, pages, dur)?);
         }
     }
     Ok(())
@@ -161,25 +171,43 @@ pub struct MapArgs {
     pub ms: u64,
 }
 
+/// The bench's device.
+const DEV: u32 = 0x42;
+
 /// Runs every strategy × invalidation × threads × pages and returns the rows.
 pub fn run(args: &MapArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
     let d = Duration::from_millis(args.ms);
     let mut rows = Vec::new();
+    let cpus = busdma::Platform::num_cpus(m);
+    if let Some(&t) = args.threads.iter().find(|&&t| t == 0 || t > cpus) {
+        return Err(format!("{t} threads but the machine has {cpus} CPUs"));
+    }
+    if let Some(&p) = args.pages.iter().find(|&&p| p == 0 || p > 256) {
+        return Err(format!("pages must be 1..=256 (the bench tag's max size), not {p}"));
+    }
     let tag = Tag::new_root(m, busdma::front::Direct, bench_spec()).map_err(|e| e.to_string())?;
     for &threads in &args.threads {
-        if threads > busdma::Platform::num_cpus(m) {
-            return Err(format!(
-                "{threads} threads but the machine has {} CPUs",
-                busdma::Platform::num_cpus(m)
-            ));
-        }
         for &pages in &args.pages {
-            if pages == 0 || pages > 256 {
-                return Err(format!("pages must be 1..=256 (the bench tag's max size), not {pages}"));
-            }
             eprintln!("bench map: direct threads={threads} pages={pages}");
-            rows.push(measure(m, &tag, threads, pages, d)?);
+            rows.push(measure(m, &tag, "direct", threads, pages, d)?);
         }
+    }
+    for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {
+        // A VT-d second-level domain (4 levels, 48-bit IOVA) on the model IOMMU, the device
+        // attached, audit off (the model's own cost is then its IOTLB bookkeeping).
+        let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(|e| e.to_string())?;
+        let pool = TablePool::new(m);
+        let cfg = PageTableConfig { input_bits: 48, coherent_walker: true };
+        let pt = PageTable::<_, VtdSl>::new(&pool, cfg).map_err(|e| e.to_string())?;
+        let ctx = Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48);
+        iommu.attach(DEV, ctx).map_err(|e| e.to_string())?;
+        // IOVA space: 1 MiB to 1 TiB, per-CPU caches on (the allocator's fast path).
+        let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).map_err(|e| e.to_string())?;
+        let icfg = IovaConfig { cpus, caches: true, guard_page: false };
+        let iova = IovaAllocator::new(space, icfg).map_err(|e| e.to_string())?;
+        let dcfg = DomainConfig { id: 1, policy, untrusted: false };
+        let dom = Domain::new(m, pt, iova, &iommu, dcfg).map_err(|e| e.to_string())?;
+        measure_iommu(m, &dom, args, &mut rows)?;
     }
     Ok(rows)
 }

@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod bench_bounce;
 mod bench_map;
 mod bench_pgtable;
 mod bench_pin;
@@ -85,6 +86,13 @@ enum Bench {
         #[command(flatten)]
         args: bench_map::MapArgs,
     },
+    /// Bounce sync copies (memcpy, direct map, quick map) and the quick-map enter/remove cost.
+    Bounce {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: bench_bounce::BounceArgs,
+    },
     /// IO page-table map/unmap cost per page, busdma beside Google's aarch64-paging.
     Pgtable {
         #[command(flatten)]
@@ -147,6 +155,11 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
+            let mut r = Report::new();
+            rows.into_iter().for_each(|row| r.push(row));
+            r.print(common.json);
+        }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
         Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
     };

@@ -15,7 +15,8 @@
 //! 3. **Coherent tags skip maintenance** and keep only the ordering: a DMA write barrier before
 //!    handing memory to the device, a read barrier after taking it back.
 //! 4. **Bounce copies** (PREWRITE: copy into the bounce page; POSTREAD: copy out) belong to
-//!    bounce buffering and plug in beside this, through the strategy's per-map state.
+//!    bounce buffering: the map calls [`Strategy::sync`](super::strategy::Strategy::sync) after
+//!    this maintenance, and `busdma::bounce::Bounced` copies there.
 #![forbid(unsafe_code)]
 
 use core::ops::BitOr;

@@ -322,6 +322,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
             });
         }
         let st = sync_runs(self.tag.platform, &self.runs, op, self.tag.spec.flags.coherent);
+        let state = self.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
+        self.tag.strategy.sync(self.tag.platform, &self.tag.spec, state, op)?;
         if op.contains(SyncOp::PREREAD) {
             l.device_writing = true;
         }

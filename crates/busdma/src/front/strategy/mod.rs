@@ -16,12 +16,15 @@
 //!    - `iommu_per_segment`, `iommu_per_map`, `iommu_reserved`, `identity`: through an IOMMU
 //!      domain ([`IommuOps`]).
 //! 4. **The bounce hook.** Every "this run cannot be given to the device as it is" decision
-//!    goes through [`bounce_hook`], which names the run and the reason. Until bounce buffering
-//!    (`busdma::bounce`) plugs in there, it fails with [`Error::Unsupported`]; a run without a
-//!    page and without a kernel mapping can never be bounced and fails with a message saying so.
+//!    goes through [`bounce_hook`], which names the run and the reason. A plain strategy fails
+//!    there with [`Error::Unsupported`]; bounce buffering is [`crate::bounce::Bounced`], which
+//!    wraps a strategy, moves such runs into bounce pages before the strategy sees them, and
+//!    does its copies in [`Strategy::sync`]. A run without a page and without a kernel mapping
+//!    can never be bounced and fails with a message saying so.
 #![deny(unsafe_code)]
 
 pub mod direct;
+pub mod domain;
 pub mod identity;
 pub mod iommu;
 pub mod per_map;
@@ -32,6 +35,7 @@ pub mod reserved;
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
+use super::cache_sync::SyncOp;
 use super::load::Run;
 use super::map::Direction;
 use super::segments::{Segment, SegmentBuilder};
@@ -104,6 +108,12 @@ pub trait Strategy<P: Platform>: Clone {
 
     /// Releases the map's state (the map is unloaded).
     fn destroy(&self, p: &P, state: Self::MapState);
+
+    /// The strategy's part of a sync, after the front end's cache maintenance of the runs
+    /// (bounce copies: `busdma::bounce::Bounced`). Defaults to nothing.
+    fn sync(&self, _p: &P, _spec: &TagSpec, _state: &Self::MapState, _op: SyncOp) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Why a run cannot be given to the device as it is.
@@ -119,10 +129,10 @@ pub enum BounceReason {
 
 /// The bounce hook: called for every run that needs bouncing, with the reason.
 ///
-/// Bounce buffering (`busdma::bounce`) replaces this body: reserve a bounce page meeting the
-/// tag, record it in the map's state, return its bus address. Until then it fails:
-/// [`Error::Unsupported`] naming the reason, or, for a run that has neither a page nor a
-/// kernel mapping (seed 003's entries), the error that such a run can never be bounced.
+/// A strategy reaches it only when not wrapped in [`crate::bounce::Bounced`] (which removes
+/// such runs first): [`Error::Unsupported`] naming the reason, or, for a run that has neither
+/// a page nor a kernel mapping (seed 003's entries), the error that such a run can never be
+/// bounced.
 pub fn bounce_hook(run: &Run, reason: BounceReason) -> Error {
     if !run.kind.bounceable() {
         return Error::Unsupported {
@@ -131,10 +141,14 @@ pub fn bounce_hook(run: &Run, reason: BounceReason) -> Error {
     }
     Error::Unsupported {
         what: match reason {
-            BounceReason::BeyondMask => "bounce buffering (not built yet): run beyond the tag's DMA mask",
-            BounceReason::Misaligned => "bounce buffering (not built yet): run misaligned for the tag",
+            BounceReason::BeyondMask => {
+                "run beyond the tag's DMA mask needs bouncing (wrap the strategy in bounce::Bounced)"
+            }
+            BounceReason::Misaligned => {
+                "run misaligned for the tag needs bouncing (wrap the strategy in bounce::Bounced)"
+            }
             BounceReason::UntrustedSubPage => {
-                "bounce buffering (not built yet): sub-page run for an untrusted device"
+                "sub-page run for an untrusted device needs bouncing (wrap in bounce::Bounced)"
             }
         },
     }

@@ -16,7 +16,10 @@
 //!    once the queue has been drained, a flush otherwise). Under strict invalidation the ticket
 //!    is already complete. The cost of this (a forced flush per reuse when maps are recycled
 //!    faster than the queue drains) is what `dmalab bench map` shows in its deferred rows.
-//! 4. **Destroy** waits for the last unload's invalidation, then frees the window.
+//!    **Alternating windows** ([`IommuReserved::alternating`]): with `n` windows used in
+//!    turn, a load waits for the unload of `n` loads ago; one forced flush completes every
+//!    queued unload, so at most one load in `n` pays for a flush, for `n` times the IOVA.
+//! 4. **Destroy** waits for each window's last invalidation, then frees the windows.
 #![forbid(unsafe_code)]
 
 use alloc::vec::Vec;
@@ -35,20 +38,41 @@ use crate::front::tag::TagSpec;
 
 /// The reserved-window strategy over domain handle `D`.
 #[derive(Clone, Debug)]
-pub struct IommuReserved<D>(pub D);
+pub struct IommuReserved<D> {
+    domain: D,
+    windows: usize,
+}
 
-/// Per-map state: the window, what the current load mapped, the last unload's ticket.
+impl<D> IommuReserved<D> {
+    /// One window per map.
+    pub fn new(domain: D) -> Self {
+        Self { domain, windows: 1 }
+    }
+
+    /// `n` (≥ 1) windows per map, used in turn (theory 3).
+    pub fn alternating(domain: D, n: usize) -> Self {
+        Self { domain, windows: n.max(1) }
+    }
+}
+
+/// Per-map state: the windows with their last unload's ticket, the one in use, what the
+/// current load mapped.
 #[derive(Debug)]
 pub struct ReservedState<T> {
-    window: AddrRange<Iova>,
+    windows: Vec<(AddrRange<Iova>, Option<T>)>,
+    cur: usize,
     mapped: Vec<AddrRange<Iova>>,
-    pending: Option<T>,
 }
 
 impl<T> ReservedState<T> {
-    /// The reserved window.
+    /// The window the current (or next) load uses.
     pub fn window(&self) -> AddrRange<Iova> {
-        self.window
+        self.windows[self.cur].0
+    }
+
+    /// Every window of the map.
+    pub fn windows(&self) -> impl Iterator<Item = AddrRange<Iova>> + '_ {
+        self.windows.iter().map(|w| w.0)
     }
 }
 
@@ -67,22 +91,41 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     type MapState = ReservedState<<D as IommuOps<P>>::Ticket>;
 
     fn invalidation(&self) -> Invalidation {
-        self.0.invalidation()
+        self.domain.invalidation()
     }
 
     fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState> {
-        let d = &self.0;
+        let d = &self.domain;
         let g = p.pin_cpu();
         let mut mapped = Vec::new();
         let n = max_runs(spec);
         mapped.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
+        let mut windows = Vec::new();
+        windows
+            .try_reserve_exact(self.windows)
+            .map_err(|_| Error::NoMemory { requested: (self.windows * 32) as u64 })?;
         let size = window_size(spec)?;
-        let window = d.alloc_iova(&g, size, window_align(spec), iova_limit(d, spec))?;
-        if let Err(e) = d.reserve_tables(&g, window) {
-            d.free_iova(&g, window);
-            return Err(e);
+        for _ in 0..self.windows {
+            let w = d.alloc_iova(&g, size, window_align(spec), iova_limit(d, spec)).and_then(|w| {
+                match d.reserve_tables(&g, w) {
+                    Ok(()) => Ok(w),
+                    Err(e) => {
+                        d.free_iova(&g, w);
+                        Err(e)
+                    }
+                }
+            });
+            match w {
+                Ok(w) => windows.push((w, None)),
+                Err(e) => {
+                    for (w, _) in windows {
+                        d.free_iova(&g, w);
+                    }
+                    return Err(e);
+                }
+            }
         }
-        Ok(ReservedState { window, mapped, pending: None })
+        Ok(ReservedState { windows, cur: 0, mapped })
     }
 
     #[inline]
@@ -96,22 +139,23 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         segs: &mut SegmentBuilder<'_>,
     ) -> Result<()> {
         super::iommu::check_untrusted(spec, runs)?;
-        let d = &self.0;
+        let d = &self.domain;
         let align = window_align(spec);
-        let base = st.window.start().raw();
+        let (window, pending) = &mut st.windows[st.cur];
+        let base = window.start().raw();
         // One pass builds the segments and sizes the layout; nothing is mapped before the
         // size is checked against the window.
         let size = push_segments(runs, align, base, segs)?;
-        if size > st.window.len() {
-            return Err(Error::Exhausted { size, limit: st.window.len() });
+        if size > window.len() {
+            return Err(Error::Exhausted { size, limit: window.len() });
         }
         let g = p.pin_cpu();
-        if let Some(t) = st.pending.take() {
+        if let Some(t) = pending.take() {
             d.ensure_flushed(&g, t);
         }
         if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
             if !st.mapped.is_empty() {
-                st.pending = d.unmap(&g, &st.mapped, &[]).ok();
+                *pending = d.unmap(&g, &st.mapped, &[]).ok();
             }
             st.mapped.clear();
             return Err(e);
@@ -123,16 +167,19 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) {
         if !st.mapped.is_empty() {
             let g = p.pin_cpu();
-            st.pending = self.0.unmap(&g, &st.mapped, &[]).ok();
+            st.windows[st.cur].1 = self.domain.unmap(&g, &st.mapped, &[]).ok();
         }
         st.mapped.clear();
+        st.cur = (st.cur + 1) % st.windows.len();
     }
 
     fn destroy(&self, p: &P, st: Self::MapState) {
         let g = p.pin_cpu();
-        if let Some(t) = st.pending {
-            self.0.ensure_flushed(&g, t);
+        for (w, t) in st.windows {
+            if let Some(t) = t {
+                self.domain.ensure_flushed(&g, t);
+            }
+            self.domain.free_iova(&g, w);
         }
-        self.0.free_iova(&g, st.window);
     }
 }

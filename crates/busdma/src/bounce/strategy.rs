@@ -1,0 +1,255 @@
+//! Bounce buffering in the front end: [`Bounced`], a strategy that wraps another.
+//!
+//! # Theory
+//!
+//! 1. **Composition.** `Bounced<S>` runs in front of any strategy `S`: at load it decides which
+//!    runs the device cannot be given as they are (the front end's bounce hook reasons:
+//!    beyond the DMA mask or misaligned, for a device that emits physical addresses; sub-page,
+//!    for an untrusted device), moves those into bounce pages ([`BounceLoad`]), and hands `S`
+//!    the resulting runs: bounce pages in place of the bounced runs, the other runs untouched.
+//!    `S` then places them as usual (`Direct`: bus address = PA; an IOMMU strategy: maps the
+//!    bounce pages, whole pages, so an untrusted device sees the buffer and zeros).
+//! 2. **Reach.** [`Bounced::direct`] bounces for the mask and alignment (no IOMMU between the
+//!    device and RAM); [`Bounced::over_iommu`] only for untrusted sub-page runs (the IOMMU
+//!    reaches everything below its aperture).
+//! 3. **Zone at create.** A map whose tag could ever need bouncing (a mask below 2^64 - 1 or an
+//!    alignment above one byte for `direct`, the untrusted flag for either) grows its zone by a
+//!    maximum load's pages, up to the zone bound; other maps touch no zone.
+//! 4. **Sync.** After the front end's cache maintenance of the client runs, PREWRITE copies
+//!    client → bounce then cleans the bounce pages' cache lines; POSTREAD invalidates them, then
+//!    copies bounce → client (so the copy's dirty client lines are never discarded by the
+//!    client runs' invalidation, which already ran). Coherent tags skip the maintenance.
+//! 5. **Fast path.** A load with nothing to bounce is checked run by run without allocating and
+//!    goes to `S` unchanged. A load that bounces allocates its bookkeeping (a known cost; the
+//!    reservation itself never allocates from the platform).
+//! 6. **Waiting.** Through the front end loads do not wait: a short zone fails the load with
+//!    [`Error::Exhausted`]. Deferred loads that complete by callback are the bounce layer's
+//!    [`BounceLoad::load_or_defer`].
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
+use crate::error::{Error, Result};
+use crate::front::cache_sync::SyncOp as FrontSync;
+use crate::front::load::{MemKind, Run};
+use crate::front::map::Direction;
+use crate::front::segments::{Segment, SegmentBuilder};
+use crate::front::strategy::{Invalidation, Strategy};
+use crate::front::tag::TagSpec;
+use crate::platform::Platform;
+use crate::quickmap::QuickMaps;
+
+use super::load::{BounceLoad, ClientSeg, Constraint, SyncOp};
+use super::zone::{BounceZone, BounceZones};
+
+/// A strategy `S` with bounce buffering in front of it (theory 1).
+pub struct Bounced<'z, 'p, P: Platform, S> {
+    inner: S,
+    zones: &'z BounceZones<'p, P>,
+    qm: &'p QuickMaps,
+    physical_reach: bool,
+}
+
+impl<P: Platform, S: Clone> Clone for Bounced<'_, '_, P, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            zones: self.zones,
+            qm: self.qm,
+            physical_reach: self.physical_reach,
+        }
+    }
+}
+
+impl<'z, 'p, P: Platform, S> Bounced<'z, 'p, P, S> {
+    /// `inner` for a device that emits physical addresses: bounce for the mask, the
+    /// alignment, and (untrusted tags) sub-page runs.
+    pub fn direct(inner: S, zones: &'z BounceZones<'p, P>, qm: &'p QuickMaps) -> Self {
+        Self { inner, zones, qm, physical_reach: true }
+    }
+
+    /// `inner` for a device behind an IOMMU: bounce only untrusted sub-page runs.
+    pub fn over_iommu(inner: S, zones: &'z BounceZones<'p, P>, qm: &'p QuickMaps) -> Self {
+        Self { inner, zones, qm, physical_reach: false }
+    }
+
+    /// The wrapped strategy.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn constraint(&self, spec: &TagSpec) -> Constraint {
+        let (below, align) = if self.physical_reach {
+            (spec.dma_mask.checked_add(1).map(PhysAddr::new), spec.alignment)
+        } else {
+            (None, 1)
+        };
+        Constraint { below, align, untrusted_granule: spec.flags.untrusted.then_some(PAGE_SIZE) }
+    }
+
+    fn may_bounce(&self, spec: &TagSpec) -> bool {
+        spec.flags.untrusted
+            || (self.physical_reach && (spec.dma_mask < TagSpec::new(1, 1).dma_mask || spec.alignment > 1))
+    }
+}
+
+/// Per-map state of [`Bounced`]: the inner strategy's, the zone, and the current bounced load.
+pub struct BouncedState<'p, P: Platform, M> {
+    inner: M,
+    zone: Option<Arc<BounceZone<'p, P>>>,
+    load: Option<BounceLoad<'p, P>>,
+    runs: Vec<Run>,
+}
+
+impl<'p, P: Platform, M> BouncedState<'p, P, M> {
+    /// The inner strategy's state.
+    pub fn inner(&self) -> &M {
+        &self.inner
+    }
+
+    /// The current load's bounce state, if it bounced.
+    pub fn bounce(&self) -> Option<&BounceLoad<'p, P>> {
+        self.load.as_ref()
+    }
+}
+
+fn client_of(r: &Run) -> ClientSeg {
+    match r.kind {
+        MemKind::Page => ClientSeg::phys(r.pa, r.len),
+        // SAFETY: a `Mapped` run's `kva` maps the run for as long as it is loaded: the front
+        // end's load-source contract (`front::load`, theory 2).
+        MemKind::Mapped { kva } => unsafe { ClientSeg::kernel(r.pa, kva, r.len) },
+        MemKind::Unmapped | MemKind::Mmio | MemKind::PeerBar { .. } => ClientSeg::pageless(r.pa, r.len),
+    }
+}
+
+impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
+    const NAME: &'static str = S::NAME;
+    type MapState = BouncedState<'p, P, S::MapState>;
+
+    fn invalidation(&self) -> Invalidation {
+        self.inner.invalidation()
+    }
+
+    fn check_tag(&self, p: &P, spec: &TagSpec) -> Result<()> {
+        self.inner.check_tag(p, spec)
+    }
+
+    fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState> {
+        let zone = if self.may_bounce(spec) {
+            let zone = self.zones.zone(self.constraint(spec).zone_key())?;
+            // A maximum load's pages, plus one for a start that is not page-aligned.
+            zone.grow_for_map(
+                spec.max_size.div_ceil(PAGE_SIZE).saturating_add(1).min(zone.stats().bound_pages),
+            )?;
+            Some(zone)
+        } else {
+            None
+        };
+        let max_runs =
+            (spec.max_segments as usize).saturating_add(spec.max_size.div_ceil(PAGE_SIZE) as usize) + 1;
+        let mut runs = Vec::new();
+        runs.try_reserve_exact(max_runs)
+            .map_err(|_| Error::NoMemory { requested: (max_runs * core::mem::size_of::<Run>()) as u64 })?;
+        Ok(BouncedState { inner: self.inner.create(p, spec)?, zone, load: None, runs })
+    }
+
+    fn load(
+        &self,
+        p: &P,
+        spec: &TagSpec,
+        state: &mut Self::MapState,
+        runs: &[Run],
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        let Some(zone) = state.zone.as_ref() else {
+            return self.inner.load(p, spec, &mut state.inner, runs, dir, segs);
+        };
+        let c = self.constraint(spec);
+        let mut any = false;
+        for r in runs {
+            any |= c.needs_bounce(&client_of(r))?;
+        }
+        if !any {
+            return self.inner.load(p, spec, &mut state.inner, runs, dir, segs);
+        }
+        let clients: Vec<ClientSeg> = runs.iter().map(client_of).collect();
+        let load = BounceLoad::load(zone, self.qm, &clients, &c)?;
+        // The inner strategy sees bounce pages in place of bounced runs (theory 1).
+        state.runs.clear();
+        let mut unbounced = runs.iter().filter(|r| !c.needs_bounce(&client_of(r)).unwrap_or(true));
+        for d in load.segments() {
+            let run = if d.bounced {
+                Run { pa: d.addr, len: d.len, kind: MemKind::Page, kva: p.phys_to_kva(d.addr) }
+            } else {
+                *unbounced.next().ok_or(Error::BadState { what: "bounce layout lost a run" })?
+            };
+            if state.runs.len() == state.runs.capacity() {
+                return Err(Error::LimitExceeded {
+                    what: "runs per bounced load",
+                    requested: state.runs.len() as u64 + 1,
+                    limit: state.runs.capacity() as u64,
+                });
+            }
+            state.runs.push(run);
+        }
+        // Sub-page bounce runs own their pages: the inner strategy need not check them again.
+        let mut inner_spec = *spec;
+        inner_spec.flags.untrusted = false;
+        self.inner.load(p, &inner_spec, &mut state.inner, &state.runs, dir, segs)?;
+        state.load = Some(load);
+        Ok(())
+    }
+
+    fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]) {
+        if state.load.is_some() {
+            self.inner.unload(p, &mut state.inner, &state.runs, segs);
+            state.runs.clear();
+            // The pages go back to the zone (and may complete deferred loads).
+            state.load = None;
+        } else {
+            self.inner.unload(p, &mut state.inner, runs, segs);
+        }
+    }
+
+    fn destroy(&self, p: &P, state: Self::MapState) {
+        self.inner.destroy(p, state.inner);
+    }
+
+    fn sync(&self, p: &P, spec: &TagSpec, state: &Self::MapState, op: FrontSync) -> Result<()> {
+        let Some(load) = state.load.as_ref() else {
+            return self.inner.sync(p, spec, &state.inner, op);
+        };
+        let maintain = !spec.flags.coherent;
+        if op.contains(FrontSync::PREREAD) {
+            load.sync(p, SyncOp::PreRead)?;
+        }
+        if op.contains(FrontSync::PREWRITE) {
+            load.sync(p, SyncOp::PreWrite)?;
+        }
+        if maintain && (op.contains(FrontSync::PREWRITE) || op.contains(FrontSync::PREREAD)) {
+            for_bounce_kva(p, load, |k, n| p.cache_clean_invalidate(k, n));
+        }
+        if op.contains(FrontSync::POSTREAD) {
+            if maintain {
+                for_bounce_kva(p, load, |k, n| p.cache_invalidate(k, n));
+            }
+            load.sync(p, SyncOp::PostRead)?;
+        }
+        self.inner.sync(p, spec, &state.inner, op)
+    }
+}
+
+/// Calls `f` on the kernel virtual range of each direct-mapped bounced segment (bounce pages
+/// outside the direct map are reached only through quick maps, which hold no lines between
+/// copies on the model; a kernel with virtually indexed caches would clean through the window
+/// before removing it).
+fn for_bounce_kva<P: Platform>(p: &P, load: &BounceLoad<'_, P>, mut f: impl FnMut(KernVa, u64)) {
+    for d in load.segments().iter().filter(|d| d.bounced) {
+        if let Some(k) = p.phys_to_kva(d.addr) {
+            f(k, d.len);
+        }
+    }
+}

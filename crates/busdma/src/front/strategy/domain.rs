@@ -1,0 +1,83 @@
+//! `IommuOps` for `busdma::iommu::Domain`: the IOMMU strategies over a real domain.
+//!
+//! # Theory
+//!
+//! 1. A thin adapter: each `IommuOps` call is the domain's own (`alloc_iova`, `map`, `unmap`,
+//!    `ensure_flushed`), with the direction turned into rights and the inclusive limit into
+//!    the allocator's exclusive one. IOVA that was allocated but never mapped (a load that
+//!    failed before mapping) goes straight back to the domain's IOVA source.
+//! 2. Table levels of a reserved window are installed over the domain's own page table
+//!    ([`super::reserve_levels`]).
+#![forbid(unsafe_code)]
+
+use crate::addr::{AddrRange, Iova, PhysAddr};
+use crate::error::Result;
+use crate::iommu::{Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator};
+use crate::iova::{IovaRequest, IovaSource};
+use crate::pgtable::{Prot, PteFormat};
+use crate::platform::{CpuGuard, Platform};
+
+use super::Invalidation;
+use super::iommu::IommuOps;
+use super::reserve_levels::reserve_levels;
+use crate::front::map::Direction;
+
+impl<P, F, S, H> IommuOps<P> for &Domain<'_, P, F, S, H>
+where
+    P: Platform,
+    F: PteFormat,
+    S: IovaSource,
+    H: IotlbInvalidator,
+{
+    type Ticket = FlushTicket;
+
+    #[inline]
+    fn invalidation(&self) -> Invalidation {
+        match self.policy() {
+            InvalidationPolicy::Strict => Invalidation::Strict,
+            InvalidationPolicy::Deferred { .. } => Invalidation::Deferred,
+        }
+    }
+
+    #[inline]
+    fn max_iova(&self) -> u64 {
+        self.table().input_limit() - 1
+    }
+
+    #[inline]
+    fn alloc_iova(&self, g: &CpuGuard<'_, P>, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>> {
+        let req = IovaRequest { size, align, boundary: 0, limit: Iova::new(limit.saturating_add(1)) };
+        Domain::alloc_iova(self, g, &req)
+    }
+
+    #[inline]
+    fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) {
+        // Never mapped (or flushed): straight back to the allocator. An error here would be a
+        // front-end bug (a range freed twice); the allocator refuses it and keeps its state.
+        let _ = self.iova().free(g, range);
+    }
+
+    #[inline]
+    fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
+        Domain::map(self, g, iova, pa, len, Prot { read: dir.device_reads(), write: dir.device_writes() })
+    }
+
+    #[inline]
+    fn unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<FlushTicket> {
+        Domain::unmap(self, g, mapped, free)
+    }
+
+    #[inline]
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: FlushTicket) {
+        Domain::ensure_flushed(self, g, ticket)
+    }
+
+    fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+        reserve_levels(self.table(), g, range)
+    }
+}

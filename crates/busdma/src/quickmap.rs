@@ -1,0 +1,506 @@
+//! Quick maps: short-lived per-CPU kernel mappings of single physical pages (seed 000).
+//!
+//! # Theory
+//!
+//! 1. **The problem.** Bounce copies and cache maintenance must touch pages that may have no
+//!    permanent kernel mapping (RAM above the direct map, user pages). A facility that can
+//!    sleep to find a mapping would make `sync` unusable where drivers call it (interrupt
+//!    threads, under locks, with preemption disabled). A quick map is the answer of seed 000:
+//!    a mapping that **never sleeps and never fails**.
+//! 2. **Two paths.** A page inside the direct map is "entered" at its direct-map address at no
+//!    cost (no mapping change, one lookup). Any other page is mapped into one of the calling
+//!    CPU's [`QUICK_SLOTS`] windows reserved at start-up ([`Platform::quick_map`]); the entry
+//!    is a real page-table change and [`QuickMapping`]'s drop (or [`QuickMapping::remove`])
+//!    undoes it.
+//! 3. **Why preemption must be off.** The window belongs to a CPU. If the thread migrated, it
+//!    would use another CPU's window, which that CPU may remap at any moment. So every entry
+//!    takes a [`CpuGuard`] by reference and the mapping borrows it: the type system keeps the
+//!    mapping from outliving the preemption-disabled section. Being callable with preemption
+//!    disabled is thus not merely allowed but required.
+//! 4. **Slots and nesting.** Each CPU has [`QUICK_SLOTS`] = 2 slots: [`QuickSlot::First`] for a
+//!    copy's source and [`QuickSlot::Second`] for its destination, the two-page extension seed
+//!    000 anticipates ("copying between pages"). Entering a slot that is already held on this
+//!    CPU is *nesting*, a caller bug: the per-CPU record `held[cpu][slot]` (the page entered,
+//!    tagged) catches it, **whatever the path** (a direct-mapped entry is recorded too, so a
+//!    nesting bug shows on machines with a full direct map, not only on those without). In
+//!    debug builds the check panics with a [`Nesting`] report naming the CPU, the slot and both
+//!    pages; in release builds it counts the violation ([`QuickMaps::nestings`]) and keeps
+//!    memory consistent: the inner mapping remembers the outer one and restores it on drop,
+//!    so the outer mapping keeps reaching its own page.
+//! 5. **Copies.** [`QuickMaps::copy_phys_to_phys`], `copy_phys_to_slice`, `copy_slice_to_phys`,
+//!    the `unsafe` KVA variants and [`QuickMaps::fill_phys`] move any number of bytes at any
+//!    offsets. They walk both sides together; each step copies the largest chunk that is
+//!    contiguous on both sides: a whole direct-mapped run (many pages, one `memcpy`) when the
+//!    direct map covers it, otherwise up to the end of the quick-mapped page. A mapping is held
+//!    only for one chunk's `memcpy`, never across anything that can block, and never across
+//!    chunks.
+//!
+//! # Execution context
+//!
+//! Everything here never sleeps, never allocates and requires a [`CpuGuard`] (preemption
+//! disabled). Mappings must be held briefly: no locks, no sleeping, no other quick map of the
+//! same slot while one is held.
+//!
+//! # Memory access
+//!
+//! Quick-mapped and direct-mapped memory may be device-visible, so this module never creates
+//! `&`/`&mut` to it: the mapping's bytes are reached by copy only.
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use alloc::boxed::Box;
+
+use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
+use crate::error::{Error, Result};
+use crate::platform::{CpuGuard, Platform, QUICK_SLOTS};
+
+/// One of a CPU's quick-map slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuickSlot {
+    /// Slot 0: a single mapping, or a copy's source.
+    First = 0,
+    /// Slot 1: a copy's destination (the two-page extension).
+    Second = 1,
+}
+
+// The enum names exactly the platform's slots.
+const _: () = assert!(QUICK_SLOTS == 2);
+
+/// `held` word of a free slot.
+const FREE: u64 = 0;
+/// Tag bit: the slot is held (so a page at physical address 0 is representable).
+const HELD: u64 = 1;
+/// Tag bit: the holder pointed the platform window at its page (not a direct-map entry).
+const WINDOWED: u64 = 2;
+// Both tags fit below the page offset of a page-aligned address.
+const _: () = assert!(HELD + WINDOWED < PAGE_SIZE);
+
+/// A nesting violation: a quick-map slot entered on a CPU while already held there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nesting {
+    /// The CPU.
+    pub cpu: usize,
+    /// The slot.
+    pub slot: QuickSlot,
+    /// The page the slot already holds.
+    pub held: PhysAddr,
+    /// The page being entered.
+    pub entering: PhysAddr,
+}
+
+impl fmt::Display for Nesting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "quick-map nesting on CPU {} slot {:?}: page {:#x} is still entered while entering page {:#x}",
+            self.cpu,
+            self.slot,
+            self.held.raw(),
+            self.entering.raw()
+        )
+    }
+}
+
+/// The per-CPU quick-map state of one machine: which page each slot holds.
+///
+/// # Invariants
+///
+/// `held[cpu * QUICK_SLOTS + slot]` is written only by a thread holding a [`CpuGuard`] for
+/// `cpu` (so per-CPU words need no lock; they are atomics only so the value can be shared).
+#[derive(Debug)]
+pub struct QuickMaps {
+    held: Box<[AtomicU64]>,
+    nestings: AtomicU64,
+}
+
+impl QuickMaps {
+    /// Quick-map state for a machine of `num_cpus` CPUs (use [`Platform::num_cpus`]).
+    pub fn new(num_cpus: usize) -> Self {
+        Self {
+            held: (0..num_cpus.saturating_mul(QUICK_SLOTS)).map(|_| AtomicU64::new(FREE)).collect(),
+            nestings: AtomicU64::new(0),
+        }
+    }
+
+    /// Quick-map state sized for `platform`.
+    pub fn for_platform<P: Platform>(platform: &P) -> Self {
+        Self::new(platform.num_cpus())
+    }
+
+    /// Nesting violations seen so far (only release builds survive one to count it).
+    pub fn nestings(&self) -> u64 {
+        self.nestings.load(Ordering::Relaxed)
+    }
+
+    /// The nesting a [`QuickMaps::enter_in`] of `pa` into `slot` on `cpu` would commit, if any.
+    pub fn check_nesting(&self, cpu: usize, slot: QuickSlot, pa: PhysAddr) -> Option<Nesting> {
+        let word = self.held.get(cpu * QUICK_SLOTS + slot as usize)?.load(Ordering::Relaxed);
+        (word & HELD != 0).then(|| Nesting {
+            cpu,
+            slot,
+            held: PhysAddr::new(word & !(PAGE_SIZE - 1)),
+            entering: pa.page_base(),
+        })
+    }
+
+    /// Maps the page holding `pa` in slot [`QuickSlot::First`] of the guard's CPU.
+    ///
+    /// Never sleeps, never fails. See [`QuickMaps::enter_in`].
+    #[inline]
+    pub fn enter<'a, 'p, P: Platform>(
+        &'a self,
+        guard: &'a CpuGuard<'p, P>,
+        pa: PhysAddr,
+    ) -> QuickMapping<'a, 'p, P> {
+        self.enter_in(guard, QuickSlot::First, pa)
+    }
+
+    /// Maps the page holding `pa` (which must be RAM) in `slot` of the guard's CPU and returns
+    /// the mapping; dropping it (or [`QuickMapping::remove`]) removes it.
+    ///
+    /// A direct-mapped page is entered at its direct-map address at no cost; any other page
+    /// through the CPU's window. Never sleeps, never fails. Nesting (the slot is already held
+    /// on this CPU) is a caller bug: a debug assertion reports it with a [`Nesting`]; release
+    /// builds count it and restore the outer mapping when the inner one drops.
+    pub fn enter_in<'a, 'p, P: Platform>(
+        &'a self,
+        guard: &'a CpuGuard<'p, P>,
+        slot: QuickSlot,
+        pa: PhysAddr,
+    ) -> QuickMapping<'a, 'p, P> {
+        let cpu = guard.cpu();
+        let page = pa.page_base();
+        let record = self.held.get(cpu * QUICK_SLOTS + slot as usize);
+        let prev = record.map_or(FREE, |r| r.load(Ordering::Relaxed));
+        if let Some(n) = self.check_nesting(cpu, slot, pa) {
+            self.nestings.fetch_add(1, Ordering::Relaxed);
+            debug_assert!(false, "{n}");
+        }
+        let platform = guard.platform();
+        let (kva, windowed) = match platform.phys_to_kva(page) {
+            Some(kva) => (kva, false),
+            // SAFETY: we hold the guard for `cpu`; `page` is page-aligned and RAM by this
+            // function's contract; the slot is free (or, after a reported nesting, its outer
+            // holder is restored by our drop before it is used again).
+            None => (unsafe { platform.quick_map(cpu, slot as usize, page) }, true),
+        };
+        if let Some(r) = record {
+            r.store(page.raw() | HELD | if windowed { WINDOWED } else { 0 }, Ordering::Relaxed);
+        }
+        // INVARIANT: `kva` maps `page` for PAGE_SIZE bytes until this mapping drops: the direct
+        // map is permanent, and the window is ours while the guard pins the CPU.
+        QuickMapping { maps: self, guard, slot, page, kva, windowed, prev }
+    }
+
+    /// Copies `len` bytes of physical memory from `src` to `dst`, which must not overlap.
+    ///
+    /// Uses slot First for the source and Second for the destination when they are outside the
+    /// direct map (so the caller must hold no quick map on this CPU).
+    ///
+    /// Errors: [`Error::Overflow`] (a range wraps), [`Error::InvalidArgument`] (the ranges
+    /// overlap). Both ranges must be RAM.
+    pub fn copy_phys_to_phys<P: Platform>(
+        &self,
+        guard: &CpuGuard<'_, P>,
+        src: PhysAddr,
+        dst: PhysAddr,
+        len: u64,
+    ) -> Result<()> {
+        let s_end = end_of(src.raw(), len)?;
+        let d_end = end_of(dst.raw(), len)?;
+        if len > 0 && src.raw() < d_end && dst.raw() < s_end {
+            return Err(Error::InvalidArgument {
+                what: "overlapping physical copy, source",
+                value: src.raw(),
+            });
+        }
+        // SAFETY: both ends are physical (no caller pointers involved).
+        unsafe { self.copy(guard, End::Phys(src), End::Phys(dst), len) }
+    }
+
+    /// Copies `dst.len()` bytes of physical memory starting at `src` into `dst`.
+    ///
+    /// Errors: [`Error::Overflow`]. The range must be RAM.
+    pub fn copy_phys_to_slice<P: Platform>(
+        &self,
+        guard: &CpuGuard<'_, P>,
+        src: PhysAddr,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        end_of(src.raw(), dst.len() as u64)?;
+        // SAFETY: `dst` is an exclusive buffer of `dst.len()` bytes.
+        unsafe { self.copy(guard, End::Phys(src), End::Ptr(dst.as_mut_ptr() as u64), dst.len() as u64) }
+    }
+
+    /// Copies `src` into physical memory starting at `dst`.
+    ///
+    /// Errors: [`Error::Overflow`]. The range must be RAM.
+    pub fn copy_slice_to_phys<P: Platform>(
+        &self,
+        guard: &CpuGuard<'_, P>,
+        src: &[u8],
+        dst: PhysAddr,
+    ) -> Result<()> {
+        end_of(dst.raw(), src.len() as u64)?;
+        // SAFETY: `src` is a readable buffer of `src.len()` bytes.
+        unsafe { self.copy(guard, End::Ptr(src.as_ptr() as u64), End::Phys(dst), src.len() as u64) }
+    }
+
+    /// Copies `len` bytes from physical memory at `src` to kernel virtual memory at `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `[dst, dst + len)` is mapped, writable, and not referenced by any `&`/`&mut` during the
+    /// call.
+    ///
+    /// Errors: [`Error::Overflow`].
+    pub unsafe fn copy_phys_to_kva<P: Platform>(
+        &self,
+        guard: &CpuGuard<'_, P>,
+        src: PhysAddr,
+        dst: KernVa,
+        len: u64,
+    ) -> Result<()> {
+        end_of(src.raw(), len)?;
+        end_of(dst.raw(), len)?;
+        // SAFETY: the caller guarantees the destination.
+        unsafe { self.copy(guard, End::Phys(src), End::Ptr(dst.raw()), len) }
+    }
+
+    /// Copies `len` bytes from kernel virtual memory at `src` to physical memory at `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `[src, src + len)` is mapped and readable and not written through a `&mut` during the
+    /// call.
+    ///
+    /// Errors: [`Error::Overflow`].
+    pub unsafe fn copy_kva_to_phys<P: Platform>(
+        &self,
+        guard: &CpuGuard<'_, P>,
+        src: KernVa,
+        dst: PhysAddr,
+        len: u64,
+    ) -> Result<()> {
+        end_of(src.raw(), len)?;
+        end_of(dst.raw(), len)?;
+        // SAFETY: the caller guarantees the source.
+        unsafe { self.copy(guard, End::Ptr(src.raw()), End::Phys(dst), len) }
+    }
+
+    /// Sets `len` bytes of physical memory at `dst` to `byte`, through the direct map or slot
+    /// Second.
+    ///
+    /// Errors: [`Error::Overflow`]. The range must be RAM.
+    pub fn fill_phys<P: Platform>(
+        &self,
+        guard: &CpuGuard<'_, P>,
+        dst: PhysAddr,
+        len: u64,
+        byte: u8,
+    ) -> Result<()> {
+        end_of(dst.raw(), len)?;
+        let mut done = 0;
+        while done < len {
+            let pa = PhysAddr::new(dst.raw() + done);
+            let (ptr, n, m) = self.resolve(guard, QuickSlot::Second, pa, len - done);
+            // SAFETY: `resolve` returns a pointer valid for `n` bytes while `m` lives.
+            unsafe { core::ptr::write_bytes(ptr as *mut u8, byte, n as usize) };
+            drop(m);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The copy loop: each step copies the largest chunk contiguous on both sides.
+    ///
+    /// # Safety
+    ///
+    /// `End::Ptr` ends are valid for `len` bytes (readable source, writable destination), and
+    /// the two sides do not overlap.
+    unsafe fn copy<P: Platform>(&self, guard: &CpuGuard<'_, P>, src: End, dst: End, len: u64) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            let left = len - done;
+            // Resolve the source first, bounded by what is left; then the destination, bounded
+            // by the source's chunk, so neither mapping covers bytes this step does not copy.
+            let (s_ptr, s_n, s_map) = match src {
+                End::Ptr(p) => (p + done, left, None),
+                End::Phys(pa) => self.resolve(guard, QuickSlot::First, PhysAddr::new(pa.raw() + done), left),
+            };
+            let (d_ptr, n, d_map) = match dst {
+                End::Ptr(p) => (p + done, s_n, None),
+                End::Phys(pa) => self.resolve(guard, QuickSlot::Second, PhysAddr::new(pa.raw() + done), s_n),
+            };
+            // SAFETY: both pointers are valid for `n <= s_n` bytes: caller pointers by this
+            // function's contract, resolved ones while their mappings live (until the drops
+            // below); the sides do not overlap.
+            unsafe { core::ptr::copy_nonoverlapping(s_ptr as *const u8, d_ptr as *mut u8, n as usize) };
+            drop(d_map);
+            drop(s_map);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A CPU pointer to `pa` valid for the returned number of bytes (at most `max`, at least
+    /// one), and the mapping that keeps it valid. A direct-mapped run extends over as many
+    /// pages as the direct map keeps contiguous; a quick-mapped one ends at its page.
+    fn resolve<'a, 'p, P: Platform>(
+        &'a self,
+        guard: &'a CpuGuard<'p, P>,
+        slot: QuickSlot,
+        pa: PhysAddr,
+        max: u64,
+    ) -> (u64, u64, Option<QuickMapping<'a, 'p, P>>) {
+        let m = self.enter_in(guard, slot, pa);
+        let off = pa.page_offset();
+        let mut run = PAGE_SIZE - off;
+        if !m.windowed {
+            let platform = guard.platform();
+            let base = m.kva.raw();
+            while run < max {
+                let next = PhysAddr::new(m.page.raw() + off + run);
+                match platform.phys_to_kva(next) {
+                    Some(k) if k.raw() == base + off + run => run += PAGE_SIZE,
+                    _ => break,
+                }
+            }
+        }
+        (m.kva.raw() + off, run.min(max), Some(m))
+    }
+}
+
+/// One side of a copy.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    /// Physical memory, reached through the direct map or a quick map.
+    Phys(PhysAddr),
+    /// A CPU pointer the caller vouches for.
+    Ptr(u64),
+}
+
+/// `start + len`, checked.
+fn end_of(start: u64, len: u64) -> Result<u64> {
+    start.checked_add(len).ok_or(Error::Overflow { base: start, len })
+}
+
+/// One entered page: its kernel virtual address stays valid until the mapping drops.
+///
+/// # Invariants
+///
+/// `kva` maps the 4 KiB page `page` (read-write) while this value lives; the value borrows the
+/// [`CpuGuard`] that keeps the CPU (and so its window) ours.
+pub struct QuickMapping<'a, 'p, P: Platform> {
+    maps: &'a QuickMaps,
+    guard: &'a CpuGuard<'p, P>,
+    slot: QuickSlot,
+    page: PhysAddr,
+    kva: KernVa,
+    windowed: bool,
+    /// The slot's record before this entry (FREE unless a nesting was reported).
+    prev: u64,
+}
+
+impl<P: Platform> QuickMapping<'_, '_, P> {
+    /// Kernel virtual address of the page's first byte.
+    #[inline]
+    pub fn kva(&self) -> KernVa {
+        self.kva
+    }
+
+    /// Physical address of the page.
+    #[inline]
+    pub fn pa(&self) -> PhysAddr {
+        self.page
+    }
+
+    /// True if the page was mapped through the CPU's window (a real mapping change), false if
+    /// it was entered at its direct-map address.
+    #[inline]
+    pub fn is_windowed(&self) -> bool {
+        self.windowed
+    }
+
+    /// The slot this mapping holds.
+    #[inline]
+    pub fn slot(&self) -> QuickSlot {
+        self.slot
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= PAGE_SIZE => Ok(()),
+            _ => Err(Error::OutOfRange { addr: offset.saturating_add(len), limit: PAGE_SIZE }),
+        }
+    }
+
+    /// Copies bytes of the page starting at `offset` into `buf`.
+    ///
+    /// Errors: [`Error::OutOfRange`] if the bytes run past the page.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        // SAFETY: by the type invariant the page is mapped at `kva`; the bytes are inside it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (self.kva.raw() + offset) as *const u8,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `data` into the page starting at `offset`.
+    ///
+    /// Errors: [`Error::OutOfRange`] if the bytes run past the page.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        // SAFETY: by the type invariant the page is mapped writable at `kva`; in bounds.
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), (self.kva.raw() + offset) as *mut u8, data.len())
+        };
+        Ok(())
+    }
+
+    /// Removes the mapping now (the same as dropping it).
+    #[inline]
+    pub fn remove(self) {}
+}
+
+impl<P: Platform> Drop for QuickMapping<'_, '_, P> {
+    fn drop(&mut self) {
+        let cpu = self.guard.cpu();
+        if let Some(r) = self.maps.held.get(cpu * QUICK_SLOTS + self.slot as usize) {
+            r.store(self.prev, Ordering::Relaxed);
+        }
+        if !self.windowed {
+            return;
+        }
+        let platform = self.guard.platform();
+        if self.prev & WINDOWED != 0 {
+            // Release build after a nesting: point the window back at the outer page.
+            // SAFETY: we hold the guard; the outer page was RAM when it was entered.
+            unsafe {
+                platform.quick_map(cpu, self.slot as usize, PhysAddr::new(self.prev & !(PAGE_SIZE - 1)))
+            };
+        } else {
+            // SAFETY: we hold the guard for `cpu` and mapped this slot; nothing uses the
+            // window after this (our borrowers are gone).
+            unsafe { platform.quick_unmap(cpu, self.slot as usize) };
+        }
+    }
+}
+
+impl<P: Platform> fmt::Debug for QuickMapping<'_, '_, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuickMapping")
+            .field("cpu", &self.guard.cpu())
+            .field("slot", &self.slot)
+            .field("page", &self.page)
+            .field("kva", &self.kva)
+            .field("windowed", &self.windowed)
+            .finish()
+    }
+}
