@@ -17,7 +17,7 @@
 //!    `busdma-model`.
 //! 3. **Counters** (`region.rs`, section 3 and 4): `mapped` starts at 1, +1 per DMA mapping,
 //!    -1 per unmapping, and once 0 accepts no mapping; `used` counts registrations. The last
-//!    unregistration while DMA-mapped fails with EBUSY ([`Error::Busy`]) and leaves `used` at 1.
+//!    unregistration while DMA-mapped fails with EBUSY ([`Error::Busy`](crate::Error::Busy)) and leaves `used` at 1.
 //! 4. **Lookup without locks** (`tree.rs`, `epoch.rs`): regions are indexed by a two-level
 //!    copy-on-write sorted array published through one atomic pointer; readers enter an epoch
 //!    read section (no lock, no allocation, never blocked by a writer), binary-search it
@@ -27,7 +27,7 @@
 //!    that might see it has left (two epoch advances).
 //! 5. **Refusals.** Zero size, misaligned start or size, a range that wraps, memory the
 //!    backend cannot pin (not mapped), a range overlapping a different registration, the
-//!    memlock limit: each is a clear [`Error`] and leaves nothing pinned or charged.
+//!    memlock limit: each is a clear [`Error`](crate::Error) and leaves nothing pinned or charged.
 //! 6. **Teardown.** Dropping the registry (the address space going away) releases every pin
 //!    of every region, whatever the counters say, and reports regions still DMA-mapped to the
 //!    backend ([`PinBackend::report_still_mapped`]) and in [`CleanupReport`]: never a silent
@@ -48,7 +48,8 @@ mod tree;
 
 pub use region::Region;
 pub use registry::{
-    CleanupReport, Container, PinStats, ReadGuard, RegionInfo, RegisteredBuffer, Registry, Segments,
+    BATCH_GROUP, CleanupReport, Container, PinStats, ReadGuard, RegionInfo, RegisteredBuffer, Registry,
+    Segments,
 };
 
 use crate::addr::{PAGE_SHIFT, PhysAddr, UserVa};

@@ -89,7 +89,7 @@ unsafe impl Send for Writer {}
 ///
 /// # Invariants
 ///
-/// - `root` points to the current [`Snapshot`] (a leaked `Box`), null only after teardown. The
+/// - `root` points to the current `Snapshot` (a leaked `Box`), null only after teardown. The
 ///   current snapshot's leaves and regions are owned by the registry; everything a previous
 ///   snapshot reached but the current one does not is in `Writer::garbage`.
 /// - Every region reachable from `root` has `mapped >= 1`; a region whose `mapped` became 0
@@ -527,7 +527,7 @@ impl<B: PinBackend> ReadGuard<'_, B> {
 
     /// Translates every address of `uas` into `out` (same length), as [`ReadGuard::ua_to_pa`]
     /// does one: the batch of H_PUT_TCE_INDIRECT, a list of up to 512 entries. The lookups of
-    /// a group of [`BATCH_GROUP`] addresses advance in lockstep, each step prefetching what the
+    /// a group of [`BATCH_GROUP`](crate::pin::BATCH_GROUP) addresses advance in lockstep, each step prefetching what the
     /// next reads, so their cache misses overlap instead of queueing.
     ///
     /// Errors: as [`ReadGuard::ua_to_pa`], for the first address that fails (`out` is then
