@@ -35,6 +35,10 @@ cargo fmt --all --check || die "cargo fmt --check (run: cargo fmt --all)"
 step "clippy (all targets, warnings denied)"
 cargo clippy --workspace --all-targets -- -D warnings || die "clippy"
 
+step "the QEMU test kernel builds (qemu/: its own workspace, so the steps above miss it)"
+(cd qemu && cargo fmt --check) || die "cargo fmt --check in qemu/ (run: cd qemu && cargo fmt)"
+(cd qemu && cargo clippy --release --quiet -- -D warnings) || die "clippy on the test kernel (qemu/)"
+
 step "docs (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet || die "cargo doc"
 
@@ -55,12 +59,11 @@ fi
 step "QEMU suite: the VT-d driver against QEMU's intel-iommu (qemu/run)"
 apt_need qemu-system-x86_64 qemu-system-x86
 apt_need timeout coreutils
-(cd qemu && cargo fmt --check) || die "cargo fmt --check in qemu/ (run: cd qemu && cargo fmt)"
-(cd qemu && cargo clippy --release --quiet -- -D warnings) || die "clippy on the test kernel (qemu/)"
 qemu/run || die "qemu/run: the QEMU suite failed"
 qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU suite"
 
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
+cargo run --release --quiet -- bench inval --ops 200 --rounds 1 --json >/dev/null 2>&1 || die "dmalab bench inval"
 
 printf '\ntest.sh: all checks passed\n'

@@ -11,7 +11,7 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use busdma::front::{Direction, IommuPerMap, KernelBuf, Segment, SyncOp, Tag, TagSpec};
+use busdma::front::{Direction, IommuPerMap, IommuReserved, KernelBuf, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::{Prot, TablePool};
 use busdma::vtd::{Access, InvalidationChoice, InvalidationMethod, SourceId, Vtd, VtdConfig, fault};
@@ -490,6 +490,41 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
     r.check("deferred unload: the old IOVA stays usable until the flush, faults after it, and is never reused before it", || {
         deferred(vtd, d1, &scratch)
     });
+
+    r.check(
+        "reserved window under deferred invalidation: a reload into the kept window first completes the old unload's flush",
+        || {
+            load_pattern(d1, &scratch)?;
+            let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
+            let tag = Tag::new_root(&PLATFORM, IommuReserved::new(d1), spec).map_err(e2s)?;
+            let (a, b) = (Buf::new(1, PAGE_SIZE)?, Buf::new(1, PAGE_SIZE)?);
+            let mut map = tag.create_map().map_err(e2s)?;
+            let bus_a = map.load(&kbuf(&a, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+            d1.dev.dma(Dir::ToRam, bus_a, 0, XFER)?;
+            expect_no_fault(vtd)?;
+            map.unload().map_err(e2s)?;
+            a.fill(SENTINEL)?;
+            b.fill(SENTINEL)?;
+            let before = vtd.stats().iotlb_total();
+            let bus_b = map.load(&kbuf(&b, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+            if bus_b != bus_a {
+                return Err(format!("the reserved window moved: {bus_a:#x} then {bus_b:#x}"));
+            }
+            if vtd.stats().iotlb_total() == before {
+                return Err("the reload reused the window without an invalidation".into());
+            }
+            // A stale IOTLB entry would still send this to buffer A.
+            d1.dev.dma(Dir::ToRam, bus_b, 0, XFER)?;
+            expect_no_fault(vtd)?;
+            if !b.holds_pattern(0)? || !a.all(SENTINEL)? {
+                return Err("the DMA after the reload did not land in the new buffer only".into());
+            }
+            map.unload().map_err(e2s)?;
+            drop(map);
+            d1.flush();
+            Ok(())
+        },
+    );
 
     r.check("two devices in two domains cannot reach each other's mappings", || {
         load_pattern(d0, &scratch)?;

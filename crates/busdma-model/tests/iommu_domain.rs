@@ -417,3 +417,38 @@ fn every_allocation_point_of_a_map_fails_in_turn_with_an_error_and_nothing_leake
         injection_case::<ArmLpaeS1>(policy);
     }
 }
+
+#[test]
+fn unmapping_what_is_not_mapped_is_an_error_and_frees_nothing() {
+    let m = machine();
+    let iommu = audited(&m);
+    for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {
+        let frames = m.alloc_frames(FrameRequest::pages(3)).unwrap();
+        with_domain::<VtdSl, _, _, _>(
+            &m,
+            &iommu,
+            &iommu,
+            iova_space(&m, SPACE.0, SPACE.1),
+            policy,
+            false,
+            |d, _| {
+                let g = m.pin_cpu();
+                let (alloc, segs) = map_three_segments(&m, d, &g, frames.pa());
+                let hole = range(alloc.start().raw() + 2 * PAGE_SIZE, PAGE_SIZE);
+                // The first two ranges are unmapped (and invalidated); the hole stops the call.
+                let e = d.unmap(&g, &[segs[0], segs[1], hole, segs[2]], &[alloc]).unwrap_err();
+                assert!(matches!(e, Error::NotMapped { .. }), "{e:?}");
+                assert_eq!((d.stats().iova_released, d.pending()), (0, 0));
+                assert!(read(&iommu, segs[0].start().raw()).is_err());
+                assert!(
+                    read(&iommu, segs[2].start().raw()).is_ok(),
+                    "after the failing range, nothing changed"
+                );
+                d.unmap(&g, &segs[2..], &[alloc]).unwrap();
+                d.flush(&g);
+                assert_eq!(d.stats().iova_released, 1);
+            },
+        );
+    }
+    no_violations(&iommu);
+}

@@ -212,6 +212,28 @@ fn one_bounce_page_holds_the_end_of_one_client_page_and_the_start_of_the_next() 
 }
 
 #[test]
+fn sync_copies_run_with_preemption_already_disabled_by_the_caller() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let zones =
+        BounceZones::new(&m, ZoneConfig { placement: Placement::DirectMapped, ..ZoneConfig::default() });
+    let c = Constraint::dma_bits(28);
+    let zone = zones.zone(c.zone_key()).unwrap();
+    zone.grow_for_map(2).unwrap();
+    let direct_end = m.ram().start().raw() + m.config().direct_map_size;
+    let far = frames_at(&m, direct_end + (1 << 20), 2);
+    let data = pattern(5000, 4);
+    m.write_phys(PhysAddr::new(far.raw() + 10), &data).unwrap();
+    let load =
+        BounceLoad::load(&zone, &qm, &[ClientSeg::phys(PhysAddr::new(far.raw() + 10), 5000)], &c).unwrap();
+    // An interrupt handler's context: preemption is off around the sync (quick maps inside).
+    let g = m.pin_cpu();
+    load.sync(&m, SyncOp::PreWrite).unwrap();
+    drop(g);
+    assert_eq!(dev28(&m).read(load.segments()), data);
+}
+
+#[test]
 fn a_kernel_mapped_client_is_copied_through_its_own_mapping() {
     let m = machine();
     let qm = QuickMaps::for_platform(&m);
@@ -310,6 +332,42 @@ fn a_no_wait_load_under_pressure_fails_cleanly_and_leaks_nothing() {
         m.frames().free(far, 4).unwrap();
     }
     assert_eq!(m.frames().free_frames(), frames_before, "bounce pages leaked");
+}
+
+#[test]
+fn a_zone_that_cannot_grow_below_its_limit_keeps_what_it_got_and_says_no_memory() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let start = m.ram().start().raw();
+    // Only three free pages below the limit: hold everything else under it.
+    let limit = start + (1 << 20);
+    let mut held = Vec::new();
+    let mut left = (1 << 20) / PAGE_SIZE - 3;
+    let mut k = left;
+    while left > 0 {
+        match m.frames().alloc(FrameRequest { below: Some(PhysAddr::new(limit)), ..FrameRequest::pages(k) }) {
+            Ok(pa) => {
+                held.push((pa, k));
+                left -= k;
+                k = k.min(left);
+            }
+            Err(_) => k = (k / 2).max(1),
+        }
+    }
+    let zones = BounceZones::new(&m, ZoneConfig::default());
+    let c = Constraint { below: Some(PhysAddr::new(limit)), align: 1, untrusted_granule: None };
+    let zone = zones.zone(c.zone_key()).unwrap();
+    assert_eq!(zone.grow_for_map(5), Err(Error::NoMemory { requested: 5 * PAGE_SIZE }));
+    let st = zone.stats();
+    assert_eq!((st.total_pages, st.free_pages), (3, 3));
+    // The three pages serve loads that fit.
+    let far = PhysAddr::new(start + (300 << 20));
+    let load = BounceLoad::load(&zone, &qm, &[ClientSeg::phys(far, 3 * PAGE_SIZE)], &c).unwrap();
+    assert!(load.segments().iter().all(|s| s.addr.raw() + s.len <= limit));
+    drop(load);
+    for (pa, k) in held {
+        m.frames().free(pa, k).unwrap();
+    }
 }
 
 #[test]
@@ -479,6 +537,8 @@ proptest! {
             let base = bands[band as usize] + (i as u64) * (8 << 20);
             let pa = PhysAddr::new(base + off);
             prop_assume!(m.ram().contains(PhysAddr::new(pa.raw() + len)));
+            // Pieces of one buffer never overlap (the client writes each byte once).
+            prop_assume!(segs.iter().all(|s: &ClientSeg| pa.raw() + len <= s.pa().raw() || s.pa().raw() + s.len() <= pa.raw()));
             segs.push(ClientSeg::phys(pa, len));
         }
         let need = pages_needed(&segs, &Constraint::dma_bits(28)).unwrap();

@@ -39,6 +39,16 @@ pub struct Row {
 /// Per-batch mean latencies of one thread: (map, unmap).
 type Samples = (Vec<f64>, Vec<f64>);
 
+/// Keeps the batches no slower than 4× the median (see `MapArgs::trim`). 4×: a batch of
+/// 32 operations that lost the CPU once is slower by a scheduler slice (~ms), hundreds of
+/// times its normal ~µs; 4× keeps every batch that only met cache or IOTLB misses.
+fn trimmed(v: &[f64]) -> Vec<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let median = s.get(s.len() / 2).copied().unwrap_or(0.0);
+    v.iter().copied().filter(|&x| x <= 4.0 * median).collect()
+}
+
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -59,6 +69,7 @@ pub fn measure<S>(
     threads: usize,
     pages: u64,
     duration: Duration,
+    trim: bool,
 ) -> Result<Row, String>
 where
     S: Strategy<HostPlatform> + Sync,
@@ -112,6 +123,10 @@ where
         maps.extend(a);
         unmaps.extend(b);
     }
+    if trim {
+        maps = trimmed(&maps);
+        unmaps = trimmed(&unmaps);
+    }
     let (map_ns, map_ns_std) = mean_std(&maps);
     let (unmap_ns, unmap_ns_std) = mean_std(&unmaps);
     Ok(Row {
@@ -145,13 +160,13 @@ where
         for &pages in &args.pages {
             let inv = d.invalidation().name();
             eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
-            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur)?);
-            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur)?);
+            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur, args.trim)?);
+            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur, args.trim)?);
             if d.invalidation() == Invalidation::Deferred {
-                rows.push(measure(m, &reserved2, "iommu-reserved-2win", threads, pages, dur)?);
+                rows.push(measure(m, &reserved2, "iommu-reserved-2win", threads, pages, dur, args.trim)?);
             }
-            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur)?);
-            rows.push(measure(m, &identity, "identity", threads, pages, dur)?);
+            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur, args.trim)?);
+            rows.push(measure(m, &identity, "identity", threads, pages, dur, args.trim)?);
         }
     }
     Ok(())
@@ -169,6 +184,12 @@ pub struct MapArgs {
     /// Milliseconds per measurement.
     #[arg(long, default_value_t = 300)]
     pub ms: u64,
+    /// Drop batches slower than 4× the median batch (a batch the host preempted: on a shared
+    /// machine one preemption adds milliseconds to a batch of nanosecond operations) before
+    /// computing mean and deviation. Off by default: the default statistics are
+    /// dma_map_benchmark's, over every batch.
+    #[arg(long)]
+    pub trim: bool,
 }
 
 /// The bench's device.
@@ -189,7 +210,7 @@ pub fn run(args: &MapArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
     for &threads in &args.threads {
         for &pages in &args.pages {
             eprintln!("bench map: direct threads={threads} pages={pages}");
-            rows.push(measure(m, &tag, "direct", threads, pages, d)?);
+            rows.push(measure(m, &tag, "direct", threads, pages, d, args.trim)?);
         }
     }
     for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {

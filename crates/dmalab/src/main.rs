@@ -2,10 +2,13 @@
 //! with `--json`.
 
 mod bench_bounce;
+mod bench_inval;
 mod bench_map;
 mod bench_pgtable;
 mod bench_pin;
+mod plot;
 mod report;
+mod tcpbench;
 
 use std::process::ExitCode;
 
@@ -65,6 +68,15 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// Seed 002's tcpbench: a NIC transmitting through every DMA-mapping design, side by side.
+    Tcpbench {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: tcpbench::TcpArgs,
+    },
     /// Print the machine model's configuration.
     Info {
         #[command(flatten)]
@@ -85,6 +97,15 @@ enum Bench {
         machine: MachineArgs,
         #[command(flatten)]
         args: bench_map::MapArgs,
+    },
+    /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
+    Inval {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: bench_inval::InvalArgs,
     },
     /// Bounce sync copies (memcpy, direct map, quick map) and the quick-map enter/remove cost.
     Bounce {
@@ -117,6 +138,61 @@ fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapAr
     Ok(())
 }
 
+fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    args.fragments()?;
+    let runs = if args.strategy.is_empty() { tcpbench::STRATEGIES.len() } else { args.strategy.len() + 1 };
+    let total = args.effective_packets() * runs as u64;
+    let progress = std::sync::atomic::AtomicU64::new(0);
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template("tcpbench {bar:40} {pos}/{len} packets ({eta})")
+            .map_err(|e| e.to_string())?,
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results = std::thread::scope(|s| {
+        let ticker = s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                bar.set_position(progress.load(std::sync::atomic::Ordering::Relaxed));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let r = tcpbench::run(args, &m, &progress);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = ticker.join();
+        r
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let mut r = Report::new();
+    for row in &results.rows {
+        r.push(row);
+    }
+    r.push(&results.memcpy);
+    r.print(common.json);
+    if let Some(path) = &args.plot {
+        let bars: Vec<plot::Bar> = results
+            .rows
+            .iter()
+            .map(|row| plot::Bar {
+                label: format!("{} ({})", row.strategy, row.invalidation),
+                a: row.ns_per_packet,
+                b: row.map_unmap_ns_per_packet,
+            })
+            .chain([plot::Bar { label: "memcpy".into(), a: results.memcpy.ns_per_packet, b: 0.0 }])
+            .collect();
+        plot::bars(
+            path,
+            "tcpbench: cost per 1500-byte packet (log scale)",
+            "ns per packet",
+            ("ns per packet", "DMA mapping ns per packet"),
+            &bars,
+        )?;
+        eprintln!("tcpbench: plot written to {}", path.display());
+    }
+    Ok(())
+}
+
 fn bench_pgtable_cmd(
     common: &Common,
     machine: &MachineArgs,
@@ -126,6 +202,21 @@ fn bench_pgtable_cmd(
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut r = Report::new();
     for row in bench_pgtable::run(args, &m)? {
+        r.push(row);
+    }
+    r.print(common.json);
+    Ok(())
+}
+
+fn bench_inval_cmd(
+    common: &Common,
+    machine: &MachineArgs,
+    args: &bench_inval::InvalArgs,
+) -> Result<(), String> {
+    let m =
+        HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    let mut r = Report::new();
+    for row in bench_inval::run(args, &m)? {
         r.push(row);
     }
     r.print(common.json);
@@ -154,6 +245,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
         Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
             let mut r = Report::new();
@@ -162,6 +254,7 @@ fn main() -> ExitCode {
         }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
         Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
+        Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

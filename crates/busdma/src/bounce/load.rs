@@ -158,6 +158,11 @@ pub struct DeviceSeg {
     pub bounced: bool,
 }
 
+/// Largest single copy item: 64 KiB. A sync pins the CPU for one item; 64 KiB copies in a few
+/// microseconds at memory bandwidth, a preemption-off section kernels accept, and is already
+/// large enough that the per-item bookkeeping is under a tenth of the copy (BENCHMARKS.md).
+const MAX_ITEM: u64 = 64 * 1024;
+
 /// One copy between the client and a bounce page: `len` bytes at buffer offset `buf_off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Item {
@@ -224,7 +229,8 @@ fn layout(segs: &[ClientSeg], c: &Constraint, mut next: impl FnMut() -> Option<P
             // that happen to be physically adjacent) extends it: one copy instead of two.
             match l.items.last_mut() {
                 Some(last)
-                    if last.buf_off + last.client.len == buf_start + done
+                    if last.client.len + n <= MAX_ITEM
+                        && last.buf_off + last.client.len == buf_start + done
                         && last.client.pa.raw() + last.client.len == client.pa.raw()
                         && last.client.kva.map(|k| k.raw() + last.client.len)
                             == client.kva.map(KernVa::raw)
@@ -415,8 +421,8 @@ impl<'p, P: Platform> BounceLoad<'p, P> {
     /// Performs `op` on bytes `[offset, offset + len)` of the buffer: PREWRITE copies client
     /// → bounce, POSTREAD bounce → client; PREREAD of an untrusted load refills the bounce
     /// pages from the client (so a short device write exposes nothing stale); the rest are
-    /// no-ops here. Copies go page by page through the direct map or quick maps, each with
-    /// preemption disabled only for that page.
+    /// no-ops here. Copies go through the direct map or quick maps (one page mapped at a time
+    /// per side), with preemption disabled for one copy item at a time (at most 64 KiB).
     ///
     /// Never sleeps. Errors: [`Error::OutOfRange`] (the range runs past the loaded length).
     pub fn sync_range(&self, platform: &P, op: SyncOp, offset: u64, len: u64) -> Result<()> {

@@ -31,8 +31,9 @@
 //!    piece starts a page of its own and nothing else shares it.
 //! 6. **Sync copies.** PREWRITE copies client → bounce; POSTREAD bounce → client; the copies
 //!    go through the client's kernel mapping if the caller gave one, else through the direct
-//!    map or a quick map ([`crate::quickmap`]), on either side, page by page, pinning the CPU
-//!    for one page at a time: sync never sleeps and never holds a mapping across a page.
+//!    map or a quick map ([`crate::quickmap`]), on either side, one mapped page per side at a
+//!    time, pinning the CPU for one copy item (a run contiguous on both sides, at most 64 KiB):
+//!    sync never sleeps and never holds a mapping across a page.
 //! 7. **Untrusted devices.** At load the padding of every own page is zeroed and the client's
 //!    bytes are copied in whatever the direction; PREREAD repeats the copy. So the device sees
 //!    only the buffer's bytes and zeros, and a device that writes less than the buffer leaves

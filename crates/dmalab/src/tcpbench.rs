@@ -1,0 +1,679 @@
+//! `dmalab tcpbench`: seed 002's single-stream tcpbench, every DMA-mapping design side by side.
+//!
+//! # The workload
+//!
+//! A model NIC transmits a stream of packets. Each packet is a chain of `segments` fragments
+//! (by default 3, 1500 bytes in all: a 66-byte header and two payload fragments, each in its
+//! own page, like an mbuf chain). Each worker thread (bound to one model CPU) owns a transmit
+//! ring of `ring` descriptors (default 256), each holding a loaded DMA map. For every packet:
+//!
+//! 1. if the ring slot is still in flight, the NIC *transmits* it: it DMA-reads every segment
+//!    of the slot's map through its port (the model IOMMU, or straight to RAM for
+//!    passthrough) and checks every byte against what was sent; then the driver syncs
+//!    (POSTWRITE) and unloads the map;
+//! 2. the driver stamps the packet's sequence number into each fragment, loads the fragment
+//!    chain into the slot's map (one scatter-gather load) and syncs (PREWRITE).
+//!
+//! So 256 packets are in flight, as in a NIC ring, and every strategy pays its real costs:
+//! IOVA allocation, page-table updates, IOTLB invalidation (strict or deferred) and the NIC's
+//! IOTLB misses.
+//!
+//! # The figures
+//!
+//! - `ns_per_packet`: wall-clock time of the run divided by the packets sent by all threads.
+//! - `map_unmap_ns_per_packet`: CPU time inside load + PREWRITE sync + POSTWRITE sync + unload,
+//!   per packet, read with the time-stamp counter around each call pair (a clock read costs a
+//!   few ns, against ~25 ns for `Instant::now`) and converted with the run's own calibration.
+//! - `mbit_s`: `size × 8` bits per `ns_per_packet`, the tcpbench-style figure.
+//! - `overhead_vs_passthrough`: `ns_per_packet / passthrough's − 1`, from the same run.
+//! - The `memcpy` row: the cost of copying one packet's bytes once (from its fragments into a
+//!   contiguous buffer), measured in the same run: the price of the copy-instead-of-map design.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use busdma::front::{
+    Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, SgEntry, SgList,
+    Strategy, SyncOp, Tag, TagSpec,
+};
+use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+use busdma::iova::{IovaAllocator, IovaConfig, IovaSource, extent::ExtentAllocator};
+use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
+use busdma_model::{
+    Context, DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu,
+    TableFormat,
+};
+use serde::Serialize;
+
+/// Bytes of the first fragment when a packet has several: Ethernet (14) + IPv4 (20) + TCP
+/// with the timestamp option (32), what a TCP stack puts in the header mbuf.
+pub const HEADER_BYTES: u64 = 66;
+
+/// Offset of the header inside its page: mbufs keep their header past a small leading area
+/// (room to prepend headers), so a header never starts page-aligned.
+pub const HEADER_OFFSET: u64 = 0x80;
+
+/// Packets between two progress-bar updates per thread: rare enough to cost nothing
+/// measurable (one atomic add per 4096 packets), frequent enough to move smoothly.
+const PROGRESS_EVERY: u64 = 4096;
+
+/// Options of `dmalab tcpbench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TcpArgs {
+    /// Packets per strategy (all threads together).
+    #[arg(long, default_value_t = 200_000)]
+    pub packets: u64,
+    /// Worker threads (transmit queues), each bound to a model CPU.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Descriptors in flight per transmit ring.
+    #[arg(long, default_value_t = 256)]
+    pub ring: usize,
+    /// Fragments per packet (header + payload fragments).
+    #[arg(long, default_value_t = 3)]
+    pub segments: usize,
+    /// Packet size in bytes.
+    #[arg(long, default_value_t = 1500)]
+    pub size: u64,
+    /// Run only these strategies (comma-separated names as printed); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub strategy: Vec<String>,
+    /// Write a plot of the results (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// A short run (20 000 packets per strategy) that finishes in a few seconds.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+impl TcpArgs {
+    /// Packets per strategy after `--quick`.
+    pub fn effective_packets(&self) -> u64 {
+        if self.quick { self.packets.min(20_000) } else { self.packets }
+    }
+
+    /// Checks the options; returns the fragment lengths of one packet.
+    pub fn fragments(&self) -> Result<Vec<u64>, String> {
+        if self.segments == 0 || self.ring == 0 || self.threads == 0 {
+            return Err("--segments, --ring and --threads must be at least 1".into());
+        }
+        if self.size < self.segments as u64 * 8 {
+            return Err(format!(
+                "--size {} too small: each of the {} fragments needs at least 8 bytes (the sequence stamp)",
+                self.size, self.segments
+            ));
+        }
+        if self.size > 64 * 1024 {
+            return Err(format!("--size {} above 65536 (the largest TCP segment offload)", self.size));
+        }
+        if self.segments == 1 {
+            return Ok(vec![self.size]);
+        }
+        let head = HEADER_BYTES.min(self.size / self.segments as u64);
+        let rest = self.size - head;
+        let n = (self.segments - 1) as u64;
+        let mut v = vec![head];
+        v.extend((0..n).map(|i| rest / n + u64::from(i < rest % n)));
+        Ok(v)
+    }
+}
+
+/// One result row of a strategy.
+#[derive(Serialize, Debug, Clone)]
+pub struct Row {
+    pub strategy: String,
+    pub invalidation: &'static str,
+    pub packets: u64,
+    pub ns_per_packet: f64,
+    pub map_unmap_ns_per_packet: f64,
+    pub mbit_s: f64,
+    pub overhead_vs_passthrough: f64,
+}
+
+/// The memcpy row.
+#[derive(Serialize, Debug, Clone)]
+pub struct MemcpyRow {
+    pub strategy: &'static str,
+    pub ns_per_packet: f64,
+}
+
+/// What one measured run of a strategy produced, before the relative figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    pub packets: u64,
+    pub verified: u64,
+    pub wall_ns: f64,
+    pub map_unmap_ns: f64,
+}
+
+/// One transmit ring's packet buffers: per slot, per fragment, a run of frames.
+struct Ring<'m> {
+    frags: Vec<Vec<(FrameBlock<'m>, SgEntry)>>,
+    /// The bytes each slot's packet holds, sequence stamps zeroed.
+    expected: Vec<Vec<u8>>,
+}
+
+fn pattern(slot: usize, frag: usize, i: u64) -> u8 {
+    (slot as u64 * 7 + frag as u64 * 13 + i * 31 % 251) as u8
+}
+
+impl<'m> Ring<'m> {
+    fn new(m: &'m HostPlatform, ring: usize, frag_lens: &[u64]) -> Result<Self, String> {
+        let mut frags = Vec::with_capacity(ring);
+        let mut expected = Vec::with_capacity(ring);
+        for slot in 0..ring {
+            let mut v = Vec::with_capacity(frag_lens.len());
+            let mut bytes = Vec::new();
+            for (f, &len) in frag_lens.iter().enumerate() {
+                let off = if f == 0 && frag_lens.len() > 1 { HEADER_OFFSET } else { 0 };
+                let pages = (off + len).div_ceil(PAGE_SIZE);
+                let block =
+                    m.alloc_frames(FrameRequest::pages(pages)).map_err(|e| format!("packet buffers: {e}"))?;
+                let pa = block.pa().checked_add(off).ok_or("packet buffer address overflow")?;
+                let data: Vec<u8> = (0..len).map(|i| if i < 8 { 0 } else { pattern(slot, f, i) }).collect();
+                m.write_phys(pa, &data).map_err(|e| e.to_string())?;
+                bytes.extend_from_slice(&data);
+                v.push((block, SgEntry { pa, len, kind: MemKind::Page }));
+            }
+            frags.push(v);
+            expected.push(bytes);
+        }
+        Ok(Self { frags, expected })
+    }
+
+    /// Writes `seq` into the first 8 bytes of every fragment of `slot` (the CPU's per-packet
+    /// work: building headers).
+    fn stamp(&self, m: &HostPlatform, slot: usize, seq: u64) -> Result<(), String> {
+        for (_, e) in &self.frags[slot] {
+            m.write_phys(e.pa, &seq.to_le_bytes()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The NIC's check of what it read for `slot` carrying `seq`.
+    fn verify(&self, slot: usize, seq: u64, got: &[u8], frag_lens: &[u64]) -> bool {
+        let want = &self.expected[slot];
+        if got.len() != want.len() {
+            return false;
+        }
+        let mut off = 0usize;
+        for &len in frag_lens {
+            let len = len as usize;
+            if got[off..off + 8] != seq.to_le_bytes() || got[off + 8..off + len] != want[off + 8..off + len] {
+                return false;
+            }
+            off += len;
+        }
+        true
+    }
+}
+
+/// Reads the time-stamp counter (or a monotonic clock off x86-64).
+#[inline]
+fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // `_rdtsc` is an `unsafe fn` on older compilers and safe on newer ones.
+        #[allow(unused_unsafe)]
+        // SAFETY: RDTSC has no preconditions on x86-64; it reads a counter.
+        unsafe {
+            core::arch::x86_64::_rdtsc()
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        use std::sync::OnceLock;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+/// Runs the workload for one strategy: `tag` maps, `port` is the NIC's view of bus space.
+pub fn measure<S>(
+    m: &HostPlatform,
+    tag: &Tag<'_, HostPlatform, S>,
+    port: &dyn DmaPort,
+    args: &TcpArgs,
+    progress: &AtomicU64,
+) -> Result<Measured, String>
+where
+    S: Strategy<HostPlatform> + Sync,
+    S::MapState: Send,
+{
+    let frag_lens = args.fragments()?;
+    let total = args.effective_packets();
+    if args.threads > m.num_cpus() {
+        return Err(format!("{} threads but the machine has {} CPUs", args.threads, m.num_cpus()));
+    }
+    let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..args.threads)
+            .map(|t| {
+                let frag_lens = &frag_lens;
+                s.spawn(move || {
+                    let mine =
+                        total / args.threads as u64 + u64::from((t as u64) < total % args.threads as u64);
+                    run_queue(m, tag, port, args, frag_lens, t, mine, progress)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("tcpbench worker panicked".into()))).collect()
+    });
+    let (mut packets, mut verified, mut map_ns, mut wall_ns) = (0, 0, 0.0, 0.0f64);
+    for r in results {
+        let q = r?;
+        packets += q.packets;
+        verified += q.verified;
+        let ns_per_tick = if q.run_ticks > 0 { q.run_ns / q.run_ticks as f64 } else { 0.0 };
+        map_ns += q.dma_ticks as f64 * ns_per_tick;
+        wall_ns = wall_ns.max(q.run_ns);
+    }
+    Ok(Measured { packets, verified, wall_ns, map_unmap_ns: map_ns })
+}
+
+/// What one transmit queue did.
+struct QueueResult {
+    packets: u64,
+    verified: u64,
+    /// Time-stamp-counter ticks inside load/sync/unload.
+    dma_ticks: u64,
+    /// Ticks of the whole run, and its nanoseconds: the calibration of `dma_ticks`.
+    run_ticks: u64,
+    run_ns: f64,
+}
+
+/// One transmit queue.
+#[allow(clippy::too_many_arguments)]
+fn run_queue<S>(
+    m: &HostPlatform,
+    tag: &Tag<'_, HostPlatform, S>,
+    port: &dyn DmaPort,
+    args: &TcpArgs,
+    frag_lens: &[u64],
+    cpu: usize,
+    packets: u64,
+    progress: &AtomicU64,
+) -> Result<QueueResult, String>
+where
+    S: Strategy<HostPlatform>,
+{
+    let _bind = m.bind_cpu(cpu).map_err(|e| format!("bind cpu {cpu}: {e}"))?;
+    let ring = Ring::new(m, args.ring, frag_lens)?;
+    let entries: Vec<Vec<SgEntry>> = ring.frags.iter().map(|v| v.iter().map(|(_, e)| *e).collect()).collect();
+    let mut maps = Vec::with_capacity(args.ring);
+    for _ in 0..args.ring {
+        maps.push(tag.create_map().map_err(|e| format!("create map: {e}"))?);
+    }
+    let mut inflight: Vec<Option<u64>> = vec![None; args.ring];
+    let mut nic_buf = vec![0u8; args.size as usize];
+    let (mut verified, mut dma_ticks) = (0u64, 0u64);
+    let transmit = |slot: usize,
+                    seq: u64,
+                    map: &mut busdma::front::DmaMap<'_, '_, HostPlatform, S>,
+                    nic_buf: &mut [u8]|
+     -> Result<u64, String> {
+        // The NIC reads the packet by DMA, segment after segment.
+        let mut off = 0usize;
+        for seg in map.segments() {
+            let len = seg.len as usize;
+            let dst = nic_buf.get_mut(off..off + len).ok_or("segments exceed the packet")?;
+            port.dma_read(seg.addr, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
+            off += len;
+        }
+        if !ring.verify(slot, seq, &nic_buf[..off], frag_lens) {
+            return Err(format!("NIC read wrong bytes for packet {seq} (slot {slot})"));
+        }
+        let t0 = ticks();
+        map.sync(SyncOp::POSTWRITE).map_err(|e| format!("sync POSTWRITE: {e}"))?;
+        map.unload().map_err(|e| format!("unload: {e}"))?;
+        Ok(ticks() - t0)
+    };
+    let start = Instant::now();
+    let t_start = ticks();
+    for seq in 0..packets {
+        let slot = (seq % args.ring as u64) as usize;
+        if let Some(old) = inflight[slot].take() {
+            dma_ticks += transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            verified += 1;
+        }
+        ring.stamp(m, slot, seq)?;
+        let t0 = ticks();
+        maps[slot].load(&SgList(&entries[slot]), Direction::ToDevice).map_err(|e| format!("load: {e}"))?;
+        maps[slot].sync(SyncOp::PREWRITE).map_err(|e| format!("sync PREWRITE: {e}"))?;
+        dma_ticks += ticks() - t0;
+        inflight[slot] = Some(seq);
+        if seq % PROGRESS_EVERY == PROGRESS_EVERY - 1 {
+            progress.fetch_add(PROGRESS_EVERY, Ordering::Relaxed);
+        }
+    }
+    for slot in 0..args.ring {
+        if let Some(old) = inflight[slot].take() {
+            dma_ticks += transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            verified += 1;
+        }
+    }
+    let run_ticks = ticks() - t_start;
+    let run_ns = start.elapsed().as_nanos() as f64;
+    progress.fetch_add(packets % PROGRESS_EVERY, Ordering::Relaxed);
+    drop(maps);
+    Ok(QueueResult { packets, verified, dma_ticks, run_ticks, run_ns })
+}
+
+/// The cost of copying one packet's bytes once, from its fragments into a contiguous buffer
+/// (what a copy-based design pays instead of mapping).
+pub fn measure_memcpy(m: &HostPlatform, args: &TcpArgs) -> Result<f64, String> {
+    let frag_lens = args.fragments()?;
+    let ring = Ring::new(m, args.ring, &frag_lens)?;
+    let srcs: Vec<Vec<(*const u8, usize)>> = ring
+        .frags
+        .iter()
+        .map(|v| {
+            v.iter()
+                .map(|(_, e)| {
+                    let kva = m.phys_to_kva(e.pa).ok_or("packet buffer outside the direct map")?;
+                    Ok((kva.raw() as *const u8, e.len as usize))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .collect::<Result<_, _>>()?;
+    let mut dst = vec![0u8; args.size as usize];
+    let n = args.effective_packets();
+    let start = Instant::now();
+    for i in 0..n {
+        let mut off = 0;
+        for &(src, len) in &srcs[(i % args.ring as u64) as usize] {
+            // SAFETY: `src` is the direct-map address of `len` bytes of a packet buffer the
+            // ring owns (alive until `ring` drops below); `dst` has room for the whole packet
+            // and does not overlap RAM. No device writes these buffers during the copy.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr().add(off), len) };
+            off += len;
+        }
+        std::hint::black_box(&mut dst);
+    }
+    let ns = start.elapsed().as_nanos() as f64 / n as f64;
+    drop(ring);
+    Ok(ns)
+}
+
+/// Turns a measurement into a row (relative figures need passthrough's `ns_per_packet`).
+pub fn row(
+    name: &str,
+    invalidation: &'static str,
+    size: u64,
+    r: &Measured,
+    passthrough_ns: Option<f64>,
+) -> Row {
+    let ns = r.wall_ns / r.packets.max(1) as f64;
+    Row {
+        strategy: name.to_string(),
+        invalidation,
+        packets: r.packets,
+        ns_per_packet: ns,
+        map_unmap_ns_per_packet: r.map_unmap_ns / r.packets.max(1) as f64,
+        mbit_s: if ns > 0.0 { size as f64 * 8.0 / ns * 1000.0 } else { 0.0 },
+        overhead_vs_passthrough: passthrough_ns.map_or(0.0, |p| ns / p - 1.0),
+    }
+}
+
+/// The tag of the NIC: one packet of at most `size` bytes in at most `segments` segments.
+/// The NIC is cache-coherent (as x86 NICs are), so syncs do no cache maintenance.
+pub fn nic_spec(args: &TcpArgs) -> TagSpec {
+    let mut spec = TagSpec::new(args.size, args.segments as u32);
+    spec.flags.coherent = true;
+    spec
+}
+
+/// The NIC's device id on the model bus.
+pub const NIC_DEVICE: u32 = 1;
+
+/// Everything one `tcpbench` run produced.
+#[derive(Debug)]
+pub struct Results {
+    /// One row per strategy × invalidation, passthrough first.
+    pub rows: Vec<Row>,
+    /// The memcpy reference.
+    pub memcpy: MemcpyRow,
+}
+
+/// Every strategy × invalidation this command runs, in order: passthrough (no IOMMU), then
+/// each IOMMU strategy under strict and deferred invalidation.
+///
+/// - `identity`: IOVA = PA, per-page reference counts (the design seed 002 replaced).
+/// - `iommu-per-segment`: one IOVA allocation per segment from the `extent` allocator (a
+///   sorted list under one lock, as OpenBSD's extent(9)): seed 002's first attempt.
+/// - `iommu-per-map`: one allocation per load from busdma's IOVA allocator: seed 002's fix.
+/// - `iommu-reserved`: IOVA window and table levels reserved at map create, per-CPU caches in
+///   the allocator and the table-page pool: the seed's open idea plus its per-CPU pools.
+pub const STRATEGIES: [(&str, &str); 9] = [
+    ("passthrough", "none"),
+    ("identity", "strict"),
+    ("identity", "deferred"),
+    ("iommu-per-segment", "strict"),
+    ("iommu-per-segment", "deferred"),
+    ("iommu-per-map", "strict"),
+    ("iommu-per-map", "deferred"),
+    ("iommu-reserved", "strict"),
+    ("iommu-reserved", "deferred"),
+];
+
+/// IOVA space of every domain: 1 MiB to 1 TiB (the low megabyte stays unmapped, as a guard
+/// against devices emitting small garbage addresses).
+fn iova_space() -> Result<AddrRange<Iova>, String> {
+    AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).map_err(|e| e.to_string())
+}
+
+/// The IOMMU strategies.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Identity,
+    PerSegment,
+    PerMap,
+    Reserved,
+}
+
+/// Measures `strategy` through `port`.
+fn measure_strategy<S>(
+    m: &HostPlatform,
+    args: &TcpArgs,
+    strategy: S,
+    port: &dyn DmaPort,
+    progress: &AtomicU64,
+) -> Result<Measured, String>
+where
+    S: Strategy<HostPlatform> + Sync,
+    S::MapState: Send,
+{
+    let tag = Tag::new_root(m, strategy, nic_spec(args)).map_err(|e| e.to_string())?;
+    measure(m, &tag, port, args, progress)
+}
+
+/// Builds a fresh model IOMMU and VT-d domain (48-bit, 4 levels) with IOVA source `iova`,
+/// attaches the NIC, and measures strategy `kind` through the NIC's IOMMU port.
+fn measure_domain<I: IovaSource>(
+    m: &HostPlatform,
+    args: &TcpArgs,
+    policy: InvalidationPolicy,
+    iova: I,
+    progress: &AtomicU64,
+    kind: Kind,
+) -> Result<Measured, String> {
+    let e = |e: busdma::Error| e.to_string();
+    let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(e)?;
+    let pool = TablePool::new(m);
+    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
+        .map_err(e)?;
+    iommu.attach(NIC_DEVICE, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).map_err(e)?;
+    let dom =
+        Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).map_err(e)?;
+    let port = iommu.port(NIC_DEVICE);
+    let r = match kind {
+        Kind::Identity => measure_strategy(m, args, Identity::new(&dom), &port, progress)?,
+        Kind::PerSegment => measure_strategy(m, args, IommuPerSegment(&dom), &port, progress)?,
+        Kind::PerMap => measure_strategy(m, args, IommuPerMap(&dom), &port, progress)?,
+        // Under deferred invalidation a map's window may be reused only after the flush that
+        // covers its last unload: two windows per map, used in turn, let the flush queue's
+        // own bounds retire the older one instead of forcing a flush at every load.
+        Kind::Reserved if matches!(policy, InvalidationPolicy::Deferred { .. }) => {
+            measure_strategy(m, args, IommuReserved::alternating(&dom, 2), &port, progress)?
+        }
+        Kind::Reserved => measure_strategy(m, args, IommuReserved::new(&dom), &port, progress)?,
+    };
+    let g = m.pin_cpu();
+    dom.flush(&g);
+    drop(g);
+    let faults = iommu.take_faults();
+    if !faults.is_empty() {
+        return Err(format!("{} NIC DMA faults, first {:?}", faults.len(), faults[0]));
+    }
+    Ok(r)
+}
+
+/// Runs every selected strategy side by side.
+pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Results, String> {
+    for s in &args.strategy {
+        if !STRATEGIES.iter().any(|(n, _)| n == s) {
+            let names: Vec<&str> = STRATEGIES.iter().map(|(n, _)| *n).collect();
+            return Err(format!("unknown strategy {s:?}; known: {}", names.join(", ")));
+        }
+    }
+    let wanted = |name: &str| args.strategy.is_empty() || args.strategy.iter().any(|s| s == name);
+    let spec = nic_spec(args);
+    let err = |e: busdma::Error| e.to_string();
+    // Passthrough always runs: every relative figure is against it.
+    let nic = DirectPort::new(m, NIC_DEVICE, 64);
+    let tag = Tag::new_root(m, Direct, spec).map_err(err)?;
+    let pt = measure(m, &tag, &nic, args, progress)?;
+    check_honest("passthrough", &pt)?;
+    let pt_ns = pt.wall_ns / pt.packets.max(1) as f64;
+    let mut rows = Vec::new();
+    if wanted("passthrough") {
+        rows.push(row("passthrough", "none", args.size, &pt, Some(pt_ns)));
+    }
+    let cpus = m.num_cpus();
+    let caches = |on: bool| -> Result<IovaAllocator, String> {
+        IovaAllocator::new(iova_space()?, IovaConfig { cpus, caches: on, guard_page: false })
+            .map_err(|e| e.to_string())
+    };
+    for &(name, inv) in &STRATEGIES[1..] {
+        if !wanted(name) {
+            continue;
+        }
+        let policy =
+            if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
+        let r = match name {
+            "identity" => measure_domain(m, args, policy, caches(true)?, progress, Kind::Identity)?,
+            "iommu-per-segment" => {
+                let extent = ExtentAllocator::new(iova_space()?).map_err(err)?;
+                measure_domain(m, args, policy, extent, progress, Kind::PerSegment)?
+            }
+            "iommu-per-map" => measure_domain(m, args, policy, caches(true)?, progress, Kind::PerMap)?,
+            _ => measure_domain(m, args, policy, caches(true)?, progress, Kind::Reserved)?,
+        };
+        check_honest(name, &r)?;
+        rows.push(row(name, inv, args.size, &r, Some(pt_ns)));
+    }
+    let memcpy = MemcpyRow { strategy: "memcpy", ns_per_packet: measure_memcpy(m, args)? };
+    Ok(Results { rows, memcpy })
+}
+
+/// The workload is honest only if the NIC read and verified every packet sent.
+fn check_honest(name: &str, r: &Measured) -> Result<(), String> {
+    if r.verified != r.packets {
+        return Err(format!("{name}: {} packets sent but the NIC verified {}", r.packets, r.verified));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use busdma::Iova;
+    use busdma_model::{DmaFault, MachineConfig};
+
+    fn small_args() -> TcpArgs {
+        TcpArgs {
+            packets: 3000,
+            threads: 1,
+            ring: 16,
+            segments: 3,
+            size: 1500,
+            strategy: Vec::new(),
+            plot: None,
+            quick: false,
+        }
+    }
+
+    fn machine() -> HostPlatform {
+        HostPlatform::new(MachineConfig {
+            ram_size: 64 << 20,
+            direct_map_size: 64 << 20,
+            cpus: 2,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A NIC port that flips one bit of everything it reads: the workload must notice.
+    struct CorruptingPort<'m>(DirectPort<'m>);
+
+    impl DmaPort for CorruptingPort<'_> {
+        fn dma_read(&self, bus: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
+            self.0.dma_read(bus, buf)?;
+            if let Some(b) = buf.last_mut() {
+                *b ^= 1;
+            }
+            Ok(())
+        }
+        fn dma_write(&self, bus: Iova, data: &[u8]) -> Result<(), DmaFault> {
+            self.0.dma_write(bus, data)
+        }
+    }
+
+    #[test]
+    fn fragments_add_up_to_the_packet_and_bad_shapes_are_refused() {
+        let a = small_args();
+        assert_eq!(a.fragments().unwrap(), vec![66, 717, 717]);
+        let odd = TcpArgs { size: 1001, segments: 4, ..small_args() };
+        assert_eq!(odd.fragments().unwrap().iter().sum::<u64>(), 1001);
+        assert!(TcpArgs { segments: 0, ..small_args() }.fragments().is_err());
+        assert!(TcpArgs { size: 20, ..small_args() }.fragments().is_err());
+        assert!(TcpArgs { size: 1 << 20, ..small_args() }.fragments().is_err());
+    }
+
+    #[test]
+    fn the_nic_verifies_every_packet_sent() {
+        let m = machine();
+        let args = small_args();
+        let tag = Tag::new_root(&m, Direct, nic_spec(&args)).unwrap();
+        let nic = DirectPort::new(&m, NIC_DEVICE, 64);
+        let r = measure(&m, &tag, &nic, &args, &AtomicU64::new(0)).unwrap();
+        assert_eq!((r.packets, r.verified), (3000, 3000));
+        assert!(r.wall_ns > 0.0 && r.map_unmap_ns > 0.0 && r.map_unmap_ns < r.wall_ns);
+    }
+
+    #[test]
+    fn a_nic_reading_wrong_bytes_fails_the_run() {
+        let m = machine();
+        let args = small_args();
+        let tag = Tag::new_root(&m, Direct, nic_spec(&args)).unwrap();
+        let nic = CorruptingPort(DirectPort::new(&m, NIC_DEVICE, 64));
+        let e = measure(&m, &tag, &nic, &args, &AtomicU64::new(0)).unwrap_err();
+        assert!(e.contains("wrong bytes"), "{e}");
+    }
+
+    #[test]
+    fn every_strategy_runs_honestly_side_by_side() {
+        let m = machine();
+        let args = TcpArgs { packets: 2000, ..small_args() };
+        let res = run(&args, &m, &AtomicU64::new(0)).unwrap();
+        let names: Vec<(&str, &str)> =
+            res.rows.iter().map(|r| (r.strategy.as_str(), r.invalidation)).collect();
+        assert_eq!(names, STRATEGIES.to_vec());
+        for r in &res.rows {
+            assert_eq!(r.packets, 2000, "{r:?}");
+            assert!(r.ns_per_packet > 0.0 && r.mbit_s > 0.0, "{r:?}");
+        }
+        assert!(res.memcpy.ns_per_packet > 0.0);
+    }
+}
