@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod attack;
 mod bench_bounce;
 mod bench_inval;
 mod bench_map;
@@ -68,6 +69,16 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// The hostile device against busdma's IOMMU path: attempts, escapes, bytes leaked per
+    /// attack class and mode, and the deferred window.
+    Attack {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: attack::AttackArgs,
+    },
     /// Seed 002's tcpbench: a NIC transmitting through every DMA-mapping design, side by side.
     Tcpbench {
         #[command(flatten)]
@@ -245,6 +256,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::Attack { common, machine, args } => {
+            machine.config().and_then(|c| attack::run_cmd(common.json, c, args))
+        }
         Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
         Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
