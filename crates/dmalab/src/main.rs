@@ -7,6 +7,7 @@ mod bench_inval;
 mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
+mod bench_pin;
 mod plot;
 mod report;
 mod soak;
@@ -150,6 +151,8 @@ enum Bench {
         #[command(flatten)]
         args: bench_pgtable::PgtableArgs,
     },
+    /// Pre-registered memory: ua_to_pa, busdma's registry vs a linear list (Linux's walk).
+    Pin(bench_pin::PinArgs),
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -293,6 +296,7 @@ fn main() -> ExitCode {
             r.print(common.json);
             if violations == 0 { Ok(()) } else { Err(format!("soak: {violations} violations")) }
         }),
+        Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
         Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {
