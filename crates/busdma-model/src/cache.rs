@@ -605,6 +605,18 @@ impl<'m> CachedCpu<'m> {
         }
     }
 
+    /// Cleans and drops alias `va` of `[pa, pa + len)`: what `get_user_pages` does to the user
+    /// alias of a page on a VIPT machine before I/O (seed 003), so that no line of that alias
+    /// is dirty (invisible to the device) or stale (hiding the device's writes) afterwards.
+    ///
+    /// Errors: as for [`CachedCpu::read_alias`].
+    pub fn clean_invalidate_alias(&self, va: u64, pa: PhysAddr, len: u64) -> Result<()> {
+        match self.cached(pa) {
+            Some(c) => c.clean_invalidate(&RawRam(self.m), va, pa, len),
+            None => Ok(()),
+        }
+    }
+
     /// Writes back and drops every line of the cache (see [`Cache::evict_all`]).
     ///
     /// Errors: RAM errors.

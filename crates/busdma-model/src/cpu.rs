@@ -40,8 +40,10 @@ pub(crate) fn thread_token() -> u64 {
     TOKEN.with(|t| *t)
 }
 
-/// One CPU slot.
+/// One CPU slot, alone on its cache line (64 bytes on x86-64 and most Arm cores): two CPUs'
+/// guards must not bounce one line between them.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub(crate) struct CpuSlot {
     owner: AtomicU64,
     depth: AtomicU32,
@@ -124,8 +126,9 @@ impl Cpus {
                 backoff(&mut spins);
             }
         }
-        // Only the owner touches depth; Relaxed suffices, the owner word orders hand-overs.
-        slot.depth.fetch_add(1, Ordering::Relaxed);
+        // Only the owner touches depth, so a plain load and store (no locked instruction)
+        // suffice; the owner word's Acquire/Release orders hand-overs between threads.
+        slot.depth.store(slot.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         cpu
     }
 
@@ -133,11 +136,14 @@ impl Cpus {
         let slot = &self.slots[cpu];
         let owner = slot.owner.load(Ordering::Relaxed);
         let me = thread_token();
+        let depth = slot.depth.load(Ordering::Relaxed);
         assert!(
-            owner & !PERMANENT == me && slot.depth.load(Ordering::Relaxed) > 0,
+            owner & !PERMANENT == me && depth > 0,
             "preempt_enable(cpu {cpu}) by thread {me} which does not hold it (owner {owner:#x})"
         );
-        if slot.depth.fetch_sub(1, Ordering::Relaxed) == 1 && owner & PERMANENT == 0 {
+        // Only the owner touches depth (see preempt_disable).
+        slot.depth.store(depth - 1, Ordering::Relaxed);
+        if depth == 1 && owner & PERMANENT == 0 {
             slot.owner.store(0, Ordering::Release);
         }
     }

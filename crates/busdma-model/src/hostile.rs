@@ -306,7 +306,8 @@ impl<'m> HostileDevice<'m> {
 
     /// One write attempt: the device first reads what is there (so that the verdict knows what
     /// it overwrote), then writes `data` at bus address `bus`. The read is part of the attempt;
-    /// if it is refused the write is still tried.
+    /// if it is refused the write is still tried. A refused write is a fault unless the read
+    /// escaped.
     pub fn try_write(&mut self, class: AttackClass, port: &dyn AttackPort, bus: u64, data: &[u8]) -> Outcome {
         let mut before = vec![0u8; data.len()];
         let ((read_ok, write_ok), seen) = self.m.watch_bus(|| {
@@ -314,8 +315,11 @@ impl<'m> HostileDevice<'m> {
             (r, port.attack_write(bus, data))
         });
         let outcome = if !write_ok {
-            // The read alone may still have escaped.
-            if read_ok { self.judge(&seen, &before, None) } else { Outcome::Faulted }
+            // The write was refused; the read alone may still have escaped.
+            match read_ok.then(|| self.judge(&seen, &before, None)) {
+                Some(escaped @ Outcome::Escaped { .. }) => escaped,
+                _ => Outcome::Faulted,
+            }
         } else {
             self.judge(&seen, &before, read_ok.then_some(before.as_slice()))
         };

@@ -21,6 +21,7 @@
 //! friends, never through Rust references.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
 
+pub mod attack;
 pub mod audit;
 pub mod cache;
 pub mod cpu;

@@ -296,3 +296,29 @@ fn page_lists_load_with_offset_and_length() {
         Error::BadSize { .. }
     ));
 }
+
+#[test]
+fn a_kernel_buffer_outside_the_direct_map_is_refused() {
+    let m = machine();
+    let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
+    let mut map = tag.create_map().unwrap();
+    let e = map.load(&KernelBuf { kva: KernVa::new(0x1000), len: 64 }, Direction::ToDevice).unwrap_err();
+    assert_eq!(e, Error::NotDirectMapped { pa: 0x1000 });
+    assert!(!map.is_loaded());
+}
+
+#[test]
+fn a_device_with_a_28_bit_mask_reaches_what_a_28_bit_tag_loads() {
+    use busdma_model::{DirectPort, DmaPort};
+    let m = machine();
+    let pa = frames(&m, 1, Placement::DirectMapped);
+    let mut spec = TagSpec::new(64 << 10, 8);
+    spec.dma_mask = TagSpec::mask_of_bits(28);
+    let tag = Tag::new_root(&m, Direct, spec).unwrap();
+    let mut map = tag.create_map().unwrap();
+    m.write_phys(pa, b"abcd").unwrap();
+    let seg = map.load(&RawSegments(&[(pa, 4)]), Direction::ToDevice).unwrap()[0];
+    let mut b = [0u8; 4];
+    DirectPort::new(&m, 1, 28).dma_read(seg.addr, &mut b).unwrap();
+    assert_eq!(&b, b"abcd");
+}

@@ -44,7 +44,7 @@ fn an_iommu_confines_the_device_to_its_pages_and_read_only_means_read_only() {
     let mut d = HostileDevice::new(&m, 42);
     d.truth().grant(own.pa(), PAGE_SIZE, Access::Read);
     assert_eq!(d.try_read(AttackClass::RandomScan, &port, IOVA + 8, 64), Outcome::Contained);
-    assert_eq!(d.try_write(AttackClass::WriteReadOnly, &port, IOVA, &[0; 8]), Outcome::Contained);
+    assert_eq!(d.try_write(AttackClass::WriteReadOnly, &port, IOVA, &[0; 8]), Outcome::Faulted);
     assert_eq!(d.tally(AttackClass::WriteReadOnly).escapes, 0);
     // The read of the write attempt succeeded, the write faulted: nothing was overwritten.
     let mut b = [0u8; 8];

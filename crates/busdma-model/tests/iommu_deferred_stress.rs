@@ -12,8 +12,11 @@
 //! - **Bounded exposure (the model's audit).** From each unmap to the first invalidation that
 //!   started after it: at most `cpus × max_entries` (+ one in flight per CPU) unmaps of the
 //!   domain, and at most `max_age_ns` plus a few clock steps of the frozen, op-driven clock.
-//! - **Both bounds and the table-page path are exercised**: flushes by count and by age both
-//!   happen, and large maps free leaf tables (counted), so the table-page check has teeth.
+//! - **Both bounds and the table-page path are exercised**: busy phases (maps and unmaps only)
+//!   fill queues, quiet phases (device reads and timer polls, few unmaps) let them age, so
+//!   flushes by count and by age both happen on each thread however the host schedules it;
+//!   large maps free leaf tables (counted), so the table-page check has teeth. Only maps and
+//!   unmaps count toward the operation total.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -36,6 +39,10 @@ const MAX_AGE_NS: u64 = 100_000;
 const STEP_NS: u64 = 1_000;
 /// Live maps per thread at most: keeps the IOVA space and frames busy, and reuse frequent.
 const LIVE: usize = 24;
+/// Operations per busy phase (maps and unmaps only) and per quiet phase (90% device reads
+/// and timer polls): a quiet phase of 500 clock steps outlasts the 100-step age bound.
+const BUSY: u64 = 2000;
+const QUIET: u64 = 500;
 /// Data frames per thread (small maps use 1 to 4 of them, one per segment).
 const FRAMES: u64 = 128;
 
@@ -112,9 +119,24 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                 let big_base = 0x40_0000_0000 * (cpu as u64 + 1) + PAGE_SIZE;
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1));
                 let mut live: Vec<Live> = Vec::new();
-                for _ in 0..ops_per_thread {
+                let mut done = 0u64;
+                for i in 0u64.. {
+                    if done == ops_per_thread {
+                        break;
+                    }
                     m.advance_clock(STEP_NS);
                     let g = m.pin_cpu();
+                    // Quiet phases: mostly DMA to live maps and a timer poll, so queues fill
+                    // slowly and the age bound fires; busy phases: only maps and unmaps, so
+                    // the count bound fires. Each thread sees both, however it is scheduled.
+                    if i % (BUSY + QUIET) >= BUSY && rng.below(10) != 0 {
+                        if !live.is_empty() {
+                            check_live(iommu, &live[rng.below(live.len() as u64) as usize]);
+                        }
+                        d.poll(&g);
+                        continue;
+                    }
+                    done += 1;
                     let map = live.is_empty() || (live.len() < LIVE && rng.below(2) == 0);
                     if !map {
                         let l = live.swap_remove(rng.below(live.len() as u64) as usize);
@@ -193,7 +215,7 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
     );
     let age_bound = MAX_AGE_NS + 4 * STEP_NS;
     assert!(rep.max_exposure_ns <= age_bound, "{name}: exposure of {} ns > {age_bound}", rep.max_exposure_ns);
-    assert!(st.flushes_full > 100 && st.flushes_aged > 100, "{name}: both bounds fired ({st:?})");
+    assert!(st.flushes_full >= 10 && st.flushes_aged >= 10, "{name}: both bounds fired ({st:?})");
     iommu.detach(DEV).unwrap();
 }
 

@@ -197,3 +197,32 @@ fn entries_without_a_kernel_mapping_use_the_untouched_line_and_flush_nothing() {
     assert_eq!(cache.lines_of_page(m.kva_to_phys(untouched).unwrap()), 0);
     map.unload().unwrap();
 }
+
+#[test]
+fn a_real_domain_passes_the_index_to_its_iommu() {
+    use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+    use busdma::iova::{IovaAllocator, IovaConfig};
+    use busdma::pgtable::{PageTable, PageTableConfig, VtdSl};
+    let m = machine();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let table =
+        PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
+    let space = AddrRange::new(Iova::new(PAGE_SIZE), Iova::new(1 << 48)).unwrap();
+    let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: false, guard_page: false })
+        .unwrap();
+    let d =
+        Domain::new(&m, table, iova, &iommu, DomainConfig::new(DOMAIN, InvalidationPolicy::Strict)).unwrap();
+    iommu.attach(DEV, Context::new(DOMAIN, d.table().root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    let f = m
+        .alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(2) })
+        .unwrap();
+    let kva = m.phys_to_kva(f.pa()).unwrap().checked_add(0x80).unwrap();
+    let data = pattern(0x1800);
+    m.cpu().write(kva, &data).unwrap();
+    let tag = Tag::new_root(&m, IommuPerMap(&d), coherent_spec()).unwrap();
+    let mut map = tag.create_map().unwrap();
+    map.load(&KernelBuf { kva, len: data.len() as u64 }, Direction::ToDevice).unwrap();
+    assert!(device_read(&iommu, map.segments()) == data);
+    map.unload().unwrap();
+}

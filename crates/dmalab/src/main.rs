@@ -2,8 +2,10 @@
 //! with `--json`.
 
 mod all;
+mod attack;
 mod bench_bounce;
 mod bench_inval;
+mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
 mod plot;
@@ -68,6 +70,16 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// The hostile device against busdma's IOMMU path: attempts, escapes, bytes leaked per
+    /// attack class and mode, and the deferred window.
+    Attack {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        machine: MachineArgs,
+        #[command(flatten)]
+        args: attack::AttackArgs,
+    },
     /// Seed 002's tcpbench: a NIC transmitting through every DMA-mapping design, side by side.
     Tcpbench {
         #[command(flatten)]
@@ -104,6 +116,14 @@ enum Bench {
         machine: MachineArgs,
         #[command(flatten)]
         args: bench_map::MapArgs,
+    },
+    /// IOVA allocators (busdma with and without caches, vm-allocator, extent) under a
+    /// fragmented space: ns per alloc+free pair.
+    Iova {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: bench_iova::IovaArgs,
     },
     /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
     Inval {
@@ -273,8 +293,16 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Command::Attack { common, machine, args } => {
+            machine.config().and_then(|c| attack::run_cmd(common.json, c, args))
+        }
         Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Iova { common, args }) => bench_iova::run(args).map(|rows| {
+            let mut r = Report::new();
+            rows.into_iter().for_each(|row| r.push(row));
+            r.print(common.json);
+        }),
         Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
             let mut r = Report::new();
             rows.into_iter().for_each(|row| r.push(row));

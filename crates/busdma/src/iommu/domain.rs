@@ -346,6 +346,12 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         Ok(ticket)
     }
 
+    /// Programs the coherence index of the mapped `range` (seed 003; see
+    /// [`super::CoherenceIndex`]) through the IOMMU's driver: IOMMUs without one ignore it.
+    pub fn set_coherence_index(&self, range: AddrRange<Iova>, index: super::CoherenceIndex) {
+        self.hw.set_coherence_index(self.cfg.id, range, index);
+    }
+
     /// Drains every flush queue now: one whole-domain invalidation (unless a later one
     /// already finished), then every queued release. Nothing to do for a strict domain.
     pub fn flush(&self, g: &CpuGuard<'_, P>) {

@@ -378,6 +378,85 @@ mod tests {
         assert!(!q.due(20_999) && q.due(21_000));
     }
 
+    /// One step of the reference test.
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        /// Push a new item on this CPU, after advancing the clock by this much.
+        Push(usize, u64),
+        /// Flush everything.
+        Flush,
+        /// Release what finished flushes cover.
+        Reclaim,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0usize..3, 0u64..400).prop_map(|(c, dt)| Op::Push(c, dt)),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Reclaim),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a reference of (item, cpu, time, flushes finished when pushed): an item is
+        /// released exactly when a flush that started after its push has run, never twice;
+        /// no queue exceeds its bound; `due` says exactly whether the oldest unreleased item
+        /// is at least the age bound old.
+        #[test]
+        fn queues_release_exactly_what_a_later_flush_covers(ops in proptest::collection::vec(op(), 1..200)) {
+            const MAX: usize = 4;
+            const AGE: u64 = 1_000;
+            let q = FlushQueues::new(3, MAX, AGE).unwrap();
+            let mut now = 0u64;
+            let mut next = 0u32;
+            let mut flushes = 0u64;
+            // Reference: unreleased items (id, cpu, time, flushes before the push).
+            let mut live: Vec<(u32, usize, u64, u64)> = Vec::new();
+            let mut released: Vec<u32> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Push(cpu, dt) => {
+                        now += dt;
+                        let id = next;
+                        next += 1;
+                        let t = q.ticket();
+                        match q.push(cpu, t, now, id, &mut |i| released.push(i)) {
+                            Pushed::Queued | Pushed::QueuedFull => live.push((id, cpu, now, flushes)),
+                            Pushed::NoRoom(i) => {
+                                proptest::prop_assert_eq!(i, id);
+                                proptest::prop_assert_eq!(live.iter().filter(|l| l.1 == cpu).count(), MAX);
+                                continue;
+                            }
+                        }
+                    }
+                    Op::Flush => {
+                        proptest::prop_assert!(q.flush(|| {}, &mut |i| released.push(i)), "single-threaded flushes always run");
+                        flushes += 1;
+                        let mut gone: Vec<u32> = live.iter().map(|l| l.0).collect();
+                        live.clear();
+                        gone.sort_unstable();
+                        let mut got = core::mem::take(&mut released);
+                        got.sort_unstable();
+                        proptest::prop_assert_eq!(got, gone, "a flush releases everything pushed before it");
+                    }
+                    Op::Reclaim => {
+                        q.reclaim_all(&mut |i| released.push(i));
+                    }
+                }
+                // Nothing is released other than by a flush (every flush drained all).
+                proptest::prop_assert!(released.is_empty(), "released without a covering flush: {:?}", released);
+                for cpu in 0..3 {
+                    proptest::prop_assert!(live.iter().filter(|l| l.1 == cpu).count() <= MAX);
+                }
+                proptest::prop_assert_eq!(q.pending(), live.len());
+                let oldest = live.iter().map(|l| l.2).min();
+                proptest::prop_assert_eq!(q.due(now), oldest.is_some_and(|o| now - o >= AGE));
+                proptest::prop_assert!(live.iter().all(|l| l.3 == flushes));
+            }
+        }
+    }
+
     #[test]
     fn bad_bounds_are_errors() {
         assert!(FlushQueues::<u8>::new(0, 1, 1).is_err());

@@ -8,11 +8,13 @@
 //!    failed before mapping) goes straight back to the domain's IOVA source.
 //! 2. Table levels of a reserved window are installed over the domain's own page table
 //!    ([`super::reserve_levels`]).
+//! 3. Coherence indexes (seed 003) go to the domain's IOMMU driver
+//!    ([`Domain::set_coherence_index`]).
 #![forbid(unsafe_code)]
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::Result;
-use crate::iommu::{Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator};
+use crate::iommu::{CoherenceIndex, Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator};
 use crate::iova::{IovaRequest, IovaSource};
 use crate::pgtable::{Prot, PteFormat};
 use crate::platform::{CpuGuard, Platform};
@@ -79,5 +81,10 @@ where
 
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         reserve_levels(self.table(), g, range)
+    }
+
+    #[inline]
+    fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
+        Domain::set_coherence_index(self, range, index)
     }
 }

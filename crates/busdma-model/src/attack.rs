@@ -1,0 +1,568 @@
+//! Attack scenarios: busdma's IOMMU path against the hostile device, class by class.
+//!
+//! # Theory
+//!
+//! 1. **The rig.** Two devices behind one model IOMMU, each attached to its own domain: the
+//!    *attacker* (a [`HostileDevice`]) and a *victim* whose buffers hold secrets. Both load
+//!    their buffers through busdma's front end (`iommu-per-map` strategy) exactly as a driver
+//!    would; the attacker's tag is marked untrusted in mode `strict-untrusted`. Everything the
+//!    attacker must not learn (the rest of every page it is given part of, the victim's
+//!    buffers, freed buffers) is labelled secret; its own buffers are public.
+//! 2. **Ground truth.** The scenario grants the attacker a buffer's bytes when its load
+//!    returns and revokes them when its unload returns; the verdicts of [`crate::hostile`]
+//!    compare what the attacker really reached on the bus with that ledger.
+//! 3. **Classes.** Each class of [`AttackClass`] is one procedure below (`class_*`), repeated
+//!    until it has made its share of attempts. Classes that need a mechanism this mode does not
+//!    use (bounce pages outside `strict-untrusted`; deferred windows outside `deferred`) still
+//!    run their procedure, which then finds nothing to exploit.
+//! 4. **The deferred window** is measured by class 3: after an unload returns, the attacker
+//!    probes the stale bus address after each further unload of its own (the work that drives
+//!    the flush queue) until the access faults; the number of those unloads and the time since
+//!    the unload returned are the window, bounded by the queue's `max_entries` and `max_age`.
+#![forbid(unsafe_code)]
+
+use busdma::front::{Direction, KernelBuf, Strategy, SyncOp, Tag, TagSpec};
+use busdma::iommu::DomainId;
+use busdma::pgtable::{PteFormat, VtdSl};
+use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result};
+
+use crate::audit::PageKind;
+use crate::hostile::{
+    Access, AttackClass, HostileDevice, Outcome, Tally, page_base, public_fill, secret_fill,
+};
+use crate::{FrameBlock, FrameRequest, HostPlatform, ModelIommu, Placement};
+
+/// The attacker's device id.
+pub const ATTACKER: u32 = 0x100;
+/// The victim's device id.
+pub const VICTIM: u32 = 0x200;
+
+/// How the attacker's domain is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Strict invalidation, trusted device: page granularity is the only exposure.
+    Strict,
+    /// Strict invalidation, untrusted device: sub-page buffers are bounced.
+    StrictUntrusted,
+    /// Deferred invalidation (per-CPU flush queues).
+    Deferred,
+}
+
+impl Mode {
+    /// Every mode, in report order.
+    pub const ALL: [Mode; 3] = [Mode::Strict, Mode::StrictUntrusted, Mode::Deferred];
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Strict => "strict",
+            Mode::StrictUntrusted => "strict-untrusted",
+            Mode::Deferred => "deferred",
+        }
+    }
+}
+
+/// A domain as the model IOMMU's context needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct DomainUnderTest {
+    /// Its id (the IOTLB tag).
+    pub id: DomainId,
+    /// Root table.
+    pub root: PhysAddr,
+    /// Input width.
+    pub input_bits: u32,
+}
+
+/// The measured deferred window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    /// Most unloads after which a stale bus address still reached memory.
+    pub max_entries: u64,
+    /// Longest time (ns) from an unload's return to the last stale access that got through.
+    pub max_ns: u64,
+    /// Probe sequences run.
+    pub probes: u64,
+}
+
+/// The page-ownership check: every page reachable through either domain's tables (walked
+/// from RAM) is checked not to be busdma metadata in RAM (a page-table page).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// Walks of both domains' tables.
+    pub checks: u64,
+    /// Leaves seen over all walks.
+    pub leaves: u64,
+    /// Leaves that reached a page-table page.
+    pub exposed: u64,
+}
+
+/// What one mode's run found.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The mode.
+    pub mode: Mode,
+    /// Figures per class, in class order.
+    pub tallies: Vec<(AttackClass, Tally)>,
+    /// The deferred window (class 3).
+    pub window: Window,
+    /// Loads busdma refused (with the first error), per class: an attack that could not even
+    /// be set up is reported, not hidden.
+    pub refused: Vec<(AttackClass, u64, Option<Error>)>,
+    /// The page-ownership check.
+    pub ownership: Ownership,
+}
+
+impl Report {
+    /// The figures of one class.
+    pub fn tally(&self, class: AttackClass) -> Tally {
+        self.tallies.iter().find(|(c, _)| *c == class).map(|(_, t)| *t).unwrap_or_default()
+    }
+
+    /// The figures of every class together.
+    pub fn total(&self) -> Tally {
+        let mut t = Tally::default();
+        for (_, x) in &self.tallies {
+            t.add(x);
+        }
+        t
+    }
+}
+
+/// Bytes per probe read: 16, small enough that a probe of a page's neighbourhood tests many
+/// distinct offsets, large enough to carry a secret.
+const PROBE: usize = 16;
+/// Probes per loaded buffer in the neighbour and slack classes.
+const PROBES_PER_LOAD: u64 = 64;
+/// Unloads the window probe waits through before giving up: beyond any sane queue bound (the
+/// default is 256), so a missing flush shows as a window of this size.
+const WINDOW_GIVE_UP: u64 = 4096;
+
+/// The two devices' tags (maps borrow them while the rig's state changes).
+struct Tags<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>> {
+    attacker: Tag<'m, HostPlatform, SA>,
+    victim: Tag<'m, HostPlatform, SV>,
+}
+
+struct Rig<'m> {
+    m: &'m HostPlatform,
+    /// Root tables of the attacker's and the victim's domains (for the ownership check).
+    roots: [(PhysAddr, u32); 2],
+    /// Ownership checks run, and leaves found reaching page-table pages.
+    ownership: Ownership,
+    dev: HostileDevice<'m>,
+    iommu: &'m ModelIommu<'m>,
+    refused: Vec<(AttackClass, u64, Option<Error>)>,
+    window: Window,
+}
+
+/// A direct-mapped page of the model's RAM, every byte secret.
+fn secret_page<'m>(m: &'m HostPlatform, seed: u64) -> Result<(FrameBlock<'m>, KernVa)> {
+    let f = m.alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) })?;
+    m.write_phys(f.pa(), &secret_fill(seed, PAGE_SIZE as usize))?;
+    let kva = m.phys_to_kva(f.pa()).ok_or(Error::NotDirectMapped { pa: f.pa().raw() })?;
+    Ok((f, kva))
+}
+
+impl<'m> Rig<'m> {
+    /// Walks both domains' tables from RAM and counts leaves that reach a table page.
+    fn check_ownership(&mut self) {
+        for (root, levels) in self.roots {
+            let leaves = crate::audit::reachable::<VtdSl>(self.m, root, levels);
+            self.ownership.checks += 1;
+            self.ownership.leaves += leaves.len() as u64;
+            self.ownership.exposed += crate::audit::metadata_exposed(self.m, &leaves).len() as u64;
+        }
+    }
+
+    fn refuse(&mut self, class: AttackClass, e: Error) {
+        match self.refused.iter_mut().find(|r| r.0 == class) {
+            Some(r) => r.1 += 1,
+            None => self.refused.push((class, 1, Some(e))),
+        }
+    }
+
+    /// Class 1: a sub-page buffer in a page of secrets; the attacker reads around it.
+    fn class_subpage<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+    ) -> Result<()> {
+        let class = AttackClass::SubPageNeighbour;
+        let mut map = tags.attacker.create_map()?;
+        for round in 0..rounds {
+            let (page, kva) = secret_page(self.m, round)?;
+            let off = 64 * (1 + self.dev.random() % 32);
+            let len = 64 * (1 + self.dev.random() % 16);
+            let buf = page.pa().checked_add(off).ok_or(Error::Overflow { base: off, len })?;
+            self.m.write_phys(buf, &public_fill(round, len as usize))?;
+            let src = KernelBuf { kva: kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len };
+            if let Err(e) = map.load(&src, Direction::Bidirectional) {
+                self.refuse(class, e);
+                continue;
+            }
+            map.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
+            self.dev.truth().grant(buf, len, Access::ReadWrite);
+            if round % 64 == 0 {
+                self.check_ownership();
+            }
+            let bus = map.segments()[0].addr.raw();
+            let port = self.iommu.port(ATTACKER);
+            for _ in 0..PROBES_PER_LOAD {
+                let at = page_base(bus) + self.dev.random() % (PAGE_SIZE - PROBE as u64);
+                self.dev.try_read(class, &port, at, PROBE);
+            }
+            map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE)?;
+            map.unload()?;
+            self.dev.truth().revoke(buf, len, Access::ReadWrite);
+        }
+        Ok(())
+    }
+
+    /// Loads one public page-sized buffer for the attacker; returns its bus address.
+    fn load_page<S>(
+        &mut self,
+        class: AttackClass,
+        map: &mut busdma::front::DmaMap<'_, 'm, HostPlatform, S>,
+        seed: u64,
+        dir: Direction,
+    ) -> Result<Option<(u64, FrameBlock<'m>)>>
+    where
+        S: Strategy<HostPlatform>,
+    {
+        let f = self
+            .m
+            .alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) })?;
+        self.m.write_phys(f.pa(), &public_fill(seed, PAGE_SIZE as usize))?;
+        let kva = self.m.phys_to_kva(f.pa()).ok_or(Error::NotDirectMapped { pa: f.pa().raw() })?;
+        if let Err(e) = map.load(&KernelBuf { kva, len: PAGE_SIZE }, dir) {
+            self.refuse(class, e);
+            return Ok(None);
+        }
+        let access = match dir {
+            Direction::ToDevice => Access::Read,
+            Direction::FromDevice => Access::Write,
+            Direction::Bidirectional => Access::ReadWrite,
+        };
+        self.dev.truth().grant(f.pa(), PAGE_SIZE, access);
+        Ok(Some((map.segments()[0].addr.raw(), f)))
+    }
+
+    /// Class 2: the attacker uses a buffer (filling the IOTLB), the driver unloads it, the
+    /// buffer becomes someone else's secret, and the attacker tries the old address at once.
+    fn class_after_unmap<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+        probes: u64,
+    ) -> Result<()> {
+        let class = AttackClass::AfterUnmap;
+        let mut map = tags.attacker.create_map()?;
+        for round in 0..rounds {
+            let Some((bus, f)) = self.load_page(class, &mut map, round, Direction::Bidirectional)? else {
+                continue;
+            };
+            let port = self.iommu.port(ATTACKER);
+            self.dev.try_read(class, &port, bus, PROBE);
+            map.unload()?;
+            self.dev.truth().revoke(f.pa(), PAGE_SIZE, Access::ReadWrite);
+            self.m.write_phys(f.pa(), &secret_fill(round, PAGE_SIZE as usize))?;
+            for i in 0..probes {
+                if i % 2 == 0 {
+                    self.dev.try_read(class, &port, bus + (i * 64) % PAGE_SIZE, PROBE);
+                } else {
+                    self.dev.try_write(class, &port, bus + (i * 64) % PAGE_SIZE, &[0x11; PROBE]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Class 3: as class 2, then the attacker keeps probing the stale address after each of
+    /// its further unloads until it faults: the window.
+    fn class_deferred_window<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+    ) -> Result<()> {
+        let class = AttackClass::DeferredWindow;
+        let mut map = tags.attacker.create_map()?;
+        let mut churn = tags.attacker.create_map()?;
+        for round in 0..rounds {
+            let Some((bus, f)) = self.load_page(class, &mut map, round, Direction::Bidirectional)? else {
+                continue;
+            };
+            let port = self.iommu.port(ATTACKER);
+            self.dev.try_read(class, &port, bus, PROBE);
+            map.unload()?;
+            let t0 = self.m.monotonic_ns();
+            self.dev.truth().revoke(f.pa(), PAGE_SIZE, Access::ReadWrite);
+            self.m.write_phys(f.pa(), &secret_fill(round, PAGE_SIZE as usize))?;
+            let mut entries = 0u64;
+            let mut last_hit = None;
+            let stale = f.range();
+            loop {
+                let (outcome, seen) = self.m.watch_bus(|| self.dev.try_read(class, &port, bus, PROBE));
+                if outcome == Outcome::Faulted {
+                    break;
+                }
+                // A hit only if it reached the unloaded buffer (the IOVA may since have been
+                // reused, after its flush, for a buffer the attacker was given).
+                if seen.iter().any(|a| stale.contains(a.pa)) {
+                    last_hit = Some((entries, self.m.monotonic_ns() - t0));
+                }
+                if entries == WINDOW_GIVE_UP {
+                    break;
+                }
+                // One more unload of the attacker's own: what drives the flush queue.
+                if let Some((_, g)) = self.load_page(class, &mut churn, round, Direction::ToDevice)? {
+                    churn.unload()?;
+                    self.dev.truth().revoke(g.pa(), PAGE_SIZE, Access::Read);
+                }
+                entries += 1;
+            }
+            self.window.probes += 1;
+            if let Some((e, ns)) = last_hit {
+                self.window.max_entries = self.window.max_entries.max(e + 1);
+                self.window.max_ns = self.window.max_ns.max(ns);
+            }
+        }
+        Ok(())
+    }
+
+    /// Class 4: the victim's buffers are live in its own domain; the attacker emits their bus
+    /// addresses.
+    fn class_other_domain<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+    ) -> Result<()> {
+        let class = AttackClass::OtherDomain;
+        let mut vmap = tags.victim.create_map()?;
+        let mut own = tags.attacker.create_map()?;
+        for round in 0..rounds {
+            let (page, kva) = secret_page(self.m, round)?;
+            if let Err(e) = vmap.load(&KernelBuf { kva, len: PAGE_SIZE }, Direction::Bidirectional) {
+                self.refuse(class, e);
+                continue;
+            }
+            // The attacker has a live buffer of its own too, likely at the same bus address.
+            let mine = self.load_page(class, &mut own, round, Direction::Bidirectional)?;
+            let target = vmap.segments()[0].addr.raw();
+            if round % 64 == 0 {
+                self.check_ownership();
+            }
+            let port = self.iommu.port(ATTACKER);
+            for i in 0..PROBES_PER_LOAD {
+                let at = target + (i * 61) % (PAGE_SIZE - PROBE as u64);
+                self.dev.try_read(class, &port, at, PROBE);
+            }
+            vmap.unload()?;
+            if let Some((_, f)) = mine {
+                own.unload()?;
+                self.dev.truth().revoke(f.pa(), PAGE_SIZE, Access::ReadWrite);
+            }
+            drop(page);
+        }
+        Ok(())
+    }
+
+    /// Class 5: random bus addresses, half over the whole input space, half near the live
+    /// mappings of both devices.
+    fn class_random_scan<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        attempts: u64,
+        input_bits: u32,
+    ) -> Result<()> {
+        let class = AttackClass::RandomScan;
+        let mut own = tags.attacker.create_map()?;
+        let mut vmap = tags.victim.create_map()?;
+        let (_vpage, vkva) = secret_page(self.m, 99)?;
+        vmap.load(&KernelBuf { kva: vkva, len: PAGE_SIZE }, Direction::Bidirectional)?;
+        let mine = self.load_page(class, &mut own, 5, Direction::Bidirectional)?;
+        let anchors = [vmap.segments()[0].addr.raw(), mine.as_ref().map_or(0, |(b, _)| *b)];
+        self.check_ownership();
+        let port = self.iommu.port(ATTACKER);
+        let space = if input_bits >= 64 { u64::MAX } else { (1u64 << input_bits) - 1 };
+        for i in 0..attempts {
+            let r = self.dev.random();
+            let at = if i % 2 == 0 {
+                r & space
+            } else {
+                // Within 64 pages of an anchor.
+                let a = anchors[(i / 2) as usize % anchors.len()];
+                (a & !(PAGE_SIZE - 1)).wrapping_add((r % (128 * PAGE_SIZE)).wrapping_sub(64 * PAGE_SIZE))
+                    & space
+            };
+            if i % 8 == 7 {
+                self.dev.try_write(class, &port, at, &[0x22; PROBE]);
+            } else {
+                self.dev.try_read(class, &port, at, PROBE);
+            }
+        }
+        vmap.unload()?;
+        if let Some((_, f)) = mine {
+            own.unload()?;
+            self.dev.truth().revoke(f.pa(), PAGE_SIZE, Access::ReadWrite);
+        }
+        Ok(())
+    }
+
+    /// Class 7: sub-page buffers (bounced by an untrusted tag); the bounce page a load used is
+    /// filled with another user's secret once it is free again, so the next load's page holds
+    /// stale data unless busdma scrubs it; the attacker reads all over the IOMMU page of its
+    /// segment. Only pages the platform handed out as DMA pages (bounce pages) are probed: a
+    /// mode that bounces nothing makes no attempt here (its exposure is class 1's).
+    fn class_bounce_slack<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+    ) -> Result<()> {
+        let class = AttackClass::BounceSlack;
+        let mut map = tags.attacker.create_map()?;
+        for round in 0..rounds {
+            let (page, kva) = secret_page(self.m, round)?;
+            let off = 64 * (1 + self.dev.random() % 32);
+            let len = 64 * (1 + self.dev.random() % 16);
+            let buf = page.pa().checked_add(off).ok_or(Error::Overflow { base: off, len })?;
+            self.m.write_phys(buf, &public_fill(round, len as usize))?;
+            let src = KernelBuf { kva: kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len };
+            if let Err(e) = map.load(&src, Direction::Bidirectional) {
+                self.refuse(class, e);
+                continue;
+            }
+            map.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
+            self.dev.truth().grant(buf, len, Access::ReadWrite);
+            let bus = map.segments()[0].addr.raw();
+            let bounce = self
+                .iommu
+                .translate(ATTACKER, busdma::Iova::new(bus), false)
+                .ok()
+                .filter(|pa| self.m.page_kind(*pa) == PageKind::Dma);
+            if let Some(bounce) = bounce {
+                let port = self.iommu.port(ATTACKER);
+                for _ in 0..PROBES_PER_LOAD {
+                    let at = page_base(bus) + self.dev.random() % (PAGE_SIZE - PROBE as u64);
+                    self.dev.try_read(class, &port, at, PROBE);
+                }
+                map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE)?;
+                map.unload()?;
+                // Free again: another user's secret passes through it.
+                self.m.write_phys(bounce.page_base(), &secret_fill(round ^ 0x5a5a, PAGE_SIZE as usize))?;
+            } else {
+                map.unload()?;
+            }
+            self.dev.truth().revoke(buf, len, Access::ReadWrite);
+        }
+        Ok(())
+    }
+
+    /// Class 8: writes through a to-device (read-only) mapping of the attacker's own buffer.
+    fn class_write_read_only<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+    ) -> Result<()> {
+        let class = AttackClass::WriteReadOnly;
+        let mut map = tags.attacker.create_map()?;
+        for round in 0..rounds {
+            let Some((bus, f)) = self.load_page(class, &mut map, round, Direction::ToDevice)? else {
+                continue;
+            };
+            map.sync(SyncOp::PREWRITE)?;
+            let port = self.iommu.port(ATTACKER);
+            for i in 0..PROBES_PER_LOAD / 4 {
+                self.dev.try_write(class, &port, bus + (i * 256) % PAGE_SIZE, &[0x33; PROBE]);
+            }
+            map.unload()?;
+            self.dev.truth().revoke(f.pa(), PAGE_SIZE, Access::Read);
+        }
+        Ok(())
+    }
+}
+
+/// How many attempts each class makes (roughly; whole rounds are run).
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Target attempts per class.
+    pub per_class: u64,
+    /// Seed of the attacker's random choices.
+    pub seed: u64,
+    /// Run only this class (all when `None`).
+    pub only: Option<AttackClass>,
+}
+
+/// Runs every class against busdma in `mode`: the attacker's domain is `attacker`, the
+/// victim's `victim`; both are attached to `iommu` here.
+///
+/// Errors: a failure of the rig itself (out of memory, a refused attach); refusals of single
+/// loads by busdma are reported in [`Report::refused`] instead.
+#[allow(clippy::too_many_arguments)] // two devices, each a domain and a strategy
+pub fn run<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+    m: &'m HostPlatform,
+    iommu: &'m ModelIommu<'m>,
+    attacker: DomainUnderTest,
+    attacker_strategy: SA,
+    victim: DomainUnderTest,
+    victim_strategy: SV,
+    mode: Mode,
+    plan: Plan,
+) -> Result<Report> {
+    use crate::{Context, TableFormat};
+    iommu.attach(
+        ATTACKER,
+        Context::new(attacker.id, attacker.root, TableFormat::VtdSecondLevel, attacker.input_bits),
+    )?;
+    iommu.attach(
+        VICTIM,
+        Context::new(victim.id, victim.root, TableFormat::VtdSecondLevel, victim.input_bits),
+    )?;
+    let mut spec = TagSpec::new(64 << 10, 16);
+    spec.flags.untrusted = mode == Mode::StrictUntrusted;
+    let input_bits = attacker.input_bits;
+    let victim_bits = victim.input_bits;
+    let tags = Tags {
+        attacker: Tag::new_root(m, attacker_strategy, spec)?,
+        victim: Tag::new_root(m, victim_strategy, TagSpec::new(64 << 10, 16))?,
+    };
+    let levels = |bits: u32| VtdSl::levels(bits);
+    let roots = [(attacker.root, levels(input_bits)?), (victim.root, levels(victim_bits)?)];
+    let mut rig = Rig {
+        m,
+        roots,
+        ownership: Ownership::default(),
+        dev: HostileDevice::new(m, plan.seed),
+        iommu,
+        refused: Vec::new(),
+        window: Window::default(),
+    };
+    let n = plan.per_class;
+    let on = |c: AttackClass| plan.only.is_none_or(|o| o == c);
+    if on(AttackClass::SubPageNeighbour) {
+        rig.class_subpage(&tags, n.div_ceil(PROBES_PER_LOAD))?;
+    }
+    if on(AttackClass::AfterUnmap) {
+        rig.class_after_unmap(&tags, n.div_ceil(17), 16)?;
+    }
+    if on(AttackClass::DeferredWindow) {
+        // Each round of the window probe costs up to a queue's worth of unloads: few rounds.
+        rig.class_deferred_window(&tags, (n / 1000).clamp(1, 200))?;
+    }
+    if on(AttackClass::OtherDomain) {
+        rig.class_other_domain(&tags, n.div_ceil(PROBES_PER_LOAD))?;
+    }
+    if on(AttackClass::RandomScan) {
+        rig.class_random_scan(&tags, n, input_bits)?;
+    }
+    if on(AttackClass::BounceSlack) {
+        rig.class_bounce_slack(&tags, n.div_ceil(PROBES_PER_LOAD))?;
+    }
+    if on(AttackClass::WriteReadOnly) {
+        rig.class_write_read_only(&tags, n.div_ceil(PROBES_PER_LOAD / 4))?;
+    }
+    rig.check_ownership();
+    let tallies = AttackClass::ALL.iter().map(|&c| (c, rig.dev.tally(c))).collect();
+    let _ = iommu.detach(ATTACKER);
+    let _ = iommu.detach(VICTIM);
+    Ok(Report { mode, tallies, window: rig.window, refused: rig.refused, ownership: rig.ownership })
+}
