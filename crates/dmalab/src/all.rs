@@ -60,7 +60,7 @@ const JOBS: &[Job] = &[
     Job {
         name: "bench-inval",
         args: &["bench", "inval"],
-        values: ("ns_per_cycle", None),
+        values: ("ns_per_op", None),
         unit: "ns per map/unmap cycle",
     },
     Job {
@@ -170,6 +170,27 @@ mod tests {
                 c = c.find_subcommand(a).unwrap_or_else(|| panic!("{}: no subcommand {a}", job.name));
             }
             assert!(c.get_arguments().any(|a| a.get_id() == "json"), "{} has no --json", job.name);
+        }
+    }
+
+    #[test]
+    fn every_job_plots_a_field_its_command_prints() {
+        // The plotted fields are named in the command's own source (its row struct or json!).
+        let sources = [
+            ("tcpbench", include_str!("tcpbench.rs")),
+            ("bench-iova", include_str!("bench_iova.rs")),
+            ("bench-pgtable", include_str!("bench_pgtable.rs")),
+            ("bench-map", include_str!("bench_map.rs")),
+            ("bench-inval", include_str!("bench_inval.rs")),
+            ("bench-bounce", include_str!("bench_bounce.rs")),
+            ("bench-pin", include_str!("bench_pin.rs")),
+            ("attack", include_str!("attack.rs")),
+        ];
+        for job in JOBS {
+            let (_, src) = sources.iter().find(|(n, _)| *n == job.name).expect("a source for every job");
+            for v in [Some(job.values.0), job.values.1].into_iter().flatten() {
+                assert!(src.contains(v), "{}: its command never prints {v}", job.name);
+            }
         }
     }
 
