@@ -79,7 +79,7 @@ const JOBS: &[Job] = &[
 ];
 
 /// Runs one job; returns its rows.
-fn run_job(job: &Job, quick: bool) -> Result<Vec<Map<String, Value>>, String> {
+fn run_job(job: &Job, quick: bool) -> Result<Rows, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the dmalab binary: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.args(job.args).arg("--json");
@@ -140,8 +140,11 @@ fn plot_job(dir: &Path, job: &Job, rows: &[Map<String, Value>]) -> Result<(), St
     Ok(())
 }
 
+/// The rows one command printed.
+pub type Rows = Vec<Map<String, Value>>;
+
 /// Runs every job; returns `(job name, rows)` in order.
-pub fn run(args: &AllArgs) -> Result<Vec<(&'static str, Vec<Map<String, Value>>)>, String> {
+pub fn run(args: &AllArgs) -> Result<Vec<(&'static str, Rows)>, String> {
     if let Some(dir) = &args.plot {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
