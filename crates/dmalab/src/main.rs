@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod all;
 mod attack;
 mod bench_bounce;
 mod bench_inval;
@@ -96,6 +97,13 @@ enum Command {
         machine: MachineArgs,
         #[command(flatten)]
         args: tcpbench::TcpArgs,
+    },
+    /// Run every command of the lab, print every result, write the plots.
+    All {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: all::AllArgs,
     },
     /// Print the machine model's configuration.
     Info {
@@ -273,6 +281,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::All { common, args } => all::run(args).map(|results| {
+            if common.json {
+                // Each row gains a leading "command" field naming the command that produced it.
+                for (name, rows) in &results {
+                    for row in rows {
+                        let mut tagged = serde_json::Map::new();
+                        tagged.insert("command".into(), (*name).into());
+                        tagged.extend(row.clone());
+                        println!("{}", serde_json::Value::Object(tagged));
+                    }
+                }
+            } else {
+                for (name, rows) in &results {
+                    println!("== {name}");
+                    let mut r = Report::new();
+                    for row in rows {
+                        r.push(row);
+                    }
+                    r.print(false);
+                    println!();
+                }
+            }
+        }),
         Command::Attack { common, machine, args } => {
             machine.config().and_then(|c| attack::run_cmd(common.json, c, args))
         }
