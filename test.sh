@@ -64,6 +64,7 @@ qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU s
 
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
+cargo run --release --quiet -- bench iova --json --live 1000 --millis 10 >/dev/null || die "dmalab bench iova"
 cargo run --release --quiet -- attack --per-class 2000 --json >/dev/null || die "dmalab attack"
 cargo run --release --quiet -- bench inval --ops 200 --rounds 1 --json >/dev/null 2>&1 || die "dmalab bench inval"
 

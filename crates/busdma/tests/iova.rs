@@ -546,3 +546,10 @@ proptest! {
         run(&ops, caches, true)?;
     }
 }
+
+#[test]
+fn allocators_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<IovaAllocator>();
+    send_sync::<ExtentAllocator>();
+}

@@ -46,7 +46,7 @@ fn rounds_freed_on_one_cpu_are_allocated_once_on_the_other() {
         // CPU 1 allocates what the depot offers (maybe nothing yet) and frees it back.
         let m1 = m.clone();
         let t1 = thread::spawn(move || {
-            let got = m1.cpus[1].lock().alloc(CLASS, 1, u64::MAX, &m1.depot);
+            let got = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot);
             if let Some(s) = got {
                 assert!(s < 3);
                 assert!(m1.cpus[1].lock().free(CLASS, s, &m1.depot));
@@ -74,7 +74,7 @@ fn a_flush_racing_both_cpus_loses_and_duplicates_nothing() {
         let taker = thread::spawn(move || {
             let mut held = Vec::new();
             for _ in 0..2 {
-                if let Some(s) = m1.cpus[1].lock().alloc(CLASS, 1, u64::MAX, &m1.depot) {
+                if let Some(s) = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot) {
                     held.push(s);
                 }
             }

@@ -4,6 +4,7 @@
 mod attack;
 mod bench_bounce;
 mod bench_inval;
+mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
 mod plot;
@@ -107,6 +108,14 @@ enum Bench {
         machine: MachineArgs,
         #[command(flatten)]
         args: bench_map::MapArgs,
+    },
+    /// IOVA allocators (busdma with and without caches, vm-allocator, extent) under a
+    /// fragmented space: ns per alloc+free pair.
+    Iova {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: bench_iova::IovaArgs,
     },
     /// Map/unmap cycle cost under strict and deferred IOTLB invalidation (model IOMMU).
     Inval {
@@ -258,6 +267,11 @@ fn main() -> ExitCode {
         }
         Command::Tcpbench { common, machine, args } => tcpbench_cmd(common, machine, args),
         Command::Bench(Bench::Map { common, machine, args }) => bench_map_cmd(common, machine, args),
+        Command::Bench(Bench::Iova { common, args }) => bench_iova::run(args).map(|rows| {
+            let mut r = Report::new();
+            rows.into_iter().for_each(|row| r.push(row));
+            r.print(common.json);
+        }),
         Command::Bench(Bench::Bounce { common, args }) => bench_bounce::run(args).map(|rows| {
             let mut r = Report::new();
             rows.into_iter().for_each(|row| r.push(row));

@@ -36,6 +36,32 @@ impl ExtentAllocator {
         Ok(Self { space, ranges: SpinLock::new(Vec::new()) })
     }
 
+    /// Occupies exactly `range` (page-aligned, inside the space, free), like extent(9)'s
+    /// `extent_alloc_region`. O(n) worst case, O(1) when regions are added in ascending order.
+    ///
+    /// Errors: [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::AlreadyMapped`].
+    pub fn reserve(&self, range: AddrRange<Iova>) -> Result<()> {
+        let (s, e) = (range.start().raw(), range.end().raw());
+        if (s | e) % crate::addr::PAGE_SIZE != 0 {
+            return Err(Error::Misaligned { value: s | e, align: crate::addr::PAGE_SIZE });
+        }
+        if !self.space.contains_range(&range) {
+            return Err(Error::OutOfRange { addr: s, limit: self.space.end().raw() });
+        }
+        let mut ranges = self.ranges.lock();
+        let i = ranges.partition_point(|r| r.0 < s);
+        let clash = ranges
+            .get(i)
+            .filter(|r| r.0 < e)
+            .or_else(|| i.checked_sub(1).and_then(|j| ranges.get(j)).filter(|r| r.1 > s));
+        if let Some(r) = clash {
+            return Err(Error::AlreadyMapped { addr: r.0.max(s) });
+        }
+        ranges.try_reserve(1).map_err(|_| Error::NoMemory { requested: 16 })?;
+        ranges.insert(i, (s, e));
+        Ok(())
+    }
+
     /// Number of live ranges.
     pub fn live(&self) -> usize {
         self.ranges.lock().len()

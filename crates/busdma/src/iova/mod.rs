@@ -25,16 +25,18 @@
 //!    [`IovaAllocator`] is all three; with `IovaConfig::caches == false` it is the slow path
 //!    alone. [`extent::ExtentAllocator`] is the baseline the lab compares against.
 //!
-//! 3. **Size classes.** With caches on, a request of up to 64 pages is rounded up to its power
-//!    of two *in the tree* and placed naturally aligned (a range of 2^k pages at a multiple of
-//!    2^k pages), so any cached range of a class serves any request of that class whose
-//!    alignment is at most the class size, and never crosses a boundary (a boundary is a power
-//!    of two at least the size, hence at least the class). A cached range must still end below
-//!    the request's limit; the magazine's top round is checked and a miss goes to the tree.
-//!    The caller receives exactly the size it asked for; the rounding is the allocator's.
-//!    If no naturally aligned class range fits even after a flush, the request is placed
-//!    exactly (its own size and alignment) as a plain allocation, so rounding never makes a
-//!    request fail that could fit.
+//! 3. **Size classes.** With caches on, a request of up to 64 pages occupies its class size
+//!    (its page count rounded up to a power of two) *in the tree*, naturally aligned (a range
+//!    of 2^k pages at a multiple of 2^k pages, as Linux's size-aligned IOVAs), so any cached
+//!    range of a class serves any request of that class with an alignment up to the class size,
+//!    and never crosses a boundary (a power of two at least the size, hence at least the
+//!    class); the caller receives exactly the size it asked for. In a space too fragmented
+//!    for a naturally aligned range, a class range with the request's own alignment is tried
+//!    next. A magazine's top round serves a request only if it honours the request's
+//!    alignment, boundary and limit (checked, not assumed); otherwise the request goes to the
+//!    tree. If no class range fits, the request is placed exactly (its own size and
+//!    alignment) as a plain, uncached allocation, so rounding never makes a request fail that
+//!    could fit.
 //!
 //! 4. **Double frees are detected, never cached.** The tree knows every occupied range; a
 //!    class range stays occupied in the tree while it sits in a cache. The *live map*
@@ -48,7 +50,8 @@
 //!    (the whole class range is freed), and a free of a range that was reallocated in between
 //!    (that is the caller's use-after-free; nothing can tell it from a legitimate free).
 //!
-//! 5. **Exhaustion.** When the tree has no fit, every CPU's magazines and the depot are
+//! 5. **Exhaustion.** When the tree has no fit (neither class-size nor exact), every CPU's
+//!    magazines and the depot are
 //!    flushed back to the tree (each CPU cache sits behind its own lock for exactly this
 //!    reason, see [`magazine`]) and the request is retried once; only then is
 //!    [`Error::Exhausted`] returned.
@@ -195,6 +198,7 @@ fn check_space(space: AddrRange<Iova>) -> Result<()> {
 }
 
 impl Validated {
+    #[inline]
     pub(crate) fn new(req: &IovaRequest, space: AddrRange<Iova>) -> Result<Self> {
         let size = req.size;
         if size == 0 {
@@ -339,6 +343,7 @@ impl IovaAllocator {
         (addr - self.space.start().raw()) >> PAGE_SHIFT
     }
 
+    #[inline]
     fn cpu_cache(&self, cpu: usize) -> Result<&SpinLock<CpuCache>> {
         self.cpus
             .get(cpu)
@@ -372,38 +377,57 @@ impl IovaAllocator {
         }
     }
 
+    #[inline]
     fn range(start: u64, size: u64) -> Result<AddrRange<Iova>> {
         AddrRange::from_start_len(Iova::new(start), size)
     }
 
-    /// The slow path for a class-size request: a naturally aligned class range, else (after a
-    /// flush) an exact plain allocation.
+    /// The slow path for a class-size request: a class range (cacheable), else an exact
+    /// plain allocation (not cacheable: rounding must never make a fitting request fail);
+    /// when neither fits, flush every cache and try both once more.
     #[cold]
     fn alloc_class_slow(&self, v: &Validated, c: usize) -> Result<AddrRange<Iova>> {
         let cb = class_bytes(c);
-        let fit = Fit {
+        // Naturally aligned first; a boundary is a power of two at least the size, hence at
+        // least the class size, so such a range never crosses one. In a space too fragmented
+        // for that, a class range with the request's own alignment and boundary (still
+        // cacheable: every cache hit checks its round against the request).
+        let natural = Fit {
             size: cb,
             total: cb + self.guard,
             align: v.align.max(cb),
             boundary: v.boundary,
             limit: v.limit,
         };
-        match self.with_retry(|t| t.alloc(&fit, Kind::Class)) {
-            Ok(s) => {
-                if let Err(e) = self.mark_live(s, c) {
-                    // Give the range back: it cannot be tracked, so it must not be handed out.
-                    let _ = self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None);
-                    return Err(e);
+        let loose = Fit { align: v.align, ..natural };
+        for attempt in 0..2 {
+            let mut t = self.tree.lock();
+            let class = match t.alloc(&natural, Kind::Class) {
+                Err(Error::Exhausted { .. }) if loose != natural => t.alloc(&loose, Kind::Class),
+                r => r,
+            };
+            match class {
+                Ok(s) => {
+                    drop(t);
+                    if let Err(e) = self.mark_live(s, c) {
+                        // It cannot be tracked, so it must not be handed out.
+                        let _ = self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None);
+                        return Err(e);
+                    }
+                    return Self::range(s, v.size);
                 }
-                Self::range(s, v.size)
+                Err(Error::Exhausted { .. }) => {}
+                Err(e) => return Err(e),
             }
-            // Caches are flushed by now: the exact request is the last chance.
-            Err(Error::Exhausted { .. }) => {
-                let s = self.tree.lock().alloc(&v.fit(self.guard), Kind::Allocated)?;
-                Self::range(s, v.size)
+            match t.alloc(&v.fit(self.guard), Kind::Allocated) {
+                Ok(s) => return Self::range(s, v.size),
+                Err(Error::Exhausted { .. }) if attempt == 0 => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
+            drop(t);
+            self.flush_caches();
         }
+        Err(Error::Exhausted { size: v.size, limit: v.limit })
     }
 
     fn give_back(&self, c: usize, mags: Vec<Vec<u64>>) {
@@ -573,10 +597,17 @@ impl IovaSource for IovaAllocator {
             return Self::range(s, v.size);
         };
         let cb = class_bytes(c);
-        if v.align <= cb {
+        {
+            let (size, align, limit) = (v.size, v.align, v.limit);
+            let boundary_mask = !v.boundary.wrapping_sub(1);
+            let fits = |s: u64| {
+                s & (align - 1) == 0
+                    && s + size <= limit
+                    && (v.boundary == 0 || (s ^ (s + size - 1)) & boundary_mask == 0)
+            };
             let mut cc = cache.lock();
             let gets = cc.stats.depot_gets;
-            let hit = cc.alloc(c, cb, v.limit, &self.depot);
+            let hit = cc.alloc(c, fits, &self.depot);
             let went_to_depot = cc.stats.depot_gets != gets;
             drop(cc);
             if went_to_depot {
