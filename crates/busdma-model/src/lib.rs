@@ -29,7 +29,9 @@ pub mod dma;
 pub mod host;
 pub mod hostile;
 pub mod iommu;
+pub mod linux_pin;
 pub mod ram;
+pub mod uspace;
 
 pub use audit::{BusAccess, PageKind};
 pub use cache::{Cache, CacheConfig, CachedCpu, Coherence, Indexing, Snoop};

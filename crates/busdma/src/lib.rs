@@ -39,6 +39,8 @@ pub mod iommu;
 pub mod iova;
 #[cfg(feature = "alloc")]
 pub mod pgtable;
+#[cfg(feature = "alloc")]
+pub mod pin;
 pub mod platform;
 #[cfg(feature = "alloc")]
 pub mod quickmap;

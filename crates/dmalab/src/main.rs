@@ -7,6 +7,7 @@ mod bench_inval;
 mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
+mod bench_pin;
 mod plot;
 mod report;
 mod tcpbench;
@@ -142,6 +143,8 @@ enum Bench {
         #[command(flatten)]
         args: bench_pgtable::PgtableArgs,
     },
+    /// Pre-registered memory: ua_to_pa, busdma's registry vs a linear list (Linux's walk).
+    Pin(bench_pin::PinArgs),
 }
 
 fn bench_map_cmd(common: &Common, machine: &MachineArgs, args: &bench_map::MapArgs) -> Result<(), String> {
@@ -278,6 +281,7 @@ fn main() -> ExitCode {
             r.print(common.json);
         }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
         Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
     match result {

@@ -45,6 +45,7 @@ pub mod coherent;
 pub mod debug;
 pub mod load;
 pub mod map;
+pub mod registered;
 pub mod segments;
 pub mod strategy;
 pub mod tag;
@@ -54,6 +55,7 @@ pub use cache_sync::{SyncOp, SyncStats};
 pub use coherent::{Coherent, DmaMemory};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
+pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};
 pub use strategy::{
     Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
