@@ -1,6 +1,7 @@
 //! `dmalab`: the busdma lab. Every command prints a human table by default and JSON Lines
 //! with `--json`.
 
+mod all;
 mod attack;
 mod bench_bounce;
 mod bench_inval;
@@ -10,6 +11,7 @@ mod bench_pgtable;
 mod bench_pin;
 mod plot;
 mod report;
+mod soak;
 mod tcpbench;
 
 use std::process::ExitCode;
@@ -70,6 +72,13 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// Random mixed workload on every strategy with invariant checks; fails on any violation.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: soak::SoakArgs,
+    },
     /// The hostile device against busdma's IOMMU path: attempts, escapes, bytes leaked per
     /// attack class and mode, and the deferred window.
     Attack {
@@ -88,6 +97,13 @@ enum Command {
         machine: MachineArgs,
         #[command(flatten)]
         args: tcpbench::TcpArgs,
+    },
+    /// Run every command of the lab, print every result, write the plots.
+    All {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: all::AllArgs,
     },
     /// Print the machine model's configuration.
     Info {
@@ -265,6 +281,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { common, machine } => info(common, machine),
+        Command::All { common, args } => all::run(args).map(|results| {
+            if common.json {
+                // Each row gains a leading "command" field naming the command that produced it.
+                for (name, rows) in &results {
+                    for row in rows {
+                        let mut tagged = serde_json::Map::new();
+                        tagged.insert("command".into(), (*name).into());
+                        tagged.extend(row.clone());
+                        println!("{}", serde_json::Value::Object(tagged));
+                    }
+                }
+            } else {
+                for (name, rows) in &results {
+                    println!("== {name}");
+                    let mut r = Report::new();
+                    for row in rows {
+                        r.push(row);
+                    }
+                    r.print(false);
+                    println!();
+                }
+            }
+        }),
         Command::Attack { common, machine, args } => {
             machine.config().and_then(|c| attack::run_cmd(common.json, c, args))
         }
@@ -281,6 +320,13 @@ fn main() -> ExitCode {
             r.print(common.json);
         }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Soak { common, args } => soak::run(args).and_then(|row| {
+            let violations = row.violations;
+            let mut r = Report::new();
+            r.push(row);
+            r.print(common.json);
+            if violations == 0 { Ok(()) } else { Err(format!("soak: {violations} violations")) }
+        }),
         Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
         Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };
