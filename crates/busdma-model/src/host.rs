@@ -119,6 +119,13 @@ pub struct HostCounters {
     pub quick_maps: AtomicU64,
     /// MMIO accesses that hit no registered device.
     pub mmio_unclaimed: AtomicU64,
+    /// Calls to [`Platform::alloc_table_page`] and [`Platform::alloc_pages`] so far, failed
+    /// ones included (the numbering [`HostPlatform::fail_nth_alloc`] counts in).
+    pub alloc_attempts: AtomicU64,
+    /// The attempt number that fails on purpose (0: none); see [`HostPlatform::fail_nth_alloc`].
+    fail_alloc_at: AtomicU64,
+    /// Allocations failed on purpose.
+    pub injected_failures: AtomicU64,
 }
 
 /// The hosted implementation of [`busdma::Platform`].
@@ -305,6 +312,33 @@ impl HostPlatform {
     /// Counters.
     pub fn counters(&self) -> &HostCounters {
         &self.counters
+    }
+
+    /// Fault injection: makes the `n`-th page allocation from now (1 = the next) through
+    /// [`Platform::alloc_table_page`] or [`Platform::alloc_pages`] fail with
+    /// [`Error::NoMemory`]; `None` cancels. One failure per call. The check is an ordinary
+    /// counter in every build, so a test drives the very paths a real out-of-memory takes
+    /// (illumos vmem's `mtbf`, made deterministic).
+    pub fn fail_nth_alloc(&self, n: Option<u64>) {
+        let now = self.counters.alloc_attempts.load(Ordering::Relaxed);
+        let at = n.map_or(0, |n| now.saturating_add(n.max(1)));
+        self.counters.fail_alloc_at.store(at, Ordering::Relaxed);
+    }
+
+    /// Page allocations attempted so far (see [`HostPlatform::fail_nth_alloc`]).
+    pub fn alloc_attempts(&self) -> u64 {
+        self.counters.alloc_attempts.load(Ordering::Relaxed)
+    }
+
+    /// Counts one allocation attempt of `pages` pages; fails it if it is the chosen one.
+    fn injected_failure(&self, pages: u64) -> Result<()> {
+        let n = self.counters.alloc_attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == self.counters.fail_alloc_at.load(Ordering::Relaxed) {
+            self.counters.fail_alloc_at.store(0, Ordering::Relaxed);
+            self.counters.injected_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::NoMemory { requested: pages * PAGE_SIZE });
+        }
+        Ok(())
     }
 
     /// Allocates a run of frames, returned to the allocator when the block drops.
@@ -607,6 +641,7 @@ impl Platform for HostPlatform {
     }
 
     fn alloc_table_page(&self) -> Result<TablePage> {
+        self.injected_failure(1)?;
         let req = FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) };
         let pa = self.frames.alloc(req)?;
         self.fill_fresh(pa, PAGE_SIZE)?;
@@ -628,6 +663,7 @@ impl Platform for HostPlatform {
     }
 
     fn alloc_pages(&self, req: &PageRequest) -> Result<PhysAddr> {
+        self.injected_failure(req.pages)?;
         let fr =
             FrameRequest { pages: req.pages, align: req.align, below: req.below, placement: req.placement };
         let pa = self.frames.alloc(fr)?;

@@ -303,6 +303,30 @@ fn free_with_a_wrong_size_is_detected_and_changes_nothing() {
     }
 }
 
+/// Found by the `iova_ops` fuzz target (regression of its first finding): 6 pages freed as 7
+/// round to the same 8-page class; the live map records the exact page count, so the free is
+/// refused and the correct one still works, on whichever CPU it happens.
+#[test]
+fn free_with_a_wrong_size_in_the_same_size_class_is_detected() {
+    let a = allocator(1024, true, false);
+    for (pages, wrong) in [(6, 7), (7, 6), (5, 8), (3, 4), (33, 64), (64, 33)] {
+        let r = on_cpu(0, |g| a.alloc(g, &req(pages, P, 0, 256 * P + 512 * P)).unwrap());
+        let bad = AddrRange::from_start_len(r.start(), wrong * P).unwrap();
+        for cpu in [0, 1] {
+            assert_eq!(
+                on_cpu(cpu, |g| a.free(g, bad)),
+                Err(Error::WrongSize { addr: r.start().raw(), given: wrong * P, actual: pages * P }),
+                "{pages} freed as {wrong} on CPU {cpu}"
+            );
+        }
+        on_cpu(1, |g| a.free(g, r)).unwrap();
+        assert!(matches!(on_cpu(0, |g| a.free(g, r)), Err(Error::DoubleFree { .. })));
+    }
+    a.flush_caches();
+    assert_eq!(a.free_bytes(), 1024 * P);
+    a.check_invariants().unwrap();
+}
+
 #[test]
 fn windows_reject_bad_input() {
     let a = allocator(64, true, false);

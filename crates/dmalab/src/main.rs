@@ -11,6 +11,7 @@ mod bench_pgtable;
 mod bench_pin;
 mod plot;
 mod report;
+mod soak;
 mod tcpbench;
 
 use std::process::ExitCode;
@@ -71,6 +72,13 @@ enum Command {
     /// Benchmarks, each comparing designs side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
+    /// Random mixed workload on every strategy with invariant checks; fails on any violation.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: soak::SoakArgs,
+    },
     /// The hostile device against busdma's IOMMU path: attempts, escapes, bytes leaked per
     /// attack class and mode, and the deferred window.
     Attack {
@@ -312,6 +320,13 @@ fn main() -> ExitCode {
             r.print(common.json);
         }),
         Command::Bench(Bench::Pgtable { common, machine, args }) => bench_pgtable_cmd(common, machine, args),
+        Command::Soak { common, args } => soak::run(args).and_then(|row| {
+            let violations = row.violations;
+            let mut r = Report::new();
+            r.push(row);
+            r.print(common.json);
+            if violations == 0 { Ok(()) } else { Err(format!("soak: {violations} violations")) }
+        }),
         Command::Bench(Bench::Pin(args)) => bench_pin::run(args),
         Command::Bench(Bench::Inval { common, machine, args }) => bench_inval_cmd(common, machine, args),
     };

@@ -1,5 +1,5 @@
 //! The live map: one mark byte per page of the space, telling whether a size-class range that
-//! starts on that page is live (held by a caller) and of which class.
+//! starts on that page is live (held by a caller) and for how many pages it was asked.
 //!
 //! # Theory
 //!
@@ -26,11 +26,11 @@ use crate::sync::{AtomicPtr, AtomicU8, Ordering};
 /// log2 of the pages one leaf covers: a leaf is one 4 KiB page of marks.
 const LEAF_BITS: u32 = 12;
 /// Pages (marks) per leaf.
-pub(crate) const LEAF_PAGES: usize = 1 << LEAF_BITS;
+pub const LEAF_PAGES: usize = 1 << LEAF_BITS;
 /// log2 of the children of an interior node: 512 pointers fill one 4 KiB page.
 const FAN_BITS: u32 = 9;
 /// Children per interior node.
-const FAN: usize = 1 << FAN_BITS;
+pub const FAN: usize = 1 << FAN_BITS;
 
 /// See the module documentation.
 ///
@@ -41,7 +41,7 @@ const FAN: usize = 1 << FAN_BITS;
 /// height 0, the root at `levels`) holds null or pointers to nodes of height `h - 1`. Every
 /// node was made by `Box::into_raw` of a boxed slice of that length and is freed only in `Drop`.
 #[derive(Debug)]
-pub(crate) struct LiveMap {
+pub struct LiveMap {
     levels: u32,
     root: *mut u8,
 }

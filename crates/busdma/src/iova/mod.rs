@@ -40,15 +40,16 @@
 //!
 //! 4. **Double frees are detected, never cached.** The tree knows every occupied range; a
 //!    class range stays occupied in the tree while it sits in a cache. The *live map*
-//!    (`livemap`) keeps one mark per page: "a class-`c` range starting here is held by a
-//!    caller". An allocation sets the mark; a free clears it by one compare-and-swap, which
-//!    succeeds exactly once per allocation however CPUs race. A free whose mark is clear goes
-//!    to the tree, which tells: a plain allocation is freed there; a class range (already
-//!    cached) is a [`Error::DoubleFree`]; an unknown start is a [`Error::DoubleFree`]; a
-//!    different size is [`Error::WrongSize`]. What is *not* detected: a size that differs from
-//!    the allocation's but rounds to the same class (3 pages freed as 4), which is harmless
-//!    (the whole class range is freed), and a free of a range that was reallocated in between
-//!    (that is the caller's use-after-free; nothing can tell it from a legitimate free).
+//!    (`livemap`) keeps one mark per page: "a class range starting here is held by a caller
+//!    who asked for exactly `n` pages" (`n` ≤ 64 fits the mark byte). An allocation sets the
+//!    mark; a free clears it by one compare-and-swap from the freed size, which succeeds
+//!    exactly once per allocation however CPUs race. A free whose mark holds another size is
+//!    [`Error::WrongSize`], even one that rounds to the same class (6 pages freed as 7). A free
+//!    whose mark is clear goes to the tree, which tells: a plain allocation is freed there; a
+//!    class range (already cached) is a [`Error::DoubleFree`]; an unknown start is a
+//!    [`Error::DoubleFree`]; a different size is [`Error::WrongSize`]. What is *not* detected:
+//!    a free of a range that was reallocated in between (that is the caller's use-after-free;
+//!    nothing can tell it from a legitimate free).
 //!
 //! 5. **Exhaustion.** When the tree has no fit (neither class-size nor exact), every CPU's
 //!    magazines and the depot are
@@ -71,7 +72,7 @@
 //! [`CpuGuard::cpu`]; a guard for a CPU at or beyond `IovaConfig::cpus` is an error.
 
 pub mod extent;
-mod livemap;
+pub mod livemap;
 pub mod magazine;
 mod tree;
 mod window;
@@ -351,9 +352,10 @@ impl IovaAllocator {
             .ok_or(Error::InvalidArgument { what: "CPU index (beyond IovaConfig::cpus)", value: cpu as u64 })
     }
 
-    /// Marks the class-`c` range at `start` live.
+    /// Marks the class range at `start` live, held by a caller who asked for `size` bytes
+    /// (at most the largest class, so its page count fits the mark byte).
     #[inline]
-    fn mark_live(&self, start: u64, c: usize) -> Result<()> {
+    fn mark_live(&self, start: u64, size: u64) -> Result<()> {
         let page = self.page_of(start);
         let mark = match self.live.get(page) {
             Some(m) => m,
@@ -361,8 +363,15 @@ impl IovaAllocator {
         };
         // Release: a free on another CPU that reads this mark (by its CAS) must see the range
         // as this allocation's; the caller's own hand-off orders the rest.
-        mark.store(c as u8 + 1, Ordering::Release);
+        mark.store(Self::mark_of(size), Ordering::Release);
         Ok(())
+    }
+
+    /// The live mark of a class-size allocation of `size` bytes: its exact page count
+    /// (1..=64, never 0, which means "not live").
+    #[inline]
+    fn mark_of(size: u64) -> u8 {
+        (size / PAGE_SIZE) as u8
     }
 
     /// Runs `f` on the tree; on [`Error::Exhausted`] flushes every cache and runs it once more.
@@ -409,7 +418,7 @@ impl IovaAllocator {
             match class {
                 Ok(s) => {
                     drop(t);
-                    if let Err(e) = self.mark_live(s, c) {
+                    if let Err(e) = self.mark_live(s, v.size) {
                         // It cannot be tracked, so it must not be handed out.
                         let _ = self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None);
                         return Err(e);
@@ -614,7 +623,7 @@ impl IovaSource for IovaAllocator {
                 self.give_back(c, self.depot.trim(c));
             }
             if let Some(s) = hit {
-                if let Err(e) = self.mark_live(s, c) {
+                if let Err(e) = self.mark_live(s, v.size) {
                     // Cannot happen (the mark's leaf exists since the range was made); keep
                     // the range out of circulation rather than hand it out untracked.
                     let _ = self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None);
@@ -641,14 +650,14 @@ impl IovaSource for IovaAllocator {
                 class_total = Some(class_bytes(c) + self.guard);
                 let cache = self.cpu_cache(g.cpu())?;
                 if let Some(mark) = self.live.get(self.page_of(s)) {
-                    match mark.compare_exchange(c as u8 + 1, 0, Ordering::AcqRel, Ordering::Acquire) {
+                    match mark.compare_exchange(Self::mark_of(len), 0, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => return self.free_to_cache(cache, c, s),
                         Err(0) => {}
                         Err(other) => {
                             return Err(Error::WrongSize {
                                 addr: s,
                                 given: len,
-                                actual: class_bytes(other as usize - 1),
+                                actual: u64::from(other) * PAGE_SIZE,
                             });
                         }
                     }

@@ -1,0 +1,352 @@
+//! `dmalab soak --seconds N --threads T`: a random mixed workload with invariant checks.
+//!
+//! Each thread is bound to its own model CPU and owns its own source memory and one map of
+//! every strategy: direct, bounce over direct (26-bit tag, source above that limit), and
+//! per-map, per-segment, reserved and bounce-over-IOMMU through two real domains on the
+//! audited model IOMMU, one strict and one deferred, both shared by every thread. One
+//! operation loads a random scatter-gather list (1 to 4 runs anywhere in the thread's
+//! memory, any direction) into a random map and checks:
+//! - the device reads exactly the loaded bytes by DMA after `PREWRITE` (through the IOMMU's
+//!   hardware walk and IOTLB for the IOMMU strategies);
+//! - for directions the device writes, its bytes reach the source memory after `POSTREAD`;
+//! - after unload from the strict domain no byte of the old segments is reachable.
+//!
+//! At the end, every map destroyed and both domains flushed, the counters must balance: no
+//! live IOVA range in either domain, no bounce page in use, no model-audit violation, and
+//! every table page back with the platform once the domains are gone. Every failed check is
+//! counted as a violation (printed to stderr), never a panic, so the run reports them all.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
+use busdma::front::{
+    Direct, Direction, DmaMap, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, Segment, SgEntry,
+    SgList, Strategy, SyncOp, Tag, TagSpec,
+};
+use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+use busdma::iova::{IovaAllocator, IovaConfig};
+use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::quickmap::QuickMaps;
+use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform};
+use busdma_model::{
+    Context, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat,
+};
+use clap::Args;
+use serde::Serialize;
+
+/// Arguments of `dmalab soak`.
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Worker threads, each bound to its own model CPU.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Seed of the random workload (each thread derives its own).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// The one result row.
+#[derive(Serialize, Debug)]
+pub struct SoakRow {
+    pub seconds: u64,
+    pub threads: usize,
+    pub ops: u64,
+    pub violations: u64,
+}
+
+/// Devices: one per domain.
+const DEV_STRICT: u32 = 0x50;
+const DEV_DEFERRED: u32 = 0x51;
+/// Source pages per thread: loads of up to 4 runs of up to 3 pages each.
+const THREAD_PAGES: u64 = 32;
+/// Deferred domain: small queue and age bounds so both flush causes happen during a soak.
+const DEFERRED: InvalidationPolicy = InvalidationPolicy::Deferred { max_entries: 16, max_age_ns: 200_000 };
+
+type Dom<'a> = Domain<'a, HostPlatform, VtdSl, IovaAllocator, ModelIommu<'a>>;
+
+/// xorshift64*: small, deterministic per seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Counts and reports one violation.
+struct Violations(AtomicU64);
+impl Violations {
+    fn report(&self, what: std::fmt::Arguments<'_>) {
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        if n < 20 {
+            eprintln!("soak: VIOLATION: {what}");
+        }
+    }
+}
+
+/// How the device reaches a map's segments.
+#[derive(Clone, Copy)]
+enum Path<'a, 'm> {
+    Physical,
+    Iommu(&'a ModelIommu<'m>, u32),
+}
+
+impl Path<'_, '_> {
+    fn read(&self, m: &HostPlatform, s: &Segment, buf: &mut [u8]) -> bool {
+        match self {
+            Path::Physical => m.read_phys(PhysAddr::new(s.addr.raw()), buf).is_ok(),
+            Path::Iommu(iommu, dev) => iommu.port(*dev).dma_read(s.addr, buf).is_ok(),
+        }
+    }
+    fn write(&self, m: &HostPlatform, s: &Segment, data: &[u8]) -> bool {
+        match self {
+            Path::Physical => m.write_phys(PhysAddr::new(s.addr.raw()), data).is_ok(),
+            Path::Iommu(iommu, dev) => iommu.port(*dev).dma_write(s.addr, data).is_ok(),
+        }
+    }
+}
+
+/// One operation on `map`: load, check, maybe device write, unload, check.
+#[allow(clippy::too_many_arguments)]
+fn one_op<S: Strategy<HostPlatform>>(
+    m: &HostPlatform,
+    map: &mut DmaMap<'_, '_, HostPlatform, S>,
+    path: Path<'_, '_>,
+    strict: bool,
+    base: u64,
+    rng: &mut Rng,
+    v: &Violations,
+    name: &str,
+) {
+    // 1..=4 non-overlapping runs in the thread's memory.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for _ in 0..=rng.below(4) {
+        let start = base + rng.below(THREAD_PAGES - 3) * PAGE_SIZE + rng.below(PAGE_SIZE);
+        let len = 1 + rng.below(2 * PAGE_SIZE);
+        if runs.iter().all(|&(p, l)| start + len <= p || p + l <= start) {
+            runs.push((start, len));
+        }
+    }
+    let sg: Vec<SgEntry> =
+        runs.iter().map(|&(pa, len)| SgEntry { pa: PhysAddr::new(pa), len, kind: MemKind::Page }).collect();
+    let dir = [Direction::ToDevice, Direction::FromDevice, Direction::Bidirectional][rng.below(3) as usize];
+    let segs = match map.load(&SgList(&sg), dir) {
+        Ok(s) => s.to_vec(),
+        Err(e) => return v.report(format_args!("{name}: load of {runs:x?} failed: {e}")),
+    };
+    let total: u64 = runs.iter().map(|r| r.1).sum();
+    if segs.iter().map(|s| s.len).sum::<u64>() != total {
+        v.report(format_args!("{name}: segments do not add up to the load"));
+    }
+    let read_src = || {
+        let mut out = Vec::new();
+        for &(pa, len) in &runs {
+            let mut b = vec![0u8; len as usize];
+            let _ = m.read_phys(PhysAddr::new(pa), &mut b);
+            out.extend(b);
+        }
+        out
+    };
+    if dir.device_reads() {
+        if let Err(e) = map.sync(SyncOp::PREWRITE) {
+            v.report(format_args!("{name}: PREWRITE: {e}"));
+        }
+        let mut got = Vec::new();
+        for s in &segs {
+            let mut b = vec![0u8; s.len as usize];
+            if !path.read(m, s, &mut b) {
+                v.report(format_args!("{name}: device read of a loaded segment faulted"));
+            }
+            got.extend(b);
+        }
+        if got != read_src() {
+            v.report(format_args!("{name}: the device read other bytes than were loaded"));
+        }
+        let _ = map.sync(SyncOp::POSTWRITE);
+    }
+    if dir.device_writes() {
+        if let Err(e) = map.sync(SyncOp::PREREAD) {
+            v.report(format_args!("{name}: PREREAD: {e}"));
+        }
+        let seed = rng.next() as u8 | 1;
+        let data: Vec<u8> = (0..total).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
+        let mut off = 0usize;
+        for s in &segs {
+            if !path.write(m, s, &data[off..off + s.len as usize]) {
+                v.report(format_args!("{name}: device write to a loaded segment faulted"));
+            }
+            off += s.len as usize;
+        }
+        if let Err(e) = map.sync(SyncOp::POSTREAD) {
+            v.report(format_args!("{name}: POSTREAD: {e}"));
+        }
+        if read_src() != data {
+            v.report(format_args!("{name}: the device's bytes did not reach the loaded memory"));
+        }
+    }
+    if let Err(e) = map.unload() {
+        v.report(format_args!("{name}: unload: {e}"));
+    }
+    if strict {
+        if let Path::Iommu(iommu, dev) = path {
+            let port = iommu.port(dev);
+            let reachable = segs.iter().any(|s| {
+                let mut b = [0u8; 1];
+                port.dma_read(s.addr, &mut b).is_ok()
+            });
+            if reachable {
+                v.report(format_args!("{name}: a segment is reachable after a strict unload"));
+            }
+        }
+    }
+}
+
+fn domain<'a>(
+    m: &'a HostPlatform,
+    iommu: &'a ModelIommu<'a>,
+    pool: &'a TablePool<'a, HostPlatform>,
+    dev: u32,
+    id: u16,
+    policy: InvalidationPolicy,
+) -> Result<Dom<'a>, String> {
+    let e = |e: busdma::Error| format!("cannot build the domain: {e}");
+    let pt = PageTable::<_, VtdSl>::new(pool, PageTableConfig { input_bits: 48, coherent_walker: true })
+        .map_err(e)?;
+    iommu.attach(dev, Context::new(id, pt.root(), TableFormat::VtdSecondLevel, 48)).map_err(e)?;
+    let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).map_err(e)?;
+    let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
+        .map_err(e)?;
+    Domain::new(m, pt, iova, iommu, DomainConfig { id, policy, untrusted: false }).map_err(e)
+}
+
+/// Runs the soak; returns its one row.
+pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
+    let threads = args.threads.max(1);
+    let cfg = MachineConfig { cpus: threads, ..MachineConfig::with_ram(128 << 20) };
+    let m = HostPlatform::new(cfg).map_err(|e| format!("cannot build the machine model: {e}"))?;
+    // RAM starts at 16 MiB: take everything below 64 MiB so that the sources lie above the
+    // 26-bit limit of the bounce tag, then give it back for bounce pages and tables.
+    let low = m.frames().alloc(FrameRequest::pages(12288)).map_err(|e| e.to_string())?;
+    let src =
+        m.frames().alloc(FrameRequest::pages(THREAD_PAGES * threads as u64)).map_err(|e| e.to_string())?;
+    // SAFETY: `low` was allocated just above and nothing refers to it.
+    unsafe { m.free_pages(low, 12288) };
+    let table_pages0 = m.counters().table_pages_live.load(Ordering::Relaxed);
+    let iommu = ModelIommu::new(&m, IommuConfig { audit: true, ..IommuConfig::default() })
+        .map_err(|e| e.to_string())?;
+    let pool = TablePool::new(&m);
+    let v = Violations(AtomicU64::new(0));
+    let ops = AtomicU64::new(0);
+    {
+        let strict = domain(&m, &iommu, &pool, DEV_STRICT, 1, InvalidationPolicy::Strict)?;
+        let deferred = domain(&m, &iommu, &pool, DEV_DEFERRED, 2, DEFERRED)?;
+        let qm = QuickMaps::for_platform(&m);
+        let zones = BounceZones::new(&m, ZoneConfig::default());
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        std::thread::scope(|sc| {
+            for t in 0..threads {
+                let (m, strict, deferred, qm, zones, v, ops, iommu) =
+                    (&m, &strict, &deferred, &qm, &zones, &v, &ops, &iommu);
+                sc.spawn(move || {
+                    let _bind = match m.bind_cpu(t) {
+                        Ok(b) => b,
+                        Err(e) => return v.report(format_args!("thread {t}: cannot bind to its CPU: {e}")),
+                    };
+                    let mut rng =
+                        Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(t as u64 + 1) | 1);
+                    let base = src.raw() + t as u64 * THREAD_PAGES * PAGE_SIZE;
+                    let mut spec = TagSpec::new(16 * PAGE_SIZE, 16);
+                    spec.max_segment_size = 2 * PAGE_SIZE;
+                    let mut low = spec;
+                    low.dma_mask = TagSpec::mask_of_bits(26);
+                    let mut untrusted = spec;
+                    untrusted.flags.untrusted = true;
+                    let tags = (
+                        Tag::new_root(m, Direct, spec),
+                        Tag::new_root(m, Bounced::direct(Direct, zones, qm), low),
+                        Tag::new_root(m, IommuPerMap(strict), spec),
+                        Tag::new_root(m, IommuPerSegment(deferred), spec),
+                        Tag::new_root(m, IommuReserved::new(strict), spec),
+                        Tag::new_root(m, IommuReserved::alternating(deferred, 2), spec),
+                        Tag::new_root(m, Bounced::over_iommu(IommuPerMap(strict), zones, qm), untrusted),
+                    );
+                    let (Ok(t0), Ok(t1), Ok(t2), Ok(t3), Ok(t4), Ok(t5), Ok(t6)) = tags else {
+                        return v.report(format_args!("thread {t}: a tag was refused"));
+                    };
+                    let maps = (
+                        t0.create_map(),
+                        t1.create_map(),
+                        t2.create_map(),
+                        t3.create_map(),
+                        t4.create_map(),
+                        t5.create_map(),
+                        t6.create_map(),
+                    );
+                    let (Ok(mut m0), Ok(mut m1), Ok(mut m2), Ok(mut m3), Ok(mut m4), Ok(mut m5), Ok(mut m6)) =
+                        maps
+                    else {
+                        return v.report(format_args!("thread {t}: a map could not be created"));
+                    };
+                    let (ps, pd) = (Path::Iommu(iommu, DEV_STRICT), Path::Iommu(iommu, DEV_DEFERRED));
+                    let r = &mut rng;
+                    while Instant::now() < deadline {
+                        for _ in 0..64 {
+                            match r.below(7) {
+                                0 => one_op(m, &mut m0, Path::Physical, false, base, r, v, "direct"),
+                                1 => one_op(m, &mut m1, Path::Physical, false, base, r, v, "bounce"),
+                                2 => one_op(m, &mut m2, ps, true, base, r, v, "per-map strict"),
+                                3 => one_op(m, &mut m3, pd, false, base, r, v, "per-segment deferred"),
+                                4 => one_op(m, &mut m4, ps, true, base, r, v, "reserved strict"),
+                                5 => one_op(m, &mut m5, pd, false, base, r, v, "reserved deferred"),
+                                _ => one_op(m, &mut m6, ps, true, base, r, v, "bounce over IOMMU"),
+                            }
+                        }
+                        ops.fetch_add(64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        // Every map is gone: the counters must balance.
+        let g = m.pin_cpu();
+        strict.flush(&g);
+        deferred.flush(&g);
+        drop(g);
+        for (name, d) in [("strict", &strict), ("deferred", &deferred)] {
+            let live = d.iova().stats().live_ranges;
+            if live != 0 {
+                v.report(format_args!("{name} domain: {live} IOVA ranges live after every map is gone"));
+            }
+        }
+        let in_use: u64 = zones.stats().iter().map(|z| z.1.total_pages - z.1.free_pages).sum();
+        if in_use != 0 {
+            v.report(format_args!("{in_use} bounce pages in use after every map is gone"));
+        }
+        let _ = iommu.detach(DEV_STRICT);
+        let _ = iommu.detach(DEV_DEFERRED);
+    }
+    if let Some(rep) = iommu.audit_report() {
+        for _ in 0..rep.violation_count {
+            v.report(format_args!("model IOMMU audit: {:?}", rep.violations.first()));
+        }
+    }
+    drop(pool);
+    let tables = m.counters().table_pages_live.load(Ordering::Relaxed);
+    if tables != table_pages0 {
+        v.report(format_args!("{} table pages not given back", tables.saturating_sub(table_pages0)));
+    }
+    Ok(SoakRow {
+        seconds: args.seconds,
+        threads,
+        ops: ops.load(Ordering::Relaxed),
+        violations: v.0.load(Ordering::Relaxed),
+    })
+}
