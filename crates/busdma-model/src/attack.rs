@@ -21,15 +21,17 @@
 //!    the unload returned are the window, bounded by the queue's `max_entries` and `max_age`.
 #![forbid(unsafe_code)]
 
-use busdma::front::{Direction, KernelBuf, Strategy, SyncOp, Tag, TagSpec};
+use busdma::front::{Direction, KernelBuf, Strategy, SyncOp, Tag, TagSpec, load_registered};
 use busdma::iommu::DomainId;
 use busdma::pgtable::{PteFormat, VtdSl};
-use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result};
+use busdma::pin::Registry;
+use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, UserVa};
 
 use crate::audit::PageKind;
 use crate::hostile::{
     Access, AttackClass, HostileDevice, Outcome, Tally, page_base, public_fill, secret_fill,
 };
+use crate::uspace::UserSpace;
 use crate::{FrameBlock, FrameRequest, HostPlatform, ModelIommu, Placement};
 
 /// The attacker's device id.
@@ -408,6 +410,69 @@ impl<'m> Rig<'m> {
         Ok(())
     }
 
+    /// Class 6: a registered user buffer (seed 001) is loaded, used, unloaded; its
+    /// registration is dropped and the pages go back to the system and become someone else's
+    /// secrets; the attacker tries the old bus addresses.
+    fn class_dropped_registration<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+        probes: u64,
+    ) -> Result<()> {
+        let class = AttackClass::DroppedRegistration;
+        // Two pages per registration; a user address space of the model.
+        const PAGES: u64 = 2;
+        let us = UserSpace::new(self.m);
+        let reg = Registry::new(&us, PAGES * PAGE_SIZE * 4)?;
+        let mut map = tags.attacker.create_map()?;
+        let ua = UserVa::new(0x7f00_0000_0000);
+        for round in 0..rounds {
+            let len = PAGES * PAGE_SIZE;
+            us.map(ua, len)?;
+            us.write(ua, &public_fill(round, len as usize))?;
+            reg.register(ua, len)?;
+            let pas: Vec<PhysAddr> =
+                (0..PAGES).filter_map(|i| us.translate(UserVa::new(ua.raw() + i * PAGE_SIZE))).collect();
+            let bus = match load_registered(&mut map, &reg, ua, len, Direction::Bidirectional) {
+                Ok(l) => {
+                    for &pa in &pas {
+                        self.dev.truth().grant(pa, PAGE_SIZE, Access::ReadWrite);
+                    }
+                    let bus = l.segments()[0].addr.raw();
+                    let port = self.iommu.port(ATTACKER);
+                    self.dev.try_read(class, &port, bus, PROBE);
+                    l.unload()?;
+                    for &pa in &pas {
+                        self.dev.truth().revoke(pa, PAGE_SIZE, Access::ReadWrite);
+                    }
+                    Some(bus)
+                }
+                Err(e) => {
+                    self.refuse(class, e);
+                    None
+                }
+            };
+            reg.unregister(ua, len)?;
+            us.unmap(ua, len)?;
+            // The pages are the system's again: someone else's data now.
+            for &pa in &pas {
+                self.m.write_phys(pa, &secret_fill(round, PAGE_SIZE as usize))?;
+            }
+            if let Some(bus) = bus {
+                let port = self.iommu.port(ATTACKER);
+                for i in 0..probes {
+                    let at = bus + (i * 97) % (len - PROBE as u64);
+                    if i % 2 == 0 {
+                        self.dev.try_read(class, &port, at, PROBE);
+                    } else {
+                        self.dev.try_write(class, &port, at, &[0x44; PROBE]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Class 7: sub-page buffers (bounced by an untrusted tag); the bounce page a load used is
     /// filled with another user's secret once it is free again, so the next load's page holds
     /// stale data unless busdma scrubs it; the attacker reads all over the IOMMU page of its
@@ -553,6 +618,9 @@ pub fn run<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
     }
     if on(AttackClass::RandomScan) {
         rig.class_random_scan(&tags, n, input_bits)?;
+    }
+    if on(AttackClass::DroppedRegistration) {
+        rig.class_dropped_registration(&tags, n.div_ceil(17), 16)?;
     }
     if on(AttackClass::BounceSlack) {
         rig.class_bounce_slack(&tags, n.div_ceil(PROBES_PER_LOAD))?;

@@ -210,14 +210,22 @@ impl<'m> UserSpace<'m> {
     ///
     /// Errors: [`Error::NotMapped`] at the first unmapped page.
     pub fn write(&self, ua: UserVa, data: &[u8]) -> Result<()> {
-        self.walk(ua, data.len() as u64, |pa, off, n| self.machine.write_phys(pa, &data[off..off + n]))
+        // The user's stores go through the CPU, and its cache model if any, under the user
+        // alias (which, on a VIPT cache, may be a colour of its own).
+        let cpu = self.machine.cpu();
+        self.walk(ua, data.len() as u64, |pa, off, n| {
+            cpu.write_alias(ua.raw() + off as u64, pa, &data[off..off + n])
+        })
     }
 
     /// Copies user memory at `ua` into `buf` through the page table.
     ///
     /// Errors: [`Error::NotMapped`] at the first unmapped page.
     pub fn read(&self, ua: UserVa, buf: &mut [u8]) -> Result<()> {
-        self.walk(ua, buf.len() as u64, |pa, off, n| self.machine.read_phys(pa, &mut buf[off..off + n]))
+        let cpu = self.machine.cpu();
+        self.walk(ua, buf.len() as u64, |pa, off, n| {
+            cpu.read_alias(ua.raw() + off as u64, pa, &mut buf[off..off + n])
+        })
     }
 
     fn walk(
@@ -314,6 +322,15 @@ impl PinBackend for UserSpace<'_> {
             }
         }
         self.counters.pins.fetch_add(out.len() as u64, Ordering::Relaxed);
+        drop(s);
+        // What get_user_pages does on a virtually indexed cache (seed 003): flush the user
+        // alias, so that the kernel alias, which busdma gives an IOMMU with a coherence index,
+        // is the only one that may hold the pages' lines. A no-op without a cache model.
+        let cpu = self.machine.cpu();
+        for (i, pa) in out.iter().enumerate() {
+            // A page-aligned alias of a pinned page of RAM: the flush cannot fail.
+            let _ = cpu.clean_invalidate_alias(ua.raw() + i as u64 * PAGE_SIZE, *pa, PAGE_SIZE);
+        }
         Ok(())
     }
 

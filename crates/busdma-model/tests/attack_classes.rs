@@ -117,6 +117,16 @@ fn class_5_a_random_scan_finds_only_what_the_device_was_given() {
 }
 
 #[test]
+fn class_6_a_dropped_registration_leaves_nothing_reachable_under_strict_invalidation() {
+    let [strict, untrusted, deferred] = figures(AttackClass::DroppedRegistration);
+    assert!(contained(&strict) && strict.faults > 0, "{strict:?}");
+    assert!(contained(&untrusted) && untrusted.faults > 0, "{untrusted:?}");
+    // Deferred: the registered load's unload returns before the flush, the registration is
+    // dropped and the pages reused while the IOTLB still holds them (reported in BENCHMARKS).
+    assert!(deferred.attempts > 0);
+}
+
+#[test]
 fn class_7_bounce_slack_holds_only_the_buffer_and_zeros() {
     let [strict, untrusted, deferred] = figures(AttackClass::BounceSlack);
     assert!(contained(&untrusted), "{untrusted:?}");
@@ -134,11 +144,7 @@ fn class_8_a_to_device_mapping_refuses_every_write() {
 #[test]
 fn an_untrusted_device_escapes_nowhere_in_any_class() {
     let r = attack(Mode::StrictUntrusted, N, None);
-    assert!(
-        r.tallies.iter().all(|(c, t)| t.attempts > 0 || *c == AttackClass::DroppedRegistration),
-        "{:?}",
-        r.tallies
-    );
+    assert!(r.tallies.iter().all(|(_, t)| t.attempts > 0), "{:?}", r.tallies);
     assert_eq!((r.total().escapes, r.total().bytes_leaked), (0, 0), "{:?}", r.tallies);
     assert!(r.ownership.checks > 0 && r.ownership.leaves > 0);
 }
