@@ -31,7 +31,8 @@ use busdma_model::{
 const DEV: u32 = 0x30;
 const CPUS: usize = 2;
 /// Queue bounds small enough that both fire thousands of times: 32 unmaps of one CPU take
-/// about 128 clock steps (half the operations unmap, two threads advance the clock), so a
+/// about 64 clock steps (half a thread's operations unmap; the clock steps once per iteration
+/// of the slowest thread, see `LockstepClock`), so a
 /// 100-step age bound and the count bound take turns.
 const MAX_ENTRIES: usize = 32;
 const MAX_AGE_NS: u64 = 100_000;
@@ -93,7 +94,62 @@ fn check_live(iommu: &ModelIommu<'_>, l: &Live) {
     }
 }
 
+/// The frozen clock, driven by the slowest thread: it advances one step each time *every*
+/// running thread has finished one more iteration. A thread the host deschedules (say between
+/// clearing entries and queueing them) therefore stops model time instead of watching its own
+/// entries age while the other thread runs on: model time measures the domain's own progress,
+/// as it would on a machine whose CPUs are not preempted inside unmap, and the exposure bound
+/// is checked against it whatever the host does.
+struct LockstepClock {
+    iterations: [AtomicU64; CPUS],
+    advanced: AtomicU64,
+}
+
+impl LockstepClock {
+    const DONE: u64 = u64::MAX;
+
+    fn new() -> Self {
+        Self { iterations: [const { AtomicU64::new(0) }; CPUS], advanced: AtomicU64::new(0) }
+    }
+
+    /// Counts one iteration of `cpu` and advances the platform's clock to the slowest running
+    /// thread's count.
+    fn tick(&self, m: &HostPlatform, cpu: usize) {
+        self.iterations[cpu].fetch_add(1, Ordering::SeqCst);
+        self.catch_up(m);
+    }
+
+    /// `cpu` runs no more iterations: it no longer holds the clock back.
+    fn finish(&self, m: &HostPlatform, cpu: usize) {
+        self.iterations[cpu].store(Self::DONE, Ordering::SeqCst);
+        self.catch_up(m);
+    }
+
+    fn catch_up(&self, m: &HostPlatform) {
+        let Some(min) =
+            self.iterations.iter().map(|i| i.load(Ordering::SeqCst)).filter(|&v| v != Self::DONE).min()
+        else {
+            return;
+        };
+        let mut seen = self.advanced.load(Ordering::SeqCst);
+        while min > seen {
+            match self.advanced.compare_exchange(seen, min, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    m.advance_clock((min - seen) * STEP_NS);
+                    return;
+                }
+                Err(now) => seen = now,
+            }
+        }
+    }
+}
+
 fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
+    // The two tests of this file run one at a time: four busy threads on a 2-CPU host would
+    // make every run a preemption test.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let clock = LockstepClock::new();
     let m = HostPlatform::new(MachineConfig { cpus: CPUS, ..MachineConfig::with_ram(64 << 20) }).unwrap();
     m.freeze_clock();
     let iommu = ModelIommu::new(&m, IommuConfig { audit: true, ..IommuConfig::default() }).unwrap();
@@ -109,7 +165,7 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
     let tags = AtomicU64::new(1);
     std::thread::scope(|s| {
         for cpu in 0..CPUS {
-            let (m, d, iommu, maps, tags) = (&m, &d, &iommu, &maps, &tags);
+            let (m, d, iommu, maps, tags, clock) = (&m, &d, &iommu, &maps, &tags, &clock);
             s.spawn(move || {
                 let _bind = m.bind_cpu(cpu).unwrap();
                 let frames = m.alloc_frames(FrameRequest::pages(FRAMES)).unwrap();
@@ -122,10 +178,15 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                 let mut done = 0u64;
                 for i in 0u64.. {
                     if done == ops_per_thread {
+                        clock.finish(m, cpu);
                         break;
                     }
-                    m.advance_clock(STEP_NS);
+                    clock.tick(m, cpu);
                     let g = m.pin_cpu();
+                    // The machine's timer: every clock step checks the queues' age, as Linux's
+                    // flush-queue timer does, so an aged entry is flushed even while its CPU
+                    // only maps (the age bound is enforced by timer or by the next unmap).
+                    d.poll(&g);
                     // Quiet phases: mostly DMA to live maps and a timer poll, so queues fill
                     // slowly and the age bound fires; busy phases: only maps and unmaps, so
                     // the count bound fires. Each thread sees both, however it is scheduled.
