@@ -1,24 +1,16 @@
 //! Property test: the registry (busdma::pin) against a small reference model of seed 001's
 //! semantics, over the machine model's user address space.
 
-use std::collections::BTreeMap;
-
 use busdma::pin::{RegisteredBuffer, Registry};
-use busdma::{Error, PAGE_SIZE, UserVa};
+use busdma::{Error, PAGE_SIZE};
 use busdma_model::uspace::UserSpace;
 use busdma_model::{HostPlatform, MachineConfig};
 use proptest::prelude::*;
 
-const BASE: u64 = 0x7000_0000;
-/// Pages `0..MAPPED` are mapped; `MAPPED..PAGES` are not (to reach NotMapped).
-const MAPPED: u64 = 16;
-const PAGES: u64 = 20;
-/// Memlock limit in pages: smaller than the mapped space, so the limit is reached.
-const LIMIT: u64 = 10;
+#[path = "common/pin_reference.rs"]
+mod pin_reference;
 
-fn ua(page: u64) -> UserVa {
-    UserVa::new(BASE + page * PAGE_SIZE)
-}
+use pin_reference::{LIMIT, MAPPED, Model, PAGES, check_same, ua};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -37,74 +29,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Unload),
         1 => (0..PAGES).prop_map(Op::Translate),
     ]
-}
-
-/// The reference: regions by first page -> (pages, used); loads by region start.
-#[derive(Default)]
-struct Model {
-    regions: BTreeMap<u64, (u64, u64)>,
-    loads: Vec<u64>,
-}
-
-impl Model {
-    fn charged(&self) -> u64 {
-        self.regions.values().map(|r| r.0).sum()
-    }
-    fn mapped(&self, start: u64) -> u64 {
-        1 + self.loads.iter().filter(|&&s| s == start).count() as u64
-    }
-    fn containing(&self, p: u64, n: u64) -> Option<u64> {
-        self.regions.iter().find(|&(&s, &(len, _))| s <= p && p + n <= s + len).map(|(&s, _)| s)
-    }
-    fn register(&mut self, p: u64, n: u64) -> Result<u64, Error> {
-        if n == 0 {
-            return Err(Error::ZeroSize);
-        }
-        if let Some((_, used)) = self.regions.get_mut(&p).filter(|r| r.0 == n) {
-            *used += 1;
-            return Ok(*used);
-        }
-        if let Some((&s, _)) = self.regions.iter().find(|&(&s, &(len, _))| s < p + n && p < s + len) {
-            return Err(Error::AlreadyMapped { addr: ua(s.max(p)).raw() });
-        }
-        if self.charged() + n > LIMIT {
-            let requested = (self.charged() + n) * PAGE_SIZE;
-            return Err(Error::LimitExceeded { what: "memlock", requested, limit: LIMIT * PAGE_SIZE });
-        }
-        if p + n > MAPPED {
-            return Err(Error::NotMapped { addr: ua(p.max(MAPPED)).raw() });
-        }
-        self.regions.insert(p, (n, 1));
-        Ok(1)
-    }
-    fn unregister(&mut self, p: u64, n: u64) -> Result<(), Error> {
-        let mapped = self.mapped(p);
-        let Some((_, used)) = self.regions.get_mut(&p).filter(|r| r.0 == n) else {
-            return Err(Error::NotMapped { addr: ua(p).raw() });
-        };
-        if *used > 1 {
-            *used -= 1;
-            return Ok(());
-        }
-        if mapped > 1 {
-            return Err(Error::Busy { what: "registered region (still DMA-mapped)", count: mapped - 1 });
-        }
-        self.regions.remove(&p);
-        Ok(())
-    }
-}
-
-fn check_same(reg: &Registry<&UserSpace<'_>>, us: &UserSpace<'_>, model: &Model) {
-    let stats = reg.stats();
-    assert_eq!(stats.regions, model.regions.len() as u64);
-    assert_eq!(stats.charged, model.charged() * PAGE_SIZE);
-    assert_eq!(stats.garbage, 0, "no reader: every grace period ends at once");
-    assert_eq!(us.pinned_pages(), model.charged(), "pinned exactly the registered pages");
-    let g = reg.read();
-    for (&s, &(n, used)) in &model.regions {
-        let r = g.lookup(ua(s), n * PAGE_SIZE).expect("registered region found");
-        assert_eq!((r.ua(), r.size(), r.used(), r.mapped()), (ua(s), n * PAGE_SIZE, used, model.mapped(s)));
-    }
 }
 
 proptest! {
