@@ -284,14 +284,36 @@ impl<T> FlushQueues<T> {
     }
 
     fn due_slow(&self, hint: u64, now_ns: u64) -> bool {
-        let oldest = self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let oldest = self.min_oldest();
         if oldest != u64::MAX && now_ns.saturating_sub(oldest) >= self.max_age_ns {
             return true;
         }
-        // Raise the hint to the true minimum, unless a push lowered it meanwhile (its
-        // fetch_min then made the CAS fail, and its smaller value stays).
-        let _ = self.hint.compare_exchange(hint, oldest, Ordering::AcqRel, Ordering::Acquire);
+        self.raise_hint(hint, oldest);
         false
+    }
+
+    /// The queues' oldest entry time, `u64::MAX` if all are empty.
+    fn min_oldest(&self) -> u64 {
+        self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX)
+    }
+
+    /// Raises the hint from `expected` to `oldest` (the queues' minimum as just read), unless a
+    /// push lowered it meanwhile (its fetch_min then makes the CAS fail and its value stays).
+    ///
+    /// Hazard: a push whose time is not below the hint leaves the hint's *value* unchanged, so
+    /// the CAS can succeed after such a push although `oldest` was read before it and misses
+    /// its entry; the hint would then hide that entry from `due` until the next push. So after
+    /// a successful raise the queues are read again: the push's store to `oldest[cpu]`
+    /// (Release) precedes its fetch_min, which precedes our CAS in the hint's modification
+    /// order (AcqRel on both), so the re-read sees it, and the hint is lowered to it. Pushes
+    /// after our CAS lower the hint themselves.
+    fn raise_hint(&self, expected: u64, oldest: u64) {
+        if self.hint.compare_exchange(expected, oldest, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let again = self.min_oldest();
+            if again < oldest {
+                self.hint.fetch_min(again, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Runs one flush (see [`FlushGenerations::flush`]), then releases every covered item of
@@ -303,8 +325,7 @@ impl<T> FlushQueues<T> {
             let mut q = queue.lock();
             self.reclaim_locked(cpu, &mut q, release);
         }
-        let oldest = self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
-        let _ = self.hint.compare_exchange(hint, oldest, Ordering::AcqRel, Ordering::Acquire);
+        self.raise_hint(hint, self.min_oldest());
         ran
     }
 
