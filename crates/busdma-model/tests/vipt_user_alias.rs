@@ -47,16 +47,22 @@ fn a_user_alias_is_coherent_only_once_registration_flushed_it() {
     spec.flags.coherent = true; // coherent through the IOMMU's index
     let tag = Tag::new_root(&m, IommuPerMap(&d), spec).unwrap();
     let us = UserSpace::new(&m);
-    let colours = m.cache().unwrap().config().colours();
-    // A user page whose colour differs from its kernel alias's.
-    let mut ua = UserVa::new(0x7f00_0000_0000);
-    us.map(ua, colours * PAGE_SIZE).unwrap();
+    // A user page whose colour differs from its kernel alias's, wherever the host placed the
+    // direct map: single pages mapped two pages apart advance the user colour by 2 per try
+    // while the frames (allocated in order) advance the kernel colour by 1, so the two differ
+    // within `colours` tries. (Consecutive pages of one mapping would keep the difference
+    // constant, which is 0 for some direct-map placements.)
     let cfg = *m.cache().unwrap().config();
-    while {
+    let colours = cfg.colours();
+    let mut ua = UserVa::new(0x7f00_0000_0000);
+    for tries in 0.. {
+        assert!(tries < 4 * colours, "no user page with a colour unlike its kernel alias's");
+        us.map(ua, PAGE_SIZE).unwrap();
         let pa = us.translate(ua).unwrap();
-        cfg.colour_of(ua.raw()) == cfg.colour_of(m.phys_to_kva(pa).unwrap().raw())
-    } {
-        ua = UserVa::new(ua.raw() + PAGE_SIZE);
+        if cfg.colour_of(ua.raw()) != cfg.colour_of(m.phys_to_kva(pa).unwrap().raw()) {
+            break;
+        }
+        ua = UserVa::new(ua.raw() + 2 * PAGE_SIZE);
     }
     let pa = us.translate(ua).unwrap();
     let data: Vec<u8> = (0..PAGE_SIZE as usize).map(|i| (i % 253) as u8 + 1).collect();
