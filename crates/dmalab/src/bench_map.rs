@@ -12,12 +12,13 @@ use busdma::front::{
     Direction, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments,
     Strategy, Tag, TagSpec,
 };
-use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
-use busdma::iova::{IovaAllocator, IovaConfig};
-use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
-use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
-use busdma_model::{Context, FrameRequest, HostPlatform, IommuConfig, ModelIommu, TableFormat};
+use busdma::iommu::InvalidationPolicy;
+use busdma::pgtable::TablePool;
+use busdma::{PAGE_SIZE, PhysAddr};
+use busdma_model::{FrameRequest, HostPlatform, IommuConfig, ModelIommu};
 use serde::Serialize;
+
+use crate::fixture;
 
 /// Maps loaded per timed batch. 32: enough that the two clock reads around a batch cost
 /// under 2 ns per operation, few enough that a batch's maps stay in the CPU caches.
@@ -218,16 +219,9 @@ pub fn run(args: &MapArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
         // attached, audit off (the model's own cost is then its IOTLB bookkeeping).
         let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(|e| e.to_string())?;
         let pool = TablePool::new(m);
-        let cfg = PageTableConfig { input_bits: 48, coherent_walker: true };
-        let pt = PageTable::<_, VtdSl>::new(&pool, cfg).map_err(|e| e.to_string())?;
-        let ctx = Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48);
-        iommu.attach(DEV, ctx).map_err(|e| e.to_string())?;
-        // IOVA space: 1 MiB to 1 TiB, per-CPU caches on (the allocator's fast path).
-        let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).map_err(|e| e.to_string())?;
-        let icfg = IovaConfig { cpus, caches: true, guard_page: false };
-        let iova = IovaAllocator::new(space, icfg).map_err(|e| e.to_string())?;
-        let dcfg = DomainConfig { id: 1, policy, untrusted: false };
-        let dom = Domain::new(m, pt, iova, &iommu, dcfg).map_err(|e| e.to_string())?;
+        // Per-CPU caches on: the allocator's fast path.
+        let iova = fixture::iova_allocator(m, true)?;
+        let dom = fixture::vtd_domain(m, &iommu, &pool, DEV, 1, policy, iova)?;
         measure_iommu(m, &dom, args, &mut rows)?;
     }
     Ok(rows)

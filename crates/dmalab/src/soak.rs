@@ -24,15 +24,15 @@ use busdma::front::{
     Direct, Direction, DmaMap, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, Segment, SgEntry,
     SgList, Strategy, SyncOp, Tag, TagSpec,
 };
-use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
-use busdma::iova::{IovaAllocator, IovaConfig};
-use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::iommu::InvalidationPolicy;
+use busdma::iova::IovaAllocator;
+use busdma::pgtable::TablePool;
 use busdma::quickmap::QuickMaps;
-use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform};
-use busdma_model::{
-    Context, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat,
-};
+use busdma::{PAGE_SIZE, PhysAddr, Platform};
+use busdma_model::{DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 use clap::Args;
+
+use crate::fixture;
 use serde::Serialize;
 
 /// Arguments of `dmalab soak`.
@@ -66,7 +66,7 @@ const THREAD_PAGES: u64 = 32;
 /// Deferred domain: small queue and age bounds so both flush causes happen during a soak.
 const DEFERRED: InvalidationPolicy = InvalidationPolicy::Deferred { max_entries: 16, max_age_ns: 200_000 };
 
-type Dom<'a> = Domain<'a, HostPlatform, VtdSl, IovaAllocator, ModelIommu<'a>>;
+type Dom<'a> = fixture::VtdDomain<'a, IovaAllocator>;
 
 /// xorshift64*: small, deterministic per seed.
 struct Rng(u64);
@@ -218,14 +218,7 @@ fn domain<'a>(
     id: u16,
     policy: InvalidationPolicy,
 ) -> Result<Dom<'a>, String> {
-    let e = |e: busdma::Error| format!("cannot build the domain: {e}");
-    let pt = PageTable::<_, VtdSl>::new(pool, PageTableConfig { input_bits: 48, coherent_walker: true })
-        .map_err(e)?;
-    iommu.attach(dev, Context::new(id, pt.root(), TableFormat::VtdSecondLevel, 48)).map_err(e)?;
-    let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).map_err(e)?;
-    let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
-        .map_err(e)?;
-    Domain::new(m, pt, iova, iommu, DomainConfig { id, policy, untrusted: false }).map_err(e)
+    fixture::vtd_domain(m, iommu, pool, dev, id, policy, fixture::iova_allocator(m, true)?)
 }
 
 /// Runs the soak; returns its one row.

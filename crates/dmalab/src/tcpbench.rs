@@ -37,15 +37,14 @@ use busdma::front::{
     Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, SgEntry, SgList,
     Strategy, SyncOp, Tag, TagSpec,
 };
-use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
-use busdma::iova::{IovaAllocator, IovaConfig, IovaSource, extent::ExtentAllocator};
-use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
-use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
-use busdma_model::{
-    Context, DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu,
-    TableFormat,
-};
+use busdma::iommu::InvalidationPolicy;
+use busdma::iova::{IovaSource, extent::ExtentAllocator};
+use busdma::pgtable::TablePool;
+use busdma::{PAGE_SIZE, Platform};
+use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu};
 use serde::Serialize;
+
+use crate::fixture;
 
 /// Bytes of the first fragment when a packet has several: Ethernet (14) + IPv4 (20) + TCP
 /// with the timestamp option (32), what a TCP stack puts in the header mbuf.
@@ -457,12 +456,6 @@ pub const STRATEGIES: [(&str, &str); 9] = [
     ("iommu-reserved", "deferred"),
 ];
 
-/// IOVA space of every domain: 1 MiB to 1 TiB (the low megabyte stays unmapped, as a guard
-/// against devices emitting small garbage addresses).
-fn iova_space() -> Result<AddrRange<Iova>, String> {
-    AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).map_err(|e| e.to_string())
-}
-
 /// The IOMMU strategies.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -501,11 +494,7 @@ fn measure_domain<I: IovaSource>(
     let e = |e: busdma::Error| e.to_string();
     let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(e)?;
     let pool = TablePool::new(m);
-    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
-        .map_err(e)?;
-    iommu.attach(NIC_DEVICE, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).map_err(e)?;
-    let dom =
-        Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).map_err(e)?;
+    let dom = fixture::vtd_domain(m, &iommu, &pool, NIC_DEVICE, 1, policy, iova)?;
     let port = iommu.port(NIC_DEVICE);
     let r = match kind {
         Kind::Identity => measure_strategy(m, args, Identity::new(&dom), &port, progress)?,
@@ -550,11 +539,6 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     if wanted("passthrough") {
         rows.push(row("passthrough", "none", args.size, &pt, Some(pt_ns)));
     }
-    let cpus = m.num_cpus();
-    let caches = |on: bool| -> Result<IovaAllocator, String> {
-        IovaAllocator::new(iova_space()?, IovaConfig { cpus, caches: on, guard_page: false })
-            .map_err(|e| e.to_string())
-    };
     for &(name, inv) in &STRATEGIES[1..] {
         if !wanted(name) {
             continue;
@@ -562,13 +546,19 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
         let policy =
             if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
         let r = match name {
-            "identity" => measure_domain(m, args, policy, caches(true)?, progress, Kind::Identity)?,
+            "identity" => {
+                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::Identity)?
+            }
             "iommu-per-segment" => {
-                let extent = ExtentAllocator::new(iova_space()?).map_err(err)?;
+                let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
                 measure_domain(m, args, policy, extent, progress, Kind::PerSegment)?
             }
-            "iommu-per-map" => measure_domain(m, args, policy, caches(true)?, progress, Kind::PerMap)?,
-            _ => measure_domain(m, args, policy, caches(true)?, progress, Kind::Reserved)?,
+            "iommu-per-map" => {
+                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::PerMap)?
+            }
+            _ => {
+                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::Reserved)?
+            }
         };
         check_honest(name, &r)?;
         rows.push(row(name, inv, args.size, &r, Some(pt_ns)));
