@@ -94,7 +94,8 @@ fn check_live(iommu: &ModelIommu<'_>, l: &Live) {
     }
 }
 
-/// The frozen clock, driven by the slowest thread: it advances one step each time *every*
+/// The frozen clock, driven by the slowest thread (no thread runs more than one iteration
+/// ahead of another): it advances one step each time *every*
 /// running thread has finished one more iteration. A thread the host deschedules (say between
 /// clearing entries and queueing them) therefore stops model time instead of watching its own
 /// entries age while the other thread runs on: model time measures the domain's own progress,
@@ -112,11 +113,26 @@ impl LockstepClock {
         Self { iterations: [const { AtomicU64::new(0) }; CPUS], advanced: AtomicU64::new(0) }
     }
 
-    /// Counts one iteration of `cpu` and advances the platform's clock to the slowest running
-    /// thread's count.
+    /// Counts one iteration of `cpu`, advances the platform's clock to the slowest running
+    /// thread's count, then waits until no running thread is more than one iteration behind.
+    ///
+    /// The wait bounds the lead: without it a thread could run many iterations ahead, and when
+    /// it is descheduled mid-unmap (between clearing entries and queueing them, or between
+    /// finding the queues due and invalidating) the slower thread would catch up and move the
+    /// clock by that whole lead. With a lead of at most one, model time moves at most one step
+    /// inside any iteration of any thread, which is what the exposure bound below relies on.
     fn tick(&self, m: &HostPlatform, cpu: usize) {
-        self.iterations[cpu].fetch_add(1, Ordering::SeqCst);
+        let mine = self.iterations[cpu].fetch_add(1, Ordering::SeqCst) + 1;
         self.catch_up(m);
+        let mut spins = 0u32;
+        while self.iterations.iter().any(|i| i.load(Ordering::SeqCst) < mine - 1) {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 
     /// `cpu` runs no more iterations: it no longer holds the clock back.
