@@ -82,6 +82,10 @@ pub trait IommuOps<P: Platform>: Sync {
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
     fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
 
+    /// Waits until the invalidation of every unmap that returned before the call has
+    /// completed (flushing if one is still queued): [`super::Strategy::wait_unmapped`].
+    fn wait_unmapped(&self, g: &CpuGuard<'_, P>);
+
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
