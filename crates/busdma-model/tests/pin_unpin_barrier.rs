@@ -38,7 +38,8 @@ fn domain<'m>(
     let space = AddrRange::new(Iova::new(PAGE_SIZE), Iova::new(1 << 48)).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
         .unwrap();
-    let d = Domain::new(m, table, iova, iommu, DomainConfig { id: dev as u16, policy, untrusted: false }).unwrap();
+    let d = Domain::new(m, table, iova, iommu, DomainConfig { id: dev as u16, policy, untrusted: false })
+        .unwrap();
     iommu.attach(dev, Context::new(dev as u16, d.table().root(), TableFormat::VtdSecondLevel, 48)).unwrap();
     d
 }
@@ -137,7 +138,12 @@ fn registered_life(loads: u64, barrier: bool) -> Seen {
     assert_eq!(probe.unpins.get(), 1);
     assert_eq!(us.pinned_pages(), 0);
     let barriers = reg.stats().unpin_barriers;
-    Seen { reached_at_unpin: probe.reached_at_unpin.get(), flushes_by_io: seen_flushes, queued_at_unregister: queued, barriers }
+    Seen {
+        reached_at_unpin: probe.reached_at_unpin.get(),
+        flushes_by_io: seen_flushes,
+        queued_at_unregister: queued,
+        barriers,
+    }
 }
 
 #[test]

@@ -29,12 +29,12 @@ use super::cache_sync::{SyncOp, SyncStats};
 use super::load::{LoadSource, Run};
 use super::map::{Direction, DmaMap};
 use super::segments::Segment;
-use super::strategy::Strategy;
-use crate::addr::UserVa;
-use crate::error::Result;
 use super::strategy::Invalidation;
+use super::strategy::Strategy;
 use super::tag::Tag;
+use crate::addr::UserVa;
 use crate::error::Error;
+use crate::error::Result;
 use crate::pin::{NoBarrier, PinBackend, RegisteredBuffer, Registry, UnpinBarrier};
 use crate::platform::Platform;
 
@@ -53,8 +53,16 @@ impl<B: PinBackend, U: UnpinBarrier> LoadSource for RegisteredBuffer<'_, B, U> {
 /// # Invariants
 ///
 /// `map` is loaded with `buf` for the value's whole life (until `unload`).
-pub struct RegisteredLoad<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier = NoBarrier>
-{
+pub struct RegisteredLoad<
+    'a,
+    't,
+    'p,
+    'r,
+    P: Platform,
+    S: Strategy<P>,
+    B: PinBackend,
+    U: UnpinBarrier = NoBarrier,
+> {
     // Field order is teardown order: the map is unloaded (in `Drop`) before `buf` drops.
     map: &'a mut DmaMap<'t, 'p, P, S>,
     buf: RegisteredBuffer<'r, B, U>,
@@ -89,7 +97,9 @@ pub fn load_registered<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBacken
     Ok(RegisteredLoad { map, buf })
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> RegisteredLoad<'_, 't, 'p, '_, P, S, B, U> {
+impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>
+    RegisteredLoad<'_, 't, 'p, '_, P, S, B, U>
+{
     /// The bus-address segments of the load.
     pub fn segments(&self) -> &[Segment] {
         self.map.segments()
@@ -123,7 +133,9 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Regist
     }
 }
 
-impl<P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Drop for RegisteredLoad<'_, '_, '_, '_, P, S, B, U> {
+impl<P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Drop
+    for RegisteredLoad<'_, '_, '_, '_, P, S, B, U>
+{
     fn drop(&mut self) {
         if self.map.is_loaded() {
             // Unload cannot fail on a loaded map; if it did, the count is still released

@@ -8,10 +8,10 @@ use alloc::vec::Vec;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 
-use super::{NoBarrier, PinBackend, UnpinBarrier};
 use super::epoch::Epoch;
 use super::region::Region;
 use super::tree::{Hit, Leaf, Snapshot, free_leaf};
+use super::{NoBarrier, PinBackend, UnpinBarrier};
 use crate::addr::{AddrRange, PAGE_SHIFT, PAGE_SIZE, PhysAddr, UserVa};
 use crate::error::{Error, Result};
 use crate::sync::{AtomicPtr, AtomicU64, Ordering, SpinLock, spin_hint};
