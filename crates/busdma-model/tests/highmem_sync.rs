@@ -7,6 +7,8 @@
 //! The CPU (the driver) touches the pages through `QuickMaps` windows and
 //! `HostPlatform::cpu()` (the cache model); the device reads and writes RAM by bus address.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
@@ -131,7 +133,8 @@ fn after_postread_the_cpu_reads_what_the_device_wrote_to_a_page_outside_the_dire
         cpu_write(&m, QuickSlot::First, &pages, OFFSET, &pattern(7, LEN)); // the driver initialised it
         let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
         let mut map = tag.create_map().unwrap();
-        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::FromDevice).unwrap();
+        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::FromDevice)
+            .unwrap();
         map.sync(SyncOp::PREREAD).unwrap();
         // PREREAD wrote the driver's bytes back and dropped every line: nothing dirty is left
         // to be evicted over the device's data (ground truth of the cache model).
@@ -142,7 +145,11 @@ fn after_postread_the_cpu_reads_what_the_device_wrote_to_a_page_outside_the_dire
         cpu_prefetch(&m, QuickSlot::Second, &pages, OFFSET, LEN as u64);
         let data = pattern(9, LEN);
         device_write(&m, map.segments(), &data);
-        assert_eq!(cpu_read(&m, QuickSlot::First, &pages, OFFSET, LEN), pattern(7, LEN), "{cache:?}: stale lines");
+        assert_eq!(
+            cpu_read(&m, QuickSlot::First, &pages, OFFSET, LEN),
+            pattern(7, LEN),
+            "{cache:?}: stale lines"
+        );
         let st = map.sync(SyncOp::POSTREAD).unwrap();
         assert_eq!((st.maintained, st.quick_mapped), (1, 2), "{cache:?}");
         assert_eq!(cpu_read(&m, QuickSlot::First, &pages, OFFSET, LEN), data, "{cache:?}");
@@ -242,7 +249,8 @@ fn page_less_entries_are_still_skipped_next_to_a_maintained_page_outside_the_dir
 #[test]
 fn a_bounced_buffer_outside_the_direct_map_carries_the_cpus_bytes_both_ways() {
     for cache in CACHES {
-        let c = MachineConfig { cpus: 2, ..MachineConfig::with_ram(512 << 20) }.upper_half_not_direct_mapped();
+        let c =
+            MachineConfig { cpus: 2, ..MachineConfig::with_ram(512 << 20) }.upper_half_not_direct_mapped();
         let m = HostPlatform::new(c.with_cache(cache)).unwrap();
         let pages = far_pages(&m, 2);
         assert!(pages[0].raw() >= 1 << 28, "the client lies beyond the device's reach");
@@ -253,7 +261,8 @@ fn a_bounced_buffer_outside_the_direct_map_carries_the_cpus_bytes_both_ways() {
         let mut map = tag.create_map().unwrap();
         let out = pattern(11, LEN);
         cpu_write(&m, QuickSlot::First, &pages, OFFSET, &out);
-        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::Bidirectional).unwrap();
+        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::Bidirectional)
+            .unwrap();
         assert!(map.segments().iter().all(|s| s.addr.raw() + s.len <= 1 << 28));
         map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
         assert_eq!(device_read(&m, map.segments()), out, "{cache:?}: to the device");
@@ -263,4 +272,42 @@ fn a_bounced_buffer_outside_the_direct_map_carries_the_cpus_bytes_both_ways() {
         map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE).unwrap();
         assert_eq!(cpu_read(&m, QuickSlot::First, &pages, OFFSET, LEN), back, "{cache:?}: from the device");
     }
+}
+
+/// Bounce pages outside the direct map are written by the CPU through quick-map windows, so
+/// their lines must be cleaned before the device reads them, through a window of their colour.
+#[test]
+fn bounce_pages_outside_the_direct_map_are_maintained_through_a_quick_map() {
+    let host = machine(CacheConfig::vipt_aliasing());
+    let rec = common::Recording::new(&host);
+    let qm = QuickMaps::for_platform(&rec);
+    let zones =
+        BounceZones::new(&rec, ZoneConfig { placement: Placement::NotDirectMapped, ..ZoneConfig::default() });
+    let mut spec = TagSpec::new(64 << 10, 8);
+    spec.flags.untrusted = true; // a sub-page buffer of an untrusted device is bounced
+    let tag = Tag::new_root(&rec, Bounced::direct(Direct, &zones, &qm), spec).unwrap();
+    let mut map = tag.create_map().unwrap();
+    let r = FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) };
+    let client = host.phys_to_kva(host.frames().alloc(r).unwrap()).unwrap();
+    map.load(&KernelBuf { kva: client, len: 100 }, Direction::ToDevice).unwrap();
+    let bus = PhysAddr::new(map.segments()[0].addr.raw());
+    assert!(host.phys_to_kva(bus).is_none(), "the device reads a bounce page outside the direct map");
+    rec.take();
+    map.sync(SyncOp::PREWRITE).unwrap();
+    let windowed: Vec<_> = rec
+        .take()
+        .into_iter()
+        .filter_map(|op| match op {
+            common::CacheOp::CleanInvalidate(k, n)
+                if host.quick_window().contains(busdma::KernVa::new(k)) =>
+            {
+                Some((k, n))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(windowed.len(), 1, "one bounce page, cleaned through a window");
+    let c = CacheConfig::vipt_aliasing();
+    assert_eq!(c.colour_of(windowed[0].0), c.colour_of(bus.raw()), "a window of the page's colour");
+    assert_eq!(windowed[0].0 % PAGE_SIZE, bus.raw() % PAGE_SIZE);
 }

@@ -425,7 +425,12 @@ impl CacheMaint {
 /// caller bug, as for [`QuickMaps::enter_in`]. Never sleeps, never fails on RAM.
 ///
 /// Errors: [`Error::Overflow`] (the range wraps).
-pub fn maintain_phys<P: Platform>(guard: &CpuGuard<'_, P>, pa: PhysAddr, len: u64, op: CacheMaint) -> Result<u64> {
+pub fn maintain_phys<P: Platform>(
+    guard: &CpuGuard<'_, P>,
+    pa: PhysAddr,
+    len: u64,
+    op: CacheMaint,
+) -> Result<u64> {
     let end = end_of(pa.raw(), len)?;
     let (p, cpu) = (guard.platform(), guard.cpu());
     let mut at = pa.raw();
@@ -433,9 +438,19 @@ pub fn maintain_phys<P: Platform>(guard: &CpuGuard<'_, P>, pa: PhysAddr, len: u6
     while at < end {
         let page = PhysAddr::new(at).page_base();
         let off = at - page.raw();
-        let n = (PAGE_SIZE - off).min(end - at);
+        let mut n = (PAGE_SIZE - off).min(end - at);
         match p.phys_to_kva(page) {
-            Some(kva) => op.apply(p, KernVa::new(kva.raw() + off), n),
+            Some(kva) => {
+                // One call for as many pages as the direct map keeps contiguous.
+                let start = kva.raw() + off;
+                while at + n < end {
+                    match p.phys_to_kva(PhysAddr::new(at + n)) {
+                        Some(k) if k.raw() == start + n => n += PAGE_SIZE.min(end - at - n),
+                        _ => break,
+                    }
+                }
+                op.apply(p, KernVa::new(start), n)
+            }
             None => {
                 // SAFETY: we hold the guard for `cpu`; `page` is page-aligned and RAM by this
                 // function's contract; the maintenance slot is used only here and released
