@@ -25,9 +25,9 @@
 //!    strategies tell the domain which CPU alias an IOMMU with a coherence index must keep
 //!    coherent ([`IommuOps::set_coherence_index`], [`coherence_index`]): the run's kernel
 //!    alias; for a page outside the direct map, whose kernel aliases are quick-map windows all
-//!    of the page's physical colour ([`Platform::quick_map`](crate::Platform::quick_map)), its
-//!    physical address read as a virtual index, which has those windows' colour; the untouched
-//!    line for a run with neither a page nor a kernel mapping. Identity mappings are shared
+//!    of the page's physical colour ([`Platform::quick_map`]), its physical address read as a
+//!    virtual index, which has those windows' colour; the untouched line for a run with
+//!    neither a page nor a kernel mapping. Identity mappings are shared
 //!    between loads, so they carry no per-load index.
 #![forbid(unsafe_code)]
 
