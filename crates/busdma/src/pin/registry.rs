@@ -9,6 +9,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use super::epoch::Epoch;
+use super::pageidx::PageIndex;
 use super::region::Region;
 use super::tree::{Hit, Leaf, Snapshot, free_leaf};
 use super::{NoBarrier, PinBackend, UnpinBarrier};
@@ -104,6 +105,8 @@ unsafe impl Send for Writer {}
 ///   that began after the region was unlinked (or, at teardown, after the last borrow ended).
 pub struct Registry<B: PinBackend, U: UnpinBarrier = NoBarrier> {
     root: AtomicPtr<Snapshot>,
+    /// The direct page index (`pageidx.rs`): the translation fast path.
+    pages: PageIndex,
     epoch: Epoch,
     writer: SpinLock<Writer>,
     memlock_limit: u64,
@@ -158,9 +161,11 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         if backend.page_shift() != PAGE_SHIFT {
             return Err(Error::Unsupported { what: "pin backend page size other than 4 KiB" });
         }
+        let pages = PageIndex::new()?;
         let empty = Box::into_raw(Box::new(Snapshot::default()));
         Ok(Self {
             root: AtomicPtr::new(empty),
+            pages,
             epoch: Epoch::new(),
             writer: SpinLock::new(Writer { charged: 0, garbage: Vec::new() }),
             memlock_limit,
@@ -263,6 +268,13 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
                 return raced.map(|info| info.unwrap_or_else(|| RegionInfo::of(&region)));
             }
         }
+        if let Err(e) = self.pages.insert(ua.raw(), region.hpas(), region.page_shift()) {
+            // No slot was set (`PageIndex::insert`): undo the registration.
+            w.charged -= size;
+            drop(w);
+            self.release_pins(&region);
+            return Err(e);
+        }
         let info = RegionInfo::of(&region);
         let region = Box::leak(region);
         let hit = Hit::of(ua.raw(), end, NonNull::from(&*region), region);
@@ -305,6 +317,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             return Err(Error::BadState { what: "registry index lost a region" });
         };
         w.charged -= size;
+        // Clear the page index (with its fence) before the region is retired in `publish`.
+        self.pages.remove(ua.raw(), region.pages() as usize);
         self.publish(&mut w, next, Some(Garbage::Leaf(old_leaf)), Some(Garbage::Region(hit.region)));
         self.finish(w);
         Ok(())
@@ -548,12 +562,26 @@ impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
     }
 
     /// `ua` translated to its host physical address, for an IOMMU page of `1 << iommu_shift`
-    /// bytes: O(log n) to find the region, O(1) in its array.
+    /// bytes: O(1), one walk of the direct page index (`pageidx.rs`); addresses it does not
+    /// answer for (not indexed, or a refusal to report) go to [`ReadGuard::ua_to_pa_tree`].
     ///
     /// Errors: [`Error::NotMapped`] (not registered); [`Error::BadSize`] (the IOMMU page is
     /// larger than the region's pinned page size); [`Error::InvalidArgument`] (below 4 KiB).
     #[inline]
     pub fn ua_to_pa(&self, ua: UserVa, iommu_shift: u32) -> Result<PhysAddr> {
+        match self.reg.pages.translate(ua.raw(), iommu_shift) {
+            Some(pa) => Ok(pa),
+            None => self.ua_to_pa_tree(ua, iommu_shift),
+        }
+    }
+
+    /// [`ReadGuard::ua_to_pa`] through the interval index alone: O(log n) to find the region,
+    /// O(1) in its array. The fallback of `ua_to_pa`; public so that benchmarks can compare
+    /// the two paths on the same registry.
+    ///
+    /// Errors: as [`ReadGuard::ua_to_pa`].
+    #[inline]
+    pub fn ua_to_pa_tree(&self, ua: UserVa, iommu_shift: u32) -> Result<PhysAddr> {
         let Some(hit) = self.snapshot().find(ua.raw()) else {
             return Err(Error::NotMapped { addr: ua.raw() });
         };
@@ -571,9 +599,11 @@ impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
     }
 
     /// Translates every address of `uas` into `out` (same length), as [`ReadGuard::ua_to_pa`]
-    /// does one: the batch of H_PUT_TCE_INDIRECT, a list of up to 512 entries. The lookups of
-    /// a group of [`BATCH_GROUP`](crate::pin::BATCH_GROUP) addresses advance in lockstep, each step prefetching what the
-    /// next reads, so their cache misses overlap instead of queueing.
+    /// does one: the batch of H_PUT_TCE_INDIRECT, a list of up to 512 entries. Each group of
+    /// [`BATCH_GROUP`](crate::pin::BATCH_GROUP) addresses goes through the direct page index;
+    /// a group with an address the index does not answer for goes through the interval index,
+    /// its lookups advancing in lockstep, each step prefetching what the next reads, so their
+    /// cache misses overlap instead of queueing.
     ///
     /// Errors: as [`ReadGuard::ua_to_pa`], for the first address that fails (`out` is then
     /// partly written); [`Error::InvalidArgument`] if the lengths differ.
@@ -584,6 +614,21 @@ impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
         let snap = self.snapshot();
         let missing = |ua: &UserVa| Error::NotMapped { addr: ua.raw() };
         for (uas, out) in uas.chunks(BATCH_GROUP).zip(out.chunks_mut(BATCH_GROUP)) {
+            // The direct page index first (one walk each, independent: the core overlaps
+            // them); a group with any address it does not answer takes the interval path.
+            let mut indexed = true;
+            for (o, ua) in out.iter_mut().zip(uas) {
+                match self.reg.pages.translate(ua.raw(), iommu_shift) {
+                    Some(pa) => *o = pa,
+                    None => {
+                        indexed = false;
+                        break;
+                    }
+                }
+            }
+            if indexed {
+                continue;
+            }
             let mut leaf = [0usize; BATCH_GROUP];
             for (k, ua) in uas.iter().enumerate() {
                 leaf[k] = snap.locate(ua.raw()).ok_or_else(|| missing(ua))?;
