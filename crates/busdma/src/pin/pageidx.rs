@@ -31,25 +31,29 @@
 //!    writer issues a `SeqCst` fence between clearing and retiring, which pairs with the
 //!    reader's fence on entering: either the reader's load sees the cleared slot, or the
 //!    writer's epoch advance sees the reader counted (the same store-load pattern).
-//! 4. **Node lifetime.** A node, once linked, stays until the registry is torn down: readers
-//!    never hold a node that can be freed, so nodes need no grace period at all. The cost is
-//!    memory for address space that was registered once and released since: 4 KiB per
-//!    2 MiB-aligned window of user space that ever held a registered page, plus the upper
-//!    levels (4 KiB per 1 GiB and per 512 GiB window): for a VM's guest RAM registered in
-//!    large regions, 0.2 % of the registered size; the worst case, one 4 KiB page registered
-//!    per 2 MiB window, 4 KiB per such page. Node allocation is fallible: a registration
-//!    that cannot allocate its nodes fails with [`Error::NoMemory`] and leaves no slot set.
+//! 4. **Node lifetime.** Writers count the used slots of every node below the root (in a
+//!    side table, `meta`, that readers never touch). When an unregistration empties a node it
+//!    unlinks it from its parent (emptying the parent in turn, perhaps) and hands it to the
+//!    registry, which retires it like any index memory: freed after the epoch's grace period,
+//!    since a reader may still be walking it. So the index holds nodes only for windows that
+//!    hold registered pages now: 4 KiB per 2 MiB-aligned window of user space holding one,
+//!    plus the upper levels (4 KiB per 1 GiB and per 512 GiB window): for a VM's guest RAM
+//!    registered in large regions, 0.2 % of the registered size; the worst case, one 4 KiB
+//!    page registered per 2 MiB window, 4 KiB per such page. Node allocation is fallible: a
+//!    registration that cannot allocate its nodes fails with [`Error::NoMemory`] and leaves
+//!    no slot set (nodes it linked on the way stay, empty, for the next registration there).
 //! 5. **Cost of a write.** One store per registered page (and per unregistered page), beside
 //!    the interval index's copy-on-write update: O(pages) for a registration that already
 //!    pinned O(pages).
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::ptr::{self, NonNull};
 
 use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
-use crate::sync::{AtomicPtr, AtomicU64, Ordering, SpinLock, fence};
+use crate::sync::{AtomicPtr, AtomicU64, Ordering, fence};
 
 /// Slots per node: 512 of 8 bytes, one 4 KiB page, 9 bits of page number per level.
 const FANOUT: usize = 512;
@@ -106,11 +110,70 @@ fn index(pn: u64, level: u32) -> usize {
     ((pn >> (level * LEVEL_BITS)) as usize) & (FANOUT - 1)
 }
 
-/// A node below the root, for teardown.
+/// A node below the root.
+#[derive(Clone, Copy)]
 enum Node {
     L2(NonNull<L2>),
     L1(NonNull<L1>),
     Leaf(NonNull<Leaf>),
+}
+
+impl Node {
+    /// Frees the node.
+    ///
+    /// # Safety
+    ///
+    /// The node is unreachable by readers and writers, and freed once.
+    unsafe fn free(self) {
+        // SAFETY: nodes come from `alloc_node` of their type (caller: unreachable, once).
+        unsafe {
+            match self {
+                Node::L2(p) => free_node(p),
+                Node::L1(p) => free_node(p),
+                Node::Leaf(p) => free_node(p),
+            }
+        }
+    }
+}
+
+/// A node below the root, for the writer's side table: what it is and how many of its slots
+/// are used (present leaf slots, non-null child pointers).
+struct Meta {
+    node: Node,
+    used: usize,
+}
+
+/// The writers' side table of the index (theory 4): every node linked below the root, keyed
+/// by address, with the count of its used slots. It lives in the registry's writer state, so
+/// the writer lock guards it and readers never see it.
+#[derive(Default)]
+pub(crate) struct PageMeta(BTreeMap<usize, Meta>);
+
+// SAFETY: the table owns the nodes it lists (plain memory of atomics); moving that ownership
+// between threads is sound.
+unsafe impl Send for PageMeta {}
+
+impl PageMeta {
+    /// Nodes linked below the root.
+    pub(crate) fn nodes(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A node an unregistration unlinked: readers may still walk it until the grace period ends.
+pub(crate) struct RetiredNode(Node);
+
+impl RetiredNode {
+    /// Frees the node.
+    ///
+    /// # Safety
+    ///
+    /// The grace period of its retirement has passed (no reader can reach it), and it is
+    /// freed once.
+    pub(crate) unsafe fn free(self) {
+        // SAFETY: unlinked by `remove`, unreachable now (caller), freed once.
+        unsafe { self.0.free() }
+    }
 }
 
 /// The direct page index.
@@ -118,14 +181,12 @@ enum Node {
 /// # Invariants
 ///
 /// `root` and every node reachable from it are live allocations of [`alloc_node`] owned by
-/// the index, freed only by `Drop`; `nodes` lists every node below the root exactly once; a
-/// present leaf slot describes a page that is pinned for at least as long as any read section
-/// that could have loaded it (theory 3).
+/// the index; the writers' [`PageMeta`] has exactly the nodes linked below the root, with the
+/// count of their used slots; a present leaf slot describes a page that is pinned for at least
+/// as long as any read section that could have loaded it (theory 3). Dropping the index frees
+/// the root only: its owner frees the other nodes first ([`PageIndex::free_nodes`]).
 pub(crate) struct PageIndex {
     root: NonNull<L3>,
-    /// Every node linked below the root (teardown frees them from this list rather than by
-    /// walking 512-slot nodes). Locked only by writers, who are serialised already.
-    nodes: SpinLock<Vec<Node>>,
 }
 
 // SAFETY: the index is atomics and nodes owned by it; shared access is loads and (writers,
@@ -139,7 +200,7 @@ impl PageIndex {
     ///
     /// Errors: [`Error::NoMemory`].
     pub(crate) fn new() -> Result<Self> {
-        Ok(Self { root: alloc_node(|| AtomicPtr::new(ptr::null_mut()))?, nodes: SpinLock::new(Vec::new()) })
+        Ok(Self { root: alloc_node(|| AtomicPtr::new(ptr::null_mut()))? })
     }
 
     /// The slot of the page of `ua`: 0 if the page is not indexed.
@@ -183,10 +244,12 @@ impl PageIndex {
         Some(PhysAddr::new((s & !(PAGE_SIZE - 1)) | (ua & (PAGE_SIZE - 1))))
     }
 
-    /// The node `slot` points to, allocating and linking it (made of `mk` slots) if `slot`
-    /// is empty. Writer-lock holders only.
-    fn child<T>(
+    /// The node `slot` (of the node at `parent`, `None` for the root) points to, allocating
+    /// and linking it (made of `mk` slots) if `slot` is empty. Writer-lock holders only.
+    fn child<T, U>(
         &self,
+        meta: &mut PageMeta,
+        parent: Option<*const U>,
         slot: &AtomicPtr<T>,
         mk: impl Fn() -> T,
         node: impl Fn(NonNull<T>) -> Node,
@@ -196,12 +259,11 @@ impl PageIndex {
         if !p.is_null() {
             return Ok(p);
         }
-        let mut nodes = self.nodes.lock();
-        nodes
-            .try_reserve(1)
-            .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 })?;
         let p = alloc_node(mk)?;
-        nodes.push(node(p));
+        meta.0.insert(p.as_ptr() as usize, Meta { node: node(p), used: 0 });
+        if let Some(m) = parent.and_then(|q| meta.0.get_mut(&(q as usize))) {
+            m.used += 1;
+        }
         // Release: the node's slots are initialised before a reader can reach it.
         slot.store(p.as_ptr(), Ordering::Release);
         Ok(p.as_ptr())
@@ -209,16 +271,25 @@ impl PageIndex {
 
     /// The leaf node holding the slot of page number `pn`, allocating the path to it.
     /// Writer-lock holders only.
-    fn leaf_for(&self, pn: u64) -> Result<*const Leaf> {
+    fn leaf_for(&self, meta: &mut PageMeta, pn: u64) -> Result<*const Leaf> {
         // SAFETY: nodes reachable from the root are live (invariant); indexes < FANOUT.
         unsafe {
+            let root = self.root.as_ptr();
             let l2 = self.child(
-                at(self.root.as_ptr(), index(pn, 3)),
+                meta,
+                None::<*const L3>,
+                at(root, index(pn, 3)),
                 || AtomicPtr::new(ptr::null_mut()),
                 Node::L2,
             )?;
-            let l1 = self.child(at(l2, index(pn, 2)), || AtomicPtr::new(ptr::null_mut()), Node::L1)?;
-            let leaf = self.child(at(l1, index(pn, 1)), || AtomicU64::new(0), Node::Leaf)?;
+            let l1 = self.child(
+                meta,
+                Some(l2),
+                at(l2, index(pn, 2)),
+                || AtomicPtr::new(ptr::null_mut()),
+                Node::L1,
+            )?;
+            let leaf = self.child(meta, Some(l1), at(l1, index(pn, 1)), || AtomicU64::new(0), Node::Leaf)?;
             Ok(leaf)
         }
     }
@@ -229,41 +300,111 @@ impl PageIndex {
     ///
     /// Errors: [`Error::NoMemory`] (a node); then no slot of the region is set (nodes
     /// allocated on the way stay, empty, owned by the index).
-    pub(crate) fn insert(&self, ua: u64, hpas: &[PhysAddr], page_shift: u32) -> Result<()> {
+    pub(crate) fn insert(
+        &self,
+        meta: &mut PageMeta,
+        ua: u64,
+        hpas: &[PhysAddr],
+        page_shift: u32,
+    ) -> Result<()> {
         let pages = Self::indexed_pages(ua, hpas.len());
         // First every node (the only step that can fail), then the slots.
         let mut pn = ua >> PAGE_SHIFT;
         let end = pn + pages as u64;
         while pn < end {
-            self.leaf_for(pn)?;
+            self.leaf_for(meta, pn)?;
             // Next leaf node: the next multiple of FANOUT pages.
             pn = (pn | (FANOUT as u64 - 1)) + 1;
         }
         let tag = (u64::from(page_shift) & SHIFT_MASK) << 1 | PRESENT;
         for (i, pa) in hpas[..pages].iter().enumerate() {
             let pn = (ua >> PAGE_SHIFT) + i as u64;
-            let leaf = self.leaf_for(pn)?;
+            let leaf = self.leaf_for(meta, pn)?;
             // SAFETY: a live leaf node (just found), index < FANOUT.
-            unsafe { at(leaf, index(pn, 0)) }.store(pa.raw() | tag, Ordering::Relaxed);
+            let slot = unsafe { at(leaf, index(pn, 0)) };
+            if slot.load(Ordering::Relaxed) == 0 {
+                if let Some(m) = meta.0.get_mut(&(leaf as usize)) {
+                    m.used += 1;
+                }
+            }
+            slot.store(pa.raw() | tag, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Clears the slots of the `pages` pages at the page-aligned `ua`, then fences so that a
-    /// reader entering a section after the caller retires the region cannot load them
-    /// (theory 3). Writer-lock holders only.
-    pub(crate) fn remove(&self, ua: u64, pages: usize) {
+    /// Clears the slots of the `pages` pages at the page-aligned `ua`, unlinks the nodes that
+    /// leaves empty and pushes them to `retired` (theory 4), then fences so that a reader
+    /// entering a section after the caller retires the region (and the nodes) cannot load
+    /// them (theory 3). Writer-lock holders only.
+    pub(crate) fn remove(&self, meta: &mut PageMeta, ua: u64, pages: usize, retired: &mut Vec<RetiredNode>) {
         let pages = Self::indexed_pages(ua, pages);
+        let meta = &mut meta.0;
+        // Counts one slot of the node at `p` cleared; true if the node is now empty (then it
+        // leaves the side table and is retired).
+        let mut release = |p: usize, retired: &mut Vec<RetiredNode>| -> bool {
+            let Some(m) = meta.get_mut(&p) else { return false };
+            m.used = m.used.saturating_sub(1);
+            if m.used > 0 {
+                return false;
+            }
+            if let Some(m) = meta.remove(&p) {
+                retired.push(RetiredNode(m.node));
+            }
+            true
+        };
         for i in 0..pages as u64 {
             let pn = (ua >> PAGE_SHIFT) + i;
-            // The path exists: `insert` built it and nodes stay (theory 4); if it did not,
-            // there would be nothing to clear.
-            if let Ok(leaf) = self.leaf_for(pn) {
-                // SAFETY: a live leaf node, index < FANOUT.
-                unsafe { at(leaf, index(pn, 0)) }.store(0, Ordering::Relaxed);
+            // SAFETY: nodes reachable from the root are live (invariant); indexes < FANOUT.
+            unsafe {
+                let s3 = at(self.root.as_ptr(), index(pn, 3));
+                let l2 = s3.load(Ordering::Relaxed);
+                if l2.is_null() {
+                    continue;
+                }
+                let s2 = at(l2, index(pn, 2));
+                let l1 = s2.load(Ordering::Relaxed);
+                if l1.is_null() {
+                    continue;
+                }
+                let s1 = at(l1, index(pn, 1));
+                let leaf = s1.load(Ordering::Relaxed);
+                if leaf.is_null() {
+                    continue;
+                }
+                let slot = at(leaf, index(pn, 0));
+                if slot.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                slot.store(0, Ordering::Relaxed);
+                // Emptied nodes are unlinked bottom-up; readers that loaded them before keep
+                // a valid node until the grace period ends.
+                if release(leaf as usize, retired) {
+                    s1.store(ptr::null_mut(), Ordering::Relaxed);
+                    if release(l1 as usize, retired) {
+                        s2.store(ptr::null_mut(), Ordering::Relaxed);
+                        if release(l2 as usize, retired) {
+                            s3.store(ptr::null_mut(), Ordering::Relaxed);
+                        }
+                    }
+                }
             }
         }
         fence(Ordering::SeqCst);
+    }
+
+    /// Frees every node linked below the root (teardown).
+    ///
+    /// # Safety
+    ///
+    /// No reader or writer uses the index any more, and it is only dropped afterwards.
+    pub(crate) unsafe fn free_nodes(&self, meta: &mut PageMeta) {
+        // Slots hold no owned data, so the order of frees does not matter. Retired nodes are
+        // the registry's garbage, not in `meta`.
+        for (_, m) in core::mem::take(&mut meta.0) {
+            // SAFETY: each node of `meta` is a live node of the index, listed once, and unused
+            // from now on (caller).
+            unsafe { m.node.free() };
+        }
     }
 
     /// How many of the `pages` pages at `ua` lie below [`INDEXED_LIMIT`].
@@ -277,18 +418,7 @@ impl PageIndex {
 
 impl Drop for PageIndex {
     fn drop(&mut self) {
-        // `&mut self`: no reader, no writer; slots hold no owned data, so the order of frees
-        // does not matter.
-        for n in core::mem::take(self.nodes.get_mut()) {
-            // SAFETY: each listed node is a live node of the index, listed once (invariant).
-            unsafe {
-                match n {
-                    Node::L2(p) => free_node(p),
-                    Node::L1(p) => free_node(p),
-                    Node::Leaf(p) => free_node(p),
-                }
-            }
-        }
+        // The other nodes were freed by the owner (`free_nodes`, type invariant).
         // SAFETY: the root, allocated by `new`, freed once.
         unsafe { free_node(self.root) };
     }
@@ -305,39 +435,62 @@ mod tests {
     #[test]
     fn an_indexed_page_translates_every_byte_and_a_cleared_one_misses() {
         let ix = PageIndex::new().unwrap();
+        let mut meta = PageMeta::default();
         // Three pages across a leaf-node boundary (page numbers 511, 512, 513).
         let ua = 511 * PAGE_SIZE;
-        ix.insert(ua, &pas(0x7000_0000, 3), PAGE_SHIFT).unwrap();
+        ix.insert(&mut meta, ua, &pas(0x7000_0000, 3), PAGE_SHIFT).unwrap();
         for (i, off) in [(0, 0), (1, 0x123), (2, 0xfff)] {
             let at = ua + i * PAGE_SIZE + off;
             assert_eq!(ix.translate(at, 12), Some(PhysAddr::new(0x7000_0000 + i * PAGE_SIZE + off)));
         }
         assert_eq!(ix.translate(ua - 1, 12), None);
         assert_eq!(ix.translate(ua + 3 * PAGE_SIZE, 12), None);
-        ix.remove(ua, 3);
+        let mut retired = Vec::new();
+        ix.remove(&mut meta, ua, 1, &mut retired);
+        assert_eq!(ix.translate(ua, 12), None);
+        assert!(ix.translate(ua + PAGE_SIZE, 12).is_some());
+        // Page 511 was alone in its leaf: that leaf is retired; its path holds the other leaf.
+        assert_eq!((retired.len(), meta.nodes()), (1, 3));
+        ix.remove(&mut meta, ua + PAGE_SIZE, 2, &mut retired);
         assert!((0..3).all(|i| ix.translate(ua + i * PAGE_SIZE, 12).is_none()));
-        assert_eq!(ix.nodes.lock().len(), 4, "two leaves and their path stay linked");
+        // Empty now: every node below the root retired, none linked.
+        assert_eq!((retired.len(), meta.nodes()), (4, 0));
+        for r in retired {
+            // SAFETY: no reader exists in this test; each retired once.
+            unsafe { r.free() };
+        }
     }
 
     #[test]
     fn an_iommu_page_larger_than_the_pinned_page_or_below_4k_is_left_to_the_interval_index() {
         let ix = PageIndex::new().unwrap();
-        ix.insert(1 << 30, &pas(1 << 31, 512), 21).unwrap();
+        let mut meta = PageMeta::default();
+        ix.insert(&mut meta, 1 << 30, &pas(1 << 31, 512), 21).unwrap();
         assert!(ix.translate(1 << 30, 21).is_some());
         assert_eq!(ix.translate(1 << 30, 30), None);
         assert_eq!(ix.translate(1 << 30, 11), None);
+        assert_eq!(meta.nodes(), 3);
+        // SAFETY: the index is dropped right after.
+        unsafe { ix.free_nodes(&mut meta) };
     }
 
     #[test]
     fn pages_at_or_above_the_indexed_limit_are_not_indexed() {
         let ix = PageIndex::new().unwrap();
+        let mut meta = PageMeta::default();
         let ua = INDEXED_LIMIT - PAGE_SIZE;
-        ix.insert(ua, &pas(0x1000, 2), PAGE_SHIFT).unwrap();
+        ix.insert(&mut meta, ua, &pas(0x1000, 2), PAGE_SHIFT).unwrap();
         assert_eq!(ix.translate(ua, 12), Some(PhysAddr::new(0x1000)));
         assert_eq!(ix.translate(INDEXED_LIMIT, 12), None);
-        ix.insert(!(PAGE_SIZE - 1), &pas(0x9000, 1), PAGE_SHIFT).unwrap();
+        ix.insert(&mut meta, !(PAGE_SIZE - 1), &pas(0x9000, 1), PAGE_SHIFT).unwrap();
         assert_eq!(ix.translate(u64::MAX, 12), None);
-        ix.remove(ua, 2);
+        let mut retired = Vec::new();
+        ix.remove(&mut meta, ua, 2, &mut retired);
         assert_eq!(ix.translate(ua, 12), None);
+        assert_eq!((retired.len(), meta.nodes()), (3, 0));
+        for r in retired {
+            // SAFETY: no reader exists in this test; each retired once.
+            unsafe { r.free() };
+        }
     }
 }

@@ -9,7 +9,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use super::epoch::Epoch;
-use super::pageidx::PageIndex;
+use super::pageidx::{PageIndex, PageMeta, RetiredNode};
 use super::region::Region;
 use super::tree::{Hit, Leaf, Snapshot, free_leaf};
 use super::{NoBarrier, PinBackend, UnpinBarrier};
@@ -55,6 +55,8 @@ pub struct PinStats {
     /// Calls of the unpin barrier (one per batch of regions unpinned together, never one
     /// per DMA unload; `pin/mod.rs`, theory 7).
     pub unpin_barriers: u64,
+    /// Nodes of the direct page index linked now (4 KiB each; `pageidx.rs` theory 4).
+    pub index_nodes: u64,
 }
 
 /// What tearing a registry down released.
@@ -74,6 +76,8 @@ enum Garbage {
     Snapshot(NonNull<Snapshot>),
     Leaf(NonNull<Leaf>),
     Region(NonNull<Region>),
+    /// A node of the direct page index an unregistration emptied.
+    PageNode(RetiredNode),
 }
 
 /// State only writers touch, under the writer lock.
@@ -82,6 +86,8 @@ struct Writer {
     charged: u64,
     /// Retired memory and the epoch it was retired in.
     garbage: Vec<(usize, Garbage)>,
+    /// The direct page index's side table (`pageidx.rs` theory 4).
+    page_meta: PageMeta,
 }
 
 // SAFETY: the pointers in `Writer` are owned by it (retired memory no reader will reach once
@@ -167,7 +173,7 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             root: AtomicPtr::new(empty),
             pages,
             epoch: Epoch::new(),
-            writer: SpinLock::new(Writer { charged: 0, garbage: Vec::new() }),
+            writer: SpinLock::new(Writer { charged: 0, garbage: Vec::new(), page_meta: PageMeta::default() }),
             memlock_limit,
             pages_pinned: AtomicU64::new(0),
             pages_unpinned: AtomicU64::new(0),
@@ -268,7 +274,7 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
                 return raced.map(|info| info.unwrap_or_else(|| RegionInfo::of(&region)));
             }
         }
-        if let Err(e) = self.pages.insert(ua.raw(), region.hpas(), region.page_shift()) {
+        if let Err(e) = self.pages.insert(&mut w.page_meta, ua.raw(), region.hpas(), region.page_shift()) {
             // No slot was set (`PageIndex::insert`): undo the registration.
             w.charged -= size;
             drop(w);
@@ -318,14 +324,24 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         };
         w.charged -= size;
         // Clear the page index (with its fence) before the region is retired in `publish`.
-        self.pages.remove(ua.raw(), region.pages() as usize);
-        self.publish(&mut w, next, Some(Garbage::Leaf(old_leaf)), Some(Garbage::Region(hit.region)));
+        let mut nodes = Vec::new();
+        self.pages.remove(&mut w.page_meta, ua.raw(), region.pages() as usize, &mut nodes);
+        let tag =
+            self.publish(&mut w, next, Some(Garbage::Leaf(old_leaf)), Some(Garbage::Region(hit.region)));
+        w.garbage.extend(nodes.into_iter().map(|n| (tag, Garbage::PageNode(n))));
         self.finish(w);
         Ok(())
     }
 
-    /// Publishes `next` as the current index and retires the old one with `extra`.
-    fn publish(&self, w: &mut Writer, next: Snapshot, leaf: Option<Garbage>, region: Option<Garbage>) {
+    /// Publishes `next` as the current index and retires the old one with `extra`; returns
+    /// the epoch they were retired in.
+    fn publish(
+        &self,
+        w: &mut Writer,
+        next: Snapshot,
+        leaf: Option<Garbage>,
+        region: Option<Garbage>,
+    ) -> usize {
         let next = Box::into_raw(Box::new(next));
         // SeqCst: readers that load the old root are ordered before this store, and so before
         // the epoch advances that free what it reached (epoch.rs, section 5).
@@ -336,6 +352,7 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         }
         w.garbage.extend(leaf.map(|g| (tag, g)));
         w.garbage.extend(region.map(|g| (tag, g)));
+        tag
     }
 
     /// Advances the epoch as far as readers allow, drops the lock, frees what is past its
@@ -383,6 +400,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
                 let region = unsafe { Box::from_raw(r.as_ptr()) };
                 self.release_pins(&region);
             }
+            // SAFETY: as above.
+            Garbage::PageNode(n) => unsafe { n.free() },
         }
     }
 
@@ -460,6 +479,7 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             garbage: w.garbage.len() as u64,
             busy_at_container_release: self.busy_at_release.load(Ordering::Relaxed),
             unpin_barriers: self.unpin_barriers.load(Ordering::Relaxed),
+            index_nodes: w.page_meta.nodes() as u64,
         }
     }
 
@@ -505,6 +525,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             unsafe { free_leaf(leaf) };
         }
         self.writer.get_mut().charged = 0;
+        // SAFETY: `&mut self`: no reader or writer; the index is only dropped after this.
+        unsafe { self.pages.free_nodes(&mut self.writer.get_mut().page_meta) };
         report.pages_unpinned = self.pages_unpinned.load(Ordering::Relaxed) - before;
         report
     }
