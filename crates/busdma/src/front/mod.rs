@@ -43,6 +43,7 @@ pub mod cache_sync;
 pub mod coherent;
 #[cfg(feature = "dma-debug")]
 pub mod debug;
+pub mod defer;
 pub mod load;
 pub mod map;
 pub mod registered;
@@ -53,6 +54,7 @@ pub mod typed;
 
 pub use cache_sync::{SyncOp, SyncStats};
 pub use coherent::{Coherent, DmaMemory};
+pub use defer::{DeferStats, DeferredCallback, DeferredMap, Deferrable, PendingLoad};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use registered::{RegisteredLoad, load_registered};

@@ -75,8 +75,10 @@ pub trait Strategy<P: Platform>: Clone {
     /// The strategy's name in reports (`direct`, `iommu-per-map`, ...).
     const NAME: &'static str;
 
-    /// Per-map state (an IOVA range, a reserved window, ...), created at map create.
-    type MapState;
+    /// Per-map state (an IOVA range, a reserved window, ...), created at map create. `Send`:
+    /// a map may be created on one CPU and used or destroyed on another, and a deferred load
+    /// is completed by whichever thread frees its resources (`front::defer`).
+    type MapState: Send;
 
     /// The invalidation mode (for reports).
     fn invalidation(&self) -> Invalidation;
