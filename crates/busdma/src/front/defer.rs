@@ -427,7 +427,13 @@ impl<'p, P: Platform, S: Strategy<P>> DeferQueue<'p, P, S> {
                 s.outcome = Some(Err(Error::Cancelled));
                 self.waiting.fetch_sub(1, Ordering::AcqRel);
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
-                Taken::Cancelled(s.body.take(), s.callback.take())
+                let mut body = s.body.take();
+                if let Some(b) = body.as_mut() {
+                    // The runs were kept for retries; the map comes back unloaded.
+                    b.runs.clear();
+                    b.segs.clear();
+                }
+                Taken::Cancelled(body, s.callback.take())
             }
             Phase::Running if mode == TakeMode::Abandon => {
                 s.abandoned = true;
@@ -626,6 +632,22 @@ impl<P: Platform, S: Strategy<P>> Drop for PendingLoad<'_, '_, P, S> {
             }
             // Abandoned: the servicer finishes it (theory 7); the map's shell goes now.
             Taken::Running => drop(self.map.take()),
+        }
+    }
+}
+
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for PendingLoad<'_, '_, P, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let phase = self.node().map(|n| n.slot.lock().phase);
+        f.debug_struct("PendingLoad").field("map", &self.map_id()).field("phase", &phase).finish()
+    }
+}
+
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for Deferrable<'_, '_, P, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Deferrable::Loaded(m) => f.debug_tuple("Loaded").field(m).finish(),
+            Deferrable::Deferred(p) => f.debug_tuple("Deferred").field(p).finish(),
         }
     }
 }

@@ -521,6 +521,17 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     }
 }
 
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for DmaMap<'_, '_, P, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DmaMap")
+            .field("id", &self.id)
+            .field("tag", &self.tag.id)
+            .field("len", &self.len())
+            .field("segments", &self.body.segs)
+            .finish()
+    }
+}
+
 impl<P: Platform, S: Strategy<P>> Drop for DmaMap<'_, '_, P, S> {
     fn drop(&mut self) {
         // Unload if loaded, then the strategy's destroy; either may free what deferred loads
