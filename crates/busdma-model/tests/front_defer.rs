@@ -421,7 +421,8 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
     let m = machine(THREADS);
     with_small_domain(&m, |d, iommu, _| {
         let tag = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
-        let bufs: Vec<PhysAddr> = (0..THREADS).map(|t| buffer(&m, 4, t as u8 + 1)).collect();
+        let bufs: Vec<PhysAddr> = (0..THREADS).map(|t| buffer(&m, 5, t as u8 + 1)).collect();
+        let start = std::sync::Barrier::new(THREADS);
         // One slot per load (thread, round): how many times its callback ran.
         let calls: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS as u64 * ROUNDS).map(|_| AtomicU64::new(0)).collect());
         let deferred_n = AtomicU64::new(0);
@@ -429,13 +430,15 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
         std::thread::scope(|s| {
             for t in 0..THREADS {
                 let (tag, calls, bufs, deferred_n, cancelled_n) = (&tag, &calls, &bufs, &deferred_n, &cancelled_n);
+                let start = &start;
                 let m = &m;
                 s.spawn(move || {
                     let _bind = m.bind_cpu(t).unwrap();
                     let mut map = Some(tag.create_map().unwrap());
+                    start.wait();
                     for r in 0..ROUNDS {
-                        // 2 to 4 pages: at most 4 threads × 4 pages want an 8-page space.
-                        let pages = 2 + (r + t as u64) % 3;
+                        // 3 to 5 pages of an 8-page space: two loads at once may not fit.
+                        let pages = 3 + (r + t as u64) % 3;
                         let slot = t as u64 * ROUNDS + r;
                         let c = calls.clone();
                         let cb: DeferredCallback<'_, _, _> = Box::new(move |res| {
@@ -485,6 +488,12 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
                         loaded_map.sync(SyncOp::PREWRITE).unwrap();
                         let got = device_read(iommu, loaded_map.segments());
                         assert!(got == bytes(m, bufs[t], pages * PAGE_SIZE), "thread {t} round {r}: wrong bytes");
+                        // The device's time with the buffer: 20 µs, so loads of different
+                        // threads overlap even when the host runs them on one core in turn.
+                        let until = Instant::now() + Duration::from_micros(20);
+                        while Instant::now() < until {
+                            std::thread::yield_now();
+                        }
                         loaded_map.unload().unwrap();
                         map = Some(loaded_map);
                     }
