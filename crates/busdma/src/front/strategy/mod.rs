@@ -27,6 +27,7 @@ pub mod direct;
 pub mod domain;
 pub mod identity;
 pub mod iommu;
+pub mod page_refs;
 pub mod per_map;
 pub mod per_segment;
 pub mod reserve_levels;
