@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::{
-    DeferredCallback, Deferrable, Direct, Direction, DmaMap, IommuPerMap, MemKind, PendingLoad, RawSegments,
+    Deferrable, DeferredCallback, Direct, Direction, DmaMap, IommuPerMap, MemKind, PendingLoad, RawSegments,
     Segment, SgEntry, SgList, Strategy, SyncOp, Tag, TagSpec,
 };
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
@@ -120,20 +120,30 @@ fn labels(log: &Log) -> Vec<u32> {
 fn deferred_loads_complete_in_arrival_order_and_a_blocked_head_is_not_overtaken() {
     let m = machine(2);
     with_small_domain(&m, |d, iommu, _| {
-        let tag = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
-        let (a_pa, b_pa, c_pa, e_pa) = (buffer(&m, 4, 1), buffer(&m, 4, 2), buffer(&m, 8, 3), buffer(&m, 1, 4));
+        let tag =
+            Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
+        let (a_pa, b_pa, c_pa, e_pa) =
+            (buffer(&m, 4, 1), buffer(&m, 4, 2), buffer(&m, 8, 3), buffer(&m, 1, 4));
         let src = |pa: PhysAddr, pages: u64| [(pa, pages * PAGE_SIZE)];
         let log: Log = Arc::default();
         // A and B fill the space.
         let a = tag.create_map().unwrap();
-        let mut a = loaded(a.load_or_defer(&RawSegments(&src(a_pa, 4)), Direction::ToDevice, logging(&log, 0)).unwrap());
+        let mut a = loaded(
+            a.load_or_defer(&RawSegments(&src(a_pa, 4)), Direction::ToDevice, logging(&log, 0)).unwrap(),
+        );
         let b = tag.create_map().unwrap();
-        let mut b = loaded(b.load_or_defer(&RawSegments(&src(b_pa, 4)), Direction::ToDevice, logging(&log, 0)).unwrap());
+        let mut b = loaded(
+            b.load_or_defer(&RawSegments(&src(b_pa, 4)), Direction::ToDevice, logging(&log, 0)).unwrap(),
+        );
         // C needs the whole space; E needs one page and arrives after C.
         let c = tag.create_map().unwrap();
-        let c = deferred(c.load_or_defer(&RawSegments(&src(c_pa, 8)), Direction::ToDevice, logging(&log, 3)).unwrap());
+        let c = deferred(
+            c.load_or_defer(&RawSegments(&src(c_pa, 8)), Direction::ToDevice, logging(&log, 3)).unwrap(),
+        );
         let e = tag.create_map().unwrap();
-        let e = deferred(e.load_or_defer(&RawSegments(&src(e_pa, 1)), Direction::ToDevice, logging(&log, 5)).unwrap());
+        let e = deferred(
+            e.load_or_defer(&RawSegments(&src(e_pa, 1)), Direction::ToDevice, logging(&log, 5)).unwrap(),
+        );
         assert_eq!(tag.deferred_stats().waiting, 2);
         assert!(labels(&log).is_empty(), "immediate loads run no callback");
 
@@ -144,17 +154,17 @@ fn deferred_loads_complete_in_arrival_order_and_a_blocked_head_is_not_overtaken(
         a.unload().unwrap();
         assert_eq!(labels(&log), [3]);
         assert!(c.is_done() && !e.is_done());
-        let mut c = c.try_finish().ok().expect("C completed");
+        let mut c = c.try_finish().expect("C completed");
         assert!(c.is_loaded() && c.len() == 8 * PAGE_SIZE);
         c.sync(SyncOp::PREWRITE).unwrap();
         assert_eq!(device_read(iommu, c.segments()), bytes(&m, c_pa, 8 * PAGE_SIZE));
-        let e = e.try_finish().err().expect("E still waits");
+        let e = e.try_finish().expect_err("E still waits");
         // C's segments are the ones its callback saw.
         assert_eq!(log.lock().unwrap()[0].1.as_deref(), Ok(c.segments()));
         // Destroying C (drop) frees the space: E completes.
         drop(c);
         assert_eq!(labels(&log), [3, 5]);
-        let mut e = e.try_finish().ok().expect("E completed");
+        let mut e = e.try_finish().expect("E completed");
         e.sync(SyncOp::PREWRITE).unwrap();
         assert_eq!(device_read(iommu, e.segments()), bytes(&m, e_pa, PAGE_SIZE));
         e.unload().unwrap();
@@ -181,7 +191,8 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         let cb: DeferredCallback<'_, _, _> = Box::new(move |_| {
             r2.fetch_add(1, Ordering::SeqCst);
         });
-        let (err, b) = b.load_or_defer(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice, cb).err().unwrap();
+        let (err, b) =
+            b.load_or_defer(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice, cb).err().unwrap();
         assert!(matches!(err, Error::Exhausted { .. }), "{err:?}");
         assert!(!b.is_loaded() && b.segments().is_empty() && b.runs().is_empty());
         assert_eq!(ran.load(Ordering::SeqCst), 0, "a failed no-wait load runs no callback");
@@ -190,10 +201,14 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         assert_eq!(nowait.deferred_stats(), Default::default());
 
         // On a tree that may wait, a no-wait load does not overtake a waiter: Busy.
-        let wait = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
+        let wait =
+            Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let log: Log = Arc::default();
         let w = wait.create_map().unwrap();
-        let w = deferred(w.load_or_defer(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice, logging(&log, 1)).unwrap());
+        let w = deferred(
+            w.load_or_defer(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice, logging(&log, 1))
+                .unwrap(),
+        );
         let mut n = wait.create_map().unwrap();
         assert_eq!(
             n.load(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice).unwrap_err(),
@@ -204,9 +219,15 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         // A child that may not wait is refused the same way (the queue is the tree's).
         let child = wait.child(TagSpec::new(PAGE_SIZE, 1)).unwrap();
         let mut cm = child.create_map().unwrap();
-        assert!(matches!(cm.load(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice), Err(Error::Busy { .. })));
+        assert!(matches!(
+            cm.load(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice),
+            Err(Error::Busy { .. })
+        ));
         // A child may not claim waiting its parent lacks.
-        assert!(matches!(nowait.child(may_wait(TagSpec::new(PAGE_SIZE, 1))), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            nowait.child(may_wait(TagSpec::new(PAGE_SIZE, 1))),
+            Err(Error::InvalidArgument { .. })
+        ));
         // A's tag is another tree: its unload does not know this tree's waiters; the tree is
         // told to look again.
         a.unload().unwrap();
@@ -225,18 +246,28 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
 fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled_and_unblocks_the_next() {
     let m = machine(2);
     with_small_domain(&m, |d, iommu, _| {
-        let tag = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
+        let tag =
+            Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let (a_pa, b_pa, c_pa) = (buffer(&m, 6, 1), buffer(&m, 8, 2), buffer(&m, 2, 3));
         let log: Log = Arc::default();
         let a = tag.create_map().unwrap();
-        let mut a = loaded(a.load_or_defer(&RawSegments(&[(a_pa, 6 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 0)).unwrap());
+        let mut a = loaded(
+            a.load_or_defer(&RawSegments(&[(a_pa, 6 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 0))
+                .unwrap(),
+        );
         let b = tag.create_map().unwrap();
-        let b = deferred(b.load_or_defer(&RawSegments(&[(b_pa, 8 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 2)).unwrap());
+        let b = deferred(
+            b.load_or_defer(&RawSegments(&[(b_pa, 8 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 2))
+                .unwrap(),
+        );
         let c = tag.create_map().unwrap();
-        let c = deferred(c.load_or_defer(&RawSegments(&[(c_pa, 2 * PAGE_SIZE)]), Direction::FromDevice, logging(&log, 3)).unwrap());
+        let c = deferred(
+            c.load_or_defer(&RawSegments(&[(c_pa, 2 * PAGE_SIZE)]), Direction::FromDevice, logging(&log, 3))
+                .unwrap(),
+        );
         // C (2 pages) would fit the 2 free pages but waits behind B. Cancelling B runs B's
         // callback with Cancelled, returns B's map unloaded, and lets C through.
-        let b = b.cancel().ok().expect("B was queued");
+        let b = b.cancel().expect("B was queued");
         assert!(!b.is_loaded() && b.runs().is_empty());
         {
             let l = log.lock().unwrap();
@@ -244,7 +275,7 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
             assert_eq!(l[1].0, 3);
             assert!(l[1].1.is_ok());
         }
-        let mut c = c.try_finish().ok().expect("C completed after B's cancellation");
+        let mut c = c.try_finish().expect("C completed after B's cancellation");
         assert!(c.is_loaded());
         // The cancelled map is a normal map again: it loads (no-wait) once space is free.
         a.unload().unwrap();
@@ -257,14 +288,20 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
         // once with Cancelled, the map is destroyed, nothing is kept.
         let before = d.iova().stats().live_ranges;
         let x = tag.create_map().unwrap();
-        let x = deferred(x.load_or_defer(&RawSegments(&[(b_pa, 4 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 4)).unwrap());
+        let x = deferred(
+            x.load_or_defer(&RawSegments(&[(b_pa, 4 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 4))
+                .unwrap(),
+        );
         drop(x);
         assert_eq!(log.lock().unwrap().last().unwrap(), &(4, Err(Error::Cancelled)));
         assert_eq!(d.iova().stats().live_ranges, before);
         // Dropping a pending load that already completed unloads and destroys its map.
         c.unload().unwrap();
         let y = tag.create_map().unwrap();
-        let y = deferred(y.load_or_defer(&RawSegments(&[(c_pa, 4 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 5)).unwrap());
+        let y = deferred(
+            y.load_or_defer(&RawSegments(&[(c_pa, 4 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 5))
+                .unwrap(),
+        );
         b.unload().unwrap();
         assert!(y.is_done() && y.outcome() == Some(Ok(())));
         assert_eq!(d.iova().stats().live_ranges, 1);
@@ -281,7 +318,8 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
 fn a_callback_syncs_and_starts_the_device_with_the_segments_it_is_given() {
     let m = machine(2);
     with_small_domain(&m, |d, iommu, _| {
-        let tag = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
+        let tag =
+            Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let (a_pa, b_pa) = (buffer(&m, 8, 1), buffer(&m, 4, 2));
         let mut a = tag.create_map().unwrap();
         a.load(&RawSegments(&[(a_pa, 8 * PAGE_SIZE)]), Direction::ToDevice).unwrap();
@@ -384,7 +422,8 @@ fn a_deferred_bounce_load_completes_when_pages_return_and_the_28_bit_device_read
 fn a_load_short_of_table_pages_is_deferred_not_failed_and_the_retry_after_queuing_completes_it() {
     let m = machine(2);
     with_small_domain(&m, |d, iommu, pool| {
-        let tag = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
+        let tag =
+            Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let pa = buffer(&m, 2, 9);
         let log: Log = Arc::default();
         let map = tag.create_map().unwrap();
@@ -393,8 +432,15 @@ fn a_load_short_of_table_pages_is_deferred_not_failed_and_the_retry_after_queuin
         // (theory 4), which completes it before `load_or_defer` returns.
         pool.fail_nth_alloc(Some(1));
         let injected = pool.stats().injected_failures;
-        let p = deferred(map.load_or_defer(&RawSegments(&[(pa, 2 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 1)).unwrap());
-        assert_eq!(pool.stats().injected_failures, injected + 1, "the first attempt hit the injected failure");
+        let p = deferred(
+            map.load_or_defer(&RawSegments(&[(pa, 2 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 1))
+                .unwrap(),
+        );
+        assert_eq!(
+            pool.stats().injected_failures,
+            injected + 1,
+            "the first attempt hit the injected failure"
+        );
         assert!(p.is_done() && p.outcome() == Some(Ok(())));
         assert_eq!(labels(&log), [1]);
         let mut map = p.try_finish().ok().unwrap();
@@ -420,16 +466,19 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
     const ROUNDS: u64 = 300;
     let m = machine(THREADS);
     with_small_domain(&m, |d, iommu, _| {
-        let tag = Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
+        let tag =
+            Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let bufs: Vec<PhysAddr> = (0..THREADS).map(|t| buffer(&m, 5, t as u8 + 1)).collect();
         let start = std::sync::Barrier::new(THREADS);
         // One slot per load (thread, round): how many times its callback ran.
-        let calls: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS as u64 * ROUNDS).map(|_| AtomicU64::new(0)).collect());
+        let calls: Arc<Vec<AtomicU64>> =
+            Arc::new((0..THREADS as u64 * ROUNDS).map(|_| AtomicU64::new(0)).collect());
         let deferred_n = AtomicU64::new(0);
         let cancelled_n = AtomicU64::new(0);
         std::thread::scope(|s| {
             for t in 0..THREADS {
-                let (tag, calls, bufs, deferred_n, cancelled_n) = (&tag, &calls, &bufs, &deferred_n, &cancelled_n);
+                let (tag, calls, bufs, deferred_n, cancelled_n) =
+                    (&tag, &calls, &bufs, &deferred_n, &cancelled_n);
                 let start = &start;
                 let m = &m;
                 s.spawn(move || {
@@ -448,46 +497,56 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
                             c[slot as usize].fetch_add(1, Ordering::SeqCst);
                         });
                         let src = [(bufs[t], pages * PAGE_SIZE)];
-                        let mut loaded_map =
-                            match map.take().unwrap().load_or_defer(&RawSegments(&src), Direction::ToDevice, cb) {
-                                Ok(Deferrable::Loaded(mm)) => mm,
-                                Ok(Deferrable::Deferred(mut p)) => {
-                                    deferred_n.fetch_add(1, Ordering::SeqCst);
-                                    // Every seventh deferred load is cancelled (or destroyed).
-                                    if r % 7 == 3 {
-                                        match p.cancel() {
-                                            Ok(mm) => {
-                                                cancelled_n.fetch_add(1, Ordering::SeqCst);
-                                                if !mm.is_loaded() {
-                                                    map = Some(mm);
-                                                    continue;
-                                                }
-                                                mm
-                                            }
-                                            Err(back) => {
-                                                drop(back); // being retried right now: destroy it
-                                                map = Some(tag.create_map().unwrap());
+                        let mut loaded_map = match map.take().unwrap().load_or_defer(
+                            &RawSegments(&src),
+                            Direction::ToDevice,
+                            cb,
+                        ) {
+                            Ok(Deferrable::Loaded(mm)) => mm,
+                            Ok(Deferrable::Deferred(mut p)) => {
+                                deferred_n.fetch_add(1, Ordering::SeqCst);
+                                // Every seventh deferred load is cancelled (or destroyed).
+                                if r % 7 == 3 {
+                                    match p.cancel() {
+                                        Ok(mm) => {
+                                            cancelled_n.fetch_add(1, Ordering::SeqCst);
+                                            if !mm.is_loaded() {
+                                                map = Some(mm);
                                                 continue;
                                             }
+                                            mm
                                         }
-                                    } else {
-                                        let deadline = Instant::now() + Duration::from_secs(20);
-                                        loop {
-                                            match p.try_finish() {
-                                                Ok(mm) => break mm,
-                                                Err(back) => p = back,
-                                            }
-                                            assert!(Instant::now() < deadline, "lost wake-up: {:?}", tag.deferred_stats());
-                                            std::thread::yield_now();
+                                        Err(back) => {
+                                            drop(back); // being retried right now: destroy it
+                                            map = Some(tag.create_map().unwrap());
+                                            continue;
                                         }
                                     }
+                                } else {
+                                    let deadline = Instant::now() + Duration::from_secs(20);
+                                    loop {
+                                        match p.try_finish() {
+                                            Ok(mm) => break mm,
+                                            Err(back) => p = back,
+                                        }
+                                        assert!(
+                                            Instant::now() < deadline,
+                                            "lost wake-up: {:?}",
+                                            tag.deferred_stats()
+                                        );
+                                        std::thread::yield_now();
+                                    }
                                 }
-                                Err((e, mm)) => panic!("thread {t} round {r}: {e:?} (loaded {})", mm.is_loaded()),
-                            };
+                            }
+                            Err((e, mm)) => panic!("thread {t} round {r}: {e:?} (loaded {})", mm.is_loaded()),
+                        };
                         assert!(loaded_map.is_loaded(), "a completed deferred load is loaded");
                         loaded_map.sync(SyncOp::PREWRITE).unwrap();
                         let got = device_read(iommu, loaded_map.segments());
-                        assert!(got == bytes(m, bufs[t], pages * PAGE_SIZE), "thread {t} round {r}: wrong bytes");
+                        assert!(
+                            got == bytes(m, bufs[t], pages * PAGE_SIZE),
+                            "thread {t} round {r}: wrong bytes"
+                        );
                         // The device's time with the buffer: 20 µs, so loads of different
                         // threads overlap even when the host runs them on one core in turn.
                         let until = Instant::now() + Duration::from_micros(20);

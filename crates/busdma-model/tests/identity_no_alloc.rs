@@ -11,7 +11,9 @@ use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
 use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
-use busdma_model::{Context, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat};
+use busdma_model::{
+    Context, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat,
+};
 
 /// Counts allocations made by threads that asked to be counted.
 struct Counting;
@@ -139,7 +141,8 @@ fn identity_load_and_unload_never_allocate() {
                 let _bind = m.bind_cpu(t).unwrap();
                 for round in 0..50u64 {
                     let list = sg((round % 8) * 128 + t as u64, 32);
-                    let (r, n) = allocations(|| map.load(&SgList(&list), Direction::ToDevice).map(|s| s.len()));
+                    let (r, n) =
+                        allocations(|| map.load(&SgList(&list), Direction::ToDevice).map(|s| s.len()));
                     assert!(r.is_ok() && n == 0, "thread {t} round {round}: {r:?}, {n} allocations");
                     let (r, n) = allocations(|| map.unload());
                     assert!(r.is_ok() && n == 0, "thread {t} round {round}: unload allocated {n}");

@@ -130,7 +130,8 @@ fn an_unload_racing_a_load_that_queues_itself_never_loses_the_wake_up() {
     builder().check(|| {
         let token = Token(std::sync::Arc::new(AtomicU64::new(1)));
         // Leaked per execution so both threads can borrow it for 'static (a few bytes each).
-        let tag: &'static Tag<'static, Bare, Token> = Box::leak(Box::new(Tag::new_root(&BARE, token.clone(), spec()).unwrap()));
+        let tag: &'static Tag<'static, Bare, Token> =
+            Box::leak(Box::new(Tag::new_root(&BARE, token.clone(), spec()).unwrap()));
         let mut a = tag.create_map().unwrap();
         a.load(&RawSegments(&SRC), Direction::ToDevice).unwrap();
         let b = tag.create_map().unwrap();
@@ -174,7 +175,8 @@ fn an_unload_racing_a_load_that_queues_itself_never_loses_the_wake_up() {
 fn a_cancellation_racing_the_retry_runs_the_callback_exactly_once() {
     builder().check(|| {
         let token = Token(std::sync::Arc::new(AtomicU64::new(1)));
-        let tag: &'static Tag<'static, Bare, Token> = Box::leak(Box::new(Tag::new_root(&BARE, token.clone(), spec()).unwrap()));
+        let tag: &'static Tag<'static, Bare, Token> =
+            Box::leak(Box::new(Tag::new_root(&BARE, token.clone(), spec()).unwrap()));
         let mut a = tag.create_map().unwrap();
         a.load(&RawSegments(&SRC), Direction::ToDevice).unwrap();
         let b = tag.create_map().unwrap();

@@ -87,8 +87,7 @@ use super::tag::{Tag, TagSpec};
 
 /// What a deferred load runs when it completes (theory 6): `Ok` with the loaded map's view,
 /// or the final error ([`Error::Cancelled`] if it was cancelled).
-pub type DeferredCallback<'p, P, S> =
-    Box<dyn for<'a> FnOnce(Result<DeferredMap<'a, 'p, P, S>>) + Send + 'p>;
+pub type DeferredCallback<'p, P, S> = Box<dyn for<'a> FnOnce(Result<DeferredMap<'a, 'p, P, S>>) + Send + 'p>;
 
 /// Whether a load that failed with `e` may succeed later without any change by the caller:
 /// a resource ran short ([`Error::Exhausted`]: IOVA space, bounce pages; [`Error::NoMemory`]:
@@ -285,7 +284,13 @@ impl<'p, P: Platform, S: Strategy<P>> DeferQueue<'p, P, S> {
         }
     }
 
-    fn enqueue(&self, node: &Arc<Node<'p, P, S>>, body: Body<S::MapState>, job: Job, cb: DeferredCallback<'p, P, S>) {
+    fn enqueue(
+        &self,
+        node: &Arc<Node<'p, P, S>>,
+        body: Body<S::MapState>,
+        job: Job,
+        cb: DeferredCallback<'p, P, S>,
+    ) {
         let mut f = self.fifo.lock();
         {
             let mut s = node.slot.lock();
@@ -572,7 +577,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
     /// callback got the error) if not. While the load is pending, the pending load comes back.
     #[allow(clippy::result_large_err)]
     pub fn try_finish(mut self) -> core::result::Result<DmaMap<'t, 'p, P, S>, Self> {
-        let (Some(node), Some(q)) = (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
+        let (Some(node), Some(q)) =
+            (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
         else {
             return Err(self);
         };
@@ -589,7 +595,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
     /// comes back.
     #[allow(clippy::result_large_err)]
     pub fn cancel(mut self) -> core::result::Result<DmaMap<'t, 'p, P, S>, Self> {
-        let (Some(node), Some(q)) = (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
+        let (Some(node), Some(q)) =
+            (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
         else {
             return Err(self);
         };
@@ -610,7 +617,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
 
 impl<P: Platform, S: Strategy<P>> Drop for PendingLoad<'_, '_, P, S> {
     fn drop(&mut self) {
-        let (Some(node), Some(q)) = (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
+        let (Some(node), Some(q)) =
+            (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
         else {
             return;
         };

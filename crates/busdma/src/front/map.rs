@@ -22,12 +22,19 @@
 //! 6. **Tags.** A map belongs to the tag that created it; the bus_dma-style calls on the tag
 //!    ([`Tag::load`], [`Tag::sync`], [`Tag::unload`], [`Tag::destroy`]) refuse a map of another
 //!    tag.
+//! 7. **Waiting.** [`DmaMap::load`] never waits. On a tag that may wait,
+//!    [`DmaMap::load_or_defer`] queues a load short of resources and completes it by callback
+//!    ([`super::defer`]); to that end everything a map owns besides its tag is one `Body`
+//!    that moves into the map's wait node and back. Every unload and destroy retries the
+//!    tree's waiting loads.
 //!
 //! # Execution context
 //!
 //! `create` allocates (may not be called with preemption disabled in a kernel whose
 //! allocator sleeps); `load`, `sync`, `unload` never allocate and never sleep (the IOMMU
-//! strategies may spin briefly on their domain's locks).
+//! strategies may spin briefly on their domain's locks). On a tree that may wait, `unload` and
+//! destroy also run the callbacks of deferred loads they complete (see [`super::defer`],
+//! theory 5, for what callbacks may do).
 #![forbid(unsafe_code)]
 
 use alloc::sync::Arc;
@@ -114,7 +121,7 @@ impl<M> Body<M> {
 ///
 /// # Invariants
 ///
-/// `body` satisfies [`Body`]'s invariants; `node` is `Some` exactly for maps of a tag that
+/// `body` satisfies `Body`'s invariants; `node` is `Some` exactly for maps of a tag that
 /// may wait ([`super::tag::TagFlags::may_wait`]): the wait node a deferred load uses,
 /// allocated at create so deferring allocates nothing.
 pub struct DmaMap<'t, 'p, P: Platform, S: Strategy<P>> {
@@ -319,7 +326,9 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     pub(crate) fn unload(&self, body: &mut Body<S::MapState>) -> Result<()> {
         if body.loaded.is_none() {
             #[cfg(feature = "dma-debug")]
-            self.tag.debug.report(super::debug::Violation::DoubleUnload { tag: self.tag_id, map: self.map_id });
+            self.tag
+                .debug
+                .report(super::debug::Violation::DoubleUnload { tag: self.tag_id, map: self.map_id });
             return Err(Error::BadState { what: "unload of a map that is not loaded" });
         }
         if let Some(state) = body.state.as_mut() {

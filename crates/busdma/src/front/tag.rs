@@ -19,7 +19,8 @@
 //!
 //! # Execution context
 //!
-//! Creating tags allocates (the debug checker's shared log only); it never sleeps.
+//! Creating tags allocates (the debug checker's shared log, and the wait queue of a root that
+//! may wait); it never sleeps.
 #![forbid(unsafe_code)]
 
 use alloc::sync::Arc;

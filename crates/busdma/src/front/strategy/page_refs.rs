@@ -229,8 +229,9 @@ impl PageRefs {
     /// Errors: [`Error::NoMemory`].
     pub fn alloc_slots(capacity: usize) -> Result<Vec<(u64, u32)>> {
         let mut v = Vec::new();
-        v.try_reserve_exact(capacity)
-            .map_err(|_| Error::NoMemory { requested: (capacity * core::mem::size_of::<(u64, u32)>()) as u64 })?;
+        v.try_reserve_exact(capacity).map_err(|_| Error::NoMemory {
+            requested: (capacity * core::mem::size_of::<(u64, u32)>()) as u64,
+        })?;
         Ok(v)
     }
 }
