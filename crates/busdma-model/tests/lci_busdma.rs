@@ -63,6 +63,9 @@ impl IommuOps<HostPlatform> for Lci<'_, '_> {
         Ok(())
     }
     fn ensure_flushed(&self, _: &G<'_>, _: ()) {}
+    fn wait_unmapped(&self, _: &G<'_>) {
+        // Strict: every unmap invalidated its ranges before returning.
+    }
     fn reserve_tables(&self, g: &G<'_>, range: AddrRange<Iova>) -> Result<()> {
         self.d.reserve_tables(g, range)
     }

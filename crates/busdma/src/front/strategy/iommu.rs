@@ -85,13 +85,18 @@ pub trait IommuOps<P: Platform>: Sync {
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
     fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
 
+    /// Waits until the invalidation of every unmap that returned before the call has
+    /// completed (flushing if one is still queued): [`super::Strategy::wait_unmapped`].
+    fn wait_unmapped(&self, g: &CpuGuard<'_, P>);
+
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
 
     /// Programs the coherence index of the freshly mapped `range` (seed 003, see
     /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the
-    /// range's first page, or [`CoherenceIndex::Untouched`] for memory with no kernel mapping.
+    /// range's first page (for a page outside the direct map, its quick maps' colour), or
+    /// [`CoherenceIndex::Untouched`] for memory with neither a page nor a kernel mapping.
     /// Domains whose IOMMU has no coherence index ignore it (the default).
     fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
         let _ = (range, index);
