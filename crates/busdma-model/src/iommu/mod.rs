@@ -432,7 +432,7 @@ impl<'m> ModelIommu<'m> {
 }
 
 impl IotlbInvalidator for ModelIommu<'_> {
-    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) {
+    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
         self.command_latency();
         bump(&self.counters.inv_range);
         let generation = self.iotlb.bump_generation();
@@ -448,15 +448,17 @@ impl IotlbInvalidator for ModelIommu<'_> {
             self.iotlb.scan_out(domain, first, last)
         };
         self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+        Ok(())
     }
 
-    fn invalidate_all(&self, domain: DomainId) {
+    fn invalidate_all(&self, domain: DomainId) -> Result<()> {
         self.command_latency();
         bump(&self.counters.inv_domain);
         let generation = self.iotlb.bump_generation();
         self.with_audit(|a| a.invalidate(domain, None, generation, self.platform.monotonic_ns()));
         let dropped = self.iotlb.scan_out(domain, 0, u64::MAX);
         self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+        Ok(())
     }
 
     fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {

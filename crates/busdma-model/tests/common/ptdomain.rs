@@ -105,7 +105,9 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         Ok(())
     }
 
-    fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) {}
+    fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) -> Result<()> {
+        Ok(())
+    }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {
         reserve_levels(&self.pt, g, range)

@@ -75,7 +75,7 @@ where
     }
 
     #[inline]
-    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: FlushTicket) {
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: FlushTicket) -> Result<()> {
         Domain::ensure_flushed(self, g, ticket)
     }
 

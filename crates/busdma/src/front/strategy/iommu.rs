@@ -80,7 +80,10 @@ pub trait IommuOps<P: Platform>: Sync {
     ) -> Result<Self::Ticket>;
 
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
-    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
+    ///
+    /// Errors: the IOMMU failed that invalidation ([`crate::Error::InvalidationFailed`]): the
+    /// unmapped range must not be mapped again yet.
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket) -> Result<()>;
 
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
