@@ -75,12 +75,12 @@ fn with_domain<R>(
     let iommu = ModelIommu::new(&m, IommuConfig { audit: true, ..IommuConfig::default() }).unwrap();
     let flaky = Flaky { iommu: &iommu, fail: AtomicU32::new(0) };
     let pool = TablePool::new(&m);
-    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
-        .unwrap();
+    let pt =
+        PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
     iommu.attach(DEV, Context::new(DOM, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
     let space = AddrRange::from_start_len(Iova::new(1 << 30), 256 << 20).unwrap();
-    let iova =
-        IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: false, guard_page: false }).unwrap();
+    let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: false, guard_page: false })
+        .unwrap();
     let d = Domain::new(&m, pt, iova, &flaky, DomainConfig::new(DOM, policy)).unwrap();
     let r = body(&m, &d, &iommu, &flaky, &pool);
     iommu.detach(DEV).unwrap();
@@ -95,15 +95,20 @@ fn read(iommu: &ModelIommu<'_>, iova: Iova) -> std::result::Result<u64, FaultRea
     iommu.port(DEV).dma_read(iova, &mut b).map(|_| u64::from_le_bytes(b)).map_err(|f| f.reason)
 }
 
-/// Maps one tagged frame at a fresh IOVA (page 0 of a 1 GiB-aligned region, so the map needs
-/// table pages of its own) and reads it through the device (its translation is now cached).
+/// Maps a tagged frame at the first page of a fresh 2 MiB of IOVA (1 GiB-aligned, so the map
+/// needs table pages of its own) and the rest of the 2 MiB to addresses outside RAM
+/// (translation only; not 2 MiB-aligned, so leaf tables that the unmap frees), and reads the
+/// tag through the device (its translation is now cached).
 fn map_tagged(m: &HostPlatform, d: &Dom<'_>, iommu: &ModelIommu<'_>, tag: u64) -> AddrRange<Iova> {
+    const PAGES: u64 = 512;
     let g = m.pin_cpu();
-    let req = IovaRequest { align: 1 << 30, ..IovaRequest::pages(1) };
+    let req = IovaRequest { align: 1 << 30, ..IovaRequest::pages(PAGES) };
     let r = d.alloc_iova(&g, &req).unwrap();
     let pa = frame(m);
     m.write_phys(pa, &tag.to_le_bytes()).unwrap();
     d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+    let rest = Iova::new(r.start().raw() + PAGE_SIZE);
+    d.map(&g, rest, PhysAddr::new(0x40_0000_0000 + PAGE_SIZE), (PAGES - 1) * PAGE_SIZE, Prot::READ).unwrap();
     assert_eq!(read(iommu, r.start()), Ok(tag));
     r
 }
@@ -130,7 +135,10 @@ fn a_failed_strict_invalidation_holds_the_iova_and_tables_back_until_a_whole_dom
         let e = d.unmap(&g, &[r], &[r]).unwrap_err();
         assert!(is_injected(&e), "{e:?}");
         let st = d.stats();
-        assert_eq!((st.invalidation_errors, st.held_back, st.iova_released, st.table_pages_released), (1, 1, 0, 0));
+        assert_eq!(
+            (st.invalidation_errors, st.held_back, st.iova_released, st.table_pages_released),
+            (1, 1, 0, 0)
+        );
         assert!(d.degraded());
         // The unit still caches the translation: this is why nothing may be reused.
         assert_eq!(read(iommu, r.start()), Ok(0xabcd), "the stale entry survives the failed command");
@@ -150,7 +158,7 @@ fn a_failed_strict_invalidation_holds_the_iova_and_tables_back_until_a_whole_dom
         assert!(!d.degraded());
         assert_eq!((st.held_back, st.iova_released), (0, 1));
         assert!(st.table_pages_released > 0, "the unmap's table pages went back after the recovery");
-        assert_eq!(read(iommu, r.start()), Err(FaultReason::NotPresent));
+        assert!(matches!(read(iommu, r.start()), Err(FaultReason::NotPresent { .. })));
         d.unmap(&g, &[other], &[other]).unwrap();
     });
 }
@@ -170,7 +178,7 @@ fn a_failed_deferred_flush_releases_nothing_and_the_next_flush_releases_everythi
         assert_eq!(read(iommu, r.start()), Ok(0x1234), "the stale entry survives the failed flush");
         d.flush(&g).unwrap();
         assert_eq!((d.pending(), d.stats().iova_released), (0, 1));
-        assert_eq!(read(iommu, r.start()), Err(FaultReason::NotPresent));
+        assert!(matches!(read(iommu, r.start()), Err(FaultReason::NotPresent { .. })));
     });
 }
 
@@ -201,15 +209,15 @@ fn a_domain_whose_last_invalidation_fails_leaks_its_table_pages_instead_of_freei
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let flaky = Flaky { iommu: &iommu, fail: AtomicU32::new(0) };
     let pool = TablePool::new(&m);
-    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
-        .unwrap();
+    let pt =
+        PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
     let space = AddrRange::from_start_len(Iova::new(1 << 30), 256 << 20).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).unwrap();
     let d = Domain::new(&m, pt, iova, &flaky, DomainConfig::new(DOM, InvalidationPolicy::Strict)).unwrap();
     {
         let g = m.pin_cpu();
         let r = d.iova().alloc(&g, &IovaRequest::pages(1)).unwrap();
-        let pa = frame(m);
+        let pa = frame(&m);
         d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
     }
     let frees = pool.stats().frees;
@@ -218,8 +226,8 @@ fn a_domain_whose_last_invalidation_fails_leaks_its_table_pages_instead_of_freei
     assert_eq!(pool.stats().frees, frees, "no table page went back to the pool");
     // The same domain with a working unit frees them.
     flaky.fail_next(0);
-    let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
-        .unwrap();
+    let pt =
+        PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).unwrap();
     let d = Domain::new(&m, pt, iova, &flaky, DomainConfig::new(DOM, InvalidationPolicy::Strict)).unwrap();
     drop(d);

@@ -15,6 +15,9 @@
 //!    an invalidation still translates. Invalidation commands ([`IotlbInvalidator`]) drop
 //!    cached pages of a range (probing sets for small ranges, scanning for large ones) or of
 //!    a whole domain, and are counted by kind ([`IommuStats`]).
+//!    In *caching mode* ([`IommuConfig::caching_mode`], VT-d CAP.CM = 1) a walk that finds an
+//!    entry not present is cached too, and faults until an invalidation drops it: software
+//!    must invalidate after mapping ([`IotlbInvalidator::invalidate_mapped`]).
 //! 4. **Faults** are returned to the device and recorded in a bounded log (the first
 //!    [`IommuConfig::fault_log_entries`] until read; later ones are counted as dropped, like
 //!    VT-d's primary fault overflow).
@@ -51,6 +54,10 @@ use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
 pub use audit::{AuditReport, Violation};
 use iotlb::Iotlb;
 use walk::Walk;
+
+/// IOTLB value of a cached not-present result (caching mode): no page address has bit 63,
+/// the rest is the level of the absent entry.
+const NOT_PRESENT: u64 = 1 << 63;
 
 /// A page-table format the model IOMMU walks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,6 +122,9 @@ pub struct IommuConfig {
     /// poll), which the software model otherwise does not have. 0 by default; benchmarks set
     /// it to compare invalidation policies under an assumed hardware cost.
     pub invalidation_latency_ns: u64,
+    /// VT-d caching mode (CAP.CM = 1): not-present results are cached as well (theory 3), and
+    /// [`IotlbInvalidator::invalidate_mapped`] invalidates the range it is given.
+    pub caching_mode: bool,
 }
 
 impl Default for IommuConfig {
@@ -130,6 +140,7 @@ impl Default for IommuConfig {
             output_bits: 48,
             audit: false,
             invalidation_latency_ns: 0,
+            caching_mode: false,
         }
     }
 }
@@ -155,6 +166,10 @@ pub struct IommuStats {
     pub inv_range_scanned: u64,
     /// Whole-domain invalidation commands.
     pub inv_domain: u64,
+    /// Invalidations after a map (caching mode only; not counted in `inv_range`).
+    pub inv_after_map: u64,
+    /// Translations refused by a cached not-present entry (caching mode only).
+    pub not_present_hits: u64,
     /// IOTLB entries dropped by invalidations.
     pub iotlb_entries_dropped: u64,
     /// Nanoseconds spent in [`IommuConfig::invalidation_latency_ns`] waits (measured: on a
@@ -173,6 +188,8 @@ struct Counters {
     inv_range_probed: AtomicU64,
     inv_range_scanned: AtomicU64,
     inv_domain: AtomicU64,
+    inv_after_map: AtomicU64,
+    not_present_hits: AtomicU64,
     iotlb_entries_dropped: AtomicU64,
     inv_wait_ns: AtomicU64,
 }
@@ -308,6 +325,10 @@ impl<'m> ModelIommu<'m> {
         let page_number = iova >> 12;
         let key = iotlb::key(ctx.domain, page_number);
         let cached = match self.iotlb.lookup(key) {
+            Some(c) if c & NOT_PRESENT != 0 => {
+                bump(&self.counters.not_present_hits);
+                return Err(FaultReason::NotPresent { level: (c & !NOT_PRESENT) as u32 });
+            }
             Some(c) => {
                 bump(&self.counters.iotlb_hits);
                 c
@@ -315,7 +336,14 @@ impl<'m> ModelIommu<'m> {
             None => {
                 bump(&self.counters.walks);
                 let generation = self.iotlb.generation();
-                let w = self.walk(&ctx, iova)?;
+                let w = match self.walk(&ctx, iova) {
+                    Ok(w) => w,
+                    Err(FaultReason::NotPresent { level }) if self.config.caching_mode => {
+                        self.iotlb.fill(key, NOT_PRESENT | u64::from(level), generation);
+                        return Err(FaultReason::NotPresent { level });
+                    }
+                    Err(e) => return Err(e),
+                };
                 let c = w.page.raw() | u64::from(w.read) | (u64::from(w.write) << 1);
                 if let Some(a) = &self.audit {
                     let mut a = lock(a);
@@ -383,6 +411,8 @@ impl<'m> ModelIommu<'m> {
             inv_range_probed: l(&c.inv_range_probed),
             inv_range_scanned: l(&c.inv_range_scanned),
             inv_domain: l(&c.inv_domain),
+            inv_after_map: l(&c.inv_after_map),
+            not_present_hits: l(&c.not_present_hits),
             iotlb_entries_dropped: l(&c.iotlb_entries_dropped),
             inv_wait_ns: l(&c.inv_wait_ns),
         }
@@ -433,21 +463,16 @@ impl<'m> ModelIommu<'m> {
 
 impl IotlbInvalidator for ModelIommu<'_> {
     fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
-        self.command_latency();
         bump(&self.counters.inv_range);
-        let generation = self.iotlb.bump_generation();
-        let (first, last) = Self::pages(range);
-        self.with_audit(|a| {
-            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
-        });
-        let dropped = if last - first < self.iotlb.sets() as u64 {
-            bump(&self.counters.inv_range_probed);
-            self.iotlb.probe_out(domain, first, last)
-        } else {
-            bump(&self.counters.inv_range_scanned);
-            self.iotlb.scan_out(domain, first, last)
-        };
-        self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.drop_range(domain, range);
+        Ok(())
+    }
+
+    fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        if self.config.caching_mode {
+            bump(&self.counters.inv_after_map);
+            self.drop_range(domain, range);
+        }
         Ok(())
     }
 
@@ -498,6 +523,26 @@ impl IotlbInvalidator for ModelIommu<'_> {
     fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
         let (first, last) = Self::pages(range);
         self.with_audit(|a| a.mapping(domain, first, last));
+    }
+}
+
+impl ModelIommu<'_> {
+    /// A ranged invalidation's work: waits its latency, drops the cached pages of `range`.
+    fn drop_range(&self, domain: DomainId, range: AddrRange<Iova>) {
+        self.command_latency();
+        let generation = self.iotlb.bump_generation();
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| {
+            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
+        });
+        let dropped = if last - first < self.iotlb.sets() as u64 {
+            bump(&self.counters.inv_range_probed);
+            self.iotlb.probe_out(domain, first, last)
+        } else {
+            bump(&self.counters.inv_range_scanned);
+            self.iotlb.scan_out(domain, first, last)
+        };
+        self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
     }
 }
 

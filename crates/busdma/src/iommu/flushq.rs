@@ -332,7 +332,11 @@ impl<T> FlushQueues<T> {
     /// every queue. Returns true if it ran `invalidate`.
     ///
     /// Errors: `invalidate`'s; nothing is released then, every item stays queued (rule 7).
-    pub fn flush(&self, invalidate: impl FnOnce() -> Result<()>, release: &mut impl FnMut(T)) -> Result<bool> {
+    pub fn flush(
+        &self,
+        invalidate: impl FnOnce() -> Result<()>,
+        release: &mut impl FnMut(T),
+    ) -> Result<bool> {
         let ran = self.gens.flush(invalidate)?;
         let hint = self.hint.load(Ordering::Acquire);
         for (cpu, queue) in self.queues.iter().enumerate() {
@@ -368,7 +372,16 @@ mod tests {
         assert!(matches!(q.push(0, t, 10, 1u32, &mut |i| out.push(i)), Pushed::Queued));
         assert_eq!(q.reclaim_all(&mut |i| out.push(i)), 0);
         let mut ran = 0;
-        assert!(q.flush(|| { ran += 1; Ok(()) }, &mut |i| out.push(i)).unwrap());
+        assert!(
+            q.flush(
+                || {
+                    ran += 1;
+                    Ok(())
+                },
+                &mut |i| out.push(i)
+            )
+            .unwrap()
+        );
         assert_eq!((ran, out.as_slice()), (1, &[1u32][..]));
         assert!(q.generations().is_flushed(t));
         assert_eq!((q.generations().started(), q.generations().finished()), (1, 1));
