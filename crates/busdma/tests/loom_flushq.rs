@@ -139,3 +139,25 @@ fn an_item_left_queued_is_released_by_a_later_flush_from_another_cpu() {
         assert_eq!(fq.pending(), 0);
     });
 }
+
+#[test]
+fn a_failed_flush_racing_an_unmap_releases_nothing_and_the_next_flush_releases_it() {
+    model(|| {
+        let hw = Arc::new(Hw::new(true));
+        // Room for two: the unmap queues without flushing.
+        let fq = Arc::new(FlushQueues::new(2, 2, u64::MAX).unwrap());
+        let released = Arc::new(AtomicU64::new(0));
+        let t = {
+            let (hw, fq, r) = (hw.clone(), fq.clone(), released.clone());
+            thread::spawn(move || unmap(&hw, &fq, &r, 0, 0))
+        };
+        // Another CPU's flush fails: the hardware invalidated nothing.
+        let broken = busdma::Error::InvalidationFailed { what: "loom", domain: 1, status: 0 };
+        let got = fq.flush(|| Err(broken), &mut |it| hw.released(it, &released));
+        assert_eq!(got, Err(broken));
+        t.join().unwrap();
+        assert_eq!(released.load(Ordering::Relaxed), 0, "a failed flush released an item");
+        fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released)).unwrap();
+        assert_eq!((released.load(Ordering::Relaxed), fq.pending()), (1, 0));
+    });
+}
