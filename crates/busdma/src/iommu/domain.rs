@@ -467,6 +467,41 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         Ok(())
     }
 
+    /// Returns once every unmap that returned before the call has been invalidated: flushes
+    /// if some unmap is still queued, recovers a degraded domain (theory 8), issues nothing
+    /// otherwise (a healthy strict domain, or every queue empty). The unpin barrier of
+    /// registered memory (`crate::pin::UnpinBarrier`).
+    ///
+    /// Why an empty queue is enough: an unmap returns only after it queued its entry (or
+    /// completed an invalidation itself), and an entry leaves its queue only once a flush that
+    /// started after its clear has finished (`flushq.rs`, rule 2), under the queue's lock,
+    /// which [`Domain::pending`] takes too. So an entry of an unmap that returned before the
+    /// call is either seen queued (and the flush below covers it) or already covered. An unmap
+    /// whose invalidation failed has left the domain degraded until a recovery succeeds.
+    ///
+    /// Errors: [`Error::InvalidationFailed`]; nothing is proven then.
+    pub fn flush_queued(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        if self.degraded.load(Ordering::Relaxed) {
+            return self.recover(g);
+        }
+        if let Some(fq) = &self.fq {
+            if fq.pending() > 0 {
+                return self.flush_now(g, fq);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Domain::flush_queued`] until it succeeds: the barrier of callers that cannot take an
+    /// error (`crate::pin::UnpinBarrier`, `Strategy::wait_unmapped`). Returning after a failure
+    /// would let them unpin memory a device may still reach, so on a unit that never recovers
+    /// the caller waits forever (where Linux panics). Process context only.
+    pub fn wait_unmapped(&self, g: &CpuGuard<'_, P>) {
+        while self.flush_queued(g).is_err() {
+            crate::sync::spin_hint();
+        }
+    }
+
     /// Flushes if the oldest queued unmap is due by age, and retries the recovery of a
     /// degraded domain: what a kernel's timer calls so that an idle domain's queues drain
     /// within the age bound.
@@ -604,6 +639,16 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
                 Err(e)
             }
         }
+    }
+}
+
+/// A domain is the unpin barrier of the registries whose buffers it maps
+/// ([`Domain::flush_queued`] on the calling CPU).
+impl<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> crate::pin::UnpinBarrier
+    for Domain<'_, P, F, S, H>
+{
+    fn wait_unmapped(&self) {
+        Domain::wait_unmapped(self, &self.platform.pin_cpu());
     }
 }
 
