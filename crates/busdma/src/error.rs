@@ -40,6 +40,8 @@ pub mod errno {
     pub const EOPNOTSUPP: i32 = 95;
     /// Operation now in progress (a deferred load).
     pub const EINPROGRESS: i32 = 115;
+    /// Operation cancelled (a deferred load whose map was destroyed or that was cancelled).
+    pub const ECANCELED: i32 = 125;
 }
 
 /// Shorthand for `core::result::Result<T, Error>`.
@@ -193,6 +195,9 @@ pub enum Error {
         /// The hardware's status when it failed (VT-d: FSTS; 0 for a time-out).
         status: u64,
     },
+    /// A deferred load was cancelled before it completed (`PendingLoad::cancel`, or its map
+    /// destroyed): what its callback receives.
+    Cancelled,
 }
 
 impl Error {
@@ -222,6 +227,7 @@ impl Error {
             Error::PermissionDenied { .. } => EPERM,
             Error::InProgress => EINPROGRESS,
             Error::InvalidationFailed { .. } => EIO,
+            Error::Cancelled => ECANCELED,
         }
     }
 }
@@ -278,6 +284,7 @@ impl fmt::Display for Error {
                 "IOMMU invalidation of domain {domain} failed: {what} (status {status:#x}); \
                  what it would release is held back"
             ),
+            Error::Cancelled => write!(f, "deferred load cancelled before it completed"),
         }
     }
 }
