@@ -136,8 +136,14 @@ pub struct HostPlatform {
     phys: *mut u8,
     /// Direct map: the first `direct_map_size` bytes of RAM.
     direct: *mut u8,
-    /// Quick-map windows: `cpus * QUICK_SLOTS` pages.
+    /// Quick-map windows: `cpus * QUICK_SLOTS` groups of `colours` pages, the group of slot
+    /// `s` of CPU `c` at index `c * QUICK_SLOTS + s`, its page `k` of colour `k` (the start is
+    /// aligned to a whole group), so a page is always mapped at a window of its own colour.
     quick: *mut u8,
+    /// The reservation holding the windows (aligned up to `quick`): start and length.
+    quick_reservation: (*mut u8, u64),
+    /// Colours of the cache model (1 without one, or with a PIPT one).
+    colours: u64,
     frames: FrameAllocator,
     cpus: Cpus,
     mmio: RwLock<Vec<MmioWindow>>,
@@ -260,8 +266,12 @@ impl HostPlatform {
         } else {
             std::ptr::null_mut()
         };
-        let quick_len = (config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
-        let quick = map(
+        // One window page per colour per slot, and colours - 1 pages more so the windows can
+        // start on a colour-0 page (the platform's side of `Platform::quick_map`'s colour rule).
+        let colours = config.cache.map_or(1, |c| c.colours());
+        let group = colours * PAGE_SIZE;
+        let quick_len = (config.cpus * QUICK_SLOTS) as u64 * group + (colours - 1) * PAGE_SIZE;
+        let reservation = map(
             std::ptr::null_mut(),
             quick_len,
             libc::PROT_NONE,
@@ -269,12 +279,18 @@ impl HostPlatform {
             -1,
             0,
         )?;
+        let skip = (group - reservation as u64 % group) % group;
+        // SAFETY: `skip` < one group, and the reservation has colours - 1 spare pages past the
+        // windows, so the aligned start and every window stay inside it.
+        let quick = unsafe { reservation.add(skip as usize) };
         Ok(Self {
             config,
             fd,
             phys,
             direct,
             quick,
+            quick_reservation: (reservation, quick_len),
+            colours,
             frames: FrameAllocator::new(
                 config.ram_base,
                 config.ram_size / PAGE_SIZE,
@@ -420,10 +436,26 @@ impl HostPlatform {
         Some(f(win.handler.as_ref(), pa.raw() - win.range.start().raw()))
     }
 
-    fn quick_slot_ptr(&self, cpu: usize, slot: usize) -> *mut u8 {
+    /// The window of slot `slot` of CPU `cpu` for pages of `pa`'s colour.
+    fn quick_slot_ptr(&self, cpu: usize, slot: usize, pa: u64) -> *mut u8 {
         assert!(cpu < self.config.cpus && slot < QUICK_SLOTS, "quick slot ({cpu}, {slot}) out of range");
-        // SAFETY: (cpu, slot) is inside the window reservation, checked above.
-        unsafe { self.quick.add((cpu * QUICK_SLOTS + slot) * PAGE_SIZE as usize) }
+        let page = (cpu * QUICK_SLOTS + slot) as u64 * self.colours + self.colour_of_pa(pa);
+        // SAFETY: (cpu, slot) is inside the window reservation, checked above, and the colour
+        // is below `colours`, so the page is one of the slot's group.
+        unsafe { self.quick.add((page * PAGE_SIZE) as usize) }
+    }
+
+    /// Points one window page back at an inaccessible page, so a stale use of the slot faults
+    /// instead of reading whatever page was there.
+    fn unmap_window(&self, win: *mut u8) {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE;
+        let r = map(win, PAGE_SIZE, libc::PROT_NONE, flags, -1, 0);
+        assert!(r.is_ok(), "quick_unmap: mmap(MAP_FIXED) failed");
+    }
+
+    /// The kernel colour of physical page `pa`: what every window of it has.
+    fn colour_of_pa(&self, pa: u64) -> u64 {
+        (pa / PAGE_SIZE) % self.colours
     }
 
     /// Panics unless the calling thread holds a preemption guard on `cpu`: a quick-map window
@@ -438,7 +470,7 @@ impl HostPlatform {
 
     /// The quick-map windows as a kernel virtual range (for "is this a quick-map address?").
     pub fn quick_window(&self) -> AddrRange<KernVa> {
-        let len = (self.config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
+        let len = (self.config.cpus * QUICK_SLOTS) as u64 * self.colours * PAGE_SIZE;
         AddrRange::from_start_len(KernVa::new(self.quick as u64), len).unwrap_or_else(|_| unreachable!())
     }
 
@@ -459,8 +491,11 @@ impl HostPlatform {
             return Some(pa);
         }
         let off = kva.offset_from(self.quick_window().start())?;
-        let slot = self.quick_pa.get((off / PAGE_SIZE) as usize)?.load(Ordering::Acquire);
-        (slot != NO_PAGE).then(|| PhysAddr::new(slot + off % PAGE_SIZE))
+        let page = off / PAGE_SIZE;
+        let held = self.quick_pa.get((page / self.colours) as usize)?.load(Ordering::Acquire);
+        // Only the window of the held page's colour maps it; the group's others map nothing.
+        (held != NO_PAGE && self.colour_of_pa(held) == page % self.colours)
+            .then(|| PhysAddr::new(held + off % PAGE_SIZE))
     }
 
     /// What the platform handed the frame holding `pa` out for (see [`crate::audit`]).
@@ -601,7 +636,7 @@ impl HostPlatform {
 
 impl Drop for HostPlatform {
     fn drop(&mut self) {
-        let len = (self.config.cpus * QUICK_SLOTS) as u64 * PAGE_SIZE;
+        let (quick, len) = self.quick_reservation;
         // SAFETY: unmapping the mappings this value created; nothing refers to them after drop
         // (frame blocks and guards borrow the platform, so they are gone).
         unsafe {
@@ -609,7 +644,7 @@ impl Drop for HostPlatform {
             if !self.direct.is_null() {
                 libc::munmap(self.direct.cast(), self.config.direct_map_size as usize);
             }
-            libc::munmap(self.quick.cast(), len as usize);
+            libc::munmap(quick.cast(), len as usize);
             libc::close(self.fd);
         }
     }
@@ -767,12 +802,19 @@ impl Platform for HostPlatform {
     // disabled on `cpu` (checked below: using another CPU's window would race with its owner).
     unsafe fn quick_map(&self, cpu: usize, slot: usize, pa: PhysAddr) -> KernVa {
         self.check_quick_owner(cpu, slot);
-        let win = self.quick_slot_ptr(cpu, slot);
         // A quick map never fails: a PA outside RAM is a caller bug (the contract says RAM).
         let off = match self.ram_offset(pa, PAGE_SIZE) {
             Ok(off) if pa.is_aligned(PAGE_SIZE) => off,
             _ => panic!("quick_map of {pa:?}: not a page of RAM"),
         };
+        // The slot may still hold a page of another colour (a nesting `busdma::quickmap`
+        // reported and is undoing): that window must not keep mapping it.
+        let held = self.quick_pa[cpu * QUICK_SLOTS + slot].load(Ordering::Acquire);
+        if held != NO_PAGE && self.colour_of_pa(held) != self.colour_of_pa(pa.raw()) {
+            self.unmap_window(self.quick_slot_ptr(cpu, slot, held));
+        }
+        // The window of the page's colour (`Platform::quick_map`'s colour rule).
+        let win = self.quick_slot_ptr(cpu, slot, pa.raw());
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         // A real mapping change: the memfd page at `off` replaces whatever the slot held.
         let r = map(win, PAGE_SIZE, rw, libc::MAP_SHARED | libc::MAP_FIXED, self.fd, off);
@@ -786,13 +828,10 @@ impl Platform for HostPlatform {
 
     unsafe fn quick_unmap(&self, cpu: usize, slot: usize) {
         self.check_quick_owner(cpu, slot);
-        let win = self.quick_slot_ptr(cpu, slot);
-        self.quick_pa[cpu * QUICK_SLOTS + slot].store(NO_PAGE, Ordering::Release);
-        // Back to an inaccessible page, so a stale use of the slot faults instead of reading
-        // whatever page was there.
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE;
-        let r = map(win, PAGE_SIZE, libc::PROT_NONE, flags, -1, 0);
-        assert!(r.is_ok(), "quick_unmap: mmap(MAP_FIXED) failed");
+        let held = self.quick_pa[cpu * QUICK_SLOTS + slot].swap(NO_PAGE, Ordering::AcqRel);
+        if held != NO_PAGE {
+            self.unmap_window(self.quick_slot_ptr(cpu, slot, held));
+        }
     }
 }
 

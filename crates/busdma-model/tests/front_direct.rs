@@ -72,7 +72,7 @@ fn a_peer_bar_with_a_bus_address_is_used_as_is() {
 }
 
 #[test]
-fn sync_maintains_caches_per_run_and_skips_runs_without_a_kernel_mapping() {
+fn sync_maintains_page_runs_at_their_kernel_address_or_through_a_quick_map_and_skips_page_less_runs() {
     let host = machine();
     let rec = Recording::new(&host);
     let mapped = frames(&host, 1, Placement::DirectMapped);
@@ -81,18 +81,38 @@ fn sync_maintains_caches_per_run_and_skips_runs_without_a_kernel_mapping() {
     let mut map = tag.create_map().unwrap();
     let sg = [
         SgEntry { pa: mapped, len: 0x200, kind: MemKind::Page },
-        SgEntry { pa: unmapped, len: 0x200, kind: MemKind::Page },
+        SgEntry { pa: unmapped.checked_add(0x40).unwrap(), len: 0x200, kind: MemKind::Page },
         SgEntry { pa: PhysAddr::new(0xfe00_0000), len: 0x100, kind: MemKind::Mmio },
     ];
     map.load(&SgList(&sg), Direction::Bidirectional).unwrap();
     let kva = host.phys_to_kva(mapped).unwrap().raw();
+    // The page outside the direct map is maintained through a quick-map window, 0x40 into it.
+    let in_window = |ops: Vec<CacheOp>| -> Vec<CacheOp> {
+        ops.into_iter()
+            .map(|op| match op {
+                CacheOp::Clean(k, n) if host.quick_window().contains(KernVa::new(k)) => {
+                    CacheOp::Clean(k % PAGE_SIZE, n)
+                }
+                CacheOp::CleanInvalidate(k, n) if host.quick_window().contains(KernVa::new(k)) => {
+                    CacheOp::CleanInvalidate(k % PAGE_SIZE, n)
+                }
+                CacheOp::Invalidate(k, n) if host.quick_window().contains(KernVa::new(k)) => {
+                    CacheOp::Invalidate(k % PAGE_SIZE, n)
+                }
+                op => op,
+            })
+            .collect()
+    };
     let st = map.sync(SyncOp::PREWRITE).unwrap();
-    assert_eq!((st.maintained, st.skipped), (1, 2));
-    assert_eq!(rec.take(), [CacheOp::Clean(kva, 0x200)]);
+    assert_eq!((st.maintained, st.skipped, st.quick_mapped), (2, 1, 1));
+    assert_eq!(in_window(rec.take()), [CacheOp::Clean(kva, 0x200), CacheOp::Clean(0x40, 0x200)]);
     map.sync(SyncOp::PREREAD).unwrap();
-    assert_eq!(rec.take(), [CacheOp::CleanInvalidate(kva, 0x200)]);
+    assert_eq!(
+        in_window(rec.take()),
+        [CacheOp::CleanInvalidate(kva, 0x200), CacheOp::CleanInvalidate(0x40, 0x200)]
+    );
     map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE).unwrap();
-    assert_eq!(rec.take(), [CacheOp::Invalidate(kva, 0x200)]);
+    assert_eq!(in_window(rec.take()), [CacheOp::Invalidate(kva, 0x200), CacheOp::Invalidate(0x40, 0x200)]);
 }
 
 #[test]

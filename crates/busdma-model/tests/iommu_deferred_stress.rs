@@ -282,9 +282,14 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
     assert_eq!(st.iova_released, maps.load(Ordering::Relaxed), "{name}: every map's IOVA came back");
     assert_eq!((d.pending(), rep.pending), (0, 0), "{name}: everything flushed");
     assert!(st.table_pages_released > 100, "{name}: the table-page path ran ({st:?})");
-    assert!(st.flushes > 1000 && hw.inv_domain >= st.flushes, "{name}: {st:?}");
     assert!(rep.exposures > 0);
     let count_bound = (CPUS * MAX_ENTRIES + CPUS) as u64;
+    // No flush drains more than the count bound, so at least unmaps / count_bound flushes ran
+    // (how many more, by age, depends on how the host schedules the two threads).
+    assert!(
+        st.flushes >= st.unmaps / count_bound && st.flushes > 500 && hw.inv_domain >= st.flushes,
+        "{name}: {st:?}"
+    );
     assert!(
         rep.max_exposure_unmaps <= count_bound,
         "{name}: exposure of {} unmaps > {count_bound}",

@@ -30,9 +30,16 @@ use core::sync::atomic::{AtomicU64, Ordering, fence};
 use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
 
-/// Number of quick-map slots each CPU owns: two, so a copy can span or join two pages (the
-/// extension seed 000 anticipates).
-pub const QUICK_SLOTS: usize = 2;
+/// Number of quick-map slots each CPU owns: three. Slots 0 and 1 serve copies, a source and a
+/// destination, so a copy can span or join two pages (the extension seed 000 anticipates);
+/// slot [`MAINTENANCE_SLOT`] serves only cache maintenance of pages outside the direct map, so
+/// a sync never disturbs a quick map its caller holds.
+pub const QUICK_SLOTS: usize = 3;
+
+/// The quick-map slot reserved for cache maintenance
+/// ([`crate::quickmap::maintain_phys`]); held across one maintenance call of one page, never
+/// across anything else, so it cannot nest on one CPU.
+pub const MAINTENANCE_SLOT: usize = 2;
 
 /// Where pages may lie with respect to the direct map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -302,6 +309,14 @@ pub trait Platform: Sync {
 
     /// Points quick-map slot `slot` (< [`QUICK_SLOTS`]) of CPU `cpu` at the 4 KiB page `pa`
     /// and returns the slot's kernel virtual address. Never sleeps, never fails.
+    ///
+    /// **Colour.** On a machine whose data cache is virtually indexed with more than one
+    /// colour (a way larger than a page), the returned address has the page's *kernel colour*,
+    /// the same whatever the CPU and the slot: its physical page number modulo the number of
+    /// colours. Every kernel alias of a page outside the direct map then meets the same cache
+    /// lines, so maintenance through one window reaches what a copy through another left
+    /// (MIPS's `kmap_coherent`, parisc's `tmpalias`; see [`crate::quickmap`], theory 6). A
+    /// platform does this by reserving one window page per colour for each slot.
     ///
     /// # Safety
     ///

@@ -17,7 +17,7 @@
 //!    takes a [`CpuGuard`] by reference and the mapping borrows it: the type system keeps the
 //!    mapping from outliving the preemption-disabled section. Being callable with preemption
 //!    disabled is thus not merely allowed but required.
-//! 4. **Slots and nesting.** Each CPU has [`QUICK_SLOTS`] = 2 slots: [`QuickSlot::First`] for a
+//! 4. **Slots and nesting.** Each CPU has two copy slots: [`QuickSlot::First`] for a
 //!    copy's source and [`QuickSlot::Second`] for its destination, the two-page extension seed
 //!    000 anticipates ("copying between pages"). Entering a slot that is already held on this
 //!    CPU is *nesting*, a caller bug: the per-CPU record `held[cpu][slot]` (the page entered,
@@ -34,6 +34,27 @@
 //!    direct map covers it, otherwise up to the end of the quick-mapped page. A mapping is held
 //!    only for one chunk's `memcpy`, never across anything that can block, and never across
 //!    chunks.
+//! 6. **Colour.** On a virtually indexed cache whose way is larger than a page, the lines of
+//!    a byte depend on the virtual address that touched it (its *colour*: the page-number bits
+//!    the index uses). Two kernel aliases of one page with different colours would hold two
+//!    copies of a line, and maintenance through one would miss the other. So the platform
+//!    gives every window of a page the page's *kernel colour*, whatever the CPU and the slot
+//!    ([`Platform::quick_map`]): a page outside the direct map has, in effect, one kernel
+//!    alias as far as the cache is concerned (MIPS's `kmap_coherent` picks a window by colour
+//!    for the same reason; parisc's `tmpalias` does the same for its flushes). We choose this
+//!    over maintenance by physical address through a platform method: most architectures
+//!    maintain caches by virtual address only (Arm's `DC CVAC`, x86's `CLFLUSH`), a by-PA
+//!    operation on a VIPT cache must visit every colour, and colour-matched windows are needed
+//!    anyway for the CPU's own copies through two windows to agree. User aliases are another
+//!    matter: pinning a user page cleans and drops its user alias (seed 003's
+//!    `get_user_pages`), after which the kernel alias is the one that counts.
+//! 7. **Maintenance of a page outside the direct map** ([`maintain_phys`]). Cache maintenance
+//!    acts on a virtual range, and such a page has no permanent one; so it is maintained
+//!    through the CPU's [`MAINTENANCE_SLOT`], page by page: enter, one maintenance call,
+//!    remove. The slot is reserved for this, so it never disturbs a quick map the caller
+//!    holds, and it is held across one call only, so it cannot nest on its CPU. Like every
+//!    quick map it never sleeps and never fails. Pages the direct map covers are maintained
+//!    at their direct-map address, with no mapping change.
 //!
 //! # Execution context
 //!
@@ -53,7 +74,7 @@ use alloc::boxed::Box;
 
 use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
-use crate::platform::{CpuGuard, Platform, QUICK_SLOTS};
+use crate::platform::{CpuGuard, MAINTENANCE_SLOT, Platform, QUICK_SLOTS};
 
 /// One of a CPU's quick-map slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,8 +85,8 @@ pub enum QuickSlot {
     Second = 1,
 }
 
-// The enum names exactly the platform's slots.
-const _: () = assert!(QUICK_SLOTS == 2);
+// The enum names exactly the platform's copy slots; the last slot is the maintenance slot.
+const _: () = assert!(QUICK_SLOTS == 3 && MAINTENANCE_SLOT == 2);
 
 /// `held` word of a free slot.
 const FREE: u64 = 0;
@@ -370,6 +391,80 @@ impl QuickMaps {
         }
         (m.kva.raw() + off, run.min(max), Some(m))
     }
+}
+
+/// A cache-maintenance operation of the platform seam.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheMaint {
+    /// [`Platform::cache_clean`]: write dirty lines back.
+    Clean,
+    /// [`Platform::cache_invalidate`]: discard lines.
+    Invalidate,
+    /// [`Platform::cache_clean_invalidate`]: write back, then discard.
+    CleanInvalidate,
+}
+
+impl CacheMaint {
+    /// Applies the operation to `[kva, kva + len)`.
+    #[inline]
+    pub fn apply<P: Platform>(self, p: &P, kva: KernVa, len: u64) {
+        match self {
+            CacheMaint::Clean => p.cache_clean(kva, len),
+            CacheMaint::Invalidate => p.cache_invalidate(kva, len),
+            CacheMaint::CleanInvalidate => p.cache_clean_invalidate(kva, len),
+        }
+    }
+}
+
+/// Applies `op` to the CPU cache's lines of physical RAM `[pa, pa + len)` (theory 7): through
+/// the direct map where it covers a page, otherwise through the guard's CPU's
+/// [`MAINTENANCE_SLOT`] window, one page at a time. Returns the number of pages maintained
+/// through the window.
+///
+/// The range must be RAM (a page with a page descriptor): a quick map of anything else is a
+/// caller bug, as for [`QuickMaps::enter_in`]. Never sleeps, never fails on RAM.
+///
+/// Errors: [`Error::Overflow`] (the range wraps).
+pub fn maintain_phys<P: Platform>(
+    guard: &CpuGuard<'_, P>,
+    pa: PhysAddr,
+    len: u64,
+    op: CacheMaint,
+) -> Result<u64> {
+    let end = end_of(pa.raw(), len)?;
+    let (p, cpu) = (guard.platform(), guard.cpu());
+    let mut at = pa.raw();
+    let mut windowed = 0;
+    while at < end {
+        let page = PhysAddr::new(at).page_base();
+        let off = at - page.raw();
+        let mut n = (PAGE_SIZE - off).min(end - at);
+        match p.phys_to_kva(page) {
+            Some(kva) => {
+                // One call for as many pages as the direct map keeps contiguous.
+                let start = kva.raw() + off;
+                while at + n < end {
+                    match p.phys_to_kva(PhysAddr::new(at + n)) {
+                        Some(k) if k.raw() == start + n => n += PAGE_SIZE.min(end - at - n),
+                        _ => break,
+                    }
+                }
+                op.apply(p, KernVa::new(start), n)
+            }
+            None => {
+                // SAFETY: we hold the guard for `cpu`; `page` is page-aligned and RAM by this
+                // function's contract; the maintenance slot is used only here and released
+                // before this iteration ends, so it is free (theory 7).
+                let kva = unsafe { p.quick_map(cpu, MAINTENANCE_SLOT, page) };
+                op.apply(p, KernVa::new(kva.raw() + off), n);
+                // SAFETY: same guard; we mapped the slot just above and do not use it again.
+                unsafe { p.quick_unmap(cpu, MAINTENANCE_SLOT) };
+                windowed += 1;
+            }
+        }
+        at += n;
+    }
+    Ok(windowed)
 }
 
 /// One side of a copy.

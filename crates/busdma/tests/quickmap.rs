@@ -277,3 +277,40 @@ fn copy_helpers_agree_with_a_vec_reference_across_page_and_direct_map_boundaries
         .unwrap();
     assert_eq!(qm.nestings(), 0);
 }
+
+/// Cache maintenance of pages outside the direct map uses the CPU's own maintenance slot: a
+/// quick map the caller holds in either copy slot keeps reaching its page, and the maintained
+/// pages are reached through real mappings (one per page), the direct-mapped one at its
+/// direct-map address with none.
+#[test]
+fn maintenance_through_quick_maps_never_disturbs_a_quick_map_the_caller_holds() {
+    use busdma::quickmap::{CacheMaint, maintain_phys};
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let (a, b) = (page(&m, Placement::NotDirectMapped), page(&m, Placement::NotDirectMapped));
+    let far = m
+        .frames()
+        .alloc(FrameRequest { placement: Placement::NotDirectMapped, ..FrameRequest::pages(3) })
+        .unwrap();
+    let near = page(&m, Placement::DirectMapped);
+    m.write_phys(a, b"held A").unwrap();
+    m.write_phys(b, b"held B").unwrap();
+    let g = m.pin_cpu();
+    let (qa, qb) = (qm.enter_in(&g, QuickSlot::First, a), qm.enter_in(&g, QuickSlot::Second, b));
+    let before = m.counters().quick_maps.load(Ordering::Relaxed);
+    // 3 pages from 100 bytes into the first: pieces in each of them.
+    let n = maintain_phys(&g, far.checked_add(100).unwrap(), 3 * PAGE_SIZE - 200, CacheMaint::Clean).unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(m.counters().quick_maps.load(Ordering::Relaxed) - before, 3);
+    assert_eq!(maintain_phys(&g, near, PAGE_SIZE, CacheMaint::CleanInvalidate).unwrap(), 0);
+    let mut x = [0u8; 6];
+    qa.read(0, &mut x).unwrap();
+    assert_eq!(&x, b"held A");
+    qb.read(0, &mut x).unwrap();
+    assert_eq!(&x, b"held B");
+    assert_eq!(qm.nestings(), 0);
+    assert!(matches!(
+        maintain_phys(&g, PhysAddr::new(u64::MAX - 10), 20, CacheMaint::Invalidate),
+        Err(Error::Overflow { .. })
+    ));
+}

@@ -18,7 +18,10 @@
 //! 4. **Sync.** After the front end's cache maintenance of the client runs, PREWRITE copies
 //!    client → bounce then cleans the bounce pages' cache lines; POSTREAD invalidates them, then
 //!    copies bounce → client (so the copy's dirty client lines are never discarded by the
-//!    client runs' invalidation, which already ran). Coherent tags skip the maintenance.
+//!    client runs' invalidation, which already ran). Bounce pages outside the direct map are
+//!    maintained through the CPU's quick-map maintenance slot, whose window has the colour
+//!    of the windows the copies used ([`crate::quickmap`], theory 6 and 7). Coherent tags
+//!    skip the maintenance.
 //! 5. **Fast path.** A load with nothing to bounce is checked run by run without allocating and
 //!    goes to `S` unchanged. A load that bounces allocates its bookkeeping (a known cost; the
 //!    reservation itself never allocates from the platform).
@@ -29,7 +32,7 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
+use crate::addr::{PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
 use crate::front::cache_sync::SyncOp as FrontSync;
 use crate::front::load::{MemKind, Run};
@@ -38,7 +41,7 @@ use crate::front::segments::{Segment, SegmentBuilder};
 use crate::front::strategy::{Invalidation, Strategy};
 use crate::front::tag::TagSpec;
 use crate::platform::Platform;
-use crate::quickmap::QuickMaps;
+use crate::quickmap::{CacheMaint, QuickMaps, maintain_phys};
 
 use super::load::{BounceLoad, ClientSeg, Constraint, SyncOp};
 use super::zone::{BounceZone, BounceZones};
@@ -230,11 +233,11 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
             load.sync(p, SyncOp::PreWrite)?;
         }
         if maintain && (op.contains(FrontSync::PREWRITE) || op.contains(FrontSync::PREREAD)) {
-            for_bounce_kva(p, load, |k, n| p.cache_clean_invalidate(k, n));
+            maintain_bounce_pages(p, load, CacheMaint::CleanInvalidate);
         }
         if op.contains(FrontSync::POSTREAD) {
             if maintain {
-                for_bounce_kva(p, load, |k, n| p.cache_invalidate(k, n));
+                maintain_bounce_pages(p, load, CacheMaint::Invalidate);
             }
             load.sync(p, SyncOp::PostRead)?;
         }
@@ -242,14 +245,14 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
     }
 }
 
-/// Calls `f` on the kernel virtual range of each direct-mapped bounced segment (bounce pages
-/// outside the direct map are reached only through quick maps, which hold no lines between
-/// copies on the model; a kernel with virtually indexed caches would clean through the window
-/// before removing it).
-fn for_bounce_kva<P: Platform>(p: &P, load: &BounceLoad<'_, P>, mut f: impl FnMut(KernVa, u64)) {
+/// Applies `op` to the cache lines of each bounced segment: at its direct-map address, or,
+/// for bounce pages outside the direct map, through the CPU's quick-map maintenance slot (the
+/// copies reached them through quick-map windows of the same colour, whose lines a device
+/// would not see; `crate::quickmap`, theory 6 and 7).
+fn maintain_bounce_pages<P: Platform>(p: &P, load: &BounceLoad<'_, P>, op: CacheMaint) {
     for d in load.segments().iter().filter(|d| d.bounced) {
-        if let Some(k) = p.phys_to_kva(d.addr) {
-            f(k, d.len);
-        }
+        let g = p.pin_cpu();
+        // A bounce segment lies inside its bounce page, so it never wraps and this never fails.
+        let _ = maintain_phys(&g, d.addr, d.len, op);
     }
 }

@@ -8,10 +8,26 @@
 //!    CPU's bytes), POSTREAD (the device wrote: discard lines the CPU may have fetched
 //!    speculatively meanwhile), POSTWRITE (the device read: nothing to do for caches).
 //!    Operations combine ([`SyncOp`] is a set).
-//! 2. **Per run, by kernel address.** Maintenance goes through
-//!    [`Platform::cache_clean`] and friends on each run's kernel virtual range. A run with no
-//!    kernel mapping is skipped (seed 003): the CPU has never cached it through a kernel
-//!    alias, and there is no address to name. MMIO and peer BARs are never cached.
+//! 2. **Per run, through a kernel alias.** Maintenance goes through
+//!    [`Platform::cache_clean`] and friends, which act on a kernel virtual range:
+//!    - a run with a kernel mapping (the direct map, or the mapping of [`MemKind::Mapped`]
+//!      memory) is maintained at that address;
+//!    - a page-backed run with none ([`MemKind::Page`] above the direct map, "highmem") is
+//!      maintained page by page through the CPU's quick-map maintenance slot
+//!      ([`crate::quickmap::maintain_phys`]; never sleeps, never fails). Skipping it would be
+//!      wrong on a non-coherent machine: the CPU may hold its lines through another kernel
+//!      alias, a quick map of a bounce copy or of the driver's own access, and a dirty line
+//!      would hide the CPU's bytes from the device, a stale one the device's from the CPU.
+//!      On a virtually indexed cache every quick-map window of a page has the page's colour
+//!      ([`crate::quickmap`], theory 6), so the maintenance window meets the very lines any
+//!      earlier window left, whatever CPU and slot made them;
+//!    - a run with no page and no kernel mapping ([`MemKind::Unmapped`], MMIO, a peer's BAR)
+//!      is skipped (seed 003): the CPU cannot have cached it through any kernel alias, and
+//!      there is no page to map. MMIO and peer BARs are never cached anyway.
+//!
+//!    The user alias of a pinned user page is not the kernel's to maintain: pinning cleans
+//!    and drops it (seed 003's `get_user_pages`), after which the kernel alias is the one
+//!    that counts.
 //! 3. **Coherent tags skip maintenance** and keep only the ordering: a DMA write barrier before
 //!    handing memory to the device, a read barrier after taking it back.
 //! 4. **Bounce copies** (PREWRITE: copy into the bounce page; POSTREAD: copy out) belong to
@@ -22,6 +38,7 @@
 use core::ops::BitOr;
 
 use crate::platform::Platform;
+use crate::quickmap::{CacheMaint, maintain_phys};
 
 use super::load::{MemKind, Run};
 
@@ -88,8 +105,12 @@ impl BitOr for SyncOp {
 pub struct SyncStats {
     /// Runs that got cache maintenance.
     pub maintained: u32,
-    /// Runs skipped because they have no kernel mapping or are never cached.
+    /// Runs skipped because they have neither a page nor a kernel mapping, or are never
+    /// cached.
     pub skipped: u32,
+    /// Pages of maintained runs that had no kernel mapping and went through the CPU's
+    /// quick-map maintenance slot (counted once per operation applied).
+    pub quick_mapped: u32,
 }
 
 /// Performs `op` on `runs` (theory 1–3).
@@ -105,21 +126,35 @@ pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -
         }
         return st;
     }
+    let mut ops = [None, None];
+    if op.contains(SyncOp::PREREAD) {
+        ops[0] = Some(CacheMaint::CleanInvalidate);
+    } else if op.contains(SyncOp::PREWRITE) {
+        ops[0] = Some(CacheMaint::Clean);
+    }
+    if op.contains(SyncOp::POSTREAD) {
+        ops[1] = Some(CacheMaint::Invalidate);
+    }
     for r in runs {
-        let kva = match (r.kind, r.kva) {
-            (MemKind::Mmio | MemKind::PeerBar { .. }, _) | (_, None) => {
+        match (r.kind, r.kva) {
+            (MemKind::Mmio | MemKind::PeerBar { .. }, _) | (MemKind::Unmapped, None) => {
                 st.skipped += 1;
                 continue;
             }
-            (_, Some(kva)) => kva,
-        };
-        if op.contains(SyncOp::PREREAD) {
-            p.cache_clean_invalidate(kva, r.len);
-        } else if op.contains(SyncOp::PREWRITE) {
-            p.cache_clean(kva, r.len);
-        }
-        if op.contains(SyncOp::POSTREAD) {
-            p.cache_invalidate(kva, r.len);
+            (_, Some(kva)) | (MemKind::Mapped { kva }, None) => {
+                for m in ops.iter().flatten() {
+                    m.apply(p, kva, r.len);
+                }
+            }
+            (MemKind::Page, None) => {
+                for &m in ops.iter().flatten() {
+                    let g = p.pin_cpu();
+                    // A run of a load never wraps (its source checked), so this never fails;
+                    // were it to, it would have touched nothing.
+                    let n = maintain_phys(&g, r.pa, r.len, m).unwrap_or(0);
+                    st.quick_mapped = st.quick_mapped.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                }
+            }
         }
         st.maintained += 1;
     }
