@@ -165,8 +165,9 @@ struct Counters {
 impl Counters {
     fn new(cpus: usize) -> Result<Self> {
         let mut v = Vec::new();
-        v.try_reserve_exact(cpus)
-            .map_err(|_| Error::NoMemory { requested: (cpus * core::mem::size_of::<CpuCounters>()) as u64 })?;
+        v.try_reserve_exact(cpus).map_err(|_| Error::NoMemory {
+            requested: (cpus * core::mem::size_of::<CpuCounters>()) as u64,
+        })?;
         v.extend((0..cpus).map(|_| CpuCounters::new()));
         Ok(Self { cpus: v.into_boxed_slice(), shared: CpuCounters::new() })
     }
