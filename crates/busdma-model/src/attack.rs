@@ -412,7 +412,9 @@ impl<'m> Rig<'m> {
 
     /// Class 6: a registered user buffer (seed 001) is loaded, used, unloaded; its
     /// registration is dropped and the pages go back to the system and become someone else's
-    /// secrets; the attacker tries the old bus addresses.
+    /// secrets; the attacker tries the old bus addresses. The registry waits on the
+    /// attacker's tag before unpinning (busdma's unpin barrier): under deferred invalidation
+    /// that is what keeps the stale IOTLB entry from outliving the pin.
     fn class_dropped_registration<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
         &mut self,
         tags: &Tags<'m, SA, SV>,
@@ -423,7 +425,7 @@ impl<'m> Rig<'m> {
         // Two pages per registration; a user address space of the model.
         const PAGES: u64 = 2;
         let us = UserSpace::new(self.m);
-        let reg = Registry::new(&us, PAGES * PAGE_SIZE * 4)?;
+        let reg = Registry::with_barrier(&us, PAGES * PAGE_SIZE * 4, &tags.attacker)?;
         let mut map = tags.attacker.create_map()?;
         let ua = UserVa::new(0x7f00_0000_0000);
         for round in 0..rounds {

@@ -117,13 +117,14 @@ fn class_5_a_random_scan_finds_only_what_the_device_was_given() {
 }
 
 #[test]
-fn class_6_a_dropped_registration_leaves_nothing_reachable_under_strict_invalidation() {
-    let [strict, untrusted, deferred] = figures(AttackClass::DroppedRegistration);
-    assert!(contained(&strict) && strict.faults > 0, "{strict:?}");
-    assert!(contained(&untrusted) && untrusted.faults > 0, "{untrusted:?}");
-    // Deferred: the registered load's unload returns before the flush, the registration is
-    // dropped and the pages reused while the IOTLB still holds them (reported in BENCHMARKS).
-    assert!(deferred.attempts > 0);
+fn class_6_a_dropped_registration_leaves_nothing_reachable_in_any_mode() {
+    // Deferred too: the registered unload returns with its unmap only queued, but the
+    // registry unpins the pages only after its unpin barrier (the attacker's tag) has flushed
+    // it, so every probe of the old bus addresses faults (one read per round is made while
+    // the buffer is loaded and legitimately succeeds).
+    for t in figures(AttackClass::DroppedRegistration) {
+        assert!(contained(&t) && t.faults >= t.attempts / 17 * 16, "{t:?}");
+    }
 }
 
 #[test]

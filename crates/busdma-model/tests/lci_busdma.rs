@@ -63,6 +63,9 @@ impl IommuOps<HostPlatform> for Lci<'_, '_> {
         Ok(())
     }
     fn ensure_flushed(&self, _: &G<'_>, _: ()) {}
+    fn wait_unmapped(&self, _: &G<'_>) {
+        // Strict: every unmap invalidated its ranges before returning.
+    }
     fn reserve_tables(&self, g: &G<'_>, range: AddrRange<Iova>) -> Result<()> {
         self.d.reserve_tables(g, range)
     }
@@ -224,5 +227,48 @@ fn a_real_domain_passes_the_index_to_its_iommu() {
     let mut map = tag.create_map().unwrap();
     map.load(&KernelBuf { kva, len: data.len() as u64 }, Direction::ToDevice).unwrap();
     assert!(device_read(&iommu, map.segments()) == data);
+    map.unload().unwrap();
+}
+
+/// A page outside the direct map is reached by the CPU only through quick-map windows, all of
+/// the page's colour: indexing it by that colour makes what the CPU wrote through a window
+/// visible to the device with no CPU flush (the untouched line, as for page-less memory, would
+/// leave the device reading stale RAM).
+#[test]
+fn pages_outside_the_direct_map_are_indexed_by_their_quick_map_colour() {
+    use busdma::front::PageList;
+    use busdma::quickmap::QuickMaps;
+    let m = machine();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let d = PtDomain::new(&m, &pool);
+    iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)).unwrap();
+    let ops = Lci { d: &d, iommu: &iommu, forward: true };
+    let far = m
+        .alloc_frames(FrameRequest { placement: Placement::NotDirectMapped, ..FrameRequest::pages(3) })
+        .unwrap();
+    let pages: Vec<PhysAddr> = (0..3).map(|i| far.pa().checked_add(i * PAGE_SIZE).unwrap()).collect();
+    let data = pattern_from(40, 2 * PAGE_SIZE as usize);
+    // The CPU writes the buffer, 0x200 into the first page, through quick maps.
+    let qm = QuickMaps::for_platform(&m);
+    let mut at = 0usize;
+    for (i, &p) in pages.iter().enumerate() {
+        let off = if i == 0 { 0x200 } else { 0 };
+        let n = (PAGE_SIZE as usize - off).min(data.len() - at);
+        let g = m.pin_cpu();
+        let q = qm.enter(&g, p);
+        m.cpu().write(q.kva().checked_add(off as u64).unwrap(), &data[at..at + n]).unwrap();
+        drop(q);
+        at += n;
+    }
+    let cache = m.cache().unwrap();
+    let flushes = cache.counters().maintenance_calls.load(Ordering::Relaxed);
+    let tag = Tag::new_root(&m, IommuPerMap(ops), coherent_spec()).unwrap();
+    let mut map = tag.create_map().unwrap();
+    map.load(&PageList { pages: &pages, offset: 0x200, len: data.len() as u64 }, Direction::ToDevice)
+        .unwrap();
+    map.sync(SyncOp::PREWRITE).unwrap();
+    assert!(device_read(&iommu, map.segments()) == data, "the index found the windows' dirty lines");
+    assert_eq!(cache.counters().maintenance_calls.load(Ordering::Relaxed), flushes, "no CPU flush");
     map.unload().unwrap();
 }

@@ -138,3 +138,41 @@ fn an_item_left_queued_is_released_by_a_later_flush_from_another_cpu() {
         assert_eq!(fq.pending(), 0);
     });
 }
+
+/// `Domain::flush_queued` (the unpin barrier of registered memory) flushes only if some
+/// queue is non-empty. The claim: once an unmap has returned, a barrier that finds every queue
+/// empty may skip the flush, because the unmap's entry left its queue only after a covering
+/// flush finished. The barrier here is the same two steps, racing another CPU's flush.
+#[test]
+fn an_unpin_barrier_after_an_unmap_returned_leaves_no_translation_cached() {
+    model(|| {
+        let hw = Arc::new(Hw::new(true));
+        // Room for two: the unmap queues without flushing.
+        let fq = Arc::new(FlushQueues::new(2, 2, u64::MAX).unwrap());
+        let released = Arc::new(AtomicU64::new(0));
+        let returned = Arc::new(AtomicU64::new(0));
+        let unmapper = {
+            let (hw, fq, r, done) = (hw.clone(), fq.clone(), released.clone(), returned.clone());
+            thread::spawn(move || {
+                unmap(&hw, &fq, &r, 0, 0);
+                done.store(1, Ordering::Release);
+            })
+        };
+        let flusher = {
+            let (hw, fq, r) = (hw.clone(), fq.clone(), released.clone());
+            thread::spawn(move || {
+                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &r));
+            })
+        };
+        // The registry's side: the unmap returned before the barrier began (the region's
+        // `mapped` dropped after it), then the barrier, then the pages would be unpinned.
+        if returned.load(Ordering::Acquire) == 1 {
+            if fq.pending() > 0 {
+                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released));
+            }
+            assert_eq!(hw.tlb.lock().unwrap()[0], 0, "unpinned while its translation is cached");
+        }
+        unmapper.join().unwrap();
+        flusher.join().unwrap();
+    });
+}

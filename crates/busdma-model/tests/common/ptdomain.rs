@@ -107,6 +107,10 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
 
     fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) {}
 
+    fn wait_unmapped(&self, _g: &CpuGuard<'_, HostPlatform>) {
+        // No IOTLB: an unmap is complete when it returns.
+    }
+
     fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {
         reserve_levels(&self.pt, g, range)
     }

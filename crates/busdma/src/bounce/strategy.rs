@@ -221,6 +221,10 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
         self.inner.destroy(p, state.inner);
     }
 
+    fn wait_unmapped(&self, p: &P) {
+        self.inner.wait_unmapped(p);
+    }
+
     fn sync(&self, p: &P, spec: &TagSpec, state: &Self::MapState, op: FrontSync) -> Result<()> {
         let Some(load) = state.load.as_ref() else {
             return self.inner.sync(p, spec, &state.inner, op);

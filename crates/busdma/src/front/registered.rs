@@ -14,19 +14,31 @@
 //! 3. **Why it matters.** While any such load lives, the last unregistration of the region
 //!    answers EBUSY and the pages stay pinned: the physical addresses the device was given
 //!    stay the user's memory.
+//! 4. **Deferred invalidation.** Under a deferred policy the unload returns with the unmap
+//!    only queued: the IOTLB may still translate to the pages until the covering flush, while
+//!    `mapped` has already dropped. The unload does not wait (a flush per registered I/O is
+//!    what the deferred policy exists to avoid); the registry waits instead, before it unpins
+//!    a released region, on its unpin barrier (`pin/mod.rs`, theory 7). A [`Tag`] is such a
+//!    barrier ([`Strategy::wait_unmapped`]: the IOMMU strategies flush their domain if an
+//!    unmap is still queued). So [`load_registered`] refuses a map whose strategy
+//!    invalidates lazily when the registry has no barrier ([`NoBarrier`]): the one wiring
+//!    that would let freed pages stay reachable is a clear error, not a silent hole.
 #![forbid(unsafe_code)]
 
 use super::cache_sync::{SyncOp, SyncStats};
 use super::load::{LoadSource, Run};
 use super::map::{Direction, DmaMap};
 use super::segments::Segment;
+use super::strategy::Invalidation;
 use super::strategy::Strategy;
+use super::tag::Tag;
 use crate::addr::UserVa;
+use crate::error::Error;
 use crate::error::Result;
-use crate::pin::{PinBackend, RegisteredBuffer, Registry};
+use crate::pin::{NoBarrier, PinBackend, RegisteredBuffer, Registry, UnpinBarrier};
 use crate::platform::Platform;
 
-impl<B: PinBackend> LoadSource for RegisteredBuffer<'_, B> {
+impl<B: PinBackend, U: UnpinBarrier> LoadSource for RegisteredBuffer<'_, B, U> {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         for (pa, len) in self.segments() {
             f(Run::page(p, pa, len))?;
@@ -41,10 +53,19 @@ impl<B: PinBackend> LoadSource for RegisteredBuffer<'_, B> {
 /// # Invariants
 ///
 /// `map` is loaded with `buf` for the value's whole life (until `unload`).
-pub struct RegisteredLoad<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend> {
+pub struct RegisteredLoad<
+    'a,
+    't,
+    'p,
+    'r,
+    P: Platform,
+    S: Strategy<P>,
+    B: PinBackend,
+    U: UnpinBarrier = NoBarrier,
+> {
     // Field order is teardown order: the map is unloaded (in `Drop`) before `buf` drops.
     map: &'a mut DmaMap<'t, 'p, P, S>,
-    buf: RegisteredBuffer<'r, B>,
+    buf: RegisteredBuffer<'r, B, U>,
 }
 
 /// Loads the registered user buffer `[ua, ua + len)` of `reg` into `map` for a transfer in
@@ -54,14 +75,21 @@ pub struct RegisteredLoad<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBac
 /// Never sleeps, allocates nothing (the map's arrays were sized at create). Errors: those of
 /// [`Registry::load`] ([`crate::Error::NotMapped`] if no region holds the whole buffer,
 /// [`crate::Error::BadState`] once the region's `mapped` reached 0) and of [`DmaMap::load`];
-/// on error `mapped` is as before.
-pub fn load_registered<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend>(
+/// [`crate::Error::Unsupported`] if the map's strategy invalidates lazily and the registry has
+/// no unpin barrier (theory 4). On error `mapped` is as before.
+pub fn load_registered<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>(
     map: &'a mut DmaMap<'t, 'p, P, S>,
-    reg: &'r Registry<B>,
+    reg: &'r Registry<B, U>,
     ua: UserVa,
     len: u64,
     dir: Direction,
-) -> Result<RegisteredLoad<'a, 't, 'p, 'r, P, S, B>> {
+) -> Result<RegisteredLoad<'a, 't, 'p, 'r, P, S, B, U>> {
+    if map.tag().strategy().invalidation() == Invalidation::Deferred && reg.barrier().is_none() {
+        return Err(Error::Unsupported {
+            what: "registered buffer under deferred invalidation without an unpin barrier \
+                   (Registry::with_barrier)",
+        });
+    }
     let buf = reg.load(ua, len)?;
     // On error `buf` drops here, giving its count back.
     map.load(&buf, dir)?;
@@ -69,7 +97,9 @@ pub fn load_registered<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBacken
     Ok(RegisteredLoad { map, buf })
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend> RegisteredLoad<'_, 't, 'p, '_, P, S, B> {
+impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>
+    RegisteredLoad<'_, 't, 'p, '_, P, S, B, U>
+{
     /// The bus-address segments of the load.
     pub fn segments(&self) -> &[Segment] {
         self.map.segments()
@@ -87,11 +117,12 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend> RegisteredLoad<'_, 't, 
     }
 
     /// The registered buffer.
-    pub fn buffer(&self) -> &RegisteredBuffer<'_, B> {
+    pub fn buffer(&self) -> &RegisteredBuffer<'_, B, U> {
         &self.buf
     }
 
-    /// Unloads the map, then releases the `mapped` count.
+    /// Unloads the map, then releases the `mapped` count. Under deferred invalidation the
+    /// unmap is only queued and nothing here waits for it (theory 4).
     ///
     /// Errors: those of [`DmaMap::unload`] (the count is released either way).
     pub fn unload(self) -> Result<()> {
@@ -102,12 +133,22 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend> RegisteredLoad<'_, 't, 
     }
 }
 
-impl<P: Platform, S: Strategy<P>, B: PinBackend> Drop for RegisteredLoad<'_, '_, '_, '_, P, S, B> {
+impl<P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Drop
+    for RegisteredLoad<'_, '_, '_, '_, P, S, B, U>
+{
     fn drop(&mut self) {
         if self.map.is_loaded() {
             // Unload cannot fail on a loaded map; if it did, the count is still released
             // below (the map's own checks report the misuse).
             let _ = self.map.unload();
         }
+    }
+}
+
+/// A tag is the unpin barrier of the registries whose buffers are loaded through its maps
+/// (theory 4): [`Strategy::wait_unmapped`].
+impl<P: Platform, S: Strategy<P>> UnpinBarrier for Tag<'_, P, S> {
+    fn wait_unmapped(&self) {
+        self.strategy().wait_unmapped(self.platform());
     }
 }

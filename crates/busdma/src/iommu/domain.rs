@@ -432,6 +432,23 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         }
     }
 
+    /// Returns once every unmap that returned before the call has been invalidated: flushes
+    /// if some unmap is still queued, issues nothing otherwise (a strict domain, or every
+    /// queue empty). The unpin barrier of registered memory (`crate::pin::UnpinBarrier`).
+    ///
+    /// Why an empty queue is enough: an unmap returns only after it queued its entry (or
+    /// completed an invalidation itself), and an entry leaves its queue only once a flush that
+    /// started after its clear has finished (`flushq.rs`, rule 2), under the queue's lock,
+    /// which [`Domain::pending`] takes too. So an entry of an unmap that returned before the
+    /// call is either seen queued (and the flush below covers it) or already covered.
+    pub fn flush_queued(&self, g: &CpuGuard<'_, P>) {
+        if let Some(fq) = &self.fq {
+            if fq.pending() > 0 {
+                self.flush_now(g, fq);
+            }
+        }
+    }
+
     /// Flushes if the oldest queued unmap is due by age: what a kernel's timer calls so that
     /// an idle domain's queues drain within the age bound.
     pub fn poll(&self, g: &CpuGuard<'_, P>) {
@@ -500,6 +517,16 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
                 Err(e)
             }
         }
+    }
+}
+
+/// A domain is the unpin barrier of the registries whose buffers it maps
+/// ([`Domain::flush_queued`] on the calling CPU).
+impl<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> crate::pin::UnpinBarrier
+    for Domain<'_, P, F, S, H>
+{
+    fn wait_unmapped(&self) {
+        self.flush_queued(&self.platform.pin_cpu());
     }
 }
 

@@ -32,6 +32,21 @@
 //!    of every region, whatever the counters say, and reports regions still DMA-mapped to the
 //!    backend ([`PinBackend::report_still_mapped`]) and in [`CleanupReport`]: never a silent
 //!    leak.
+//! 7. **The unpin barrier.** `mapped` drops when an unmap *returns*; under deferred IOTLB
+//!    invalidation that is before the IOTLB forgets the translation (the unmap is only
+//!    queued until the covering flush). If the pages were then unpinned and reused, a device
+//!    could still reach them through the stale entry (Thunderclap's deferred window, attack
+//!    class 6). Flushing at every registered unload would make the per-I/O hot path pay a
+//!    whole invalidation; instead the wait sits where the pages are given back, the rare slow
+//!    path: before it unpins any region, the registry calls its [`UnpinBarrier`] once (for
+//!    every region released together), and the barrier returns only once every unmap that
+//!    returned before the call is complete in every IOTLB. A region's last unmap returned
+//!    before its `mapped` dropped, hence before its last unregistration, hence before the
+//!    call: its pages leave the device's reach before they leave the pin. The IOMMU domains
+//!    ([`crate::iommu::Domain`]) and the front end's tags implement it (flushing only when
+//!    an unmap is still queued); [`NoBarrier`] serves registries whose DMA goes through
+//!    strict invalidation or no IOMMU, and the front end refuses a deferred-invalidation load
+//!    of a registry that has it (`front::registered`, theory 4).
 //!
 //! # Execution context
 //!
@@ -96,5 +111,69 @@ impl<T: PinBackend + ?Sized> PinBackend for &T {
     }
     fn report_still_mapped(&self, ua: UserVa, size: u64, mappings: u64) {
         (**self).report_still_mapped(ua, size, mappings)
+    }
+}
+
+/// What a [`Registry`] waits for before it unpins released regions (theory 7): the IOTLB
+/// invalidation of every DMA unmap already returned.
+///
+/// # Execution context
+///
+/// Called from [`Registry::unregister`], [`Registry::register`], [`Registry::synchronize`]
+/// and teardown, outside the writer lock and outside any read section: process context.
+/// It may spin while an invalidation completes; it must not call back into the registry.
+pub trait UnpinBarrier {
+    /// Returns once no device can reach, through a translation cached before the call,
+    /// memory whose DMA unmap returned before the call.
+    fn wait_unmapped(&self);
+
+    /// True only for [`NoBarrier`], which waits for nothing (the front end then refuses
+    /// registered loads under deferred invalidation).
+    fn is_none(&self) -> bool {
+        false
+    }
+}
+
+/// The barrier of a registry whose DMA goes only through strict invalidation or no IOMMU:
+/// an unmap there is complete when it returns, so there is nothing to wait for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoBarrier;
+
+impl UnpinBarrier for NoBarrier {
+    #[inline]
+    fn wait_unmapped(&self) {}
+
+    fn is_none(&self) -> bool {
+        true
+    }
+}
+
+impl<T: UnpinBarrier + ?Sized> UnpinBarrier for &T {
+    fn wait_unmapped(&self) {
+        (**self).wait_unmapped()
+    }
+    fn is_none(&self) -> bool {
+        (**self).is_none()
+    }
+}
+
+/// Every barrier of the slice (several domains using one registry).
+impl<T: UnpinBarrier> UnpinBarrier for [T] {
+    fn wait_unmapped(&self) {
+        self.iter().for_each(UnpinBarrier::wait_unmapped)
+    }
+    fn is_none(&self) -> bool {
+        self.iter().all(UnpinBarrier::is_none)
+    }
+}
+
+/// Both barriers (two domains using one registry).
+impl<A: UnpinBarrier, B: UnpinBarrier> UnpinBarrier for (A, B) {
+    fn wait_unmapped(&self) {
+        self.0.wait_unmapped();
+        self.1.wait_unmapped();
+    }
+    fn is_none(&self) -> bool {
+        self.0.is_none() && self.1.is_none()
     }
 }

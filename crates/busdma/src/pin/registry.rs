@@ -8,10 +8,10 @@ use alloc::vec::Vec;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 
-use super::PinBackend;
 use super::epoch::Epoch;
 use super::region::Region;
 use super::tree::{Hit, Leaf, Snapshot, free_leaf};
+use super::{NoBarrier, PinBackend, UnpinBarrier};
 use crate::addr::{AddrRange, PAGE_SHIFT, PAGE_SIZE, PhysAddr, UserVa};
 use crate::error::{Error, Result};
 use crate::sync::{AtomicPtr, AtomicU64, Ordering, SpinLock, spin_hint};
@@ -51,6 +51,9 @@ pub struct PinStats {
     /// Container releases whose unregistration answered EBUSY (the region stays registered
     /// until a later unregistration or the registry's teardown).
     pub busy_at_container_release: u64,
+    /// Calls of the unpin barrier (one per batch of regions unpinned together, never one
+    /// per DMA unload; `pin/mod.rs`, theory 7).
+    pub unpin_barriers: u64,
 }
 
 /// What tearing a registry down released.
@@ -85,7 +88,8 @@ struct Writer {
 // `Leaf` and `Snapshot` hold only plain data, raw pointers to each other, and atomics.
 unsafe impl Send for Writer {}
 
-/// The pre-registered memory of one address space.
+/// The pre-registered memory of one address space, waiting on `U` before it unpins
+/// (`pin/mod.rs`, theory 7).
 ///
 /// # Invariants
 ///
@@ -96,7 +100,9 @@ unsafe impl Send for Writer {}
 ///   was unlinked under the same lock hold.
 /// - `Writer::charged` is the total size of the regions in the index plus registrations being
 ///   pinned, and never exceeds `memlock_limit`.
-pub struct Registry<B: PinBackend> {
+/// - No page of a region that was ever published is unpinned before a call of `barrier`
+///   that began after the region was unlinked (or, at teardown, after the last borrow ended).
+pub struct Registry<B: PinBackend, U: UnpinBarrier = NoBarrier> {
     root: AtomicPtr<Snapshot>,
     epoch: Epoch,
     writer: SpinLock<Writer>,
@@ -104,15 +110,17 @@ pub struct Registry<B: PinBackend> {
     pages_pinned: AtomicU64,
     pages_unpinned: AtomicU64,
     busy_at_release: AtomicU64,
+    unpin_barriers: AtomicU64,
     backend: B,
+    barrier: U,
 }
 
 // SAFETY: readers share only atomics and immutable published memory; writers serialise on the
 // spin lock. The backend is shared by reference from several threads, hence `B: Sync`.
-unsafe impl<B: PinBackend + Sync> Sync for Registry<B> {}
+unsafe impl<B: PinBackend + Sync, U: UnpinBarrier + Sync> Sync for Registry<B, U> {}
 // SAFETY: the registry owns its memory outright (leaked boxes reachable from `root` or the
 // garbage list); moving it moves that ownership.
-unsafe impl<B: PinBackend + Send> Send for Registry<B> {}
+unsafe impl<B: PinBackend + Send, U: UnpinBarrier + Send> Send for Registry<B, U> {}
 
 /// Checks a registration's range; returns its page count.
 fn check_range(ua: UserVa, size: u64) -> Result<usize> {
@@ -130,10 +138,23 @@ fn check_range(ua: UserVa, size: u64) -> Result<usize> {
 }
 
 impl<B: PinBackend> Registry<B> {
-    /// An empty registry pinning through `backend`, charging at most `memlock_limit` bytes.
+    /// An empty registry pinning through `backend`, charging at most `memlock_limit` bytes,
+    /// with no unpin barrier: for DMA through strict invalidation or no IOMMU (use
+    /// [`Registry::with_barrier`] under deferred invalidation).
     ///
     /// Errors: [`Error::Unsupported`] if the backend pins pages other than 4 KiB.
     pub fn new(backend: B, memlock_limit: u64) -> Result<Self> {
+        Registry::with_barrier(backend, memlock_limit, NoBarrier)
+    }
+}
+
+impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
+    /// An empty registry pinning through `backend`, charging at most `memlock_limit` bytes,
+    /// calling `barrier` before it unpins released regions (`pin/mod.rs`, theory 7): the
+    /// IOMMU domains (or front-end tags) its registered buffers are loaded through.
+    ///
+    /// Errors: [`Error::Unsupported`] if the backend pins pages other than 4 KiB.
+    pub fn with_barrier(backend: B, memlock_limit: u64, barrier: U) -> Result<Self> {
         if backend.page_shift() != PAGE_SHIFT {
             return Err(Error::Unsupported { what: "pin backend page size other than 4 KiB" });
         }
@@ -146,8 +167,15 @@ impl<B: PinBackend> Registry<B> {
             pages_pinned: AtomicU64::new(0),
             pages_unpinned: AtomicU64::new(0),
             busy_at_release: AtomicU64::new(0),
+            unpin_barriers: AtomicU64::new(0),
             backend,
+            barrier,
         })
+    }
+
+    /// The unpin barrier.
+    pub fn barrier(&self) -> &U {
+        &self.barrier
     }
 
     /// The backend.
@@ -313,6 +341,10 @@ impl<B: PinBackend> Registry<B> {
         }
         let remains = !w.garbage.is_empty();
         drop(w);
+        if ready.iter().any(|g| matches!(g, Garbage::Region(_))) {
+            // Theory 7: every unmap of these regions returned before they were unlinked.
+            self.unpin_barrier();
+        }
         for g in ready {
             // SAFETY: each object was retired once, and its grace period has passed: no
             // reader can reach it any more.
@@ -340,6 +372,12 @@ impl<B: PinBackend> Registry<B> {
         }
     }
 
+    /// Waits for the barrier (theory 7), counted.
+    fn unpin_barrier(&self) {
+        self.unpin_barriers.fetch_add(1, Ordering::Relaxed);
+        self.barrier.wait_unmapped();
+    }
+
     fn release_pins(&self, region: &Region) {
         self.backend.unpin(region.ua(), region.hpas());
         self.pages_unpinned.fetch_add(region.pages(), Ordering::Relaxed);
@@ -358,7 +396,7 @@ impl<B: PinBackend> Registry<B> {
     ///
     /// Never sleeps, never blocks on writers; callable with preemption disabled.
     #[inline]
-    pub fn read(&self) -> ReadGuard<'_, B> {
+    pub fn read(&self) -> ReadGuard<'_, B, U> {
         let slot = self.epoch.enter();
         let snap = self.root.load(Ordering::Acquire);
         // INVARIANT: `root` is non-null while the registry is shared (teardown needs `&mut`),
@@ -384,7 +422,7 @@ impl<B: PinBackend> Registry<B> {
     /// Lock-free, allocation-free, never sleeps. Errors: [`Error::ZeroSize`],
     /// [`Error::Overflow`], [`Error::NotMapped`] (no region contains the whole buffer),
     /// [`Error::BadState`] (the region is being released: `mapped` reached 0).
-    pub fn load(&self, ua: UserVa, len: u64) -> Result<RegisteredBuffer<'_, B>> {
+    pub fn load(&self, ua: UserVa, len: u64) -> Result<RegisteredBuffer<'_, B, U>> {
         if len == 0 {
             return Err(Error::ZeroSize);
         }
@@ -407,6 +445,7 @@ impl<B: PinBackend> Registry<B> {
             charged: w.charged,
             garbage: w.garbage.len() as u64,
             busy_at_container_release: self.busy_at_release.load(Ordering::Relaxed),
+            unpin_barriers: self.unpin_barriers.load(Ordering::Relaxed),
         }
     }
 
@@ -421,11 +460,17 @@ impl<B: PinBackend> Registry<B> {
         let before = self.pages_unpinned.load(Ordering::Relaxed);
         // `&mut self`: no reader and no writer exists, every grace period is over.
         let garbage = core::mem::take(&mut self.writer.get_mut().garbage);
+        let root = self.root.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        // SAFETY: `root` is the current snapshot or null; nobody else can reach it now.
+        let regions = NonNull::new(root).map_or(0, |r| unsafe { r.as_ref() }.len());
+        if regions > 0 || garbage.iter().any(|(_, g)| matches!(g, Garbage::Region(_))) {
+            // Theory 7: the last unmap of every region returned before `&mut self` existed.
+            self.unpin_barrier();
+        }
         for (_, g) in garbage {
             // SAFETY: retired once, and no reader exists any more.
             unsafe { self.free(g) };
         }
-        let root = self.root.swap(core::ptr::null_mut(), Ordering::AcqRel);
         let Some(root) = NonNull::new(root) else { return report };
         // SAFETY: the current snapshot, a leaked box owned by the registry; nobody else can
         // reach it now.
@@ -451,7 +496,7 @@ impl<B: PinBackend> Registry<B> {
     }
 }
 
-impl<B: PinBackend> Drop for Registry<B> {
+impl<B: PinBackend, U: UnpinBarrier> Drop for Registry<B, U> {
     fn drop(&mut self) {
         // Reports reach the backend (`report_still_mapped`) even when nobody called
         // `cleanup`: a registry dropped with regions still mapped is never a silent leak.
@@ -467,14 +512,14 @@ pub const BATCH_GROUP: usize = 16;
 ///
 /// Hold it for a batch of translations, not one each (a section costs two atomic increments).
 /// Never register or unregister while holding it.
-pub struct ReadGuard<'r, B: PinBackend> {
-    reg: &'r Registry<B>,
+pub struct ReadGuard<'r, B: PinBackend, U: UnpinBarrier = NoBarrier> {
+    reg: &'r Registry<B, U>,
     slot: usize,
     snap: NonNull<Snapshot>,
     _not_send: PhantomData<*const ()>,
 }
 
-impl<B: PinBackend> ReadGuard<'_, B> {
+impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
     #[inline]
     fn snapshot(&self) -> &Snapshot {
         // SAFETY: the snapshot was current when the section began, and memory reachable then
@@ -581,7 +626,7 @@ impl<B: PinBackend> ReadGuard<'_, B> {
     }
 }
 
-impl<B: PinBackend> Drop for ReadGuard<'_, B> {
+impl<B: PinBackend, U: UnpinBarrier> Drop for ReadGuard<'_, B, U> {
     #[inline]
     fn drop(&mut self) {
         self.reg.epoch.exit(self.slot);
@@ -595,19 +640,19 @@ impl<B: PinBackend> Drop for ReadGuard<'_, B> {
 ///
 /// `region` is live: our count keeps its `mapped >= 2`, so it cannot be released, and the
 /// borrow of the registry excludes teardown. `[ua, ua + len)` lies inside it.
-pub struct RegisteredBuffer<'r, B: PinBackend> {
-    reg: &'r Registry<B>,
+pub struct RegisteredBuffer<'r, B: PinBackend, U: UnpinBarrier = NoBarrier> {
+    reg: &'r Registry<B, U>,
     region: NonNull<Region>,
     ua: UserVa,
     len: u64,
 }
 
 // SAFETY: the buffer only reads immutable region data and updates an atomic counter.
-unsafe impl<B: PinBackend + Sync> Send for RegisteredBuffer<'_, B> {}
+unsafe impl<B: PinBackend + Sync, U: UnpinBarrier + Sync> Send for RegisteredBuffer<'_, B, U> {}
 // SAFETY: as above.
-unsafe impl<B: PinBackend + Sync> Sync for RegisteredBuffer<'_, B> {}
+unsafe impl<B: PinBackend + Sync, U: UnpinBarrier + Sync> Sync for RegisteredBuffer<'_, B, U> {}
 
-impl<'r, B: PinBackend> RegisteredBuffer<'r, B> {
+impl<'r, B: PinBackend, U: UnpinBarrier> RegisteredBuffer<'r, B, U> {
     /// The region the buffer lies in.
     pub fn region(&self) -> &Region {
         // SAFETY: type invariant.
@@ -615,7 +660,7 @@ impl<'r, B: PinBackend> RegisteredBuffer<'r, B> {
     }
 
     /// The registry it came from.
-    pub fn registry(&self) -> &'r Registry<B> {
+    pub fn registry(&self) -> &'r Registry<B, U> {
         self.reg
     }
 
@@ -643,7 +688,7 @@ impl<'r, B: PinBackend> RegisteredBuffer<'r, B> {
     }
 }
 
-impl<B: PinBackend> Drop for RegisteredBuffer<'_, B> {
+impl<B: PinBackend, U: UnpinBarrier> Drop for RegisteredBuffer<'_, B, U> {
     fn drop(&mut self) {
         // Our count is there (type invariant), so the decrement cannot fail.
         let r = self.region().mapped_dec();
@@ -685,14 +730,14 @@ impl Iterator for Segments<'_> {
 
 /// One user of a registry (a VFIO container): registers a given range at most once, and
 /// unregisters what it registered when it goes away.
-pub struct Container<'r, B: PinBackend> {
-    reg: &'r Registry<B>,
+pub struct Container<'r, B: PinBackend, U: UnpinBarrier = NoBarrier> {
+    reg: &'r Registry<B, U>,
     mine: SpinLock<Vec<(UserVa, u64)>>,
 }
 
-impl<'r, B: PinBackend> Container<'r, B> {
+impl<'r, B: PinBackend, U: UnpinBarrier> Container<'r, B, U> {
     /// A container using `reg`.
-    pub fn new(reg: &'r Registry<B>) -> Self {
+    pub fn new(reg: &'r Registry<B, U>) -> Self {
         Self { reg, mine: SpinLock::new(Vec::new()) }
     }
 
@@ -728,7 +773,7 @@ impl<'r, B: PinBackend> Container<'r, B> {
     }
 }
 
-impl<B: PinBackend> Drop for Container<'_, B> {
+impl<B: PinBackend, U: UnpinBarrier> Drop for Container<'_, B, U> {
     fn drop(&mut self) {
         for (ua, size) in core::mem::take(self.mine.get_mut()) {
             if self.reg.unregister(ua, size).is_err() {

@@ -65,4 +65,8 @@ impl<P: Platform> Strategy<P> for Direct {
     fn unload(&self, _p: &P, _state: &mut (), _runs: &[Run], _segs: &[Segment]) {}
 
     fn destroy(&self, _p: &P, _state: ()) {}
+
+    fn wait_unmapped(&self, _p: &P) {
+        // No IOMMU: nothing is cached between the device and memory.
+    }
 }

@@ -79,6 +79,10 @@ where
         Domain::ensure_flushed(self, g, ticket)
     }
 
+    fn wait_unmapped(&self, g: &CpuGuard<'_, P>) {
+        Domain::flush_queued(self, g)
+    }
+
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         reserve_levels(self.table(), g, range)
     }

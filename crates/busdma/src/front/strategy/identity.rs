@@ -113,6 +113,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         self.domain.invalidation()
     }
 
+    fn wait_unmapped(&self, p: &P) {
+        self.domain.wait_unmapped(&p.pin_cpu());
+    }
+
     fn create(&self, _p: &P, spec: &TagSpec) -> Result<IdentityState> {
         // Every page of a load may be freed on its own range in the worst case (interleaved
         // with pages other maps still hold): pages of max_size plus one per run.

@@ -24,8 +24,11 @@
 //! 5. **Coherence index** (seed 003). After mapping each range, the per-map and per-segment
 //!    strategies tell the domain which CPU alias an IOMMU with a coherence index must keep
 //!    coherent ([`IommuOps::set_coherence_index`], [`coherence_index`]): the run's kernel
-//!    alias, or the untouched line for a run with no kernel mapping. Identity mappings are
-//!    shared between loads, so they carry no per-load index.
+//!    alias; for a page outside the direct map, whose kernel aliases are quick-map windows all
+//!    of the page's physical colour ([`Platform::quick_map`]), its physical address read as a
+//!    virtual index, which has those windows' colour; the untouched line for a run with
+//!    neither a page nor a kernel mapping. Identity mappings are shared
+//!    between loads, so they carry no per-load index.
 #![forbid(unsafe_code)]
 
 use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
@@ -81,6 +84,10 @@ pub trait IommuOps<P: Platform>: Sync {
 
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
     fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
+
+    /// Waits until the invalidation of every unmap that returned before the call has
+    /// completed (flushing if one is still queued): [`super::Strategy::wait_unmapped`].
+    fn wait_unmapped(&self, g: &CpuGuard<'_, P>);
 
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
@@ -157,13 +164,16 @@ pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result
 }
 
 /// The coherence index of the mapped bytes starting `delta` bytes after run `r`'s first byte
-/// (negative: before it, in its first page): the kernel alias there, or the untouched line for
-/// a run without a kernel mapping (seed 003).
+/// (negative: before it, in its first page): the kernel alias there; for a page outside the
+/// direct map, its physical address as a virtual index (the colour of every quick-map window
+/// of it, theory 5); the untouched line for a run without a page or a kernel mapping
+/// (seed 003).
 #[inline]
 pub fn coherence_index(r: &Run, delta: i64) -> CoherenceIndex {
-    match r.kva {
-        Some(kva) => CoherenceIndex::Alias(KernVa::new(kva.raw().wrapping_add_signed(delta))),
-        None => CoherenceIndex::Untouched,
+    match (r.kva, r.kind) {
+        (Some(kva), _) => CoherenceIndex::Alias(KernVa::new(kva.raw().wrapping_add_signed(delta))),
+        (None, MemKind::Page) => CoherenceIndex::Alias(KernVa::new(r.pa.raw().wrapping_add_signed(delta))),
+        (None, _) => CoherenceIndex::Untouched,
     }
 }
 

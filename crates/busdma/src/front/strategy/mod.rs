@@ -109,6 +109,13 @@ pub trait Strategy<P: Platform>: Clone {
     /// Releases the map's state (the map is unloaded).
     fn destroy(&self, p: &P, state: Self::MapState);
 
+    /// Returns once every unload of this strategy's maps that returned before the call is
+    /// complete in the IOTLB: no device can reach what those loads mapped. Nothing to do
+    /// without an IOMMU or under strict invalidation; a deferred domain flushes if an unmap
+    /// is still queued. Registries wait on it before unpinning (the unpin barrier,
+    /// `pin/mod.rs` theory 7). Process context; may spin while an invalidation completes.
+    fn wait_unmapped(&self, p: &P);
+
     /// The strategy's part of a sync, after the front end's cache maintenance of the runs
     /// (bounce copies: `busdma::bounce::Bounced`). Defaults to nothing.
     fn sync(&self, _p: &P, _spec: &TagSpec, _state: &Self::MapState, _op: SyncOp) -> Result<()> {

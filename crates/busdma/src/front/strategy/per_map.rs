@@ -99,6 +99,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         self.0.invalidation()
     }
 
+    fn wait_unmapped(&self, p: &P) {
+        self.0.wait_unmapped(&p.pin_cpu());
+    }
+
     fn create(&self, _p: &P, spec: &TagSpec) -> Result<PerMapState> {
         let mut mapped = Vec::new();
         let n = max_runs(spec);

@@ -94,6 +94,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         self.domain.invalidation()
     }
 
+    fn wait_unmapped(&self, p: &P) {
+        self.domain.wait_unmapped(&p.pin_cpu());
+    }
+
     fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState> {
         let d = &self.domain;
         let g = p.pin_cpu();

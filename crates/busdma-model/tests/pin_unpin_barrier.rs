@@ -1,0 +1,259 @@
+//! The unpin barrier (`busdma::pin`, theory 7): a registered buffer loaded through a domain
+//! with DEFERRED IOTLB invalidation. Its unload only queues the unmap, so the IOTLB may still
+//! translate to its pages; the registry must not unpin them (give them back to the system)
+//! before that translation is gone, yet the unload itself must not pay a flush.
+//!
+//! The probe: a pin backend that, at the moment the registry unpins a page, has the device
+//! read the buffer's old bus address through the model IOMMU (whose IOTLB keeps what the
+//! device used). With the domain as barrier the read faults; with a barrier that waits for
+//! nothing it reaches the page being given back: the hole the barrier closes.
+
+use std::cell::Cell;
+
+use busdma::front::{Direction, IommuPerMap, Tag, TagSpec, load_registered};
+use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+use busdma::iova::{IovaAllocator, IovaConfig};
+use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::pin::{PinBackend, Registry, UnpinBarrier};
+use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform, Result, UserVa};
+use busdma_model::uspace::UserSpace;
+use busdma_model::{
+    Context, DmaPort, HostPlatform, IommuConfig, IommuPort, MachineConfig, ModelIommu, TableFormat,
+};
+
+type Dom<'m> = Domain<'m, HostPlatform, VtdSl, IovaAllocator, ModelIommu<'m>>;
+
+const DEV: u32 = 0x42;
+const UA: UserVa = UserVa::new(0x7e00_0000_0000);
+const PAGES: u64 = 4;
+
+fn domain<'m>(
+    m: &'m HostPlatform,
+    pool: &'m TablePool<'m, HostPlatform>,
+    iommu: &'m ModelIommu<'m>,
+    policy: InvalidationPolicy,
+    dev: u32,
+) -> Dom<'m> {
+    let table = PageTable::new(pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
+    let space = AddrRange::new(Iova::new(PAGE_SIZE), Iova::new(1 << 48)).unwrap();
+    let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
+        .unwrap();
+    let d = Domain::new(m, table, iova, iommu, DomainConfig { id: dev as u16, policy, untrusted: false })
+        .unwrap();
+    iommu.attach(dev, Context::new(dev as u16, d.table().root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    d
+}
+
+/// Pins through the model's user space; at each unpin, has the device read the old bus
+/// addresses of the pages being given back and counts the reads that got through.
+struct Probing<'a, 'm> {
+    us: &'a UserSpace<'m>,
+    port: IommuPort<'a, 'm>,
+    bus: Cell<Option<(u64, u64)>>,
+    reached_at_unpin: Cell<u64>,
+    unpins: Cell<u64>,
+}
+
+impl PinBackend for Probing<'_, '_> {
+    fn pin(&self, ua: UserVa, out: &mut [PhysAddr]) -> Result<()> {
+        self.us.pin(ua, out)
+    }
+
+    fn unpin(&self, ua: UserVa, hpas: &[PhysAddr]) {
+        if let Some((bus, len)) = self.bus.get() {
+            for off in (0..len).step_by(PAGE_SIZE as usize) {
+                let mut b = [0u8; 8];
+                if self.port.dma_read(Iova::new(bus + off), &mut b).is_ok() {
+                    self.reached_at_unpin.set(self.reached_at_unpin.get() + 1);
+                }
+            }
+        }
+        self.unpins.set(self.unpins.get() + 1);
+        self.us.unpin(ua, hpas)
+    }
+}
+
+/// A barrier that waits for nothing, yet claims to be one (so the front end lets deferred
+/// loads through): the registry as it was before the unpin barrier existed.
+struct WaitsForNothing;
+
+impl UnpinBarrier for WaitsForNothing {
+    fn wait_unmapped(&self) {}
+}
+
+/// What one registered load's life showed.
+#[derive(Debug)]
+struct Seen {
+    /// Device reads of the old bus address that reached a page while it was being unpinned.
+    reached_at_unpin: u64,
+    /// Whole-domain flushes issued by the loads and unloads (before unregistering).
+    flushes_by_io: u64,
+    /// Unmaps still queued when the registration was dropped.
+    queued_at_unregister: usize,
+    /// Unpin barriers the registry called.
+    barriers: u64,
+}
+
+/// Registers, loads `loads` times through a deferred domain (the device reading every load,
+/// so the IOTLB holds its translation), unloads, unregisters. The registry's barrier is the
+/// tag if `barrier`, else [`WaitsForNothing`].
+fn registered_life(loads: u64, barrier: bool) -> Seen {
+    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+    m.freeze_clock(); // no age-bound flush: only the count bound (256) could flush
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
+    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, PAGES * PAGE_SIZE).unwrap();
+    let probe = Probing {
+        us: &us,
+        port: iommu.port(DEV),
+        bus: Cell::new(None),
+        reached_at_unpin: Cell::new(0),
+        unpins: Cell::new(0),
+    };
+    let lax = WaitsForNothing;
+    let barrier: &dyn UnpinBarrier = if barrier { &tag } else { &lax };
+    let reg = Registry::with_barrier(&probe, u64::MAX, barrier).unwrap();
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    let mut map = tag.create_map().unwrap();
+    let flushes = dom.stats().flushes;
+    for _ in 0..loads {
+        let load = load_registered(&mut map, &reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
+        let seg = load.segments()[0];
+        assert_eq!(seg.len, PAGES * PAGE_SIZE, "one IOVA window for the buffer");
+        // The device uses the buffer: the IOTLB now holds its translations.
+        let mut b = [0u8; 8];
+        for off in (0..seg.len).step_by(PAGE_SIZE as usize) {
+            probe.port.dma_read(Iova::new(seg.addr.raw() + off), &mut b).unwrap();
+        }
+        probe.bus.set(Some((seg.addr.raw(), seg.len)));
+        load.unload().unwrap();
+    }
+    let seen_flushes = dom.stats().flushes - flushes;
+    let queued = dom.pending();
+    reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
+    reg.synchronize();
+    assert_eq!(probe.unpins.get(), 1);
+    assert_eq!(us.pinned_pages(), 0);
+    let barriers = reg.stats().unpin_barriers;
+    Seen {
+        reached_at_unpin: probe.reached_at_unpin.get(),
+        flushes_by_io: seen_flushes,
+        queued_at_unregister: queued,
+        barriers,
+    }
+}
+
+#[test]
+fn a_registered_page_is_unpinned_only_after_its_deferred_unmap_left_the_iotlb() {
+    let with = registered_life(3, true);
+    assert_eq!(with.reached_at_unpin, 0, "{with:?}");
+    assert_eq!(with.barriers, 1, "{with:?}");
+}
+
+#[test]
+fn without_the_barrier_a_device_reaches_pages_as_they_are_unpinned() {
+    // The control: the model sees the hole the barrier closes (the escape attack class 6
+    // reported in deferred mode before the barrier existed).
+    let without = registered_life(3, false);
+    assert_eq!(without.reached_at_unpin, PAGES, "{without:?}");
+}
+
+#[test]
+fn a_registered_unload_under_deferred_invalidation_issues_no_flush() {
+    // The hot path stays deferred: 20 loads and unloads, not one flush; they wait queued
+    // until the registration is dropped.
+    let s = registered_life(20, true);
+    assert_eq!(s.flushes_by_io, 0, "{s:?}");
+    assert_eq!(s.queued_at_unregister, 20, "{s:?}");
+    assert_eq!(s.reached_at_unpin, 0, "{s:?}");
+}
+
+#[test]
+fn a_registry_without_a_barrier_refuses_deferred_registered_loads() {
+    let m = HostPlatform::new(MachineConfig::with_ram(64 << 20)).unwrap();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
+    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, PAGES * PAGE_SIZE).unwrap();
+    let reg = Registry::new(&us, u64::MAX).unwrap();
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    let mut map = tag.create_map().unwrap();
+    let err = load_registered(&mut map, &reg, UA, PAGE_SIZE, Direction::ToDevice).err();
+    assert!(matches!(err, Some(Error::Unsupported { .. })), "{err:?}");
+    assert_eq!(reg.read().lookup(UA, 1).unwrap().mapped(), 1, "nothing counted");
+    assert!(!map.is_loaded());
+    // A strict domain needs no barrier: the same registry loads through it.
+    let strict = domain(&m, &pool, &iommu, InvalidationPolicy::Strict, DEV + 1);
+    let stag = Tag::new_root(&m, IommuPerMap(&strict), TagSpec::new(64 << 10, 16)).unwrap();
+    let mut smap = stag.create_map().unwrap();
+    load_registered(&mut smap, &reg, UA, PAGE_SIZE, Direction::ToDevice).unwrap().unload().unwrap();
+}
+
+#[test]
+fn the_barrier_flushes_only_when_an_unmap_is_still_queued() {
+    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+    m.freeze_clock();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
+    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, 2 * PAGES * PAGE_SIZE).unwrap();
+    let reg = Registry::with_barrier(&us, u64::MAX, &tag).unwrap();
+    let second = UserVa::new(UA.raw() + PAGES * PAGE_SIZE);
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    reg.register(second, PAGES * PAGE_SIZE).unwrap();
+    let mut map = tag.create_map().unwrap();
+    load_registered(&mut map, &reg, UA, PAGE_SIZE, Direction::ToDevice).unwrap().unload().unwrap();
+    assert_eq!(dom.pending(), 1);
+    let before = dom.stats().flushes;
+    // A region released while an unmap is queued: one flush, and the queue is drained.
+    reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
+    assert_eq!((dom.stats().flushes - before, dom.pending()), (1, 0));
+    // Nothing queued any more: the next release costs no flush, only the (empty) check.
+    reg.unregister(second, PAGES * PAGE_SIZE).unwrap();
+    assert_eq!(dom.stats().flushes - before, 1);
+    assert_eq!(reg.stats().unpin_barriers, 2);
+    assert_eq!(us.pinned_pages(), 0);
+}
+
+#[test]
+fn teardown_waits_for_the_barrier_before_releasing_registered_pages() {
+    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+    m.freeze_clock();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
+    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, PAGES * PAGE_SIZE).unwrap();
+    let probe = Probing {
+        us: &us,
+        port: iommu.port(DEV),
+        bus: Cell::new(None),
+        reached_at_unpin: Cell::new(0),
+        unpins: Cell::new(0),
+    };
+    let reg = Registry::with_barrier(&probe, u64::MAX, &tag).unwrap();
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    {
+        let mut map = tag.create_map().unwrap();
+        let load = load_registered(&mut map, &reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
+        let seg = load.segments()[0];
+        let mut b = [0u8; 8];
+        probe.port.dma_read(Iova::new(seg.addr.raw()), &mut b).unwrap();
+        probe.bus.set(Some((seg.addr.raw(), seg.len)));
+        load.unload().unwrap();
+    }
+    assert_eq!(dom.pending(), 1);
+    // The address space goes away with the region still registered.
+    let report = reg.cleanup();
+    assert_eq!((report.regions, report.pages_unpinned), (1, PAGES));
+    assert_eq!((probe.unpins.get(), probe.reached_at_unpin.get()), (1, 0));
+    assert_eq!(dom.pending(), 0);
+}
