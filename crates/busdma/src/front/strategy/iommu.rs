@@ -50,7 +50,7 @@ use crate::front::tag::TagSpec;
 /// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
 pub trait IommuOps<P: Platform>: Sync {
     /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
-    type Ticket: Copy;
+    type Ticket: Copy + Send;
 
     /// The domain's invalidation mode.
     fn invalidation(&self) -> Invalidation;
@@ -95,7 +95,8 @@ pub trait IommuOps<P: Platform>: Sync {
 
     /// Programs the coherence index of the freshly mapped `range` (seed 003, see
     /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the
-    /// range's first page, or [`CoherenceIndex::Untouched`] for memory with no kernel mapping.
+    /// range's first page (for a page outside the direct map, its quick maps' colour), or
+    /// [`CoherenceIndex::Untouched`] for memory with neither a page nor a kernel mapping.
     /// Domains whose IOMMU has no coherence index ignore it (the default).
     fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
         let _ = (range, index);
