@@ -38,6 +38,8 @@ pub mod errno {
     pub const EOPNOTSUPP: i32 = 95;
     /// Operation now in progress (a deferred load).
     pub const EINPROGRESS: i32 = 115;
+    /// Operation cancelled (a deferred load whose map was destroyed or that was cancelled).
+    pub const ECANCELED: i32 = 125;
 }
 
 /// Shorthand for `core::result::Result<T, Error>`.
@@ -179,6 +181,9 @@ pub enum Error {
     },
     /// The operation was queued and will complete later (a deferred bounce load).
     InProgress,
+    /// A deferred load was cancelled before it completed (`PendingLoad::cancel`, or its map
+    /// destroyed): what its callback receives.
+    Cancelled,
 }
 
 impl Error {
@@ -207,6 +212,7 @@ impl Error {
             Error::Unsupported { .. } => EOPNOTSUPP,
             Error::PermissionDenied { .. } => EPERM,
             Error::InProgress => EINPROGRESS,
+            Error::Cancelled => ECANCELED,
         }
     }
 }
@@ -258,6 +264,7 @@ impl fmt::Display for Error {
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::PermissionDenied { what } => write!(f, "permission denied: {what}"),
             Error::InProgress => write!(f, "operation deferred; it completes by callback"),
+            Error::Cancelled => write!(f, "deferred load cancelled before it completed"),
         }
     }
 }

@@ -50,7 +50,7 @@ use crate::front::tag::TagSpec;
 /// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
 pub trait IommuOps<P: Platform>: Sync {
     /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
-    type Ticket: Copy;
+    type Ticket: Copy + Send;
 
     /// The domain's invalidation mode.
     fn invalidation(&self) -> Invalidation;
