@@ -89,4 +89,4 @@ pub type SecondLevel = crate::pgtable::VtdSl;
 pub type SecondLevel = mutant::NonLeafNoRw;
 pub use entry::{DomainId, SourceId};
 pub use fault::{Access, Fault};
-pub use unit::{InvalidationChoice, InvalidationMethod, Vtd, VtdConfig, VtdStats};
+pub use unit::{DEFAULT_POLL_LIMIT, InvalidationChoice, InvalidationMethod, Vtd, VtdConfig, VtdStats};

@@ -23,10 +23,11 @@ const MAX_DOMAIN_IDS: usize = 1 << 16;
 const IQA_QS_ONE_PAGE: u64 = 0;
 /// Descriptors in the one-page queue.
 const QUEUE_SLOTS: u32 = (PAGE_SIZE / 16) as u32;
-/// Register polls before a command is declared stuck. Why 2^24: an MMIO read costs at least
-/// 100 ns on real hardware, so this waits well over a second, longer than Linux's one-second
-/// DMAR operation timeout; QEMU completes every command before the first poll.
-const POLL_LIMIT: u32 = 1 << 24;
+/// Default register polls before a command is declared stuck ([`VtdConfig::poll_limit`]). Why
+/// 2^24: an MMIO read costs at least 100 ns on real hardware, so this waits well over a
+/// second, longer than Linux's one-second DMAR operation timeout; QEMU completes every
+/// command before the first poll.
+pub const DEFAULT_POLL_LIMIT: u32 = 1 << 24;
 
 /// How the driver invalidates the unit's caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,11 +57,18 @@ pub struct VtdConfig {
     pub invalidation: InvalidationChoice,
     /// Deepest second-level tables to use; the driver picks the deepest SAGAW allows up to this.
     pub max_levels: Levels,
+    /// Polls of a status (a register, or the wait descriptor's status word) before a command
+    /// is declared stuck: the time-out, in units of one MMIO read ([`DEFAULT_POLL_LIMIT`]).
+    pub poll_limit: u32,
 }
 
 impl Default for VtdConfig {
     fn default() -> Self {
-        Self { invalidation: InvalidationChoice::Auto, max_levels: Levels::Four }
+        Self {
+            invalidation: InvalidationChoice::Auto,
+            max_levels: Levels::Four,
+            poll_limit: DEFAULT_POLL_LIMIT,
+        }
     }
 }
 
@@ -131,6 +139,7 @@ pub struct Vtd<'p, P: Platform> {
     caps: Capabilities,
     levels: Levels,
     method: InvalidationMethod,
+    poll_limit: u32,
     root: TablePage,
     state: SpinLock<State>,
     stats: VtdStats,
@@ -174,6 +183,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
             caps,
             levels,
             method,
+            poll_limit: config.poll_limit,
             root,
             state: SpinLock::new(State {
                 context: [None; BUSES],
@@ -733,7 +743,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
     }
 
     fn poll(&self, what: &'static str, mut done: impl FnMut() -> bool) -> Result<()> {
-        for _ in 0..POLL_LIMIT {
+        for _ in 0..self.poll_limit.max(1) {
             if done() {
                 return Ok(());
             }
