@@ -115,6 +115,16 @@ impl Cpus {
         })
     }
 
+    /// The CPU slot the calling thread holds right now (bound to it, or inside a preemption
+    /// guard on it), if any: while it holds the slot no other thread can take it, so the
+    /// caller is the only writer of that slot's per-CPU data until it lets go.
+    #[inline]
+    pub(crate) fn held_slot(&self) -> Option<usize> {
+        let cpu = self.current();
+        let owner = self.slots.get(cpu)?.owner.load(Ordering::Relaxed);
+        (owner & !PERMANENT == thread_token()).then_some(cpu)
+    }
+
     pub(crate) fn preempt_disable(&self) -> usize {
         let cpu = self.current();
         let slot = &self.slots[cpu];
@@ -146,6 +156,57 @@ impl Cpus {
         if depth == 1 && owner & PERMANENT == 0 {
             slot.owner.store(0, Ordering::Release);
         }
+    }
+}
+
+/// `N` event counters per CPU slot, plus one shared block for threads that hold no slot.
+///
+/// A thread that holds its CPU slot ([`Cpus::held_slot`]) is the slot's only writer, so it
+/// bumps its block with a plain load and store (atomic accesses, no locked instruction: a
+/// locked add costs as much as a model IOTLB lookup); any other thread uses the shared block
+/// with a locked add. A reader sums the blocks.
+#[derive(Debug)]
+pub(crate) struct SlotCounters<const N: usize> {
+    blocks: Box<[SlotBlock<N>]>,
+    shared: SlotBlock<N>,
+}
+
+/// One slot's counters, alone on a 64-byte line pair (see [`CpuSlot`]).
+#[derive(Debug)]
+#[repr(align(128))]
+struct SlotBlock<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> SlotBlock<N> {
+    fn new() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> SlotCounters<N> {
+    pub(crate) fn new(cpus: usize) -> Self {
+        Self { blocks: (0..cpus).map(|_| SlotBlock::new()).collect(), shared: SlotBlock::new() }
+    }
+
+    /// Adds `n` to counter `i` (< `N`).
+    #[inline]
+    pub(crate) fn add(&self, cpus: &Cpus, i: usize, n: u64) {
+        match cpus.held_slot().and_then(|c| self.blocks.get(c)) {
+            Some(b) => {
+                let a = &b.0[i];
+                a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+            }
+            None => {
+                self.shared.0[i].fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counter `i` summed over every block.
+    pub(crate) fn sum(&self, i: usize) -> u64 {
+        self.blocks
+            .iter()
+            .chain(std::iter::once(&self.shared))
+            .fold(0u64, |acc, b| acc.wrapping_add(b.0[i].load(Ordering::Relaxed)))
     }
 }
 

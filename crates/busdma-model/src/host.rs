@@ -597,6 +597,11 @@ impl HostPlatform {
         Ok(())
     }
 
+    /// The machine's CPU slots (for per-CPU data of the model's devices).
+    pub(crate) fn cpu_slots(&self) -> &Cpus {
+        &self.cpus
+    }
+
     pub(crate) fn raw_read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
         let off = self.ram_offset(pa, buf.len() as u64)?;
         // SAFETY: the source bytes are inside the physical view (checked); copying bytes a

@@ -8,7 +8,8 @@
 //! - **The direct map** is a second, shared mapping of the same memfd that covers a
 //!   configurable prefix of RAM (default: all of it). RAM outside it has no kernel virtual
 //!   address; the CPU reaches it only through quick maps, which really remap a per-CPU window
-//!   with `mmap(MAP_FIXED)`.
+//!   with `mmap(MAP_FIXED)`; with a VIPT cache model each slot has one window per colour and
+//!   a page is always mapped at the window of its own (physical) colour.
 //! - **CPUs** are slots a thread binds to ([`HostPlatform::bind_cpu`]); preemption guards
 //!   really exclude other threads from the slot for their lifetime.
 //!

@@ -16,6 +16,7 @@ use busdma::front::*;
 use busdma::quickmap::{QuickMaps, QuickSlot};
 use busdma::{PAGE_SIZE, PhysAddr, Platform};
 use busdma_model::{CacheConfig, FrameRequest, HostPlatform, MachineConfig, Placement};
+use proptest::prelude::*;
 
 /// 32 MiB of RAM, the upper half outside the direct map, two CPUs, a cache model.
 fn machine(cache: CacheConfig) -> HostPlatform {
@@ -159,18 +160,67 @@ fn after_postread_the_cpu_reads_what_the_device_wrote_to_a_page_outside_the_dire
 #[test]
 fn preread_keeps_a_dirty_line_outside_the_direct_map_from_overwriting_the_devices_data() {
     for cache in CACHES {
-        let m = machine(cache);
-        let pages = far_pages(&m, 1);
-        cpu_write(&m, QuickSlot::First, &pages, 0, &pattern(3, 512));
+        for preread in [false, true] {
+            let m = machine(cache);
+            let pages = far_pages(&m, 1);
+            cpu_write(&m, QuickSlot::First, &pages, 0, &pattern(3, 512));
+            let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
+            let mut map = tag.create_map().unwrap();
+            map.load(&PageList { pages: &pages, offset: 0, len: 512 }, Direction::FromDevice).unwrap();
+            if preread {
+                map.sync(SyncOp::PREREAD).unwrap();
+            }
+            let data = pattern(4, 512);
+            device_write(&m, map.segments(), &data);
+            m.cpu().evict_all().unwrap(); // cache pressure after the device wrote
+            map.sync(SyncOp::POSTREAD).unwrap();
+            let seen = cpu_read(&m, QuickSlot::First, &pages, 0, 512);
+            if preread {
+                assert_eq!(seen, data, "{cache:?}");
+            } else {
+                assert_eq!(seen, pattern(3, 512), "{cache:?}: the evicted dirty line won");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// With the full protocol, whatever the buffer's offset and length over pages outside the
+    /// direct map, the cache's shape, the quick-map slots the CPU touched it through, and what
+    /// the cache does meanwhile, each side sees the other's data.
+    #[test]
+    fn the_full_protocol_is_sufficient_outside_the_direct_map(
+        offset in 0u64..PAGE_SIZE,
+        len in 1u64..3 * PAGE_SIZE,
+        vipt in any::<bool>(),
+        write_slot in any::<bool>(),
+        read_slot in any::<bool>(),
+        prefetch_before in any::<bool>(),
+        evict_after in any::<bool>(),
+        seed in any::<u8>(),
+    ) {
+        let slot = |b: bool| if b { QuickSlot::Second } else { QuickSlot::First };
+        let m = machine(if vipt { CacheConfig::vipt_aliasing() } else { CacheConfig::pipt() });
+        let pages = far_pages(&m, 4);
         let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
         let mut map = tag.create_map().unwrap();
-        map.load(&PageList { pages: &pages, offset: 0, len: 512 }, Direction::FromDevice).unwrap();
-        map.sync(SyncOp::PREREAD).unwrap();
-        let data = pattern(4, 512);
-        device_write(&m, map.segments(), &data);
-        m.cpu().evict_all().unwrap(); // cache pressure after the device wrote
-        map.sync(SyncOp::POSTREAD).unwrap();
-        assert_eq!(cpu_read(&m, QuickSlot::First, &pages, 0, 512), data, "{cache:?}");
+        let out = pattern(seed, len as usize);
+        cpu_write(&m, slot(write_slot), &pages, offset, &out);
+        map.load(&PageList { pages: &pages, offset, len }, Direction::Bidirectional).unwrap();
+        map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
+        prop_assert_eq!(&device_read(&m, map.segments()), &out);
+        if prefetch_before {
+            cpu_prefetch(&m, slot(read_slot), &pages, offset, len);
+        }
+        let back = pattern(seed.wrapping_add(1), len as usize);
+        device_write(&m, map.segments(), &back);
+        if evict_after {
+            m.cpu().evict_all().unwrap();
+        }
+        map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE).unwrap();
+        prop_assert_eq!(cpu_read(&m, slot(read_slot), &pages, offset, len as usize), back);
     }
 }
 

@@ -14,6 +14,8 @@ use core::fmt;
 pub mod errno {
     /// Operation not permitted.
     pub const EPERM: i32 = 1;
+    /// Input/output error (hardware that failed a command).
+    pub const EIO: i32 = 5;
     /// No such entry.
     pub const ENOENT: i32 = 2;
     /// Try again.
@@ -38,6 +40,8 @@ pub mod errno {
     pub const EOPNOTSUPP: i32 = 95;
     /// Operation now in progress (a deferred load).
     pub const EINPROGRESS: i32 = 115;
+    /// Operation cancelled (a deferred load whose map was destroyed or that was cancelled).
+    pub const ECANCELED: i32 = 125;
 }
 
 /// Shorthand for `core::result::Result<T, Error>`.
@@ -179,6 +183,21 @@ pub enum Error {
     },
     /// The operation was queued and will complete later (a deferred bounce load).
     InProgress,
+    /// An IOMMU did not complete an invalidation: it reported an error (VT-d: an
+    /// invalidation queue error, FSTS.IQE/ICE/ITE; a refused register command) or did not
+    /// answer in time. What the invalidation would have made reusable (IOVA, table pages) is
+    /// held back until a later invalidation of the domain succeeds (`busdma::iommu::Domain`).
+    InvalidationFailed {
+        /// What failed, and how.
+        what: &'static str,
+        /// The domain whose caches were being invalidated.
+        domain: u64,
+        /// The hardware's status when it failed (VT-d: FSTS; 0 for a time-out).
+        status: u64,
+    },
+    /// A deferred load was cancelled before it completed (`PendingLoad::cancel`, or its map
+    /// destroyed): what its callback receives.
+    Cancelled,
 }
 
 impl Error {
@@ -207,6 +226,8 @@ impl Error {
             Error::Unsupported { .. } => EOPNOTSUPP,
             Error::PermissionDenied { .. } => EPERM,
             Error::InProgress => EINPROGRESS,
+            Error::InvalidationFailed { .. } => EIO,
+            Error::Cancelled => ECANCELED,
         }
     }
 }
@@ -258,6 +279,12 @@ impl fmt::Display for Error {
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::PermissionDenied { what } => write!(f, "permission denied: {what}"),
             Error::InProgress => write!(f, "operation deferred; it completes by callback"),
+            Error::InvalidationFailed { what, domain, status } => write!(
+                f,
+                "IOMMU invalidation of domain {domain} failed: {what} (status {status:#x}); \
+                 what it would release is held back"
+            ),
+            Error::Cancelled => write!(f, "deferred load cancelled before it completed"),
         }
     }
 }
@@ -283,5 +310,6 @@ mod tests {
         assert_eq!(Error::ZeroSize.errno(), 22);
         assert_eq!(Error::TooManySegments { needed: 3, max: 2 }.errno(), 27);
         assert_eq!(Error::InProgress.errno(), 115);
+        assert_eq!(Error::InvalidationFailed { what: "time-out", domain: 1, status: 0 }.errno(), 5);
     }
 }

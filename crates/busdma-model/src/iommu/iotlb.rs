@@ -12,12 +12,19 @@
 //!    replacement inside a set is FIFO.
 //! 3. **Cost.** A lookup locks one set and compares [`WAYS`] keys. A ranged invalidation of
 //!    `n` pages probes `n` sets when `n` is at most the number of sets, else scans every set
-//!    once (the scan is then no dearer than the probes): both are counted by the caller.
+//!    once (the scan is then no dearer than the probes): both are counted by the caller. An
+//!    invalidation reads a set's keys without its lock and locks only a set that holds a key
+//!    it must drop (rule 4 says why that is enough), so invalidating pages that are not cached
+//!    costs no locked instruction.
 //! 4. **No stale fill.** A walk that raced with an invalidation must not insert what it read
-//!    before the invalidation ran. Every invalidation increments a generation *before*
-//!    clearing; a fill carries the generation its walk started under and is dropped if the
-//!    generation moved (checked under the set's lock, so a fill either lands before the
-//!    invalidation clears that set, or sees the new generation).
+//!    before the invalidation ran. Every invalidation increments a generation (a sequentially
+//!    consistent read-modify-write) *before* reading the keys; a fill carries the generation
+//!    its walk started under and, under the set's lock, first publishes its key, then re-reads
+//!    the generation and withdraws the key if it moved (all `SeqCst`). In the single order of
+//!    those operations either the fill's re-read comes after the increment (it sees the new
+//!    generation and withdraws, before it unlocks, so no lookup ever sees the key), or its key
+//!    store comes before the invalidation's read of the keys (the invalidation sees the key,
+//!    locks the set and drops it). Keys change only under the set's lock.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,16 +43,38 @@ const EMPTY: u64 = u64::MAX;
 /// 1 (write).
 pub(crate) type Cached = u64;
 
+/// What a set's lock protects besides its keys.
 #[derive(Clone, Copy)]
-struct Set {
-    keys: [u64; WAYS],
+struct Ways {
     vals: [u64; WAYS],
     next: u8,
 }
 
+/// One set: its keys are atomics written only under `lock` and read by invalidations
+/// without it (rule 4).
+struct Set {
+    lock: SpinLock<Ways>,
+    keys: [AtomicU64; WAYS],
+}
+
+impl Set {
+    fn new() -> Self {
+        Self {
+            lock: SpinLock::new(Ways { vals: [0; WAYS], next: 0 }),
+            keys: std::array::from_fn(|_| AtomicU64::new(EMPTY)),
+        }
+    }
+
+    /// The way holding `key` (read under the lock, or racily by an invalidation's pre-check).
+    #[inline]
+    fn way_of(&self, key: u64) -> Option<usize> {
+        self.keys.iter().position(|k| k.load(Ordering::SeqCst) == key)
+    }
+}
+
 /// The cache.
 pub(crate) struct Iotlb {
-    sets: Box<[SpinLock<Set>]>,
+    sets: Box<[Set]>,
     generation: AtomicU64,
 }
 
@@ -66,8 +95,7 @@ impl Iotlb {
     /// zero disables caching).
     pub(crate) fn new(entries: usize) -> Self {
         let sets = if entries == 0 { 0 } else { entries.div_ceil(WAYS).next_power_of_two() };
-        let empty = Set { keys: [EMPTY; WAYS], vals: [0; WAYS], next: 0 };
-        Self { sets: (0..sets).map(|_| SpinLock::new(empty)).collect(), generation: AtomicU64::new(0) }
+        Self { sets: (0..sets).map(|_| Set::new()).collect(), generation: AtomicU64::new(0) }
     }
 
     /// Number of entries.
@@ -81,7 +109,7 @@ impl Iotlb {
     }
 
     #[inline]
-    fn set_of(&self, key: u64) -> &SpinLock<Set> {
+    fn set_of(&self, key: u64) -> &Set {
         // Fibonacci hashing spreads neighbouring pages and domains over the sets.
         let h = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let i = (h >> 32) as usize & (self.sets.len() - 1);
@@ -106,8 +134,9 @@ impl Iotlb {
         if self.sets.is_empty() {
             return None;
         }
-        let s = self.set_of(key).lock();
-        s.keys.iter().position(|&k| k == key).map(|i| s.vals[i])
+        let set = self.set_of(key);
+        let w = set.lock.lock();
+        set.keys.iter().position(|k| k.load(Ordering::Relaxed) == key).map(|i| w.vals[i])
     }
 
     /// Caches `val` for `key` if no invalidation started since `generation`.
@@ -116,20 +145,25 @@ impl Iotlb {
         if self.sets.is_empty() {
             return;
         }
-        let mut s = self.set_of(key).lock();
+        let set = self.set_of(key);
+        let mut w = set.lock.lock();
         if self.generation.load(Ordering::SeqCst) != generation {
             return;
         }
-        let way = match s.keys.iter().position(|&k| k == key) {
+        let way = match set.keys.iter().position(|k| k.load(Ordering::Relaxed) == key) {
             Some(i) => i,
             None => {
-                let i = s.next as usize;
-                s.next = ((i + 1) % WAYS) as u8;
+                let i = w.next as usize;
+                w.next = ((i + 1) % WAYS) as u8;
                 i
             }
         };
-        s.keys[way] = key;
-        s.vals[way] = val;
+        w.vals[way] = val;
+        // Rule 4: publish the key, then re-read the generation; withdraw if it moved.
+        set.keys[way].store(key, Ordering::SeqCst);
+        if self.generation.load(Ordering::SeqCst) != generation {
+            set.keys[way].store(EMPTY, Ordering::SeqCst);
+        }
     }
 
     /// Drops the cached pages `first..=last` of `domain` by probing their sets; returns how
@@ -141,9 +175,14 @@ impl Iotlb {
         }
         for page in first..=last {
             let k = key(domain, page);
-            let mut s = self.set_of(k).lock();
-            if let Some(i) = s.keys.iter().position(|&x| x == k) {
-                s.keys[i] = EMPTY;
+            let set = self.set_of(k);
+            // Rule 4: a set without the key needs no lock.
+            if set.way_of(k).is_none() {
+                continue;
+            }
+            let _w = set.lock.lock();
+            if let Some(i) = set.way_of(k) {
+                set.keys[i].store(EMPTY, Ordering::SeqCst);
                 dropped += 1;
             }
         }
@@ -154,15 +193,19 @@ impl Iotlb {
     /// how many entries went.
     pub(crate) fn scan_out(&self, domain: DomainId, first: u64, last: u64) -> u64 {
         let mut dropped = 0;
+        let hit = |k: u64| {
+            let (d, page) = unkey(k);
+            k != EMPTY && d == domain && (first..=last).contains(&page)
+        };
         for set in self.sets.iter() {
-            let mut s = set.lock();
-            for k in s.keys.iter_mut() {
-                if *k == EMPTY {
-                    continue;
-                }
-                let (d, page) = unkey(*k);
-                if d == domain && (first..=last).contains(&page) {
-                    *k = EMPTY;
+            // Rule 4: a set holding none of the keys needs no lock.
+            if !set.keys.iter().any(|k| hit(k.load(Ordering::SeqCst))) {
+                continue;
+            }
+            let _w = set.lock.lock();
+            for k in set.keys.iter() {
+                if hit(k.load(Ordering::SeqCst)) {
+                    k.store(EMPTY, Ordering::SeqCst);
                     dropped += 1;
                 }
             }

@@ -15,6 +15,9 @@
 //!    an invalidation still translates. Invalidation commands ([`IotlbInvalidator`]) drop
 //!    cached pages of a range (probing sets for small ranges, scanning for large ones) or of
 //!    a whole domain, and are counted by kind ([`IommuStats`]).
+//!    In *caching mode* ([`IommuConfig::caching_mode`], VT-d CAP.CM = 1) a walk that finds an
+//!    entry not present is cached too, and faults until an invalidation drops it: software
+//!    must invalidate after mapping ([`IotlbInvalidator::invalidate_mapped`]).
 //! 4. **Faults** are returned to the device and recorded in a bounded log (the first
 //!    [`IommuConfig::fault_log_entries`] until read; later ones are counted as dropped, like
 //!    VT-d's primary fault overflow).
@@ -28,7 +31,8 @@
 //! # Concurrency
 //!
 //! Devices translate from any number of threads. The context table is read-mostly (a
-//! read-write lock); each IOTLB set has its own spin lock; counters are relaxed atomics. An
+//! read-write lock); each IOTLB set has its own spin lock; counters are per CPU slot, bumped
+//! without locked instructions by the thread that holds the slot (`cpu::SlotCounters`). An
 //! invalidation is complete when the call returns: any walk that read the tables before it
 //! started cannot fill the cache afterwards (the generation rule of `iotlb.rs`).
 
@@ -40,7 +44,6 @@ mod vtd;
 mod walk;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use busdma::iommu::{CoherenceIndex, DomainId, IotlbInvalidator};
@@ -51,6 +54,10 @@ use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
 pub use audit::{AuditReport, Violation};
 use iotlb::Iotlb;
 use walk::Walk;
+
+/// IOTLB value of a cached not-present result (caching mode): no page address has bit 63,
+/// the rest is the level of the absent entry.
+const NOT_PRESENT: u64 = 1 << 63;
 
 /// A page-table format the model IOMMU walks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,6 +122,9 @@ pub struct IommuConfig {
     /// poll), which the software model otherwise does not have. 0 by default; benchmarks set
     /// it to compare invalidation policies under an assumed hardware cost.
     pub invalidation_latency_ns: u64,
+    /// VT-d caching mode (CAP.CM = 1): not-present results are cached as well (theory 3), and
+    /// [`IotlbInvalidator::invalidate_mapped`] invalidates the range it is given.
+    pub caching_mode: bool,
 }
 
 impl Default for IommuConfig {
@@ -130,6 +140,7 @@ impl Default for IommuConfig {
             output_bits: 48,
             audit: false,
             invalidation_latency_ns: 0,
+            caching_mode: false,
         }
     }
 }
@@ -155,6 +166,10 @@ pub struct IommuStats {
     pub inv_range_scanned: u64,
     /// Whole-domain invalidation commands.
     pub inv_domain: u64,
+    /// Invalidations after a map (caching mode only; not counted in `inv_range`).
+    pub inv_after_map: u64,
+    /// Translations refused by a cached not-present entry (caching mode only).
+    pub not_present_hits: u64,
     /// IOTLB entries dropped by invalidations.
     pub iotlb_entries_dropped: u64,
     /// Nanoseconds spent in [`IommuConfig::invalidation_latency_ns`] waits (measured: on a
@@ -162,25 +177,30 @@ pub struct IommuStats {
     pub inv_wait_ns: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    translations: AtomicU64,
-    iotlb_hits: AtomicU64,
-    walks: AtomicU64,
-    faults: AtomicU64,
-    faults_dropped: AtomicU64,
-    inv_range: AtomicU64,
-    inv_range_probed: AtomicU64,
-    inv_range_scanned: AtomicU64,
-    inv_domain: AtomicU64,
-    iotlb_entries_dropped: AtomicU64,
-    inv_wait_ns: AtomicU64,
+/// One counter of [`IommuStats`]: its index in [`Counters`].
+#[derive(Clone, Copy)]
+enum Stat {
+    Translations,
+    IotlbHits,
+    Walks,
+    Faults,
+    FaultsDropped,
+    InvRangeProbed,
+    InvRangeScanned,
+    InvDomain,
+    InvAfterMap,
+    NotPresentHits,
+    IotlbEntriesDropped,
+    InvWaitNs,
 }
 
-#[inline]
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
+/// Number of [`Stat`]s.
+const STATS: usize = Stat::InvWaitNs as usize + 1;
+
+/// The counters: one block per CPU slot, bumped without a locked instruction by the thread
+/// holding the slot (`cpu::SlotCounters`). Every translation and every invalidation counts,
+/// and a locked add per count would cost the model more than its IOTLB lookup.
+type Counters = crate::cpu::SlotCounters<STATS>;
 
 /// The model IOMMU.
 pub struct ModelIommu<'m> {
@@ -218,7 +238,7 @@ impl<'m> ModelIommu<'m> {
             contexts: RwLock::new(HashMap::new()),
             iotlb: Iotlb::new(config.iotlb_entries),
             faults: Mutex::new(Vec::new()),
-            counters: Counters::default(),
+            counters: Counters::new(platform.num_cpus()),
             audit: config.audit.then(|| Mutex::new(audit::Audit::default())),
             lci: lci::CoherenceIndexes::new(platform),
         })
@@ -288,7 +308,7 @@ impl<'m> ModelIommu<'m> {
         iova: Iova,
         write: bool,
     ) -> core::result::Result<PhysAddr, DmaFault> {
-        bump(&self.counters.translations);
+        self.bump(Stat::Translations, 1);
         match self.translate_page(device, iova.raw(), write) {
             Ok(page) => Ok(PhysAddr::new(page | iova.page_offset())),
             Err(reason) => Err(self.fault(DmaFault { device, iova, write, reason })),
@@ -308,14 +328,25 @@ impl<'m> ModelIommu<'m> {
         let page_number = iova >> 12;
         let key = iotlb::key(ctx.domain, page_number);
         let cached = match self.iotlb.lookup(key) {
+            Some(c) if c & NOT_PRESENT != 0 => {
+                self.bump(Stat::NotPresentHits, 1);
+                return Err(FaultReason::NotPresent { level: (c & !NOT_PRESENT) as u32 });
+            }
             Some(c) => {
-                bump(&self.counters.iotlb_hits);
+                self.bump(Stat::IotlbHits, 1);
                 c
             }
             None => {
-                bump(&self.counters.walks);
+                self.bump(Stat::Walks, 1);
                 let generation = self.iotlb.generation();
-                let w = self.walk(&ctx, iova)?;
+                let w = match self.walk(&ctx, iova) {
+                    Ok(w) => w,
+                    Err(FaultReason::NotPresent { level }) if self.config.caching_mode => {
+                        self.iotlb.fill(key, NOT_PRESENT | u64::from(level), generation);
+                        return Err(FaultReason::NotPresent { level });
+                    }
+                    Err(e) => return Err(e),
+                };
                 let c = w.page.raw() | u64::from(w.read) | (u64::from(w.write) << 1);
                 if let Some(a) = &self.audit {
                     let mut a = lock(a);
@@ -349,12 +380,12 @@ impl<'m> ModelIommu<'m> {
     }
 
     fn fault(&self, f: DmaFault) -> DmaFault {
-        bump(&self.counters.faults);
+        self.bump(Stat::Faults, 1);
         let mut log = lock(&self.faults);
         if log.len() < self.config.fault_log_entries {
             log.push(f);
         } else {
-            bump(&self.counters.faults_dropped);
+            self.bump(Stat::FaultsDropped, 1);
         }
         f
     }
@@ -371,21 +402,29 @@ impl<'m> ModelIommu<'m> {
 
     /// The counters.
     pub fn stats(&self) -> IommuStats {
-        let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = |s: Stat| self.counters.sum(s as usize);
+        let (probed, scanned) = (c(Stat::InvRangeProbed), c(Stat::InvRangeScanned));
         IommuStats {
-            translations: l(&c.translations),
-            iotlb_hits: l(&c.iotlb_hits),
-            walks: l(&c.walks),
-            faults: l(&c.faults),
-            faults_dropped: l(&c.faults_dropped),
-            inv_range: l(&c.inv_range),
-            inv_range_probed: l(&c.inv_range_probed),
-            inv_range_scanned: l(&c.inv_range_scanned),
-            inv_domain: l(&c.inv_domain),
-            iotlb_entries_dropped: l(&c.iotlb_entries_dropped),
-            inv_wait_ns: l(&c.inv_wait_ns),
+            translations: c(Stat::Translations),
+            iotlb_hits: c(Stat::IotlbHits),
+            walks: c(Stat::Walks),
+            faults: c(Stat::Faults),
+            faults_dropped: c(Stat::FaultsDropped),
+            // Every ranged command is either probed or scanned: one count, not two.
+            inv_range: probed + scanned,
+            inv_range_probed: probed,
+            inv_range_scanned: scanned,
+            inv_domain: c(Stat::InvDomain),
+            inv_after_map: c(Stat::InvAfterMap),
+            not_present_hits: c(Stat::NotPresentHits),
+            iotlb_entries_dropped: c(Stat::IotlbEntriesDropped),
+            inv_wait_ns: c(Stat::InvWaitNs),
         }
+    }
+
+    #[inline]
+    fn bump(&self, s: Stat, n: u64) {
+        self.counters.add(self.platform.cpu_slots(), s as usize, n);
     }
 
     /// The line programmed for [`CoherenceIndex::Untouched`] mappings, on a machine whose cache
@@ -420,8 +459,29 @@ impl<'m> ModelIommu<'m> {
             // pause can cost microseconds and the wait would overshoot several times.
             while start.elapsed().as_nanos() < u128::from(ns) {}
             let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.counters.inv_wait_ns.fetch_add(waited, Ordering::Relaxed);
+            self.bump(Stat::InvWaitNs, waited);
         }
+    }
+
+    /// A ranged invalidation's work: waits its latency, drops the cached pages of `range`.
+    /// Returns whether it probed the pages' sets (else it scanned the whole IOTLB).
+    fn drop_range(&self, domain: DomainId, range: AddrRange<Iova>) -> bool {
+        self.command_latency();
+        let generation = self.iotlb.bump_generation();
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| {
+            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
+        });
+        let probed = last - first < self.iotlb.sets() as u64;
+        let dropped = if probed {
+            self.iotlb.probe_out(domain, first, last)
+        } else {
+            self.iotlb.scan_out(domain, first, last)
+        };
+        if dropped > 0 {
+            self.bump(Stat::IotlbEntriesDropped, dropped);
+        }
+        probed
     }
 
     fn with_audit(&self, f: impl FnOnce(&mut audit::Audit)) {
@@ -432,31 +492,30 @@ impl<'m> ModelIommu<'m> {
 }
 
 impl IotlbInvalidator for ModelIommu<'_> {
-    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) {
-        self.command_latency();
-        bump(&self.counters.inv_range);
-        let generation = self.iotlb.bump_generation();
-        let (first, last) = Self::pages(range);
-        self.with_audit(|a| {
-            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
-        });
-        let dropped = if last - first < self.iotlb.sets() as u64 {
-            bump(&self.counters.inv_range_probed);
-            self.iotlb.probe_out(domain, first, last)
-        } else {
-            bump(&self.counters.inv_range_scanned);
-            self.iotlb.scan_out(domain, first, last)
-        };
-        self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        let probed = self.drop_range(domain, range);
+        self.bump(if probed { Stat::InvRangeProbed } else { Stat::InvRangeScanned }, 1);
+        Ok(())
     }
 
-    fn invalidate_all(&self, domain: DomainId) {
+    fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        if self.config.caching_mode {
+            self.bump(Stat::InvAfterMap, 1);
+            self.drop_range(domain, range);
+        }
+        Ok(())
+    }
+
+    fn invalidate_all(&self, domain: DomainId) -> Result<()> {
         self.command_latency();
-        bump(&self.counters.inv_domain);
+        self.bump(Stat::InvDomain, 1);
         let generation = self.iotlb.bump_generation();
         self.with_audit(|a| a.invalidate(domain, None, generation, self.platform.monotonic_ns()));
         let dropped = self.iotlb.scan_out(domain, 0, u64::MAX);
-        self.counters.iotlb_entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+        if dropped > 0 {
+            self.bump(Stat::IotlbEntriesDropped, dropped);
+        }
+        Ok(())
     }
 
     fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {

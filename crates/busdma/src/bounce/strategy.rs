@@ -25,9 +25,11 @@
 //! 5. **Fast path.** A load with nothing to bounce is checked run by run without allocating and
 //!    goes to `S` unchanged. A load that bounces allocates its bookkeeping (a known cost; the
 //!    reservation itself never allocates from the platform).
-//! 6. **Waiting.** Through the front end loads do not wait: a short zone fails the load with
-//!    [`Error::Exhausted`]. Deferred loads that complete by callback are the bounce layer's
-//!    [`BounceLoad::load_or_defer`].
+//! 6. **Waiting.** A short zone fails the load with [`Error::Exhausted`], which the front end
+//!    treats as a resource: on a tag that may wait, `DmaMap::load_or_defer` queues the load and
+//!    the unload that returns pages completes it by callback ([`crate::front::defer`]); a
+//!    no-wait load fails. The bounce layer's own [`BounceLoad::load_or_defer`] (the zone's
+//!    waiter list) serves users of the bounce layer without the front end.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;

@@ -20,7 +20,9 @@
 //!      would hide the CPU's bytes from the device, a stale one the device's from the CPU.
 //!      On a virtually indexed cache every quick-map window of a page has the page's colour
 //!      ([`crate::quickmap`], theory 6), so the maintenance window meets the very lines any
-//!      earlier window left, whatever CPU and slot made them;
+//!      earlier window left, whatever CPU and slot made them. A `Page` run is RAM by its
+//!      load source's contract; the seam has no "is this RAM?" query to check it with, so a
+//!      source that lies makes the platform's quick map fail loudly (the model panics);
 //!    - a run with no page and no kernel mapping ([`MemKind::Unmapped`], MMIO, a peer's BAR)
 //!      is skipped (seed 003): the CPU cannot have cached it through any kernel alias, and
 //!      there is no page to map. MMIO and peer BARs are never cached anyway.

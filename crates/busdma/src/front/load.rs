@@ -11,7 +11,8 @@
 //!    descriptor ([`MemKind::Mapped`]: persistent memory, an `ioremap`), or memory with
 //!    neither ([`MemKind::Unmapped`], [`MemKind::Mmio`], [`MemKind::PeerBar`]). Only the first
 //!    two can be bounced (a bounce copies through a kernel mapping or a quick map of a page),
-//!    and only runs with a kernel mapping get CPU cache maintenance.
+//!    and only they get CPU cache maintenance (a page with no kernel mapping through a quick
+//!    map, [`super::cache_sync`]).
 //! 3. **Peer-to-peer.** A BAR of another device may carry a bus address at which the device
 //!    reaches it without the IOMMU; every strategy then uses that address as is.
 //! 4. **The sources**: a kernel-virtual buffer ([`KernelBuf`], walked through the direct map

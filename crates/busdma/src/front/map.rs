@@ -22,14 +22,22 @@
 //! 6. **Tags.** A map belongs to the tag that created it; the bus_dma-style calls on the tag
 //!    ([`Tag::load`], [`Tag::sync`], [`Tag::unload`], [`Tag::destroy`]) refuse a map of another
 //!    tag.
+//! 7. **Waiting.** [`DmaMap::load`] never waits. On a tag that may wait,
+//!    [`DmaMap::load_or_defer`] queues a load short of resources and completes it by callback
+//!    ([`super::defer`]); to that end everything a map owns besides its tag is one `Body`
+//!    that moves into the map's wait node and back. Every unload and destroy retries the
+//!    tree's waiting loads.
 //!
 //! # Execution context
 //!
 //! `create` allocates (may not be called with preemption disabled in a kernel whose
 //! allocator sleeps); `load`, `sync`, `unload` never allocate and never sleep (the IOMMU
-//! strategies may spin briefly on their domain's locks).
+//! strategies may spin briefly on their domain's locks). On a tree that may wait, `unload` and
+//! destroy also run the callbacks of deferred loads they complete (see [`super::defer`],
+//! theory 5, for what callbacks may do).
 #![forbid(unsafe_code)]
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::addr::{PAGE_SIZE, PhysAddr};
@@ -37,10 +45,11 @@ use crate::error::{Error, Result};
 use crate::platform::Platform;
 
 use super::cache_sync::{SyncOp, SyncStats, sync_runs};
+use super::defer::Node;
 use super::load::{LoadSource, Run};
 use super::segments::{Constraints, Segment, SegmentBuilder};
 use super::strategy::Strategy;
-use super::tag::{Tag, next_id};
+use super::tag::{Tag, TagSpec, next_id};
 
 /// Which way data moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,28 +85,50 @@ impl Direction {
 
 /// The current load of a map.
 #[derive(Clone, Copy, Debug)]
-struct Loaded {
+pub(crate) struct Loaded {
     dir: Direction,
-    len: u64,
+    pub(crate) len: u64,
     /// PREREAD done and POSTREAD not yet: the device may be writing.
     device_writing: bool,
+}
+
+/// What a map owns apart from its tag: the strategy's state, the arrays a load writes, and
+/// the current load. A deferred load ([`super::defer`]) moves it into the map's wait node and
+/// back, so the map's storage travels without being copied or reallocated.
+///
+/// # Invariants
+///
+/// `segs.capacity() >= max_segments` and `runs.capacity() >= max_runs` (so loads never
+/// allocate); `loaded.is_some()` exactly when the strategy holds a load in `state`; `state` is
+/// `Some` until the map is destroyed (or while the body is away in a wait node: then the
+/// map's own body is [`Body::EMPTY`]).
+pub(crate) struct Body<M> {
+    pub(crate) state: Option<M>,
+    pub(crate) segs: Vec<Segment>,
+    pub(crate) runs: Vec<Run>,
+    pub(crate) max_runs: usize,
+    pub(crate) loaded: Option<Loaded>,
+}
+
+impl<M> Body<M> {
+    /// A body that owns nothing (no state, no storage): what a map keeps while its body is
+    /// away. Building it allocates nothing.
+    pub(crate) const EMPTY: Self =
+        Self { state: None, segs: Vec::new(), runs: Vec::new(), max_runs: 0, loaded: None };
 }
 
 /// A DMA map of tag `'t`.
 ///
 /// # Invariants
 ///
-/// `segs.capacity() >= max_segments` and `runs.capacity() >= max_runs` (so loads never
-/// allocate); `loaded.is_some()` exactly when the strategy holds a load in `state`; `state` is
-/// `Some` until drop.
+/// `body` satisfies `Body`'s invariants; `node` is `Some` exactly for maps of a tag that
+/// may wait ([`super::tag::TagFlags::may_wait`]): the wait node a deferred load uses,
+/// allocated at create so deferring allocates nothing.
 pub struct DmaMap<'t, 'p, P: Platform, S: Strategy<P>> {
-    tag: &'t Tag<'p, P, S>,
-    state: Option<S::MapState>,
-    segs: Vec<Segment>,
-    runs: Vec<Run>,
-    max_runs: usize,
-    loaded: Option<Loaded>,
-    id: u64,
+    pub(crate) tag: &'t Tag<'p, P, S>,
+    pub(crate) body: Body<S::MapState>,
+    pub(crate) id: u64,
+    pub(crate) node: Option<Arc<Node<'p, P, S>>>,
 }
 
 impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
@@ -116,9 +147,17 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
         let mut runs = Vec::new();
         runs.try_reserve_exact(max_runs)
             .map_err(|_| Error::NoMemory { requested: (max_runs * core::mem::size_of::<Run>()) as u64 })?;
+        // The wait node before the strategy's state: a failure after `create` would have to
+        // give the strategy's reservation back.
+        let node = match &self.defer {
+            Some(q) if self.spec.flags.may_wait => Some(q.new_node()?),
+            _ => None,
+        };
         let state = self.strategy.create(self.platform, &self.spec)?;
-        // INVARIANT: capacities reserved above; nothing loaded yet.
-        Ok(DmaMap { tag: self, state: Some(state), segs, runs, max_runs, loaded: None, id: next_id() })
+        // INVARIANT: capacities reserved above; nothing loaded yet; a node exactly for a
+        // may-wait tag.
+        let body = Body { state: Some(state), segs, runs, max_runs, loaded: None };
+        Ok(DmaMap { tag: self, body, id: next_id(), node })
     }
 
     fn check_owner(&self, call: &'static str, map: &DmaMap<'_, 'p, P, S>) -> Result<()> {
@@ -174,90 +213,29 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     }
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
-    /// The map's unique id.
+/// Where a map body's operations take their platform, strategy and debug log from (`tag`:
+/// any tag of the map's tree, which share them) and what is the map's own (`spec`, the ids).
+/// A map uses its own tag; a deferred load completed by another map's unload uses that map's
+/// tag with the waiting map's spec and ids ([`super::defer`]).
+pub(crate) struct Ctx<'a, 'p, P: Platform, S: Strategy<P>> {
+    pub(crate) tag: &'a Tag<'p, P, S>,
+    pub(crate) spec: &'a TagSpec,
+    pub(crate) tag_id: u64,
+    pub(crate) map_id: u64,
+}
+
+impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
+    /// A copy (the fields are references and ids; `derive` would demand `P: Copy, S: Copy`).
+    pub(crate) fn copy(&self) -> Ctx<'a, 'p, P, S> {
+        Ctx { tag: self.tag, spec: self.spec, tag_id: self.tag_id, map_id: self.map_id }
+    }
+
+    /// Collects `src`'s runs into `body.runs`, coalesced; returns the load's length.
+    /// On error the runs are partial: the caller clears them.
     #[inline]
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// The tag that owns the map.
-    #[inline]
-    pub fn tag(&self) -> &'t Tag<'p, P, S> {
-        self.tag
-    }
-
-    /// Whether a buffer is loaded.
-    #[inline]
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.is_some()
-    }
-
-    /// The segments of the current load (empty when unloaded).
-    #[inline]
-    pub fn segments(&self) -> &[Segment] {
-        &self.segs
-    }
-
-    /// The physical runs of the current load (empty when unloaded).
-    #[inline]
-    pub fn runs(&self) -> &[Run] {
-        &self.runs
-    }
-
-    /// Bytes loaded (0 when unloaded).
-    #[inline]
-    pub fn len(&self) -> u64 {
-        self.loaded.map_or(0, |l| l.len)
-    }
-
-    /// Whether nothing is loaded.
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        self.loaded.is_none()
-    }
-
-    /// The strategy's per-map state (for the lab and tests).
-    #[inline]
-    pub fn state(&self) -> &S::MapState {
-        // INVARIANT: `state` is Some until drop.
-        self.state.as_ref().unwrap_or_else(|| unreachable!("map state taken before drop"))
-    }
-
-    /// Loads `src` for a transfer in direction `dir` and returns its segments.
-    ///
-    /// Errors (the map stays unloaded, nothing is leaked): [`Error::BadState`] (already
-    /// loaded), [`Error::ZeroSize`], [`Error::BadSize`] (beyond `max_size`),
-    /// [`Error::TooManySegments`], [`Error::LimitExceeded`] (more physical runs than the map
-    /// can track), [`Error::Unsupported`] (a bounce would be needed: the bounce hook), the
-    /// source's and the strategy's errors.
-    pub fn load<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<&[Segment]> {
-        if self.loaded.is_some() {
-            return Err(Error::BadState { what: "load into a map that is already loaded" });
-        }
-        match self.load_inner(src, dir) {
-            Ok(len) => {
-                self.loaded = Some(Loaded { dir, len, device_writing: false });
-                #[cfg(feature = "dma-debug")]
-                self.tag.debug.loaded(
-                    self.tag.id,
-                    self.id,
-                    self.segs.first().map_or(0, |s| s.addr.raw()),
-                    len,
-                );
-                Ok(&self.segs)
-            }
-            Err(e) => {
-                self.runs.clear();
-                self.segs.clear();
-                Err(e)
-            }
-        }
-    }
-
-    fn load_inner<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<u64> {
-        let spec = &self.tag.spec;
-        let (runs, max_runs) = (&mut self.runs, self.max_runs);
+    pub(crate) fn collect<L: LoadSource>(&self, body: &mut Body<S::MapState>, src: &L) -> Result<u64> {
+        let spec = self.spec;
+        let (runs, max_runs) = (&mut body.runs, body.max_runs);
         runs.clear();
         let mut total: u64 = 0;
         src.for_each_run(self.tag.platform, |r| {
@@ -288,42 +266,56 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
         if total == 0 {
             return Err(Error::ZeroSize);
         }
-        let mut b = SegmentBuilder::new(&mut self.segs, Constraints::of(spec));
-        let state = self.state.as_mut().ok_or(Error::BadState { what: "map state missing" })?;
-        self.tag.strategy.load(self.tag.platform, spec, state, &self.runs, dir, &mut b)?;
-        if let Err(e) = b.finish() {
-            // The strategy placed everything but the tag forbids the result: undo it.
-            self.tag.strategy.unload(self.tag.platform, state, &self.runs, &[]);
-            return Err(e);
-        }
         Ok(total)
     }
 
-    /// Makes the CPU's and the device's views agree ([`super::cache_sync`]).
-    ///
-    /// Errors: [`Error::BadState`] (not loaded), [`Error::InvalidArgument`] (an operation the
-    /// load's direction does not allow; value: the operation's bits).
-    pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
-        let Some(l) = self.loaded.as_mut() else {
+    /// Asks the strategy to place `body.runs` and builds the segments. On error the strategy
+    /// has released everything (its rule 2) and the segments are partial: the caller clears
+    /// them (and the runs, unless it will retry).
+    #[inline]
+    pub(crate) fn place(&self, body: &mut Body<S::MapState>, dir: Direction) -> Result<()> {
+        let mut b = SegmentBuilder::new(&mut body.segs, Constraints::of(self.spec));
+        let state = body.state.as_mut().ok_or(Error::BadState { what: "map state missing" })?;
+        let (p, st) = (self.tag.platform, &self.tag.strategy);
+        st.load(p, self.spec, state, &body.runs, dir, &mut b)?;
+        if let Err(e) = b.finish() {
+            // The strategy placed everything but the tag forbids the result: undo it.
+            st.unload(p, state, &body.runs, &[]);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records a completed load of `len` bytes.
+    #[inline]
+    pub(crate) fn set_loaded(&self, body: &mut Body<S::MapState>, dir: Direction, len: u64) {
+        body.loaded = Some(Loaded { dir, len, device_writing: false });
+        #[cfg(feature = "dma-debug")]
+        self.tag.debug.loaded(self.tag_id, self.map_id, body.segs.first().map_or(0, |s| s.addr.raw()), len);
+    }
+
+    /// [`DmaMap::sync`] of a body.
+    pub(crate) fn sync(&self, body: &mut Body<S::MapState>, op: SyncOp) -> Result<SyncStats> {
+        let Some(l) = body.loaded.as_mut() else {
             return Err(Error::BadState { what: "sync of a map that is not loaded" });
         };
         if !l.dir.allows(op) {
             #[cfg(feature = "dma-debug")]
             self.tag.debug.report(super::debug::Violation::SyncWrongDirection {
-                tag: self.tag.id,
-                map: self.id,
+                tag: self.tag_id,
+                map: self.map_id,
                 dir: l.dir,
                 op,
-                bus: self.segs.first().map_or(0, |s| s.addr.raw()),
+                bus: body.segs.first().map_or(0, |s| s.addr.raw()),
             });
             return Err(Error::InvalidArgument {
                 what: "sync operation for the load's direction",
                 value: u64::from(op.bits()),
             });
         }
-        let st = sync_runs(self.tag.platform, &self.runs, op, self.tag.spec.flags.coherent);
-        let state = self.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
-        self.tag.strategy.sync(self.tag.platform, &self.tag.spec, state, op)?;
+        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent);
+        let state = body.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
+        self.tag.strategy.sync(self.tag.platform, self.spec, state, op)?;
         if op.contains(SyncOp::PREREAD) {
             l.device_writing = true;
         }
@@ -333,24 +325,145 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
         Ok(st)
     }
 
+    /// [`DmaMap::unload`] of a body, without waking deferred loads (the caller does).
+    #[inline]
+    pub(crate) fn unload(&self, body: &mut Body<S::MapState>) -> Result<()> {
+        if body.loaded.is_none() {
+            #[cfg(feature = "dma-debug")]
+            self.tag
+                .debug
+                .report(super::debug::Violation::DoubleUnload { tag: self.tag_id, map: self.map_id });
+            return Err(Error::BadState { what: "unload of a map that is not loaded" });
+        }
+        if let Some(state) = body.state.as_mut() {
+            self.tag.strategy.unload(self.tag.platform, state, &body.runs, &body.segs);
+        }
+        body.loaded = None;
+        body.runs.clear();
+        body.segs.clear();
+        #[cfg(feature = "dma-debug")]
+        self.tag.debug.unloaded(self.map_id);
+        Ok(())
+    }
+
+    /// Unloads a body if loaded and releases its strategy state; returns whether there was a
+    /// state to release (so resources may have been freed).
+    pub(crate) fn destroy(&self, body: &mut Body<S::MapState>) -> bool {
+        if body.loaded.is_some() {
+            let _ = self.unload(body);
+        }
+        match body.state.take() {
+            Some(state) => {
+                self.tag.strategy.destroy(self.tag.platform, state);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
+    #[inline]
+    pub(crate) fn cx(&self) -> Ctx<'t, 'p, P, S> {
+        Ctx { tag: self.tag, spec: &self.tag.spec, tag_id: self.tag.id, map_id: self.id }
+    }
+
+    /// The map's unique id.
+    #[inline]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The tag that owns the map.
+    #[inline]
+    pub fn tag(&self) -> &'t Tag<'p, P, S> {
+        self.tag
+    }
+
+    /// Whether a buffer is loaded.
+    #[inline]
+    pub fn is_loaded(&self) -> bool {
+        self.body.loaded.is_some()
+    }
+
+    /// The segments of the current load (empty when unloaded).
+    #[inline]
+    pub fn segments(&self) -> &[Segment] {
+        &self.body.segs
+    }
+
+    /// The physical runs of the current load (empty when unloaded).
+    #[inline]
+    pub fn runs(&self) -> &[Run] {
+        &self.body.runs
+    }
+
+    /// Bytes loaded (0 when unloaded).
+    #[inline]
+    pub fn len(&self) -> u64 {
+        self.body.loaded.map_or(0, |l| l.len)
+    }
+
+    /// Whether nothing is loaded.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.body.loaded.is_none()
+    }
+
+    /// The strategy's per-map state (for the lab and tests).
+    #[inline]
+    pub fn state(&self) -> &S::MapState {
+        // INVARIANT: `state` is Some until drop (a map whose body is away in a wait node is
+        // owned by its `PendingLoad`, which hands out no `&DmaMap`).
+        self.body.state.as_ref().unwrap_or_else(|| unreachable!("map state taken before drop"))
+    }
+
+    /// Loads `src` for a transfer in direction `dir` and returns its segments. This is the
+    /// no-wait load: it never defers (see [`DmaMap::load_or_defer`] for loads that may wait).
+    ///
+    /// Errors (the map stays unloaded, nothing is leaked): [`Error::BadState`] (already
+    /// loaded), [`Error::ZeroSize`], [`Error::BadSize`] (beyond `max_size`),
+    /// [`Error::TooManySegments`], [`Error::LimitExceeded`] (more physical runs than the map
+    /// can track), [`Error::Unsupported`] (a bounce would be needed: the bounce hook),
+    /// [`Error::Busy`] (deferred loads of the tag's tree are waiting: a no-wait load does not
+    /// overtake them, [`super::defer`] theory 3), the source's and the strategy's errors
+    /// (exhaustion: [`Error::Exhausted`], [`Error::NoMemory`]).
+    #[inline]
+    pub fn load<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<&[Segment]> {
+        if self.body.loaded.is_some() {
+            return Err(Error::BadState { what: "load into a map that is already loaded" });
+        }
+        self.tag.refuse_if_waiters()?;
+        let cx = self.cx();
+        match cx.collect(&mut self.body, src).and_then(|len| cx.place(&mut self.body, dir).map(|()| len)) {
+            Ok(len) => {
+                cx.set_loaded(&mut self.body, dir, len);
+                Ok(&self.body.segs)
+            }
+            Err(e) => {
+                self.body.runs.clear();
+                self.body.segs.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the CPU's and the device's views agree ([`super::cache_sync`]).
+    ///
+    /// Errors: [`Error::BadState`] (not loaded), [`Error::InvalidArgument`] (an operation the
+    /// load's direction does not allow; value: the operation's bits).
+    pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
+        self.cx().sync(&mut self.body, op)
+    }
+
     /// Unloads the map: the device can no longer reach the buffer once this returns (strict
-    /// invalidation) or once the domain's next flush completes (deferred).
+    /// invalidation) or once the domain's next flush completes (deferred). Deferred loads of
+    /// the tag's tree that now fit complete before it returns ([`super::defer`]).
     ///
     /// Errors: [`Error::BadState`] (not loaded: a double unload).
     pub fn unload(&mut self) -> Result<()> {
-        if self.loaded.is_none() {
-            #[cfg(feature = "dma-debug")]
-            self.tag.debug.report(super::debug::Violation::DoubleUnload { tag: self.tag.id, map: self.id });
-            return Err(Error::BadState { what: "unload of a map that is not loaded" });
-        }
-        if let Some(state) = self.state.as_mut() {
-            self.tag.strategy.unload(self.tag.platform, state, &self.runs, &self.segs);
-        }
-        self.loaded = None;
-        self.runs.clear();
-        self.segs.clear();
-        #[cfg(feature = "dma-debug")]
-        self.tag.debug.unloaded(self.id);
+        self.cx().unload(&mut self.body)?;
+        self.tag.wake_deferred();
         Ok(())
     }
 
@@ -360,7 +473,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     /// Errors: [`Error::BadState`] (not loaded, or the device may be writing: PREREAD without
     /// POSTREAD), [`Error::OutOfRange`] (beyond the load).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let l = self.loaded.ok_or(Error::BadState { what: "CPU read of a map that is not loaded" })?;
+        let l = self.body.loaded.ok_or(Error::BadState { what: "CPU read of a map that is not loaded" })?;
         if l.device_writing {
             #[cfg(feature = "dma-debug")]
             self.tag.debug.report(super::debug::Violation::CpuReadWithoutPostRead {
@@ -369,7 +482,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
                 dir: l.dir,
                 offset,
                 len: buf.len() as u64,
-                bus: self.segs.first().map_or(0, |s| s.addr.raw()),
+                bus: self.body.segs.first().map_or(0, |s| s.addr.raw()),
             });
             return Err(Error::BadState {
                 what: "CPU read of a buffer the device may be writing (no POSTREAD sync)",
@@ -388,7 +501,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     ///
     /// Errors: [`Error::BadState`] (not loaded), [`Error::OutOfRange`] (beyond the load).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        if self.loaded.is_none() {
+        if self.body.loaded.is_none() {
             return Err(Error::BadState { what: "CPU write to a map that is not loaded" });
         }
         let p = self.tag.platform;
@@ -408,7 +521,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
             return Err(Error::OutOfRange { addr: end, limit: self.len() });
         }
         let mut pos = 0u64;
-        for r in &self.runs {
+        for r in &self.body.runs {
             let (rs, re) = (pos, pos + r.len);
             pos = re;
             let (s, e) = (rs.max(offset), re.min(end));
@@ -422,13 +535,26 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     }
 }
 
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for DmaMap<'_, '_, P, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DmaMap")
+            .field("id", &self.id)
+            .field("tag", &self.tag.id)
+            .field("len", &self.len())
+            .field("segments", &self.body.segs)
+            .finish()
+    }
+}
+
 impl<P: Platform, S: Strategy<P>> Drop for DmaMap<'_, '_, P, S> {
     fn drop(&mut self) {
-        if self.loaded.is_some() {
-            let _ = self.unload();
+        // Unload if loaded, then the strategy's destroy; either may free what deferred loads
+        // wait for. A shell whose body is away (or was already destroyed) frees nothing.
+        if self.cx().destroy(&mut self.body) {
+            self.tag.wake_deferred();
         }
-        if let Some(state) = self.state.take() {
-            self.tag.strategy.destroy(self.tag.platform, state);
+        if let (Some(node), Some(q)) = (self.node.take(), self.tag.defer.as_ref()) {
+            q.release_node(node);
         }
     }
 }

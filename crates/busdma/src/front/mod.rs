@@ -13,7 +13,8 @@
 //!    (IOVA allocator, page tables, invalidation) → the platform seam. The front end itself
 //!    does no mapping: it collects runs, asks the strategy to place them, and checks the result.
 //! 3. **The hot path** (`load`, `sync`, `unload`) is monomorphic over the strategy and never
-//!    allocates: every array a load needs is sized at map create from the tag.
+//!    allocates: every array a load needs is sized at map create from the tag (the identity
+//!    strategy's reference table included).
 //! 4. **Failure leaves nothing behind.** Every load either succeeds or leaves the map exactly
 //!    as before, with every IOVA, table entry and reference it took released.
 //! 5. **Misuse is refused** (a load into a loaded map, a sync or unload of an unloaded map, a
@@ -21,6 +22,9 @@
 //!    writing) with an error; with the `dma-debug` feature it is also reported with every
 //!    argument (`debug`, feature `dma-debug`). The typed API ([`typed`]) makes direction and ownership compile-time
 //!    properties.
+//! 6. **Waiting** ([`defer`]): on a tag that may wait, a load short of resources is queued in
+//!    arrival order and completed by callback when an unload or destroy frees them; a no-wait
+//!    load fails at once.
 //!
 //! ## Example
 //!
@@ -43,6 +47,7 @@ pub mod cache_sync;
 pub mod coherent;
 #[cfg(feature = "dma-debug")]
 pub mod debug;
+pub mod defer;
 pub mod load;
 pub mod map;
 pub mod registered;
@@ -53,6 +58,7 @@ pub mod typed;
 
 pub use cache_sync::{SyncOp, SyncStats};
 pub use coherent::{Coherent, DmaMemory};
+pub use defer::{DeferStats, Deferrable, DeferredCallback, DeferredMap, PendingLoad};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use registered::{RegisteredLoad, load_registered};

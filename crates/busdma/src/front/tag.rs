@@ -19,10 +19,10 @@
 //!
 //! # Execution context
 //!
-//! Creating tags allocates (the debug checker's shared log only); it never sleeps.
+//! Creating tags allocates (the debug checker's shared log, and the wait queue of a root that
+//! may wait); it never sleeps.
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "dma-debug")]
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,6 +30,7 @@ use crate::addr::{PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
+use super::defer::{DeferQueue, DeferStats};
 use super::strategy::Strategy;
 
 /// Flags of a tag.
@@ -39,7 +40,12 @@ pub struct TagFlags {
     pub coherent: bool,
     /// The device is assumed hostile: strict invalidation, sub-page buffers bounced.
     pub untrusted: bool,
-    /// Loads may wait for resources (bounce pages); without it they fail at once.
+    /// Loads may wait for resources (bounce pages, IOVA space, table pages):
+    /// [`DmaMap::load_or_defer`](super::map::DmaMap::load_or_defer) queues a load that cannot
+    /// get them and completes it by callback when an unload or destroy frees them
+    /// ([`super::defer`]). Without it every load fails at once. A child may drop the flag but
+    /// not claim it where its parent lacks it (the tree's wait queue exists only if the root
+    /// may wait).
     pub may_wait: bool,
 }
 
@@ -151,6 +157,9 @@ impl TagSpec {
         if parent.flags.untrusted && !self.flags.untrusted {
             return widen("child tag clears its parent's untrusted flag", 0);
         }
+        if self.flags.may_wait && !parent.flags.may_wait {
+            return widen("child tag may wait where its parent may not", 1);
+        }
         Ok(())
     }
 }
@@ -175,6 +184,9 @@ pub struct Tag<'p, P: Platform, S: Strategy<P>> {
     pub(crate) id: u64,
     #[cfg(feature = "dma-debug")]
     pub(crate) debug: Arc<super::debug::DomainWatch>,
+    /// The tree's queue of deferred loads: `Some` exactly when the root may wait; shared by
+    /// every tag of the tree.
+    pub(crate) defer: Option<Arc<DeferQueue<'p, P, S>>>,
 }
 
 impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
@@ -192,6 +204,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             id: next_id(),
             #[cfg(feature = "dma-debug")]
             debug: Arc::new(super::debug::DomainWatch::new()),
+            defer: spec.flags.may_wait.then(|| Arc::new(DeferQueue::new())),
         })
     }
 
@@ -208,6 +221,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             id: next_id(),
             #[cfg(feature = "dma-debug")]
             debug: self.debug.clone(),
+            defer: self.defer.clone(),
         })
     }
 
@@ -239,5 +253,40 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     #[cfg(feature = "dma-debug")]
     pub fn debug_log(&self) -> Arc<super::debug::DebugLog> {
         self.debug.log.clone()
+    }
+
+    /// Retries the tree's deferred loads now, in order (theory of [`super::defer`]): for
+    /// resources freed outside the tree's own unloads and destroys (another tree's unload
+    /// on a shared domain or bounce zone, a zone that grew). Completed loads' callbacks run
+    /// on the calling thread before this returns. Does nothing for a tree that may not wait.
+    ///
+    /// Never sleeps; callable with preemption disabled if every queued callback is.
+    pub fn retry_deferred(&self) {
+        if let Some(q) = &self.defer {
+            q.service(self);
+        }
+    }
+
+    /// The tree's deferred-load counters (all zero for a tree that may not wait).
+    pub fn deferred_stats(&self) -> DeferStats {
+        self.defer.as_ref().map(|q| q.stats()).unwrap_or_default()
+    }
+
+    /// After an unload or destroy: retries deferred loads if any wait (theory 4 of
+    /// [`super::defer`]).
+    #[inline]
+    pub(crate) fn wake_deferred(&self) {
+        if let Some(q) = &self.defer {
+            q.wake(self);
+        }
+    }
+
+    /// The no-wait fairness rule: refused while deferred loads of the tree wait.
+    #[inline]
+    pub(crate) fn refuse_if_waiters(&self) -> Result<()> {
+        match &self.defer {
+            Some(q) => q.refuse_if_waiters(),
+            None => Ok(()),
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! See the module documentation of [`crate::pgtable`] for the theory; this file follows it
 //! rule by rule, with a comment at each ordering hazard.
 
+use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,6 +18,56 @@ use crate::platform::{CpuGuard, Platform, TablePage};
 /// Splits one unmap may need: at each end of the range, a 1 GiB block splits into 2 MiB
 /// blocks and the 2 MiB block holding the end splits into 4 KiB pages: 2 per end, 2 ends.
 const MAX_SPLITS: usize = 4;
+
+/// Entries of each CPU's leaf-table cache (see [`LeafCache`]): 64 last-level tables, i.e. the
+/// 2 MiB spans of 64 recent maps. `dmalab bench map` cycles 32 maps whose reserved windows
+/// each lie in their own span, and a NIC ring's windows share a handful; 64 covers both with
+/// room, at 2 KiB per CPU, and a direct-mapped index (span number mod 64) costs one mask.
+const LEAF_CACHE_SLOTS: usize = 64;
+
+/// One remembered last-level table: the 2 MiB span number plus one (0: empty), the table's
+/// physical and kernel virtual addresses, and the detach epoch it was found under.
+#[derive(Default)]
+struct LeafSlot {
+    span: AtomicU64,
+    pa: AtomicU64,
+    kva: AtomicU64,
+    epoch: AtomicU64,
+}
+
+/// One CPU's leaf-table cache, on its own cache lines.
+///
+/// # Theory
+///
+/// A small map or unmap (the per-packet case) spends most of its page-table time descending
+/// from the root to the last-level table (three dependent entry reads and address
+/// translations on a 4-level table) before touching one to three leaves. Consecutive maps
+/// land in few last-level tables, so each CPU remembers the last-level table of recent
+/// spans and goes straight to it.
+///
+/// 1. **Single writer.** Slots are read and written only by the CPU whose [`CpuGuard`] the
+///    caller holds (no other thread runs there meanwhile), so relaxed atomic loads and stores
+///    suffice (plain moves; the atomics only keep `&self` sound).
+/// 2. **Validity.** A last-level table stops being the one for its span only when it is
+///    detached (module rule 4: an unmap covering its whole span), and it is freed only after
+///    that. Every detach increments [`PageTable`]'s `detach_epoch` before it clears the parent
+///    entry; a slot is used only if the epoch still equals the one it was filled under. A
+///    caller using a slot owns an IOVA range inside the span, so no detach of that table can
+///    run concurrently (it would need the whole span); a detach that ran *before* reached the
+///    caller through the hand-off of the IOVA (the allocator's locks and atomics: the range
+///    was freed by the detaching unmap's owner and allocated since), so the caller's Acquire
+///    load of the epoch sees its increment. An epoch change makes every slot stale at once
+///    (detaches are rare: only unmaps covering 2 MiB).
+/// 3. **Blocks.** Only tables found by a walk are cached; a span mapped by a block is never
+///    cached, and a block can replace a table only after a detach.
+#[repr(align(128))]
+struct LeafCache([LeafSlot; LEAF_CACHE_SLOTS]);
+
+impl LeafCache {
+    fn new() -> Self {
+        Self(core::array::from_fn(|_| LeafSlot::default()))
+    }
+}
 
 /// The shape of a page table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +97,11 @@ pub struct PageTable<'p, P: Platform, F: PteFormat> {
     input_bits: u32,
     coherent: bool,
     max_leaf_height: u32,
+    /// Per-CPU leaf-table caches (empty if they could not be allocated: then every map and
+    /// unmap walks from the root).
+    leaf_cache: Box<[LeafCache]>,
+    /// Detaches of a table so far ([`LeafCache`] rule 2).
+    detach_epoch: AtomicU64,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -136,6 +193,12 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
             }
             root
         };
+        // The caches are an optimisation: without memory for them the table still works.
+        let cpus = pool.platform().num_cpus();
+        let mut caches = Vec::new();
+        if caches.try_reserve_exact(cpus).is_ok() {
+            caches.extend((0..cpus).map(|_| LeafCache::new()));
+        }
         Ok(Self {
             pool,
             root,
@@ -143,6 +206,8 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
             input_bits: cfg.input_bits,
             coherent: cfg.coherent_walker,
             max_leaf_height: F::MAX_LEAF_HEIGHT,
+            leaf_cache: caches.into_boxed_slice(),
+            detach_epoch: AtomicU64::new(0),
             _format: PhantomData,
         })
     }
@@ -197,6 +262,38 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
 
     fn platform(&self) -> &'p P {
         self.pool.platform()
+    }
+
+    /// The cached last-level table of `a`'s span on the guard's CPU, if still valid
+    /// ([`LeafCache`] rule 2).
+    #[inline]
+    fn cached_leaf_table(&self, g: &CpuGuard<'_, P>, a: u64) -> Option<TablePage> {
+        let span = a >> height_shift(1);
+        let slot = &self.leaf_cache.get(g.cpu())?.0[span as usize % LEAF_CACHE_SLOTS];
+        if slot.span.load(Ordering::Relaxed) != span + 1
+            || slot.epoch.load(Ordering::Relaxed) != self.detach_epoch.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let (pa, kva) = (slot.pa.load(Ordering::Relaxed), slot.kva.load(Ordering::Relaxed));
+        // SAFETY: the slot was filled from a table this page table reached by a walk, under
+        // the current detach epoch: the table has not been detached since, so it is still
+        // installed, hence allocated and direct-mapped at `kva` (LeafCache rule 2).
+        Some(unsafe { TablePage::new(PhysAddr::new(pa), KernVa::new(kva)) })
+    }
+
+    /// Remembers `t` as the last-level table of `a`'s span on the guard's CPU; `epoch` is the
+    /// detach epoch read before the walk that found it.
+    #[inline]
+    fn cache_leaf_table(&self, g: &CpuGuard<'_, P>, a: u64, t: &TablePage, epoch: u64) {
+        let span = a >> height_shift(1);
+        if let Some(c) = self.leaf_cache.get(g.cpu()) {
+            let slot = &c.0[span as usize % LEAF_CACHE_SLOTS];
+            slot.span.store(span + 1, Ordering::Relaxed);
+            slot.pa.store(t.pa().raw(), Ordering::Relaxed);
+            slot.kva.store(t.kva().raw(), Ordering::Relaxed);
+            slot.epoch.store(epoch, Ordering::Relaxed);
+        }
     }
 
     /// The table page at `pa`, found in a present non-leaf entry.
@@ -257,8 +354,16 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         let r = if len < height_span(1) && iova.raw() >> height_shift(1) == (end - 1) >> height_shift(1) {
             // Fast path: the run lies inside one last-level table and cannot be a block (the
             // common map of a small buffer): one descent, then the pages.
-            self.last_level_table_or_install(&mut ctx, iova.raw())
-                .and_then(|t| self.map_pages(&mut ctx, &t, iova.raw(), end, pa.raw()))
+            match self.cached_leaf_table(g, iova.raw()) {
+                Some(t) => self.map_pages(&mut ctx, &t, iova.raw(), end, pa.raw()),
+                None => {
+                    let epoch = self.detach_epoch.load(Ordering::Acquire);
+                    self.last_level_table_or_install(&mut ctx, iova.raw()).and_then(|t| {
+                        self.cache_leaf_table(g, iova.raw(), &t, epoch);
+                        self.map_pages(&mut ctx, &t, iova.raw(), end, pa.raw())
+                    })
+                }
+            }
         } else {
             self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw())
         };
@@ -408,7 +513,12 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         // Fast path: the range lies inside one last-level table without covering all of it
         // (the common unmap of a small buffer): one descent, check, clear.
         if end - start < height_span(1) && start >> height_shift(1) == (end - 1) >> height_shift(1) {
+            if let Some(t) = self.cached_leaf_table(g, start) {
+                return self.unmap_pages(&t, start, end, gather);
+            }
+            let epoch = self.detach_epoch.load(Ordering::Acquire);
             if let Some(t) = self.last_level_table(start)? {
+                self.cache_leaf_table(g, start, &t, epoch);
                 return self.unmap_pages(&t, start, end, gather);
             }
         }
@@ -588,6 +698,9 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
             // clears their leaves instead); they stay reachable, nothing leaks.
             return Ok(false);
         }
+        // LeafCache rule 2: every CPU's cached last-level tables go stale before any table
+        // of the subtree leaves the tree (and long before it is freed, after the flush).
+        self.detach_epoch.fetch_add(1, Ordering::AcqRel);
         // The hardware may still walk the detached subtree through its caches until the flush;
         // the subtree's pages are not reused before it (they go to the gather untouched).
         slot.store(0, Ordering::Relaxed);

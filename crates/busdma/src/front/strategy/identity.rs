@@ -7,10 +7,12 @@
 //!    one seed 002 names: a page loaded by two maps at once (two packets in one page) must
 //!    stay mapped until the *last* of them is unloaded.
 //! 2. **Reference counts** per page live in one table shared by every tag of the strategy
-//!    (a `BTreeMap` from page frame to count, behind a spin lock held across the count
-//!    update *and* the map/unmap it decides, so another CPU cannot unmap a page between a
-//!    count reaching zero and its entry being cleared). The map allocates a tree node for a
-//!    page seen the first time: this baseline is not allocation-free, unlike the others.
+//!    ([`PageRefs`]: a fixed-capacity hash table from page frame to count), behind a spin lock
+//!    held across the count update *and* the map/unmap it decides, so another CPU cannot unmap
+//!    a page between a count reaching zero and its entry being cleared. Each map reserves room
+//!    at create for the most pages one of its loads can count ([`pages_bound`]); the table
+//!    grows then, never during a load, so load and unload never allocate (a counting global
+//!    allocator proves it: `crates/busdma-model/tests/identity_no_alloc.rs`).
 //! 3. **Load** counts each page; pages whose count becomes 1 are mapped (contiguous ones in
 //!    one call). **Unload** uncounts; pages whose count becomes 0 are unmapped with one
 //!    `unmap` call. A failed load uncounts what it counted and unmaps what it mapped.
@@ -18,7 +20,6 @@
 //!    addresses: a run beyond the mask or misaligned goes to the bounce hook.
 #![forbid(unsafe_code)]
 
-use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
@@ -28,6 +29,7 @@ use crate::platform::Platform;
 use crate::sync::SpinLock;
 
 use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, push_range};
+use super::page_refs::{PageRefs, pages_bound};
 use super::{Invalidation, Strategy};
 use crate::front::load::{MemKind, Run};
 use crate::front::map::Direction;
@@ -38,13 +40,13 @@ use crate::front::tag::TagSpec;
 #[derive(Clone)]
 pub struct Identity<D> {
     domain: D,
-    refs: Arc<SpinLock<BTreeMap<u64, u32>>>,
+    refs: Arc<SpinLock<PageRefs>>,
 }
 
 impl<D> Identity<D> {
     /// An identity strategy with an empty reference table.
     pub fn new(domain: D) -> Self {
-        Self { domain, refs: Arc::new(SpinLock::new(BTreeMap::new())) }
+        Self { domain, refs: Arc::new(SpinLock::new(PageRefs::new())) }
     }
 
     /// Pages currently referenced (mapped), for tests and the lab.
@@ -54,14 +56,22 @@ impl<D> Identity<D> {
 
     /// The reference count of the page holding `pa`.
     pub fn refcount(&self, pa: PhysAddr) -> u32 {
-        self.refs.lock().get(&(pa.raw() >> PAGE_SHIFT)).copied().unwrap_or(0)
+        self.refs.lock().get(pa.raw() >> PAGE_SHIFT)
+    }
+
+    /// Slots of the reference table and pages reserved by live maps (for tests and the lab).
+    pub fn table_capacity(&self) -> (usize, usize) {
+        let t = self.refs.lock();
+        (t.capacity(), t.reserved())
     }
 }
 
-/// Per-map state: scratch space for the ranges one unload unmaps.
+/// Per-map state: scratch space for the ranges one unload unmaps, and the pages the map
+/// reserved in the reference table.
 #[derive(Debug)]
 pub struct IdentityState {
     scratch: Vec<AddrRange<Iova>>,
+    reserved: usize,
 }
 
 fn pages_of(r: &Run) -> core::ops::Range<u64> {
@@ -76,7 +86,7 @@ impl<D> Identity<D> {
     /// Uncounts the pages of `runs` (in `refs`), collecting pages that reach zero into
     /// `out` if `collect`; `limit` pages at most (for rollback of a partial load).
     fn uncount(
-        refs: &mut BTreeMap<u64, u32>,
+        refs: &mut PageRefs,
         runs: &[Run],
         mut limit: u64,
         out: &mut Vec<AddrRange<Iova>>,
@@ -88,17 +98,10 @@ impl<D> Identity<D> {
                     return;
                 }
                 limit -= 1;
-                if let Some(c) = refs.get_mut(&pfn) {
-                    *c -= 1;
-                    if *c == 0 {
-                        refs.remove(&pfn);
-                        if !collect {
-                            continue;
-                        }
-                        // Capacity: see `create`; a failure here would leave a page mapped
-                        // with no count, so the scratch array is sized for every page.
-                        let _ = push_range(out, pfn << PAGE_SHIFT, (pfn + 1) << PAGE_SHIFT);
-                    }
+                if refs.decr(pfn) == Some(0) && collect {
+                    // Capacity: see `create`; a failure here would leave a page mapped
+                    // with no count, so the scratch array is sized for every page.
+                    let _ = push_range(out, pfn << PAGE_SHIFT, (pfn + 1) << PAGE_SHIFT);
                 }
             }
         }
@@ -123,7 +126,16 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         let n = max_runs(spec).saturating_add(spec.max_size.div_ceil(PAGE_SIZE) as usize);
         let mut scratch = Vec::new();
         scratch.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
-        Ok(IdentityState { scratch })
+        // Room in the reference table for one load's pages (theory 2): grow the table if
+        // needed, allocating outside its lock.
+        let reserved = pages_bound(spec);
+        loop {
+            let Err(cap) = self.refs.lock().try_reserve(reserved) else { break };
+            let fresh = PageRefs::alloc_slots(cap)?;
+            let unused = self.refs.lock().grow_to(fresh, cap);
+            drop(unused);
+        }
+        Ok(IdentityState { scratch, reserved })
     }
 
     fn load(
@@ -163,10 +175,15 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         let mut result = Ok(());
         'runs: for r in runs.iter().filter(|r| counted(r)) {
             for pfn in pages_of(r) {
-                let c = refs.entry(pfn).or_insert(0);
-                *c += 1;
+                let c = match refs.incr(pfn) {
+                    Ok(c) => c,
+                    Err(err) => {
+                        result = Err(err);
+                        break 'runs;
+                    }
+                };
                 done += 1;
-                if *c == 1 {
+                if c == 1 {
                     match &mut pending {
                         Some((_, e)) if *e == pfn => *e += 1,
                         _ => {
@@ -208,5 +225,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         st.scratch.clear();
     }
 
-    fn destroy(&self, _p: &P, _st: IdentityState) {}
+    fn destroy(&self, _p: &P, st: IdentityState) {
+        self.refs.lock().unreserve(st.reserved);
+    }
 }

@@ -50,7 +50,7 @@ use crate::front::tag::TagSpec;
 /// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
 pub trait IommuOps<P: Platform>: Sync {
     /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
-    type Ticket: Copy;
+    type Ticket: Copy + Send;
 
     /// The domain's invalidation mode.
     fn invalidation(&self) -> Invalidation;
@@ -83,7 +83,10 @@ pub trait IommuOps<P: Platform>: Sync {
     ) -> Result<Self::Ticket>;
 
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
-    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
+    ///
+    /// Errors: the IOMMU failed that invalidation ([`crate::Error::InvalidationFailed`]): the
+    /// unmapped range must not be mapped again yet.
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket) -> Result<()>;
 
     /// Waits until the invalidation of every unmap that returned before the call has
     /// completed (flushing if one is still queued): [`super::Strategy::wait_unmapped`].
@@ -95,7 +98,8 @@ pub trait IommuOps<P: Platform>: Sync {
 
     /// Programs the coherence index of the freshly mapped `range` (seed 003, see
     /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the
-    /// range's first page, or [`CoherenceIndex::Untouched`] for memory with no kernel mapping.
+    /// range's first page (for a page outside the direct map, its quick maps' colour), or
+    /// [`CoherenceIndex::Untouched`] for memory with neither a page nor a kernel mapping.
     /// Domains whose IOMMU has no coherence index ignore it (the default).
     fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
         let _ = (range, index);

@@ -27,6 +27,7 @@ pub mod direct;
 pub mod domain;
 pub mod identity;
 pub mod iommu;
+pub mod page_refs;
 pub mod per_map;
 pub mod per_segment;
 pub mod reserve_levels;
@@ -75,8 +76,10 @@ pub trait Strategy<P: Platform>: Clone {
     /// The strategy's name in reports (`direct`, `iommu-per-map`, ...).
     const NAME: &'static str;
 
-    /// Per-map state (an IOVA range, a reserved window, ...), created at map create.
-    type MapState;
+    /// Per-map state (an IOVA range, a reserved window, ...), created at map create. `Send`:
+    /// a map may be created on one CPU and used or destroyed on another, and a deferred load
+    /// is completed by whichever thread frees its resources (`front::defer`).
+    type MapState: Send;
 
     /// The invalidation mode (for reports).
     fn invalidation(&self) -> Invalidation;
