@@ -157,6 +157,12 @@ fn expect_fault(
     Ok(())
 }
 
+/// IOTLB invalidations issued so far, not counting those that follow a map in caching mode:
+/// the ones that can make an unmapped IOVA unreachable.
+fn unmap_invalidations(vtd: &Vtd<'_, KernelPlatform>) -> u64 {
+    vtd.stats().iotlb_total() - vtd.stats().after_map.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 fn expect_no_fault(vtd: &Vtd<'_, KernelPlatform>) -> CheckResult {
     match vtd.take_fault() {
         None => Ok(()),
@@ -266,6 +272,13 @@ pub fn run(info: &BootInfo) -> usize {
         }
         Ok(())
     });
+    r.check("vtd: caching mode (CAP.CM) is as the runner configured the unit", || {
+        let want = info.param("cm") == Some("on");
+        if vtd.caps().caching_mode() != want {
+            return Err(format!("CAP.CM = {}, the runner asked for {want}", vtd.caps().caching_mode()));
+        }
+        Ok(())
+    });
     r.check("vtd: translation enables", || vtd.enable_translation().map_err(e2s));
     r.check("vtd: DMA from an unattached device is blocked and recorded", || {
         unattached_is_blocked(&vtd, &devs[0])
@@ -326,7 +339,7 @@ fn load_pattern(d: &DevDomain<'_>, src: &Buf) -> CheckResult {
     let r = d.map(src.pa, 1, Prot::READ).map_err(e2s)?;
     d.dev.dma(Dir::FromRam, r.start().raw(), 0, XFER)?;
     d.unmap_one(r).map_err(e2s)?;
-    d.flush();
+    d.flush().map_err(e2s)?;
     Ok(())
 }
 
@@ -378,6 +391,21 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
     r.check(
         "loaded maps: data DMA'd through a 28-bit tag's maps arrives, bus addresses stay below 2^28, the pages at their own numbers are untouched",
         || through_maps(vtd, d0),
+    );
+
+    r.check(
+        "a page mapped right after a blocked DMA to its IOVA is reachable (caching mode: the map invalidates the not-present entry the unit may have cached)",
+        || fresh_map_after_fault(vtd, d0, &scratch),
+    );
+
+    r.check(
+        "strict: an invalidation the unit rejects is an error; the IOVA and tables are held back until a whole-domain invalidation succeeds; the queue keeps working",
+        || strict_invalidation_failure(vtd, d0, &scratch),
+    );
+
+    r.check(
+        "deferred: a flush the unit rejects is an error and releases nothing; the next flush releases it all",
+        || deferred_flush_failure(vtd, d1, &scratch),
     );
 
     for access in [Access::Write, Access::Read] {
@@ -438,9 +466,9 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
                 return Err("the first DMA did not arrive".into());
             }
             buf.fill(SENTINEL)?;
-            let before = vtd.stats().iotlb_total();
+            let before = unmap_invalidations(vtd);
             map.unload().map_err(e2s)?;
-            let n = vtd.stats().iotlb_total() - before;
+            let n = unmap_invalidations(vtd) - before;
             if n != 1 {
                 return Err(format!("expected one IOTLB invalidation, saw {n}"));
             }
@@ -505,12 +533,12 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
             map.unload().map_err(e2s)?;
             a.fill(SENTINEL)?;
             b.fill(SENTINEL)?;
-            let before = vtd.stats().iotlb_total();
+            let before = unmap_invalidations(vtd);
             let bus_b = map.load(&kbuf(&b, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
             if bus_b != bus_a {
                 return Err(format!("the reserved window moved: {bus_a:#x} then {bus_b:#x}"));
             }
-            if vtd.stats().iotlb_total() == before {
+            if unmap_invalidations(vtd) == before {
                 return Err("the reload reused the window without an invalidation".into());
             }
             // A stale IOTLB entry would still send this to buffer A.
@@ -521,7 +549,7 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
             }
             map.unload().map_err(e2s)?;
             drop(map);
-            d1.flush();
+            d1.flush().map_err(e2s)?;
             Ok(())
         },
     );
@@ -558,7 +586,7 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
         }
         d0.unmap_one(m).map_err(e2s)?;
         d1.unmap(&[m], &[]).map_err(e2s)?;
-        d1.flush();
+        d1.flush().map_err(e2s)?;
         Ok(())
     });
 
@@ -610,6 +638,134 @@ fn translated_checks(r: &mut Runner, vtd: &Unit, devs: &[Edu]) {
     drop(doms);
 }
 
+fn counter(c: &core::sync::atomic::AtomicU64) -> u64 {
+    c.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+fn fresh_map_after_fault(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
+    load_pattern(d, scratch)?;
+    let buf = Buf::new(1, PAGE_SIZE)?;
+    buf.fill(SENTINEL)?;
+    let ir = d.alloc(1, PAGE_SIZE).map_err(e2s)?;
+    below_mask(ir)?;
+    let twin = Twin::of(ir.start())?;
+    // The unit looks the IOVA up and finds nothing: a unit in caching mode may cache that.
+    d.dev.dma(Dir::ToRam, ir.start().raw(), 0, XFER)?;
+    expect_fault(vtd, d.sid(), ir.start().raw(), Access::Write, reason_of(Access::Write))?;
+    let before = counter(&vtd.stats().after_map);
+    d.map_at(ir.start(), buf.pa, 1, Prot::WRITE).map_err(e2s)?;
+    let n = counter(&vtd.stats().after_map) - before;
+    let cm = vtd.caps().caching_mode();
+    if n != u64::from(cm) {
+        return Err(format!("{n} invalidations after the map with caching mode {cm}"));
+    }
+    d.dev.dma(Dir::ToRam, ir.start().raw(), 0, XFER)?;
+    expect_no_fault(vtd)?;
+    if !buf.holds_pattern(0)? {
+        return Err("the DMA after the map did not arrive".into());
+    }
+    twin.untouched()?;
+    d.unmap_one(ir).map_err(e2s).map(|_| ())
+}
+
+/// Checks that `got` is the injected failure as the unit reports it, naming `d`'s domain.
+fn injected_failure(vtd: &Unit, d: &DevDomain<'_>, got: busdma::Result<()>) -> CheckResult {
+    let (domain, status) = match got {
+        Err(busdma::Error::InvalidationFailed { domain, status, .. }) => (domain, status),
+        other => return Err(format!("the rejected invalidation returned {other:?}")),
+    };
+    let seen = match vtd.method() {
+        InvalidationMethod::Queued => status & u64::from(busdma::vtd::regs::fsts::IQE) != 0,
+        InvalidationMethod::Register => (status >> busdma::vtd::regs::iotlb::IAIG_SHIFT) & 0b11 == 0,
+    };
+    if domain != u64::from(d.did.0) || !seen {
+        return Err(format!("the error names domain {domain} and status {status:#x}"));
+    }
+    // SAFETY: reading the unit's fault status register has no side effect.
+    let fsts = unsafe { PLATFORM.mmio_read32(PhysAddr::new(VTD_BASE + busdma::vtd::regs::FSTS)) };
+    if fsts & busdma::vtd::regs::fsts::IQE != 0 {
+        return Err("FSTS.IQE still set: the queue was not recovered".into());
+    }
+    Ok(())
+}
+
+fn strict_invalidation_failure(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
+    load_pattern(d, scratch)?;
+    let (buf, other) = (Buf::new(1, PAGE_SIZE)?, Buf::new(1, PAGE_SIZE)?);
+    let m = d.map(buf.pa, 1, Prot::WRITE).map_err(e2s)?;
+    let bus = m.start().raw();
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    expect_no_fault(vtd)?;
+    buf.fill(SENTINEL)?;
+    let (failed, recovered, before) =
+        (counter(&vtd.stats().failed), counter(&vtd.stats().queue_errors_recovered), d.dom.stats());
+    vtd.inject_invalidation_failures(1);
+    injected_failure(vtd, d, d.unmap_one(m).map(|_| ()))?;
+    let queued = u64::from(vtd.method() == InvalidationMethod::Queued);
+    if counter(&vtd.stats().failed) != failed + 1
+        || counter(&vtd.stats().queue_errors_recovered) != recovered + queued
+    {
+        return Err("the driver's failure counters did not move".into());
+    }
+    let st = d.dom.stats();
+    if !d.dom.degraded() || st.held_back != 1 || st.iova_released != before.iova_released {
+        return Err(format!("the domain did not hold the unmap back: {st:?}"));
+    }
+    // The unit really kept the translation: holding back is what makes this harmless.
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    if !buf.holds_pattern(0)? {
+        return Err("the stale translation was not used: this check has no teeth".into());
+    }
+    buf.fill(SENTINEL)?;
+    // The next map recovers first: one whole-domain invalidation, then the release.
+    let m2 = d.map(other.pa, 1, Prot::WRITE).map_err(e2s)?;
+    let st = d.dom.stats();
+    if d.dom.degraded() || st.held_back != 0 || st.iova_released != before.iova_released + 1 {
+        return Err(format!("the map did not recover the domain: {st:?}"));
+    }
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    expect_fault(vtd, d.sid(), bus, Access::Write, reason_of(Access::Write))?;
+    if !buf.all(SENTINEL)? {
+        return Err("a DMA after the recovery reached the old buffer".into());
+    }
+    // The queue (or the registers) still work.
+    d.dev.dma(Dir::ToRam, m2.start().raw(), 0, XFER)?;
+    expect_no_fault(vtd)?;
+    d.unmap_one(m2).map_err(e2s).map(|_| ())
+}
+
+fn deferred_flush_failure(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
+    load_pattern(d, scratch)?;
+    let buf = Buf::new(1, PAGE_SIZE)?;
+    let m = d.map(buf.pa, 1, Prot::WRITE).map_err(e2s)?;
+    let bus = m.start().raw();
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    expect_no_fault(vtd)?;
+    d.unmap_one(m).map_err(e2s)?;
+    buf.fill(SENTINEL)?;
+    let released = d.dom.stats().iova_released;
+    vtd.inject_invalidation_failures(1);
+    injected_failure(vtd, d, d.flush())?;
+    if d.dom.pending() != 1 || d.dom.stats().iova_released != released {
+        return Err(format!("the failed flush released something ({} pending)", d.dom.pending()));
+    }
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    if !buf.holds_pattern(0)? {
+        return Err("the stale translation was not used: this check has no teeth".into());
+    }
+    buf.fill(SENTINEL)?;
+    d.flush().map_err(e2s)?;
+    if d.dom.pending() != 0 || d.dom.stats().iova_released != released + 1 {
+        return Err("the next flush did not release the unmap".into());
+    }
+    d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
+    expect_fault(vtd, d.sid(), bus, Access::Write, reason_of(Access::Write))?;
+    if !buf.all(SENTINEL)? {
+        return Err("a DMA after the flush reached the buffer".into());
+    }
+    Ok(())
+}
+
 /// The deferred-mode check on domain `d` (deferred, flush after 8 queued unmaps), through
 /// a tag's maps.
 fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
@@ -623,9 +779,9 @@ fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
     d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
     expect_no_fault(vtd)?;
     buf.fill(SENTINEL)?;
-    let before = vtd.stats().iotlb_total();
+    let before = unmap_invalidations(vtd);
     map.unload().map_err(e2s)?;
-    if vtd.stats().iotlb_total() != before || d.dom.pending() != 1 {
+    if unmap_invalidations(vtd) != before || d.dom.pending() != 1 {
         return Err(format!("the unload was not deferred ({} pending)", d.dom.pending()));
     }
     d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
@@ -637,8 +793,8 @@ fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
     }
     buf.fill(SENTINEL)?;
     // 2. The flush closes it.
-    d.flush();
-    if d.dom.pending() != 0 || vtd.stats().iotlb_total() == before {
+    d.flush().map_err(e2s)?;
+    if d.dom.pending() != 0 || unmap_invalidations(vtd) == before {
         return Err("the flush invalidated nothing".into());
     }
     d.dev.dma(Dir::ToRam, bus, 0, XFER)?;
@@ -659,7 +815,7 @@ fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
             return Err(format!("bus address {a:#x} beyond edu's 28-bit mask"));
         }
         if let Some(&(_, at)) = unloaded_at.iter().rev().find(|(i, _)| *i == a) {
-            if vtd.stats().iotlb_total() <= at {
+            if unmap_invalidations(vtd) <= at {
                 return Err(format!(
                     "bus address {a:#x} handed out again before any invalidation since its unload"
                 ));
@@ -669,12 +825,12 @@ fn deferred(vtd: &Unit, d: &DevDomain<'_>, scratch: &Buf) -> CheckResult {
         d.dev.dma(Dir::ToRam, a, 0, XFER)?;
         // Counted before the unload: an invalidation issued inside it (a full queue flushes)
         // comes after the entry was cleared, so it does cover the address.
-        let at = vtd.stats().iotlb_total();
+        let at = unmap_invalidations(vtd);
         map.unload().map_err(e2s)?;
         unloaded_at.push((a, at));
     }
     expect_no_fault(vtd)?;
-    d.flush();
+    d.flush().map_err(e2s)?;
     if reused == 0 {
         return Err("no bus address was ever reused: the check proved nothing".into());
     }

@@ -117,10 +117,11 @@ impl<'p> DevDomain<'p> {
         self.unmap(&[r], &[r])
     }
 
-    /// Drains the deferred flush queues now (nothing for a strict domain).
-    pub fn flush(&self) {
+    /// Drains the deferred flush queues now, and recovers a degraded domain (nothing for a
+    /// healthy strict domain).
+    pub fn flush(&self) -> Result<()> {
         let g = PLATFORM.pin_cpu();
-        self.dom.flush(&g);
+        self.dom.flush(&g)
     }
 
     /// Detaches the device (its DMA is blocked from here on), drops the domain (flushing and
@@ -190,8 +191,12 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         self.dom.unmap(g, mapped, free)
     }
 
-    fn ensure_flushed(&self, g: &CpuGuard<'_, KernelPlatform>, ticket: FlushTicket) {
-        self.dom.ensure_flushed(g, ticket);
+    fn ensure_flushed(&self, g: &CpuGuard<'_, KernelPlatform>, ticket: FlushTicket) -> Result<()> {
+        self.dom.ensure_flushed(g, ticket)
+    }
+
+    fn wait_unmapped(&self, g: &CpuGuard<'_, KernelPlatform>) {
+        self.dom.wait_unmapped(g);
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) -> Result<()> {

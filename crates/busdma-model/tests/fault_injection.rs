@@ -118,7 +118,7 @@ fn attempt(
         spec.flags.untrusted = true;
     }
     let counts = || {
-        d.flush(&m.pin_cpu());
+        d.flush(&m.pin_cpu()).unwrap();
         let p = pool.stats();
         Counts {
             iova_live: d.iova().stats().live_ranges,

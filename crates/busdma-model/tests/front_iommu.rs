@@ -90,7 +90,7 @@ fn exercise<S: Strategy<HostPlatform>>(
     sg: &[SgEntry],
     want: &[u8],
 ) -> Result<(), Error> {
-    let flush = || d.flush(&tag.platform().pin_cpu());
+    let flush = || d.flush(&tag.platform().pin_cpu()).unwrap();
     flush();
     let iova0 = live_iova(d);
     let mut map = tag.create_map().unwrap();
@@ -256,7 +256,7 @@ fn reserved_maps_allocate_their_window_and_table_levels_at_create_only() {
             }
             assert_eq!((live_iova(d), pool.stats().allocs), (iova, allocs), "load/unload allocate nothing");
             drop(map);
-            d.flush(&m.pin_cpu());
+            d.flush(&m.pin_cpu()).unwrap();
             assert_eq!(live_iova(d), iova - 1);
         });
     }

@@ -85,7 +85,7 @@ fn a_stale_iotlb_entry_is_an_escape_and_the_invalidation_closes_it() {
     d.truth().revoke(buf.pa(), PAGE_SIZE, Access::ReadWrite);
     // The entry is gone from the table but not from the IOTLB: the device still gets through.
     assert_eq!(d.try_read(AttackClass::AfterUnmap, &port, IOVA, 32), Outcome::Escaped { bytes: 32 });
-    iommu.invalidate_range(1, AddrRange::from_start_len(Iova::new(IOVA), PAGE_SIZE).unwrap());
+    iommu.invalidate_range(1, AddrRange::from_start_len(Iova::new(IOVA), PAGE_SIZE).unwrap()).unwrap();
     assert_eq!(d.try_read(AttackClass::AfterUnmap, &port, IOVA, 32), Outcome::Faulted);
     let t = d.tally(AttackClass::AfterUnmap);
     assert_eq!((t.attempts, t.escapes, t.bytes_leaked, t.faults), (3, 1, 32, 1));

@@ -202,7 +202,7 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                     // The machine's timer: every clock step checks the queues' age, as Linux's
                     // flush-queue timer does, so an aged entry is flushed even while its CPU
                     // only maps (the age bound is enforced by timer or by the next unmap).
-                    d.poll(&g);
+                    d.poll(&g).unwrap();
                     // Quiet phases: mostly DMA to live maps and a timer poll, so queues fill
                     // slowly and the age bound fires; busy phases: only maps and unmaps, so
                     // the count bound fires. Each thread sees both, however it is scheduled.
@@ -210,7 +210,7 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                         if !live.is_empty() {
                             check_live(iommu, &live[rng.below(live.len() as u64) as usize]);
                         }
-                        d.poll(&g);
+                        d.poll(&g).unwrap();
                         continue;
                     }
                     done += 1;
@@ -265,12 +265,12 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                 for l in live.drain(..) {
                     d.unmap(&g, &l.segs, &[l.alloc]).unwrap();
                 }
-                d.flush(&g);
+                d.flush(&g).unwrap();
             });
         }
     });
     let g = m.pin_cpu();
-    d.flush(&g);
+    d.flush(&g).unwrap();
     drop(g);
     let st = d.stats();
     let rep = iommu.audit_report().unwrap();

@@ -151,8 +151,10 @@ fn strict_unmap_leaves_the_device_no_path_to_the_pages_with_one_invalidation_per
 struct LosesRangedInvalidations<'a, 'm>(&'a ModelIommu<'m>);
 
 impl IotlbInvalidator for LosesRangedInvalidations<'_, '_> {
-    fn invalidate_range(&self, _: DomainId, _: AddrRange<Iova>) {}
-    fn invalidate_all(&self, domain: DomainId) {
+    fn invalidate_range(&self, _: DomainId, _: AddrRange<Iova>) -> busdma::Result<()> {
+        Ok(())
+    }
+    fn invalidate_all(&self, domain: DomainId) -> busdma::Result<()> {
         self.0.invalidate_all(domain)
     }
     fn audit_iova_released(&self, domain: DomainId, range: AddrRange<Iova>) {
@@ -224,13 +226,13 @@ fn deferred_unmaps_are_released_only_by_a_flush_and_the_window_closes_then() {
             // The exposure window: the IOTLB still translates, and the IOVA is not free yet.
             assert!(read(&iommu, segs[0].start().raw()).is_ok());
             assert_eq!(d.iova().free_bytes(), free0 - 4 * PAGE_SIZE);
-            d.ensure_flushed(&g, t);
+            d.ensure_flushed(&g, t).unwrap();
             assert_eq!((d.pending(), iommu.stats().inv_domain), (0, 1));
             d.iova().flush_caches();
             assert_eq!(d.iova().free_bytes(), free0);
             assert!(read(&iommu, segs[0].start().raw()).is_err());
             // Already flushed: nothing more to do.
-            d.ensure_flushed(&g, t);
+            d.ensure_flushed(&g, t).unwrap();
             assert_eq!(iommu.stats().inv_domain, 1);
         },
     );
@@ -280,7 +282,7 @@ fn a_kept_window_is_mapped_again_only_after_ensure_flushed_and_the_audit_catches
             read(&iommu, segs[0].start().raw()).unwrap();
             // Keep the IOVA (a reserved window): nothing to free.
             let t = d.unmap(&g, &segs, &[]).unwrap();
-            d.ensure_flushed(&g, t);
+            d.ensure_flushed(&g, t).unwrap();
             d.map(&g, segs[0].start(), frames.pa(), PAGE_SIZE, Prot::READ).unwrap();
             no_violations(&iommu);
             read(&iommu, segs[0].start().raw()).unwrap();
@@ -319,7 +321,7 @@ fn an_exhausted_space_flushes_queued_unmaps_and_retries() {
             let e = d.alloc_iova(&g, &IovaRequest::pages(1)).unwrap_err();
             assert!(matches!(e, Error::Exhausted { size: 4096, .. }), "{e:?}");
             d.unmap(&g, &[], &[b]).unwrap();
-            d.flush(&g);
+            d.flush(&g).unwrap();
         },
     );
     no_violations(&iommu);
@@ -399,7 +401,7 @@ fn injection_case<F: PteFormat>(policy: InvalidationPolicy) {
                 }
             }
         }
-        d.flush(&g);
+        d.flush(&g).unwrap();
         d.iova().inner.flush_caches();
         assert_eq!(d.iova().inner.free_bytes(), free0, "{}: no IOVA leaked", F::NAME);
     });
@@ -445,7 +447,7 @@ fn unmapping_what_is_not_mapped_is_an_error_and_frees_nothing() {
                     "after the failing range, nothing changed"
                 );
                 d.unmap(&g, &segs[2..], &[alloc]).unwrap();
-                d.flush(&g);
+                d.flush(&g).unwrap();
                 assert_eq!(d.stats().iova_released, 1);
             },
         );

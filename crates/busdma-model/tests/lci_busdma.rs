@@ -58,11 +58,13 @@ impl IommuOps<HostPlatform> for Lci<'_, '_> {
     fn unmap(&self, g: &G<'_>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<()> {
         self.d.unmap(g, mapped, free)?;
         for r in mapped {
-            self.iommu.invalidate_range(DOMAIN, *r);
+            self.iommu.invalidate_range(DOMAIN, *r)?;
         }
         Ok(())
     }
-    fn ensure_flushed(&self, _: &G<'_>, _: ()) {}
+    fn ensure_flushed(&self, _: &G<'_>, _: ()) -> Result<()> {
+        Ok(())
+    }
     fn wait_unmapped(&self, _: &G<'_>) {
         // Strict: every unmap invalidated its ranges before returning.
     }

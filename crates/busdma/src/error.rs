@@ -14,6 +14,8 @@ use core::fmt;
 pub mod errno {
     /// Operation not permitted.
     pub const EPERM: i32 = 1;
+    /// Input/output error (hardware that failed a command).
+    pub const EIO: i32 = 5;
     /// No such entry.
     pub const ENOENT: i32 = 2;
     /// Try again.
@@ -181,6 +183,18 @@ pub enum Error {
     },
     /// The operation was queued and will complete later (a deferred bounce load).
     InProgress,
+    /// An IOMMU did not complete an invalidation: it reported an error (VT-d: an
+    /// invalidation queue error, FSTS.IQE/ICE/ITE; a refused register command) or did not
+    /// answer in time. What the invalidation would have made reusable (IOVA, table pages) is
+    /// held back until a later invalidation of the domain succeeds (`busdma::iommu::Domain`).
+    InvalidationFailed {
+        /// What failed, and how.
+        what: &'static str,
+        /// The domain whose caches were being invalidated.
+        domain: u64,
+        /// The hardware's status when it failed (VT-d: FSTS; 0 for a time-out).
+        status: u64,
+    },
     /// A deferred load was cancelled before it completed (`PendingLoad::cancel`, or its map
     /// destroyed): what its callback receives.
     Cancelled,
@@ -212,6 +226,7 @@ impl Error {
             Error::Unsupported { .. } => EOPNOTSUPP,
             Error::PermissionDenied { .. } => EPERM,
             Error::InProgress => EINPROGRESS,
+            Error::InvalidationFailed { .. } => EIO,
             Error::Cancelled => ECANCELED,
         }
     }
@@ -264,6 +279,11 @@ impl fmt::Display for Error {
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::PermissionDenied { what } => write!(f, "permission denied: {what}"),
             Error::InProgress => write!(f, "operation deferred; it completes by callback"),
+            Error::InvalidationFailed { what, domain, status } => write!(
+                f,
+                "IOMMU invalidation of domain {domain} failed: {what} (status {status:#x}); \
+                 what it would release is held back"
+            ),
             Error::Cancelled => write!(f, "deferred load cancelled before it completed"),
         }
     }
@@ -290,5 +310,6 @@ mod tests {
         assert_eq!(Error::ZeroSize.errno(), 22);
         assert_eq!(Error::TooManySegments { needed: 3, max: 2 }.errno(), 27);
         assert_eq!(Error::InProgress.errno(), 115);
+        assert_eq!(Error::InvalidationFailed { what: "time-out", domain: 1, status: 0 }.errno(), 5);
     }
 }

@@ -36,8 +36,9 @@ impl Hw {
         }
     }
 
-    fn invalidate_all(&self) {
+    fn invalidate_all(&self) -> busdma::Result<()> {
         *self.tlb.lock().unwrap() = [0, 0];
+        Ok(())
     }
 
     /// The release check: item `i`'s translation is gone from the IOTLB.
@@ -55,10 +56,10 @@ fn unmap(hw: &Hw, fq: &FlushQueues<usize>, released: &AtomicU64, cpu: usize, i: 
     match fq.push(cpu, t, 0, i, &mut release) {
         Pushed::Queued => {}
         Pushed::QueuedFull => {
-            fq.flush(|| hw.invalidate_all(), &mut release);
+            fq.flush(|| hw.invalidate_all(), &mut release).unwrap();
         }
         Pushed::NoRoom(it) => {
-            fq.flush(|| hw.invalidate_all(), &mut release);
+            fq.flush(|| hw.invalidate_all(), &mut release).unwrap();
             release(it);
         }
     }
@@ -86,7 +87,7 @@ fn an_item_is_released_only_after_an_invalidation_that_saw_its_clear() {
         let flusher = {
             let (hw, fq, r) = (hw.clone(), fq.clone(), released.clone());
             thread::spawn(move || {
-                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &r));
+                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &r)).unwrap();
             })
         };
         unmap(&hw, &fq, &released, 0, 0);
@@ -131,9 +132,9 @@ fn an_item_left_queued_is_released_by_a_later_flush_from_another_cpu() {
         };
         // Another CPU flushes concurrently: it may run before the clear (then it must not
         // release the item, and does not) or after.
-        fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released));
+        fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released)).unwrap();
         t.join().unwrap();
-        fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released));
+        fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released)).unwrap();
         assert_eq!(released.load(Ordering::Relaxed), 1);
         assert_eq!(fq.pending(), 0);
     });
@@ -161,18 +162,40 @@ fn an_unpin_barrier_after_an_unmap_returned_leaves_no_translation_cached() {
         let flusher = {
             let (hw, fq, r) = (hw.clone(), fq.clone(), released.clone());
             thread::spawn(move || {
-                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &r));
+                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &r)).unwrap();
             })
         };
         // The registry's side: the unmap returned before the barrier began (the region's
         // `mapped` dropped after it), then the barrier, then the pages would be unpinned.
         if returned.load(Ordering::Acquire) == 1 {
             if fq.pending() > 0 {
-                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released));
+                fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released)).unwrap();
             }
             assert_eq!(hw.tlb.lock().unwrap()[0], 0, "unpinned while its translation is cached");
         }
         unmapper.join().unwrap();
         flusher.join().unwrap();
+    });
+}
+
+#[test]
+fn a_failed_flush_racing_an_unmap_releases_nothing_and_the_next_flush_releases_it() {
+    model(|| {
+        let hw = Arc::new(Hw::new(true));
+        // Room for two: the unmap queues without flushing.
+        let fq = Arc::new(FlushQueues::new(2, 2, u64::MAX).unwrap());
+        let released = Arc::new(AtomicU64::new(0));
+        let t = {
+            let (hw, fq, r) = (hw.clone(), fq.clone(), released.clone());
+            thread::spawn(move || unmap(&hw, &fq, &r, 0, 0))
+        };
+        // Another CPU's flush fails: the hardware invalidated nothing.
+        let broken = busdma::Error::InvalidationFailed { what: "loom", domain: 1, status: 0 };
+        let got = fq.flush(|| Err(broken), &mut |it| hw.released(it, &released));
+        assert_eq!(got, Err(broken));
+        t.join().unwrap();
+        assert_eq!(released.load(Ordering::Relaxed), 0, "a failed flush released an item");
+        fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released)).unwrap();
+        assert_eq!((released.load(Ordering::Relaxed), fq.pending()), (1, 0));
     });
 }

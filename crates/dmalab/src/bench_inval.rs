@@ -101,7 +101,7 @@ fn one(
             d.unmap(&g, &[r], &[r]).map_err(|x| e("unmap", x))?;
         }
         let ns = t.elapsed().as_nanos() as f64 / a.ops as f64;
-        d.flush(&g);
+        d.flush(&g).map_err(|x| e("flush", x))?;
         drop(g);
         if round > 0 {
             let after = iommu.stats();

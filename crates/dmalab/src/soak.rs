@@ -310,8 +310,8 @@ pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
         });
         // Every map is gone: the counters must balance.
         let g = m.pin_cpu();
-        strict.flush(&g);
-        deferred.flush(&g);
+        strict.flush(&g).map_err(|e| format!("strict flush: {e}"))?;
+        deferred.flush(&g).map_err(|e| format!("deferred flush: {e}"))?;
         drop(g);
         for (name, d) in [("strict", &strict), ("deferred", &deferred)] {
             let live = d.iova().stats().live_ranges;

@@ -509,7 +509,7 @@ fn measure_domain<I: IovaSource>(
         Kind::Reserved => measure_strategy(m, args, IommuReserved::new(&dom), &port, progress)?,
     };
     let g = m.pin_cpu();
-    dom.flush(&g);
+    dom.flush(&g).map_err(|e| format!("flush: {e}"))?;
     drop(g);
     let faults = iommu.take_faults();
     if !faults.is_empty() {

@@ -15,6 +15,9 @@
 //!    an invalidation still translates. Invalidation commands ([`IotlbInvalidator`]) drop
 //!    cached pages of a range (probing sets for small ranges, scanning for large ones) or of
 //!    a whole domain, and are counted by kind ([`IommuStats`]).
+//!    In *caching mode* ([`IommuConfig::caching_mode`], VT-d CAP.CM = 1) a walk that finds an
+//!    entry not present is cached too, and faults until an invalidation drops it: software
+//!    must invalidate after mapping ([`IotlbInvalidator::invalidate_mapped`]).
 //! 4. **Faults** are returned to the device and recorded in a bounded log (the first
 //!    [`IommuConfig::fault_log_entries`] until read; later ones are counted as dropped, like
 //!    VT-d's primary fault overflow).
@@ -52,6 +55,10 @@ use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
 pub use audit::{AuditReport, Violation};
 use iotlb::Iotlb;
 use walk::Walk;
+
+/// IOTLB value of a cached not-present result (caching mode): no page address has bit 63,
+/// the rest is the level of the absent entry.
+const NOT_PRESENT: u64 = 1 << 63;
 
 /// A page-table format the model IOMMU walks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,6 +123,9 @@ pub struct IommuConfig {
     /// poll), which the software model otherwise does not have. 0 by default; benchmarks set
     /// it to compare invalidation policies under an assumed hardware cost.
     pub invalidation_latency_ns: u64,
+    /// VT-d caching mode (CAP.CM = 1): not-present results are cached as well (theory 3), and
+    /// [`IotlbInvalidator::invalidate_mapped`] invalidates the range it is given.
+    pub caching_mode: bool,
 }
 
 impl Default for IommuConfig {
@@ -131,6 +141,7 @@ impl Default for IommuConfig {
             output_bits: 48,
             audit: false,
             invalidation_latency_ns: 0,
+            caching_mode: false,
         }
     }
 }
@@ -156,6 +167,10 @@ pub struct IommuStats {
     pub inv_range_scanned: u64,
     /// Whole-domain invalidation commands.
     pub inv_domain: u64,
+    /// Invalidations after a map (caching mode only; not counted in `inv_range`).
+    pub inv_after_map: u64,
+    /// Translations refused by a cached not-present entry (caching mode only).
+    pub not_present_hits: u64,
     /// IOTLB entries dropped by invalidations.
     pub iotlb_entries_dropped: u64,
     /// Nanoseconds spent in [`IommuConfig::invalidation_latency_ns`] waits (measured: on a
@@ -174,6 +189,8 @@ enum Stat {
     InvRangeProbed,
     InvRangeScanned,
     InvDomain,
+    InvAfterMap,
+    NotPresentHits,
     IotlbEntriesDropped,
     InvWaitNs,
 }
@@ -320,6 +337,10 @@ impl<'m> ModelIommu<'m> {
         let page_number = iova >> 12;
         let key = iotlb::key(ctx.domain, page_number);
         let cached = match self.iotlb.lookup(key) {
+            Some(c) if c & NOT_PRESENT != 0 => {
+                self.bump(Stat::NotPresentHits, 1);
+                return Err(FaultReason::NotPresent { level: (c & !NOT_PRESENT) as u32 });
+            }
             Some(c) => {
                 self.bump(Stat::IotlbHits, 1);
                 c
@@ -327,7 +348,14 @@ impl<'m> ModelIommu<'m> {
             None => {
                 self.bump(Stat::Walks, 1);
                 let generation = self.iotlb.generation();
-                let w = self.walk(&ctx, iova)?;
+                let w = match self.walk(&ctx, iova) {
+                    Ok(w) => w,
+                    Err(FaultReason::NotPresent { level }) if self.config.caching_mode => {
+                        self.iotlb.fill(key, NOT_PRESENT | u64::from(level), generation);
+                        return Err(FaultReason::NotPresent { level });
+                    }
+                    Err(e) => return Err(e),
+                };
                 let c = w.page.raw() | u64::from(w.read) | (u64::from(w.write) << 1);
                 if let Some(a) = &self.audit {
                     let mut a = lock(a);
@@ -396,6 +424,8 @@ impl<'m> ModelIommu<'m> {
             inv_range_probed: probed,
             inv_range_scanned: scanned,
             inv_domain: c(Stat::InvDomain),
+            inv_after_map: c(Stat::InvAfterMap),
+            not_present_hits: c(Stat::NotPresentHits),
             iotlb_entries_dropped: c(Stat::IotlbEntriesDropped),
             inv_wait_ns: c(Stat::InvWaitNs),
         }
@@ -443,6 +473,27 @@ impl<'m> ModelIommu<'m> {
         }
     }
 
+    /// A ranged invalidation's work: waits its latency, drops the cached pages of `range`.
+    /// Returns whether it probed the pages' sets (else it scanned the whole IOTLB).
+    fn drop_range(&self, domain: DomainId, range: AddrRange<Iova>) -> bool {
+        self.command_latency();
+        let generation = self.iotlb.bump_generation();
+        let (first, last) = Self::pages(range);
+        self.with_audit(|a| {
+            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
+        });
+        let probed = last - first < self.iotlb.sets() as u64;
+        let dropped = if probed {
+            self.iotlb.probe_out(domain, first, last)
+        } else {
+            self.iotlb.scan_out(domain, first, last)
+        };
+        if dropped > 0 {
+            self.bump(Stat::IotlbEntriesDropped, dropped);
+        }
+        probed
+    }
+
     fn with_audit(&self, f: impl FnOnce(&mut audit::Audit)) {
         if let Some(a) = &self.audit {
             f(&mut lock(a));
@@ -451,26 +502,21 @@ impl<'m> ModelIommu<'m> {
 }
 
 impl IotlbInvalidator for ModelIommu<'_> {
-    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) {
-        self.command_latency();
-        let generation = self.iotlb.bump_generation();
-        let (first, last) = Self::pages(range);
-        self.with_audit(|a| {
-            a.invalidate(domain, Some((first, last)), generation, self.platform.monotonic_ns())
-        });
-        let dropped = if last - first < self.iotlb.sets() as u64 {
-            self.bump(Stat::InvRangeProbed, 1);
-            self.iotlb.probe_out(domain, first, last)
-        } else {
-            self.bump(Stat::InvRangeScanned, 1);
-            self.iotlb.scan_out(domain, first, last)
-        };
-        if dropped > 0 {
-            self.bump(Stat::IotlbEntriesDropped, dropped);
-        }
+    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        let probed = self.drop_range(domain, range);
+        self.bump(if probed { Stat::InvRangeProbed } else { Stat::InvRangeScanned }, 1);
+        Ok(())
     }
 
-    fn invalidate_all(&self, domain: DomainId) {
+    fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        if self.config.caching_mode {
+            self.bump(Stat::InvAfterMap, 1);
+            self.drop_range(domain, range);
+        }
+        Ok(())
+    }
+
+    fn invalidate_all(&self, domain: DomainId) -> Result<()> {
         self.command_latency();
         self.bump(Stat::InvDomain, 1);
         let generation = self.iotlb.bump_generation();
@@ -479,6 +525,7 @@ impl IotlbInvalidator for ModelIommu<'_> {
         if dropped > 0 {
             self.bump(Stat::IotlbEntriesDropped, dropped);
         }
+        Ok(())
     }
 
     fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {

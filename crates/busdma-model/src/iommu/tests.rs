@@ -171,12 +171,12 @@ fn the_iotlb_serves_a_cleared_entry_until_it_is_invalidated() {
         let walks = iommu.stats().walks;
         assert!(iommu.stats().iotlb_hits >= 1);
         // An invalidation of another domain, or of another range, changes nothing.
-        iommu.invalidate_range(6, range(7 * PAGE_SIZE, PAGE_SIZE));
-        iommu.invalidate_range(5, range(8 * PAGE_SIZE, PAGE_SIZE));
+        iommu.invalidate_range(6, range(7 * PAGE_SIZE, PAGE_SIZE)).unwrap();
+        iommu.invalidate_range(5, range(8 * PAGE_SIZE, PAGE_SIZE)).unwrap();
         port.dma_read(Iova::new(7 * PAGE_SIZE), &mut b).unwrap();
         assert_eq!(iommu.stats().walks, walks);
         // The covering invalidation makes the device fault.
-        iommu.invalidate_range(5, range(7 * PAGE_SIZE + 100, 1));
+        iommu.invalidate_range(5, range(7 * PAGE_SIZE + 100, 1)).unwrap();
         let e = port.dma_read(Iova::new(7 * PAGE_SIZE), &mut b).unwrap_err();
         assert_eq!(e.reason, FaultReason::NotPresent { level: 3 });
     }
@@ -197,10 +197,10 @@ fn invalidations_are_counted_by_kind_and_large_ranges_scan() {
     for i in 0..512 {
         port.dma_read(Iova::new(i * PAGE_SIZE), &mut b).unwrap();
     }
-    iommu.invalidate_range(1, range(0, 4 * PAGE_SIZE));
+    iommu.invalidate_range(1, range(0, 4 * PAGE_SIZE)).unwrap();
     // 2 MiB = 512 pages, more than the 256 sets: scanned.
-    iommu.invalidate_range(1, range(0, 512 * PAGE_SIZE));
-    iommu.invalidate_all(1);
+    iommu.invalidate_range(1, range(0, 512 * PAGE_SIZE)).unwrap();
+    iommu.invalidate_all(1).unwrap();
     let s = iommu.stats();
     assert_eq!((s.inv_range, s.inv_range_probed, s.inv_range_scanned, s.inv_domain), (2, 1, 1, 1));
     assert!(s.iotlb_entries_dropped >= 4, "{s:?}");
@@ -272,7 +272,7 @@ fn the_audit_flags_an_iova_released_before_its_invalidation() {
         Violation::IovaReleasedWhileCached { domain: 2, iova: Iova::new(3 * PAGE_SIZE), pa: data.pa() }
     );
     // After the covering invalidation the same release is clean.
-    iommu.invalidate_range(2, r);
+    iommu.invalidate_range(2, r).unwrap();
     iommu.audit_iova_released(2, r);
     let rep = iommu.audit_report().unwrap();
     assert_eq!((rep.violation_count, rep.exposures, rep.pending, rep.cached), (1, 1, 0, 0));
@@ -295,7 +295,7 @@ fn the_audit_flags_a_table_page_released_while_a_walk_through_it_may_be_cached()
         rep.violations,
         [Violation::TablePageReleasedWhileCached { domain: 2, page: t.pages[3].pa(), iova: Iova::new(0) }]
     );
-    iommu.invalidate_all(2);
+    iommu.invalidate_all(2).unwrap();
     iommu.audit_table_page_released(2, t.pages[3].pa());
     assert_eq!(iommu.audit_report().unwrap().violation_count, 1);
 }
@@ -311,10 +311,10 @@ fn the_audit_measures_exposure_from_unmap_to_the_first_invalidation_that_started
     iommu.audit_unmapped(1, &[range(0x20_0000, PAGE_SIZE), range(0x28_0000, PAGE_SIZE)]);
     iommu.audit_unmapped(1, &[range(0x30_0000, PAGE_SIZE)]);
     m.advance_clock(500);
-    iommu.invalidate_range(1, r);
+    iommu.invalidate_range(1, r).unwrap();
     let rep = iommu.audit_report().unwrap();
     assert_eq!((rep.exposures, rep.max_exposure_ns, rep.max_exposure_unmaps, rep.pending), (1, 1_500, 2, 3));
-    iommu.invalidate_all(1);
+    iommu.invalidate_all(1).unwrap();
     let rep = iommu.audit_report().unwrap();
     assert_eq!((rep.exposures, rep.max_exposure_ns, rep.pending), (4, 1_500, 0));
 }

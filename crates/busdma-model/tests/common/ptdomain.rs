@@ -105,7 +105,9 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         Ok(())
     }
 
-    fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) {}
+    fn ensure_flushed(&self, _g: &CpuGuard<'_, HostPlatform>, _ticket: ()) -> Result<()> {
+        Ok(())
+    }
 
     fn wait_unmapped(&self, _g: &CpuGuard<'_, HostPlatform>) {
         // No IOTLB: an unmap is complete when it returns.

@@ -25,6 +25,20 @@
 //! 6. **Exhaustion.** An IOVA allocation that finds the space exhausted while unmaps are
 //!    queued flushes them (their IOVA goes back) and retries once.
 //! 7. **Untrusted devices** get a strict domain whatever policy was asked for.
+//! 8. **Failed invalidations.** When the IOMMU fails a command
+//!    ([`Error::InvalidationFailed`]), nothing it was to invalidate may be reused, and the
+//!    domain becomes *degraded*:
+//!    - a strict unmap's table pages and IOVA are *held back* (the call returns the error);
+//!    - a deferred flush releases nothing: its unmaps stay queued (rule 7 of [`super::flushq`]);
+//!    - a map whose after-map invalidation (caching mode) or failure clean-up failed is
+//!      undone and returns the error; its IOVA may be cached by the unit, so
+//!    - every map of a degraded domain first *recovers*: one whole-domain invalidation (a
+//!      flush, for a deferred domain), after which everything held back is released and the
+//!      domain is healthy again. While that fails, maps fail with the error, so no IOVA the
+//!      unit may still cache is mapped again (a reserved window included). Checking costs a
+//!      map one relaxed load. [`Domain::flush`] recovers too (a kernel's retry timer).
+//!    - Dropping a domain whose last invalidation fails leaks its table pages and what is
+//!      held back, never frees them.
 //!
 //! # Execution context
 //!
@@ -33,6 +47,7 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 
 use super::flushq::{FlushGenerations, FlushQueues, FlushTicket, Pushed};
 use super::{DomainConfig, DomainId, InvalidationPolicy, IotlbInvalidator};
@@ -41,7 +56,7 @@ use crate::error::{Error, Result};
 use crate::iova::{IovaRequest, IovaSource};
 use crate::pgtable::{FlushDone, Gather, PageTable, Prot, PteFormat};
 use crate::platform::{CpuGuard, Platform};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering, SpinLock};
 
 /// IOVA ranges one queued unmap frees without a heap allocation: a map holds one IOVA
 /// allocation (seed 002: never one per segment), so one range is the common case; two
@@ -66,6 +81,11 @@ impl FreeList {
             .map_err(|_| Error::NoMemory { requested: core::mem::size_of_val(free) as u64 })?;
         v.extend_from_slice(free);
         Ok(FreeList::Heap(v))
+    }
+
+    /// Frees nothing (no allocation).
+    fn none() -> Self {
+        FreeList::Inline(0, [AddrRange::empty_at(Iova::new(0)); INLINE_FREES])
     }
 
     fn as_slice(&self) -> &[AddrRange<Iova>] {
@@ -112,6 +132,10 @@ pub struct DomainStats {
     /// Releases that failed (a double free of IOVA reported by the allocator); the first
     /// error of a strict unmap is also returned to its caller.
     pub release_errors: u64,
+    /// Invalidation commands the IOMMU failed (theory 8).
+    pub invalidation_errors: u64,
+    /// Unmaps and undone maps held back after a failed invalidation, not yet released.
+    pub held_back: u64,
 }
 
 /// One counter of [`DomainStats`]: its index in a CPU's counter block.
@@ -130,10 +154,11 @@ enum Stat {
     IovaReleased,
     ExhaustionRetries,
     ReleaseErrors,
+    InvalidationErrors,
 }
 
 /// Number of [`Stat`]s.
-const STATS: usize = Stat::ReleaseErrors as usize + 1;
+const STATS: usize = Stat::InvalidationErrors as usize + 1;
 
 /// One CPU's counters, on their own cache lines (128 bytes: x86's adjacent-line prefetcher
 /// pairs 64-byte lines, so two CPUs' blocks never share a pair).
@@ -205,14 +230,21 @@ impl Counters {
 ///   invalidation that started after its entries were cleared has completed: at once for
 ///   strict domains, through `fq` for deferred ones.
 /// - `fq` is `Some` exactly when the effective policy is deferred.
+/// - `degraded` is set whenever an invalidation failed and no whole-domain invalidation has
+///   succeeded since; `held` is empty unless it is set.
 pub struct Domain<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> {
     platform: &'p P,
-    table: PageTable<'p, P, F>,
+    /// Dropped by hand: leaked if the last invalidation fails (theory 8).
+    table: ManuallyDrop<PageTable<'p, P, F>>,
     iova: S,
     hw: &'p H,
     cfg: DomainConfig,
     fq: Option<FlushQueues<Pending>>,
     counters: Counters,
+    /// Theory 8: an invalidation failed and none of the whole domain succeeded since.
+    degraded: AtomicBool,
+    /// Theory 8: what failed invalidations left unproven.
+    held: SpinLock<Vec<Pending>>,
 }
 
 impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'p, P, F, S, H> {
@@ -236,7 +268,17 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         };
         // INVARIANT: fq is Some exactly for an effective deferred policy.
         let counters = Counters::new(platform.num_cpus())?;
-        Ok(Self { platform, table, iova, hw, cfg, fq, counters })
+        Ok(Self {
+            platform,
+            table: ManuallyDrop::new(table),
+            iova,
+            hw,
+            cfg,
+            fq,
+            counters,
+            degraded: AtomicBool::new(false),
+            held: SpinLock::new(Vec::new()),
+        })
     }
 
     /// The domain id.
@@ -286,18 +328,27 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             iova_released: c(Stat::IovaReleased),
             exhaustion_retries: c(Stat::ExhaustionRetries),
             release_errors: c(Stat::ReleaseErrors),
+            invalidation_errors: c(Stat::InvalidationErrors),
+            held_back: self.held.lock().len() as u64,
         }
     }
 
-    /// Allocates IOVA space; if the space is exhausted while unmaps are queued, flushes them
-    /// and retries once.
+    /// Whether an invalidation failed and no whole-domain invalidation succeeded since
+    /// (theory 8).
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Allocates IOVA space; if the space is exhausted while unmaps are queued or held back,
+    /// flushes them and retries once.
     ///
-    /// Errors: those of [`IovaSource::alloc`].
+    /// Errors: those of [`IovaSource::alloc`]; [`Error::InvalidationFailed`] if that flush
+    /// fails.
     pub fn alloc_iova(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         match self.iova.alloc(g, req) {
-            Err(Error::Exhausted { .. }) if self.pending() > 0 => {
+            Err(Error::Exhausted { .. }) if self.pending() > 0 || self.degraded() => {
                 self.counters.add(g, Stat::ExhaustionRetries, 1);
-                self.flush(g);
+                self.flush(g)?;
                 self.iova.alloc(g, req)
             }
             r => r,
@@ -305,25 +356,35 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     }
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` with `prot`. On failure nothing of the
-    /// range translates and no translation of it is cached: the IOVA may be reused at once.
+    /// range translates; the IOVA may be given back to the allocator at once (no later map
+    /// reuses it while the unit may cache it: theory 8).
     ///
     /// Errors: those of [`PageTable::map`] (misaligned or out-of-range arguments, an
-    /// existing mapping, no memory for a table page).
+    /// existing mapping, no memory for a table page); [`Error::InvalidationFailed`] if the
+    /// domain is degraded and cannot recover, or the after-map invalidation failed (theory 8).
     pub fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+        if self.degraded.load(Ordering::Relaxed) {
+            self.recover(g)?;
+        }
         self.flush_if_due(g);
         let range = AddrRange::from_start_len(iova, len)?;
         self.hw.audit_mapping(self.cfg.id, range);
         match self.table.map(g, iova, pa, len, prot) {
-            Ok(()) => {
-                self.counters.add(g, Stat::Maps, 1);
-                Ok(())
-            }
+            Ok(()) => match self.hw.invalidate_mapped(self.cfg.id, range) {
+                Ok(()) => {
+                    self.counters.add(g, Stat::Maps, 1);
+                    Ok(())
+                }
+                Err(e) => Err(self.undo_map(g, range, e)),
+            },
             Err(e) => {
                 // Rule 5: the table cleared what it wrote; a walk in between may have cached
                 // part of it.
                 self.counters.add(g, Stat::MapFailures, 1);
                 self.counters.add(g, Stat::RangeInvalidations, 1);
-                self.hw.invalidate_range(self.cfg.id, range);
+                if self.hw.invalidate_range(self.cfg.id, range).is_err() {
+                    self.hold(g, None);
+                }
                 Err(e)
             }
         }
@@ -338,6 +399,8 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// block split). Ranges before the failing one are unmapped, invalidated and their table
     /// pages released; nothing of `free` is freed. In a strict domain, the first error the
     /// IOVA allocator reports for `free` (a double free) after everything else is done.
+    /// [`Error::InvalidationFailed`] if an invalidation the unmap issued failed: the ranges
+    /// are unmapped all the same, and what they free is held back (theory 8).
     pub fn unmap(
         &self,
         g: &CpuGuard<'_, P>,
@@ -359,7 +422,23 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         let fq = match (&self.fq, failed) {
             (Some(fq), None) => fq,
             (_, failed) => {
-                self.invalidate_and_release(g, gather);
+                if let Some(hull) = gather.range() {
+                    self.counters.add(g, Stat::RangeInvalidations, 1);
+                    if let Err(e) = self.hw.invalidate_range(self.cfg.id, hull) {
+                        // Theory 8: nothing of this unmap is proven unreachable.
+                        let free = if failed.is_none() { free } else { &[] };
+                        match FreeList::new(free) {
+                            Ok(free) => self.hold(g, Some(Pending { gather, free })),
+                            Err(_) => {
+                                // No memory to hold the list: leaked, never reused.
+                                core::mem::forget(gather);
+                                self.hold(g, None);
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
+                self.release_gather(g, gather);
                 if let Some(e) = failed {
                     return Err(e);
                 }
@@ -379,7 +458,11 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             Err(_) => {
                 // No memory to queue a long free list: flush now (it starts after the clear),
                 // then the ranges are free to go.
-                self.flush_now(g, fq);
+                if let Err(e) = self.flush_now(g, fq) {
+                    // Not even the memory to hold the list: its IOVA is leaked.
+                    self.hold(g, Some(Pending { gather, free: FreeList::none() }));
+                    return Err(e);
+                }
                 self.release_gather(g, gather);
                 for &r in free {
                     let _ = self.release_iova(g, r);
@@ -392,16 +475,19 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             Pushed::Queued => {
                 if fq.due(now) {
                     self.counters.add(g, Stat::FlushesAged, 1);
-                    self.flush_now(g, fq);
+                    self.flush_now(g, fq)?;
                 }
             }
             Pushed::QueuedFull => {
                 self.counters.add(g, Stat::FlushesFull, 1);
-                self.flush_now(g, fq);
+                self.flush_now(g, fq)?;
             }
             Pushed::NoRoom(p) => {
                 self.counters.add(g, Stat::FlushesFull, 1);
-                self.flush_now(g, fq);
+                if let Err(e) = self.flush_now(g, fq) {
+                    self.hold(g, Some(p));
+                    return Err(e);
+                }
                 self.release(g, p);
             }
         }
@@ -415,68 +501,167 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     }
 
     /// Drains every flush queue now: one whole-domain invalidation (unless a later one
-    /// already finished), then every queued release. Nothing to do for a strict domain.
-    pub fn flush(&self, g: &CpuGuard<'_, P>) {
-        if let Some(fq) = &self.fq {
-            self.flush_now(g, fq);
+    /// already finished), then every queued release. A degraded domain recovers (theory 8).
+    /// Nothing to do for a healthy strict domain.
+    ///
+    /// Errors: [`Error::InvalidationFailed`]; everything stays queued or held back.
+    pub fn flush(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        if self.degraded.load(Ordering::Relaxed) {
+            return self.recover(g);
+        }
+        match &self.fq {
+            Some(fq) => self.flush_now(g, fq),
+            None => Ok(()),
         }
     }
 
     /// Returns once a flush that started after the unmap of `t` has finished (flushing if
     /// none has yet).
-    pub fn ensure_flushed(&self, g: &CpuGuard<'_, P>, t: FlushTicket) {
+    ///
+    /// Errors: [`Error::InvalidationFailed`] if that flush fails: the range of `t` must not
+    /// be mapped again yet.
+    pub fn ensure_flushed(&self, g: &CpuGuard<'_, P>, t: FlushTicket) -> Result<()> {
         if let Some(fq) = &self.fq {
             if !fq.generations().is_flushed(t) {
-                self.flush_now(g, fq);
+                self.flush_now(g, fq)?;
             }
         }
+        Ok(())
     }
 
     /// Returns once every unmap that returned before the call has been invalidated: flushes
-    /// if some unmap is still queued, issues nothing otherwise (a strict domain, or every
-    /// queue empty). The unpin barrier of registered memory (`crate::pin::UnpinBarrier`).
+    /// if some unmap is still queued, recovers a degraded domain (theory 8), issues nothing
+    /// otherwise (a healthy strict domain, or every queue empty). The unpin barrier of
+    /// registered memory (`crate::pin::UnpinBarrier`).
     ///
     /// Why an empty queue is enough: an unmap returns only after it queued its entry (or
     /// completed an invalidation itself), and an entry leaves its queue only once a flush that
     /// started after its clear has finished (`flushq.rs`, rule 2), under the queue's lock,
     /// which [`Domain::pending`] takes too. So an entry of an unmap that returned before the
-    /// call is either seen queued (and the flush below covers it) or already covered.
-    pub fn flush_queued(&self, g: &CpuGuard<'_, P>) {
+    /// call is either seen queued (and the flush below covers it) or already covered. An unmap
+    /// whose invalidation failed has left the domain degraded until a recovery succeeds.
+    ///
+    /// Errors: [`Error::InvalidationFailed`]; nothing is proven then.
+    pub fn flush_queued(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        if self.degraded.load(Ordering::Relaxed) {
+            return self.recover(g);
+        }
         if let Some(fq) = &self.fq {
             if fq.pending() > 0 {
-                self.flush_now(g, fq);
+                return self.flush_now(g, fq);
             }
+        }
+        Ok(())
+    }
+
+    /// [`Domain::flush_queued`] until it succeeds: the barrier of callers that cannot take an
+    /// error (`crate::pin::UnpinBarrier`, `Strategy::wait_unmapped`). Returning after a failure
+    /// would let them unpin memory a device may still reach, so on a unit that never recovers
+    /// the caller waits forever (where Linux panics). Process context only.
+    pub fn wait_unmapped(&self, g: &CpuGuard<'_, P>) {
+        while self.flush_queued(g).is_err() {
+            crate::sync::spin_hint();
         }
     }
 
-    /// Flushes if the oldest queued unmap is due by age: what a kernel's timer calls so that
-    /// an idle domain's queues drain within the age bound.
-    pub fn poll(&self, g: &CpuGuard<'_, P>) {
-        self.flush_if_due(g);
+    /// Flushes if the oldest queued unmap is due by age, and retries the recovery of a
+    /// degraded domain: what a kernel's timer calls so that an idle domain's queues drain
+    /// within the age bound.
+    ///
+    /// Errors: [`Error::InvalidationFailed`] from that flush.
+    pub fn poll(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        if self.degraded.load(Ordering::Relaxed) {
+            return self.recover(g);
+        }
+        if let Some(fq) = &self.fq {
+            if fq.due(self.platform.monotonic_ns()) {
+                self.counters.add(g, Stat::FlushesAged, 1);
+                return self.flush_now(g, fq);
+            }
+        }
+        Ok(())
     }
 
+    /// The age check of maps: a failed flush leaves its unmaps queued (counted), and the map
+    /// goes on.
     #[inline]
     fn flush_if_due(&self, g: &CpuGuard<'_, P>) {
         if let Some(fq) = &self.fq {
             if fq.due(self.platform.monotonic_ns()) {
                 self.counters.add(g, Stat::FlushesAged, 1);
-                self.flush_now(g, fq);
+                let _ = self.flush_now(g, fq);
             }
         }
     }
 
-    fn flush_now(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) {
-        let ran = fq.flush(|| self.hw.invalidate_all(self.cfg.id), &mut |p| self.release(g, p));
-        self.counters.add(g, if ran { Stat::Flushes } else { Stat::FlushesCoalesced }, 1);
+    fn flush_now(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) -> Result<()> {
+        match fq.flush(|| self.hw.invalidate_all(self.cfg.id), &mut |p| self.release(g, p)) {
+            Ok(ran) => {
+                self.counters.add(g, if ran { Stat::Flushes } else { Stat::FlushesCoalesced }, 1);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.add(g, Stat::InvalidationErrors, 1);
+                Err(e)
+            }
+        }
     }
 
-    /// Strict path: one ranged invalidation over the gathered hull, then the release.
-    fn invalidate_and_release(&self, g: &CpuGuard<'_, P>, gather: Gather) {
-        if let Some(hull) = gather.range() {
-            self.counters.add(g, Stat::RangeInvalidations, 1);
-            self.hw.invalidate_range(self.cfg.id, hull);
+    /// Theory 8: a failed map's clean-up needs no holding; an undone map holds its gather.
+    #[cold]
+    fn undo_map(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>, why: Error) -> Error {
+        self.counters.add(g, Stat::MapFailures, 1);
+        let mut gather = Gather::new();
+        // The range was mapped whole just now: unmapping it cannot fail (a fresh map has no
+        // block to split).
+        let _ = self.table.unmap(g, range, &mut gather);
+        self.hold(g, Some(Pending { gather, free: FreeList::none() }));
+        why
+    }
+
+    /// Theory 8: counts a failed invalidation, holds `p` back (if any) and marks the domain
+    /// degraded. Without memory to hold `p`, leaks it: never reused, never freed.
+    #[cold]
+    fn hold(&self, g: &CpuGuard<'_, P>, p: Option<Pending>) {
+        self.counters.add(g, Stat::InvalidationErrors, 1);
+        let mut held = self.held.lock();
+        if let Some(p) = p {
+            if held.try_reserve(1).is_ok() {
+                held.push(p);
+            } else {
+                core::mem::forget(p);
+            }
         }
-        self.release_gather(g, gather);
+        // INVARIANT: set under the lock, after the push.
+        self.degraded.store(true, Ordering::Relaxed);
+    }
+
+    /// Theory 8: one whole-domain invalidation (a flush for a deferred domain), then the
+    /// release of everything held back; the domain is healthy again.
+    ///
+    /// Errors: [`Error::InvalidationFailed`]; the domain stays degraded.
+    #[cold]
+    fn recover(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        let mut held = self.held.lock();
+        if !self.degraded.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Everything in `held` was cleared before it was pushed, hence before this starts.
+        match &self.fq {
+            Some(fq) => self.flush_now(g, fq)?,
+            None => {
+                self.counters.add(g, Stat::Flushes, 1);
+                if let Err(e) = self.hw.invalidate_all(self.cfg.id) {
+                    self.counters.add(g, Stat::InvalidationErrors, 1);
+                    return Err(e);
+                }
+            }
+        }
+        for p in held.drain(..) {
+            self.release(g, p);
+        }
+        self.degraded.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Releases a queued unmap: a flush that started after its clear has finished.
@@ -531,16 +716,29 @@ impl<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> crate::pin::
     for Domain<'_, P, F, S, H>
 {
     fn wait_unmapped(&self) {
-        self.flush_queued(&self.platform.pin_cpu());
+        Domain::wait_unmapped(self, &self.platform.pin_cpu());
     }
 }
 
 impl<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Drop for Domain<'_, P, F, S, H> {
-    /// Drains the queues and invalidates the whole domain, so that the page table, dropped
-    /// next, frees pages no cache reaches. The caller has detached every device first.
+    /// Drains the queues and what is held back, and invalidates the whole domain, so that the
+    /// page table, dropped next, frees pages no cache reaches. The caller has detached every
+    /// device first. If an invalidation fails, the table pages and everything still queued
+    /// or held back are leaked instead (theory 8).
     fn drop(&mut self) {
         let g = self.platform.pin_cpu();
-        self.flush(&g);
-        self.hw.invalidate_all(self.cfg.id);
+        let done = self.flush(&g).and_then(|()| self.hw.invalidate_all(self.cfg.id));
+        drop(g);
+        if done.is_err() {
+            core::mem::forget(self.fq.take());
+            core::mem::forget(core::mem::take(self.held.get_mut()));
+            return;
+        }
+        // SAFETY: dropped once, here, and never used again; the whole-domain invalidation
+        // above completed after every entry of the table was last used.
+        #[allow(unsafe_code)]
+        unsafe {
+            ManuallyDrop::drop(&mut self.table)
+        };
     }
 }

@@ -32,6 +32,9 @@
 //! 6. **Per-CPU.** Each queue has its own spin lock: uncontended except while a flusher on
 //!    another CPU drains it. Items are released by whoever drains them, under the queue's lock,
 //!    through the caller's `release` closure.
+//! 7. **Failures.** An invalidation can fail (the IOMMU reports an error or never answers). A
+//!    failed flush releases nothing and its items stay queued; it keeps the number it took,
+//!    and the next flush that succeeds covers every ticket below its own number.
 #![forbid(unsafe_code)]
 
 use alloc::boxed::Box;
@@ -60,7 +63,14 @@ impl FlushTicket {
 ///
 /// # Invariants
 ///
-/// `finished <= started <= finished + 1`; both only grow; they change only under `lock`.
+/// `finished <= started`; both only grow; they change only under `lock`. `finished` is the
+/// number of the last flush that completed; `started - finished` counts the flushes that
+/// failed since then, plus one while a flush runs (rule 7).
+///
+/// Rule 7 (failures): a flush whose invalidation fails keeps its number taken and does not
+/// advance `finished`, so it releases nothing. The next successful flush, numbered `s`, sets
+/// `finished = s`: it started after every ticket below `s` was read (the failed numbers
+/// included), so it covers them all.
 #[derive(Debug)]
 pub struct FlushGenerations {
     started: AtomicU64,
@@ -111,20 +121,22 @@ impl FlushGenerations {
     /// `invalidate` (which must complete the hardware invalidation before returning) as the
     /// next flush, unless one that started after them already finished. Returns true if it
     /// ran `invalidate`.
-    pub fn flush(&self, invalidate: impl FnOnce()) -> bool {
+    ///
+    /// Errors: `invalidate`'s; the flush then counts as not finished (rule 7).
+    pub fn flush(&self, invalidate: impl FnOnce() -> Result<()>) -> Result<bool> {
         let mine = self.ticket();
         let _serial = self.lock.lock();
         if self.is_flushed(mine) {
-            return false;
+            return Ok(false);
         }
-        self.started.fetch_add(1, Ordering::SeqCst);
+        let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         // Rule 3: the increment is ordered before every read the invalidation (and the walks
         // after it) makes of the tables.
         fence(Ordering::SeqCst);
-        invalidate();
-        // INVARIANT: under the lock, started == finished + 1 here, and equal after.
-        self.finished.fetch_add(1, Ordering::Release);
-        true
+        invalidate()?;
+        // INVARIANT: under the lock `number` is `started`, above every earlier `finished`.
+        self.finished.store(number, Ordering::Release);
+        Ok(true)
     }
 }
 
@@ -318,15 +330,21 @@ impl<T> FlushQueues<T> {
 
     /// Runs one flush (see [`FlushGenerations::flush`]), then releases every covered item of
     /// every queue. Returns true if it ran `invalidate`.
-    pub fn flush(&self, invalidate: impl FnOnce(), release: &mut impl FnMut(T)) -> bool {
-        let ran = self.gens.flush(invalidate);
+    ///
+    /// Errors: `invalidate`'s; nothing is released then, every item stays queued (rule 7).
+    pub fn flush(
+        &self,
+        invalidate: impl FnOnce() -> Result<()>,
+        release: &mut impl FnMut(T),
+    ) -> Result<bool> {
+        let ran = self.gens.flush(invalidate)?;
         let hint = self.hint.load(Ordering::Acquire);
         for (cpu, queue) in self.queues.iter().enumerate() {
             let mut q = queue.lock();
             self.reclaim_locked(cpu, &mut q, release);
         }
         self.raise_hint(hint, self.min_oldest());
-        ran
+        Ok(ran)
     }
 
     /// Releases, without flushing, every item of every queue that a finished flush covers.
@@ -354,7 +372,16 @@ mod tests {
         assert!(matches!(q.push(0, t, 10, 1u32, &mut |i| out.push(i)), Pushed::Queued));
         assert_eq!(q.reclaim_all(&mut |i| out.push(i)), 0);
         let mut ran = 0;
-        assert!(q.flush(|| ran += 1, &mut |i| out.push(i)));
+        assert!(
+            q.flush(
+                || {
+                    ran += 1;
+                    Ok(())
+                },
+                &mut |i| out.push(i)
+            )
+            .unwrap()
+        );
         assert_eq!((ran, out.as_slice()), (1, &[1u32][..]));
         assert!(q.generations().is_flushed(t));
         assert_eq!((q.generations().started(), q.generations().finished()), (1, 1));
@@ -364,10 +391,10 @@ mod tests {
     fn a_flush_already_covering_the_callers_clears_is_coalesced() {
         let g = FlushGenerations::new();
         let before = g.ticket();
-        assert!(g.flush(|| {}));
+        assert!(g.flush(|| Ok(())).unwrap());
         // Nothing cleared since that flush started? A new flush is still needed: the caller
         // may have cleared entries after it.
-        assert!(g.flush(|| {}));
+        assert!(g.flush(|| Ok(())).unwrap());
         assert!(g.is_flushed(before));
         assert!(g.is_flushed(FlushTicket::DONE));
     }
@@ -381,7 +408,7 @@ mod tests {
         }
         assert!(matches!(q.push(0, q.ticket(), 2, 2, &mut |x| out.push(x)), Pushed::QueuedFull));
         assert!(matches!(q.push(0, q.ticket(), 3, 3, &mut |x| out.push(x)), Pushed::NoRoom(3)));
-        q.flush(|| {}, &mut |x| out.push(x));
+        q.flush(|| Ok(()), &mut |x| out.push(x)).unwrap();
         assert_eq!(out, [0, 1, 2]);
         assert_eq!(q.pending(), 0);
     }
@@ -393,7 +420,7 @@ mod tests {
         let _ = q.push(1, q.ticket(), 500, 7u8, &mut |_| {});
         assert!(!q.due(1_499));
         assert!(q.due(1_500));
-        q.flush(|| {}, &mut |_| {});
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
         assert!(!q.due(10_000));
         let _ = q.push(0, q.ticket(), 20_000, 8u8, &mut |_| {});
         assert!(!q.due(20_999) && q.due(21_000));
@@ -452,7 +479,7 @@ mod tests {
                         }
                     }
                     Op::Flush => {
-                        proptest::prop_assert!(q.flush(|| {}, &mut |i| released.push(i)), "single-threaded flushes always run");
+                        proptest::prop_assert!(q.flush(|| Ok(()), &mut |i| released.push(i)).unwrap(), "single-threaded flushes always run");
                         flushes += 1;
                         let mut gone: Vec<u32> = live.iter().map(|l| l.0).collect();
                         live.clear();
@@ -476,6 +503,26 @@ mod tests {
                 proptest::prop_assert!(live.iter().all(|l| l.3 == flushes));
             }
         }
+    }
+
+    #[test]
+    fn a_failed_flush_releases_nothing_and_the_next_success_covers_every_earlier_ticket() {
+        let q = FlushQueues::new(1, 8, u64::MAX).unwrap();
+        let mut out = Vec::new();
+        let t1 = q.ticket();
+        let _ = q.push(0, t1, 0, 1u32, &mut |i| out.push(i));
+        let broken = Error::InvalidationFailed { what: "test", domain: 1, status: 0 };
+        assert_eq!(q.flush(|| Err(broken), &mut |i| out.push(i)), Err(broken));
+        assert!(out.is_empty() && q.pending() == 1 && !q.generations().is_flushed(t1));
+        // A ticket read after the failed flush took its number.
+        let t2 = q.ticket();
+        let _ = q.push(0, t2, 0, 2u32, &mut |i| out.push(i));
+        assert_eq!(q.flush(|| Err(broken), &mut |i| out.push(i)), Err(broken));
+        assert_eq!((q.generations().started(), q.generations().finished()), (2, 0));
+        assert!(q.flush(|| Ok(()), &mut |i| out.push(i)).unwrap());
+        assert_eq!(out, [1, 2]);
+        assert!(q.generations().is_flushed(t1) && q.generations().is_flushed(t2));
+        assert_eq!((q.generations().started(), q.generations().finished()), (3, 3));
     }
 
     #[test]

@@ -13,7 +13,17 @@
 //!    hardware's completion). The machine model implements it (`busdma_model::ModelIommu`),
 //!    and so does a real driver. Its `audit_*` methods are debug hooks that a checking model
 //!    uses to verify the rule above; hardware drivers leave them as the no-op defaults.
-//! 3. **Policies.** *Strict*: the unmap of a map issues exactly one ranged invalidation
+//! 3. **Caching not-present entries.** Some IOMMUs may also cache what they found *absent*
+//!    (VT-d caching mode, CAP.CM = 1: the unit is usually a hypervisor's virtual IOMMU that
+//!    shadows the tables and learns about new entries only from invalidations). For them a
+//!    map must be followed by an invalidation of its range too:
+//!    [`IotlbInvalidator::invalidate_mapped`], which every other IOMMU leaves as the free
+//!    default.
+//! 4. **Failure.** A command can fail: the hardware reports an error, or never answers. It
+//!    then returns [`crate::Error::InvalidationFailed`], and nothing the command was meant to
+//!    make reusable may be reused: [`Domain`] holds it back until a later whole-domain
+//!    invalidation succeeds (see its theory).
+//! 5. **Policies.** *Strict*: the unmap of a map issues exactly one ranged invalidation
 //!    covering all its segments, waits for it, then frees the table pages and the IOVA.
 //!    *Deferred*: unmaps go on a per-CPU flush queue and one whole-domain invalidation drains
 //!    many of them, bounded by a count and an age ([`InvalidationPolicy`]). A domain for an
@@ -34,6 +44,7 @@ pub use domain::{Domain, DomainStats};
 pub use flushq::FlushTicket;
 
 use crate::addr::{AddrRange, Iova, KernVa, PhysAddr};
+use crate::error::Result;
 
 /// An IOMMU domain number: the tag the hardware keys its caches by (VT-d's 16-bit domain id,
 /// an SMMU's ASID/VMID).
@@ -44,14 +55,30 @@ pub type DomainId = u16;
 /// # Execution context
 ///
 /// Every method may be called with preemption disabled and from several CPUs at once; each
-/// returns only when the hardware has completed the command (it spins, never sleeps).
+/// returns only when the hardware has completed the command (it spins, never sleeps), or has
+/// failed it.
+///
+/// # Errors
+///
+/// The invalidation commands return [`crate::Error::InvalidationFailed`] when the hardware
+/// reported an error or did not complete in time: the caller must then treat everything the
+/// command was to invalidate as possibly still cached (theory 4).
 pub trait IotlbInvalidator: Sync {
     /// Invalidates every cached translation (IOTLB and paging-structure caches) of `domain`
-    /// that covers any byte of `range`. Complete when it returns.
-    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>);
+    /// that covers any byte of `range`. Complete when it returns `Ok`.
+    fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()>;
 
-    /// Invalidates every cached translation of `domain`. Complete when it returns.
-    fn invalidate_all(&self, domain: DomainId);
+    /// Invalidates every cached translation of `domain`. Complete when it returns `Ok`.
+    fn invalidate_all(&self, domain: DomainId) -> Result<()>;
+
+    /// Entries for `range` of `domain` have just been made present. An IOMMU that may cache
+    /// not-present entries (VT-d caching mode) invalidates the range so that devices see the
+    /// new entries (theory 3); every other IOMMU returns at once (the default).
+    #[inline]
+    fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        let _ = (domain, range);
+        Ok(())
+    }
 
     /// Programs the coherence index of the mapping of `range` in `domain` (parisc's local
     /// coherence index, seed 003): the virtual cache index the IOMMU uses to keep one CPU alias

@@ -16,7 +16,12 @@
 //!    the IOTLB register at ECAP.IRO, poll until hardware clears the request bit) and *queued*
 //!    (ECAP.QI: write 128-bit descriptors into a ring in memory, bump the tail register, and
 //!    follow them with a wait descriptor whose status write says they all completed). This
-//!    driver uses one or the other for its whole life ([`InvalidationChoice`]).
+//!    driver uses one or the other for its whole life ([`InvalidationChoice`]). In *caching
+//!    mode* (CAP.CM, usually a hypervisor's virtual unit) the unit may cache not-present and
+//!    erroneous entries too: a context entry made present is followed by a context-cache
+//!    invalidation naming domain id 0 (the tag CM gives not-present entries) and a
+//!    domain-selective IOTLB invalidation, and every map by a page-selective invalidation
+//!    ([`Vtd::flush_mapped`]; nothing at all when CM is clear).
 //! 3. **Granularity.** IOTLB invalidations are global, per domain, or page-selective (CAP.PSI)
 //!    over a naturally aligned block of 2^AM pages, AM ≤ CAP.MAMV; [`inval::psi_block`]
 //!    computes the smallest block covering a range and the driver falls back to the domain
@@ -40,15 +45,23 @@
 //!    clears its F bit (the unit records nothing more from that source until then).
 //! 8. **Policy lives above.** The driver implements `busdma::iommu::IotlbInvalidator`
 //!    (`invalidator.rs`): a `busdma::iommu::Domain` decides *when* to invalidate (strict: per
-//!    unmap; deferred: batched) and the driver only executes ranged and whole-domain requests,
-//!    each complete when the call returns.
+//!    unmap; deferred: batched) and the driver only executes ranged, whole-domain and after-map
+//!    requests, each complete when the call returns `Ok`.
+//! 9. **Failures.** An invalidation the unit rejects (FSTS.IQE, a register command answered
+//!    with IAIG/CAIG = 0), reports ICE/ITE for, or never completes (a bounded poll) returns
+//!    [`crate::Error::InvalidationFailed`] naming the domain and the status; never a panic.
+//!    After IQE the queue is repaired (the rejected slot overwritten by a harmless wait
+//!    descriptor, IQE cleared, the doorbell rung again), so later invalidations work. What the
+//!    failed command was to free is held back by the domain (`busdma::iommu::Domain`, theory
+//!    8). [`Vtd::inject_invalidation_failures`] makes the unit reject the next ones (tests).
 //!
 //! # Locking and execution context
 //!
 //! One spin lock guards the context tables, the domain-id bitmap and the invalidation
 //! machinery, so invalidations are serialised and every one has completed when its call
-//! returns. Nothing sleeps; every call may run with preemption disabled. The hardware waits
-//! are bounded polls that end in [`crate::Error::BadState`].
+//! returns `Ok`. Nothing sleeps; every call may run with preemption disabled. The hardware
+//! waits are bounded polls that end in [`crate::Error::InvalidationFailed`] (invalidations) or
+//! [`crate::Error::BadState`] (global commands).
 //!
 //! # Mutants
 //!
@@ -76,4 +89,4 @@ pub type SecondLevel = crate::pgtable::VtdSl;
 pub type SecondLevel = mutant::NonLeafNoRw;
 pub use entry::{DomainId, SourceId};
 pub use fault::{Access, Fault};
-pub use unit::{InvalidationChoice, InvalidationMethod, Vtd, VtdConfig, VtdStats};
+pub use unit::{DEFAULT_POLL_LIMIT, InvalidationChoice, InvalidationMethod, Vtd, VtdConfig, VtdStats};

@@ -13,6 +13,9 @@ pub(crate) const SKIP_IOTLB_FLUSH: bool = cfg!(feature = "vtd-mutant-skip-iotlb-
 pub(crate) const WRONG_DEVFN: bool = cfg!(feature = "vtd-mutant-wrong-devfn");
 /// Never latch the root table pointer (no GCMD.SRTP).
 pub(crate) const SKIP_SRTP: bool = cfg!(feature = "vtd-mutant-skip-srtp");
+/// In caching mode, skip the invalidation that must follow a map (the unit may keep serving
+/// the not-present entries it cached before).
+pub(crate) const SKIP_MAP_FLUSH: bool = cfg!(feature = "vtd-mutant-skip-map-flush");
 /// Build non-leaf second-level entries without their read/write bits.
 pub const NONLEAF_NO_RW: bool = cfg!(feature = "vtd-mutant-nonleaf-no-rw");
 
@@ -70,7 +73,7 @@ mod tests {
     fn mutant_switches_are_off_in_ordinary_builds() {
         // The workspace never enables a mutant feature; if one leaked into a normal build the
         // driver would be broken for real.
-        const { assert!(!SKIP_IOTLB_FLUSH && !WRONG_DEVFN && !SKIP_SRTP && !NONLEAF_NO_RW) };
+        const { assert!(!SKIP_IOTLB_FLUSH && !WRONG_DEVFN && !SKIP_SRTP && !NONLEAF_NO_RW && !SKIP_MAP_FLUSH) };
     }
 
     #[test]

@@ -6,7 +6,7 @@ use core::sync::atomic::Ordering as HwOrdering;
 use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
 use crate::platform::{Platform, TablePage};
-use crate::sync::{AtomicU64, Ordering, SpinLock, spin_hint};
+use crate::sync::{AtomicU32, AtomicU64, Ordering, SpinLock, spin_hint};
 
 use super::caps::{Capabilities, Levels};
 use super::entry::{self, DomainId, SourceId};
@@ -23,10 +23,11 @@ const MAX_DOMAIN_IDS: usize = 1 << 16;
 const IQA_QS_ONE_PAGE: u64 = 0;
 /// Descriptors in the one-page queue.
 const QUEUE_SLOTS: u32 = (PAGE_SIZE / 16) as u32;
-/// Register polls before a command is declared stuck. Why 2^24: an MMIO read costs at least
-/// 100 ns on real hardware, so this waits well over a second, longer than Linux's one-second
-/// DMAR operation timeout; QEMU completes every command before the first poll.
-const POLL_LIMIT: u32 = 1 << 24;
+/// Default register polls before a command is declared stuck ([`VtdConfig::poll_limit`]). Why
+/// 2^24: an MMIO read costs at least 100 ns on real hardware, so this waits well over a
+/// second, longer than Linux's one-second DMAR operation timeout; QEMU completes every
+/// command before the first poll.
+pub const DEFAULT_POLL_LIMIT: u32 = 1 << 24;
 
 /// How the driver invalidates the unit's caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,11 +57,18 @@ pub struct VtdConfig {
     pub invalidation: InvalidationChoice,
     /// Deepest second-level tables to use; the driver picks the deepest SAGAW allows up to this.
     pub max_levels: Levels,
+    /// Polls of a status (a register, or the wait descriptor's status word) before a command
+    /// is declared stuck: the time-out, in units of one MMIO read ([`DEFAULT_POLL_LIMIT`]).
+    pub poll_limit: u32,
 }
 
 impl Default for VtdConfig {
     fn default() -> Self {
-        Self { invalidation: InvalidationChoice::Auto, max_levels: Levels::Four }
+        Self {
+            invalidation: InvalidationChoice::Auto,
+            max_levels: Levels::Four,
+            poll_limit: DEFAULT_POLL_LIMIT,
+        }
     }
 }
 
@@ -77,6 +85,12 @@ pub struct VtdStats {
     pub context: AtomicU64,
     /// Write-buffer flushes.
     pub write_buffer: AtomicU64,
+    /// Page-selective invalidations after a map (caching mode only; also counted above).
+    pub after_map: AtomicU64,
+    /// Invalidations the unit failed (queue errors, refusals, time-outs).
+    pub failed: AtomicU64,
+    /// Invalidation-queue errors (FSTS.IQE) the driver recovered the queue from.
+    pub queue_errors_recovered: AtomicU64,
 }
 
 impl VtdStats {
@@ -97,6 +111,8 @@ struct Queue {
     tail: u32,
     /// Status data of the last wait descriptor submitted.
     seq: u32,
+    /// The last submission timed out: descriptors may still be queued.
+    stuck: bool,
 }
 
 struct State {
@@ -123,9 +139,12 @@ pub struct Vtd<'p, P: Platform> {
     caps: Capabilities,
     levels: Levels,
     method: InvalidationMethod,
+    poll_limit: u32,
     root: TablePage,
     state: SpinLock<State>,
     stats: VtdStats,
+    /// Fault injection: IOTLB invalidations still to corrupt ([`Vtd::inject_invalidation_failures`]).
+    inject: AtomicU32,
 }
 
 impl<'p, P: Platform> Vtd<'p, P> {
@@ -164,6 +183,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
             caps,
             levels,
             method,
+            poll_limit: config.poll_limit,
             root,
             state: SpinLock::new(State {
                 context: [None; BUSES],
@@ -171,6 +191,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
                 domain_ids: [0; MAX_DOMAIN_IDS / 64],
             }),
             stats: VtdStats::default(),
+            inject: AtomicU32::new(0),
         };
         // From here on, dropping `vtd` on an error path disables the unit and frees the pages.
         vtd.bring_up()?;
@@ -205,7 +226,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
             self.clean(ring.kva(), PAGE_SIZE);
             self.w64(regs::IQT, 0);
             self.w64(regs::IQA, ring.pa().raw() | IQA_QS_ONE_PAGE);
-            state.queue = Some(Queue { ring, status, tail: 0, seq: 0 });
+            state.queue = Some(Queue { ring, status, tail: 0, seq: 0, stuck: false });
             self.set_persistent(gcmd::QIE, true)?;
         }
         self.flush_write_buffer_locked()?;
@@ -308,8 +329,9 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// Points device `sid` at the second-level table rooted at `sl_root` (depth `levels`,
     /// which must be [`Vtd::levels`] or another depth SAGAW offers), tagged with domain `did`.
     /// Then invalidates the device's context-cache entry and the domain's IOTLB entries, so the
-    /// unit uses the new entry whatever it cached before (required in caching mode, harmless
-    /// otherwise, and attach is rare).
+    /// unit uses the new entry whatever it cached before (required in caching mode, where the
+    /// context invalidation names domain id 0, the tag of cached not-present entries;
+    /// harmless otherwise, and attach is rare).
     ///
     /// Errors: [`Error::AlreadyMapped`] (the device is attached), [`Error::InvalidArgument`]
     /// (domain id 0 or beyond CAP.ND, depth not offered), [`Error::Misaligned`] (`sl_root`),
@@ -336,7 +358,10 @@ impl<'p, P: Platform> Vtd<'p, P> {
         let words = entry::context_entry(sl_root, levels, did);
         self.write_entry(table, index, words, sid.0.into())?;
         self.flush_write_buffer_locked()?;
-        self.invalidate_context_locked(&mut state, ContextScope::Device(did, sid))?;
+        // In caching mode the unit may have cached the entry as not present, and it tags
+        // not-present entries with domain id 0 (the id CM reserves for them).
+        let tag = if self.caps.caching_mode() { DomainId(0) } else { did };
+        self.invalidate_context_locked(&mut state, ContextScope::Device(tag, sid))?;
         self.invalidate_iotlb_locked(&mut state, IotlbScope::Domain(did))
     }
 
@@ -376,7 +401,8 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// what unmapping calls: when it returns, no DMA can use a translation of `range` that
     /// existed before the call.
     ///
-    /// Errors: [`Error::BadState`] (the unit reported an invalidation error or timed out).
+    /// Errors: [`Error::InvalidationFailed`] (the unit reported an invalidation error, refused
+    /// the command, or timed out).
     pub fn flush_range(&self, did: DomainId, range: AddrRange<Iova>) -> Result<()> {
         if mutant::SKIP_IOTLB_FLUSH {
             return Ok(());
@@ -397,6 +423,32 @@ impl<'p, P: Platform> Vtd<'p, P> {
         let mut state = self.state.lock();
         self.flush_write_buffer_locked()?;
         self.invalidate_iotlb_locked(&mut state, IotlbScope::Domain(did))
+    }
+
+    /// In caching mode (CAP.CM), invalidates the IOTLB entries of `did` over `range`, which
+    /// has just been mapped: the unit may have cached them as not present. A no-op when CM is
+    /// clear, where no unit caches not-present entries.
+    ///
+    /// Errors: as for [`Vtd::flush_range`].
+    pub fn flush_mapped(&self, did: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        if !self.caps.caching_mode() || mutant::SKIP_MAP_FLUSH {
+            return Ok(());
+        }
+        self.stats.after_map.fetch_add(1, Ordering::Relaxed);
+        let scope = inval::iotlb_scope(did, range, self.caps.psi(), self.caps.mamv());
+        let mut state = self.state.lock();
+        self.flush_write_buffer_locked()?;
+        self.invalidate_iotlb_locked(&mut state, scope)
+    }
+
+    /// Fault injection: the next `n` IOTLB invalidations are issued corrupted, so that the
+    /// unit rejects them the way it rejects a malformed request (queued: a descriptor of a
+    /// reserved type, which sets FSTS.IQE; register-based: a reserved granularity, which the
+    /// unit answers with IAIG = 0). Each then fails with [`Error::InvalidationFailed`] as a
+    /// real failure would, and the driver recovers the queue. For tests of the error paths
+    /// above the driver; costs an invalidation one relaxed load otherwise.
+    pub fn inject_invalidation_failures(&self, n: u32) {
+        self.inject.store(n, Ordering::Relaxed);
     }
 
     /// Flushes the unit's write buffer when CAP.RWBF asks for it (after table updates, before
@@ -478,21 +530,34 @@ impl<'p, P: Platform> Vtd<'p, P> {
 
     fn invalidate_context_locked(&self, state: &mut State, scope: ContextScope) -> Result<()> {
         self.stats.context.fetch_add(1, Ordering::Relaxed);
-        match state.queue.as_mut() {
-            Some(q) => self.submit(q, inval::context_desc(scope)),
+        let domain = match scope {
+            ContextScope::Global => 0,
+            ContextScope::Device(did, _) => did.0.into(),
+        };
+        let r = match state.queue.as_mut() {
+            Some(q) => self.submit(q, inval::context_desc(scope), domain),
             None => {
                 self.w64(regs::CCMD, inval::ccmd_value(scope));
-                self.poll("context-cache invalidation (CCMD.ICC)", || {
+                self.poll_invalidation("VT-d context-cache invalidation timed out (CCMD.ICC)", domain, || {
                     self.r64(regs::CCMD) & regs::ccmd::ICC == 0
-                })?;
-                if (self.r64(regs::CCMD) >> regs::ccmd::CAIG_SHIFT) & 0b11 == 0 {
-                    return Err(Error::BadState {
-                        what: "VT-d refused a context-cache invalidation (CAIG = 0)",
-                    });
-                }
-                Ok(())
+                })
+                .and_then(|()| {
+                    let ccmd = self.r64(regs::CCMD);
+                    if (ccmd >> regs::ccmd::CAIG_SHIFT) & 0b11 == 0 {
+                        return Err(Error::InvalidationFailed {
+                            what: "VT-d refused a context-cache invalidation (CAIG = 0)",
+                            domain,
+                            status: ccmd,
+                        });
+                    }
+                    Ok(())
+                })
             }
+        };
+        if r.is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
         }
+        r
     }
 
     fn invalidate_iotlb_locked(&self, state: &mut State, scope: IotlbScope) -> Result<()> {
@@ -503,37 +568,87 @@ impl<'p, P: Platform> Vtd<'p, P> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let drain = Drain { reads: self.caps.drain_reads(), writes: self.caps.drain_writes() };
-        match state.queue.as_mut() {
-            Some(q) => self.submit(q, inval::iotlb_desc(scope, drain)),
+        let domain = match scope {
+            IotlbScope::Global => 0,
+            IotlbScope::Domain(did) | IotlbScope::Pages { did, .. } => did.0.into(),
+        };
+        let corrupt = self.take_injection();
+        let r = match state.queue.as_mut() {
+            Some(q) => {
+                // A reserved descriptor type (0): the unit must reject it with IQE.
+                let desc = if corrupt { [0, 0] } else { inval::iotlb_desc(scope, drain) };
+                self.submit(q, desc, domain)
+            }
             None => {
-                let (iva, cmd) = inval::iotlb_registers(scope, drain);
+                let (iva, mut cmd) = inval::iotlb_registers(scope, drain);
+                if corrupt {
+                    // Granularity 0 is reserved: the unit answers IAIG = 0.
+                    cmd &= !(0b11 << 60);
+                }
                 let pair = self.caps.iotlb_offset();
                 if matches!(scope, IotlbScope::Pages { .. }) {
                     self.w64(pair + regs::IVA_IN_IOTLB_PAIR, iva);
                 }
                 self.w64(pair + regs::IOTLB_IN_IOTLB_PAIR, cmd);
-                self.poll("IOTLB invalidation (IOTLB.IVT)", || {
+                self.poll_invalidation("VT-d IOTLB invalidation timed out (IOTLB.IVT)", domain, || {
                     self.r64(pair + regs::IOTLB_IN_IOTLB_PAIR) & regs::iotlb::IVT == 0
-                })?;
-                if (self.r64(pair + regs::IOTLB_IN_IOTLB_PAIR) >> regs::iotlb::IAIG_SHIFT) & 0b11 == 0 {
-                    return Err(Error::BadState { what: "VT-d refused an IOTLB invalidation (IAIG = 0)" });
-                }
-                Ok(())
+                })
+                .and_then(|()| {
+                    let v = self.r64(pair + regs::IOTLB_IN_IOTLB_PAIR);
+                    if (v >> regs::iotlb::IAIG_SHIFT) & 0b11 == 0 {
+                        return Err(Error::InvalidationFailed {
+                            what: "VT-d refused an IOTLB invalidation (IAIG = 0)",
+                            domain,
+                            status: v,
+                        });
+                    }
+                    Ok(())
+                })
             }
+        };
+        if r.is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
         }
+        r
+    }
+
+    /// Whether to corrupt this invalidation (fault injection): takes one from the count.
+    #[inline]
+    fn take_injection(&self) -> bool {
+        self.inject.load(Ordering::Relaxed) != 0
+            && self.inject.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
     }
 
     /// Queues `desc` and a wait descriptor, rings the tail doorbell and waits until the unit
-    /// has written the wait's status: then `desc` has completed.
-    fn submit(&self, q: &mut Queue, desc: [u64; 2]) -> Result<()> {
+    /// has written the wait's status: then `desc` has completed. `domain` names the domain
+    /// the request is about, for the error.
+    ///
+    /// Errors ([`Error::InvalidationFailed`]):
+    /// - the unit reported an invalidation queue error (FSTS.IQE): it stopped at the
+    ///   descriptor it rejected, IQH pointing at it. The driver overwrites that slot with a
+    ///   wait descriptor whose status write goes to a scratch word, clears IQE and rings the
+    ///   doorbell again, so the unit drains the rest and the queue is usable (and empty) again;
+    /// - an invalidation completion or time-out error (FSTS.ICE/ITE, device-TLB requests this
+    ///   driver never issues): cleared, reported;
+    /// - no status write within the poll bound (a time-out): the descriptors stay queued and
+    ///   may still complete; later submissions queue behind them (a wait descriptor completes
+    ///   only after every earlier descriptor), and fail at once if the ring has no room left.
+    fn submit(&self, q: &mut Queue, desc: [u64; 2], domain: u64) -> Result<()> {
+        // Free slots: one always stays empty so that head == tail means "empty". Only after a
+        // time-out can the ring hold anything between submissions.
+        let head = if q.stuck { (self.r64(regs::IQH) >> 4) as u32 % QUEUE_SLOTS } else { q.tail };
+        let room = (head + QUEUE_SLOTS - q.tail - 1) % QUEUE_SLOTS;
+        if room < 2 {
+            return Err(Error::InvalidationFailed {
+                what: "VT-d invalidation queue full: earlier descriptors never completed",
+                domain,
+                status: u64::from(self.r32(regs::FSTS)),
+            });
+        }
         q.seq = q.seq.wrapping_add(1);
         let status_pa = q.status.pa().raw();
         for words in [desc, inval::wait_desc(status_pa, q.seq)] {
-            let slot = q.tail as usize;
-            store_word(q.ring, 2 * slot, words[0]);
-            store_word(q.ring, 2 * slot + 1, words[1]);
-            // The queue is read by the unit like its tables: written back when not coherent.
-            self.clean(entry_kva(q.ring, 2 * slot), 16);
+            self.put_descriptor(q, q.tail, words);
             q.tail = (q.tail + 1) % QUEUE_SLOTS;
         }
         // Descriptors must be in memory before the doorbell tells the unit to fetch them.
@@ -541,21 +656,63 @@ impl<'p, P: Platform> Vtd<'p, P> {
         self.w64(regs::IQT, u64::from(q.tail) << 4);
         let seq = q.seq;
         let status = q.status;
-        self.poll("invalidation wait descriptor", || {
-            if self.r32(regs::FSTS) & (fsts::IQE | fsts::ICE | fsts::ITE) != 0 {
-                return true;
-            }
-            entry_word(status, 0) as u32 == seq
+        const ERRORS: u32 = fsts::IQE | fsts::ICE | fsts::ITE;
+        q.stuck = true;
+        self.poll_invalidation("VT-d invalidation wait descriptor timed out", domain, || {
+            self.r32(regs::FSTS) & ERRORS != 0 || entry_word(status, 0) as u32 == seq
         })?;
-        let errors = self.r32(regs::FSTS) & (fsts::IQE | fsts::ICE | fsts::ITE);
-        if errors != 0 {
-            return Err(Error::BadState {
-                what: "VT-d reported an invalidation queue error (FSTS.IQE/ICE/ITE)",
+        q.stuck = false;
+        let fsts_now = self.r32(regs::FSTS);
+        if fsts_now & fsts::IQE != 0 {
+            self.recover_queue(q);
+            return Err(Error::InvalidationFailed {
+                what: "VT-d invalidation queue error (FSTS.IQE): the unit rejected a descriptor",
+                domain,
+                status: fsts_now.into(),
+            });
+        }
+        if fsts_now & (fsts::ICE | fsts::ITE) != 0 {
+            self.w32(regs::FSTS, fsts_now & (fsts::ICE | fsts::ITE));
+            return Err(Error::InvalidationFailed {
+                what: "VT-d invalidation completion or time-out error (FSTS.ICE/ITE)",
+                domain,
+                status: fsts_now.into(),
             });
         }
         // Reads of data the invalidation protects must not move before the status read.
         self.platform.dma_rmb();
         Ok(())
+    }
+
+    /// Writes one descriptor into `slot` of the ring (written back if walks are not coherent:
+    /// the unit reads the queue like its tables).
+    fn put_descriptor(&self, q: &Queue, slot: u32, words: [u64; 2]) {
+        let slot = slot as usize;
+        store_word(q.ring, 2 * slot, words[0]);
+        store_word(q.ring, 2 * slot + 1, words[1]);
+        self.clean(entry_kva(q.ring, 2 * slot), 16);
+    }
+
+    /// After FSTS.IQE: replaces the rejected descriptor (at IQH) by a wait descriptor that
+    /// writes a scratch word, clears IQE, rings the doorbell again and waits (bounded) until
+    /// the unit has drained the ring. Nothing that was queued behind the rejected descriptor is
+    /// lost: the unit runs it now.
+    #[cold]
+    fn recover_queue(&self, q: &mut Queue) {
+        self.stats.queue_errors_recovered.fetch_add(1, Ordering::Relaxed);
+        let head = (self.r64(regs::IQH) >> 4) as u32 % QUEUE_SLOTS;
+        // Word 1 of the status page: scratch, never polled.
+        let scratch = q.status.pa().raw() + 8;
+        self.put_descriptor(q, head, inval::wait_desc(scratch, 0));
+        self.platform.dma_wmb();
+        self.w32(regs::FSTS, fsts::IQE);
+        // The unit resumes at IQH once IQE is clear; QEMU's model only when the tail is
+        // written again, which hardware ignores when unchanged.
+        self.w64(regs::IQT, u64::from(q.tail) << 4);
+        let tail = q.tail;
+        let _ = self.poll_invalidation("", 0, || {
+            (self.r64(regs::IQH) >> 4) as u32 % QUEUE_SLOTS == tail || self.r32(regs::FSTS) & fsts::IQE != 0
+        });
     }
 
     /// Changes one persistent GCMD bit, keeping the others as GSTS reports them, and waits
@@ -575,8 +732,18 @@ impl<'p, P: Platform> Vtd<'p, P> {
         self.poll(what, || done(self.gsts()))
     }
 
+    /// [`Vtd::poll`] for invalidations: a time-out is [`Error::InvalidationFailed`] naming
+    /// `domain`, with FSTS as the status.
+    fn poll_invalidation(&self, what: &'static str, domain: u64, done: impl FnMut() -> bool) -> Result<()> {
+        self.poll(what, done).map_err(|_| Error::InvalidationFailed {
+            what,
+            domain,
+            status: u64::from(self.r32(regs::FSTS)),
+        })
+    }
+
     fn poll(&self, what: &'static str, mut done: impl FnMut() -> bool) -> Result<()> {
-        for _ in 0..POLL_LIMIT {
+        for _ in 0..self.poll_limit.max(1) {
             if done() {
                 return Ok(());
             }

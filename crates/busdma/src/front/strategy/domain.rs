@@ -75,12 +75,12 @@ where
     }
 
     #[inline]
-    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: FlushTicket) {
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: FlushTicket) -> Result<()> {
         Domain::ensure_flushed(self, g, ticket)
     }
 
     fn wait_unmapped(&self, g: &CpuGuard<'_, P>) {
-        Domain::flush_queued(self, g)
+        Domain::wait_unmapped(self, g)
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {

@@ -83,7 +83,10 @@ pub trait IommuOps<P: Platform>: Sync {
     ) -> Result<Self::Ticket>;
 
     /// Waits until the invalidation of `ticket` has completed (flushing if needed).
-    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket);
+    ///
+    /// Errors: the IOMMU failed that invalidation ([`crate::Error::InvalidationFailed`]): the
+    /// unmapped range must not be mapped again yet.
+    fn ensure_flushed(&self, g: &CpuGuard<'_, P>, ticket: Self::Ticket) -> Result<()>;
 
     /// Waits until the invalidation of every unmap that returned before the call has
     /// completed (flushing if one is still queued): [`super::Strategy::wait_unmapped`].

@@ -154,8 +154,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
             return Err(Error::Exhausted { size, limit: window.len() });
         }
         let g = p.pin_cpu();
-        if let Some(t) = pending.take() {
-            d.ensure_flushed(&g, t);
+        if let Some(t) = *pending {
+            // The IOMMU failed the flush: the window may still be cached, so it stays unused.
+            d.ensure_flushed(&g, t)?;
+            *pending = None;
         }
         if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
             if !st.mapped.is_empty() {
@@ -181,7 +183,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         let g = p.pin_cpu();
         for (w, t) in st.windows {
             if let Some(t) = t {
-                self.domain.ensure_flushed(&g, t);
+                if self.domain.ensure_flushed(&g, t).is_err() {
+                    // Never proven unreachable: the window's IOVA is leaked, never reused.
+                    continue;
+                }
             }
             self.domain.free_iova(&g, w);
         }
