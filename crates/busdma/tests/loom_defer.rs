@@ -106,6 +106,7 @@ impl Strategy<Bare> for Token {
         Ok(())
     }
     fn destroy(&self, _: &Bare, _: ()) {}
+    fn wait_unmapped(&self, _: &Bare) {}
 }
 
 static BARE: Bare = Bare;

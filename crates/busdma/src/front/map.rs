@@ -232,6 +232,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
 
     /// Collects `src`'s runs into `body.runs`, coalesced; returns the load's length.
     /// On error the runs are partial: the caller clears them.
+    #[inline]
     pub(crate) fn collect<L: LoadSource>(&self, body: &mut Body<S::MapState>, src: &L) -> Result<u64> {
         let spec = self.spec;
         let (runs, max_runs) = (&mut body.runs, body.max_runs);
@@ -271,6 +272,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     /// Asks the strategy to place `body.runs` and builds the segments. On error the strategy
     /// has released everything (its rule 2) and the segments are partial: the caller clears
     /// them (and the runs, unless it will retry).
+    #[inline]
     pub(crate) fn place(&self, body: &mut Body<S::MapState>, dir: Direction) -> Result<()> {
         let mut b = SegmentBuilder::new(&mut body.segs, Constraints::of(self.spec));
         let state = body.state.as_mut().ok_or(Error::BadState { what: "map state missing" })?;
@@ -286,6 +288,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     }
 
     /// Records a completed load of `len` bytes.
+    #[inline]
     pub(crate) fn set_loaded(&self, body: &mut Body<S::MapState>, dir: Direction, len: u64) {
         body.loaded = Some(Loaded { dir, len, device_writing: false });
         #[cfg(feature = "dma-debug")]
@@ -325,6 +328,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
 
     /// [`DmaMap::unload`] of a body, without waking deferred loads (the caller does). A loaded
     /// body is unloaded whatever this returns.
+    #[inline]
     pub(crate) fn unload(&self, body: &mut Body<S::MapState>) -> Result<()> {
         if body.loaded.is_none() {
             #[cfg(feature = "dma-debug")]
@@ -427,6 +431,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     /// [`Error::Busy`] (deferred loads of the tag's tree are waiting: a no-wait load does not
     /// overtake them, [`super::defer`] theory 3), the source's and the strategy's errors
     /// (exhaustion: [`Error::Exhausted`], [`Error::NoMemory`]).
+    #[inline]
     pub fn load<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<&[Segment]> {
         if self.body.loaded.is_some() {
             return Err(Error::BadState { what: "load into a map that is already loaded" });
