@@ -169,7 +169,7 @@ pub struct HostPlatform {
 /// on a loaded machine).
 #[derive(Debug)]
 struct Clock {
-    origin: std::time::Instant,
+    origin: crate::tsc::HostClock,
     frozen: std::sync::atomic::AtomicBool,
     manual_ns: AtomicU64,
 }
@@ -177,15 +177,15 @@ struct Clock {
 impl Clock {
     fn new() -> Self {
         Self {
-            origin: std::time::Instant::now(),
+            origin: crate::tsc::HostClock::new(),
             frozen: std::sync::atomic::AtomicBool::new(false),
             manual_ns: AtomicU64::new(0),
         }
     }
 
+    #[inline]
     fn host_ns(&self) -> u64 {
-        // u64 nanoseconds last 584 years; saturate rather than wrap beyond.
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.origin.ns()
     }
 
     #[inline]

@@ -32,6 +32,7 @@ pub mod hostile;
 pub mod iommu;
 pub mod linux_pin;
 pub mod ram;
+mod tsc;
 pub mod uspace;
 
 pub use audit::{BusAccess, PageKind};

@@ -31,12 +31,13 @@
 //! # Concurrency
 //!
 //! Devices translate from any number of threads. The context table is read-mostly (a
-//! read-write lock); each IOTLB set has its own spin lock; counters are per CPU slot, bumped
+//! read-write lock, with a seqlock copy that translations read without locking, `ctxcache.rs`); each IOTLB set has its own spin lock; counters are per CPU slot, bumped
 //! without locked instructions by the thread that holds the slot (`cpu::SlotCounters`). An
 //! invalidation is complete when the call returns: any walk that read the tables before it
 //! started cannot fill the cache afterwards (the generation rule of `iotlb.rs`).
 
 pub mod audit;
+mod ctxcache;
 mod iotlb;
 mod lci;
 mod lpae;
@@ -207,6 +208,8 @@ pub struct ModelIommu<'m> {
     platform: &'m HostPlatform,
     config: IommuConfig,
     contexts: RwLock<HashMap<DeviceId, Context>>,
+    /// A lock-free copy of `contexts` for the translation path (`ctxcache.rs`).
+    ctx_cache: ctxcache::ContextCache,
     iotlb: Iotlb,
     faults: Mutex<Vec<DmaFault>>,
     counters: Counters,
@@ -236,6 +239,7 @@ impl<'m> ModelIommu<'m> {
             platform,
             config,
             contexts: RwLock::new(HashMap::new()),
+            ctx_cache: ctxcache::ContextCache::new(),
             iotlb: Iotlb::new(config.iotlb_entries),
             faults: Mutex::new(Vec::new()),
             counters: Counters::new(platform.num_cpus()),
@@ -279,6 +283,7 @@ impl<'m> ModelIommu<'m> {
             return Err(Error::AlreadyMapped { addr: device.into() });
         }
         c.insert(device, ctx);
+        self.ctx_cache.attached(device, &ctx);
         Ok(())
     }
 
@@ -287,11 +292,15 @@ impl<'m> ModelIommu<'m> {
     /// Errors: [`Error::NotMapped`] if it is not attached.
     pub fn detach(&self, device: DeviceId) -> Result<Context> {
         let mut c = self.contexts.write().unwrap_or_else(|e| e.into_inner());
+        self.ctx_cache.detached(device);
         c.remove(&device).ok_or(Error::NotMapped { addr: device.into() })
     }
 
     /// The context `device` is attached to.
     pub fn context(&self, device: DeviceId) -> Option<Context> {
+        if let Some(c) = self.ctx_cache.get(device) {
+            return Some(c);
+        }
         self.contexts.read().unwrap_or_else(|e| e.into_inner()).get(&device).copied()
     }
 
@@ -451,6 +460,7 @@ impl<'m> ModelIommu<'m> {
     }
 
     /// Spins for [`IommuConfig::invalidation_latency_ns`].
+    #[inline]
     fn command_latency(&self) {
         let ns = self.config.invalidation_latency_ns;
         if ns > 0 {

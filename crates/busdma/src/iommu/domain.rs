@@ -675,6 +675,11 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// Gives the gathered table pages back. Only called once an invalidation covering the
     /// gathered range has completed (the callers above).
     fn release_gather(&self, g: &CpuGuard<'_, P>, mut gather: Gather) {
+        if gather.freed_tables() == 0 {
+            // The common unmap detaches no table: nothing to release (the range is forgotten
+            // with the gather).
+            return;
+        }
         for pa in gather.freed_pages() {
             self.hw.audit_table_page_released(self.cfg.id, pa);
         }
