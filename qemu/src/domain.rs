@@ -195,8 +195,8 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         self.dom.ensure_flushed(g, ticket)
     }
 
-    fn wait_unmapped(&self, g: &CpuGuard<'_, KernelPlatform>) {
-        self.dom.wait_unmapped(g);
+    fn wait_unmapped(&self, g: &CpuGuard<'_, KernelPlatform>) -> Result<()> {
+        self.dom.wait_unmapped(g)
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) -> Result<()> {

@@ -55,7 +55,7 @@ fn a_registered_buffer_load_pins_nothing_and_counts_mapped_until_unload() {
     assert!(!map.is_loaded());
     assert_eq!(reg.read().lookup(UA, 1).unwrap().mapped(), 1);
     reg.unregister(UA, 16 * PAGE_SIZE).unwrap();
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(us.pinned_pages(), 0);
 }
 

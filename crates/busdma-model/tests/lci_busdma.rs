@@ -65,8 +65,9 @@ impl IommuOps<HostPlatform> for Lci<'_, '_> {
     fn ensure_flushed(&self, _: &G<'_>, _: ()) -> Result<()> {
         Ok(())
     }
-    fn wait_unmapped(&self, _: &G<'_>) {
+    fn wait_unmapped(&self, _: &G<'_>) -> Result<()> {
         // Strict: every unmap invalidated its ranges before returning.
+        Ok(())
     }
     fn reserve_tables(&self, g: &G<'_>, range: AddrRange<Iova>) -> Result<()> {
         self.d.reserve_tables(g, range)

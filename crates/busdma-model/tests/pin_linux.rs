@@ -124,7 +124,7 @@ fn real_frames_match_a_second_reading_of_pagemap_and_stay_put_while_registered()
     drop(buf);
 
     reg.unregister(mem.ua(0), pages * PAGE_SIZE).unwrap();
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(reg.backend().locked_pages(), 0);
     assert_eq!(vm_locked_kib(), locked_before, "every page munlocked");
 }

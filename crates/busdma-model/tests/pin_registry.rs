@@ -95,7 +95,7 @@ fn last_unregister_while_mapped_is_ebusy_and_used_stays_1() {
     drop(b);
     // The retry succeeds once nothing is mapped.
     reg.unregister(UA, 4 * PAGE_SIZE).unwrap();
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(us.pinned_pages(), 0);
     assert_eq!(reg.lookup(UA, PAGE_SIZE), None);
 }
@@ -136,7 +136,7 @@ fn a_released_region_stays_pinned_until_its_readers_leave() {
     assert_eq!(r.ua_to_pa(UA, 12), Ok(pa), "the reader's view stays valid");
     assert!(reg.stats().garbage > 0);
     drop(g);
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(us.pinned_pages(), 0);
     assert_eq!(reg.stats().garbage, 0);
 }
@@ -170,7 +170,7 @@ fn each_container_registers_the_same_memory_once() {
     drop(c1);
     assert_eq!(reg.lookup(UA, PAGE_SIZE).unwrap().used, 1);
     drop(c2);
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(reg.lookup(UA, PAGE_SIZE), None);
     assert_eq!(us.pinned_pages(), 0);
 }
@@ -413,7 +413,7 @@ fn readers_translate_correctly_while_writers_register_and_unregister() {
             });
         }
     });
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(us.pinned_pages(), 128);
     assert_eq!(reg.stats().garbage, 0);
 }
@@ -477,7 +477,7 @@ fn the_page_index_holds_nodes_only_for_windows_registered_now() {
     for i in 4..8 {
         reg.unregister(at(i), PAGE_SIZE).unwrap();
     }
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!((reg.stats().index_nodes, reg.stats().garbage), (0, 0));
     // The windows work again after their nodes were freed.
     reg.register(at(2), PAGE_SIZE).unwrap();

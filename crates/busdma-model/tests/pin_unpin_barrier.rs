@@ -78,7 +78,9 @@ impl PinBackend for Probing<'_, '_> {
 struct WaitsForNothing;
 
 impl UnpinBarrier for WaitsForNothing {
-    fn wait_unmapped(&self) {}
+    fn wait_unmapped(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What one registered load's life showed.
@@ -134,7 +136,7 @@ fn registered_life(loads: u64, barrier: bool) -> Seen {
     let seen_flushes = dom.stats().flushes - flushes;
     let queued = dom.pending();
     reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
-    reg.synchronize();
+    reg.synchronize().unwrap();
     assert_eq!(probe.unpins.get(), 1);
     assert_eq!(us.pinned_pages(), 0);
     let barriers = reg.stats().unpin_barriers;
@@ -256,4 +258,107 @@ fn teardown_waits_for_the_barrier_before_releasing_registered_pages() {
     assert_eq!((report.regions, report.pages_unpinned), (1, PAGES));
     assert_eq!((probe.unpins.get(), probe.reached_at_unpin.get()), (1, 0));
     assert_eq!(dom.pending(), 0);
+}
+
+/// A barrier whose first `fails` calls report a failed invalidation (an IOMMU that timed out),
+/// then the real one: the tag's.
+struct FailsFirst<'t, B: UnpinBarrier> {
+    inner: &'t B,
+    fails: Cell<u32>,
+}
+
+impl<B: UnpinBarrier> UnpinBarrier for FailsFirst<'_, B> {
+    fn wait_unmapped(&self) -> Result<()> {
+        if self.fails.get() > 0 {
+            self.fails.set(self.fails.get() - 1);
+            return Err(Error::InvalidationFailed {
+                what: "test: invalidation timed out",
+                domain: 7,
+                status: 0,
+            });
+        }
+        self.inner.wait_unmapped()
+    }
+}
+
+/// One registered load through the deferred domain, the device using it, unloaded: its unmap
+/// stays queued. The probe is told the bus range.
+fn load_use_unload<'m, B: PinBackend, U: UnpinBarrier>(
+    tag: &Tag<'m, HostPlatform, IommuPerMap<&Dom<'m>>>,
+    reg: &Registry<B, U>,
+    probe: &Probing<'_, 'm>,
+) {
+    let mut map = tag.create_map().unwrap();
+    let load = load_registered(&mut map, reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
+    let seg = load.segments()[0];
+    let mut b = [0u8; 8];
+    for off in (0..seg.len).step_by(PAGE_SIZE as usize) {
+        probe.port.dma_read(Iova::new(seg.addr.raw() + off), &mut b).unwrap();
+    }
+    probe.bus.set(Some((seg.addr.raw(), seg.len)));
+    load.unload().unwrap();
+}
+
+#[test]
+fn a_failing_barrier_holds_released_pages_pinned_until_it_succeeds() {
+    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+    m.freeze_clock();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
+    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, PAGES * PAGE_SIZE).unwrap();
+    let probe = Probing {
+        us: &us,
+        port: iommu.port(DEV),
+        bus: Cell::new(None),
+        reached_at_unpin: Cell::new(0),
+        unpins: Cell::new(0),
+    };
+    let barrier = FailsFirst { inner: &tag, fails: Cell::new(2) };
+    let reg = Registry::with_barrier(&probe, u64::MAX, &barrier).unwrap();
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    load_use_unload(&tag, &reg, &probe);
+    // The unregistration takes effect (no new load finds the region) ...
+    reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
+    assert!(matches!(reg.load(UA, PAGE_SIZE), Err(Error::NotMapped { .. })));
+    // ... but while the barrier fails the pages stay pinned, whoever asks.
+    let e = reg.synchronize().unwrap_err();
+    assert!(matches!(e, Error::InvalidationFailed { domain: 7, .. }), "{e:?}");
+    assert_eq!((probe.unpins.get(), us.pinned_pages()), (0, PAGES));
+    let st = reg.stats();
+    assert_eq!(st.unpin_barrier_failures, 2, "{st:?}");
+    assert_eq!(dom.pending(), 1, "the unmap is still queued: the device may still reach the pages");
+    // The invalidation goes through: the pages leave the IOTLB, then the pin.
+    reg.synchronize().unwrap();
+    assert_eq!((probe.unpins.get(), probe.reached_at_unpin.get(), us.pinned_pages()), (1, 0, 0));
+    assert_eq!(dom.pending(), 0);
+}
+
+#[test]
+fn a_barrier_failing_at_teardown_leaves_the_pages_pinned_for_good() {
+    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+    m.freeze_clock();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let pool = TablePool::new(&m);
+    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
+    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, PAGES * PAGE_SIZE).unwrap();
+    let probe = Probing {
+        us: &us,
+        port: iommu.port(DEV),
+        bus: Cell::new(None),
+        reached_at_unpin: Cell::new(0),
+        unpins: Cell::new(0),
+    };
+    let barrier = FailsFirst { inner: &tag, fails: Cell::new(u32::MAX) };
+    let reg = Registry::with_barrier(&probe, u64::MAX, &barrier).unwrap();
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    load_use_unload(&tag, &reg, &probe);
+    let report = reg.cleanup();
+    assert_eq!((report.regions, report.pages_unpinned, report.pins_held), (1, 0, PAGES));
+    assert!(matches!(report.barrier_error, Some(Error::InvalidationFailed { .. })), "{report:?}");
+    assert_eq!((probe.unpins.get(), us.pinned_pages()), (0, PAGES), "nothing handed back");
 }

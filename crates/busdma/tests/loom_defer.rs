@@ -106,8 +106,9 @@ impl Strategy<Bare> for Token {
         Ok(())
     }
     fn destroy(&self, _: &Bare, _: ()) {}
-    fn wait_unmapped(&self, _: &Bare) {
+    fn wait_unmapped(&self, _: &Bare) -> busdma::Result<()> {
         // No IOMMU: nothing is cached between the device and the token.
+        Ok(())
     }
 }
 

@@ -65,7 +65,7 @@ fn unregister_racing_mapped_inc_lets_exactly_one_win() {
             }
             Err(e) => panic!("unexpected {e:?}"),
         }
-        reg.synchronize();
+        reg.synchronize().unwrap();
         assert_eq!(reg.backend().unpins.load(Ordering::SeqCst), 1);
     });
 }
@@ -97,7 +97,7 @@ fn a_reader_never_sees_a_region_unpinned_while_writers_retire_it() {
         reg.unregister(UA, PAGE_SIZE).unwrap();
         reg.register(UA2, PAGE_SIZE).unwrap();
         reader.join().unwrap();
-        reg.synchronize();
+        reg.synchronize().unwrap();
         assert_eq!(reg.backend().unpins.load(Ordering::SeqCst), 1);
         assert_eq!(reg.stats().garbage, 0);
     });

@@ -109,8 +109,9 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         Ok(())
     }
 
-    fn wait_unmapped(&self, _g: &CpuGuard<'_, HostPlatform>) {
+    fn wait_unmapped(&self, _g: &CpuGuard<'_, HostPlatform>) -> Result<()> {
         // No IOTLB: an unmap is complete when it returns.
+        Ok(())
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {

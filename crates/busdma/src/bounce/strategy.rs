@@ -224,8 +224,8 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
         self.inner.destroy(p, state.inner);
     }
 
-    fn wait_unmapped(&self, p: &P) {
-        self.inner.wait_unmapped(p);
+    fn wait_unmapped(&self, p: &P) -> Result<()> {
+        self.inner.wait_unmapped(p)
     }
 
     fn sync(&self, p: &P, spec: &TagSpec, state: &Self::MapState, op: FrontSync) -> Result<()> {

@@ -148,7 +148,7 @@ impl<P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Drop
 /// A tag is the unpin barrier of the registries whose buffers are loaded through its maps
 /// (theory 4): [`Strategy::wait_unmapped`].
 impl<P: Platform, S: Strategy<P>> UnpinBarrier for Tag<'_, P, S> {
-    fn wait_unmapped(&self) {
-        self.strategy().wait_unmapped(self.platform());
+    fn wait_unmapped(&self) -> Result<()> {
+        self.strategy().wait_unmapped(self.platform())
     }
 }

@@ -554,14 +554,14 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         Ok(())
     }
 
-    /// [`Domain::flush_queued`] until it succeeds: the barrier of callers that cannot take an
-    /// error (`crate::pin::UnpinBarrier`, `Strategy::wait_unmapped`). Returning after a failure
-    /// would let them unpin memory a device may still reach, so on a unit that never recovers
-    /// the caller waits forever (where Linux panics). Process context only.
-    pub fn wait_unmapped(&self, g: &CpuGuard<'_, P>) {
-        while self.flush_queued(g).is_err() {
-            crate::sync::spin_hint();
-        }
+    /// The unpin barrier of this domain (`crate::pin::UnpinBarrier`, `Strategy::wait_unmapped`):
+    /// [`Domain::flush_queued`], once.
+    ///
+    /// Errors: [`Error::InvalidationFailed`] if that flush (or the recovery of a degraded
+    /// domain) fails; the caller then keeps the memory away from reuse (the registry holds
+    /// the pages pinned and retries later) instead of spinning or panicking. Process context.
+    pub fn wait_unmapped(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        self.flush_queued(g)
     }
 
     /// Flushes if the oldest queued unmap is due by age, and retries the recovery of a
@@ -715,8 +715,8 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
 impl<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> crate::pin::UnpinBarrier
     for Domain<'_, P, F, S, H>
 {
-    fn wait_unmapped(&self) {
-        Domain::wait_unmapped(self, &self.platform.pin_cpu());
+    fn wait_unmapped(&self) -> Result<()> {
+        Domain::wait_unmapped(self, &self.platform.pin_cpu())
     }
 }
 

@@ -54,6 +54,13 @@
 //!    an unmap is still queued); [`NoBarrier`] serves registries whose DMA goes through
 //!    strict invalidation or no IOMMU, and the front end refuses a deferred-invalidation load
 //!    of a registry that has it (`front::registered`, theory 4).
+//! 8. **A barrier that fails.** If the invalidation cannot be proven complete (the IOMMU
+//!    reported an error or timed out: [`crate::Error::InvalidationFailed`]), the barrier says
+//!    so instead of spinning or panicking, and the registry *holds the pages back*: the
+//!    regions stay unlinked (no new load finds them) but pinned, and go back on the garbage
+//!    list, so a later writer or [`Registry::synchronize`] retries the barrier and unpins
+//!    them once it succeeds. At teardown a failing barrier leaks the pins for good
+//!    ([`CleanupReport::pins_held`]): memory a device may still reach is never handed back.
 //!
 //! # Execution context
 //!
@@ -131,9 +138,13 @@ impl<T: PinBackend + ?Sized> PinBackend for &T {
 /// and teardown, outside the writer lock and outside any read section: process context.
 /// It may spin while an invalidation completes; it must not call back into the registry.
 pub trait UnpinBarrier {
-    /// Returns once no device can reach, through a translation cached before the call,
+    /// Returns `Ok` once no device can reach, through a translation cached before the call,
     /// memory whose DMA unmap returned before the call.
-    fn wait_unmapped(&self);
+    ///
+    /// Errors: the invalidation could not be proven complete
+    /// ([`crate::Error::InvalidationFailed`]); the registry then keeps the pages pinned
+    /// (theory 8).
+    fn wait_unmapped(&self) -> Result<()>;
 
     /// True only for [`NoBarrier`], which waits for nothing (the front end then refuses
     /// registered loads under deferred invalidation).
@@ -149,7 +160,9 @@ pub struct NoBarrier;
 
 impl UnpinBarrier for NoBarrier {
     #[inline]
-    fn wait_unmapped(&self) {}
+    fn wait_unmapped(&self) -> Result<()> {
+        Ok(())
+    }
 
     fn is_none(&self) -> bool {
         true
@@ -157,7 +170,7 @@ impl UnpinBarrier for NoBarrier {
 }
 
 impl<T: UnpinBarrier + ?Sized> UnpinBarrier for &T {
-    fn wait_unmapped(&self) {
+    fn wait_unmapped(&self) -> Result<()> {
         (**self).wait_unmapped()
     }
     fn is_none(&self) -> bool {
@@ -167,8 +180,8 @@ impl<T: UnpinBarrier + ?Sized> UnpinBarrier for &T {
 
 /// Every barrier of the slice (several domains using one registry).
 impl<T: UnpinBarrier> UnpinBarrier for [T] {
-    fn wait_unmapped(&self) {
-        self.iter().for_each(UnpinBarrier::wait_unmapped)
+    fn wait_unmapped(&self) -> Result<()> {
+        self.iter().try_for_each(UnpinBarrier::wait_unmapped)
     }
     fn is_none(&self) -> bool {
         self.iter().all(UnpinBarrier::is_none)
@@ -177,9 +190,9 @@ impl<T: UnpinBarrier> UnpinBarrier for [T] {
 
 /// Both barriers (two domains using one registry).
 impl<A: UnpinBarrier, B: UnpinBarrier> UnpinBarrier for (A, B) {
-    fn wait_unmapped(&self) {
-        self.0.wait_unmapped();
-        self.1.wait_unmapped();
+    fn wait_unmapped(&self) -> Result<()> {
+        self.0.wait_unmapped()?;
+        self.1.wait_unmapped()
     }
     fn is_none(&self) -> bool {
         self.0.is_none() && self.1.is_none()

@@ -55,6 +55,11 @@ pub struct PinStats {
     /// Calls of the unpin barrier (one per batch of regions unpinned together, never one
     /// per DMA unload; `pin/mod.rs`, theory 7).
     pub unpin_barriers: u64,
+    /// Barrier calls that failed (pin/mod.rs, theory 8): their regions stayed pinned for a
+    /// later retry.
+    pub unpin_barrier_failures: u64,
+    /// Pages of released regions held pinned now because their barrier failed.
+    pub pages_held: u64,
     /// Nodes of the direct page index linked now (4 KiB each; `pageidx.rs` theory 4).
     pub index_nodes: u64,
 }
@@ -69,6 +74,11 @@ pub struct CleanupReport {
     /// Regions that were still DMA-mapped: `(ua, size, live mappings)`. Their pins are
     /// released anyway (the address space is gone); each was also reported to the backend.
     pub still_mapped: Vec<(UserVa, u64, u64)>,
+    /// Pages left pinned for good because the unpin barrier failed at teardown (pin/mod.rs,
+    /// theory 8): a device may still reach them, so they are never handed back.
+    pub pins_held: u64,
+    /// The barrier's error, if it failed.
+    pub barrier_error: Option<crate::Error>,
 }
 
 /// Memory retired by a writer, freed after its grace period.
@@ -120,6 +130,8 @@ pub struct Registry<B: PinBackend, U: UnpinBarrier = NoBarrier> {
     pages_unpinned: AtomicU64,
     busy_at_release: AtomicU64,
     unpin_barriers: AtomicU64,
+    unpin_barrier_failures: AtomicU64,
+    pages_held: AtomicU64,
     backend: B,
     barrier: U,
 }
@@ -179,6 +191,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             pages_unpinned: AtomicU64::new(0),
             busy_at_release: AtomicU64::new(0),
             unpin_barriers: AtomicU64::new(0),
+            unpin_barrier_failures: AtomicU64::new(0),
+            pages_held: AtomicU64::new(0),
             backend,
             barrier,
         })
@@ -286,7 +300,9 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         let hit = Hit::of(ua.raw(), end, NonNull::from(&*region), region);
         let (next, old_leaf) = self.current(&w).inserted(hit);
         self.publish(&mut w, next, old_leaf.map(Garbage::Leaf), None);
-        self.finish(w);
+        // A failing unpin barrier holds released regions back (theory 8 of pin/mod.rs): this
+        // registration is done, and `synchronize` or the next writer retries them.
+        let _held = self.finish(w);
         Ok(info)
     }
 
@@ -329,7 +345,9 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         let tag =
             self.publish(&mut w, next, Some(Garbage::Leaf(old_leaf)), Some(Garbage::Region(hit.region)));
         w.garbage.extend(nodes.into_iter().map(|n| (tag, Garbage::PageNode(n))));
-        self.finish(w);
+        // The unregistration took effect; if the barrier fails, the pages stay pinned until a
+        // later writer or `synchronize` gets it through (theory 8 of pin/mod.rs).
+        let _held = self.finish(w);
         Ok(())
     }
 
@@ -357,7 +375,10 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
 
     /// Advances the epoch as far as readers allow, drops the lock, frees what is past its
     /// grace period. Returns whether garbage remains.
-    fn finish(&self, mut w: crate::sync::SpinGuard<'_, Writer>) -> bool {
+    ///
+    /// Errors: the unpin barrier's (`pin/mod.rs`, theory 8). The regions it guarded went back
+    /// on the garbage list, pinned; everything else past its grace period was freed.
+    fn finish(&self, mut w: crate::sync::SpinGuard<'_, Writer>) -> Result<bool> {
         // Two advances: memory retired now becomes free at `now + 2` (epoch.rs, section 5).
         self.epoch.try_advance();
         self.epoch.try_advance();
@@ -365,23 +386,32 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         let mut i = 0;
         while i < w.garbage.len() {
             if self.epoch.is_safe(w.garbage[i].0) {
-                ready.push(w.garbage.swap_remove(i).1);
+                ready.push(w.garbage.swap_remove(i));
             } else {
                 i += 1;
             }
         }
         let remains = !w.garbage.is_empty();
         drop(w);
-        if ready.iter().any(|g| matches!(g, Garbage::Region(_))) {
+        let mut held = Ok(());
+        if ready.iter().any(|(_, g)| matches!(g, Garbage::Region(_))) {
             // Theory 7: every unmap of these regions returned before they were unlinked.
-            self.unpin_barrier();
+            if let Err(e) = self.unpin_barrier() {
+                // Theory 8: hold them back, unreachable but pinned, with their (past) grace
+                // tags, so the next `finish` retries the barrier at once.
+                let (regions, rest): (Vec<_>, Vec<_>) =
+                    ready.into_iter().partition(|(_, g)| matches!(g, Garbage::Region(_)));
+                ready = rest;
+                self.writer.lock().garbage.extend(regions);
+                held = Err(e);
+            }
         }
-        for g in ready {
+        for (_, g) in ready {
             // SAFETY: each object was retired once, and its grace period has passed: no
             // reader can reach it any more.
             unsafe { self.free(g) };
         }
-        remains
+        held.map(|()| remains)
     }
 
     /// Frees one retired object; a region's pages are unpinned.
@@ -405,10 +435,14 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         }
     }
 
-    /// Waits for the barrier (theory 7), counted.
-    fn unpin_barrier(&self) {
+    /// Waits for the barrier (theory 7), counted, failures too (theory 8).
+    fn unpin_barrier(&self) -> Result<()> {
         self.unpin_barriers.fetch_add(1, Ordering::Relaxed);
-        self.barrier.wait_unmapped();
+        let r = self.barrier.wait_unmapped();
+        if r.is_err() {
+            self.unpin_barrier_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     fn release_pins(&self, region: &Region) {
@@ -419,10 +453,14 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
     /// Waits until every retired object has been freed (and retired regions unpinned).
     ///
     /// Spins while readers stay in their sections: never call it inside a read section.
-    pub fn synchronize(&self) {
-        while self.finish(self.writer.lock()) {
+    ///
+    /// Errors: the unpin barrier's ([`crate::Error::InvalidationFailed`], `pin/mod.rs`
+    /// theory 8): the released regions stay pinned and a later call retries them.
+    pub fn synchronize(&self) -> Result<()> {
+        while self.finish(self.writer.lock())? {
             spin_hint();
         }
+        Ok(())
     }
 
     /// Enters a read section: lookups and translations without locks or allocation.
@@ -479,6 +517,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             garbage: w.garbage.len() as u64,
             busy_at_container_release: self.busy_at_release.load(Ordering::Relaxed),
             unpin_barriers: self.unpin_barriers.load(Ordering::Relaxed),
+            unpin_barrier_failures: self.unpin_barrier_failures.load(Ordering::Relaxed),
+            pages_held: self.pages_held.load(Ordering::Relaxed),
             index_nodes: w.page_meta.nodes() as u64,
         }
     }
@@ -499,11 +539,20 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         let regions = NonNull::new(root).map_or(0, |r| unsafe { r.as_ref() }.len());
         if regions > 0 || garbage.iter().any(|(_, g)| matches!(g, Garbage::Region(_))) {
             // Theory 7: the last unmap of every region returned before `&mut self` existed.
-            self.unpin_barrier();
+            report.barrier_error = self.unpin_barrier().err();
         }
+        let unpin = report.barrier_error.is_none();
         for (_, g) in garbage {
-            // SAFETY: retired once, and no reader exists any more.
-            unsafe { self.free(g) };
+            match g {
+                Garbage::Region(r) if !unpin => {
+                    // SAFETY: retired once, and no reader exists any more.
+                    let region = unsafe { Box::from_raw(r.as_ptr()) };
+                    // Theory 8: a device may still reach these pages; they stay pinned.
+                    report.pins_held += region.pages();
+                }
+                // SAFETY: retired once, and no reader exists any more.
+                g => unsafe { self.free(g) },
+            }
         }
         let Some(root) = NonNull::new(root) else { return report };
         // SAFETY: the current snapshot, a leaked box owned by the registry; nobody else can
@@ -517,7 +566,11 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
                 self.backend.report_still_mapped(region.ua(), region.size(), mappings);
                 report.still_mapped.push((region.ua(), region.size(), mappings));
             }
-            self.release_pins(&region);
+            if unpin {
+                self.release_pins(&region);
+            } else {
+                report.pins_held += region.pages();
+            }
             report.regions += 1;
         }
         for &leaf in snap.leaves() {

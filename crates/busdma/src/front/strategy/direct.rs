@@ -68,7 +68,8 @@ impl<P: Platform> Strategy<P> for Direct {
 
     fn destroy(&self, _p: &P, _state: ()) {}
 
-    fn wait_unmapped(&self, _p: &P) {
+    fn wait_unmapped(&self, _p: &P) -> Result<()> {
         // No IOMMU: nothing is cached between the device and memory.
+        Ok(())
     }
 }

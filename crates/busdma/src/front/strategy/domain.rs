@@ -79,7 +79,7 @@ where
         Domain::ensure_flushed(self, g, ticket)
     }
 
-    fn wait_unmapped(&self, g: &CpuGuard<'_, P>) {
+    fn wait_unmapped(&self, g: &CpuGuard<'_, P>) -> Result<()> {
         Domain::wait_unmapped(self, g)
     }
 

@@ -116,8 +116,8 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         self.domain.invalidation()
     }
 
-    fn wait_unmapped(&self, p: &P) {
-        self.domain.wait_unmapped(&p.pin_cpu());
+    fn wait_unmapped(&self, p: &P) -> Result<()> {
+        self.domain.wait_unmapped(&p.pin_cpu())
     }
 
     fn create(&self, _p: &P, spec: &TagSpec) -> Result<IdentityState> {

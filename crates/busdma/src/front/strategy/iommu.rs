@@ -90,7 +90,9 @@ pub trait IommuOps<P: Platform>: Sync {
 
     /// Waits until the invalidation of every unmap that returned before the call has
     /// completed (flushing if one is still queued): [`super::Strategy::wait_unmapped`].
-    fn wait_unmapped(&self, g: &CpuGuard<'_, P>);
+    ///
+    /// Errors: [`crate::Error::InvalidationFailed`], as for `ensure_flushed`.
+    fn wait_unmapped(&self, g: &CpuGuard<'_, P>) -> Result<()>;
 
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.

@@ -123,7 +123,10 @@ pub trait Strategy<P: Platform>: Clone {
     /// without an IOMMU or under strict invalidation; a deferred domain flushes if an unmap
     /// is still queued. Registries wait on it before unpinning (the unpin barrier,
     /// `pin/mod.rs` theory 7). Process context; may spin while an invalidation completes.
-    fn wait_unmapped(&self, p: &P);
+    ///
+    /// Errors: [`crate::Error::InvalidationFailed`] if the IOMMU failed that invalidation; the
+    /// caller must keep the memory away from reuse (`pin/mod.rs` theory 8).
+    fn wait_unmapped(&self, p: &P) -> Result<()>;
 
     /// The strategy's part of a sync, after the front end's cache maintenance of the runs
     /// (bounce copies: `busdma::bounce::Bounced`). Defaults to nothing.

@@ -99,8 +99,8 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         self.0.invalidation()
     }
 
-    fn wait_unmapped(&self, p: &P) {
-        self.0.wait_unmapped(&p.pin_cpu());
+    fn wait_unmapped(&self, p: &P) -> Result<()> {
+        self.0.wait_unmapped(&p.pin_cpu())
     }
 
     fn create(&self, _p: &P, spec: &TagSpec) -> Result<PerMapState> {

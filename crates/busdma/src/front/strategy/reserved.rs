@@ -94,8 +94,8 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         self.domain.invalidation()
     }
 
-    fn wait_unmapped(&self, p: &P) {
-        self.domain.wait_unmapped(&p.pin_cpu());
+    fn wait_unmapped(&self, p: &P) -> Result<()> {
+        self.domain.wait_unmapped(&p.pin_cpu())
     }
 
     fn create(&self, p: &P, spec: &TagSpec) -> Result<Self::MapState> {
