@@ -572,3 +572,215 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
         assert_eq!(d.iova().stats().live_ranges, 0, "nothing leaked");
     });
 }
+
+/// One step of the reference-model test.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// `load_or_defer` of `pages` bounce pages into map `map` (if it is idle).
+    Load { map: usize, pages: u64 },
+    /// Unload map `map` (if loaded).
+    Unload { map: usize },
+    /// Cancel map `map`'s pending load (if pending).
+    Cancel { map: usize },
+    /// Take map `map` back from its completed pending load (if done).
+    Finish { map: usize },
+}
+
+const MODEL_MAPS: usize = 5;
+const ZONE_PAGES: u64 = 8;
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let m = 0..MODEL_MAPS;
+    prop_oneof![
+        3 => (m.clone(), 1..=4u64).prop_map(|(map, pages)| Op::Load { map, pages }),
+        2 => m.clone().prop_map(|map| Op::Unload { map }),
+        1 => m.clone().prop_map(|map| Op::Cancel { map }),
+        1 => m.prop_map(|map| Op::Finish { map }),
+    ]
+}
+
+/// The reference: a count of free pages and a FIFO of waiting loads (map, pages); a head that
+/// does not fit blocks the rest (theory 3 of `front::defer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ModelMap {
+    Idle,
+    Loaded(u64),
+    Waiting(u64),
+    Done(u64),
+}
+
+struct Model {
+    free: u64,
+    maps: [ModelMap; MODEL_MAPS],
+    fifo: std::collections::VecDeque<usize>,
+    /// Callbacks in order: (map, completed with segments) or (map, cancelled).
+    completed: Vec<(usize, bool)>,
+}
+
+impl Model {
+    fn service(&mut self) {
+        while let Some(&i) = self.fifo.front() {
+            let ModelMap::Waiting(k) = self.maps[i] else { unreachable!() };
+            if k > self.free {
+                return;
+            }
+            self.fifo.pop_front();
+            self.free -= k;
+            self.maps[i] = ModelMap::Done(k);
+            self.completed.push((i, true));
+        }
+    }
+}
+
+/// What the test holds for one map.
+enum Real<'t, 'p, S: Strategy<HostPlatform>> {
+    Idle(DmaMap<'t, 'p, HostPlatform, S>),
+    Loaded(DmaMap<'t, 'p, HostPlatform, S>, u64),
+    Pending(PendingLoad<'t, 'p, HostPlatform, S>, u64),
+    Gone,
+}
+
+/// The model test's machine and its client buffers (4 pages per map, above the 28-bit mask:
+/// every page bounces), made once for every case.
+fn model_machine() -> &'static (HostPlatform, PhysAddr) {
+    static M: std::sync::OnceLock<(HostPlatform, PhysAddr)> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(512 << 20) }).unwrap();
+        // First fit: fill the first 256 MiB, take the buffers above, give the fill back (the
+        // zones' bounce pages come from there).
+        let fill = m.frames().alloc(FrameRequest::pages(1 << 16)).unwrap();
+        let high = m.frames().alloc(FrameRequest::pages(4 * MODEL_MAPS as u64)).unwrap();
+        m.frames().free(fill, 1 << 16).unwrap();
+        assert!(high.raw() >= 1 << 28);
+        (m, high)
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Random loads, unloads, cancellations and hand-backs of bounced loads on an 8-page zone
+    /// agree with the FIFO reference step by step: which loads complete and when, in what
+    /// order their callbacks run (each exactly once), and how many pages are free.
+    #[test]
+    fn deferred_loads_match_a_fifo_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let (m, high) = model_machine();
+        let high = *high;
+        let qm = QuickMaps::for_platform(m);
+        let zones = BounceZones::new(m, ZoneConfig { bound_pages: ZONE_PAGES, ..ZoneConfig::default() });
+        let mut spec = may_wait(TagSpec::new(4 * PAGE_SIZE, 4));
+        spec.dma_mask = TagSpec::mask_of_bits(28);
+        let tag = Tag::new_root(m, Bounced::direct(Direct, &zones, &qm), spec).unwrap();
+        let mut real: Vec<Real<'_, '_, _>> =
+            (0..MODEL_MAPS).map(|_| Real::Idle(tag.create_map().unwrap())).collect();
+        let zone_free = || zones.stats()[0].1.free_pages;
+        proptest::prop_assert_eq!(zones.stats()[0].1.total_pages, ZONE_PAGES);
+        let mut model = Model { free: ZONE_PAGES, maps: [ModelMap::Idle; MODEL_MAPS], fifo: Default::default(), completed: Vec::new() };
+        let order: Arc<Mutex<Vec<(usize, bool)>>> = Arc::default();
+        for op in ops {
+            match op {
+                Op::Load { map, pages } => {
+                    let dm = match std::mem::replace(&mut real[map], Real::Gone) {
+                        Real::Idle(dm) => dm,
+                        other => {
+                            real[map] = other;
+                            continue;
+                        }
+                    };
+                    let o = order.clone();
+                    let cb: DeferredCallback<'_, _, _> = Box::new(move |r| match r {
+                        Ok(_) => o.lock().unwrap().push((map, true)),
+                        Err(Error::Cancelled) => o.lock().unwrap().push((map, false)),
+                        Err(e) => panic!("map {map}: {e:?}"),
+                    });
+                    let src = [(PhysAddr::new(high.raw() + map as u64 * 4 * PAGE_SIZE), pages * PAGE_SIZE)];
+                    match dm.load_or_defer(&RawSegments(&src), Direction::ToDevice, cb).unwrap() {
+                        Deferrable::Loaded(dm) => real[map] = Real::Loaded(dm, pages),
+                        Deferrable::Deferred(p) => real[map] = Real::Pending(p, pages),
+                    }
+                    if model.fifo.is_empty() && pages <= model.free {
+                        model.free -= pages;
+                        model.maps[map] = ModelMap::Loaded(pages);
+                    } else {
+                        model.maps[map] = ModelMap::Waiting(pages);
+                        model.fifo.push_back(map);
+                        model.service();
+                    }
+                }
+                Op::Unload { map } => {
+                    let (mut dm, pages) = match std::mem::replace(&mut real[map], Real::Gone) {
+                        Real::Loaded(dm, pages) => (dm, pages),
+                        other => {
+                            real[map] = other;
+                            continue;
+                        }
+                    };
+                    dm.unload().unwrap();
+                    real[map] = Real::Idle(dm);
+                    model.maps[map] = ModelMap::Idle;
+                    model.free += pages;
+                    model.service();
+                }
+                Op::Cancel { map } => {
+                    let (p, pages) = match std::mem::replace(&mut real[map], Real::Gone) {
+                        Real::Pending(p, pages) => (p, pages),
+                        other => {
+                            real[map] = other;
+                            continue;
+                        }
+                    };
+                    let dm = p.cancel().expect("no other thread: never running");
+                    if dm.is_loaded() {
+                        // Already completed: it comes back loaded.
+                        real[map] = Real::Loaded(dm, pages);
+                        proptest::prop_assert_eq!(model.maps[map], ModelMap::Done(pages));
+                        model.maps[map] = ModelMap::Loaded(pages);
+                    } else {
+                        real[map] = Real::Idle(dm);
+                        proptest::prop_assert_eq!(model.maps[map], ModelMap::Waiting(pages));
+                        model.fifo.retain(|&i| i != map);
+                        model.maps[map] = ModelMap::Idle;
+                        model.completed.push((map, false));
+                        model.service();
+                    }
+                }
+                Op::Finish { map } => {
+                    let (p, pages) = match std::mem::replace(&mut real[map], Real::Gone) {
+                        Real::Pending(p, pages) => (p, pages),
+                        other => {
+                            real[map] = other;
+                            continue;
+                        }
+                    };
+                    match p.try_finish() {
+                        Ok(dm) => {
+                            proptest::prop_assert!(dm.is_loaded());
+                            real[map] = Real::Loaded(dm, pages);
+                            proptest::prop_assert_eq!(model.maps[map], ModelMap::Done(pages));
+                            model.maps[map] = ModelMap::Loaded(pages);
+                        }
+                        Err(p) => {
+                            real[map] = Real::Pending(p, pages);
+                            proptest::prop_assert_eq!(model.maps[map], ModelMap::Waiting(pages));
+                        }
+                    }
+                }
+            }
+            // After every step: the same loads are done, in the same order, and the zone has
+            // the pages the model has free.
+            proptest::prop_assert_eq!(&*order.lock().unwrap(), &model.completed);
+            proptest::prop_assert_eq!(zone_free(), model.free);
+            for (i, r) in real.iter().enumerate() {
+                let done = match r {
+                    Real::Pending(p, _) => p.is_done(),
+                    _ => continue,
+                };
+                proptest::prop_assert_eq!(done, matches!(model.maps[i], ModelMap::Done(_)), "map {}", i);
+            }
+            proptest::prop_assert_eq!(tag.deferred_stats().waiting, model.fifo.len() as u64);
+        }
+        drop(real);
+        proptest::prop_assert_eq!(zone_free(), ZONE_PAGES, "every bounce page is back");
+    }
+}
