@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use busdma::front::{Direction, IommuPerMap, KernelBuf, Tag, TagSpec};
 use busdma::iommu::{Domain, DomainConfig, DomainId, InvalidationPolicy, IotlbInvalidator};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool, VtdSl};
@@ -232,4 +233,29 @@ fn a_domain_whose_last_invalidation_fails_leaks_its_table_pages_instead_of_freei
     let d = Domain::new(&m, pt, iova, &flaky, DomainConfig::new(DOM, InvalidationPolicy::Strict)).unwrap();
     drop(d);
     assert!(pool.stats().frees > frees);
+}
+
+#[test]
+fn a_map_unload_whose_invalidation_fails_returns_the_error_and_is_unloaded_all_the_same() {
+    with_domain(InvalidationPolicy::Strict, |m, d, iommu, flaky, _pool| {
+        let tag = Tag::new_root(m, IommuPerMap(d), TagSpec::new(PAGE_SIZE, 1)).unwrap();
+        let pa = frame(m);
+        m.write_phys(pa, &0x7a9_u64.to_le_bytes()).unwrap();
+        let buf = KernelBuf { kva: m.phys_to_kva(pa).unwrap(), len: PAGE_SIZE };
+        let mut map = tag.create_map().unwrap();
+        let bus = map.load(&buf, Direction::ToDevice).unwrap()[0].addr;
+        assert_eq!(read(iommu, bus), Ok(0x7a9));
+        flaky.fail_next(1);
+        let e = map.unload().unwrap_err();
+        assert!(is_injected(&e), "{e:?}");
+        assert!(!map.is_loaded(), "unloaded all the same");
+        assert!(d.degraded() && d.stats().held_back == 1);
+        assert_eq!(read(iommu, bus), Ok(0x7a9), "the stale entry the error warns about");
+        assert!(matches!(map.unload(), Err(Error::BadState { .. })), "a second unload is a double unload");
+        // The next load recovers the domain first: the stale entry is gone.
+        map.load(&buf, Direction::ToDevice).unwrap();
+        assert!(!d.degraded() && d.stats().held_back == 0);
+        map.unload().unwrap();
+        assert!(matches!(read(iommu, bus), Err(FaultReason::NotPresent { .. })));
+    });
 }

@@ -74,6 +74,8 @@ proptest! {
                         None => Err(Error::NotMapped { addr: ua(p).raw() }),
                     };
                     prop_assert_eq!(reg.ua_to_pa(ua(p), 12), want);
+                    // The direct page index and the interval index answer alike.
+                    prop_assert_eq!(reg.read().ua_to_pa_tree(ua(p), 12), want);
                 }
             }
             check_same(&reg, &us, &model);

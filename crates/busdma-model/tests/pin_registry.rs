@@ -447,3 +447,39 @@ fn batched_translation_agrees_with_one_by_one_and_reports_the_first_failure() {
         Err(Error::NotMapped { addr: 0x10 })
     );
 }
+
+#[test]
+fn the_page_index_holds_nodes_only_for_windows_registered_now() {
+    let m = machine();
+    let us = UserSpace::new(&m);
+    // One page in each of 8 windows 2 MiB apart, across a 1 GiB boundary.
+    let base = UserVa::new((1 << 30) - 4 * 2 * MIB);
+    let at = |i: u64| UserVa::new(base.raw() + i * 2 * MIB);
+    for i in 0..8 {
+        us.map(at(i), PAGE_SIZE).unwrap();
+    }
+    let reg = Registry::new(&us, u64::MAX).unwrap();
+    assert_eq!(reg.stats().index_nodes, 0);
+    for i in 0..8 {
+        reg.register(at(i), PAGE_SIZE).unwrap();
+    }
+    // 8 leaves, 2 level-1 nodes (one per GiB), 1 level-2 node.
+    assert_eq!(reg.stats().index_nodes, 11);
+    for i in 0..8 {
+        assert_eq!(reg.ua_to_pa(at(i), 12), Ok(us.translate(at(i)).unwrap()));
+    }
+    for i in 0..4 {
+        reg.unregister(at(i), PAGE_SIZE).unwrap();
+    }
+    assert_eq!(reg.stats().index_nodes, 6, "the first GiB's leaves and level-1 node went");
+    assert_eq!(reg.ua_to_pa(at(0), 12), Err(Error::NotMapped { addr: at(0).raw() }));
+    assert_eq!(reg.ua_to_pa(at(5), 12), Ok(us.translate(at(5)).unwrap()));
+    for i in 4..8 {
+        reg.unregister(at(i), PAGE_SIZE).unwrap();
+    }
+    reg.synchronize();
+    assert_eq!((reg.stats().index_nodes, reg.stats().garbage), (0, 0));
+    // The windows work again after their nodes were freed.
+    reg.register(at(2), PAGE_SIZE).unwrap();
+    assert_eq!(reg.ua_to_pa(at(2), 12), Ok(us.translate(at(2)).unwrap()));
+}

@@ -101,8 +101,9 @@ impl Strategy<Bare> for Token {
         }
         Ok(())
     }
-    fn unload(&self, _: &Bare, _: &mut (), _: &[Run], _: &[Segment]) {
+    fn unload(&self, _: &Bare, _: &mut (), _: &[Run], _: &[Segment]) -> busdma::Result<()> {
         self.0.store(1, Ordering::Release);
+        Ok(())
     }
     fn destroy(&self, _: &Bare, _: ()) {}
     fn wait_unmapped(&self, _: &Bare) {

@@ -72,7 +72,13 @@ fn unregister_racing_mapped_inc_lets_exactly_one_win() {
 
 #[test]
 fn a_reader_never_sees_a_region_unpinned_while_writers_retire_it() {
-    loom::model(|| {
+    // The reader walks the direct page index (four loads) while the writer clears it, retires
+    // the emptied nodes with the region, and frees them after the grace period. Three
+    // preemptions cover every race of the epoch scheme (each needs two: the store-load
+    // pattern) and keep the model under the 60 s budget (unbounded: 80 s).
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(|| {
         let reg = Arc::new(Registry::new(Frames::default(), u64::MAX).unwrap());
         reg.register(UA, PAGE_SIZE).unwrap();
         let r2 = reg.clone();

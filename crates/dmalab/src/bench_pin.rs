@@ -7,8 +7,9 @@
 //! random byte in it) from a fixed-seed generator. Both designs translate the same queries and
 //! must agree on every answer (checked by a checksum). Time is the thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`), not wall time: the lab machine is shared. `busdma` translates inside read
-//! sections of `--batch` translations each (the section's cost is included), one call per
-//! translation; `busdma-batch` translates the same sections with one `ua_to_pa_batch` call
+//! sections of `--batch` translations each (the section's cost is included), one `ua_to_pa`
+//! call per translation (the direct page index); `busdma-tree` the same through the interval
+//! index alone (`ua_to_pa_tree`, the design before the page index); `busdma-batch` translates the same sections with one `ua_to_pa_batch` call
 //! each (lookups in lockstep, misses overlapped: H_PUT_TCE_INDIRECT's shape); `linear-list`
 //! walks a singly linked list of separately allocated nodes, newest first, as Linux's
 //! `list_for_each_entry_rcu` over `mm->context.iommu_group_mem_list` does (its RCU read lock
@@ -206,6 +207,7 @@ fn one(n: usize, args: &PinArgs, report: &mut Report) -> Result<(), String> {
     let budget = Duration::from_secs_f64(args.seconds);
     let batch = args.batch.max(1);
     let (mut busdma_ns, mut batch_ns, mut list_ns) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tree_ns = Vec::new();
     let mut out = vec![PhysAddr::new(0); batch];
     for round in 0..args.rounds.max(1) {
         eprintln!("bench pin: {n} regions, round {}", round + 1);
@@ -220,6 +222,20 @@ fn one(n: usize, args: &PinArgs, report: &mut Report) -> Result<(), String> {
             acc
         });
         busdma_ns.push(ns);
+        let (ns, t, _) = measure(&queries, budget, |c| {
+            let mut acc = 0;
+            for b in c.chunks(batch) {
+                let g = reg.read();
+                for &ua in b {
+                    acc ^= g.ua_to_pa_tree(ua, PAGE_SHIFT).map_or(1, |pa| pa.raw());
+                }
+            }
+            acc
+        });
+        tree_ns.push(ns);
+        if a != t {
+            return Err(format!("bench pin ({n} regions): page index and interval index disagree"));
+        }
         let (ns, a2, _) = measure(&queries, budget, |c| {
             let mut acc = 0;
             for b in c.chunks(batch) {
@@ -254,6 +270,7 @@ fn one(n: usize, args: &PinArgs, report: &mut Report) -> Result<(), String> {
     }
     drop(g);
     report.push(json!({"impl": "busdma", "regions": n, "ns_per_lookup": median(busdma_ns)}));
+    report.push(json!({"impl": "busdma-tree", "regions": n, "ns_per_lookup": median(tree_ns)}));
     report.push(json!({"impl": "busdma-batch", "regions": n, "ns_per_lookup": median(batch_ns)}));
     report.push(json!({"impl": "linear-list", "regions": n, "ns_per_lookup": median(list_ns)}));
     Ok(())

@@ -208,14 +208,15 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
         Ok(())
     }
 
-    fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]) {
+    fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]) -> Result<()> {
         if state.load.is_some() {
-            self.inner.unload(p, &mut state.inner, &state.runs, segs);
+            let r = self.inner.unload(p, &mut state.inner, &state.runs, segs);
             state.runs.clear();
             // The pages go back to the zone (and may complete deferred loads).
             state.load = None;
+            r
         } else {
-            self.inner.unload(p, &mut state.inner, runs, segs);
+            self.inner.unload(p, &mut state.inner, runs, segs)
         }
     }
 

@@ -279,8 +279,9 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
         let (p, st) = (self.tag.platform, &self.tag.strategy);
         st.load(p, self.spec, state, &body.runs, dir, &mut b)?;
         if let Err(e) = b.finish() {
-            // The strategy placed everything but the tag forbids the result: undo it.
-            st.unload(p, state, &body.runs, &[]);
+            // The strategy placed everything but the tag forbids the result: undo it (a failed
+            // invalidation of the undo leaves the domain holding back what it frees).
+            let _ = st.unload(p, state, &body.runs, &[]);
             return Err(e);
         }
         Ok(())
@@ -325,7 +326,8 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
         Ok(st)
     }
 
-    /// [`DmaMap::unload`] of a body, without waking deferred loads (the caller does).
+    /// [`DmaMap::unload`] of a body, without waking deferred loads (the caller does). A loaded
+    /// body is unloaded whatever this returns.
     #[inline]
     pub(crate) fn unload(&self, body: &mut Body<S::MapState>) -> Result<()> {
         if body.loaded.is_none() {
@@ -335,15 +337,16 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
                 .report(super::debug::Violation::DoubleUnload { tag: self.tag_id, map: self.map_id });
             return Err(Error::BadState { what: "unload of a map that is not loaded" });
         }
+        let mut r = Ok(());
         if let Some(state) = body.state.as_mut() {
-            self.tag.strategy.unload(self.tag.platform, state, &body.runs, &body.segs);
+            r = self.tag.strategy.unload(self.tag.platform, state, &body.runs, &body.segs);
         }
         body.loaded = None;
         body.runs.clear();
         body.segs.clear();
         #[cfg(feature = "dma-debug")]
         self.tag.debug.unloaded(self.map_id);
-        Ok(())
+        r
     }
 
     /// Unloads a body if loaded and releases its strategy state; returns whether there was a
@@ -460,11 +463,19 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     /// invalidation) or once the domain's next flush completes (deferred). Deferred loads of
     /// the tag's tree that now fit complete before it returns ([`super::defer`]).
     ///
-    /// Errors: [`Error::BadState`] (not loaded: a double unload).
+    /// Errors: [`Error::BadState`] (not loaded: a double unload; nothing changes).
+    /// [`Error::InvalidationFailed`]: the IOMMU failed the unload's invalidation; the map is
+    /// unloaded all the same, and its domain holds back the IOVA and table pages until a later
+    /// invalidation succeeds (`busdma::iommu::Domain`, theory 8): the device may still reach
+    /// the buffer through a stale translation, so a careful caller stops the device or retries
+    /// the domain's flush before reusing the buffer.
     pub fn unload(&mut self) -> Result<()> {
-        self.cx().unload(&mut self.body)?;
-        self.tag.wake_deferred();
-        Ok(())
+        let was_loaded = self.body.loaded.is_some();
+        let r = self.cx().unload(&mut self.body);
+        if was_loaded {
+            self.tag.wake_deferred();
+        }
+        r
     }
 
     /// Copies `buf.len()` bytes at `offset` of the loaded buffer into `buf` (the CPU's view, by

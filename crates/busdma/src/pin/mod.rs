@@ -25,6 +25,13 @@
 //!    the next version beside the current one, publish it, and retire what it replaced; a
 //!    retired object is freed, and a retired region's pages unpinned, only after every reader
 //!    that might see it has left (two epoch advances).
+//!    Translation does not even search: beside the interval index the registry keeps a direct
+//!    page index (`pageidx.rs`), a four-level radix table from user page number to the page's
+//!    physical address and pinned page shift, updated in place by writers (one store per
+//!    page, cleared before the region is retired), so [`ReadGuard::ua_to_pa`] is one walk of
+//!    four dependent loads whose leaf slots take 8 bytes per registered page (O(1), and
+//!    cache-resident where the interval index and the regions' page arrays are not). Addresses
+//!    it does not answer for fall back to the interval index.
 //! 5. **Refusals.** Zero size, misaligned start or size, a range that wraps, memory the
 //!    backend cannot pin (not mapped), a range overlapping a different registration, the
 //!    memlock limit: each is a clear [`Error`](crate::Error) and leaves nothing pinned or charged.
@@ -57,6 +64,7 @@
 //! sleep: `mlock`) and spin on the writer lock: process context only.
 
 mod epoch;
+mod pageidx;
 mod region;
 mod registry;
 mod tree;

@@ -9,6 +9,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use super::epoch::Epoch;
+use super::pageidx::{PageIndex, PageMeta, RetiredNode};
 use super::region::Region;
 use super::tree::{Hit, Leaf, Snapshot, free_leaf};
 use super::{NoBarrier, PinBackend, UnpinBarrier};
@@ -54,6 +55,8 @@ pub struct PinStats {
     /// Calls of the unpin barrier (one per batch of regions unpinned together, never one
     /// per DMA unload; `pin/mod.rs`, theory 7).
     pub unpin_barriers: u64,
+    /// Nodes of the direct page index linked now (4 KiB each; `pageidx.rs` theory 4).
+    pub index_nodes: u64,
 }
 
 /// What tearing a registry down released.
@@ -73,6 +76,8 @@ enum Garbage {
     Snapshot(NonNull<Snapshot>),
     Leaf(NonNull<Leaf>),
     Region(NonNull<Region>),
+    /// A node of the direct page index an unregistration emptied.
+    PageNode(RetiredNode),
 }
 
 /// State only writers touch, under the writer lock.
@@ -81,6 +86,8 @@ struct Writer {
     charged: u64,
     /// Retired memory and the epoch it was retired in.
     garbage: Vec<(usize, Garbage)>,
+    /// The direct page index's side table (`pageidx.rs` theory 4).
+    page_meta: PageMeta,
 }
 
 // SAFETY: the pointers in `Writer` are owned by it (retired memory no reader will reach once
@@ -104,6 +111,8 @@ unsafe impl Send for Writer {}
 ///   that began after the region was unlinked (or, at teardown, after the last borrow ended).
 pub struct Registry<B: PinBackend, U: UnpinBarrier = NoBarrier> {
     root: AtomicPtr<Snapshot>,
+    /// The direct page index (`pageidx.rs`): the translation fast path.
+    pages: PageIndex,
     epoch: Epoch,
     writer: SpinLock<Writer>,
     memlock_limit: u64,
@@ -158,11 +167,13 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         if backend.page_shift() != PAGE_SHIFT {
             return Err(Error::Unsupported { what: "pin backend page size other than 4 KiB" });
         }
+        let pages = PageIndex::new()?;
         let empty = Box::into_raw(Box::new(Snapshot::default()));
         Ok(Self {
             root: AtomicPtr::new(empty),
+            pages,
             epoch: Epoch::new(),
-            writer: SpinLock::new(Writer { charged: 0, garbage: Vec::new() }),
+            writer: SpinLock::new(Writer { charged: 0, garbage: Vec::new(), page_meta: PageMeta::default() }),
             memlock_limit,
             pages_pinned: AtomicU64::new(0),
             pages_unpinned: AtomicU64::new(0),
@@ -263,6 +274,13 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
                 return raced.map(|info| info.unwrap_or_else(|| RegionInfo::of(&region)));
             }
         }
+        if let Err(e) = self.pages.insert(&mut w.page_meta, ua.raw(), region.hpas(), region.page_shift()) {
+            // No slot was set (`PageIndex::insert`): undo the registration.
+            w.charged -= size;
+            drop(w);
+            self.release_pins(&region);
+            return Err(e);
+        }
         let info = RegionInfo::of(&region);
         let region = Box::leak(region);
         let hit = Hit::of(ua.raw(), end, NonNull::from(&*region), region);
@@ -305,13 +323,25 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             return Err(Error::BadState { what: "registry index lost a region" });
         };
         w.charged -= size;
-        self.publish(&mut w, next, Some(Garbage::Leaf(old_leaf)), Some(Garbage::Region(hit.region)));
+        // Clear the page index (with its fence) before the region is retired in `publish`.
+        let mut nodes = Vec::new();
+        self.pages.remove(&mut w.page_meta, ua.raw(), region.pages() as usize, &mut nodes);
+        let tag =
+            self.publish(&mut w, next, Some(Garbage::Leaf(old_leaf)), Some(Garbage::Region(hit.region)));
+        w.garbage.extend(nodes.into_iter().map(|n| (tag, Garbage::PageNode(n))));
         self.finish(w);
         Ok(())
     }
 
-    /// Publishes `next` as the current index and retires the old one with `extra`.
-    fn publish(&self, w: &mut Writer, next: Snapshot, leaf: Option<Garbage>, region: Option<Garbage>) {
+    /// Publishes `next` as the current index and retires the old one with `extra`; returns
+    /// the epoch they were retired in.
+    fn publish(
+        &self,
+        w: &mut Writer,
+        next: Snapshot,
+        leaf: Option<Garbage>,
+        region: Option<Garbage>,
+    ) -> usize {
         let next = Box::into_raw(Box::new(next));
         // SeqCst: readers that load the old root are ordered before this store, and so before
         // the epoch advances that free what it reached (epoch.rs, section 5).
@@ -322,6 +352,7 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         }
         w.garbage.extend(leaf.map(|g| (tag, g)));
         w.garbage.extend(region.map(|g| (tag, g)));
+        tag
     }
 
     /// Advances the epoch as far as readers allow, drops the lock, frees what is past its
@@ -369,6 +400,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
                 let region = unsafe { Box::from_raw(r.as_ptr()) };
                 self.release_pins(&region);
             }
+            // SAFETY: as above.
+            Garbage::PageNode(n) => unsafe { n.free() },
         }
     }
 
@@ -446,6 +479,7 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             garbage: w.garbage.len() as u64,
             busy_at_container_release: self.busy_at_release.load(Ordering::Relaxed),
             unpin_barriers: self.unpin_barriers.load(Ordering::Relaxed),
+            index_nodes: w.page_meta.nodes() as u64,
         }
     }
 
@@ -491,6 +525,8 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
             unsafe { free_leaf(leaf) };
         }
         self.writer.get_mut().charged = 0;
+        // SAFETY: `&mut self`: no reader or writer; the index is only dropped after this.
+        unsafe { self.pages.free_nodes(&mut self.writer.get_mut().page_meta) };
         report.pages_unpinned = self.pages_unpinned.load(Ordering::Relaxed) - before;
         report
     }
@@ -548,12 +584,26 @@ impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
     }
 
     /// `ua` translated to its host physical address, for an IOMMU page of `1 << iommu_shift`
-    /// bytes: O(log n) to find the region, O(1) in its array.
+    /// bytes: O(1), one walk of the direct page index (`pageidx.rs`); addresses it does not
+    /// answer for (not indexed, or a refusal to report) go to [`ReadGuard::ua_to_pa_tree`].
     ///
     /// Errors: [`Error::NotMapped`] (not registered); [`Error::BadSize`] (the IOMMU page is
     /// larger than the region's pinned page size); [`Error::InvalidArgument`] (below 4 KiB).
     #[inline]
     pub fn ua_to_pa(&self, ua: UserVa, iommu_shift: u32) -> Result<PhysAddr> {
+        match self.reg.pages.translate(ua.raw(), iommu_shift) {
+            Some(pa) => Ok(pa),
+            None => self.ua_to_pa_tree(ua, iommu_shift),
+        }
+    }
+
+    /// [`ReadGuard::ua_to_pa`] through the interval index alone: O(log n) to find the region,
+    /// O(1) in its array. The fallback of `ua_to_pa`; public so that benchmarks can compare
+    /// the two paths on the same registry.
+    ///
+    /// Errors: as [`ReadGuard::ua_to_pa`].
+    #[inline]
+    pub fn ua_to_pa_tree(&self, ua: UserVa, iommu_shift: u32) -> Result<PhysAddr> {
         let Some(hit) = self.snapshot().find(ua.raw()) else {
             return Err(Error::NotMapped { addr: ua.raw() });
         };
@@ -571,9 +621,11 @@ impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
     }
 
     /// Translates every address of `uas` into `out` (same length), as [`ReadGuard::ua_to_pa`]
-    /// does one: the batch of H_PUT_TCE_INDIRECT, a list of up to 512 entries. The lookups of
-    /// a group of [`BATCH_GROUP`](crate::pin::BATCH_GROUP) addresses advance in lockstep, each step prefetching what the
-    /// next reads, so their cache misses overlap instead of queueing.
+    /// does one: the batch of H_PUT_TCE_INDIRECT, a list of up to 512 entries. Each group of
+    /// [`BATCH_GROUP`](crate::pin::BATCH_GROUP) addresses goes through the direct page index;
+    /// a group with an address the index does not answer for goes through the interval index,
+    /// its lookups advancing in lockstep, each step prefetching what the next reads, so their
+    /// cache misses overlap instead of queueing.
     ///
     /// Errors: as [`ReadGuard::ua_to_pa`], for the first address that fails (`out` is then
     /// partly written); [`Error::InvalidArgument`] if the lengths differ.
@@ -584,6 +636,21 @@ impl<B: PinBackend, U: UnpinBarrier> ReadGuard<'_, B, U> {
         let snap = self.snapshot();
         let missing = |ua: &UserVa| Error::NotMapped { addr: ua.raw() };
         for (uas, out) in uas.chunks(BATCH_GROUP).zip(out.chunks_mut(BATCH_GROUP)) {
+            // The direct page index first (one walk each, independent: the core overlaps
+            // them); a group with any address it does not answer takes the interval path.
+            let mut indexed = true;
+            for (o, ua) in out.iter_mut().zip(uas) {
+                match self.reg.pages.translate(ua.raw(), iommu_shift) {
+                    Some(pa) => *o = pa,
+                    None => {
+                        indexed = false;
+                        break;
+                    }
+                }
+            }
+            if indexed {
+                continue;
+            }
             let mut leaf = [0usize; BATCH_GROUP];
             for (k, ua) in uas.iter().enumerate() {
                 leaf[k] = snap.locate(ua.raw()).ok_or_else(|| missing(ua))?;

@@ -62,7 +62,9 @@ impl<P: Platform> Strategy<P> for Direct {
     }
 
     #[inline]
-    fn unload(&self, _p: &P, _state: &mut (), _runs: &[Run], _segs: &[Segment]) {}
+    fn unload(&self, _p: &P, _state: &mut (), _runs: &[Run], _segs: &[Segment]) -> Result<()> {
+        Ok(())
+    }
 
     fn destroy(&self, _p: &P, _state: ()) {}
 

@@ -214,15 +214,17 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         Ok(())
     }
 
-    fn unload(&self, p: &P, st: &mut IdentityState, runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut IdentityState, runs: &[Run], _segs: &[Segment]) -> Result<()> {
         let g = p.pin_cpu();
         let mut refs = self.refs.lock();
         st.scratch.clear();
         Self::uncount(&mut refs, runs, u64::MAX, &mut st.scratch, true);
+        let mut r = Ok(());
         if !st.scratch.is_empty() {
-            let _ = self.domain.unmap(&g, &st.scratch, &[]);
+            r = self.domain.unmap(&g, &st.scratch, &[]).map(|_| ());
         }
         st.scratch.clear();
+        r
     }
 
     fn destroy(&self, _p: &P, st: IdentityState) {

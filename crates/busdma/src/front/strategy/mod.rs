@@ -106,8 +106,14 @@ pub trait Strategy<P: Platform>: Clone {
         segs: &mut SegmentBuilder<'_>,
     ) -> Result<()>;
 
-    /// Undoes a successful `load` of `runs` whose segments were `segs`.
-    fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]);
+    /// Undoes a successful `load` of `runs` whose segments were `segs`. The unload is complete
+    /// whatever it returns.
+    ///
+    /// Errors: the IOMMU failed the unload's invalidation ([`Error::InvalidationFailed`]):
+    /// what the unload frees is held back by the domain until a later invalidation succeeds
+    /// (`busdma::iommu::Domain`, theory 8), and the caller may act on it (retry a flush, stop
+    /// the device).
+    fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]) -> Result<()>;
 
     /// Releases the map's state (the map is unloaded).
     fn destroy(&self, p: &P, state: Self::MapState);

@@ -143,12 +143,14 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         Ok(())
     }
 
-    fn unload(&self, p: &P, st: &mut PerMapState, _runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut PerMapState, _runs: &[Run], _segs: &[Segment]) -> Result<()> {
+        let mut r = Ok(());
         if let Some(w) = st.window.take() {
             let g = p.pin_cpu();
-            let _ = self.0.unmap(&g, &st.mapped, &[w]);
+            r = self.0.unmap(&g, &st.mapped, &[w]).map(|_| ());
         }
         st.mapped.clear();
+        r
     }
 
     fn destroy(&self, _p: &P, _st: PerMapState) {}

@@ -116,12 +116,14 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerSegment<D> {
         Ok(())
     }
 
-    fn unload(&self, p: &P, st: &mut PerSegmentState, _runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut PerSegmentState, _runs: &[Run], _segs: &[Segment]) -> Result<()> {
+        let mut r = Ok(());
         if !st.ranges.is_empty() {
             let g = p.pin_cpu();
-            let _ = self.0.unmap(&g, &st.ranges, &st.ranges);
+            r = self.0.unmap(&g, &st.ranges, &st.ranges).map(|_| ());
         }
         st.ranges.clear();
+        r
     }
 
     fn destroy(&self, _p: &P, _st: PerSegmentState) {}

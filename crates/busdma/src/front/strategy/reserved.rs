@@ -170,13 +170,19 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     }
 
     #[inline]
-    fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) {
+    fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) -> Result<()> {
+        let mut r = Ok(());
         if !st.mapped.is_empty() {
             let g = p.pin_cpu();
-            st.windows[st.cur].1 = self.domain.unmap(&g, &st.mapped, &[]).ok();
+            // On a failed invalidation the ticket is lost, but the domain is degraded: its
+            // next map (into this window too) first completes a whole-domain invalidation.
+            let t = self.domain.unmap(&g, &st.mapped, &[]);
+            st.windows[st.cur].1 = t.as_ref().ok().copied();
+            r = t.map(|_| ());
         }
         st.mapped.clear();
         st.cur = (st.cur + 1) % st.windows.len();
+        r
     }
 
     fn destroy(&self, p: &P, st: Self::MapState) {
