@@ -494,6 +494,7 @@ impl<'m> ModelIommu<'m> {
         probed
     }
 
+    #[inline]
     fn with_audit(&self, f: impl FnOnce(&mut audit::Audit)) {
         if let Some(a) = &self.audit {
             f(&mut lock(a));
@@ -508,6 +509,10 @@ impl IotlbInvalidator for ModelIommu<'_> {
         Ok(())
     }
 
+    // This hook, `set_coherence_index` and the `audit_*` hooks are inlined across crates:
+    // without caching mode, coherence indexes or the audit each is a load and a branch on
+    // every map and unmap.
+    #[inline]
     fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
         if self.config.caching_mode {
             self.bump(Stat::InvAfterMap, 1);
@@ -528,6 +533,7 @@ impl IotlbInvalidator for ModelIommu<'_> {
         Ok(())
     }
 
+    #[inline]
     fn set_coherence_index(&self, domain: DomainId, range: AddrRange<Iova>, index: CoherenceIndex) {
         if self.lci.untouched().is_none() {
             return;
@@ -546,6 +552,7 @@ impl IotlbInvalidator for ModelIommu<'_> {
         });
     }
 
+    #[inline]
     fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
         self.with_audit(|a| {
             let pages = ranges.iter().map(|&r| Self::pages(r));
@@ -553,15 +560,18 @@ impl IotlbInvalidator for ModelIommu<'_> {
         });
     }
 
+    #[inline]
     fn audit_iova_released(&self, domain: DomainId, range: AddrRange<Iova>) {
         let (first, last) = Self::pages(range);
         self.with_audit(|a| a.released_iova(domain, first, last));
     }
 
+    #[inline]
     fn audit_table_page_released(&self, domain: DomainId, page: PhysAddr) {
         self.with_audit(|a| a.released_table_page(domain, page));
     }
 
+    #[inline]
     fn audit_mapping(&self, domain: DomainId, range: AddrRange<Iova>) {
         let (first, last) = Self::pages(range);
         self.with_audit(|a| a.mapping(domain, first, last));
