@@ -63,8 +63,8 @@ rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly -
 step "AddressSanitizer: the workspace's unit, property and integration tests on nightly"
 # Everything but doc tests runs under ASan: rustdoc does not take RUSTFLAGS (and skips doc tests
 # for an explicit --target), and the doc tests are plain API examples that the step above ran.
-# Leak reports are on; lsan-suppressions.txt lists the one deliberate leak (a test harness's)
-# with its reason. Its own target directory: instrumented artifacts never mix with the others.
+# Leak reports are on; lsan-suppressions.txt lists the deliberate leaks (each with its reason)
+# Its own target directory: instrumented artifacts never mix with the others.
 # Skipped: the three tests of crates/busdma-model/tests/pin_linux.rs that pin the process's own
 # pages and read their frames from /proc/self/pagemap: under ASan those pages are the
 # sanitizer allocator's, which the kernel reports as not present (NotMapped), so they cannot run
