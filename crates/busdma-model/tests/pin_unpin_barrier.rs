@@ -73,6 +73,30 @@ impl PinBackend for Probing<'_, '_> {
     }
 }
 
+/// Declares, in the caller's scope: `$m` a 2-CPU machine with a frozen clock (no age-bound
+/// flush: only the count bound, 256, could flush), `$iommu` its model IOMMU, `$dom` a deferred
+/// domain for `DEV` and `$tag` a tag over it, `$us` a user space with the buffer mapped, and
+/// `$probe` the probing pin backend over it.
+macro_rules! deferred_rig {
+    ($m:ident, $iommu:ident, $dom:ident, $tag:ident, $us:ident, $probe:ident) => {
+        let $m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
+        $m.freeze_clock();
+        let $iommu = ModelIommu::new(&$m, IommuConfig::default()).unwrap();
+        let pool = TablePool::new(&$m);
+        let $dom = domain(&$m, &pool, &$iommu, InvalidationPolicy::deferred(), DEV);
+        let $tag = Tag::new_root(&$m, IommuPerMap(&$dom), TagSpec::new(64 << 10, 16)).unwrap();
+        let $us = UserSpace::new(&$m);
+        $us.map(UA, PAGES * PAGE_SIZE).unwrap();
+        let $probe = Probing {
+            us: &$us,
+            port: $iommu.port(DEV),
+            bus: Cell::new(None),
+            reached_at_unpin: Cell::new(0),
+            unpins: Cell::new(0),
+        };
+    };
+}
+
 /// A barrier that waits for nothing, yet claims to be one (so the front end lets deferred
 /// loads through): the registry as it was before the unpin barrier existed.
 struct WaitsForNothing;
@@ -100,21 +124,7 @@ struct Seen {
 /// so the IOTLB holds its translation), unloads, unregisters. The registry's barrier is the
 /// tag if `barrier`, else [`WaitsForNothing`].
 fn registered_life(loads: u64, barrier: bool) -> Seen {
-    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
-    m.freeze_clock(); // no age-bound flush: only the count bound (256) could flush
-    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
-    let pool = TablePool::new(&m);
-    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
-    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
-    let us = UserSpace::new(&m);
-    us.map(UA, PAGES * PAGE_SIZE).unwrap();
-    let probe = Probing {
-        us: &us,
-        port: iommu.port(DEV),
-        bus: Cell::new(None),
-        reached_at_unpin: Cell::new(0),
-        unpins: Cell::new(0),
-    };
+    deferred_rig!(m, iommu, dom, tag, us, probe);
     let lax = WaitsForNothing;
     let barrier: &dyn UnpinBarrier = if barrier { &tag } else { &lax };
     let reg = Registry::with_barrier(&probe, u64::MAX, barrier).unwrap();
@@ -226,21 +236,7 @@ fn the_barrier_flushes_only_when_an_unmap_is_still_queued() {
 
 #[test]
 fn teardown_waits_for_the_barrier_before_releasing_registered_pages() {
-    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
-    m.freeze_clock();
-    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
-    let pool = TablePool::new(&m);
-    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
-    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
-    let us = UserSpace::new(&m);
-    us.map(UA, PAGES * PAGE_SIZE).unwrap();
-    let probe = Probing {
-        us: &us,
-        port: iommu.port(DEV),
-        bus: Cell::new(None),
-        reached_at_unpin: Cell::new(0),
-        unpins: Cell::new(0),
-    };
+    deferred_rig!(m, iommu, dom, tag, us, probe);
     let reg = Registry::with_barrier(&probe, u64::MAX, &tag).unwrap();
     reg.register(UA, PAGES * PAGE_SIZE).unwrap();
     {
@@ -301,21 +297,7 @@ fn load_use_unload<'m, B: PinBackend, U: UnpinBarrier>(
 
 #[test]
 fn a_failing_barrier_holds_released_pages_pinned_until_it_succeeds() {
-    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
-    m.freeze_clock();
-    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
-    let pool = TablePool::new(&m);
-    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
-    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
-    let us = UserSpace::new(&m);
-    us.map(UA, PAGES * PAGE_SIZE).unwrap();
-    let probe = Probing {
-        us: &us,
-        port: iommu.port(DEV),
-        bus: Cell::new(None),
-        reached_at_unpin: Cell::new(0),
-        unpins: Cell::new(0),
-    };
+    deferred_rig!(m, iommu, dom, tag, us, probe);
     let barrier = FailsFirst { inner: &tag, fails: Cell::new(2) };
     let reg = Registry::with_barrier(&probe, u64::MAX, &barrier).unwrap();
     reg.register(UA, PAGES * PAGE_SIZE).unwrap();
@@ -338,21 +320,7 @@ fn a_failing_barrier_holds_released_pages_pinned_until_it_succeeds() {
 
 #[test]
 fn a_barrier_failing_at_teardown_leaves_the_pages_pinned_for_good() {
-    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap();
-    m.freeze_clock();
-    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
-    let pool = TablePool::new(&m);
-    let dom = domain(&m, &pool, &iommu, InvalidationPolicy::deferred(), DEV);
-    let tag = Tag::new_root(&m, IommuPerMap(&dom), TagSpec::new(64 << 10, 16)).unwrap();
-    let us = UserSpace::new(&m);
-    us.map(UA, PAGES * PAGE_SIZE).unwrap();
-    let probe = Probing {
-        us: &us,
-        port: iommu.port(DEV),
-        bus: Cell::new(None),
-        reached_at_unpin: Cell::new(0),
-        unpins: Cell::new(0),
-    };
+    deferred_rig!(m, iommu, dom, tag, us, probe);
     let barrier = FailsFirst { inner: &tag, fails: Cell::new(u32::MAX) };
     let reg = Registry::with_barrier(&probe, u64::MAX, &barrier).unwrap();
     reg.register(UA, PAGES * PAGE_SIZE).unwrap();
