@@ -15,6 +15,13 @@
 //!    can follow them without a lock.
 //! 3. **Cost.** A lookup is `levels` dependent loads of hot lines plus the mark; memory is one
 //!    4 KiB leaf per 16 MiB of IOVA space that ever held a class range (1/4096 of it).
+//! 4. **No false sharing between CPUs.** Each CPU's magazines hand the same few ranges out
+//!    again and again, and ranges placed near each other go to different CPUs; with marks in
+//!    page order 64 neighbouring pages (256 KiB of IOVA) share one cache line, so two CPUs'
+//!    compare-and-swaps on their own marks would bounce that line between them. Inside a leaf
+//!    the marks are therefore laid out transposed and skewed ([`slot_of`]): pages 1 to 62
+//!    apart land on different lines, and so do aligned ranges of up to 64 pages in a row (64
+//!    of them); two marks share a line only 63 pages apart or further.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -50,6 +57,21 @@ pub struct LiveMap {
 unsafe impl Send for LiveMap {}
 // SAFETY: as above: `&self` methods only read pointers and marks atomically.
 unsafe impl Sync for LiveMap {}
+
+/// log2 of the marks in one 64-byte cache line.
+const LINE_BITS: u32 = 6;
+
+/// The byte of `page`'s mark in its leaf, always `< LEAF_PAGES`: the leaf's 64 lines × 64
+/// marks are laid out so that nearby pages land on different cache lines (theory 4). Line
+/// `(low + high) mod 64`, byte `high`, for `low`/`high` the page's low and high 6 bits in the
+/// leaf: a bijection (from line and byte, `high` = byte and `low` = line − byte mod 64).
+#[inline]
+fn slot_of(page: u64) -> usize {
+    let i = page as usize & (LEAF_PAGES - 1);
+    let mask = (1 << LINE_BITS) - 1;
+    let (low, high) = (i & mask, i >> LINE_BITS);
+    (((low + high) & mask) << LINE_BITS) | high
+}
 
 fn new_leaf() -> Result<*mut u8> {
     let mut v: Vec<AtomicU8> = Vec::new();
@@ -127,7 +149,7 @@ impl LiveMap {
             h -= 1;
         }
         // SAFETY: p is a leaf: LEAF_PAGES marks alive until drop; the index is masked.
-        Some(unsafe { &*(p as *const AtomicU8).add(page as usize & (LEAF_PAGES - 1)) })
+        Some(unsafe { &*(p as *const AtomicU8).add(slot_of(page)) })
     }
 
     /// The mark of `page`, creating the path to it if needed.
@@ -156,7 +178,7 @@ impl LiveMap {
             h -= 1;
         }
         // SAFETY: as in `get`.
-        Ok(unsafe { &*(p as *const AtomicU8).add(page as usize & (LEAF_PAGES - 1)) })
+        Ok(unsafe { &*(p as *const AtomicU8).add(slot_of(page)) })
     }
 }
 
@@ -185,5 +207,26 @@ mod tests {
         let small = LiveMap::new(16).unwrap();
         assert_eq!(small.levels, 0);
         assert!(small.get(3).is_some());
+    }
+
+    #[test]
+    fn every_page_of_a_leaf_has_its_own_mark_and_neighbours_are_on_other_lines() {
+        let line = |page: u64| slot_of(page) >> LINE_BITS;
+        let mut seen = alloc::vec![false; LEAF_PAGES];
+        for page in 0..LEAF_PAGES as u64 {
+            let s = slot_of(page + 7 * LEAF_PAGES as u64);
+            assert!(s < LEAF_PAGES && !seen[s], "page {page}: slot {s} twice");
+            seen[s] = true;
+        }
+        for page in 0..(LEAF_PAGES - 64) as u64 {
+            for d in 1..63 {
+                assert_ne!(line(page), line(page + d), "pages {page} and {}", page + d);
+            }
+        }
+        // Aligned ranges in a row (64 of them, of 1 to 64 pages): 64 different lines.
+        for size in [1, 2, 4, 8, 16, 32, 64] {
+            let lines: alloc::collections::BTreeSet<_> = (0..64).map(|k| line(k * size)).collect();
+            assert_eq!(lines.len(), 64, "{size}-page ranges");
+        }
     }
 }
