@@ -19,7 +19,7 @@
 //!    again and again, and ranges placed near each other go to different CPUs; with marks in
 //!    page order 64 neighbouring pages (256 KiB of IOVA) share one cache line, so two CPUs'
 //!    compare-and-swaps on their own marks would bounce that line between them. Inside a leaf
-//!    the marks are therefore laid out transposed and skewed ([`slot_of`]): pages 1 to 62
+//!    the marks are therefore laid out transposed and skewed (`slot_of`): pages 1 to 62
 //!    apart land on different lines, and so do aligned ranges of up to 64 pages in a row (64
 //!    of them); two marks share a line only 63 pages apart or further.
 
