@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::rng::Rng;
 use busdma::iova::{ExtentAllocator, IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::{AddrRange, CpuGuard, Error, Iova, PAGE_SIZE, Platform};
 use busdma_model::{HostPlatform, MachineConfig};
@@ -106,21 +107,6 @@ impl IovaSource for VmAllocator {
         let key = vm_allocator::RangeInclusive::new(range.start().raw(), range.end().raw() - 1)
             .map_err(|_| Error::InvalidRange { start: range.start().raw(), end: range.end().raw() })?;
         a.free(&key).map_err(|_| Error::DoubleFree { addr: range.start().raw(), size: range.len() })
-    }
-}
-
-/// xorshift64*: a tiny, seeded generator (the bench needs repeatable sizes, not quality).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn pages(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 60) + 1 // 1..=16
     }
 }
 

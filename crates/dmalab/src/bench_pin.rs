@@ -28,6 +28,7 @@ use serde_json::json;
 
 use crate::Common;
 use crate::report::Report;
+use crate::rng::Rng;
 
 /// Arguments of `dmalab bench pin`.
 #[derive(Args, Debug)]
@@ -115,18 +116,6 @@ impl Drop for LinearList {
         while let Some(mut node) = n {
             n = node.next.take();
         }
-    }
-}
-
-/// A xorshift64* generator: fixed seed, so every run asks the same questions.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
 

@@ -12,6 +12,7 @@ mod bench_pin;
 mod fixture;
 mod plot;
 mod report;
+mod rng;
 mod soak;
 mod tcpbench;
 

@@ -33,6 +33,7 @@ use busdma_model::{DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConf
 use clap::Args;
 
 use crate::fixture;
+use crate::rng::Rng;
 use serde::Serialize;
 
 /// Arguments of `dmalab soak`.
@@ -67,20 +68,6 @@ const THREAD_PAGES: u64 = 32;
 const DEFERRED: InvalidationPolicy = InvalidationPolicy::Deferred { max_entries: 16, max_age_ns: 200_000 };
 
 type Dom<'a> = fixture::VtdDomain<'a, IovaAllocator>;
-
-/// xorshift64*: small, deterministic per seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Counts and reports one violation.
 struct Violations(AtomicU64);
