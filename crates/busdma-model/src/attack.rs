@@ -192,32 +192,58 @@ impl<'m> Rig<'m> {
         let class = AttackClass::SubPageNeighbour;
         let mut map = tags.attacker.create_map()?;
         for round in 0..rounds {
-            let (page, kva) = secret_page(self.m, round)?;
-            let off = 64 * (1 + self.dev.random() % 32);
-            let len = 64 * (1 + self.dev.random() % 16);
-            let buf = page.pa().checked_add(off).ok_or(Error::Overflow { base: off, len })?;
-            self.m.write_phys(buf, &public_fill(round, len as usize))?;
-            let src = KernelBuf { kva: kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len };
-            if let Err(e) = map.load(&src, Direction::Bidirectional) {
-                self.refuse(class, e);
+            // `_page` holds the secrets around the buffer until the round ends.
+            let Some((_page, buf, len)) = self.load_subpage(class, &mut map, round)? else {
                 continue;
-            }
-            map.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
-            self.dev.truth().grant(buf, len, Access::ReadWrite);
+            };
             if round % 64 == 0 {
                 self.check_ownership();
             }
             let bus = map.segments()[0].addr.raw();
-            let port = self.iommu.port(ATTACKER);
-            for _ in 0..PROBES_PER_LOAD {
-                let at = page_base(bus) + self.dev.random() % (PAGE_SIZE - PROBE as u64);
-                self.dev.try_read(class, &port, at, PROBE);
-            }
+            self.probe_page(class, bus);
             map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE)?;
             map.unload()?;
             self.dev.truth().revoke(buf, len, Access::ReadWrite);
         }
         Ok(())
+    }
+
+    /// Loads a random sub-page public buffer (64 to 1 024 bytes) that sits in a fresh page of
+    /// secrets, for a bidirectional transfer, and grants it to the device. Returns the page
+    /// (keep it until the buffer is unloaded), the buffer's address and length; `None` if
+    /// busdma refused the load (counted for `class`).
+    fn load_subpage<S>(
+        &mut self,
+        class: AttackClass,
+        map: &mut busdma::front::DmaMap<'_, 'm, HostPlatform, S>,
+        round: u64,
+    ) -> Result<Option<(FrameBlock<'m>, PhysAddr, u64)>>
+    where
+        S: Strategy<HostPlatform>,
+    {
+        let (page, kva) = secret_page(self.m, round)?;
+        let off = 64 * (1 + self.dev.random() % 32);
+        let len = 64 * (1 + self.dev.random() % 16);
+        let buf = page.pa().checked_add(off).ok_or(Error::Overflow { base: off, len })?;
+        self.m.write_phys(buf, &public_fill(round, len as usize))?;
+        let src = KernelBuf { kva: kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len };
+        if let Err(e) = map.load(&src, Direction::Bidirectional) {
+            self.refuse(class, e);
+            return Ok(None);
+        }
+        map.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
+        self.dev.truth().grant(buf, len, Access::ReadWrite);
+        Ok(Some((page, buf, len)))
+    }
+
+    /// The attacker reads [`PROBE`] bytes at [`PROBES_PER_LOAD`] random places of the IOMMU
+    /// page holding bus address `bus`.
+    fn probe_page(&mut self, class: AttackClass, bus: u64) {
+        let port = self.iommu.port(ATTACKER);
+        for _ in 0..PROBES_PER_LOAD {
+            let at = page_base(bus) + self.dev.random() % (PAGE_SIZE - PROBE as u64);
+            self.dev.try_read(class, &port, at, PROBE);
+        }
     }
 
     /// Loads one public page-sized buffer for the attacker; returns its bus address.
@@ -488,18 +514,10 @@ impl<'m> Rig<'m> {
         let class = AttackClass::BounceSlack;
         let mut map = tags.attacker.create_map()?;
         for round in 0..rounds {
-            let (page, kva) = secret_page(self.m, round)?;
-            let off = 64 * (1 + self.dev.random() % 32);
-            let len = 64 * (1 + self.dev.random() % 16);
-            let buf = page.pa().checked_add(off).ok_or(Error::Overflow { base: off, len })?;
-            self.m.write_phys(buf, &public_fill(round, len as usize))?;
-            let src = KernelBuf { kva: kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len };
-            if let Err(e) = map.load(&src, Direction::Bidirectional) {
-                self.refuse(class, e);
+            // `_page` holds the secrets around the buffer until the round ends.
+            let Some((_page, buf, len)) = self.load_subpage(class, &mut map, round)? else {
                 continue;
-            }
-            map.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
-            self.dev.truth().grant(buf, len, Access::ReadWrite);
+            };
             let bus = map.segments()[0].addr.raw();
             let bounce = self
                 .iommu
@@ -507,11 +525,7 @@ impl<'m> Rig<'m> {
                 .ok()
                 .filter(|pa| self.m.page_kind(*pa) == PageKind::Dma);
             if let Some(bounce) = bounce {
-                let port = self.iommu.port(ATTACKER);
-                for _ in 0..PROBES_PER_LOAD {
-                    let at = page_base(bus) + self.dev.random() % (PAGE_SIZE - PROBE as u64);
-                    self.dev.try_read(class, &port, at, PROBE);
-                }
+                self.probe_page(class, bus);
                 map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE)?;
                 map.unload()?;
                 // Free again: another user's secret passes through it.
