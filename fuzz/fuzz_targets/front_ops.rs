@@ -122,7 +122,7 @@ trait AnyMap {
     fn segments(&self) -> Vec<Segment>;
 }
 
-impl<S: Strategy<HostPlatform>> AnyMap for busdma::front::DmaMap<'_, '_, HostPlatform, S> {
+impl<S: Strategy<HostPlatform>> AnyMap for busdma::front::DmaMap<'_, HostPlatform, S> {
     fn load(&mut self, sg: &[SgEntry], dir: Direction) -> Result<Vec<Segment>, Error> {
         busdma::front::DmaMap::load(self, &SgList(sg), dir).map(|s| s.to_vec())
     }

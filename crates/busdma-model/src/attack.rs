@@ -215,7 +215,7 @@ impl<'m> Rig<'m> {
     fn load_subpage<S>(
         &mut self,
         class: AttackClass,
-        map: &mut busdma::front::DmaMap<'_, 'm, HostPlatform, S>,
+        map: &mut busdma::front::DmaMap<'m, HostPlatform, S>,
         round: u64,
     ) -> Result<Option<(FrameBlock<'m>, PhysAddr, u64)>>
     where
@@ -250,7 +250,7 @@ impl<'m> Rig<'m> {
     fn load_page<S>(
         &mut self,
         class: AttackClass,
-        map: &mut busdma::front::DmaMap<'_, 'm, HostPlatform, S>,
+        map: &mut busdma::front::DmaMap<'m, HostPlatform, S>,
         seed: u64,
         dir: Direction,
     ) -> Result<Option<(u64, FrameBlock<'m>)>>

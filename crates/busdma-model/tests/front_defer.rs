@@ -98,14 +98,14 @@ fn logging<'p, P: Platform, S: Strategy<P>>(log: &Log, label: u32) -> DeferredCa
     })
 }
 
-fn deferred<'t, 'p, P: Platform, S: Strategy<P>>(d: Deferrable<'t, 'p, P, S>) -> PendingLoad<'t, 'p, P, S> {
+fn deferred<'p, P: Platform, S: Strategy<P>>(d: Deferrable<'p, P, S>) -> PendingLoad<'p, P, S> {
     match d {
         Deferrable::Deferred(p) => p,
         Deferrable::Loaded(_) => panic!("expected the load to be deferred"),
     }
 }
 
-fn loaded<'t, 'p, P: Platform, S: Strategy<P>>(d: Deferrable<'t, 'p, P, S>) -> DmaMap<'t, 'p, P, S> {
+fn loaded<'p, P: Platform, S: Strategy<P>>(d: Deferrable<'p, P, S>) -> DmaMap<'p, P, S> {
     match d {
         Deferrable::Loaded(m) => m,
         Deferrable::Deferred(_) => panic!("expected the load to complete at once"),
@@ -634,10 +634,10 @@ impl Model {
 }
 
 /// What the test holds for one map.
-enum Real<'t, 'p, S: Strategy<HostPlatform>> {
-    Idle(DmaMap<'t, 'p, HostPlatform, S>),
-    Loaded(DmaMap<'t, 'p, HostPlatform, S>, u64),
-    Pending(PendingLoad<'t, 'p, HostPlatform, S>, u64),
+enum Real<'p, S: Strategy<HostPlatform>> {
+    Idle(DmaMap<'p, HostPlatform, S>),
+    Loaded(DmaMap<'p, HostPlatform, S>, u64),
+    Pending(PendingLoad<'p, HostPlatform, S>, u64),
     Gone,
 }
 
@@ -672,7 +672,7 @@ proptest::proptest! {
         let mut spec = may_wait(TagSpec::new(4 * PAGE_SIZE, 4));
         spec.dma_mask = TagSpec::mask_of_bits(28);
         let tag = Tag::new_root(m, Bounced::direct(Direct, &zones, &qm), spec).unwrap();
-        let mut real: Vec<Real<'_, '_, _>> =
+        let mut real: Vec<Real<'_, _>> =
             (0..MODEL_MAPS).map(|_| Real::Idle(tag.create_map().unwrap())).collect();
         let zone_free = || zones.stats()[0].1.free_pages;
         proptest::prop_assert_eq!(zones.stats()[0].1.total_pages, ZONE_PAGES);

@@ -51,9 +51,9 @@ fn zone_stats(zones: &BounceZones<'_, HostPlatform>) -> ZoneStats {
 }
 
 /// Loads `src` both ways through `map` and checks the bytes through the 28-bit device.
-fn both_ways<'t, 'p, S>(
+fn both_ways<'p, S>(
     m: &HostPlatform,
-    map: &mut DmaMap<'t, 'p, HostPlatform, S>,
+    map: &mut DmaMap<'p, HostPlatform, S>,
     src: &impl LoadSource,
     client: &[(PhysAddr, u64)],
 ) where

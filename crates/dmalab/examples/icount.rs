@@ -54,7 +54,7 @@ fn run_maps<S: Strategy<HostPlatform>>(tag: &Tag<'_, HostPlatform, S>, src: &Raw
 }
 
 fn warm<S: Strategy<HostPlatform>>(
-    maps: &mut [busdma::front::DmaMap<'_, '_, HostPlatform, S>],
+    maps: &mut [busdma::front::DmaMap<'_, HostPlatform, S>],
     src: &RawSegments<'_>,
 ) {
     for _ in 0..4 {
@@ -69,7 +69,7 @@ fn warm<S: Strategy<HostPlatform>>(
 
 #[inline(never)]
 fn hot_batch<S: Strategy<HostPlatform>>(
-    maps: &mut [busdma::front::DmaMap<'_, '_, HostPlatform, S>],
+    maps: &mut [busdma::front::DmaMap<'_, HostPlatform, S>],
     src: &RawSegments<'_>,
     ops: usize,
 ) {
@@ -109,7 +109,7 @@ fn tcp<S: Strategy<HostPlatform>>(
 
 #[inline(never)]
 fn hot_tcp<S: Strategy<HostPlatform>>(
-    maps: &mut [busdma::front::DmaMap<'_, '_, HostPlatform, S>],
+    maps: &mut [busdma::front::DmaMap<'_, HostPlatform, S>],
     entries: &[Vec<SgEntry>],
     port: Option<&dyn DmaPort>,
     buf: &mut [u8],
@@ -119,7 +119,7 @@ fn hot_tcp<S: Strategy<HostPlatform>>(
 }
 
 fn tcp_loop<S: Strategy<HostPlatform>>(
-    maps: &mut [busdma::front::DmaMap<'_, '_, HostPlatform, S>],
+    maps: &mut [busdma::front::DmaMap<'_, HostPlatform, S>],
     entries: &[Vec<SgEntry>],
     port: Option<&dyn DmaPort>,
     buf: &mut [u8],

@@ -106,7 +106,7 @@ impl Path<'_, '_> {
 #[allow(clippy::too_many_arguments)]
 fn one_op<S: Strategy<HostPlatform>>(
     m: &HostPlatform,
-    map: &mut DmaMap<'_, '_, HostPlatform, S>,
+    map: &mut DmaMap<'_, HostPlatform, S>,
     path: Path<'_, '_>,
     strict: bool,
     base: u64,

@@ -309,7 +309,7 @@ where
     let (mut verified, mut dma_ticks) = (0u64, 0u64);
     let transmit = |slot: usize,
                     seq: u64,
-                    map: &mut busdma::front::DmaMap<'_, '_, HostPlatform, S>,
+                    map: &mut busdma::front::DmaMap<'_, HostPlatform, S>,
                     nic_buf: &mut [u8]|
      -> Result<u64, String> {
         // The NIC reads the packet by DMA, segment after segment.

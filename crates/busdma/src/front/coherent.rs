@@ -138,8 +138,8 @@ impl<P: Platform> Drop for DmaMemory<'_, P> {
 /// # Invariants
 ///
 /// `map` holds exactly `mem` loaded; it is declared first so it drops (unloads) first.
-pub struct Coherent<'t, 'p, P: Platform, S: Strategy<P>> {
-    map: DmaMap<'t, 'p, P, S>,
+pub struct Coherent<'p, P: Platform, S: Strategy<P>> {
+    map: DmaMap<'p, P, S>,
     mem: DmaMemory<'p, P>,
 }
 
@@ -149,7 +149,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     ///
     /// Errors: those of [`DmaMemory::alloc`], [`Tag::create_map`] and [`DmaMap::load`];
     /// nothing is leaked on error.
-    pub fn alloc_coherent(&self, len: u64, no_cache: bool) -> Result<Coherent<'_, 'p, P, S>> {
+    pub fn alloc_coherent(&self, len: u64, no_cache: bool) -> Result<Coherent<'p, P, S>> {
         let attr = if no_cache || !self.spec.flags.coherent { MemAttr::Uncached } else { MemAttr::WriteBack };
         let mem = DmaMemory::alloc(self.platform, &self.spec, len, attr)?;
         let mut map = self.create_map()?;
@@ -158,7 +158,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     }
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>> Coherent<'t, 'p, P, S> {
+impl<'p, P: Platform, S: Strategy<P>> Coherent<'p, P, S> {
     /// The bus segments the device uses.
     pub fn segments(&self) -> &[Segment] {
         self.map.segments()
@@ -170,7 +170,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> Coherent<'t, 'p, P, S> {
     }
 
     /// The map (for syncs on write-back memory of a non-coherent device).
-    pub fn map_mut(&mut self) -> &mut DmaMap<'t, 'p, P, S> {
+    pub fn map_mut(&mut self) -> &mut DmaMap<'p, P, S> {
         &mut self.map
     }
 }

@@ -452,21 +452,21 @@ impl<'p, P: Platform, S: Strategy<P>> DeferQueue<'p, P, S> {
 }
 
 /// The outcome of [`DmaMap::load_or_defer`] that did not fail at once.
-pub enum Deferrable<'t, 'p, P: Platform, S: Strategy<P>> {
+pub enum Deferrable<'p, P: Platform, S: Strategy<P>> {
     /// Loaded at once (the callback was dropped without running).
-    Loaded(DmaMap<'t, 'p, P, S>),
+    Loaded(DmaMap<'p, P, S>),
     /// Queued: the callback runs later, exactly once (theory 6).
-    Deferred(PendingLoad<'t, 'p, P, S>),
+    Deferred(PendingLoad<'p, P, S>),
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>> Deferrable<'t, 'p, P, S> {
+impl<'p, P: Platform, S: Strategy<P>> Deferrable<'p, P, S> {
     /// Whether the load was deferred.
     pub fn is_deferred(&self) -> bool {
         matches!(self, Deferrable::Deferred(_))
     }
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
+impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
     /// Loads `src` for a transfer in direction `dir`, or, if the tag may wait and a resource
     /// is short, queues the load (theory 1 to 4): `done` then runs exactly once, later, with
     /// the loaded map's segments or the final error, in the context theory 5 describes.
@@ -483,7 +483,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
         src: &L,
         dir: Direction,
         done: DeferredCallback<'p, P, S>,
-    ) -> core::result::Result<Deferrable<'t, 'p, P, S>, (Error, Self)> {
+    ) -> core::result::Result<Deferrable<'p, P, S>, (Error, Self)> {
         let (q, node) = match (&self.tag.defer, &self.node) {
             (Some(q), Some(node)) if self.tag.spec.flags.may_wait => (q.clone(), node.clone()),
             _ => {
@@ -496,36 +496,36 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
         if self.body.loaded.is_some() {
             return Err((Error::BadState { what: "load into a map that is already loaded" }, self));
         }
-        let cx = self.cx();
-        let len = match cx.collect(&mut self.body, src) {
+        let (cx, body) = self.cx();
+        let len = match cx.collect(body, src) {
             Ok(len) => len,
             Err(e) => {
-                self.body.runs.clear();
+                body.runs.clear();
                 return Err((e, self));
             }
         };
         if q.waiting.load(Ordering::Acquire) == 0 {
-            match cx.place(&mut self.body, dir) {
+            match cx.place(body, dir) {
                 Ok(()) => {
-                    cx.set_loaded(&mut self.body, dir, len);
+                    cx.set_loaded(body, dir, len);
                     return Ok(Deferrable::Loaded(self));
                 }
                 Err(e) if !is_retryable(e) => {
-                    self.body.runs.clear();
-                    self.body.segs.clear();
+                    body.runs.clear();
+                    body.segs.clear();
                     return Err((e, self));
                 }
-                Err(_) => self.body.segs.clear(),
+                Err(_) => body.segs.clear(),
             }
         }
         let body = core::mem::replace(&mut self.body, Body::EMPTY);
         let job = Job { spec: self.tag.spec, tag_id: self.tag.id, map_id: self.id, dir };
         q.enqueue(&node, body, job, done);
-        let tag = self.tag;
+        let tag = self.tag.clone();
         // INVARIANT: the map's body is in its node, which is Queued (or later).
         let pending = PendingLoad { map: Some(self) };
         // Theory 4: a resource freed between the failed attempt and the queuing.
-        q.service(tag);
+        q.service(&tag);
         Ok(Deferrable::Deferred(pending))
     }
 }
@@ -537,11 +537,11 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
 ///
 /// `map` is `Some` until drop or hand-back; it has a wait node, and its body is in that node
 /// (or held by a servicer) rather than in the map.
-pub struct PendingLoad<'t, 'p, P: Platform, S: Strategy<P>> {
-    map: Option<DmaMap<'t, 'p, P, S>>,
+pub struct PendingLoad<'p, P: Platform, S: Strategy<P>> {
+    map: Option<DmaMap<'p, P, S>>,
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
+impl<'p, P: Platform, S: Strategy<P>> PendingLoad<'p, P, S> {
     fn node(&self) -> Option<&Arc<Node<'p, P, S>>> {
         self.map.as_ref().and_then(|m| m.node.as_ref())
     }
@@ -565,7 +565,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
     }
 
     /// Hands `body` back to the map and the map to the caller.
-    fn hand_back(&mut self, body: Option<Body<S::MapState>>) -> Option<DmaMap<'t, 'p, P, S>> {
+    fn hand_back(&mut self, body: Option<Body<S::MapState>>) -> Option<DmaMap<'p, P, S>> {
         let mut map = self.map.take()?;
         if let Some(body) = body {
             map.body = body;
@@ -576,7 +576,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
     /// The map, once the load has completed: loaded if it succeeded, unloaded (and the
     /// callback got the error) if not. While the load is pending, the pending load comes back.
     #[allow(clippy::result_large_err)]
-    pub fn try_finish(mut self) -> core::result::Result<DmaMap<'t, 'p, P, S>, Self> {
+    pub fn try_finish(mut self) -> core::result::Result<DmaMap<'p, P, S>, Self> {
         let (Some(node), Some(q)) =
             (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
         else {
@@ -594,7 +594,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
     /// load being retried on another thread right now cannot be cancelled: the pending load
     /// comes back.
     #[allow(clippy::result_large_err)]
-    pub fn cancel(mut self) -> core::result::Result<DmaMap<'t, 'p, P, S>, Self> {
+    pub fn cancel(mut self) -> core::result::Result<DmaMap<'p, P, S>, Self> {
         let (Some(node), Some(q)) =
             (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
         else {
@@ -607,7 +607,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
                 if let Some(cb) = cb {
                     cb(Err(Error::Cancelled));
                 }
-                q.service(map.tag);
+                q.service(&map.tag);
                 Ok(map)
             }
             Taken::Running => Err(self),
@@ -615,7 +615,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> PendingLoad<'t, 'p, P, S> {
     }
 }
 
-impl<P: Platform, S: Strategy<P>> Drop for PendingLoad<'_, '_, P, S> {
+impl<P: Platform, S: Strategy<P>> Drop for PendingLoad<'_, P, S> {
     fn drop(&mut self) {
         let (Some(node), Some(q)) =
             (self.node().cloned(), self.map.as_ref().and_then(|m| m.tag.defer.clone()))
@@ -633,9 +633,9 @@ impl<P: Platform, S: Strategy<P>> Drop for PendingLoad<'_, '_, P, S> {
                     cb(Err(Error::Cancelled));
                 }
                 if let Some(map) = map {
-                    let tag = map.tag;
+                    let tag = map.tag.clone();
                     drop(map);
-                    q.service(tag);
+                    q.service(&tag);
                 }
             }
             // Abandoned: the servicer finishes it (theory 7); the map's shell goes now.
@@ -644,14 +644,14 @@ impl<P: Platform, S: Strategy<P>> Drop for PendingLoad<'_, '_, P, S> {
     }
 }
 
-impl<P: Platform, S: Strategy<P>> core::fmt::Debug for PendingLoad<'_, '_, P, S> {
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for PendingLoad<'_, P, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let phase = self.node().map(|n| n.slot.lock().phase);
         f.debug_struct("PendingLoad").field("map", &self.map_id()).field("phase", &phase).finish()
     }
 }
 
-impl<P: Platform, S: Strategy<P>> core::fmt::Debug for Deferrable<'_, '_, P, S> {
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for Deferrable<'_, P, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Deferrable::Loaded(m) => f.debug_tuple("Loaded").field(m).finish(),

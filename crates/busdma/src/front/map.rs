@@ -117,15 +117,16 @@ impl<M> Body<M> {
         Self { state: None, segs: Vec::new(), runs: Vec::new(), max_runs: 0, loaded: None };
 }
 
-/// A DMA map of tag `'t`.
+/// A DMA map. It holds a handle of its tag ([`Tag`] is reference-counted), so a map borrows
+/// nothing and a driver's state struct can own it beside its tag.
 ///
 /// # Invariants
 ///
 /// `body` satisfies `Body`'s invariants; `node` is `Some` exactly for maps of a tag that
 /// may wait ([`super::tag::TagFlags::may_wait`]): the wait node a deferred load uses,
 /// allocated at create so deferring allocates nothing.
-pub struct DmaMap<'t, 'p, P: Platform, S: Strategy<P>> {
-    pub(crate) tag: &'t Tag<'p, P, S>,
+pub struct DmaMap<'p, P: Platform, S: Strategy<P>> {
+    pub(crate) tag: Tag<'p, P, S>,
     pub(crate) body: Body<S::MapState>,
     pub(crate) id: u64,
     pub(crate) node: Option<Arc<Node<'p, P, S>>>,
@@ -136,7 +137,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     ///
     /// Errors: [`Error::NoMemory`] (the arrays), and the strategy's (an IOVA window that does
     /// not fit: [`Error::Exhausted`]).
-    pub fn create_map(&self) -> Result<DmaMap<'_, 'p, P, S>> {
+    pub fn create_map(&self) -> Result<DmaMap<'p, P, S>> {
         let max_segs = self.spec.max_segments as usize;
         let max_runs =
             max_segs.saturating_add(self.spec.max_size.div_ceil(PAGE_SIZE) as usize).saturating_add(1);
@@ -157,10 +158,10 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
         // INVARIANT: capacities reserved above; nothing loaded yet; a node exactly for a
         // may-wait tag.
         let body = Body { state: Some(state), segs, runs, max_runs, loaded: None };
-        Ok(DmaMap { tag: self, body, id: next_id(), node })
+        Ok(DmaMap { tag: self.clone(), body, id: next_id(), node })
     }
 
-    fn check_owner(&self, call: &'static str, map: &DmaMap<'_, 'p, P, S>) -> Result<()> {
+    fn check_owner(&self, call: &'static str, map: &DmaMap<'p, P, S>) -> Result<()> {
         if map.tag.id == self.id {
             return Ok(());
         }
@@ -179,19 +180,19 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     }
 
     /// bus_dma's `bus_dmamap_load`: [`DmaMap::load`] through this tag, which must own `map`.
-    pub fn load<L: LoadSource>(&self, map: &mut DmaMap<'_, 'p, P, S>, src: &L, dir: Direction) -> Result<()> {
+    pub fn load<L: LoadSource>(&self, map: &mut DmaMap<'p, P, S>, src: &L, dir: Direction) -> Result<()> {
         self.check_owner("load", map)?;
         map.load(src, dir).map(|_| ())
     }
 
     /// bus_dma's `bus_dmamap_sync`: [`DmaMap::sync`] through this tag, which must own `map`.
-    pub fn sync(&self, map: &mut DmaMap<'_, 'p, P, S>, op: SyncOp) -> Result<SyncStats> {
+    pub fn sync(&self, map: &mut DmaMap<'p, P, S>, op: SyncOp) -> Result<SyncStats> {
         self.check_owner("sync", map)?;
         map.sync(op)
     }
 
     /// bus_dma's `bus_dmamap_unload`: [`DmaMap::unload`] through this tag, which must own it.
-    pub fn unload(&self, map: &mut DmaMap<'_, 'p, P, S>) -> Result<()> {
+    pub fn unload(&self, map: &mut DmaMap<'p, P, S>) -> Result<()> {
         self.check_owner("unload", map)?;
         map.unload()
     }
@@ -199,10 +200,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     /// bus_dma's `bus_dmamap_destroy`: drops `map` (unloading it if loaded). Through a tag that
     /// does not own it, the map is handed back with the error.
     #[allow(clippy::result_large_err)]
-    pub fn destroy<'t>(
-        &self,
-        map: DmaMap<'t, 'p, P, S>,
-    ) -> core::result::Result<(), (Error, DmaMap<'t, 'p, P, S>)> {
+    pub fn destroy(&self, map: DmaMap<'p, P, S>) -> core::result::Result<(), (Error, DmaMap<'p, P, S>)> {
         match self.check_owner("destroy", &map) {
             Ok(()) => {
                 drop(map);
@@ -365,10 +363,11 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     }
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
+impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
     #[inline]
-    pub(crate) fn cx(&self) -> Ctx<'t, 'p, P, S> {
-        Ctx { tag: self.tag, spec: &self.tag.spec, tag_id: self.tag.id, map_id: self.id }
+    pub(crate) fn cx(&mut self) -> (Ctx<'_, 'p, P, S>, &mut Body<S::MapState>) {
+        let cx = Ctx { tag: &self.tag, spec: &self.tag.spec, tag_id: self.tag.id, map_id: self.id };
+        (cx, &mut self.body)
     }
 
     /// The map's unique id.
@@ -379,8 +378,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
 
     /// The tag that owns the map.
     #[inline]
-    pub fn tag(&self) -> &'t Tag<'p, P, S> {
-        self.tag
+    pub fn tag(&self) -> &Tag<'p, P, S> {
+        &self.tag
     }
 
     /// Whether a buffer is loaded.
@@ -437,15 +436,15 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
             return Err(Error::BadState { what: "load into a map that is already loaded" });
         }
         self.tag.refuse_if_waiters()?;
-        let cx = self.cx();
-        match cx.collect(&mut self.body, src).and_then(|len| cx.place(&mut self.body, dir).map(|()| len)) {
+        let (cx, body) = self.cx();
+        match cx.collect(body, src).and_then(|len| cx.place(body, dir).map(|()| len)) {
             Ok(len) => {
-                cx.set_loaded(&mut self.body, dir, len);
-                Ok(&self.body.segs)
+                cx.set_loaded(body, dir, len);
+                Ok(&body.segs)
             }
             Err(e) => {
-                self.body.runs.clear();
-                self.body.segs.clear();
+                body.runs.clear();
+                body.segs.clear();
                 Err(e)
             }
         }
@@ -456,7 +455,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     /// Errors: [`Error::BadState`] (not loaded), [`Error::InvalidArgument`] (an operation the
     /// load's direction does not allow; value: the operation's bits).
     pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
-        self.cx().sync(&mut self.body, op)
+        let (cx, body) = self.cx();
+        cx.sync(body, op)
     }
 
     /// Unloads the map: the device can no longer reach the buffer once this returns (strict
@@ -471,7 +471,8 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     /// the domain's flush before reusing the buffer.
     pub fn unload(&mut self) -> Result<()> {
         let was_loaded = self.body.loaded.is_some();
-        let r = self.cx().unload(&mut self.body);
+        let (cx, body) = self.cx();
+        let r = cx.unload(body);
         if was_loaded {
             self.tag.wake_deferred();
         }
@@ -546,7 +547,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>> DmaMap<'t, 'p, P, S> {
     }
 }
 
-impl<P: Platform, S: Strategy<P>> core::fmt::Debug for DmaMap<'_, '_, P, S> {
+impl<P: Platform, S: Strategy<P>> core::fmt::Debug for DmaMap<'_, P, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("DmaMap")
             .field("id", &self.id)
@@ -557,11 +558,12 @@ impl<P: Platform, S: Strategy<P>> core::fmt::Debug for DmaMap<'_, '_, P, S> {
     }
 }
 
-impl<P: Platform, S: Strategy<P>> Drop for DmaMap<'_, '_, P, S> {
+impl<P: Platform, S: Strategy<P>> Drop for DmaMap<'_, P, S> {
     fn drop(&mut self) {
         // Unload if loaded, then the strategy's destroy; either may free what deferred loads
         // wait for. A shell whose body is away (or was already destroyed) frees nothing.
-        if self.cx().destroy(&mut self.body) {
+        let (cx, body) = self.cx();
+        if cx.destroy(body) {
             self.tag.wake_deferred();
         }
         if let (Some(node), Some(q)) = (self.node.take(), self.tag.defer.as_ref()) {

@@ -53,18 +53,10 @@ impl<B: PinBackend, U: UnpinBarrier> LoadSource for RegisteredBuffer<'_, B, U> {
 /// # Invariants
 ///
 /// `map` is loaded with `buf` for the value's whole life (until `unload`).
-pub struct RegisteredLoad<
-    'a,
-    't,
-    'p,
-    'r,
-    P: Platform,
-    S: Strategy<P>,
-    B: PinBackend,
-    U: UnpinBarrier = NoBarrier,
-> {
+pub struct RegisteredLoad<'a, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier = NoBarrier>
+{
     // Field order is teardown order: the map is unloaded (in `Drop`) before `buf` drops.
-    map: &'a mut DmaMap<'t, 'p, P, S>,
+    map: &'a mut DmaMap<'p, P, S>,
     buf: RegisteredBuffer<'r, B, U>,
 }
 
@@ -77,13 +69,13 @@ pub struct RegisteredLoad<
 /// [`crate::Error::BadState`] once the region's `mapped` reached 0) and of [`DmaMap::load`];
 /// [`crate::Error::Unsupported`] if the map's strategy invalidates lazily and the registry has
 /// no unpin barrier (theory 4). On error `mapped` is as before.
-pub fn load_registered<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>(
-    map: &'a mut DmaMap<'t, 'p, P, S>,
+pub fn load_registered<'a, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>(
+    map: &'a mut DmaMap<'p, P, S>,
     reg: &'r Registry<B, U>,
     ua: UserVa,
     len: u64,
     dir: Direction,
-) -> Result<RegisteredLoad<'a, 't, 'p, 'r, P, S, B, U>> {
+) -> Result<RegisteredLoad<'a, 'p, 'r, P, S, B, U>> {
     if map.tag().strategy().invalidation() == Invalidation::Deferred && reg.barrier().is_none() {
         return Err(Error::Unsupported {
             what: "registered buffer under deferred invalidation without an unpin barrier \
@@ -97,9 +89,7 @@ pub fn load_registered<'a, 't, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBacken
     Ok(RegisteredLoad { map, buf })
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>
-    RegisteredLoad<'_, 't, 'p, '_, P, S, B, U>
-{
+impl<'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> RegisteredLoad<'_, 'p, '_, P, S, B, U> {
     /// The bus-address segments of the load.
     pub fn segments(&self) -> &[Segment] {
         self.map.segments()
@@ -107,7 +97,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>
 
     /// The loaded map (for `read`, `write` and inspection). Not `&mut`: unloading or
     /// reloading it behind this load's back would break the invariant.
-    pub fn map(&self) -> &DmaMap<'t, 'p, P, S> {
+    pub fn map(&self) -> &DmaMap<'p, P, S> {
         self.map
     }
 
@@ -134,7 +124,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier>
 }
 
 impl<P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Drop
-    for RegisteredLoad<'_, '_, '_, '_, P, S, B, U>
+    for RegisteredLoad<'_, '_, '_, P, S, B, U>
 {
     fn drop(&mut self) {
         if self.map.is_loaded() {

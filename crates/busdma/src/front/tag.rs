@@ -174,10 +174,34 @@ pub(crate) fn next_id() -> u64 {
 
 /// A DMA tag: constraints, the strategy that serves them, and the platform.
 ///
+/// A tag is a handle: cloning it is one reference-count increment, and every map it creates
+/// holds a clone, so a driver's state struct can own its tags and maps together (no map
+/// borrows its tag). The shared data ([`TagData`]) lives until the last handle drops.
+pub struct Tag<'p, P: Platform, S: Strategy<P>>(Arc<TagData<'p, P, S>>);
+
+impl<P: Platform, S: Strategy<P>> Clone for Tag<'_, P, S> {
+    /// Another handle to the same tag (same id, same constraints): not a child.
+    #[inline]
+    fn clone(&self) -> Self {
+        Tag(self.0.clone())
+    }
+}
+
+impl<'p, P: Platform, S: Strategy<P>> core::ops::Deref for Tag<'p, P, S> {
+    type Target = TagData<'p, P, S>;
+    #[inline]
+    fn deref(&self) -> &TagData<'p, P, S> {
+        &self.0
+    }
+}
+
+/// What the handles of one tag share: its constraints, strategy, platform and id. Reached
+/// through a [`Tag`]; it has no public fields, and its accessors are [`Tag`]'s.
+///
 /// # Invariants
 ///
 /// `spec` is valid ([`TagSpec::validate`]) and narrows the spec of every ancestor.
-pub struct Tag<'p, P: Platform, S: Strategy<P>> {
+pub struct TagData<'p, P: Platform, S: Strategy<P>> {
     pub(crate) platform: &'p P,
     pub(crate) strategy: S,
     pub(crate) spec: TagSpec,
@@ -197,7 +221,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     pub fn new_root(platform: &'p P, strategy: S, spec: TagSpec) -> Result<Self> {
         spec.validate()?;
         strategy.check_tag(platform, &spec)?;
-        Ok(Self {
+        Ok(Tag(Arc::new(TagData {
             platform,
             strategy,
             spec,
@@ -205,7 +229,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             #[cfg(feature = "dma-debug")]
             debug: Arc::new(super::debug::DomainWatch::new()),
             defer: spec.flags.may_wait.then(|| Arc::new(DeferQueue::new())),
-        })
+        })))
     }
 
     /// A child tag: `spec` must only narrow this tag's constraints (theory 2).
@@ -214,7 +238,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     pub fn child(&self, spec: TagSpec) -> Result<Self> {
         spec.validate()?;
         spec.check_narrows(&self.spec)?;
-        Ok(Self {
+        Ok(Tag(Arc::new(TagData {
             platform: self.platform,
             strategy: self.strategy.clone(),
             spec,
@@ -222,7 +246,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             #[cfg(feature = "dma-debug")]
             debug: self.debug.clone(),
             defer: self.defer.clone(),
-        })
+        })))
     }
 
     /// The constraints.

@@ -25,7 +25,7 @@
 //! use busdma::front::typed::{DeviceOwned, FromDevice};
 //! use busdma::front::strategy::Strategy;
 //! use busdma::Platform;
-//! fn peek<P: Platform, S: Strategy<P>>(dev: &DeviceOwned<'_, '_, P, S, FromDevice>) -> u8 {
+//! fn peek<P: Platform, S: Strategy<P>>(dev: &DeviceOwned<'_, P, S, FromDevice>) -> u8 {
 //!     let mut b = [0u8; 1];
 //!     dev.read(0, &mut b).unwrap(); // no such method: device-owned memory is unreachable
 //!     b[0]
@@ -38,7 +38,7 @@
 //! use busdma::front::typed::{CpuOwned, ToDevice};
 //! use busdma::front::strategy::Strategy;
 //! use busdma::Platform;
-//! fn send<P: Platform, S: Strategy<P>>(buf: CpuOwned<'_, '_, P, S, ToDevice>) {
+//! fn send<P: Platform, S: Strategy<P>>(buf: CpuOwned<'_, P, S, ToDevice>) {
 //!     let dev = buf.to_device().ok().unwrap();
 //!     buf.write(0, &[1]).unwrap(); // `buf` was moved into the device-owned state
 //!     drop(dev);
@@ -108,8 +108,8 @@ impl DmaDir for Bidirectional {
 /// # Invariants
 ///
 /// `map` is created by the buffer's tag and not loaded; it is declared before `mem`.
-pub struct CpuOwned<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> {
-    map: DmaMap<'t, 'p, P, S>,
+pub struct CpuOwned<'p, P: Platform, S: Strategy<P>, D: DmaDir> {
+    map: DmaMap<'p, P, S>,
     mem: DmaMemory<'p, P>,
     _dir: PhantomData<D>,
 }
@@ -119,8 +119,8 @@ pub struct CpuOwned<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> {
 /// # Invariants
 ///
 /// `map` holds `mem` loaded in direction `D::DIR`, PRE-synced; it is declared before `mem`.
-pub struct DeviceOwned<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> {
-    map: DmaMap<'t, 'p, P, S>,
+pub struct DeviceOwned<'p, P: Platform, S: Strategy<P>, D: DmaDir> {
+    map: DmaMap<'p, P, S>,
     mem: DmaMemory<'p, P>,
     _dir: PhantomData<D>,
 }
@@ -130,14 +130,14 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     /// CPU. The map is created (reserving what the strategy reserves) but not loaded.
     ///
     /// Errors: those of [`DmaMemory::alloc`] and [`Tag::create_map`]; nothing leaks.
-    pub fn alloc_buffer<D: DmaDir>(&self, len: u64) -> Result<CpuOwned<'_, 'p, P, S, D>> {
+    pub fn alloc_buffer<D: DmaDir>(&self, len: u64) -> Result<CpuOwned<'p, P, S, D>> {
         let mem = DmaMemory::alloc(self.platform, &self.spec, len, MemAttr::WriteBack)?;
         let map = self.create_map()?;
         Ok(CpuOwned { map, mem, _dir: PhantomData })
     }
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'t, 'p, P, S, D> {
+impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'p, P, S, D> {
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.mem.len()
@@ -166,7 +166,7 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'t, 'p, P, S, D> {
     ///
     /// Errors: those of [`DmaMap::load`]; the buffer comes back with the error, still the CPU's.
     #[allow(clippy::result_large_err)]
-    pub fn to_device(mut self) -> core::result::Result<DeviceOwned<'t, 'p, P, S, D>, (Error, Self)> {
+    pub fn to_device(mut self) -> core::result::Result<DeviceOwned<'p, P, S, D>, (Error, Self)> {
         let run = [(self.mem.pa(), self.mem.len())];
         let src = RawSegments(&run);
         if let Err(e) = self.map.load(&src, D::DIR) {
@@ -181,14 +181,14 @@ impl<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'t, 'p, P, S, D> {
     }
 }
 
-impl<'t, 'p, P: Platform, S: Strategy<P>, D: DmaDir> DeviceOwned<'t, 'p, P, S, D> {
+impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> DeviceOwned<'p, P, S, D> {
     /// The bus segments to program into the device.
     pub fn segments(&self) -> &[Segment] {
         self.map.segments()
     }
 
     /// Takes the buffer back: the POST sync of `D`, then unload.
-    pub fn to_cpu(mut self) -> CpuOwned<'t, 'p, P, S, D> {
+    pub fn to_cpu(mut self) -> CpuOwned<'p, P, S, D> {
         // Cannot fail: the map is loaded in D::DIR (type invariant), which allows D::POST.
         let _ = self.map.sync(D::POST);
         let _ = self.map.unload();

@@ -48,7 +48,7 @@ use crate::front::tag::TagSpec;
 /// Every method runs with preemption disabled (the caller's [`CpuGuard`], which per-CPU IOVA
 /// caches and table pools are indexed by; a strategy pins once per load or unload) and
 /// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
-pub trait IommuOps<P: Platform>: Sync {
+pub trait IommuOps<P: Platform>: Send + Sync {
     /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
     type Ticket: Copy + Send;
 

@@ -72,7 +72,7 @@ impl Invalidation {
 }
 
 /// A way of turning physical runs into bus addresses. See the module theory.
-pub trait Strategy<P: Platform>: Clone {
+pub trait Strategy<P: Platform>: Clone + Send + Sync {
     /// The strategy's name in reports (`direct`, `iommu-per-map`, ...).
     const NAME: &'static str;
 
