@@ -124,7 +124,8 @@ trait AnyMap {
 
 impl<S: Strategy<HostPlatform>> AnyMap for busdma::front::DmaMap<'_, HostPlatform, S> {
     fn load(&mut self, sg: &[SgEntry], dir: Direction) -> Result<Vec<Segment>, Error> {
-        busdma::front::DmaMap::load(self, &SgList(sg), dir).map(|s| s.to_vec())
+        // SAFETY: the target's own model RAM, kept until every map of it is dropped.
+        busdma::front::DmaMap::load(self, &unsafe { SgList::new(sg) }, dir).map(|s| s.to_vec())
     }
     fn sync(&mut self, op: SyncOp) -> Result<(), Error> {
         busdma::front::DmaMap::sync(self, op).map(|_| ())

@@ -848,7 +848,8 @@ fn edu_tag<'a>(
 
 /// `len` bytes of `buf` from `off`, as a kernel buffer (KVA == PA in this kernel).
 fn kbuf(buf: &Buf, off: u64, len: u64) -> KernelBuf {
-    KernelBuf { kva: KernVa::new(buf.at(off).raw()), len }
+    // SAFETY: `buf` is frames the check allocated and keeps until its maps are unloaded.
+    unsafe { KernelBuf::new(KernVa::new(buf.at(off).raw()), len) }
 }
 
 /// DMAs between the edu buffer and the segments of a loaded map, segment by segment (the

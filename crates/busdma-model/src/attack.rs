@@ -19,7 +19,7 @@
 //!    probes the stale bus address after each further unload of its own (the work that drives
 //!    the flush queue) until the access faults; the number of those unloads and the time since
 //!    the unload returned are the window, bounded by the queue's `max_entries` and `max_age`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one fn: `kbuf`, describing the scenario's own pages to a map
 
 use busdma::front::{Direction, KernelBuf, Strategy, SyncOp, Tag, TagSpec, load_registered};
 use busdma::iommu::DomainId;
@@ -28,6 +28,14 @@ use busdma::pin::Registry;
 use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, UserVa};
 
 use crate::audit::PageKind;
+
+/// A scenario's own direct-mapped bytes as a load source.
+#[allow(unsafe_code)]
+fn kbuf(kva: KernVa, len: u64) -> KernelBuf {
+    // SAFETY: every caller passes pages the scenario allocated from the model and keeps until
+    // the map is unloaded (the ground truth records what it gives the device).
+    unsafe { KernelBuf::new(kva, len) }
+}
 use crate::hostile::{
     Access, AttackClass, HostileDevice, Outcome, Tally, page_base, public_fill, secret_fill,
 };
@@ -226,7 +234,7 @@ impl<'m> Rig<'m> {
         let len = 64 * (1 + self.dev.random() % 16);
         let buf = page.pa().checked_add(off).ok_or(Error::Overflow { base: off, len })?;
         self.m.write_phys(buf, &public_fill(round, len as usize))?;
-        let src = KernelBuf { kva: kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len };
+        let src = kbuf(kva.checked_add(off).ok_or(Error::Overflow { base: off, len })?, len);
         if let Err(e) = map.load(&src, Direction::Bidirectional) {
             self.refuse(class, e);
             return Ok(None);
@@ -262,7 +270,7 @@ impl<'m> Rig<'m> {
             .alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) })?;
         self.m.write_phys(f.pa(), &public_fill(seed, PAGE_SIZE as usize))?;
         let kva = self.m.phys_to_kva(f.pa()).ok_or(Error::NotDirectMapped { pa: f.pa().raw() })?;
-        if let Err(e) = map.load(&KernelBuf { kva, len: PAGE_SIZE }, dir) {
+        if let Err(e) = map.load(&kbuf(kva, PAGE_SIZE), dir) {
             self.refuse(class, e);
             return Ok(None);
         }
@@ -369,7 +377,7 @@ impl<'m> Rig<'m> {
         let mut own = tags.attacker.create_map()?;
         for round in 0..rounds {
             let (page, kva) = secret_page(self.m, round)?;
-            if let Err(e) = vmap.load(&KernelBuf { kva, len: PAGE_SIZE }, Direction::Bidirectional) {
+            if let Err(e) = vmap.load(&kbuf(kva, PAGE_SIZE), Direction::Bidirectional) {
                 self.refuse(class, e);
                 continue;
             }
@@ -406,7 +414,7 @@ impl<'m> Rig<'m> {
         let mut own = tags.attacker.create_map()?;
         let mut vmap = tags.victim.create_map()?;
         let (_vpage, vkva) = secret_page(self.m, 99)?;
-        vmap.load(&KernelBuf { kva: vkva, len: PAGE_SIZE }, Direction::Bidirectional)?;
+        vmap.load(&kbuf(vkva, PAGE_SIZE), Direction::Bidirectional)?;
         let mine = self.load_page(class, &mut own, 5, Direction::Bidirectional)?;
         let anchors = [vmap.segments()[0].addr.raw(), mine.as_ref().map_or(0, |(b, _)| *b)];
         self.check_ownership();

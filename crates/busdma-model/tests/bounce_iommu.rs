@@ -29,7 +29,8 @@ fn an_untrusted_device_reading_the_whole_iommu_page_around_a_100_byte_buffer_see
     m.write_phys(buf, &data).unwrap();
     let sg = [SgEntry { pa: buf, len: 100, kind: MemKind::Page }];
     for round in 0..2 {
-        map.load(&SgList(&sg), Direction::Bidirectional).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { SgList::new(&sg) }, Direction::Bidirectional).unwrap();
         map.sync(SyncOp::PREWRITE.union(SyncOp::PREREAD)).unwrap();
         let seg = map.segments()[0];
         assert_eq!(seg.len, 100);

@@ -55,9 +55,10 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// One to-device transfer: the CPU fills the buffer, maybe syncs PREWRITE, the device reads.
 fn to_device(m: &HostPlatform, prewrite: bool) -> (Vec<u8>, Vec<u8>) {
     let (_, kva) = buffer(m, 2);
-    let buf = KernelBuf { kva: kva.checked_add(100).unwrap(), len: 5000 };
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let buf = unsafe { KernelBuf::new(kva.checked_add(100).unwrap(), 5000) };
     let data = pattern(1, 5000);
-    m.cpu().write(buf.kva, &data).unwrap();
+    m.cpu().write(buf.kva(), &data).unwrap();
     let tag = Tag::new_root(m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
     map.load(&buf, Direction::ToDevice).unwrap();
@@ -84,8 +85,9 @@ enum Hazard {
 /// One from-device transfer. Before it, the driver had written the buffer (dirty lines).
 fn from_device(m: &HostPlatform, preread: bool, postread: bool, hazard: Hazard) -> (Vec<u8>, Vec<u8>) {
     let (_, kva) = buffer(m, 2);
-    let buf = KernelBuf { kva: kva.checked_add(64).unwrap(), len: 4096 };
-    m.cpu().write(buf.kva, &pattern(7, 4096)).unwrap(); // the driver initialised it
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let buf = unsafe { KernelBuf::new(kva.checked_add(64).unwrap(), 4096) };
+    m.cpu().write(buf.kva(), &pattern(7, 4096)).unwrap(); // the driver initialised it
     let tag = Tag::new_root(m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
     map.load(&buf, Direction::FromDevice).unwrap();
@@ -93,7 +95,7 @@ fn from_device(m: &HostPlatform, preread: bool, postread: bool, hazard: Hazard) 
         map.sync(SyncOp::PREREAD).unwrap();
     }
     if hazard == Hazard::PrefetchBeforeTheDeviceWrites {
-        m.cpu().prefetch(buf.kva, buf.len).unwrap();
+        m.cpu().prefetch(buf.kva(), buf.len()).unwrap();
     }
     let data = pattern(9, 4096);
     device_write(m, map.segments(), &data);
@@ -103,7 +105,7 @@ fn from_device(m: &HostPlatform, preread: bool, postread: bool, hazard: Hazard) 
     if postread {
         map.sync(SyncOp::POSTREAD).unwrap();
     }
-    let seen = cpu_read(m, buf.kva, 4096);
+    let seen = cpu_read(m, buf.kva(), 4096);
     map.unload().unwrap();
     (data, seen)
 }
@@ -163,7 +165,8 @@ fn a_coherent_tag_needs_no_maintenance_on_a_snooping_machine() {
     spec.flags.coherent = true;
     let tag = Tag::new_root(&m, Direct, spec).unwrap();
     let mut map = tag.create_map().unwrap();
-    let buf = KernelBuf { kva, len: 256 };
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let buf = unsafe { KernelBuf::new(kva, 256) };
     m.cpu().write(kva, &pattern(3, 256)).unwrap();
     map.load(&buf, Direction::Bidirectional).unwrap();
     map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
@@ -191,7 +194,8 @@ fn page_less_entries_never_cause_a_cpu_flush() {
     ];
     let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&SgList(&entries), Direction::Bidirectional).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { SgList::new(&entries) }, Direction::Bidirectional).unwrap();
     let counters = m.cache().unwrap().counters();
     let calls = || counters.maintenance_calls.load(Ordering::Relaxed);
     let before = calls();
@@ -224,16 +228,17 @@ proptest! {
     ) {
         let m = machine(if vipt { CacheConfig::vipt_aliasing() } else { CacheConfig::pipt() });
         let (_, kva) = buffer(&m, 4);
-        let buf = KernelBuf { kva: kva.checked_add(offset).unwrap(), len };
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let buf = unsafe { KernelBuf::new(kva.checked_add(offset).unwrap(), len) };
         let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
         let mut map = tag.create_map().unwrap();
         let out = pattern(seed, len as usize);
-        m.cpu().write(buf.kva, &out).unwrap();
+        m.cpu().write(buf.kva(), &out).unwrap();
         map.load(&buf, Direction::Bidirectional).unwrap();
         map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
         prop_assert_eq!(&device_read(&m, map.segments()), &out);
         if prefetch_before {
-            m.cpu().prefetch(buf.kva, len).unwrap();
+            m.cpu().prefetch(buf.kva(), len).unwrap();
         }
         let back = pattern(seed.wrapping_add(1), len as usize);
         device_write(&m, map.segments(), &back);
@@ -241,7 +246,7 @@ proptest! {
             m.cpu().evict_all().unwrap();
         }
         map.sync(SyncOp::POSTREAD | SyncOp::POSTWRITE).unwrap();
-        prop_assert_eq!(cpu_read(&m, buf.kva, len as usize), back);
+        prop_assert_eq!(cpu_read(&m, buf.kva(), len as usize), back);
         map.unload().unwrap();
     }
 }

@@ -255,12 +255,14 @@ fn one<S: Strategy<HostPlatform>>(
             check_failed(counts(), before, clean, n);
             // Fault gone: a fresh map loads.
             let mut map = tag.create_map().unwrap();
-            map.load(&SgList(sg), Direction::ToDevice).unwrap();
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            map.load(&unsafe { SgList::new(sg) }, Direction::ToDevice).unwrap();
             map.unload().unwrap();
             return Err(e);
         }
     };
-    let r = map.load(&SgList(sg), Direction::ToDevice).map(|s| s.to_vec());
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let r = map.load(&unsafe { SgList::new(sg) }, Direction::ToDevice).map(|s| s.to_vec());
     pool.fail_nth_alloc(None);
     m.fail_nth_alloc(None);
     match r {
@@ -276,7 +278,8 @@ fn one<S: Strategy<HostPlatform>>(
             check_failed(counts(), before, clean, n);
             // Fault gone: a fresh map loads.
             let mut map = tag.create_map().unwrap();
-            map.load(&SgList(sg), Direction::ToDevice).unwrap();
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            map.load(&unsafe { SgList::new(sg) }, Direction::ToDevice).unwrap();
             map.unload().unwrap();
             Err(e)
         }

@@ -15,7 +15,8 @@ fn a_cpu_read_after_preread_without_postread_is_reported() {
     let tag = Tag::new_root(&m, Direct, TagSpec::new(1 << 16, 4)).unwrap();
     let log = tag.debug_log();
     let mut map = tag.create_map().unwrap();
-    map.load(&RawSegments(&[(pa, 128)]), Direction::FromDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 128) }, Direction::FromDevice).unwrap();
     map.sync(SyncOp::PREREAD).unwrap();
     let mut b = [0u8; 16];
     assert!(map.read(8, &mut b).is_err());
@@ -42,7 +43,8 @@ fn a_sync_in_the_wrong_direction_is_reported() {
     let tag = Tag::new_root(&m, Direct, TagSpec::new(1 << 16, 4)).unwrap();
     let log = tag.debug_log();
     let mut map = tag.create_map().unwrap();
-    map.load(&RawSegments(&[(pa, 128)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 128) }, Direction::ToDevice).unwrap();
     assert!(map.sync(SyncOp::POSTREAD).is_err());
     assert_eq!(
         log.take(),
@@ -63,7 +65,8 @@ fn a_double_unload_is_reported() {
     let tag = Tag::new_root(&m, Direct, TagSpec::new(1 << 16, 4)).unwrap();
     let log = tag.debug_log();
     let mut map = tag.create_map().unwrap();
-    map.load(&RawSegments(&[(pa, 128)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 128) }, Direction::ToDevice).unwrap();
     map.unload().unwrap();
     assert!(matches!(map.unload(), Err(Error::BadState { .. })));
     assert_eq!(log.take(), [Violation::DoubleUnload { tag: tag.id(), map: map.id() }]);
@@ -77,7 +80,8 @@ fn an_unload_or_sync_through_the_wrong_tag_is_reported() {
     let other = tag.child(TagSpec::new(1 << 12, 1)).unwrap();
     let log = tag.debug_log();
     let mut map = tag.create_map().unwrap();
-    tag.load(&mut map, &RawSegments(&[(pa, 128)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    tag.load(&mut map, &unsafe { RawSegment::new(pa, 128) }, Direction::ToDevice).unwrap();
     assert!(other.sync(&mut map, SyncOp::PREWRITE).is_err());
     assert!(other.unload(&mut map).is_err());
     let (e, map) = other.destroy(map).err().unwrap();
@@ -103,15 +107,19 @@ fn maps_still_loaded_at_domain_teardown_are_reported() {
     let tag_id = tag.id();
     let map_id = {
         let mut map = tag.create_map().unwrap();
-        map.load(&RawSegments(&[(PhysAddr::new(pa.raw() + 64), 128)]), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { RawSegment::new(PhysAddr::new(pa.raw() + 64), 128) }, Direction::ToDevice)
+            .unwrap();
         let id = map.id();
         std::mem::forget(map); // a driver leaks a loaded map
         id
     };
     assert!(log.take().is_empty());
-    drop(tag);
+    tag.debug_teardown();
     assert_eq!(
         log.take(),
         [Violation::LoadedAtTeardown { tag: tag_id, map: map_id, bus: pa.raw() + 64, len: 128 }]
     );
+    drop(tag);
+    assert!(log.take().is_empty(), "the forgotten map keeps the tag alive: no teardown happens");
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::{
-    Deferrable, DeferredCallback, Direct, Direction, DmaMap, IommuPerMap, MemKind, PendingLoad, RawSegments,
-    Segment, SgEntry, SgList, Strategy, SyncOp, Tag, TagSpec,
+    Deferrable, DeferredCallback, Direct, Direction, DmaMap, IommuPerMap, MemKind, PendingLoad, RawSegment,
+    RawSegments, Segment, SgEntry, SgList, Strategy, SyncOp, Tag, TagSpec,
 };
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig};
@@ -124,26 +124,19 @@ fn deferred_loads_complete_in_arrival_order_and_a_blocked_head_is_not_overtaken(
             Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let (a_pa, b_pa, c_pa, e_pa) =
             (buffer(&m, 4, 1), buffer(&m, 4, 2), buffer(&m, 8, 3), buffer(&m, 1, 4));
-        let src = |pa: PhysAddr, pages: u64| [(pa, pages * PAGE_SIZE)];
+        // SAFETY: every segment is model RAM the test allocated and keeps until its maps drop.
+        let src = |pa: PhysAddr, pages: u64| unsafe { RawSegment::new(pa, pages * PAGE_SIZE) };
         let log: Log = Arc::default();
         // A and B fill the space.
         let a = tag.create_map().unwrap();
-        let mut a = loaded(
-            a.load_or_defer(&RawSegments(&src(a_pa, 4)), Direction::ToDevice, logging(&log, 0)).unwrap(),
-        );
+        let mut a = loaded(a.load_or_defer(&src(a_pa, 4), Direction::ToDevice, logging(&log, 0)).unwrap());
         let b = tag.create_map().unwrap();
-        let mut b = loaded(
-            b.load_or_defer(&RawSegments(&src(b_pa, 4)), Direction::ToDevice, logging(&log, 0)).unwrap(),
-        );
+        let mut b = loaded(b.load_or_defer(&src(b_pa, 4), Direction::ToDevice, logging(&log, 0)).unwrap());
         // C needs the whole space; E needs one page and arrives after C.
         let c = tag.create_map().unwrap();
-        let c = deferred(
-            c.load_or_defer(&RawSegments(&src(c_pa, 8)), Direction::ToDevice, logging(&log, 3)).unwrap(),
-        );
+        let c = deferred(c.load_or_defer(&src(c_pa, 8), Direction::ToDevice, logging(&log, 3)).unwrap());
         let e = tag.create_map().unwrap();
-        let e = deferred(
-            e.load_or_defer(&RawSegments(&src(e_pa, 1)), Direction::ToDevice, logging(&log, 5)).unwrap(),
-        );
+        let e = deferred(e.load_or_defer(&src(e_pa, 1), Direction::ToDevice, logging(&log, 5)).unwrap());
         assert_eq!(tag.deferred_stats().waiting, 2);
         assert!(labels(&log).is_empty(), "immediate loads run no callback");
 
@@ -183,7 +176,8 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         // A tag that may not wait: load_or_defer is the no-wait load.
         let nowait = Tag::new_root(&m, IommuPerMap(d), TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8)).unwrap();
         let mut a = nowait.create_map().unwrap();
-        a.load(&RawSegments(&[(a_pa, 8 * PAGE_SIZE)]), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        a.load(&unsafe { RawSegment::new(a_pa, 8 * PAGE_SIZE) }, Direction::ToDevice).unwrap();
         let tables = pool.stats().allocs - pool.stats().frees;
         let b = nowait.create_map().unwrap();
         let ran = Arc::new(AtomicUsize::new(0));
@@ -192,7 +186,8 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
             r2.fetch_add(1, Ordering::SeqCst);
         });
         let (err, b) =
-            b.load_or_defer(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice, cb).err().unwrap();
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            b.load_or_defer(&unsafe { RawSegment::new(b_pa, PAGE_SIZE) }, Direction::ToDevice, cb).err().unwrap();
         assert!(matches!(err, Error::Exhausted { .. }), "{err:?}");
         assert!(!b.is_loaded() && b.segments().is_empty() && b.runs().is_empty());
         assert_eq!(ran.load(Ordering::SeqCst), 0, "a failed no-wait load runs no callback");
@@ -206,12 +201,18 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         let log: Log = Arc::default();
         let w = wait.create_map().unwrap();
         let w = deferred(
-            w.load_or_defer(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice, logging(&log, 1))
-                .unwrap(),
+            w.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(b_pa, PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 1),
+            )
+            .unwrap(),
         );
         let mut n = wait.create_map().unwrap();
         assert_eq!(
-            n.load(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice).unwrap_err(),
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            n.load(&unsafe { RawSegment::new(b_pa, PAGE_SIZE) }, Direction::ToDevice).unwrap_err(),
             Error::Busy { what: "deferred loads of this tag tree waiting ahead", count: 1 }
         );
         assert!(!n.is_loaded() && n.runs().is_empty());
@@ -220,7 +221,8 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         let child = wait.child(TagSpec::new(PAGE_SIZE, 1)).unwrap();
         let mut cm = child.create_map().unwrap();
         assert!(matches!(
-            cm.load(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice),
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            cm.load(&unsafe { RawSegment::new(b_pa, PAGE_SIZE) }, Direction::ToDevice),
             Err(Error::Busy { .. })
         ));
         // A child may not claim waiting its parent lacks.
@@ -235,7 +237,8 @@ fn a_no_wait_load_under_pressure_fails_at_once_and_leaves_nothing() {
         wait.retry_deferred();
         assert!(w.is_done() && labels(&log) == [1]);
         drop(w);
-        n.load(&RawSegments(&[(b_pa, PAGE_SIZE)]), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        n.load(&unsafe { RawSegment::new(b_pa, PAGE_SIZE) }, Direction::ToDevice).unwrap();
         n.unload().unwrap();
         drop((a, b, n, cm));
         assert_eq!(d.iova().stats().live_ranges, 0);
@@ -252,18 +255,33 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
         let log: Log = Arc::default();
         let a = tag.create_map().unwrap();
         let mut a = loaded(
-            a.load_or_defer(&RawSegments(&[(a_pa, 6 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 0))
-                .unwrap(),
+            a.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(a_pa, 6 * PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 0),
+            )
+            .unwrap(),
         );
         let b = tag.create_map().unwrap();
         let b = deferred(
-            b.load_or_defer(&RawSegments(&[(b_pa, 8 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 2))
-                .unwrap(),
+            b.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(b_pa, 8 * PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 2),
+            )
+            .unwrap(),
         );
         let c = tag.create_map().unwrap();
         let c = deferred(
-            c.load_or_defer(&RawSegments(&[(c_pa, 2 * PAGE_SIZE)]), Direction::FromDevice, logging(&log, 3))
-                .unwrap(),
+            c.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(c_pa, 2 * PAGE_SIZE) },
+                Direction::FromDevice,
+                logging(&log, 3),
+            )
+            .unwrap(),
         );
         // C (2 pages) would fit the 2 free pages but waits behind B. Cancelling B runs B's
         // callback with Cancelled, returns B's map unloaded, and lets C through.
@@ -280,7 +298,8 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
         // The cancelled map is a normal map again: it loads (no-wait) once space is free.
         a.unload().unwrap();
         let mut b = b;
-        b.load(&RawSegments(&[(b_pa, 6 * PAGE_SIZE)]), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        b.load(&unsafe { RawSegment::new(b_pa, 6 * PAGE_SIZE) }, Direction::ToDevice).unwrap();
         b.sync(SyncOp::PREWRITE).unwrap();
         assert_eq!(device_read(iommu, b.segments()), bytes(&m, b_pa, 6 * PAGE_SIZE));
 
@@ -289,8 +308,13 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
         let before = d.iova().stats().live_ranges;
         let x = tag.create_map().unwrap();
         let x = deferred(
-            x.load_or_defer(&RawSegments(&[(b_pa, 4 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 4))
-                .unwrap(),
+            x.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(b_pa, 4 * PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 4),
+            )
+            .unwrap(),
         );
         drop(x);
         assert_eq!(log.lock().unwrap().last().unwrap(), &(4, Err(Error::Cancelled)));
@@ -299,8 +323,13 @@ fn cancelling_or_destroying_a_pending_load_runs_its_callback_once_with_cancelled
         c.unload().unwrap();
         let y = tag.create_map().unwrap();
         let y = deferred(
-            y.load_or_defer(&RawSegments(&[(c_pa, 4 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 5))
-                .unwrap(),
+            y.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(c_pa, 4 * PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 5),
+            )
+            .unwrap(),
         );
         b.unload().unwrap();
         assert!(y.is_done() && y.outcome() == Some(Ok(())));
@@ -322,7 +351,8 @@ fn a_callback_syncs_and_starts_the_device_with_the_segments_it_is_given() {
             Tag::new_root(&m, IommuPerMap(d), may_wait(TagSpec::new(SPACE_PAGES * PAGE_SIZE, 8))).unwrap();
         let (a_pa, b_pa) = (buffer(&m, 8, 1), buffer(&m, 4, 2));
         let mut a = tag.create_map().unwrap();
-        a.load(&RawSegments(&[(a_pa, 8 * PAGE_SIZE)]), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        a.load(&unsafe { RawSegment::new(a_pa, 8 * PAGE_SIZE) }, Direction::ToDevice).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         let iommu_ref: &ModelIommu<'_> = iommu;
@@ -330,7 +360,8 @@ fn a_callback_syncs_and_starts_the_device_with_the_segments_it_is_given() {
         let b = tag.create_map().unwrap();
         let b = deferred(
             b.load_or_defer(
-                &RawSegments(&[(b_pa, 4 * PAGE_SIZE)]),
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(b_pa, 4 * PAGE_SIZE) },
                 Direction::ToDevice,
                 Box::new(move |r| {
                     let mut map = r.unwrap();
@@ -382,6 +413,7 @@ fn a_deferred_bounce_load_completes_when_pages_return_and_the_28_bit_device_read
         m.write_phys(src(i), &vec![0x40 | i as u8; 4 * PAGE_SIZE as usize]).unwrap();
     }
     let sg = |i: u64| [SgEntry { pa: src(i), len: 4 * PAGE_SIZE, kind: MemKind::Page }];
+    let sgs = [sg(0), sg(1), sg(2)];
     let dev = DirectPort::new(&m, 1, 28);
     let read_dev = |segs: &[Segment]| {
         let mut out = Vec::new();
@@ -395,12 +427,21 @@ fn a_deferred_bounce_load_completes_when_pages_return_and_the_28_bit_device_read
     let zone_free = || zones.stats()[0].1.free_pages;
     let log: Log = Arc::default();
     let a = tag.create_map().unwrap();
-    let mut a = loaded(a.load_or_defer(&SgList(&sg(0)), Direction::ToDevice, logging(&log, 0)).unwrap());
+    let mut a = loaded(
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        a.load_or_defer(&unsafe { SgList::new(&sgs[0]) }, Direction::ToDevice, logging(&log, 0)).unwrap(),
+    );
     assert_eq!(zone_free(), 0);
     let b = tag.create_map().unwrap();
-    let b = deferred(b.load_or_defer(&SgList(&sg(1)), Direction::ToDevice, logging(&log, 1)).unwrap());
+    let b = deferred(
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        b.load_or_defer(&unsafe { SgList::new(&sgs[1]) }, Direction::ToDevice, logging(&log, 1)).unwrap(),
+    );
     let c = tag.create_map().unwrap();
-    let c = deferred(c.load_or_defer(&SgList(&sg(2)), Direction::ToDevice, logging(&log, 2)).unwrap());
+    let c = deferred(
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        c.load_or_defer(&unsafe { SgList::new(&sgs[2]) }, Direction::ToDevice, logging(&log, 2)).unwrap(),
+    );
     a.sync(SyncOp::PREWRITE).unwrap();
     assert_eq!(read_dev(a.segments()), vec![0x40; 4 * PAGE_SIZE as usize]);
     a.unload().unwrap();
@@ -433,8 +474,13 @@ fn a_load_short_of_table_pages_is_deferred_not_failed_and_the_retry_after_queuin
         pool.fail_nth_alloc(Some(1));
         let injected = pool.stats().injected_failures;
         let p = deferred(
-            map.load_or_defer(&RawSegments(&[(pa, 2 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 1))
-                .unwrap(),
+            map.load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(pa, 2 * PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 1),
+            )
+            .unwrap(),
         );
         assert_eq!(
             pool.stats().injected_failures,
@@ -452,7 +498,12 @@ fn a_load_short_of_table_pages_is_deferred_not_failed_and_the_retry_after_queuin
         // A final error is not deferred: a run the tag cannot take fails at once.
         let map = tag.create_map().unwrap();
         let (e, _map) = map
-            .load_or_defer(&RawSegments(&[(pa, 9 * PAGE_SIZE)]), Direction::ToDevice, logging(&log, 2))
+            .load_or_defer(
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegment::new(pa, 9 * PAGE_SIZE) },
+                Direction::ToDevice,
+                logging(&log, 2),
+            )
             .err()
             .unwrap();
         assert!(matches!(e, Error::BadSize { .. }), "{e:?}");
@@ -498,7 +549,8 @@ fn threads_racing_loads_unloads_and_cancellations_complete_every_deferred_load_e
                         });
                         let src = [(bufs[t], pages * PAGE_SIZE)];
                         let mut loaded_map = match map.take().unwrap().load_or_defer(
-                            &RawSegments(&src),
+                            // SAFETY: memory the test allocated and keeps until the map is dropped.
+                            &unsafe { RawSegments::new(&src) },
                             Direction::ToDevice,
                             cb,
                         ) {
@@ -695,7 +747,8 @@ proptest::proptest! {
                         Err(e) => panic!("map {map}: {e:?}"),
                     });
                     let src = [(PhysAddr::new(high.raw() + map as u64 * 4 * PAGE_SIZE), pages * PAGE_SIZE)];
-                    match dm.load_or_defer(&RawSegments(&src), Direction::ToDevice, cb).unwrap() {
+                    // SAFETY: memory the test allocated and keeps until the map is dropped.
+                    match dm.load_or_defer(&unsafe { RawSegments::new(&src) }, Direction::ToDevice, cb).unwrap() {
                         Deferrable::Loaded(dm) => real[map] = Real::Loaded(dm, pages),
                         Deferrable::Deferred(p) => real[map] = Real::Pending(p, pages),
                     }

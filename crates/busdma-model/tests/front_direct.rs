@@ -36,7 +36,11 @@ fn a_kernel_buffer_loads_as_its_physical_runs_and_the_device_sees_its_bytes() {
     let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
     let segs = map
-        .load(&KernelBuf { kva: KernVa::new(kva.raw() + 100), len: data.len() as u64 }, Direction::ToDevice)
+        .load(
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            &unsafe { KernelBuf::new(KernVa::new(kva.raw() + 100), data.len() as u64) },
+            Direction::ToDevice,
+        )
         .unwrap();
     assert_eq!(segs, [Segment { addr: Iova::new(pa.raw() + 100), len: data.len() as u64 }]);
     assert_eq!(device_view(&m, map.segments()), data);
@@ -52,7 +56,9 @@ fn segments_split_at_boundary_and_max_segment_size() {
     let tag = Tag::new_root(&m, Direct, spec).unwrap();
     let mut map = tag.create_map().unwrap();
     let base = pa.raw() + 0xc00;
-    let segs = map.load(&RawSegments(&[(PhysAddr::new(base), 0x1800)]), Direction::ToDevice).unwrap();
+    let segs =
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { RawSegment::new(PhysAddr::new(base), 0x1800) }, Direction::ToDevice).unwrap();
     let got: Vec<_> = segs.iter().map(|s| (s.addr.raw() - pa.raw(), s.len)).collect();
     assert_eq!(got, [(0xc00, 0x400), (0x1000, 0x800), (0x1800, 0x800), (0x2000, 0x400)]);
 }
@@ -67,7 +73,8 @@ fn a_peer_bar_with_a_bus_address_is_used_as_is() {
         len: 0x100,
         kind: MemKind::PeerBar { bus: Some(Iova::new(0x8000_0000)) },
     }];
-    let segs = map.load(&SgList(&e), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let segs = map.load(&unsafe { SgList::new(&e) }, Direction::ToDevice).unwrap();
     assert_eq!(segs, [Segment { addr: Iova::new(0x8000_0000), len: 0x100 }]);
 }
 
@@ -84,7 +91,8 @@ fn sync_maintains_page_runs_at_their_kernel_address_or_through_a_quick_map_and_s
         SgEntry { pa: unmapped.checked_add(0x40).unwrap(), len: 0x200, kind: MemKind::Page },
         SgEntry { pa: PhysAddr::new(0xfe00_0000), len: 0x100, kind: MemKind::Mmio },
     ];
-    map.load(&SgList(&sg), Direction::Bidirectional).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { SgList::new(&sg) }, Direction::Bidirectional).unwrap();
     let kva = host.phys_to_kva(mapped).unwrap().raw();
     // The page outside the direct map is maintained through a quick-map window, 0x40 into it.
     let in_window = |ops: Vec<CacheOp>| -> Vec<CacheOp> {
@@ -124,7 +132,8 @@ fn a_coherent_tag_skips_cache_maintenance() {
     spec.flags.coherent = true;
     let tag = Tag::new_root(&rec, Direct, spec).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&RawSegments(&[(pa, 0x800)]), Direction::Bidirectional).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 0x800) }, Direction::Bidirectional).unwrap();
     map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
     map.sync(SyncOp::POSTREAD).unwrap();
     assert!(rec.take().is_empty());
@@ -174,25 +183,34 @@ fn bad_loads_fail_clearly_and_leave_the_map_unloaded() {
     let tag = Tag::new_root(&m, Direct, spec).unwrap();
     let mut map = tag.create_map().unwrap();
     // zero-length load
-    assert_eq!(map.load(&RawSegments(&[(pa, 0)]), Direction::ToDevice).unwrap_err(), Error::ZeroSize);
-    assert_eq!(map.load(&SgList(&[]), Direction::ToDevice).unwrap_err(), Error::ZeroSize);
+    assert_eq!(
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { RawSegment::new(pa, 0) }, Direction::ToDevice).unwrap_err(),
+        Error::ZeroSize
+    );
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    assert_eq!(map.load(&unsafe { SgList::new(&[]) }, Direction::ToDevice).unwrap_err(), Error::ZeroSize);
     // beyond max size
     assert_eq!(
-        map.load(&RawSegments(&[(pa, 5 * PAGE_SIZE)]), Direction::ToDevice).unwrap_err(),
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { RawSegment::new(pa, 5 * PAGE_SIZE) }, Direction::ToDevice).unwrap_err(),
         Error::BadSize { size: 5 * PAGE_SIZE, limit: 4 * PAGE_SIZE }
     );
     // too many segments
     assert_eq!(
-        map.load(&RawSegments(&[(pa, 3 * PAGE_SIZE)]), Direction::ToDevice).unwrap_err(),
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { RawSegment::new(pa, 3 * PAGE_SIZE) }, Direction::ToDevice).unwrap_err(),
         Error::TooManySegments { needed: 3, max: 2 }
     );
     // page-less entry where a bounce would be required (beyond the 32-bit mask)
     let far = [SgEntry { pa: PhysAddr::new(1 << 40), len: 64, kind: MemKind::Unmapped }];
-    assert!(matches!(map.load(&SgList(&far), Direction::ToDevice).unwrap_err(),
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    assert!(matches!(map.load(&unsafe { SgList::new(&far) }, Direction::ToDevice).unwrap_err(),
         Error::Unsupported { what } if what.contains("no page and no kernel mapping")));
     // a bounceable run beyond the mask reaches the bounce hook
     let far_page = [SgEntry { pa: PhysAddr::new(1 << 40), len: 64, kind: MemKind::Page }];
-    assert!(matches!(map.load(&SgList(&far_page), Direction::ToDevice).unwrap_err(),
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    assert!(matches!(map.load(&unsafe { SgList::new(&far_page) }, Direction::ToDevice).unwrap_err(),
         Error::Unsupported { what } if what.contains("bounce")));
     assert!(!map.is_loaded());
     assert!(map.segments().is_empty() && map.runs().is_empty());
@@ -200,9 +218,11 @@ fn bad_loads_fail_clearly_and_leave_the_map_unloaded() {
     assert!(matches!(map.sync(SyncOp::PREWRITE).unwrap_err(), Error::BadState { .. }));
     assert!(matches!(map.unload().unwrap_err(), Error::BadState { .. }));
     // load into a loaded map
-    map.load(&RawSegments(&[(pa, 64)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 64) }, Direction::ToDevice).unwrap();
     assert!(
-        matches!(map.load(&RawSegments(&[(pa, 64)]), Direction::ToDevice).unwrap_err(), Error::BadState { what } if what.contains("already loaded"))
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        matches!(map.load(&unsafe { RawSegment::new(pa, 64) }, Direction::ToDevice).unwrap_err(), Error::BadState { what } if what.contains("already loaded"))
     );
     assert_eq!(map.segments(), [Segment { addr: Iova::identity_of(pa), len: 64 }]);
 }
@@ -214,7 +234,8 @@ fn a_wrong_direction_sync_and_a_map_of_another_tag_are_refused() {
     let a = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let b = a.child(TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = a.create_map().unwrap();
-    map.load(&RawSegments(&[(pa, 64)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 64) }, Direction::ToDevice).unwrap();
     assert!(matches!(map.sync(SyncOp::PREREAD).unwrap_err(), Error::InvalidArgument { value: 2, .. }));
     assert!(matches!(b.sync(&mut map, SyncOp::PREWRITE).unwrap_err(), Error::InvalidArgument { .. }));
     assert!(matches!(b.unload(&mut map).unwrap_err(), Error::InvalidArgument { .. }));
@@ -228,7 +249,8 @@ fn the_cpu_reads_what_the_device_wrote_after_postread() {
     let pa = frames(&m, 1, Placement::DirectMapped);
     let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&RawSegments(&[(pa, 256)]), Direction::FromDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(pa, 256) }, Direction::FromDevice).unwrap();
     map.sync(SyncOp::PREREAD).unwrap();
     let mut b = [0u8; 4];
     assert!(matches!(map.read(0, &mut b).unwrap_err(), Error::BadState { .. }));
@@ -299,7 +321,8 @@ fn page_lists_load_with_offset_and_length() {
     let mut map = tag.create_map().unwrap();
     let pages = [a, b];
     let segs = map
-        .load(&PageList { pages: &pages, offset: 0xf00, len: 0x200 }, Direction::ToDevice)
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        .load(&unsafe { PageList::new(&pages, 0xf00, 0x200) }, Direction::ToDevice)
         .unwrap()
         .to_vec();
     assert_eq!(
@@ -312,7 +335,8 @@ fn page_lists_load_with_offset_and_length() {
     assert_eq!(map.runs()[1].kva, None);
     map.unload().unwrap();
     assert!(matches!(
-        map.load(&PageList { pages: &pages, offset: 0xf00, len: 0x2000 }, Direction::ToDevice).unwrap_err(),
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { PageList::new(&pages, 0xf00, 0x2000) }, Direction::ToDevice).unwrap_err(),
         Error::BadSize { .. }
     ));
 }
@@ -322,7 +346,8 @@ fn a_kernel_buffer_outside_the_direct_map_is_refused() {
     let m = machine();
     let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
-    let e = map.load(&KernelBuf { kva: KernVa::new(0x1000), len: 64 }, Direction::ToDevice).unwrap_err();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let e = map.load(&unsafe { KernelBuf::new(KernVa::new(0x1000), 64) }, Direction::ToDevice).unwrap_err();
     assert_eq!(e, Error::NotDirectMapped { pa: 0x1000 });
     assert!(!map.is_loaded());
 }
@@ -337,7 +362,8 @@ fn a_device_with_a_28_bit_mask_reaches_what_a_28_bit_tag_loads() {
     let tag = Tag::new_root(&m, Direct, spec).unwrap();
     let mut map = tag.create_map().unwrap();
     m.write_phys(pa, b"abcd").unwrap();
-    let seg = map.load(&RawSegments(&[(pa, 4)]), Direction::ToDevice).unwrap()[0];
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let seg = map.load(&unsafe { RawSegment::new(pa, 4) }, Direction::ToDevice).unwrap()[0];
     let mut b = [0u8; 4];
     DirectPort::new(&m, 1, 28).dma_read(seg.addr, &mut b).unwrap();
     assert_eq!(&b, b"abcd");

@@ -95,7 +95,8 @@ fn exercise<S: Strategy<HostPlatform>>(
     let iova0 = live_iova(d);
     let mut map = tag.create_map().unwrap();
     let iova_created = live_iova(d);
-    let r = map.load(&SgList(sg), Direction::Bidirectional).map(|s| s.to_vec());
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let r = map.load(&unsafe { SgList::new(sg) }, Direction::Bidirectional).map(|s| s.to_vec());
     let out = match r {
         Ok(segs) => {
             check_segments(&segs, &Constraints::of(tag.spec())).unwrap();
@@ -214,8 +215,10 @@ fn identity_keeps_a_page_mapped_until_its_last_user_unloads() {
         let (mut a, mut b) = (tag.create_map().unwrap(), tag.create_map().unwrap());
         let first = [SgEntry { pa, len: 0x800, kind: MemKind::Page }];
         let second = [SgEntry { pa: PhysAddr::new(pa.raw() + 0x800), len: 0x1000, kind: MemKind::Page }];
-        a.load(&SgList(&first), Direction::ToDevice).unwrap();
-        b.load(&SgList(&second), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        a.load(&unsafe { SgList::new(&first) }, Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        b.load(&unsafe { SgList::new(&second) }, Direction::ToDevice).unwrap();
         assert_eq!((id.refcount(pa), id.refcount(PhysAddr::new(pa.raw() + PAGE_SIZE))), (2, 1));
         assert_eq!(a.segments()[0].addr.raw(), pa.raw(), "identity: bus address = physical address");
         let seg_a = a.segments().to_vec();
@@ -241,13 +244,10 @@ fn reserved_maps_allocate_their_window_and_table_levels_at_create_only() {
             let (iova, allocs) = (live_iova(d), pool.stats().allocs);
             for len in [100, PAGE_SIZE, 3 * PAGE_SIZE + 5] {
                 m.write_phys(PhysAddr::new(pa.raw() + 7), &[len as u8; 1]).unwrap();
-                let segs = map
-                    .load(
-                        &SgList(&[SgEntry { pa: PhysAddr::new(pa.raw() + 7), len, kind: MemKind::Page }]),
-                        Direction::ToDevice,
-                    )
-                    .unwrap()
-                    .to_vec();
+                let one = [SgEntry { pa: PhysAddr::new(pa.raw() + 7), len, kind: MemKind::Page }];
+                // SAFETY: the test owns these frames and keeps them until the map is dropped.
+                let one = unsafe { SgList::new(&one) };
+                let segs = map.load(&one, Direction::ToDevice).unwrap().to_vec();
                 assert!(window.contains(segs[0].addr));
                 let mut b = [0u8; 1];
                 iommu.port(DEV).dma_read(segs[0].addr, &mut b).unwrap();
@@ -271,7 +271,8 @@ fn a_per_segment_load_allocates_one_iova_per_run_and_unloads_with_one_invalidati
         let mut map = tag.create_map().unwrap();
         let sg: Vec<SgEntry> =
             [0, 2, 1].iter().map(|&i| SgEntry { pa: frames[i], len: 0x100, kind: MemKind::Page }).collect();
-        map.load(&SgList(&sg), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { SgList::new(&sg) }, Direction::ToDevice).unwrap();
         assert_eq!(map.state().ranges().len(), 3);
         let inv = iommu.stats().inv_range;
         map.unload().unwrap();
@@ -289,16 +290,16 @@ fn a_load_that_runs_out_of_table_pages_midway_leaves_nothing_behind() {
         let mut map = tag.create_map().unwrap();
         let iova = live_iova(d);
         pool.fail_nth_alloc(Some(pool.alloc_attempts() + 2));
-        let e = map
-            .load(&SgList(&[SgEntry { pa, len: 600 * PAGE_SIZE, kind: MemKind::Page }]), Direction::ToDevice)
-            .unwrap_err();
+        let big = [SgEntry { pa, len: 600 * PAGE_SIZE, kind: MemKind::Page }];
+        // SAFETY: the test owns these frames and keeps them until the map is dropped.
+        let big = unsafe { SgList::new(&big) };
+        let e = map.load(&big, Direction::ToDevice).unwrap_err();
         assert!(matches!(e, Error::NoMemory { .. }), "{e:?}");
         assert!(!map.is_loaded());
         assert_eq!(live_iova(d), iova, "no IOVA leaked");
         assert_eq!(iommu.stats().faults, 0);
         // The same load succeeds once memory is back.
-        map.load(&SgList(&[SgEntry { pa, len: 600 * PAGE_SIZE, kind: MemKind::Page }]), Direction::ToDevice)
-            .unwrap();
+        map.load(&big, Direction::ToDevice).unwrap();
     });
 }
 
@@ -312,13 +313,16 @@ fn an_untrusted_tag_refuses_sub_page_runs_until_bounce_buffering_exists() {
         let tag = Tag::new_root(&m, IommuPerMap(d), spec).unwrap();
         let mut map = tag.create_map().unwrap();
         let iova = live_iova(d);
-        let e = map
-            .load(&SgList(&[SgEntry { pa, len: 100, kind: MemKind::Page }]), Direction::ToDevice)
-            .unwrap_err();
+        let (small, whole) = (
+            [SgEntry { pa, len: 100, kind: MemKind::Page }],
+            [SgEntry { pa, len: 2 * PAGE_SIZE, kind: MemKind::Page }],
+        );
+        // SAFETY: the test owns these frames and keeps them until the map is dropped.
+        let (small, whole) = unsafe { (SgList::new(&small), SgList::new(&whole)) };
+        let e = map.load(&small, Direction::ToDevice).unwrap_err();
         assert!(matches!(e, Error::Unsupported { what } if what.contains("untrusted")));
         assert_eq!(live_iova(d), iova);
-        map.load(&SgList(&[SgEntry { pa, len: 2 * PAGE_SIZE, kind: MemKind::Page }]), Direction::ToDevice)
-            .unwrap();
+        map.load(&whole, Direction::ToDevice).unwrap();
     });
 }
 
@@ -332,11 +336,13 @@ fn the_device_gets_only_the_rights_of_the_direction() {
         let sg = [SgEntry { pa, len: 64, kind: MemKind::Page }];
         let port = iommu.port(DEV);
         let mut b = [0u8; 8];
-        let bus = map.load(&SgList(&sg), Direction::ToDevice).unwrap()[0].addr;
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let bus = map.load(&unsafe { SgList::new(&sg) }, Direction::ToDevice).unwrap()[0].addr;
         assert!(port.dma_read(bus, &mut b).is_ok());
         assert!(port.dma_write(bus, &b).is_err(), "a to-device buffer is read-only for the device");
         map.unload().unwrap();
-        let bus = map.load(&SgList(&sg), Direction::FromDevice).unwrap()[0].addr;
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let bus = map.load(&unsafe { SgList::new(&sg) }, Direction::FromDevice).unwrap()[0].addr;
         assert!(port.dma_write(bus, &b).is_ok());
         map.unload().unwrap();
         iommu.take_faults();

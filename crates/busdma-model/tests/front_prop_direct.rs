@@ -97,7 +97,8 @@ proptest! {
         let tag = Tag::new_root(&m, Direct, spec).unwrap();
         let mut map = tag.create_map().unwrap();
         let sg: Vec<SgEntry> = pr.iter().map(|&(pa, len)| SgEntry { pa: PhysAddr::new(pa), len, kind: MemKind::Page }).collect();
-        let got = map.load(&SgList(&sg), Direction::ToDevice).map(|s| s.to_vec());
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let got = map.load(&unsafe { SgList::new(&sg) }, Direction::ToDevice).map(|s| s.to_vec());
         match (reference(&spec, &pr), got) {
             (Ok(want), Ok(segs)) => {
                 let segs2: Vec<(u64, u64)> = segs.iter().map(|s| (s.addr.raw(), s.len)).collect();

@@ -116,7 +116,8 @@ fn after_prewrite_the_device_reads_what_the_cpu_wrote_to_a_page_outside_the_dire
         cpu_write(&m, QuickSlot::First, &pages, OFFSET, &data);
         let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
         let mut map = tag.create_map().unwrap();
-        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { PageList::new(&pages, OFFSET, LEN as u64) }, Direction::ToDevice).unwrap();
         // The CPU's bytes are still only in its cache: what a sync that skipped the run sees.
         assert_eq!(device_read(&m, map.segments()), vec![0; LEN], "{cache:?}: the data is not in RAM yet");
         let st = map.sync(SyncOp::PREWRITE).unwrap();
@@ -134,8 +135,8 @@ fn after_postread_the_cpu_reads_what_the_device_wrote_to_a_page_outside_the_dire
         cpu_write(&m, QuickSlot::First, &pages, OFFSET, &pattern(7, LEN)); // the driver initialised it
         let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
         let mut map = tag.create_map().unwrap();
-        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::FromDevice)
-            .unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { PageList::new(&pages, OFFSET, LEN as u64) }, Direction::FromDevice).unwrap();
         map.sync(SyncOp::PREREAD).unwrap();
         // PREREAD wrote the driver's bytes back and dropped every line: nothing dirty is left
         // to be evicted over the device's data (ground truth of the cache model).
@@ -166,7 +167,8 @@ fn preread_keeps_a_dirty_line_outside_the_direct_map_from_overwriting_the_device
             cpu_write(&m, QuickSlot::First, &pages, 0, &pattern(3, 512));
             let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
             let mut map = tag.create_map().unwrap();
-            map.load(&PageList { pages: &pages, offset: 0, len: 512 }, Direction::FromDevice).unwrap();
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            map.load(&unsafe { PageList::new(&pages, 0, 512) }, Direction::FromDevice).unwrap();
             if preread {
                 map.sync(SyncOp::PREREAD).unwrap();
             }
@@ -208,7 +210,8 @@ proptest! {
         let mut map = tag.create_map().unwrap();
         let out = pattern(seed, len as usize);
         cpu_write(&m, slot(write_slot), &pages, offset, &out);
-        map.load(&PageList { pages: &pages, offset, len }, Direction::Bidirectional).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { PageList::new(&pages, offset, len) }, Direction::Bidirectional).unwrap();
         map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
         prop_assert_eq!(&device_read(&m, map.segments()), &out);
         if prefetch_before {
@@ -241,7 +244,8 @@ fn a_quick_map_of_another_cpu_and_slot_is_maintained_through_the_pages_colour() 
     let _on = m.bind_cpu(0).unwrap();
     let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&PageList { pages: &pages, offset: 0, len: 4 * PAGE_SIZE }, Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { PageList::new(&pages, 0, 4 * PAGE_SIZE) }, Direction::ToDevice).unwrap();
     let before = m.cache().unwrap().counters().maintenance_lines.load(Ordering::Relaxed);
     map.sync(SyncOp::PREWRITE).unwrap();
     let lines = m.cache().unwrap().counters().maintenance_lines.load(Ordering::Relaxed) - before;
@@ -283,7 +287,8 @@ fn page_less_entries_are_still_skipped_next_to_a_maintained_page_outside_the_dir
     ];
     let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&SgList(&entries), Direction::Bidirectional).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { SgList::new(&entries) }, Direction::Bidirectional).unwrap();
     let quick_maps = || m.counters().quick_maps.load(Ordering::Relaxed);
     let before = quick_maps();
     let st = map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
@@ -311,8 +316,8 @@ fn a_bounced_buffer_outside_the_direct_map_carries_the_cpus_bytes_both_ways() {
         let mut map = tag.create_map().unwrap();
         let out = pattern(11, LEN);
         cpu_write(&m, QuickSlot::First, &pages, OFFSET, &out);
-        map.load(&PageList { pages: &pages, offset: OFFSET, len: LEN as u64 }, Direction::Bidirectional)
-            .unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { PageList::new(&pages, OFFSET, LEN as u64) }, Direction::Bidirectional).unwrap();
         assert!(map.segments().iter().all(|s| s.addr.raw() + s.len <= 1 << 28));
         map.sync(SyncOp::PREWRITE | SyncOp::PREREAD).unwrap();
         assert_eq!(device_read(&m, map.segments()), out, "{cache:?}: to the device");
@@ -339,7 +344,8 @@ fn bounce_pages_outside_the_direct_map_are_maintained_through_a_quick_map() {
     let mut map = tag.create_map().unwrap();
     let r = FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(1) };
     let client = host.phys_to_kva(host.frames().alloc(r).unwrap()).unwrap();
-    map.load(&KernelBuf { kva: client, len: 100 }, Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { KernelBuf::new(client, 100) }, Direction::ToDevice).unwrap();
     let bus = PhysAddr::new(map.segments()[0].addr.raw());
     assert!(host.phys_to_kva(bus).is_none(), "the device reads a bounce page outside the direct map");
     rec.take();

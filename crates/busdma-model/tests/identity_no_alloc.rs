@@ -107,7 +107,8 @@ fn identity_load_and_unload_never_allocate() {
     let mut b = tag.create_map().unwrap();
     let warm = sg(0, 512);
     let warm: Vec<SgEntry> = warm.into_iter().step_by(8).collect();
-    a.load(&SgList(&warm), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    a.load(&unsafe { SgList::new(&warm) }, Direction::ToDevice).unwrap();
     a.unload().unwrap();
 
     for round in 0..8u64 {
@@ -115,11 +116,15 @@ fn identity_load_and_unload_never_allocate() {
         // several nodes for that many keys).
         let list = sg(round * 128, 64);
         let shared = sg(round * 128, 16);
-        let (r, n) = allocations(|| a.load(&SgList(&list), Direction::ToDevice).map(|s| s.len()));
+        let (r, n) =
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            allocations(|| a.load(&unsafe { SgList::new(&list) }, Direction::ToDevice).map(|s| s.len()));
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(n, 0, "round {round}: identity load of fresh pages allocated {n} times");
         // A second map loading some of the same pages: counts go to 2.
-        let (r, n) = allocations(|| b.load(&SgList(&shared), Direction::FromDevice).map(|s| s.len()));
+        let (r, n) =
+            // SAFETY: memory the test allocated and keeps until the map is dropped.
+            allocations(|| b.load(&unsafe { SgList::new(&shared) }, Direction::FromDevice).map(|s| s.len()));
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(n, 0, "round {round}: identity load of shared pages allocated");
         assert_eq!(id.refcount(PhysAddr::new(base.raw() + round * 128 * PAGE_SIZE)), 2);
@@ -142,7 +147,8 @@ fn identity_load_and_unload_never_allocate() {
                 for round in 0..50u64 {
                     let list = sg((round % 8) * 128 + t as u64, 32);
                     let (r, n) =
-                        allocations(|| map.load(&SgList(&list), Direction::ToDevice).map(|s| s.len()));
+                        // SAFETY: memory the test allocated and keeps until the map is dropped.
+                        allocations(|| map.load(&unsafe { SgList::new(&list) }, Direction::ToDevice).map(|s| s.len()));
                     assert!(r.is_ok() && n == 0, "thread {t} round {round}: {r:?}, {n} allocations");
                     let (r, n) = allocations(|| map.unload());
                     assert!(r.is_ok() && n == 0, "thread {t} round {round}: unload allocated {n}");

@@ -127,7 +127,8 @@ fn in_caching_mode_loads_through_a_tag_reach_pages_a_device_touched_before_the_l
         let tag = Tag::new_root(&m, IommuPerMap(d), spec).unwrap();
         let frame = m.alloc_frames(FrameRequest::pages(1)).unwrap();
         m.write_phys(frame.pa(), &0xfeed_u64.to_le_bytes()).unwrap();
-        let buf = KernelBuf { kva: m.phys_to_kva(frame.pa()).unwrap(), len: PAGE_SIZE };
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let buf = unsafe { KernelBuf::new(m.phys_to_kva(frame.pa()).unwrap(), PAGE_SIZE) };
         let mut map = tag.create_map().unwrap();
         // Learn where loads land, unload, let the device touch it (cached as not present),
         // and load again: the window comes back (one IOVA range, freed and reallocated).

@@ -241,7 +241,8 @@ fn a_map_unload_whose_invalidation_fails_returns_the_error_and_is_unloaded_all_t
         let tag = Tag::new_root(m, IommuPerMap(d), TagSpec::new(PAGE_SIZE, 1)).unwrap();
         let pa = frame(m);
         m.write_phys(pa, &0x7a9_u64.to_le_bytes()).unwrap();
-        let buf = KernelBuf { kva: m.phys_to_kva(pa).unwrap(), len: PAGE_SIZE };
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let buf = unsafe { KernelBuf::new(m.phys_to_kva(pa).unwrap(), PAGE_SIZE) };
         let mut map = tag.create_map().unwrap();
         let bus = map.load(&buf, Direction::ToDevice).unwrap()[0].addr;
         assert_eq!(read(iommu, bus), Ok(0x7a9));

@@ -126,7 +126,8 @@ fn page_backed_entries_are_indexed_by_their_kernel_alias_so_no_flush_is_needed()
         let flushes = cache.counters().maintenance_calls.load(Ordering::Relaxed);
         let tag = Tag::new_root(&m, IommuPerMap(ops), coherent_spec()).unwrap();
         let mut map = tag.create_map().unwrap();
-        map.load(&KernelBuf { kva, len: data.len() as u64 }, Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        map.load(&unsafe { KernelBuf::new(kva, data.len() as u64) }, Direction::ToDevice).unwrap();
         map.sync(SyncOp::PREWRITE).unwrap();
         let seen = device_read(&iommu, map.segments());
         if forward {
@@ -157,7 +158,8 @@ fn the_per_segment_strategy_programs_the_index_too() {
     m.cpu().write(kva, &data).unwrap();
     let tag = Tag::new_root(&m, IommuPerSegment(ops), coherent_spec()).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&KernelBuf { kva, len: data.len() as u64 }, Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { KernelBuf::new(kva, data.len() as u64) }, Direction::ToDevice).unwrap();
     assert_eq!(device_read(&iommu, map.segments()), data);
     map.unload().unwrap();
 }
@@ -189,7 +191,8 @@ fn entries_without_a_kernel_mapping_use_the_untouched_line_and_flush_nothing() {
     );
     let tag = Tag::new_root(&m, IommuPerMap(ops), coherent_spec()).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&SgList(&entries), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { SgList::new(&entries) }, Direction::ToDevice).unwrap();
     map.sync(SyncOp::PREWRITE).unwrap();
     let segs = map.segments().to_vec();
     let mut want = pattern(512);
@@ -228,7 +231,8 @@ fn a_real_domain_passes_the_index_to_its_iommu() {
     m.cpu().write(kva, &data).unwrap();
     let tag = Tag::new_root(&m, IommuPerMap(&d), coherent_spec()).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&KernelBuf { kva, len: data.len() as u64 }, Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { KernelBuf::new(kva, data.len() as u64) }, Direction::ToDevice).unwrap();
     assert!(device_read(&iommu, map.segments()) == data);
     map.unload().unwrap();
 }
@@ -268,8 +272,8 @@ fn pages_outside_the_direct_map_are_indexed_by_their_quick_map_colour() {
     let flushes = cache.counters().maintenance_calls.load(Ordering::Relaxed);
     let tag = Tag::new_root(&m, IommuPerMap(ops), coherent_spec()).unwrap();
     let mut map = tag.create_map().unwrap();
-    map.load(&PageList { pages: &pages, offset: 0x200, len: data.len() as u64 }, Direction::ToDevice)
-        .unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { PageList::new(&pages, 0x200, data.len() as u64) }, Direction::ToDevice).unwrap();
     map.sync(SyncOp::PREWRITE).unwrap();
     assert!(device_read(&iommu, map.segments()) == data, "the index found the windows' dirty lines");
     assert_eq!(cache.counters().maintenance_calls.load(Ordering::Relaxed), flushes, "no CPU flush");

@@ -72,7 +72,8 @@ fn a_user_alias_is_coherent_only_once_registration_flushed_it() {
     // are the user alias's.
     let mut map = tag.create_map().unwrap();
     let pages = [pa];
-    map.load(&PageList { pages: &pages, offset: 0, len: PAGE_SIZE }, Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { PageList::new(&pages, 0, PAGE_SIZE) }, Direction::ToDevice).unwrap();
     assert!(device_read(&iommu, map.segments()) != data, "seed 003: the user alias is not the indexed one");
     map.unload().unwrap();
 

@@ -122,20 +122,24 @@ fn a_28_bit_device_gets_correct_data_both_ways_for_buffers_anywhere_in_ram_throu
     for pa in [low, mid, far] {
         let at = |off: u64| PhysAddr::new(pa.raw() + off);
         // Raw segments: odd offsets and lengths, spanning pages.
-        both_ways(&m, &mut map, &RawSegments(&[(at(3), 5000)]), &[(at(3), 5000)]);
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        both_ways(&m, &mut map, &unsafe { RawSegment::new(at(3), 5000) }, &[(at(3), 5000)]);
         // A page list (pages in a scrambled order: every bounce page spans two client pages).
         let pages = [at(2 * PAGE_SIZE), at(0), at(3 * PAGE_SIZE)];
-        let list = PageList { pages: &pages, offset: 1000, len: 2 * PAGE_SIZE + 500 };
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let list = unsafe { PageList::new(&pages, 1000, 2 * PAGE_SIZE + 500) };
         let client =
             [(at(2 * PAGE_SIZE + 1000), PAGE_SIZE - 1000), (at(0), PAGE_SIZE), (at(3 * PAGE_SIZE), 1500)];
         both_ways(&m, &mut map, &list, &client);
     }
     // A kernel buffer in the direct map above the mask.
     let kva = m.phys_to_kva(mid).unwrap();
-    let kb = KernelBuf { kva: busdma::KernVa::new(kva.raw() + 17), len: 1500 };
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let kb = unsafe { KernelBuf::new(busdma::KernVa::new(kva.raw() + 17), 1500) };
     both_ways(&m, &mut map, &kb, &[(PhysAddr::new(mid.raw() + 17), 1500)]);
     // Reachable buffers were not bounced; the rest were, and every page came back.
-    map.load(&RawSegments(&[(low, 100)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(low, 100) }, Direction::ToDevice).unwrap();
     assert_eq!(map.segments(), [Segment { addr: Iova::new(low.raw()), len: 100 }]);
     let st: &BouncedState<'_, HostPlatform, ()> = map.state();
     assert!(st.bounce().is_none());
@@ -168,14 +172,17 @@ fn a_zone_exhausted_without_waiting_fails_the_load_cleanly() {
     let mut a = tag.create_map().unwrap();
     let mut b = tag.create_map().unwrap();
     let far = frames_above(&m, LIMIT_28, 16, Placement::Any);
-    a.load(&RawSegments(&[(far, 64 << 10)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    a.load(&unsafe { RawSegment::new(far, 64 << 10) }, Direction::ToDevice).unwrap();
     let before = zones.stats()[0].1;
-    let r = b.load(&RawSegments(&[(far, 2 * PAGE_SIZE)]), Direction::ToDevice);
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let r = b.load(&unsafe { RawSegment::new(far, 2 * PAGE_SIZE) }, Direction::ToDevice);
     assert_eq!(r.err(), Some(Error::Exhausted { size: 2 * PAGE_SIZE, limit: LIMIT_28 }));
     assert!(!b.is_loaded() && b.segments().is_empty());
     assert_eq!(zones.stats()[0].1, before, "the failed load kept pages");
     a.unload().unwrap();
-    b.load(&RawSegments(&[(far, 2 * PAGE_SIZE)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    b.load(&unsafe { RawSegment::new(far, 2 * PAGE_SIZE) }, Direction::ToDevice).unwrap();
 }
 
 #[test]
@@ -186,7 +193,8 @@ fn a_page_less_mmio_entry_beyond_the_mask_is_refused_with_its_address() {
     let tag = Tag::new_root(&m, Bounced::direct(Direct, &zones, &qm), spec28()).unwrap();
     let mut map = tag.create_map().unwrap();
     let e = [SgEntry { pa: PhysAddr::new(0xfe00_0000), len: 0x100, kind: MemKind::Mmio }];
-    let r = map.load(&SgList(&e), Direction::ToDevice);
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    let r = map.load(&unsafe { SgList::new(&e) }, Direction::ToDevice);
     assert_eq!(
         r.err(),
         Some(Error::InvalidArgument {
@@ -212,7 +220,9 @@ fn an_untrusted_device_sees_only_the_buffer_and_zeros_in_its_page() {
     m.fill_phys(page, PAGE_SIZE, 0x5e).unwrap(); // secrets around the buffer
     let data = pattern(100, 9);
     m.write_phys(PhysAddr::new(page.raw() + 2000), &data).unwrap();
-    map.load(&RawSegments(&[(PhysAddr::new(page.raw() + 2000), 100)]), Direction::ToDevice).unwrap();
+    // SAFETY: memory the test allocated and keeps until the map is dropped.
+    map.load(&unsafe { RawSegment::new(PhysAddr::new(page.raw() + 2000), 100) }, Direction::ToDevice)
+        .unwrap();
     map.sync(SyncOp::PREWRITE).unwrap();
     let seg = map.segments()[0];
     assert_eq!(seg.len, 100);

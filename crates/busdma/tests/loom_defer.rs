@@ -138,7 +138,8 @@ fn an_unload_racing_a_load_that_queues_itself_never_loses_the_wake_up() {
         let tag: &'static Tag<'static, Bare, Token> =
             Box::leak(Box::new(Tag::new_root(&BARE, token.clone(), spec()).unwrap()));
         let mut a = tag.create_map().unwrap();
-        a.load(&RawSegments(&SRC), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        a.load(&unsafe { RawSegments::new(&SRC) }, Direction::ToDevice).unwrap();
         let b = tag.create_map().unwrap();
         let called = Arc::new(AtomicUsize::new(0));
         let c2 = called.clone();
@@ -148,7 +149,8 @@ fn an_unload_racing_a_load_that_queues_itself_never_loses_the_wake_up() {
         });
         let r = b
             .load_or_defer(
-                &RawSegments(&SRC),
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegments::new(&SRC) },
                 Direction::ToDevice,
                 Box::new(move |r| {
                     assert!(r.is_ok(), "{:?}", r.err());
@@ -183,13 +185,15 @@ fn a_cancellation_racing_the_retry_runs_the_callback_exactly_once() {
         let tag: &'static Tag<'static, Bare, Token> =
             Box::leak(Box::new(Tag::new_root(&BARE, token.clone(), spec()).unwrap()));
         let mut a = tag.create_map().unwrap();
-        a.load(&RawSegments(&SRC), Direction::ToDevice).unwrap();
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        a.load(&unsafe { RawSegments::new(&SRC) }, Direction::ToDevice).unwrap();
         let b = tag.create_map().unwrap();
         let outcomes = Arc::new(AtomicUsize::new(0));
         let o2 = outcomes.clone();
         let p = match b
             .load_or_defer(
-                &RawSegments(&SRC),
+                // SAFETY: memory the test allocated and keeps until the map is dropped.
+                &unsafe { RawSegments::new(&SRC) },
                 Direction::ToDevice,
                 Box::new(move |r| {
                     // Ok counts 1, Cancelled counts 100: the sum says which ran and how often.

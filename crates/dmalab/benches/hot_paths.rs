@@ -78,7 +78,8 @@ fn front_pair<S: Strategy<HostPlatform>>(c: &mut Criterion, name: &str, m: &Host
     let tag = Tag::new_root(m, strategy, TagSpec::new(16 * PAGE_SIZE, 16)).expect("tag");
     let buf = m.frames().alloc(FrameRequest::pages(1)).expect("buffer");
     let run = [(buf, PAGE_SIZE)];
-    let src = RawSegments(&run);
+    // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+    let src = unsafe { RawSegments::new(&run) };
     let mut map = tag.create_map().expect("map");
     c.bench_function(name, |b| {
         b.iter(|| {

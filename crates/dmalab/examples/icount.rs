@@ -140,7 +140,8 @@ fn tcp_loop<S: Strategy<HostPlatform>>(
             map.sync(SyncOp::POSTWRITE).expect("sync");
             map.unload().expect("unload");
         }
-        map.load(&SgList(&entries[slot]), Direction::ToDevice).expect("load");
+        // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+        map.load(&unsafe { SgList::new(&entries[slot]) }, Direction::ToDevice).expect("load");
         map.sync(SyncOp::PREWRITE).expect("sync");
     }
     black_box(buf);
@@ -193,7 +194,8 @@ fn main() {
     }
     let buf = m.frames().alloc(FrameRequest::pages(1)).expect("buffer");
     let run = [(buf, PAGE_SIZE)];
-    let src = RawSegments(&run);
+    // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+    let src = unsafe { RawSegments::new(&run) };
     if path.starts_with("tcp") && path.ends_with("passthrough") {
         let tag = Tag::new_root(&m, Direct, spec(true)).expect("tag");
         let port = DirectPort::new(&m, DEV, 64);

@@ -85,7 +85,8 @@ where
                         .alloc(FrameRequest::pages(pages))
                         .map_err(|e| format!("buffer of {pages} pages: {e}"))?;
                     let run = [(PhysAddr::new(buf.raw()), pages * PAGE_SIZE)];
-                    let src = RawSegments(&run);
+                    // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+                    let src = unsafe { RawSegments::new(&run) };
                     let mut maps = Vec::with_capacity(BATCH);
                     for _ in 0..BATCH {
                         maps.push(tag.create_map().map_err(|e| format!("create map: {e}"))?);

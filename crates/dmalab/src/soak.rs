@@ -126,7 +126,8 @@ fn one_op<S: Strategy<HostPlatform>>(
     let sg: Vec<SgEntry> =
         runs.iter().map(|&(pa, len)| SgEntry { pa: PhysAddr::new(pa), len, kind: MemKind::Page }).collect();
     let dir = [Direction::ToDevice, Direction::FromDevice, Direction::Bidirectional][rng.below(3) as usize];
-    let segs = match map.load(&SgList(&sg), dir) {
+    // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+    let segs = match map.load(&unsafe { SgList::new(&sg) }, dir) {
         Ok(s) => s.to_vec(),
         Err(e) => return v.report(format_args!("{name}: load of {runs:x?} failed: {e}")),
     };

@@ -338,7 +338,10 @@ where
         }
         ring.stamp(m, slot, seq)?;
         let t0 = ticks();
-        maps[slot].load(&SgList(&entries[slot]), Direction::ToDevice).map_err(|e| format!("load: {e}"))?;
+        // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+        // every map of them is unloaded and dropped.
+        let sg = unsafe { SgList::new(&entries[slot]) };
+        maps[slot].load(&sg, Direction::ToDevice).map_err(|e| format!("load: {e}"))?;
         maps[slot].sync(SyncOp::PREWRITE).map_err(|e| format!("sync PREWRITE: {e}"))?;
         dma_ticks += ticks() - t0;
         inflight[slot] = Some(seq);

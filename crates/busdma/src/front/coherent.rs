@@ -153,7 +153,12 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
         let attr = if no_cache || !self.spec.flags.coherent { MemAttr::Uncached } else { MemAttr::WriteBack };
         let mem = DmaMemory::alloc(self.platform, &self.spec, len, attr)?;
         let mut map = self.create_map()?;
-        map.load(&RawSegments(&[(mem.pa(), len)]), Direction::Bidirectional)?;
+        let seg = [(mem.pa(), len)];
+        // SAFETY: `mem` is pages this value allocated and owns; `Coherent` keeps them (field
+        // order: the map unloads first) for as long as the map holds them loaded, and hands
+        // out no reference to them.
+        let src = unsafe { RawSegments::new(&seg) };
+        map.load(&src, Direction::Bidirectional)?;
         Ok(Coherent { map, mem })
     }
 }

@@ -77,7 +77,7 @@ pub enum Violation {
         /// The map.
         map: u64,
     },
-    /// A map still loaded when its domain was torn down.
+    /// A map still loaded when the driver declared its teardown (`Tag::debug_teardown`).
     LoadedAtTeardown {
         /// Tag of the map.
         tag: u64,
@@ -172,9 +172,11 @@ impl DomainWatch {
     }
 }
 
-impl Drop for DomainWatch {
-    fn drop(&mut self) {
-        for r in self.loaded.lock().drain(..) {
+impl DomainWatch {
+    /// Reports every load of the tree still live ([`Violation::LoadedAtTeardown`]): the
+    /// driver says it is tearing the device down ([`super::tag::Tag::debug_teardown`]).
+    pub(crate) fn teardown(&self) {
+        for r in self.loaded.lock().iter() {
             self.log.report(Violation::LoadedAtTeardown { tag: r.tag, map: r.map, bus: r.bus, len: r.len });
         }
     }

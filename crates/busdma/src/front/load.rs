@@ -21,7 +21,31 @@
 //!    `bus_dmamap_load_raw` takes from `bus_dmamem_alloc`).
 //! 5. **Coalescing happens in the map**, not here: sources emit runs as they find them, the map
 //!    merges neighbours that are contiguous in both physical and virtual space.
-#![forbid(unsafe_code)]
+//! 6. **A load source is a promise** ([`LoadSource`] is an `unsafe trait`). busdma gives the
+//!    device the runs a source reports, copies through their kernel addresses when it bounces,
+//!    and maintains caches through them; it cannot check that the memory is the caller's to
+//!    give or that it stays so. So every source that describes memory by raw address
+//!    ([`KernelBuf`], [`PageList`], [`SgList`], [`RawSegments`]) is built by an `unsafe fn
+//!    new` whose `# Safety` section is that promise, and the memory busdma owns (coherent
+//!    memory, typed buffers, registered user buffers) is loaded through safe calls that keep
+//!    it alive while it is mapped. A caller cannot invent an address in safe code:
+//!
+//! ```compile_fail
+//! use busdma::front::{KernelBuf, MemKind, SgEntry, SgList};
+//! use busdma::{KernVa, PhysAddr};
+//! // Fields are private: a buffer is described only through `unsafe fn new`.
+//! let a = KernelBuf { kva: KernVa::new(0x1000), len: 64 };
+//! let e = [SgEntry { pa: PhysAddr::new(0), len: 64, kind: MemKind::Mapped { kva: KernVa::new(8) } }];
+//! let b = SgList(&e);
+//! ```
+//!
+//! ```compile_fail
+//! use busdma::front::{SgEntry, SgList, MemKind};
+//! use busdma::{KernVa, PhysAddr};
+//! let e = [SgEntry { pa: PhysAddr::new(0), len: 64, kind: MemKind::Mapped { kva: KernVa::new(8) } }];
+//! let b = SgList::new(&e); // error: call to unsafe function
+//! ```
+#![deny(unsafe_code)]
 
 use crate::addr::{Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
@@ -105,7 +129,24 @@ impl Run {
 }
 
 /// Something that can be loaded into a map.
-pub trait LoadSource {
+///
+/// # Safety
+///
+/// For as long as a map holds a load of this source (from the load until its unload has
+/// returned *and* the unload's IOTLB invalidation has completed,
+/// [`Strategy::wait_unmapped`](super::strategy::Strategy::wait_unmapped)), every run
+/// [`LoadSource::for_each_run`] reports must describe memory that:
+/// - the caller may hand to the device in the load's direction, and that nobody else (no
+///   allocator, no other owner) uses or reuses meanwhile;
+/// - for [`MemKind::Page`] and [`MemKind::Mapped`], is RAM or kernel-mapped memory that busdma
+///   may read and write by copy (bounce buffering) and maintain in the CPU cache;
+/// - for [`MemKind::Mapped`], is mapped at `kva` for `len` bytes, and for a run's `kva`,
+///   that address maps the run's physical bytes;
+/// - for [`MemKind::PeerBar`] with a bus address, is reached by the device at that address.
+///
+/// The runs reported must be the same each time `for_each_run` is called during that time.
+#[allow(unsafe_code)]
+pub unsafe trait LoadSource {
     /// Calls `f` with each run of the source in buffer order; stops at the first error.
     ///
     /// Errors: those of `f`; [`Error::ZeroSize`] for an empty piece;
@@ -117,13 +158,43 @@ pub trait LoadSource {
 /// A kernel-virtual buffer in the direct map: `[kva, kva + len)`.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelBuf {
-    /// First byte.
-    pub kva: KernVa,
-    /// Length in bytes.
-    pub len: u64,
+    kva: KernVa,
+    len: u64,
 }
 
-impl LoadSource for KernelBuf {
+impl KernelBuf {
+    /// Describes `[kva, kva + len)` of the direct map.
+    ///
+    /// # Safety
+    ///
+    /// The bytes are memory the caller owns and gives to the device for as long as a map
+    /// holds this buffer loaded, as [`LoadSource`]'s contract says: not freed, not reused, and
+    /// not read or written through a Rust reference while the device may access them.
+    #[allow(unsafe_code)]
+    pub const unsafe fn new(kva: KernVa, len: u64) -> Self {
+        Self { kva, len }
+    }
+
+    /// First byte.
+    pub fn kva(&self) -> KernVa {
+        self.kva
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the buffer is empty (a load of it fails with [`Error::ZeroSize`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+// SAFETY: the runs are the pages of `[kva, kva + len)` as the platform's direct map
+// translates them; the memory promise is `KernelBuf::new`'s caller's.
+#[allow(unsafe_code)]
+unsafe impl LoadSource for KernelBuf {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.len == 0 {
             return Err(Error::ZeroSize);
@@ -151,15 +222,29 @@ impl LoadSource for KernelBuf {
 /// `bus_dmamap_load_ma`, Linux's bio vectors).
 #[derive(Clone, Copy, Debug)]
 pub struct PageList<'a> {
-    /// Page-aligned physical addresses of RAM pages with page descriptors.
-    pub pages: &'a [PhysAddr],
-    /// Offset into the first page (< 4 KiB).
-    pub offset: u64,
-    /// Total length in bytes.
-    pub len: u64,
+    pages: &'a [PhysAddr],
+    offset: u64,
+    len: u64,
 }
 
-impl LoadSource for PageList<'_> {
+impl<'a> PageList<'a> {
+    /// Describes `len` bytes starting `offset` bytes (< 4 KiB) into the first of `pages`
+    /// (page-aligned physical addresses of RAM pages with page descriptors).
+    ///
+    /// # Safety
+    ///
+    /// The pages are RAM the caller owns and gives to the device for as long as a map holds
+    /// this list loaded ([`LoadSource`]'s contract): not freed, not reused meanwhile.
+    #[allow(unsafe_code)]
+    pub const unsafe fn new(pages: &'a [PhysAddr], offset: u64, len: u64) -> Self {
+        Self { pages, offset, len }
+    }
+}
+
+// SAFETY: the runs are the listed pages' bytes; the memory promise is `PageList::new`'s
+// caller's.
+#[allow(unsafe_code)]
+unsafe impl LoadSource for PageList<'_> {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.len == 0 {
             return Err(Error::ZeroSize);
@@ -207,9 +292,32 @@ pub struct SgEntry {
 
 /// A scatter-gather list.
 #[derive(Clone, Copy, Debug)]
-pub struct SgList<'a>(pub &'a [SgEntry]);
+pub struct SgList<'a>(&'a [SgEntry]);
 
-impl LoadSource for SgList<'_> {
+impl<'a> SgList<'a> {
+    /// A list of `entries`.
+    ///
+    /// # Safety
+    ///
+    /// Every entry describes memory the caller gives to the device for as long as a map holds
+    /// this list loaded ([`LoadSource`]'s contract): a [`MemKind::Page`] entry is RAM the
+    /// caller owns; a [`MemKind::Mapped`] entry's `kva` maps its `len` bytes (busdma copies and
+    /// maintains caches through it); MMIO, peer and unmapped entries are ranges the device may
+    /// access.
+    #[allow(unsafe_code)]
+    pub const unsafe fn new(entries: &'a [SgEntry]) -> Self {
+        Self(entries)
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &'a [SgEntry] {
+        self.0
+    }
+}
+
+// SAFETY: the runs are the entries as given; the memory promise is `SgList::new`'s caller's.
+#[allow(unsafe_code)]
+unsafe impl LoadSource for SgList<'_> {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.0.is_empty() {
             return Err(Error::ZeroSize);
@@ -230,11 +338,61 @@ impl LoadSource for SgList<'_> {
     }
 }
 
+/// One raw physical segment of RAM, `[pa, pa + len)`: [`RawSegments`] of one entry, held by
+/// value.
+#[derive(Clone, Copy, Debug)]
+pub struct RawSegment {
+    pa: PhysAddr,
+    len: u64,
+}
+
+impl RawSegment {
+    /// The segment `[pa, pa + len)` of RAM.
+    ///
+    /// # Safety
+    ///
+    /// As for [`RawSegments::new`]: RAM the caller owns and gives to the device for as long as
+    /// a map holds it loaded ([`LoadSource`]'s contract).
+    #[allow(unsafe_code)]
+    pub const unsafe fn new(pa: PhysAddr, len: u64) -> Self {
+        Self { pa, len }
+    }
+}
+
+// SAFETY: the run is the segment as given; the memory promise is `RawSegment::new`'s caller's.
+#[allow(unsafe_code)]
+unsafe impl LoadSource for RawSegment {
+    #[inline]
+    fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
+        if self.len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        self.pa.raw().checked_add(self.len).ok_or(Error::Overflow { base: self.pa.raw(), len: self.len })?;
+        f(Run::page(p, self.pa, self.len))
+    }
+}
+
 /// Raw physical segments of RAM (what `bus_dmamem_alloc` returns), in order.
 #[derive(Clone, Copy, Debug)]
-pub struct RawSegments<'a>(pub &'a [(PhysAddr, u64)]);
+pub struct RawSegments<'a>(&'a [(PhysAddr, u64)]);
 
-impl LoadSource for RawSegments<'_> {
+impl<'a> RawSegments<'a> {
+    /// Segments `(pa, len)` of RAM.
+    ///
+    /// # Safety
+    ///
+    /// Every segment is RAM the caller owns and gives to the device for as long as a map
+    /// holds these segments loaded ([`LoadSource`]'s contract).
+    #[allow(unsafe_code)]
+    pub const unsafe fn new(segments: &'a [(PhysAddr, u64)]) -> Self {
+        Self(segments)
+    }
+}
+
+// SAFETY: the runs are the segments as given; the memory promise is `RawSegments::new`'s
+// caller's.
+#[allow(unsafe_code)]
+unsafe impl LoadSource for RawSegments<'_> {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.0.is_empty() {
             return Err(Error::ZeroSize);

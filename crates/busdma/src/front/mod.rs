@@ -33,7 +33,9 @@
 //! # fn demo<P: busdma::Platform>(platform: &P, kva: busdma::KernVa) -> busdma::Result<()> {
 //! let tag = Tag::new_root(platform, Direct, TagSpec::new(64 * 1024, 16))?;
 //! let mut map = tag.create_map()?;
-//! let segs = map.load(&KernelBuf { kva, len: 1500 }, Direction::ToDevice)?;
+//! // SAFETY: `kva` is 1500 bytes of the direct map that this driver owns until the unload.
+//! let buf = unsafe { KernelBuf::new(kva, 1500) };
+//! let segs = map.load(&buf, Direction::ToDevice)?;
 //! assert!(!segs.is_empty());
 //! map.sync(SyncOp::PREWRITE)?;
 //! // ... the device reads ...
@@ -59,7 +61,7 @@ pub mod typed;
 pub use cache_sync::{SyncOp, SyncStats};
 pub use coherent::{Coherent, DmaMemory};
 pub use defer::{DeferStats, Deferrable, DeferredCallback, DeferredMap, PendingLoad};
-pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegments, Run, SgEntry, SgList};
+pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};

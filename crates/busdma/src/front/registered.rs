@@ -4,7 +4,9 @@
 //! # Theory
 //!
 //! 1. **Source.** A [`RegisteredBuffer`] (from [`Registry::load`]) already holds one count of
-//!    its region's `mapped`; as a [`LoadSource`] it yields the physically contiguous runs its
+//!    its region's `mapped`; [`load_registered`] loads it (it is not a [`LoadSource`] on its
+//!    own: dropping it would give the count back while the map still held its pages) and
+//!    yields the physically contiguous runs its
 //!    region's page array gives, without touching any page table and without pinning.
 //! 2. **Lifetime.** [`load_registered`] ties the count to the map's load: it takes the count
 //!    (`mapped += 1`, refused once the region is released), loads the map, and returns a
@@ -23,7 +25,7 @@
 //!    unmap is still queued). So [`load_registered`] refuses a map whose strategy
 //!    invalidates lazily when the registry has no barrier ([`NoBarrier`]): the one wiring
 //!    that would let freed pages stay reachable is a clear error, not a silent hole.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one impl: the private load source of a registered buffer
 
 use super::cache_sync::{SyncOp, SyncStats};
 use super::load::{LoadSource, Run};
@@ -38,9 +40,20 @@ use crate::error::Result;
 use crate::pin::{NoBarrier, PinBackend, RegisteredBuffer, Registry, UnpinBarrier};
 use crate::platform::Platform;
 
-impl<B: PinBackend, U: UnpinBarrier> LoadSource for RegisteredBuffer<'_, B, U> {
+/// The load source of a registered buffer, private to [`load_registered`]: a
+/// [`RegisteredBuffer`] on its own is not a [`LoadSource`], because dropping it gives its
+/// `mapped` count back and lets the region be unpinned while a map could still hold its pages.
+struct Pinned<'x, 'r, B: PinBackend, U: UnpinBarrier>(&'x RegisteredBuffer<'r, B, U>);
+
+// SAFETY: the runs are pages of a pinned region, translated from its page array. Only
+// `load_registered` builds this source, and the `RegisteredLoad` it returns keeps the buffer's
+// `mapped` count (so the pages stay pinned, theory 2) until the map is unloaded; the unpin
+// barrier covers the unload's invalidation (theory 4). Forgetting the `RegisteredLoad` keeps
+// the count for good: the pages stay pinned, never reused.
+#[allow(unsafe_code)]
+unsafe impl<B: PinBackend, U: UnpinBarrier> LoadSource for Pinned<'_, '_, B, U> {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
-        for (pa, len) in self.segments() {
+        for (pa, len) in self.0.segments() {
             f(Run::page(p, pa, len))?;
         }
         Ok(())
@@ -84,7 +97,7 @@ pub fn load_registered<'a, 'p, 'r, P: Platform, S: Strategy<P>, B: PinBackend, U
     }
     let buf = reg.load(ua, len)?;
     // On error `buf` drops here, giving its count back.
-    map.load(&buf, dir)?;
+    map.load(&Pinned(&buf), dir)?;
     // INVARIANT: the map is loaded with `buf`.
     Ok(RegisteredLoad { map, buf })
 }

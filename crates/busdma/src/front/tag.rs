@@ -279,6 +279,16 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
         self.debug.log.clone()
     }
 
+    /// Reports, in the debug log, every map of the tree that is still loaded
+    /// ([`super::debug::Violation::LoadedAtTeardown`]): call it where the driver believes its
+    /// device's DMA is over (detach, unbind), as Linux's dma-debug checks at driver unbind.
+    /// (Maps hold their tag, so the tag's own drop can never see a loaded map: a map that is
+    /// leaked with `mem::forget` keeps its tag, strategy and mapping alive for good.)
+    #[cfg(feature = "dma-debug")]
+    pub fn debug_teardown(&self) {
+        self.debug.teardown();
+    }
+
     /// Retries the tree's deferred loads now, in order (theory of [`super::defer`]): for
     /// resources freed outside the tree's own unloads and destroys (another tree's unload
     /// on a shared domain or bounce zone, a zone that grew). Completed loads' callbacks run

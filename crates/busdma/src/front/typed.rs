@@ -44,7 +44,7 @@
 //!     drop(dev);
 //! }
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one block: describing the buffer's own pages to its map
 
 use core::marker::PhantomData;
 
@@ -168,7 +168,11 @@ impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'p, P, S, D> {
     #[allow(clippy::result_large_err)]
     pub fn to_device(mut self) -> core::result::Result<DeviceOwned<'p, P, S, D>, (Error, Self)> {
         let run = [(self.mem.pa(), self.mem.len())];
-        let src = RawSegments(&run);
+        // SAFETY: `mem` is pages this buffer allocated and owns; the device-owned state keeps
+        // them with the map (declared first, so it unloads first) while they are loaded, and
+        // no state hands out a reference to them.
+        #[allow(unsafe_code)]
+        let src = unsafe { RawSegments::new(&run) };
         if let Err(e) = self.map.load(&src, D::DIR) {
             return Err((e, self));
         }
