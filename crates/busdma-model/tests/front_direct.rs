@@ -298,11 +298,11 @@ fn the_typed_api_hands_buffers_back_and_forth_and_frees_them_on_drop() {
     let mut b = [0u8; 6];
     m.read_phys(PhysAddr::new(dev.segments()[0].addr.raw()), &mut b).unwrap();
     assert_eq!(&b, b"packet");
-    let tx = dev.to_cpu();
+    let tx = dev.to_cpu().unwrap();
     drop(tx);
     let rx = tag.alloc_buffer::<FromDevice>(64).unwrap().to_device().ok().unwrap();
     m.write_phys(PhysAddr::new(rx.segments()[0].addr.raw()), b"reply").unwrap();
-    let rx = rx.to_cpu();
+    let rx = rx.to_cpu().unwrap();
     let mut r = [0u8; 5];
     rx.read(0, &mut r).unwrap();
     assert_eq!(&r, b"reply");

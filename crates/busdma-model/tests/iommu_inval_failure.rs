@@ -12,7 +12,7 @@ use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool, VtdSl};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 use busdma_model::{
     Context, DmaPort, FaultReason, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu,
-    TableFormat,
+    PageKind, TableFormat,
 };
 
 const DEV: u32 = 0x20;
@@ -259,4 +259,93 @@ fn a_map_unload_whose_invalidation_fails_returns_the_error_and_is_unloaded_all_t
         map.unload().unwrap();
         assert!(matches!(read(iommu, bus), Err(FaultReason::NotPresent { .. })));
     });
+}
+
+// ---- quarantine: memory busdma owns is never freed while a translation may reach it ----
+
+/// Whether the platform still holds `pa` as a DMA page (allocated, not given back).
+fn still_allocated(m: &HostPlatform, pa: PhysAddr) -> bool {
+    m.page_kind(pa) == PageKind::Dma
+}
+
+#[test]
+fn coherent_memory_whose_unload_invalidation_fails_is_quarantined_until_a_later_invalidation_succeeds() {
+    with_domain(InvalidationPolicy::Strict, |m, d, _iommu, flaky, _pool| {
+        let tag = Tag::new_root(m, IommuPerMap(d), TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
+        let c = tag.alloc_coherent(PAGE_SIZE, false).unwrap();
+        let pa = c.memory().pa();
+        // The unload's ranged invalidation and the proof's recovery both fail.
+        flaky.fail_next(2);
+        drop(c);
+        let q = tag.quarantine_stats();
+        assert_eq!((q.held, q.held_pages, q.quarantined, q.released), (1, 1, 1, 0), "{q:?}");
+        assert!(still_allocated(m, pa), "a page the device may still reach was freed");
+        // The unit works again: the next proof releases the page.
+        tag.reclaim().unwrap();
+        let q = tag.quarantine_stats();
+        assert_eq!((q.held, q.released, q.leaked), (0, 1, 0), "{q:?}");
+        assert!(!still_allocated(m, pa), "the proven page goes back");
+    });
+}
+
+#[test]
+fn to_cpu_reports_a_failed_invalidation_and_keeps_the_buffer_from_everyone() {
+    use busdma::front::typed::ToDevice;
+    with_domain(InvalidationPolicy::Strict, |m, d, _iommu, flaky, _pool| {
+        let tag = Tag::new_root(m, IommuPerMap(d), TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
+        let buf = tag.alloc_buffer::<ToDevice>(PAGE_SIZE).unwrap();
+        buf.write(0, b"payload").unwrap();
+        let dev = buf.to_device().ok().unwrap();
+        let bus = dev.segments()[0].addr;
+        flaky.fail_next(2);
+        let e = dev.to_cpu().err().unwrap();
+        assert!(is_injected(&e), "{e:?}");
+        assert_eq!(tag.quarantine_stats().held, 1);
+        // A later successful unload through the tag is the proof that releases it.
+        let again = tag.alloc_buffer::<ToDevice>(PAGE_SIZE).unwrap().to_device().ok().unwrap();
+        assert_ne!(again.segments()[0].addr, bus, "the stale IOVA was held back, not reused");
+        drop(again.to_cpu().unwrap());
+        assert_eq!(tag.quarantine_stats().held, 0, "released at the next proof");
+    });
+}
+
+#[test]
+fn memory_unloaded_under_deferred_invalidation_is_freed_only_after_the_flush() {
+    with_domain(
+        InvalidationPolicy::Deferred { max_entries: 1000, max_age_ns: u64::MAX },
+        |m, d, iommu, _flaky, _pool| {
+            let tag = Tag::new_root(m, IommuPerMap(d), TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
+            let c = tag.alloc_coherent(PAGE_SIZE, false).unwrap();
+            let (pa, bus) = (c.memory().pa(), c.segments()[0].addr);
+            c.memory().write(0, &0x5ec2e7u64.to_le_bytes()).unwrap();
+            assert_eq!(read(iommu, bus), Ok(0x5ec2e7), "the device's translation is cached");
+            drop(c);
+            assert_eq!(d.pending(), 0, "the release waited for the queued unmap's flush");
+            assert!(!still_allocated(m, pa));
+            assert!(read(iommu, bus).is_err(), "the freed page is unreachable");
+            assert_eq!(tag.quarantine_stats().quarantined, 0);
+        },
+    );
+}
+
+#[test]
+fn an_untrusted_tag_unloads_strictly_on_a_deferred_domain() {
+    with_domain(
+        InvalidationPolicy::Deferred { max_entries: 1000, max_age_ns: u64::MAX },
+        |m, d, iommu, _flaky, _pool| {
+            let mut spec = TagSpec::new(4 * PAGE_SIZE, 4);
+            spec.flags.untrusted = true;
+            let tag = Tag::new_root(m, IommuPerMap(d), spec).unwrap();
+            let pa = frame(m);
+            m.write_phys(pa, &0x77u64.to_le_bytes()).unwrap();
+            let mut map = tag.create_map().unwrap();
+            // SAFETY: a frame the test holds for its whole life.
+            let src = unsafe { busdma::front::RawSegment::new(pa, PAGE_SIZE) };
+            let bus = map.load(&src, Direction::ToDevice).unwrap()[0].addr;
+            assert_eq!(read(iommu, bus), Ok(0x77));
+            map.unload().unwrap();
+            assert_eq!(d.pending(), 0, "nothing left queued");
+            assert!(read(iommu, bus).is_err(), "the device lost the page when unload returned");
+        },
+    );
 }

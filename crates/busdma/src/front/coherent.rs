@@ -10,18 +10,20 @@
 //! 2. **Cacheability** (seed 002): on a coherent tag the memory is write-back (the device
 //!    snoops); on a non-coherent tag, or when the caller asks for no caching, it is uncached,
 //!    so CPU and device never disagree and no sync is needed.
-//! 3. **Teardown order is field order.** [`Coherent`] holds the map before the memory, so the
-//!    map is unloaded (the device loses access) before the pages go back to the platform.
-//!    Under deferred invalidation the IOTLB may hold the translation until the next flush;
-//!    as with Linux's `dma_free_coherent`, the driver promises the device is quiescent.
+//! 3. **Teardown: unload, prove, then free.** Dropping a [`Coherent`] unloads its map (the
+//!    device loses access), then gives the pages to its tag ([`Tag::release_mem`]), which frees
+//!    them only once no translation can reach them (a deferred unmap flushed, a failed
+//!    invalidation recovered) and quarantines them otherwise ([`super::quarantine`]). Unlike
+//!    Linux's `dma_free_coherent`, the driver promises nothing about the IOTLB.
 //! 4. **No references.** The CPU reaches the memory by copy ([`DmaMemory::read`],
 //!    [`DmaMemory::write`]); the device may write it at any time.
-#![allow(unsafe_code)] // one block: giving pages back to the platform in `DmaMemory::drop`
+#![deny(unsafe_code)] // two blocks: freeing pages in `DmaMemory::drop`, describing them in `MappedMem::load`
 
 use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
 use crate::platform::{MemAttr, PageRequest, Placement, Platform};
 
+use super::cache_sync::{SyncOp, SyncStats};
 use super::load::RawSegments;
 use super::map::{Direction, DmaMap};
 use super::segments::Segment;
@@ -79,6 +81,11 @@ impl<'p, P: Platform> DmaMemory<'p, P> {
         self.pa
     }
 
+    /// Number of 4 KiB pages allocated.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
     /// Length in bytes as asked.
     pub fn len(&self) -> u64 {
         self.len
@@ -124,12 +131,67 @@ impl<'p, P: Platform> DmaMemory<'p, P> {
     }
 }
 
+#[allow(unsafe_code)]
 impl<P: Platform> Drop for DmaMemory<'_, P> {
     fn drop(&mut self) {
         // SAFETY: `(pa, pages)` is exactly one allocation from this platform (type invariant),
         // freed once (here). Owners that map it for a device ([`Coherent`], the typed buffers)
-        // declare their map before the memory, so the map is unloaded before this runs.
+        // unload their map and hand the memory to their tag, which drops it only once no
+        // translation can reach it (`Tag::release_mem`); a `DmaMemory` no map ever held was
+        // never reachable.
         unsafe { self.p.free_pages(self.pa, self.pages) };
+    }
+}
+
+/// A map and the memory it maps, torn down by theory 3: unload, then the tag's proof, then
+/// the free (or the quarantine). What [`Coherent`] and the typed buffers ([`super::typed`])
+/// are made of.
+///
+/// # Invariants
+///
+/// `mem` is `Some` until drop; `map` never holds anything but `mem`; the memory goes back
+/// only through [`Tag::release_mem`].
+pub(crate) struct MappedMem<'p, P: Platform, S: Strategy<P>> {
+    pub(crate) map: DmaMap<'p, P, S>,
+    mem: Option<DmaMemory<'p, P>>,
+}
+
+impl<'p, P: Platform, S: Strategy<P>> MappedMem<'p, P, S> {
+    /// `map` (of the tag that will release `mem`) and `mem`, nothing loaded yet.
+    pub(crate) fn new(map: DmaMap<'p, P, S>, mem: DmaMemory<'p, P>) -> Self {
+        // INVARIANT: `mem` is Some; the map is fresh.
+        Self { map, mem: Some(mem) }
+    }
+
+    /// The memory.
+    #[inline]
+    pub(crate) fn mem(&self) -> &DmaMemory<'p, P> {
+        // INVARIANT: `mem` is Some until drop.
+        self.mem.as_ref().unwrap_or_else(|| unreachable!("mapped memory taken before drop"))
+    }
+
+    /// Loads the memory, whole, into the map in direction `dir`.
+    pub(crate) fn load(&mut self, dir: Direction) -> Result<()> {
+        let seg = [(self.mem().pa(), self.mem().len())];
+        // SAFETY: `mem` is pages this value allocated and owns; it keeps them while the map
+        // holds them (drop unloads before the release) and gives them back only through the
+        // tag's proof (theory 3); nothing hands out a reference to them.
+        #[allow(unsafe_code)]
+        let src = unsafe { RawSegments::new(&seg) };
+        self.map.load(&src, dir).map(|_| ())
+    }
+}
+
+impl<P: Platform, S: Strategy<P>> Drop for MappedMem<'_, P, S> {
+    fn drop(&mut self) {
+        if self.map.is_loaded() {
+            // Its outcome does not matter here: the tag proves the memory unreachable again
+            // before it frees it.
+            let _ = self.map.unload();
+        }
+        if let Some(mem) = self.mem.take() {
+            self.map.tag().release_mem(mem);
+        }
     }
 }
 
@@ -137,10 +199,9 @@ impl<P: Platform> Drop for DmaMemory<'_, P> {
 ///
 /// # Invariants
 ///
-/// `map` holds exactly `mem` loaded; it is declared first so it drops (unloads) first.
+/// The map holds the memory loaded for the value's whole life.
 pub struct Coherent<'p, P: Platform, S: Strategy<P>> {
-    map: DmaMap<'p, P, S>,
-    mem: DmaMemory<'p, P>,
+    inner: MappedMem<'p, P, S>,
 }
 
 impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
@@ -152,30 +213,28 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     pub fn alloc_coherent(&self, len: u64, no_cache: bool) -> Result<Coherent<'p, P, S>> {
         let attr = if no_cache || !self.spec.flags.coherent { MemAttr::Uncached } else { MemAttr::WriteBack };
         let mem = DmaMemory::alloc(self.platform, &self.spec, len, attr)?;
-        let mut map = self.create_map()?;
-        let seg = [(mem.pa(), len)];
-        // SAFETY: `mem` is pages this value allocated and owns; `Coherent` keeps them (field
-        // order: the map unloads first) for as long as the map holds them loaded, and hands
-        // out no reference to them.
-        let src = unsafe { RawSegments::new(&seg) };
-        map.load(&src, Direction::Bidirectional)?;
-        Ok(Coherent { map, mem })
+        let map = self.create_map()?;
+        let mut inner = MappedMem::new(map, mem);
+        // On error `inner` drops: nothing is loaded, and the tag proves it before the free.
+        inner.load(Direction::Bidirectional)?;
+        Ok(Coherent { inner })
     }
 }
 
 impl<'p, P: Platform, S: Strategy<P>> Coherent<'p, P, S> {
     /// The bus segments the device uses.
     pub fn segments(&self) -> &[Segment] {
-        self.map.segments()
+        self.inner.map.segments()
     }
 
     /// The memory (CPU access by copy).
     pub fn memory(&self) -> &DmaMemory<'p, P> {
-        &self.mem
+        self.inner.mem()
     }
 
-    /// The map (for syncs on write-back memory of a non-coherent device).
-    pub fn map_mut(&mut self) -> &mut DmaMap<'p, P, S> {
-        &mut self.map
+    /// Makes the CPU's and the device's views agree (write-back memory of a non-coherent
+    /// device; nothing to do on uncached memory). See [`DmaMap::sync`].
+    pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
+        self.inner.map.sync(op)
     }
 }

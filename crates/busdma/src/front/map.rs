@@ -27,6 +27,10 @@
 //!    ([`super::defer`]); to that end everything a map owns besides its tag is one `Body`
 //!    that moves into the map's wait node and back. Every unload and destroy retries the
 //!    tree's waiting loads.
+//! 8. **Untrusted tags are strict.** A tag with [`super::tag::TagFlags::untrusted`] unloads
+//!    strictly even on a deferred domain: its unload waits for the IOTLB invalidation
+//!    ([`Strategy::wait_unmapped`]) before it returns, as an untrusted domain does. (Its
+//!    sub-page runs are bounced by the IOMMU strategies, `strategy::iommu` theory 4.)
 //!
 //! # Execution context
 //!
@@ -48,7 +52,7 @@ use super::cache_sync::{SyncOp, SyncStats, sync_runs};
 use super::defer::Node;
 use super::load::{LoadSource, Run};
 use super::segments::{Constraints, Segment, SegmentBuilder};
-use super::strategy::Strategy;
+use super::strategy::{Invalidation, Strategy};
 use super::tag::{Tag, TagSpec, next_id};
 
 /// Which way data moves.
@@ -337,7 +341,16 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
         }
         let mut r = Ok(());
         if let Some(state) = body.state.as_mut() {
-            r = self.tag.strategy.unload(self.tag.platform, state, &body.runs, &body.segs);
+            let (p, st) = (self.tag.platform, &self.tag.strategy);
+            r = st.unload(p, state, &body.runs, &body.segs);
+            // An untrusted device gets strict invalidation whatever its domain's policy
+            // (theory 8): the unload returns only once the IOTLB has forgotten the load.
+            if r.is_ok() && self.spec.flags.untrusted && st.invalidation() == Invalidation::Deferred {
+                r = st.wait_unmapped(p);
+            }
+            if r.is_ok() {
+                self.tag.after_unload();
+            }
         }
         body.loaded = None;
         body.runs.clear();

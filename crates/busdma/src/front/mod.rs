@@ -52,6 +52,7 @@ pub mod debug;
 pub mod defer;
 pub mod load;
 pub mod map;
+pub mod quarantine;
 pub mod registered;
 pub mod segments;
 pub mod strategy;
@@ -63,6 +64,7 @@ pub use coherent::{Coherent, DmaMemory};
 pub use defer::{DeferStats, Deferrable, DeferredCallback, DeferredMap, PendingLoad};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
+pub use quarantine::QuarantineStats;
 pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};
 pub use strategy::{

@@ -30,7 +30,9 @@ use crate::addr::{PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
+use super::coherent::DmaMemory;
 use super::defer::{DeferQueue, DeferStats};
+use super::quarantine::{Quarantine, QuarantineStats};
 use super::strategy::Strategy;
 
 /// Flags of a tag.
@@ -211,6 +213,21 @@ pub struct TagData<'p, P: Platform, S: Strategy<P>> {
     /// The tree's queue of deferred loads: `Some` exactly when the root may wait; shared by
     /// every tag of the tree.
     pub(crate) defer: Option<Arc<DeferQueue<'p, P, S>>>,
+    /// Memory of this tag's buffers that a device may still reach ([`super::quarantine`]).
+    pub(crate) quarantine: Quarantine<'p, P>,
+}
+
+impl<P: Platform, S: Strategy<P>> Drop for TagData<'_, P, S> {
+    /// The last handle is gone: one last proof for what the quarantine holds, or it is leaked
+    /// (quarantine theory 4).
+    fn drop(&mut self) {
+        if !self.quarantine.is_empty() {
+            match self.strategy.wait_unmapped(self.platform) {
+                Ok(()) => self.quarantine.release_all(),
+                Err(_) => self.quarantine.leak_all(),
+            }
+        }
+    }
 }
 
 impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
@@ -229,6 +246,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             #[cfg(feature = "dma-debug")]
             debug: Arc::new(super::debug::DomainWatch::new()),
             defer: spec.flags.may_wait.then(|| Arc::new(DeferQueue::new())),
+            quarantine: Quarantine::new(),
         })))
     }
 
@@ -246,6 +264,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             #[cfg(feature = "dma-debug")]
             debug: self.debug.clone(),
             defer: self.defer.clone(),
+            quarantine: Quarantine::new(),
         })))
     }
 
@@ -277,6 +296,56 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     #[cfg(feature = "dma-debug")]
     pub fn debug_log(&self) -> Arc<super::debug::DebugLog> {
         self.debug.log.clone()
+    }
+
+    /// Returns once no device can reach anything this tag's maps unloaded before the call:
+    /// the strategy's proof ([`Strategy::wait_unmapped`]: nothing to do for a healthy strict
+    /// domain, a flush if an unmap is still queued, the recovery of a degraded domain). What a
+    /// caller that loaded borrowed memory (an `unsafe` load source) waits for before reusing
+    /// it after an unload whose outcome it did not see (a map dropped while loaded) or under
+    /// deferred invalidation. Process context; may spin while an invalidation completes.
+    ///
+    /// Errors: [`Error::InvalidationFailed`](crate::Error::InvalidationFailed): nothing is
+    /// proven; the memory must stay away from reuse.
+    pub fn wait_unmapped(&self) -> Result<()> {
+        self.strategy.wait_unmapped(self.platform)
+    }
+
+    /// Asks for the proof ([`Tag::wait_unmapped`]) and, given it, releases everything the
+    /// tag's quarantine holds ([`super::quarantine`], theory 3): for a kernel's retry timer
+    /// after a failed invalidation. Nothing to do (and no invalidation) when nothing is held.
+    ///
+    /// Errors: those of [`Tag::wait_unmapped`]; the quarantine keeps what it holds.
+    pub fn reclaim(&self) -> Result<()> {
+        if self.quarantine.is_empty() {
+            return Ok(());
+        }
+        self.wait_unmapped()?;
+        self.quarantine.release_all();
+        Ok(())
+    }
+
+    /// The quarantine's counters.
+    pub fn quarantine_stats(&self) -> QuarantineStats {
+        self.quarantine.stats()
+    }
+
+    /// Gives back memory this tag's maps held loaded: freed once proven unreachable
+    /// ([`Tag::wait_unmapped`]), quarantined otherwise (quarantine theory 2).
+    pub(crate) fn release_mem(&self, mem: DmaMemory<'p, P>) {
+        match self.wait_unmapped() {
+            Ok(()) => drop(mem),
+            Err(_) => self.quarantine.hold(mem),
+        }
+    }
+
+    /// After a successful unload: releases the quarantine if it holds anything and a proof
+    /// is now given (quarantine theory 3). One relaxed load when it is empty.
+    #[inline]
+    pub(crate) fn after_unload(&self) {
+        if !self.quarantine.is_empty() {
+            let _ = self.reclaim();
+        }
     }
 
     /// Reports, in the debug log, every map of the tree that is still loaded

@@ -12,12 +12,17 @@
 //!    [`DeviceOwned::to_cpu`] performs the POST sync and unloads, giving the CPU its buffer
 //!    back. The type system thus enforces "no CPU access between PRE and POST sync" and "bus
 //!    addresses only while the device owns the buffer".
-//! 3. **Drop tears down in order.** Each state holds its map before its memory: dropping a
-//!    device-owned buffer unloads it (the device loses access), destroys the map, then frees
-//!    the pages.
+//! 3. **Drop tears down in order.** Dropping either state unloads the map (the device loses
+//!    access), then hands the pages to the tag, which frees them once no translation can
+//!    reach them ([`super::quarantine`]); the map is destroyed last.
 //! 4. **No references to device-visible memory.** Even the CPU-owned state copies: the pages
 //!    stay reachable by a hostile device through stale IOTLB entries (deferred invalidation),
 //!    so `&[u8]` over them would be unsound.
+//! 5. **A failed invalidation keeps the buffer from everyone.** If taking the buffer back
+//!    cannot prove the device lost it ([`DeviceOwned::to_cpu`] returns the unload's
+//!    [`Error::InvalidationFailed`]), the buffer goes to the tag's quarantine instead of back
+//!    to the CPU: no later owner (of the buffer or of its pages) can be read or written
+//!    through the stale translation.
 //!
 //! The CPU cannot touch a device-owned buffer:
 //!
@@ -44,7 +49,7 @@
 //!     drop(dev);
 //! }
 //! ```
-#![deny(unsafe_code)] // one block: describing the buffer's own pages to its map
+#![forbid(unsafe_code)]
 
 use core::marker::PhantomData;
 
@@ -52,9 +57,8 @@ use crate::error::{Error, Result};
 use crate::platform::{MemAttr, Platform};
 
 use super::cache_sync::SyncOp;
-use super::coherent::DmaMemory;
-use super::load::RawSegments;
-use super::map::{Direction, DmaMap};
+use super::coherent::{DmaMemory, MappedMem};
+use super::map::Direction;
 use super::segments::Segment;
 use super::strategy::Strategy;
 use super::tag::Tag;
@@ -107,10 +111,9 @@ impl DmaDir for Bidirectional {
 ///
 /// # Invariants
 ///
-/// `map` is created by the buffer's tag and not loaded; it is declared before `mem`.
+/// `inner`'s map is created by the buffer's tag and not loaded.
 pub struct CpuOwned<'p, P: Platform, S: Strategy<P>, D: DmaDir> {
-    map: DmaMap<'p, P, S>,
-    mem: DmaMemory<'p, P>,
+    inner: MappedMem<'p, P, S>,
     _dir: PhantomData<D>,
 }
 
@@ -118,10 +121,9 @@ pub struct CpuOwned<'p, P: Platform, S: Strategy<P>, D: DmaDir> {
 ///
 /// # Invariants
 ///
-/// `map` holds `mem` loaded in direction `D::DIR`, PRE-synced; it is declared before `mem`.
+/// `inner`'s map holds its memory loaded in direction `D::DIR`, PRE-synced.
 pub struct DeviceOwned<'p, P: Platform, S: Strategy<P>, D: DmaDir> {
-    map: DmaMap<'p, P, S>,
-    mem: DmaMemory<'p, P>,
+    inner: MappedMem<'p, P, S>,
     _dir: PhantomData<D>,
 }
 
@@ -133,69 +135,75 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     pub fn alloc_buffer<D: DmaDir>(&self, len: u64) -> Result<CpuOwned<'p, P, S, D>> {
         let mem = DmaMemory::alloc(self.platform, &self.spec, len, MemAttr::WriteBack)?;
         let map = self.create_map()?;
-        Ok(CpuOwned { map, mem, _dir: PhantomData })
+        Ok(CpuOwned { inner: MappedMem::new(map, mem), _dir: PhantomData })
     }
 }
 
 impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'p, P, S, D> {
     /// Length in bytes.
     pub fn len(&self) -> u64 {
-        self.mem.len()
+        self.inner.mem().len()
     }
 
     /// Always false.
     pub fn is_empty(&self) -> bool {
-        self.mem.is_empty()
+        self.inner.mem().is_empty()
     }
 
     /// Copies bytes at `offset` into `buf`.
     ///
     /// Errors: [`Error::OutOfRange`].
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.mem.read(offset, buf)
+        self.inner.mem().read(offset, buf)
     }
 
     /// Copies `data` into the buffer at `offset`.
     ///
     /// Errors: [`Error::OutOfRange`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.mem.write(offset, data)
+        self.inner.mem().write(offset, data)
     }
 
     /// Hands the buffer to the device: load, then the PRE sync of `D`.
     ///
-    /// Errors: those of [`DmaMap::load`]; the buffer comes back with the error, still the CPU's.
-    #[allow(clippy::result_large_err)]
-    pub fn to_device(mut self) -> core::result::Result<DeviceOwned<'p, P, S, D>, (Error, Self)> {
-        let run = [(self.mem.pa(), self.mem.len())];
-        // SAFETY: `mem` is pages this buffer allocated and owns; the device-owned state keeps
-        // them with the map (declared first, so it unloads first) while they are loaded, and
-        // no state hands out a reference to them.
-        #[allow(unsafe_code)]
-        let src = unsafe { RawSegments::new(&run) };
-        if let Err(e) = self.map.load(&src, D::DIR) {
-            return Err((e, self));
+    /// Errors: those of [`DmaMap::load`](super::map::DmaMap::load) and [`DmaMap::sync`](super::map::DmaMap::sync). The buffer comes back with the
+    /// error, still the CPU's (`Some`), unless the sync failed and the unload that undid the
+    /// load failed its invalidation too: then the device may still reach the buffer, which
+    /// goes to the tag's quarantine (theory 5) and the error comes with `None`.
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
+    pub fn to_device(mut self) -> core::result::Result<DeviceOwned<'p, P, S, D>, (Error, Option<Self>)> {
+        if let Err(e) = self.inner.load(D::DIR) {
+            return Err((e, Some(self)));
         }
-        if let Err(e) = self.map.sync(D::PRE) {
-            let _ = self.map.unload();
-            return Err((e, self));
+        if let Err(e) = self.inner.map.sync(D::PRE) {
+            return match self.inner.map.unload() {
+                Ok(()) => Err((e, Some(self))),
+                Err(_) => Err((e, None)), // `self` drops: the tag proves or quarantines
+            };
         }
         // INVARIANT: loaded in D::DIR and PRE-synced.
-        Ok(DeviceOwned { map: self.map, mem: self.mem, _dir: PhantomData })
+        Ok(DeviceOwned { inner: self.inner, _dir: PhantomData })
     }
 }
 
 impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> DeviceOwned<'p, P, S, D> {
     /// The bus segments to program into the device.
     pub fn segments(&self) -> &[Segment] {
-        self.map.segments()
+        self.inner.map.segments()
     }
 
     /// Takes the buffer back: the POST sync of `D`, then unload.
-    pub fn to_cpu(mut self) -> CpuOwned<'p, P, S, D> {
-        // Cannot fail: the map is loaded in D::DIR (type invariant), which allows D::POST.
-        let _ = self.map.sync(D::POST);
-        let _ = self.map.unload();
-        CpuOwned { map: self.map, mem: self.mem, _dir: PhantomData }
+    ///
+    /// Errors: [`Error::InvalidationFailed`] (or another error of [`DmaMap::unload`](super::map::DmaMap::unload)): the
+    /// device may still reach the buffer through a stale translation, so it is not given back:
+    /// it goes to the tag's quarantine, freed once a later invalidation proves it unreachable
+    /// (theory 5). The POST sync cannot fail (the map is loaded in `D::DIR`, which allows
+    /// `D::POST`); if it ever did, its error is returned after the unload, the buffer
+    /// quarantined likewise.
+    pub fn to_cpu(mut self) -> Result<CpuOwned<'p, P, S, D>> {
+        let synced = self.inner.map.sync(D::POST);
+        self.inner.map.unload()?; // on error `self` drops: the tag proves or quarantines
+        synced?;
+        Ok(CpuOwned { inner: self.inner, _dir: PhantomData })
     }
 }
