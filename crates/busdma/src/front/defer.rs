@@ -337,7 +337,7 @@ impl<'p, P: Platform, S: Strategy<P>> DeferQueue<'p, P, S> {
                 // Unreachable by the slot invariant; a node without its body cannot be retried.
                 continue;
             };
-            let cx = Ctx { tag, spec: &job.spec, tag_id: job.tag_id, map_id: job.map_id };
+            let cx = Ctx { tag: &**tag, spec: &job.spec, tag_id: job.tag_id, map_id: job.map_id };
             body.segs.clear();
             let r = cx.place(&mut body, job.dir);
             if let Err(e) = r {

@@ -53,7 +53,7 @@ use super::defer::Node;
 use super::load::{LoadSource, Run};
 use super::segments::{Constraints, Segment, SegmentBuilder};
 use super::strategy::{Invalidation, Strategy};
-use super::tag::{Tag, TagSpec, next_id};
+use super::tag::{Tag, TagData, TagSpec, next_id};
 
 /// Which way data moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -220,7 +220,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
 /// A map uses its own tag; a deferred load completed by another map's unload uses that map's
 /// tag with the waiting map's spec and ids ([`super::defer`]).
 pub(crate) struct Ctx<'a, 'p, P: Platform, S: Strategy<P>> {
-    pub(crate) tag: &'a Tag<'p, P, S>,
+    pub(crate) tag: &'a TagData<'p, P, S>,
     pub(crate) spec: &'a TagSpec,
     pub(crate) tag_id: u64,
     pub(crate) map_id: u64,
@@ -341,15 +341,9 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
         }
         let mut r = Ok(());
         if let Some(state) = body.state.as_mut() {
-            let (p, st) = (self.tag.platform, &self.tag.strategy);
-            r = st.unload(p, state, &body.runs, &body.segs);
-            // An untrusted device gets strict invalidation whatever its domain's policy
-            // (theory 8): the unload returns only once the IOTLB has forgotten the load.
-            if r.is_ok() && self.spec.flags.untrusted && st.invalidation() == Invalidation::Deferred {
-                r = st.wait_unmapped(p);
-            }
-            if r.is_ok() {
-                self.tag.after_unload();
+            r = self.tag.strategy.unload(self.tag.platform, state, &body.runs, &body.segs);
+            if r.is_ok() && (self.spec.flags.untrusted || self.tag.quarantine_holds()) {
+                r = self.after_unload();
             }
         }
         body.loaded = None;
@@ -358,6 +352,21 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
         #[cfg(feature = "dma-debug")]
         self.tag.debug.unloaded(self.map_id);
         r
+    }
+
+    /// The rare part of a successful unload, out of line: an untrusted device gets strict
+    /// invalidation whatever its domain's policy (theory 8: the unload returns only once the
+    /// IOTLB has forgotten the load), and a quarantine that holds memory is released if a
+    /// proof is now given ([`super::quarantine`], theory 3).
+    #[cold]
+    #[inline(never)]
+    fn after_unload(&self) -> Result<()> {
+        let (p, st) = (self.tag.platform, &self.tag.strategy);
+        if self.spec.flags.untrusted && st.invalidation() == Invalidation::Deferred {
+            st.wait_unmapped(p)?;
+        }
+        self.tag.after_unload();
+        Ok(())
     }
 
     /// Unloads a body if loaded and releases its strategy state; returns whether there was a
@@ -379,7 +388,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
 impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
     #[inline]
     pub(crate) fn cx(&mut self) -> (Ctx<'_, 'p, P, S>, &mut Body<S::MapState>) {
-        let cx = Ctx { tag: &self.tag, spec: &self.tag.spec, tag_id: self.tag.id, map_id: self.id };
+        let cx = Ctx { tag: &*self.tag, spec: &self.tag.spec, tag_id: self.tag.id, map_id: self.id };
         (cx, &mut self.body)
     }
 

@@ -217,6 +217,23 @@ pub struct TagData<'p, P: Platform, S: Strategy<P>> {
     pub(crate) quarantine: Quarantine<'p, P>,
 }
 
+impl<P: Platform, S: Strategy<P>> TagData<'_, P, S> {
+    /// Whether the quarantine holds memory (one relaxed load).
+    #[inline]
+    pub(crate) fn quarantine_holds(&self) -> bool {
+        !self.quarantine.is_empty()
+    }
+
+    /// After a successful unload: releases the quarantine if it holds anything and a proof
+    /// is now given (quarantine theory 3). One relaxed load when it is empty.
+    #[inline]
+    pub(crate) fn after_unload(&self) {
+        if !self.quarantine.is_empty() && self.strategy.wait_unmapped(self.platform).is_ok() {
+            self.quarantine.release_all();
+        }
+    }
+}
+
 impl<P: Platform, S: Strategy<P>> Drop for TagData<'_, P, S> {
     /// The last handle is gone: one last proof for what the quarantine holds, or it is leaked
     /// (quarantine theory 4).
@@ -339,14 +356,6 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
         }
     }
 
-    /// After a successful unload: releases the quarantine if it holds anything and a proof
-    /// is now given (quarantine theory 3). One relaxed load when it is empty.
-    #[inline]
-    pub(crate) fn after_unload(&self) {
-        if !self.quarantine.is_empty() {
-            let _ = self.reclaim();
-        }
-    }
 
     /// Reports, in the debug log, every map of the tree that is still loaded
     /// ([`super::debug::Violation::LoadedAtTeardown`]): call it where the driver believes its
