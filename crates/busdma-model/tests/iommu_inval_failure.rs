@@ -349,3 +349,45 @@ fn an_untrusted_tag_unloads_strictly_on_a_deferred_domain() {
         },
     );
 }
+
+#[test]
+fn an_owned_buffer_leaves_its_map_only_after_the_deferred_unmap_is_flushed() {
+    with_domain(
+        InvalidationPolicy::Deferred { max_entries: 1000, max_age_ns: u64::MAX },
+        |m, d, iommu, _flaky, _pool| {
+            let spec = TagSpec::new(4 * PAGE_SIZE, 4);
+            let tag = Tag::new_root(m, IommuPerMap(d), spec).unwrap();
+            let mut map = tag.create_owned_map::<busdma::front::DmaMemory<'_, _>>().unwrap();
+            let buf =
+                busdma::front::DmaMemory::alloc(m, &spec, PAGE_SIZE, busdma::MemAttr::WriteBack).unwrap();
+            buf.write(0, &0x99u64.to_le_bytes()).unwrap();
+            let bus = map.load(buf, Direction::ToDevice).ok().unwrap()[0].addr;
+            assert_eq!(read(iommu, bus), Ok(0x99));
+            let bus2 = map.reload(Direction::ToDevice).unwrap()[0].addr;
+            assert_eq!(read(iommu, bus2), Ok(0x99));
+            assert!(d.pending() > 0, "the reload's unmap is queued: no flush per packet");
+            let buf = map.take().unwrap();
+            assert_eq!(d.pending(), 0, "take proved the buffer unreachable first");
+            assert!(read(iommu, bus).is_err() && read(iommu, bus2).is_err(), "nothing reachable once taken");
+            drop(buf);
+        },
+    );
+}
+
+#[test]
+fn an_owned_map_dropped_when_its_invalidation_fails_quarantines_its_memory() {
+    with_domain(InvalidationPolicy::Strict, |m, d, _iommu, flaky, _pool| {
+        let spec = TagSpec::new(4 * PAGE_SIZE, 4);
+        let tag = Tag::new_root(m, IommuPerMap(d), spec).unwrap();
+        let mut map = tag.create_owned_map::<busdma::front::DmaMemory<'_, _>>().unwrap();
+        let buf = busdma::front::DmaMemory::alloc(m, &spec, PAGE_SIZE, busdma::MemAttr::WriteBack).unwrap();
+        let pa = buf.pa();
+        map.load(buf, Direction::FromDevice).ok().unwrap();
+        flaky.fail_next(2);
+        drop(map);
+        assert_eq!(tag.quarantine_stats().held, 1);
+        assert!(still_allocated(m, pa));
+        tag.reclaim().unwrap();
+        assert!(!still_allocated(m, pa));
+    });
+}

@@ -11,7 +11,7 @@
 //!    snoops); on a non-coherent tag, or when the caller asks for no caching, it is uncached,
 //!    so CPU and device never disagree and no sync is needed.
 //! 3. **Teardown: unload, prove, then free.** Dropping a [`Coherent`] unloads its map (the
-//!    device loses access), then gives the pages to its tag ([`Tag::release_mem`]), which frees
+//!    device loses access), then gives the pages to its tag (`Tag::release_mem`), which frees
 //!    them only once no translation can reach them (a deferred unmap flushed, a failed
 //!    invalidation recovered) and quarantines them otherwise ([`super::quarantine`]). Unlike
 //!    Linux's `dma_free_coherent`, the driver promises nothing about the IOTLB.
@@ -150,7 +150,7 @@ impl<P: Platform> Drop for DmaMemory<'_, P> {
 /// # Invariants
 ///
 /// `mem` is `Some` until drop; `map` never holds anything but `mem`; the memory goes back
-/// only through [`Tag::release_mem`].
+/// only through `Tag::release_mem`.
 pub(crate) struct MappedMem<'p, P: Platform, S: Strategy<P>> {
     pub(crate) map: DmaMap<'p, P, S>,
     mem: Option<DmaMemory<'p, P>>,

@@ -155,6 +155,21 @@ pub unsafe trait LoadSource {
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, f: F) -> Result<()>;
 }
 
+/// What the map collects runs from, inside the crate: every [`LoadSource`], and the owned
+/// buffers of [`super::owned`] (whose platform type is fixed by the buffer, not chosen per
+/// call). Implementations are trusted as [`LoadSource`]'s are.
+pub(crate) trait RunSource<P: Platform> {
+    /// As [`LoadSource::for_each_run`].
+    fn runs<F: FnMut(Run) -> Result<()>>(&self, p: &P, f: F) -> Result<()>;
+}
+
+impl<P: Platform, L: LoadSource> RunSource<P> for L {
+    #[inline]
+    fn runs<F: FnMut(Run) -> Result<()>>(&self, p: &P, f: F) -> Result<()> {
+        self.for_each_run(p, f)
+    }
+}
+
 /// A kernel-virtual buffer in the direct map: `[kva, kva + len)`.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelBuf {

@@ -50,7 +50,7 @@ use crate::platform::Platform;
 
 use super::cache_sync::{SyncOp, SyncStats, sync_runs};
 use super::defer::Node;
-use super::load::{LoadSource, Run};
+use super::load::{LoadSource, Run, RunSource};
 use super::segments::{Constraints, Segment, SegmentBuilder};
 use super::strategy::{Invalidation, Strategy};
 use super::tag::{Tag, TagData, TagSpec, next_id};
@@ -235,12 +235,12 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     /// Collects `src`'s runs into `body.runs`, coalesced; returns the load's length.
     /// On error the runs are partial: the caller clears them.
     #[inline]
-    pub(crate) fn collect<L: LoadSource>(&self, body: &mut Body<S::MapState>, src: &L) -> Result<u64> {
+    pub(crate) fn collect<L: RunSource<P>>(&self, body: &mut Body<S::MapState>, src: &L) -> Result<u64> {
         let spec = self.spec;
         let (runs, max_runs) = (&mut body.runs, body.max_runs);
         runs.clear();
         let mut total: u64 = 0;
-        src.for_each_run(self.tag.platform, |r| {
+        src.runs(self.tag.platform, |r| {
             if r.len == 0 {
                 return Err(Error::ZeroSize);
             }
@@ -454,6 +454,12 @@ impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
     /// (exhaustion: [`Error::Exhausted`], [`Error::NoMemory`]).
     #[inline]
     pub fn load<L: LoadSource>(&mut self, src: &L, dir: Direction) -> Result<&[Segment]> {
+        self.load_from(src, dir)
+    }
+
+    /// [`DmaMap::load`] from any run source of the crate (owned buffers included).
+    #[inline]
+    pub(crate) fn load_from<L: RunSource<P>>(&mut self, src: &L, dir: Direction) -> Result<&[Segment]> {
         if self.body.loaded.is_some() {
             return Err(Error::BadState { what: "load into a map that is already loaded" });
         }

@@ -322,7 +322,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     /// it after an unload whose outcome it did not see (a map dropped while loaded) or under
     /// deferred invalidation. Process context; may spin while an invalidation completes.
     ///
-    /// Errors: [`Error::InvalidationFailed`](crate::Error::InvalidationFailed): nothing is
+    /// Errors: [`Error::InvalidationFailed`]: nothing is
     /// proven; the memory must stay away from reuse.
     pub fn wait_unmapped(&self) -> Result<()> {
         self.strategy.wait_unmapped(self.platform)
@@ -355,7 +355,6 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
             Err(_) => self.quarantine.hold(mem),
         }
     }
-
 
     /// Reports, in the debug log, every map of the tree that is still loaded
     /// ([`super::debug::Violation::LoadedAtTeardown`]): call it where the driver believes its
