@@ -32,6 +32,7 @@ extern crate std;
 pub mod addr;
 #[cfg(feature = "alloc")]
 pub mod bounce;
+pub mod dir;
 pub mod error;
 pub mod front;
 pub mod iommu;
@@ -49,5 +50,6 @@ pub mod sync;
 pub mod vtd;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
+pub use dir::{Direction, SyncOp};
 pub use error::{Error, Result};
 pub use platform::{CpuGuard, MemAttr, PageRequest, Placement, Platform, TablePage};

@@ -4,11 +4,10 @@
 use std::sync::{Arc, Mutex};
 
 use busdma::bounce::{
-    BounceLoad, BounceZone, BounceZones, ClientSeg, Constraint, DeviceSeg, SyncOp, ZoneConfig, ZoneKey,
-    pages_needed,
+    BounceLoad, BounceZone, BounceZones, ClientSeg, Constraint, DeviceSeg, ZoneConfig, ZoneKey, pages_needed,
 };
 use busdma::quickmap::QuickMaps;
-use busdma::{Error, Iova, PAGE_SIZE, PhysAddr, Placement, Platform};
+use busdma::{Error, Iova, PAGE_SIZE, PhysAddr, Placement, Platform, SyncOp};
 use busdma_model::{DirectPort, DmaPort, FrameRequest, HostPlatform, MachineConfig};
 use proptest::prelude::*;
 
@@ -122,14 +121,14 @@ fn round_trip<'p>(
     let out = pattern(len, 3);
     write(m, segs, &out);
     let load = BounceLoad::load(zone, qm, segs, &c).unwrap();
-    load.sync(m, SyncOp::PreWrite).unwrap();
+    load.sync(m, SyncOp::PREWRITE).unwrap();
     assert_eq!(dev.read(load.segments()), out, "device read wrong bytes");
-    load.sync(m, SyncOp::PostWrite).unwrap();
+    load.sync(m, SyncOp::POSTWRITE).unwrap();
     // Device → memory.
-    load.sync(m, SyncOp::PreRead).unwrap();
+    load.sync(m, SyncOp::PREREAD).unwrap();
     let back = pattern(len, 200);
     dev.write(load.segments(), &back);
-    load.sync(m, SyncOp::PostRead).unwrap();
+    load.sync(m, SyncOp::POSTREAD).unwrap();
     assert_eq!(read(m, segs), back, "client did not get the device's bytes");
     let bounced = load.segments().iter().any(|s| s.bounced);
     let reachable = segs.iter().all(|s| s.pa().raw() + s.len() <= LIMIT_28);
@@ -228,7 +227,7 @@ fn sync_copies_run_with_preemption_already_disabled_by_the_caller() {
         BounceLoad::load(&zone, &qm, &[ClientSeg::phys(PhysAddr::new(far.raw() + 10), 5000)], &c).unwrap();
     // An interrupt handler's context: preemption is off around the sync (quick maps inside).
     let g = m.pin_cpu();
-    load.sync(&m, SyncOp::PreWrite).unwrap();
+    load.sync(&m, SyncOp::PREWRITE).unwrap();
     drop(g);
     assert_eq!(dev28(&m).read(load.segments()), data);
 }
@@ -292,7 +291,7 @@ fn deferred_loads_complete_in_order_when_pages_are_released() {
     m.write_phys(seg(3, 2).pa(), &data).unwrap();
     {
         let d = done.lock().unwrap();
-        d[0].1.sync(&m, SyncOp::PreWrite).unwrap();
+        d[0].1.sync(&m, SyncOp::PREWRITE).unwrap();
         assert_eq!(dev28(&m).read(d[0].1.segments()), data);
     }
     done.lock().unwrap().clear();
@@ -414,7 +413,7 @@ fn an_untrusted_device_reading_the_whole_page_around_a_100_byte_buffer_sees_only
     let buf = PhysAddr::new(page.raw() + 1000);
     let data = pattern(100, 1);
     m.write_phys(buf, &data).unwrap();
-    for op in [SyncOp::PreWrite, SyncOp::PreRead] {
+    for op in [SyncOp::PREWRITE, SyncOp::PREREAD] {
         let load = BounceLoad::load(&zone, &qm, &[ClientSeg::phys(buf, 100)], &c).unwrap();
         load.sync(&m, op).unwrap();
         let seg = load.segments()[0];
@@ -446,9 +445,9 @@ fn an_untrusted_device_that_writes_short_exposes_nothing_stale() {
     let before = pattern(100, 77);
     m.write_phys(buf, &before).unwrap();
     let load = BounceLoad::load(&zone, &qm, &[ClientSeg::phys(buf, 100)], &c).unwrap();
-    load.sync(&m, SyncOp::PreRead).unwrap();
+    load.sync(&m, SyncOp::PREREAD).unwrap();
     m.write_phys(load.segments()[0].addr, b"0123456789").unwrap(); // the device writes 10 bytes
-    load.sync(&m, SyncOp::PostRead).unwrap();
+    load.sync(&m, SyncOp::POSTREAD).unwrap();
     let mut after = vec![0; 100];
     m.read_phys(buf, &mut after).unwrap();
     assert_eq!(&after[..10], b"0123456789");
@@ -467,14 +466,14 @@ fn bad_input_gets_clear_errors() {
     // Sync beyond the loaded length.
     let load = BounceLoad::load(&zone, &qm, &[ClientSeg::phys(far, 1000)], &c).unwrap();
     assert_eq!(
-        load.sync_range(&m, SyncOp::PreWrite, 900, 101),
+        load.sync_range(&m, SyncOp::PREWRITE, 900, 101),
         Err(Error::OutOfRange { addr: 1001, limit: 1000 })
     );
     assert_eq!(
-        load.sync_range(&m, SyncOp::PostRead, u64::MAX, 2),
+        load.sync_range(&m, SyncOp::POSTREAD, u64::MAX, 2),
         Err(Error::Overflow { base: u64::MAX, len: 2 })
     );
-    load.sync_range(&m, SyncOp::PostRead, 900, 100).unwrap();
+    load.sync_range(&m, SyncOp::POSTREAD, 900, 100).unwrap();
     drop(load);
     // A page-less (MMIO) entry beyond the mask would need bouncing: the CPU cannot copy it.
     let mmio = PhysAddr::new(0xfe00_0000);

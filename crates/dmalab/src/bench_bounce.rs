@@ -17,9 +17,9 @@
 
 use std::time::Instant;
 
-use busdma::bounce::{BounceLoad, BounceZone, ClientSeg, Constraint, SyncOp, ZoneConfig, ZoneKey};
+use busdma::bounce::{BounceLoad, BounceZone, ClientSeg, Constraint, ZoneConfig, ZoneKey};
 use busdma::quickmap::QuickMaps;
-use busdma::{PAGE_SIZE, PhysAddr, Placement, Platform};
+use busdma::{PAGE_SIZE, PhysAddr, Placement, Platform, SyncOp};
 use busdma_model::{FrameRequest, HostPlatform, MachineConfig};
 use clap::Args;
 use serde_json::{Value, json};
@@ -139,10 +139,10 @@ pub fn run(args: &BounceArgs) -> Result<Vec<Value>, String> {
                 std::hint::black_box(dst);
             }));
             samples[i * 3 + 1].push(time(args.us_per_row, || {
-                let _ = std::hint::black_box(near_load.sync(&m, SyncOp::PreWrite));
+                let _ = std::hint::black_box(near_load.sync(&m, SyncOp::PREWRITE));
             }));
             samples[i * 3 + 2].push(time(args.us_per_row, || {
-                let _ = std::hint::black_box(far_load.sync(&m, SyncOp::PreWrite));
+                let _ = std::hint::black_box(far_load.sync(&m, SyncOp::PREWRITE));
             }));
         }
         let g = m.pin_cpu();

@@ -7,6 +7,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::addr::{KernVa, PAGE_SIZE, PhysAddr};
+use crate::dir::SyncOp;
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 use crate::quickmap::QuickMaps;
@@ -271,20 +272,6 @@ pub fn pages_needed(segs: &[ClientSeg], c: &Constraint) -> Result<u64> {
     Ok(l.pages_used)
 }
 
-/// Sync operations, as in bus_dma: PRE before the device runs, POST after; READ = the device
-/// writes memory, WRITE = the device reads it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SyncOp {
-    /// Before a device-to-memory transfer.
-    PreRead,
-    /// Before a memory-to-device transfer: client → bounce.
-    PreWrite,
-    /// After a device-to-memory transfer: bounce → client.
-    PostRead,
-    /// After a memory-to-device transfer.
-    PostWrite,
-}
-
 /// A loaded buffer's bounce state: the segments the device uses and the pages behind them.
 ///
 /// Dropping it (the unload) returns its pages to the zone, which may complete deferred loads.
@@ -430,12 +417,14 @@ impl<'p, P: Platform> BounceLoad<'p, P> {
         if end > self.len {
             return Err(Error::OutOfRange { addr: end, limit: self.len });
         }
-        match op {
-            SyncOp::PreWrite => self.copy(platform, offset, end, true),
-            SyncOp::PreRead if self.untrusted => self.copy(platform, offset, end, true),
-            SyncOp::PostRead => self.copy(platform, offset, end, false),
-            SyncOp::PreRead | SyncOp::PostWrite => Ok(()),
+        // One operation at a time, in transfer order: PRE before POST.
+        if op.contains(SyncOp::PREWRITE) || (self.untrusted && op.contains(SyncOp::PREREAD)) {
+            self.copy(platform, offset, end, true)?;
         }
+        if op.contains(SyncOp::POSTREAD) {
+            self.copy(platform, offset, end, false)?;
+        }
+        Ok(())
     }
 
     /// Copies buffer bytes `[from, to)` between client and bounce pages.

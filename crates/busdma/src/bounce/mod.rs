@@ -51,7 +51,7 @@ mod load;
 mod strategy;
 mod zone;
 
-pub use load::{BounceLoad, ClientSeg, Constraint, DeviceSeg, SyncOp, pages_needed};
+pub use load::{BounceLoad, ClientSeg, Constraint, DeviceSeg, pages_needed};
 pub use strategy::{Bounced, BouncedState};
 pub use zone::{
     BounceZone, BounceZones, DEFAULT_BOUND_PAGES, OnReady, Reservation, ZoneConfig, ZoneKey, ZoneStats,

@@ -35,18 +35,18 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::addr::{PAGE_SIZE, PhysAddr};
+use crate::dir::Direction;
 use crate::error::{Error, Result};
-use crate::front::cache_sync::SyncOp as FrontSync;
 use crate::front::load::{MemKind, Run};
-use crate::front::map::Direction;
 use crate::front::segments::{Segment, SegmentBuilder};
+use crate::front::spec::TagSpec;
 use crate::front::strategy::{Invalidation, Strategy};
-use crate::front::tag::TagSpec;
 use crate::platform::Platform;
 use crate::quickmap::{CacheMaint, QuickMaps, maintain_phys};
 
-use super::load::{BounceLoad, ClientSeg, Constraint, SyncOp};
+use super::load::{BounceLoad, ClientSeg, Constraint};
 use super::zone::{BounceZone, BounceZones};
+use crate::dir::SyncOp;
 
 /// A strategy `S` with bounce buffering in front of it (theory 1).
 pub struct Bounced<'z, 'p, P: Platform, S> {
@@ -228,25 +228,25 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
         self.inner.wait_unmapped(p)
     }
 
-    fn sync(&self, p: &P, spec: &TagSpec, state: &Self::MapState, op: FrontSync) -> Result<()> {
+    fn sync(&self, p: &P, spec: &TagSpec, state: &Self::MapState, op: SyncOp) -> Result<()> {
         let Some(load) = state.load.as_ref() else {
             return self.inner.sync(p, spec, &state.inner, op);
         };
         let maintain = !spec.flags.coherent;
-        if op.contains(FrontSync::PREREAD) {
-            load.sync(p, SyncOp::PreRead)?;
+        if op.contains(SyncOp::PREREAD) {
+            load.sync(p, SyncOp::PREREAD)?;
         }
-        if op.contains(FrontSync::PREWRITE) {
-            load.sync(p, SyncOp::PreWrite)?;
+        if op.contains(SyncOp::PREWRITE) {
+            load.sync(p, SyncOp::PREWRITE)?;
         }
-        if maintain && (op.contains(FrontSync::PREWRITE) || op.contains(FrontSync::PREREAD)) {
+        if maintain && (op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD)) {
             maintain_bounce_pages(p, load, CacheMaint::CleanInvalidate);
         }
-        if op.contains(FrontSync::POSTREAD) {
+        if op.contains(SyncOp::POSTREAD) {
             if maintain {
                 maintain_bounce_pages(p, load, CacheMaint::Invalidate);
             }
-            load.sync(p, SyncOp::PostRead)?;
+            load.sync(p, SyncOp::POSTREAD)?;
         }
         self.inner.sync(p, spec, &state.inner, op)
     }

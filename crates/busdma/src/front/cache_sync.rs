@@ -37,70 +37,12 @@
 //!    this maintenance, and `busdma::bounce::Bounced` copies there.
 #![forbid(unsafe_code)]
 
-use core::ops::BitOr;
-
 use crate::platform::Platform;
 use crate::quickmap::{CacheMaint, maintain_phys};
 
+pub use crate::dir::SyncOp;
+
 use super::load::{MemKind, Run};
-
-/// A set of sync operations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SyncOp(u8);
-
-impl SyncOp {
-    /// The device will read what the CPU wrote.
-    pub const PREWRITE: SyncOp = SyncOp(1);
-    /// The device will write.
-    pub const PREREAD: SyncOp = SyncOp(2);
-    /// The device has read.
-    pub const POSTWRITE: SyncOp = SyncOp(4);
-    /// The device has written; the CPU will read.
-    pub const POSTREAD: SyncOp = SyncOp(8);
-
-    /// The union of two sets.
-    #[inline]
-    pub const fn union(self, other: SyncOp) -> SyncOp {
-        SyncOp(self.0 | other.0)
-    }
-
-    /// Whether every operation of `other` is in `self`.
-    #[inline]
-    pub fn contains(self, other: SyncOp) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Whether the set is empty.
-    #[inline]
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    /// The raw bits (PREWRITE 1, PREREAD 2, POSTWRITE 4, POSTREAD 8).
-    #[inline]
-    pub fn bits(self) -> u8 {
-        self.0
-    }
-
-    /// Whether the set names an operation about device writes (PREREAD or POSTREAD).
-    #[inline]
-    pub fn about_device_writes(self) -> bool {
-        self.0 & (Self::PREREAD.0 | Self::POSTREAD.0) != 0
-    }
-
-    /// Whether the set names an operation about device reads (PREWRITE or POSTWRITE).
-    #[inline]
-    pub fn about_device_reads(self) -> bool {
-        self.0 & (Self::PREWRITE.0 | Self::POSTWRITE.0) != 0
-    }
-}
-
-impl BitOr for SyncOp {
-    type Output = SyncOp;
-    fn bitor(self, rhs: SyncOp) -> SyncOp {
-        SyncOp(self.0 | rhs.0)
-    }
-}
 
 /// Counts of what one sync did (for tests and the lab).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -25,8 +25,7 @@ use core::fmt;
 
 use crate::sync::SpinLock;
 
-use super::cache_sync::SyncOp;
-use super::map::Direction;
+use crate::dir::{Direction, SyncOp};
 
 /// One misuse, with every argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

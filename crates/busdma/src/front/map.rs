@@ -54,38 +54,7 @@ use super::load::{LoadSource, Run, RunSource};
 use super::segments::{Constraints, Segment, SegmentBuilder};
 use super::strategy::{Invalidation, Strategy};
 use super::tag::{Tag, TagData, TagSpec, next_id};
-
-/// Which way data moves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// The device reads (a transmit buffer).
-    ToDevice,
-    /// The device writes (a receive buffer).
-    FromDevice,
-    /// Both.
-    Bidirectional,
-}
-
-impl Direction {
-    /// Whether the device may read the buffer.
-    #[inline]
-    pub fn device_reads(self) -> bool {
-        !matches!(self, Direction::FromDevice)
-    }
-
-    /// Whether the device may write the buffer.
-    #[inline]
-    pub fn device_writes(self) -> bool {
-        !matches!(self, Direction::ToDevice)
-    }
-
-    /// Whether `op` makes sense for a buffer loaded in this direction.
-    #[inline]
-    pub fn allows(self, op: SyncOp) -> bool {
-        (!op.about_device_writes() || self.device_writes())
-            && (!op.about_device_reads() || self.device_reads())
-    }
-}
+pub use crate::dir::Direction;
 
 /// The current load of a map.
 #[derive(Clone, Copy, Debug)]

@@ -56,6 +56,7 @@ pub mod owned;
 pub mod quarantine;
 pub mod registered;
 pub mod segments;
+pub mod spec;
 pub mod strategy;
 pub mod tag;
 pub mod typed;

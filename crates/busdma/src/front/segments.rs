@@ -32,7 +32,7 @@ use alloc::vec::Vec;
 use crate::addr::{Iova, is_pow2};
 use crate::error::{Error, Result};
 
-use super::tag::TagSpec;
+use super::spec::TagSpec;
 
 /// One contiguous run of bus addresses the device may use: `[addr, addr + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,10 +15,10 @@ use crate::error::{Error, Result};
 use crate::platform::Platform;
 
 use super::{BounceReason, Invalidation, Strategy, bounce_hook};
+use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
-use crate::front::map::Direction;
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 /// The direct strategy (stateless).
 #[derive(Clone, Copy, Debug, Default)]

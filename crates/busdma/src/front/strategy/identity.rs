@@ -31,10 +31,10 @@ use crate::sync::SpinLock;
 use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, push_range};
 use super::page_refs::{PageRefs, pages_bound};
 use super::{Invalidation, Strategy};
+use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
-use crate::front::map::Direction;
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 /// The identity strategy over domain handle `D`.
 #[derive(Clone)]

@@ -37,9 +37,9 @@ use crate::iommu::CoherenceIndex;
 use crate::platform::{CpuGuard, Platform};
 
 use super::{BounceReason, Invalidation, bounce_hook};
+use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
-use crate::front::map::Direction;
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 /// The domain operations the IOMMU strategies use (theory 1).
 ///

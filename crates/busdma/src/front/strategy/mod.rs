@@ -36,11 +36,11 @@ pub mod reserved;
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::cache_sync::SyncOp;
 use super::load::Run;
-use super::map::Direction;
 use super::segments::{Segment, SegmentBuilder};
-use super::tag::TagSpec;
+use super::spec::TagSpec;
+use crate::dir::Direction;
+use crate::dir::SyncOp;
 
 pub use direct::Direct;
 pub use identity::Identity;

@@ -29,7 +29,7 @@ use alloc::vec::Vec;
 use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
 
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 use super::iommu::max_runs;
 

@@ -23,10 +23,10 @@ use super::iommu::{
     push_range, window_align,
 };
 use super::{Invalidation, Strategy};
+use crate::dir::Direction;
 use crate::front::load::Run;
-use crate::front::map::Direction;
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 /// The per-map strategy over domain handle `D`.
 #[derive(Clone, Debug)]

@@ -21,10 +21,10 @@ use super::iommu::{
     IommuOps, builder_error, check_untrusted, coherence_index, iova_limit, max_runs, window_align,
 };
 use super::{Invalidation, Strategy};
+use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
-use crate::front::map::Direction;
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 /// The per-segment strategy over domain handle `D`.
 #[derive(Clone, Debug)]

@@ -31,10 +31,10 @@ use crate::platform::Platform;
 use super::iommu::{IommuOps, iova_limit, max_runs, window_align};
 use super::per_map::{map_runs, push_segments};
 use super::{Invalidation, Strategy};
+use crate::dir::Direction;
 use crate::front::load::Run;
-use crate::front::map::Direction;
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::tag::TagSpec;
+use crate::front::spec::TagSpec;
 
 /// The reserved-window strategy over domain handle `D`.
 #[derive(Clone, Debug)]
