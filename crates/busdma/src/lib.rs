@@ -45,6 +45,7 @@ pub mod pin;
 pub mod platform;
 #[cfg(feature = "alloc")]
 pub mod quickmap;
+pub mod soundness;
 pub mod sync;
 #[cfg(feature = "vtd")]
 pub mod vtd;

@@ -1,0 +1,136 @@
+//! # The soundness rule, and the proof of each hole closed
+//!
+//! **The rule.** No sequence of safe calls — including `mem::forget`, drops in any order,
+//! panics and threads — lets a device reach memory that Rust may hand to anyone else, or makes
+//! busdma read or write through an address the caller made up. `unsafe` appears only at trust
+//! boundaries, each with a `# Safety` section:
+//!
+//! - implementing the platform seam ([`crate::Platform`] is an `unsafe trait`);
+//! - describing raw physical memory: [`KernelBuf::new`](crate::front::KernelBuf::new),
+//!   [`PageList::new`](crate::front::PageList::new), [`SgList::new`](crate::front::SgList::new),
+//!   [`RawSegments::new`](crate::front::RawSegments::new),
+//!   [`RawSegment::new`](crate::front::RawSegment::new), and device memory described once by
+//!   bus code ([`DeviceRegion::new`](crate::front::DeviceRegion::new): MMIO, peer BARs);
+//! - mechanism-level mapping of IOVA ranges the caller claims to own (page tables, domains)
+//!   and attaching raw table roots to IOMMU hardware.
+//!
+//! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
+//! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no
+//! translation reaches it; otherwise it waits in the tag's quarantine
+//! ([`crate::front::quarantine`]). Forgetting a map leaks the memory together with its mapping.
+//!
+//! This module holds no code: it is the compile-fail half of the proof, one case per hole the
+//! type system closes (the issue's numbering), each beside the safe code it differs from.
+//! The run-time half is named at the end.
+//!
+//! ## 1. A made-up kernel address in a scatter-gather entry
+//!
+//! A bounced sync copies through a [`MemKind::Mapped`](crate::front::MemKind::Mapped) entry's
+//! `kva`. A list of entries is a load source only through `unsafe fn new`:
+//!
+//! ```compile_fail,E0133
+//! use busdma::front::{MemKind, SgEntry, SgList};
+//! use busdma::{KernVa, PhysAddr};
+//! let e = [SgEntry { pa: PhysAddr::new(0x10_0000), len: 64, kind: MemKind::Mapped { kva: KernVa::new(8) } }];
+//! let list = SgList::new(&e); // error[E0133]: call to unsafe function
+//! ```
+//!
+//! and its fields are private, so it cannot be built around the constructor:
+//!
+//! ```compile_fail,E0423
+//! use busdma::front::{MemKind, SgEntry, SgList};
+//! use busdma::{KernVa, PhysAddr};
+//! let e = [SgEntry { pa: PhysAddr::new(0x10_0000), len: 64, kind: MemKind::Page }];
+//! let list = SgList(&e); // error: tuple struct constructor `SgList` is private
+//! ```
+//!
+//! ## 6. Loads that do not keep their memory alive
+//!
+//! A borrowed kernel buffer is described only through `unsafe fn new`, whose contract is to
+//! keep the bytes until the unload and its invalidation:
+//!
+//! ```compile_fail,E0133
+//! use busdma::front::KernelBuf;
+//! use busdma::KernVa;
+//! let buf = KernelBuf::new(KernVa::new(0x1000), 64); // error[E0133]
+//! ```
+//!
+//! An implementation of [`LoadSource`](crate::front::LoadSource) is a promise too:
+//!
+//! ```compile_fail,E0200
+//! use busdma::front::{LoadSource, Run};
+//! use busdma::{Platform, Result};
+//! struct Mine;
+//! impl LoadSource for Mine { // error[E0200]: the trait requires an `unsafe impl`
+//!     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, _: &P, _: F) -> Result<()> {
+//!         Ok(())
+//!     }
+//! }
+//! ```
+//!
+//! A registered user buffer is loaded only through
+//! [`load_registered`](crate::front::load_registered), which keeps its `mapped` count while
+//! the map holds its pages; on its own it is not a load source (dropping it would let the
+//! region be unpinned under the mapping):
+//!
+//! ```compile_fail,E0277
+//! use busdma::front::{Direct, DmaMap, Direction};
+//! use busdma::pin::{PinBackend, RegisteredBuffer, UnpinBarrier};
+//! use busdma::Platform;
+//! fn load<P: Platform, B: PinBackend, U: UnpinBarrier>(
+//!     map: &mut DmaMap<'_, P, Direct>,
+//!     buf: &RegisteredBuffer<'_, B, U>,
+//! ) {
+//!     let _ = map.load(buf, Direction::ToDevice); // error[E0277]: not a `LoadSource`
+//! }
+//! ```
+//!
+//! Owned loads need no `unsafe`, because only busdma's own memory types can be owned buffers
+//! ([`DmaBuffer`](crate::front::DmaBuffer) is sealed):
+//!
+//! ```compile_fail,E0277
+//! use busdma::front::{Direct, Direction, OwnedMap, Tag, TagSpec};
+//! use busdma::Platform;
+//! fn load<'p, P: Platform>(tag: &Tag<'p, P, Direct>) {
+//!     let mut map: OwnedMap<'p, P, Direct, Vec<u8>> = tag.create_owned_map().unwrap(); // error[E0277]
+//!     let _ = map.load(vec![0u8; 64], Direction::ToDevice);
+//! }
+//! ```
+//!
+//! while the same load of busdma's memory compiles:
+//!
+//! ```
+//! use busdma::front::{Direct, Direction, DmaMemory, OwnedMap, Tag, TagSpec};
+//! use busdma::{MemAttr, Platform};
+//! fn load<'p, P: Platform>(p: &'p P, tag: &Tag<'p, P, Direct>) -> busdma::Result<()> {
+//!     let mut map: OwnedMap<'p, P, Direct, DmaMemory<'p, P>> = tag.create_owned_map()?;
+//!     let mem = DmaMemory::alloc(p, tag.spec(), 64, MemAttr::WriteBack)?;
+//!     map.load(mem, Direction::ToDevice).map_err(|(e, _)| e)?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## 7. Giving memory back after a failed invalidation
+//!
+//! The CPU cannot touch a device-owned typed buffer, and taking it back reports the
+//! invalidation's outcome: [`DeviceOwned::to_cpu`](crate::front::typed::DeviceOwned::to_cpu)
+//! returns a `Result`, so the buffer cannot be used as if nothing happened:
+//!
+//! ```compile_fail,E0599
+//! use busdma::front::typed::{DeviceOwned, ToDevice};
+//! use busdma::front::Strategy;
+//! use busdma::Platform;
+//! fn reuse<P: Platform, S: Strategy<P>>(dev: DeviceOwned<'_, P, S, ToDevice>) {
+//!     let cpu = dev.to_cpu();
+//!     cpu.write(0, b"secret").unwrap(); // error[E0599]: no method `write` on `Result`
+//! }
+//! ```
+//!
+//! ## The run-time half
+//!
+//! | hole | closed by | test |
+//! |---|---|---|
+//! | 7: failed invalidation, coherent / typed / owned buffers | quarantine until a later proof | `iommu_inval_failure::coherent_memory_whose_unload_invalidation_fails_is_quarantined_until_a_later_invalidation_succeeds`, `iommu_inval_failure::to_cpu_reports_a_failed_invalidation_and_keeps_the_buffer_from_everyone`, `iommu_inval_failure::an_owned_map_dropped_when_its_invalidation_fails_quarantines_its_memory` (busdma-model) |
+//! | deferred invalidation: memory freed before the flush | the tag's proof before the free | `iommu_inval_failure::memory_unloaded_under_deferred_invalidation_is_freed_only_after_the_flush`, `iommu_inval_failure::an_owned_buffer_leaves_its_map_only_after_the_deferred_unmap_is_flushed` |
+//! | 6: `mem::forget` of a loaded map | the memory is leaked with the mapping | `front_owned::forgetting_an_owned_map_leaks_its_memory_with_the_mapping_never_frees_it`, `front_debug::maps_still_loaded_at_domain_teardown_are_reported` |
+//! | 9: `TagFlags::untrusted` on a deferred domain | strict unload whatever the domain | `iommu_inval_failure::an_untrusted_tag_unloads_strictly_on_a_deferred_domain` |
