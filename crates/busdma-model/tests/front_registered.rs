@@ -91,3 +91,28 @@ fn a_failed_registered_load_leaves_mapped_unchanged() {
         Some(Error::NotMapped { .. })
     ));
 }
+
+#[test]
+fn an_owned_map_holds_a_registered_part_so_unregistration_is_ebusy_until_it_is_taken_back() {
+    let m = HostPlatform::new(MachineConfig::with_ram(64 << 20)).unwrap();
+    let us = UserSpace::new(&m);
+    us.map(UA, 16 * PAGE_SIZE).unwrap();
+    let reg = Registry::new(&us, u64::MAX).unwrap();
+    reg.register(UA, 16 * PAGE_SIZE).unwrap();
+    let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 16)).unwrap();
+    let mut map = tag.create_owned_map().unwrap();
+    // Register once, map parts again and again: no unsafe, no pin per load.
+    for part in 0..4u64 {
+        let buf = reg.load(UserVa::new(UA.raw() + part * 4 * PAGE_SIZE), 4 * PAGE_SIZE).unwrap();
+        us.write(buf.ua(), &[part as u8; 64]).unwrap();
+        let segs = map.load(buf, Direction::ToDevice).ok().unwrap().to_vec();
+        let mut b = [0u8; 64];
+        m.read_phys(PhysAddr::new(segs[0].addr.raw()), &mut b).unwrap();
+        assert_eq!(b, [part as u8; 64]);
+        assert!(matches!(reg.unregister(UA, 16 * PAGE_SIZE), Err(Error::Busy { count: 1, .. })));
+        drop(map.take().unwrap());
+    }
+    reg.unregister(UA, 16 * PAGE_SIZE).unwrap();
+    reg.synchronize().unwrap();
+    assert_eq!(us.pinned_pages(), 0);
+}

@@ -5,7 +5,8 @@
 //! 1. **Ownership moves in.** [`OwnedMap::load`] takes a buffer by value: DMA memory from
 //!    busdma ([`DmaMemory`], or part of one: [`Part`]), device memory the bus described once
 //!    ([`DeviceRegion`] slices: MMIO, a peer's BAR, memory with no page and no kernel
-//!    mapping), or any array, vector or tuple of them (the fragments of a packet, a
+//!    mapping), registered user memory ([`RegisteredBuffer`]: pinned once, mapped in parts
+//!    again and again), or any array, vector or tuple of them (the fragments of a packet, a
 //!    scatter-gather list). Loading it needs no `unsafe`: nobody else can free, reuse or hold a
 //!    reference to memory the map owns, and `mem::forget` of the map leaks the memory together
 //!    with its mapping.
@@ -36,6 +37,7 @@ use alloc::vec::Vec;
 
 use crate::addr::{Iova, PhysAddr};
 use crate::error::{Error, Result};
+use crate::pin::{PinBackend, RegisteredBuffer, UnpinBarrier};
 use crate::platform::Platform;
 
 use super::cache_sync::{SyncOp, SyncStats};
@@ -263,6 +265,28 @@ impl<'p, P: Platform> DmaBuffer<'p, P> for RegionSlice {
     }
 
     fn quarantine(self, _keep: &mut dyn FnMut(DmaMemory<'p, P>)) {}
+}
+
+impl<B: PinBackend, U: UnpinBarrier> sealed::Sealed for RegisteredBuffer<'_, B, U> {}
+/// A registered user buffer (`crate::pin`) as an owned buffer: the map holds the buffer's
+/// `mapped` count while it holds the buffer, so the region's last unregistration answers
+/// EBUSY and its pages stay pinned; [`OwnedMap::take`] hands it back after the proof, and a
+/// buffer whose proof fails is leaked with its count (the pages stay pinned for good, never
+/// reused).
+impl<'p, P: Platform, B: PinBackend + Sync, U: UnpinBarrier + Sync> DmaBuffer<'p, P>
+    for RegisteredBuffer<'_, B, U>
+{
+    #[inline]
+    fn for_each_run<F: FnMut(Run) -> Result<()>>(&self, p: &P, f: &mut F) -> Result<()> {
+        for (pa, len) in self.segments() {
+            f(Run::page(p, pa, len))?;
+        }
+        Ok(())
+    }
+
+    fn quarantine(self, _keep: &mut dyn FnMut(DmaMemory<'p, P>)) {
+        core::mem::forget(self);
+    }
 }
 
 impl<B: sealed::Sealed, const N: usize> sealed::Sealed for [B; N] {}
