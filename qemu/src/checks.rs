@@ -912,17 +912,20 @@ fn bad_inputs(r: &mut Runner, vtd: &Unit, d: &DevDomain<'_>) {
         let (sid, did) = (d.sid(), d.did);
         let root = vtd.context_of(sid).ok_or("no context entry")?.0;
         let levels = vtd.levels();
-        refused("attach with domain id 0", vtd.attach(sid, DomainId(0), root, levels), |e| {
+        // SAFETY: refused before it writes a context entry (the refusal is what is checked).
+        refused("attach with domain id 0", unsafe { vtd.attach(sid, DomainId(0), root, levels) }, |e| {
             matches!(e, Error::InvalidArgument { value: 0, .. })
         })?;
         refused(
             "attach of an attached device",
-            vtd.attach(sid, did, root, levels),
+            // SAFETY: refused (the device is attached): no entry is written.
+            unsafe { vtd.attach(sid, did, root, levels) },
             |e| matches!(e, Error::AlreadyMapped { addr } if *addr == u64::from(sid.0)),
         )?;
         refused(
             "attach with a misaligned table root",
-            vtd.attach(SourceId(0xff00), did, PhysAddr::new(root.raw() + 8), levels),
+            // SAFETY: refused (misaligned root) before any entry is written.
+            unsafe { vtd.attach(SourceId(0xff00), did, PhysAddr::new(root.raw() + 8), levels) },
             |e| matches!(e, Error::Misaligned { .. }),
         )?;
         refused("detach of a device never attached", vtd.detach(SourceId(0xff00)), |e| {

@@ -1,0 +1,70 @@
+//! The VT-d driver behind `busdma::device`: [`IommuHw`] for [`Vtd`].
+//!
+//! Domains get the unit's depth ([`Vtd::levels`]) in [`super::SecondLevel`] format, domain ids
+//! from the unit's bitmap, and the unit's attach and detach, which invalidate the device's
+//! context-cache entry and the domain's IOTLB before they return. Pass-through (context
+//! translation type 10b) is not programmed by this driver yet: the bypass policy is refused.
+
+use crate::addr::PhysAddr;
+use crate::device::IommuHw;
+use crate::error::{Error, Result};
+use crate::iommu::DomainId as IommuDomainId;
+use crate::platform::Platform;
+
+use super::entry::{DomainId, SourceId};
+use super::unit::Vtd;
+
+// SAFETY: the tables are built in `SecondLevel` format at the unit's depth (`levels`), which
+// `attach_tables` writes in the context entry's AW field, so the unit walks exactly them and
+// refuses IOVA beyond their width; `coherent_walker` is ECAP.C; `platform` is the one the unit
+// was brought up on; domain ids come from the unit's bitmap (never 0, each once until freed);
+// `detach` clears the context entry, then invalidates the device's context-cache entry and the
+// domain's IOTLB and waits for completion before returning `Ok`; every invalidation command
+// waits for completion (`invalidator.rs`).
+#[allow(unsafe_code)]
+unsafe impl<P: Platform> IommuHw for Vtd<'_, P> {
+    type Platform = P;
+    type Format = super::SecondLevel;
+    type DeviceId = SourceId;
+
+    fn platform(&self) -> &P {
+        Vtd::platform(self)
+    }
+
+    fn input_bits(&self) -> u32 {
+        self.levels().input_bits()
+    }
+
+    fn coherent_walker(&self) -> bool {
+        self.coherent()
+    }
+
+    fn alloc_domain_id(&self) -> Result<IommuDomainId> {
+        Vtd::alloc_domain_id(self).map(|d| d.0)
+    }
+
+    fn free_domain_id(&self, id: IommuDomainId) {
+        // Only ids this trait allocated come back here: a double free cannot happen.
+        let _ = Vtd::free_domain_id(self, DomainId(id));
+    }
+
+    unsafe fn attach_tables(&self, dev: SourceId, domain: IommuDomainId, root: PhysAddr) -> Result<()> {
+        // SAFETY: the caller's contract is `Vtd::attach`'s.
+        unsafe { Vtd::attach(self, dev, DomainId(domain), root, self.levels()) }
+    }
+
+    fn attach_bypass(&self, _dev: SourceId) -> Result<()> {
+        Err(Error::Unsupported { what: "VT-d pass-through (context translation type 10b) in this driver" })
+    }
+
+    fn detach(&self, dev: SourceId, domain: Option<IommuDomainId>) -> Result<()> {
+        let attached = self.context_of(dev).map(|(_, _, d)| d.0);
+        Vtd::detach(self, dev)?;
+        match (attached, domain) {
+            // The unit invalidated the domain the entry named; another one the caller names
+            // is invalidated too.
+            (Some(a), Some(d)) if a != d => self.flush_domain(DomainId(d)),
+            _ => Ok(()),
+        }
+    }
+}
