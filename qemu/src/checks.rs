@@ -285,6 +285,10 @@ pub fn run(info: &BootInfo) -> usize {
     });
 
     translated_checks(&mut r, &vtd, &devs);
+    r.check(
+        "device: edu attached by busdma::device (one call) round-trips a DMA and is blocked after detach",
+        || crate::device_check::device_round_trip(&vtd, &devs[0]),
+    );
 
     r.check("vtd: teardown turns translation off and frees every page it took", || {
         drop(vtd);

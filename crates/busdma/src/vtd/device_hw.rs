@@ -68,3 +68,69 @@ unsafe impl<P: Platform> IommuHw for Vtd<'_, P> {
         }
     }
 }
+
+/// A shared unit: a kernel that drives the unit for other purposes too (its own domains, fault
+/// polling) hands `busdma::device` a reference.
+impl<P: Platform> crate::iommu::IotlbInvalidator for &Vtd<'_, P> {
+    fn invalidate_range(
+        &self,
+        domain: IommuDomainId,
+        range: crate::addr::AddrRange<crate::addr::Iova>,
+    ) -> Result<()> {
+        (**self).invalidate_range(domain, range)
+    }
+
+    fn invalidate_all(&self, domain: IommuDomainId) -> Result<()> {
+        (**self).invalidate_all(domain)
+    }
+
+    #[inline]
+    fn invalidate_mapped(
+        &self,
+        domain: IommuDomainId,
+        range: crate::addr::AddrRange<crate::addr::Iova>,
+    ) -> Result<()> {
+        (**self).invalidate_mapped(domain, range)
+    }
+}
+
+// SAFETY: every answer is the unit's own (the impl above).
+#[allow(unsafe_code)]
+unsafe impl<P: Platform> IommuHw for &Vtd<'_, P> {
+    type Platform = P;
+    type Format = super::SecondLevel;
+    type DeviceId = SourceId;
+
+    fn platform(&self) -> &P {
+        Vtd::platform(self)
+    }
+
+    fn input_bits(&self) -> u32 {
+        IommuHw::input_bits(*self)
+    }
+
+    fn coherent_walker(&self) -> bool {
+        IommuHw::coherent_walker(*self)
+    }
+
+    fn alloc_domain_id(&self) -> Result<IommuDomainId> {
+        IommuHw::alloc_domain_id(*self)
+    }
+
+    fn free_domain_id(&self, id: IommuDomainId) {
+        IommuHw::free_domain_id(*self, id)
+    }
+
+    unsafe fn attach_tables(&self, dev: SourceId, domain: IommuDomainId, root: PhysAddr) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { IommuHw::attach_tables(*self, dev, domain, root) }
+    }
+
+    fn attach_bypass(&self, dev: SourceId) -> Result<()> {
+        IommuHw::attach_bypass(*self, dev)
+    }
+
+    fn detach(&self, dev: SourceId, domain: Option<IommuDomainId>) -> Result<()> {
+        IommuHw::detach(*self, dev, domain)
+    }
+}
