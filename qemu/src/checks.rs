@@ -285,6 +285,10 @@ pub fn run(info: &BootInfo) -> usize {
     });
 
     translated_checks(&mut r, &vtd, &devs);
+    r.check(
+        "device: edu attached by busdma::device (one call) round-trips a DMA and is blocked after detach",
+        || crate::device_check::device_round_trip(&vtd, &devs[0]),
+    );
 
     r.check("vtd: teardown turns translation off and frees every page it took", || {
         drop(vtd);
@@ -913,17 +917,20 @@ fn bad_inputs(r: &mut Runner, vtd: &Unit, d: &DevDomain<'_>) {
         let (sid, did) = (d.sid(), d.did);
         let root = vtd.context_of(sid).ok_or("no context entry")?.0;
         let levels = vtd.levels();
-        refused("attach with domain id 0", vtd.attach(sid, DomainId(0), root, levels), |e| {
+        // SAFETY: refused before it writes a context entry (the refusal is what is checked).
+        refused("attach with domain id 0", unsafe { vtd.attach(sid, DomainId(0), root, levels) }, |e| {
             matches!(e, Error::InvalidArgument { value: 0, .. })
         })?;
         refused(
             "attach of an attached device",
-            vtd.attach(sid, did, root, levels),
+            // SAFETY: refused (the device is attached): no entry is written.
+            unsafe { vtd.attach(sid, did, root, levels) },
             |e| matches!(e, Error::AlreadyMapped { addr } if *addr == u64::from(sid.0)),
         )?;
         refused(
             "attach with a misaligned table root",
-            vtd.attach(SourceId(0xff00), did, PhysAddr::new(root.raw() + 8), levels),
+            // SAFETY: refused (misaligned root) before any entry is written.
+            unsafe { vtd.attach(SourceId(0xff00), did, PhysAddr::new(root.raw() + 8), levels) },
             |e| matches!(e, Error::Misaligned { .. }),
         )?;
         refused("detach of a device never attached", vtd.detach(SourceId(0xff00)), |e| {

@@ -67,7 +67,10 @@ impl<'p> DevDomain<'p> {
             IovaConfig { cpus: PLATFORM.num_cpus(), caches: true, guard_page: false },
         )?;
         let dom = Domain::new(&PLATFORM, table, iova, vtd, DomainConfig::new(did.0, policy))?;
-        vtd.attach(SourceId(dev.bdf.source_id()), did, dom.table().root(), levels)?;
+        // SAFETY: the tables are `dom`'s, owned by the returned value; the test kernel never
+        // drops a `DevDomain` while its device may still DMA: `detach` detaches first, and a
+        // domain dropped without it is dropped at the end of the run, after the last DMA.
+        unsafe { vtd.attach(SourceId(dev.bdf.source_id()), did, dom.table().root(), levels)? };
         Ok(Self { dev, did, dom, vtd })
     }
 

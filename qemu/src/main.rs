@@ -13,6 +13,7 @@ extern crate alloc;
 mod boot;
 mod checks;
 mod console;
+mod device_check;
 mod domain;
 mod edu;
 mod exit;

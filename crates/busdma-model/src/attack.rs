@@ -19,7 +19,7 @@
 //!    probes the stale bus address after each further unload of its own (the work that drives
 //!    the flush queue) until the access faults; the number of those unloads and the time since
 //!    the unload returned are the window, bounded by the queue's `max_entries` and `max_age`.
-#![deny(unsafe_code)] // one fn: `kbuf`, describing the scenario's own pages to a map
+#![deny(unsafe_code)] // but `kbuf` (the scenario's own pages as a load source) and `run` (raw tables attached)
 
 use busdma::front::{Direction, KernelBuf, Strategy, SyncOp, Tag, TagSpec, load_registered};
 use busdma::iommu::DomainId;
@@ -582,12 +582,20 @@ pub struct Plan {
 }
 
 /// Runs every class against busdma in `mode`: the attacker's domain is `attacker`, the
-/// victim's `victim`; both are attached to `iommu` here.
+/// victim's `victim`; both are attached to `iommu` here, and detached before it returns.
 ///
 /// Errors: a failure of the rig itself (out of memory, a refused attach); refusals of single
 /// loads by busdma are reported in [`Report::refused`] instead.
+///
+/// # Safety
+///
+/// The tables rooted at `attacker.root` and `victim.root` must stay allocated, written only
+/// by their domains, until this returns; afterwards they may be freed only after an
+/// invalidation of their domain ids (dropping their `busdma::iommu::Domain` does that): the
+/// contract of [`ModelIommu::attach`].
 #[allow(clippy::too_many_arguments)] // two devices, each a domain and a strategy
-pub fn run<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+#[allow(unsafe_code)]
+pub unsafe fn run<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
     m: &'m HostPlatform,
     iommu: &'m ModelIommu<'m>,
     attacker: DomainUnderTest,
@@ -598,14 +606,32 @@ pub fn run<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
     plan: Plan,
 ) -> Result<Report> {
     use crate::{Context, TableFormat};
-    iommu.attach(
-        ATTACKER,
-        Context::new(attacker.id, attacker.root, TableFormat::VtdSecondLevel, attacker.input_bits),
-    )?;
-    iommu.attach(
-        VICTIM,
-        Context::new(victim.id, victim.root, TableFormat::VtdSecondLevel, victim.input_bits),
-    )?;
+    let ctx = |d: DomainUnderTest| Context::new(d.id, d.root, TableFormat::VtdSecondLevel, d.input_bits);
+    // SAFETY: the caller keeps the attacker's tables alive until we return; we detach first.
+    unsafe { iommu.attach(ATTACKER, ctx(attacker))? };
+    // SAFETY: as above, for the victim's tables.
+    if let Err(e) = unsafe { iommu.attach(VICTIM, ctx(victim)) } {
+        let _ = iommu.detach(ATTACKER);
+        return Err(e);
+    }
+    let r = run_attached(m, iommu, attacker, attacker_strategy, victim, victim_strategy, mode, plan);
+    let _ = iommu.detach(ATTACKER);
+    let _ = iommu.detach(VICTIM);
+    r
+}
+
+/// [`run`], once both devices are attached.
+#[allow(clippy::too_many_arguments)]
+fn run_attached<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+    m: &'m HostPlatform,
+    iommu: &'m ModelIommu<'m>,
+    attacker: DomainUnderTest,
+    attacker_strategy: SA,
+    victim: DomainUnderTest,
+    victim_strategy: SV,
+    mode: Mode,
+    plan: Plan,
+) -> Result<Report> {
     let mut spec = TagSpec::new(64 << 10, 16);
     spec.flags.untrusted = mode == Mode::StrictUntrusted;
     let input_bits = attacker.input_bits;
@@ -654,7 +680,5 @@ pub fn run<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
     }
     rig.check_ownership();
     let tallies = AttackClass::ALL.iter().map(|&c| (c, rig.dev.tally(c))).collect();
-    let _ = iommu.detach(ATTACKER);
-    let _ = iommu.detach(VICTIM);
     Ok(Report { mode, tallies, window: rig.window, refused: rig.refused, ownership: rig.ownership })
 }

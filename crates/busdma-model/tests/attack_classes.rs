@@ -49,9 +49,13 @@ fn attack(mode: Mode, per_class: u64, only: Option<AttackClass>) -> Report {
     let (qm, zones) = (QuickMaps::for_platform(&m), BounceZones::new(&m, ZoneConfig::default()));
     let r = if mode == Mode::StrictUntrusted {
         let bounced = Bounced::over_iommu(IommuPerMap(&a), &zones, &qm);
-        run(&m, &iommu, dut(&a, 1), bounced, dut(&v, 2), IommuPerMap(&v), mode, plan)
+        // SAFETY: the domains owning both tables outlive `run`; dropping them invalidates
+        // their domains before the tables go back.
+        unsafe { run(&m, &iommu, dut(&a, 1), bounced, dut(&v, 2), IommuPerMap(&v), mode, plan) }
     } else {
-        run(&m, &iommu, dut(&a, 1), IommuPerMap(&a), dut(&v, 2), IommuPerMap(&v), mode, plan)
+        // SAFETY: the domains owning both tables outlive `run`; dropping them invalidates
+        // their domains before the tables go back.
+        unsafe { run(&m, &iommu, dut(&a, 1), IommuPerMap(&a), dut(&v, 2), IommuPerMap(&v), mode, plan) }
     }
     .unwrap();
     assert!(r.refused.is_empty(), "{}: busdma refused loads: {:?}", mode.name(), r.refused);

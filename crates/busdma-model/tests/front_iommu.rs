@@ -37,7 +37,8 @@ fn with_domain<R>(
     let pool = TablePool::new(m);
     let pt =
         PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
         .unwrap();

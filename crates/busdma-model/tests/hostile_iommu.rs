@@ -29,8 +29,10 @@ fn an_iommu_confines_the_device_to_its_pages_and_read_only_means_read_only() {
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let pool = TablePool::new(&m);
     let (mine, theirs) = (table(&pool), table(&pool));
-    iommu.attach(ATTACKER, Context::new(1, mine.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
-    iommu.attach(VICTIM, Context::new(2, theirs.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(ATTACKER, Context::new(1, mine.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(VICTIM, Context::new(2, theirs.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let own = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     let secret = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     m.write_phys(own.pa(), &public_fill(1, PAGE_SIZE as usize)).unwrap();
@@ -72,7 +74,8 @@ fn a_stale_iotlb_entry_is_an_escape_and_the_invalidation_closes_it() {
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let pool = TablePool::new(&m);
     let pt = table(&pool);
-    iommu.attach(ATTACKER, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(ATTACKER, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let buf = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     let g = m.pin_cpu();
     pt.map(&g, Iova::new(IOVA), buf.pa(), PAGE_SIZE, Prot::READ_WRITE).unwrap();

@@ -83,7 +83,8 @@ fn identity_load_and_unload_never_allocate() {
     let pool = TablePool::new(&m);
     let pt =
         PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false }).unwrap();
     let d = Domain::new(&m, pt, iova, &iommu, DomainConfig::new(1, InvalidationPolicy::Strict)).unwrap();

@@ -172,7 +172,8 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
     let pool = TablePool::new(&m);
     let pt =
         PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(3, pt.root(), format, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(3, pt.root(), format, 48)) }.unwrap();
     let space = AddrRange::from_start_len(Iova::new(1 << 32), 256 << 20).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: CPUS, caches: true, guard_page: false }).unwrap();
     let policy = InvalidationPolicy::Deferred { max_entries: MAX_ENTRIES, max_age_ns: MAX_AGE_NS };

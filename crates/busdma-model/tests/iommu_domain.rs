@@ -49,7 +49,8 @@ fn with_domain<F: PteFormat, S: IovaSource, H: IotlbInvalidator, R>(
     let pool = TablePool::new(m);
     let pt =
         PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(DOM, pt.root(), model_format::<F>(), 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOM, pt.root(), model_format::<F>(), 48)) }.unwrap();
     let cfg = DomainConfig { id: DOM, policy, untrusted };
     let d = Domain::new(m, pt, iova, hw, cfg).unwrap();
     let r = body(&d, &pool);

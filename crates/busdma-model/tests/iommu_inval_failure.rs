@@ -78,7 +78,8 @@ fn with_domain<R>(
     let pool = TablePool::new(&m);
     let pt =
         PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(DOM, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOM, pt.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let space = AddrRange::from_start_len(Iova::new(1 << 30), 256 << 20).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: false, guard_page: false })
         .unwrap();

@@ -108,7 +108,8 @@ fn every_size_case<F: PteFormat>(bits: u32, size: PageSize) {
     let pt = PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: bits, coherent_walker: true })
         .unwrap()
         .with_max_leaf(size);
-    iommu.attach(DEV, Context::new(1, pt.root(), model_format::<F>(), bits)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), model_format::<F>(), bits)) }.unwrap();
     let g = m.pin_cpu();
     let what = format!("{bits}-bit, {size:?} leaves");
     let s = size.bytes();
@@ -193,7 +194,8 @@ fn random_case<F: PteFormat>(bits: u32, ops: &[Op]) -> Result<(), TestCaseError>
     let pool = TablePool::new(&m);
     let pt =
         PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: bits, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(1, pt.root(), model_format::<F>(), bits)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), model_format::<F>(), bits)) }.unwrap();
     let g = m.pin_cpu();
     // The window sits just below the input limit, so the last pages are exercised.
     let base = (1u64 << bits) - 1024 * PAGE_SIZE;

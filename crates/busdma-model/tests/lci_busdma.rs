@@ -111,7 +111,8 @@ fn page_backed_entries_are_indexed_by_their_kernel_alias_so_no_flush_is_needed()
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let pool = TablePool::new(&m);
     let d = PtDomain::new(&m, &pool);
-    iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)) }.unwrap();
     let cache = m.cache().unwrap();
     let mut keep = Vec::new(); // distinct frames per round: a fresh mapping, not a remap
     for forward in [true, false] {
@@ -148,7 +149,8 @@ fn the_per_segment_strategy_programs_the_index_too() {
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let pool = TablePool::new(&m);
     let d = PtDomain::new(&m, &pool);
-    iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)) }.unwrap();
     let ops = Lci { d: &d, iommu: &iommu, forward: true };
     let f = m
         .alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(2) })
@@ -170,7 +172,8 @@ fn entries_without_a_kernel_mapping_use_the_untouched_line_and_flush_nothing() {
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let pool = TablePool::new(&m);
     let d = PtDomain::new(&m, &pool);
-    iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)) }.unwrap();
     let ops = Lci { d: &d, iommu: &iommu, forward: true };
     let far = m
         .alloc_frames(FrameRequest { placement: Placement::NotDirectMapped, ..FrameRequest::pages(1) })
@@ -222,7 +225,9 @@ fn a_real_domain_passes_the_index_to_its_iommu() {
         .unwrap();
     let d =
         Domain::new(&m, table, iova, &iommu, DomainConfig::new(DOMAIN, InvalidationPolicy::Strict)).unwrap();
-    iommu.attach(DEV, Context::new(DOMAIN, d.table().root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOMAIN, d.table().root(), TableFormat::VtdSecondLevel, 48)) }
+        .unwrap();
     let f = m
         .alloc_frames(FrameRequest { placement: Placement::DirectMapped, ..FrameRequest::pages(2) })
         .unwrap();
@@ -249,7 +254,8 @@ fn pages_outside_the_direct_map_are_indexed_by_their_quick_map_colour() {
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
     let pool = TablePool::new(&m);
     let d = PtDomain::new(&m, &pool);
-    iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(DOMAIN, d.pt.root(), TableFormat::VtdSecondLevel, 39)) }.unwrap();
     let ops = Lci { d: &d, iommu: &iommu, forward: true };
     let far = m
         .alloc_frames(FrameRequest { placement: Placement::NotDirectMapped, ..FrameRequest::pages(3) })

@@ -40,7 +40,9 @@ fn domain<'m>(
         .unwrap();
     let d = Domain::new(m, table, iova, iommu, DomainConfig { id: dev as u16, policy, untrusted: false })
         .unwrap();
-    iommu.attach(dev, Context::new(dev as u16, d.table().root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(dev, Context::new(dev as u16, d.table().root(), TableFormat::VtdSecondLevel, 48)) }
+        .unwrap();
     d
 }
 

@@ -39,7 +39,8 @@ struct Rig<'m> {
 fn rig<'m>(m: &'m HostPlatform, pool: &'m TablePool<'m, HostPlatform>) -> Rig<'m> {
     let iommu = ModelIommu::new(m, IommuConfig::default()).unwrap();
     let pt = PageTable::new(pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(7, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(7, pt.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     Rig { m, iommu, pt }
 }
 

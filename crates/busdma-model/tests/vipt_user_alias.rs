@@ -42,7 +42,8 @@ fn a_user_alias_is_coherent_only_once_registration_flushed_it() {
     let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: false, guard_page: false })
         .unwrap();
     let d = Domain::new(&m, table, iova, &iommu, DomainConfig::new(3, InvalidationPolicy::Strict)).unwrap();
-    iommu.attach(DEV, Context::new(3, d.table().root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(DEV, Context::new(3, d.table().root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let mut spec = TagSpec::new(64 << 10, 16);
     spec.flags.coherent = true; // coherent through the IOMMU's index
     let tag = Tag::new_root(&m, IommuPerMap(&d), spec).unwrap();

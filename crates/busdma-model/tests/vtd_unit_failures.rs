@@ -242,7 +242,8 @@ fn a_strict_domain_over_a_wedged_unit_holds_the_unmap_back_and_recovers_when_the
     let pool = TablePool::new(m);
     let cfg = PageTableConfig { input_bits: vtd.levels().input_bits(), coherent_walker: true };
     let pt = PageTable::<_, SecondLevel>::new(&pool, cfg).unwrap();
-    vtd.attach(SourceId(0x0008), did, pt.root(), vtd.levels()).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { vtd.attach(SourceId(0x0008), did, pt.root(), vtd.levels()) }.unwrap();
     let space = AddrRange::from_start_len(Iova::new(1 << 20), 1 << 28).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).unwrap();
     let d = Domain::new(m, pt, iova, &vtd, DomainConfig::new(did.0, InvalidationPolicy::Strict)).unwrap();

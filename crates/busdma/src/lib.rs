@@ -32,6 +32,8 @@ extern crate std;
 pub mod addr;
 #[cfg(feature = "alloc")]
 pub mod bounce;
+#[cfg(feature = "alloc")]
+pub mod device;
 pub mod dir;
 pub mod error;
 pub mod front;

@@ -99,7 +99,9 @@ fn front(c: &mut Criterion) {
     let pool = TablePool::new(&m);
     let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
         .expect("pt");
-    iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).expect("attach");
+    // SAFETY: `dom` owns the tables and lives until the bench ends; no DMA is issued after it is dropped.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)) }
+        .expect("attach");
     let iova =
         IovaAllocator::new(space(), IovaConfig { cpus: 2, caches: true, guard_page: false }).expect("iova");
     let cfg = DomainConfig { id: 1, policy: InvalidationPolicy::Strict, untrusted: false };

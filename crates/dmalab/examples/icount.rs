@@ -208,7 +208,9 @@ fn main() {
     let pool = TablePool::new(&m);
     let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
         .expect("pt");
-    iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).expect("attach");
+    // SAFETY: `dom` owns the tables and lives until the run ends; no DMA is issued after it is dropped.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)) }
+        .expect("attach");
     let dom =
         Domain::new(&m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false }).expect("domain");
     let port = iommu.port(DEV);

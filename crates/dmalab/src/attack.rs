@@ -74,9 +74,12 @@ fn one_mode(config: MachineConfig, mode: Mode, plan: Plan) -> Result<Report, Str
     if mode == Mode::StrictUntrusted {
         // An untrusted device's sub-page buffers are bounced into pages of their own.
         let bounced = Bounced::over_iommu(IommuPerMap(&a), &zones, &qm);
-        run(&m, &iommu, dut(&a, 1), bounced, dut(&v, 2), IommuPerMap(&v), mode, plan)
+        // SAFETY: `a` and `v` own the tables and outlive `run`; dropping them invalidates
+        // their domains before their tables go back.
+        unsafe { run(&m, &iommu, dut(&a, 1), bounced, dut(&v, 2), IommuPerMap(&v), mode, plan) }
     } else {
-        run(&m, &iommu, dut(&a, 1), IommuPerMap(&a), dut(&v, 2), IommuPerMap(&v), mode, plan)
+        // SAFETY: as above.
+        unsafe { run(&m, &iommu, dut(&a, 1), IommuPerMap(&a), dut(&v, 2), IommuPerMap(&v), mode, plan) }
     }
     .map_err(|e| format!("attack rig ({}): {e}", mode.name()))
 }

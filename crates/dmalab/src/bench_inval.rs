@@ -80,14 +80,16 @@ fn one(
     let pool = TablePool::new(m);
     let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
         .map_err(|x| e("page table", x))?;
-    iommu
-        .attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48))
-        .map_err(|x| e("attach", x))?;
+    let root = pt.root();
     let space = AddrRange::from_start_len(Iova::new(SPACE.0), SPACE.1).map_err(|x| e("space", x))?;
     let iova = IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
         .map_err(|x| e("IOVA allocator", x))?;
     let d = Domain::new(m, pt, iova, &iommu, DomainConfig { id: 1, policy, untrusted: false })
         .map_err(|x| e("domain", x))?;
+    // SAFETY: `root` is `d`'s; `DEV` is detached below before `d` is dropped; on an early
+    // return no DMA is issued before `d` and `iommu` are both dropped.
+    unsafe { iommu.attach(DEV, Context::new(1, root, TableFormat::VtdSecondLevel, 48)) }
+        .map_err(|x| e("attach", x))?;
     let req = IovaRequest::pages(pages);
     let mut times = Vec::new();
     for round in 0..=a.rounds {
@@ -110,8 +112,8 @@ fn one(
             times.push((ns, cmds as f64 / a.ops as f64, wait / a.ops as f64));
         }
     }
-    drop(d);
     iommu.detach(DEV).map_err(|x| e("detach", x))?;
+    drop(d);
     let inv = median(times.iter().map(|t| t.1).collect());
     let wait = median(times.iter().map(|t| t.2).collect());
     Ok(Row {

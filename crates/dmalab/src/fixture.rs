@@ -25,7 +25,15 @@ pub fn iova_allocator(m: &HostPlatform, caches: bool) -> Result<IovaAllocator, S
 
 /// A VT-d 48-bit domain `id` with tables from `pool` and IOVA from `iova`, `device` attached to
 /// it on `iommu`.
-pub fn vtd_domain<'a, I: IovaSource>(
+///
+/// # Safety
+///
+/// `device` must be detached from `iommu` before the returned domain is dropped, or issue no
+/// DMA once it is dropped and never be attached again on `iommu` (the lab's benches: each
+/// drives its device itself and drops the IOMMU with the domain): the contract of
+/// `ModelIommu::attach` (issue 14, hole 8).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn vtd_domain<'a, I: IovaSource>(
     m: &'a HostPlatform,
     iommu: &'a ModelIommu<'a>,
     pool: &'a TablePool<'a, HostPlatform>,
@@ -37,6 +45,10 @@ pub fn vtd_domain<'a, I: IovaSource>(
     let e = |e: busdma::Error| format!("cannot build the domain: {e}");
     let pt = PageTable::<_, VtdSl>::new(pool, PageTableConfig { input_bits: 48, coherent_walker: true })
         .map_err(e)?;
-    iommu.attach(device, Context::new(id, pt.root(), TableFormat::VtdSecondLevel, 48)).map_err(e)?;
-    Domain::new(m, pt, iova, iommu, DomainConfig { id, policy, untrusted: false }).map_err(e)
+    let root = pt.root();
+    let d = Domain::new(m, pt, iova, iommu, DomainConfig { id, policy, untrusted: false }).map_err(e)?;
+    // SAFETY: the tables at `root` are `d`'s, returned to the caller, who keeps them alive
+    // until `device` is detached or issues no more DMA (this function's contract).
+    unsafe { iommu.attach(device, Context::new(id, root, TableFormat::VtdSecondLevel, 48)) }.map_err(e)?;
+    Ok(d)
 }

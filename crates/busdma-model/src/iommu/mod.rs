@@ -38,6 +38,7 @@
 
 pub mod audit;
 mod ctxcache;
+mod device_hw;
 mod iotlb;
 mod lci;
 mod lpae;
@@ -216,6 +217,10 @@ pub struct ModelIommu<'m> {
     audit: Option<Mutex<audit::Audit>>,
     /// Coherence indexes, on a machine whose cache is kept coherent by them (module `lci`).
     lci: lci::CoherenceIndexes<'m>,
+    /// Domain ids handed out to `busdma::device` (`device_hw.rs`).
+    domain_ids: Mutex<device_hw::DomainIds>,
+    /// Devices passed through untranslated (`device_hw.rs`); disjoint from `contexts`.
+    passthrough: Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -245,6 +250,8 @@ impl<'m> ModelIommu<'m> {
             counters: Counters::new(platform.num_cpus()),
             audit: config.audit.then(|| Mutex::new(audit::Audit::default())),
             lci: lci::CoherenceIndexes::new(platform),
+            domain_ids: Mutex::new(device_hw::DomainIds::default()),
+            passthrough: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -263,13 +270,21 @@ impl<'m> ModelIommu<'m> {
         self.iotlb.capacity()
     }
 
-    /// Attaches `device` to the domain `ctx` describes.
+    /// Attaches `device` to the domain `ctx` describes. The safe way is `busdma::device`
+    /// (this IOMMU implements its `IommuHw`), whose handle keeps the contract below.
     ///
     /// Errors: [`Error::InvalidArgument`] (input width not of the format),
     /// [`Error::Misaligned`] (root not 4 KiB-aligned), [`Error::OutOfRange`] (root outside
-    /// RAM or beyond the output width), [`Error::AlreadyMapped`] (device already attached:
-    /// detach first).
-    pub fn attach(&self, device: DeviceId, ctx: Context) -> Result<()> {
+    /// RAM or beyond the output width), [`Error::AlreadyMapped`] (device already attached,
+    /// or passed through: detach first).
+    ///
+    /// # Safety
+    ///
+    /// The tables reachable from `ctx.root` must stay allocated, and be written only by the
+    /// owner of the domain's page table, until `device` is detached and an invalidation of
+    /// `ctx.domain` that started after the detach has completed (issue 14, hole 8: a table
+    /// page freed earlier goes to the next domain, and the stale device reads its data).
+    pub unsafe fn attach(&self, device: DeviceId, ctx: Context) -> Result<()> {
         ctx.levels()?;
         if !ctx.root.is_aligned(PAGE_SIZE) {
             return Err(Error::Misaligned { value: ctx.root.raw(), align: PAGE_SIZE });
@@ -279,7 +294,7 @@ impl<'m> ModelIommu<'m> {
             return Err(Error::OutOfRange { addr: ctx.root.raw(), limit: ram.end().raw() });
         }
         let mut c = self.contexts.write().unwrap_or_else(|e| e.into_inner());
-        if c.contains_key(&device) {
+        if c.contains_key(&device) || lock(&self.passthrough).contains(&device) {
             return Err(Error::AlreadyMapped { addr: device.into() });
         }
         c.insert(device, ctx);
@@ -330,7 +345,13 @@ impl<'m> ModelIommu<'m> {
         iova: u64,
         write: bool,
     ) -> core::result::Result<u64, FaultReason> {
-        let ctx = self.context(device).ok_or(FaultReason::NotAttached)?;
+        let Some(ctx) = self.context(device) else {
+            // Pass-through is rare and its devices never fault: looked up off the fast path.
+            if lock(&self.passthrough).contains(&device) {
+                return Ok(iova & !(PAGE_SIZE - 1));
+            }
+            return Err(FaultReason::NotAttached);
+        };
         if ctx.input_bits < 64 && iova >> ctx.input_bits != 0 {
             return Err(FaultReason::BeyondInputWidth { input_bits: ctx.input_bits });
         }

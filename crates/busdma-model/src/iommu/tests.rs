@@ -77,7 +77,8 @@ fn a_device_reaches_the_page_its_iova_maps_in_guest_ram() {
         // IOVA page boundary lands in two separate places.
         t.map(5, data.pa().checked_add(PAGE_SIZE).unwrap(), true);
         t.map(6, data.pa(), true);
-        iommu.attach(9, t.ctx(1)).unwrap();
+        // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+        unsafe { iommu.attach(9, t.ctx(1)) }.unwrap();
         let port = iommu.port(9);
         port.dma_write(Iova::new(6 * PAGE_SIZE - 3), b"abcdef").unwrap();
         let mut got = [0u8; 3];
@@ -104,7 +105,8 @@ fn refused_accesses_fault_and_are_logged_with_device_iova_direction_and_reason()
         let t = Tables::new(&m, format);
         let data = m.alloc_frames(FrameRequest::pages(1)).unwrap();
         t.map(1, data.pa(), false);
-        iommu.attach(3, t.ctx(1)).unwrap();
+        // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+        unsafe { iommu.attach(3, t.ctx(1)) }.unwrap();
         let port = iommu.port(3);
         let mut b = [0u8; 4];
         port.dma_read(Iova::new(PAGE_SIZE), &mut b).unwrap();
@@ -158,7 +160,8 @@ fn the_iotlb_serves_a_cleared_entry_until_it_is_invalidated() {
         let data = m.alloc_frames(FrameRequest::pages(1)).unwrap();
         m.write_phys(data.pa(), b"secret").unwrap();
         t.map(7, data.pa(), true);
-        iommu.attach(1, t.ctx(5)).unwrap();
+        // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+        unsafe { iommu.attach(1, t.ctx(5)) }.unwrap();
         let port = iommu.port(1);
         let mut b = [0u8; 6];
         port.dma_read(Iova::new(7 * PAGE_SIZE), &mut b).unwrap();
@@ -191,7 +194,8 @@ fn invalidations_are_counted_by_kind_and_large_ranges_scan() {
     for i in 0..512 {
         t.map(i, data.pa(), true);
     }
-    iommu.attach(1, t.ctx(1)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(1, t.ctx(1)) }.unwrap();
     let port = iommu.port(1);
     let mut b = [0u8; 1];
     for i in 0..512 {
@@ -217,7 +221,8 @@ fn a_disabled_iotlb_walks_every_time() {
     let t = Tables::new(&m, TableFormat::ArmLpaeStage1);
     let data = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     t.map(0, data.pa(), true);
-    iommu.attach(1, t.ctx(1)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(1, t.ctx(1)) }.unwrap();
     let mut b = [0u8; 1];
     iommu.port(1).dma_read(Iova::new(0), &mut b).unwrap();
     t.clear(0);
@@ -232,17 +237,22 @@ fn attach_checks_its_context() {
     let t = Tables::new(&m, TableFormat::VtdSecondLevel);
     let mut c = t.ctx(1);
     c.input_bits = 40;
-    assert!(matches!(iommu.attach(1, c), Err(Error::InvalidArgument { value: 40, .. })));
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    assert!(matches!(unsafe { iommu.attach(1, c) }, Err(Error::InvalidArgument { value: 40, .. })));
     c.format = TableFormat::ArmLpaeStage1;
-    iommu.attach(1, c).unwrap();
-    assert!(matches!(iommu.attach(1, c), Err(Error::AlreadyMapped { addr: 1 })));
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(1, c) }.unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    assert!(matches!(unsafe { iommu.attach(1, c) }, Err(Error::AlreadyMapped { addr: 1 })));
     assert_eq!(iommu.detach(1).unwrap(), c);
     assert!(matches!(iommu.detach(1), Err(Error::NotMapped { addr: 1 })));
     let mut c = t.ctx(1);
     c.root = PhysAddr::new(c.root.raw() + 8);
-    assert!(matches!(iommu.attach(1, c), Err(Error::Misaligned { .. })));
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    assert!(matches!(unsafe { iommu.attach(1, c) }, Err(Error::Misaligned { .. })));
     c.root = PhysAddr::new(0x1000);
-    assert!(matches!(iommu.attach(1, c), Err(Error::OutOfRange { .. })));
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    assert!(matches!(unsafe { iommu.attach(1, c) }, Err(Error::OutOfRange { .. })));
     assert!(ModelIommu::new(&m, IommuConfig { output_bits: 52, ..IommuConfig::default() }).is_err());
 }
 
@@ -257,7 +267,8 @@ fn the_audit_flags_an_iova_released_before_its_invalidation() {
     let t = Tables::new(&m, TableFormat::VtdSecondLevel);
     let data = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     t.map(3, data.pa(), true);
-    iommu.attach(1, t.ctx(2)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(1, t.ctx(2)) }.unwrap();
     let mut b = [0u8; 1];
     iommu.port(1).dma_read(Iova::new(3 * PAGE_SIZE), &mut b).unwrap();
     t.clear(3);
@@ -285,7 +296,8 @@ fn the_audit_flags_a_table_page_released_while_a_walk_through_it_may_be_cached()
     let t = Tables::new(&m, TableFormat::ArmLpaeStage1);
     let data = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     t.map(0, data.pa(), true);
-    iommu.attach(1, t.ctx(2)).unwrap();
+    // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
+    unsafe { iommu.attach(1, t.ctx(2)) }.unwrap();
     let mut b = [0u8; 1];
     iommu.port(1).dma_read(Iova::new(0), &mut b).unwrap();
     iommu.audit_table_page_released(2, t.pages[3].pa());

@@ -69,6 +69,7 @@
 //! must fail on each.
 
 pub mod caps;
+mod device_hw;
 pub mod entry;
 pub mod fault;
 pub mod inval;

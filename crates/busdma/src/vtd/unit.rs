@@ -240,6 +240,11 @@ impl<'p, P: Platform> Vtd<'p, P> {
 
     // ---- what the unit is -------------------------------------------------------------------
 
+    /// The platform the unit was brought up on.
+    pub fn platform(&self) -> &'p P {
+        self.platform
+    }
+
     /// The decoded capabilities.
     pub fn caps(&self) -> Capabilities {
         self.caps
@@ -336,7 +341,24 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// Errors: [`Error::AlreadyMapped`] (the device is attached), [`Error::InvalidArgument`]
     /// (domain id 0 or beyond CAP.ND, depth not offered), [`Error::Misaligned`] (`sl_root`),
     /// [`Error::NoMemory`] (a context table), [`Error::BadState`] (invalidation failed).
-    pub fn attach(&self, sid: SourceId, did: DomainId, sl_root: PhysAddr, levels: Levels) -> Result<()> {
+    ///
+    /// The safe way is `busdma::device` (this driver implements its `IommuHw`), whose handle
+    /// keeps the contract below.
+    ///
+    /// # Safety
+    ///
+    /// The second-level tables reachable from `sl_root` must stay allocated, and be written
+    /// only by the owner of the domain's page table, until `sid` is detached
+    /// ([`Vtd::detach`], which invalidates the context cache and the domain's IOTLB) and that
+    /// detach has returned `Ok` (issue 14, hole 8: a table page freed earlier goes to the next
+    /// domain, and the stale device reads its data).
+    pub unsafe fn attach(
+        &self,
+        sid: SourceId,
+        did: DomainId,
+        sl_root: PhysAddr,
+        levels: Levels,
+    ) -> Result<()> {
         if did.0 == 0 || u32::from(did.0) >= self.caps.domains() {
             return Err(Error::InvalidArgument {
                 what: "VT-d domain id (0 or beyond CAP.ND)",

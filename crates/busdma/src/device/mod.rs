@@ -1,0 +1,84 @@
+//! Devices behind an IOMMU: one call attaches a device with a policy and returns a handle that
+//! owns its domain; tags come from the handle.
+//!
+//! # Theory
+//!
+//! 1. **Why a handle.** Attaching a device by hand takes seven mechanism objects (a table pool,
+//!    a page table, an IOVA allocator, a domain, a domain id, a context entry, the attach) and
+//!    one ordering rule that nothing enforced: the device's context must be removed, and the
+//!    IOMMU's caches of the domain invalidated, *before* the domain's table pages go back to
+//!    the pool. Get it wrong and a stale device walks tables that now belong to another domain
+//!    (issue 14, hole 8). [`Iommu::attach`] builds all of it from a [`Policy`]; the returned
+//!    [`Device`] owns the domain, and the raw attach calls below it are `unsafe fn`s whose
+//!    contract the handle keeps.
+//! 2. **Objects.** An [`Iommu`] is created once per IOMMU by the kernel: it owns the hardware
+//!    handle (anything implementing [`IommuHw`]: the model IOMMU, the VT-d driver), the table
+//!    pool every domain of that IOMMU draws from, and the bounce zones untrusted devices use.
+//!    Devices borrow it (`'i`; `'static` in a kernel, a local scope in tests). A [`Device`] is
+//!    a reference-counted handle (`Arc`) to the attachment; every tag made by
+//!    [`Device::tag`] holds one through its strategy ([`DeviceStrategy`]), and every map holds
+//!    its tag. So the attachment, its domain and its tables live as long as the last map,
+//!    whatever order values are dropped or forgotten in: a forgotten map keeps its domain
+//!    attached forever, never freed (a leak, not a reuse).
+//! 3. **Policies.** [`Policy::Strict`] and [`Policy::Deferred`] map each load in the domain
+//!    (`IommuPerMap`) with strict or batched invalidation. [`Policy::Untrusted`] is strict,
+//!    marks the domain untrusted, forces [`crate::front::TagFlags::untrusted`] on every tag
+//!    of the device and bounces sub-page buffers (`Bounced::over_iommu`), so the device sees
+//!    the buffer and zeros, never a neighbour. [`Policy::Identity`] maps each page at its own
+//!    physical address (the identity strategy, reference counted). [`Policy::Bypass`] asks
+//!    the hardware to pass the device through untranslated: no domain, the direct strategy;
+//!    only for a device the kernel trusts with all of memory.
+//! 4. **Detach order.** When the last handle goes (or [`Device::detach`] is called on the
+//!    only one), the teardown is: (a) the hardware removes the context entry and invalidates
+//!    its context cache and the domain's IOTLB ([`IommuHw::detach`], complete on `Ok`); from
+//!    then on nothing can fill a cache with a translation of the domain; (b) the domain's
+//!    deferred queues are drained and one more whole-domain invalidation completes; (c) only
+//!    then is the domain dropped, which frees its tables, and the domain id given back.
+//! 5. **Failure.** If (a) or (b) fails, the hardware may still reach the tables through a
+//!    stale cache: the domain (with its tables, its queued IOVA and its held-back unmaps) and
+//!    the domain id are leaked on purpose, never reused, and counted
+//!    ([`IommuStats::leaked_domains`]); [`Device::detach`] returns the error.
+//! 6. **The hardware trait is trusted.** [`IommuHw`] is an `unsafe trait`: busdma frees
+//!    table pages because `detach` said the hardware forgot them, and builds tables in the
+//!    format and width it names; a wrong answer lets a device reach freed memory.
+//!
+//! # Execution context
+//!
+//! `attach`, `detach` and dropping the last handle allocate (attach) and spin on the
+//! hardware's invalidations; they never sleep and may run with preemption enabled (they pin
+//! a CPU themselves). Loads through a device's tags are the strategies' hot paths: one
+//! `match` on the policy per call, no allocation.
+#![deny(unsafe_code)]
+
+mod handle;
+mod hw;
+mod iommu;
+mod strategy;
+
+pub use handle::{DetachError, Device, DeviceBypass, DeviceDomain};
+pub use hw::IommuHw;
+pub use iommu::{DEFAULT_APERTURE_START, DeviceConfig, Iommu, IommuStats};
+pub use strategy::{DeviceMapState, DeviceStrategy};
+
+use crate::front::Tag;
+
+/// How a device is attached (theory 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Each load mapped in the device's domain; one ranged invalidation before each unload
+    /// returns.
+    Strict,
+    /// Each load mapped in the device's domain; unloads invalidated in batches (per-CPU
+    /// flush queues, bounded by [`DeviceConfig::deferred`]).
+    Deferred,
+    /// A device assumed hostile: strict invalidation, an untrusted domain, every tag
+    /// untrusted, sub-page buffers bounced.
+    Untrusted,
+    /// Each page mapped at its own physical address (bus address = physical address).
+    Identity,
+    /// No translation: the hardware passes the device's requests through to memory.
+    Bypass,
+}
+
+/// A tag served by a device (`Device::tag`).
+pub type DeviceTag<'i, 'p, H> = Tag<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
