@@ -36,7 +36,10 @@ impl Shadow {
     }
 }
 
-impl Platform for Shadow {
+// SAFETY: every answer busdma trusts is forwarded unchanged from the `HostPlatform` behind it
+// (whose impl states why they hold); only cache maintenance is observed, which busdma's soundness
+// does not rest on.
+unsafe impl Platform for Shadow {
     fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
         self.inner.read_phys(pa, buf)
     }
@@ -64,6 +67,9 @@ impl Platform for Shadow {
     unsafe fn free_pages(&self, pa: PhysAddr, pages: u64) {
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { self.inner.free_pages(pa, pages) }
+    }
+    fn is_ram(&self, pa: PhysAddr, len: u64) -> bool {
+        self.inner.is_ram(pa, len)
     }
     fn phys_to_kva(&self, pa: PhysAddr) -> Option<KernVa> {
         self.inner.phys_to_kva(pa)
