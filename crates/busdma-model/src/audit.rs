@@ -201,6 +201,7 @@ mod tests {
     fn the_platform_knows_what_it_handed_each_page_out_for() {
         let m = HostPlatform::new(MachineConfig { cpus: 1, ..MachineConfig::with_ram(8 << 20) }).unwrap();
         let t = m.alloc_table_page().unwrap();
+        let t_pa = t.pa();
         let d = m.alloc_pages(&PageRequest::pages(3)).unwrap();
         let f = m.alloc_frames(crate::FrameRequest::pages(1)).unwrap();
         assert_eq!(m.page_kind(t.pa()), PageKind::Table);
@@ -211,7 +212,7 @@ mod tests {
             m.free_table_page(t);
             m.free_pages(d, 3);
         }
-        assert_eq!(m.page_kind(t.pa()), PageKind::Other);
+        assert_eq!(m.page_kind(t_pa), PageKind::Other);
         assert_eq!(m.page_kind(d), PageKind::Other);
     }
 

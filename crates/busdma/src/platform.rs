@@ -94,7 +94,23 @@ impl PageRequest {
 ///
 /// `kva` maps `pa` for 4 KiB, is 4 KiB-aligned, and stays valid until the page is given back
 /// with [`Platform::free_table_page`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Not `Copy` nor `Clone`: freeing the page takes the handle by value, so no safe copy can
+/// outlive it and write into the page's next owner. Code that needs a second handle to a page
+/// it knows is still allocated (a walker's view of a table reachable from its root) makes one
+/// with the `unsafe` [`TablePage::new`].
+///
+/// ```compile_fail,E0382
+/// fn after_free<P: busdma::Platform>(p: &P) -> busdma::Result<()> {
+///     let a = p.alloc_table_page()?;
+///     let b = a; // moves: there is no copy of a table page
+///     // SAFETY: (for the test) the page is unreachable and freed once.
+///     unsafe { p.free_table_page(b) };
+///     a.entry(0); // E0382: use of moved value `a`
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, PartialEq, Eq)]
 pub struct TablePage {
     pa: PhysAddr,
     kva: KernVa,
@@ -113,6 +129,19 @@ impl TablePage {
     pub const unsafe fn new(pa: PhysAddr, kva: KernVa) -> Self {
         // INVARIANT: the caller guarantees the mapping and its lifetime.
         Self { pa, kva }
+    }
+
+    /// A second handle to the same page: the one explicit way to copy a `TablePage`.
+    ///
+    /// # Safety
+    ///
+    /// The page stays allocated for as long as the returned handle is used, and at most one
+    /// of the handles is ever given to [`Platform::free_table_page`] (or to a pool that frees
+    /// it); neither is used after that.
+    #[inline]
+    pub unsafe fn alias(&self) -> TablePage {
+        // INVARIANT: the same page as `self`, which the caller keeps allocated meanwhile.
+        TablePage { pa: self.pa, kva: self.kva }
     }
 
     /// The page's physical address.
