@@ -225,7 +225,8 @@ mod tests {
             .unwrap();
         let buf = m.alloc_pages(&PageRequest::pages(2)).unwrap();
         let g = m.pin_cpu();
-        pt.map(&g, Iova::new(0x7_0000_0000), buf, 2 * PAGE_SIZE, Prot::READ).unwrap();
+        // SAFETY: the test owns this table's IOVA; no device walks it (the audit only reads it).
+        unsafe { pt.map(&g, Iova::new(0x7_0000_0000), buf, 2 * PAGE_SIZE, Prot::READ) }.unwrap();
         let leaves = reachable::<VtdSl>(&m, pt.root(), pt.levels());
         assert_eq!(
             leaves,
@@ -241,7 +242,8 @@ mod tests {
         );
         assert!(metadata_exposed(&m, &leaves).is_empty());
         // A (buggy) mapping of the table's own root page is found.
-        pt.map(&g, Iova::new(0x8000), pt.root(), PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA; no device walks it (the audit only reads it).
+        unsafe { pt.map(&g, Iova::new(0x8000), pt.root(), PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
         let leaves = reachable::<VtdSl>(&m, pt.root(), pt.levels());
         let bad = metadata_exposed(&m, &leaves);
         assert_eq!(bad.len(), 1);

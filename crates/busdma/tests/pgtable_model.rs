@@ -198,7 +198,9 @@ fn run<F: PteFormat>(bits: u32, ops: &[Op]) {
                     let prot = if write { Prot::READ_WRITE } else { Prot::READ };
                     let first_mapped =
                         reference.range(page..page + pages).next().map(|(&p, _)| base + p * PAGE_SIZE);
-                    let r = pt.map(&g, Iova::new(iova), PhysAddr::new(pa), pages * PAGE_SIZE, prot);
+                    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                    let r =
+                        unsafe { pt.map(&g, Iova::new(iova), PhysAddr::new(pa), pages * PAGE_SIZE, prot) };
                     match first_mapped {
                         Some(addr) => assert_eq!(r, Err(Error::AlreadyMapped { addr }), "{op:?}"),
                         None => {
@@ -218,7 +220,8 @@ fn run<F: PteFormat>(bits: u32, ops: &[Op]) {
                         .find(|p| !reference.contains_key(p))
                         .map(|p| base + p * PAGE_SIZE);
                     let mut gather = Gather::new();
-                    let res = pt.unmap(&g, r, &mut gather);
+                    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                    let res = unsafe { pt.unmap(&g, r, &mut gather) };
                     match hole {
                         Some(addr) => {
                             assert_eq!(res, Err(Error::NotMapped { addr }), "{op:?}");

@@ -348,7 +348,35 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
     /// multiples); [`Error::Overflow`]; [`Error::OutOfRange`] (IOVA beyond the input width,
     /// PA beyond the format's output width); [`Error::InvalidArgument`] (no rights);
     /// [`Error::AlreadyMapped`] with the first mapped IOVA met; [`Error::NoMemory`].
-    pub fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// - **The IOVA range is the caller's.** No other call maps, unmaps or reserves any part
+    ///   of `[iova, iova + len)` in this table while this call runs or while the mapping
+    ///   lives (module rule 3): the caller got the range from the IOVA allocator or a window
+    ///   of this table's domain and has not given it back. Another caller's unmap covering a
+    ///   table this call walks could otherwise free the table under it.
+    /// - **The physical range may be given to the device.** `[pa, pa + len)` is memory (or
+    ///   device memory) that the caller may let the devices behind this table access with
+    ///   `prot` until the mapping is unmapped *and* the invalidation covering that unmap has
+    ///   completed; it is not freed or handed to anyone else before.
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::pgtable::{PageTable, Prot, PteFormat};
+    /// use busdma::{CpuGuard, Iova, PhysAddr, Platform};
+    /// // Mapping without `unsafe` is rejected (E0133): the caller vouches for both ranges.
+    /// fn map_any<P: Platform, F: PteFormat>(t: &PageTable<'_, P, F>, g: &CpuGuard<'_, P>) {
+    ///     let _ = t.map(g, Iova::new(0), PhysAddr::new(0), 4096, Prot::READ);
+    /// }
+    /// ```
+    pub unsafe fn map(
+        &self,
+        g: &CpuGuard<'_, P>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        prot: Prot,
+    ) -> Result<()> {
         if len == 0 {
             return Err(Error::ZeroSize);
         }
@@ -515,7 +543,28 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
     /// Errors (nothing changed): [`Error::Misaligned`]; [`Error::OutOfRange`] (beyond the
     /// input width); [`Error::NotMapped`] with the first IOVA of the range not mapped;
     /// [`Error::NoMemory`] (a split needs a page and none is left).
-    pub fn unmap(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>, gather: &mut Gather) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// `range` is the caller's (as for [`PageTable::map`]): no other call maps, unmaps or
+    /// reserves any part of it in this table while this call runs. An unmap of a range
+    /// another caller owns detaches tables that caller may be walking, and ends translations
+    /// its device relies on.
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::pgtable::{Gather, PageTable, PteFormat};
+    /// use busdma::{AddrRange, CpuGuard, Iova, Platform};
+    /// // Unmapping without `unsafe` is rejected (E0133).
+    /// fn unmap_any<P: Platform, F: PteFormat>(t: &PageTable<'_, P, F>, g: &CpuGuard<'_, P>, r: AddrRange<Iova>) {
+    ///     let _ = t.unmap(g, r, &mut Gather::new());
+    /// }
+    /// ```
+    pub unsafe fn unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        range: AddrRange<Iova>,
+        gather: &mut Gather,
+    ) -> Result<()> {
         let (start, end) = (range.start().raw(), range.end().raw());
         if start == end {
             return Err(Error::ZeroSize);
