@@ -314,7 +314,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
                 value: u64::from(op.bits()),
             });
         }
-        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent);
+        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent)?;
         let state = body.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
         self.tag.strategy.sync(self.tag.platform, self.spec, state, op)?;
         if op.contains(SyncOp::PREREAD) {
