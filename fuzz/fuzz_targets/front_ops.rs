@@ -224,7 +224,8 @@ fuzz_target!(|input: Input| {
     let pool = TablePool::new(m);
     let pt =
         PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
-    iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap();
+    // SAFETY: the tables live until the end of the run, after the device's last DMA.
+    unsafe { iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)).unwrap() };
     let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).unwrap();
     let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false }).unwrap();
     let d: Dom<'_> =

@@ -56,7 +56,8 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
     let table: PageTable<'_, _, F> =
         PageTable::new(&pool, PageTableConfig { input_bits: bits, coherent_walker: true }).unwrap();
     let iommu = ModelIommu::new(m, IommuConfig { iotlb_entries: 0, ..IommuConfig::default() }).unwrap();
-    iommu.attach(7, Context::new(1, table.root(), format, bits)).unwrap();
+    // SAFETY: the tables live until the end of the run, after the device's last DMA.
+    unsafe { iommu.attach(7, Context::new(1, table.root(), format, bits)).unwrap() };
     let top_page = (1u64 << bits) / PAGE_SIZE - 1;
     // Pages live in a window of 4 GiB of IOVA (and of frames), so ops collide often.
     let window = 1u64 << 20;
@@ -78,13 +79,16 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
                     n = TWO_MB * (n % 3 + 1);
                 }
                 let free = (p..p + n).all(|q| !reference.contains_key(&q));
-                let r = table.map(
-                    &g,
-                    Iova::new(p * PAGE_SIZE),
-                    PhysAddr::new(f * PAGE_SIZE),
-                    n * PAGE_SIZE,
-                    Prot { read: true, write },
-                );
+                // SAFETY: the fuzz target owns this table's IOVA; no device walks it, so the PA is inert.
+                let r = unsafe {
+                    table.map(
+                        &g,
+                        Iova::new(p * PAGE_SIZE),
+                        PhysAddr::new(f * PAGE_SIZE),
+                        n * PAGE_SIZE,
+                        Prot { read: true, write },
+                    )
+                };
                 assert_eq!(r.is_ok(), free, "map {op:?}: {r:?}");
                 if r.is_ok() {
                     for q in 0..n {
@@ -104,7 +108,8 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
                 let all = (p..p + n).all(|q| reference.contains_key(&q));
                 let range = AddrRange::from_start_len(Iova::new(p * PAGE_SIZE), n * PAGE_SIZE).unwrap();
                 let mut gather = Gather::new();
-                let r = table.unmap(&g, range, &mut gather);
+                // SAFETY: the fuzz target owns this table's IOVA; no device walks it, so the PA is inert.
+                let r = unsafe { table.unmap(&g, range, &mut gather) };
                 assert_eq!(r.is_ok(), all, "unmap {op:?}: {r:?}");
                 if r.is_ok() {
                     for q in p..p + n {
@@ -124,25 +129,31 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
             Op::MapTop { frame } => {
                 let f = u64::from(frame) % window;
                 let free = !reference.contains_key(&top_page);
-                let r = table.map(
-                    &g,
-                    Iova::new(top_page * PAGE_SIZE),
-                    PhysAddr::new(f * PAGE_SIZE),
-                    PAGE_SIZE,
-                    Prot { read: true, write: false },
-                );
+                // SAFETY: the fuzz target owns this table's IOVA; no device walks it, so the PA is inert.
+                let r = unsafe {
+                    table.map(
+                        &g,
+                        Iova::new(top_page * PAGE_SIZE),
+                        PhysAddr::new(f * PAGE_SIZE),
+                        PAGE_SIZE,
+                        Prot { read: true, write: false },
+                    )
+                };
                 assert_eq!(r.is_ok(), free, "map of the last page: {r:?}");
                 if r.is_ok() {
                     reference.insert(top_page, (f, false));
                 }
                 // One past the input width is refused.
-                let beyond = table.map(
-                    &g,
-                    Iova::new((top_page + 1) * PAGE_SIZE),
-                    PhysAddr::new(0),
-                    PAGE_SIZE,
-                    Prot { read: true, write: false },
-                );
+                // SAFETY: the fuzz target owns this table's IOVA; no device walks it, so the PA is inert.
+                let beyond = unsafe {
+                    table.map(
+                        &g,
+                        Iova::new((top_page + 1) * PAGE_SIZE),
+                        PhysAddr::new(0),
+                        PAGE_SIZE,
+                        Prot { read: true, write: false },
+                    )
+                };
                 assert!(beyond.is_err(), "a map beyond the input width was accepted");
                 touched.extend([top_page, top_page - 1]);
             }
@@ -167,7 +178,8 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
     for q in pages {
         let range = AddrRange::from_start_len(Iova::new(q * PAGE_SIZE), PAGE_SIZE).unwrap();
         let mut gather = Gather::new();
-        table.unmap(&g, range, &mut gather).unwrap();
+        // SAFETY: the fuzz target owns this table's IOVA; no device walks it, so the PA is inert.
+        unsafe { table.unmap(&g, range, &mut gather) }.unwrap();
         // SAFETY: as above, no IOTLB.
         let proof = unsafe { FlushDone::for_range(gather.range().unwrap()) };
         gather.release_after_flush(proof, &pool, &g).unwrap();

@@ -95,7 +95,8 @@ impl<'p> DevDomain<'p> {
     /// Maps `pages` pages at `pa` with `prot` at `iova`.
     pub fn map_at(&self, iova: Iova, pa: PhysAddr, pages: u64, prot: Prot) -> Result<()> {
         let g = PLATFORM.pin_cpu();
-        self.dom.map(&g, iova, pa, pages * PAGE_SIZE, prot)
+        // SAFETY: the kernel's tests call this with IOVA they own here and memory they own.
+        unsafe { self.dom.map(&g, iova, pa, pages * PAGE_SIZE, prot) }
     }
 
     /// Allocates IOVA and maps `pages` pages at `pa` there: the IOVA range.
@@ -112,7 +113,8 @@ impl<'p> DevDomain<'p> {
     /// (strict: before returning; deferred: after a later flush).
     pub fn unmap(&self, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<FlushTicket> {
         let g = PLATFORM.pin_cpu();
-        self.dom.unmap(&g, mapped, free)
+        // SAFETY: the kernel's tests call this with IOVA they own here and memory they own.
+        unsafe { self.dom.unmap(&g, mapped, free) }
     }
 
     /// Unmaps and frees one mapping made by [`DevDomain::map`].
@@ -182,7 +184,8 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         dir: Direction,
     ) -> Result<()> {
         let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
-        self.dom.map(g, iova, pa, len, prot)
+        // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
+        unsafe { self.dom.map(g, iova, pa, len, prot) }
     }
 
     fn unmap(
@@ -191,7 +194,8 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         mapped: &[AddrRange<Iova>],
         free: &[AddrRange<Iova>],
     ) -> Result<FlushTicket> {
-        self.dom.unmap(g, mapped, free)
+        // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
+        unsafe { self.dom.unmap(g, mapped, free) }
     }
 
     fn ensure_flushed(&self, g: &CpuGuard<'_, KernelPlatform>, ticket: FlushTicket) -> Result<()> {
@@ -203,6 +207,7 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) -> Result<()> {
-        reserve_levels(self.dom.table(), g, range)
+        // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
+        unsafe { reserve_levels(self.dom.table(), g, range) }
     }
 }

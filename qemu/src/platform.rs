@@ -74,7 +74,12 @@ fn clflush(line: u64) {
 /// The platform of the test kernel.
 pub struct KernelPlatform;
 
-impl Platform for KernelPlatform {
+// SAFETY: the kernel identity-maps all RAM (boot.rs), so every `phys_to_kva`/`kva_to_phys`
+// answer (given only for RAM) and every quick map (the identity) maps exactly the page asked;
+// `is_ram` answers from the firmware's RAM list that the frame allocator serves from; table
+// pages are fresh zeroed frames owned until freed; there is one CPU with interrupts always off,
+// so nothing else ever runs on it and `num_cpus` is 1 for good.
+unsafe impl Platform for KernelPlatform {
     fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
         check_ram(pa, buf.len() as u64)?;
         // SAFETY: the range is RAM, identity-mapped; copying out does not alias `buf`.
@@ -124,6 +129,10 @@ impl Platform for KernelPlatform {
         if let Err(e) = frames::free(pa, pages) {
             panic!("free_pages({:#x}, {pages}): {e}", pa.raw());
         }
+    }
+
+    fn is_ram(&self, pa: PhysAddr, len: u64) -> bool {
+        is_ram(pa.raw(), len.max(1))
     }
 
     fn phys_to_kva(&self, pa: PhysAddr) -> Option<KernVa> {

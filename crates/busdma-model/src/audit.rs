@@ -201,6 +201,7 @@ mod tests {
     fn the_platform_knows_what_it_handed_each_page_out_for() {
         let m = HostPlatform::new(MachineConfig { cpus: 1, ..MachineConfig::with_ram(8 << 20) }).unwrap();
         let t = m.alloc_table_page().unwrap();
+        let t_pa = t.pa();
         let d = m.alloc_pages(&PageRequest::pages(3)).unwrap();
         let f = m.alloc_frames(crate::FrameRequest::pages(1)).unwrap();
         assert_eq!(m.page_kind(t.pa()), PageKind::Table);
@@ -211,7 +212,7 @@ mod tests {
             m.free_table_page(t);
             m.free_pages(d, 3);
         }
-        assert_eq!(m.page_kind(t.pa()), PageKind::Other);
+        assert_eq!(m.page_kind(t_pa), PageKind::Other);
         assert_eq!(m.page_kind(d), PageKind::Other);
     }
 
@@ -224,7 +225,8 @@ mod tests {
             .unwrap();
         let buf = m.alloc_pages(&PageRequest::pages(2)).unwrap();
         let g = m.pin_cpu();
-        pt.map(&g, Iova::new(0x7_0000_0000), buf, 2 * PAGE_SIZE, Prot::READ).unwrap();
+        // SAFETY: the test owns this table's IOVA; no device walks it (the audit only reads it).
+        unsafe { pt.map(&g, Iova::new(0x7_0000_0000), buf, 2 * PAGE_SIZE, Prot::READ) }.unwrap();
         let leaves = reachable::<VtdSl>(&m, pt.root(), pt.levels());
         assert_eq!(
             leaves,
@@ -240,7 +242,8 @@ mod tests {
         );
         assert!(metadata_exposed(&m, &leaves).is_empty());
         // A (buggy) mapping of the table's own root page is found.
-        pt.map(&g, Iova::new(0x8000), pt.root(), PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA; no device walks it (the audit only reads it).
+        unsafe { pt.map(&g, Iova::new(0x8000), pt.root(), PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
         let leaves = reachable::<VtdSl>(&m, pt.root(), pt.levels());
         let bad = metadata_exposed(&m, &leaves);
         assert_eq!(bad.len(), 1);

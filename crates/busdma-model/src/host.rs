@@ -650,7 +650,14 @@ impl Drop for HostPlatform {
     }
 }
 
-impl Platform for HostPlatform {
+// SAFETY: table pages are fresh frames from the frame allocator (owned until freed), zeroed by
+// `fill_fresh` and answered at their direct-map address; the direct map is one fixed mapping of
+// the memfd for the platform's life, and `phys_to_kva`/`kva_to_phys` answer only inside it;
+// `is_ram` answers from the RAM layout (`ram_offset`), the range every physical access checks;
+// quick maps `MAP_FIXED` exactly the asked page into a per-(CPU, slot, colour) window of our
+// own reservation; `num_cpus` is fixed at construction and the CPU set gives each
+// preempt-disabled thread a CPU no other thread holds until it enables preemption again.
+unsafe impl Platform for HostPlatform {
     // With a cache model, physical accesses are bus-side (what a device sees): RAM, snooped
     // only on a `Coherence::Snooping` machine. The CPU's own view is `HostPlatform::cpu()`.
     fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
@@ -722,6 +729,11 @@ impl Platform for HostPlatform {
         if r.is_ok() {
             self.kinds.set(pa, pages, crate::audit::PageKind::Other);
         }
+    }
+
+    #[inline]
+    fn is_ram(&self, pa: PhysAddr, len: u64) -> bool {
+        self.ram_offset(pa, len.max(1)).is_ok()
     }
 
     #[inline]

@@ -368,3 +368,21 @@ fn a_device_with_a_28_bit_mask_reaches_what_a_28_bit_tag_loads() {
     DirectPort::new(&m, 1, 28).dma_read(seg.addr, &mut b).unwrap();
     assert_eq!(&b, b"abcd");
 }
+
+#[test]
+fn a_sync_of_raw_segments_outside_ram_is_an_error_not_a_panic() {
+    let m = machine();
+    let tag = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).unwrap();
+    let mut map = tag.create_map().unwrap();
+    // Past the end of RAM: no page, no direct-map address; a non-coherent sync would have to
+    // quick-map it.
+    let pa = m.ram().end().checked_add(PAGE_SIZE).unwrap();
+    // SAFETY: not RAM, so this breaks `RawSegment::new`'s contract on purpose, to show the
+    // defence behind it: nothing owns the range, no device is given the bus address, and the
+    // syncs below must refuse it (`Platform::is_ram`) rather than quick-map it.
+    map.load(&unsafe { RawSegment::new(pa, 0x100) }, Direction::Bidirectional).unwrap();
+    for op in [SyncOp::PREWRITE, SyncOp::PREREAD, SyncOp::POSTREAD] {
+        assert_eq!(map.sync(op).unwrap_err(), Error::NotRam { pa: pa.raw(), len: 0x100 });
+    }
+    map.unload().unwrap();
+}

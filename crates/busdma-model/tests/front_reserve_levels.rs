@@ -17,20 +17,24 @@ fn check<F: PteFormat>(input_bits: u32, coherent_walker: bool) {
     let start = (1u64 << 30) - 3 * PAGE_SIZE;
     let window = AddrRange::from_start_len(Iova::new(start), 8 * PAGE_SIZE).unwrap();
     let before = pt.table_pages();
-    reserve_levels(&pt, &g, window).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { reserve_levels(&pt, &g, window) }.unwrap();
     let reserved = pt.table_pages() - before;
     assert_eq!(reserved, if input_bits == 39 { 4 } else { 5 }, "{}", F::NAME);
     // Reserving again changes nothing.
-    reserve_levels(&pt, &g, window).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { reserve_levels(&pt, &g, window) }.unwrap();
     assert_eq!(pt.table_pages() - before, reserved);
     let allocs = pool.stats().allocs;
     let pa = PhysAddr::new(m.ram().start().raw() + 0x10_0000);
     for i in 0..8 {
         let iova = Iova::new(start + i * PAGE_SIZE);
-        pt.map(&g, iova, pa, PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, iova, pa, PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
         assert_eq!(pt.iova_to_phys(iova), Some(pa));
         let mut gather = Gather::default();
-        pt.unmap(&g, AddrRange::from_start_len(iova, PAGE_SIZE).unwrap(), &mut gather).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.unmap(&g, AddrRange::from_start_len(iova, PAGE_SIZE).unwrap(), &mut gather) }.unwrap();
         assert_eq!(gather.freed_tables(), 0);
     }
     assert_eq!(pool.stats().allocs, allocs, "maps inside a reserved window allocate no table");

@@ -55,7 +55,7 @@ fn through_quick_maps(
         let off = pos % PAGE_SIZE;
         let n = (PAGE_SIZE - off).min(len - at);
         let g = m.pin_cpu();
-        let q = qm.enter_in(&g, slot, page);
+        let q = qm.enter_in(&g, slot, page).unwrap();
         assert!(q.is_windowed());
         f(q.kva().checked_add(off).unwrap(), at as usize, n as usize);
         drop(q);
@@ -264,7 +264,7 @@ fn every_quick_map_window_of_a_page_has_the_pages_colour() {
         for slot in [QuickSlot::First, QuickSlot::Second] {
             for &p in &pages {
                 let g = m.pin_cpu();
-                let q = qm.enter_in(&g, slot, p);
+                let q = qm.enter_in(&g, slot, p).unwrap();
                 let c = CacheConfig::vipt_aliasing();
                 assert_eq!(c.colour_of(q.kva().raw()), c.colour_of(p.raw()), "cpu {cpu} {slot:?} {p:?}");
                 assert_eq!(m.cpu_translate(q.kva()), Some(p));

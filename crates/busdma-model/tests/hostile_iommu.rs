@@ -38,8 +38,10 @@ fn an_iommu_confines_the_device_to_its_pages_and_read_only_means_read_only() {
     m.write_phys(own.pa(), &public_fill(1, PAGE_SIZE as usize)).unwrap();
     m.write_phys(secret.pa(), &secret_fill(2, PAGE_SIZE as usize)).unwrap();
     let g = m.pin_cpu();
-    mine.map(&g, Iova::new(IOVA), own.pa(), PAGE_SIZE, Prot::READ).unwrap();
-    theirs.map(&g, Iova::new(IOVA + PAGE_SIZE), secret.pa(), PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { mine.map(&g, Iova::new(IOVA), own.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { theirs.map(&g, Iova::new(IOVA + PAGE_SIZE), secret.pa(), PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
     drop(g);
 
     let port = iommu.port(ATTACKER);
@@ -78,13 +80,16 @@ fn a_stale_iotlb_entry_is_an_escape_and_the_invalidation_closes_it() {
     unsafe { iommu.attach(ATTACKER, Context::new(1, pt.root(), TableFormat::VtdSecondLevel, 48)) }.unwrap();
     let buf = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     let g = m.pin_cpu();
-    pt.map(&g, Iova::new(IOVA), buf.pa(), PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(IOVA), buf.pa(), PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
     let port = iommu.port(ATTACKER);
     let mut d = HostileDevice::new(&m, 5);
     d.truth().grant(buf.pa(), PAGE_SIZE, Access::ReadWrite);
     assert_eq!(d.try_read(AttackClass::AfterUnmap, &port, IOVA, 32), Outcome::Contained); // fills the IOTLB
     let mut gather = Gather::default();
-    pt.unmap(&g, AddrRange::from_start_len(Iova::new(IOVA), PAGE_SIZE).unwrap(), &mut gather).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(&g, AddrRange::from_start_len(Iova::new(IOVA), PAGE_SIZE).unwrap(), &mut gather) }
+        .unwrap();
     d.truth().revoke(buf.pa(), PAGE_SIZE, Access::ReadWrite);
     // The entry is gone from the table but not from the IOTLB: the device still gets through.
     assert_eq!(d.try_read(AttackClass::AfterUnmap, &port, IOVA, 32), Outcome::Escaped { bytes: 32 });

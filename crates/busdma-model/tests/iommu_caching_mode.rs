@@ -79,9 +79,11 @@ fn touch_then_map<H: IotlbInvalidator>(
     assert!(matches!(read(iommu, r.start()), Err(FaultReason::NotPresent { .. })));
     let frame = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     m.write_phys(frame.pa(), &0x5eed_u64.to_le_bytes()).unwrap();
-    d.map(&g, r.start(), frame.pa(), PAGE_SIZE, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { d.map(&g, r.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
     let got = read(iommu, r.start());
-    d.unmap(&g, &[r], &[r]).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { d.unmap(&g, &[r], &[r]) }.unwrap();
     got
 }
 

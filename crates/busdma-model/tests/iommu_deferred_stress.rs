@@ -219,7 +219,8 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                     if !map {
                         let l = live.swap_remove(rng.below(live.len() as u64) as usize);
                         check_live(iommu, &l);
-                        d.unmap(&g, &l.segs, &[l.alloc]).unwrap();
+                        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                        unsafe { d.unmap(&g, &l.segs, &[l.alloc]) }.unwrap();
                         free_frames.extend(
                             l.frames.iter().map(|&(pa, _)| (pa.raw() - frames.pa().raw()) / PAGE_SIZE),
                         );
@@ -235,7 +236,8 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                         };
                         let alloc = d.alloc_iova(&g, &req).unwrap();
                         let pa = PhysAddr::new(big_base + rng.below(64) * (4 << 20));
-                        d.map(&g, alloc.start(), pa, alloc.len(), Prot::READ_WRITE).unwrap();
+                        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                        unsafe { d.map(&g, alloc.start(), pa, alloc.len(), Prot::READ_WRITE) }.unwrap();
                         Live { alloc, segs: vec![alloc], frames: Vec::new(), big_pa: Some(pa) }
                     } else {
                         let n = 1 + rng.below(4);
@@ -252,7 +254,8 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                                 PAGE_SIZE,
                             )
                             .unwrap();
-                            d.map(&g, seg.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+                            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                            unsafe { d.map(&g, seg.start(), pa, PAGE_SIZE, Prot::READ) }.unwrap();
                             segs.push(seg);
                             fr.push((pa, tag));
                         }
@@ -264,7 +267,8 @@ fn stress<F: PteFormat>(format: TableFormat, ops_per_thread: u64) {
                 }
                 let g = m.pin_cpu();
                 for l in live.drain(..) {
-                    d.unmap(&g, &l.segs, &[l.alloc]).unwrap();
+                    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                    unsafe { d.unmap(&g, &l.segs, &[l.alloc]) }.unwrap();
                 }
                 d.flush(&g).unwrap();
             });

@@ -88,7 +88,8 @@ fn map_three_segments<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalida
     for (i, s) in segs.iter().enumerate() {
         let pa = frames.checked_add(i as u64 * PAGE_SIZE).unwrap();
         m.write_phys(pa, &(0xa0 + i as u64).to_le_bytes()).unwrap();
-        d.map(g, s.start(), pa, PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.map(g, s.start(), pa, PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
     }
     (alloc, segs)
 }
@@ -117,7 +118,8 @@ fn strict_unmap_case<F: PteFormat>() {
                     );
                 }
                 let before = iommu.stats().inv_range;
-                let t = d.unmap(&g, &segs, &[alloc]).unwrap();
+                // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                let t = unsafe { d.unmap(&g, &segs, &[alloc]) }.unwrap();
                 assert_eq!(t, FlushTicket::DONE);
                 assert_eq!(
                     iommu.stats().inv_range - before,
@@ -185,7 +187,8 @@ fn without_the_invalidation_the_stale_iotlb_entry_still_reaches_memory_and_the_a
             for s in &segs {
                 read(&iommu, s.start().raw()).unwrap();
             }
-            d.unmap(&g, &segs, &[alloc]).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.unmap(&g, &segs, &[alloc]) }.unwrap();
             // The tables no longer map the pages, but the IOTLB does: the device reads the data.
             assert_eq!(d.table().iova_to_phys(segs[0].start()), None);
             assert_eq!(read(&iommu, segs[0].start().raw()), Ok(0xa0u64.to_le_bytes()));
@@ -221,7 +224,8 @@ fn deferred_unmaps_are_released_only_by_a_flush_and_the_window_closes_then() {
             for s in &segs {
                 read(&iommu, s.start().raw()).unwrap();
             }
-            let t = d.unmap(&g, &segs, &[alloc]).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            let t = unsafe { d.unmap(&g, &segs, &[alloc]) }.unwrap();
             assert_ne!(t, FlushTicket::DONE);
             assert_eq!((d.pending(), iommu.stats().inv_range, iommu.stats().inv_domain), (1, 0, 0));
             // The exposure window: the IOTLB still translates, and the IOVA is not free yet.
@@ -257,7 +261,8 @@ fn an_untrusted_device_gets_a_strict_domain_whatever_was_asked() {
             let g = m.pin_cpu();
             let (alloc, segs) = map_three_segments(&m, d, &g, frames.pa());
             read(&iommu, segs[1].start().raw()).unwrap();
-            assert_eq!(d.unmap(&g, &segs, &[alloc]).unwrap(), FlushTicket::DONE);
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            assert_eq!(unsafe { d.unmap(&g, &segs, &[alloc]) }.unwrap(), FlushTicket::DONE);
             assert!(read(&iommu, segs[1].start().raw()).is_err());
             assert_eq!(iommu.stats().inv_range, 1);
         },
@@ -282,16 +287,21 @@ fn a_kept_window_is_mapped_again_only_after_ensure_flushed_and_the_audit_catches
             let (alloc, segs) = map_three_segments(&m, d, &g, frames.pa());
             read(&iommu, segs[0].start().raw()).unwrap();
             // Keep the IOVA (a reserved window): nothing to free.
-            let t = d.unmap(&g, &segs, &[]).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            let t = unsafe { d.unmap(&g, &segs, &[]) }.unwrap();
             d.ensure_flushed(&g, t).unwrap();
-            d.map(&g, segs[0].start(), frames.pa(), PAGE_SIZE, Prot::READ).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.map(&g, segs[0].start(), frames.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
             no_violations(&iommu);
             read(&iommu, segs[0].start().raw()).unwrap();
             // Again without ensure_flushed: mapping over a translation the IOTLB may hold.
-            d.unmap(&g, &segs[..1], &[]).unwrap();
-            d.map(&g, segs[0].start(), frames.pa(), PAGE_SIZE, Prot::READ).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.unmap(&g, &segs[..1], &[]) }.unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.map(&g, segs[0].start(), frames.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
             assert_eq!(iommu.audit_report().unwrap().violation_count, 1);
-            d.unmap(&g, &segs[..1], &[alloc]).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.unmap(&g, &segs[..1], &[alloc]) }.unwrap();
         },
     );
 }
@@ -312,8 +322,10 @@ fn an_exhausted_space_flushes_queued_unmaps_and_retries() {
         |d, _| {
             let g = m.pin_cpu();
             let a = d.alloc_iova(&g, &IovaRequest::pages(16)).unwrap();
-            d.map(&g, a.start(), PhysAddr::new(0x10_0000_0000), a.len(), Prot::READ).unwrap();
-            d.unmap(&g, &[a], &[a]).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.map(&g, a.start(), PhysAddr::new(0x10_0000_0000), a.len(), Prot::READ) }.unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.unmap(&g, &[a], &[a]) }.unwrap();
             assert_eq!(d.pending(), 1);
             let b = d.alloc_iova(&g, &IovaRequest::pages(16)).unwrap();
             assert_eq!(b, a);
@@ -321,7 +333,8 @@ fn an_exhausted_space_flushes_queued_unmaps_and_retries() {
             // Nothing queued: exhaustion is an error carrying the request.
             let e = d.alloc_iova(&g, &IovaRequest::pages(1)).unwrap_err();
             assert!(matches!(e, Error::Exhausted { size: 4096, .. }), "{e:?}");
-            d.unmap(&g, &[], &[b]).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.unmap(&g, &[], &[b]) }.unwrap();
             d.flush(&g).unwrap();
         },
     );
@@ -374,7 +387,9 @@ fn injection_case<F: PteFormat>(policy: InvalidationPolicy) {
                 // A fresh 512 GiB region each round (one root entry each), so every level
                 // below the root needs new tables: the directory levels and two leaf tables.
                 let at = Iova::new((n << 39) + (2 << 20) - PAGE_SIZE);
-                let res = d.map(&g, at, PhysAddr::new(0x20_0000_0000), 3 * PAGE_SIZE, Prot::READ_WRITE);
+                // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                let res =
+                    unsafe { d.map(&g, at, PhysAddr::new(0x20_0000_0000), 3 * PAGE_SIZE, Prot::READ_WRITE) };
                 match res {
                     Ok(()) => Ok((a, at)),
                     Err(e) => {
@@ -382,7 +397,8 @@ fn injection_case<F: PteFormat>(policy: InvalidationPolicy) {
                         for p in 0..3 {
                             assert_eq!(d.table().iova_to_phys(Iova::new(at.raw() + p * PAGE_SIZE)), None);
                         }
-                        d.unmap(&g, &[], &[a]).unwrap();
+                        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                        unsafe { d.unmap(&g, &[], &[a]) }.unwrap();
                         Err(e)
                     }
                 }
@@ -392,7 +408,9 @@ fn injection_case<F: PteFormat>(policy: InvalidationPolicy) {
                 Ok((a, at)) => {
                     // Every point failed once; this round ran clean through all of them.
                     clean = pool.alloc_attempts() - attempts_before;
-                    d.unmap(&g, &[AddrRange::from_start_len(at, 3 * PAGE_SIZE).unwrap()], &[a]).unwrap();
+                    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                    unsafe { d.unmap(&g, &[AddrRange::from_start_len(at, 3 * PAGE_SIZE).unwrap()], &[a]) }
+                        .unwrap();
                     break;
                 }
                 Err(e) => {
@@ -439,7 +457,8 @@ fn unmapping_what_is_not_mapped_is_an_error_and_frees_nothing() {
                 let (alloc, segs) = map_three_segments(&m, d, &g, frames.pa());
                 let hole = range(alloc.start().raw() + 2 * PAGE_SIZE, PAGE_SIZE);
                 // The first two ranges are unmapped (and invalidated); the hole stops the call.
-                let e = d.unmap(&g, &[segs[0], segs[1], hole, segs[2]], &[alloc]).unwrap_err();
+                // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                let e = unsafe { d.unmap(&g, &[segs[0], segs[1], hole, segs[2]], &[alloc]) }.unwrap_err();
                 assert!(matches!(e, Error::NotMapped { .. }), "{e:?}");
                 assert_eq!((d.stats().iova_released, d.pending()), (0, 0));
                 assert!(read(&iommu, segs[0].start().raw()).is_err());
@@ -447,7 +466,8 @@ fn unmapping_what_is_not_mapped_is_an_error_and_frees_nothing() {
                     read(&iommu, segs[2].start().raw()).is_ok(),
                     "after the failing range, nothing changed"
                 );
-                d.unmap(&g, &segs[2..], &[alloc]).unwrap();
+                // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                unsafe { d.unmap(&g, &segs[2..], &[alloc]) }.unwrap();
                 d.flush(&g).unwrap();
                 assert_eq!(d.stats().iova_released, 1);
             },

@@ -108,9 +108,14 @@ fn map_tagged(m: &HostPlatform, d: &Dom<'_>, iommu: &ModelIommu<'_>, tag: u64) -
     let r = d.alloc_iova(&g, &req).unwrap();
     let pa = frame(m);
     m.write_phys(pa, &tag.to_le_bytes()).unwrap();
-    d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ) }.unwrap();
     let rest = Iova::new(r.start().raw() + PAGE_SIZE);
-    d.map(&g, rest, PhysAddr::new(0x40_0000_0000 + PAGE_SIZE), (PAGES - 1) * PAGE_SIZE, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe {
+        d.map(&g, rest, PhysAddr::new(0x40_0000_0000 + PAGE_SIZE), (PAGES - 1) * PAGE_SIZE, Prot::READ)
+    }
+    .unwrap();
     assert_eq!(read(iommu, r.start()), Ok(tag));
     r
 }
@@ -134,7 +139,8 @@ fn a_failed_strict_invalidation_holds_the_iova_and_tables_back_until_a_whole_dom
         let live = d.iova().stats().live_ranges;
         let g = m.pin_cpu();
         flaky.fail_next(1);
-        let e = d.unmap(&g, &[r], &[r]).unwrap_err();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        let e = unsafe { d.unmap(&g, &[r], &[r]) }.unwrap_err();
         assert!(is_injected(&e), "{e:?}");
         let st = d.stats();
         assert_eq!(
@@ -150,18 +156,21 @@ fn a_failed_strict_invalidation_holds_the_iova_and_tables_back_until_a_whole_dom
         let req = IovaRequest::pages(1);
         let other = d.iova().alloc(&g, &req).unwrap();
         let pa = frame(m);
-        let e = d.map(&g, other.start(), pa, PAGE_SIZE, Prot::READ).unwrap_err();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        let e = unsafe { d.map(&g, other.start(), pa, PAGE_SIZE, Prot::READ) }.unwrap_err();
         assert!(is_injected(&e), "{e:?}");
         assert!(d.table().leaf_of(other.start()).is_none(), "a refused map maps nothing");
         assert!(d.degraded() && d.stats().held_back == 1);
         // Then it succeeds: one whole-domain invalidation, and everything held back goes.
-        d.map(&g, other.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.map(&g, other.start(), pa, PAGE_SIZE, Prot::READ) }.unwrap();
         let st = d.stats();
         assert!(!d.degraded());
         assert_eq!((st.held_back, st.iova_released), (0, 1));
         assert!(st.table_pages_released > 0, "the unmap's table pages went back after the recovery");
         assert!(matches!(read(iommu, r.start()), Err(FaultReason::NotPresent { .. })));
-        d.unmap(&g, &[other], &[other]).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.unmap(&g, &[other], &[other]) }.unwrap();
     });
 }
 
@@ -170,7 +179,8 @@ fn a_failed_deferred_flush_releases_nothing_and_the_next_flush_releases_everythi
     with_domain(InvalidationPolicy::deferred(), |m, d, iommu, flaky, _pool| {
         let r = map_tagged(m, d, iommu, 0x1234);
         let g = m.pin_cpu();
-        d.unmap(&g, &[r], &[r]).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.unmap(&g, &[r], &[r]) }.unwrap();
         assert_eq!(d.pending(), 1);
         flaky.fail_next(1);
         let e = d.flush(&g).unwrap_err();
@@ -193,15 +203,21 @@ fn a_failed_map_clean_up_degrades_the_domain_so_the_iova_is_not_mapped_again_bef
         // The map fails (no table page), and so does its clean-up invalidation.
         pool.fail_nth_alloc(Some(1));
         flaky.fail_next(1);
-        assert!(matches!(d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ), Err(Error::NoMemory { .. })));
+        assert!(matches!(
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ) },
+            Err(Error::NoMemory { .. })
+        ));
         assert!(d.degraded(), "a clean-up that failed leaves the domain degraded");
         assert_eq!(d.stats().invalidation_errors, 1);
         // The next map of that IOVA first completes a whole-domain invalidation.
         let before = iommu.stats().inv_domain;
-        d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ) }.unwrap();
         assert_eq!(iommu.stats().inv_domain, before + 1);
         assert!(!d.degraded());
-        d.unmap(&g, &[r], &[r]).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.unmap(&g, &[r], &[r]) }.unwrap();
     });
 }
 
@@ -220,7 +236,8 @@ fn a_domain_whose_last_invalidation_fails_leaks_its_table_pages_instead_of_freei
         let g = m.pin_cpu();
         let r = d.iova().alloc(&g, &IovaRequest::pages(1)).unwrap();
         let pa = frame(&m);
-        d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { d.map(&g, r.start(), pa, PAGE_SIZE, Prot::READ) }.unwrap();
     }
     let frees = pool.stats().frees;
     flaky.fail_next(u32::MAX);

@@ -34,7 +34,8 @@ fn range(start: u64, len: u64) -> AddrRange<Iova> {
 
 fn unmap<P: Platform, F: PteFormat>(pt: &PageTable<'_, P, F>, g: &CpuGuard<'_, P>, r: AddrRange<Iova>) {
     let mut gather = Gather::new();
-    pt.unmap(g, r, &mut gather).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(g, r, &mut gather) }.unwrap();
     // SAFETY: the model IOMMU's IOTLB is off; no cached walk can reach the pages.
     let proof = unsafe { FlushDone::for_all() };
     gather.release_after_flush(proof, pt.pool(), g).unwrap();
@@ -130,10 +131,15 @@ fn every_size_case<F: PteFormat>(bits: u32, size: PageSize) {
     // Two leaves of the size, read-write, IOVA and PA aligned to it, PA far from the IOVA
     // (translation never touches the data, so the PA need not be RAM); one read-only leaf
     // after a one-leaf gap; the last page below the input limit.
-    pt.map(&g, Iova::new(iova), PhysAddr::new(pa), 2 * s, Prot::READ_WRITE).unwrap();
-    pt.map(&g, Iova::new(iova + 3 * s), PhysAddr::new(pa), s, Prot::READ).unwrap();
-    pt.map(&g, Iova::new(limit - PAGE_SIZE), PhysAddr::new(0x1234_5000), PAGE_SIZE, Prot::READ_WRITE)
-        .unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(iova), PhysAddr::new(pa), 2 * s, Prot::READ_WRITE) }.unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(iova + 3 * s), PhysAddr::new(pa), s, Prot::READ) }.unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe {
+        pt.map(&g, Iova::new(limit - PAGE_SIZE), PhysAddr::new(0x1234_5000), PAGE_SIZE, Prot::READ_WRITE)
+    }
+    .unwrap();
     let layout = |a: u64| (iova..iova + 2 * s).contains(&a) || (iova + 3 * s..iova + 4 * s).contains(&a);
     agree(&iommu, &pt, &span, layout, &what);
     agree(&iommu, &pt, &top, |a| a == limit - PAGE_SIZE, &what);
@@ -215,13 +221,16 @@ fn random_case<F: PteFormat>(bits: u32, ops: &[Op]) -> Result<(), TestCaseError>
                 // Same alignment as the IOVA modulo 2 MiB, so aligned runs can use blocks.
                 let pa = ((op.pa << 21) | (op.at & 511) << 12) + 0x100_0000_0000;
                 let prot = if op.writable { Prot::READ_WRITE } else { Prot::READ };
-                pt.map(
-                    &g,
-                    Iova::new(base + op.at * PAGE_SIZE),
-                    PhysAddr::new(pa),
-                    op.pages * PAGE_SIZE,
-                    prot,
-                )
+                // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                unsafe {
+                    pt.map(
+                        &g,
+                        Iova::new(base + op.at * PAGE_SIZE),
+                        PhysAddr::new(pa),
+                        op.pages * PAGE_SIZE,
+                        prot,
+                    )
+                }
                 .unwrap();
                 runs.push((op.at, op.pages));
                 for p in 0..op.pages {

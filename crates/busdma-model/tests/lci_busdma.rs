@@ -269,7 +269,7 @@ fn pages_outside_the_direct_map_are_indexed_by_their_quick_map_colour() {
         let off = if i == 0 { 0x200 } else { 0 };
         let n = (PAGE_SIZE as usize - off).min(data.len() - at);
         let g = m.pin_cpu();
-        let q = qm.enter(&g, p);
+        let q = qm.enter(&g, p).unwrap();
         m.cpu().write(q.kva().checked_add(off as u64).unwrap(), &data[at..at + n]).unwrap();
         drop(q);
         at += n;

@@ -47,7 +47,8 @@ fn rig<'m>(m: &'m HostPlatform, pool: &'m TablePool<'m, HostPlatform>) -> Rig<'m
 impl Rig<'_> {
     fn map(&self, pa: PhysAddr, index: CoherenceIndex) {
         let g = self.m.pin_cpu();
-        self.pt.map(&g, Iova::new(IOVA), pa, PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { self.pt.map(&g, Iova::new(IOVA), pa, PAGE_SIZE, Prot::READ_WRITE) }.unwrap();
         self.index(index);
     }
 

@@ -250,22 +250,27 @@ fn a_strict_domain_over_a_wedged_unit_holds_the_unmap_back_and_recovers_when_the
     let g = m.pin_cpu();
     let frame = m.alloc_frames(FrameRequest::pages(1)).unwrap();
     let r = d.alloc_iova(&g, &IovaRequest::pages(1)).unwrap();
-    d.map(&g, r.start(), frame.pa(), PAGE_SIZE, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { d.map(&g, r.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
     rig.wedged.store(true, Ordering::Relaxed);
-    let e = d.unmap(&g, &[r], &[r]).unwrap_err();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    let e = unsafe { d.unmap(&g, &[r], &[r]) }.unwrap_err();
     assert!(is_time_out(&e, did), "{e:?}");
     assert!(d.degraded());
     assert_eq!((d.stats().held_back, d.stats().iova_released), (1, 0));
     // Still wedged: a map must recover first, fails, and maps nothing.
     let r2 = d.iova().alloc(&g, &IovaRequest::pages(1)).unwrap();
-    assert!(d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ).is_err());
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    assert!(unsafe { d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.is_err());
     assert!(d.table().leaf_of(r2.start()).is_none());
     // The unit answers: the map recovers (whole-domain invalidation), releases, maps.
     rig.wedged.store(false, Ordering::Relaxed);
-    d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
     assert!(!d.degraded());
     assert_eq!((d.stats().held_back, d.stats().iova_released), (0, 1));
-    d.unmap(&g, &[r2], &[r2]).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { d.unmap(&g, &[r2], &[r2]) }.unwrap();
     drop(g);
     vtd.detach(SourceId(0x0008)).unwrap();
     drop(d);

@@ -89,6 +89,15 @@ pub enum Error {
         /// The physical address.
         pa: u64,
     },
+    /// A physical range that is not entirely RAM ([`crate::Platform::is_ram`]) given where
+    /// only RAM is allowed: a quick map, a physical copy or fill, cache maintenance by
+    /// physical address.
+    NotRam {
+        /// Start of the range.
+        pa: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
     /// A size of zero where a size is required.
     ZeroSize,
     /// A size that is not acceptable (not a page multiple, larger than allowed, ...).
@@ -216,7 +225,7 @@ impl Error {
             | Error::BadState { .. }
             | Error::InvalidArgument { .. } => EINVAL,
             Error::OutOfRange { .. } => ERANGE,
-            Error::NotDirectMapped { .. } => EFAULT,
+            Error::NotDirectMapped { .. } | Error::NotRam { .. } => EFAULT,
             Error::NoMemory { .. } | Error::LimitExceeded { .. } => ENOMEM,
             Error::Exhausted { .. } => ENOSPC,
             Error::AlreadyMapped { .. } => EEXIST,
@@ -252,6 +261,9 @@ impl fmt::Display for Error {
             }
             Error::NotDirectMapped { pa } => {
                 write!(f, "physical address {pa:#x} is not in the direct map")
+            }
+            Error::NotRam { pa, len } => {
+                write!(f, "physical range [{pa:#x}, +{len:#x}) is not RAM")
             }
             Error::ZeroSize => write!(f, "size is zero"),
             Error::BadSize { size, limit } => write!(f, "size {size:#x} not acceptable (limit {limit:#x})"),

@@ -18,6 +18,10 @@
 //! 4. **CPUs.** Per-CPU caches index arrays by [`CpuGuard::cpu`]. A [`CpuGuard`] disables
 //!    preemption (and migration) for its lifetime: while it lives, no other thread runs on that
 //!    CPU, so per-CPU data needs no lock, only the guard.
+//! 5. **The seam is trusted.** busdma's `unsafe` code writes through the addresses it answers,
+//!    so [`Platform`] is an `unsafe trait` (as `GlobalAlloc` is): its `# Safety` section lists
+//!    each answer an implementation vouches for. Addresses that come from *callers* are not
+//!    trusted: before a quick map of one, busdma asks [`Platform::is_ram`].
 //!
 //! # Execution context
 //!
@@ -90,7 +94,23 @@ impl PageRequest {
 ///
 /// `kva` maps `pa` for 4 KiB, is 4 KiB-aligned, and stays valid until the page is given back
 /// with [`Platform::free_table_page`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Not `Copy` nor `Clone`: freeing the page takes the handle by value, so no safe copy can
+/// outlive it and write into the page's next owner. Code that needs a second handle to a page
+/// it knows is still allocated (a walker's view of a table reachable from its root) makes one
+/// with the `unsafe` [`TablePage::new`].
+///
+/// ```compile_fail,E0382
+/// fn after_free<P: busdma::Platform>(p: &P) -> busdma::Result<()> {
+///     let a = p.alloc_table_page()?;
+///     let b = a; // moves: there is no copy of a table page
+///     // SAFETY: (for the test) the page is unreachable and freed once.
+///     unsafe { p.free_table_page(b) };
+///     a.entry(0); // E0382: use of moved value `a`
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, PartialEq, Eq)]
 pub struct TablePage {
     pa: PhysAddr,
     kva: KernVa,
@@ -109,6 +129,19 @@ impl TablePage {
     pub const unsafe fn new(pa: PhysAddr, kva: KernVa) -> Self {
         // INVARIANT: the caller guarantees the mapping and its lifetime.
         Self { pa, kva }
+    }
+
+    /// A second handle to the same page: the one explicit way to copy a `TablePage`.
+    ///
+    /// # Safety
+    ///
+    /// The page stays allocated for as long as the returned handle is used, and at most one
+    /// of the handles is ever given to [`Platform::free_table_page`] (or to a pool that frees
+    /// it); neither is used after that.
+    #[inline]
+    pub unsafe fn alias(&self) -> TablePage {
+        // INVARIANT: the same page as `self`, which the caller keeps allocated meanwhile.
+        TablePage { pa: self.pa, kva: self.kva }
     }
 
     /// The page's physical address.
@@ -147,7 +180,45 @@ impl TablePage {
 /// See the module documentation for the rules every implementation follows. Each method
 /// states its execution context where it differs from the default (never sleeps, callable
 /// with preemption disabled, callable concurrently).
-pub trait Platform: Sync {
+///
+/// # Safety
+///
+/// busdma's `unsafe` code writes through addresses this trait returns, so a wrong answer is
+/// undefined behaviour in busdma, not merely a wrong result (as for [`core::alloc::GlobalAlloc`]).
+/// An implementation guarantees:
+///
+/// - **Table pages.** [`Platform::alloc_table_page`] returns a page that is zeroed, 4 KiB,
+///   direct-mapped (its `kva` maps its `pa` read-write and [`Platform::phys_to_kva`] of `pa`
+///   answers that `kva`), and owned exclusively by the caller until it is given back with
+///   [`Platform::free_table_page`]: no other allocation, and no other use, overlaps it.
+/// - **Direct map.** Every `Some` answer of [`Platform::phys_to_kva`] and
+///   [`Platform::kva_to_phys`] is a true, permanent mapping of RAM: the KVA maps the PA,
+///   read-write, for the platform's lifetime, consistently page after page as answered.
+/// - **RAM.** [`Platform::is_ram`] answers `true` only for ranges that are entirely RAM, which
+///   [`Platform::quick_map`] can map and [`Platform::read_phys`]/[`Platform::write_phys`] can
+///   reach; every page [`Platform::alloc_table_page`] or [`Platform::alloc_pages`] returns is
+///   RAM.
+/// - **Quick maps.** [`Platform::quick_map`] returns a window that maps exactly the page asked
+///   for, read-write, for `PAGE_SIZE` bytes, until the slot is unmapped or remapped, and the
+///   windows of distinct `(cpu, slot)` pairs do not overlap each other or the direct map.
+/// - **CPUs.** [`Platform::num_cpus`] never changes; [`Platform::preempt_disable`] (and so
+///   [`Platform::pin_cpu`]) returns an index `< num_cpus()` and, until the matching
+///   [`Platform::preempt_enable`], no other thread runs on that CPU or uses that index, so
+///   per-CPU data indexed by it needs no lock.
+/// - **Pages.** [`Platform::alloc_pages`] returns zeroed RAM meeting the request, owned by the
+///   caller until [`Platform::free_pages`].
+/// - **Physical copies** ([`Platform::read_phys`], [`Platform::write_phys`],
+///   [`Platform::fill_phys`]) touch exactly the bytes asked for, and fail rather than touch
+///   anything outside RAM.
+///
+/// ```compile_fail,E0200
+/// // A safe `impl` of the seam is rejected (E0200): implementing it is a trust boundary.
+/// struct Liar;
+/// impl busdma::Platform for Liar {
+///     // ...
+/// }
+/// ```
+pub unsafe trait Platform: Sync {
     // ---- physical memory -------------------------------------------------------------
 
     /// Copies `buf.len()` bytes of physical memory starting at `pa` into `buf`.
@@ -196,6 +267,16 @@ pub trait Platform: Sync {
     /// `(pa, pages)` must be exactly one earlier allocation, freed once, that no device can
     /// reach any more.
     unsafe fn free_pages(&self, pa: PhysAddr, pages: u64);
+
+    /// True if every byte of `[pa, pa + len)` is RAM: memory with a page behind it, which
+    /// [`Platform::quick_map`] may map and the physical copies may reach (not MMIO, not a
+    /// hole, not a peer's BAR). `len == 0` asks about the byte at `pa`; a range that wraps is
+    /// not RAM.
+    ///
+    /// busdma calls it once per call that takes a caller-given physical address to a quick map
+    /// ([`crate::quickmap`]), not per page, so it should be cheap (a compare against the RAM
+    /// layout, or a walk of a short list of ranges).
+    fn is_ram(&self, pa: PhysAddr, len: u64) -> bool;
 
     // ---- direct map ------------------------------------------------------------------
 

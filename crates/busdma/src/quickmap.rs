@@ -6,7 +6,12 @@
 //!    permanent kernel mapping (RAM above the direct map, user pages). A facility that can
 //!    sleep to find a mapping would make `sync` unusable where drivers call it (interrupt
 //!    threads, under locks, with preemption disabled). A quick map is the answer of seed 000:
-//!    a mapping that **never sleeps and never fails**.
+//!    a mapping that **never sleeps and never fails** on RAM. **Only RAM:**
+//!    [`Platform::quick_map`] may be given RAM only, so every safe entry point here that takes a caller's physical address ([`QuickMaps::enter_in`], the copies,
+//!    [`QuickMaps::fill_phys`], [`maintain_phys`]) asks [`Platform::is_ram`] once for the whole
+//!    range, before anything is mapped, and refuses the rest with [`Error::NotRam`]; the copy
+//!    loops then enter pages without asking again (the check costs one call per copy, not
+//!    one per page).
 //! 2. **Two paths.** A page inside the direct map is "entered" at its direct-map address at no
 //!    cost (no mapping change, one lookup). Any other page is mapped into one of the calling
 //!    CPU's [`QUICK_SLOTS`] windows reserved at start-up ([`Platform::quick_map`]); the entry
@@ -167,24 +172,45 @@ impl QuickMaps {
 
     /// Maps the page holding `pa` in slot [`QuickSlot::First`] of the guard's CPU.
     ///
-    /// Never sleeps, never fails. See [`QuickMaps::enter_in`].
+    /// Never sleeps. See [`QuickMaps::enter_in`].
+    ///
+    /// Errors: [`Error::NotRam`] if the page is not RAM.
     #[inline]
     pub fn enter<'a, 'p, P: Platform>(
         &'a self,
         guard: &'a CpuGuard<'p, P>,
         pa: PhysAddr,
-    ) -> QuickMapping<'a, 'p, P> {
+    ) -> Result<QuickMapping<'a, 'p, P>> {
         self.enter_in(guard, QuickSlot::First, pa)
     }
 
-    /// Maps the page holding `pa` (which must be RAM) in `slot` of the guard's CPU and returns
-    /// the mapping; dropping it (or [`QuickMapping::remove`]) removes it.
+    /// Maps the page holding `pa` in `slot` of the guard's CPU and returns the mapping;
+    /// dropping it (or [`QuickMapping::remove`]) removes it.
     ///
     /// A direct-mapped page is entered at its direct-map address at no cost; any other page
-    /// through the CPU's window. Never sleeps, never fails. Nesting (the slot is already held
-    /// on this CPU) is a caller bug: a debug assertion reports it with a [`Nesting`]; release
-    /// builds count it and restore the outer mapping when the inner one drops.
+    /// through the CPU's window. Never sleeps; never fails on RAM. Nesting (the slot is
+    /// already held on this CPU) is a caller bug: a debug assertion reports it with a
+    /// [`Nesting`]; release builds count it and restore the outer mapping when the inner one
+    /// drops.
+    ///
+    /// Errors: [`Error::NotRam`] with the page if it is not RAM (theory 1); nothing is mapped.
     pub fn enter_in<'a, 'p, P: Platform>(
+        &'a self,
+        guard: &'a CpuGuard<'p, P>,
+        slot: QuickSlot,
+        pa: PhysAddr,
+    ) -> Result<QuickMapping<'a, 'p, P>> {
+        check_ram(guard.platform(), pa.page_base(), PAGE_SIZE)?;
+        // SAFETY: the page was just checked to be RAM.
+        Ok(unsafe { self.enter_ram(guard, slot, pa) })
+    }
+
+    /// [`QuickMaps::enter_in`] of a page known to be RAM.
+    ///
+    /// # Safety
+    ///
+    /// The page holding `pa` is RAM ([`Platform::is_ram`]).
+    unsafe fn enter_ram<'a, 'p, P: Platform>(
         &'a self,
         guard: &'a CpuGuard<'p, P>,
         slot: QuickSlot,
@@ -220,7 +246,7 @@ impl QuickMaps {
     /// direct map (so the caller must hold no quick map on this CPU).
     ///
     /// Errors: [`Error::Overflow`] (a range wraps), [`Error::InvalidArgument`] (the ranges
-    /// overlap). Both ranges must be RAM.
+    /// overlap), [`Error::NotRam`] (a range is not RAM); nothing is copied then.
     pub fn copy_phys_to_phys<P: Platform>(
         &self,
         guard: &CpuGuard<'_, P>,
@@ -236,13 +262,15 @@ impl QuickMaps {
                 value: src.raw(),
             });
         }
-        // SAFETY: both ends are physical (no caller pointers involved).
+        check_ram(guard.platform(), src, len)?;
+        check_ram(guard.platform(), dst, len)?;
+        // SAFETY: both ends are physical (no caller pointers involved) and RAM (checked).
         unsafe { self.copy(guard, End::Phys(src), End::Phys(dst), len) }
     }
 
     /// Copies `dst.len()` bytes of physical memory starting at `src` into `dst`.
     ///
-    /// Errors: [`Error::Overflow`]. The range must be RAM.
+    /// Errors: [`Error::Overflow`]; [`Error::NotRam`] (nothing is copied).
     pub fn copy_phys_to_slice<P: Platform>(
         &self,
         guard: &CpuGuard<'_, P>,
@@ -250,13 +278,14 @@ impl QuickMaps {
         dst: &mut [u8],
     ) -> Result<()> {
         end_of(src.raw(), dst.len() as u64)?;
-        // SAFETY: `dst` is an exclusive buffer of `dst.len()` bytes.
+        check_ram(guard.platform(), src, dst.len() as u64)?;
+        // SAFETY: `dst` is an exclusive buffer of `dst.len()` bytes; the source is RAM.
         unsafe { self.copy(guard, End::Phys(src), End::Ptr(dst.as_mut_ptr() as u64), dst.len() as u64) }
     }
 
     /// Copies `src` into physical memory starting at `dst`.
     ///
-    /// Errors: [`Error::Overflow`]. The range must be RAM.
+    /// Errors: [`Error::Overflow`]; [`Error::NotRam`] (nothing is copied).
     pub fn copy_slice_to_phys<P: Platform>(
         &self,
         guard: &CpuGuard<'_, P>,
@@ -264,7 +293,8 @@ impl QuickMaps {
         dst: PhysAddr,
     ) -> Result<()> {
         end_of(dst.raw(), src.len() as u64)?;
-        // SAFETY: `src` is a readable buffer of `src.len()` bytes.
+        check_ram(guard.platform(), dst, src.len() as u64)?;
+        // SAFETY: `src` is a readable buffer of `src.len()` bytes; the destination is RAM.
         unsafe { self.copy(guard, End::Ptr(src.as_ptr() as u64), End::Phys(dst), src.len() as u64) }
     }
 
@@ -275,7 +305,7 @@ impl QuickMaps {
     /// `[dst, dst + len)` is mapped, writable, and not referenced by any `&`/`&mut` during the
     /// call.
     ///
-    /// Errors: [`Error::Overflow`].
+    /// Errors: [`Error::Overflow`]; [`Error::NotRam`] (nothing is copied).
     pub unsafe fn copy_phys_to_kva<P: Platform>(
         &self,
         guard: &CpuGuard<'_, P>,
@@ -285,7 +315,8 @@ impl QuickMaps {
     ) -> Result<()> {
         end_of(src.raw(), len)?;
         end_of(dst.raw(), len)?;
-        // SAFETY: the caller guarantees the destination.
+        check_ram(guard.platform(), src, len)?;
+        // SAFETY: the caller guarantees the destination; the source is RAM (checked).
         unsafe { self.copy(guard, End::Phys(src), End::Ptr(dst.raw()), len) }
     }
 
@@ -296,7 +327,7 @@ impl QuickMaps {
     /// `[src, src + len)` is mapped and readable and not written through a `&mut` during the
     /// call.
     ///
-    /// Errors: [`Error::Overflow`].
+    /// Errors: [`Error::Overflow`]; [`Error::NotRam`] (nothing is copied).
     pub unsafe fn copy_kva_to_phys<P: Platform>(
         &self,
         guard: &CpuGuard<'_, P>,
@@ -306,14 +337,15 @@ impl QuickMaps {
     ) -> Result<()> {
         end_of(src.raw(), len)?;
         end_of(dst.raw(), len)?;
-        // SAFETY: the caller guarantees the source.
+        check_ram(guard.platform(), dst, len)?;
+        // SAFETY: the caller guarantees the source; the destination is RAM (checked).
         unsafe { self.copy(guard, End::Ptr(src.raw()), End::Phys(dst), len) }
     }
 
     /// Sets `len` bytes of physical memory at `dst` to `byte`, through the direct map or slot
     /// Second.
     ///
-    /// Errors: [`Error::Overflow`]. The range must be RAM.
+    /// Errors: [`Error::Overflow`]; [`Error::NotRam`] (nothing is written).
     pub fn fill_phys<P: Platform>(
         &self,
         guard: &CpuGuard<'_, P>,
@@ -322,10 +354,12 @@ impl QuickMaps {
         byte: u8,
     ) -> Result<()> {
         end_of(dst.raw(), len)?;
+        check_ram(guard.platform(), dst, len)?;
         let mut done = 0;
         while done < len {
             let pa = PhysAddr::new(dst.raw() + done);
-            let (ptr, n, m) = self.resolve(guard, QuickSlot::Second, pa, len - done);
+            // SAFETY: `pa` lies in `[dst, dst + len)`, checked to be RAM above.
+            let (ptr, n, m) = unsafe { self.resolve(guard, QuickSlot::Second, pa, len - done) };
             // SAFETY: `resolve` returns a pointer valid for `n` bytes while `m` lives.
             unsafe { core::ptr::write_bytes(ptr as *mut u8, byte, n as usize) };
             drop(m);
@@ -338,8 +372,8 @@ impl QuickMaps {
     ///
     /// # Safety
     ///
-    /// `End::Ptr` ends are valid for `len` bytes (readable source, writable destination), and
-    /// the two sides do not overlap.
+    /// `End::Ptr` ends are valid for `len` bytes (readable source, writable destination),
+    /// `End::Phys` ends are RAM for `len` bytes, and the two sides do not overlap.
     unsafe fn copy<P: Platform>(&self, guard: &CpuGuard<'_, P>, src: End, dst: End, len: u64) -> Result<()> {
         let mut done = 0;
         while done < len {
@@ -348,11 +382,17 @@ impl QuickMaps {
             // by the source's chunk, so neither mapping covers bytes this step does not copy.
             let (s_ptr, s_n, s_map) = match src {
                 End::Ptr(p) => (p + done, left, None),
-                End::Phys(pa) => self.resolve(guard, QuickSlot::First, PhysAddr::new(pa.raw() + done), left),
+                // SAFETY: inside the source range, RAM by this function's contract.
+                End::Phys(pa) => unsafe {
+                    self.resolve(guard, QuickSlot::First, PhysAddr::new(pa.raw() + done), left)
+                },
             };
             let (d_ptr, n, d_map) = match dst {
                 End::Ptr(p) => (p + done, s_n, None),
-                End::Phys(pa) => self.resolve(guard, QuickSlot::Second, PhysAddr::new(pa.raw() + done), s_n),
+                // SAFETY: inside the destination range, RAM by this function's contract.
+                End::Phys(pa) => unsafe {
+                    self.resolve(guard, QuickSlot::Second, PhysAddr::new(pa.raw() + done), s_n)
+                },
             };
             // SAFETY: both pointers are valid for `n <= s_n` bytes: caller pointers by this
             // function's contract, resolved ones while their mappings live (until the drops
@@ -368,14 +408,19 @@ impl QuickMaps {
     /// A CPU pointer to `pa` valid for the returned number of bytes (at most `max`, at least
     /// one), and the mapping that keeps it valid. A direct-mapped run extends over as many
     /// pages as the direct map keeps contiguous; a quick-mapped one ends at its page.
-    fn resolve<'a, 'p, P: Platform>(
+    ///
+    /// # Safety
+    ///
+    /// The page holding `pa` is RAM.
+    unsafe fn resolve<'a, 'p, P: Platform>(
         &'a self,
         guard: &'a CpuGuard<'p, P>,
         slot: QuickSlot,
         pa: PhysAddr,
         max: u64,
     ) -> (u64, u64, Option<QuickMapping<'a, 'p, P>>) {
-        let m = self.enter_in(guard, slot, pa);
+        // SAFETY: the caller guarantees the page is RAM.
+        let m = unsafe { self.enter_ram(guard, slot, pa) };
         let off = pa.page_offset();
         let mut run = PAGE_SIZE - off;
         if !m.windowed {
@@ -421,10 +466,10 @@ impl CacheMaint {
 /// [`MAINTENANCE_SLOT`] window, one page at a time. Returns the number of pages maintained
 /// through the window.
 ///
-/// The range must be RAM (a page with a page descriptor): a quick map of anything else is a
-/// caller bug, as for [`QuickMaps::enter_in`]. Never sleeps, never fails on RAM.
+/// Never sleeps, never fails on RAM.
 ///
-/// Errors: [`Error::Overflow`] (the range wraps).
+/// Errors: [`Error::Overflow`] (the range wraps); [`Error::NotRam`] (the range is not all RAM:
+/// nothing is maintained).
 pub fn maintain_phys<P: Platform>(
     guard: &CpuGuard<'_, P>,
     pa: PhysAddr,
@@ -433,6 +478,7 @@ pub fn maintain_phys<P: Platform>(
 ) -> Result<u64> {
     let end = end_of(pa.raw(), len)?;
     let (p, cpu) = (guard.platform(), guard.cpu());
+    check_ram(p, pa, len)?;
     let mut at = pa.raw();
     let mut windowed = 0;
     while at < end {
@@ -452,8 +498,8 @@ pub fn maintain_phys<P: Platform>(
                 op.apply(p, KernVa::new(start), n)
             }
             None => {
-                // SAFETY: we hold the guard for `cpu`; `page` is page-aligned and RAM by this
-                // function's contract; the maintenance slot is used only here and released
+                // SAFETY: we hold the guard for `cpu`; `page` is page-aligned and RAM (the
+                // range was checked above); the maintenance slot is used only here and released
                 // before this iteration ends, so it is free (theory 7).
                 let kva = unsafe { p.quick_map(cpu, MAINTENANCE_SLOT, page) };
                 op.apply(p, KernVa::new(kva.raw() + off), n);
@@ -474,6 +520,12 @@ enum End {
     Phys(PhysAddr),
     /// A CPU pointer the caller vouches for.
     Ptr(u64),
+}
+
+/// [`Error::NotRam`] unless `[pa, pa + len)` is RAM; an empty range touches nothing and passes.
+#[inline]
+fn check_ram<P: Platform>(p: &P, pa: PhysAddr, len: u64) -> Result<()> {
+    if len == 0 || p.is_ram(pa, len) { Ok(()) } else { Err(Error::NotRam { pa: pa.raw(), len }) }
 }
 
 /// `start + len`, checked.

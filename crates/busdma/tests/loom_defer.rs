@@ -16,7 +16,11 @@ use loom::thread;
 /// A platform with nothing behind it: the model exercises the front end's queue, not memory.
 struct Bare;
 
-impl Platform for Bare {
+// SAFETY: nothing is RAM (`is_ram` is always false) and no table page or page is ever handed
+// out, so busdma never quick-maps, copies or walks through this platform; the one CPU is shared
+// by loom's threads, which is sound only because the deferred-load queue modelled here keeps no
+// per-CPU state (it is a test double, not a platform to copy).
+unsafe impl Platform for Bare {
     fn read_phys(&self, _: PhysAddr, _: &mut [u8]) -> busdma::Result<()> {
         Ok(())
     }
@@ -34,6 +38,9 @@ impl Platform for Bare {
         Err(Error::NoMemory { requested: req.pages * PAGE_SIZE })
     }
     unsafe fn free_pages(&self, _: PhysAddr, _: u64) {}
+    fn is_ram(&self, _: PhysAddr, _: u64) -> bool {
+        false
+    }
     fn phys_to_kva(&self, _: PhysAddr) -> Option<KernVa> {
         None
     }

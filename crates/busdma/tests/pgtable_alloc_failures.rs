@@ -41,7 +41,8 @@ fn sweep_run<F: PteFormat>(bits: u32, iova: u64, len: u64, min_points: u64) {
             .with_max_leaf(PageSize::Size4K);
         let g = m.pin_cpu();
         let before = pool.alloc_attempts();
-        pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE) }.unwrap();
         pool.alloc_attempts() - before
     };
     assert!(points >= min_points, "{} {bits}: {points} allocation points", F::NAME);
@@ -54,7 +55,9 @@ fn sweep_run<F: PteFormat>(bits: u32, iova: u64, len: u64, min_points: u64) {
                     .with_max_leaf(PageSize::Size4K);
             let g = m.pin_cpu();
             pool.fail_nth_alloc(Some(n));
-            let r = pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE);
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            let r =
+                unsafe { pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE) };
             assert_eq!(r, Err(Error::NoMemory { requested: 4096 }), "{} {bits}: point {n}", F::NAME);
             assert_eq!(pool.stats().injected_failures, 1);
             for off in (0..len).step_by(0x1000) {
@@ -74,7 +77,9 @@ fn sweep_run<F: PteFormat>(bits: u32, iova: u64, len: u64, min_points: u64) {
                 F::NAME
             );
             // And the same map succeeds afterwards.
-            pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.map(&g, Iova::new(iova), PhysAddr::new(0x1_0000_0000), len, Prot::READ_WRITE) }
+                .unwrap();
             assert_eq!(
                 pt.iova_to_phys(Iova::new(iova + len - 1)),
                 Some(PhysAddr::new(0x1_0000_0000 + len - 1))
@@ -111,20 +116,27 @@ fn split_sweep<F: PteFormat>() {
         PageTable::<_, F>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true }).unwrap();
     let g = m.pin_cpu();
     let gb = 1u64 << 30;
-    pt.map(&g, Iova::new(gb), PhysAddr::new(2 * gb), gb, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(gb), PhysAddr::new(2 * gb), gb, Prot::READ) }.unwrap();
     // Unmapping two pages from the middle of a 1 GiB block at unaligned ends needs 1 + 2
     // pages (the 1 GiB split, and two 2 MiB splits if the ends fall in different 2 MiB blocks).
     let hole = AddrRange::from_start_len(Iova::new(gb + (3 << 21) - 0x1000), 0x2000).unwrap();
     let mut gather = Gather::new();
     for n in 1..=3 {
         pool.fail_nth_alloc(Some(n));
-        assert_eq!(pt.unmap(&g, hole, &mut gather), Err(Error::NoMemory { requested: 4096 }), "point {n}");
+        assert_eq!(
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, hole, &mut gather) },
+            Err(Error::NoMemory { requested: 4096 }),
+            "point {n}"
+        );
         assert!(gather.is_empty());
         assert_eq!(pt.leaf_of(Iova::new(gb)).unwrap().1, 2, "point {n}: the block is intact");
         assert_eq!(live(&m), pt.table_pages() as u64 + pool.stats().cached);
     }
     let before = pool.alloc_attempts();
-    pt.unmap(&g, hole, &mut gather).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(&g, hole, &mut gather) }.unwrap();
     assert_eq!(pool.alloc_attempts() - before, 3, "exactly three split pages");
     assert_eq!(pt.iova_to_phys(hole.start()), None);
     assert_eq!(
@@ -164,8 +176,17 @@ fn concurrent_mappers_under_one_missing_table_share_one_install() {
                     let g = m.pin_cpu();
                     for k in 0..8u64 {
                         let iova = base + (k * 4 + t) * 0x1000;
-                        pt.map(&g, Iova::new(iova), PhysAddr::new(iova + 0x1_0000_0000), 0x1000, Prot::READ)
-                            .unwrap();
+                        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                        unsafe {
+                            pt.map(
+                                &g,
+                                Iova::new(iova),
+                                PhysAddr::new(iova + 0x1_0000_0000),
+                                0x1000,
+                                Prot::READ,
+                            )
+                        }
+                        .unwrap();
                     }
                 });
             }
@@ -194,11 +215,13 @@ fn detach_sweep<F: PteFormat>() {
     let g = m.pin_cpu();
     let r = AddrRange::from_start_len(Iova::new(IOVA), LEN).unwrap();
     for n in 1..=3 {
-        pt.map(&g, Iova::new(IOVA), PhysAddr::new(0x1_0000_0000), LEN, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(IOVA), PhysAddr::new(0x1_0000_0000), LEN, Prot::READ_WRITE) }.unwrap();
         let tables = pt.table_pages();
         pool.fail_nth_alloc(Some(n));
         let mut gather = Gather::new();
-        assert_eq!(pt.unmap(&g, r, &mut gather), Ok(()), "{} point {n}", F::NAME);
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        assert_eq!(unsafe { pt.unmap(&g, r, &mut gather) }, Ok(()), "{} point {n}", F::NAME);
         assert_eq!(pool.stats().injected_failures, n, "the injector fired at point {n}");
         assert_eq!(pt.table_pages() + gather.freed_tables(), tables, "every table is installed or gathered");
         assert!(pt.table_pages() > 1, "point {n}: the refused subtree stayed installed");
@@ -259,16 +282,21 @@ fn two_threads_mapping_and_unmapping_neighbouring_ranges_never_disturb_each_othe
                         let g = m.pin_cpu();
                         if state[i] {
                             let mut gather = Gather::new();
-                            pt.unmap(
-                                &g,
-                                AddrRange::from_start_len(Iova::new(iova), len).unwrap(),
-                                &mut gather,
-                            )
+                            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                            unsafe {
+                                pt.unmap(
+                                    &g,
+                                    AddrRange::from_start_len(Iova::new(iova), len).unwrap(),
+                                    &mut gather,
+                                )
+                            }
                             .unwrap();
                             // SAFETY: no IOMMU walks this table.
                             gather.release_after_flush(unsafe { FlushDone::for_all() }, pool, &g).unwrap();
                         } else {
-                            pt.map(&g, Iova::new(iova), pa_of(iova), len, Prot::READ_WRITE).unwrap();
+                            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+                            unsafe { pt.map(&g, Iova::new(iova), pa_of(iova), len, Prot::READ_WRITE) }
+                                .unwrap();
                         }
                         state[i] = !state[i];
                         for &j in &mine {

@@ -42,7 +42,8 @@ fn unmap_and_flush<P: Platform, F: PteFormat>(
     r: AddrRange<Iova>,
 ) {
     let mut gather = Gather::new();
-    pt.unmap(g, r, &mut gather).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(g, r, &mut gather) }.unwrap();
     // SAFETY: no IOMMU walks these tables in this test; the "flush" is trivially complete.
     let proof = unsafe { FlushDone::for_range(gather.range().unwrap()) };
     gather.release_after_flush(proof, pt.pool(), g).unwrap();
@@ -96,7 +97,8 @@ fn every_size_maps_and_translates_with_a_leaf_of_that_size() {
         // Two leaves of the size, IOVA and PA both aligned to it, PA far from IOVA.
         let iova = 3 * s;
         let pa = 0x80_0000_0000 + 5 * s;
-        pt.map(&g, Iova::new(iova), PhysAddr::new(pa), 2 * s, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(iova), PhysAddr::new(pa), 2 * s, Prot::READ_WRITE) }.unwrap();
         for off in [0, 0x1000, s - 8, s, 2 * s - 1] {
             assert_eq!(
                 pt.iova_to_phys(Iova::new(iova + off)),
@@ -119,8 +121,10 @@ fn every_size_maps_and_translates_with_a_leaf_of_that_size() {
 fn rights_read_back_as_the_format_grants_them() {
     matrix!(|case, pt, g, m| {
         let s = case.size.bytes();
-        pt.map(&g, Iova::new(0), PhysAddr::new(0x4000_0000), s, Prot::READ).unwrap();
-        pt.map(&g, Iova::new(s), PhysAddr::new(0x4000_0000), s, Prot::WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(0), PhysAddr::new(0x4000_0000), s, Prot::READ) }.unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(s), PhysAddr::new(0x4000_0000), s, Prot::WRITE) }.unwrap();
         let (ro, _) = pt.leaf_of(Iova::new(0)).unwrap();
         let (wo, _) = pt.leaf_of(Iova::new(s)).unwrap();
         if case.format == VtdSl::NAME {
@@ -132,7 +136,8 @@ fn rights_read_back_as_the_format_grants_them() {
         }
         let none = Prot { read: false, write: false };
         assert!(matches!(
-            pt.map(&g, Iova::new(2 * s), PhysAddr::new(0), s, none),
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.map(&g, Iova::new(2 * s), PhysAddr::new(0), s, none) },
             Err(Error::InvalidArgument { .. })
         ));
         unmap_and_flush(&pt, &g, range(0, 2 * s));
@@ -144,10 +149,12 @@ fn rights_read_back_as_the_format_grants_them() {
 fn overlapping_map_fails_with_the_first_mapped_iova_and_changes_nothing() {
     matrix!(|case, pt, g, m| {
         let s = case.size.bytes();
-        pt.map(&g, Iova::new(4 * s), PhysAddr::new(0x1_0000_0000), s, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(4 * s), PhysAddr::new(0x1_0000_0000), s, Prot::READ_WRITE) }.unwrap();
         let before = pt.table_pages();
         // [2s, 5s) overlaps [4s, 5s): the first two leaves are written, then rolled back.
-        let r = pt.map(&g, Iova::new(2 * s), PhysAddr::new(0x2_0000_0000), 3 * s, Prot::READ);
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        let r = unsafe { pt.map(&g, Iova::new(2 * s), PhysAddr::new(0x2_0000_0000), 3 * s, Prot::READ) };
         assert_eq!(r, Err(Error::AlreadyMapped { addr: 4 * s }), "{case:?}");
         assert_eq!(pt.iova_to_phys(Iova::new(2 * s)), None, "{case:?}: rolled back");
         assert_eq!(pt.iova_to_phys(Iova::new(4 * s - 0x1000)), None, "{case:?}: rolled back");
@@ -155,7 +162,8 @@ fn overlapping_map_fails_with_the_first_mapped_iova_and_changes_nothing() {
         assert!(pt.table_pages() >= before);
         // A 4 KiB map inside an existing leaf of any size also fails.
         let inside = 4 * s + ((s / 2) & !0xfff);
-        let r = pt.map(&g, Iova::new(inside), PhysAddr::new(0), 0x1000, Prot::READ);
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        let r = unsafe { pt.map(&g, Iova::new(inside), PhysAddr::new(0), 0x1000, Prot::READ) };
         assert_eq!(r, Err(Error::AlreadyMapped { addr: inside }), "{case:?}");
         unmap_and_flush(&pt, &g, range(4 * s, s));
         let _ = &m;
@@ -167,17 +175,20 @@ fn partial_unmap_of_a_block_splits_it_and_keeps_the_rest() {
     matrix!(|case, pt, g, m| {
         let s = case.size.bytes();
         let pa = 0x40_0000_0000u64;
-        pt.map(&g, Iova::new(s), PhysAddr::new(pa), s, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(s), PhysAddr::new(pa), s, Prot::READ_WRITE) }.unwrap();
         // Unmap one 4 KiB page in the middle (for 4 KiB leaves: the run's middle page of a
         // three-page run instead, since one page has no middle).
         let (hole, len) = if case.size == PageSize::Size4K {
-            pt.map(&g, Iova::new(2 * s), PhysAddr::new(pa + s), 2 * s, Prot::READ_WRITE).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.map(&g, Iova::new(2 * s), PhysAddr::new(pa + s), 2 * s, Prot::READ_WRITE) }.unwrap();
             (2 * s, 0x1000)
         } else {
             (s + s / 2 + 0x3000, 0x1000)
         };
         let mut gather = Gather::new();
-        pt.unmap(&g, range(hole, len), &mut gather).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.unmap(&g, range(hole, len), &mut gather) }.unwrap();
         assert_eq!(gather.range(), Some(range(hole, len)), "{case:?}: gathered exactly the hole");
         assert_eq!(gather.freed_tables(), 0, "{case:?}: a split frees no table");
         assert_eq!(pt.iova_to_phys(Iova::new(hole)), None, "{case:?}");
@@ -195,7 +206,11 @@ fn partial_unmap_of_a_block_splits_it_and_keeps_the_rest() {
         // SAFETY: no IOMMU walks these tables in this test.
         gather.release_after_flush(unsafe { FlushDone::for_all() }, pt.pool(), &g).unwrap();
         // Unmapping the rest around the hole works; the hole itself is an error.
-        assert_eq!(pt.unmap(&g, range(s, 2 * s), &mut gather), Err(Error::NotMapped { addr: hole }));
+        assert_eq!(
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, range(s, 2 * s), &mut gather) },
+            Err(Error::NotMapped { addr: hole })
+        );
         unmap_and_flush(&pt, &g, range(s, hole - s));
         let _ = &m;
     });
@@ -209,10 +224,12 @@ fn unmapping_a_range_covering_whole_tables_detaches_them_into_the_gather() {
         }
         // 3 MiB of pages from 1 MiB: one leaf table wholly covered ([2 MiB, 4 MiB)), one not.
         let (a, len) = (0x10_0000, 0x40_0000);
-        pt.map(&g, Iova::new(a), PhysAddr::new(0x8000_0000), len, Prot::READ).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(a), PhysAddr::new(0x8000_0000), len, Prot::READ) }.unwrap();
         let tables = pt.table_pages();
         let mut gather = Gather::new();
-        pt.unmap(&g, range(0x20_0000, 0x20_0000), &mut gather).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.unmap(&g, range(0x20_0000, 0x20_0000), &mut gather) }.unwrap();
         assert_eq!(gather.freed_tables(), 1, "{case:?}");
         assert_eq!(pt.table_pages(), tables - 1);
         let before = pt.pool().stats().cached;
@@ -235,10 +252,13 @@ fn the_last_page_below_the_input_limit_maps() {
     matrix!(|case, pt, g, m| {
         let s = case.size.bytes();
         let limit = 1u64 << case.bits;
-        pt.map(&g, Iova::new(limit - s), PhysAddr::new(0x10_0000_0000), s, Prot::READ_WRITE).unwrap();
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        unsafe { pt.map(&g, Iova::new(limit - s), PhysAddr::new(0x10_0000_0000), s, Prot::READ_WRITE) }
+            .unwrap();
         assert_eq!(pt.iova_to_phys(Iova::new(limit - 1)), Some(PhysAddr::new(0x10_0000_0000 + s - 1)));
         assert_eq!(pt.leaf_of(Iova::new(limit - 1)).unwrap().1, height(case.size));
-        let r = pt.map(&g, Iova::new(limit - s), PhysAddr::new(0), 2 * s, Prot::READ);
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        let r = unsafe { pt.map(&g, Iova::new(limit - s), PhysAddr::new(0), 2 * s, Prot::READ) };
         assert_eq!(r, Err(Error::OutOfRange { addr: limit, limit }), "{case:?}");
         unmap_and_flush(&pt, &g, range(limit - s, s));
         let _ = &m;
@@ -252,7 +272,8 @@ fn bad_inputs_are_clear_errors_and_change_nothing() {
         let out =
             1u64 << if case.format == VtdSl::NAME { VtdSl::OUTPUT_BITS } else { ArmLpaeS1::OUTPUT_BITS };
         let rw = Prot::READ_WRITE;
-        let map = |i: u64, p: u64, l: u64| pt.map(&g, Iova::new(i), PhysAddr::new(p), l, rw);
+        // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+        let map = |i: u64, p: u64, l: u64| unsafe { pt.map(&g, Iova::new(i), PhysAddr::new(p), l, rw) };
         assert_eq!(map(0x1800, 0x1000, 0x1000), Err(Error::Misaligned { value: 0x1800, align: 0x1000 }));
         assert_eq!(map(0x1000, 0x1010, 0x1000), Err(Error::Misaligned { value: 0x1010, align: 0x1000 }));
         assert_eq!(map(0x1000, 0x1000, 0x1001), Err(Error::Misaligned { value: 0x1001, align: 0x1000 }));
@@ -268,22 +289,30 @@ fn bad_inputs_are_clear_errors_and_change_nothing() {
         assert_eq!(pt.iova_to_phys(Iova::new(0x40_0000)), None, "{case:?}: rolled back");
         let mut gather = Gather::new();
         assert_eq!(
-            pt.unmap(&g, range(0x10_0000, 0x10_0000), &mut gather),
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, range(0x10_0000, 0x10_0000), &mut gather) },
             Err(Error::NotMapped { addr: 0x10_0000 })
         );
         assert_eq!(
-            pt.unmap(&g, range(0x3f_f000, 0x2000), &mut gather),
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, range(0x3f_f000, 0x2000), &mut gather) },
             Err(Error::NotMapped { addr: 0x40_0000 })
         );
         assert_eq!(
-            pt.unmap(&g, range(0x20_0800, 0x1000), &mut gather),
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, range(0x20_0800, 0x1000), &mut gather) },
             Err(Error::Misaligned { value: 0x20_0800, align: 0x1000 })
         );
         assert_eq!(
-            pt.unmap(&g, range(limit - 0x1000, 0x2000), &mut gather),
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, range(limit - 0x1000, 0x2000), &mut gather) },
             Err(Error::OutOfRange { addr: limit, limit })
         );
-        assert_eq!(pt.unmap(&g, AddrRange::empty_at(Iova::new(0)), &mut gather), Err(Error::ZeroSize));
+        assert_eq!(
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.unmap(&g, AddrRange::empty_at(Iova::new(0)), &mut gather) },
+            Err(Error::ZeroSize)
+        );
         assert!(gather.is_empty(), "{case:?}: failed unmaps gather nothing");
         assert_eq!(pt.iova_to_phys(Iova::new(0x3f_f000)), Some(PhysAddr::new(0x3f_f000)), "{case:?}: intact");
         unmap_and_flush(&pt, &g, range(0x20_0000, 0x20_0000));
@@ -319,10 +348,13 @@ fn appended_gathers_cover_the_hull_and_release_together() {
         .unwrap()
         .with_max_leaf(PageSize::Size4K);
     let g = m.pin_cpu();
-    pt.map(&g, Iova::new(0), PhysAddr::new(0), 0x60_0000, Prot::READ).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(0), PhysAddr::new(0), 0x60_0000, Prot::READ) }.unwrap();
     let (mut a, mut b) = (Gather::new(), Gather::new());
-    pt.unmap(&g, range(0x20_0000, 0x20_0000), &mut a).unwrap();
-    pt.unmap(&g, range(0x1000, 0x1000), &mut b).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(&g, range(0x20_0000, 0x20_0000), &mut a) }.unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(&g, range(0x1000, 0x1000), &mut b) }.unwrap();
     a.append(&mut b).unwrap();
     assert!(b.is_empty());
     assert_eq!(a.range(), Some(range(0x1000, 0x3f_f000)));

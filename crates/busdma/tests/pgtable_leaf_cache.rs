@@ -16,7 +16,8 @@ fn unmap_and_flush(
     r: AddrRange<Iova>,
 ) {
     let mut gather = Gather::new();
-    pt.unmap(g, r, &mut gather).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.unmap(g, r, &mut gather) }.unwrap();
     // SAFETY: no IOMMU walks these tables in this test; the "flush" is trivially complete.
     let proof = unsafe { FlushDone::for_range(gather.range().unwrap()) };
     gather.release_after_flush(proof, pt.pool(), g).unwrap();
@@ -40,18 +41,22 @@ fn a_detached_leaf_table_reused_for_another_span_is_never_reached_through_the_ca
     let rw = Prot::READ_WRITE;
     let g = m.pin_cpu();
     // Cache span s's table on this CPU: a one-page map and unmap through it.
-    pt.map(&g, Iova::new(s + 5 * PAGE_SIZE), PhysAddr::new(0x10_0000), PAGE_SIZE, rw).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(s + 5 * PAGE_SIZE), PhysAddr::new(0x10_0000), PAGE_SIZE, rw) }.unwrap();
     unmap_and_flush(&pt, &g, AddrRange::from_start_len(Iova::new(s + 5 * PAGE_SIZE), PAGE_SIZE).unwrap());
     // Map the whole span, then unmap it all: the table is detached and goes back to the pool.
-    pt.map(&g, Iova::new(s), PhysAddr::new(0x20_0000), SPAN, rw).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(s), PhysAddr::new(0x20_0000), SPAN, rw) }.unwrap();
     let before = pt.table_pages();
     unmap_and_flush(&pt, &g, AddrRange::from_start_len(Iova::new(s), SPAN).unwrap());
     assert_eq!(pt.table_pages(), before - 1, "the span's last-level table was detached");
     // Another span takes the freed page (the pool hands back the latest freed page first).
-    pt.map(&g, Iova::new(s2 + 5 * PAGE_SIZE), PhysAddr::new(0x30_0000), PAGE_SIZE, rw).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(s2 + 5 * PAGE_SIZE), PhysAddr::new(0x30_0000), PAGE_SIZE, rw) }.unwrap();
     // Map at the same index of span s again: with a stale cache this would land in span s2's
     // table (here: AlreadyMapped, or s2's page overwritten).
-    pt.map(&g, Iova::new(s + 5 * PAGE_SIZE), PhysAddr::new(0x40_0000), PAGE_SIZE, rw).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(s + 5 * PAGE_SIZE), PhysAddr::new(0x40_0000), PAGE_SIZE, rw) }.unwrap();
     check(&pt, &[(s + 5 * PAGE_SIZE, 0x40_0000), (s2 + 5 * PAGE_SIZE, 0x30_0000)]);
     assert_eq!(pt.iova_to_phys(Iova::new(s + 6 * PAGE_SIZE)), None);
     drop(g);
@@ -63,7 +68,9 @@ fn a_detached_leaf_table_reused_for_another_span_is_never_reached_through_the_ca
             let _b = m.bind_cpu(1).unwrap();
             let g1 = m.pin_cpu();
             assert_eq!(g1.cpu(), 1);
-            pt.map(&g1, Iova::new(s + 9 * PAGE_SIZE), PhysAddr::new(0x50_0000), PAGE_SIZE, rw).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.map(&g1, Iova::new(s + 9 * PAGE_SIZE), PhysAddr::new(0x50_0000), PAGE_SIZE, rw) }
+                .unwrap();
             unmap_and_flush(
                 &pt,
                 &g1,
@@ -73,15 +80,19 @@ fn a_detached_leaf_table_reused_for_another_span_is_never_reached_through_the_ca
     });
     let g = m.pin_cpu();
     unmap_and_flush(&pt, &g, AddrRange::from_start_len(Iova::new(s + 5 * PAGE_SIZE), PAGE_SIZE).unwrap());
-    pt.map(&g, Iova::new(s), PhysAddr::new(0x20_0000), SPAN, rw).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(s), PhysAddr::new(0x20_0000), SPAN, rw) }.unwrap();
     unmap_and_flush(&pt, &g, AddrRange::from_start_len(Iova::new(s), SPAN).unwrap());
-    pt.map(&g, Iova::new(s2 + 9 * PAGE_SIZE), PhysAddr::new(0x60_0000), PAGE_SIZE, rw).unwrap();
+    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+    unsafe { pt.map(&g, Iova::new(s2 + 9 * PAGE_SIZE), PhysAddr::new(0x60_0000), PAGE_SIZE, rw) }.unwrap();
     drop(g);
     std::thread::scope(|sc| {
         sc.spawn(|| {
             let _b = m.bind_cpu(1).unwrap();
             let g1 = m.pin_cpu();
-            pt.map(&g1, Iova::new(s + 9 * PAGE_SIZE), PhysAddr::new(0x70_0000), PAGE_SIZE, rw).unwrap();
+            // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
+            unsafe { pt.map(&g1, Iova::new(s + 9 * PAGE_SIZE), PhysAddr::new(0x70_0000), PAGE_SIZE, rw) }
+                .unwrap();
         });
     });
     check(

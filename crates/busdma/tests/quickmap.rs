@@ -27,7 +27,7 @@ fn direct_mapped_pages_are_entered_at_their_direct_address_with_no_mapping_chang
     m.write_phys(pa, b"near").unwrap();
     let before = m.counters().quick_maps.load(Ordering::Relaxed);
     let g = m.pin_cpu();
-    let q = qm.enter(&g, pa.checked_add(7).unwrap());
+    let q = qm.enter(&g, pa.checked_add(7).unwrap()).unwrap();
     assert_eq!(q.kva(), m.phys_to_kva(pa).unwrap());
     assert_eq!(q.pa(), pa);
     assert!(!q.is_windowed());
@@ -47,7 +47,7 @@ fn pages_outside_the_direct_map_are_reached_with_preemption_disabled() {
     m.write_phys(pa.checked_add(4000).unwrap(), b"far away").unwrap();
     let before = m.counters().quick_maps.load(Ordering::Relaxed);
     let g = m.pin_cpu();
-    let q = qm.enter(&g, pa);
+    let q = qm.enter(&g, pa).unwrap();
     assert!(q.is_windowed() && m.quick_window().contains(q.kva()));
     let mut b = [0u8; 8];
     q.read(4000, &mut b).unwrap();
@@ -70,8 +70,8 @@ fn two_slots_hold_two_pages_outside_the_direct_map_at_once() {
     let (a, b) = (page(&m, Placement::NotDirectMapped), page(&m, Placement::NotDirectMapped));
     m.write_phys(a, b"source").unwrap();
     let g = m.pin_cpu();
-    let qa = qm.enter_in(&g, QuickSlot::First, a);
-    let qb = qm.enter_in(&g, QuickSlot::Second, b);
+    let qa = qm.enter_in(&g, QuickSlot::First, a).unwrap();
+    let qb = qm.enter_in(&g, QuickSlot::Second, b).unwrap();
     assert_ne!(qa.kva(), qb.kva());
     let mut t = [0u8; 6];
     qa.read(0, &mut t).unwrap();
@@ -89,8 +89,8 @@ fn nesting_outside_the_direct_map_is_caught() {
     let qm = QuickMaps::for_platform(&m);
     let (a, b) = (page(&m, Placement::NotDirectMapped), page(&m, Placement::NotDirectMapped));
     let g = m.pin_cpu();
-    let _outer = qm.enter(&g, a);
-    let _inner = qm.enter(&g, b);
+    let _outer = qm.enter(&g, a).unwrap();
+    let _inner = qm.enter(&g, b).unwrap();
 }
 
 #[test]
@@ -99,11 +99,11 @@ fn nesting_is_caught_even_when_the_direct_map_makes_it_free_and_names_cpu_and_bo
     let qm = QuickMaps::for_platform(&m);
     let (a, b) = (page(&m, Placement::DirectMapped), page(&m, Placement::NotDirectMapped));
     let g = m.pin_cpu();
-    let outer = qm.enter(&g, a);
+    let outer = qm.enter(&g, a).unwrap();
     let n = qm.check_nesting(g.cpu(), QuickSlot::First, b.checked_add(5).unwrap()).unwrap();
     assert_eq!((n.cpu, n.slot, n.held, n.entering), (g.cpu(), QuickSlot::First, a, b));
     let msg = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _inner = qm.enter(&g, b);
+        let _inner = qm.enter(&g, b).unwrap();
     }))
     .unwrap_err();
     let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
@@ -296,7 +296,8 @@ fn maintenance_through_quick_maps_never_disturbs_a_quick_map_the_caller_holds() 
     m.write_phys(a, b"held A").unwrap();
     m.write_phys(b, b"held B").unwrap();
     let g = m.pin_cpu();
-    let (qa, qb) = (qm.enter_in(&g, QuickSlot::First, a), qm.enter_in(&g, QuickSlot::Second, b));
+    let (qa, qb) =
+        (qm.enter_in(&g, QuickSlot::First, a).unwrap(), qm.enter_in(&g, QuickSlot::Second, b).unwrap());
     let before = m.counters().quick_maps.load(Ordering::Relaxed);
     // 3 pages from 100 bytes into the first: pieces in each of them.
     let n = maintain_phys(&g, far.checked_add(100).unwrap(), 3 * PAGE_SIZE - 200, CacheMaint::Clean).unwrap();
@@ -313,4 +314,42 @@ fn maintenance_through_quick_maps_never_disturbs_a_quick_map_the_caller_holds() 
         maintain_phys(&g, PhysAddr::new(u64::MAX - 10), 20, CacheMaint::Invalidate),
         Err(Error::Overflow { .. })
     ));
+}
+
+#[test]
+fn quick_maps_copies_fills_and_maintenance_refuse_what_is_not_ram() {
+    use busdma::quickmap::{CacheMaint, maintain_phys};
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let ram = m.ram();
+    // Below RAM (the model's RAM starts at 16 MiB), and a range running off RAM's end.
+    let hole = PhysAddr::new(ram.start().raw() - 2 * PAGE_SIZE);
+    let last = PhysAddr::new(ram.end().raw() - PAGE_SIZE);
+    let near = page(&m, Placement::DirectMapped);
+    m.write_phys(last, &[0xab; 16]).unwrap();
+    let g = m.pin_cpu();
+    let before = m.counters().quick_maps.load(Ordering::Relaxed);
+    let not_ram = |pa: PhysAddr, len: u64| Err::<(), _>(Error::NotRam { pa: pa.raw(), len });
+
+    assert_eq!(qm.enter(&g, hole.checked_add(5).unwrap()).map(|_| ()), not_ram(hole, PAGE_SIZE));
+    assert_eq!(qm.enter_in(&g, QuickSlot::Second, ram.end()).map(|_| ()), not_ram(ram.end(), PAGE_SIZE));
+    assert_eq!(qm.copy_phys_to_phys(&g, hole, near, 64), not_ram(hole, 64));
+    assert_eq!(qm.copy_phys_to_phys(&g, near, last, 2 * PAGE_SIZE), not_ram(last, 2 * PAGE_SIZE));
+    assert_eq!(qm.copy_phys_to_slice(&g, hole, &mut [0u8; 8]), not_ram(hole, 8));
+    assert_eq!(qm.copy_slice_to_phys(&g, &[1u8; 8], hole), not_ram(hole, 8));
+    assert_eq!(qm.fill_phys(&g, last, PAGE_SIZE + 1, 0), not_ram(last, PAGE_SIZE + 1));
+    let mut buf = [0u8; 8];
+    let kva = KernVa::new(buf.as_mut_ptr() as u64);
+    // SAFETY: `buf` is a live, writable 8-byte buffer with no reference into it meanwhile.
+    assert_eq!(unsafe { qm.copy_phys_to_kva(&g, hole, kva, 8) }, not_ram(hole, 8));
+    // SAFETY: as above, read only.
+    assert_eq!(unsafe { qm.copy_kva_to_phys(&g, kva, hole, 8) }, not_ram(hole, 8));
+    assert_eq!(maintain_phys(&g, hole, 64, CacheMaint::Clean).map(|_| ()), not_ram(hole, 64));
+
+    // Refused before anything was mapped or written.
+    assert_eq!(m.counters().quick_maps.load(Ordering::Relaxed), before);
+    let mut got = [0u8; 16];
+    m.read_phys(last, &mut got).unwrap();
+    assert_eq!(got, [0xab; 16], "a refused fill wrote the RAM part of its range");
+    assert_eq!(qm.nestings(), 0);
 }

@@ -58,14 +58,21 @@ fn pgtable_pair(c: &mut Criterion) {
     let iova = Iova::new(0x4000_0000);
     let page = AddrRange::from_start_len(iova, PAGE_SIZE).expect("range");
     // Install the levels once, as a reserved map would.
-    pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: true }).expect("map");
+    // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
+    unsafe { pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: true }) }
+        .expect("map");
     let mut gather = Gather::new();
-    pt.unmap(&g, page, &mut gather).expect("unmap");
+    // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
+    unsafe { pt.unmap(&g, page, &mut gather) }.expect("unmap");
     c.bench_function("pgtable map+unmap, 1 page, VT-d", |b| {
         b.iter(|| {
-            pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: false })
-                .expect("map");
-            pt.unmap(&g, page, &mut gather).expect("unmap");
+            // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
+            unsafe {
+                pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: false })
+            }
+            .expect("map");
+            // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
+            unsafe { pt.unmap(&g, page, &mut gather) }.expect("unmap");
             // SAFETY: no IOMMU walks this table in the benchmark, so nothing caches the page:
             // the invalidation it needs is vacuously complete.
             let proof = unsafe { FlushDone::for_range(page) };

@@ -148,11 +148,11 @@ pub fn run(args: &BounceArgs) -> Result<Vec<Value>, String> {
         let g = m.pin_cpu();
         let k = SIZES.len() * 3;
         samples[k].push(time(args.us_per_row, || {
-            let q = qm.enter(&g, qpage);
+            let q = qm.enter(&g, qpage).expect("quick map of RAM");
             std::hint::black_box(q.kva());
         }));
         samples[k + 1].push(time(args.us_per_row, || {
-            let q = qm.enter(&g, dpage);
+            let q = qm.enter(&g, dpage).expect("quick map of RAM");
             std::hint::black_box(q.kva());
         }));
     }

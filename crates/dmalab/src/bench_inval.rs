@@ -98,9 +98,12 @@ fn one(
         let t = Instant::now();
         for _ in 0..a.ops {
             let r = d.alloc_iova(&g, &req).map_err(|x| e("alloc_iova", x))?;
-            d.map(&g, r.start(), PhysAddr::new(PA), r.len(), Prot::READ_WRITE).map_err(|x| e("map", x))?;
+            // SAFETY: the benchmark owns the IOVA it allocated; the model device only translates it.
+            unsafe { d.map(&g, r.start(), PhysAddr::new(PA), r.len(), Prot::READ_WRITE) }
+                .map_err(|x| e("map", x))?;
             iommu.translate(DEV, r.start(), true).map_err(|f| format!("device: {f}"))?;
-            d.unmap(&g, &[r], &[r]).map_err(|x| e("unmap", x))?;
+            // SAFETY: the benchmark owns the IOVA it allocated; the model device only translates it.
+            unsafe { d.unmap(&g, &[r], &[r]) }.map_err(|x| e("unmap", x))?;
         }
         let ns = t.elapsed().as_nanos() as f64 / a.ops as f64;
         d.flush(&g).map_err(|x| e("flush", x))?;

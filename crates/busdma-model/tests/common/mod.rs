@@ -35,7 +35,10 @@ impl<'a> Recording<'a> {
     }
 }
 
-impl Platform for Recording<'_> {
+// SAFETY: every answer busdma trusts is forwarded unchanged from the `HostPlatform` behind it
+// (whose impl states why they hold); only cache maintenance is observed, which busdma's soundness
+// does not rest on.
+unsafe impl Platform for Recording<'_> {
     fn read_phys(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<()> {
         self.host.read_phys(pa, buf)
     }
@@ -58,6 +61,9 @@ impl Platform for Recording<'_> {
     unsafe fn free_pages(&self, pa: PhysAddr, pages: u64) {
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { self.host.free_pages(pa, pages) }
+    }
+    fn is_ram(&self, pa: PhysAddr, len: u64) -> bool {
+        self.host.is_ram(pa, len)
     }
     fn phys_to_kva(&self, pa: PhysAddr) -> Option<KernVa> {
         self.host.phys_to_kva(pa)

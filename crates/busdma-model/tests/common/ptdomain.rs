@@ -80,7 +80,8 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         dir: Direction,
     ) -> Result<()> {
         let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
-        self.pt.map(g, iova, pa, len, prot)
+        // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
+        unsafe { self.pt.map(g, iova, pa, len, prot) }
     }
 
     fn unmap(
@@ -91,7 +92,8 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
     ) -> Result<()> {
         let mut gather = Gather::default();
         for r in mapped {
-            self.pt.unmap(g, *r, &mut gather)?;
+            // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
+            unsafe { self.pt.unmap(g, *r, &mut gather) }?;
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
         if let Some(r) = gather.range() {
@@ -115,6 +117,7 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {
-        reserve_levels(&self.pt, g, range)
+        // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
+        unsafe { reserve_levels(&self.pt, g, range) }
     }
 }

@@ -259,7 +259,8 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
 fn maintain_bounce_pages<P: Platform>(p: &P, load: &BounceLoad<'_, P>, op: CacheMaint) {
     for d in load.segments().iter().filter(|d| d.bounced) {
         let g = p.pin_cpu();
-        // A bounce segment lies inside its bounce page, so it never wraps and this never fails.
+        // A bounce segment lies inside its bounce page (RAM from `alloc_pages`), so it never
+        // wraps and is RAM: this never fails.
         let _ = maintain_phys(&g, d.addr, d.len, op);
     }
 }

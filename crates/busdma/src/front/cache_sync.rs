@@ -37,6 +37,7 @@
 //!    this maintenance, and `busdma::bounce::Bounced` copies there.
 #![forbid(unsafe_code)]
 
+use crate::error::Result;
 use crate::platform::Platform;
 use crate::quickmap::{CacheMaint, maintain_phys};
 
@@ -58,7 +59,10 @@ pub struct SyncStats {
 }
 
 /// Performs `op` on `runs` (theory 1–3).
-pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> SyncStats {
+///
+/// Errors: [`crate::Error::NotRam`] for a page run outside RAM (a raw load of an address that
+/// is not RAM): its maintenance is refused, runs before it were maintained.
+pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> Result<SyncStats> {
     let mut st = SyncStats::default();
     let pre = op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD);
     if coherent {
@@ -68,7 +72,7 @@ pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -
         if op.contains(SyncOp::POSTREAD) {
             p.dma_rmb();
         }
-        return st;
+        return Ok(st);
     }
     let mut ops = [None, None];
     if op.contains(SyncOp::PREREAD) {
@@ -93,9 +97,9 @@ pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -
             (MemKind::Page, None) => {
                 for &m in ops.iter().flatten() {
                     let g = p.pin_cpu();
-                    // A run of a load never wraps (its source checked), so this never fails;
-                    // were it to, it would have touched nothing.
-                    let n = maintain_phys(&g, r.pa, r.len, m).unwrap_or(0);
+                    // A run of a load never wraps (its source checked); a raw run outside
+                    // RAM is refused before anything is touched.
+                    let n = maintain_phys(&g, r.pa, r.len, m)?;
                     st.quick_mapped = st.quick_mapped.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
                 }
             }
@@ -108,5 +112,5 @@ pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -
     if op.contains(SyncOp::POSTREAD) {
         p.dma_rmb();
     }
-    st
+    Ok(st)
 }

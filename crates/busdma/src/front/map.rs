@@ -245,7 +245,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     /// them (and the runs, unless it will retry).
     #[inline]
     pub(crate) fn place(&self, body: &mut Body<S::MapState>, dir: Direction) -> Result<()> {
-        let mut b = SegmentBuilder::new(&mut body.segs, Constraints::of(self.spec));
+        let mut b = SegmentBuilder::new(&mut body.segs, Constraints::of(self.spec))?;
         let state = body.state.as_mut().ok_or(Error::BadState { what: "map state missing" })?;
         let (p, st) = (self.tag.platform, &self.tag.strategy);
         st.load(p, self.spec, state, &body.runs, dir, &mut b)?;
@@ -285,7 +285,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
                 value: u64::from(op.bits()),
             });
         }
-        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent);
+        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent)?;
         let state = body.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
         self.tag.strategy.sync(self.tag.platform, self.spec, state, op)?;
         if op.contains(SyncOp::PREREAD) {

@@ -79,6 +79,25 @@ impl Constraints {
         }
     }
 
+    /// Checks the constraints the builder relies on: `align` a power of two (not 0),
+    /// `boundary` 0 or a power of two, `max_seg` at least `align` (so never 0: a builder that
+    /// could take no byte per segment would never finish).
+    ///
+    /// Errors: [`Error::BadAlignment`] with the alignment or boundary at fault;
+    /// [`Error::BadSize`] with the maximum segment size and the alignment it must reach.
+    pub fn validate(&self) -> Result<()> {
+        if !is_pow2(self.align) {
+            return Err(Error::BadAlignment { align: self.align });
+        }
+        if self.boundary != 0 && !is_pow2(self.boundary) {
+            return Err(Error::BadAlignment { align: self.boundary });
+        }
+        if self.max_seg < self.align {
+            return Err(Error::BadSize { size: self.max_seg, limit: self.align });
+        }
+        Ok(())
+    }
+
     /// Bytes a segment starting at `addr` may hold before hitting the next boundary.
     #[inline]
     fn room_to_boundary(&self, addr: u64) -> u64 {
@@ -106,10 +125,14 @@ pub struct SegmentBuilder<'a> {
 impl<'a> SegmentBuilder<'a> {
     /// A builder writing into `out` (cleared). `out` must have capacity for
     /// `c.max_segments` entries (the map allocates it at create time).
-    pub fn new(out: &'a mut Vec<Segment>, c: Constraints) -> Self {
+    ///
+    /// Errors: those of [`Constraints::validate`] (an alignment of 0, a maximum segment size
+    /// of 0 or below the alignment, ...); nothing is cleared then.
+    pub fn new(out: &'a mut Vec<Segment>, c: Constraints) -> Result<Self> {
+        c.validate()?;
         out.clear();
         debug_assert!(out.capacity() >= c.max_segments as usize);
-        Self { out, c, needed: 0, last_end: None, last_start: 0, last_len: 0 }
+        Ok(Self { out, c, needed: 0, last_end: None, last_start: 0, last_len: 0 })
     }
 
     /// The constraints in force.
@@ -215,10 +238,10 @@ pub fn check_segments(segs: &[Segment], c: &Constraints) -> Result<()> {
         if s.len > c.max_seg {
             return Err(Error::BadSize { size: s.len, limit: c.max_seg });
         }
-        if s.len > c.room_to_boundary(a) {
-            return Err(Error::InvalidRange { start: a, end: a + s.len });
-        }
         let end = a.checked_add(s.len).ok_or(Error::Overflow { base: a, len: s.len })?;
+        if s.len > c.room_to_boundary(a) {
+            return Err(Error::InvalidRange { start: a, end });
+        }
         if end - 1 > c.dma_mask {
             return Err(Error::OutOfRange { addr: end - 1, limit: c.dma_mask });
         }
@@ -236,7 +259,7 @@ mod tests {
 
     fn build(c: Constraints, runs: &[(u64, u64)]) -> Result<Vec<Segment>> {
         let mut v = Vec::with_capacity(c.max_segments as usize);
-        let mut b = SegmentBuilder::new(&mut v, c);
+        let mut b = SegmentBuilder::new(&mut v, c)?;
         for &(a, l) in runs {
             b.push(a, l)?;
         }
@@ -267,6 +290,73 @@ mod tests {
     fn a_new_segment_must_start_aligned() {
         let e = build(c(0x100, 0, 0x1000, 4), &[(0x1000, 0x10), (0x2008, 0x10)]).unwrap_err();
         assert_eq!(e, Error::Misaligned { value: 0x2008, align: 0x100 });
+    }
+
+    #[test]
+    fn a_zero_alignment_is_refused_not_a_panic() {
+        assert_eq!(build(c(0, 0, 0x1000, 4), &[(0, 0x10)]), Err(Error::BadAlignment { align: 0 }));
+        assert_eq!(build(c(3, 0, 0x1000, 4), &[(0, 0x10)]), Err(Error::BadAlignment { align: 3 }));
+        assert_eq!(build(c(1, 0x300, 0x1000, 4), &[(0, 0x10)]), Err(Error::BadAlignment { align: 0x300 }));
+    }
+
+    #[test]
+    fn a_zero_maximum_segment_size_is_refused_not_a_hang() {
+        assert_eq!(build(c(1, 0, 0, 4), &[(0, 0x10)]), Err(Error::BadSize { size: 0, limit: 1 }));
+        // What `Constraints::of` makes of a tag whose maximum is below its alignment.
+        assert_eq!(
+            build(c(1 << 63, 0, 0, 4), &[(0, 1), (1 << 63, 1), (u64::MAX - 1, 1)]),
+            Err(Error::BadSize { size: 0, limit: 1 << 63 })
+        );
+        assert_eq!(
+            build(c(0x100, 0, 0x80, 4), &[(0, 0x10)]),
+            Err(Error::BadSize { size: 0x80, limit: 0x100 })
+        );
+    }
+
+    #[test]
+    fn a_segment_list_whose_end_wraps_is_an_error_not_a_panic() {
+        let k = c(1, 1 << 62, u64::MAX, 4);
+        let s = [Segment { addr: Iova::new(u64::MAX - 0xf), len: 1 << 62 }];
+        assert_eq!(check_segments(&s, &k), Err(Error::Overflow { base: u64::MAX - 0xf, len: 1 << 62 }));
+    }
+
+    mod near_2_pow_63 {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn power(lo: u32) -> impl Strategy<Value = u64> {
+            (lo..64u32).prop_map(|s| 1u64 << s)
+        }
+
+        proptest! {
+            /// Alignments, boundaries and maximum sizes near 2^63, three runs anywhere in the
+            /// 64-bit space: the builder returns segments that meet the constraints, or an
+            /// error; never a panic, an overflow or a loop that does not end.
+            #[test]
+            fn layouts_near_2_pow_63_give_valid_segments_or_an_error(
+                align in power(58),
+                boundary in prop_oneof![Just(0u64), power(58)],
+                max_seg in prop_oneof![Just(0u64), power(58), Just(u64::MAX)],
+                runs in proptest::collection::vec(
+                    (
+                        prop_oneof![any::<u64>(), (0u64..4).prop_map(|k| k << 62)],
+                        prop_oneof![any::<u64>(), (1u64..4).prop_map(|k| k << 62), 1u64..0x1000],
+                    ),
+                    3,
+                ),
+            ) {
+                let k = Constraints {
+                    align,
+                    boundary,
+                    max_seg: max_seg & !(align - 1),
+                    max_segments: 4,
+                    dma_mask: u64::MAX,
+                };
+                if let Ok(segs) = build(k, &runs) {
+                    prop_assert_eq!(check_segments(&segs, &k), Ok(()));
+                }
+            }
+        }
     }
 
     #[test]

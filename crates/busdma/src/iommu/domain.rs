@@ -44,6 +44,7 @@
 //!
 //! Every method takes the caller's [`CpuGuard`]: it never sleeps and runs with preemption
 //! disabled; a flush spins until the hardware completes its invalidation.
+#![allow(unsafe_code)] // map and unmap are unsafe fns: the caller owns the IOVA (theory 1)
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -362,14 +363,45 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// Errors: those of [`PageTable::map`] (misaligned or out-of-range arguments, an
     /// existing mapping, no memory for a table page); [`Error::InvalidationFailed`] if the
     /// domain is degraded and cannot recover, or the after-map invalidation failed (theory 8).
-    pub fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`PageTable::map`]: the caller owns `[iova, iova + len)` exclusively (it got it
+    /// from [`Domain::alloc_iova`] or a window of this domain and has not given it back), and
+    /// `[pa, pa + len)` is memory the caller may let the domain's devices access with `prot`
+    /// until the range is unmapped and the unmap's invalidation has completed (its ticket
+    /// passed [`Domain::ensure_flushed`], or a strict unmap returned).
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::iommu::{Domain, IotlbInvalidator};
+    /// use busdma::iova::IovaSource;
+    /// use busdma::pgtable::{Prot, PteFormat};
+    /// use busdma::{CpuGuard, Iova, PhysAddr, Platform};
+    /// // Mapping without `unsafe` is rejected (E0133): the caller vouches for both ranges.
+    /// fn map_any<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator>(
+    ///     d: &Domain<'_, P, F, S, H>,
+    ///     g: &CpuGuard<'_, P>,
+    /// ) {
+    ///     let _ = d.map(g, Iova::new(0), PhysAddr::new(0), 4096, Prot::READ);
+    /// }
+    /// ```
+    pub unsafe fn map(
+        &self,
+        g: &CpuGuard<'_, P>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        prot: Prot,
+    ) -> Result<()> {
         if self.degraded.load(Ordering::Relaxed) {
             self.recover(g)?;
         }
         self.flush_if_due(g);
         let range = AddrRange::from_start_len(iova, len)?;
         self.hw.audit_mapping(self.cfg.id, range);
-        match self.table.map(g, iova, pa, len, prot) {
+        // SAFETY: the caller owns the IOVA range and may give the device the PA range (this
+        // function's contract, which is the table's).
+        match unsafe { self.table.map(g, iova, pa, len, prot) } {
             Ok(()) => match self.hw.invalidate_mapped(self.cfg.id, range) {
                 Ok(()) => {
                     self.counters.add(g, Stat::Maps, 1);
@@ -401,7 +433,14 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// IOVA allocator reports for `free` (a double free) after everything else is done.
     /// [`Error::InvalidationFailed`] if an invalidation the unmap issued failed: the ranges
     /// are unmapped all the same, and what they free is held back (theory 8).
-    pub fn unmap(
+    ///
+    /// # Safety
+    ///
+    /// Every range of `ranges` and `free` is the caller's, as for [`Domain::map`]: mapped (or
+    /// allocated) by it in this domain and not given back, and no other call maps or unmaps
+    /// any part of them meanwhile. The caller stops using the ranges of `free`: the domain
+    /// gives them to the allocator once the unmap's invalidation has completed.
+    pub unsafe fn unmap(
         &self,
         g: &CpuGuard<'_, P>,
         ranges: &[AddrRange<Iova>],
@@ -412,7 +451,8 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         let mut failed = None;
         let mut cleared = 0;
         for &r in ranges {
-            if let Err(e) = self.table.unmap(g, r, &mut gather) {
+            // SAFETY: the caller owns every range of `ranges` (this function's contract).
+            if let Err(e) = unsafe { self.table.unmap(g, r, &mut gather) } {
                 failed = Some(e);
                 break;
             }
@@ -614,7 +654,9 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         let mut gather = Gather::new();
         // The range was mapped whole just now: unmapping it cannot fail (a fresh map has no
         // block to split).
-        let _ = self.table.unmap(g, range, &mut gather);
+        // SAFETY: `range` is the one the failing `map` call mapped just now, which its caller
+        // owns (map's contract) until this call returns.
+        let _ = unsafe { self.table.unmap(g, range, &mut gather) };
         self.hold(g, Some(Pending { gather, free: FreeList::none() }));
         why
     }

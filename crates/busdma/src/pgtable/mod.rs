@@ -23,6 +23,9 @@
 //!    compare-and-swap on the parent entry ([`install::table_or_install`]); the loser gives its
 //!    page back (it was never reachable, so no flush is needed) and descends into the
 //!    winner's. Leaf entries are written with plain atomic stores: only their owner writes them.
+//!    The walker cannot check who owns what, so [`PageTable::map`] and [`PageTable::unmap`]
+//!    are `unsafe fn`s whose `# Safety` is this rule (and, for map, that the caller may give
+//!    the device the physical range); so are `Domain::map`/`unmap` and `reserve_levels` above.
 //! 4. **Who may free a table.** A table page is detached only by a call whose range covers
 //!    the table's whole span: no other caller can own an address below it, so nobody else can
 //!    be walking through it. A table left empty by a *partial* unmap stays installed (Linux

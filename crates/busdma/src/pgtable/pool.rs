@@ -63,7 +63,6 @@ pub struct PoolStats {
     pub injected_failures: u64,
 }
 
-#[derive(Clone, Copy)]
 struct CpuCache {
     len: usize,
     pages: [Option<TablePage>; CPU_CACHE_PAGES],
@@ -99,7 +98,8 @@ pub struct TablePool<'m, P: Platform> {
 
 // SAFETY: the per-CPU caches are reached only through a `CpuGuard` of the pool's platform
 // for that CPU (checked at every entry), which excludes every other thread from the CPU while
-// it lives; everything else is atomic or behind the spin lock. `TablePage` is plain data.
+// it lives; everything else is atomic or behind the spin lock. A `TablePage` is an owned
+// handle to a page no walker reaches while the pool holds it.
 unsafe impl<P: Platform> Sync for TablePool<'_, P> {}
 // SAFETY: as above; the pool holds `&P` (P: Sync) and plain data.
 unsafe impl<P: Platform> Send for TablePool<'_, P> {}
@@ -107,10 +107,10 @@ unsafe impl<P: Platform> Send for TablePool<'_, P> {}
 impl<'m, P: Platform> TablePool<'m, P> {
     /// An empty pool over `platform`'s table pages.
     pub fn new(platform: &'m P) -> Self {
-        let empty = CpuCache { len: 0, pages: [None; CPU_CACHE_PAGES] };
+        let empty = || CpuCache { len: 0, pages: [const { None }; CPU_CACHE_PAGES] };
         Self {
             platform,
-            cpus: (0..platform.num_cpus()).map(|_| CpuSlot(UnsafeCell::new(empty))).collect(),
+            cpus: (0..platform.num_cpus()).map(|_| CpuSlot(UnsafeCell::new(empty()))).collect(),
             depot: SpinLock::new(Vec::new()),
             allocs: AtomicU64::new(0),
             frees: AtomicU64::new(0),
@@ -224,7 +224,7 @@ impl<'m, P: Platform> TablePool<'m, P> {
             return;
         };
         if cache.len == CPU_CACHE_PAGES {
-            let mut spill: [Option<TablePage>; BATCH] = [None; BATCH];
+            let mut spill: [Option<TablePage>; BATCH] = [const { None }; BATCH];
             for s in spill.iter_mut() {
                 cache.len -= 1;
                 *s = cache.pages[cache.len].take();

@@ -2,6 +2,11 @@
 //!
 //! See the module documentation of [`crate::pgtable`] for the theory; this file follows it
 //! rule by rule, with a comment at each ordering hazard.
+//!
+//! Table handles: the walker owns its root [`TablePage`]; every other table it reaches it sees
+//! through a handle made from the entry that points at it (`table_at`) or from the root
+//! (`root_view`), each valid only during the call on `&self` that made it (rule 4 keeps the
+//! table installed meanwhile). The owning handles are the root's and those the gather holds.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -256,6 +261,14 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         self.pool
     }
 
+    /// A handle to the root table for a walk (the root is freed only when the table drops).
+    #[inline]
+    fn root_view(&self) -> TablePage {
+        // SAFETY: the root stays allocated until `drop`, which frees it through the handle
+        // it makes itself; views made here live only inside one call on `&self`.
+        unsafe { self.root.alias() }
+    }
+
     fn top(&self) -> u32 {
         self.levels - 1
     }
@@ -335,7 +348,35 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
     /// multiples); [`Error::Overflow`]; [`Error::OutOfRange`] (IOVA beyond the input width,
     /// PA beyond the format's output width); [`Error::InvalidArgument`] (no rights);
     /// [`Error::AlreadyMapped`] with the first mapped IOVA met; [`Error::NoMemory`].
-    pub fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// - **The IOVA range is the caller's.** No other call maps, unmaps or reserves any part
+    ///   of `[iova, iova + len)` in this table while this call runs or while the mapping
+    ///   lives (module rule 3): the caller got the range from the IOVA allocator or a window
+    ///   of this table's domain and has not given it back. Another caller's unmap covering a
+    ///   table this call walks could otherwise free the table under it.
+    /// - **The physical range may be given to the device.** `[pa, pa + len)` is memory (or
+    ///   device memory) that the caller may let the devices behind this table access with
+    ///   `prot` until the mapping is unmapped *and* the invalidation covering that unmap has
+    ///   completed; it is not freed or handed to anyone else before.
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::pgtable::{PageTable, Prot, PteFormat};
+    /// use busdma::{CpuGuard, Iova, PhysAddr, Platform};
+    /// // Mapping without `unsafe` is rejected (E0133): the caller vouches for both ranges.
+    /// fn map_any<P: Platform, F: PteFormat>(t: &PageTable<'_, P, F>, g: &CpuGuard<'_, P>) {
+    ///     let _ = t.map(g, Iova::new(0), PhysAddr::new(0), 4096, Prot::READ);
+    /// }
+    /// ```
+    pub unsafe fn map(
+        &self,
+        g: &CpuGuard<'_, P>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        prot: Prot,
+    ) -> Result<()> {
         if len == 0 {
             return Err(Error::ZeroSize);
         }
@@ -365,18 +406,18 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
                 }
             }
         } else {
-            self.map_in(&mut ctx, self.root, self.top(), iova.raw(), end, pa.raw())
+            self.map_in(&mut ctx, self.root_view(), self.top(), iova.raw(), end, pa.raw())
         };
         if r.is_err() && ctx.done > iova.raw() {
             // Roll back: clear every leaf this call wrote. Tables stay (rule 4).
-            let _ = self.clear_leaves(self.root, self.top(), iova.raw(), ctx.done);
+            let _ = self.clear_leaves(self.root_view(), self.top(), iova.raw(), ctx.done);
         }
         r
     }
 
     /// The last-level table for `a`, installing missing levels.
     fn last_level_table_or_install(&self, ctx: &mut MapCtx<'_, '_, P>, a: u64) -> Result<TablePage> {
-        let mut t = self.root;
+        let mut t = self.root_view();
         for height in (1..self.levels).rev() {
             let i = index(a, height);
             let next = install::table_or_install::<F, _, _>(entry(&t, i)?, height, ctx)?;
@@ -502,7 +543,28 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
     /// Errors (nothing changed): [`Error::Misaligned`]; [`Error::OutOfRange`] (beyond the
     /// input width); [`Error::NotMapped`] with the first IOVA of the range not mapped;
     /// [`Error::NoMemory`] (a split needs a page and none is left).
-    pub fn unmap(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>, gather: &mut Gather) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// `range` is the caller's (as for [`PageTable::map`]): no other call maps, unmaps or
+    /// reserves any part of it in this table while this call runs. An unmap of a range
+    /// another caller owns detaches tables that caller may be walking, and ends translations
+    /// its device relies on.
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::pgtable::{Gather, PageTable, PteFormat};
+    /// use busdma::{AddrRange, CpuGuard, Iova, Platform};
+    /// // Unmapping without `unsafe` is rejected (E0133).
+    /// fn unmap_any<P: Platform, F: PteFormat>(t: &PageTable<'_, P, F>, g: &CpuGuard<'_, P>, r: AddrRange<Iova>) {
+    ///     let _ = t.unmap(g, r, &mut Gather::new());
+    /// }
+    /// ```
+    pub unsafe fn unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        range: AddrRange<Iova>,
+        gather: &mut Gather,
+    ) -> Result<()> {
         let (start, end) = (range.start().raw(), range.end().raw());
         if start == end {
             return Err(Error::ZeroSize);
@@ -523,8 +585,8 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
             }
         }
         let mut splits = 0;
-        self.check_mapped(self.root, self.top(), start, end, &mut splits)?;
-        let mut ctx = UnmapCtx { spares: [None; MAX_SPLITS], gather };
+        self.check_mapped(self.root_view(), self.top(), start, end, &mut splits)?;
+        let mut ctx = UnmapCtx { spares: [const { None }; MAX_SPLITS], gather };
         for s in ctx.spares.iter_mut().take(splits) {
             match self.pool.alloc(g) {
                 Ok(p) => *s = Some(p),
@@ -534,7 +596,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
                 }
             }
         }
-        let r = self.clear(&mut ctx, self.root, self.top(), start, end);
+        let r = self.clear(&mut ctx, self.root_view(), self.top(), start, end);
         self.return_spares(g, &mut ctx.spares);
         ctx.gather.add_range(range);
         r
@@ -543,7 +605,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
     /// The last-level table holding `a`'s leaf; `None` if a block maps `a` (the general path
     /// splits it). Errors: [`Error::NotMapped`] at `a` if an upper entry is empty.
     fn last_level_table(&self, a: u64) -> Result<Option<TablePage>> {
-        let mut t = self.root;
+        let mut t = self.root_view();
         for height in (1..self.levels).rev() {
             let cur = entry(&t, index(a, height))?.load(Ordering::Acquire);
             if !F::is_present(cur) {
@@ -648,7 +710,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
                 }
             } else {
                 let child = self.table_at(F::output(cur, height))?;
-                if whole && self.detach(ctx, slot, child, height - 1)? {
+                if whole && self.detach(ctx, slot, &child, height - 1)? {
                     // Detached: the subtree is in the gather, cleared with the entry.
                 } else {
                     self.clear(ctx, child, height - 1, a, e)?;
@@ -688,7 +750,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         &self,
         ctx: &mut UnmapCtx<'_>,
         slot: &AtomicU64,
-        child: TablePage,
+        child: &TablePage,
         height: u32,
     ) -> Result<bool> {
         let n = self.count_tables(child, height)?;
@@ -704,17 +766,18 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         // The hardware may still walk the detached subtree through its caches until the flush;
         // the subtree's pages are not reused before it (they go to the gather untouched).
         slot.store(0, Ordering::Relaxed);
-        self.collect(ctx.gather, child, height)?;
+        // The gather takes its own handle; the caller's view is not used again.
+        self.collect(ctx.gather, self.table_at(child.pa())?, height)?;
         Ok(true)
     }
 
-    fn count_tables(&self, t: TablePage, height: u32) -> Result<usize> {
+    fn count_tables(&self, t: &TablePage, height: u32) -> Result<usize> {
         let mut n = 1;
         if height > 0 {
             for i in 0..ENTRIES {
-                let cur = entry(&t, i)?.load(Ordering::Acquire);
+                let cur = entry(t, i)?.load(Ordering::Acquire);
                 if F::is_present(cur) && !F::is_leaf(cur, height) {
-                    n += self.count_tables(self.table_at(F::output(cur, height))?, height - 1)?;
+                    n += self.count_tables(&self.table_at(F::output(cur, height))?, height - 1)?;
                 }
             }
         }
@@ -742,7 +805,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         if a >= self.input_limit() {
             return None;
         }
-        let mut t = self.root;
+        let mut t = self.root_view();
         let mut height = self.top();
         loop {
             let cur = t.entry(index(a, height))?.load(Ordering::Acquire);
@@ -764,7 +827,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
         if a >= self.input_limit() {
             return None;
         }
-        let (mut t, mut height) = (self.root, self.top());
+        let (mut t, mut height) = (self.root_view(), self.top());
         loop {
             let cur = t.entry(index(a, height))?.load(Ordering::Acquire);
             if !F::is_present(cur) {
@@ -780,7 +843,7 @@ impl<'p, P: Platform, F: PteFormat> PageTable<'p, P, F> {
 
     /// Table pages reachable from the root, the root included.
     pub fn table_pages(&self) -> usize {
-        self.count_tables(self.root, self.top()).unwrap_or(0)
+        self.count_tables(&self.root, self.top()).unwrap_or(0)
     }
 
     fn free_tree(&self, g: &CpuGuard<'_, P>, t: TablePage, height: u32) {
@@ -828,6 +891,6 @@ impl<P: Platform, F: PteFormat> Drop for PageTable<'_, P, F> {
     /// domain's IOTLB and walk caches first.
     fn drop(&mut self) {
         let g = self.platform().pin_cpu();
-        self.free_tree(&g, self.root, self.top());
+        self.free_tree(&g, self.root_view(), self.top());
     }
 }

@@ -186,7 +186,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
             poll_limit: config.poll_limit,
             root,
             state: SpinLock::new(State {
-                context: [None; BUSES],
+                context: [const { None }; BUSES],
                 queue: None,
                 domain_ids: [0; MAX_DOMAIN_IDS / 64],
             }),
@@ -393,7 +393,8 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// Errors: [`Error::NotMapped`] if the device is not attached; [`Error::BadState`].
     pub fn detach(&self, sid: SourceId) -> Result<()> {
         let mut state = self.state.lock();
-        let table = state.context[usize::from(sid.bus())].ok_or(Error::NotMapped { addr: sid.0.into() })?;
+        let table =
+            state.context[usize::from(sid.bus())].as_ref().ok_or(Error::NotMapped { addr: sid.0.into() })?;
         let index = usize::from(context_index(sid));
         let old = [entry_word(table, 2 * index), entry_word(table, 2 * index + 1)];
         let Some((_, _, did)) = entry::decode_context(old) else {
@@ -411,7 +412,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// The context entry of `sid` as the unit would read it: `(table root, AW, domain id)`.
     pub fn context_of(&self, sid: SourceId) -> Option<(PhysAddr, u64, DomainId)> {
         let state = self.state.lock();
-        let table = state.context[usize::from(sid.bus())]?;
+        let table = state.context[usize::from(sid.bus())].as_ref()?;
         let index = usize::from(sid.devfn());
         entry::decode_context([entry_word(table, 2 * index), entry_word(table, 2 * index + 1)])
     }
@@ -511,22 +512,29 @@ impl<'p, P: Platform> Vtd<'p, P> {
 
     // ---- internals --------------------------------------------------------------------------
 
-    fn context_table(&self, state: &mut State, bus: u8) -> Result<TablePage> {
-        if let Some(t) = state.context[usize::from(bus)] {
-            return Ok(t);
+    fn context_table<'s>(&self, state: &'s mut State, bus: u8) -> Result<&'s TablePage> {
+        let slot = &mut state.context[usize::from(bus)];
+        if slot.is_none() {
+            let table = self.platform.alloc_table_page()?;
+            self.clean(table.kva(), PAGE_SIZE);
+            // A bus without a context table has a not-present root entry, which no unit caches
+            // (outside caching mode, and attach invalidates the context cache anyway).
+            let written =
+                self.write_entry(&self.root, usize::from(bus), entry::root_entry(table.pa()), bus.into());
+            if let Err(e) = written {
+                // SAFETY: the page was never published (its root entry was not written), so
+                // the unit cannot reach it; it came from `alloc_table_page` and is freed once.
+                unsafe { self.platform.free_table_page(table) };
+                return Err(e);
+            }
+            *slot = Some(table);
         }
-        let table = self.platform.alloc_table_page()?;
-        self.clean(table.kva(), PAGE_SIZE);
-        // A bus without a context table has a not-present root entry, which no unit caches
-        // (outside caching mode, and attach invalidates the context cache anyway).
-        self.write_entry(self.root, usize::from(bus), entry::root_entry(table.pa()), bus.into())?;
-        state.context[usize::from(bus)] = Some(table);
-        Ok(table)
+        slot.as_ref().ok_or(Error::BadState { what: "VT-d context table slot empty after install" })
     }
 
     /// Makes entry `index` (a 128-bit slot) of `table` present with `words`: word 1 first,
     /// then word 0 (which holds the present bit), then written back if walks are not coherent.
-    fn write_entry(&self, table: TablePage, index: usize, words: [u64; 2], what: u64) -> Result<()> {
+    fn write_entry(&self, table: &TablePage, index: usize, words: [u64; 2], what: u64) -> Result<()> {
         if entry_word(table, 2 * index) & entry::PRESENT != 0 {
             return Err(Error::AlreadyMapped { addr: what });
         }
@@ -677,7 +685,7 @@ impl<'p, P: Platform> Vtd<'p, P> {
         self.platform.dma_wmb();
         self.w64(regs::IQT, u64::from(q.tail) << 4);
         let seq = q.seq;
-        let status = q.status;
+        let status = &q.status;
         const ERRORS: u32 = fsts::IQE | fsts::ICE | fsts::ITE;
         q.stuck = true;
         self.poll_invalidation("VT-d invalidation wait descriptor timed out", domain, || {
@@ -710,9 +718,9 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// the unit reads the queue like its tables).
     fn put_descriptor(&self, q: &Queue, slot: u32, words: [u64; 2]) {
         let slot = slot as usize;
-        store_word(q.ring, 2 * slot, words[0]);
-        store_word(q.ring, 2 * slot + 1, words[1]);
-        self.clean(entry_kva(q.ring, 2 * slot), 16);
+        store_word(&q.ring, 2 * slot, words[0]);
+        store_word(&q.ring, 2 * slot + 1, words[1]);
+        self.clean(entry_kva(&q.ring, 2 * slot), 16);
     }
 
     /// After FSTS.IQE: replaces the rejected descriptor (at IQH) by a wait descriptor that
@@ -817,8 +825,9 @@ impl<P: Platform> Drop for Vtd<'_, P> {
             // these pages any more; each came from `alloc_table_page` and is freed once.
             unsafe { self.platform.free_table_page(page) };
         }
-        // SAFETY: as above; the root table is no longer latched by an enabled unit.
-        unsafe { self.platform.free_table_page(self.root) };
+        // SAFETY: as above; the root table is no longer latched by an enabled unit. The alias
+        // is the one handle freed: `self.root` is not used after this drop.
+        unsafe { self.platform.free_table_page(self.root.alias()) };
     }
 }
 
@@ -830,11 +839,11 @@ fn context_index(sid: SourceId) -> u8 {
     if mutant::WRONG_DEVFN { sid.devfn() ^ 1 } else { sid.devfn() }
 }
 
-fn entry_word(page: TablePage, word: usize) -> u64 {
+fn entry_word(page: &TablePage, word: usize) -> u64 {
     page.entry(word).map_or(0, |e| e.load(HwOrdering::Acquire))
 }
 
-fn store_word(page: TablePage, word: usize, value: u64) {
+fn store_word(page: &TablePage, word: usize, value: u64) {
     if let Some(e) = page.entry(word) {
         // Release: everything written before (the table an entry points at) is visible to a
         // walker that sees this word.
@@ -842,6 +851,6 @@ fn store_word(page: TablePage, word: usize, value: u64) {
     }
 }
 
-fn entry_kva(page: TablePage, word: usize) -> KernVa {
+fn entry_kva(page: &TablePage, word: usize) -> KernVa {
     KernVa::new(page.kva().raw() + word as u64 * 8)
 }

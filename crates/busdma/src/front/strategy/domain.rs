@@ -10,7 +10,7 @@
 //!    ([`super::reserve_levels`]).
 //! 3. Coherence indexes (seed 003) go to the domain's IOMMU driver
 //!    ([`Domain::set_coherence_index`]).
-#![forbid(unsafe_code)]
+#![allow(unsafe_code)] // three blocks: the domain's map and unmap and reserve_levels are unsafe fns
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::Result;
@@ -61,7 +61,11 @@ where
 
     #[inline]
     fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
-        Domain::map(self, g, iova, pa, len, Prot { read: dir.device_reads(), write: dir.device_writes() })
+        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        // SAFETY: the front end maps only IOVA it allocated through `alloc_iova` (or a window
+        // it reserved) and has not freed, and only memory its load owns or its caller vouched
+        // for while loading (`IommuOps::map`'s use by the strategies).
+        unsafe { Domain::map(self, g, iova, pa, len, prot) }
     }
 
     #[inline]
@@ -71,7 +75,9 @@ where
         mapped: &[AddrRange<Iova>],
         free: &[AddrRange<Iova>],
     ) -> Result<FlushTicket> {
-        Domain::unmap(self, g, mapped, free)
+        // SAFETY: the front end unmaps exactly what one of its loads mapped, and frees IOVA it
+        // allocated, each once (`IommuOps::unmap`'s use by the strategies).
+        unsafe { Domain::unmap(self, g, mapped, free) }
     }
 
     #[inline]
@@ -84,7 +90,9 @@ where
     }
 
     fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
-        reserve_levels(self.table(), g, range)
+        // SAFETY: the front end reserves only a window it allocated through `alloc_iova` and
+        // has not freed.
+        unsafe { reserve_levels(self.table(), g, range) }
     }
 
     #[inline]

@@ -53,7 +53,13 @@ impl<P: Platform> TableSource for Source<'_, '_, P> {
 }
 
 /// Installs every table level above the leaves over `window` (theory 1).
-pub fn reserve_levels<P: Platform, F: PteFormat>(
+///
+/// # Safety
+///
+/// `window` is the caller's, as for [`PageTable::map`]: allocated to it from the table's
+/// domain and not given back, so no other call unmaps a range covering a table this walk
+/// descends through while it runs (`pgtable` theory 4).
+pub unsafe fn reserve_levels<P: Platform, F: PteFormat>(
     pt: &PageTable<'_, P, F>,
     g: &CpuGuard<'_, P>,
     window: AddrRange<Iova>,
@@ -71,7 +77,8 @@ pub fn reserve_levels<P: Platform, F: PteFormat>(
             // SAFETY: `table` is the root or was read from a present table entry of `pt`;
             // table pages are direct-mapped pool pages that stay allocated while reachable,
             // and nobody detaches a table our window lies under while the window is
-            // allocated to us (pgtable theory 4: only an unmap covering its span can).
+            // allocated to us (this function's contract; pgtable theory 4: only an unmap
+            // covering its span can).
             let t = unsafe { TablePage::new(table, kva) };
             let i = ((a >> height_shift(height)) as usize) & (ENTRIES - 1);
             let slot = t.entry(i).ok_or(Error::OutOfRange { addr: i as u64, limit: ENTRIES as u64 })?;
