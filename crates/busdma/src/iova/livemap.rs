@@ -210,6 +210,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "index arithmetic only (slot_of, no unsafe or memory access to check) over ~10^5 page pairs: over 100 s under Miri"
+    )]
     fn every_page_of_a_leaf_has_its_own_mark_and_neighbours_are_on_other_lines() {
         let line = |page: u64| slot_of(page) >> LINE_BITS;
         let mut seen = alloc::vec![false; LEAF_PAGES];

@@ -196,6 +196,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "safe arithmetic only (this file has no unsafe); its 1 GiB case scans a 2^18-entry frame list, minutes under Miri"
+    )]
     fn pinned_page_shift_needs_alignment_and_contiguity() {
         assert_eq!(pinned_page_shift(0x20_0000, &run(0x4000_0000, 512)), 21);
         // UA not 2 MiB aligned.

@@ -65,8 +65,14 @@
 //!
 //! # Mutants
 //!
-//! The `vtd-mutant-*` features break the driver on purpose (see `mutant.rs`); the QEMU suite
-//! must fail on each.
+//! `qemu/run --mutants` builds the driver broken on purpose, one way each, and requires the QEMU
+//! suite to fail on every one. A mutant is the compiler flag `--cfg busdma_mutant="NAME"` that
+//! only that runner passes, never a Cargo feature, and nothing of it is API (the module is
+//! private):
+//!
+//! ```compile_fail,E0603
+//! use busdma::vtd::mutant; // private: mutants are not part of the crate's interface
+//! ```
 
 pub mod caps;
 mod device_hw;
@@ -74,19 +80,19 @@ pub mod entry;
 pub mod fault;
 pub mod inval;
 mod invalidator;
-pub mod mutant;
+mod mutant;
 pub mod regs;
 mod unit;
 
 pub use caps::{Capabilities, Levels};
 
 /// The second-level page-table format domains behind this driver use: `busdma::pgtable`'s
-/// [`VtdSl`](crate::pgtable::VtdSl) (or, in the `vtd-mutant-nonleaf-no-rw` build only, the
-/// mutant that breaks it).
-#[cfg(not(feature = "vtd-mutant-nonleaf-no-rw"))]
+/// [`VtdSl`](crate::pgtable::VtdSl). (In the QEMU suite's `nonleaf-no-rw` mutant build only, a
+/// broken copy of it.)
+#[cfg(not(busdma_mutant = "nonleaf-no-rw"))]
 pub type SecondLevel = crate::pgtable::VtdSl;
-/// The second-level page-table format: the mutant build's broken one.
-#[cfg(feature = "vtd-mutant-nonleaf-no-rw")]
+/// The second-level page-table format: the QEMU suite's mutant build's broken one.
+#[cfg(busdma_mutant = "nonleaf-no-rw")]
 pub type SecondLevel = mutant::NonLeafNoRw;
 pub use entry::{DomainId, SourceId};
 pub use fault::{Access, Fault};
