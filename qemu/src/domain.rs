@@ -142,7 +142,9 @@ impl<'p> DevDomain<'p> {
 /// The front end's view of a device's domain: the IOMMU strategies (`IommuPerMap` & co.) load
 /// and unload maps through this, so tags and maps drive the real `Domain` and, below it, the
 /// VT-d driver.
-impl IommuOps<KernelPlatform> for &DevDomain<'_> {
+// SAFETY: the allocator hands out exclusive ranges; map, unmap and the waits are the VT-d
+// domain's own, which invalidate before they report success.
+unsafe impl IommuOps<KernelPlatform> for &DevDomain<'_> {
     type Ticket = FlushTicket;
 
     fn invalidation(&self) -> Invalidation {
@@ -167,7 +169,7 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         self.dom.alloc_iova(g, &req)
     }
 
-    fn free_iova(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) {
+    unsafe fn free_iova(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) {
         if let Err(e) = self.dom.iova().free(g, range) {
             // The front end gives back only what it allocated: a failure is a bug worth a
             // loud stop of the test kernel.
@@ -175,7 +177,7 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         }
     }
 
-    fn map(
+    unsafe fn map(
         &self,
         g: &CpuGuard<'_, KernelPlatform>,
         iova: Iova,
@@ -188,7 +190,7 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         unsafe { self.dom.map(g, iova, pa, len, prot) }
     }
 
-    fn unmap(
+    unsafe fn unmap(
         &self,
         g: &CpuGuard<'_, KernelPlatform>,
         mapped: &[AddrRange<Iova>],
@@ -206,7 +208,7 @@ impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         self.dom.wait_unmapped(g)
     }
 
-    fn reserve_tables(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) -> Result<()> {
+    unsafe fn reserve_tables(&self, g: &CpuGuard<'_, KernelPlatform>, range: AddrRange<Iova>) -> Result<()> {
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { reserve_levels(self.dom.table(), g, range) }
     }

@@ -38,7 +38,9 @@ struct Lci<'a, 'p> {
     forward: bool,
 }
 
-impl IommuOps<HostPlatform> for Lci<'_, '_> {
+// SAFETY: every method forwards to the wrapped domain's implementation, whose answers are
+// trusted.
+unsafe impl IommuOps<HostPlatform> for Lci<'_, '_> {
     type Ticket = ();
     fn invalidation(&self) -> Invalidation {
         Invalidation::Strict
@@ -49,14 +51,17 @@ impl IommuOps<HostPlatform> for Lci<'_, '_> {
     fn alloc_iova(&self, g: &G<'_>, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>> {
         self.d.alloc_iova(g, size, align, limit)
     }
-    fn free_iova(&self, g: &G<'_>, range: AddrRange<Iova>) {
-        self.d.free_iova(g, range)
+    unsafe fn free_iova(&self, g: &G<'_>, range: AddrRange<Iova>) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.d.free_iova(g, range) }
     }
-    fn map(&self, g: &G<'_>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
-        self.d.map(g, iova, pa, len, dir)
+    unsafe fn map(&self, g: &G<'_>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.d.map(g, iova, pa, len, dir) }
     }
-    fn unmap(&self, g: &G<'_>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<()> {
-        self.d.unmap(g, mapped, free)?;
+    unsafe fn unmap(&self, g: &G<'_>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<()> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.d.unmap(g, mapped, free) }?;
         for r in mapped {
             self.iommu.invalidate_range(DOMAIN, *r)?;
         }
@@ -69,8 +74,9 @@ impl IommuOps<HostPlatform> for Lci<'_, '_> {
         // Strict: every unmap invalidated its ranges before returning.
         Ok(())
     }
-    fn reserve_tables(&self, g: &G<'_>, range: AddrRange<Iova>) -> Result<()> {
-        self.d.reserve_tables(g, range)
+    unsafe fn reserve_tables(&self, g: &G<'_>, range: AddrRange<Iova>) -> Result<()> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.d.reserve_tables(g, range) }
     }
     fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
         if self.forward {

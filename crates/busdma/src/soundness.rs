@@ -44,6 +44,32 @@
 //! let list = SgList(&e); // error: tuple struct constructor `SgList` is private
 //! ```
 //!
+//! ## 2, 4, 5, 10: the mechanisms
+//!
+//! Their compile-fail cases sit on the items themselves: implementing
+//! [`Platform`](crate::Platform) without `unsafe impl` (E0200, on the trait); using a
+//! [`TablePage`](crate::TablePage) after the handle was given back (E0382, on the type);
+//! [`PageTable::map`](crate::pgtable::PageTable::map) and `unmap`,
+//! [`Domain::map`](crate::iommu::Domain::map) without `unsafe` (E0133, on each); reaching the
+//! VT-d mutants (E0603, on `busdma::vtd`). The strategies' view of a domain is no back door:
+//! [`IommuOps`](crate::front::IommuOps) is an `unsafe trait` whose mapping methods are
+//! `unsafe fn`s too:
+//!
+//! ```compile_fail,E0133
+//! use busdma::front::{Direction, IommuOps};
+//! use busdma::iommu::{Domain, IotlbInvalidator};
+//! use busdma::iova::IovaSource;
+//! use busdma::pgtable::PteFormat;
+//! use busdma::{CpuGuard, Iova, PhysAddr, Platform};
+//! fn poke<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator>(
+//!     d: &Domain<'_, P, F, S, H>,
+//!     g: &CpuGuard<'_, P>,
+//! ) {
+//!     // error[E0133]: any IOVA, any physical address
+//!     let _ = IommuOps::map(&d, g, Iova::new(0x1000), PhysAddr::new(0x1000), 4096, Direction::ToDevice);
+//! }
+//! ```
+//!
 //! ## 6. Loads that do not keep their memory alive
 //!
 //! A borrowed kernel buffer is described only through `unsafe fn new`, whose contract is to
@@ -134,3 +160,7 @@
 //! | deferred invalidation: memory freed before the flush | the tag's proof before the free | `iommu_inval_failure::memory_unloaded_under_deferred_invalidation_is_freed_only_after_the_flush`, `iommu_inval_failure::an_owned_buffer_leaves_its_map_only_after_the_deferred_unmap_is_flushed` |
 //! | 6: `mem::forget` of a loaded map | the memory is leaked with the mapping | `front_owned::forgetting_an_owned_map_leaks_its_memory_with_the_mapping_never_frees_it`, `front_debug::maps_still_loaded_at_domain_teardown_are_reported` |
 //! | 9: `TagFlags::untrusted` on a deferred domain | strict unload whatever the domain | `iommu_inval_failure::an_untrusted_tag_unloads_strictly_on_a_deferred_domain` |
+//! | 3: quick maps, copies, fills, maintenance of what is not RAM | `Platform::is_ram`, `Error::NotRam` | `quickmap::quick_maps_copies_fills_and_maintenance_refuse_what_is_not_ram` (busdma), `front_direct::a_sync_of_raw_segments_outside_ram_is_an_error_not_a_panic` (busdma-model) |
+//! | 8: a domain dropped while its device is attached | `busdma::device` owns the domain; raw attaches are `unsafe` | `device_attach::a_dropped_device_never_reaches_the_next_domain_that_reuses_its_table_pages`, `device_attach::detach_removes_the_context_and_invalidates_the_domain_before_its_table_pages_go_back`, `device_attach::a_failed_detach_or_invalidation_leaks_the_domain_its_tables_and_its_id_and_counts_it` |
+//! | 10: mutant drivers as features | a `cfg` only `qemu/run --mutants` sets | `vtd::mutant::tests::no_cargo_feature_of_the_crate_is_a_mutant` |
+//! | segment layouts that overflow (alignment 2^63) | `SegmentBuilder::new` checks | `front::segments::tests::near_2_pow_63::layouts_near_2_pow_63_give_valid_segments_or_an_error`, `front::segments::tests::a_zero_alignment_is_refused_not_a_panic` |

@@ -42,7 +42,9 @@ impl<'p> PtDomain<'p> {
     }
 }
 
-impl IommuOps<HostPlatform> for &PtDomain<'_> {
+// SAFETY: the test domain's allocator hands out exclusive ranges; map, unmap and the waits
+// act on its page table, which has no IOTLB (clearing an entry is its invalidation).
+unsafe impl IommuOps<HostPlatform> for &PtDomain<'_> {
     type Ticket = ();
 
     fn invalidation(&self) -> Invalidation {
@@ -66,12 +68,12 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         Ok(r)
     }
 
-    fn free_iova(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) {
+    unsafe fn free_iova(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) {
         self.iova.free(g, range).expect("free of IOVA as allocated");
         self.live.fetch_sub(range.len(), Ordering::Relaxed);
     }
 
-    fn map(
+    unsafe fn map(
         &self,
         g: &CpuGuard<'_, HostPlatform>,
         iova: Iova,
@@ -84,7 +86,7 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         unsafe { self.pt.map(g, iova, pa, len, prot) }
     }
 
-    fn unmap(
+    unsafe fn unmap(
         &self,
         g: &CpuGuard<'_, HostPlatform>,
         mapped: &[AddrRange<Iova>],
@@ -102,7 +104,8 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
             gather.release_after_flush(proof, self.pt.pool(), g).unwrap();
         }
         for r in free {
-            self.free_iova(g, *r);
+            // SAFETY: the caller gives these ranges up (this method's contract), now unmapped.
+            unsafe { self.free_iova(g, *r) };
         }
         Ok(())
     }
@@ -116,7 +119,7 @@ impl IommuOps<HostPlatform> for &PtDomain<'_> {
         Ok(())
     }
 
-    fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {
+    unsafe fn reserve_tables(&self, g: &CpuGuard<'_, HostPlatform>, range: AddrRange<Iova>) -> Result<()> {
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { reserve_levels(&self.pt, g, range) }
     }

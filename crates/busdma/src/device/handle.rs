@@ -143,7 +143,10 @@ impl<'i, 'p, H: IommuHw> DeviceDomain<'i, 'p, H> {
     }
 }
 
-impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
+// SAFETY: every method forwards to the `&Domain` implementation of the device's own domain,
+// whose answers `IommuOps` trusts.
+#[allow(unsafe_code)]
+unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
     type Ticket = FlushTicket;
 
     #[inline]
@@ -168,12 +171,13 @@ impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
     }
 
     #[inline]
-    fn free_iova(&self, g: &CpuGuard<'_, H::Platform>, range: AddrRange<Iova>) {
-        IommuOps::free_iova(&self.domain(), g, range)
+    unsafe fn free_iova(&self, g: &CpuGuard<'_, H::Platform>, range: AddrRange<Iova>) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { IommuOps::free_iova(&self.domain(), g, range) }
     }
 
     #[inline]
-    fn map(
+    unsafe fn map(
         &self,
         g: &CpuGuard<'_, H::Platform>,
         iova: Iova,
@@ -181,17 +185,19 @@ impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         len: u64,
         dir: Direction,
     ) -> Result<()> {
-        IommuOps::map(&self.domain(), g, iova, pa, len, dir)
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, dir) }
     }
 
     #[inline]
-    fn unmap(
+    unsafe fn unmap(
         &self,
         g: &CpuGuard<'_, H::Platform>,
         mapped: &[AddrRange<Iova>],
         free: &[AddrRange<Iova>],
     ) -> Result<FlushTicket> {
-        IommuOps::unmap(&self.domain(), g, mapped, free)
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { IommuOps::unmap(&self.domain(), g, mapped, free) }
     }
 
     #[inline]
@@ -203,8 +209,9 @@ impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         IommuOps::wait_unmapped(&self.domain(), g)
     }
 
-    fn reserve_tables(&self, g: &CpuGuard<'_, H::Platform>, range: AddrRange<Iova>) -> Result<()> {
-        IommuOps::reserve_tables(&self.domain(), g, range)
+    unsafe fn reserve_tables(&self, g: &CpuGuard<'_, H::Platform>, range: AddrRange<Iova>) -> Result<()> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { IommuOps::reserve_tables(&self.domain(), g, range) }
     }
 
     #[inline]

@@ -24,7 +24,9 @@ use super::iommu::IommuOps;
 use super::reserve_levels::reserve_levels;
 use crate::front::map::Direction;
 
-impl<P, F, S, H> IommuOps<P> for &Domain<'_, P, F, S, H>
+// SAFETY: `alloc_iova` is the domain's allocator (exclusive, aligned, below the limit); map,
+// unmap and the waits are the domain's own, which do what `IommuOps` says.
+unsafe impl<P, F, S, H> IommuOps<P> for &Domain<'_, P, F, S, H>
 where
     P: Platform,
     F: PteFormat,
@@ -53,30 +55,36 @@ where
     }
 
     #[inline]
-    fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) {
+    unsafe fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) {
         // Never mapped (or flushed): straight back to the allocator. An error here would be a
         // front-end bug (a range freed twice); the allocator refuses it and keeps its state.
         let _ = self.iova().free(g, range);
     }
 
     #[inline]
-    fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
+    unsafe fn map(
+        &self,
+        g: &CpuGuard<'_, P>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        dir: Direction,
+    ) -> Result<()> {
         let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
-        // SAFETY: the front end maps only IOVA it allocated through `alloc_iova` (or a window
-        // it reserved) and has not freed, and only memory its load owns or its caller vouched
-        // for while loading (`IommuOps::map`'s use by the strategies).
+        // SAFETY: `IommuOps::map`'s contract is `Domain::map`'s: the caller holds the IOVA
+        // range and may give the device the PA range.
         unsafe { Domain::map(self, g, iova, pa, len, prot) }
     }
 
     #[inline]
-    fn unmap(
+    unsafe fn unmap(
         &self,
         g: &CpuGuard<'_, P>,
         mapped: &[AddrRange<Iova>],
         free: &[AddrRange<Iova>],
     ) -> Result<FlushTicket> {
-        // SAFETY: the front end unmaps exactly what one of its loads mapped, and frees IOVA it
-        // allocated, each once (`IommuOps::unmap`'s use by the strategies).
+        // SAFETY: `IommuOps::unmap`'s contract is `Domain::unmap`'s: the caller holds every
+        // range.
         unsafe { Domain::unmap(self, g, mapped, free) }
     }
 
@@ -89,9 +97,8 @@ where
         Domain::wait_unmapped(self, g)
     }
 
-    fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
-        // SAFETY: the front end reserves only a window it allocated through `alloc_iova` and
-        // has not freed.
+    unsafe fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+        // SAFETY: `IommuOps::reserve_tables`'s contract: the caller holds the window.
         unsafe { reserve_levels(self.table(), g, range) }
     }
 

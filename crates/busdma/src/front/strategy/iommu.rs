@@ -29,7 +29,7 @@
 //!    virtual index, which has those windows' colour; the untouched line for a run with
 //!    neither a page nor a kernel mapping. Identity mappings are shared
 //!    between loads, so they carry no per-load index.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // the `IommuOps` trait only: its answers are trusted, its mapping calls unsafe
 
 use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
@@ -48,7 +48,17 @@ use crate::front::spec::TagSpec;
 /// Every method runs with preemption disabled (the caller's [`CpuGuard`], which per-CPU IOVA
 /// caches and table pools are indexed by; a strategy pins once per load or unload) and
 /// concurrently from every CPU, for disjoint IOVA ranges; none sleeps.
-pub trait IommuOps<P: Platform>: Send + Sync {
+///
+/// # Safety
+///
+/// The strategies' unsafe calls trust the answers: an implementation's
+/// [`IommuOps::alloc_iova`] returns a range of the requested size and alignment, at or below
+/// the limit, that no other caller holds until it is freed; `map`, `unmap`, `ensure_flushed`
+/// and `wait_unmapped` do what they say (a `wait_unmapped` or `ensure_flushed` that returns
+/// `Ok` means the IOMMU can no longer use the translations concerned); the IOVA it hands out is
+/// the one space its `map` translates for the attached device.
+#[allow(unsafe_code)]
+pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     /// Proof-of-unmap handle: pass it to [`IommuOps::ensure_flushed`] before reusing the IOVA.
     type Ticket: Copy + Send;
 
@@ -63,11 +73,30 @@ pub trait IommuOps<P: Platform>: Send + Sync {
     fn alloc_iova(&self, g: &CpuGuard<'_, P>, size: u64, align: u64, limit: u64) -> Result<AddrRange<Iova>>;
 
     /// Returns IOVA that was never mapped (or whose unmaps have been flushed).
-    fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>);
+    ///
+    /// # Safety
+    ///
+    /// `range` came from this domain's [`IommuOps::alloc_iova`], is held by the caller, and
+    /// nothing in it is mapped or awaits an invalidation.
+    unsafe fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>);
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` (page multiples) with the rights of
     /// `dir`. On error nothing it mapped translates any more.
-    fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `[iova, iova + len)` exclusively (from [`IommuOps::alloc_iova`], a
+    /// window it reserved, or an identity range it counts), and may give the device
+    /// `[pa, pa + len)` in direction `dir` until the range's unmap has been invalidated (the
+    /// load source's promise).
+    unsafe fn map(
+        &self,
+        g: &CpuGuard<'_, P>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        dir: Direction,
+    ) -> Result<()>;
 
     /// Unmaps every range of `mapped` with one invalidation (strict: complete on return;
     /// deferred: queued), then returns every range of `free` to the IOVA allocator once that
@@ -75,7 +104,12 @@ pub trait IommuOps<P: Platform>: Send + Sync {
     ///
     /// Errors: the domain's (a range that is not mapped: a front-end bug); on error nothing
     /// was unmapped and nothing freed.
-    fn unmap(
+    ///
+    /// # Safety
+    ///
+    /// The caller holds every range of `mapped` and of `free` exclusively (it mapped them, or
+    /// allocated them), and gives up the ranges of `free`.
+    unsafe fn unmap(
         &self,
         g: &CpuGuard<'_, P>,
         mapped: &[AddrRange<Iova>],
@@ -96,7 +130,11 @@ pub trait IommuOps<P: Platform>: Send + Sync {
 
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
-    fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `range` exclusively (a window it allocated).
+    unsafe fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
 
     /// Programs the coherence index of the freshly mapped `range` (seed 003, see
     /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the

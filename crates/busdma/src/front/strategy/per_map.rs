@@ -10,7 +10,7 @@
 //!    window after its invalidation: strict, one ranged invalidation per load.
 //! 3. **Failure** midway through mapping unmaps what was mapped and frees the window through
 //!    the same path, so the IOVA is reused only after the invalidation.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed only where the strategy calls `IommuOps`' unsafe mapping methods
 
 use alloc::vec::Vec;
 
@@ -46,9 +46,14 @@ impl PerMapState {
     }
 }
 
-/// Maps the runs into `window` per the layout, recording ranges in `mapped`; on error unmaps
-/// them (freeing `free`) and returns the error.
-pub(crate) fn map_runs<P: Platform, D: IommuOps<P>>(
+/// Maps the runs into the window at `base` per the layout, recording ranges in `mapped`.
+///
+/// # Safety
+///
+/// The caller holds the window `[base, base + layout size)` exclusively, nothing is mapped in
+/// it, and the runs are the memory of a load (a load source's promise or an owned buffer).
+#[allow(unsafe_code)]
+pub(crate) unsafe fn map_runs<P: Platform, D: IommuOps<P>>(
     d: &D,
     g: &CpuGuard<'_, P>,
     runs: &[Run],
@@ -61,7 +66,9 @@ pub(crate) fn map_runs<P: Platform, D: IommuOps<P>>(
     layout(runs, align, |r, place| {
         if let Place::At { off, map_start, map_end, pa } = place {
             if map_end > map_start {
-                d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir)?;
+                // SAFETY: inside the caller's window (the layout stays within its size), each
+                // page mapped once; the runs are the load's (this fn's contract).
+                unsafe { d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir)? };
                 push_range(mapped, base + map_start, base + map_end)?;
                 let range = AddrRange::new(Iova::new(base + map_start), Iova::new(base + map_end))?;
                 d.set_coherence_index(range, coherence_index(r, map_start as i64 - off as i64));
@@ -91,6 +98,7 @@ pub(crate) fn push_segments(
     Ok(size)
 }
 
+#[allow(unsafe_code)]
 impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
     const NAME: &'static str = "iommu-per-map";
     type MapState = PerMapState;
@@ -131,11 +139,15 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         let window = d.alloc_iova(&g, size, align, iova_limit(d, spec))?;
         let base = window.start().raw();
         if let Err(e) = push_segments(runs, align, base, segs) {
-            d.free_iova(&g, window);
+            // SAFETY: the window came from `alloc_iova` just above; nothing is mapped in it.
+            unsafe { d.free_iova(&g, window) };
             return Err(e);
         }
-        if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
-            let _ = d.unmap(&g, &st.mapped, &[window]);
+        // SAFETY: the window came from `alloc_iova` just above and was sized by the same
+        // layout; the runs are this load's (the Strategy contract).
+        if let Err(e) = unsafe { map_runs(d, &g, runs, align, base, dir, &mut st.mapped) } {
+            // SAFETY: what `map_runs` mapped lies in this load's window, which it gives back.
+            let _ = unsafe { d.unmap(&g, &st.mapped, &[window]) };
             st.mapped.clear();
             return Err(e);
         }
@@ -147,7 +159,8 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         let mut r = Ok(());
         if let Some(w) = st.window.take() {
             let g = p.pin_cpu();
-            r = self.0.unmap(&g, &st.mapped, &[w]).map(|_| ());
+            // SAFETY: the load's own window and the ranges it mapped in it, given up here.
+            r = unsafe { self.0.unmap(&g, &st.mapped, &[w]) }.map(|_| ());
         }
         st.mapped.clear();
         r

@@ -20,7 +20,7 @@
 //!    turn, a load waits for the unload of `n` loads ago; one forced flush completes every
 //!    queued unload, so at most one load in `n` pays for a flush, for `n` times the IOVA.
 //! 4. **Destroy** waits for each window's last invalidation, then frees the windows.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed only where the strategy calls `IommuOps`' unsafe mapping methods
 
 use alloc::vec::Vec;
 
@@ -86,6 +86,7 @@ pub fn window_size(spec: &TagSpec) -> Result<u64> {
     raw.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::Overflow { base: raw, len: PAGE_SIZE })
 }
 
+#[allow(unsafe_code)]
 impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     const NAME: &'static str = "iommu-reserved";
     type MapState = ReservedState<<D as IommuOps<P>>::Ticket>;
@@ -111,10 +112,12 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         let size = window_size(spec)?;
         for _ in 0..self.windows {
             let w = d.alloc_iova(&g, size, window_align(spec), iova_limit(d, spec)).and_then(|w| {
-                match d.reserve_tables(&g, w) {
+                // SAFETY: `w` came from `alloc_iova` just now and is this map's.
+                match unsafe { d.reserve_tables(&g, w) } {
                     Ok(()) => Ok(w),
                     Err(e) => {
-                        d.free_iova(&g, w);
+                        // SAFETY: `w` is this map's, nothing mapped in it.
+                        unsafe { d.free_iova(&g, w) };
                         Err(e)
                     }
                 }
@@ -123,7 +126,8 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
                 Ok(w) => windows.push((w, None)),
                 Err(e) => {
                     for (w, _) in windows {
-                        d.free_iova(&g, w);
+                        // SAFETY: the windows allocated above, nothing mapped in them.
+                        unsafe { d.free_iova(&g, w) };
                     }
                     return Err(e);
                 }
@@ -159,9 +163,13 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
             d.ensure_flushed(&g, t)?;
             *pending = None;
         }
-        if let Err(e) = map_runs(d, &g, runs, align, base, dir, &mut st.mapped) {
+        // SAFETY: the window is this map's (allocated at create, reserved, never freed while
+        // the map lives), empty (its last unmap is flushed: `ensure_flushed` above), and the
+        // layout was checked to fit it; the runs are this load's.
+        if let Err(e) = unsafe { map_runs(d, &g, runs, align, base, dir, &mut st.mapped) } {
             if !st.mapped.is_empty() {
-                *pending = d.unmap(&g, &st.mapped, &[]).ok();
+                // SAFETY: the ranges just mapped in this map's window; the window is kept.
+                *pending = unsafe { d.unmap(&g, &st.mapped, &[]) }.ok();
             }
             st.mapped.clear();
             return Err(e);
@@ -176,7 +184,8 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
             let g = p.pin_cpu();
             // On a failed invalidation the ticket is lost, but the domain is degraded: its
             // next map (into this window too) first completes a whole-domain invalidation.
-            let t = self.domain.unmap(&g, &st.mapped, &[]);
+            // SAFETY: the ranges this map's load mapped in its own window, which it keeps.
+            let t = unsafe { self.domain.unmap(&g, &st.mapped, &[]) };
             st.windows[st.cur].1 = t.as_ref().ok().copied();
             r = t.map(|_| ());
         }
@@ -194,7 +203,9 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
                     continue;
                 }
             }
-            self.domain.free_iova(&g, w);
+            // SAFETY: the map's own window, unloaded (nothing mapped), its last unmap proven
+            // flushed just above; given up as the map is destroyed.
+            unsafe { self.domain.free_iova(&g, w) };
         }
     }
 }
