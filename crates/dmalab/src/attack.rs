@@ -14,7 +14,7 @@ use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
 use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
-use busdma_model::attack::{DomainUnderTest, Mode, Plan, Report, run};
+use busdma_model::attack::{DomainUnderTest, GiveBack, Mode, Plan, Report, run};
 use busdma_model::{HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 use clap::Args;
 use serde_json::json;
@@ -95,7 +95,11 @@ pub fn run_cmd(json_out: bool, config: MachineConfig, args: &AttackArgs) -> Resu
     let mut r = crate::report::Report::new();
     for mode in modes {
         eprintln!("dmalab attack: mode {} ...", mode.name());
-        let rep = one_mode(config, mode, Plan { per_class: args.per_class, seed: args.seed, only: None })?;
+        let rep = one_mode(
+            config,
+            mode,
+            Plan { per_class: args.per_class, seed: args.seed, only: None, give_back: GiveBack::Busdma },
+        )?;
         for (class, t) in &rep.tallies {
             r.push(json!({"attack": class.name(), "mode": mode.name(), "attempts": t.attempts,
                 "escapes": t.escapes, "bytes_leaked": t.bytes_leaked}));
