@@ -19,13 +19,26 @@
 //!    probes the stale bus address after each further unload of its own (the work that drives
 //!    the flush queue) until the access faults; the number of those unloads and the time since
 //!    the unload returned are the window, bounded by the queue's `max_entries` and `max_age`.
-#![deny(unsafe_code)] // but `kbuf` (the scenario's own pages as a load source) and `run` (raw tables attached)
+//! 5. **Reuse after a failed invalidation** (class 9): the model IOMMU's fault injection
+//!    ([`ModelIommu::fail_next_invalidations`]) fails every invalidation while the driver tears
+//!    down buffers the attacker has just used (coherent memory, a typed buffer, an owned
+//!    map), so the IOTLB keeps their translations; a next owner then takes DMA pages from the
+//!    same first-fit allocator and fills them with secrets, and the attacker probes the old bus
+//!    addresses. busdma must have kept the pages in the tag's quarantine. The class's control
+//!    ([`GiveBack::FreeAnyway`]) is a driver that frees the pages anyway, and must escape:
+//!    otherwise the class could not see the bug it looks for.
+#![deny(unsafe_code)] // but `kbuf` (the scenario's own pages as a load source), `run` (raw tables
+// attached) and `broken_raw_page` (class 9's control)
 
-use busdma::front::{Direction, KernelBuf, Strategy, SyncOp, Tag, TagSpec, load_registered};
+use busdma::front::typed::{Bidirectional, DeviceOwned};
+use busdma::front::{
+    Coherent, Direction, DmaMap, DmaMemory, KernelBuf, OwnedMap, QuarantineStats, RawSegment, Strategy,
+    SyncOp, Tag, TagSpec, load_registered,
+};
 use busdma::iommu::DomainId;
 use busdma::pgtable::{PteFormat, VtdSl};
 use busdma::pin::Registry;
-use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, UserVa};
+use busdma::{Error, KernVa, MemAttr, PAGE_SIZE, PhysAddr, Platform, Result, UserVa};
 
 use crate::audit::PageKind;
 
@@ -35,6 +48,21 @@ fn kbuf(kva: KernVa, len: u64) -> KernelBuf {
     // SAFETY: every caller passes pages the scenario allocated from the model and keeps until
     // the map is unloaded (the ground truth records what it gives the device).
     unsafe { KernelBuf::new(kva, len) }
+}
+
+/// Class 9's control driver's load source ([`GiveBack::FreeAnyway`]): a page it frees while
+/// a stale translation may still reach it.
+#[allow(unsafe_code)]
+fn broken_raw_page(pa: PhysAddr, len: u64) -> RawSegment {
+    // SAFETY: the promise of `RawSegment::new` (the page is the caller's until the unload has
+    // returned and its invalidation completed) is kept only until the unload returns: the
+    // control driver then frees the page whatever the invalidation did, breaking the promise
+    // on purpose (the bug class 9 must be able to see). No Rust value is at stake: the page is
+    // the model's RAM, which busdma does not touch after the unload and the device reaches
+    // only through the model IOMMU's port, so the breach is the modelled bug (a device
+    // reaching the next owner's bytes, judged by the ground truth), not undefined behaviour
+    // of this program.
+    unsafe { RawSegment::new(pa, len) }
 }
 use crate::hostile::{
     Access, AttackClass, HostileDevice, Outcome, Tally, page_base, public_fill, secret_fill,
@@ -106,6 +134,42 @@ pub struct Ownership {
     pub exposed: u64,
 }
 
+/// Who gives class 9's buffers back after their invalidation failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GiveBack {
+    /// busdma's owned buffers do (coherent memory, a typed buffer, an owned map): memory a
+    /// translation may still reach waits in the tag's quarantine.
+    #[default]
+    Busdma,
+    /// The class's control, a deliberately broken driver: the same three pages, loaded through
+    /// the raw `unsafe` path ([`RawSegment`]) and freed as soon as the unload returns, its
+    /// error and the tag's failed proof swallowed (the hole 7). It must show escapes.
+    FreeAnyway,
+}
+
+/// What class 9 saw of the teardowns (besides the attacker's figures).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reuse {
+    /// Rounds run.
+    pub rounds: u64,
+    /// Buffers lent to the attacker and torn down while invalidations failed.
+    pub torn_down: u64,
+    /// Teardowns that reported the failure to the driver (a typed buffer's `to_cpu` error).
+    pub reported: u64,
+    /// Buffers the attacker's tag's quarantine held while the attacker probed, summed over
+    /// rounds.
+    pub held_while_probed: u64,
+    /// Buffers the quarantine released once the unit worked again ([`Tag::reclaim`]).
+    pub released: u64,
+    /// Pages the next owners allocated and filled with secrets.
+    pub next_owner_pages: u64,
+    /// Of those, pages that were a torn-down buffer's: memory freed while a stale translation
+    /// reached it (0 unless the driver is broken).
+    pub reused: u64,
+    /// The attacker's tag's quarantine counters at the end of the run.
+    pub quarantine: QuarantineStats,
+}
+
 /// What one mode's run found.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -120,6 +184,8 @@ pub struct Report {
     pub refused: Vec<(AttackClass, u64, Option<Error>)>,
     /// The page-ownership check.
     pub ownership: Ownership,
+    /// Class 9's teardowns and the quarantine.
+    pub reuse: Reuse,
 }
 
 impl Report {
@@ -146,6 +212,11 @@ const PROBES_PER_LOAD: u64 = 64;
 /// Unloads the window probe waits through before giving up: beyond any sane queue bound (the
 /// default is 256), so a missing flush shows as a window of this size.
 const WINDOW_GIVE_UP: u64 = 4096;
+/// Class 9: probes per torn-down buffer per round, half reads, half writes.
+const REUSE_PROBES: u64 = 16;
+/// Class 9: the most pages one next owner takes while looking for the torn-down buffers'
+/// pages (it stops at the first page above them all, see `next_owner`).
+const NEXT_OWNER_MAX: usize = 64;
 
 /// The two devices' tags (maps borrow them while the rig's state changes).
 struct Tags<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>> {
@@ -163,6 +234,30 @@ struct Rig<'m> {
     iommu: &'m ModelIommu<'m>,
     refused: Vec<(AttackClass, u64, Option<Error>)>,
     window: Window,
+    give_back: GiveBack,
+    reuse: Reuse,
+}
+
+/// Class 9's buffers of one round, lent to the attacker.
+struct Lent<'m, S: Strategy<HostPlatform>> {
+    /// `(bus address, page)` of each buffer.
+    pages: Vec<(u64, PhysAddr)>,
+    held: Held<'m, S>,
+}
+
+/// Class 9's buffers as busdma owns them, one of each kind.
+struct Owned<'m, S: Strategy<HostPlatform>> {
+    coherent: Coherent<'m, HostPlatform, S>,
+    typed: DeviceOwned<'m, HostPlatform, S, Bidirectional>,
+    owned: OwnedMap<'m, HostPlatform, S, DmaMemory<'m, HostPlatform>>,
+}
+
+/// What holds class 9's buffers while they are lent.
+enum Held<'m, S: Strategy<HostPlatform>> {
+    /// busdma's owned buffers (boxed: the handles are large, the control's vector is not).
+    Busdma(Box<Owned<'m, S>>),
+    /// The control driver's raw loads ([`GiveBack::FreeAnyway`]).
+    Raw(Vec<(DmaMap<'m, HostPlatform, S>, DmaMemory<'m, HostPlatform>)>),
 }
 
 /// A direct-mapped page of the model's RAM, every byte secret.
@@ -570,6 +665,198 @@ impl<'m> Rig<'m> {
     }
 }
 
+impl<'m> Rig<'m> {
+    /// Class 9: reuse after a failed invalidation (theory 5). Per round: three one-page
+    /// buffers lent (`lend_busdma`, or `lend_raw` for the control), each read once by the
+    /// attacker (the IOTLB now caches it); every invalidation fails from then on; the buffers
+    /// are torn down and their grants revoked; a next owner takes pages and fills them with
+    /// secrets; the attacker reads and writes all over the old bus addresses; then the unit
+    /// works again and the tag's quarantine is reclaimed.
+    fn class_failed_invalidation<SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
+        &mut self,
+        tags: &Tags<'m, SA, SV>,
+        rounds: u64,
+    ) -> Result<()> {
+        let class = AttackClass::FailedInvalidation;
+        let tag = &tags.attacker;
+        for round in 0..rounds {
+            let lent = match self.give_back {
+                GiveBack::Busdma => self.lend_busdma(tag, round)?,
+                GiveBack::FreeAnyway => self.lend_raw(tag, round)?,
+            };
+            let Some(Lent { pages, held }) = lent else { continue };
+            self.reuse.rounds += 1;
+            let port = self.iommu.port(ATTACKER);
+            for &(bus, pa) in &pages {
+                self.dev.truth().grant(pa, PAGE_SIZE, Access::ReadWrite);
+                self.dev.try_read(class, &port, bus, PROBE);
+            }
+            // The unit's invalidation queue fails from here on: the unloads' invalidations,
+            // the deferred flushes and the tag's proofs all fail, executing nothing.
+            self.iommu.fail_next_invalidations(u64::MAX);
+            self.tear_down(tag, held);
+            for &(_, pa) in &pages {
+                self.dev.truth().revoke(pa, PAGE_SIZE, Access::ReadWrite);
+            }
+            self.reuse.torn_down += pages.len() as u64;
+            self.reuse.held_while_probed += tag.quarantine_stats().held;
+            let old: Vec<PhysAddr> = pages.iter().map(|&(_, pa)| pa).collect();
+            let next = self.next_owner(tag.spec(), &old, round)?;
+            for (k, &(bus, _)) in pages.iter().enumerate() {
+                for i in 0..REUSE_PROBES {
+                    let at = bus + (i * 251 + k as u64 * 67) % (PAGE_SIZE - PROBE as u64);
+                    if i % 2 == 0 {
+                        self.dev.try_read(class, &port, at, PROBE);
+                    } else {
+                        self.dev.try_write(class, &port, at, &[0x55; PROBE]);
+                    }
+                }
+            }
+            // The unit works again: the next proof releases what the quarantine holds.
+            self.iommu.fail_next_invalidations(0);
+            let released = tag.quarantine_stats().released;
+            tag.reclaim()?;
+            tag.wait_unmapped()?;
+            self.reuse.released += tag.quarantine_stats().released - released;
+            drop(next);
+        }
+        self.reuse.quarantine = tag.quarantine_stats();
+        Ok(())
+    }
+
+    /// Class 9, busdma's way: coherent memory, a typed bidirectional buffer handed to the
+    /// device, and a DMA page moved into an owned map, each one page of public bytes. `None`
+    /// if busdma refused one (counted; the others are given back at once, nothing failing).
+    fn lend_busdma<S: Strategy<HostPlatform>>(
+        &mut self,
+        tag: &Tag<'m, HostPlatform, S>,
+        round: u64,
+    ) -> Result<Option<Lent<'m, S>>> {
+        let class = AttackClass::FailedInvalidation;
+        let fill = |k: u64| public_fill(round.wrapping_mul(3).wrapping_add(k), PAGE_SIZE as usize);
+        let coherent = match tag.alloc_coherent(PAGE_SIZE, false) {
+            Ok(c) => c,
+            Err(e) => return self.refused_none(class, e),
+        };
+        coherent.memory().write(0, &fill(0))?;
+        let buf = match tag.alloc_buffer::<Bidirectional>(PAGE_SIZE) {
+            Ok(b) => b,
+            Err(e) => return self.refused_none(class, e),
+        };
+        buf.write(0, &fill(1))?;
+        let typed = match buf.to_device() {
+            Ok(t) => t,
+            Err((e, _)) => return self.refused_none(class, e),
+        };
+        let mut owned = tag.create_owned_map::<DmaMemory<'m, HostPlatform>>()?;
+        let mem = DmaMemory::alloc(self.m, tag.spec(), PAGE_SIZE, MemAttr::WriteBack)?;
+        mem.write(0, &fill(2))?;
+        let owned_pa = mem.pa();
+        let owned_bus = match owned.load(mem, Direction::Bidirectional) {
+            Ok(segs) => segs[0].addr.raw(),
+            Err((e, _)) => return self.refused_none(class, e),
+        };
+        owned.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
+        // A typed buffer shows no physical address (by design): the page the device reaches
+        // is the model IOMMU's answer.
+        let typed_bus = typed.segments()[0].addr;
+        let typed_pa = self
+            .iommu
+            .translate(ATTACKER, typed_bus, false)
+            .map_err(|_| Error::NotMapped { addr: typed_bus.raw() })?;
+        let pages = vec![
+            (coherent.segments()[0].addr.raw(), coherent.memory().pa()),
+            (typed_bus.raw(), typed_pa),
+            (owned_bus, owned_pa),
+        ];
+        Ok(Some(Lent { pages, held: Held::Busdma(Box::new(Owned { coherent, typed, owned })) }))
+    }
+
+    /// Class 9's control ([`GiveBack::FreeAnyway`]): three DMA pages of public bytes, loaded
+    /// through the raw path.
+    fn lend_raw<S: Strategy<HostPlatform>>(
+        &mut self,
+        tag: &Tag<'m, HostPlatform, S>,
+        round: u64,
+    ) -> Result<Option<Lent<'m, S>>> {
+        let mut pages = Vec::new();
+        let mut raw = Vec::new();
+        for k in 0..3 {
+            let mem = DmaMemory::alloc(self.m, tag.spec(), PAGE_SIZE, MemAttr::WriteBack)?;
+            mem.write(0, &public_fill(round.wrapping_mul(3).wrapping_add(k), PAGE_SIZE as usize))?;
+            let mut map = tag.create_map()?;
+            let bus = match map.load(&broken_raw_page(mem.pa(), PAGE_SIZE), Direction::Bidirectional) {
+                Ok(segs) => segs[0].addr.raw(),
+                Err(e) => return self.refused_none(AttackClass::FailedInvalidation, e),
+            };
+            map.sync(SyncOp::PREWRITE | SyncOp::PREREAD)?;
+            pages.push((bus, mem.pa()));
+            raw.push((map, mem));
+        }
+        Ok(Some(Lent { pages, held: Held::Raw(raw) }))
+    }
+
+    fn refused_none<T>(&mut self, class: AttackClass, e: Error) -> Result<Option<T>> {
+        self.refuse(class, e);
+        Ok(None)
+    }
+
+    /// Class 9's teardown while invalidations fail: what a driver does with each kind of
+    /// buffer (drop the coherent memory, take the typed buffer back, drop the owned map), or
+    /// the control's unload-and-free.
+    fn tear_down<S: Strategy<HostPlatform>>(&mut self, tag: &Tag<'m, HostPlatform, S>, held: Held<'m, S>) {
+        match held {
+            Held::Busdma(b) => {
+                let Owned { coherent, typed, owned } = *b;
+                drop(coherent);
+                match typed.to_cpu() {
+                    // A deferred unload returns before any invalidation: the CPU has the
+                    // buffer, and its drop asks the tag for the proof.
+                    Ok(cpu) => drop(cpu),
+                    Err(_) => self.reuse.reported += 1,
+                }
+                drop(owned);
+            }
+            Held::Raw(raw) => {
+                for (mut map, mem) in raw {
+                    // The bug: both errors swallowed, the page freed.
+                    let _ = map.unload();
+                    let _ = tag.wait_unmapped();
+                    drop(mem);
+                }
+            }
+        }
+    }
+
+    /// Class 9's next owner: takes one-page DMA buffers as a victim driver would
+    /// (`DmaMemory::alloc`, served by the same first-fit frame allocator that gave the
+    /// attacker's buffers their pages) until it holds a page above every page of `old` (or
+    /// [`NEXT_OWNER_MAX`] pages), and fills each with secrets. A first-fit allocator hands
+    /// single free pages out in ascending order, so had any page of `old` been freed, the
+    /// next owner holds it now.
+    fn next_owner(
+        &mut self,
+        spec: &TagSpec,
+        old: &[PhysAddr],
+        round: u64,
+    ) -> Result<Vec<DmaMemory<'m, HostPlatform>>> {
+        let top = old.iter().copied().max().unwrap_or(PhysAddr::new(0));
+        let mut got = Vec::new();
+        while got.len() < NEXT_OWNER_MAX {
+            let mem = DmaMemory::alloc(self.m, spec, PAGE_SIZE, MemAttr::WriteBack)?;
+            mem.write(0, &secret_fill(round ^ ((got.len() as u64) << 32), PAGE_SIZE as usize))?;
+            let above = mem.pa() > top;
+            self.reuse.reused += u64::from(old.contains(&mem.pa()));
+            got.push(mem);
+            if above {
+                break;
+            }
+        }
+        self.reuse.next_owner_pages += got.len() as u64;
+        Ok(got)
+    }
+}
+
 /// How many attempts each class makes (roughly; whole rounds are run).
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
@@ -579,6 +866,8 @@ pub struct Plan {
     pub seed: u64,
     /// Run only this class (all when `None`).
     pub only: Option<AttackClass>,
+    /// Who gives class 9's buffers back: busdma, or the class's broken control.
+    pub give_back: GiveBack,
 }
 
 /// Runs every class against busdma in `mode`: the attacker's domain is `attacker`, the
@@ -650,6 +939,8 @@ fn run_attached<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
         iommu,
         refused: Vec::new(),
         window: Window::default(),
+        give_back: plan.give_back,
+        reuse: Reuse::default(),
     };
     let n = plan.per_class;
     let on = |c: AttackClass| plan.only.is_none_or(|o| o == c);
@@ -678,7 +969,18 @@ fn run_attached<'m, SA: Strategy<HostPlatform>, SV: Strategy<HostPlatform>>(
     if on(AttackClass::WriteReadOnly) {
         rig.class_write_read_only(&tags, n.div_ceil(PROBES_PER_LOAD / 4))?;
     }
+    if on(AttackClass::FailedInvalidation) {
+        // Three buffers a round, each read once while lent and probed REUSE_PROBES times.
+        rig.class_failed_invalidation(&tags, n.div_ceil(3 * (1 + REUSE_PROBES)))?;
+    }
     rig.check_ownership();
     let tallies = AttackClass::ALL.iter().map(|&c| (c, rig.dev.tally(c))).collect();
-    Ok(Report { mode, tallies, window: rig.window, refused: rig.refused, ownership: rig.ownership })
+    Ok(Report {
+        mode,
+        tallies,
+        window: rig.window,
+        refused: rig.refused,
+        ownership: rig.ownership,
+        reuse: rig.reuse,
+    })
 }

@@ -8,7 +8,8 @@
 //!    neighbours of a mapped buffer; an IOVA just after its unmap returned (strict); an IOVA
 //!    inside the deferred-invalidation window; another domain's IOVAs; a random scan of the
 //!    IOVA space; a page whose registration was dropped; bounce-page slack; a write through a
-//!    to-device (read-only) mapping. Each attempt is one DMA read or write through the
+//!    to-device (read-only) mapping; a buffer's old IOVA after an invalidation failed and the
+//!    buffer was torn down. Each attempt is one DMA read or write through the
 //!    device's port, exactly as hardware would issue it.
 //! 2. **Ground truth, not busdma's word.** Whether an access escaped is decided from two things
 //!    the model keeps itself: the [`GroundTruth`] ledger, which the *scenario* (the driver
@@ -57,11 +58,14 @@ pub enum AttackClass {
     BounceSlack,
     /// 8: a write through a to-device (read-only) mapping.
     WriteReadOnly,
+    /// 9: the old IOVA of a buffer (coherent, typed, streaming) torn down while the IOTLB
+    /// invalidation failed, its pages then wanted by a next owner.
+    FailedInvalidation,
 }
 
 impl AttackClass {
     /// Every class, in the issue's order.
-    pub const ALL: [AttackClass; 8] = [
+    pub const ALL: [AttackClass; 9] = [
         AttackClass::SubPageNeighbour,
         AttackClass::AfterUnmap,
         AttackClass::DeferredWindow,
@@ -70,9 +74,10 @@ impl AttackClass {
         AttackClass::DroppedRegistration,
         AttackClass::BounceSlack,
         AttackClass::WriteReadOnly,
+        AttackClass::FailedInvalidation,
     ];
 
-    /// The class's number, 1 to 8.
+    /// The class's number, 1 to 9.
     pub fn number(self) -> usize {
         self as usize + 1
     }
@@ -88,6 +93,7 @@ impl AttackClass {
             AttackClass::DroppedRegistration => "dropped-registration",
             AttackClass::BounceSlack => "bounce-slack",
             AttackClass::WriteReadOnly => "write-read-only",
+            AttackClass::FailedInvalidation => "failed-invalidation",
         }
     }
 }
@@ -260,7 +266,7 @@ impl<T: DmaPort + ?Sized> AttackPort for T {
 pub struct HostileDevice<'m> {
     m: &'m HostPlatform,
     truth: GroundTruth,
-    tallies: [Tally; 8],
+    tallies: [Tally; AttackClass::ALL.len()],
     rng: u64,
 }
 
@@ -268,7 +274,12 @@ impl<'m> HostileDevice<'m> {
     /// A device on machine `m`, given nothing yet; `seed` makes its random choices
     /// reproducible.
     pub fn new(m: &'m HostPlatform, seed: u64) -> Self {
-        Self { m, truth: GroundTruth::new(), tallies: [Tally::default(); 8], rng: seed | 1 }
+        Self {
+            m,
+            truth: GroundTruth::new(),
+            tallies: [Tally::default(); AttackClass::ALL.len()],
+            rng: seed | 1,
+        }
     }
 
     /// The ground-truth ledger the scenario keeps for this device.
@@ -508,6 +519,6 @@ mod tests {
     fn labels_are_never_zero_and_keep_their_side() {
         assert!(secret_fill(5, 4096).iter().all(|&b| b != 0 && is_secret(b)));
         assert!(public_fill(5, 4096).iter().all(|&b| b != 0 && !is_secret(b)));
-        assert_eq!(AttackClass::ALL.map(AttackClass::number), [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(AttackClass::ALL.map(AttackClass::number), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
     }
 }

@@ -1,7 +1,8 @@
 //! Every attack class against busdma's IOMMU path (real domains, the model IOMMU with its
 //! IOTLB), with the figures the issue asks for: no escape at all with an untrusted device;
 //! with a trusted one under strict invalidation, escapes only from page granularity (class 1);
-//! under deferred invalidation, a window bounded by the flush queue.
+//! under deferred invalidation, a window bounded by the flush queue; after a failed
+//! invalidation, nothing reused in any mode (and a broken driver's reuse caught).
 
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::IommuPerMap;
@@ -10,7 +11,7 @@ use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
 use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
-use busdma_model::attack::{DomainUnderTest, Mode, Plan, Report, run};
+use busdma_model::attack::{DomainUnderTest, GiveBack, Mode, Plan, Report, run};
 use busdma_model::hostile::{AttackClass, Tally};
 use busdma_model::{HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 
@@ -37,6 +38,11 @@ fn dut(d: &Dom<'_>, id: DomainId) -> DomainUnderTest {
 
 /// Runs `only` (or every class) in `mode`, `per_class` attempts, on a fresh machine.
 fn attack(mode: Mode, per_class: u64, only: Option<AttackClass>) -> Report {
+    attack_with(mode, per_class, only, GiveBack::Busdma)
+}
+
+/// As [`attack`], class 9's buffers given back by `give_back`.
+fn attack_with(mode: Mode, per_class: u64, only: Option<AttackClass>, give_back: GiveBack) -> Report {
     let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(256 << 20) }).unwrap();
     m.freeze_clock(); // the deferred window is then bounded by count alone: reproducible
     let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
@@ -45,7 +51,7 @@ fn attack(mode: Mode, per_class: u64, only: Option<AttackClass>) -> Report {
         if mode == Mode::Deferred { InvalidationPolicy::deferred() } else { InvalidationPolicy::Strict };
     let a = domain(&m, &pool, &iommu, 1, policy, mode == Mode::StrictUntrusted);
     let v = domain(&m, &pool, &iommu, 2, InvalidationPolicy::Strict, false);
-    let plan = Plan { per_class, seed: 7, only };
+    let plan = Plan { per_class, seed: 7, only, give_back };
     let (qm, zones) = (QuickMaps::for_platform(&m), BounceZones::new(&m, ZoneConfig::default()));
     let r = if mode == Mode::StrictUntrusted {
         let bounced = Bounced::over_iommu(IommuPerMap(&a), &zones, &qm);
@@ -163,5 +169,40 @@ fn a_trusted_strict_device_escapes_only_by_page_granularity() {
         } else {
             assert_eq!(t.escapes, 0, "{c:?} {t:?}");
         }
+    }
+}
+
+#[test]
+fn class_9_memory_whose_invalidation_failed_is_quarantined_never_reused_in_any_mode() {
+    for mode in Mode::ALL {
+        let r = attack(mode, N, Some(AttackClass::FailedInvalidation));
+        let (t, u) = (r.tally(AttackClass::FailedInvalidation), r.reuse);
+        assert!(contained(&t), "{}: {t:?}", mode.name());
+        // The stale translations were live: every probe reached an old page, and found only
+        // the attacker's own bytes there (the quarantined buffers).
+        assert_eq!(t.faults, 0, "{}: {t:?}", mode.name());
+        assert!(u.rounds > 0 && u.torn_down == 3 * u.rounds, "{}: {u:?}", mode.name());
+        assert_eq!(u.held_while_probed, u.torn_down, "{}: every buffer waited in quarantine", mode.name());
+        assert_eq!((u.released, u.reused), (u.torn_down, 0), "{}: {u:?}", mode.name());
+        let q = u.quarantine;
+        assert_eq!((q.quarantined, q.released, q.held, q.leaked), (u.torn_down, u.torn_down, 0, 0), "{q:?}");
+        // A strict unload reports the failure to the typed buffer's owner; a deferred one
+        // returns before any invalidation, and the buffer's drop finds the proof missing.
+        let reported = if mode == Mode::Deferred { 0 } else { u.rounds };
+        assert_eq!(u.reported, reported, "{}: {u:?}", mode.name());
+    }
+}
+
+#[test]
+fn class_9_catches_a_driver_that_frees_memory_after_a_failed_invalidation() {
+    // The control: the same rounds, the pages loaded through the raw unsafe path and freed
+    // although the invalidation failed. The next owner gets every one of them, and the
+    // attacker reads and overwrites its secrets through the stale translations.
+    for mode in Mode::ALL {
+        let r = attack_with(mode, N, Some(AttackClass::FailedInvalidation), GiveBack::FreeAnyway);
+        let (t, u) = (r.tally(AttackClass::FailedInvalidation), r.reuse);
+        assert!(t.escapes > 0 && t.bytes_leaked > 0, "{}: {t:?}", mode.name());
+        assert!(u.rounds > 0 && u.reused == u.torn_down, "{}: {u:?}", mode.name());
+        assert_eq!((u.held_while_probed, u.quarantine.quarantined), (0, 0), "{}: {u:?}", mode.name());
     }
 }

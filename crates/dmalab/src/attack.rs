@@ -6,6 +6,9 @@
 //! of `busdma_model::hostile` runs its share of attempts; rows give attempts, escapes
 //! (attempts that reached bytes the device was not given, judged against the model's own
 //! ledger) and bytes leaked, plus a total row per mode and the measured deferred window.
+//! Class 9's row (`failed-invalidation`) also gives `quarantined`: the buffers the attacker's
+//! tag held in its quarantine while the attacker probed (three a round when busdma keeps
+//! every one); a next owner that got a torn-down buffer's page fails the command.
 
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::IommuPerMap;
@@ -14,7 +17,8 @@ use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
 use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
-use busdma_model::attack::{DomainUnderTest, Mode, Plan, Report, run};
+use busdma_model::attack::{DomainUnderTest, GiveBack, Mode, Plan, Report, run};
+use busdma_model::hostile::AttackClass;
 use busdma_model::{HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 use clap::Args;
 use serde_json::json;
@@ -98,10 +102,18 @@ pub fn run_cmd(json_out: bool, config: MachineConfig, args: &AttackArgs) -> Resu
     let mut r = crate::report::Report::new();
     for mode in modes {
         eprintln!("dmalab attack: mode {} ...", mode.name());
-        let rep = one_mode(config, mode, Plan { per_class: args.per_class, seed: args.seed, only: None })?;
+        let rep = one_mode(
+            config,
+            mode,
+            Plan { per_class: args.per_class, seed: args.seed, only: None, give_back: GiveBack::Busdma },
+        )?;
         for (class, t) in &rep.tallies {
-            r.push(json!({"attack": class.name(), "mode": mode.name(), "attempts": t.attempts,
-                "escapes": t.escapes, "bytes_leaked": t.bytes_leaked}));
+            let mut row = json!({"attack": class.name(), "mode": mode.name(), "attempts": t.attempts,
+                "escapes": t.escapes, "bytes_leaked": t.bytes_leaked});
+            if *class == AttackClass::FailedInvalidation {
+                row["quarantined"] = json!(rep.reuse.held_while_probed);
+            }
+            r.push(row);
         }
         let t = rep.total();
         r.push(json!({"attack": "all", "mode": mode.name(), "attempts": t.attempts, "escapes": t.escapes,
@@ -121,6 +133,27 @@ pub fn run_cmd(json_out: bool, config: MachineConfig, args: &AttackArgs) -> Resu
             o.leaves,
             o.exposed
         );
+        let u = rep.reuse;
+        eprintln!(
+            "dmalab attack: {}: failed invalidations: {} rounds, {} buffers torn down ({} errors \
+             reported), {} held in quarantine while probed, {} released after, {} next-owner pages, \
+             {} of them reused",
+            mode.name(),
+            u.rounds,
+            u.torn_down,
+            u.reported,
+            u.held_while_probed,
+            u.released,
+            u.next_owner_pages,
+            u.reused
+        );
+        if u.reused != 0 {
+            return Err(format!(
+                "{}: busdma gave back {} pages a stale translation reached",
+                mode.name(),
+                u.reused
+            ));
+        }
         if o.exposed != 0 {
             return Err(format!(
                 "{}: a device can reach busdma metadata ({} leaves)",

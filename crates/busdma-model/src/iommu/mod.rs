@@ -15,6 +15,9 @@
 //!    an invalidation still translates. Invalidation commands ([`IotlbInvalidator`]) drop
 //!    cached pages of a range (probing sets for small ranges, scanning for large ones) or of
 //!    a whole domain, and are counted by kind ([`IommuStats`]).
+//!    Fault injection ([`ModelIommu::fail_next_invalidations`]) makes the next commands fail
+//!    without executing, as a unit whose invalidation queue reported an error: the cached
+//!    pages stay.
 //!    In *caching mode* ([`IommuConfig::caching_mode`], VT-d CAP.CM = 1) a walk that finds an
 //!    entry not present is cached too, and faults until an invalidation drops it: software
 //!    must invalidate after mapping ([`IotlbInvalidator::invalidate_mapped`]).
@@ -39,6 +42,7 @@
 pub mod audit;
 mod ctxcache;
 mod device_hw;
+mod inject;
 mod iotlb;
 mod lci;
 mod lpae;
@@ -46,6 +50,7 @@ mod vtd;
 mod walk;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, RwLock};
 
 use busdma::iommu::{CoherenceIndex, DomainId, IotlbInvalidator};
@@ -54,6 +59,7 @@ use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 use crate::HostPlatform;
 use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
 pub use audit::{AuditReport, Violation};
+pub use inject::INJECTED_STATUS;
 use iotlb::Iotlb;
 use walk::Walk;
 
@@ -177,6 +183,9 @@ pub struct IommuStats {
     /// Nanoseconds spent in [`IommuConfig::invalidation_latency_ns`] waits (measured: on a
     /// loaded host a wait may overshoot what was asked).
     pub inv_wait_ns: u64,
+    /// Invalidation commands failed by fault injection, not executed
+    /// ([`ModelIommu::fail_next_invalidations`]; not counted in `inv_range` or `inv_domain`).
+    pub inv_failed: u64,
 }
 
 /// One counter of [`IommuStats`]: its index in [`Counters`].
@@ -194,10 +203,11 @@ enum Stat {
     NotPresentHits,
     IotlbEntriesDropped,
     InvWaitNs,
+    InvFailed,
 }
 
 /// Number of [`Stat`]s.
-const STATS: usize = Stat::InvWaitNs as usize + 1;
+const STATS: usize = Stat::InvFailed as usize + 1;
 
 /// The counters: one block per CPU slot, bumped without a locked instruction by the thread
 /// holding the slot (`cpu::SlotCounters`). Every translation and every invalidation counts,
@@ -221,6 +231,8 @@ pub struct ModelIommu<'m> {
     domain_ids: Mutex<device_hw::DomainIds>,
     /// Devices passed through untranslated (`device_hw.rs`); disjoint from `contexts`.
     passthrough: Mutex<std::collections::HashSet<DeviceId>>,
+    /// Invalidation commands still to fail (fault injection, `inject.rs`).
+    fail_invalidations: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -252,6 +264,7 @@ impl<'m> ModelIommu<'m> {
             lci: lci::CoherenceIndexes::new(platform),
             domain_ids: Mutex::new(device_hw::DomainIds::default()),
             passthrough: Mutex::new(std::collections::HashSet::new()),
+            fail_invalidations: AtomicU64::new(0),
         })
     }
 
@@ -449,6 +462,7 @@ impl<'m> ModelIommu<'m> {
             not_present_hits: c(Stat::NotPresentHits),
             iotlb_entries_dropped: c(Stat::IotlbEntriesDropped),
             inv_wait_ns: c(Stat::InvWaitNs),
+            inv_failed: c(Stat::InvFailed),
         }
     }
 
@@ -525,6 +539,7 @@ impl<'m> ModelIommu<'m> {
 
 impl IotlbInvalidator for ModelIommu<'_> {
     fn invalidate_range(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        self.injected_failure(domain)?;
         let probed = self.drop_range(domain, range);
         self.bump(if probed { Stat::InvRangeProbed } else { Stat::InvRangeScanned }, 1);
         Ok(())
@@ -543,6 +558,7 @@ impl IotlbInvalidator for ModelIommu<'_> {
     }
 
     fn invalidate_all(&self, domain: DomainId) -> Result<()> {
+        self.injected_failure(domain)?;
         self.command_latency();
         self.bump(Stat::InvDomain, 1);
         let generation = self.iotlb.bump_generation();

@@ -330,3 +330,43 @@ fn the_audit_measures_exposure_from_unmap_to_the_first_invalidation_that_started
     let rep = iommu.audit_report().unwrap();
     assert_eq!((rep.exposures, rep.max_exposure_ns, rep.pending), (4, 1_500, 0));
 }
+
+#[test]
+fn injected_invalidation_failures_execute_nothing_and_are_counted_until_the_count_runs_out() {
+    let m = machine();
+    let iommu = ModelIommu::new(&m, IommuConfig::default()).unwrap();
+    let t = Tables::new(&m, TableFormat::VtdSecondLevel);
+    let data = m.alloc_frames(FrameRequest::pages(1)).unwrap();
+    m.write_phys(data.pa(), b"stale!").unwrap();
+    t.map(3, data.pa(), true);
+    // SAFETY: the tables live until the end of the test, after the device's last DMA.
+    unsafe { iommu.attach(1, t.ctx(4)).unwrap() };
+    let port = iommu.port(1);
+    let mut b = [0u8; 6];
+    port.dma_read(Iova::new(3 * PAGE_SIZE), &mut b).unwrap();
+    t.clear(3);
+    let is_injected = |e: Error| matches!(e, Error::InvalidationFailed { domain: 4, status, .. } if status == INJECTED_STATUS);
+    // Two failures: one ranged, one whole-domain; neither drops the cached page.
+    iommu.fail_next_invalidations(2);
+    assert!(is_injected(iommu.invalidate_range(4, range(3 * PAGE_SIZE, PAGE_SIZE)).unwrap_err()));
+    assert_eq!(iommu.invalidations_to_fail(), 1);
+    assert!(is_injected(iommu.invalidate_all(4).unwrap_err()));
+    b = [0; 6];
+    port.dma_read(Iova::new(3 * PAGE_SIZE), &mut b).unwrap();
+    assert_eq!(&b, b"stale!", "a failed command leaves the IOTLB as it was");
+    let s = iommu.stats();
+    assert_eq!((s.inv_failed, s.inv_range, s.inv_domain, s.iotlb_entries_dropped), (2, 0, 0, 0));
+    // The count ran out: the next command executes.
+    iommu.invalidate_range(4, range(3 * PAGE_SIZE, PAGE_SIZE)).unwrap();
+    assert!(port.dma_read(Iova::new(3 * PAGE_SIZE), &mut b).is_err());
+    assert_eq!((iommu.stats().inv_failed, iommu.stats().inv_range), (2, 1));
+    // u64::MAX fails every command until cancelled with 0.
+    iommu.fail_next_invalidations(u64::MAX);
+    for _ in 0..3 {
+        assert!(is_injected(iommu.invalidate_all(4).unwrap_err()));
+    }
+    assert_eq!(iommu.invalidations_to_fail(), u64::MAX);
+    iommu.fail_next_invalidations(0);
+    iommu.invalidate_all(4).unwrap();
+    assert_eq!((iommu.stats().inv_failed, iommu.stats().inv_domain), (5, 1));
+}
