@@ -130,6 +130,11 @@ apt_need timeout coreutils
 qemu/run || die "qemu/run: the QEMU suite failed"
 qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU suite"
 
+step "the driver examples run on the model (no unsafe in driver code)"
+for ex in nic_driver storage_driver pinned_user_memory; do
+  cargo run --release --quiet -p busdma-model --example "$ex" || die "example $ex"
+done
+
 step "the lab runs"
 cargo run --release --quiet -- info --json >/dev/null || die "dmalab info"
 cargo run --release --quiet -- bench iova --json --live 1000 --millis 10 >/dev/null || die "dmalab bench iova"
