@@ -130,7 +130,17 @@ apt_need timeout coreutils
 qemu/run || die "qemu/run: the QEMU suite failed"
 qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU suite"
 
+step "README's driver snippet is the tested doctest of busdma::dma"
+awk '/^## A driver in ten lines/{f=1} f&&/^```rust/{c=1;next} c&&/^```/{exit} c' README.md | while IFS= read -r line; do
+  grep -qF -- "//! $line" crates/busdma/src/dma.rs || die "README line not in dma.rs's doctest: $line"
+done
+
 step "the driver examples run on the model (no unsafe in driver code)"
+# Only the kernel's part of an example (from its "// ---- the kernel" line on) may use unsafe.
+for ex in nic_driver storage_driver pinned_user_memory; do
+  ! sed '/^\/\/ ---- the kernel/,$d' "crates/busdma-model/examples/$ex.rs" | grep -v '^//!' | grep -n 'unsafe' \
+    || die "example $ex: unsafe outside its kernel part"
+done
 for ex in nic_driver storage_driver pinned_user_memory; do
   cargo run --release --quiet -p busdma-model --example "$ex" || die "example $ex"
 done

@@ -4,6 +4,11 @@
 //! device may use, keeps the device away from everything else, and makes the CPU's and the
 //! device's views of memory agree.
 //!
+//! **Writing a driver?** Read [`dma`]: the driver's API in one module (device, tag, maps,
+//! coherent memory, sync), with a ten-line start. **Integrating busdma into a kernel?** The
+//! seam is [`Platform`]; the mechanisms are under their own modules. **The soundness rule**
+//! and its proof: [`soundness`].
+//!
 //! ## Theory, in brief (the whole statement is in the repository's `DESIGN.md`)
 //!
 //! 1. **Address spaces are types.** [`PhysAddr`] (host physical), [`Iova`] (what a device
@@ -35,6 +40,8 @@ pub mod bounce;
 #[cfg(feature = "alloc")]
 pub mod device;
 pub mod dir;
+#[cfg(feature = "alloc")]
+pub mod dma;
 pub mod error;
 pub mod front;
 pub mod iommu;

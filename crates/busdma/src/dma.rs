@@ -1,0 +1,59 @@
+//! # The driver's API: everything a device driver needs, in one place
+//!
+//! A driver author reads this module; the rest of the crate is mechanism for kernel
+//! integrators (the platform seam, page tables, IOMMU domains, the IOVA allocator, bounce
+//! buffering, registration), public under its own modules and documented as such.
+//!
+//! ## From "I have a device" to "the device read my buffer"
+//!
+//! ```
+//! use busdma::dma::{Direction, DmaMemory, Iommu, MemAttr, Policy, SyncOp, TagSpec};
+//! # use busdma::quickmap::QuickMaps;
+//! # use busdma_model::{DmaPort, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
+//! # let machine = HostPlatform::new(MachineConfig::with_ram(64 << 20))?;
+//! # let quick_maps = QuickMaps::for_platform(&machine);
+//! // The kernel, once per IOMMU (here the machine model's):
+//! let iommu = Iommu::new(&machine, &quick_maps, ModelIommu::new(&machine, IommuConfig::default())?)?;
+//! // The driver:
+//! let dev = iommu.attach(0x18, Policy::Strict)?; // the device, in a domain of its own
+//! let tag = dev.tag(TagSpec::new(64 << 10, 8))?; // what the device can address
+//! let buf = DmaMemory::alloc(&machine, tag.spec(), 1500, MemAttr::WriteBack)?;
+//! buf.write(0, b"hello, device")?;
+//! let mut map = tag.create_owned_map()?;
+//! let segs = map.load(buf, Direction::ToDevice).map_err(|(e, _)| e)?.to_vec(); // owns `buf` now
+//! map.sync(SyncOp::PREWRITE)?;
+//! // ... program segs[0].addr into the device; it reads the buffer through the IOMMU:
+//! # let mut seen = [0u8; 13];
+//! # iommu.hw().port(0x18).dma_read(segs[0].addr, &mut seen).unwrap();
+//! # assert_eq!(&seen, b"hello, device");
+//! map.sync(SyncOp::POSTWRITE)?;
+//! let buf = map.take()?; // back once no translation can reach it
+//! # drop(buf);
+//! # Ok::<(), busdma::Error>(())
+//! ```
+//!
+//! ## The pieces
+//!
+//! | you have | you use |
+//! |---|---|
+//! | a device behind an IOMMU | [`Iommu::attach`] with a [`Policy`] (strict, deferred, untrusted, identity, bypass) → an owned [`Device`] |
+//! | its constraints (DMA mask, alignment, boundary, segments) | [`Device::tag`] with a [`TagSpec`] → a [`DeviceTag`] (a cheap handle; maps hold it) |
+//! | descriptor rings, mailboxes | [`Tag::alloc_coherent`] → [`Coherent`] (mapped for its whole life) |
+//! | a buffer that goes back and forth | [`Tag::alloc_buffer`] → [`CpuOwned`] ⇄ [`DeviceOwned`], direction in the type |
+//! | per-I/O buffers and scatter-gather lists | [`Tag::create_owned_map`] → [`OwnedMap`], loaded with [`DmaMemory`], [`Part`]s of it, [`RegionSlice`]s of device memory, registered user buffers, or arrays and tuples of them |
+//! | a peer's BAR, MMIO, memory without pages | [`DeviceRegion`] (described once by bus code, `unsafe`), then [`DeviceRegion::slice`] |
+//! | memory the kernel describes by address | [`DmaMap`] with the `unsafe` sources of [`crate::front`] ([`crate::front::KernelBuf`], [`crate::front::SgList`], ...) |
+//!
+//! Every map owns what it maps while a translation may reach it; what comes back after a
+//! failed invalidation is quarantined, never reused ([`QuarantineStats`]). The rule and its
+//! proof: [`crate::soundness`].
+
+pub use crate::device::{DetachError, Device, DeviceConfig, DeviceTag, Iommu, IommuHw, Policy};
+pub use crate::dir::{Direction, SyncOp};
+pub use crate::error::{Error, Result};
+pub use crate::front::typed::{Bidirectional, CpuOwned, DeviceOwned, DmaDir, FromDevice, ToDevice};
+pub use crate::front::{
+    Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, OwnedMap, Part,
+    PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags, TagSpec,
+};
+pub use crate::platform::MemAttr;
