@@ -210,6 +210,7 @@ impl KernelBuf {
 // translates them; the memory promise is `KernelBuf::new`'s caller's.
 #[allow(unsafe_code)]
 unsafe impl LoadSource for KernelBuf {
+    #[inline]
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.len == 0 {
             return Err(Error::ZeroSize);
@@ -260,6 +261,7 @@ impl<'a> PageList<'a> {
 // caller's.
 #[allow(unsafe_code)]
 unsafe impl LoadSource for PageList<'_> {
+    #[inline]
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.len == 0 {
             return Err(Error::ZeroSize);
@@ -333,6 +335,7 @@ impl<'a> SgList<'a> {
 // SAFETY: the runs are the entries as given; the memory promise is `SgList::new`'s caller's.
 #[allow(unsafe_code)]
 unsafe impl LoadSource for SgList<'_> {
+    #[inline]
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.0.is_empty() {
             return Err(Error::ZeroSize);
@@ -408,6 +411,7 @@ impl<'a> RawSegments<'a> {
 // caller's.
 #[allow(unsafe_code)]
 unsafe impl LoadSource for RawSegments<'_> {
+    #[inline]
     fn for_each_run<P: Platform, F: FnMut(Run) -> Result<()>>(&self, p: &P, mut f: F) -> Result<()> {
         if self.0.is_empty() {
             return Err(Error::ZeroSize);

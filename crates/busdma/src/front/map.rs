@@ -51,7 +51,7 @@ use crate::platform::Platform;
 use super::cache_sync::{SyncOp, SyncStats, sync_runs};
 use super::defer::Node;
 use super::load::{LoadSource, Run, RunSource};
-use super::segments::{Constraints, Segment, SegmentBuilder};
+use super::segments::{Segment, SegmentBuilder};
 use super::strategy::{Invalidation, Strategy};
 use super::tag::{Tag, TagData, TagSpec, next_id};
 pub use crate::dir::Direction;
@@ -245,7 +245,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     /// them (and the runs, unless it will retry).
     #[inline]
     pub(crate) fn place(&self, body: &mut Body<S::MapState>, dir: Direction) -> Result<()> {
-        let mut b = SegmentBuilder::new(&mut body.segs, Constraints::of(self.spec))?;
+        let mut b = SegmentBuilder::for_tag(&mut body.segs, self.spec);
         let state = body.state.as_mut().ok_or(Error::BadState { what: "map state missing" })?;
         let (p, st) = (self.tag.platform, &self.tag.strategy);
         st.load(p, self.spec, state, &body.runs, dir, &mut b)?;

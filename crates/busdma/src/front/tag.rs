@@ -123,6 +123,8 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     /// ([`Strategy::check_tag`]).
     pub fn new_root(platform: &'p P, strategy: S, spec: TagSpec) -> Result<Self> {
         spec.validate()?;
+        // What the map path's segment builder takes for granted (`SegmentBuilder::for_tag`).
+        super::segments::Constraints::of(&spec).validate()?;
         strategy.check_tag(platform, &spec)?;
         Ok(Tag(Arc::new(TagData {
             platform,
@@ -141,6 +143,7 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     /// Errors: those of [`TagSpec::validate`] and [`TagSpec::check_narrows`].
     pub fn child(&self, spec: TagSpec) -> Result<Self> {
         spec.validate()?;
+        super::segments::Constraints::of(&spec).validate()?;
         spec.check_narrows(&self.spec)?;
         Ok(Tag(Arc::new(TagData {
             platform: self.platform,
