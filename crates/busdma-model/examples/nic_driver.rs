@@ -9,16 +9,18 @@
 //! IOMMU, so every byte the driver checks crossed the IOMMU twice.
 #![allow(missing_docs)]
 
-use busdma::device::{Device, DeviceStrategy, DeviceTag, Iommu, Policy};
-use busdma::front::{Coherent, Direction, DmaMemory, OwnedMap, Part, SyncOp, TagSpec};
+use busdma::Iova;
+use busdma::dma::{
+    Device, DeviceCoherent, DeviceOwnedMap, DeviceTag, Direction, DmaMemory, Iommu, Part, Policy, SyncOp,
+    TagSpec,
+};
+use busdma::dma::{Error, MemAttr, Result};
 use busdma::quickmap::QuickMaps;
-use busdma::{Error, Iova, MemAttr, Result};
 use busdma_model::{DmaPort, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 
 // ---- the driver ---------------------------------------------------------------------------
 
 type Hw<'m> = ModelIommu<'m>;
-type Strat<'i, 'm> = DeviceStrategy<'i, 'm, Hw<'m>>;
 /// The three fragments of a packet, owned by their slot's map.
 type Packet<'i> = [Part<'i, HostPlatform>; 3];
 
@@ -39,7 +41,7 @@ const RX_BUF: u64 = 2048;
 /// One TX slot: its map owns the packet's three fragment buffers; the slot holds a packet
 /// from `send` until the NIC says it is done (`reclaim`).
 struct TxSlot<'i, 'm> {
-    map: OwnedMap<'i, HostPlatform, Strat<'i, 'm>, Packet<'i>>,
+    map: DeviceOwnedMap<'i, 'm, Hw<'m>, Packet<'i>>,
     busy: bool,
 }
 
@@ -47,9 +49,9 @@ struct TxSlot<'i, 'm> {
 /// then the device: dropping it detaches and frees the domain once the IOTLB forgot it).
 struct Nic<'i, 'm> {
     tx: Vec<TxSlot<'i, 'm>>,
-    rx: Vec<OwnedMap<'i, HostPlatform, Strat<'i, 'm>, DmaMemory<'i, HostPlatform>>>,
-    tx_ring: Coherent<'i, HostPlatform, Strat<'i, 'm>>,
-    rx_ring: Coherent<'i, HostPlatform, Strat<'i, 'm>>,
+    rx: Vec<DeviceOwnedMap<'i, 'm, Hw<'m>, DmaMemory<'i, HostPlatform>>>,
+    tx_ring: DeviceCoherent<'i, 'm, Hw<'m>>,
+    rx_ring: DeviceCoherent<'i, 'm, Hw<'m>>,
     tag: DeviceTag<'i, 'm, Hw<'m>>,
     dev: Device<'i, 'm, Hw<'m>>,
     tx_next: usize,
@@ -155,13 +157,7 @@ impl<'i, 'm> Nic<'i, 'm> {
     }
 }
 
-fn write_desc(
-    ring: &Coherent<'_, HostPlatform, Strat<'_, '_>>,
-    i: u64,
-    bus: Iova,
-    len: u32,
-    flags: u32,
-) -> Result<()> {
+fn write_desc(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64, bus: Iova, len: u32, flags: u32) -> Result<()> {
     let mut d = [0u8; DESC as usize];
     d[..8].copy_from_slice(&bus.raw().to_le_bytes());
     d[8..12].copy_from_slice(&len.to_le_bytes());
@@ -169,7 +165,7 @@ fn write_desc(
     ring.memory().write(i * DESC, &d)
 }
 
-fn read_desc(ring: &Coherent<'_, HostPlatform, Strat<'_, '_>>, i: u64) -> Result<(Iova, u32, u32)> {
+fn read_desc(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64) -> Result<(Iova, u32, u32)> {
     let mut d = [0u8; DESC as usize];
     ring.memory().read(i * DESC, &mut d)?;
     let word = |r: core::ops::Range<usize>| u32::from_le_bytes(d[r].try_into().unwrap_or_default());
@@ -272,7 +268,7 @@ fn main() -> Result<()> {
         FRAGS.iter().sum::<u64>()
     );
     println!(
-        "  tag {:#x} (32-bit NIC), TX ring at bus {:#x}, RX ring at bus {:#x}; {} DMA translations, {} faults, {} ranged invalidations",
+        "  tag #{} (32-bit NIC), TX ring at bus {:#x}, RX ring at bus {:#x}; {} DMA translations, {} faults, {} ranged invalidations",
         nic.tag.id(),
         tx_ring.raw(),
         rx_ring.raw(),

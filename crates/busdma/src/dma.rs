@@ -53,7 +53,18 @@ pub use crate::dir::{Direction, SyncOp};
 pub use crate::error::{Error, Result};
 pub use crate::front::typed::{Bidirectional, CpuOwned, DeviceOwned, DmaDir, FromDevice, ToDevice};
 pub use crate::front::{
-    Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, OwnedMap, Part,
-    PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags, TagSpec,
+    Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, OwnedMap,
+    Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags, TagSpec,
 };
 pub use crate::platform::MemAttr;
+
+use crate::device::DeviceStrategy;
+
+/// A map of a device's tag ([`Device::tag`]), loaded with raw sources.
+pub type DeviceMap<'i, 'p, H> = DmaMap<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
+
+/// A map of a device's tag that owns the buffer `B` it loads ([`OwnedMap`]).
+pub type DeviceOwnedMap<'i, 'p, H, B> = OwnedMap<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>, B>;
+
+/// Coherent memory of a device's tag ([`Tag::alloc_coherent`]).
+pub type DeviceCoherent<'i, 'p, H> = Coherent<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
