@@ -133,8 +133,10 @@ impl Run {
 /// # Safety
 ///
 /// For as long as a map holds a load of this source (from the load until its unload has
-/// returned *and* the unload's IOTLB invalidation has completed,
-/// [`Strategy::wait_unmapped`](super::strategy::Strategy::wait_unmapped)), every run
+/// returned *and* the unload's IOTLB invalidation has completed: a strict unload that returned
+/// `Ok`, or a later [`Tag::wait_unmapped`](super::tag::Tag::wait_unmapped) that returned `Ok`,
+/// the only proof once a map was dropped loaded or unloaded under deferred invalidation),
+/// every run
 /// [`LoadSource::for_each_run`] reports must describe memory that:
 /// - the caller may hand to the device in the load's direction, and that nobody else (no
 ///   allocator, no other owner) uses or reuses meanwhile;
