@@ -15,9 +15,10 @@ use busdma::front::{
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::TablePool;
 use busdma::{PAGE_SIZE, PhysAddr};
-use busdma_model::{FrameRequest, HostPlatform, IommuConfig, ModelIommu};
+use busdma_model::{FrameRequest, HostPlatform, ModelIommu};
 use serde::Serialize;
 
+use crate::cost::{Cost, CostArgs};
 use crate::fixture;
 
 /// Maps loaded per timed batch. 32: enough that the two clock reads around a batch cost
@@ -29,6 +30,8 @@ pub const BATCH: usize = 32;
 pub struct Row {
     pub strategy: &'static str,
     pub invalidation: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub threads: usize,
     pub pages: u64,
     pub map_ns: f64,
@@ -63,6 +66,7 @@ pub fn bench_spec() -> TagSpec {
 }
 
 /// Measures one strategy at `threads` threads and `pages` pages for `duration` per thread.
+#[allow(clippy::too_many_arguments)]
 pub fn measure<S>(
     m: &HostPlatform,
     tag: &Tag<'_, HostPlatform, S>,
@@ -71,6 +75,7 @@ pub fn measure<S>(
     pages: u64,
     duration: Duration,
     trim: bool,
+    cost: &Cost,
 ) -> Result<Row, String>
 where
     S: Strategy<HostPlatform> + Sync,
@@ -134,6 +139,7 @@ where
     Ok(Row {
         strategy: label,
         invalidation: tag.strategy().invalidation().name(),
+        cost: cost.clone(),
         threads,
         pages,
         map_ns,
@@ -144,7 +150,13 @@ where
 }
 
 /// Measures the four IOMMU strategies over domain handle `d` for every threads × pages.
-pub fn measure_iommu<D>(m: &HostPlatform, d: D, args: &MapArgs, rows: &mut Vec<Row>) -> Result<(), String>
+pub fn measure_iommu<D>(
+    m: &HostPlatform,
+    d: D,
+    args: &MapArgs,
+    cost: &Cost,
+    rows: &mut Vec<Row>,
+) -> Result<(), String>
 where
     D: IommuOps<HostPlatform> + Clone + Sync,
 {
@@ -162,13 +174,22 @@ where
         for &pages in &args.pages {
             let inv = d.invalidation().name();
             eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
-            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur, args.trim)?);
-            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur, args.trim)?);
+            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur, args.trim, cost)?);
+            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur, args.trim, cost)?);
             if d.invalidation() == Invalidation::Deferred {
-                rows.push(measure(m, &reserved2, "iommu-reserved-2win", threads, pages, dur, args.trim)?);
+                rows.push(measure(
+                    m,
+                    &reserved2,
+                    "iommu-reserved-2win",
+                    threads,
+                    pages,
+                    dur,
+                    args.trim,
+                    cost,
+                )?);
             }
-            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur, args.trim)?);
-            rows.push(measure(m, &identity, "identity", threads, pages, dur, args.trim)?);
+            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur, args.trim, cost)?);
+            rows.push(measure(m, &identity, "identity", threads, pages, dur, args.trim, cost)?);
         }
     }
     Ok(())
@@ -192,6 +213,9 @@ pub struct MapArgs {
     /// dma_map_benchmark's, over every batch.
     #[arg(long)]
     pub trim: bool,
+    /// The model IOMMU's assumed hardware cost.
+    #[command(flatten)]
+    pub cost: CostArgs,
 }
 
 /// The bench's device.
@@ -208,24 +232,25 @@ pub fn run(args: &MapArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
     if let Some(&p) = args.pages.iter().find(|&&p| p == 0 || p > 256) {
         return Err(format!("pages must be 1..=256 (the bench tag's max size), not {p}"));
     }
+    let cost = args.cost.resolve()?;
     let tag = Tag::new_root(m, busdma::front::Direct, bench_spec()).map_err(|e| e.to_string())?;
     for &threads in &args.threads {
         for &pages in &args.pages {
             eprintln!("bench map: direct threads={threads} pages={pages}");
-            rows.push(measure(m, &tag, "direct", threads, pages, d, args.trim)?);
+            rows.push(measure(m, &tag, "direct", threads, pages, d, args.trim, &cost)?);
         }
     }
     for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {
         // A VT-d second-level domain (4 levels, 48-bit IOVA) on the model IOMMU, the device
         // attached, audit off (the model's own cost is then its IOTLB bookkeeping).
-        let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(|e| e.to_string())?;
+        let iommu = ModelIommu::new(m, cost.config()).map_err(|e| e.to_string())?;
         let pool = TablePool::new(m);
         // Per-CPU caches on: the allocator's fast path.
         let iova = fixture::iova_allocator(m, true)?;
         // SAFETY: `DEV` is driven only by this bench, which issues no DMA once `dom` is
         // dropped and drops `iommu` with it.
         let dom = unsafe { fixture::vtd_domain(m, &iommu, &pool, DEV, 1, policy, iova)? };
-        measure_iommu(m, &dom, args, &mut rows)?;
+        measure_iommu(m, &dom, args, &cost, &mut rows)?;
     }
     Ok(rows)
 }

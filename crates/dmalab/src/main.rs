@@ -9,6 +9,7 @@ mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
 mod bench_pin;
+mod cost;
 mod fixture;
 mod plot;
 mod report;

@@ -41,9 +41,10 @@ use busdma::iommu::InvalidationPolicy;
 use busdma::iova::{IovaSource, extent::ExtentAllocator};
 use busdma::pgtable::TablePool;
 use busdma::{PAGE_SIZE, Platform};
-use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu};
+use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, ModelIommu};
 use serde::Serialize;
 
+use crate::cost::{Cost, CostArgs};
 use crate::fixture;
 
 /// Bytes of the first fragment when a packet has several: Ethernet (14) + IPv4 (20) + TCP
@@ -85,6 +86,9 @@ pub struct TcpArgs {
     /// A short run (20 000 packets per strategy) that finishes in a few seconds.
     #[arg(long)]
     pub quick: bool,
+    /// The model IOMMU's assumed hardware cost.
+    #[command(flatten)]
+    pub cost: CostArgs,
 }
 
 impl TcpArgs {
@@ -124,6 +128,8 @@ impl TcpArgs {
 pub struct Row {
     pub strategy: String,
     pub invalidation: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub packets: u64,
     pub ns_per_packet: f64,
     pub map_unmap_ns_per_packet: f64,
@@ -135,6 +141,8 @@ pub struct Row {
 #[derive(Serialize, Debug, Clone)]
 pub struct MemcpyRow {
     pub strategy: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub ns_per_packet: f64,
 }
 
@@ -402,6 +410,7 @@ pub fn measure_memcpy(m: &HostPlatform, args: &TcpArgs) -> Result<f64, String> {
 pub fn row(
     name: &str,
     invalidation: &'static str,
+    cost: &Cost,
     size: u64,
     r: &Measured,
     passthrough_ns: Option<f64>,
@@ -410,6 +419,7 @@ pub fn row(
     Row {
         strategy: name.to_string(),
         invalidation,
+        cost: cost.clone(),
         packets: r.packets,
         ns_per_packet: ns,
         map_unmap_ns_per_packet: r.map_unmap_ns / r.packets.max(1) as f64,
@@ -493,9 +503,10 @@ fn measure_domain<I: IovaSource>(
     iova: I,
     progress: &AtomicU64,
     kind: Kind,
+    cost: &Cost,
 ) -> Result<Measured, String> {
     let e = |e: busdma::Error| e.to_string();
-    let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(e)?;
+    let iommu = ModelIommu::new(m, cost.config()).map_err(e)?;
     let pool = TablePool::new(m);
     // SAFETY: the NIC is driven only by this run, which issues no DMA once `dom` is dropped
     // and drops `iommu` with it.
@@ -532,6 +543,7 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
         }
     }
     let wanted = |name: &str| args.strategy.is_empty() || args.strategy.iter().any(|s| s == name);
+    let cost = args.cost.resolve()?;
     let spec = nic_spec(args);
     let err = |e: busdma::Error| e.to_string();
     // Passthrough always runs: every relative figure is against it.
@@ -542,7 +554,7 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     let pt_ns = pt.wall_ns / pt.packets.max(1) as f64;
     let mut rows = Vec::new();
     if wanted("passthrough") {
-        rows.push(row("passthrough", "none", args.size, &pt, Some(pt_ns)));
+        rows.push(row("passthrough", "none", &cost, args.size, &pt, Some(pt_ns)));
     }
     for &(name, inv) in &STRATEGIES[1..] {
         if !wanted(name) {
@@ -551,24 +563,42 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
         let policy =
             if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
         let r = match name {
-            "identity" => {
-                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::Identity)?
-            }
+            "identity" => measure_domain(
+                m,
+                args,
+                policy,
+                fixture::iova_allocator(m, true)?,
+                progress,
+                Kind::Identity,
+                &cost,
+            )?,
             "iommu-per-segment" => {
                 let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
-                measure_domain(m, args, policy, extent, progress, Kind::PerSegment)?
+                measure_domain(m, args, policy, extent, progress, Kind::PerSegment, &cost)?
             }
-            "iommu-per-map" => {
-                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::PerMap)?
-            }
-            _ => {
-                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::Reserved)?
-            }
+            "iommu-per-map" => measure_domain(
+                m,
+                args,
+                policy,
+                fixture::iova_allocator(m, true)?,
+                progress,
+                Kind::PerMap,
+                &cost,
+            )?,
+            _ => measure_domain(
+                m,
+                args,
+                policy,
+                fixture::iova_allocator(m, true)?,
+                progress,
+                Kind::Reserved,
+                &cost,
+            )?,
         };
         check_honest(name, &r)?;
-        rows.push(row(name, inv, args.size, &r, Some(pt_ns)));
+        rows.push(row(name, inv, &cost, args.size, &r, Some(pt_ns)));
     }
-    let memcpy = MemcpyRow { strategy: "memcpy", ns_per_packet: measure_memcpy(m, args)? };
+    let memcpy = MemcpyRow { strategy: "memcpy", cost, ns_per_packet: measure_memcpy(m, args)? };
     Ok(Results { rows, memcpy })
 }
 
@@ -596,6 +626,7 @@ mod tests {
             strategy: Vec::new(),
             plot: None,
             quick: false,
+            cost: CostArgs::default(),
         }
     }
 
