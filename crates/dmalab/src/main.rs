@@ -216,7 +216,7 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
             .map(|row| plot::Bar {
                 label: format!("{} ({})", row.strategy, row.invalidation),
                 a: row.ns_per_packet,
-                b: row.map_unmap_ns_per_packet,
+                b: row.driver_ns_per_packet,
             })
             .chain([plot::Bar { label: "memcpy".into(), a: results.memcpy.ns_per_packet, b: 0.0 }])
             .collect();
@@ -224,7 +224,7 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
             path,
             "tcpbench: cost per 1500-byte packet (log scale)",
             "ns per packet",
-            ("ns per packet", "DMA mapping ns per packet"),
+            ("ns per packet", "driver ns per packet (load, sync, unload, invalidation waits)"),
             &bars,
         )?;
         eprintln!("tcpbench: plot written to {}", path.display());
