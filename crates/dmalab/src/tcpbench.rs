@@ -38,6 +38,19 @@
 //!   driver's CPU per packet beyond handing physical addresses to the NIC.
 //! - The `memcpy` row: the cost of copying one packet's bytes once (from its fragments into a
 //!   contiguous buffer), measured in the same run: the price of the copy-instead-of-map design.
+//!
+//! # The collapse, attributed
+//!
+//! Seed 002's first attempt (one IOVA allocation per segment from the `extent` allocator)
+//! collapsed throughput; its fix changed two things at once: one allocation per map instead
+//! of per segment, and busdma's allocator instead of `extent`. So per-segment and per-map each
+//! run over both allocators (the `allocator` field), and one attribution row per invalidation
+//! policy splits the driver-time ratio *collapse* = per-segment over `extent` ÷ per-map over
+//! busdma's allocator into two factors whose product it is exactly: the allocator's
+//! (per-segment over `extent` ÷ per-segment over busdma's) and the per-segment design's
+//! (per-segment ÷ per-map, both over busdma's), with the allocator's share of the collapse on
+//! a log scale and a generated sentence. The allocator factor measured with per-map
+//! (`allocator_factor_per_map`) shows how much of it depends on the design.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,6 +151,7 @@ impl TcpArgs {
 pub struct Row {
     pub strategy: String,
     pub invalidation: &'static str,
+    pub allocator: &'static str,
     #[serde(flatten)]
     pub cost: Cost,
     pub packets: u64,
@@ -437,8 +451,7 @@ pub fn measure_memcpy(m: &HostPlatform, args: &TcpArgs) -> Result<f64, String> {
 
 /// Turns a measurement into a row (relative figures need passthrough's driver ns per packet).
 pub fn row(
-    name: &str,
-    invalidation: &'static str,
+    (name, invalidation, allocator): Design,
     cost: &Cost,
     size: u64,
     r: &Measured,
@@ -449,6 +462,7 @@ pub fn row(
     Row {
         strategy: name.to_string(),
         invalidation,
+        allocator,
         cost: cost.clone(),
         packets: r.packets,
         ns_per_packet: ns,
@@ -482,28 +496,106 @@ pub struct Results {
     pub rows: Vec<Row>,
     /// The memcpy reference.
     pub memcpy: MemcpyRow,
+    /// One row per invalidation policy for which all four per-segment / per-map × allocator
+    /// rows ran.
+    pub attribution: Vec<Attribution>,
 }
 
-/// Every strategy × invalidation this command runs, in order: passthrough (no IOMMU), then
-/// each IOMMU strategy under strict and deferred invalidation.
+/// What part of the per-segment collapse each cause explains, on the driver's time.
+#[derive(Serialize, Debug, Clone)]
+pub struct Attribution {
+    pub attribution: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
+    /// Per-segment over `extent` ÷ per-map over busdma's allocator.
+    pub collapse: f64,
+    /// Per-segment over `extent` ÷ per-segment over busdma's allocator.
+    pub allocator_factor: f64,
+    /// Per-segment ÷ per-map, both over busdma's allocator.
+    pub design_factor: f64,
+    /// Per-map over `extent` ÷ per-map over busdma's allocator.
+    pub allocator_factor_per_map: f64,
+    /// ln(allocator_factor) / ln(collapse), when the collapse is a slowdown.
+    pub allocator_share: Option<f64>,
+    /// The finding in one sentence.
+    pub summary: String,
+}
+
+impl Attribution {
+    /// The attribution of `policy` from `rows`, if the four rows it needs ran.
+    fn from_rows(rows: &[Row], policy: &'static str, cost: &Cost) -> Option<Self> {
+        let driver = |s: &str, a: &str| {
+            rows.iter()
+                .find(|r| r.strategy == s && r.invalidation == policy && r.allocator == a)
+                .map(|r| r.driver_ns_per_packet)
+                .filter(|&ns| ns > 0.0)
+        };
+        let (seg_ext, seg_bus) =
+            (driver("iommu-per-segment", "extent")?, driver("iommu-per-segment", "busdma")?);
+        let (map_ext, map_bus) = (driver("iommu-per-map", "extent")?, driver("iommu-per-map", "busdma")?);
+        let collapse = seg_ext / map_bus;
+        let (alloc, design) = (seg_ext / seg_bus, seg_bus / map_bus);
+        let share = (collapse > 1.0).then(|| alloc.ln() / collapse.ln());
+        let summary = format!(
+            "{policy}, {}: per-segment over extent costs the driver {collapse:.1}x per-map over busdma's \
+             allocator; the allocator explains {alloc:.1}x (per-segment, extent vs busdma's; \
+             {:.1}x under per-map) and the per-segment design {design:.1}x (per-segment vs per-map, \
+             both over busdma's){}",
+            cost.iommu_cost,
+            map_ext / map_bus,
+            share.map_or(String::new(), |s| format!(
+                ": {:.0}% of the collapse (log scale) is the allocator",
+                s * 100.0
+            )),
+        );
+        Some(Self {
+            attribution: policy,
+            cost: cost.clone(),
+            collapse,
+            allocator_factor: alloc,
+            design_factor: design,
+            allocator_factor_per_map: map_ext / map_bus,
+            allocator_share: share,
+            summary,
+        })
+    }
+}
+
+/// A design: strategy, invalidation policy, IOVA allocator.
+pub type Design = (&'static str, &'static str, &'static str);
+
+/// Every strategy × invalidation × IOVA allocator this command runs, in order: passthrough
+/// (no IOMMU), then each IOMMU strategy under strict and deferred invalidation; per-segment
+/// and per-map each over both allocators (`extent`, `busdma`), to attribute the collapse.
 ///
 /// - `identity`: IOVA = PA, per-page reference counts (the design seed 002 replaced).
-/// - `iommu-per-segment`: one IOVA allocation per segment from the `extent` allocator (a
-///   sorted list under one lock, as OpenBSD's extent(9)): seed 002's first attempt.
-/// - `iommu-per-map`: one allocation per load from busdma's IOVA allocator: seed 002's fix.
+/// - `iommu-per-segment`: one IOVA allocation per segment; over the `extent` allocator (a
+///   sorted list under one lock, as OpenBSD's extent(9)) it is seed 002's first attempt.
+/// - `iommu-per-map`: one allocation per load; over busdma's IOVA allocator it is seed 002's
+///   fix.
 /// - `iommu-reserved`: IOVA window and table levels reserved at map create, per-CPU caches in
 ///   the allocator and the table-page pool: the seed's open idea plus its per-CPU pools.
-pub const STRATEGIES: [(&str, &str); 9] = [
-    ("passthrough", "none"),
-    ("identity", "strict"),
-    ("identity", "deferred"),
-    ("iommu-per-segment", "strict"),
-    ("iommu-per-segment", "deferred"),
-    ("iommu-per-map", "strict"),
-    ("iommu-per-map", "deferred"),
-    ("iommu-reserved", "strict"),
-    ("iommu-reserved", "deferred"),
+pub const STRATEGIES: [Design; 13] = [
+    ("passthrough", "none", "none"),
+    ("identity", "strict", "none"),
+    ("identity", "deferred", "none"),
+    ("iommu-per-segment", "strict", "extent"),
+    ("iommu-per-segment", "deferred", "extent"),
+    ("iommu-per-segment", "strict", "busdma"),
+    ("iommu-per-segment", "deferred", "busdma"),
+    ("iommu-per-map", "strict", "extent"),
+    ("iommu-per-map", "deferred", "extent"),
+    ("iommu-per-map", "strict", "busdma"),
+    ("iommu-per-map", "deferred", "busdma"),
+    ("iommu-reserved", "strict", "busdma"),
+    ("iommu-reserved", "deferred", "busdma"),
 ];
+
+/// How many designs a run with these options measures (passthrough always runs).
+pub fn runs(args: &TcpArgs) -> usize {
+    let wanted = |name: &str| args.strategy.is_empty() || args.strategy.iter().any(|s| s == name);
+    1 + STRATEGIES[1..].iter().filter(|d| wanted(d.0)).count()
+}
 
 /// The IOMMU strategies.
 #[derive(Clone, Copy, Debug)]
@@ -573,8 +665,9 @@ fn measure_domain<I: IovaSource>(
 /// Runs every selected strategy side by side.
 pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Results, String> {
     for s in &args.strategy {
-        if !STRATEGIES.iter().any(|(n, _)| n == s) {
-            let names: Vec<&str> = STRATEGIES.iter().map(|(n, _)| *n).collect();
+        if !STRATEGIES.iter().any(|d| d.0 == s) {
+            let mut names: Vec<&str> = STRATEGIES.iter().map(|d| d.0).collect();
+            names.dedup();
             return Err(format!("unknown strategy {s:?}; known: {}", names.join(", ")));
         }
     }
@@ -590,52 +683,34 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     let pt_ns = pt.driver_per_packet();
     let mut rows = Vec::new();
     if wanted("passthrough") {
-        rows.push(row("passthrough", "none", &cost, args.size, &pt, pt_ns));
+        rows.push(row(STRATEGIES[0], &cost, args.size, &pt, pt_ns));
     }
-    for &(name, inv) in &STRATEGIES[1..] {
+    for &design in &STRATEGIES[1..] {
+        let (name, inv, allocator) = design;
         if !wanted(name) {
             continue;
         }
         let policy =
             if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
-        let r = match name {
-            "identity" => measure_domain(
-                m,
-                args,
-                policy,
-                fixture::iova_allocator(m, true)?,
-                progress,
-                Kind::Identity,
-                &cost,
-            )?,
-            "iommu-per-segment" => {
-                let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
-                measure_domain(m, args, policy, extent, progress, Kind::PerSegment, &cost)?
-            }
-            "iommu-per-map" => measure_domain(
-                m,
-                args,
-                policy,
-                fixture::iova_allocator(m, true)?,
-                progress,
-                Kind::PerMap,
-                &cost,
-            )?,
-            _ => measure_domain(
-                m,
-                args,
-                policy,
-                fixture::iova_allocator(m, true)?,
-                progress,
-                Kind::Reserved,
-                &cost,
-            )?,
+        let kind = match name {
+            "identity" => Kind::Identity,
+            "iommu-per-segment" => Kind::PerSegment,
+            "iommu-per-map" => Kind::PerMap,
+            _ => Kind::Reserved,
+        };
+        let r = if allocator == "extent" {
+            let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
+            measure_domain(m, args, policy, extent, progress, kind, &cost)?
+        } else {
+            measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, kind, &cost)?
         };
         check_honest(name, &r)?;
-        rows.push(row(name, inv, &cost, args.size, &r, pt_ns));
+        rows.push(row(design, &cost, args.size, &r, pt_ns));
     }
+    let attribution =
+        ["strict", "deferred"].into_iter().filter_map(|p| Attribution::from_rows(&rows, p, &cost)).collect();
     let memcpy = MemcpyRow { strategy: "memcpy", cost, ns_per_packet: measure_memcpy(m, args)? };
-    Ok(Results { rows, memcpy })
+    Ok(Results { rows, memcpy, attribution })
 }
 
 /// The workload is honest only if the NIC read and verified every packet sent.
@@ -730,9 +805,14 @@ mod tests {
         let m = machine();
         let args = TcpArgs { packets: 2000, ..small_args() };
         let res = run(&args, &m, &AtomicU64::new(0)).unwrap();
-        let names: Vec<(&str, &str)> =
-            res.rows.iter().map(|r| (r.strategy.as_str(), r.invalidation)).collect();
+        let names: Vec<(&str, &str, &str)> =
+            res.rows.iter().map(|r| (r.strategy.as_str(), r.invalidation, r.allocator)).collect();
         assert_eq!(names, STRATEGIES.to_vec());
+        assert_eq!(res.attribution.len(), 2);
+        for a in &res.attribution {
+            // The two factors multiply to the collapse exactly.
+            assert!((a.allocator_factor * a.design_factor / a.collapse - 1.0).abs() < 1e-9, "{a:?}");
+        }
         for r in &res.rows {
             assert_eq!(r.packets, 2000, "{r:?}");
             assert!(r.ns_per_packet > 0.0 && r.mbit_s > 0.0, "{r:?}");
