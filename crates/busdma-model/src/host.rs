@@ -383,6 +383,30 @@ impl HostPlatform {
         }
     }
 
+    /// Keeps the calling CPU busy for `ns` nanoseconds of host time, spinning on the machine's
+    /// calibrated clock (never sleeping: a driver polling a completion keeps its CPU), and
+    /// returns the nanoseconds really spent (at least `ns`; more if the host preempted the
+    /// thread). On a frozen clock it spins all the same and then advances the model clock by
+    /// exactly `ns`, so time-bounded behaviour sees the wait. The model IOMMU's cost profiles
+    /// (`iommu::CostProfile`) spend their latencies here.
+    pub fn spend_ns(&self, ns: u64) -> u64 {
+        if ns == 0 {
+            return 0;
+        }
+        let start = self.clock.host_ns();
+        let deadline = start.saturating_add(ns);
+        let mut now = start;
+        // No pause hint in the loop: under a hypervisor with pause-loop exiting, each pause
+        // can cost microseconds and the wait would overshoot several times.
+        while now < deadline {
+            now = self.clock.host_ns();
+        }
+        if self.clock.frozen.load(Ordering::Acquire) {
+            self.advance_clock(ns);
+        }
+        now - start
+    }
+
     /// Advances a frozen clock by `ns` (saturating) and returns the new time; on a running
     /// clock it changes nothing and returns the current time.
     pub fn advance_clock(&self, ns: u64) -> u64 {

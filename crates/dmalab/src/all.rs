@@ -36,7 +36,7 @@ const JOBS: &[Job] = &[
     Job {
         name: "tcpbench",
         args: &["tcpbench"],
-        values: ("ns_per_packet", Some("map_unmap_ns_per_packet")),
+        values: ("ns_per_packet", Some("driver_ns_per_packet")),
         unit: "ns per packet",
     },
     Job {
@@ -201,7 +201,7 @@ mod tests {
     fn labels_are_the_unplotted_fields() {
         let job = &JOBS[0];
         let row: Map<String, Value> = serde_json::from_str(
-            r#"{"strategy":"iommu-per-map","invalidation":"strict","packets":10,"ns_per_packet":1.5,"map_unmap_ns_per_packet":0.5,"mbit_s":3.0}"#,
+            r#"{"strategy":"iommu-per-map","invalidation":"strict","packets":10,"ns_per_packet":1.5,"driver_ns_per_packet":0.5,"mbit_s":3.0}"#,
         )
         .unwrap();
         assert_eq!(label(&row, job), "iommu-per-map strict 10");

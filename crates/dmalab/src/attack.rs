@@ -19,7 +19,9 @@ use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, Platform};
 use busdma_model::attack::{DomainUnderTest, GiveBack, Mode, Plan, Report, run};
 use busdma_model::hostile::AttackClass;
-use busdma_model::{HostPlatform, IommuConfig, MachineConfig, ModelIommu};
+use busdma_model::{HostPlatform, MachineConfig, ModelIommu};
+
+use crate::cost::Cost;
 use clap::Args;
 use serde_json::json;
 
@@ -36,6 +38,9 @@ pub struct AttackArgs {
     /// Run only this mode (strict, strict-untrusted, deferred).
     #[arg(long)]
     pub mode: Option<String>,
+    /// The model IOMMU's assumed hardware cost.
+    #[command(flatten)]
+    pub cost: crate::cost::CostArgs,
 }
 
 /// Input width of the domains: 48 bits, four levels (the common VT-d and SMMU configuration).
@@ -66,9 +71,9 @@ fn dut(d: &Dom<'_>, id: DomainId) -> DomainUnderTest {
     DomainUnderTest { id, root: d.table().root(), input_bits: INPUT_BITS }
 }
 
-fn one_mode(config: MachineConfig, mode: Mode, plan: Plan) -> Result<Report, String> {
+fn one_mode(config: MachineConfig, mode: Mode, plan: Plan, cost: &Cost) -> Result<Report, String> {
     let m = HostPlatform::new(config).map_err(|e| format!("cannot build the machine model: {e}"))?;
-    let iommu = ModelIommu::new(&m, IommuConfig::default()).map_err(|e| format!("model IOMMU: {e}"))?;
+    let iommu = ModelIommu::new(&m, cost.config()).map_err(|e| format!("model IOMMU: {e}"))?;
     let pool = TablePool::new(&m);
     let policy =
         if mode == Mode::Deferred { InvalidationPolicy::deferred() } else { InvalidationPolicy::Strict };
@@ -99,6 +104,7 @@ pub fn run_cmd(json_out: bool, config: MachineConfig, args: &AttackArgs) -> Resu
                 .ok_or_else(|| format!("unknown mode {name:?} (strict, strict-untrusted, deferred)"))?,
         ],
     };
+    let cost = args.cost.resolve()?;
     let mut r = crate::report::Report::new();
     for mode in modes {
         eprintln!("dmalab attack: mode {} ...", mode.name());
@@ -106,21 +112,28 @@ pub fn run_cmd(json_out: bool, config: MachineConfig, args: &AttackArgs) -> Resu
             config,
             mode,
             Plan { per_class: args.per_class, seed: args.seed, only: None, give_back: GiveBack::Busdma },
+            &cost,
         )?;
+        let with_cost = |mut row: serde_json::Value| {
+            row["iommu_cost"] = json!(cost.iommu_cost);
+            row["inval_latency_ns"] = json!(cost.inval_latency_ns);
+            row["map_latency_ns"] = json!(cost.map_latency_ns);
+            row
+        };
         for (class, t) in &rep.tallies {
             let mut row = json!({"attack": class.name(), "mode": mode.name(), "attempts": t.attempts,
                 "escapes": t.escapes, "bytes_leaked": t.bytes_leaked});
             if *class == AttackClass::FailedInvalidation {
                 row["quarantined"] = json!(rep.reuse.held_while_probed);
             }
-            r.push(row);
+            r.push(with_cost(row));
         }
         let t = rep.total();
-        r.push(json!({"attack": "all", "mode": mode.name(), "attempts": t.attempts, "escapes": t.escapes,
-            "bytes_leaked": t.bytes_leaked}));
+        r.push(with_cost(json!({"attack": "all", "mode": mode.name(), "attempts": t.attempts,
+            "escapes": t.escapes, "bytes_leaked": t.bytes_leaked})));
         if mode == Mode::Deferred {
-            r.push(json!({"mode": mode.name(), "max_window_entries": rep.window.max_entries,
-                "max_window_ms": rep.window.max_ns as f64 / 1e6}));
+            r.push(with_cost(json!({"mode": mode.name(), "max_window_entries": rep.window.max_entries,
+                "max_window_ms": rep.window.max_ns as f64 / 1e6})));
         }
         for (class, n, e) in &rep.refused {
             eprintln!("dmalab attack: {}: {n} loads refused by busdma (first: {e:?})", class.name());

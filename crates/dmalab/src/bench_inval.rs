@@ -7,13 +7,16 @@
 //! real DMA), and unmaps it giving the IOVA back. `ns_per_op` is the median over rounds of the
 //! batch time / ops, after a warm-up round; `invalidations_per_op` counts the model's commands
 //! (ranged + whole-domain), `wait_ns_per_op` the measured part of `ns_per_op` spent in the
-//! assumed command latency below (on a loaded host a wait overshoots what was asked).
+//! assumed command latencies below (invalidations, and map requests under `viommu`; on a
+//! loaded host a wait overshoots what was asked).
 //!
-//! `inv_latency_ns` is the time each invalidation command spins before completing
-//! ([`busdma_model::IommuConfig::invalidation_latency_ns`]): 0 measures busdma's own software
-//! cost; a non-zero value stands for the hardware's queued-invalidation round trip, an
-//! *assumed* figure (the lab does not measure hardware), to show where deferred invalidation
-//! pays. Deferred uses the default bounds (256 unmaps or 10 ms per CPU queue).
+//! `iommu_cost` names the model IOMMU's cost profile (`--iommu-cost`, a list; default `none`
+//! and `vtd-queued`) and `inval_latency_ns` the time each invalidation command spins before
+//! completing ([`busdma_model::IommuConfig::invalidation_latency_ns`]): `none` measures
+//! busdma's own software cost; the others stand for a hardware round trip, an *assumed*
+//! figure (the lab does not measure hardware; sources in busdma-model's `iommu/cost.rs`), to
+//! show where deferred invalidation pays. `--inval-latency-ns` gives explicit latencies
+//! instead (profile `custom`). Deferred uses the default bounds (256 unmaps or 10 ms per CPU queue).
 
 use std::time::Instant;
 
@@ -21,9 +24,11 @@ use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest};
 use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool, VtdSl};
 use busdma::{AddrRange, Iova, PhysAddr, Platform};
-use busdma_model::{Context, HostPlatform, IommuConfig, ModelIommu, TableFormat};
+use busdma_model::{Context, HostPlatform, ModelIommu, TableFormat};
 use clap::Args;
 use serde::Serialize;
+
+use crate::cost::Cost;
 
 /// Options of `dmalab bench inval`.
 #[derive(Args, Debug, Clone)]
@@ -37,9 +42,23 @@ pub struct InvalArgs {
     /// Pages per map.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1u64, 16])]
     pub pages: Vec<u64>,
-    /// Assumed hardware completion time of one invalidation command, in ns (a list).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![0u64, 1000])]
-    pub inv_latency_ns: Vec<u64>,
+    /// The model IOMMU's cost profiles to run (a list: none, vtd-register, vtd-queued,
+    /// smmuv3, viommu).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["none".to_string(), "vtd-queued".to_string()])]
+    pub iommu_cost: Vec<String>,
+    /// Explicit invalidation latencies in ns instead of profiles (a list; profile `custom`).
+    #[arg(long, alias = "inv-latency-ns", value_delimiter = ',')]
+    pub inval_latency_ns: Vec<u64>,
+}
+
+impl InvalArgs {
+    /// The costs to run, in order.
+    pub fn costs(&self) -> Result<Vec<Cost>, String> {
+        if !self.inval_latency_ns.is_empty() {
+            return Ok(self.inval_latency_ns.iter().map(|&ns| Cost::custom(ns)).collect());
+        }
+        self.iommu_cost.iter().map(|n| Cost::profile(n)).collect()
+    }
 }
 
 /// One result row.
@@ -48,11 +67,13 @@ pub struct Row {
     pub policy: &'static str,
     pub format: &'static str,
     pub pages: u64,
-    pub inv_latency_ns: u64,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub ops: u64,
     pub ns_per_op: f64,
     pub invalidations_per_op: f64,
-    /// Of `ns_per_op`, the measured time spent in the assumed command latency.
+    /// Of `ns_per_op`, the measured time spent in the assumed command latencies (invalidation
+    /// and map requests).
     pub wait_ns_per_op: f64,
 }
 
@@ -72,11 +93,10 @@ fn one(
     a: &InvalArgs,
     policy: InvalidationPolicy,
     pages: u64,
-    latency: u64,
+    cost: &Cost,
 ) -> Result<Row, String> {
     let e = |what: &str, err: busdma::Error| format!("{what}: {err}");
-    let cfg = IommuConfig { invalidation_latency_ns: latency, ..IommuConfig::default() };
-    let iommu = ModelIommu::new(m, cfg).map_err(|x| e("model IOMMU", x))?;
+    let iommu = ModelIommu::new(m, cost.config()).map_err(|x| e("model IOMMU", x))?;
     let pool = TablePool::new(m);
     let pt = PageTable::<_, VtdSl>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
         .map_err(|x| e("page table", x))?;
@@ -111,7 +131,8 @@ fn one(
         if round > 0 {
             let after = iommu.stats();
             let cmds = (after.inv_range + after.inv_domain) - (before.inv_range + before.inv_domain);
-            let wait = (after.inv_wait_ns - before.inv_wait_ns) as f64;
+            let wait =
+                ((after.inv_wait_ns + after.map_wait_ns) - (before.inv_wait_ns + before.map_wait_ns)) as f64;
             times.push((ns, cmds as f64 / a.ops as f64, wait / a.ops as f64));
         }
     }
@@ -126,7 +147,7 @@ fn one(
         },
         format: "vtd-sl",
         pages,
-        inv_latency_ns: latency,
+        cost: cost.clone(),
         ops: a.ops,
         ns_per_op: median(times.into_iter().map(|t| t.0).collect()),
         invalidations_per_op: inv,
@@ -140,11 +161,14 @@ pub fn run(a: &InvalArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
         return Err("--ops and --rounds must be at least 1".into());
     }
     let mut rows = Vec::new();
-    for &latency in &a.inv_latency_ns {
+    for cost in a.costs()? {
         for &pages in &a.pages {
             for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {
-                eprintln!("bench inval: {policy:?}, {pages} pages, {latency} ns per command");
-                rows.push(one(m, a, policy, pages, latency)?);
+                eprintln!(
+                    "bench inval: {policy:?}, {pages} pages, {} ({} ns per command)",
+                    cost.iommu_cost, cost.inval_latency_ns
+                );
+                rows.push(one(m, a, policy, pages, &cost)?);
             }
         }
     }

@@ -1,10 +1,16 @@
 //! `dmalab bench map`: the equivalent of Linux's dma_map_benchmark.
 //!
 //! Each thread binds a model CPU, owns `BATCH` maps of one shared tag, and repeats: load a
-//! `pages`-page buffer into each map (timed as one batch), unload each (timed as one batch).
+//! `pages`-page buffer into each map (timed as one batch), let the device read 8 bytes of
+//! every page of every map through its port (timed as one batch: the model IOMMU's IOTLB
+//! lookups and walks, so the unmaps that follow have cached translations to invalidate, as
+//! after real DMA; `--no-device` skips it), unload each (timed as one batch).
 //! Reported times are mean latency per operation per thread, with the standard deviation
 //! over batches, as dma_map_benchmark reports them. Timing a batch rather than each call
 //! keeps the clock's own cost (~20 ns per read) out of figures that are themselves ~20 ns.
+//! `driver_ns_per_map` is the driver's CPU time of one load + unload (invalidation waits
+//! included), `device_ns_per_map` the simulated device's time for its reads of that map,
+//! kept apart: a real device spends it on its own clock.
 
 use std::time::{Duration, Instant};
 
@@ -15,9 +21,10 @@ use busdma::front::{
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::TablePool;
 use busdma::{PAGE_SIZE, PhysAddr};
-use busdma_model::{FrameRequest, HostPlatform, IommuConfig, ModelIommu};
+use busdma_model::{DirectPort, DmaPort, FrameRequest, HostPlatform, ModelIommu};
 use serde::Serialize;
 
+use crate::cost::{Cost, CostArgs};
 use crate::fixture;
 
 /// Maps loaded per timed batch. 32: enough that the two clock reads around a batch cost
@@ -29,16 +36,20 @@ pub const BATCH: usize = 32;
 pub struct Row {
     pub strategy: &'static str,
     pub invalidation: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub threads: usize,
     pub pages: u64,
     pub map_ns: f64,
     pub map_ns_std: f64,
     pub unmap_ns: f64,
     pub unmap_ns_std: f64,
+    pub driver_ns_per_map: f64,
+    pub device_ns_per_map: f64,
 }
 
-/// Per-batch mean latencies of one thread: (map, unmap).
-type Samples = (Vec<f64>, Vec<f64>);
+/// Per-batch mean latencies of one thread: (map, unmap, device).
+type Samples = (Vec<f64>, Vec<f64>, Vec<f64>);
 
 /// Keeps the batches no slower than 4× the median (see `MapArgs::trim`). 4×: a batch of
 /// 32 operations that lost the CPU once is slower by a scheduler slice (~ms), hundreds of
@@ -63,6 +74,7 @@ pub fn bench_spec() -> TagSpec {
 }
 
 /// Measures one strategy at `threads` threads and `pages` pages for `duration` per thread.
+#[allow(clippy::too_many_arguments)]
 pub fn measure<S>(
     m: &HostPlatform,
     tag: &Tag<'_, HostPlatform, S>,
@@ -71,6 +83,8 @@ pub fn measure<S>(
     pages: u64,
     duration: Duration,
     trim: bool,
+    cost: &Cost,
+    port: Option<&dyn DmaPort>,
 ) -> Result<Row, String>
 where
     S: Strategy<HostPlatform> + Sync,
@@ -91,7 +105,8 @@ where
                     for _ in 0..BATCH {
                         maps.push(tag.create_map().map_err(|e| format!("create map: {e}"))?);
                     }
-                    let (mut map_t, mut unmap_t) = (Vec::new(), Vec::new());
+                    let (mut map_t, mut unmap_t, mut dev_t) = (Vec::new(), Vec::new(), Vec::new());
+                    let mut word = [0u8; 8];
                     let start = Instant::now();
                     let mut warm = 3;
                     while start.elapsed() < duration || map_t.len() < 10 {
@@ -100,6 +115,18 @@ where
                             map.load(&src, Direction::Bidirectional).map_err(|e| format!("load: {e}"))?;
                         }
                         let t1 = Instant::now();
+                        if let Some(port) = port {
+                            for map in &maps {
+                                for seg in map.segments() {
+                                    for off in (0..seg.len).step_by(PAGE_SIZE as usize) {
+                                        let at = seg.addr.checked_add(off).ok_or("bus address overflow")?;
+                                        port.dma_read(at, &mut word)
+                                            .map_err(|f| format!("device DMA fault: {f:?}"))?;
+                                    }
+                                }
+                            }
+                        }
+                        let t1d = Instant::now();
                         for map in maps.iter_mut() {
                             map.unload().map_err(|e| format!("unload: {e}"))?;
                         }
@@ -109,42 +136,56 @@ where
                             continue;
                         }
                         map_t.push((t1 - t0).as_nanos() as f64 / BATCH as f64);
-                        unmap_t.push((t2 - t1).as_nanos() as f64 / BATCH as f64);
+                        dev_t.push((t1d - t1).as_nanos() as f64 / BATCH as f64);
+                        unmap_t.push((t2 - t1d).as_nanos() as f64 / BATCH as f64);
                     }
                     drop(maps);
                     m.frames().free(buf, pages).map_err(|e| format!("free buffer: {e}"))?;
-                    Ok((map_t, unmap_t))
+                    Ok((map_t, unmap_t, dev_t))
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("bench thread panicked".into()))).collect()
     });
-    let (mut maps, mut unmaps) = (Vec::new(), Vec::new());
+    let (mut maps, mut unmaps, mut devs) = (Vec::new(), Vec::new(), Vec::new());
     for r in per_thread {
-        let (a, b) = r?;
+        let (a, b, c) = r?;
         maps.extend(a);
         unmaps.extend(b);
+        devs.extend(c);
     }
     if trim {
         maps = trimmed(&maps);
         unmaps = trimmed(&unmaps);
+        devs = trimmed(&devs);
     }
+    let device_ns = if port.is_some() { mean_std(&devs).0 } else { 0.0 };
     let (map_ns, map_ns_std) = mean_std(&maps);
     let (unmap_ns, unmap_ns_std) = mean_std(&unmaps);
     Ok(Row {
         strategy: label,
         invalidation: tag.strategy().invalidation().name(),
+        cost: cost.clone(),
         threads,
         pages,
         map_ns,
         map_ns_std,
         unmap_ns,
         unmap_ns_std,
+        driver_ns_per_map: map_ns + unmap_ns,
+        device_ns_per_map: device_ns,
     })
 }
 
 /// Measures the four IOMMU strategies over domain handle `d` for every threads × pages.
-pub fn measure_iommu<D>(m: &HostPlatform, d: D, args: &MapArgs, rows: &mut Vec<Row>) -> Result<(), String>
+pub fn measure_iommu<D>(
+    m: &HostPlatform,
+    d: D,
+    args: &MapArgs,
+    cost: &Cost,
+    port: Option<&dyn DmaPort>,
+    rows: &mut Vec<Row>,
+) -> Result<(), String>
 where
     D: IommuOps<HostPlatform> + Clone + Sync,
 {
@@ -162,13 +203,23 @@ where
         for &pages in &args.pages {
             let inv = d.invalidation().name();
             eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
-            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur, args.trim)?);
-            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur, args.trim)?);
+            rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur, args.trim, cost, port)?);
+            rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur, args.trim, cost, port)?);
             if d.invalidation() == Invalidation::Deferred {
-                rows.push(measure(m, &reserved2, "iommu-reserved-2win", threads, pages, dur, args.trim)?);
+                rows.push(measure(
+                    m,
+                    &reserved2,
+                    "iommu-reserved-2win",
+                    threads,
+                    pages,
+                    dur,
+                    args.trim,
+                    cost,
+                    port,
+                )?);
             }
-            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur, args.trim)?);
-            rows.push(measure(m, &identity, "identity", threads, pages, dur, args.trim)?);
+            rows.push(measure(m, &per_seg, "iommu-per-segment", threads, pages, dur, args.trim, cost, port)?);
+            rows.push(measure(m, &identity, "identity", threads, pages, dur, args.trim, cost, port)?);
         }
     }
     Ok(())
@@ -192,6 +243,13 @@ pub struct MapArgs {
     /// dma_map_benchmark's, over every batch.
     #[arg(long)]
     pub trim: bool,
+    /// The model IOMMU's assumed hardware cost.
+    #[command(flatten)]
+    pub cost: CostArgs,
+    /// No device reads between load and unload (the IOTLB then caches nothing the unmaps
+    /// must drop; `device_ns_per_map` is 0).
+    #[arg(long)]
+    pub no_device: bool,
 }
 
 /// The bench's device.
@@ -208,24 +266,29 @@ pub fn run(args: &MapArgs, m: &HostPlatform) -> Result<Vec<Row>, String> {
     if let Some(&p) = args.pages.iter().find(|&&p| p == 0 || p > 256) {
         return Err(format!("pages must be 1..=256 (the bench tag's max size), not {p}"));
     }
+    let cost = args.cost.resolve()?;
     let tag = Tag::new_root(m, busdma::front::Direct, bench_spec()).map_err(|e| e.to_string())?;
+    let direct = DirectPort::new(m, DEV, 64);
+    let direct_port: Option<&dyn DmaPort> = if args.no_device { None } else { Some(&direct) };
     for &threads in &args.threads {
         for &pages in &args.pages {
             eprintln!("bench map: direct threads={threads} pages={pages}");
-            rows.push(measure(m, &tag, "direct", threads, pages, d, args.trim)?);
+            rows.push(measure(m, &tag, "direct", threads, pages, d, args.trim, &cost, direct_port)?);
         }
     }
     for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {
         // A VT-d second-level domain (4 levels, 48-bit IOVA) on the model IOMMU, the device
         // attached, audit off (the model's own cost is then its IOTLB bookkeeping).
-        let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(|e| e.to_string())?;
+        let iommu = ModelIommu::new(m, cost.config()).map_err(|e| e.to_string())?;
         let pool = TablePool::new(m);
         // Per-CPU caches on: the allocator's fast path.
         let iova = fixture::iova_allocator(m, true)?;
         // SAFETY: `DEV` is driven only by this bench, which issues no DMA once `dom` is
         // dropped and drops `iommu` with it.
         let dom = unsafe { fixture::vtd_domain(m, &iommu, &pool, DEV, 1, policy, iova)? };
-        measure_iommu(m, &dom, args, &mut rows)?;
+        let port = iommu.port(DEV);
+        let port: Option<&dyn DmaPort> = if args.no_device { None } else { Some(&port) };
+        measure_iommu(m, &dom, args, &cost, port, &mut rows)?;
     }
     Ok(rows)
 }

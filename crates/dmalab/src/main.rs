@@ -9,6 +9,7 @@ mod bench_iova;
 mod bench_map;
 mod bench_pgtable;
 mod bench_pin;
+mod cost;
 mod fixture;
 mod plot;
 mod report;
@@ -180,7 +181,7 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
     let m =
         HostPlatform::new(machine.config()?).map_err(|e| format!("cannot build the machine model: {e}"))?;
     args.fragments()?;
-    let runs = if args.strategy.is_empty() { tcpbench::STRATEGIES.len() } else { args.strategy.len() + 1 };
+    let runs = tcpbench::runs(args);
     let total = args.effective_packets() * runs as u64;
     let progress = std::sync::atomic::AtomicU64::new(0);
     let bar = indicatif::ProgressBar::new(total).with_style(
@@ -207,15 +208,35 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
         r.push(row);
     }
     r.push(&results.memcpy);
-    r.print(common.json);
+    if common.json {
+        results.attribution.iter().for_each(|a| r.push(a));
+        r.print(true);
+    } else {
+        r.print(false);
+        if !results.attribution.is_empty() {
+            println!();
+            let mut t = Report::new();
+            for a in &results.attribution {
+                let mut v = serde_json::to_value(a).map_err(|e| e.to_string())?;
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("summary");
+                }
+                t.push(v);
+            }
+            t.print(false);
+            for a in &results.attribution {
+                println!("{}", a.summary);
+            }
+        }
+    }
     if let Some(path) = &args.plot {
         let bars: Vec<plot::Bar> = results
             .rows
             .iter()
             .map(|row| plot::Bar {
-                label: format!("{} ({})", row.strategy, row.invalidation),
+                label: format!("{} ({}, {})", row.strategy, row.invalidation, row.allocator),
                 a: row.ns_per_packet,
-                b: row.map_unmap_ns_per_packet,
+                b: row.driver_ns_per_packet,
             })
             .chain([plot::Bar { label: "memcpy".into(), a: results.memcpy.ns_per_packet, b: 0.0 }])
             .collect();
@@ -223,7 +244,7 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
             path,
             "tcpbench: cost per 1500-byte packet (log scale)",
             "ns per packet",
-            ("ns per packet", "DMA mapping ns per packet"),
+            ("ns per packet", "driver ns per packet (load, sync, unload, invalidation waits)"),
             &bars,
         )?;
         eprintln!("tcpbench: plot written to {}", path.display());

@@ -21,13 +21,36 @@
 //! # The figures
 //!
 //! - `ns_per_packet`: wall-clock time of the run divided by the packets sent by all threads.
-//! - `map_unmap_ns_per_packet`: CPU time inside load + PREWRITE sync + POSTWRITE sync + unload,
-//!   per packet, read with the time-stamp counter around each call pair (a clock read costs a
-//!   few ns, against ~25 ns for `Instant::now`) and converted with the run's own calibration.
+//!   It is the sum of three bills: the driver's, the simulated device's, and the lab's own
+//!   work (stamping and verifying packets).
+//! - `driver_ns_per_packet`: the driver's CPU time, inside load + PREWRITE sync + POSTWRITE
+//!   sync + unload, per packet, invalidation waits included (they are spent on the calling
+//!   CPU: `--iommu-cost`); read with the time-stamp counter around each call pair (a clock read
+//!   costs a few ns, against ~25 ns for `Instant::now`) and converted with the run's own
+//!   calibration.
+//! - `device_ns_per_packet`: the simulated NIC's time, inside its DMA reads: for the IOMMU
+//!   designs the model IOMMU's IOTLB lookups and table walks and the copy, for passthrough the
+//!   copy alone. A real NIC spends this on its own clock, not the driver's CPU, so it is kept
+//!   apart from the mapping cost.
 //! - `mbit_s`: `size × 8` bits per `ns_per_packet`, the tcpbench-style figure.
-//! - `overhead_vs_passthrough`: `ns_per_packet / passthrough's − 1`, from the same run.
+//! - `overhead_vs_passthrough`: `driver_ns_per_packet / passthrough's − 1`, and
+//!   `driver_overhead_ns` the difference in ns, from the same run: what the design costs the
+//!   driver's CPU per packet beyond handing physical addresses to the NIC.
 //! - The `memcpy` row: the cost of copying one packet's bytes once (from its fragments into a
 //!   contiguous buffer), measured in the same run: the price of the copy-instead-of-map design.
+//!
+//! # The collapse, attributed
+//!
+//! Seed 002's first attempt (one IOVA allocation per segment from the `extent` allocator)
+//! collapsed throughput; its fix changed two things at once: one allocation per map instead
+//! of per segment, and busdma's allocator instead of `extent`. So per-segment and per-map each
+//! run over both allocators (the `allocator` field), and one attribution row per invalidation
+//! policy splits the driver-time ratio *collapse* = per-segment over `extent` ÷ per-map over
+//! busdma's allocator into two factors whose product it is exactly: the allocator's
+//! (per-segment over `extent` ÷ per-segment over busdma's) and the per-segment design's
+//! (per-segment ÷ per-map, both over busdma's), with the allocator's share of the collapse on
+//! a log scale and a generated sentence. The allocator factor measured with per-map
+//! (`allocator_factor_per_map`) shows how much of it depends on the design.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,9 +64,10 @@ use busdma::iommu::InvalidationPolicy;
 use busdma::iova::{IovaSource, extent::ExtentAllocator};
 use busdma::pgtable::TablePool;
 use busdma::{PAGE_SIZE, Platform};
-use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, IommuConfig, ModelIommu};
+use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, ModelIommu};
 use serde::Serialize;
 
+use crate::cost::{Cost, CostArgs};
 use crate::fixture;
 
 /// Bytes of the first fragment when a packet has several: Ethernet (14) + IPv4 (20) + TCP
@@ -85,6 +109,9 @@ pub struct TcpArgs {
     /// A short run (20 000 packets per strategy) that finishes in a few seconds.
     #[arg(long)]
     pub quick: bool,
+    /// The model IOMMU's assumed hardware cost.
+    #[command(flatten)]
+    pub cost: CostArgs,
 }
 
 impl TcpArgs {
@@ -124,17 +151,24 @@ impl TcpArgs {
 pub struct Row {
     pub strategy: String,
     pub invalidation: &'static str,
+    pub allocator: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub packets: u64,
     pub ns_per_packet: f64,
-    pub map_unmap_ns_per_packet: f64,
+    pub driver_ns_per_packet: f64,
+    pub device_ns_per_packet: f64,
     pub mbit_s: f64,
     pub overhead_vs_passthrough: f64,
+    pub driver_overhead_ns: f64,
 }
 
 /// The memcpy row.
 #[derive(Serialize, Debug, Clone)]
 pub struct MemcpyRow {
     pub strategy: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
     pub ns_per_packet: f64,
 }
 
@@ -144,7 +178,17 @@ pub struct Measured {
     pub packets: u64,
     pub verified: u64,
     pub wall_ns: f64,
-    pub map_unmap_ns: f64,
+    /// The driver's time in load, sync and unload, all threads together.
+    pub driver_ns: f64,
+    /// The NIC's time in its DMA reads, all threads together.
+    pub device_ns: f64,
+}
+
+impl Measured {
+    /// Driver ns per packet.
+    pub fn driver_per_packet(&self) -> f64 {
+        self.driver_ns / self.packets.max(1) as f64
+    }
 }
 
 /// One transmit ring's packet buffers: per slot, per fragment, a run of frames.
@@ -259,16 +303,17 @@ where
             .collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("tcpbench worker panicked".into()))).collect()
     });
-    let (mut packets, mut verified, mut map_ns, mut wall_ns) = (0, 0, 0.0, 0.0f64);
+    let (mut packets, mut verified, mut driver_ns, mut device_ns, mut wall_ns) = (0, 0, 0.0, 0.0, 0.0f64);
     for r in results {
         let q = r?;
         packets += q.packets;
         verified += q.verified;
         let ns_per_tick = if q.run_ticks > 0 { q.run_ns / q.run_ticks as f64 } else { 0.0 };
-        map_ns += q.dma_ticks as f64 * ns_per_tick;
+        driver_ns += q.dma_ticks as f64 * ns_per_tick;
+        device_ns += q.device_ticks as f64 * ns_per_tick;
         wall_ns = wall_ns.max(q.run_ns);
     }
-    Ok(Measured { packets, verified, wall_ns, map_unmap_ns: map_ns })
+    Ok(Measured { packets, verified, wall_ns, driver_ns, device_ns })
 }
 
 /// What one transmit queue did.
@@ -277,6 +322,8 @@ struct QueueResult {
     verified: u64,
     /// Time-stamp-counter ticks inside load/sync/unload.
     dma_ticks: u64,
+    /// Ticks inside the NIC's DMA reads.
+    device_ticks: u64,
     /// Ticks of the whole run, and its nanoseconds: the calibration of `dma_ticks`.
     run_ticks: u64,
     run_ns: f64,
@@ -306,34 +353,37 @@ where
     }
     let mut inflight: Vec<Option<u64>> = vec![None; args.ring];
     let mut nic_buf = vec![0u8; args.size as usize];
-    let (mut verified, mut dma_ticks) = (0u64, 0u64);
+    let (mut verified, mut dma_ticks, mut device_ticks) = (0u64, 0u64, 0u64);
     let transmit = |slot: usize,
                     seq: u64,
                     map: &mut busdma::front::DmaMap<'_, HostPlatform, S>,
                     nic_buf: &mut [u8]|
-     -> Result<u64, String> {
+     -> Result<(u64, u64), String> {
         // The NIC reads the packet by DMA, segment after segment.
         let mut off = 0usize;
+        let d0 = ticks();
         for seg in map.segments() {
             let len = seg.len as usize;
             let dst = nic_buf.get_mut(off..off + len).ok_or("segments exceed the packet")?;
             port.dma_read(seg.addr, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
             off += len;
         }
+        let device = ticks() - d0;
         if !ring.verify(slot, seq, &nic_buf[..off], frag_lens) {
             return Err(format!("NIC read wrong bytes for packet {seq} (slot {slot})"));
         }
         let t0 = ticks();
         map.sync(SyncOp::POSTWRITE).map_err(|e| format!("sync POSTWRITE: {e}"))?;
         map.unload().map_err(|e| format!("unload: {e}"))?;
-        Ok(ticks() - t0)
+        Ok((ticks() - t0, device))
     };
     let start = Instant::now();
     let t_start = ticks();
     for seq in 0..packets {
         let slot = (seq % args.ring as u64) as usize;
         if let Some(old) = inflight[slot].take() {
-            dma_ticks += transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            let (driver, device) = transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            (dma_ticks, device_ticks) = (dma_ticks + driver, device_ticks + device);
             verified += 1;
         }
         ring.stamp(m, slot, seq)?;
@@ -351,7 +401,8 @@ where
     }
     for slot in 0..args.ring {
         if let Some(old) = inflight[slot].take() {
-            dma_ticks += transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            let (driver, device) = transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            (dma_ticks, device_ticks) = (dma_ticks + driver, device_ticks + device);
             verified += 1;
         }
     }
@@ -359,7 +410,7 @@ where
     let run_ns = start.elapsed().as_nanos() as f64;
     progress.fetch_add(packets % PROGRESS_EVERY, Ordering::Relaxed);
     drop(maps);
-    Ok(QueueResult { packets, verified, dma_ticks, run_ticks, run_ns })
+    Ok(QueueResult { packets, verified, dma_ticks, device_ticks, run_ticks, run_ns })
 }
 
 /// The cost of copying one packet's bytes once, from its fragments into a contiguous buffer
@@ -398,23 +449,32 @@ pub fn measure_memcpy(m: &HostPlatform, args: &TcpArgs) -> Result<f64, String> {
     Ok(ns)
 }
 
-/// Turns a measurement into a row (relative figures need passthrough's `ns_per_packet`).
+/// Turns a measurement into a row (relative figures need passthrough's driver ns per packet).
 pub fn row(
-    name: &str,
-    invalidation: &'static str,
+    (name, invalidation, allocator): Design,
+    cost: &Cost,
     size: u64,
     r: &Measured,
-    passthrough_ns: Option<f64>,
+    passthrough_driver_ns: f64,
 ) -> Row {
     let ns = r.wall_ns / r.packets.max(1) as f64;
+    let driver = r.driver_per_packet();
     Row {
         strategy: name.to_string(),
         invalidation,
+        allocator,
+        cost: cost.clone(),
         packets: r.packets,
         ns_per_packet: ns,
-        map_unmap_ns_per_packet: r.map_unmap_ns / r.packets.max(1) as f64,
+        driver_ns_per_packet: driver,
+        device_ns_per_packet: r.device_ns / r.packets.max(1) as f64,
         mbit_s: if ns > 0.0 { size as f64 * 8.0 / ns * 1000.0 } else { 0.0 },
-        overhead_vs_passthrough: passthrough_ns.map_or(0.0, |p| ns / p - 1.0),
+        overhead_vs_passthrough: if passthrough_driver_ns > 0.0 {
+            driver / passthrough_driver_ns - 1.0
+        } else {
+            0.0
+        },
+        driver_overhead_ns: driver - passthrough_driver_ns,
     }
 }
 
@@ -436,28 +496,106 @@ pub struct Results {
     pub rows: Vec<Row>,
     /// The memcpy reference.
     pub memcpy: MemcpyRow,
+    /// One row per invalidation policy for which all four per-segment / per-map × allocator
+    /// rows ran.
+    pub attribution: Vec<Attribution>,
 }
 
-/// Every strategy × invalidation this command runs, in order: passthrough (no IOMMU), then
-/// each IOMMU strategy under strict and deferred invalidation.
+/// What part of the per-segment collapse each cause explains, on the driver's time.
+#[derive(Serialize, Debug, Clone)]
+pub struct Attribution {
+    pub attribution: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
+    /// Per-segment over `extent` ÷ per-map over busdma's allocator.
+    pub collapse: f64,
+    /// Per-segment over `extent` ÷ per-segment over busdma's allocator.
+    pub allocator_factor: f64,
+    /// Per-segment ÷ per-map, both over busdma's allocator.
+    pub design_factor: f64,
+    /// Per-map over `extent` ÷ per-map over busdma's allocator.
+    pub allocator_factor_per_map: f64,
+    /// ln(allocator_factor) / ln(collapse), when the collapse is a slowdown.
+    pub allocator_share: Option<f64>,
+    /// The finding in one sentence.
+    pub summary: String,
+}
+
+impl Attribution {
+    /// The attribution of `policy` from `rows`, if the four rows it needs ran.
+    fn from_rows(rows: &[Row], policy: &'static str, cost: &Cost) -> Option<Self> {
+        let driver = |s: &str, a: &str| {
+            rows.iter()
+                .find(|r| r.strategy == s && r.invalidation == policy && r.allocator == a)
+                .map(|r| r.driver_ns_per_packet)
+                .filter(|&ns| ns > 0.0)
+        };
+        let (seg_ext, seg_bus) =
+            (driver("iommu-per-segment", "extent")?, driver("iommu-per-segment", "busdma")?);
+        let (map_ext, map_bus) = (driver("iommu-per-map", "extent")?, driver("iommu-per-map", "busdma")?);
+        let collapse = seg_ext / map_bus;
+        let (alloc, design) = (seg_ext / seg_bus, seg_bus / map_bus);
+        let share = (collapse > 1.0).then(|| alloc.ln() / collapse.ln());
+        let summary = format!(
+            "{policy}, {}: per-segment over extent costs the driver {collapse:.1}x per-map over busdma's \
+             allocator; the allocator explains {alloc:.1}x (per-segment, extent vs busdma's; \
+             {:.1}x under per-map) and the per-segment design {design:.1}x (per-segment vs per-map, \
+             both over busdma's){}",
+            cost.iommu_cost,
+            map_ext / map_bus,
+            share.map_or(String::new(), |s| format!(
+                ": {:.0}% of the collapse (log scale) is the allocator",
+                s * 100.0
+            )),
+        );
+        Some(Self {
+            attribution: policy,
+            cost: cost.clone(),
+            collapse,
+            allocator_factor: alloc,
+            design_factor: design,
+            allocator_factor_per_map: map_ext / map_bus,
+            allocator_share: share,
+            summary,
+        })
+    }
+}
+
+/// A design: strategy, invalidation policy, IOVA allocator.
+pub type Design = (&'static str, &'static str, &'static str);
+
+/// Every strategy × invalidation × IOVA allocator this command runs, in order: passthrough
+/// (no IOMMU), then each IOMMU strategy under strict and deferred invalidation; per-segment
+/// and per-map each over both allocators (`extent`, `busdma`), to attribute the collapse.
 ///
 /// - `identity`: IOVA = PA, per-page reference counts (the design seed 002 replaced).
-/// - `iommu-per-segment`: one IOVA allocation per segment from the `extent` allocator (a
-///   sorted list under one lock, as OpenBSD's extent(9)): seed 002's first attempt.
-/// - `iommu-per-map`: one allocation per load from busdma's IOVA allocator: seed 002's fix.
+/// - `iommu-per-segment`: one IOVA allocation per segment; over the `extent` allocator (a
+///   sorted list under one lock, as OpenBSD's extent(9)) it is seed 002's first attempt.
+/// - `iommu-per-map`: one allocation per load; over busdma's IOVA allocator it is seed 002's
+///   fix.
 /// - `iommu-reserved`: IOVA window and table levels reserved at map create, per-CPU caches in
 ///   the allocator and the table-page pool: the seed's open idea plus its per-CPU pools.
-pub const STRATEGIES: [(&str, &str); 9] = [
-    ("passthrough", "none"),
-    ("identity", "strict"),
-    ("identity", "deferred"),
-    ("iommu-per-segment", "strict"),
-    ("iommu-per-segment", "deferred"),
-    ("iommu-per-map", "strict"),
-    ("iommu-per-map", "deferred"),
-    ("iommu-reserved", "strict"),
-    ("iommu-reserved", "deferred"),
+pub const STRATEGIES: [Design; 13] = [
+    ("passthrough", "none", "none"),
+    ("identity", "strict", "none"),
+    ("identity", "deferred", "none"),
+    ("iommu-per-segment", "strict", "extent"),
+    ("iommu-per-segment", "deferred", "extent"),
+    ("iommu-per-segment", "strict", "busdma"),
+    ("iommu-per-segment", "deferred", "busdma"),
+    ("iommu-per-map", "strict", "extent"),
+    ("iommu-per-map", "deferred", "extent"),
+    ("iommu-per-map", "strict", "busdma"),
+    ("iommu-per-map", "deferred", "busdma"),
+    ("iommu-reserved", "strict", "busdma"),
+    ("iommu-reserved", "deferred", "busdma"),
 ];
+
+/// How many designs a run with these options measures (passthrough always runs).
+pub fn runs(args: &TcpArgs) -> usize {
+    let wanted = |name: &str| args.strategy.is_empty() || args.strategy.iter().any(|s| s == name);
+    1 + STRATEGIES[1..].iter().filter(|d| wanted(d.0)).count()
+}
 
 /// The IOMMU strategies.
 #[derive(Clone, Copy, Debug)]
@@ -493,9 +631,10 @@ fn measure_domain<I: IovaSource>(
     iova: I,
     progress: &AtomicU64,
     kind: Kind,
+    cost: &Cost,
 ) -> Result<Measured, String> {
     let e = |e: busdma::Error| e.to_string();
-    let iommu = ModelIommu::new(m, IommuConfig::default()).map_err(e)?;
+    let iommu = ModelIommu::new(m, cost.config()).map_err(e)?;
     let pool = TablePool::new(m);
     // SAFETY: the NIC is driven only by this run, which issues no DMA once `dom` is dropped
     // and drops `iommu` with it.
@@ -526,12 +665,14 @@ fn measure_domain<I: IovaSource>(
 /// Runs every selected strategy side by side.
 pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Results, String> {
     for s in &args.strategy {
-        if !STRATEGIES.iter().any(|(n, _)| n == s) {
-            let names: Vec<&str> = STRATEGIES.iter().map(|(n, _)| *n).collect();
+        if !STRATEGIES.iter().any(|d| d.0 == s) {
+            let mut names: Vec<&str> = STRATEGIES.iter().map(|d| d.0).collect();
+            names.dedup();
             return Err(format!("unknown strategy {s:?}; known: {}", names.join(", ")));
         }
     }
     let wanted = |name: &str| args.strategy.is_empty() || args.strategy.iter().any(|s| s == name);
+    let cost = args.cost.resolve()?;
     let spec = nic_spec(args);
     let err = |e: busdma::Error| e.to_string();
     // Passthrough always runs: every relative figure is against it.
@@ -539,37 +680,37 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     let tag = Tag::new_root(m, Direct, spec).map_err(err)?;
     let pt = measure(m, &tag, &nic, args, progress)?;
     check_honest("passthrough", &pt)?;
-    let pt_ns = pt.wall_ns / pt.packets.max(1) as f64;
+    let pt_ns = pt.driver_per_packet();
     let mut rows = Vec::new();
     if wanted("passthrough") {
-        rows.push(row("passthrough", "none", args.size, &pt, Some(pt_ns)));
+        rows.push(row(STRATEGIES[0], &cost, args.size, &pt, pt_ns));
     }
-    for &(name, inv) in &STRATEGIES[1..] {
+    for &design in &STRATEGIES[1..] {
+        let (name, inv, allocator) = design;
         if !wanted(name) {
             continue;
         }
         let policy =
             if inv == "strict" { InvalidationPolicy::Strict } else { InvalidationPolicy::deferred() };
-        let r = match name {
-            "identity" => {
-                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::Identity)?
-            }
-            "iommu-per-segment" => {
-                let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
-                measure_domain(m, args, policy, extent, progress, Kind::PerSegment)?
-            }
-            "iommu-per-map" => {
-                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::PerMap)?
-            }
-            _ => {
-                measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, Kind::Reserved)?
-            }
+        let kind = match name {
+            "identity" => Kind::Identity,
+            "iommu-per-segment" => Kind::PerSegment,
+            "iommu-per-map" => Kind::PerMap,
+            _ => Kind::Reserved,
+        };
+        let r = if allocator == "extent" {
+            let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
+            measure_domain(m, args, policy, extent, progress, kind, &cost)?
+        } else {
+            measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, kind, &cost)?
         };
         check_honest(name, &r)?;
-        rows.push(row(name, inv, args.size, &r, Some(pt_ns)));
+        rows.push(row(design, &cost, args.size, &r, pt_ns));
     }
-    let memcpy = MemcpyRow { strategy: "memcpy", ns_per_packet: measure_memcpy(m, args)? };
-    Ok(Results { rows, memcpy })
+    let attribution =
+        ["strict", "deferred"].into_iter().filter_map(|p| Attribution::from_rows(&rows, p, &cost)).collect();
+    let memcpy = MemcpyRow { strategy: "memcpy", cost, ns_per_packet: measure_memcpy(m, args)? };
+    Ok(Results { rows, memcpy, attribution })
 }
 
 /// The workload is honest only if the NIC read and verified every packet sent.
@@ -596,6 +737,7 @@ mod tests {
             strategy: Vec::new(),
             plot: None,
             quick: false,
+            cost: CostArgs::default(),
         }
     }
 
@@ -644,7 +786,8 @@ mod tests {
         let nic = DirectPort::new(&m, NIC_DEVICE, 64);
         let r = measure(&m, &tag, &nic, &args, &AtomicU64::new(0)).unwrap();
         assert_eq!((r.packets, r.verified), (3000, 3000));
-        assert!(r.wall_ns > 0.0 && r.map_unmap_ns > 0.0 && r.map_unmap_ns < r.wall_ns);
+        assert!(r.wall_ns > 0.0 && r.driver_ns > 0.0 && r.device_ns > 0.0);
+        assert!(r.driver_ns + r.device_ns < r.wall_ns, "{r:?}");
     }
 
     #[test]
@@ -662,13 +805,22 @@ mod tests {
         let m = machine();
         let args = TcpArgs { packets: 2000, ..small_args() };
         let res = run(&args, &m, &AtomicU64::new(0)).unwrap();
-        let names: Vec<(&str, &str)> =
-            res.rows.iter().map(|r| (r.strategy.as_str(), r.invalidation)).collect();
+        let names: Vec<(&str, &str, &str)> =
+            res.rows.iter().map(|r| (r.strategy.as_str(), r.invalidation, r.allocator)).collect();
         assert_eq!(names, STRATEGIES.to_vec());
+        assert_eq!(res.attribution.len(), 2);
+        for a in &res.attribution {
+            // The two factors multiply to the collapse exactly.
+            assert!((a.allocator_factor * a.design_factor / a.collapse - 1.0).abs() < 1e-9, "{a:?}");
+        }
         for r in &res.rows {
             assert_eq!(r.packets, 2000, "{r:?}");
             assert!(r.ns_per_packet > 0.0 && r.mbit_s > 0.0, "{r:?}");
+            assert!(r.driver_ns_per_packet > 0.0 && r.device_ns_per_packet > 0.0, "{r:?}");
+            assert!(r.driver_ns_per_packet + r.device_ns_per_packet < r.ns_per_packet, "{r:?}");
         }
+        // Overhead is on the driver's time: passthrough's own is exactly none.
+        assert_eq!((res.rows[0].overhead_vs_passthrough, res.rows[0].driver_overhead_ns), (0.0, 0.0));
         assert!(res.memcpy.ns_per_packet > 0.0);
     }
 }

@@ -26,7 +26,12 @@
 //!    VT-d's primary fault overflow).
 //! 5. **The audit** ([`audit`], optional) checks the invalidation protocol of the software
 //!    above against the worst cache the specifications allow.
-//! 6. **Coherence index** (module `lci`): on a machine whose cache model is kept coherent by
+//! 6. **Cost** (`cost.rs`): each invalidation command, and each map request of an emulated
+//!    IOMMU, keeps the calling CPU busy for an assumed hardware latency
+//!    ([`IommuConfig::invalidation_latency_ns`], [`IommuConfig::map_latency_ns`]; named
+//!    profiles in [`CostProfile`]), counted in [`IommuStats::inv_wait_ns`] and
+//!    [`IommuStats::map_wait_ns`].
+//! 7. **Coherence index** (module `lci`): on a machine whose cache model is kept coherent by
 //!    coherence indexes (parisc, seed 003), each mapping's index, programmed through
 //!    [`IotlbInvalidator::set_coherence_index`], names the one CPU alias a transfer snoops; on
 //!    every other machine transfers are plain bus accesses (`read_phys` / `write_phys`).
@@ -40,6 +45,7 @@
 //! started cannot fill the cache afterwards (the generation rule of `iotlb.rs`).
 
 pub mod audit;
+mod cost;
 mod ctxcache;
 mod device_hw;
 mod inject;
@@ -59,6 +65,7 @@ use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 use crate::HostPlatform;
 use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
 pub use audit::{AuditReport, Violation};
+pub use cost::{CostProfile, DEFAULT_PROFILE, PROFILES};
 pub use inject::INJECTED_STATUS;
 use iotlb::Iotlb;
 use walk::Walk;
@@ -125,11 +132,17 @@ pub struct IommuConfig {
     /// Keep the audit of the software's invalidation protocol (costs a hash-map update per
     /// walk; for tests).
     pub audit: bool,
-    /// Time each invalidation command takes to complete, spent spinning before it returns:
-    /// the hardware's command-queue round trip (submission, wait descriptor, completion
-    /// poll), which the software model otherwise does not have. 0 by default; benchmarks set
-    /// it to compare invalidation policies under an assumed hardware cost.
+    /// Time each invalidation command takes to complete, spent spinning on the calling CPU
+    /// before it returns ([`HostPlatform::spend_ns`]): the hardware's command-queue round trip
+    /// (submission, wait descriptor, completion poll), which the software model otherwise
+    /// does not have. 0 by default; benchmarks set it from a [`CostProfile`] to compare
+    /// invalidation policies under an assumed hardware cost.
     pub invalidation_latency_ns: u64,
+    /// Time each map request takes, spent the same way, in
+    /// [`IotlbInvalidator::invalidate_mapped`] (called after every map): the VM exit a
+    /// virtual IOMMU's map request costs (virtio-iommu MAP, VT-d caching mode under a
+    /// hypervisor). 0 by default, and for every bare-metal profile.
+    pub map_latency_ns: u64,
     /// VT-d caching mode (CAP.CM = 1): not-present results are cached as well (theory 3), and
     /// [`IotlbInvalidator::invalidate_mapped`] invalidates the range it is given.
     pub caching_mode: bool,
@@ -148,6 +161,7 @@ impl Default for IommuConfig {
             output_bits: 48,
             audit: false,
             invalidation_latency_ns: 0,
+            map_latency_ns: 0,
             caching_mode: false,
         }
     }
@@ -183,6 +197,8 @@ pub struct IommuStats {
     /// Nanoseconds spent in [`IommuConfig::invalidation_latency_ns`] waits (measured: on a
     /// loaded host a wait may overshoot what was asked).
     pub inv_wait_ns: u64,
+    /// Nanoseconds spent in [`IommuConfig::map_latency_ns`] waits (measured likewise).
+    pub map_wait_ns: u64,
     /// Invalidation commands failed by fault injection, not executed
     /// ([`ModelIommu::fail_next_invalidations`]; not counted in `inv_range` or `inv_domain`).
     pub inv_failed: u64,
@@ -203,6 +219,7 @@ enum Stat {
     NotPresentHits,
     IotlbEntriesDropped,
     InvWaitNs,
+    MapWaitNs,
     InvFailed,
 }
 
@@ -462,6 +479,7 @@ impl<'m> ModelIommu<'m> {
             not_present_hits: c(Stat::NotPresentHits),
             iotlb_entries_dropped: c(Stat::IotlbEntriesDropped),
             inv_wait_ns: c(Stat::InvWaitNs),
+            map_wait_ns: c(Stat::MapWaitNs),
             inv_failed: c(Stat::InvFailed),
         }
     }
@@ -494,17 +512,23 @@ impl<'m> ModelIommu<'m> {
         (range.start().raw() >> 12, (range.end().raw() - 1) >> 12)
     }
 
-    /// Spins for [`IommuConfig::invalidation_latency_ns`].
+    /// Spends [`IommuConfig::invalidation_latency_ns`] on the calling CPU.
     #[inline]
     fn command_latency(&self) {
         let ns = self.config.invalidation_latency_ns;
         if ns > 0 {
-            let start = std::time::Instant::now();
-            // No pause hint in the loop: under a hypervisor with pause-loop exiting, each
-            // pause can cost microseconds and the wait would overshoot several times.
-            while start.elapsed().as_nanos() < u128::from(ns) {}
-            let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let waited = self.platform.spend_ns(ns);
             self.bump(Stat::InvWaitNs, waited);
+        }
+    }
+
+    /// Spends [`IommuConfig::map_latency_ns`] on the calling CPU.
+    #[inline]
+    fn map_latency(&self) {
+        let ns = self.config.map_latency_ns;
+        if ns > 0 {
+            let waited = self.platform.spend_ns(ns);
+            self.bump(Stat::MapWaitNs, waited);
         }
     }
 
@@ -550,6 +574,7 @@ impl IotlbInvalidator for ModelIommu<'_> {
     // every map and unmap.
     #[inline]
     fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
+        self.map_latency();
         if self.config.caching_mode {
             self.bump(Stat::InvAfterMap, 1);
             self.drop_range(domain, range);

@@ -370,3 +370,75 @@ fn injected_invalidation_failures_execute_nothing_and_are_counted_until_the_coun
     iommu.invalidate_all(4).unwrap();
     assert_eq!((iommu.stats().inv_failed, iommu.stats().inv_domain), (5, 1));
 }
+
+mod cost {
+    use super::*;
+
+    fn range() -> AddrRange<Iova> {
+        AddrRange::from_start_len(Iova::new(0x10_0000), 4 * PAGE_SIZE).unwrap()
+    }
+
+    /// Issues `n` ranged and `n` whole-domain invalidations and `n` map notifications.
+    fn commands(iommu: &ModelIommu<'_>, n: u64) {
+        for _ in 0..n {
+            iommu.invalidate_range(1, range()).unwrap();
+            iommu.invalidate_all(1).unwrap();
+            iommu.invalidate_mapped(1, range()).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_profile_is_named_once_and_says_where_its_figures_come_from() {
+        for p in PROFILES {
+            assert_eq!(CostProfile::named(p.name), Some(p));
+            assert_eq!(PROFILES.iter().filter(|q| q.name == p.name).count(), 1);
+            assert!(!p.source.is_empty(), "{}", p.name);
+        }
+        assert!(CostProfile::named(DEFAULT_PROFILE).is_some());
+        assert_eq!(CostProfile::named("no-such-profile"), None);
+    }
+
+    #[test]
+    fn a_profiles_invalidations_take_at_least_its_latency_on_the_model_clock() {
+        let m = machine();
+        let p = CostProfile::named("vtd-queued").unwrap();
+        let iommu = ModelIommu::new(&m, p.apply(IommuConfig::default())).unwrap();
+        let n = 20;
+        let t0 = m.monotonic_ns();
+        commands(&iommu, n);
+        let spent = m.monotonic_ns() - t0;
+        let want = 2 * n * p.invalidation_latency_ns;
+        assert!(spent >= want, "{spent} ns for {} commands of {} ns", 2 * n, p.invalidation_latency_ns);
+        let s = iommu.stats();
+        assert!(s.inv_wait_ns >= want, "{s:?}");
+        assert_eq!(s.map_wait_ns, 0, "a bare-metal profile charges nothing per map");
+    }
+
+    #[test]
+    fn on_a_frozen_clock_each_command_advances_the_model_clock_by_exactly_its_latency() {
+        let m = machine();
+        m.freeze_clock();
+        let p = CostProfile::named("viommu").unwrap();
+        let iommu = ModelIommu::new(&m, p.apply(IommuConfig::default())).unwrap();
+        let t0 = m.monotonic_ns();
+        commands(&iommu, 5);
+        let want = 5 * (2 * p.invalidation_latency_ns + p.map_latency_ns);
+        assert_eq!(m.monotonic_ns() - t0, want);
+        let s = iommu.stats();
+        assert!(s.map_wait_ns >= 5 * p.map_latency_ns, "{s:?}");
+    }
+
+    #[test]
+    fn the_none_profile_adds_no_time() {
+        let m = machine();
+        m.freeze_clock();
+        let p = CostProfile::named("none").unwrap();
+        let iommu = ModelIommu::new(&m, p.apply(IommuConfig::default())).unwrap();
+        let t0 = m.monotonic_ns();
+        commands(&iommu, 50);
+        assert_eq!(m.monotonic_ns(), t0);
+        let s = iommu.stats();
+        assert_eq!((s.inv_wait_ns, s.map_wait_ns), (0, 0));
+        assert_eq!((s.inv_range, s.inv_domain), (50, 50));
+    }
+}
