@@ -61,22 +61,23 @@ pub const PROFILES: [CostProfile; 5] = [
         map_latency_ns: 0,
         // VT-d queued invalidation (spec 6.5.2): an IOTLB descriptor followed by an
         // invalidation wait descriptor whose status write the CPU polls (Linux
-        // qi_submit_sync). Published measurements put one strict-mode IOTLB invalidation at
-        // thousands of cycles, about a microsecond (Malka, Amit, Ben-Yehuda, Tsafrir, "rIOMMU:
-        // Efficient IOMMU for I/O Devices that Employ Ring Buffers", ASPLOS 2015; Peleg,
-        // Morrison, Serebrin, Tsafrir, "Utilizing the IOMMU Scalably", USENIX ATC 2015).
+        // qi_submit_sync). The cost of strict-mode invalidations is what motivates deferred
+        // invalidation in the literature (Malka, Amit, Ben-Yehuda, Tsafrir, "rIOMMU: Efficient
+        // IOMMU for I/O Devices that Employ Ring Buffers", ASPLOS 2015, whose abstract names
+        // "costly invalidations"); the figure of 1 us is this project's assumption (the order
+        // of a device round trip), not a number quoted from a measurement.
         source: "VT-d queued invalidation (spec 6.5.2: IOTLB descriptor + wait descriptor, \
-                 polled); ~1 us per strict invalidation (Malka et al. ASPLOS 2015, Peleg et al. \
-                 ATC 2015)",
+                 polled); 1 us assumed (the order of a device round trip; not a quoted \
+                 measurement)",
     },
     CostProfile {
         name: "smmuv3",
         invalidation_latency_ns: 1_000,
         map_latency_ns: 0,
-        // SMMUv3 (Arm IHI 0070, 4.6/4.7): CMD_TLBI_* commands then a CMD_SYNC whose
+        // SMMUv3 (Arm IHI 0070, the command queue): CMD_TLBI_* commands then a CMD_SYNC whose
         // completion the CPU polls (Linux arm-smmu-v3 __arm_smmu_cmdq_issue_cmdlist with
         // sync); the order of a microsecond, as for VT-d. Assumed equal to vtd-queued.
-        source: "SMMUv3 CMD_TLBI_* + CMD_SYNC, completion polled (IHI 0070 4.7); assumed ~1 us, \
+        source: "SMMUv3 CMD_TLBI_* + CMD_SYNC, completion polled (Arm IHI 0070); assumed ~1 us, \
                  as VT-d's queued wait",
     },
     CostProfile {
