@@ -427,6 +427,17 @@ impl<'p, P: Platform> BounceLoad<'p, P> {
         Ok(())
     }
 
+    /// The bounce bytes that hold buffer bytes `[from, to)`: `(first bounce byte, length)`
+    /// per copy item, in buffer order (what a partial sync maintains).
+    pub fn bounce_spans(&self, from: u64, to: u64) -> impl Iterator<Item = (PhysAddr, u64)> + '_ {
+        let first = self.items.partition_point(|i| i.buf_off + i.client.len <= from);
+        self.items[first..].iter().take_while(move |it| it.buf_off < to).map(move |it| {
+            let lo = from.max(it.buf_off) - it.buf_off;
+            let hi = to.min(it.buf_off + it.client.len) - it.buf_off;
+            (PhysAddr::new(it.bounce.raw() + lo), hi - lo)
+        })
+    }
+
     /// Copies buffer bytes `[from, to)` between client and bounce pages.
     fn copy(&self, platform: &P, from: u64, to: u64, to_bounce: bool) -> Result<()> {
         let first = self.items.partition_point(|i| i.buf_off + i.client.len <= from);

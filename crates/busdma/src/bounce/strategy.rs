@@ -228,39 +228,59 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
         self.inner.wait_unmapped(p)
     }
 
-    fn sync(&self, p: &P, spec: &TagSpec, state: &Self::MapState, op: SyncOp) -> Result<()> {
+    fn sync(
+        &self,
+        p: &P,
+        spec: &TagSpec,
+        state: &Self::MapState,
+        op: SyncOp,
+        range: core::ops::Range<u64>,
+    ) -> Result<()> {
         let Some(load) = state.load.as_ref() else {
-            return self.inner.sync(p, spec, &state.inner, op);
+            return self.inner.sync(p, spec, &state.inner, op, range);
         };
         let maintain = !spec.flags.coherent;
+        let (off, len) = (range.start, range.end - range.start);
+        // A partial sync maintains the bounce bytes of its range only; `None`: the whole load.
+        let part = (off != 0 || len != load.len()).then_some(&range);
         if op.contains(SyncOp::PREREAD) {
-            load.sync(p, SyncOp::PREREAD)?;
+            load.sync_range(p, SyncOp::PREREAD, off, len)?;
         }
         if op.contains(SyncOp::PREWRITE) {
-            load.sync(p, SyncOp::PREWRITE)?;
+            load.sync_range(p, SyncOp::PREWRITE, off, len)?;
         }
         if maintain && (op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD)) {
-            maintain_bounce_pages(p, load, CacheMaint::CleanInvalidate);
+            maintain_bounce_pages(p, load, CacheMaint::CleanInvalidate, part);
         }
         if op.contains(SyncOp::POSTREAD) {
             if maintain {
-                maintain_bounce_pages(p, load, CacheMaint::Invalidate);
+                maintain_bounce_pages(p, load, CacheMaint::Invalidate, part);
             }
-            load.sync(p, SyncOp::POSTREAD)?;
+            load.sync_range(p, SyncOp::POSTREAD, off, len)?;
         }
-        self.inner.sync(p, spec, &state.inner, op)
+        self.inner.sync(p, spec, &state.inner, op, range)
     }
 }
 
-/// Applies `op` to the cache lines of each bounced segment: at its direct-map address, or,
-/// for bounce pages outside the direct map, through the CPU's quick-map maintenance slot (the
-/// copies reached them through quick-map windows of the same colour, whose lines a device
-/// would not see; `crate::quickmap`, theory 6 and 7).
-fn maintain_bounce_pages<P: Platform>(p: &P, load: &BounceLoad<'_, P>, op: CacheMaint) {
-    for d in load.segments().iter().filter(|d| d.bounced) {
+/// Applies `op` to the cache lines of each bounced segment (`part` is `None`: the whole
+/// load), or of the bounce bytes that hold buffer bytes `part` (a partial sync): at their
+/// direct-map address, or, for bounce pages outside the direct map, through the CPU's
+/// quick-map maintenance slot (the copies reached them through quick-map windows of the same
+/// colour, whose lines a device would not see; `crate::quickmap`, theory 6 and 7).
+fn maintain_bounce_pages<P: Platform>(
+    p: &P,
+    load: &BounceLoad<'_, P>,
+    op: CacheMaint,
+    part: Option<&core::ops::Range<u64>>,
+) {
+    let each = |addr: PhysAddr, len: u64| {
         let g = p.pin_cpu();
-        // A bounce segment lies inside its bounce page (RAM from `alloc_pages`), so it never
+        // A bounce span lies inside its bounce page (RAM from `alloc_pages`), so it never
         // wraps and is RAM: this never fails.
-        let _ = maintain_phys(&g, d.addr, d.len, op);
+        let _ = maintain_phys(&g, addr, len, op);
+    };
+    match part {
+        None => load.segments().iter().filter(|d| d.bounced).for_each(|d| each(d.addr, d.len)),
+        Some(r) => load.bounce_spans(r.start, r.end).for_each(|(a, n)| each(a, n)),
     }
 }

@@ -157,12 +157,19 @@ impl<'i, 'p, H: IommuHw> Strategy<H::Platform> for DeviceStrategy<'i, 'p, H> {
     }
 
     #[inline]
-    fn sync(&self, p: &H::Platform, spec: &TagSpec, state: &Self::MapState, op: SyncOp) -> Result<()> {
+    fn sync(
+        &self,
+        p: &H::Platform,
+        spec: &TagSpec,
+        state: &Self::MapState,
+        op: SyncOp,
+        range: core::ops::Range<u64>,
+    ) -> Result<()> {
         match (self, state) {
-            (Self::PerMap(s), DeviceMapState::PerMap(m)) => s.sync(p, spec, m, op),
-            (Self::Untrusted(s), DeviceMapState::Untrusted(m)) => s.sync(p, spec, m, op),
-            (Self::Identity(s), DeviceMapState::Identity(m)) => s.sync(p, spec, m, op),
-            (Self::Bypass(s, _), DeviceMapState::Bypass) => s.sync(p, spec, &(), op),
+            (Self::PerMap(s), DeviceMapState::PerMap(m)) => s.sync(p, spec, m, op, range),
+            (Self::Untrusted(s), DeviceMapState::Untrusted(m)) => s.sync(p, spec, m, op, range),
+            (Self::Identity(s), DeviceMapState::Identity(m)) => s.sync(p, spec, m, op, range),
+            (Self::Bypass(s, _), DeviceMapState::Bypass) => s.sync(p, spec, &(), op, range),
             _ => Err(mismatch()),
         }
     }

@@ -35,8 +35,13 @@
 //! 4. **Bounce copies** (PREWRITE: copy into the bounce page; POSTREAD: copy out) belong to
 //!    bounce buffering: the map calls [`Strategy::sync`](super::strategy::Strategy::sync) after
 //!    this maintenance, and `busdma::bounce::Bounced` copies there.
+//! 5. **Partial syncs** ([`DmaMap::sync_range`](super::map::DmaMap::sync_range), Linux's
+//!    `dma_sync_single_range_for_cpu`): the same operations on a byte range of the load only,
+//!    each run cut to the range; cache maintenance of the range's partial lines at
+//!    either end is the platform's, exactly as for a whole buffer's unaligned ends.
 #![forbid(unsafe_code)]
 
+use crate::addr::{KernVa, PhysAddr};
 use crate::error::Result;
 use crate::platform::Platform;
 use crate::quickmap::{CacheMaint, maintain_phys};
@@ -63,6 +68,19 @@ pub struct SyncStats {
 /// Errors: [`crate::Error::NotRam`] for a page run outside RAM (a raw load of an address that
 /// is not RAM): its maintenance is refused, runs before it were maintained.
 pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> Result<SyncStats> {
+    sync_runs_in(p, runs, op, coherent, 0..u64::MAX)
+}
+
+/// Performs `op` on bytes `range` of the buffer that `runs` make up, in buffer order (theory
+/// 5): each run is cut to the part inside the range, runs outside it are not touched. Errors
+/// as [`sync_runs`].
+pub fn sync_runs_in<P: Platform>(
+    p: &P,
+    runs: &[Run],
+    op: SyncOp,
+    coherent: bool,
+    range: core::ops::Range<u64>,
+) -> Result<SyncStats> {
     let mut st = SyncStats::default();
     let pre = op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD);
     if coherent {
@@ -83,7 +101,7 @@ pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -
     if op.contains(SyncOp::POSTREAD) {
         ops[1] = Some(CacheMaint::Invalidate);
     }
-    for r in runs {
+    for r in clip(runs, range) {
         match (r.kind, r.kva) {
             (MemKind::Mmio | MemKind::PeerBar { .. }, _) | (MemKind::Unmapped, None) => {
                 st.skipped += 1;
@@ -113,4 +131,29 @@ pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -
         p.dma_rmb();
     }
     Ok(st)
+}
+
+/// The parts of `runs` (a buffer, in order) inside buffer bytes `range`: a run cut at either
+/// end keeps its kind, its physical and kernel addresses moved by the bytes cut.
+fn clip(runs: &[Run], range: core::ops::Range<u64>) -> impl Iterator<Item = Run> + '_ {
+    let mut pos = 0u64;
+    runs.iter().filter_map(move |r| {
+        let (rs, re) = (pos, pos.saturating_add(r.len));
+        pos = re;
+        let (s, e) = (rs.max(range.start), re.min(range.end));
+        if s >= e {
+            return None;
+        }
+        let cut = s - rs;
+        let kind = match r.kind {
+            MemKind::Mapped { kva } => MemKind::Mapped { kva: KernVa::new(kva.raw() + cut) },
+            k => k,
+        };
+        Some(Run {
+            pa: PhysAddr::new(r.pa.raw() + cut),
+            len: e - s,
+            kind,
+            kva: r.kva.map(|k| KernVa::new(k.raw() + cut)),
+        })
+    })
 }

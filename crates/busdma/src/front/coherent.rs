@@ -237,4 +237,9 @@ impl<'p, P: Platform, S: Strategy<P>> Coherent<'p, P, S> {
     pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
         self.inner.map.sync(op)
     }
+
+    /// [`Coherent::sync`] of bytes `[offset, offset + len)` only ([`DmaMap::sync_range`]).
+    pub fn sync_range(&mut self, op: SyncOp, offset: u64, len: u64) -> Result<SyncStats> {
+        self.inner.map.sync_range(op, offset, len)
+    }
 }

@@ -692,4 +692,9 @@ impl<P: Platform, S: Strategy<P>> DeferredMap<'_, '_, P, S> {
     pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
         self.cx.sync(self.body, op)
     }
+
+    /// [`DmaMap::sync_range`] of the loaded map.
+    pub fn sync_range(&mut self, op: SyncOp, offset: u64, len: u64) -> Result<SyncStats> {
+        self.cx.sync_range(self.body, op, offset, Some(len))
+    }
 }

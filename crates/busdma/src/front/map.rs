@@ -17,7 +17,10 @@
 //!    make sense (PREREAD/POSTREAD need a device that writes, PREWRITE/POSTWRITE one that
 //!    reads). A sync that does not match is refused.
 //! 5. **Ownership.** After a PREREAD sync the device may be writing the buffer; a CPU read
-//!    through the map before the POSTREAD sync is refused. The typed API
+//!    through the map before the POSTREAD sync is refused. A partial POSTREAD
+//!    ([`DmaMap::sync_range`]) gives its range back to the CPU, and reads within it are
+//!    allowed; the rest stays the device's until a whole POSTREAD, and the next PREREAD (of
+//!    any range) takes everything back. The typed API
 //!    ([`super::typed`]) makes the same rule a compile-time one.
 //! 6. **Tags.** A map belongs to the tag that created it; the bus_dma-style calls on the tag
 //!    ([`Tag::load`], [`Tag::sync`], [`Tag::unload`], [`Tag::destroy`]) refuse a map of another
@@ -48,7 +51,7 @@ use crate::addr::{PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::cache_sync::{SyncOp, SyncStats, sync_runs};
+use super::cache_sync::{SyncOp, SyncStats, sync_runs_in};
 use super::defer::Node;
 use super::load::{LoadSource, Run, RunSource};
 use super::segments::{Segment, SegmentBuilder};
@@ -63,6 +66,8 @@ pub(crate) struct Loaded {
     pub(crate) len: u64,
     /// PREREAD done and POSTREAD not yet: the device may be writing.
     device_writing: bool,
+    /// While `device_writing`: the bytes a partial POSTREAD gave back to the CPU (theory 5).
+    cpu_part: Option<(u64, u64)>,
 }
 
 /// What a map owns apart from its tag: the strategy's state, the arrays a load writes, and
@@ -261,16 +266,36 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     /// Records a completed load of `len` bytes.
     #[inline]
     pub(crate) fn set_loaded(&self, body: &mut Body<S::MapState>, dir: Direction, len: u64) {
-        body.loaded = Some(Loaded { dir, len, device_writing: false });
+        body.loaded = Some(Loaded { dir, len, device_writing: false, cpu_part: None });
         #[cfg(feature = "dma-debug")]
         self.tag.debug.loaded(self.tag_id, self.map_id, body.segs.first().map_or(0, |s| s.addr.raw()), len);
     }
 
     /// [`DmaMap::sync`] of a body.
+    #[inline]
     pub(crate) fn sync(&self, body: &mut Body<S::MapState>, op: SyncOp) -> Result<SyncStats> {
+        self.sync_range(body, op, 0, None)
+    }
+
+    /// [`DmaMap::sync_range`] of a body; `len: None` is the whole load from `offset` on.
+    pub(crate) fn sync_range(
+        &self,
+        body: &mut Body<S::MapState>,
+        op: SyncOp,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<SyncStats> {
         let Some(l) = body.loaded.as_mut() else {
             return Err(Error::BadState { what: "sync of a map that is not loaded" });
         };
+        let len = len.unwrap_or(l.len.saturating_sub(offset));
+        let end = offset.checked_add(len).ok_or(Error::Overflow { base: offset, len })?;
+        if end > l.len {
+            return Err(Error::OutOfRange { addr: end, limit: l.len });
+        }
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
         if !l.dir.allows(op) {
             #[cfg(feature = "dma-debug")]
             self.tag.debug.report(super::debug::Violation::SyncWrongDirection {
@@ -285,14 +310,19 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
                 value: u64::from(op.bits()),
             });
         }
-        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent)?;
+        let st = sync_runs_in(self.tag.platform, &body.runs, op, self.spec.flags.coherent, offset..end)?;
         let state = body.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
-        self.tag.strategy.sync(self.tag.platform, self.spec, state, op)?;
+        self.tag.strategy.sync(self.tag.platform, self.spec, state, op, offset..end)?;
+        if op.contains(SyncOp::POSTREAD) {
+            if offset == 0 && end == l.len {
+                l.device_writing = false;
+            } else if l.device_writing {
+                l.cpu_part = Some((offset, end));
+            }
+        }
         if op.contains(SyncOp::PREREAD) {
             l.device_writing = true;
-        }
-        if op.contains(SyncOp::POSTREAD) {
-            l.device_writing = false;
+            l.cpu_part = None;
         }
         Ok(st)
     }
@@ -456,6 +486,20 @@ impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
         cx.sync(body, op)
     }
 
+    /// Makes the CPU's and the device's views of bytes `[offset, offset + len)` of the load
+    /// agree, and of those only (theory 5): cache maintenance and bounce copies are limited
+    /// to the range. What a receive path with copybreak needs: after the device wrote a short
+    /// frame into a large buffer, POSTREAD the frame's bytes, copy them out with
+    /// [`DmaMap::read`], and PREREAD them again to give the buffer back to the device.
+    ///
+    /// Errors: those of [`DmaMap::sync`]; [`Error::OutOfRange`] (the range runs past the
+    /// load; value: its end and the load's length), [`Error::Overflow`], [`Error::ZeroSize`].
+    /// Nothing is synced on error.
+    pub fn sync_range(&mut self, op: SyncOp, offset: u64, len: u64) -> Result<SyncStats> {
+        let (cx, body) = self.cx();
+        cx.sync_range(body, op, offset, Some(len))
+    }
+
     /// Unloads the map: the device can no longer reach the buffer once this returns (strict
     /// invalidation) or once the domain's next flush completes (deferred). Deferred loads of
     /// the tag's tree that now fit complete before it returns ([`super::defer`]).
@@ -483,7 +527,9 @@ impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
     /// POSTREAD), [`Error::OutOfRange`] (beyond the load).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let l = self.body.loaded.ok_or(Error::BadState { what: "CPU read of a map that is not loaded" })?;
-        if l.device_writing {
+        let end = offset.saturating_add(buf.len() as u64);
+        let given_back = l.cpu_part.is_some_and(|(s, e)| s <= offset && end <= e);
+        if l.device_writing && !given_back {
             #[cfg(feature = "dma-debug")]
             self.tag.debug.report(super::debug::Violation::CpuReadWithoutPostRead {
                 tag: self.tag.id,

@@ -453,6 +453,14 @@ impl<'p, P: Platform, S: Strategy<P>, B: DmaBuffer<'p, P>> OwnedMap<'p, P, S, B>
         self.map.sync(op)
     }
 
+    /// Makes the CPU's and the device's views of bytes `[offset, offset + len)` of the load
+    /// agree ([`DmaMap::sync_range`]).
+    ///
+    /// Errors: those of [`DmaMap::sync_range`].
+    pub fn sync_range(&mut self, op: SyncOp, offset: u64, len: u64) -> Result<SyncStats> {
+        self.map.sync_range(op, offset, len)
+    }
+
     /// The segments of the current load (empty when unloaded).
     pub fn segments(&self) -> &[Segment] {
         self.map.segments()

@@ -119,6 +119,11 @@ impl<'p, P: Platform, S: Strategy<P>, B: PinBackend, U: UnpinBarrier> Registered
         self.map.sync(op)
     }
 
+    /// [`DmaMap::sync_range`] of the loaded map.
+    pub fn sync_range(&mut self, op: SyncOp, offset: u64, len: u64) -> Result<SyncStats> {
+        self.map.sync_range(op, offset, len)
+    }
+
     /// The registered buffer.
     pub fn buffer(&self) -> &RegisteredBuffer<'_, B, U> {
         &self.buf

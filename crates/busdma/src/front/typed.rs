@@ -186,6 +186,31 @@ impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'p, P, S, D> {
     }
 }
 
+/// A direction in which the device writes the buffer ([`FromDevice`], [`Bidirectional`]).
+pub trait DeviceWrites: DmaDir {}
+impl DeviceWrites for FromDevice {}
+impl DeviceWrites for Bidirectional {}
+
+impl<'p, P: Platform, S: Strategy<P>, D: DeviceWrites> DeviceOwned<'p, P, S, D> {
+    /// Copies what the device wrote at `offset` into `buf` while the buffer stays the
+    /// device's (receive copybreak): a POSTREAD sync of those bytes only, the copy, and a
+    /// PREREAD sync of them again, so the device may write them anew. The caller knows, from
+    /// the device (a completed descriptor), that it finished writing these bytes; if it did
+    /// not, the copy holds whatever was there (never undefined behaviour: no reference to the
+    /// memory is formed).
+    ///
+    /// Errors: [`Error::OutOfRange`] (beyond the buffer), [`Error::ZeroSize`] (empty `buf`),
+    /// and a sync's error; the buffer stays device-owned whatever happens.
+    pub fn copy_from_device(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        self.inner.map.sync_range(SyncOp::POSTREAD, offset, len)?;
+        let read = self.inner.map.read(offset, buf);
+        // Give the bytes back to the device even if the copy failed.
+        self.inner.map.sync_range(SyncOp::PREREAD, offset, len)?;
+        read
+    }
+}
+
 impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> DeviceOwned<'p, P, S, D> {
     /// The bus segments to program into the device.
     pub fn segments(&self) -> &[Segment] {

@@ -128,9 +128,18 @@ pub trait Strategy<P: Platform>: Clone + Send + Sync {
     /// caller must keep the memory away from reuse (`pin/mod.rs` theory 8).
     fn wait_unmapped(&self, p: &P) -> Result<()>;
 
-    /// The strategy's part of a sync, after the front end's cache maintenance of the runs
-    /// (bounce copies: `busdma::bounce::Bounced`). Defaults to nothing.
-    fn sync(&self, _p: &P, _spec: &TagSpec, _state: &Self::MapState, _op: SyncOp) -> Result<()> {
+    /// The strategy's part of a sync of bytes `range` of the load (the whole load, or the
+    /// part [`DmaMap::sync_range`](super::map::DmaMap::sync_range) names, already checked to
+    /// lie within it), after the front end's cache maintenance of those bytes (bounce copies:
+    /// `busdma::bounce::Bounced`). Defaults to nothing.
+    fn sync(
+        &self,
+        _p: &P,
+        _spec: &TagSpec,
+        _state: &Self::MapState,
+        _op: SyncOp,
+        _range: core::ops::Range<u64>,
+    ) -> Result<()> {
         Ok(())
     }
 }
