@@ -185,7 +185,7 @@ unsafe impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         len: u64,
         dir: Direction,
     ) -> Result<()> {
-        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        let prot = Prot::rw(dir.device_reads(), dir.device_writes());
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { self.dom.map(g, iova, pa, len, prot) }
     }

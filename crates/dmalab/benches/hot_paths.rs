@@ -59,7 +59,7 @@ fn pgtable_pair(c: &mut Criterion) {
     let page = AddrRange::from_start_len(iova, PAGE_SIZE).expect("range");
     // Install the levels once, as a reserved map would.
     // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
-    unsafe { pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: true }) }
+    unsafe { pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot::READ_WRITE) }
         .expect("map");
     let mut gather = Gather::new();
     // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
@@ -68,7 +68,7 @@ fn pgtable_pair(c: &mut Criterion) {
         b.iter(|| {
             // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
             unsafe {
-                pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: false })
+                pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot::READ)
             }
             .expect("map");
             // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.

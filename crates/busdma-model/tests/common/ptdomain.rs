@@ -81,7 +81,7 @@ unsafe impl IommuOps<HostPlatform> for &PtDomain<'_> {
         len: u64,
         dir: Direction,
     ) -> Result<()> {
-        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        let prot = Prot::rw(dir.device_reads(), dir.device_writes());
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { self.pt.map(g, iova, pa, len, prot) }
     }

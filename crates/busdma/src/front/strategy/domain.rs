@@ -70,7 +70,7 @@ where
         len: u64,
         dir: Direction,
     ) -> Result<()> {
-        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        let prot = Prot::rw(dir.device_reads(), dir.device_writes());
         // SAFETY: `IommuOps::map`'s contract is `Domain::map`'s: the caller holds the IOVA
         // range and may give the device the PA range.
         unsafe { Domain::map(self, g, iova, pa, len, prot) }
