@@ -7,6 +7,7 @@ use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
 use crate::front::strategy::{Direct, Identity, Invalidation, IommuOps, IommuPerMap};
 use crate::front::{Direction, Tag, TagSpec};
+use crate::pgtable::MemType;
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket};
 use crate::iova::IovaAllocator;
 use crate::platform::{CpuGuard, Platform};
@@ -184,9 +185,10 @@ unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         pa: PhysAddr,
         len: u64,
         dir: Direction,
+        mem: MemType,
     ) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, dir) }
+        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, dir, mem) }
     }
 
     #[inline]

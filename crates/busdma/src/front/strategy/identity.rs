@@ -28,7 +28,8 @@ use crate::error::{Error, Result};
 use crate::platform::Platform;
 use crate::sync::SpinLock;
 
-use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, push_range};
+use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, mem_type, push_range};
+use crate::pgtable::MemType;
 use super::page_refs::{PageRefs, pages_bound};
 use super::{Invalidation, Strategy};
 use crate::dir::Direction;
@@ -164,19 +165,20 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         // Ranges this load mapped (fresh pages), for rollback; `pending` is the fresh run
         // being gathered, mapped when it ends.
         st.scratch.clear();
-        let mut pending: Option<(u64, u64)> = None;
-        let flush = |pending: &mut Option<(u64, u64)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
-            if let Some((s, e)) = pending.take() {
+        let mut pending: Option<(u64, u64, MemType)> = None;
+        let flush = |pending: &mut Option<(u64, u64, MemType)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
+            if let Some((s, e, mem)) = pending.take() {
                 let pa = PhysAddr::new(s << PAGE_SHIFT);
                 // SAFETY: identity IOVA of pages whose count just went 0 → 1 under the table's
                 // lock: no other load maps them, and they are this load's memory.
-                unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir)? };
+                unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir, mem)? };
                 push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
             }
             Ok(())
         };
         let mut result = Ok(());
         'runs: for r in runs.iter().filter(|r| counted(r)) {
+            let mem = mem_type(r.kind);
             for pfn in pages_of(r) {
                 let c = match refs.incr(pfn) {
                     Ok(c) => c,
@@ -188,13 +190,13 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
                 done += 1;
                 if c == 1 {
                     match &mut pending {
-                        Some((_, e)) if *e == pfn => *e += 1,
+                        Some((_, e, m)) if *e == pfn && *m == mem => *e += 1,
                         _ => {
                             if let Err(err) = flush(&mut pending, &mut st.scratch) {
                                 result = Err(err);
                                 break 'runs;
                             }
-                            pending = Some((pfn, pfn + 1));
+                            pending = Some((pfn, pfn + 1, mem));
                         }
                     }
                 }
