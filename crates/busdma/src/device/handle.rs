@@ -1,7 +1,9 @@
 //! The device handle, its attachment, and the domain handle its strategies hold.
 
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
@@ -11,6 +13,7 @@ use crate::pgtable::MemType;
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket};
 use crate::iova::IovaAllocator;
 use crate::platform::{CpuGuard, Platform};
+use crate::sync::SpinLock;
 
 use super::hw::IommuHw;
 use super::iommu::Iommu;
@@ -36,6 +39,44 @@ pub(super) struct Attached<'i, 'p, H: IommuHw> {
     /// Whether the domain (and its id) still need the teardown.
     live: bool,
     domain: ManuallyDrop<Dom<'i, H>>,
+    /// The peer registry generation this domain's reservations cover (module theory 7).
+    peer_gen: AtomicU64,
+    /// The peer ranges this domain reserved.
+    peer_reserved: SpinLock<Vec<AddrRange<Iova>>>,
+}
+
+impl<H: IommuHw> Attached<'_, '_, H> {
+    /// Reserves every registered peer range this domain has not reserved yet (module theory
+    /// 7); one atomic load when nothing changed.
+    #[inline]
+    fn sync_peers(&self) -> Result<()> {
+        let reg = self.iommu.peers();
+        if self.peer_gen.load(Ordering::Acquire) == reg.generation() {
+            return Ok(());
+        }
+        self.sync_peers_slow()
+    }
+
+    #[cold]
+    fn sync_peers_slow(&self) -> Result<()> {
+        let mut done = self.peer_reserved.lock();
+        let mut ranges = Vec::new();
+        let generation = self.iommu.peers().snapshot(&mut ranges)?;
+        let iova = self.domain.iova();
+        let space = iova.space();
+        for r in ranges {
+            if done.iter().any(|d| d.contains_range(&r)) {
+                continue;
+            }
+            if let Some(clip) = r.intersection(&space) {
+                iova.reserve(clip)?;
+            }
+            done.try_reserve(1).map_err(|_| Error::NoMemory { requested: 1 })?;
+            done.push(r);
+        }
+        self.peer_gen.store(generation, Ordering::Release);
+        Ok(())
+    }
 }
 
 impl<'i, 'p, H: IommuHw> Attached<'i, 'p, H> {
@@ -136,7 +177,17 @@ impl<H: IommuHw> Clone for DeviceDomain<'_, '_, H> {
     }
 }
 
+impl<H: IommuHw> DeviceBypass<'_, '_, H> {
+    pub(super) fn peers(&self) -> &super::peer::PeerRegistry {
+        self.0.iommu.peers()
+    }
+}
+
 impl<'i, 'p, H: IommuHw> DeviceDomain<'i, 'p, H> {
+    pub(super) fn peers(&self) -> &super::peer::PeerRegistry {
+        self.0.iommu.peers()
+    }
+
     /// The domain.
     #[inline]
     pub fn domain(&self) -> &Dom<'i, H> {
@@ -168,6 +219,7 @@ unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         align: u64,
         limit: u64,
     ) -> Result<AddrRange<Iova>> {
+        self.0.sync_peers()?;
         IommuOps::alloc_iova(&self.domain(), g, size, align, limit)
     }
 
@@ -258,7 +310,15 @@ impl<'i, 'p, H: IommuHw> Device<'i, 'p, H> {
     ) -> Result<Self> {
         let id = domain.id();
         let root = domain.table().root();
-        let mut a = Attached { iommu, dev, attached: false, live: true, domain: ManuallyDrop::new(domain) };
+        let mut a = Attached {
+            iommu,
+            dev,
+            attached: false,
+            live: true,
+            domain: ManuallyDrop::new(domain),
+            peer_gen: AtomicU64::new(0),
+            peer_reserved: SpinLock::new(Vec::new()),
+        };
         // SAFETY: the tables at `root` belong to `a.domain`, which is dropped only by
         // `Attached::teardown`, after `dev` is detached and the detach returned `Ok` (or never,
         // if it fails); only the domain writes them. INVARIANT: `attached` is set below only

@@ -50,6 +50,11 @@ impl<D> Identity<D> {
         Self { domain, refs: Arc::new(SpinLock::new(PageRefs::new())) }
     }
 
+    /// The domain handle.
+    pub fn domain(&self) -> &D {
+        &self.domain
+    }
+
     /// Pages currently referenced (mapped), for tests and the lab.
     pub fn mapped_pages(&self) -> usize {
         self.refs.lock().len()
