@@ -9,9 +9,9 @@ use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
 use crate::front::strategy::{Direct, Identity, Invalidation, IommuOps, IommuPerMap};
 use crate::front::{Direction, Tag, TagSpec};
-use crate::pgtable::MemType;
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket};
 use crate::iova::IovaAllocator;
+use crate::pgtable::MemType;
 use crate::platform::{CpuGuard, Platform};
 use crate::sync::SpinLock;
 

@@ -12,9 +12,9 @@ use crate::platform::Platform;
 use crate::quickmap::QuickMaps;
 
 use super::Policy;
-use super::peer::{PeerHandle, PeerRegistry};
 use super::handle::Device;
 use super::hw::IommuHw;
+use super::peer::{PeerHandle, PeerRegistry};
 
 /// Lowest IOVA a device's default aperture hands out: 1 MiB. IOVA 0 stays unmapped so a
 /// device given a null bus address faults, and the low megabyte (legacy ISA and firmware

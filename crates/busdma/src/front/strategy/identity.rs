@@ -29,13 +29,13 @@ use crate::platform::Platform;
 use crate::sync::SpinLock;
 
 use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, mem_type, push_range};
-use crate::pgtable::MemType;
 use super::page_refs::{PageRefs, pages_bound};
 use super::{Invalidation, Strategy};
 use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
 use crate::front::segments::{Segment, SegmentBuilder};
 use crate::front::spec::TagSpec;
+use crate::pgtable::MemType;
 
 /// The identity strategy over domain handle `D`.
 #[derive(Clone)]
@@ -171,16 +171,17 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         // being gathered, mapped when it ends.
         st.scratch.clear();
         let mut pending: Option<(u64, u64, MemType)> = None;
-        let flush = |pending: &mut Option<(u64, u64, MemType)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
-            if let Some((s, e, mem)) = pending.take() {
-                let pa = PhysAddr::new(s << PAGE_SHIFT);
-                // SAFETY: identity IOVA of pages whose count just went 0 → 1 under the table's
-                // lock: no other load maps them, and they are this load's memory.
-                unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir, mem)? };
-                push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
-            }
-            Ok(())
-        };
+        let flush =
+            |pending: &mut Option<(u64, u64, MemType)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
+                if let Some((s, e, mem)) = pending.take() {
+                    let pa = PhysAddr::new(s << PAGE_SHIFT);
+                    // SAFETY: identity IOVA of pages whose count just went 0 → 1 under the table's
+                    // lock: no other load maps them, and they are this load's memory.
+                    unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir, mem)? };
+                    push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
+                }
+                Ok(())
+            };
         let mut result = Ok(());
         'runs: for r in runs.iter().filter(|r| counted(r)) {
             let mem = mem_type(r.kind);
