@@ -278,7 +278,7 @@ pub fn window_align(spec: &TagSpec) -> u64 {
 /// The inclusive IOVA limit for `spec` on a domain.
 #[inline]
 pub fn iova_limit<P: Platform, D: IommuOps<P>>(d: &D, spec: &TagSpec) -> u64 {
-    spec.dma_mask.min(d.max_iova())
+    spec.reach_limit().min(d.max_iova())
 }
 
 /// Pushes a mapped range onto `out`, merging it with the last one when adjacent. `out` has
