@@ -66,9 +66,9 @@ pub(crate) unsafe fn map_runs<P: Platform, D: IommuOps<P>>(
     layout(runs, align, |r, place| {
         if let Place::At { off, map_start, map_end, pa } = place {
             if map_end > map_start {
+                let mem = mem_type(r.kind);
                 // SAFETY: inside the caller's window (the layout stays within its size), each
                 // page mapped once; the runs are the load's (this fn's contract).
-                let mem = mem_type(r.kind);
                 unsafe { d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir, mem)? };
                 push_range(mapped, base + map_start, base + map_end)?;
                 let range = AddrRange::new(Iova::new(base + map_start), Iova::new(base + map_end))?;
