@@ -27,7 +27,7 @@ pub struct LeafAttrs {
     pub memory: MemoryType,
     /// VT-d SNP: every access through the leaf snoops (always false on Arm stage 1).
     pub snoop: bool,
-    /// Arm AP[1] = 0: only privileged transactions may use the leaf (always false on VT-d).
+    /// Arm `AP[1]` = 0: only privileged transactions may use the leaf (always false on VT-d).
     pub privileged_only: bool,
 }
 

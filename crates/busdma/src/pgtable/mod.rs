@@ -114,7 +114,7 @@ pub struct Prot {
     pub write: bool,
     /// Memory type of the mapped range.
     pub mem: MemType,
-    /// Only privileged requests may use the entry (Arm AP[1] = 0); unprivileged ones fault.
+    /// Only privileged requests may use the entry (Arm `AP[1]` = 0); unprivileged ones fault.
     /// Formats without a privilege bit (VT-d second level) drop it.
     pub privileged: bool,
     /// Every access snoops the CPU caches whatever the request's PCIe No Snoop attribute
