@@ -86,7 +86,7 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
                         Iova::new(p * PAGE_SIZE),
                         PhysAddr::new(f * PAGE_SIZE),
                         n * PAGE_SIZE,
-                        Prot { read: true, write },
+                        Prot::rw(true, write),
                     )
                 };
                 assert_eq!(r.is_ok(), free, "map {op:?}: {r:?}");
@@ -136,7 +136,7 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
                         Iova::new(top_page * PAGE_SIZE),
                         PhysAddr::new(f * PAGE_SIZE),
                         PAGE_SIZE,
-                        Prot { read: true, write: false },
+                        Prot::READ,
                     )
                 };
                 assert_eq!(r.is_ok(), free, "map of the last page: {r:?}");
@@ -151,7 +151,7 @@ fn run<F: PteFormat>(input: &Input, format: TableFormat) {
                         Iova::new((top_page + 1) * PAGE_SIZE),
                         PhysAddr::new(0),
                         PAGE_SIZE,
-                        Prot { read: true, write: false },
+                        Prot::READ,
                     )
                 };
                 assert!(beyond.is_err(), "a map beyond the input width was accepted");

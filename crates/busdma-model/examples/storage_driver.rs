@@ -17,8 +17,8 @@ use busdma::front::{
     DeviceRegion, Direction, DmaMemory, OwnedMap, Part, RegionKind, RegionSlice, SyncOp, TagSpec,
 };
 use busdma::quickmap::QuickMaps;
-use busdma::{Error, Iova, MemAttr, PAGE_SIZE, PhysAddr, Result};
-use busdma_model::{DmaPort, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
+use busdma::{AddrRange, Error, Iova, MemAttr, PAGE_SIZE, PhysAddr, Result};
+use busdma_model::{DmaPort, HostPlatform, IommuConfig, MachineConfig, MemoryType, ModelIommu};
 
 // ---- the driver ---------------------------------------------------------------------------
 
@@ -128,6 +128,10 @@ impl Target<'_, '_> {
         let (peer_seg, _) = entry(0);
         let peer_pa = self.iommu.translate(self.id, peer_seg, false).expect("peer segment unmapped");
         assert_eq!(peer_pa.raw() & !(PAGE_SIZE - 1), peer_bar.raw() & !(PAGE_SIZE - 1));
+        let leaf = self.iommu.inspect(self.id, peer_seg).expect("peer segment unmapped");
+        assert_eq!(leaf.attrs.memory, MemoryType::Device, "the peer BAR is mapped as device memory");
+        let bar = PEER_BAR..PEER_BAR + PEER_BAR_LEN;
+        assert!(!bar.contains(&peer_seg.raw()), "no IOVA inside the peer's registered BAR");
         let (data, len) = entry(1);
         let mut bytes = vec![0u8; len as usize];
         port.dma_read(data, &mut bytes).expect("data fetch faulted");
@@ -142,6 +146,7 @@ impl Target<'_, '_> {
 const DISK_ID: u32 = 0x28;
 /// Where the peer's BAR sits: above the model's RAM.
 const PEER_BAR: u64 = 0x80_0000_0000;
+const PEER_BAR_LEN: u64 = 16 << 20;
 
 fn main() -> Result<()> {
     let machine = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) })?;
@@ -150,8 +155,12 @@ fn main() -> Result<()> {
     // The bus enumerates the peer and describes its BAR once.
     // SAFETY: the range is the peer device's BAR in this machine (outside RAM, no one
     // allocates it); devices may be given it; busdma never touches it with the CPU.
-    let peer =
-        unsafe { DeviceRegion::new(PhysAddr::new(PEER_BAR), 16 << 20, RegionKind::PeerBar { bus: None }) }?;
+    let peer = unsafe {
+        DeviceRegion::new(PhysAddr::new(PEER_BAR), PEER_BAR_LEN, RegionKind::PeerBar { bus: None })
+    }?;
+    // ... and registers it with the IOMMU once: every domain keeps its bus range out of the
+    // IOVA it hands out (the driver reserves nothing by hand).
+    let _peer = iommu.register_peer(AddrRange::from_start_len(Iova::new(PEER_BAR), PEER_BAR_LEN)?)?;
 
     let mut disk = Disk::attach(&iommu, &machine, DISK_ID, peer.clone())?;
     let target = Target { iommu: iommu.hw(), id: DISK_ID };

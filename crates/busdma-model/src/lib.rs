@@ -41,6 +41,7 @@ pub use cpu::CpuBinding;
 pub use dma::{DeviceId, DirectPort, DmaFault, DmaPort, FaultReason};
 pub use host::{HostPlatform, MachineConfig, MmioHandler};
 pub use iommu::{
-    AuditReport, Context, CostProfile, IommuConfig, IommuPort, IommuStats, ModelIommu, TableFormat, Violation,
+    AuditReport, Context, CostProfile, IommuConfig, IommuPort, IommuStats, LPAE_MAIR, LeafAttrs, LeafInfo,
+    MemoryType, ModelIommu, TableFormat, Violation,
 };
 pub use ram::{FrameBlock, FrameRequest, Placement};

@@ -55,9 +55,17 @@ unsafe impl IommuOps<HostPlatform> for Lci<'_, '_> {
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { self.d.free_iova(g, range) }
     }
-    unsafe fn map(&self, g: &G<'_>, iova: Iova, pa: PhysAddr, len: u64, dir: Direction) -> Result<()> {
+    unsafe fn map(
+        &self,
+        g: &G<'_>,
+        iova: Iova,
+        pa: PhysAddr,
+        len: u64,
+        dir: Direction,
+        mem: busdma::pgtable::MemType,
+    ) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { self.d.map(g, iova, pa, len, dir) }
+        unsafe { self.d.map(g, iova, pa, len, dir, mem) }
     }
     unsafe fn unmap(&self, g: &G<'_>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.

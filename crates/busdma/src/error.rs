@@ -180,6 +180,16 @@ pub enum Error {
         /// Its value.
         value: u64,
     },
+    /// A bus-address window whose bounds make no sense together (an exclusion window whose
+    /// `low` is not below its `high`).
+    BadWindow {
+        /// Which window and why.
+        what: &'static str,
+        /// Its low bound.
+        low: u64,
+        /// Its high bound.
+        high: u64,
+    },
     /// The request cannot be served by this platform or configuration.
     Unsupported {
         /// What is unsupported.
@@ -223,7 +233,8 @@ impl Error {
             | Error::DoubleFree { .. }
             | Error::WrongSize { .. }
             | Error::BadState { .. }
-            | Error::InvalidArgument { .. } => EINVAL,
+            | Error::InvalidArgument { .. }
+            | Error::BadWindow { .. } => EINVAL,
             Error::OutOfRange { .. } => ERANGE,
             Error::NotDirectMapped { .. } | Error::NotRam { .. } => EFAULT,
             Error::NoMemory { .. } | Error::LimitExceeded { .. } => ENOMEM,
@@ -288,6 +299,7 @@ impl fmt::Display for Error {
             }
             Error::BadState { what } => write!(f, "invalid state: {what}"),
             Error::InvalidArgument { what, value } => write!(f, "invalid {what}: {value:#x}"),
+            Error::BadWindow { what, low, high } => write!(f, "invalid {what}: ({low:#x}, {high:#x}]"),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::PermissionDenied { what } => write!(f, "permission denied: {what}"),
             Error::InProgress => write!(f, "operation deferred; it completes by callback"),

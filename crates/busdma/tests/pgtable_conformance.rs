@@ -134,7 +134,7 @@ fn rights_read_back_as_the_format_grants_them() {
             assert_eq!(ArmLpaeS1::prot(ro), Prot::READ);
             assert_eq!(ArmLpaeS1::prot(wo), Prot::READ_WRITE, "stage 1 cannot deny reads");
         }
-        let none = Prot { read: false, write: false };
+        let none = Prot::rw(false, false);
         assert!(matches!(
             // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
             unsafe { pt.map(&g, Iova::new(2 * s), PhysAddr::new(0), s, none) },

@@ -59,18 +59,14 @@ fn pgtable_pair(c: &mut Criterion) {
     let page = AddrRange::from_start_len(iova, PAGE_SIZE).expect("range");
     // Install the levels once, as a reserved map would.
     // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
-    unsafe { pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: true }) }
-        .expect("map");
+    unsafe { pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot::READ_WRITE) }.expect("map");
     let mut gather = Gather::new();
     // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
     unsafe { pt.unmap(&g, page, &mut gather) }.expect("unmap");
     c.bench_function("pgtable map+unmap, 1 page, VT-d", |b| {
         b.iter(|| {
             // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
-            unsafe {
-                pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot { read: true, write: false })
-            }
-            .expect("map");
+            unsafe { pt.map(&g, iova, PhysAddr::new(0x10_0000), PAGE_SIZE, Prot::READ) }.expect("map");
             // SAFETY: the benchmark owns this table's IOVA; no device walks it, so the PA is inert.
             unsafe { pt.unmap(&g, page, &mut gather) }.expect("unmap");
             // SAFETY: no IOMMU walks this table in the benchmark, so nothing caches the page:

@@ -20,6 +20,10 @@
 //!    SH bits 9:8, **AF** bit 10 (clear: access-flag fault, since the model does no hardware
 //!    flag update), nG bit 11, PXN/UXN bits 53/54 (instruction fetch only: DMA reads and
 //!    writes are data accesses, so they play no part).
+//!    AttrIndx selects a byte of the context descriptor's MAIR; the model's contexts hold
+//!    [`MAIR`] (attribute 0 Normal write-back `0xff`, attribute 1 Device-nGnRE `0x04`), and an
+//!    attribute byte whose high nibble is 0 is device memory. Decoded into the walk's
+//!    attributes with AP[1] (privileged only when clear); transfers are not affected.
 //! 5. Rights: AP[2] = 1 is read-only; AP[1] = 1 grants unprivileged access. PCIe requests
 //!    reach an SMMU as unprivileged data accesses unless the stream is configured otherwise
 //!    ([`super::Context::privileged`]), so an unprivileged transaction needs AP[1] = 1.
@@ -29,8 +33,12 @@
 
 use busdma::PhysAddr;
 
-use super::walk::{EntryReader, MAX_LEVELS, Walk, bits, read_entry};
+use super::walk::{EntryReader, LeafAttrs, MAX_LEVELS, MemoryType, Walk, bits, read_entry};
 use crate::dma::FaultReason;
+
+/// The MAIR every model context descriptor holds: attribute 0 = `0xff` (Normal, inner and
+/// outer write-back, read/write-allocate), attribute 1 = `0x04` (Device-nGnRE), the rest 0.
+pub const MAIR: u64 = 0x04_ff;
 
 const VALID: u64 = 1 << 0;
 const TABLE_OR_PAGE: u64 = 1 << 1;
@@ -62,7 +70,14 @@ pub(crate) fn walk(
         Some(l) => l,
         None => return Err(FaultReason::BeyondInputWidth { input_bits }),
     };
-    let mut w = Walk { page: PhysAddr::new(0), read: false, write: false, tables: [0; MAX_LEVELS], depth: 0 };
+    let mut w = Walk {
+        page: PhysAddr::new(0),
+        read: false,
+        write: false,
+        tables: [0; MAX_LEVELS],
+        depth: 0,
+        attrs: LeafAttrs::NORMAL,
+    };
     let mut no_write = false;
     let mut no_unpriv = false;
     let mut table = root;
@@ -98,6 +113,9 @@ pub(crate) fn walk(
         w.read = accessible;
         w.write = accessible && e & AP_RDONLY == 0 && !no_write;
         w.page = PhysAddr::new((e & bits(47, shift)) | (iova & bits(shift - 1, 12)));
+        let attr = (MAIR >> (8 * ((e >> 2) & 0b111))) & 0xff;
+        let memory = if attr >> 4 == 0 { MemoryType::Device } else { MemoryType::Normal };
+        w.attrs = LeafAttrs { memory, snoop: false, privileged_only: e & AP_UNPRIV == 0 };
         return Ok(w);
     }
     Err(FaultReason::NotPresent { level: levels })

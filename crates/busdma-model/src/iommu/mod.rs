@@ -69,6 +69,23 @@ pub use cost::{CostProfile, DEFAULT_PROFILE, PROFILES};
 pub use inject::INJECTED_STATUS;
 use iotlb::Iotlb;
 use walk::Walk;
+pub use walk::{LeafAttrs, MemoryType};
+
+/// The MAIR the model's Arm stage-1 contexts hold (see `lpae.rs`).
+pub const LPAE_MAIR: u64 = lpae::MAIR;
+
+/// What a walk of a device's tables finds for one page ([`ModelIommu::inspect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// Physical address of the page.
+    pub page: PhysAddr,
+    /// The device may read through the walk (the AND over every level).
+    pub read: bool,
+    /// The device may write through the walk.
+    pub write: bool,
+    /// The leaf's decoded attributes.
+    pub attrs: LeafAttrs,
+}
 
 /// IOTLB value of a cached not-present result (caching mode): no page address has bit 63,
 /// the rest is the level of the absent entry.
@@ -367,6 +384,17 @@ impl<'m> ModelIommu<'m> {
             Ok(page) => Ok(PhysAddr::new(page | iova.page_offset())),
             Err(reason) => Err(self.fault(DmaFault { device, iova, write, reason })),
         }
+    }
+
+    /// Walks `device`'s tables for the page of `iova` as the hardware would, without the
+    /// IOTLB, the fault log or the counters: what a test compares a built entry against.
+    pub fn inspect(&self, device: DeviceId, iova: Iova) -> core::result::Result<LeafInfo, FaultReason> {
+        let ctx = self.context(device).ok_or(FaultReason::NotAttached)?;
+        if ctx.input_bits < 64 && iova.raw() >> ctx.input_bits != 0 {
+            return Err(FaultReason::BeyondInputWidth { input_bits: ctx.input_bits });
+        }
+        let w = self.walk(&ctx, iova.raw())?;
+        Ok(LeafInfo { page: w.page, read: w.read, write: w.write, attrs: w.attrs })
     }
 
     fn translate_page(

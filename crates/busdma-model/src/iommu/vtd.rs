@@ -14,7 +14,10 @@
 //!    the AND of R (resp. W) over every entry of the walk.
 //! 3. Bits `HAW-1:12` hold the next table's (or the page's) address; bits `51:HAW` are
 //!    reserved and must be 0 (HAW: the host address width, [`super::IommuConfig::output_bits`]).
-//!    Bits 63:52 (ignored / TM) and 11:8 (ignored / SNP) do not affect translation.
+//!    Bits 63:52 (ignored / TM) and 11:8 (ignored / SNP) do not affect translation. A leaf's
+//!    **SNP** (bit 11) and **EMT** (bits 5:3: 0 UC, 1 WC, 4 WT, 5 WP, 6 WB) are decoded into
+//!    the walk's attributes (EMT 0 and 1 as device/uncacheable memory, the others normal),
+//!    as a unit honouring EMT would read them; the model's transfers are not affected.
 //! 4. Bit 7 **PS** in an SL-PDE (height 1) or SL-PDPE (height 2) makes the entry a 2 MiB or
 //!    1 GiB superpage: its address field starts at bit 21 or 30 and bits 20:12 or 29:12 are
 //!    reserved (must be 0). In an SL-PML4E or SL-PML5E bit 7 is reserved; in an SL-PTE it is
@@ -24,12 +27,13 @@
 
 use busdma::PhysAddr;
 
-use super::walk::{EntryReader, MAX_LEVELS, Walk, bits, read_entry};
+use super::walk::{EntryReader, LeafAttrs, MAX_LEVELS, MemoryType, Walk, bits, read_entry};
 use crate::dma::FaultReason;
 
 const R: u64 = 1 << 0;
 const W: u64 = 1 << 1;
 const PS: u64 = 1 << 7;
+const SNP: u64 = 1 << 11;
 
 /// Levels of a table with `input_bits` of input address (the AGAW), if VT-d has such a width.
 pub(crate) fn levels(input_bits: u32) -> Option<u32> {
@@ -52,7 +56,14 @@ pub(crate) fn walk(
 ) -> Result<Walk, FaultReason> {
     let addr = bits(haw - 1, 12);
     let reserved_high = if haw >= 52 { 0 } else { bits(51, haw) };
-    let mut w = Walk { page: PhysAddr::new(0), read: true, write: true, tables: [0; MAX_LEVELS], depth: 0 };
+    let mut w = Walk {
+        page: PhysAddr::new(0),
+        read: true,
+        write: true,
+        tables: [0; MAX_LEVELS],
+        depth: 0,
+        attrs: LeafAttrs::NORMAL,
+    };
     let mut table = root;
     for level in 0..levels {
         let height = levels - 1 - level;
@@ -83,6 +94,11 @@ pub(crate) fn walk(
         }
         let base = e & addr & !bits(shift - 1, 0);
         w.page = PhysAddr::new(base | (iova & bits(shift - 1, 12)));
+        let memory = match (e >> 3) & 0b111 {
+            0 | 1 => MemoryType::Device,
+            _ => MemoryType::Normal,
+        };
+        w.attrs = LeafAttrs { memory, snoop: e & SNP != 0, privileged_only: false };
         return Ok(w);
     }
     // `levels` ≥ 1 and the last level is always a leaf, so the loop returned.

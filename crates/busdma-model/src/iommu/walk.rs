@@ -8,6 +8,34 @@ use crate::dma::FaultReason;
 /// The deepest walk either format makes: VT-d 5-level tables (57-bit input).
 pub(crate) const MAX_LEVELS: usize = 5;
 
+/// The memory type a leaf gives the device's accesses, as the walker decodes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemoryType {
+    /// Normal, cacheable memory (VT-d EMT write-back, write-through or write-protect; an Arm
+    /// MAIR attribute whose high nibble is not 0).
+    Normal,
+    /// Device or uncacheable memory (VT-d EMT 0, UC; an Arm MAIR attribute `0000_xxxx`,
+    /// Device-nGnRnE / nGnRE / nGRE / GRE).
+    Device,
+}
+
+/// The attributes of the leaf a walk ended on, decoded from its bits (not the rights, which
+/// are the walk's AND over every level).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeafAttrs {
+    /// The memory type.
+    pub memory: MemoryType,
+    /// VT-d SNP: every access through the leaf snoops (always false on Arm stage 1).
+    pub snoop: bool,
+    /// Arm `AP[1]` = 0: only privileged transactions may use the leaf (always false on VT-d).
+    pub privileged_only: bool,
+}
+
+impl LeafAttrs {
+    pub(crate) const NORMAL: LeafAttrs =
+        LeafAttrs { memory: MemoryType::Normal, snoop: false, privileged_only: false };
+}
+
 /// A translation, as the hardware caches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Walk {
@@ -21,6 +49,8 @@ pub(crate) struct Walk {
     pub tables: [u64; MAX_LEVELS],
     /// How many of `tables` are used.
     pub depth: u8,
+    /// The leaf's attributes.
+    pub attrs: LeafAttrs,
 }
 
 /// Reads one 64-bit entry of guest RAM, as the walker's bus access does; `None` if no RAM

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use busdma::front::strategy::reserve_levels::reserve_levels;
 use busdma::front::{Direction, Invalidation, IommuOps};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
-use busdma::pgtable::{FlushDone, Gather, PageTable, PageTableConfig, Prot, TablePool, VtdSl};
+use busdma::pgtable::{FlushDone, Gather, MemType, PageTable, PageTableConfig, Prot, TablePool, VtdSl};
 use busdma::{AddrRange, CpuGuard, Iova, PhysAddr, Platform, Result};
 use busdma_model::HostPlatform;
 
@@ -80,8 +80,9 @@ unsafe impl IommuOps<HostPlatform> for &PtDomain<'_> {
         pa: PhysAddr,
         len: u64,
         dir: Direction,
+        mem: MemType,
     ) -> Result<()> {
-        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        let prot = Prot::rw(dir.device_reads(), dir.device_writes()).with_mem(mem);
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { self.pt.map(g, iova, pa, len, prot) }
     }

@@ -86,7 +86,7 @@ impl<'z, 'p, P: Platform, S> Bounced<'z, 'p, P, S> {
 
     fn constraint(&self, spec: &TagSpec) -> Constraint {
         let (below, align) = if self.physical_reach {
-            (spec.dma_mask.checked_add(1).map(PhysAddr::new), spec.alignment)
+            (spec.reach_limit().checked_add(1).map(PhysAddr::new), spec.alignment)
         } else {
             (None, 1)
         };
@@ -95,7 +95,8 @@ impl<'z, 'p, P: Platform, S> Bounced<'z, 'p, P, S> {
 
     fn may_bounce(&self, spec: &TagSpec) -> bool {
         spec.flags.untrusted
-            || (self.physical_reach && (spec.dma_mask < TagSpec::new(1, 1).dma_mask || spec.alignment > 1))
+            || (self.physical_reach
+                && (spec.reach_limit() < TagSpec::new(1, 1).dma_mask || spec.alignment > 1))
     }
 }
 

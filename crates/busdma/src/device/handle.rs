@@ -1,7 +1,9 @@
 //! The device handle, its attachment, and the domain handle its strategies hold.
 
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
@@ -9,7 +11,9 @@ use crate::front::strategy::{Direct, Identity, Invalidation, IommuOps, IommuPerM
 use crate::front::{Direction, Tag, TagSpec};
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket};
 use crate::iova::IovaAllocator;
+use crate::pgtable::MemType;
 use crate::platform::{CpuGuard, Platform};
+use crate::sync::SpinLock;
 
 use super::hw::IommuHw;
 use super::iommu::Iommu;
@@ -35,6 +39,44 @@ pub(super) struct Attached<'i, 'p, H: IommuHw> {
     /// Whether the domain (and its id) still need the teardown.
     live: bool,
     domain: ManuallyDrop<Dom<'i, H>>,
+    /// The peer registry generation this domain's reservations cover (module theory 7).
+    peer_gen: AtomicU64,
+    /// The peer ranges this domain reserved.
+    peer_reserved: SpinLock<Vec<AddrRange<Iova>>>,
+}
+
+impl<H: IommuHw> Attached<'_, '_, H> {
+    /// Reserves every registered peer range this domain has not reserved yet (module theory
+    /// 7); one atomic load when nothing changed.
+    #[inline]
+    fn sync_peers(&self) -> Result<()> {
+        let reg = self.iommu.peers();
+        if self.peer_gen.load(Ordering::Acquire) == reg.generation() {
+            return Ok(());
+        }
+        self.sync_peers_slow()
+    }
+
+    #[cold]
+    fn sync_peers_slow(&self) -> Result<()> {
+        let mut done = self.peer_reserved.lock();
+        let mut ranges = Vec::new();
+        let generation = self.iommu.peers().snapshot(&mut ranges)?;
+        let iova = self.domain.iova();
+        let space = iova.space();
+        for r in ranges {
+            if done.iter().any(|d| d.contains_range(&r)) {
+                continue;
+            }
+            if let Some(clip) = r.intersection(&space) {
+                iova.reserve(clip)?;
+            }
+            done.try_reserve(1).map_err(|_| Error::NoMemory { requested: 1 })?;
+            done.push(r);
+        }
+        self.peer_gen.store(generation, Ordering::Release);
+        Ok(())
+    }
 }
 
 impl<'i, 'p, H: IommuHw> Attached<'i, 'p, H> {
@@ -135,7 +177,17 @@ impl<H: IommuHw> Clone for DeviceDomain<'_, '_, H> {
     }
 }
 
+impl<H: IommuHw> DeviceBypass<'_, '_, H> {
+    pub(super) fn peers(&self) -> &super::peer::PeerRegistry {
+        self.0.iommu.peers()
+    }
+}
+
 impl<'i, 'p, H: IommuHw> DeviceDomain<'i, 'p, H> {
+    pub(super) fn peers(&self) -> &super::peer::PeerRegistry {
+        self.0.iommu.peers()
+    }
+
     /// The domain.
     #[inline]
     pub fn domain(&self) -> &Dom<'i, H> {
@@ -167,6 +219,7 @@ unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         align: u64,
         limit: u64,
     ) -> Result<AddrRange<Iova>> {
+        self.0.sync_peers()?;
         IommuOps::alloc_iova(&self.domain(), g, size, align, limit)
     }
 
@@ -184,9 +237,10 @@ unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         pa: PhysAddr,
         len: u64,
         dir: Direction,
+        mem: MemType,
     ) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, dir) }
+        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, dir, mem) }
     }
 
     #[inline]
@@ -256,7 +310,15 @@ impl<'i, 'p, H: IommuHw> Device<'i, 'p, H> {
     ) -> Result<Self> {
         let id = domain.id();
         let root = domain.table().root();
-        let mut a = Attached { iommu, dev, attached: false, live: true, domain: ManuallyDrop::new(domain) };
+        let mut a = Attached {
+            iommu,
+            dev,
+            attached: false,
+            live: true,
+            domain: ManuallyDrop::new(domain),
+            peer_gen: AtomicU64::new(0),
+            peer_reserved: SpinLock::new(Vec::new()),
+        };
         // SAFETY: the tables at `root` belong to `a.domain`, which is dropped only by
         // `Attached::teardown`, after `dev` is detached and the detach returned `Ok` (or never,
         // if it fails); only the domain writes them. INVARIANT: `attached` is set below only

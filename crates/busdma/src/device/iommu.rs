@@ -14,6 +14,7 @@ use crate::quickmap::QuickMaps;
 use super::Policy;
 use super::handle::Device;
 use super::hw::IommuHw;
+use super::peer::{PeerHandle, PeerRegistry};
 
 /// Lowest IOVA a device's default aperture hands out: 1 MiB. IOVA 0 stays unmapped so a
 /// device given a null bus address faults, and the low megabyte (legacy ISA and firmware
@@ -65,6 +66,7 @@ pub struct Iommu<'p, H: IommuHw> {
     attached: AtomicU64,
     detached: AtomicU64,
     leaked: AtomicU64,
+    peers: PeerRegistry,
 }
 
 impl<'p, H: IommuHw> Iommu<'p, H> {
@@ -85,6 +87,7 @@ impl<'p, H: IommuHw> Iommu<'p, H> {
             attached: AtomicU64::new(0),
             detached: AtomicU64::new(0),
             leaked: AtomicU64::new(0),
+            peers: PeerRegistry::new(),
         })
     }
 
@@ -110,6 +113,34 @@ impl<'p, H: IommuHw> Iommu<'p, H> {
 
     pub(super) fn quick_maps(&self) -> &'p QuickMaps {
         self.quick_maps
+    }
+
+    /// Registers a peer device's BAR at bus addresses `bar` (page-aligned): from now on no
+    /// domain of this IOMMU hands out IOVA inside it (module theory 7), and loads of the
+    /// peer's BAR (a `DeviceRegion` of kind `PeerBar`) are counted against the registration.
+    ///
+    /// Errors: [`Error::Misaligned`], [`Error::ZeroSize`], [`Error::InvalidArgument`] for a
+    /// range overlapping a registered peer (naming that peer's start), [`Error::NoMemory`].
+    pub fn register_peer(&self, bar: AddrRange<Iova>) -> Result<PeerHandle> {
+        self.peers.register(bar)
+    }
+
+    /// Unregisters a peer: new domains stop reserving its range (module theory 7: existing
+    /// domains keep the hole).
+    ///
+    /// Errors: [`Error::Busy`] (with the number of loaded runs) while loads reach the BAR,
+    /// [`Error::BadState`] for a handle of another IOMMU; the handle comes back with it.
+    pub fn unregister_peer(&self, h: PeerHandle) -> core::result::Result<(), (Error, PeerHandle)> {
+        self.peers.unregister(h)
+    }
+
+    /// The registered peer BARs' ranges.
+    pub fn peer_ranges(&self) -> alloc::vec::Vec<AddrRange<Iova>> {
+        self.peers.ranges()
+    }
+
+    pub(super) fn peers(&self) -> &PeerRegistry {
+        &self.peers
     }
 
     /// The counters.

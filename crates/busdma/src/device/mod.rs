@@ -41,6 +41,19 @@
 //! 6. **The hardware trait is trusted.** [`IommuHw`] is an `unsafe trait`: busdma frees
 //!    table pages because `detach` said the hardware forgot them, and builds tables in the
 //!    format and width it names; a wrong answer lets a device reach freed memory.
+//! 7. **Peer BARs** (`peer.rs`). A peer device's BAR is reached at its bus address; on a
+//!    fabric that routes peer-to-peer requests before they reach the IOMMU, an IOVA inside a
+//!    BAR's range would go to the peer instead of being translated. [`Iommu::register_peer`]
+//!    records the range once for the whole IOMMU; every domain of the IOMMU, existing or
+//!    created later, reserves it in its IOVA allocator before it next hands out IOVA (one
+//!    atomic load of the registry's generation per allocation, the reservation itself only
+//!    when it changed), so no IOVA a device is given overlaps a registered BAR and the driver
+//!    reserves nothing by hand. A domain that already holds IOVA inside a new range when it
+//!    catches up refuses its loads with the allocator's `AlreadyMapped` until that IOVA is
+//!    unloaded. Loads that reach a registered BAR (MMIO or peer-BAR runs inside it) are
+//!    counted; [`Iommu::unregister_peer`] refuses with `Busy` while any is loaded. Limit:
+//!    the IOVA allocator's reservations are permanent, so unregistering stops new domains
+//!    from reserving the range but existing domains keep the hole until they are dropped.
 //!
 //! # Execution context
 //!
@@ -53,11 +66,13 @@
 mod handle;
 mod hw;
 mod iommu;
+mod peer;
 mod strategy;
 
 pub use handle::{DetachError, Device, DeviceBypass, DeviceDomain};
 pub use hw::IommuHw;
 pub use iommu::{DEFAULT_APERTURE_START, DeviceConfig, Iommu, IommuStats};
+pub use peer::PeerHandle;
 pub use strategy::{DeviceMapState, DeviceStrategy};
 
 use crate::front::Tag;

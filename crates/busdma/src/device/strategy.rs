@@ -40,6 +40,16 @@ impl<H: IommuHw> Clone for DeviceStrategy<'_, '_, H> {
 }
 
 impl<'i, 'p, H: IommuHw> DeviceStrategy<'i, 'p, H> {
+    /// The peer registry of the device's IOMMU (module theory 7).
+    fn peers(&self) -> &super::peer::PeerRegistry {
+        match self {
+            Self::PerMap(s) => s.0.peers(),
+            Self::Untrusted(s) => s.inner().0.peers(),
+            Self::Identity(s) => s.domain().peers(),
+            Self::Bypass(_, b) => b.peers(),
+        }
+    }
+
     pub(super) fn untrusted(inner: IommuPerMap<DeviceDomain<'i, 'p, H>>, iommu: &'i Iommu<'p, H>) -> Self {
         Self::Untrusted(Bounced::over_iommu(inner, iommu.bounce_zones(), iommu.quick_maps()))
     }
@@ -115,7 +125,9 @@ impl<'i, 'p, H: IommuHw> Strategy<H::Platform> for DeviceStrategy<'i, 'p, H> {
             (Self::Identity(s), DeviceMapState::Identity(m)) => s.load(p, spec, m, runs, dir, segs),
             (Self::Bypass(s, _), DeviceMapState::Bypass) => s.load(p, spec, &mut (), runs, dir, segs),
             _ => Err(mismatch()),
-        }
+        }?;
+        self.peers().count_loads(runs, true);
+        Ok(())
     }
 
     #[inline]
@@ -126,13 +138,16 @@ impl<'i, 'p, H: IommuHw> Strategy<H::Platform> for DeviceStrategy<'i, 'p, H> {
         runs: &[Run],
         segs: &[Segment],
     ) -> Result<()> {
-        match (self, state) {
+        let r = match (self, state) {
             (Self::PerMap(s), DeviceMapState::PerMap(m)) => s.unload(p, m, runs, segs),
             (Self::Untrusted(s), DeviceMapState::Untrusted(m)) => s.unload(p, m, runs, segs),
             (Self::Identity(s), DeviceMapState::Identity(m)) => s.unload(p, m, runs, segs),
             (Self::Bypass(s, _), DeviceMapState::Bypass) => s.unload(p, &mut (), runs, segs),
-            _ => Err(mismatch()),
-        }
+            _ => return Err(mismatch()),
+        };
+        // An unload unloads all the same when it reports an error (the front end's rule).
+        self.peers().count_loads(runs, false);
+        r
     }
 
     fn destroy(&self, p: &H::Platform, state: Self::MapState) {

@@ -67,7 +67,7 @@ impl<'p, P: Platform> DmaMemory<'p, P> {
         let req = PageRequest {
             pages: bytes / PAGE_SIZE,
             align,
-            below: Some(PhysAddr::new(spec.dma_mask.saturating_add(1))),
+            below: Some(PhysAddr::new(spec.coherent_mask.min(spec.reach_limit()).saturating_add(1))),
             placement: Placement::DirectMapped,
             attr,
         };

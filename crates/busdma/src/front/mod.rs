@@ -73,4 +73,4 @@ pub use segments::{Constraints, Segment};
 pub use strategy::{
     Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
 };
-pub use tag::{Tag, TagFlags, TagSpec};
+pub use tag::{Exclusion, Tag, TagFlags, TagSpec};

@@ -75,7 +75,7 @@ impl Constraints {
             boundary: spec.boundary,
             max_seg: spec.max_segment_size & !(spec.alignment - 1),
             max_segments: spec.max_segments,
-            dma_mask: spec.dma_mask,
+            dma_mask: spec.reach_limit(),
         }
     }
 

@@ -23,6 +23,15 @@ pub struct TagFlags {
     pub may_wait: bool,
 }
 
+/// An exclusion window `(low, high]` of bus addresses ([`TagSpec::exclusion`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exclusion {
+    /// FreeBSD's `lowaddr`: the highest address below the window (exclusive start).
+    pub low: u64,
+    /// FreeBSD's `highaddr`: the last address of the window (inclusive end).
+    pub high: u64,
+}
+
 /// The constraints of a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TagSpec {
@@ -30,9 +39,17 @@ pub struct TagSpec {
     pub alignment: u64,
     /// No segment crosses a multiple of this (a power of two ≥ `alignment`), or 0 for none.
     pub boundary: u64,
-    /// Highest bus address the device can emit, inclusive (`2^bits - 1` for a `bits`-bit
-    /// device).
+    /// Highest bus address the device can emit for streaming loads, inclusive (`2^bits - 1`
+    /// for a `bits`-bit device).
     pub dma_mask: u64,
+    /// Highest bus address of coherent memory ([`super::DmaMemory::alloc`]), inclusive: some
+    /// devices reach their descriptor rings with fewer address bits than their buffers
+    /// (Linux's separate coherent DMA mask).
+    pub coherent_mask: u64,
+    /// FreeBSD's exclusion window `(lowaddr, highaddr]`: bus addresses the device cannot
+    /// reach although they lie below its mask (a bridge that decodes them for itself).
+    /// `None`: none. busdma keeps loads below `lowaddr + 1` (theory: [`TagSpec::reach_limit`]).
+    pub exclusion: Option<Exclusion>,
     /// Largest load, in bytes (> 0).
     pub max_size: u64,
     /// Most segments per load (≥ 1).
@@ -53,6 +70,8 @@ impl TagSpec {
             // u64::MAX - 1 rather than u64::MAX: a range end of 2^64 is not representable
             // (addr.rs, theory 2), so the last byte of the space is never mapped anyway.
             dma_mask: u64::MAX - 1,
+            coherent_mask: u64::MAX - 1,
+            exclusion: None,
             max_size,
             max_segments,
             max_segment_size: max_size,
@@ -98,7 +117,63 @@ impl TagSpec {
         if self.dma_mask < PAGE_SIZE - 1 {
             return Err(Error::InvalidArgument { what: "tag dma_mask below one page", value: self.dma_mask });
         }
+        if self.coherent_mask < PAGE_SIZE - 1 {
+            return Err(Error::InvalidArgument {
+                what: "tag coherent_mask below one page",
+                value: self.coherent_mask,
+            });
+        }
+        if let Some(Exclusion { low, high }) = self.exclusion {
+            if low >= high {
+                return Err(Error::BadWindow {
+                    what: "tag exclusion window (lowaddr not below highaddr)",
+                    low,
+                    high,
+                });
+            }
+            if low < PAGE_SIZE - 1 {
+                return Err(Error::BadWindow {
+                    what: "tag exclusion window leaves no page below it",
+                    low,
+                    high,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The highest bus address a streaming load may use, inclusive: the mask, lowered to the
+    /// exclusion window's `lowaddr` when the window starts below it. Addresses above
+    /// `highaddr` are reachable in FreeBSD's model; busdma's bounce layer and IOVA limits
+    /// know one limit, so it keeps loads below the window altogether (a superset of what the
+    /// window excludes: safe, at the cost of bouncing memory above `highaddr` too).
+    pub fn reach_limit(&self) -> u64 {
+        match self.exclusion {
+            Some(Exclusion { low, .. }) if low < self.dma_mask => low,
+            _ => self.dma_mask,
+        }
+    }
+
+    /// The constraints of a child that asks for `self` under `parent`, as FreeBSD derives
+    /// them: the intersection (the narrower mask of each kind, the union of the exclusion
+    /// windows when they overlap or touch, else the parent's); other fields are `self`'s.
+    /// [`super::Tag::child`] still refuses a child wider than its parent; this is how a
+    /// driver computes one that is not.
+    pub fn inherit(&self, parent: &TagSpec) -> TagSpec {
+        let exclusion = match (self.exclusion, parent.exclusion) {
+            (None, p) => p,
+            (c, None) => c,
+            (Some(c), Some(p)) if c.low <= p.high && p.low <= c.high => {
+                Some(Exclusion { low: c.low.min(p.low), high: c.high.max(p.high) })
+            }
+            (_, p) => p,
+        };
+        TagSpec {
+            dma_mask: self.dma_mask.min(parent.dma_mask),
+            coherent_mask: self.coherent_mask.min(parent.coherent_mask),
+            exclusion,
+            ..*self
+        }
     }
 
     /// Checks that `self` (a child) only narrows `parent`.
@@ -115,6 +190,15 @@ impl TagSpec {
         }
         if self.dma_mask > parent.dma_mask {
             return widen("child tag dma_mask above its parent's", self.dma_mask);
+        }
+        if self.coherent_mask > parent.coherent_mask {
+            return widen("child tag coherent_mask above its parent's", self.coherent_mask);
+        }
+        if let Some(p) = parent.exclusion {
+            match self.exclusion {
+                Some(c) if c.low <= p.low && c.high >= p.high => {}
+                _ => return widen("child tag exclusion window does not cover its parent's", p.low),
+            }
         }
         if self.max_size > parent.max_size {
             return widen("child tag max_size above its parent's", self.max_size);

@@ -32,7 +32,7 @@ use crate::platform::Platform;
 use super::coherent::DmaMemory;
 use super::defer::{DeferQueue, DeferStats};
 use super::quarantine::{Quarantine, QuarantineStats};
-pub use super::spec::{TagFlags, TagSpec};
+pub use super::spec::{Exclusion, TagFlags, TagSpec};
 use super::strategy::Strategy;
 
 /// Source of tag and map ids. A plain `core` atomic (not the loom-swappable one): ids only
@@ -161,6 +161,28 @@ impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     #[inline]
     pub fn spec(&self) -> &TagSpec {
         &self.spec
+    }
+
+    /// The largest buffer one load of this tag maps (Linux `dma_max_mapping_size`): the
+    /// tag's `max_size`; a larger buffer must be split by the driver.
+    #[inline]
+    pub fn max_mapping_size(&self) -> u64 {
+        self.spec.max_size
+    }
+
+    /// The largest load the fast path serves (Linux `dma_opt_mapping_size`): on a tag whose
+    /// strategy maps through an IOMMU, the largest IOVA range the per-CPU caches hold
+    /// (64 pages, `iova` theory 3: a page-aligned load up to this size never takes the
+    /// allocator's tree); without an IOMMU every size is served alike, so `max_size`.
+    #[inline]
+    pub fn opt_mapping_size(&self) -> u64 {
+        use crate::front::strategy::Invalidation;
+        // Size classes 2^0 .. 2^(CLASSES-1) pages.
+        const CACHED: u64 = crate::addr::PAGE_SIZE << (crate::iova::magazine::CLASSES - 1);
+        match self.strategy.invalidation() {
+            Invalidation::None => self.spec.max_size,
+            Invalidation::Strict | Invalidation::Deferred => self.spec.max_size.min(CACHED),
+        }
     }
 
     /// The tag's unique id.

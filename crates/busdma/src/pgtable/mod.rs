@@ -52,6 +52,17 @@
 //! 8. **Descriptor pools.** Table pages come from a [`TablePool`]: per-CPU caches in front of
 //!    a shared depot in front of [`Platform::alloc_table_page`] (seed 002's per-CPU PTED
 //!    pools). Pages come back zeroed; every allocation point can be made to fail on purpose.
+//! 9. **Attributes.** A leaf carries more than rights: [`Prot`] is the attribute set the
+//!    caller asks for (read/write, [`MemType`] normal or device, privileged, forced snoop)
+//!    and each format encodes what its entries can hold, rounding the rest in
+//!    [`PteFormat::effective_prot`] (never widening what the device may do to memory: Arm
+//!    stage 1 adds read to write-only; both drop forced snoop on device memory, which is
+//!    never snooped, and Arm stage 1 drops it everywhere, its cacheable type being snooped
+//!    already; VT-d refuses a privileged-only entry, which it cannot express, rather than
+//!    open it to unprivileged requests). [`PteFormat::prot`]
+//!    decodes an entry back, so "what was written is what a walk sees" is testable. *Format
+//!    apart from policy*: a format never chooses an attribute; the front end's strategies
+//!    choose device memory for MMIO and peer-BAR runs and normal memory for RAM.
 //!
 //! # Execution context
 //!
@@ -80,20 +91,55 @@ pub use pool::{PoolStats, TablePool};
 pub use vtd::VtdSl;
 pub use walker::{PageTable, PageTableConfig};
 
-/// A device's access rights to a mapping.
+/// The memory type a leaf gives the device's accesses (theory 9).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MemType {
+    /// Normal memory, cacheable (write-back): RAM. Accesses may be merged, reordered,
+    /// prefetched and snooped.
+    #[default]
+    Normal,
+    /// Device memory: MMIO registers and peer BARs. No merging, no speculation, no
+    /// reordering of accesses to it, never cached (Arm Device-nGnRE, x86 UC).
+    Device,
+}
+
+/// The attributes of a mapping carried to the format: a device's access rights, the memory
+/// type, privilege and the snoop hint (theory 9). The format encodes what it can and says
+/// what it rounded in [`PteFormat::effective_prot`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Prot {
     /// The device may read (DMA to the device).
     pub read: bool,
     /// The device may write (DMA from the device).
     pub write: bool,
+    /// Memory type of the mapped range.
+    pub mem: MemType,
+    /// Only privileged requests may use the entry (Arm `AP[1]` = 0); unprivileged ones fault.
+    /// Formats without a privilege bit (VT-d second level) drop it.
+    pub privileged: bool,
+    /// Every access snoops the CPU caches whatever the request's PCIe No Snoop attribute
+    /// says (VT-d SNP, only on a unit with ECAP.SC: elsewhere the bit is reserved). Only for
+    /// [`MemType::Normal`]: formats drop it on device memory. Formats without such a bit (Arm
+    /// stage 1, where a cacheable inner-shareable type is already snooped) drop it.
+    pub force_snoop: bool,
 }
 
 impl Prot {
-    /// Read only.
-    pub const READ: Prot = Prot { read: true, write: false };
-    /// Write only (a format that cannot express it grants read too; see the format).
-    pub const WRITE: Prot = Prot { read: false, write: true };
-    /// Read and write.
-    pub const READ_WRITE: Prot = Prot { read: true, write: true };
+    /// Read only, normal memory.
+    pub const READ: Prot = Prot::rw(true, false);
+    /// Write only, normal memory (a format that cannot express it grants read too; see the
+    /// format).
+    pub const WRITE: Prot = Prot::rw(false, true);
+    /// Read and write, normal memory.
+    pub const READ_WRITE: Prot = Prot::rw(true, true);
+
+    /// The given rights on normal memory, unprivileged, no forced snoop.
+    pub const fn rw(read: bool, write: bool) -> Prot {
+        Prot { read, write, mem: MemType::Normal, privileged: false, force_snoop: false }
+    }
+
+    /// The same rights with memory type `mem`.
+    pub const fn with_mem(self, mem: MemType) -> Prot {
+        Prot { mem, ..self }
+    }
 }

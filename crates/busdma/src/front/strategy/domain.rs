@@ -3,7 +3,8 @@
 //! # Theory
 //!
 //! 1. A thin adapter: each `IommuOps` call is the domain's own (`alloc_iova`, `map`, `unmap`,
-//!    `ensure_flushed`), with the direction turned into rights and the inclusive limit into
+//!    `ensure_flushed`), with the direction and memory type turned into the entry's
+//!    attributes ([`Prot`]) and the inclusive limit into
 //!    the allocator's exclusive one. IOVA that was allocated but never mapped (a load that
 //!    failed before mapping) goes straight back to the domain's IOVA source.
 //! 2. Table levels of a reserved window are installed over the domain's own page table
@@ -16,7 +17,7 @@ use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::Result;
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator};
 use crate::iova::{IovaRequest, IovaSource};
-use crate::pgtable::{Prot, PteFormat};
+use crate::pgtable::{MemType, Prot, PteFormat};
 use crate::platform::{CpuGuard, Platform};
 
 use super::Invalidation;
@@ -69,8 +70,9 @@ where
         pa: PhysAddr,
         len: u64,
         dir: Direction,
+        mem: MemType,
     ) -> Result<()> {
-        let prot = Prot { read: dir.device_reads(), write: dir.device_writes() };
+        let prot = Prot::rw(dir.device_reads(), dir.device_writes()).with_mem(mem);
         // SAFETY: `IommuOps::map`'s contract is `Domain::map`'s: the caller holds the IOVA
         // range and may give the device the PA range.
         unsafe { Domain::map(self, g, iova, pa, len, prot) }

@@ -28,13 +28,14 @@ use crate::error::{Error, Result};
 use crate::platform::Platform;
 use crate::sync::SpinLock;
 
-use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, push_range};
+use super::iommu::{IommuOps, builder_error, check_untrusted, max_runs, mem_type, push_range};
 use super::page_refs::{PageRefs, pages_bound};
 use super::{Invalidation, Strategy};
 use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
 use crate::front::segments::{Segment, SegmentBuilder};
 use crate::front::spec::TagSpec;
+use crate::pgtable::MemType;
 
 /// The identity strategy over domain handle `D`.
 #[derive(Clone)]
@@ -47,6 +48,11 @@ impl<D> Identity<D> {
     /// An identity strategy with an empty reference table.
     pub fn new(domain: D) -> Self {
         Self { domain, refs: Arc::new(SpinLock::new(PageRefs::new())) }
+    }
+
+    /// The domain handle.
+    pub fn domain(&self) -> &D {
+        &self.domain
     }
 
     /// Pages currently referenced (mapped), for tests and the lab.
@@ -164,19 +170,21 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         // Ranges this load mapped (fresh pages), for rollback; `pending` is the fresh run
         // being gathered, mapped when it ends.
         st.scratch.clear();
-        let mut pending: Option<(u64, u64)> = None;
-        let flush = |pending: &mut Option<(u64, u64)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
-            if let Some((s, e)) = pending.take() {
-                let pa = PhysAddr::new(s << PAGE_SHIFT);
-                // SAFETY: identity IOVA of pages whose count just went 0 → 1 under the table's
-                // lock: no other load maps them, and they are this load's memory.
-                unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir)? };
-                push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
-            }
-            Ok(())
-        };
+        let mut pending: Option<(u64, u64, MemType)> = None;
+        let flush =
+            |pending: &mut Option<(u64, u64, MemType)>, mapped: &mut Vec<AddrRange<Iova>>| -> Result<()> {
+                if let Some((s, e, mem)) = pending.take() {
+                    let pa = PhysAddr::new(s << PAGE_SHIFT);
+                    // SAFETY: identity IOVA of pages whose count just went 0 → 1 under the table's
+                    // lock: no other load maps them, and they are this load's memory.
+                    unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir, mem)? };
+                    push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
+                }
+                Ok(())
+            };
         let mut result = Ok(());
         'runs: for r in runs.iter().filter(|r| counted(r)) {
+            let mem = mem_type(r.kind);
             for pfn in pages_of(r) {
                 let c = match refs.incr(pfn) {
                     Ok(c) => c,
@@ -188,13 +196,13 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
                 done += 1;
                 if c == 1 {
                     match &mut pending {
-                        Some((_, e)) if *e == pfn => *e += 1,
+                        Some((_, e, m)) if *e == pfn && *m == mem => *e += 1,
                         _ => {
                             if let Err(err) = flush(&mut pending, &mut st.scratch) {
                                 result = Err(err);
                                 break 'runs;
                             }
-                            pending = Some((pfn, pfn + 1));
+                            pending = Some((pfn, pfn + 1, mem));
                         }
                     }
                 }

@@ -21,6 +21,14 @@
 //!    is the size of `iommu-reserved`'s window.
 //! 4. **Untrusted devices** must not see the rest of a page they were given part of: a
 //!    sub-page run for an untrusted tag goes to the bounce hook.
+//! 6. **Memory type** (format apart from policy: the strategy chooses, the format encodes).
+//!    [`mem_type`] is the one rule: MMIO and peer-BAR runs are mapped as
+//!    [`MemType::Device`], everything else (RAM with or without a page or a kernel mapping)
+//!    as [`MemType::Normal`]. Two runs of different types never share an IOVA page in the
+//!    layout (theory 2 continues a run only in the same type), so every page has one type.
+//!    There is no "skip CPU sync" load attribute (Linux's `DMA_ATTR_SKIP_CPU_SYNC`): a load
+//!    here never syncs by itself, syncs are the driver's explicit `sync` calls, so a driver
+//!    that wants no CPU maintenance makes no call and such a flag would change nothing.
 //! 5. **Coherence index** (seed 003). After mapping each range, the per-map and per-segment
 //!    strategies tell the domain which CPU alias an IOMMU with a coherence index must keep
 //!    coherent ([`IommuOps::set_coherence_index`], [`coherence_index`]): the run's kernel
@@ -34,6 +42,7 @@
 use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
 use crate::iommu::CoherenceIndex;
+use crate::pgtable::MemType;
 use crate::platform::{CpuGuard, Platform};
 
 use super::{BounceReason, Invalidation, bounce_hook};
@@ -81,7 +90,8 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     unsafe fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>);
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` (page multiples) with the rights of
-    /// `dir`. On error nothing it mapped translates any more.
+    /// `dir` and the memory type `mem` (theory 6). On error nothing it mapped translates any
+    /// more.
     ///
     /// # Safety
     ///
@@ -96,6 +106,7 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
         pa: PhysAddr,
         len: u64,
         dir: Direction,
+        mem: MemType,
     ) -> Result<()>;
 
     /// Unmaps every range of `mapped` with one invalidation (strict: complete on return;
@@ -146,6 +157,16 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     }
 }
 
+/// The memory type a run is mapped with (theory 6): device memory for MMIO and peer BARs,
+/// normal memory for everything else.
+#[inline]
+pub fn mem_type(kind: MemKind) -> MemType {
+    match kind {
+        MemKind::Mmio | MemKind::PeerBar { .. } => MemType::Device,
+        MemKind::Page | MemKind::Mapped { .. } | MemKind::Unmapped => MemType::Normal,
+    }
+}
+
 /// Where [`layout`] puts one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Place {
@@ -176,15 +197,16 @@ fn page_up(x: u64) -> u64 {
 pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result<()>) -> Result<u64> {
     let mut cursor = 0u64;
     let mut mapped_to = 0u64;
-    let mut prev_pa_end: Option<u64> = None;
+    let mut prev: Option<(u64, MemType)> = None;
     for r in runs {
         if let MemKind::PeerBar { bus: Some(b) } = r.kind {
             f(r, Place::Bypass(b))?;
-            prev_pa_end = None;
+            prev = None;
             continue;
         }
         let page_off = r.pa.page_offset();
-        let off = if prev_pa_end == Some(r.pa.raw()) {
+        let mem = mem_type(r.kind);
+        let off = if prev == Some((r.pa.raw(), mem)) {
             cursor
         } else {
             let mut s = page_up(cursor);
@@ -202,7 +224,7 @@ pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result
         f(r, Place::At { off, map_start, map_end, pa })?;
         cursor = end;
         mapped_to = map_end;
-        prev_pa_end = Some(r.pa_end());
+        prev = Some((r.pa_end(), mem));
     }
     Ok(page_up(cursor))
 }
@@ -256,7 +278,7 @@ pub fn window_align(spec: &TagSpec) -> u64 {
 /// The inclusive IOVA limit for `spec` on a domain.
 #[inline]
 pub fn iova_limit<P: Platform, D: IommuOps<P>>(d: &D, spec: &TagSpec) -> u64 {
-    spec.dma_mask.min(d.max_iova())
+    spec.reach_limit().min(d.max_iova())
 }
 
 /// Pushes a mapped range onto `out`, merging it with the last one when adjacent. `out` has
@@ -341,6 +363,21 @@ mod tests {
             Place::At { off: 0x4000, map_start: 0x4000, map_end: 0x5000, pa: PhysAddr::new(0x30_0000) }
         );
         assert_eq!(total, 0x5000);
+    }
+
+    #[test]
+    fn runs_of_different_memory_types_never_share_a_page() {
+        let ram = run(0x10_0000, 0x800);
+        let mmio = Run { pa: PhysAddr::new(0x10_0800), len: 0x800, kind: MemKind::Mmio, kva: None };
+        let (v, total) = places(&[ram, mmio], PAGE_SIZE);
+        assert_eq!(
+            v[1],
+            Place::At { off: 0x1800, map_start: 0x1000, map_end: 0x2000, pa: PhysAddr::new(0x10_0000) }
+        );
+        assert_eq!(total, 0x2000);
+        assert_eq!(mem_type(MemKind::Mmio), MemType::Device);
+        assert_eq!(mem_type(MemKind::PeerBar { bus: None }), MemType::Device);
+        assert_eq!(mem_type(MemKind::Unmapped), MemType::Normal);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
 
 use super::iommu::{
-    IommuOps, Place, builder_error, check_untrusted, coherence_index, iova_limit, layout, max_runs,
+    IommuOps, Place, builder_error, check_untrusted, coherence_index, iova_limit, layout, max_runs, mem_type,
     push_range, window_align,
 };
 use super::{Invalidation, Strategy};
@@ -66,9 +66,10 @@ pub(crate) unsafe fn map_runs<P: Platform, D: IommuOps<P>>(
     layout(runs, align, |r, place| {
         if let Place::At { off, map_start, map_end, pa } = place {
             if map_end > map_start {
+                let mem = mem_type(r.kind);
                 // SAFETY: inside the caller's window (the layout stays within its size), each
                 // page mapped once; the runs are the load's (this fn's contract).
-                unsafe { d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir)? };
+                unsafe { d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir, mem)? };
                 push_range(mapped, base + map_start, base + map_end)?;
                 let range = AddrRange::new(Iova::new(base + map_start), Iova::new(base + map_end))?;
                 d.set_coherence_index(range, coherence_index(r, map_start as i64 - off as i64));
