@@ -261,7 +261,7 @@ impl CpuCache {
 
     /// Pushes a round of class `c`. Returns `false` if it could not be cached (no empty
     /// magazine could be made): the caller frees it to the tree.
-    #[inline]
+    #[inline(always)]
     pub fn free(&mut self, c: usize, start: u64, depot: &Depot) -> (bool, DepotTouched) {
         let cap = self.capacity;
         let Some(cc) = self.classes.get_mut(c) else { return (false, false) };
