@@ -21,7 +21,16 @@
 //!    compare-and-swaps on their own marks would bounce that line between them. Inside a leaf
 //!    the marks are therefore laid out transposed and skewed (`slot_of`): pages 1 to 62
 //!    apart land on different lines, and so do aligned ranges of up to 64 pages in a row (64
-//!    of them); two marks share a line only 63 pages apart or further.
+//!    of them); two marks share a line only 63 pages apart or further. This does not make
+//!    sharing impossible: two CPUs whose hot ranges (dozens each) sit in one leaf will have
+//!    some marks on common lines; it only keeps neighbours apart.
+//! 5. **Hints.** Each CPU keeps a [`LeafHint`]: the leaf it used last, with the map's
+//!    identity. A CPU's magazines recycle a few ranges, nearly always in one leaf, so a lookup
+//!    is one comparison instead of a walk of `levels` dependent loads; a miss walks and
+//!    refills the hint. The hint is the CPU's own (kept under its cache lock); it only
+//!    remembers a pointer that [`LiveMap::get`] would return, and leaves are never freed
+//!    before the map, so a stale hint is impossible while its map lives; the identity check
+//!    keeps a hint from ever being used with another map.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;

@@ -3,8 +3,11 @@
 //! # Theory
 //!
 //! 1. **Rounds and magazines.** A *round* is the start address of a cached range of one size
-//!    class. A *magazine* is a stack of at most `capacity` rounds (a `Vec` whose capacity is
-//!    fixed when it is made, so pushing never allocates).
+//!    class. A *magazine* ([`Magazine`]) is a boxed stack of at most `capacity` rounds
+//!    ([`MAG_ROUNDS`] slots), 128-byte aligned so that no other CPU's data shares its lines.
+//!    A CPU's two magazines per class are made with its cache and every depot exchange trades
+//!    one magazine for another, so the hot paths never allocate and never check for a
+//!    missing magazine: a pop is a length test and a load, a push a length test and a store.
 //! 2. **Two magazines per CPU per class**, `loaded` and `previous`. An allocation pops from
 //!    `loaded`; if it is empty and `previous` is full, the two swap; a free pushes to `loaded`;
 //!    if it is full and `previous` is empty, they swap. So a CPU that alternates allocations and

@@ -64,6 +64,20 @@
 //! 7. **Windows** ([`IovaWindow`]): a map created with a known maximum size and segment count
 //!    reserves its IOVA once and carves every load from it without touching the allocator.
 //!
+//! 8. **The fast path and what CPUs share.** A request of a class size with no alignment beyond
+//!    a page and no boundary (the NIC and storage common case) is served by the top round of
+//!    the CPU's loaded magazine: `s + size <= limit` is its whole validation (a round is a
+//!    range of the space). Per pair it takes the CPU's own lock twice and does one
+//!    compare-and-swap on the live mark (point 4), under that lock; the mark's leaf comes from
+//!    a per-CPU one-entry hint ([`livemap::LeafHint`]) instead of a radix walk. Nothing it
+//!    writes is shared with another CPU by design: magazines are 128-byte-aligned boxes made
+//!    with the cache (never a `Vec` whose heap neighbour is another CPU's), the counters are
+//!    plain integers under the CPU's lock, and the tree's lock, the depot's classes and the
+//!    rare counters each sit on lines of their own, away from the read-mostly fields every
+//!    call reads. What remains shared is the live map's lines, only when two CPUs' hot ranges
+//!    fall on one line (see `livemap`, theory 4). Any other request takes the general path
+//!    (full validation, the same caches with the request's own checks).
+//!
 //! # Locking and execution context
 //!
 //! Lock order: a CPU's cache, then a depot class, then the tree; all are [`SpinLock`]s held
