@@ -19,8 +19,8 @@ struct Machine {
 
 fn machine() -> Arc<Machine> {
     Arc::new(Machine {
-        depot: Depot::new(ROUNDS),
-        cpus: [SpinLock::new(CpuCache::new(ROUNDS)), SpinLock::new(CpuCache::new(ROUNDS))],
+        depot: Depot::new(),
+        cpus: [SpinLock::new(CpuCache::new(ROUNDS).unwrap()), SpinLock::new(CpuCache::new(ROUNDS).unwrap())],
     })
 }
 
@@ -40,16 +40,16 @@ fn rounds_freed_on_one_cpu_are_allocated_once_on_the_other() {
         // into the depot.
         let t0 = thread::spawn(move || {
             for s in 0..3 {
-                assert!(m0.cpus[0].lock().free(CLASS, s, &m0.depot));
+                assert!(m0.cpus[0].lock().free(CLASS, s, &m0.depot).0);
             }
         });
         // CPU 1 allocates what the depot offers (maybe nothing yet) and frees it back.
         let m1 = m.clone();
         let t1 = thread::spawn(move || {
-            let got = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot);
+            let got = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot).0;
             if let Some(s) = got {
                 assert!(s < 3);
-                assert!(m1.cpus[1].lock().free(CLASS, s, &m1.depot));
+                assert!(m1.cpus[1].lock().free(CLASS, s, &m1.depot).0);
             }
             got
         });
@@ -68,13 +68,13 @@ fn a_flush_racing_both_cpus_loses_and_duplicates_nothing() {
         let m = machine();
         // Preload: CPU 0 holds two rounds, the depot one full magazine.
         for s in 0..3 {
-            assert!(m.cpus[0].lock().free(CLASS, s, &m.depot));
+            assert!(m.cpus[0].lock().free(CLASS, s, &m.depot).0);
         }
         let m1 = m.clone();
         let taker = thread::spawn(move || {
             let mut held = Vec::new();
             for _ in 0..2 {
-                if let Some(s) = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot) {
+                if let Some(s) = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot).0 {
                     held.push(s);
                 }
             }

@@ -6,9 +6,11 @@
 //! - A live mark (the allocation's exact page count) is cleared by exactly one of two racing
 //!   frees of the right size (the other is a double free), while a free of a wrong size in
 //!   the same class never clears it.
+//! - A CPU's hinted lookup (its one-leaf memo) racing another CPU's creation of the leaf sees
+//!   no leaf or the published mark, never a torn one, and afterwards reaches the same mark.
 #![cfg(loom)]
 
-use busdma::iova::livemap::{LEAF_PAGES, LiveMap};
+use busdma::iova::livemap::{LEAF_PAGES, LeafHint, LiveMap};
 use busdma::sync::Ordering;
 use loom::sync::Arc;
 use loom::thread;
@@ -65,5 +67,25 @@ fn a_live_mark_is_cleared_by_exactly_one_free_of_its_exact_size() {
         assert!(r0.is_ok() != r1.is_ok(), "two frees of one allocation both succeeded, or neither");
         assert!(matches!(rw, Err(6) | Err(0)), "a free of the wrong size cleared the mark: {rw:?}");
         assert_eq!(map.get(7).unwrap().load(Ordering::Acquire), 0);
+    });
+}
+
+#[test]
+fn a_hinted_lookup_racing_a_leaf_creation_finds_the_published_mark() {
+    model(|| {
+        let map = Arc::new(LiveMap::new(PAGES).unwrap());
+        let page = LEAF_PAGES as u64 + 3;
+        let a = map.clone();
+        let t = thread::spawn(move || a.get_or_create(page).unwrap().store(4, Ordering::Release));
+        let mut hint = LeafHint::default();
+        let seen = map.get_hinted(&mut hint, page).map(|m| m.load(Ordering::Acquire));
+        assert!(matches!(seen, None | Some(0) | Some(4)), "{seen:?}");
+        t.join().unwrap();
+        // Through the hint (a hit, or a walk that refills it): the one mark, cleared once.
+        let m = map.get_hinted(&mut hint, page).unwrap();
+        assert_eq!(m.compare_exchange(4, 0, Ordering::AcqRel, Ordering::Acquire), Ok(4));
+        let again = map.get_hinted(&mut hint, page).unwrap();
+        assert_eq!(again.compare_exchange(4, 0, Ordering::AcqRel, Ordering::Acquire), Err(0));
+        assert_eq!(map.get(page).unwrap().load(Ordering::Acquire), 0);
     });
 }

@@ -14,8 +14,23 @@
 //! `cpu_ns_per_op` is the threads' CPU time divided the same way (on a shared host, the wall
 //! clock also counts time other processes ran).
 //!
+//! Patterns (`--patterns`): `frag`, the original one (1-16 pages, [`RING`] in flight); `nic`,
+//! a NIC's receive ring (1 page, 256 and 1024 in flight); `nvme`, a storage queue (1-32
+//! pages, queue depths 32 and 1024). `--ring` and `--pages` override a pattern's depths and
+//! size mix. For `nic` and `nvme`, below the fragmented layout the space has a free area big
+//! enough for every thread's ring and caches, so deep rings never exhaust the space (each
+//! allocator places high, so it searches the holes first; busdma's naturally aligned class
+//! ranges mostly land in the free area). `frag` keeps the layout above exactly: no free area.
+//!
+//! Every row says which layer served the allocations over the measured interval:
+//! `magazine_hit` (share of allocations served by a per-CPU magazine), `depot_hit` (share of
+//! empty-magazine refills the depot could serve), `tree_share` (share that reached the tree);
+//! `layer` is `cache+tree` for busdma with caches, `tree` otherwise (vm-allocator and extent
+//! have no per-CPU cache: their rates are empty, the row says `no cache`). Compare cache with
+//! cache (busdma rows) and tree with tree (busdma-tree, vm-allocator, extent).
+//!
 //! Implementations: `busdma` (caches on), `busdma-tree` (caches off: the O(log n) slow path),
-//! `vm-allocator` (rust-vmm's `AddressAllocator` behind a `std::sync::Mutex`, first match),
+//! `vm-allocator` (rust-vmm's `AddressAllocator` behind a `std::sync::Mutex`, last match),
 //! `extent` (sorted-list best fit under one lock, OpenBSD extent(9)-like).
 
 use std::collections::VecDeque;
@@ -61,6 +76,36 @@ pub struct IovaArgs {
     /// Seed of the layout and request sizes.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Patterns to measure (comma separated): frag, nic, nvme.
+    #[arg(long, value_delimiter = ',', default_values_t = PATTERNS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    pub patterns: Vec<String>,
+    /// Ranges in flight per thread (comma separated), instead of each pattern's own.
+    #[arg(long, value_delimiter = ',')]
+    pub ring: Vec<usize>,
+    /// Size mix `MIN-MAX` (pages, uniform) or `N`, instead of each pattern's own.
+    #[arg(long)]
+    pub pages: Option<String>,
+}
+
+/// Every pattern, in report order.
+pub const PATTERNS: [&str; 3] = ["frag", "nic", "nvme"];
+
+/// A pattern's default ring depths and size mix (pages, inclusive).
+fn pattern(name: &str) -> Result<(Vec<usize>, (u64, u64)), String> {
+    match name {
+        "frag" => Ok((vec![RING], (1, 16))),
+        "nic" => Ok((vec![256, 1024], (1, 1))),
+        "nvme" => Ok((vec![32, 1024], (1, 32))),
+        other => Err(format!("unknown pattern {other:?} (known: {})", PATTERNS.join(", "))),
+    }
+}
+
+/// Parses `MIN-MAX` or `N` (pages, 1 to 1024).
+fn parse_pages(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("--pages {s:?}: expected MIN-MAX or N, 1 <= MIN <= MAX <= 1024");
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (a, b): (u64, u64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    (1 <= a && a <= b && b <= 1024).then_some((a, b)).ok_or_else(bad)
 }
 
 /// Every implementation, in report order.
@@ -71,12 +116,53 @@ pub const IMPLS: [&str; 4] = ["busdma", "busdma-tree", "vm-allocator", "extent"]
 pub struct Row {
     #[serde(rename = "impl")]
     pub imp: String,
+    pub pattern: String,
+    pub ring: usize,
+    pub pages: String,
     pub threads: usize,
     pub live: u64,
     pub ns_per_op: f64,
     /// CPU time the threads actually ran, per op (summed over threads): what an op costs
     /// when the host is shared and the wall clock includes time other processes ran.
     pub cpu_ns_per_op: f64,
+    /// `cache+tree` or `tree`.
+    pub layer: &'static str,
+    /// Share of allocations a per-CPU magazine served (busdma with caches only).
+    pub magazine_hit: Option<f64>,
+    /// Share of refills (both magazines empty) the depot served (busdma with caches only).
+    pub depot_hit: Option<f64>,
+    /// Share of allocations that reached the tree (busdma only).
+    pub tree_share: Option<f64>,
+    /// What the row cannot show (`no cache` for vm-allocator and extent).
+    pub note: &'static str,
+}
+
+/// One measured point's parameters.
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    threads: usize,
+    live: u64,
+    ring: usize,
+    pages: (u64, u64),
+    /// A free area below the layout (`nic`, `nvme`); `frag` keeps its layout exactly.
+    free_area: bool,
+}
+
+/// Layer rates over the measured interval, from two snapshots of the counters.
+type Rates = (Option<f64>, Option<f64>, Option<f64>);
+
+fn rates(a: &busdma::iova::IovaStats, b: &busdma::iova::IovaStats, caches: bool) -> Rates {
+    let d = |x: u64, y: u64| y.saturating_sub(x) as f64;
+    let allocs = d(a.allocations, b.allocations).max(1.0);
+    let hits = d(a.cache_hits, b.cache_hits);
+    let r4 = |x: f64| (x * 10_000.0).round() / 10_000.0;
+    if !caches {
+        return (None, None, Some(1.0));
+    }
+    let gets = d(a.depot_gets, b.depot_gets);
+    let refills = gets + d(a.depot_misses, b.depot_misses);
+    let depot = if refills > 0.0 { Some(r4(gets / refills)) } else { None };
+    (Some(r4(hits / allocs)), depot, Some(r4((allocs - hits) / allocs)))
 }
 
 /// CPU time consumed by the calling thread.
@@ -97,7 +183,7 @@ impl IovaSource for VmAllocator {
     fn alloc<P: Platform>(&self, _g: &CpuGuard<'_, P>, req: &IovaRequest) -> busdma::Result<AddrRange<Iova>> {
         let mut a = self.0.lock().map_err(|_| Error::BadState { what: "poisoned mutex" })?;
         let r = a
-            .allocate(req.size, req.align, vm_allocator::AllocPolicy::FirstMatch)
+            .allocate(req.size, req.align, vm_allocator::AllocPolicy::LastMatch)
             .map_err(|_| Error::Exhausted { size: req.size, limit: req.limit.raw() })?;
         AddrRange::from_start_len(Iova::new(r.start()), r.len())
     }
@@ -136,10 +222,12 @@ fn space_of(end: u64) -> Result<AddrRange<Iova>, String> {
 fn drive<A: IovaSource>(
     m: &HostPlatform,
     a: &A,
-    threads: usize,
+    pt: Point,
     dur: Duration,
     seed: u64,
+    mut snap: impl FnMut(),
 ) -> Result<(f64, f64), String> {
+    let (threads, ring_len, (lo, hi)) = (pt.threads, pt.ring, pt.pages);
     let stop = AtomicBool::new(false);
     let go = std::sync::Barrier::new(threads + 1);
     let (ops, elapsed) = std::thread::scope(|s| {
@@ -153,13 +241,15 @@ fn drive<A: IovaSource>(
                     }
                     let _bind = bind?;
                     let mut rng = Rng::new(seed ^ (t as u64 + 1) << 32);
-                    let mut ring: VecDeque<AddrRange<Iova>> = VecDeque::with_capacity(RING + 1);
+                    let mut ring: VecDeque<AddrRange<Iova>> = VecDeque::with_capacity(ring_len + 1);
                     let mut step = |g: &CpuGuard<'_, HostPlatform>,
                                     ring: &mut VecDeque<AddrRange<Iova>>|
                      -> Result<(), String> {
-                        let r = a.alloc(g, &IovaRequest::pages(rng.pages())).map_err(|e| e.to_string())?;
+                        // Multiply-shift, not `%`: a division would cost the allocator's fast path again.
+                        let n = lo + (((rng.next() >> 32) * (hi - lo + 1)) >> 32);
+                        let r = a.alloc(g, &IovaRequest::pages(n)).map_err(|e| e.to_string())?;
                         ring.push_back(r);
-                        if ring.len() > RING {
+                        if ring.len() > ring_len {
                             let old = ring.pop_front().expect("ring holds RING + 1 ranges");
                             a.free(g, old).map_err(|e| e.to_string())?;
                         }
@@ -191,6 +281,7 @@ fn drive<A: IovaSource>(
             })
             .collect();
         go.wait();
+        snap();
         let start = Instant::now();
         std::thread::sleep(dur);
         stop.store(true, Ordering::Relaxed);
@@ -201,39 +292,56 @@ fn drive<A: IovaSource>(
             last = last.max(end);
             cpu += c;
         }
+        snap();
         Ok::<_, String>((ops, (last - start, cpu)))
     })?;
     let per_op = |d: Duration| d.as_nanos() as f64 / ops.max(1) as f64;
     Ok((per_op(elapsed.0), per_op(elapsed.1)))
 }
 
+/// Free pages below the fragmented layout: room for every thread's ring (each range rounded
+/// up to its class) twice over, and for full magazines of every class on every CPU.
+fn free_area_pages(pt: Point) -> u64 {
+    if !pt.free_area {
+        return 0;
+    }
+    let class = pt.pages.1.next_power_of_two();
+    let magazines = 2 * 32 * 127;
+    pt.threads as u64 * (4 * pt.ring as u64 * class + magazines)
+}
+
 /// Builds implementation `imp` over the layout and measures it.
-fn measure(
-    m: &HostPlatform,
-    imp: &str,
-    threads: usize,
-    live: u64,
-    args: &IovaArgs,
-) -> Result<(f64, f64), String> {
-    let (ranges, end) = layout(live, args.seed);
+fn measure(m: &HostPlatform, imp: &str, pt: Point, args: &IovaArgs) -> Result<(f64, f64, Rates), String> {
+    let (mut ranges, mut end) = layout(pt.live, args.seed);
+    let shift = free_area_pages(pt) * PAGE_SIZE;
+    ranges.iter_mut().for_each(|r| r.0 += shift);
+    end += shift;
     let space = space_of(end)?;
     let dur = Duration::from_millis(args.millis);
     let e = |e: Error| e.to_string();
+    let none = (None, None, None);
     match imp {
         "busdma" | "busdma-tree" => {
-            let cfg = IovaConfig { cpus: m.num_cpus(), caches: imp == "busdma", guard_page: false };
+            let caches = imp == "busdma";
+            let cfg = IovaConfig { cpus: m.num_cpus(), caches, guard_page: false };
             let a = IovaAllocator::new(space, cfg).map_err(e)?;
             for &(s, len) in &ranges {
                 a.reserve(AddrRange::from_start_len(Iova::new(s), len).map_err(e)?).map_err(e)?;
             }
-            drive(m, &a, threads, dur, args.seed)
+            let mut snaps = Vec::with_capacity(2);
+            let (wall, cpu) = drive(m, &a, pt, dur, args.seed, || snaps.push(a.stats()))?;
+            let r = match snaps.as_slice() {
+                [s0, s1] => rates(s0, s1, caches),
+                _ => none,
+            };
+            Ok((wall, cpu, r))
         }
         "extent" => {
             let a = ExtentAllocator::new(space).map_err(e)?;
             for &(s, len) in &ranges {
                 a.reserve(AddrRange::from_start_len(Iova::new(s), len).map_err(e)?).map_err(e)?;
             }
-            drive(m, &a, threads, dur, args.seed)
+            drive(m, &a, pt, dur, args.seed, || {}).map(|(w, c)| (w, c, none))
         }
         "vm-allocator" => {
             let mut v = vm_allocator::AddressAllocator::new(BASE, end - BASE).map_err(|e| e.to_string())?;
@@ -241,7 +349,11 @@ fn measure(
                 v.allocate(len, PAGE_SIZE, vm_allocator::AllocPolicy::ExactMatch(s))
                     .map_err(|e| e.to_string())?;
             }
-            drive(m, &VmAllocator(Mutex::new(v)), threads, dur, args.seed)
+            // Last match: vm-allocator's first match would fill the free area below the
+            // layout and never search the holes; the last match searches from the top, as
+            // the other allocators place.
+            let a = VmAllocator(Mutex::new(v));
+            drive(m, &a, pt, dur, args.seed, || {}).map(|(w, c)| (w, c, none))
         }
         other => Err(format!("unknown implementation {other:?} (known: {})", IMPLS.join(", "))),
     }
@@ -258,19 +370,41 @@ pub fn run(args: &IovaArgs) -> Result<Vec<Row>, String> {
     })
     .map_err(|e| format!("cannot build the machine model: {e}"))?;
     let mut rows = Vec::new();
-    for &live in &args.live {
-        for imp in &args.impls {
-            for &threads in &args.threads {
-                eprintln!("bench iova: {imp} threads={threads} live={live}");
-                let (wall, cpu) = measure(&m, imp, threads, live, args)?;
-                let r2 = |x: f64| (x * 100.0).round() / 100.0;
-                rows.push(Row {
-                    imp: imp.clone(),
-                    threads,
-                    live,
-                    ns_per_op: r2(wall),
-                    cpu_ns_per_op: r2(cpu),
-                });
+    for pat in &args.patterns {
+        let (rings, mix) = pattern(pat)?;
+        let rings = if args.ring.is_empty() { rings } else { args.ring.clone() };
+        let pages = args.pages.as_deref().map(parse_pages).transpose()?.unwrap_or(mix);
+        for &ring in &rings {
+            for &live in &args.live {
+                for imp in &args.impls {
+                    for &threads in &args.threads {
+                        let pt = Point { threads, live, ring: ring.max(1), pages, free_area: pat != "frag" };
+                        eprintln!("bench iova: {imp} {pat} ring={ring} threads={threads} live={live}");
+                        let (wall, cpu, (mag, depot, tree)) = measure(&m, imp, pt, args)?;
+                        let r2 = |x: f64| (x * 100.0).round() / 100.0;
+                        let cached = imp == "busdma";
+                        let no_cache = imp == "vm-allocator" || imp == "extent";
+                        rows.push(Row {
+                            imp: imp.clone(),
+                            pattern: pat.clone(),
+                            ring: pt.ring,
+                            pages: if pages.0 == pages.1 {
+                                pages.0.to_string()
+                            } else {
+                                format!("{}-{}", pages.0, pages.1)
+                            },
+                            threads,
+                            live,
+                            ns_per_op: r2(wall),
+                            cpu_ns_per_op: r2(cpu),
+                            layer: if cached { "cache+tree" } else { "tree" },
+                            magazine_hit: mag,
+                            depot_hit: depot,
+                            tree_share: tree,
+                            note: if no_cache { "no cache" } else { "" },
+                        });
+                    }
+                }
             }
         }
     }
@@ -289,11 +423,15 @@ mod tests {
             impls: IMPLS.iter().map(|s| s.to_string()).collect(),
             millis: 5,
             seed: 7,
+            patterns: vec!["frag".into()],
+            ring: vec![],
+            pages: None,
         };
         let rows = run(&args).unwrap();
         assert_eq!(rows.len(), 2 * IMPLS.len());
         for r in &rows {
             assert!(r.ns_per_op > 0.0 && r.cpu_ns_per_op >= 0.0, "{r:?}");
+            assert_eq!(r.note == "no cache", r.magazine_hit.is_none() && r.tree_share.is_none(), "{r:?}");
         }
         assert!(run(&IovaArgs { impls: vec!["nope".into()], ..args }).is_err());
     }
@@ -310,5 +448,47 @@ mod tests {
             at = s + len;
         }
         assert_eq!(at, end);
+    }
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::*;
+
+    #[test]
+    fn nic_and_nvme_patterns_report_layer_rates_and_never_exhaust_the_space() {
+        let args = IovaArgs {
+            live: vec![1000],
+            threads: vec![1, 2],
+            impls: vec!["busdma".into(), "busdma-tree".into(), "extent".into()],
+            millis: 5,
+            seed: 3,
+            patterns: vec!["nic".into(), "nvme".into()],
+            ring: vec![256],
+            pages: None,
+        };
+        let rows = run(&args).unwrap();
+        assert_eq!(rows.len(), 2 * 3 * 2);
+        for r in &rows {
+            match r.imp.as_str() {
+                "busdma" => {
+                    let (m, t) = (r.magazine_hit.unwrap(), r.tree_share.unwrap());
+                    assert!((m + t - 1.0).abs() < 1e-3 && m > 0.5, "{r:?}");
+                }
+                "busdma-tree" => assert_eq!(r.tree_share, Some(1.0), "{r:?}"),
+                _ => assert_eq!(r.note, "no cache"),
+            }
+        }
+        assert_eq!(rows.iter().filter(|r| r.pattern == "nvme" && r.pages == "1-32").count(), 6);
+    }
+
+    #[test]
+    fn size_mixes_parse_or_are_refused_with_the_input() {
+        assert_eq!(parse_pages("1-32"), Ok((1, 32)));
+        assert_eq!(parse_pages("4"), Ok((4, 4)));
+        for bad in ["0", "5-2", "x", "1-2000"] {
+            assert!(parse_pages(bad).unwrap_err().contains(bad), "{bad}");
+        }
+        assert!(pattern("nope").is_err());
     }
 }

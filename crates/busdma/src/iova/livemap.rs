@@ -21,7 +21,16 @@
 //!    compare-and-swaps on their own marks would bounce that line between them. Inside a leaf
 //!    the marks are therefore laid out transposed and skewed (`slot_of`): pages 1 to 62
 //!    apart land on different lines, and so do aligned ranges of up to 64 pages in a row (64
-//!    of them); two marks share a line only 63 pages apart or further.
+//!    of them); two marks share a line only 63 pages apart or further. This does not make
+//!    sharing impossible: two CPUs whose hot ranges (dozens each) sit in one leaf will have
+//!    some marks on common lines; it only keeps neighbours apart.
+//! 5. **Hints.** Each CPU keeps a [`LeafHint`]: the leaf it used last, with the map's
+//!    identity. A CPU's magazines recycle a few ranges, nearly always in one leaf, so a lookup
+//!    is one comparison instead of a walk of `levels` dependent loads; a miss walks and
+//!    refills the hint. The hint is the CPU's own (kept under its cache lock); it only
+//!    remembers a pointer that [`LiveMap::get`] would return, and leaves are never freed
+//!    before the map, so a stale hint is impossible while its map lives; the identity check
+//!    keeps a hint from ever being used with another map.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -51,6 +60,39 @@ pub const FAN: usize = 1 << FAN_BITS;
 pub struct LiveMap {
     levels: u32,
     root: *mut u8,
+    /// This map's identity for [`LeafHint`]s: distinct among all maps ever made in the process.
+    id: u64,
+}
+
+/// Identities of maps: a hint filled by one map never matches another, even one made at the
+/// same address after the first was dropped. Touched once per map made, never on a hot path
+/// (hence `core`'s atomic, not the model checker's: it is no part of any modelled protocol).
+static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
+/// A one-entry memo of the leaf a CPU last used (theory 5): the key of the leaf (its first
+/// page, shifted) and where its marks are, for one map.
+///
+/// # Invariants
+///
+/// `map` is 0 (an empty hint: no map has identity 0), or `leaf` holds the marks of leaf `key`
+/// of the map whose `id` is `map`; leaves live as long as their map and identities are never
+/// reused, so `leaf` is valid whenever `map` equals a live map's `id`.
+#[derive(Debug)]
+pub struct LeafHint {
+    map: u64,
+    key: u64,
+    leaf: *const AtomicU8,
+}
+
+// SAFETY: the hint is an address that is only dereferenced through the map it belongs to
+// (checked by identity), whose leaves are `Sync`; moving it to another thread moves no access.
+unsafe impl Send for LeafHint {}
+
+impl Default for LeafHint {
+    fn default() -> Self {
+        // INVARIANT: identity 0, an empty hint.
+        Self { map: 0, key: 0, leaf: ptr::null() }
+    }
 }
 
 // SAFETY: the map owns its nodes; all shared access goes through atomics.
@@ -118,8 +160,9 @@ impl LiveMap {
             levels += 1;
         }
         let root = if levels == 0 { new_leaf()? } else { new_interior()? };
+        let id = NEXT_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         // INVARIANT: root is a fresh node of height `levels`.
-        Ok(Self { levels, root })
+        Ok(Self { levels, root, id })
     }
 
     /// The child slot of interior node `p` (height `h >= 1`) on the way to `page`.
@@ -138,6 +181,34 @@ impl LiveMap {
     /// The mark of `page`, if its leaf exists. Lock-free.
     #[inline]
     pub fn get(&self, page: u64) -> Option<&AtomicU8> {
+        // SAFETY: `leaf_of` returns a leaf of this map (LEAF_PAGES marks alive until it drops);
+        // the index is masked below LEAF_PAGES.
+        self.leaf_of(page).map(|p| unsafe { &*p.add(slot_of(page)) })
+    }
+
+    /// The mark of `page`, if its leaf exists, through the caller's `hint`: one comparison
+    /// when the page's leaf is the one the hint remembers, else a walk that updates it.
+    /// Lock-free.
+    #[inline]
+    pub fn get_hinted(&self, hint: &mut LeafHint, page: u64) -> Option<&AtomicU8> {
+        let key = page >> LEAF_BITS;
+        let leaf = if hint.key == key && hint.map == self.id {
+            hint.leaf
+        } else {
+            let leaf = self.leaf_of(page)?;
+            // INVARIANT: `leaf` is leaf `key` of this map.
+            *hint = LeafHint { map: self.id, key, leaf };
+            leaf
+        };
+        // SAFETY: by the hint's invariant and the identity check (or fresh from `leaf_of`),
+        // `leaf` is a live leaf of this map: LEAF_PAGES marks alive until the map drops, which
+        // cannot happen while `&self` is borrowed; the index is masked below LEAF_PAGES.
+        Some(unsafe { &*leaf.add(slot_of(page)) })
+    }
+
+    /// The marks of `page`'s leaf, if it exists.
+    #[inline]
+    fn leaf_of(&self, page: u64) -> Option<*const AtomicU8> {
         let mut p = self.root;
         let mut h = self.levels;
         while h > 0 {
@@ -148,8 +219,7 @@ impl LiveMap {
             }
             h -= 1;
         }
-        // SAFETY: p is a leaf: LEAF_PAGES marks alive until drop; the index is masked.
-        Some(unsafe { &*(p as *const AtomicU8).add(slot_of(page)) })
+        Some(p as *const AtomicU8)
     }
 
     /// The mark of `page`, creating the path to it if needed.

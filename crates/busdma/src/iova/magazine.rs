@@ -3,8 +3,11 @@
 //! # Theory
 //!
 //! 1. **Rounds and magazines.** A *round* is the start address of a cached range of one size
-//!    class. A *magazine* is a stack of at most `capacity` rounds (a `Vec` whose capacity is
-//!    fixed when it is made, so pushing never allocates).
+//!    class. A *magazine* ([`Magazine`]) is a boxed stack of at most `capacity` rounds
+//!    ([`MAG_ROUNDS`] slots), 128-byte aligned so that no other CPU's data shares its lines.
+//!    A CPU's two magazines per class are made with its cache and every depot exchange trades
+//!    one magazine for another, so the hot paths never allocate and never check for a
+//!    missing magazine: a pop is a length test and a load, a push a length test and a store.
 //! 2. **Two magazines per CPU per class**, `loaded` and `previous`. An allocation pops from
 //!    `loaded`; if it is empty and `previous` is full, the two swap; a free pushes to `loaded`;
 //!    if it is full and `previous` is empty, they swap. So a CPU that alternates allocations and
@@ -29,8 +32,10 @@
 //!    then depot class, then tree; trimmed magazines are handed back to the caller so the
 //!    tree lock is taken after the depot lock is released.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
+use crate::error::{Error, Result};
 use crate::sync::SpinLock;
 
 /// Size classes: ranges of 1, 2, 4, ..., 64 pages (4 KiB to 256 KiB). 64 KiB covers a TSO
@@ -49,7 +54,8 @@ pub const MAG_ROUNDS: usize = 32;
 /// enough that an idle class gives its space back after a few hundred exchanges.
 pub const TRIM_INTERVAL: u32 = 256;
 
-/// One CPU's counters (read by the allocator's `stats`).
+/// One CPU's counters (read by the allocator's `stats`). Plain integers under the CPU's own
+/// lock, on the CPU's own cache lines: counting costs an add, never a shared line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuStats {
     /// Allocations served from a magazine.
@@ -60,15 +66,81 @@ pub struct CpuStats {
     pub cached_frees: u64,
     /// Full magazines taken from the depot.
     pub depot_gets: u64,
+    /// Times both magazines were empty and the depot had no full one either.
+    pub depot_misses: u64,
     /// Full magazines given to the depot.
     pub depot_puts: u64,
 }
 
-/// The two magazines of one class on one CPU.
-#[derive(Debug, Default)]
+/// A stack of at most `capacity` rounds (the cache's capacity, at most [`MAG_ROUNDS`]).
+///
+/// Aligned to 128 bytes (two cache lines: x86's adjacent-line prefetcher pulls lines in
+/// pairs) and sized to a multiple of it, so the top of one CPU's magazine never shares a line
+/// with a magazine another CPU is using.
+///
+/// # Invariants
+///
+/// `len <= MAG_ROUNDS`; `rounds[..len]` are the rounds, bottom first.
+#[derive(Debug)]
+#[repr(C, align(128))]
+pub struct Magazine {
+    len: usize,
+    rounds: [u64; MAG_ROUNDS],
+}
+
+impl Magazine {
+    /// A new, empty magazine on the heap, or [`Error::NoMemory`].
+    fn boxed() -> Result<Box<Self>> {
+        let mut v: Vec<Self> = Vec::new();
+        v.try_reserve_exact(1)
+            .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Self>() as u64 })?;
+        // INVARIANT: len 0.
+        v.push(Self { len: 0, rounds: [0; MAG_ROUNDS] });
+        let one = v.into_boxed_slice();
+        // SAFETY: `one` is a boxed slice of exactly one `Magazine`, allocated with the layout of
+        // one `Magazine` (a `[T]` of length 1 has the size and alignment of `T`), so it may be
+        // owned as a `Box<Magazine>`.
+        Ok(unsafe { Box::from_raw(Box::into_raw(one) as *mut Self) })
+    }
+
+    /// The rounds held, bottom first.
+    #[inline]
+    pub fn rounds(&self) -> &[u64] {
+        self.rounds.get(..self.len).unwrap_or(&[])
+    }
+
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The top round, if any.
+    #[inline]
+    fn top(&self) -> Option<u64> {
+        self.rounds.get(self.len.wrapping_sub(1)).copied()
+    }
+
+    /// Pushes `s` if fewer than `cap` rounds are held.
+    #[inline]
+    fn push(&mut self, cap: usize, s: u64) -> bool {
+        match self.rounds.get_mut(self.len) {
+            Some(slot) if self.len < cap => {
+                *slot = s;
+                // INVARIANT: the slot existed, so len + 1 <= MAG_ROUNDS.
+                self.len += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The two magazines of one class on one CPU (always both present: made with the cache, and
+/// every exchange with the depot trades one magazine for another).
+#[derive(Debug)]
 struct ClassCache {
-    loaded: Vec<u64>,
-    previous: Vec<u64>,
+    loaded: Box<Magazine>,
+    previous: Box<Magazine>,
 }
 
 /// One CPU's magazines, all classes.
@@ -82,34 +154,54 @@ pub struct CpuCache {
 
 /// The depot's state for one class.
 #[derive(Debug, Default)]
+#[allow(clippy::vec_box, reason = "an exchange with a CPU swaps a pointer, not 384 bytes of magazine")]
 struct DepotClass {
-    full: Vec<Vec<u64>>,
-    empty: Vec<Vec<u64>>,
+    full: Vec<Box<Magazine>>,
+    empty: Vec<Box<Magazine>>,
     min_full: usize,
     min_empty: usize,
     ops: u32,
     trimmed: u64,
 }
 
+/// A depot class on its own pair of cache lines: CPUs exchanging magazines of one class do
+/// not disturb those of another, nor the allocator's read-mostly fields.
+#[derive(Debug)]
+#[repr(align(128))]
+struct PaddedClass(SpinLock<DepotClass>);
+
 /// The depot: full and empty magazines per class, shared by all CPUs.
 #[derive(Debug)]
 pub struct Depot {
-    capacity: usize,
-    classes: [SpinLock<DepotClass>; CLASSES],
+    classes: [PaddedClass; CLASSES],
 }
 
-/// An empty magazine that can hold `capacity` rounds, or `None` if memory ran out.
-fn new_magazine(capacity: usize) -> Option<Vec<u64>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(capacity).ok()?;
-    Some(v)
-}
+/// What a magazine operation did besides the push or pop: whether it exchanged a magazine
+/// with the depot (the caller then gives the depot a chance to trim, outside the CPU lock).
+pub type DepotTouched = bool;
 
 impl CpuCache {
-    /// An empty cache whose magazines hold `capacity` rounds (the allocator uses
-    /// [`MAG_ROUNDS`]; the loom model uses tiny magazines to reach the depot quickly).
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity, classes: Default::default(), stats: CpuStats::default() }
+    /// A cache whose magazines hold `capacity` rounds (the allocator uses [`MAG_ROUNDS`]; the
+    /// loom model uses tiny magazines to reach the depot quickly), its two magazines per
+    /// class made now so that the hot paths never allocate.
+    ///
+    /// Errors: [`Error::InvalidArgument`] if `capacity` is 0 or above [`MAG_ROUNDS`];
+    /// [`Error::NoMemory`].
+    pub fn new(capacity: usize) -> Result<Self> {
+        if capacity == 0 || capacity > MAG_ROUNDS {
+            return Err(Error::InvalidArgument {
+                what: "magazine capacity (0 or above MAG_ROUNDS)",
+                value: capacity as u64,
+            });
+        }
+        let mut classes = Vec::new();
+        classes.try_reserve_exact(CLASSES).map_err(|_| Error::NoMemory { requested: CLASSES as u64 })?;
+        for _ in 0..CLASSES {
+            classes.push(ClassCache { loaded: Magazine::boxed()?, previous: Magazine::boxed()? });
+        }
+        let classes = <[ClassCache; CLASSES]>::try_from(classes)
+            .map_err(|_| Error::BadState { what: "CpuCache::new made the wrong number of classes" })?;
+        Ok(Self { capacity, classes, stats: CpuStats::default() })
     }
 
     /// Pops the top round of class `c` if `fits(start)` accepts it (the request's limit,
@@ -117,121 +209,177 @@ impl CpuCache {
     /// the top round is tried: scanning a magazine would cost more than the tree for the
     /// rare request whose constraints differ from its CPU's usual ones.
     #[inline]
-    pub fn alloc(&mut self, c: usize, fits: impl Fn(u64) -> bool, depot: &Depot) -> Option<u64> {
-        let cc = &mut self.classes[c];
-        if cc.loaded.is_empty() {
-            if !cc.previous.is_empty() {
-                core::mem::swap(&mut cc.loaded, &mut cc.previous);
-            } else if let Some(full) = depot.get_full(c, &mut cc.previous) {
-                // `previous` (empty) went to the depot; `loaded` (empty) becomes previous.
-                cc.previous = core::mem::replace(&mut cc.loaded, full);
-                self.stats.depot_gets += 1;
-            }
-        }
-        match cc.loaded.last() {
-            Some(&s) if fits(s) => {
-                cc.loaded.pop();
+    pub fn alloc(
+        &mut self,
+        c: usize,
+        fits: impl Fn(u64) -> bool,
+        depot: &Depot,
+    ) -> (Option<u64>, DepotTouched) {
+        let Some(cc) = self.classes.get_mut(c) else { return (None, false) };
+        if let Some(s) = cc.loaded.top() {
+            if fits(s) {
+                // INVARIANT: top() found a round, so len >= 1.
+                cc.loaded.len -= 1;
                 self.stats.hits += 1;
-                Some(s)
+                return (Some(s), false);
+            }
+            self.stats.misses += 1;
+            return (None, false);
+        }
+        self.alloc_refill(c, fits, depot)
+    }
+
+    /// `alloc` when the loaded magazine is empty: swap with `previous`, or trade an empty
+    /// magazine for a full one at the depot.
+    #[cold]
+    fn alloc_refill(
+        &mut self,
+        c: usize,
+        fits: impl Fn(u64) -> bool,
+        depot: &Depot,
+    ) -> (Option<u64>, DepotTouched) {
+        let Some(cc) = self.classes.get_mut(c) else { return (None, false) };
+        let mut touched = false;
+        if !cc.previous.is_empty() {
+            core::mem::swap(&mut cc.loaded, &mut cc.previous);
+        } else if depot.trade_empty_for_full(c, &mut cc.previous) {
+            // `previous` is now the full one; the empty `loaded` becomes `previous`.
+            core::mem::swap(&mut cc.loaded, &mut cc.previous);
+            self.stats.depot_gets += 1;
+            touched = true;
+        } else {
+            self.stats.depot_misses += 1;
+        }
+        match cc.loaded.top() {
+            Some(s) if fits(s) => {
+                cc.loaded.len -= 1;
+                self.stats.hits += 1;
+                (Some(s), touched)
             }
             _ => {
                 self.stats.misses += 1;
-                None
+                (None, touched)
             }
         }
     }
 
-    /// Pushes a round of class `c`. Returns `false` if it could not be cached (no magazine
-    /// could be made): the caller frees it to the tree.
-    #[inline]
-    pub fn free(&mut self, c: usize, start: u64, depot: &Depot) -> bool {
+    /// Pushes a round of class `c`. Returns `false` if it could not be cached (no empty
+    /// magazine could be made): the caller frees it to the tree.
+    #[inline(always)]
+    pub fn free(&mut self, c: usize, start: u64, depot: &Depot) -> (bool, DepotTouched) {
         let cap = self.capacity;
-        let cc = &mut self.classes[c];
-        // A `Vec` with less capacity than a magazine is an empty placeholder (first use of the
-        // class on this CPU, or the slot a magazine left when it went to the depot).
-        for m in [&mut cc.loaded, &mut cc.previous] {
-            if m.capacity() < cap {
-                let Some(fresh) = new_magazine(cap) else { return false };
-                *m = fresh;
-            }
+        let Some(cc) = self.classes.get_mut(c) else { return (false, false) };
+        if cc.loaded.push(cap, start) {
+            self.stats.cached_frees += 1;
+            return (true, false);
         }
-        if cc.loaded.len() == cap {
-            if cc.previous.is_empty() {
-                core::mem::swap(&mut cc.loaded, &mut cc.previous);
-            } else {
-                // Both full: the previous one goes to the depot, an empty one comes back.
-                let Some(empty) = depot.put_full(c, &mut cc.previous) else { return false };
-                cc.previous = core::mem::replace(&mut cc.loaded, empty);
-                self.stats.depot_puts += 1;
+        self.free_spill(c, start, depot)
+    }
+
+    /// `free` when the loaded magazine is full: swap with an empty `previous`, or trade the
+    /// full `previous` for an empty magazine at the depot.
+    #[cold]
+    fn free_spill(&mut self, c: usize, start: u64, depot: &Depot) -> (bool, DepotTouched) {
+        let cap = self.capacity;
+        let Some(cc) = self.classes.get_mut(c) else { return (false, false) };
+        let mut touched = false;
+        if cc.previous.is_empty() {
+            core::mem::swap(&mut cc.loaded, &mut cc.previous);
+        } else {
+            // Both full: the previous one goes to the depot, an empty one comes back.
+            if !depot.trade_full_for_empty(c, &mut cc.previous) {
+                return (false, false);
             }
+            core::mem::swap(&mut cc.loaded, &mut cc.previous);
+            self.stats.depot_puts += 1;
+            touched = true;
         }
-        cc.loaded.push(start);
-        self.stats.cached_frees += 1;
-        true
+        let pushed = cc.loaded.push(cap, start);
+        if pushed {
+            self.stats.cached_frees += 1;
+        }
+        (pushed, touched)
     }
 
     /// Moves every round of every class out, calling `sink(class, start)` for each.
     pub fn drain(&mut self, mut sink: impl FnMut(usize, u64)) {
         for (c, cc) in self.classes.iter_mut().enumerate() {
-            for s in cc.loaded.drain(..).chain(cc.previous.drain(..)) {
-                sink(c, s);
+            for m in [&mut cc.loaded, &mut cc.previous] {
+                for &s in m.rounds() {
+                    sink(c, s);
+                }
+                m.len = 0;
             }
         }
     }
 
     /// Rounds held, per class.
     pub fn rounds(&self) -> [usize; CLASSES] {
-        core::array::from_fn(|c| self.classes[c].loaded.len() + self.classes[c].previous.len())
+        core::array::from_fn(|c| self.classes[c].loaded.len + self.classes[c].previous.len)
+    }
+}
+
+impl Default for Depot {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl Depot {
-    /// An empty depot for magazines of `capacity` rounds.
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity, classes: core::array::from_fn(|_| SpinLock::new(DepotClass::default())) }
+    /// An empty depot (the magazines it makes have room for [`MAG_ROUNDS`] rounds; each
+    /// CPU cache fills them up to its own capacity).
+    pub fn new() -> Self {
+        Self { classes: core::array::from_fn(|_| PaddedClass(SpinLock::new(DepotClass::default()))) }
     }
 
-    /// Takes a full magazine of class `c`, giving `empty` (replaced by an empty `Vec`) in
-    /// exchange; `None` if the depot has no full magazine (`empty` is left in place).
-    fn get_full(&self, c: usize, empty: &mut Vec<u64>) -> Option<Vec<u64>> {
-        let mut d = self.classes[c].lock();
-        let full = d.full.pop()?;
+    /// If the depot holds a full magazine of class `c`, swaps it into `*empty` and keeps the
+    /// empty one, returning `true`; else leaves `*empty` alone and returns `false`.
+    fn trade_empty_for_full(&self, c: usize, empty: &mut Box<Magazine>) -> bool {
+        let Some(l) = self.classes.get(c) else { return false };
+        let mut d = l.0.lock();
+        let Some(full) = d.full.pop() else { return false };
         d.min_full = d.min_full.min(d.full.len());
-        if empty.capacity() >= self.capacity {
-            // Never fails to find room in practice; if it does, the magazine is just dropped.
-            if d.empty.try_reserve(1).is_ok() {
-                d.empty.push(core::mem::take(empty));
-            }
+        let old = core::mem::replace(empty, full);
+        // Never fails to find room in practice; if it does, the empty magazine is dropped.
+        if d.empty.try_reserve(1).is_ok() {
+            d.empty.push(old);
         }
         d.ops += 1;
-        Some(full)
+        true
     }
 
-    /// Gives the full magazine `full` (replaced by an empty `Vec`), returning an empty one;
-    /// `None` if no empty magazine exists and none can be made (`full` is left in place).
-    fn put_full(&self, c: usize, full: &mut Vec<u64>) -> Option<Vec<u64>> {
-        let mut d = self.classes[c].lock();
+    /// Swaps the full magazine `*full` for an empty one (the depot's, or a new one),
+    /// returning `true`; `false` if no empty magazine exists and none can be made (`*full`
+    /// is left in place).
+    fn trade_full_for_empty(&self, c: usize, full: &mut Box<Magazine>) -> bool {
+        let Some(l) = self.classes.get(c) else { return false };
+        let mut d = l.0.lock();
         let empty = match d.empty.pop() {
             Some(e) => {
                 d.min_empty = d.min_empty.min(d.empty.len());
                 e
             }
-            None => new_magazine(self.capacity)?,
+            None => match Magazine::boxed() {
+                Ok(m) => m,
+                Err(_) => return false,
+            },
         };
         if d.full.try_reserve(1).is_err() {
             d.empty.push(empty);
-            return None;
+            return false;
         }
-        d.full.push(core::mem::take(full));
+        let old = core::mem::replace(full, empty);
+        d.full.push(old);
         d.ops += 1;
-        Some(empty)
+        true
     }
 
     /// If class `c` has done [`TRIM_INTERVAL`] operations since its last trim, removes the full
     /// magazines nobody needed during the interval and returns them (the caller frees their
     /// rounds to the tree); drops unneeded empty ones.
-    pub fn trim(&self, c: usize) -> Vec<Vec<u64>> {
-        let mut d = self.classes[c].lock();
+    pub fn trim(&self, c: usize) -> Vec<Box<Magazine>> {
+        let Some(l) = self.classes.get(c) else { return Vec::new() };
+        let mut d = l.0.lock();
         if d.ops < TRIM_INTERVAL {
             return Vec::new();
         }
@@ -251,12 +399,14 @@ impl Depot {
     pub fn drain(&self, mut sink: impl FnMut(usize, u64)) {
         for (c, l) in self.classes.iter().enumerate() {
             let full = {
-                let mut d = l.lock();
+                let mut d = l.0.lock();
                 d.min_full = 0;
                 core::mem::take(&mut d.full)
             };
-            for s in full.into_iter().flatten() {
-                sink(c, s);
+            for m in full {
+                for &s in m.rounds() {
+                    sink(c, s);
+                }
             }
         }
     }
@@ -266,8 +416,8 @@ impl Depot {
         let mut rounds = [0; CLASSES];
         let mut trimmed = 0;
         for (c, l) in self.classes.iter().enumerate() {
-            let d = l.lock();
-            rounds[c] = d.full.iter().map(Vec::len).sum();
+            let d = l.0.lock();
+            rounds[c] = d.full.iter().map(|m| m.len).sum();
             trimmed += d.trimmed;
         }
         (rounds, trimmed)
@@ -280,29 +430,29 @@ mod tests {
 
     #[test]
     fn alternating_alloc_free_never_reaches_the_depot() {
-        let depot = Depot::new(4);
-        let mut cpu = CpuCache::new(4);
+        let depot = Depot::new();
+        let mut cpu = CpuCache::new(4).unwrap();
         for i in 0..4 {
-            assert!(cpu.free(0, i * 0x1000, &depot));
+            assert!(cpu.free(0, i * 0x1000, &depot).0);
         }
         for _ in 0..1000 {
-            let s = cpu.alloc(0, |_| true, &depot).unwrap();
-            assert!(cpu.free(0, s, &depot));
+            let s = cpu.alloc(0, |_| true, &depot).0.unwrap();
+            assert!(cpu.free(0, s, &depot).0);
         }
         assert_eq!((cpu.stats.depot_gets, cpu.stats.depot_puts), (0, 0));
     }
 
     #[test]
     fn rounds_flow_between_cpus_through_the_depot() {
-        let depot = Depot::new(2);
-        let (mut a, mut b) = (CpuCache::new(2), CpuCache::new(2));
+        let depot = Depot::new();
+        let (mut a, mut b) = (CpuCache::new(2).unwrap(), CpuCache::new(2).unwrap());
         for i in 0..10 {
-            assert!(a.free(3, i, &depot));
+            assert!(a.free(3, i, &depot).0);
         }
         // a holds 4 in its two magazines, the depot 3 full magazines (6 rounds).
         assert_eq!(depot.census().0[3], 6);
         let mut got = Vec::new();
-        while let Some(s) = b.alloc(3, |_| true, &depot) {
+        while let Some(s) = b.alloc(3, |_| true, &depot).0 {
             got.push(s);
         }
         assert_eq!(got.len(), 6);
@@ -313,32 +463,32 @@ mod tests {
 
     #[test]
     fn a_round_above_the_limit_is_a_miss_not_a_hit() {
-        let depot = Depot::new(2);
-        let mut a = CpuCache::new(2);
-        assert!(a.free(0, 0x10_0000, &depot));
-        assert_eq!(a.alloc(0, |s| s + 0x1000 <= 0x10_0000, &depot), None);
-        assert_eq!(a.alloc(0, |s| s + 0x1000 <= 0x10_1000, &depot), Some(0x10_0000));
+        let depot = Depot::new();
+        let mut a = CpuCache::new(2).unwrap();
+        assert!(a.free(0, 0x10_0000, &depot).0);
+        assert_eq!(a.alloc(0, |s| s + 0x1000 <= 0x10_0000, &depot).0, None);
+        assert_eq!(a.alloc(0, |s| s + 0x1000 <= 0x10_1000, &depot).0, Some(0x10_0000));
     }
 
     #[test]
     fn depot_trims_what_the_working_set_did_not_use() {
-        let depot = Depot::new(1);
-        let (mut a, mut b) = (CpuCache::new(1), CpuCache::new(1));
+        let depot = Depot::new();
+        let (mut a, mut b) = (CpuCache::new(1).unwrap(), CpuCache::new(1).unwrap());
         for i in 0..12 {
-            assert!(a.free(0, i, &depot));
+            assert!(a.free(0, i, &depot).0);
         }
         assert_eq!(depot.census().0[0], 10);
         // b churns through the depot, three rounds out and back each time: its working set
         // is one or two depot magazines; the other eight sat unused.
         let mut trimmed = Vec::new();
         for _ in 0..TRIM_INTERVAL {
-            let got: Vec<u64> = (0..3).map(|_| b.alloc(0, |_| true, &depot).unwrap()).collect();
+            let got: Vec<u64> = (0..3).map(|_| b.alloc(0, |_| true, &depot).0.unwrap()).collect();
             for s in got {
-                assert!(b.free(0, s, &depot));
+                assert!(b.free(0, s, &depot).0);
             }
             trimmed.extend(depot.trim(0));
         }
-        let mut all: Vec<u64> = trimmed.into_iter().flatten().collect();
+        let mut all: Vec<u64> = trimmed.iter().flat_map(|m| m.rounds().iter().copied()).collect();
         assert!(all.len() >= 6, "only {} rounds trimmed", all.len());
         depot.drain(|_, s| all.push(s));
         a.drain(|_, s| all.push(s));

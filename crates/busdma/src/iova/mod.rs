@@ -64,6 +64,20 @@
 //! 7. **Windows** ([`IovaWindow`]): a map created with a known maximum size and segment count
 //!    reserves its IOVA once and carves every load from it without touching the allocator.
 //!
+//! 8. **The fast path and what CPUs share.** A request of a class size with no alignment beyond
+//!    a page and no boundary (the NIC and storage common case) is served by the top round of
+//!    the CPU's loaded magazine: `s + size <= limit` is its whole validation (a round is a
+//!    range of the space). Per pair it takes the CPU's own lock twice and does one
+//!    compare-and-swap on the live mark (point 4), under that lock; the mark's leaf comes from
+//!    a per-CPU one-entry hint ([`livemap::LeafHint`]) instead of a radix walk. Nothing it
+//!    writes is shared with another CPU by design: magazines are 128-byte-aligned boxes made
+//!    with the cache (never a `Vec` whose heap neighbour is another CPU's), the counters are
+//!    plain integers under the CPU's lock, and the tree's lock, the depot's classes and the
+//!    rare counters each sit on lines of their own, away from the read-mostly fields every
+//!    call reads. What remains shared is the live map's lines, only when two CPUs' hot ranges
+//!    fall on one line (see `livemap`, theory 4). Any other request takes the general path
+//!    (full validation, the same caches with the request's own checks).
+//!
 //! # Locking and execution context
 //!
 //! Lock order: a CPU's cache, then a depot class, then the tree; all are [`SpinLock`]s held
@@ -87,8 +101,8 @@ use crate::addr::{AddrRange, Iova, PAGE_SHIFT, PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
 use crate::sync::{Ordering, SpinLock};
-use livemap::LiveMap;
-use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS};
+use livemap::{LeafHint, LiveMap};
+use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine};
 use tree::{Fit, Kind, Tree};
 
 /// A request for IOVA space.
@@ -162,6 +176,8 @@ pub struct IovaStats {
     pub cache_misses: u64,
     /// Full magazines taken from the depot.
     pub depot_gets: u64,
+    /// Times a CPU's magazines of a class were both empty and the depot had no full one.
+    pub depot_misses: u64,
     /// Full magazines given to the depot.
     pub depot_puts: u64,
     /// Magazines the depot gave back to the tree by trimming.
@@ -262,16 +278,27 @@ struct Padded<T>(T);
 /// Largest class: 2^(CLASSES-1) pages.
 const MAX_CLASS_PAGES: u64 = 1 << (CLASSES - 1);
 
+/// What one CPU owns: its magazines and its live-map leaf hint, behind its own lock.
+struct PerCpu {
+    cache: CpuCache,
+    hint: LeafHint,
+}
+
 /// The IOVA allocator (see the module documentation).
+///
+/// Field layout (theory 8): the fields every fast-path call reads and nobody writes after
+/// `new` come first; everything a CPU writes on a slower path (the tree's lock, the depot's
+/// classes, the rare counters) sits on cache lines of its own, so it never invalidates the
+/// read-mostly line in the other CPUs' caches.
 pub struct IovaAllocator {
     space: AddrRange<Iova>,
     cfg: IovaConfig,
     guard: u64,
-    tree: SpinLock<Tree>,
-    cpus: Box<[Padded<SpinLock<CpuCache>>]>,
-    depot: Depot,
+    cpus: Box<[Padded<SpinLock<PerCpu>>]>,
     live: LiveMap,
-    counters: SpinLock<Counters>,
+    depot: Depot,
+    tree: Padded<SpinLock<Tree>>,
+    counters: Padded<SpinLock<Counters>>,
 }
 
 /// Counters that no other lock covers (bumped on rare paths only).
@@ -291,11 +318,16 @@ impl core::fmt::Debug for IovaAllocator {
     }
 }
 
-/// The class of a size in bytes (pages rounded up to a power of two), if it has one.
+/// The class of a size in bytes (pages rounded up to a power of two), if it has one: a
+/// non-zero multiple of a page, at most the largest class. A zero size has no class (an empty
+/// range is never a class range).
 #[inline]
 fn class_of(size: u64) -> Option<usize> {
-    let pages = size >> PAGE_SHIFT;
-    (pages <= MAX_CLASS_PAGES).then(|| pages.next_power_of_two().trailing_zeros() as usize)
+    if size.wrapping_sub(1) >= MAX_CLASS_PAGES << PAGE_SHIFT || size % PAGE_SIZE != 0 {
+        return None;
+    }
+    // ceil(log2(pages)) for pages in 1..=MAX_CLASS_PAGES.
+    Some((u64::BITS - ((size >> PAGE_SHIFT) - 1).leading_zeros()) as usize)
 }
 
 #[inline]
@@ -315,17 +347,22 @@ impl IovaAllocator {
         }
         let mut cpus = Vec::new();
         cpus.try_reserve_exact(cfg.cpus).map_err(|_| Error::NoMemory { requested: cfg.cpus as u64 * 128 })?;
-        cpus.extend((0..cfg.cpus).map(|_| Padded(SpinLock::new(CpuCache::new(MAG_ROUNDS)))));
+        // Without caches the magazines are never used: make them with one round each.
+        let rounds = if cfg.caches { MAG_ROUNDS } else { 1 };
+        for _ in 0..cfg.cpus {
+            let cache = CpuCache::new(rounds)?;
+            cpus.push(Padded(SpinLock::new(PerCpu { cache, hint: LeafHint::default() })));
+        }
         let pages = if cfg.caches { space.len() >> PAGE_SHIFT } else { 1 };
         Ok(Self {
             space,
             cfg,
             guard: if cfg.guard_page { PAGE_SIZE } else { 0 },
-            tree: SpinLock::new(Tree::new(space.start().raw(), space.end().raw())?),
             cpus: cpus.into_boxed_slice(),
-            depot: Depot::new(MAG_ROUNDS),
             live: LiveMap::new(pages)?,
-            counters: SpinLock::new(Counters::default()),
+            depot: Depot::new(),
+            tree: Padded(SpinLock::new(Tree::new(space.start().raw(), space.end().raw())?)),
+            counters: Padded(SpinLock::new(Counters::default())),
         })
     }
 
@@ -345,11 +382,13 @@ impl IovaAllocator {
     }
 
     #[inline]
-    fn cpu_cache(&self, cpu: usize) -> Result<&SpinLock<CpuCache>> {
-        self.cpus
-            .get(cpu)
-            .map(|p| &p.0)
-            .ok_or(Error::InvalidArgument { what: "CPU index (beyond IovaConfig::cpus)", value: cpu as u64 })
+    fn cpu_cache(&self, cpu: usize) -> Result<&SpinLock<PerCpu>> {
+        self.cpus.get(cpu).map(|p| &p.0).ok_or(Self::bad_cpu(cpu))
+    }
+
+    #[cold]
+    fn bad_cpu(cpu: usize) -> Error {
+        Error::InvalidArgument { what: "CPU index (beyond IovaConfig::cpus)", value: cpu as u64 }
     }
 
     /// Marks the class range at `start` live, held by a caller who asked for `size` bytes
@@ -376,11 +415,11 @@ impl IovaAllocator {
 
     /// Runs `f` on the tree; on [`Error::Exhausted`] flushes every cache and runs it once more.
     fn with_retry<T>(&self, mut f: impl FnMut(&mut Tree) -> Result<T>) -> Result<T> {
-        let r = f(&mut self.tree.lock());
+        let r = f(&mut self.tree.0.lock());
         match r {
             Err(Error::Exhausted { .. } | Error::AlreadyMapped { .. }) if self.cfg.caches => {
                 self.flush_caches();
-                f(&mut self.tree.lock())
+                f(&mut self.tree.0.lock())
             }
             r => r,
         }
@@ -410,7 +449,7 @@ impl IovaAllocator {
         };
         let loose = Fit { align: v.align, ..natural };
         for attempt in 0..2 {
-            let mut t = self.tree.lock();
+            let mut t = self.tree.0.lock();
             let class = match t.alloc(&natural, Kind::Class) {
                 Err(Error::Exhausted { .. }) if loose != natural => t.alloc(&loose, Kind::Class),
                 r => r,
@@ -420,7 +459,7 @@ impl IovaAllocator {
                     drop(t);
                     if let Err(e) = self.mark_live(s, v.size) {
                         // It cannot be tracked, so it must not be handed out.
-                        let _ = self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None);
+                        let _ = self.tree.0.lock().free(s, cb, cb + self.guard, Kind::Class, None);
                         return Err(e);
                     }
                     return Self::range(s, v.size);
@@ -439,18 +478,26 @@ impl IovaAllocator {
         Err(Error::Exhausted { size: v.size, limit: v.limit })
     }
 
-    fn give_back(&self, c: usize, mags: Vec<Vec<u64>>) {
+    /// Lets the depot trim class `c` after a magazine exchange, returning what it trimmed to
+    /// the tree.
+    #[cold]
+    fn trim(&self, c: usize) {
+        self.give_back(c, self.depot.trim(c));
+    }
+
+    #[allow(clippy::vec_box, reason = "the depot's own boxed magazines, handed over as they are")]
+    fn give_back(&self, c: usize, mags: Vec<Box<Magazine>>) {
         if mags.is_empty() {
             return;
         }
         let cb = class_bytes(c);
-        let mut t = self.tree.lock();
-        for s in mags.into_iter().flatten() {
+        let mut t = self.tree.0.lock();
+        for &s in mags.iter().flat_map(|m| m.rounds()) {
             let r = t.free(s, cb, cb + self.guard, Kind::Class, None);
             debug_assert!(r.is_ok(), "a cached round was not a class range: {r:?}");
         }
         drop(t);
-        self.counters.lock().trims += 1;
+        self.counters.0.lock().trims += 1;
     }
 
     /// Reserves `range` (page-aligned, inside the space) so it is never handed out: an MSI
@@ -498,7 +545,7 @@ impl IovaAllocator {
         let req = IovaRequest { size, align: req_align, boundary: 0, limit };
         let v = Validated::new(&req, self.space)?;
         let s = self.with_retry(|t| t.alloc(&v.fit(self.guard), Kind::Window))?;
-        self.counters.lock().windows += 1;
+        self.counters.0.lock().windows += 1;
         Ok(IovaWindow::new(Self::range(s, size)?))
     }
 
@@ -511,8 +558,8 @@ impl IovaAllocator {
         if !self.space.contains_range(&r) {
             return Err(Error::BadState { what: "release_window of a window from another allocator" });
         }
-        self.tree.lock().free(r.start().raw(), r.len(), r.len() + self.guard, Kind::Window, None)?;
-        self.counters.lock().windows -= 1;
+        self.tree.0.lock().free(r.start().raw(), r.len(), r.len() + self.guard, Kind::Window, None)?;
+        self.counters.0.lock().windows -= 1;
         Ok(())
     }
 
@@ -523,9 +570,9 @@ impl IovaAllocator {
         }
         let guard = self.guard;
         for cpu in self.cpus.iter() {
-            let mut cache = cpu.0.lock();
-            let mut t = self.tree.lock();
-            cache.drain(|c, s| {
+            let mut pc = cpu.0.lock();
+            let mut t = self.tree.0.lock();
+            pc.cache.drain(|c, s| {
                 let cb = class_bytes(c);
                 let r = t.free(s, cb, cb + guard, Kind::Class, None);
                 debug_assert!(r.is_ok(), "a cached round was not a class range: {r:?}");
@@ -533,10 +580,10 @@ impl IovaAllocator {
         }
         self.depot.drain(|c, s| {
             let cb = class_bytes(c);
-            let r = self.tree.lock().free(s, cb, cb + guard, Kind::Class, None);
+            let r = self.tree.0.lock().free(s, cb, cb + guard, Kind::Class, None);
             debug_assert!(r.is_ok(), "a cached round was not a class range: {r:?}");
         });
-        self.counters.lock().flushes += 1;
+        self.counters.0.lock().flushes += 1;
     }
 
     /// A snapshot of the counters (takes every lock in turn; not for hot paths).
@@ -550,25 +597,26 @@ impl IovaAllocator {
             }
         };
         for cpu in self.cpus.iter() {
-            let cache = cpu.0.lock();
-            tally(cache.rounds());
-            let s = cache.stats;
+            let pc = cpu.0.lock();
+            tally(pc.cache.rounds());
+            let s = pc.cache.stats;
             st.cache_hits += s.hits;
             st.cache_misses += s.misses;
             st.depot_gets += s.depot_gets;
+            st.depot_misses += s.depot_misses;
             st.depot_puts += s.depot_puts;
             st.frees += s.cached_frees;
         }
         let (depot_rounds, _) = self.depot.census();
         tally(depot_rounds);
-        let t = self.tree.lock();
+        let t = self.tree.0.lock();
         st.allocations = st.cache_hits + t.stats.allocs - t.stats.windows;
         st.frees += t.stats.frees - t.stats.class_returns - t.stats.window_frees;
         st.tree_nodes_visited = t.stats.visited;
         st.fast_failures = t.stats.fast_failures;
         st.live_ranges = t.counts[0] + t.counts[1] - cached_ranges;
         drop(t);
-        let k = self.counters.lock();
+        let k = self.counters.0.lock();
         st.depot_trims = k.trims;
         st.flushes = k.flushes;
         st.windows = k.windows;
@@ -577,62 +625,57 @@ impl IovaAllocator {
 
     /// Bytes of the space not occupied in the tree (cached ranges count as occupied).
     pub fn free_bytes(&self) -> u64 {
-        self.tree.lock().free_bytes()
+        self.tree.0.lock().free_bytes()
     }
 
     /// Bytes the tree holds for the range starting at `start` (its size, rounded up to its
     /// class if it has one, plus the guard page), or `None` if no range starts there.
     pub fn occupied_len(&self, start: Iova) -> Option<u64> {
-        self.tree.lock().occupied_len(start.raw()).map(|(len, _)| len)
+        self.tree.0.lock().occupied_len(start.raw()).map(|(len, _)| len)
     }
 
     /// Checks the tree's invariants (O(n); for tests and debugging).
     pub fn check_invariants(&self) -> core::result::Result<(), &'static str> {
-        self.tree.lock().check()
+        self.tree.0.lock().check()
     }
 }
 
 impl IovaSource for IovaAllocator {
     #[inline]
     fn alloc<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
-        let v = Validated::new(req, self.space)?;
-        if !self.cfg.caches {
-            let s = self.tree.lock().alloc(&v.fit(self.guard), Kind::Allocated)?;
-            return Self::range(s, v.size);
-        }
-        let cache = self.cpu_cache(g.cpu())?;
-        let Some(c) = class_of(v.size) else {
-            let s = self.with_retry(|t| t.alloc(&v.fit(self.guard), Kind::Allocated))?;
-            return Self::range(s, v.size);
-        };
-        let cb = class_bytes(c);
-        {
-            let (size, align, limit) = (v.size, v.align, v.limit);
-            let boundary_mask = !v.boundary.wrapping_sub(1);
-            let fits = |s: u64| {
-                s & (align - 1) == 0
-                    && s + size <= limit
-                    && (v.boundary == 0 || (s ^ (s + size - 1)) & boundary_mask == 0)
-            };
-            let mut cc = cache.lock();
-            let gets = cc.stats.depot_gets;
-            let hit = cc.alloc(c, fits, &self.depot);
-            let went_to_depot = cc.stats.depot_gets != gets;
-            drop(cc);
-            if went_to_depot {
-                self.give_back(c, self.depot.trim(c));
-            }
-            if let Some(s) = hit {
-                if let Err(e) = self.mark_live(s, v.size) {
-                    // Cannot happen (the mark's leaf exists since the range was made); keep
-                    // the range out of circulation rather than hand it out untracked.
-                    let _ = self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None);
-                    return Err(e);
+        // The fast path (theory 8): a class-size request with no alignment beyond a page and
+        // no boundary, served by the top round of the CPU's loaded magazine. Validation is
+        // folded into the round's check: a round is a range of the space, so `s + size <=
+        // limit` (limit clipped to the space) is all a page-aligned request needs.
+        let size = req.size;
+        if self.cfg.caches && req.align <= PAGE_SIZE && req.boundary == 0 {
+            if let Some(c) = class_of(size) {
+                let limit = (req.limit.raw() & !(PAGE_SIZE - 1)).min(self.space.end().raw());
+                let mut pc = self.cpu_cache(g.cpu())?.lock();
+                let PerCpu { cache, hint } = &mut *pc;
+                let (hit, touched) = cache.alloc(c, |s| s + size <= limit, &self.depot);
+                if let Some(s) = hit {
+                    let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) else {
+                        drop(pc);
+                        return Err(self.untracked_round(c, s));
+                    };
+                    // Release: a free on another CPU that reads this mark (by its CAS) must
+                    // see the range as this allocation's.
+                    mark.store(Self::mark_of(size), Ordering::Release);
+                    drop(pc);
+                    if touched {
+                        self.trim(c);
+                    }
+                    return Self::range(s, size);
                 }
-                return Self::range(s, v.size);
+                drop(pc);
+                if touched {
+                    self.trim(c);
+                }
+                return self.alloc_class_slow(&Validated::new(req, self.space)?, c);
             }
         }
-        self.alloc_class_slow(&v, c)
+        self.alloc_general(g, req)
     }
 
     #[inline]
@@ -648,10 +691,18 @@ impl IovaSource for IovaAllocator {
         if self.cfg.caches {
             if let Some(c) = class_of(len) {
                 class_total = Some(class_bytes(c) + self.guard);
-                let cache = self.cpu_cache(g.cpu())?;
-                if let Some(mark) = self.live.get(self.page_of(s)) {
+                let mut pc = self.cpu_cache(g.cpu())?.lock();
+                let PerCpu { cache, hint } = &mut *pc;
+                if let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) {
                     match mark.compare_exchange(Self::mark_of(len), 0, Ordering::AcqRel, Ordering::Acquire) {
-                        Ok(_) => return self.free_to_cache(cache, c, s),
+                        Ok(_) => {
+                            let (cached, touched) = cache.free(c, s, &self.depot);
+                            drop(pc);
+                            if touched || !cached {
+                                return self.free_spilled(c, s, cached, touched);
+                            }
+                            return Ok(());
+                        }
                         Err(0) => {}
                         Err(other) => {
                             return Err(Error::WrongSize {
@@ -664,24 +715,73 @@ impl IovaSource for IovaAllocator {
                 }
             }
         }
-        self.tree.lock().free(s, len, len + self.guard, Kind::Allocated, class_total)
+        self.tree.0.lock().free(s, len, len + self.guard, Kind::Allocated, class_total)
     }
 }
 
 impl IovaAllocator {
-    #[inline]
-    fn free_to_cache(&self, cache: &SpinLock<CpuCache>, c: usize, s: u64) -> Result<()> {
-        let mut cc = cache.lock();
-        let puts = cc.stats.depot_puts;
-        let cached = cc.free(c, s, &self.depot);
-        let went_to_depot = cc.stats.depot_puts != puts;
-        drop(cc);
-        if went_to_depot {
-            self.give_back(c, self.depot.trim(c));
+    /// A request the fast path does not take: no caches, no class, or an alignment or
+    /// boundary the top round cannot be assumed to honour.
+    #[inline(never)]
+    fn alloc_general<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
+        let v = Validated::new(req, self.space)?;
+        if !self.cfg.caches {
+            let s = self.tree.0.lock().alloc(&v.fit(self.guard), Kind::Allocated)?;
+            return Self::range(s, v.size);
+        }
+        let cache = self.cpu_cache(g.cpu())?;
+        let Some(c) = class_of(v.size) else {
+            let s = self.with_retry(|t| t.alloc(&v.fit(self.guard), Kind::Allocated))?;
+            return Self::range(s, v.size);
+        };
+        let (size, align, limit) = (v.size, v.align, v.limit);
+        let boundary_mask = !v.boundary.wrapping_sub(1);
+        let fits = |s: u64| {
+            s & (align - 1) == 0
+                && s + size <= limit
+                && (v.boundary == 0 || (s ^ (s + size - 1)) & boundary_mask == 0)
+        };
+        let mut pc = cache.lock();
+        let PerCpu { cache, hint } = &mut *pc;
+        let (hit, touched) = cache.alloc(c, fits, &self.depot);
+        if let Some(s) = hit {
+            let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) else {
+                drop(pc);
+                return Err(self.untracked_round(c, s));
+            };
+            mark.store(Self::mark_of(size), Ordering::Release);
+        }
+        drop(pc);
+        if touched {
+            self.trim(c);
+        }
+        match hit {
+            Some(s) => Self::range(s, size),
+            None => self.alloc_class_slow(&v, c),
+        }
+    }
+
+    /// A cached round whose live mark does not exist. Cannot happen (the mark's leaf is made
+    /// with the range and never removed); keep the range out of circulation rather than hand
+    /// it out untracked.
+    #[cold]
+    fn untracked_round(&self, c: usize, s: u64) -> Error {
+        let cb = class_bytes(c);
+        let _ = self.tree.0.lock().free(s, cb, cb + self.guard, Kind::Class, None);
+        Error::BadState { what: "a cached IOVA round without its live mark" }
+    }
+
+    /// The end of a cached free that exchanged a magazine with the depot (`touched`: let the
+    /// depot trim) or could not cache the round (no empty magazine could be made: free it
+    /// to the tree).
+    #[cold]
+    fn free_spilled(&self, c: usize, s: u64, cached: bool, touched: bool) -> Result<()> {
+        if touched {
+            self.trim(c);
         }
         if !cached {
             let cb = class_bytes(c);
-            self.tree.lock().free(s, cb, cb + self.guard, Kind::Class, None)?;
+            self.tree.0.lock().free(s, cb, cb + self.guard, Kind::Class, None)?;
         }
         Ok(())
     }
