@@ -46,6 +46,7 @@
 #![deny(unsafe_code)]
 
 pub mod cache_sync;
+pub mod chain;
 pub mod coherent;
 #[cfg(feature = "dma-debug")]
 pub mod debug;
@@ -62,6 +63,7 @@ pub mod tag;
 pub mod typed;
 
 pub use cache_sync::{SyncOp, SyncStats};
+pub use chain::FragChain;
 pub use coherent::{Coherent, DmaMemory};
 pub use defer::{DeferStats, Deferrable, DeferredCallback, DeferredMap, PendingLoad};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments, Run, SgEntry, SgList};

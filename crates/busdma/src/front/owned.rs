@@ -6,8 +6,9 @@
 //!    busdma ([`DmaMemory`], or part of one: [`Part`]), device memory the bus described once
 //!    ([`DeviceRegion`] slices: MMIO, a peer's BAR, memory with no page and no kernel
 //!    mapping), registered user memory ([`RegisteredBuffer`]: pinned once, mapped in parts
-//!    again and again), or any array, vector or tuple of them (the fragments of a packet, a
-//!    scatter-gather list). Loading it needs no `unsafe`: nobody else can free, reuse or hold a
+//!    again and again; an iovec of them, [`RegisteredIov`]), a chain of fragments (a packet or
+//!    a block request, [`super::chain::FragChain`]), or any array, vector or tuple of them (the
+//!    fragments of a packet, a scatter-gather list). Loading it needs no `unsafe`: nobody else can free, reuse or hold a
 //!    reference to memory the map owns, and `mem::forget` of the map leaks the memory together
 //!    with its mapping.
 //! 2. **Ownership moves out only with proof.** [`OwnedMap::take`] hands the buffer back after
@@ -37,7 +38,7 @@ use alloc::vec::Vec;
 
 use crate::addr::{Iova, PhysAddr};
 use crate::error::{Error, Result};
-use crate::pin::{PinBackend, RegisteredBuffer, UnpinBarrier};
+use crate::pin::{PinBackend, RegisteredBuffer, RegisteredIov, UnpinBarrier};
 use crate::platform::Platform;
 
 use super::cache_sync::{SyncOp, SyncStats};
@@ -48,7 +49,7 @@ use super::segments::Segment;
 use super::strategy::Strategy;
 use super::tag::Tag;
 
-mod sealed {
+pub(super) mod sealed {
     pub trait Sealed {}
 }
 
@@ -116,6 +117,15 @@ impl<'p, P: Platform> Part<'p, P> {
     /// The whole memory.
     pub fn memory(&self) -> &DmaMemory<'p, P> {
         &self.mem
+    }
+
+    /// Narrows the part by `front` bytes at its start and `back` at its end.
+    ///
+    /// The caller keeps the invariant: `front + back < self.len`.
+    pub(super) fn narrow(&mut self, front: u64, back: u64) {
+        debug_assert!(front + back < self.len);
+        self.offset += front;
+        self.len -= front + back;
     }
 
     /// The memory, given back.
@@ -282,6 +292,21 @@ impl<'p, P: Platform, B: PinBackend + Sync, U: UnpinBarrier + Sync> DmaBuffer<'p
             f(Run::page(p, pa, len))?;
         }
         Ok(())
+    }
+
+    fn quarantine(self, _keep: &mut dyn FnMut(DmaMemory<'p, P>)) {
+        core::mem::forget(self);
+    }
+}
+
+impl<B: PinBackend, U: UnpinBarrier> sealed::Sealed for RegisteredIov<'_, B, U> {}
+/// An iovec of registered user buffers (a `uio`): as a [`RegisteredBuffer`], entry by entry.
+impl<'p, P: Platform, B: PinBackend + Sync, U: UnpinBarrier + Sync> DmaBuffer<'p, P>
+    for RegisteredIov<'_, B, U>
+{
+    #[inline]
+    fn for_each_run<F: FnMut(Run) -> Result<()>>(&self, p: &P, f: &mut F) -> Result<()> {
+        self.buffers().iter().try_for_each(|b| DmaBuffer::<P>::for_each_run(b, p, f))
     }
 
     fn quarantine(self, _keep: &mut dyn FnMut(DmaMemory<'p, P>)) {

@@ -78,8 +78,8 @@ mod tree;
 
 pub use region::Region;
 pub use registry::{
-    BATCH_GROUP, CleanupReport, Container, PinStats, ReadGuard, RegionInfo, RegisteredBuffer, Registry,
-    Segments,
+    BATCH_GROUP, CleanupReport, Container, IOV_MAX, PinStats, ReadGuard, RegionInfo, RegisteredBuffer,
+    RegisteredIov, Registry, Segments,
 };
 
 use crate::addr::{PAGE_SHIFT, PhysAddr, UserVa};

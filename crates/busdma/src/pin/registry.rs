@@ -506,6 +506,31 @@ impl<B: PinBackend, U: UnpinBarrier> Registry<B, U> {
         Ok(RegisteredBuffer { reg: self, region: NonNull::from(region), ua, len })
     }
 
+    /// Loads an iovec of registered user buffers (a `uio`: the pieces of one `readv`/`writev`)
+    /// for DMA, one [`RegisteredBuffer`] per non-empty entry, in order. Empty entries are
+    /// skipped, as `readv` does. All or nothing: on an error every count taken so far is
+    /// given back before it returns.
+    ///
+    /// Allocates the entry vector; never sleeps. Errors: [`Error::ZeroSize`] (no byte in
+    /// the whole iovec), [`Error::TooManySegments`] (more than [`IOV_MAX`] entries),
+    /// [`Error::Overflow`] (the total does not fit in 64 bits), and those of
+    /// [`Registry::load`] for the first entry that fails.
+    pub fn load_iov(&self, iov: &[(UserVa, u64)]) -> Result<RegisteredIov<'_, B, U>> {
+        if iov.len() > IOV_MAX {
+            return Err(Error::TooManySegments { needed: iov.len() as u64, max: IOV_MAX as u64 });
+        }
+        let mut bufs = Vec::with_capacity(iov.len());
+        let mut len = 0u64;
+        for &(ua, n) in iov.iter().filter(|e| e.1 != 0) {
+            len = len.checked_add(n).ok_or(Error::Overflow { base: len, len: n })?;
+            bufs.push(self.load(ua, n)?);
+        }
+        if bufs.is_empty() {
+            return Err(Error::ZeroSize);
+        }
+        Ok(RegisteredIov { bufs, len })
+    }
+
     /// Counters.
     pub fn stats(&self) -> PinStats {
         let w = self.writer.lock();
@@ -813,6 +838,43 @@ impl<B: PinBackend, U: UnpinBarrier> Drop for RegisteredBuffer<'_, B, U> {
         // Our count is there (type invariant), so the decrement cannot fail.
         let r = self.region().mapped_dec();
         debug_assert!(r.is_ok(), "registered buffer lost its mapped count: {r:?}");
+    }
+}
+
+/// The most entries [`Registry::load_iov`] takes (POSIX `IOV_MAX` on Linux and FreeBSD).
+pub const IOV_MAX: usize = 1024;
+
+/// An iovec of registered user buffers loaded for DMA ([`Registry::load_iov`]): each entry
+/// holds its region's `mapped` count until the iovec drops, so none of the regions can be
+/// unregistered (EBUSY) while a map holds it.
+///
+/// # Invariants
+///
+/// `bufs` is non-empty and `len` is the sum of their lengths.
+pub struct RegisteredIov<'r, B: PinBackend, U: UnpinBarrier = NoBarrier> {
+    bufs: Vec<RegisteredBuffer<'r, B, U>>,
+    len: u64,
+}
+
+impl<'r, B: PinBackend, U: UnpinBarrier> RegisteredIov<'r, B, U> {
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: an iovec holds at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The entries, in order (empty ones skipped).
+    pub fn buffers(&self) -> &[RegisteredBuffer<'r, B, U>] {
+        &self.bufs
+    }
+
+    /// The entries, given back (each still holding its count).
+    pub fn into_buffers(self) -> Vec<RegisteredBuffer<'r, B, U>> {
+        self.bufs
     }
 }
 
