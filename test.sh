@@ -41,6 +41,11 @@ step "the QEMU test kernel builds (qemu/: its own workspace, so the steps above 
 
 step "docs (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet || die "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc -p busdma --all-features --no-deps --quiet || die "cargo doc (busdma, every feature)"
+
+step "busdma packages for crates.io (cargo package: metadata, README, the crate builds from its tarball)"
+cargo package -p busdma --allow-dirty --quiet || die "cargo package -p busdma"
+cargo build -p busdma --no-default-features --quiet || die "busdma without alloc (address types, errors, the seam)"
 
 step "MSRV $MSRV builds the workspace"
 cargo +"$MSRV" check --workspace --quiet || die "MSRV $MSRV check"

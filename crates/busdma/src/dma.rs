@@ -41,6 +41,8 @@
 //! | descriptor rings, mailboxes | [`Tag::alloc_coherent`] → [`Coherent`] (mapped for its whole life) |
 //! | a buffer that goes back and forth | [`Tag::alloc_buffer`] → [`CpuOwned`] ⇄ [`DeviceOwned`], direction in the type |
 //! | per-I/O buffers and scatter-gather lists | [`Tag::create_owned_map`] → [`OwnedMap`], loaded with [`DmaMemory`], [`Part`]s of it, [`RegionSlice`]s of device memory, registered user buffers, or arrays and tuples of them |
+//! | a packet built of fragments (mbuf), a block request on sectors (bio) | [`FragChain`] ([`FragChain::blocks`] for a bio), loaded into an [`OwnedMap`] |
+//! | a `readv`/`writev` over registered user memory (uio) | [`crate::pin::Registry::load_iov`] → [`crate::pin::RegisteredIov`], loaded into an [`OwnedMap`] |
 //! | a peer's BAR, MMIO, memory without pages | [`DeviceRegion`] (described once by bus code, `unsafe`), then [`DeviceRegion::slice`] |
 //! | memory the kernel describes by address | [`DmaMap`] with the `unsafe` sources of [`crate::front`] ([`crate::front::KernelBuf`], [`crate::front::SgList`], ...) |
 //!
@@ -53,7 +55,7 @@ pub use crate::dir::{Direction, SyncOp};
 pub use crate::error::{Error, Result};
 pub use crate::front::typed::{Bidirectional, CpuOwned, DeviceOwned, DmaDir, FromDevice, ToDevice};
 pub use crate::front::{
-    Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, OwnedMap,
+    Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, FragChain, OwnedMap,
     Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags, TagSpec,
 };
 pub use crate::platform::MemAttr;

@@ -43,6 +43,7 @@ pub mod dir;
 #[cfg(feature = "alloc")]
 pub mod dma;
 pub mod error;
+#[cfg(feature = "alloc")]
 pub mod front;
 pub mod iommu;
 #[cfg(feature = "alloc")]
