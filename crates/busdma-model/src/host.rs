@@ -162,6 +162,8 @@ pub struct HostPlatform {
     watchers: AtomicU64,
     /// The monotonic clock behind [`Platform::monotonic_ns`].
     clock: Clock,
+    /// [`Platform::dma_limit`]: what the modelled bus carries ([`HostPlatform::limit_dma`]).
+    dma_limit: AtomicU64,
 }
 
 /// The machine's monotonic clock: host time since the machine was built, or, once frozen, a
@@ -305,7 +307,14 @@ impl HostPlatform {
             quick_pa: (0..config.cpus * QUICK_SLOTS).map(|_| AtomicU64::new(NO_PAGE)).collect(),
             kinds: crate::audit::PageKinds::new(config.ram_base, config.ram_size / PAGE_SIZE),
             watchers: AtomicU64::new(0),
+            dma_limit: AtomicU64::new(u64::MAX - 1),
         })
+    }
+
+    /// Models a bus that carries DMA addresses up to `limit` (inclusive) only, as a narrow
+    /// bridge or fabric does: [`Platform::dma_limit`] answers `limit` from now on.
+    pub fn limit_dma(&self, limit: u64) {
+        self.dma_limit.store(limit, Ordering::Relaxed);
     }
 
     /// The machine's configuration.
@@ -774,6 +783,10 @@ unsafe impl Platform for HostPlatform {
 
     fn num_cpus(&self) -> usize {
         self.cpus.len()
+    }
+
+    fn dma_limit(&self) -> u64 {
+        self.dma_limit.load(Ordering::Relaxed)
     }
 
     #[inline]

@@ -278,6 +278,15 @@ pub unsafe trait Platform: Sync {
     /// layout, or a walk of a short list of ranges).
     fn is_ram(&self, pa: PhysAddr, len: u64) -> bool;
 
+    /// The highest bus address (inclusive) the platform's interconnect carries for DMA: a
+    /// bridge or SoC fabric narrower than 64 bits cuts off what a device emits above it.
+    /// A root tag whose DMA or coherent mask is wider is refused ([`crate::front::Tag::new_root`]);
+    /// [`crate::front::TagSpec::of_platform`] is the spec a driver narrows its own against.
+    /// The default carries every address.
+    fn dma_limit(&self) -> u64 {
+        u64::MAX - 1
+    }
+
     // ---- direct map ------------------------------------------------------------------
 
     /// The direct-map kernel virtual address of `pa`, or `None` if `pa` has no permanent

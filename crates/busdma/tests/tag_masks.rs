@@ -154,3 +154,29 @@ fn the_queries_return_the_load_limit_and_what_the_iova_caches_serve() {
     assert_eq!(direct.max_mapping_size(), 1 << 20);
     assert_eq!(direct.opt_mapping_size(), 1 << 20, "no IOMMU: every size alike");
 }
+
+#[test]
+fn a_root_tag_with_a_mask_wider_than_the_platforms_bus_is_refused_naming_the_mask_and_the_limit() {
+    let m = machine();
+    let limit = m.ram().start().raw() + (32 << 20) - 1;
+    m.limit_dma(limit);
+    // The default spec claims every address: more than this bus carries.
+    let e = Tag::new_root(&m, Direct, TagSpec::new(64 << 10, 8)).err().unwrap();
+    assert!(
+        matches!(e, Error::LimitExceeded { what, requested, limit: l }
+            if what.starts_with("dma_mask") && requested == u64::MAX - 1 && l == limit),
+        "{e:?}"
+    );
+    let only_coherent = TagSpec { dma_mask: limit, ..TagSpec::new(64 << 10, 8) };
+    let e = Tag::new_root(&m, Direct, only_coherent).err().unwrap();
+    assert!(matches!(e, Error::LimitExceeded { what, .. } if what.starts_with("coherent_mask")), "{e:?}");
+    // Narrowed against the platform, the same device's tag is accepted and keeps to the bus.
+    let spec = TagSpec::new(64 << 10, 8).inherit(&TagSpec::of_platform(&m));
+    assert_eq!((spec.dma_mask, spec.coherent_mask), (limit, limit));
+    let tag = Tag::new_root(&m, Direct, spec).unwrap();
+    let c = tag.alloc_coherent(PAGE_SIZE, false).unwrap();
+    assert!(c.segments().iter().all(|s| s.addr.raw() + s.len - 1 <= limit));
+    drop(c);
+    // A child cannot widen what the root was narrowed to either.
+    assert!(tag.child(TagSpec::new(64 << 10, 8)).is_err());
+}

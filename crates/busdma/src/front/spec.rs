@@ -176,6 +176,32 @@ impl TagSpec {
         }
     }
 
+    /// The constraints the platform itself puts on every device: both masks at
+    /// [`Platform::dma_limit`](crate::Platform::dma_limit), nothing else. A driver whose
+    /// device emits more bits than the bus carries narrows its spec with
+    /// `spec.inherit(&TagSpec::of_platform(p))`.
+    pub fn of_platform<P: crate::Platform>(p: &P) -> TagSpec {
+        let limit = p.dma_limit();
+        TagSpec { dma_mask: limit, coherent_mask: limit, ..TagSpec::new(u64::MAX, u32::MAX) }
+    }
+
+    /// Checks that neither mask is wider than the platform's bus (`limit`, inclusive): a
+    /// device told it may use addresses the bus cuts off would DMA to the wrong place. Never
+    /// a silent clamp, as for a child tag ([`TagSpec::check_narrows`]).
+    ///
+    /// Errors: [`Error::LimitExceeded`] naming the mask, with its value and the limit.
+    pub fn check_platform(&self, limit: u64) -> Result<()> {
+        for (what, mask) in [
+            ("dma_mask wider than the platform's DMA limit", self.dma_mask),
+            ("coherent_mask wider than the platform's DMA limit", self.coherent_mask),
+        ] {
+            if mask > limit {
+                return Err(Error::LimitExceeded { what, requested: mask, limit });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that `self` (a child) only narrows `parent`.
     ///
     /// Errors: [`Error::InvalidArgument`] naming the first constraint the child widens, with

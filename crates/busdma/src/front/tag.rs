@@ -119,10 +119,12 @@ impl<P: Platform, S: Strategy<P>> Drop for TagData<'_, P, S> {
 impl<'p, P: Platform, S: Strategy<P>> Tag<'p, P, S> {
     /// A root tag (a device's DMA domain in front-end terms) served by `strategy`.
     ///
-    /// Errors: those of [`TagSpec::validate`], and the strategy's own check of the spec
+    /// Errors: those of [`TagSpec::validate`] and [`TagSpec::check_platform`] (a mask wider
+    /// than the platform's bus), and the strategy's own check of the spec
     /// ([`Strategy::check_tag`]).
     pub fn new_root(platform: &'p P, strategy: S, spec: TagSpec) -> Result<Self> {
         spec.validate()?;
+        spec.check_platform(platform.dma_limit())?;
         // What the map path's segment builder takes for granted (`SegmentBuilder::for_tag`).
         super::segments::Constraints::of(&spec).validate()?;
         strategy.check_tag(platform, &spec)?;
