@@ -11,6 +11,15 @@
 //! - for directions the device writes, its bytes reach the source memory after `POSTREAD`;
 //! - after unload from the strict domain no byte of the old segments is reachable.
 //!
+//! Deferred loads (`load_or_defer`): every thread also shares one waiting tag (`may_wait`) on a
+//! third, strict domain whose IOVA space is only [`WAIT_SPACE_PAGES`] pages, and in one
+//! operation of eight loads three maps at once (2 to 6 pages each), so loads queue for space
+//! held by its own and the other threads' maps; a quarter of the queued loads are cancelled.
+//! Checked: every callback runs exactly once, with success or `Cancelled`; a completed load
+//! gives the device exactly its bytes; a queued load completes within 20 s of the thread
+//! unloading everything it holds (no lost wake-up); at the end nothing waits and the queue's
+//! counters balance (`deferred = completed + cancelled`, none failed).
+//!
 //! At the end, every map destroyed and both domains flushed, the counters must balance: no
 //! live IOVA range in either domain, no bounce page in use, no model-audit violation, and
 //! every table page back with the platform once the domains are gone. Every failed check is
@@ -21,13 +30,14 @@ use std::time::{Duration, Instant};
 
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::{
-    Direct, Direction, DmaMap, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, Segment, SgEntry,
-    SgList, Strategy, SyncOp, Tag, TagSpec,
+    Deferrable, DeferredCallback, Direct, Direction, DmaMap, IommuPerMap, IommuPerSegment, IommuReserved,
+    MemKind, PendingLoad, RawSegments, Segment, SgEntry, SgList, Strategy, SyncOp, Tag, TagSpec,
 };
 use busdma::iommu::InvalidationPolicy;
-use busdma::iova::IovaAllocator;
+use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::TablePool;
 use busdma::quickmap::QuickMaps;
+use busdma::{AddrRange, Iova};
 use busdma::{PAGE_SIZE, PhysAddr, Platform};
 use busdma_model::{DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 use clap::Args;
@@ -62,6 +72,9 @@ pub struct SoakRow {
 /// Devices: one per domain.
 const DEV_STRICT: u32 = 0x50;
 const DEV_DEFERRED: u32 = 0x51;
+const DEV_WAIT: u32 = 0x52;
+/// IOVA pages of the waiting tag's domain: three 6-page loads do not fit, so loads queue.
+pub const WAIT_SPACE_PAGES: u64 = 12;
 /// Source pages per thread: loads of up to 4 runs of up to 3 pages each.
 const THREAD_PAGES: u64 = 32;
 /// Deferred domain: small queue and age bounds so both flush causes happen during a soak.
@@ -198,6 +211,149 @@ fn one_op<S: Strategy<HostPlatform>>(
     }
 }
 
+type WaitTag<'a> = Tag<'a, HostPlatform, IommuPerMap<&'a Dom<'a>>>;
+type WaitMap<'a> = DmaMap<'a, HostPlatform, IommuPerMap<&'a Dom<'a>>>;
+type WaitPending<'a> = PendingLoad<'a, HostPlatform, IommuPerMap<&'a Dom<'a>>>;
+
+/// One deferred-load operation (module doc): three loads through the waiting tag, some queued,
+/// some cancelled, all completed or cancelled before it returns, every map back in `maps`.
+fn wait_op<'a>(
+    m: &HostPlatform,
+    tag: &WaitTag<'a>,
+    maps: &mut Vec<WaitMap<'a>>,
+    iommu: &ModelIommu<'_>,
+    base: u64,
+    rng: &mut Rng,
+    v: &Violations,
+) {
+    type Calls = std::sync::Arc<AtomicU64>;
+    let check = |map: &mut WaitMap<'a>, run: (u64, u64), calls: &Calls| {
+        if calls.load(Ordering::SeqCst) != 1 {
+            v.report(format_args!(
+                "deferred: a loaded map's callback ran {} times",
+                calls.load(Ordering::SeqCst)
+            ));
+        }
+        if let Err(e) = map.sync(SyncOp::PREWRITE) {
+            v.report(format_args!("deferred: PREWRITE: {e}"));
+        }
+        let port = iommu.port(DEV_WAIT);
+        let mut got = Vec::new();
+        for s in map.segments() {
+            let mut b = vec![0u8; s.len as usize];
+            if port.dma_read(s.addr, &mut b).is_err() {
+                v.report(format_args!("deferred: device read of a completed load faulted"));
+            }
+            got.extend(b);
+        }
+        let mut want = vec![0u8; run.1 as usize];
+        let _ = m.read_phys(PhysAddr::new(run.0), &mut want);
+        if got != want {
+            v.report(format_args!("deferred: the device read other bytes than were loaded"));
+        }
+        let _ = map.sync(SyncOp::POSTWRITE);
+        if let Err(e) = map.unload() {
+            v.report(format_args!("deferred: unload: {e}"));
+        }
+    };
+    let mut pending: Vec<(WaitPending<'a>, (u64, u64), Calls)> = Vec::new();
+    let mut loaded: Vec<(WaitMap<'a>, (u64, u64), Calls)> = Vec::new();
+    for _ in 0..3 {
+        let Some(map) = maps.pop() else { break };
+        let pages = 2 + rng.below(5);
+        let run = (base + rng.below(THREAD_PAGES - pages + 1) * PAGE_SIZE, pages * PAGE_SIZE);
+        let calls: Calls = Calls::default();
+        let c = calls.clone();
+        let cb: DeferredCallback<'a, HostPlatform, IommuPerMap<&'a Dom<'a>>> = Box::new(move |res| {
+            c.fetch_add(1, Ordering::SeqCst);
+            if let Err(e) = res {
+                // Cancelled is counted by the caller; anything else is a failure the soak reports.
+                if e != busdma::Error::Cancelled {
+                    c.fetch_add(1000, Ordering::SeqCst);
+                }
+            }
+        });
+        let src = [(PhysAddr::new(run.0), run.1)];
+        // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
+        match map.load_or_defer(&unsafe { RawSegments::new(&src) }, Direction::ToDevice, cb) {
+            // Loaded at once: the callback was dropped without running; count it as run.
+            Ok(Deferrable::Loaded(mm)) => {
+                calls.fetch_add(1, Ordering::SeqCst);
+                loaded.push((mm, run, calls));
+            }
+            Ok(Deferrable::Deferred(p)) => pending.push((p, run, calls)),
+            Err((e, mm)) => {
+                v.report(format_args!("deferred: load_or_defer of {pages} pages failed: {e}"));
+                maps.push(mm);
+            }
+        }
+    }
+    // Cancel a quarter of the queued loads.
+    let mut kept = Vec::new();
+    for (p, run, calls) in pending {
+        if rng.below(4) != 0 {
+            kept.push((p, run, calls));
+            continue;
+        }
+        match p.cancel() {
+            Ok(mut mm) if mm.is_loaded() => {
+                check(&mut mm, run, &calls); // completed before the cancel: a normal load
+                maps.push(mm);
+            }
+            Ok(mm) => {
+                if calls.load(Ordering::SeqCst) != 1 {
+                    v.report(format_args!(
+                        "deferred: a cancelled load's callback ran {} times",
+                        calls.load(Ordering::SeqCst)
+                    ));
+                }
+                maps.push(mm);
+            }
+            Err(back) => kept.push((back, run, calls)), // being retried right now
+        }
+    }
+    for (mut mm, run, calls) in loaded {
+        check(&mut mm, run, &calls);
+        maps.push(mm);
+    }
+    // Everything this thread held is unloaded: each queued load now waits only for the other
+    // threads' loads, which they unload in bounded time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kept.is_empty() {
+        let mut still = Vec::new();
+        for (p, run, calls) in kept {
+            match p.try_finish() {
+                Ok(mut mm) => {
+                    if mm.is_loaded() {
+                        check(&mut mm, run, &calls);
+                    } else {
+                        v.report(format_args!(
+                            "deferred: a queued load failed (callback count {})",
+                            calls.load(Ordering::SeqCst)
+                        ));
+                    }
+                    maps.push(mm);
+                }
+                Err(p) => still.push((p, run, calls)),
+            }
+        }
+        kept = still;
+        if Instant::now() > deadline {
+            v.report(format_args!(
+                "deferred: {} queued loads not completed in 20 s (lost wake-up?): {:?}",
+                kept.len(),
+                tag.deferred_stats()
+            ));
+            // Leave them queued; the end-of-run check reports the queue too.
+            for (p, _, _) in kept.drain(..) {
+                std::mem::forget(p);
+            }
+            break;
+        }
+        std::thread::yield_now();
+    }
+}
+
 fn domain<'a>(
     m: &'a HostPlatform,
     iommu: &'a ModelIommu<'a>,
@@ -231,13 +387,26 @@ pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
     {
         let strict = domain(&m, &iommu, &pool, DEV_STRICT, 1, InvalidationPolicy::Strict)?;
         let deferred = domain(&m, &iommu, &pool, DEV_DEFERRED, 2, DEFERRED)?;
+        let wait_space =
+            AddrRange::new(Iova::new(1 << 20), Iova::new((1 << 20) + WAIT_SPACE_PAGES * PAGE_SIZE))
+                .map_err(|e| e.to_string())?;
+        let wait_iova =
+            IovaAllocator::new(wait_space, IovaConfig { cpus: threads, caches: false, guard_page: false })
+                .map_err(|e| format!("IOVA allocator: {e}"))?;
+        // SAFETY: `run` detaches the device before the domain is dropped.
+        let waitd = unsafe {
+            fixture::vtd_domain(&m, &iommu, &pool, DEV_WAIT, 3, InvalidationPolicy::Strict, wait_iova)?
+        };
+        let mut wait_spec = TagSpec::new(8 * PAGE_SIZE, 8);
+        wait_spec.flags.may_wait = true;
+        let wait_tag = Tag::new_root(&m, IommuPerMap(&waitd), wait_spec).map_err(|e| e.to_string())?;
         let qm = QuickMaps::for_platform(&m);
         let zones = BounceZones::new(&m, ZoneConfig::default());
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
         std::thread::scope(|sc| {
             for t in 0..threads {
-                let (m, strict, deferred, qm, zones, v, ops, iommu) =
-                    (&m, &strict, &deferred, &qm, &zones, &v, &ops, &iommu);
+                let (m, strict, deferred, qm, zones, v, ops, iommu, wait_tag) =
+                    (&m, &strict, &deferred, &qm, &zones, &v, &ops, &iommu, &wait_tag);
                 sc.spawn(move || {
                     let _bind = match m.bind_cpu(t) {
                         Ok(b) => b,
@@ -278,11 +447,17 @@ pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
                     else {
                         return v.report(format_args!("thread {t}: a map could not be created"));
                     };
+                    let Ok(mut wait_maps) =
+                        (0..3).map(|_| wait_tag.create_map()).collect::<Result<Vec<_>, _>>()
+                    else {
+                        return v.report(format_args!("thread {t}: a waiting map could not be created"));
+                    };
                     let (ps, pd) = (Path::Iommu(iommu, DEV_STRICT), Path::Iommu(iommu, DEV_DEFERRED));
                     let r = &mut rng;
                     while Instant::now() < deadline {
                         for _ in 0..64 {
-                            match r.below(7) {
+                            match r.below(8) {
+                                7 => wait_op(m, wait_tag, &mut wait_maps, iommu, base, r, v),
                                 0 => one_op(m, &mut m0, Path::Physical, false, base, r, v, "direct"),
                                 1 => one_op(m, &mut m1, Path::Physical, false, base, r, v, "bounce"),
                                 2 => one_op(m, &mut m2, ps, true, base, r, v, "per-map strict"),
@@ -308,12 +483,28 @@ pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
                 v.report(format_args!("{name} domain: {live} IOVA ranges live after every map is gone"));
             }
         }
+        let st = wait_tag.deferred_stats();
+        if st.waiting != 0 || st.failed != 0 || st.deferred != st.completed + st.cancelled {
+            v.report(format_args!("deferred loads do not balance at the end: {st:?}"));
+        }
+        if st.deferred == 0 && args.seconds > 0 {
+            v.report(format_args!("no load was ever deferred: the deferred path was not exercised"));
+        }
+        eprintln!(
+            "soak: deferred loads: {} queued, {} completed, {} cancelled",
+            st.deferred, st.completed, st.cancelled
+        );
+        drop(wait_tag);
+        if waitd.iova().stats().live_ranges != 0 {
+            v.report(format_args!("waiting domain: IOVA ranges live after every map is gone"));
+        }
         let in_use: u64 = zones.stats().iter().map(|z| z.1.total_pages - z.1.free_pages).sum();
         if in_use != 0 {
             v.report(format_args!("{in_use} bounce pages in use after every map is gone"));
         }
         let _ = iommu.detach(DEV_STRICT);
         let _ = iommu.detach(DEV_DEFERRED);
+        let _ = iommu.detach(DEV_WAIT);
     }
     if let Some(rep) = iommu.audit_report() {
         for _ in 0..rep.violation_count {
