@@ -112,7 +112,7 @@ ASAN_OPTIONS="fast_unwind_on_malloc=0" LSAN_OPTIONS="suppressions=$PWD/lsan-supp
   || die "tests under AddressSanitizer"
 
 step "fuzz targets: build, then ${FUZZ_SECONDS:=60} s each from the kept corpus (any finding fails)"
-# 60 s per target is the issue's figure: 4 targets take 4 minutes plus about 2 minutes of build,
+# 60 s per target is the issue's figure: 5 targets take 5 minutes plus about 2 minutes of build,
 # under a tenth of CI's 90-minute budget next to the ~10 minutes of the rest. Each run starts
 # from fuzz/corpus/<target> (read-only here) and writes new inputs to a scratch directory.
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked || die "cannot install cargo-fuzz"
