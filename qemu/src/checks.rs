@@ -289,6 +289,10 @@ pub fn run(info: &BootInfo) -> usize {
         "device: edu attached by busdma::device (one call) round-trips a DMA and is blocked after detach",
         || crate::device_check::device_round_trip(&vtd, &devs[0]),
     );
+    r.check(
+        "device: a kernel-heap buffer (whole heap pages) is an owned DMA buffer: edu round-trips it with no unsafe",
+        || crate::device_check::heap_buffer_round_trip(&vtd, &devs[0]),
+    );
 
     r.check("vtd: teardown turns translation off and frees every page it took", || {
         drop(vtd);

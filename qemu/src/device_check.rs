@@ -7,7 +7,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use busdma::device::{Iommu, Policy};
-use busdma::front::{Direction, RawSegment, TagSpec};
+use busdma::front::{Direction, HeapBuffer, OwnedMap, RawSegment, TagSpec};
 use busdma::quickmap::QuickMaps;
 use busdma::vtd::SourceId;
 use busdma::{PAGE_SIZE, PageRequest, Platform};
@@ -79,4 +79,39 @@ pub fn device_round_trip(vtd: &Unit, dev: &Edu) -> Result<(), String> {
         return Err("a domain was leaked".into());
     }
     Ok(())
+}
+
+/// The kernel's heap as owned DMA buffers: a `HeapBuffer` (whole heap pages, in this kernel's
+/// identity direct map) is loaded into an owned map with no `unsafe`, edu copies it into its
+/// own memory and back into a second heap buffer through the device's domain, and the bytes
+/// come back with the buffer once the strict unload proves no translation reaches it.
+pub fn heap_buffer_round_trip(vtd: &Unit, dev: &Edu) -> Result<(), String> {
+    let qm = QuickMaps::for_platform(&PLATFORM);
+    let iommu = Iommu::new(&PLATFORM, &qm, vtd).map_err(e2s)?;
+    let d = iommu.attach(SourceId(dev.bdf.source_id()), Policy::Strict).map_err(e2s)?;
+    let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
+    let r = (|| {
+        let tag = d.tag(spec).map_err(e2s)?;
+        let pattern: Vec<u8> = (0..LEN as u32).map(|i| (i.wrapping_mul(7) + 3) as u8).collect();
+        let mut src = HeapBuffer::new_zeroed(LEN).map_err(e2s)?;
+        src.bytes_mut().copy_from_slice(&pattern);
+        let dst = HeapBuffer::new_zeroed(LEN).map_err(e2s)?;
+        let mut out: OwnedMap<'_, _, _, HeapBuffer> = tag.create_owned_map().map_err(e2s)?;
+        let mut back: OwnedMap<'_, _, _, HeapBuffer> = tag.create_owned_map().map_err(e2s)?;
+        let bus_out = out.load(src, Direction::ToDevice).map_err(|(e, _)| e2s(e))?[0].addr.raw();
+        let bus_back = back.load(dst, Direction::FromDevice).map_err(|(e, _)| e2s(e))?[0].addr.raw();
+        dev.dma(Dir::FromRam, bus_out, 0, LEN)?;
+        dev.dma(Dir::ToRam, bus_back, 0, LEN)?;
+        // While the map holds it, the CPU reads the buffer by copy only.
+        let mut peek = [0u8; 16];
+        back.buffer().ok_or("the map lost its buffer")?.read(0, &mut peek).map_err(e2s)?;
+        let mut got = back.take().map_err(e2s)?;
+        if got.bytes_mut() != &pattern[..] || peek[..] != pattern[..16] {
+            return Err("the heap buffer's round trip through the device's domain did not arrive".into());
+        }
+        drop(out.take().map_err(e2s)?);
+        Ok(())
+    })();
+    d.detach().map_err(|e| format!("detach: {e:?}"))?;
+    r
 }

@@ -102,3 +102,19 @@ fn device_regions_load_without_unsafe_in_the_driver_and_are_never_copied() {
     map.sync(SyncOp::PREREAD).unwrap();
     map.sync(SyncOp::POSTREAD).unwrap();
 }
+
+#[test]
+fn a_heap_buffer_outside_the_direct_map_is_refused_and_comes_back_intact() {
+    // The hosted model's direct map is its own RAM; the host process's heap is not in it, so
+    // the load must fail at the translation (a kernel's heap in its direct map loads: the
+    // QEMU suite's `heap buffer` check proves that path).
+    let m = machine();
+    let tag = Tag::new_root(&m, Direct, TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
+    let mut map = tag.create_owned_map::<busdma::front::HeapBuffer>().unwrap();
+    let mut buf = busdma::front::HeapBuffer::new_zeroed(5000).unwrap();
+    buf.bytes_mut()[4999] = 0x5a;
+    let (e, mut back) = map.load(buf, Direction::ToDevice).err().unwrap();
+    assert!(matches!(e, Error::NotDirectMapped { .. }), "{e:?}");
+    assert!(!map.is_loaded());
+    assert_eq!(back.bytes_mut()[4999], 0x5a);
+}

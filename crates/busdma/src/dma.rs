@@ -41,6 +41,7 @@
 //! | descriptor rings, mailboxes | [`Tag::alloc_coherent`] → [`Coherent`] (mapped for its whole life) |
 //! | a buffer that goes back and forth | [`Tag::alloc_buffer`] → [`CpuOwned`] ⇄ [`DeviceOwned`], direction in the type |
 //! | per-I/O buffers and scatter-gather lists | [`Tag::create_owned_map`] → [`OwnedMap`], loaded with [`DmaMemory`], [`Part`]s of it, [`RegionSlice`]s of device memory, registered user buffers, or arrays and tuples of them |
+//! | a buffer from the kernel heap | [`HeapBuffer`] (whole heap pages, so the device reaches nothing else), loaded into an [`OwnedMap`] |
 //! | a packet built of fragments (mbuf), a block request on sectors (bio) | [`FragChain`] ([`FragChain::blocks`] for a bio), loaded into an [`OwnedMap`] |
 //! | a `readv`/`writev` over registered user memory (uio) | [`crate::pin::Registry::load_iov`] → [`crate::pin::RegisteredIov`], loaded into an [`OwnedMap`] |
 //! | a peer's BAR, MMIO, memory without pages | [`DeviceRegion`] (described once by bus code, `unsafe`), then [`DeviceRegion::slice`] |
@@ -56,8 +57,8 @@ pub use crate::error::{Error, Result};
 pub use crate::front::typed::{Bidirectional, CpuOwned, DeviceOwned, DmaDir, FromDevice, ToDevice};
 pub use crate::front::{
     Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, FragChain,
-    OwnedMap, Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags,
-    TagSpec,
+    HeapBuffer, HeapPage, OwnedMap, Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment,
+    SyncStats, Tag, TagFlags, TagSpec,
 };
 pub use crate::platform::MemAttr;
 

@@ -136,6 +136,20 @@
 //! }
 //! ```
 //!
+//! A byte vector shares its first and last pages with other heap objects, which a device
+//! mapped page by page could reach; heap memory is loadable as a
+//! [`HeapBuffer`](crate::front::HeapBuffer), made of whole pages by its element type. While a
+//! map holds one, the CPU reaches its bytes only by copy: a slice needs `&mut`, and the map
+//! lends `&`:
+//!
+//! ```compile_fail,E0596
+//! use busdma::front::{Direct, Direction, HeapBuffer, OwnedMap, Tag};
+//! use busdma::Platform;
+//! fn peek<'p, P: Platform>(map: &OwnedMap<'p, P, Direct, HeapBuffer>) {
+//!     let bytes = map.buffer().unwrap().bytes_mut(); // error[E0596]: behind a `&` reference
+//! }
+//! ```
+//!
 //! ## 7. Giving memory back after a failed invalidation
 //!
 //! The CPU cannot touch a device-owned typed buffer, and taking it back reports the

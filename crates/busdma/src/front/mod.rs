@@ -51,6 +51,7 @@ pub mod coherent;
 #[cfg(feature = "dma-debug")]
 pub mod debug;
 pub mod defer;
+pub mod heap;
 pub mod load;
 pub mod map;
 pub mod owned;
@@ -66,6 +67,7 @@ pub use cache_sync::{SyncOp, SyncStats};
 pub use chain::FragChain;
 pub use coherent::{Coherent, DmaMemory};
 pub use defer::{DeferStats, Deferrable, DeferredCallback, DeferredMap, PendingLoad};
+pub use heap::{HeapBuffer, HeapPage};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use owned::{DeviceRegion, DmaBuffer, OwnedMap, Part, RegionKind, RegionSlice};
