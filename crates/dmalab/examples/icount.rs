@@ -17,7 +17,10 @@
 //!   with the NIC's DMA read of the packet through the model IOMMU (or straight to RAM); the
 //!   deferred reserved maps have two windows each, used in turn, as in `dmalab tcpbench`;
 //! - `iova`: an IOVA alloc + free pair of 4 pages (`dmalab bench iova`'s fast path).
-//! - `iova-frag`: `bench iova --patterns frag`'s step (free the oldest of 16, allocate 1-16 pages).
+//!
+//! The IOVA allocator's other paths (mixed sizes, the tree alone) are in `examples/icount_iova.rs`:
+//! a second caller of `alloc` here would change how it is inlined into `iova`'s loop, and with it
+//! this path's count.
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -148,30 +151,6 @@ fn tcp_loop<S: Strategy<HostPlatform>>(
     black_box(buf);
 }
 
-/// `iova-frag`: `dmalab bench iova --patterns frag`'s step: a ring of 16 ranges of 1-16 pages,
-/// each op frees the oldest and allocates the next size.
-#[inline(never)]
-fn hot_iova_frag(
-    m: &HostPlatform,
-    a: &IovaAllocator,
-    ring: &mut [Option<busdma::AddrRange<busdma::Iova>>],
-    ops: usize,
-) {
-    let g = m.pin_cpu();
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..ops {
-        let slot = i % ring.len();
-        if let Some(r) = ring[slot].take() {
-            a.free(&g, black_box(r)).expect("free");
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let pages = 1 + (x % 16);
-        ring[slot] = Some(a.alloc(&g, &IovaRequest::pages(pages)).expect("alloc"));
-    }
-}
-
 #[inline(never)]
 fn hot_iova(m: &HostPlatform, a: &IovaAllocator, ops: usize) {
     let g = m.pin_cpu();
@@ -206,12 +185,6 @@ fn main() {
     let _b = m.bind_cpu(0).expect("bind");
     let iova =
         IovaAllocator::new(space(), IovaConfig { cpus: 2, caches: true, guard_page: false }).expect("iova");
-    if path == "iova-frag" {
-        let mut ring = vec![None; 16];
-        hot_iova_frag(&m, &iova, &mut ring, 4096); // warm: every size class cached
-        hot_iova_frag(&m, &iova, &mut ring, ops);
-        return;
-    }
     if path == "iova" {
         // Warm the caches, then count.
         let g = m.pin_cpu();

@@ -1,0 +1,78 @@
+//! Instruction counts of the IOVA allocator beyond its 4-page fast path (which
+//! `examples/icount.rs` counts alone, so no other caller changes how it is inlined), for
+//! callgrind.
+//!
+//! `cargo build --release -p dmalab --example icount_iova`, then
+//! `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*icount_iova::hot*'
+//! target/release/examples/icount_iova <path> <ops>`. Warm-up is counted with the path: run
+//! `<ops>` = N and 2N and divide the difference of the `Collected` totals by N.
+//!
+//! - `frag`: `dmalab bench iova --patterns frag`'s step: a ring of 16 ranges, each step frees
+//!   the oldest and allocates 1-16 pages (xorshift sizes), per-CPU caches on.
+//! - `tree-1k`, `tree-100k`: the tree alone (no per-CPU caches): a 1-page alloc + free pair
+//!   among 1 000 / 100 000 live 1-page ranges separated by 1-page holes.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+
+use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
+use busdma::{AddrRange, Iova, Platform};
+use busdma_model::{HostPlatform, MachineConfig};
+
+#[inline(never)]
+fn hot_frag(m: &HostPlatform, a: &IovaAllocator, ring: &mut [Option<AddrRange<Iova>>], ops: usize) {
+    let g = m.pin_cpu();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..ops {
+        let slot = i % ring.len();
+        if let Some(r) = ring[slot].take() {
+            a.free(&g, black_box(r)).expect("free");
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ring[slot] = Some(a.alloc(&g, &IovaRequest::pages(1 + x % 16)).expect("alloc"));
+    }
+}
+
+#[inline(never)]
+fn hot_tree(m: &HostPlatform, a: &IovaAllocator, ops: usize) {
+    let g = m.pin_cpu();
+    let req = IovaRequest::pages(1);
+    for _ in 0..ops {
+        let r = a.alloc(&g, &req).expect("alloc");
+        a.free(&g, black_box(r)).expect("free");
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).map(String::as_str).unwrap_or("frag");
+    let ops: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32_000);
+    let m =
+        HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(16 << 20) }).expect("machine");
+    let _b = m.bind_cpu(0).expect("bind");
+    let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 40)).expect("space");
+    let live = match path {
+        "frag" => {
+            let a = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false })
+                .expect("iova");
+            let mut ring = vec![None; 16];
+            hot_frag(&m, &a, &mut ring, 4096); // every size class cached
+            hot_frag(&m, &a, &mut ring, ops);
+            return;
+        }
+        "tree-1k" => 1_000,
+        "tree-100k" => 100_000,
+        other => panic!("unknown path {other}: frag, tree-1k, tree-100k"),
+    };
+    let a =
+        IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).expect("iova");
+    let g = m.pin_cpu();
+    let all: Vec<_> = (0..2 * live).map(|_| a.alloc(&g, &IovaRequest::pages(1)).expect("alloc")).collect();
+    for r in all.into_iter().skip(1).step_by(2) {
+        a.free(&g, r).expect("free");
+    }
+    drop(g);
+    hot_tree(&m, &a, ops);
+}
