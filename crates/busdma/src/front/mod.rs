@@ -60,6 +60,7 @@ pub mod spec;
 pub mod strategy;
 pub mod tag;
 pub mod typed;
+pub mod window;
 
 pub use cache_sync::{SyncOp, SyncStats};
 pub use coherent::{Coherent, DmaMemory};
@@ -72,5 +73,7 @@ pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};
 pub use strategy::{
     Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
+    WindowSource,
 };
 pub use tag::{Exclusion, Tag, TagFlags, TagSpec};
+pub use window::{DmaWindow, LinkError, Linked, WindowStats};

@@ -157,6 +157,37 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     }
 }
 
+/// A strategy whose loads go through an IOMMU domain, and that can lend that domain to a
+/// two-step window ([`crate::front::window`]): `window_ops` returns the handle the strategy
+/// maps with (a clone: a reference or a reference count), or [`crate::Error::Unsupported`]
+/// when the tag has no IOMMU domain to reserve IOVA in (identity, pass-through).
+///
+/// Safe to implement: a window maps only memory it owns, so a handle to some other domain
+/// would give that domain's device the window's owned buffers and nothing else.
+pub trait WindowSource<P: Platform>: super::Strategy<P> {
+    /// The domain handle a window keeps.
+    type Ops: IommuOps<P> + Clone;
+
+    /// The domain this strategy maps into.
+    ///
+    /// Errors: [`crate::Error::Unsupported`] (no domain).
+    fn window_ops(&self) -> Result<Self::Ops>;
+}
+
+impl<P: Platform, D: IommuOps<P> + Clone> WindowSource<P> for super::IommuPerMap<D> {
+    type Ops = D;
+    fn window_ops(&self) -> Result<D> {
+        Ok(self.0.clone())
+    }
+}
+
+impl<P: Platform, D: IommuOps<P> + Clone> WindowSource<P> for super::IommuPerSegment<D> {
+    type Ops = D;
+    fn window_ops(&self) -> Result<D> {
+        Ok(self.0.clone())
+    }
+}
+
 /// The memory type a run is mapped with (theory 6): device memory for MMIO and peer BARs,
 /// normal memory for everything else.
 #[inline]
