@@ -42,6 +42,7 @@
 //! | a buffer that goes back and forth | [`Tag::alloc_buffer`] → [`CpuOwned`] ⇄ [`DeviceOwned`], direction in the type |
 //! | per-I/O buffers and scatter-gather lists | [`Tag::create_owned_map`] → [`OwnedMap`], loaded with [`DmaMemory`], [`Part`]s of it, [`RegionSlice`]s of device memory, registered user buffers, or arrays and tuples of them |
 //! | a peer's BAR, MMIO, memory without pages | [`DeviceRegion`] (described once by bus code, `unsafe`), then [`DeviceRegion::slice`] |
+//! | per-I/O buffers recycled through fixed slots (a ring), one IOTLB invalidation per batch | [`Tag::create_window`] → [`DmaWindow`] (two-step mapping: `link`, `unlink`, `commit`) |
 //! | memory the kernel describes by address | [`DmaMap`] with the `unsafe` sources of [`crate::front`] ([`crate::front::KernelBuf`], [`crate::front::SgList`], ...) |
 //!
 //! Every map owns what it maps while a translation may reach it; what comes back after a
@@ -56,6 +57,7 @@ pub use crate::front::{
     Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, OwnedMap,
     Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags, TagSpec,
 };
+pub use crate::front::{DmaWindow, LinkError, Linked};
 pub use crate::platform::MemAttr;
 
 use crate::device::DeviceStrategy;
@@ -68,3 +70,6 @@ pub type DeviceOwnedMap<'i, 'p, H, B> = OwnedMap<'i, <H as IommuHw>::Platform, D
 
 /// Coherent memory of a device's tag ([`Tag::alloc_coherent`]).
 pub type DeviceCoherent<'i, 'p, H> = Coherent<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
+
+/// A two-step window of a device's tag whose links own the buffers `B` ([`DmaWindow`]).
+pub type DeviceWindow<'i, 'p, H, B> = DmaWindow<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>, B>;

@@ -25,6 +25,8 @@
 //! 6. **Waiting** ([`defer`]): on a tag that may wait, a load short of resources is queued in
 //!    arrival order and completed by callback when an unload or destroy frees them; a no-wait
 //!    load fails at once.
+//! 7. **Two-step mapping** ([`window`]): an IOVA window reserved once per device ring, owned
+//!    buffers linked and unlinked at fixed offsets, one IOTLB invalidation per batch commit.
 //!
 //! ## Example
 //!
