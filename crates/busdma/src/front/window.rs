@@ -172,6 +172,21 @@ pub struct DmaWindow<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> {
     done: bool,
 }
 
+/// What a refused link left of its pages.
+enum Fate {
+    /// Nothing mapped, or the undo proven: the buffer comes back.
+    Untouched,
+    /// This many pages cleared, their invalidation not proven: the buffer is held.
+    Held(u64),
+    /// This many pages possibly still mapped (the undo was refused): taken for good, the
+    /// buffer leaked.
+    Leaked(u64),
+}
+
+/// An owner-index entry for pages that stay taken for good (a refused undo: they may still be
+/// mapped); no slot has this number.
+const LEAKED: u32 = u32::MAX;
+
 fn reserve<T>(v: &mut Vec<T>, n: usize) -> Result<()> {
     v.try_reserve_exact(n).map_err(|_| Error::NoMemory {
         requested: (n as u64).saturating_mul(core::mem::size_of::<T>() as u64),
@@ -299,7 +314,7 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
         let id =
             *self.owner.get(page as usize).ok_or(Error::OutOfRange { addr: offset, limit: self.size() })?;
         match id.checked_sub(1).map(|k| k as usize) {
-            Some(k) if self.slots[k].off == offset => Ok(k),
+            Some(k) if self.slots.get(k).is_some_and(|s| s.off == offset && s.state != State::Free) => Ok(k),
             _ => Err(Error::NotMapped { addr: offset }),
         }
     }
@@ -379,11 +394,20 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
                 self.stats.live += 1;
                 Ok(linked)
             }
-            Err((error, None)) => {
+            Err((error, Fate::Untouched)) => {
                 self.stats.refused += 1;
                 Err(LinkError { error, buffer: Some(buf) })
             }
-            Err((error, Some(pages))) => {
+            Err((error, Fate::Leaked(pages))) => {
+                self.stats.refused += 1;
+                let first = (offset / PAGE_SIZE) as usize;
+                for o in self.owner.iter_mut().skip(first).take(pages as usize) {
+                    *o = LEAKED;
+                }
+                core::mem::forget(buf);
+                Err(LinkError { error, buffer: None })
+            }
+            Err((error, Fate::Held(pages))) => {
                 // A part-way map whose undo is not proven: hold the buffer (theory 5).
                 self.stats.refused += 1;
                 match self.free_slots.pop() {
@@ -422,26 +446,26 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
         }
     }
 
-    /// The checks and the mapping of `link`. Errors: `(e, None)` nothing mapped;
-    /// `(e, Some(pages))` a part-way map whose undo is not proven.
+    /// The checks and the mapping of `link`. Errors: the error and what became of the
+    /// link's pages.
     #[allow(unsafe_code)] // the domain's IOVA, table and mapping calls
     fn try_link(
         &mut self,
         offset: u64,
         buf: &B,
         dir: Direction,
-    ) -> core::result::Result<(Linked, u64), (Error, Option<u64>)> {
+    ) -> core::result::Result<(Linked, u64), (Error, Fate)> {
         if offset % PAGE_SIZE != 0 {
-            return Err((Error::Misaligned { value: offset, align: PAGE_SIZE }, None));
+            return Err((Error::Misaligned { value: offset, align: PAGE_SIZE }, Fate::Untouched));
         }
         if self.free_slots.is_empty() {
             let n = self.slots.capacity() as u64;
             return Err((
                 Error::LimitExceeded { what: "links per window", requested: n + 1, limit: n },
-                None,
+                Fate::Untouched,
             ));
         }
-        let (page_off, len) = self.collect(buf).map_err(|e| (e, None))?;
+        let (page_off, len) = self.collect(buf).map_err(|e| (e, Fate::Untouched))?;
         let span = page_off.checked_add(len).and_then(|s| s.checked_next_multiple_of(PAGE_SIZE));
         let end = span.and_then(|s| offset.checked_add(s));
         let size = self.size();
@@ -453,17 +477,17 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
                         addr: offset.saturating_add(page_off).saturating_add(len),
                         limit: size,
                     },
-                    None,
+                    Fate::Untouched,
                 ));
             }
         };
         let spec = &self.tag.spec;
         let iova = self.range.start().raw() + offset + page_off;
         if spec.alignment > 1 && iova % spec.alignment != 0 {
-            return Err((Error::Misaligned { value: iova, align: spec.alignment }, None));
+            return Err((Error::Misaligned { value: iova, align: spec.alignment }, Fate::Untouched));
         }
         if len > spec.max_segment_size {
-            return Err((Error::BadSize { size: len, limit: spec.max_segment_size }, None));
+            return Err((Error::BadSize { size: len, limit: spec.max_segment_size }, Fate::Untouched));
         }
         if spec.boundary != 0 && (iova / spec.boundary) != ((iova + len - 1) / spec.boundary) {
             return Err((
@@ -471,13 +495,13 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
                     what: "window link crossing the tag's boundary (bus address)",
                     value: iova,
                 },
-                None,
+                Fate::Untouched,
             ));
         }
         let first = (offset / PAGE_SIZE) as usize;
         let pages = span / PAGE_SIZE;
         if let Some(i) = self.owner[first..(end / PAGE_SIZE) as usize].iter().position(|&o| o != 0) {
-            return Err((Error::AlreadyMapped { addr: offset + i as u64 * PAGE_SIZE }, None));
+            return Err((Error::AlreadyMapped { addr: offset + i as u64 * PAGE_SIZE }, Fate::Untouched));
         }
         let base = self.range.start().raw() + offset;
         let g = self.tag.platform.pin_cpu();
@@ -494,15 +518,20 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
             Ok(()) => Ok((Linked { iova: Iova::new(iova), len }, pages)),
             Err(e) => {
                 if self.mapped.is_empty() {
-                    return Err((e, None));
+                    return Err((e, Fate::Untouched));
                 }
                 // SAFETY: the ranges just mapped by this call, in this window.
                 let undo = unsafe { self.ops.unmap(&g, &self.mapped, &[]) }
                     .and_then(|t| self.ops.ensure_flushed(&g, t));
                 self.mapped.clear();
                 match undo {
-                    Ok(()) => Err((e, None)),
-                    Err(_) => Err((e, Some(pages))),
+                    Ok(()) => Err((e, Fate::Untouched)),
+                    // Cleared, not proven: held until a proof (theory 5).
+                    Err(Error::InvalidationFailed { .. }) => Err((e, Fate::Held(pages))),
+                    // The undo itself was refused (a bookkeeping bug): the pages may still be
+                    // mapped, so they stay taken for good and the buffer is leaked, never
+                    // given back.
+                    Err(_) => Err((e, Fate::Leaked(pages))),
                 }
             }
         }
