@@ -432,3 +432,63 @@ proptest! {
         prop_assert_eq!(rep.violation_count, 0, "model audit: {:?}", rep.violations);
     }
 }
+
+#[test]
+fn in_caching_mode_each_link_invalidates_its_range_so_a_cached_fault_never_hides_it() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let hw = ModelIommu::new(&m, IommuConfig { audit: true, caching_mode: true, ..IommuConfig::default() })
+        .unwrap();
+    let iommu = Iommu::new(&m, &qm, hw).unwrap();
+    let d = iommu.attach(DEV, Policy::Strict).unwrap();
+    let tag = d.tag(spec()).unwrap();
+    let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(16 * PAGE_SIZE, 4).unwrap();
+    let base = w.iova().start().raw();
+    // The device probes the empty slot first: the unit caches the not-present result.
+    assert!(read(iommu.hw(), Iova::new(base), 1).is_err());
+    let before = iommu.hw().stats();
+    let (a, data) = mem(&m, 1, 4);
+    let l = w.link(0, a, Direction::ToDevice).unwrap();
+    let after = iommu.hw().stats();
+    assert_eq!(after.inv_after_map - before.inv_after_map, 1, "one after-map invalidation per link");
+    assert_eq!(read(iommu.hw(), l.iova, PAGE_SIZE).unwrap(), data, "the cached fault does not hide the link");
+    w.unlink(0).unwrap();
+    assert_eq!(w.commit(|_, _| ()).unwrap(), 1);
+    assert!(read(iommu.hw(), l.iova, 1).is_err());
+}
+
+#[test]
+fn a_link_whose_map_fails_gives_its_buffer_back_and_the_next_link_works() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let iommu = Iommu::new(&m, &qm, model(&m)).unwrap();
+    let d = iommu.attach(DEV, Policy::Strict).unwrap();
+    let tag = d.tag(spec()).unwrap();
+    let mut w = tag
+        .create_window::<(DmaMemory<'_, HostPlatform>, DmaMemory<'_, HostPlatform>)>(8 * PAGE_SIZE, 2)
+        .unwrap();
+    let base = w.iova().start().raw();
+    // A batch whose invalidation fails degrades the domain; while the unit keeps failing,
+    // every map of the domain (which first recovers with a whole-domain invalidation) fails.
+    let (x, y) = (mem(&m, 1, 7).0, mem(&m, 1, 8).0);
+    w.link(4 * PAGE_SIZE, (x, y), Direction::ToDevice).unwrap();
+    w.unlink(4 * PAGE_SIZE).unwrap();
+    iommu.hw().fail_next_invalidations(u64::MAX);
+    assert!(matches!(w.commit(|_, _| ()), Err(Error::InvalidationFailed { .. })));
+    let ((a, da), (b, db)) = (mem(&m, 1, 1), mem(&m, 1, 2));
+    let e = w.link(0, (a, b), Direction::ToDevice).unwrap_err();
+    assert!(matches!(e.error, Error::InvalidationFailed { .. }), "{:?}", e.error);
+    let (a, b) = e.buffer.expect("nothing mapped: the buffer comes back");
+    assert!(
+        read(iommu.hw(), Iova::new(base), 1).is_err()
+            && read(iommu.hw(), Iova::new(base + PAGE_SIZE), 1).is_err()
+    );
+    assert_eq!((w.stats().live, w.stats().held, w.stats().refused), (1, 1, 1));
+    // The unit works again: the same link succeeds, its two pages contiguous in bus space,
+    // and the held batch comes back at the next commit.
+    iommu.hw().fail_next_invalidations(0);
+    let l = w.link(0, (a, b), Direction::ToDevice).unwrap();
+    assert_eq!((l.iova.raw(), l.len), (base, 2 * PAGE_SIZE));
+    assert_eq!(read(iommu.hw(), l.iova, 2 * PAGE_SIZE).unwrap(), [da, db].concat());
+    assert_eq!(w.commit(|off, _| assert_eq!(off, 4 * PAGE_SIZE)).unwrap(), 1);
+}
