@@ -60,6 +60,36 @@
 //!    allocates. The CPU reaches a linked buffer by copy ([`DmaWindow::buffer`]), never by
 //!    reference to device-visible bytes; cache maintenance is [`DmaWindow::sync`].
 //!
+//! ## Example
+//!
+//! A transmit ring of 256 one-page slots, one invalidation per batch of 32 completions:
+//!
+//! ```
+//! use busdma::front::{Direction, DmaMemory, IommuOps, IommuPerMap, SyncOp, Tag};
+//! use busdma::{MemAttr, PAGE_SIZE, Platform};
+//! # fn demo<'p, P: Platform, D: IommuOps<P> + Clone>(p: &'p P, tag: &Tag<'p, P, IommuPerMap<D>>) -> busdma::Result<()> {
+//! let mut ring = tag.create_window::<DmaMemory<'p, P>>(256 * PAGE_SIZE, 256)?;
+//! let mut free: Vec<DmaMemory<'p, P>> = Vec::new();
+//! for _ in 0..32 {
+//!     free.push(DmaMemory::alloc(p, tag.spec(), PAGE_SIZE, MemAttr::WriteBack)?);
+//! }
+//! for slot in 0..32u64 {
+//!     let buf = free.pop().unwrap();
+//!     buf.write(0, b"packet")?;
+//!     let at = ring.link(slot * PAGE_SIZE, buf, Direction::ToDevice).map_err(|e| e.error)?;
+//!     ring.sync(slot * PAGE_SIZE, SyncOp::PREWRITE)?;
+//!     // ... post `at.iova`, `at.len` to the device ...
+//! #   let _ = at;
+//! }
+//! // Completions: mark each sent slot, then one invalidation hands the buffers back.
+//! for slot in 0..32u64 {
+//!     ring.unlink(slot * PAGE_SIZE)?;
+//! }
+//! ring.commit(|_offset, buf| free.push(buf))?;
+//! assert_eq!(free.len(), 32);
+//! # Ok(()) }
+//! ```
+//!
 //! # Execution context
 //!
 //! `create_window` allocates (the slab, the page index, table levels) and never sleeps.
