@@ -182,7 +182,7 @@ struct Slot<B> {
 ///
 /// `range` was allocated from `ops` for this window and has every table level installed;
 /// `owner[i]` is `k + 1` exactly when window page `i` belongs to slot `k`, whose state is not
-/// `Free` and whose `buf` is `Some`; a `Linked` or `Unlinking` slot's pages are mapped to its
+/// `Free` and whose `buf` is `Some`, and `LEAKED` for a page taken for good (a refused undo); a `Linked` or `Unlinking` slot's pages are mapped to its
 /// buffer, a `Held` slot's pages are cleared but their invalidation is not proven; `pending`
 /// holds the ranges of the `Unlinking` slots listed in `pending_slots`.
 pub struct DmaWindow<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> {
