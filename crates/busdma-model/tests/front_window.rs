@@ -355,37 +355,63 @@ fn a_link_honours_the_tag_boundary_max_segment_and_untrusted_rules() {
 /// One step of the property test.
 #[derive(Clone, Debug)]
 enum Op {
-    Link { page: u64, pages: u64 },
-    Unlink { page: u64 },
+    Link {
+        page: u64,
+        pages: u64,
+    },
+    Unlink {
+        page: u64,
+    },
     Commit,
+    CommitLazy,
+    /// A flush of the domain (the tag's proof): every retiring link's queued invalidation
+    /// completes.
+    Flush,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..20u64, 1..4u64).prop_map(|(page, pages)| Op::Link { page, pages }),
-        2 => (0..16u64).prop_map(|page| Op::Unlink { page }),
+        6 => (0..20u64, 1..4u64).prop_map(|(page, pages)| Op::Link { page, pages }),
+        4 => (0..16u64).prop_map(|page| Op::Unlink { page }),
         1 => Just(Op::Commit),
+        2 => Just(Op::CommitLazy),
+        1 => Just(Op::Flush),
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+/// A link in the reference: pages, physical address, state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RefState {
+    Linked,
+    Marked,
+    /// Unmapped by a lazy commit; `true` once a flush has covered it.
+    Retiring(bool),
+}
 
-    /// Random link / unlink / commit sequences on a 16-page strict window against a reference
-    /// map (offset → (pages, pa, marked)): every call succeeds exactly when the reference says
-    /// it should, and after every step each window page translates to what the reference says
-    /// (a link, marked or not, until its commit; nothing after), and commits give back exactly
-    /// the marked buffers.
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random link / unlink / commit / lazy commit / flush sequences on a 16-page window,
+    /// strict or deferred, against a reference map (offset → (pages, pa, state)): every call
+    /// succeeds exactly when the reference says it should; after every step each window page
+    /// translates (a walk of the tables) to what the reference says (linked or marked: the
+    /// buffer; retiring or free: nothing); a commit gives back exactly the marked and
+    /// retiring links; a lazy commit gives back exactly the retiring links a flush has covered
+    /// (strict: its own batch), never one whose invalidation is still queued.
     #[test]
-    fn the_window_translates_what_a_reference_map_says(ops in proptest::collection::vec(op(), 1..40)) {
+    fn the_window_translates_what_a_reference_map_says(
+        deferred in any::<bool>(),
+        ops in proptest::collection::vec(op(), 1..48),
+    ) {
         let m = machine();
+        m.freeze_clock();
         let qm = QuickMaps::for_platform(&m);
         let iommu = Iommu::new(&m, &qm, model(&m)).unwrap();
-        let d = iommu.attach(DEV, Policy::Strict).unwrap();
+        let d = iommu.attach(DEV, if deferred { Policy::Deferred } else { Policy::Strict }).unwrap();
         let tag = d.tag(spec()).unwrap();
         let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(16 * PAGE_SIZE, 6).unwrap();
         let base = w.iova().start().raw();
-        let mut reference: BTreeMap<u64, (u64, PhysAddr, bool)> = BTreeMap::new();
+        let mut reference: BTreeMap<u64, (u64, PhysAddr, RefState)> = BTreeMap::new();
         for op in ops {
             match op {
                 Op::Link { page, pages } => {
@@ -396,32 +422,61 @@ proptest! {
                     let r = w.link(page * PAGE_SIZE, b, Direction::ToDevice);
                     prop_assert_eq!(r.is_ok(), fits, "link {} {}", page, pages);
                     if fits {
-                        reference.insert(page, (pages, pa, false));
+                        reference.insert(page, (pages, pa, RefState::Linked));
                     } else {
                         prop_assert!(r.unwrap_err().buffer.is_some());
                     }
                 }
                 Op::Unlink { page } => {
-                    let ok = matches!(reference.get(&page), Some(&(_, _, false)));
+                    let ok = matches!(reference.get(&page), Some(&(_, _, RefState::Linked)));
                     prop_assert_eq!(w.unlink(page * PAGE_SIZE).is_ok(), ok, "unlink {}", page);
                     if ok {
-                        reference.get_mut(&page).unwrap().2 = true;
+                        reference.get_mut(&page).unwrap().2 = RefState::Marked;
                     }
                 }
                 Op::Commit => {
                     let mut back = Vec::new();
                     w.commit(|off, b| back.push((off / PAGE_SIZE, b.pa()))).unwrap();
                     back.sort();
-                    let want: Vec<_> = reference.iter().filter(|e| e.1.2).map(|(&p, &(_, pa, _))| (p, pa)).collect();
+                    let want: Vec<_> = reference
+                        .iter()
+                        .filter(|e| e.1.2 != RefState::Linked)
+                        .map(|(&p, &(_, pa, _))| (p, pa))
+                        .collect();
                     prop_assert_eq!(back, want);
-                    reference.retain(|_, e| !e.2);
+                    reference.retain(|_, e| e.2 == RefState::Linked);
+                }
+                Op::CommitLazy => {
+                    // Exactly what a flush has covered (the clock is frozen, so the domain's
+                    // age bound never flushes on its own); under strict, the batch itself.
+                    let mut back = Vec::new();
+                    w.commit_lazy(|off, b| back.push((off / PAGE_SIZE, b.pa()))).unwrap();
+                    back.sort();
+                    let due = |st: RefState| st == RefState::Retiring(true) || (!deferred && st == RefState::Marked);
+                    let want: Vec<_> =
+                        reference.iter().filter(|e| due(e.1.2)).map(|(&p, &(_, pa, _))| (p, pa)).collect();
+                    prop_assert_eq!(back, want);
+                    reference.retain(|_, e| !due(e.2));
+                    for e in reference.values_mut() {
+                        if e.2 == RefState::Marked {
+                            e.2 = RefState::Retiring(false);
+                        }
+                    }
+                }
+                Op::Flush => {
+                    tag.wait_unmapped().unwrap();
+                    for e in reference.values_mut() {
+                        if e.2 == RefState::Retiring(false) {
+                            e.2 = RefState::Retiring(true);
+                        }
+                    }
                 }
             }
             for page in 0..16u64 {
                 let want = reference
                     .range(..=page)
                     .next_back()
-                    .filter(|(p, e)| page < **p + e.0)
+                    .filter(|(p, e)| page < **p + e.0 && matches!(e.2, RefState::Linked | RefState::Marked))
                     .map(|(p, e)| e.1.raw() + (page - *p) * PAGE_SIZE);
                 let got = iommu.hw().inspect(DEV, Iova::new(base + page * PAGE_SIZE)).ok().map(|l| l.page.raw());
                 prop_assert_eq!(got, want, "page {}", page);
@@ -431,30 +486,6 @@ proptest! {
         let rep = iommu.hw().audit_report().unwrap();
         prop_assert_eq!(rep.violation_count, 0, "model audit: {:?}", rep.violations);
     }
-}
-
-#[test]
-fn in_caching_mode_each_link_invalidates_its_range_so_a_cached_fault_never_hides_it() {
-    let m = machine();
-    let qm = QuickMaps::for_platform(&m);
-    let hw = ModelIommu::new(&m, IommuConfig { audit: true, caching_mode: true, ..IommuConfig::default() })
-        .unwrap();
-    let iommu = Iommu::new(&m, &qm, hw).unwrap();
-    let d = iommu.attach(DEV, Policy::Strict).unwrap();
-    let tag = d.tag(spec()).unwrap();
-    let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(16 * PAGE_SIZE, 4).unwrap();
-    let base = w.iova().start().raw();
-    // The device probes the empty slot first: the unit caches the not-present result.
-    assert!(read(iommu.hw(), Iova::new(base), 1).is_err());
-    let before = iommu.hw().stats();
-    let (a, data) = mem(&m, 1, 4);
-    let l = w.link(0, a, Direction::ToDevice).unwrap();
-    let after = iommu.hw().stats();
-    assert_eq!(after.inv_after_map - before.inv_after_map, 1, "one after-map invalidation per link");
-    assert_eq!(read(iommu.hw(), l.iova, PAGE_SIZE).unwrap(), data, "the cached fault does not hide the link");
-    w.unlink(0).unwrap();
-    assert_eq!(w.commit(|_, _| ()).unwrap(), 1);
-    assert!(read(iommu.hw(), l.iova, 1).is_err());
 }
 
 #[test]
@@ -491,4 +522,115 @@ fn a_link_whose_map_fails_gives_its_buffer_back_and_the_next_link_works() {
     assert_eq!((l.iova.raw(), l.len), (base, 2 * PAGE_SIZE));
     assert_eq!(read(iommu.hw(), l.iova, 2 * PAGE_SIZE).unwrap(), [da, db].concat());
     assert_eq!(w.commit(|off, _| assert_eq!(off, 4 * PAGE_SIZE)).unwrap(), 1);
+}
+
+#[test]
+fn a_lazy_commit_under_deferred_invalidation_gives_buffers_back_only_after_a_flush() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let iommu = Iommu::new(&m, &qm, model(&m)).unwrap();
+    let d = iommu.attach(DEV, Policy::Deferred).unwrap();
+    let tag = d.tag(spec()).unwrap();
+    let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(16 * PAGE_SIZE, 5).unwrap();
+    let base = w.iova().start().raw();
+    let mut pas = Vec::new();
+    for i in 0..4 {
+        let (b, _) = mem(&m, 1, i as u8);
+        pas.push(b.pa());
+        w.link(i * PAGE_SIZE, b, Direction::ToDevice).unwrap();
+        read(iommu.hw(), Iova::new(base + i * PAGE_SIZE), 8).unwrap(); // cached in the IOTLB
+    }
+    for i in 0..4 {
+        w.unlink(i * PAGE_SIZE).unwrap();
+    }
+    let before = iommu.hw().stats();
+    assert_eq!(w.commit_lazy(|_, _| panic!("given back before the flush")).unwrap(), 0);
+    let after = iommu.hw().stats();
+    assert_eq!(
+        (after.inv_range, after.inv_domain),
+        (before.inv_range, before.inv_domain),
+        "queued, not issued"
+    );
+    assert_eq!(w.stats().retiring, 4);
+    // Why: the entries are cleared, but the device still reaches the buffers through the IOTLB.
+    assert!(read(iommu.hw(), Iova::new(base), 8).is_ok(), "stale IOTLB entry until the flush");
+    assert!(pas.iter().all(|&pa| m.page_kind(pa) == PageKind::Dma));
+    // Their pages stay taken, and a lazy commit with nothing flushed gives nothing back.
+    let e = w.link(0, mem(&m, 1, 9).0, Direction::ToDevice).unwrap_err();
+    assert_eq!(e.error, Error::AlreadyMapped { addr: 0 });
+    assert!(matches!(w.sync(0, SyncOp::POSTWRITE), Err(Error::BadState { .. })));
+    assert_eq!(w.commit_lazy(|_, _| ()).unwrap(), 0);
+    // One flush (here the tag's proof; in a kernel the queue's own bounds) retires them all.
+    tag.wait_unmapped().unwrap();
+    assert!(read(iommu.hw(), Iova::new(base), 1).is_err());
+    let mut back = Vec::new();
+    assert_eq!(w.commit_lazy(|off, b| back.push((off, b.pa()))).unwrap(), 4);
+    back.sort();
+    assert_eq!(back, (0..4).map(|i| (i * PAGE_SIZE, pas[i as usize])).collect::<Vec<_>>());
+    assert_eq!(w.stats().retiring, 0);
+    drop(w);
+    let rep = iommu.hw().audit_report().unwrap();
+    assert_eq!(rep.violation_count, 0, "model audit: {:?}", rep.violations);
+}
+
+#[test]
+fn a_forced_commit_or_the_drop_settles_retiring_links_and_strict_lazy_commits_are_commits() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let iommu = Iommu::new(&m, &qm, model(&m)).unwrap();
+    let d = iommu.attach(DEV, Policy::Deferred).unwrap();
+    let tag = d.tag(spec()).unwrap();
+    let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(8 * PAGE_SIZE, 4).unwrap();
+    w.link(0, mem(&m, 1, 1).0, Direction::ToDevice).unwrap();
+    w.link(PAGE_SIZE, mem(&m, 1, 2).0, Direction::ToDevice).unwrap();
+    w.unlink(0).unwrap();
+    assert_eq!(w.commit_lazy(|_, _| ()).unwrap(), 0);
+    w.unlink(PAGE_SIZE).unwrap();
+    // The forced commit proves both the retiring link and its own batch.
+    let mut back = Vec::new();
+    assert_eq!(w.commit(|off, _| back.push(off)).unwrap(), 2);
+    back.sort();
+    assert_eq!(back, [0, PAGE_SIZE]);
+    // A window dropped with a retiring link: its buffer is freed after the drop's proof.
+    let (b, _) = mem(&m, 1, 3);
+    let pa = b.pa();
+    w.link(0, b, Direction::ToDevice).unwrap();
+    w.unlink(0).unwrap();
+    w.commit_lazy(|_, _| ()).unwrap();
+    drop(w);
+    assert_ne!(m.page_kind(pa), PageKind::Dma, "freed once proven");
+    assert_eq!(tag.quarantine_stats().held, 0);
+    drop(tag);
+    d.detach().unwrap();
+    // Strict: a lazy commit proves its batch at once.
+    let s = iommu.attach(DEV, Policy::Strict).unwrap();
+    let tag = s.tag(spec()).unwrap();
+    let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(8 * PAGE_SIZE, 4).unwrap();
+    w.link(0, mem(&m, 1, 1).0, Direction::ToDevice).unwrap();
+    w.unlink(0).unwrap();
+    assert_eq!(w.commit_lazy(|_, _| ()).unwrap(), 1);
+}
+
+#[test]
+fn in_caching_mode_each_link_invalidates_its_range_so_a_cached_fault_never_hides_it() {
+    let m = machine();
+    let qm = QuickMaps::for_platform(&m);
+    let hw = ModelIommu::new(&m, IommuConfig { audit: true, caching_mode: true, ..IommuConfig::default() })
+        .unwrap();
+    let iommu = Iommu::new(&m, &qm, hw).unwrap();
+    let d = iommu.attach(DEV, Policy::Strict).unwrap();
+    let tag = d.tag(spec()).unwrap();
+    let mut w = tag.create_window::<DmaMemory<'_, HostPlatform>>(16 * PAGE_SIZE, 4).unwrap();
+    let base = w.iova().start().raw();
+    // The device probes the empty slot first: the unit caches the not-present result.
+    assert!(read(iommu.hw(), Iova::new(base), 1).is_err());
+    let before = iommu.hw().stats();
+    let (a, data) = mem(&m, 1, 4);
+    let l = w.link(0, a, Direction::ToDevice).unwrap();
+    let after = iommu.hw().stats();
+    assert_eq!(after.inv_after_map - before.inv_after_map, 1, "one after-map invalidation per link");
+    assert_eq!(read(iommu.hw(), l.iova, PAGE_SIZE).unwrap(), data, "the cached fault does not hide the link");
+    w.unlink(0).unwrap();
+    assert_eq!(w.commit(|_, _| ()).unwrap(), 1);
+    assert!(read(iommu.hw(), l.iova, 1).is_err());
 }

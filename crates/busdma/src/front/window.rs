@@ -48,7 +48,13 @@
 //!    buffers still in the window) and the next `commit` (or [`DmaWindow::reclaim`]) first
 //!    asks the domain for the proof ([`IommuOps::wait_unmapped`], the recovery of a degraded
 //!    domain); held buffers come back with it. A link that fails part-way undoes what it
-//!    mapped the same way; if that undo cannot be proven, its buffer is held too. The IOVA is
+//!    mapped the same way; if that undo cannot be proven, its buffer is held too. Under
+//!    deferred invalidation `commit` forces the flush that proves its batch (one
+//!    whole-domain invalidation per batch); [`DmaWindow::commit_lazy`] does not: the batch's
+//!    unmap is queued with a ticket, its links *retire* (pages still taken, buffers still in
+//!    the window), and a later lazy commit hands back those whose ticket a finished flush
+//!    covers ([`IommuOps::is_flushed`], no waiting): the domain's own bounds (a full queue,
+//!    the age limit) retire them at no extra invalidation. The IOVA is
 //!    freed only when the window goes, after one last proof; without it the range is leaked
 //!    (never reused) and the buffers go to the tag's quarantine (never freed before a proof).
 //! 6. **Forgetting.** `mem::forget` of a window leaks it with its buffers, its mappings and its
@@ -96,7 +102,7 @@
 //! `link`, `unlink`, `commit` and `sync` never allocate or sleep and may run with preemption
 //! disabled (they pin a CPU themselves); `commit` and dropping the window spin while an
 //! invalidation completes.
-#![deny(unsafe_code)] // allowed on four functions (`create_window`, `try_link`, `commit`,
+#![deny(unsafe_code)] // allowed on four functions (`create_window`, `try_link`, `commit_inner`,
 // `teardown`), whose blocks call `IommuOps`' unsafe IOVA and mapping methods
 
 use alloc::vec::Vec;
@@ -156,6 +162,8 @@ pub struct WindowStats {
     pub live: u64,
     /// Links held now for lack of a proof (theory 5).
     pub held: u64,
+    /// Links cleared by a lazy commit whose queued invalidation has not been seen complete.
+    pub retiring: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,14 +174,19 @@ enum State {
     Unlinking,
     /// Cleared, invalidation not proven: waits for a proof.
     Held,
+    /// Cleared by a lazy commit, its invalidation queued (deferred): waits for the flush its
+    /// ticket names.
+    Retiring,
 }
 
-struct Slot<B> {
+struct Slot<B, T> {
     off: u64,
     pages: u64,
     dir: Direction,
     state: State,
     buf: Option<B>,
+    /// A `Retiring` slot's ticket.
+    ticket: Option<T>,
 }
 
 /// An IOVA window that owns the buffers linked into it (module theory).
@@ -190,11 +203,12 @@ pub struct DmaWindow<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> {
     ops: S::Ops,
     range: AddrRange<Iova>,
     owner: Vec<u32>,
-    slots: Vec<Slot<B>>,
+    slots: Vec<Slot<B, <S::Ops as IommuOps<P>>::Ticket>>,
     free_slots: Vec<u32>,
     pending: Vec<AddrRange<Iova>>,
     pending_slots: Vec<u32>,
     held_slots: Vec<u32>,
+    retiring_slots: Vec<u32>,
     runs: Vec<Run>,
     mapped: Vec<AddrRange<Iova>>,
     stats: WindowStats,
@@ -268,6 +282,8 @@ impl<'p, P: Platform, S: WindowSource<P>> Tag<'p, P, S> {
         reserve(&mut pending_slots, max_links)?;
         let mut held_slots = Vec::new();
         reserve(&mut held_slots, max_links)?;
+        let mut retiring_slots = Vec::new();
+        reserve(&mut retiring_slots, max_links)?;
         let nruns = max_runs(spec);
         let mut runs = Vec::new();
         reserve(&mut runs, nruns)?;
@@ -299,6 +315,7 @@ impl<'p, P: Platform, S: WindowSource<P>> Tag<'p, P, S> {
             pending,
             pending_slots,
             held_slots,
+            retiring_slots,
             runs,
             mapped,
             stats: WindowStats::default(),
@@ -414,7 +431,8 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
                     });
                 };
                 self.take_pages(offset, pages, k);
-                let slot = Slot { off: offset, pages, dir, state: State::Linked, buf: Some(buf) };
+                let slot =
+                    Slot { off: offset, pages, dir, state: State::Linked, buf: Some(buf), ticket: None };
                 if (k as usize) < self.slots.len() {
                     self.slots[k as usize] = slot;
                 } else {
@@ -443,7 +461,14 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
                 match self.free_slots.pop() {
                     Some(k) => {
                         self.take_pages(offset, pages, k);
-                        let slot = Slot { off: offset, pages, dir, state: State::Held, buf: Some(buf) };
+                        let slot = Slot {
+                            off: offset,
+                            pages,
+                            dir,
+                            state: State::Held,
+                            buf: Some(buf),
+                            ticket: None,
+                        };
                         if (k as usize) < self.slots.len() {
                             self.slots[k as usize] = slot;
                         } else {
@@ -594,37 +619,73 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
     }
 
     /// Ends the batch: unmaps every link marked since the last commit with one unmap (one
-    /// invalidation), then gives each buffer to `back` with its offset, in unlink order
-    /// (theory 4, 5). Held links whose proof now succeeds come back first. Returns how many
-    /// buffers came back.
+    /// invalidation; under deferred invalidation one queued entry and the flush this call
+    /// forces), then gives each buffer to `back` with its offset, in unlink order (theory 4,
+    /// 5). Held links whose proof now succeeds, and links a lazy commit left retiring, come
+    /// back first. Returns how many buffers came back.
     ///
     /// Errors: [`Error::InvalidationFailed`]: the buffers are not given back; the batch's
-    /// links are held until a later commit or [`DmaWindow::reclaim`] obtains the proof (if
-    /// the held links' proof fails, the new batch is left marked and mapped for the next
-    /// commit). Other errors of the domain's unmap (a bookkeeping bug): nothing is given
-    /// back, the batch stays marked.
-    #[allow(unsafe_code)] // the domain's IOVA, table and mapping calls
+    /// links are held until a later commit or [`DmaWindow::reclaim`] obtains the proof (the
+    /// batch is unmapped whatever the earlier links' proof did). Other errors of the domain's
+    /// unmap (a bookkeeping bug): nothing more is given back, the batch stays marked.
     pub fn commit(&mut self, mut back: impl FnMut(u64, B)) -> Result<usize> {
-        // Links held before this batch first (theory 5); whatever the outcome, the batch is
-        // unmapped below, so a teardown never leaves a marked link mapped.
-        let (mut n, mut first) = match self.release_held(&mut back) {
+        self.commit_inner(&mut back, true)
+    }
+
+    /// [`DmaWindow::commit`] without waiting (theory 5, deferred invalidation): the batch is
+    /// unmapped with one queued entry, and its buffers come back from a later `commit_lazy`
+    /// (or `commit`, `reclaim`) once a flush that covers them has finished: the domain's own
+    /// bounds (queue full, age) or a forced flush. Under strict invalidation it is `commit`.
+    /// Returns how many buffers came back.
+    ///
+    /// Errors: as [`DmaWindow::commit`].
+    pub fn commit_lazy(&mut self, mut back: impl FnMut(u64, B)) -> Result<usize> {
+        self.commit_inner(&mut back, false)
+    }
+
+    #[allow(unsafe_code)] // the domain's unmap
+    fn commit_inner(&mut self, back: &mut impl FnMut(u64, B), forced: bool) -> Result<usize> {
+        // Links held or retiring before this batch first (theory 5); whatever the outcome,
+        // the batch is unmapped below, so a teardown never leaves a marked link mapped.
+        let (mut n, mut first) = match self.release_held(back) {
             Ok(n) => (n, None),
             Err(e) => (0, Some(e)),
         };
+        match self.release_retiring(back, forced) {
+            Ok(m) => n += m,
+            Err(e) => first = first.or(Some(e)),
+        }
         if !self.pending.is_empty() {
             let g = self.tag.platform.pin_cpu();
             // SAFETY: every pending range is a marked link's, mapped by this window in its
             // own range; the window keeps the IOVA (frees nothing).
-            let r = unsafe { self.ops.unmap(&g, &self.pending, &[]) }
-                .and_then(|t| self.ops.ensure_flushed(&g, t));
+            let r = unsafe { self.ops.unmap(&g, &self.pending, &[]) };
+            let r = match r {
+                Ok(t) if forced => self.ops.ensure_flushed(&g, t).map(|()| None),
+                Ok(t) if self.ops.is_flushed(t) => Ok(None),
+                Ok(t) => Ok(Some(t)),
+                Err(e) => Err(e),
+            };
             drop(g);
             self.stats.batches += 1;
             match r {
-                Ok(()) => {
+                Ok(None) => {
                     self.pending.clear();
                     for i in 0..self.pending_slots.len() {
                         let k = self.pending_slots[i] as usize;
-                        n += self.give_back(k, &mut back);
+                        n += self.give_back(k, back);
+                    }
+                    self.pending_slots.clear();
+                }
+                Ok(Some(t)) => {
+                    // Queued: retiring until a flush covers the ticket.
+                    self.pending.clear();
+                    for &k in &self.pending_slots {
+                        let slot = &mut self.slots[k as usize];
+                        slot.state = State::Retiring;
+                        slot.ticket = Some(t);
+                        self.retiring_slots.push(k);
+                        self.stats.retiring += 1;
                     }
                     self.pending_slots.clear();
                 }
@@ -648,13 +709,41 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
         }
     }
 
+    /// Gives back the retiring links whose invalidation has completed: all of them after one
+    /// wait if `forced`, else those whose ticket a finished flush covers (no waiting).
+    fn release_retiring(&mut self, back: &mut impl FnMut(u64, B), forced: bool) -> Result<usize> {
+        if self.retiring_slots.is_empty() {
+            return Ok(0);
+        }
+        if forced {
+            // Every retiring link's unmap returned before this call.
+            self.ops.wait_unmapped(&self.tag.platform.pin_cpu())?;
+        }
+        let (mut n, mut i) = (0, 0);
+        while i < self.retiring_slots.len() {
+            let k = self.retiring_slots[i] as usize;
+            let done = forced || self.slots[k].ticket.is_some_and(|t| self.ops.is_flushed(t));
+            if done {
+                self.retiring_slots.swap_remove(i);
+                self.slots[k].ticket = None;
+                self.stats.retiring -= 1;
+                n += self.give_back(k, back);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Asks for the proof for held links and gives their buffers to `back` (theory 5): for a
-    /// kernel's retry timer after a failed commit. Returns how many came back; nothing to do
-    /// (and no invalidation) when nothing is held.
+    /// kernel's retry timer after a failed commit; also gives back retiring links whose flush
+    /// has finished (without forcing one). Returns how many came back; nothing to do (and no
+    /// invalidation) when nothing is held.
     ///
     /// Errors: [`Error::InvalidationFailed`]: they stay held.
     pub fn reclaim(&mut self, mut back: impl FnMut(u64, B)) -> Result<usize> {
-        self.release_held(&mut back)
+        let n = self.release_held(&mut back)?;
+        Ok(n + self.release_retiring(&mut back, false)?)
     }
 
     fn release_held(&mut self, back: &mut impl FnMut(u64, B)) -> Result<usize> {
@@ -698,8 +787,10 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
     pub fn sync(&mut self, offset: u64, op: SyncOp) -> Result<SyncStats> {
         let k = self.slot_at(offset)?;
         let slot = &self.slots[k];
-        if slot.state == State::Held {
-            return Err(Error::BadState { what: "sync of a held window link" });
+        if matches!(slot.state, State::Held | State::Retiring) {
+            return Err(Error::BadState {
+                what: "sync of a window link already unmapped (held or retiring)",
+            });
         }
         if !slot.dir.allows(op) {
             return Err(Error::InvalidArgument {
@@ -758,7 +849,7 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
             for slot in &mut self.slots {
                 if let Some(b) = slot.buf.take() {
                     match slot.state {
-                        State::Held => b.quarantine(&mut |mem| tag.quarantine.hold(mem)),
+                        State::Held | State::Retiring => b.quarantine(&mut |mem| tag.quarantine.hold(mem)),
                         _ => core::mem::forget(b),
                     }
                 }
@@ -769,6 +860,7 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
         self.pending.clear();
         self.pending_slots.clear();
         self.held_slots.clear();
+        self.retiring_slots.clear();
         self.slots.clear();
         r
     }

@@ -64,7 +64,8 @@ use crate::front::spec::TagSpec;
 /// [`IommuOps::alloc_iova`] returns a range of the requested size and alignment, at or below
 /// the limit, that no other caller holds until it is freed; `map`, `unmap`, `ensure_flushed`
 /// and `wait_unmapped` do what they say (a `wait_unmapped` or `ensure_flushed` that returns
-/// `Ok` means the IOMMU can no longer use the translations concerned); the IOVA it hands out is
+/// `Ok` means the IOMMU can no longer use the translations concerned, and so does an
+/// `is_flushed` that returns `true`); the IOVA it hands out is
 /// the one space its `map` translates for the attached device.
 #[allow(unsafe_code)]
 pub unsafe trait IommuOps<P: Platform>: Send + Sync {
@@ -138,6 +139,15 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     ///
     /// Errors: [`crate::Error::InvalidationFailed`], as for `ensure_flushed`.
     fn wait_unmapped(&self, g: &CpuGuard<'_, P>) -> Result<()>;
+
+    /// Whether the invalidation of `ticket` has completed, without waiting or flushing: a
+    /// two-step window's lazy commit polls it ([`crate::front::DmaWindow::commit_lazy`]).
+    /// The default answers `false` (unknown), so a caller falls back to
+    /// [`IommuOps::ensure_flushed`]; `true` is trusted (trait `# Safety`).
+    fn is_flushed(&self, ticket: Self::Ticket) -> bool {
+        let _ = ticket;
+        false
+    }
 
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
