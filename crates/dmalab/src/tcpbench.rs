@@ -267,8 +267,12 @@ pub const WINDOW_BATCH: usize = 32;
 type OwnedFrag<'p> = busdma::front::Part<'p, HostPlatform>;
 
 /// One transmit ring over a two-step window ([`busdma::front::DmaWindow`]): slot `s`'s
-/// fragment `f` is always linked at `s × stride + frag_offs[f]`; per packet each fragment is
-/// linked and unlinked; one commit (one IOTLB invalidation) per [`WINDOW_BATCH`] packets.
+/// fragment `f` of buffer set `k` is always linked at `(k × ring + s) × stride +
+/// frag_offs[f]`; per packet each fragment is linked and unlinked; one commit per
+/// [`WINDOW_BATCH`] packets. `lazy` (deferred invalidation): two buffer sets used in turn
+/// (packet `seq` uses set `(seq / ring) mod 2`) and `commit_lazy`, so a batch's unmap is only
+/// queued and its buffers come back once a flush covers it; a packet whose set is not back yet
+/// forces one (`commit`), so about one flush per ring cycle instead of one per batch.
 #[allow(clippy::too_many_arguments)]
 fn run_window_queue<'p, S>(
     m: &'p HostPlatform,
@@ -279,12 +283,14 @@ fn run_window_queue<'p, S>(
     cpu: usize,
     packets: u64,
     progress: &AtomicU64,
+    lazy: bool,
 ) -> Result<QueueResult, String>
 where
     S: busdma::front::WindowSource<HostPlatform>,
 {
     let _bind = m.bind_cpu(cpu).map_err(|e| format!("bind cpu {cpu}: {e}"))?;
     let e = |what: &'static str| move |e: busdma::Error| format!("{what}: {e}");
+    let sets = if lazy { 2 } else { 1 };
     // Fragment layout in a slot: each fragment's pages, one after the other.
     let mut frag_offs = Vec::with_capacity(frag_lens.len());
     let mut stride = 0u64;
@@ -293,9 +299,11 @@ where
         let off = if f == 0 && frag_lens.len() > 1 { HEADER_OFFSET } else { 0 };
         stride += (off + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
     }
-    let mut owned: Vec<Vec<Option<OwnedFrag<'p>>>> = Vec::with_capacity(args.ring);
+    // owned[set * ring + slot][fragment]: the buffers not linked now.
+    let mut owned: Vec<Vec<Option<OwnedFrag<'p>>>> = Vec::with_capacity(sets * args.ring);
     let mut expected = Vec::with_capacity(args.ring);
-    for slot in 0..args.ring {
+    for idx in 0..sets * args.ring {
+        let slot = idx % args.ring;
         let mut v = Vec::with_capacity(frag_lens.len());
         let mut bytes = Vec::new();
         for (f, &len) in frag_lens.iter().enumerate() {
@@ -314,23 +322,33 @@ where
             v.push(Some(busdma::front::Part::new(mem, off, len).map_err(|(err, _)| err.to_string())?));
         }
         owned.push(v);
-        expected.push(bytes);
+        if idx < args.ring {
+            expected.push(bytes);
+        }
     }
     let nfrags = frag_lens.len();
+    let ring = args.ring as u64;
     let mut w = tag
-        .create_window::<OwnedFrag<'p>>(stride * args.ring as u64, args.ring * nfrags)
+        .create_window::<OwnedFrag<'p>>(stride * ring * sets as u64, sets * args.ring * nfrags)
         .map_err(e("create window"))?;
-    let mut linked: Vec<Vec<busdma::front::Linked>> = vec![Vec::with_capacity(nfrags); args.ring];
+    // Where buffer `idx`'s fragment `f` is linked.
+    let at = |idx: usize, f: usize| idx as u64 * stride + frag_offs[f];
+    let back_to = |owned: &mut Vec<Vec<Option<OwnedFrag<'p>>>>, off: u64, part: OwnedFrag<'p>| {
+        let idx = (off / stride) as usize;
+        let f = frag_offs.iter().rposition(|&fo| fo <= off % stride).unwrap_or(0);
+        owned[idx][f] = Some(part);
+    };
+    let mut linked: Vec<(usize, Vec<busdma::front::Linked>)> =
+        vec![(0, Vec::with_capacity(nfrags)); args.ring];
     let mut inflight: Vec<Option<u64>> = vec![None; args.ring];
     let mut nic_buf = vec![0u8; args.size as usize];
     let (mut verified, mut dma_ticks, mut device_ticks) = (0u64, 0u64, 0u64);
-    let ring = args.ring as u64;
     let batch = WINDOW_BATCH.min(args.ring) as u64;
     // The NIC transmits `slot`'s packet `old`; the driver syncs and unlinks its fragments.
     let retire = |w: &mut busdma::front::DmaWindow<'p, HostPlatform, S, OwnedFrag<'p>>,
                   slot: usize,
                   old: u64,
-                  linked: &[busdma::front::Linked],
+                  (idx, linked): &(usize, Vec<busdma::front::Linked>),
                   nic_buf: &mut [u8]|
      -> Result<(u64, u64), String> {
         let mut off = 0usize;
@@ -346,10 +364,9 @@ where
             return Err(format!("NIC read wrong bytes for packet {old} (slot {slot})"));
         }
         let t0 = ticks();
-        for &fo in &frag_offs {
-            let at = slot as u64 * stride + fo;
-            w.sync(at, SyncOp::POSTWRITE).map_err(|e| format!("sync POSTWRITE: {e}"))?;
-            w.unlink(at).map_err(|e| format!("unlink: {e}"))?;
+        for f in 0..nfrags {
+            w.sync(at(*idx, f), SyncOp::POSTWRITE).map_err(|e| format!("sync POSTWRITE: {e}"))?;
+            w.unlink(at(*idx, f)).map_err(|e| format!("unlink: {e}"))?;
         }
         Ok((ticks() - t0, device))
     };
@@ -368,27 +385,36 @@ where
             }
         }
         let t0 = ticks();
-        w.commit(|off, part| {
-            let slot = (off / stride) as usize;
-            let f = frag_offs.iter().rposition(|&fo| fo <= off % stride).unwrap_or(0);
-            owned[slot][f] = Some(part);
-        })
-        .map_err(e("commit"))?;
+        let r = if lazy {
+            w.commit_lazy(|off, part| back_to(&mut owned, off, part))
+        } else {
+            w.commit(|off, part| back_to(&mut owned, off, part))
+        };
+        r.map_err(e("commit"))?;
         dma_ticks += ticks() - t0;
         for k in 0..n {
             let slot = (first + k) as usize;
             let s = seq + k;
-            for part in owned[slot].iter().flatten() {
+            let idx = ((s / ring) as usize % sets) * args.ring + slot;
+            if owned[idx].iter().any(Option::is_none) {
+                // Its last unmap is still queued: force the flush (every retiring link back).
+                let t0 = ticks();
+                w.commit(|off, part| back_to(&mut owned, off, part)).map_err(e("commit"))?;
+                dma_ticks += ticks() - t0;
+            }
+            for part in owned[idx].iter().flatten() {
                 part.memory().write(part.offset(), &s.to_le_bytes()).map_err(e("stamp"))?;
             }
             let t0 = ticks();
-            linked[slot].clear();
-            for (f, &fo) in frag_offs.iter().enumerate() {
-                let part = owned[slot][f].take().ok_or("fragment buffer not back from the window")?;
-                let at = slot as u64 * stride + fo;
-                let l = w.link(at, part, Direction::ToDevice).map_err(|le| format!("link: {}", le.error))?;
-                w.sync(at, SyncOp::PREWRITE).map_err(e("sync PREWRITE"))?;
-                linked[slot].push(l);
+            linked[slot].0 = idx;
+            linked[slot].1.clear();
+            for f in 0..nfrags {
+                let part = owned[idx][f].take().ok_or("fragment buffer not back from the window")?;
+                let l = w
+                    .link(at(idx, f), part, Direction::ToDevice)
+                    .map_err(|le| format!("link: {}", le.error))?;
+                w.sync(at(idx, f), SyncOp::PREWRITE).map_err(e("sync PREWRITE"))?;
+                linked[slot].1.push(l);
             }
             dma_ticks += ticks() - t0;
             inflight[slot] = Some(s);
@@ -422,6 +448,7 @@ pub fn measure_window<'p, S>(
     port: &dyn DmaPort,
     args: &TcpArgs,
     progress: &AtomicU64,
+    lazy: bool,
 ) -> Result<Measured, String>
 where
     S: busdma::front::WindowSource<HostPlatform> + Sync,
@@ -438,7 +465,7 @@ where
                 s.spawn(move || {
                     let mine =
                         total / args.threads as u64 + u64::from((t as u64) < total % args.threads as u64);
-                    run_window_queue(m, tag, port, args, frag_lens, t, mine, progress)
+                    run_window_queue(m, tag, port, args, frag_lens, t, mine, progress, lazy)
                 })
             })
             .collect();
@@ -781,7 +808,8 @@ pub type Design = (&'static str, &'static str, &'static str);
 ///   the allocator and the table-page pool: the seed's open idea plus its per-CPU pools.
 /// - `iommu-window`: a two-step window per ring (`busdma::front::window`): each slot's
 ///   fragments at fixed offsets, linked and unlinked per packet, one commit (one IOTLB
-///   invalidation) per [`WINDOW_BATCH`] packets; owned DMA buffers.
+///   invalidation) per [`WINDOW_BATCH`] packets; owned DMA buffers. Under deferred
+///   invalidation lazy commits over two buffer sets (`run_window_queue`).
 pub const STRATEGIES: [Design; 15] = [
     ("passthrough", "none", "none"),
     ("identity", "strict", "none"),
@@ -863,7 +891,10 @@ fn measure_domain<I: IovaSource>(
         Kind::Reserved => measure_strategy(m, args, IommuReserved::new(&dom), &port, progress)?,
         Kind::Window => {
             let tag = Tag::new_root(m, IommuPerMap(&dom), nic_spec(args)).map_err(e)?;
-            measure_window(m, &tag, &port, args, progress)?
+            // Deferred: lazy commits over two buffer sets (the flush queue's bounds, or one
+            // forced flush per ring cycle, hand buffers back); strict: one proof per batch.
+            let lazy = matches!(policy, InvalidationPolicy::Deferred { .. });
+            measure_window(m, &tag, &port, args, progress, lazy)?
         }
     };
     let g = m.pin_cpu();
