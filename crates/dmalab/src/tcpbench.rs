@@ -408,8 +408,8 @@ where
             let t0 = ticks();
             linked[slot].0 = idx;
             linked[slot].1.clear();
-            for f in 0..nfrags {
-                let part = owned[idx][f].take().ok_or("fragment buffer not back from the window")?;
+            for (f, part) in owned[idx].iter_mut().enumerate() {
+                let part = part.take().ok_or("fragment buffer not back from the window")?;
                 let l = w
                     .link(at(idx, f), part, Direction::ToDevice)
                     .map_err(|le| format!("link: {}", le.error))?;
