@@ -45,6 +45,7 @@
 //! | a packet built of fragments (mbuf), a block request on sectors (bio) | [`FragChain`] ([`FragChain::blocks`] for a bio), loaded into an [`OwnedMap`] |
 //! | a `readv`/`writev` over registered user memory (uio) | [`crate::pin::Registry::load_iov`] → [`crate::pin::RegisteredIov`], loaded into an [`OwnedMap`] |
 //! | a peer's BAR, MMIO, memory without pages | [`DeviceRegion`] (described once by bus code, `unsafe`), then [`DeviceRegion::slice`] |
+//! | per-I/O buffers recycled through fixed slots (a ring), one IOTLB invalidation per batch | [`Tag::create_window`] → [`DmaWindow`] (two-step mapping: `link`, `unlink`, `commit`) |
 //! | memory the kernel describes by address | [`DmaMap`] with the `unsafe` sources of [`crate::front`] ([`crate::front::KernelBuf`], [`crate::front::SgList`], ...) |
 //!
 //! Every map owns what it maps while a translation may reach it; what comes back after a
@@ -60,6 +61,7 @@ pub use crate::front::{
     HeapBuffer, HeapPage, OwnedMap, Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment,
     SyncStats, Tag, TagFlags, TagSpec,
 };
+pub use crate::front::{DmaWindow, LinkError, Linked};
 pub use crate::platform::MemAttr;
 
 use crate::device::DeviceStrategy;
@@ -72,3 +74,6 @@ pub type DeviceOwnedMap<'i, 'p, H, B> = OwnedMap<'i, <H as IommuHw>::Platform, D
 
 /// Coherent memory of a device's tag ([`Tag::alloc_coherent`]).
 pub type DeviceCoherent<'i, 'p, H> = Coherent<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
+
+/// A two-step window of a device's tag whose links own the buffers `B` ([`DmaWindow`]).
+pub type DeviceWindow<'i, 'p, H, B> = DmaWindow<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>, B>;

@@ -150,6 +150,18 @@
 //! }
 //! ```
 //!
+//! A two-step window ([`DmaWindow`](crate::front::DmaWindow)) links the same owned buffers
+//! only; a borrowed buffer is not one (safe code could free it while it is linked):
+//!
+//! ```compile_fail,E0277
+//! use busdma::front::{Direction, DmaMemory, DmaWindow, IommuPerMap, IommuOps, Tag};
+//! use busdma::Platform;
+//! fn link<'p, P: Platform, D: IommuOps<P> + Clone>(tag: &Tag<'p, P, IommuPerMap<D>>, mem: &DmaMemory<'p, P>) {
+//!     let mut w: DmaWindow<'p, P, IommuPerMap<D>, &DmaMemory<'p, P>> = tag.create_window(4096, 1).unwrap(); // error[E0277]
+//!     let _ = w.link(0, mem, Direction::ToDevice);
+//! }
+//! ```
+//!
 //! ## 7. Giving memory back after a failed invalidation
 //!
 //! The CPU cannot touch a device-owned typed buffer, and taking it back reports the
@@ -173,6 +185,7 @@
 //! | 7: failed invalidation, coherent / typed / owned buffers | quarantine until a later proof | `iommu_inval_failure::coherent_memory_whose_unload_invalidation_fails_is_quarantined_until_a_later_invalidation_succeeds`, `iommu_inval_failure::to_cpu_reports_a_failed_invalidation_and_keeps_the_buffer_from_everyone`, `iommu_inval_failure::an_owned_map_dropped_when_its_invalidation_fails_quarantines_its_memory` (busdma-model) |
 //! | deferred invalidation: memory freed before the flush | the tag's proof before the free | `iommu_inval_failure::memory_unloaded_under_deferred_invalidation_is_freed_only_after_the_flush`, `iommu_inval_failure::an_owned_buffer_leaves_its_map_only_after_the_deferred_unmap_is_flushed` |
 //! | 6: `mem::forget` of a loaded map | the memory is leaked with the mapping | `front_owned::forgetting_an_owned_map_leaks_its_memory_with_the_mapping_never_frees_it`, `front_debug::maps_still_loaded_at_domain_teardown_are_reported` |
+//! | two-step windows: a failed batch invalidation; `mem::forget` of a window | buffers held until a later proof (the tag's quarantine if the window goes); leaked with the mapping | `front_window::a_failed_invalidation_holds_the_buffers_until_a_later_proof`, `front_window::a_window_dropped_while_invalidations_fail_quarantines_its_buffers_and_never_frees_them`, `front_window::forgetting_a_window_leaks_its_buffers_with_their_mapping_never_frees_them` (busdma-model) |
 //! | 9: `TagFlags::untrusted` on a deferred domain | strict unload whatever the domain | `iommu_inval_failure::an_untrusted_tag_unloads_strictly_on_a_deferred_domain` |
 //! | 3: quick maps, copies, fills, maintenance of what is not RAM | `Platform::is_ram`, `Error::NotRam` | `quickmap::quick_maps_copies_fills_and_maintenance_refuse_what_is_not_ram` (busdma), `front_direct::a_sync_of_raw_segments_outside_ram_is_an_error_not_a_panic` (busdma-model) |
 //! | 8: a domain dropped while its device is attached | `busdma::device` owns the domain; raw attaches are `unsafe` | `device_attach::a_dropped_device_never_reaches_the_next_domain_that_reuses_its_table_pages`, `device_attach::detach_removes_the_context_and_invalidates_the_domain_before_its_table_pages_go_back`, `device_attach::a_failed_detach_or_invalidation_leaks_the_domain_its_tables_and_its_id_and_counts_it` |

@@ -15,12 +15,12 @@
 use std::time::{Duration, Instant};
 
 use busdma::front::{
-    Direction, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, RawSegments,
-    Strategy, Tag, TagSpec,
+    Direction, DmaMemory, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved,
+    RawSegments, Strategy, Tag, TagSpec, WindowSource,
 };
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::TablePool;
-use busdma::{PAGE_SIZE, PhysAddr};
+use busdma::{MemAttr, PAGE_SIZE, PhysAddr};
 use busdma_model::{DirectPort, DmaPort, FrameRequest, HostPlatform, ModelIommu};
 use serde::Serialize;
 
@@ -46,6 +46,9 @@ pub struct Row {
     pub unmap_ns_std: f64,
     pub driver_ns_per_map: f64,
     pub device_ns_per_map: f64,
+    /// Two-step window rows only: unlinks per IOTLB invalidation (one `commit` per batch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_batch: Option<usize>,
 }
 
 /// Per-batch mean latencies of one thread: (map, unmap, device).
@@ -174,6 +177,120 @@ where
         unmap_ns_std,
         driver_ns_per_map: map_ns + unmap_ns,
         device_ns_per_map: device_ns,
+        sync_batch: None,
+    })
+}
+
+/// Measures two-step mapping (`busdma::front::window`): each thread reserves one window of
+/// `BATCH` slots of `pages` pages from `tag`'s domain and repeats: link a `pages`-page owned
+/// buffer into every slot (timed as the batch's "map"), the device reads as in [`measure`],
+/// unlink every slot and commit once (timed as the batch's "unmap": `BATCH` unlinks, one IOTLB
+/// invalidation). The per-operation figures are per I/O, as the per-map rows'.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_window<'p, S>(
+    m: &'p HostPlatform,
+    tag: &Tag<'p, HostPlatform, S>,
+    label: &'static str,
+    threads: usize,
+    pages: u64,
+    duration: Duration,
+    trim: bool,
+    cost: &Cost,
+    port: Option<&dyn DmaPort>,
+) -> Result<Row, String>
+where
+    S: WindowSource<HostPlatform> + Sync,
+{
+    let per_thread: Vec<Result<Samples, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || -> Result<Samples, String> {
+                    let _bind = m.bind_cpu(t).map_err(|e| format!("bind cpu {t}: {e}"))?;
+                    let slot = pages * PAGE_SIZE;
+                    let mut bufs = Vec::with_capacity(BATCH);
+                    for _ in 0..BATCH {
+                        let b = DmaMemory::alloc(m, tag.spec(), slot, MemAttr::WriteBack)
+                            .map_err(|e| format!("buffer of {pages} pages: {e}"))?;
+                        bufs.push(Some(b));
+                    }
+                    let mut w = tag
+                        .create_window::<DmaMemory<'p, HostPlatform>>(slot * BATCH as u64, BATCH)
+                        .map_err(|e| format!("create window: {e}"))?;
+                    let mut linked = Vec::with_capacity(BATCH);
+                    let (mut map_t, mut unmap_t, mut dev_t) = (Vec::new(), Vec::new(), Vec::new());
+                    let mut word = [0u8; 8];
+                    let start = Instant::now();
+                    let mut warm = 3;
+                    while start.elapsed() < duration || map_t.len() < 10 {
+                        linked.clear();
+                        let t0 = Instant::now();
+                        for (i, b) in bufs.iter_mut().enumerate() {
+                            let b = b.take().ok_or("window buffer missing")?;
+                            let l = w
+                                .link(i as u64 * slot, b, Direction::Bidirectional)
+                                .map_err(|e| format!("link: {}", e.error))?;
+                            linked.push(l);
+                        }
+                        let t1 = Instant::now();
+                        if let Some(port) = port {
+                            for l in &linked {
+                                for off in (0..l.len).step_by(PAGE_SIZE as usize) {
+                                    let at = l.iova.checked_add(off).ok_or("bus address overflow")?;
+                                    port.dma_read(at, &mut word)
+                                        .map_err(|f| format!("device DMA fault: {f:?}"))?;
+                                }
+                            }
+                        }
+                        let t1d = Instant::now();
+                        for i in 0..BATCH {
+                            w.unlink(i as u64 * slot).map_err(|e| format!("unlink: {e}"))?;
+                        }
+                        w.commit(|off, b| bufs[(off / slot) as usize] = Some(b))
+                            .map_err(|e| format!("commit: {e}"))?;
+                        let t2 = Instant::now();
+                        if warm > 0 {
+                            warm -= 1;
+                            continue;
+                        }
+                        map_t.push((t1 - t0).as_nanos() as f64 / BATCH as f64);
+                        dev_t.push((t1d - t1).as_nanos() as f64 / BATCH as f64);
+                        unmap_t.push((t2 - t1d).as_nanos() as f64 / BATCH as f64);
+                    }
+                    w.destroy(|_, b| drop(b)).map_err(|e| format!("destroy window: {e}"))?;
+                    Ok((map_t, unmap_t, dev_t))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("bench thread panicked".into()))).collect()
+    });
+    let (mut maps, mut unmaps, mut devs) = (Vec::new(), Vec::new(), Vec::new());
+    for r in per_thread {
+        let (a, b, c) = r?;
+        maps.extend(a);
+        unmaps.extend(b);
+        devs.extend(c);
+    }
+    if trim {
+        maps = trimmed(&maps);
+        unmaps = trimmed(&unmaps);
+        devs = trimmed(&devs);
+    }
+    let device_ns = if port.is_some() { mean_std(&devs).0 } else { 0.0 };
+    let (map_ns, map_ns_std) = mean_std(&maps);
+    let (unmap_ns, unmap_ns_std) = mean_std(&unmaps);
+    Ok(Row {
+        strategy: label,
+        invalidation: tag.strategy().invalidation().name(),
+        cost: cost.clone(),
+        threads,
+        pages,
+        map_ns,
+        map_ns_std,
+        unmap_ns,
+        unmap_ns_std,
+        driver_ns_per_map: map_ns + unmap_ns,
+        device_ns_per_map: device_ns,
+        sync_batch: Some(BATCH),
     })
 }
 
@@ -205,6 +322,20 @@ where
             eprintln!("bench map: iommu strategies ({inv}) threads={threads} pages={pages}");
             rows.push(measure(m, &per_map, "iommu-per-map", threads, pages, dur, args.trim, cost, port)?);
             rows.push(measure(m, &reserved, "iommu-reserved", threads, pages, dur, args.trim, cost, port)?);
+            if d.invalidation() == Invalidation::Strict {
+                // Two-step mapping: link + unlink per I/O, one invalidation per `BATCH`.
+                rows.push(measure_window(
+                    m,
+                    &per_map,
+                    "iommu-window",
+                    threads,
+                    pages,
+                    dur,
+                    args.trim,
+                    cost,
+                    port,
+                )?);
+            }
             if d.invalidation() == Invalidation::Deferred {
                 rows.push(measure(
                     m,

@@ -263,6 +263,11 @@ unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         IommuOps::wait_unmapped(&self.domain(), g)
     }
 
+    #[inline]
+    fn is_flushed(&self, ticket: FlushTicket) -> bool {
+        IommuOps::<H::Platform>::is_flushed(&self.domain(), ticket)
+    }
+
     unsafe fn reserve_tables(&self, g: &CpuGuard<'_, H::Platform>, range: AddrRange<Iova>) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { IommuOps::reserve_tables(&self.domain(), g, range) }

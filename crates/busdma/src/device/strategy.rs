@@ -189,3 +189,21 @@ impl<'i, 'p, H: IommuHw> Strategy<H::Platform> for DeviceStrategy<'i, 'p, H> {
         }
     }
 }
+
+/// A device's tags lend its domain to two-step windows ([`crate::front::window`]): strict,
+/// deferred and untrusted policies have one (an untrusted tag's windows link whole pages
+/// only); identity and pass-through do not.
+impl<'i, 'p, H: IommuHw> crate::front::strategy::WindowSource<H::Platform> for DeviceStrategy<'i, 'p, H> {
+    type Ops = DeviceDomain<'i, 'p, H>;
+
+    fn window_ops(&self) -> Result<Self::Ops> {
+        match self {
+            Self::PerMap(s) => Ok(s.0.clone()),
+            Self::Untrusted(s) => Ok(s.inner().0.clone()),
+            Self::Identity(_) => {
+                Err(Error::Unsupported { what: "two-step window on an identity-mapped device" })
+            }
+            Self::Bypass(..) => Err(Error::Unsupported { what: "two-step window on a pass-through device" }),
+        }
+    }
+}

@@ -25,6 +25,8 @@
 //! 6. **Waiting** ([`defer`]): on a tag that may wait, a load short of resources is queued in
 //!    arrival order and completed by callback when an unload or destroy frees them; a no-wait
 //!    load fails at once.
+//! 7. **Two-step mapping** ([`window`]): an IOVA window reserved once per device ring, owned
+//!    buffers linked and unlinked at fixed offsets, one IOTLB invalidation per batch commit.
 //!
 //! ## Example
 //!
@@ -62,6 +64,7 @@ pub mod spec;
 pub mod strategy;
 pub mod tag;
 pub mod typed;
+pub mod window;
 
 pub use cache_sync::{SyncOp, SyncStats};
 pub use chain::FragChain;
@@ -76,5 +79,7 @@ pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};
 pub use strategy::{
     Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
+    WindowSource,
 };
 pub use tag::{Exclusion, Tag, TagFlags, TagSpec};
+pub use window::{DmaWindow, LinkError, Linked, WindowStats};

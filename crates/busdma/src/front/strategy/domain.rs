@@ -99,6 +99,13 @@ where
         Domain::wait_unmapped(self, g)
     }
 
+    #[inline]
+    fn is_flushed(&self, ticket: FlushTicket) -> bool {
+        // `DONE` (strict, or a deferred unmap already flushed), or a flush that started
+        // after the ticket was taken has finished (a failed flush never advances `finished`).
+        ticket.generation().is_none() || self.generations().is_some_and(|g| g.is_flushed(ticket))
+    }
+
     unsafe fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         // SAFETY: `IommuOps::reserve_tables`'s contract: the caller holds the window.
         unsafe { reserve_levels(self.table(), g, range) }

@@ -64,7 +64,8 @@ use crate::front::spec::TagSpec;
 /// [`IommuOps::alloc_iova`] returns a range of the requested size and alignment, at or below
 /// the limit, that no other caller holds until it is freed; `map`, `unmap`, `ensure_flushed`
 /// and `wait_unmapped` do what they say (a `wait_unmapped` or `ensure_flushed` that returns
-/// `Ok` means the IOMMU can no longer use the translations concerned); the IOVA it hands out is
+/// `Ok` means the IOMMU can no longer use the translations concerned, and so does an
+/// `is_flushed` that returns `true`); the IOVA it hands out is
 /// the one space its `map` translates for the attached device.
 #[allow(unsafe_code)]
 pub unsafe trait IommuOps<P: Platform>: Send + Sync {
@@ -139,6 +140,15 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     /// Errors: [`crate::Error::InvalidationFailed`], as for `ensure_flushed`.
     fn wait_unmapped(&self, g: &CpuGuard<'_, P>) -> Result<()>;
 
+    /// Whether the invalidation of `ticket` has completed, without waiting or flushing: a
+    /// two-step window's lazy commit polls it ([`crate::front::DmaWindow::commit_lazy`]).
+    /// The default answers `false` (unknown), so a caller falls back to
+    /// [`IommuOps::ensure_flushed`]; `true` is trusted (trait `# Safety`).
+    fn is_flushed(&self, ticket: Self::Ticket) -> bool {
+        let _ = ticket;
+        false
+    }
+
     /// Installs every intermediate table level over `range`, so later maps and unmaps inside
     /// it touch only leaf entries and never allocate.
     ///
@@ -154,6 +164,37 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     /// Domains whose IOMMU has no coherence index ignore it (the default).
     fn set_coherence_index(&self, range: AddrRange<Iova>, index: CoherenceIndex) {
         let _ = (range, index);
+    }
+}
+
+/// A strategy whose loads go through an IOMMU domain, and that can lend that domain to a
+/// two-step window ([`crate::front::window`]): `window_ops` returns the handle the strategy
+/// maps with (a clone: a reference or a reference count), or [`crate::Error::Unsupported`]
+/// when the tag has no IOMMU domain to reserve IOVA in (identity, pass-through).
+///
+/// Safe to implement: a window maps only memory it owns, so a handle to some other domain
+/// would give that domain's device the window's owned buffers and nothing else.
+pub trait WindowSource<P: Platform>: super::Strategy<P> {
+    /// The domain handle a window keeps.
+    type Ops: IommuOps<P> + Clone;
+
+    /// The domain this strategy maps into.
+    ///
+    /// Errors: [`crate::Error::Unsupported`] (no domain).
+    fn window_ops(&self) -> Result<Self::Ops>;
+}
+
+impl<P: Platform, D: IommuOps<P> + Clone> WindowSource<P> for super::IommuPerMap<D> {
+    type Ops = D;
+    fn window_ops(&self) -> Result<D> {
+        Ok(self.0.clone())
+    }
+}
+
+impl<P: Platform, D: IommuOps<P> + Clone> WindowSource<P> for super::IommuPerSegment<D> {
+    type Ops = D;
+    fn window_ops(&self) -> Result<D> {
+        Ok(self.0.clone())
     }
 }
 

@@ -44,7 +44,7 @@ use crate::dir::SyncOp;
 
 pub use direct::Direct;
 pub use identity::Identity;
-pub use iommu::IommuOps;
+pub use iommu::{IommuOps, WindowSource};
 pub use per_map::IommuPerMap;
 pub use per_segment::IommuPerSegment;
 pub use reserved::IommuReserved;

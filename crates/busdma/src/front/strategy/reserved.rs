@@ -209,3 +209,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         }
     }
 }
+
+impl<P: Platform, D: IommuOps<P> + Clone> super::iommu::WindowSource<P> for IommuReserved<D> {
+    type Ops = D;
+    fn window_ops(&self) -> Result<D> {
+        Ok(self.domain.clone())
+    }
+}
