@@ -3,10 +3,10 @@
 //! invalidation) whose invalidations the VT-d driver executes.
 
 use busdma::front::strategy::reserve_levels::reserve_levels;
-use busdma::front::{Direction, Invalidation, IommuOps};
+use busdma::front::{Invalidation, IommuOps};
 use busdma::iommu::{Domain, DomainConfig, FlushTicket, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
-use busdma::pgtable::{MemType, PageTable, PageTableConfig, Prot, TablePool};
+use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool};
 use busdma::vtd::{DomainId, SecondLevel, SourceId, Vtd};
 use busdma::{AddrRange, CpuGuard, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 
@@ -183,10 +183,8 @@ unsafe impl IommuOps<KernelPlatform> for &DevDomain<'_> {
         iova: Iova,
         pa: PhysAddr,
         len: u64,
-        dir: Direction,
-        mem: MemType,
+        prot: Prot,
     ) -> Result<()> {
-        let prot = Prot::rw(dir.device_reads(), dir.device_writes()).with_mem(mem);
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { self.dom.map(g, iova, pa, len, prot) }
     }

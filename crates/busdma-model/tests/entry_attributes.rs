@@ -246,3 +246,62 @@ fn bad_peer_ranges_are_refused_with_their_values() {
         })
     );
 }
+
+#[test]
+fn a_privileged_tag_maps_privileged_only_entries_where_the_format_can_and_is_refused_where_it_cannot() {
+    use busdma::front::{Direct, IommuPerMap, RawSegment, Tag};
+    use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
+    use busdma::iova::{IovaAllocator, IovaConfig};
+    let m = machine();
+    let mut spec = TagSpec::new(4 * PAGE_SIZE, 4);
+    spec.flags.privileged = true;
+    let (pa, _) = pages(&m, 2, 3);
+    // Arm LPAE stage 1 has a privilege bit: the load's leaves are privileged-only.
+    {
+        let pool = TablePool::new(&m);
+        let pt =
+            PageTable::<_, ArmLpaeS1>::new(&pool, PageTableConfig { input_bits: 48, coherent_walker: true })
+                .unwrap();
+        let iommu = model(&m);
+        // SAFETY: the table is the domain's, detached below before the domain goes.
+        unsafe { iommu.attach(DEV, Context::new(1, pt.root(), TableFormat::ArmLpaeStage1, 48)) }.unwrap();
+        let space = AddrRange::new(Iova::new(1 << 20), Iova::new(1 << 30)).unwrap();
+        let iova =
+            IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).unwrap();
+        let d = Domain::new(&m, pt, iova, &iommu, DomainConfig::new(1, InvalidationPolicy::Strict)).unwrap();
+        {
+            let tag = Tag::new_root(&m, IommuPerMap(&d), spec).unwrap();
+            let plain = Tag::new_root(&m, IommuPerMap(&d), TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
+            let (mut pm, mut um) = (tag.create_map().unwrap(), plain.create_map().unwrap());
+            // SAFETY: memory the test allocated and keeps until the maps are dropped.
+            let src = unsafe { RawSegment::new(pa, 2 * PAGE_SIZE) };
+            let ps = pm.load(&src, Direction::Bidirectional).unwrap()[0].addr;
+            let us = um.load(&src, Direction::Bidirectional).unwrap()[0].addr;
+            for page in 0..2 {
+                let p = iommu.inspect(DEV, Iova::new(ps.raw() + page * PAGE_SIZE)).unwrap();
+                let u = iommu.inspect(DEV, Iova::new(us.raw() + page * PAGE_SIZE)).unwrap();
+                assert!(p.attrs.privileged_only && !u.attrs.privileged_only, "page {page}");
+            }
+            // The model's device issues unprivileged requests: refused on the privileged load.
+            let mut b = [0u8; 8];
+            assert!(iommu.port(DEV).dma_read(ps, &mut b).is_err());
+            assert!(iommu.port(DEV).dma_read(us, &mut b).is_ok());
+        }
+        assert_eq!(iommu.audit_report().map(|r| r.violation_count), Some(0));
+        iommu.detach(DEV).unwrap();
+    }
+    // VT-d second level has none: the load is refused rather than mapped unprivileged.
+    let qm = QuickMaps::for_platform(&m);
+    let iommu = Iommu::new(&m, &qm, model(&m)).unwrap();
+    let dev = iommu.attach(DEV, Policy::Strict).unwrap();
+    let tag = dev.tag(spec).unwrap();
+    let mut map = tag.create_map().unwrap();
+    // SAFETY: as above.
+    let e = map.load(&unsafe { RawSegment::new(pa, PAGE_SIZE) }, Direction::ToDevice).err().unwrap();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
+    assert!(!map.is_loaded());
+    // No IOMMU, or shared identity pages: nothing can enforce it, so the tag is refused.
+    assert!(matches!(Tag::new_root(&m, Direct, spec).err(), Some(Error::Unsupported { .. })));
+    let idev = iommu.attach(DEV + 1, Policy::Identity).unwrap();
+    assert!(matches!(idev.tag(spec).err(), Some(Error::Unsupported { .. })));
+}

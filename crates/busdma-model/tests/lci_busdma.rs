@@ -61,11 +61,10 @@ unsafe impl IommuOps<HostPlatform> for Lci<'_, '_> {
         iova: Iova,
         pa: PhysAddr,
         len: u64,
-        dir: Direction,
-        mem: busdma::pgtable::MemType,
+        prot: busdma::pgtable::Prot,
     ) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { self.d.map(g, iova, pa, len, dir, mem) }
+        unsafe { self.d.map(g, iova, pa, len, prot) }
     }
     unsafe fn unmap(&self, g: &G<'_>, mapped: &[AddrRange<Iova>], free: &[AddrRange<Iova>]) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.

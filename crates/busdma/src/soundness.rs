@@ -59,14 +59,14 @@
 //! use busdma::front::{Direction, IommuOps};
 //! use busdma::iommu::{Domain, IotlbInvalidator};
 //! use busdma::iova::IovaSource;
-//! use busdma::pgtable::{MemType, PteFormat};
+//! use busdma::pgtable::{Prot, PteFormat};
 //! use busdma::{CpuGuard, Iova, PhysAddr, Platform};
 //! fn poke<P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator>(
 //!     d: &Domain<'_, P, F, S, H>,
 //!     g: &CpuGuard<'_, P>,
 //! ) {
 //!     // error[E0133]: any IOVA, any physical address
-//!     let _ = IommuOps::map(&d, g, Iova::new(0x1000), PhysAddr::new(0x1000), 4096, Direction::ToDevice, MemType::Normal);
+//!     let _ = IommuOps::map(&d, g, Iova::new(0x1000), PhysAddr::new(0x1000), 4096, Prot::READ_WRITE);
 //! }
 //! ```
 //!

@@ -8,9 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use busdma::front::strategy::reserve_levels::reserve_levels;
-use busdma::front::{Direction, Invalidation, IommuOps};
+use busdma::front::{Invalidation, IommuOps};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
-use busdma::pgtable::{FlushDone, Gather, MemType, PageTable, PageTableConfig, Prot, TablePool, VtdSl};
+use busdma::pgtable::{FlushDone, Gather, PageTable, PageTableConfig, Prot, TablePool, VtdSl};
 use busdma::{AddrRange, CpuGuard, Iova, PhysAddr, Platform, Result};
 use busdma_model::HostPlatform;
 
@@ -79,10 +79,8 @@ unsafe impl IommuOps<HostPlatform> for &PtDomain<'_> {
         iova: Iova,
         pa: PhysAddr,
         len: u64,
-        dir: Direction,
-        mem: MemType,
+        prot: Prot,
     ) -> Result<()> {
-        let prot = Prot::rw(dir.device_reads(), dir.device_writes()).with_mem(mem);
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { self.pt.map(g, iova, pa, len, prot) }
     }

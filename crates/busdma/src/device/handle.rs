@@ -8,10 +8,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
 use crate::front::strategy::{Direct, Identity, Invalidation, IommuOps, IommuPerMap};
-use crate::front::{Direction, Tag, TagSpec};
+use crate::front::{Tag, TagSpec};
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket};
 use crate::iova::IovaAllocator;
-use crate::pgtable::MemType;
+use crate::pgtable::Prot;
 use crate::platform::{CpuGuard, Platform};
 use crate::sync::SpinLock;
 
@@ -236,11 +236,10 @@ unsafe impl<'i, H: IommuHw> IommuOps<H::Platform> for DeviceDomain<'i, '_, H> {
         iova: Iova,
         pa: PhysAddr,
         len: u64,
-        dir: Direction,
-        mem: MemType,
+        prot: Prot,
     ) -> Result<()> {
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, dir, mem) }
+        unsafe { IommuOps::map(&self.domain(), g, iova, pa, len, prot) }
     }
 
     #[inline]

@@ -21,6 +21,12 @@ pub struct TagFlags {
     /// not claim it where its parent lacks it (the tree's wait queue exists only if the root
     /// may wait).
     pub may_wait: bool,
+    /// Only privileged requests of the device may use the tag's mappings (Linux's
+    /// `DMA_ATTR_PRIVILEGED`; Arm `AP[1]` = 0: a GPU's or a DSP's firmware regions, which its
+    /// user-mode command streams must not reach). A format without a privilege bit (VT-d
+    /// second level) cannot express it: loads fail with [`Error::InvalidArgument`](crate::Error)
+    /// rather than map the memory unprivileged; identity strategies refuse the tag.
+    pub privileged: bool,
 }
 
 /// An exclusion window `(low, high]` of bus addresses ([`TagSpec::exclusion`]).
@@ -75,7 +81,7 @@ impl TagSpec {
             max_size,
             max_segments,
             max_segment_size: max_size,
-            flags: TagFlags { coherent: false, untrusted: false, may_wait: false },
+            flags: TagFlags { coherent: false, untrusted: false, may_wait: false, privileged: false },
         }
     }
 

@@ -568,7 +568,9 @@ impl<'p, P: Platform, S: WindowSource<P>, B: DmaBuffer<'p, P>> DmaWindow<'p, P, 
         // window keeps until the invalidation of its unmap is proven (theory 5), or device
         // memory refused by `collect`. The layout at page alignment places them contiguously
         // from `page_off` (runs checked contiguous), within `span`.
-        let r = unsafe { map_runs(&self.ops, &g, &self.runs, PAGE_SIZE, base, dir, &mut self.mapped) };
+        let r = unsafe {
+            map_runs(&self.ops, &g, &self.runs, PAGE_SIZE, base, dir, self.tag.spec.flags, &mut self.mapped)
+        };
         match r {
             Ok(()) => Ok((Linked { iova: Iova::new(iova), len }, pages)),
             Err(e) => {

@@ -142,4 +142,9 @@ impl Prot {
     pub const fn with_mem(self, mem: MemType) -> Prot {
         Prot { mem, ..self }
     }
+
+    /// The same, usable by privileged requests only (`privileged`).
+    pub const fn with_privileged(self, privileged: bool) -> Prot {
+        Prot { privileged, ..self }
+    }
 }

@@ -32,6 +32,15 @@ impl<P: Platform> Strategy<P> for Direct {
         Invalidation::None
     }
 
+    /// Without an IOMMU there is no entry to make privileged-only: a privileged tag is
+    /// refused rather than served unprotected.
+    fn check_tag(&self, _p: &P, spec: &TagSpec) -> Result<()> {
+        if spec.flags.privileged {
+            return Err(Error::Unsupported { what: "privileged-only DMA without an IOMMU (direct)" });
+        }
+        Ok(())
+    }
+
     fn create(&self, _p: &P, _spec: &TagSpec) -> Result<()> {
         Ok(())
     }

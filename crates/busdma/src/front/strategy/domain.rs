@@ -17,13 +17,12 @@ use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::Result;
 use crate::iommu::{CoherenceIndex, Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator};
 use crate::iova::{IovaRequest, IovaSource};
-use crate::pgtable::{MemType, Prot, PteFormat};
+use crate::pgtable::{Prot, PteFormat};
 use crate::platform::{CpuGuard, Platform};
 
 use super::Invalidation;
 use super::iommu::IommuOps;
 use super::reserve_levels::reserve_levels;
-use crate::front::map::Direction;
 
 // SAFETY: `alloc_iova` is the domain's allocator (exclusive, aligned, below the limit); map,
 // unmap and the waits are the domain's own, which do what `IommuOps` says.
@@ -63,16 +62,7 @@ where
     }
 
     #[inline]
-    unsafe fn map(
-        &self,
-        g: &CpuGuard<'_, P>,
-        iova: Iova,
-        pa: PhysAddr,
-        len: u64,
-        dir: Direction,
-        mem: MemType,
-    ) -> Result<()> {
-        let prot = Prot::rw(dir.device_reads(), dir.device_writes()).with_mem(mem);
+    unsafe fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
         // SAFETY: `IommuOps::map`'s contract is `Domain::map`'s: the caller holds the IOVA
         // range and may give the device the PA range.
         unsafe { Domain::map(self, g, iova, pa, len, prot) }

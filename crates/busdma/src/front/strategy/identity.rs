@@ -35,7 +35,7 @@ use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
 use crate::front::segments::{Segment, SegmentBuilder};
 use crate::front::spec::TagSpec;
-use crate::pgtable::MemType;
+use crate::pgtable::{MemType, Prot};
 
 /// The identity strategy over domain handle `D`.
 #[derive(Clone)]
@@ -127,6 +127,17 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
         self.domain.wait_unmapped(&p.pin_cpu())
     }
 
+    /// Identity pages are shared by every load of the domain (counted, mapped once): one
+    /// load cannot make them privileged-only, so a privileged tag is refused.
+    fn check_tag(&self, _p: &P, spec: &TagSpec) -> Result<()> {
+        if spec.flags.privileged {
+            return Err(Error::Unsupported {
+                what: "privileged-only DMA on an identity domain (pages shared by every load)",
+            });
+        }
+        Ok(())
+    }
+
     fn create(&self, _p: &P, spec: &TagSpec) -> Result<IdentityState> {
         // Every page of a load may be freed on its own range in the worst case (interleaved
         // with pages other maps still hold): pages of max_size plus one per run.
@@ -177,7 +188,15 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for Identity<D> {
                     let pa = PhysAddr::new(s << PAGE_SHIFT);
                     // SAFETY: identity IOVA of pages whose count just went 0 → 1 under the table's
                     // lock: no other load maps them, and they are this load's memory.
-                    unsafe { d.map(&g, Iova::identity_of(pa), pa, (e - s) << PAGE_SHIFT, dir, mem)? };
+                    unsafe {
+                        d.map(
+                            &g,
+                            Iova::identity_of(pa),
+                            pa,
+                            (e - s) << PAGE_SHIFT,
+                            Prot::rw(dir.device_reads(), dir.device_writes()).with_mem(mem),
+                        )?
+                    };
                     push_range(mapped, s << PAGE_SHIFT, e << PAGE_SHIFT)?;
                 }
                 Ok(())

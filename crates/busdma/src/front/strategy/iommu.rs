@@ -26,6 +26,13 @@
 //!    [`MemType::Device`], everything else (RAM with or without a page or a kernel mapping)
 //!    as [`MemType::Normal`]. Two runs of different types never share an IOVA page in the
 //!    layout (theory 2 continues a run only in the same type), so every page has one type.
+//!    [`prot_of`] adds the direction's rights and the tag's privilege
+//!    ([`TagFlags::privileged`]): privileged-only entries where the format has the bit (Arm
+//!    `AP[1]`), a refused load where it has not (VT-d second level: never an unprivileged
+//!    mapping of memory the driver asked to protect). Identity pages are shared by every
+//!    load, so identity strategies refuse privileged tags; without an IOMMU there is nothing
+//!    to enforce it, so `Direct` refuses them too. No format here has a weak-ordering bit
+//!    (relaxed ordering is a PCIe request attribute the device sets, not an entry's).
 //!    There is no "skip CPU sync" load attribute (Linux's `DMA_ATTR_SKIP_CPU_SYNC`): a load
 //!    here never syncs by itself, syncs are the driver's explicit `sync` calls, so a driver
 //!    that wants no CPU maintenance makes no call and such a flag would change nothing.
@@ -42,13 +49,13 @@
 use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
 use crate::iommu::CoherenceIndex;
-use crate::pgtable::MemType;
+use crate::pgtable::{MemType, Prot};
 use crate::platform::{CpuGuard, Platform};
 
 use super::{BounceReason, Invalidation, bounce_hook};
 use crate::dir::Direction;
 use crate::front::load::{MemKind, Run};
-use crate::front::spec::TagSpec;
+use crate::front::spec::{TagFlags, TagSpec};
 
 /// The domain operations the IOMMU strategies use (theory 1).
 ///
@@ -90,25 +97,17 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     /// nothing in it is mapped or awaits an invalidation.
     unsafe fn free_iova(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>);
 
-    /// Maps `[iova, iova + len)` to `[pa, pa + len)` (page multiples) with the rights of
-    /// `dir` and the memory type `mem` (theory 6). On error nothing it mapped translates any
-    /// more.
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` (page multiples) with the entry
+    /// attributes `prot` ([`prot_of`]: the direction's rights, the run's memory type, the tag's
+    /// privilege; theory 6). On error nothing it mapped translates any more.
     ///
     /// # Safety
     ///
     /// The caller holds `[iova, iova + len)` exclusively (from [`IommuOps::alloc_iova`], a
     /// window it reserved, or an identity range it counts), and may give the device
-    /// `[pa, pa + len)` in direction `dir` until the range's unmap has been invalidated (the
-    /// load source's promise).
-    unsafe fn map(
-        &self,
-        g: &CpuGuard<'_, P>,
-        iova: Iova,
-        pa: PhysAddr,
-        len: u64,
-        dir: Direction,
-        mem: MemType,
-    ) -> Result<()>;
+    /// `[pa, pa + len)` with the rights of `prot` until the range's unmap has been invalidated
+    /// (the load source's promise).
+    unsafe fn map(&self, g: &CpuGuard<'_, P>, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()>;
 
     /// Unmaps every range of `mapped` with one invalidation (strict: complete on return;
     /// deferred: queued), then returns every range of `free` to the IOVA allocator once that
@@ -206,6 +205,16 @@ pub fn mem_type(kind: MemKind) -> MemType {
         MemKind::Mmio | MemKind::PeerBar { .. } => MemType::Device,
         MemKind::Page | MemKind::Mapped { .. } | MemKind::Unmapped => MemType::Normal,
     }
+}
+
+/// The entry attributes of a run loaded in direction `dir` through a tag with `flags`
+/// (theory 6): the direction's rights, the run's memory type, privileged-only if the tag says
+/// so.
+#[inline]
+pub fn prot_of(kind: MemKind, dir: Direction, flags: TagFlags) -> Prot {
+    Prot::rw(dir.device_reads(), dir.device_writes())
+        .with_mem(mem_type(kind))
+        .with_privileged(flags.privileged)
 }
 
 /// Where [`layout`] puts one run.

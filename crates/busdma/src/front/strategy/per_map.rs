@@ -19,14 +19,14 @@ use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
 
 use super::iommu::{
-    IommuOps, Place, builder_error, check_untrusted, coherence_index, iova_limit, layout, max_runs, mem_type,
+    IommuOps, Place, builder_error, check_untrusted, coherence_index, iova_limit, layout, max_runs, prot_of,
     push_range, window_align,
 };
 use super::{Invalidation, Strategy};
 use crate::dir::Direction;
 use crate::front::load::Run;
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::spec::TagSpec;
+use crate::front::spec::{TagFlags, TagSpec};
 
 /// The per-map strategy over domain handle `D`.
 #[derive(Clone, Debug)]
@@ -53,6 +53,8 @@ impl PerMapState {
 /// The caller holds the window `[base, base + layout size)` exclusively, nothing is mapped in
 /// it, and the runs are the memory of a load (a load source's promise or an owned buffer).
 #[allow(unsafe_code)]
+// Eight plain values on the hot path; a struct of them would be built and torn down per load.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn map_runs<P: Platform, D: IommuOps<P>>(
     d: &D,
     g: &CpuGuard<'_, P>,
@@ -60,16 +62,17 @@ pub(crate) unsafe fn map_runs<P: Platform, D: IommuOps<P>>(
     align: u64,
     base: u64,
     dir: Direction,
+    flags: TagFlags,
     mapped: &mut Vec<AddrRange<Iova>>,
 ) -> Result<()> {
     mapped.clear();
     layout(runs, align, |r, place| {
         if let Place::At { off, map_start, map_end, pa } = place {
             if map_end > map_start {
-                let mem = mem_type(r.kind);
+                let prot = prot_of(r.kind, dir, flags);
                 // SAFETY: inside the caller's window (the layout stays within its size), each
                 // page mapped once; the runs are the load's (this fn's contract).
-                unsafe { d.map(g, Iova::new(base + map_start), pa, map_end - map_start, dir, mem)? };
+                unsafe { d.map(g, Iova::new(base + map_start), pa, map_end - map_start, prot)? };
                 push_range(mapped, base + map_start, base + map_end)?;
                 let range = AddrRange::new(Iova::new(base + map_start), Iova::new(base + map_end))?;
                 d.set_coherence_index(range, coherence_index(r, map_start as i64 - off as i64));
@@ -146,7 +149,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         }
         // SAFETY: the window came from `alloc_iova` just above and was sized by the same
         // layout; the runs are this load's (the Strategy contract).
-        if let Err(e) = unsafe { map_runs(d, &g, runs, align, base, dir, &mut st.mapped) } {
+        if let Err(e) = unsafe { map_runs(d, &g, runs, align, base, dir, spec.flags, &mut st.mapped) } {
             // SAFETY: what `map_runs` mapped lies in this load's window, which it gives back.
             let _ = unsafe { d.unmap(&g, &st.mapped, &[window]) };
             st.mapped.clear();

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::platform::Platform;
 
 use super::iommu::{
-    IommuOps, builder_error, check_untrusted, coherence_index, iova_limit, max_runs, mem_type, window_align,
+    IommuOps, builder_error, check_untrusted, coherence_index, iova_limit, max_runs, prot_of, window_align,
 };
 use super::{Invalidation, Strategy};
 use crate::dir::Direction;
@@ -107,9 +107,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerSegment<D> {
             }
             let range = st.ranges[i];
             let pa = r.pa.page_base();
+            let prot = prot_of(r.kind, dir, spec.flags);
             // SAFETY: the run's own range from `alloc_iova` above, sized to its pages; the run
             // is this load's memory (the Strategy contract).
-            if let Err(e) = unsafe { d.map(&g, range.start(), pa, range.len(), dir, mem_type(r.kind)) } {
+            if let Err(e) = unsafe { d.map(&g, range.start(), pa, range.len(), prot) } {
                 // SAFETY: the ranges mapped so far, and every range this load allocated.
                 let _ = unsafe { d.unmap(&g, &st.ranges[..i], &st.ranges) };
                 st.ranges.clear();

@@ -166,7 +166,7 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         // SAFETY: the window is this map's (allocated at create, reserved, never freed while
         // the map lives), empty (its last unmap is flushed: `ensure_flushed` above), and the
         // layout was checked to fit it; the runs are this load's.
-        if let Err(e) = unsafe { map_runs(d, &g, runs, align, base, dir, &mut st.mapped) } {
+        if let Err(e) = unsafe { map_runs(d, &g, runs, align, base, dir, spec.flags, &mut st.mapped) } {
             if !st.mapped.is_empty() {
                 // SAFETY: the ranges just mapped in this map's window; the window is kept.
                 *pending = unsafe { d.unmap(&g, &st.mapped, &[]) }.ok();
