@@ -39,6 +39,7 @@
 //! | a device behind an IOMMU | [`Iommu::attach`] with a [`Policy`] (strict, deferred, untrusted, identity, bypass) → an owned [`Device`] |
 //! | its constraints (DMA mask, alignment, boundary, segments) | [`Device::tag`] with a [`TagSpec`] → a [`DeviceTag`] (a cheap handle; maps hold it) |
 //! | descriptor rings, mailboxes | [`Tag::alloc_coherent`] → [`Coherent`] (mapped for its whole life) |
+//! | descriptor fields and status bits in coherent memory | `view()` → [`DmaView`]: `#[repr(C)]` [`Pod`] values by copy, [`DmaAtomicU32`]/[`DmaAtomicU64`] status words; no `unsafe` |
 //! | a buffer that goes back and forth | [`Tag::alloc_buffer`] → [`CpuOwned`] ⇄ [`DeviceOwned`], direction in the type |
 //! | per-I/O buffers and scatter-gather lists | [`Tag::create_owned_map`] → [`OwnedMap`], loaded with [`DmaMemory`], [`Part`]s of it, [`RegionSlice`]s of device memory, registered user buffers, or arrays and tuples of them |
 //! | a peer's BAR, MMIO, memory without pages | [`DeviceRegion`] (described once by bus code, `unsafe`), then [`DeviceRegion::slice`] |
@@ -56,7 +57,10 @@ pub use crate::front::{
     Coherent, DeferStats, Deferrable, DeferredMap, DeviceRegion, DmaBuffer, DmaMap, DmaMemory, OwnedMap,
     Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment, SyncStats, Tag, TagFlags, TagSpec,
 };
+pub use crate::front::{DmaAtomicU32, DmaAtomicU64, DmaView};
 pub use crate::platform::MemAttr;
+/// The plain-data contract of [`DmaView`] (derive it with bytemuck's `derive` feature).
+pub use bytemuck::{Pod, Zeroable};
 
 use crate::device::DeviceStrategy;
 

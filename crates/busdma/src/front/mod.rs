@@ -60,6 +60,7 @@ pub mod spec;
 pub mod strategy;
 pub mod tag;
 pub mod typed;
+pub mod view;
 
 pub use cache_sync::{SyncOp, SyncStats};
 pub use coherent::{Coherent, DmaMemory};
@@ -74,3 +75,4 @@ pub use strategy::{
     Direct, Identity, Invalidation, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, Strategy,
 };
 pub use tag::{Exclusion, Tag, TagFlags, TagSpec};
+pub use view::{DmaAtomicU32, DmaAtomicU64, DmaView};
