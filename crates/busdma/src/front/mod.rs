@@ -53,6 +53,7 @@ pub mod defer;
 pub mod load;
 pub mod map;
 pub mod owned;
+pub mod pool;
 pub mod quarantine;
 pub mod registered;
 pub mod segments;
@@ -68,6 +69,7 @@ pub use defer::{DeferStats, Deferrable, DeferredCallback, DeferredMap, PendingLo
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use owned::{DeviceRegion, DmaBuffer, OwnedMap, Part, RegionKind, RegionSlice};
+pub use pool::{DmaBlock, DmaPool, PoolStats};
 pub use quarantine::QuarantineStats;
 pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};

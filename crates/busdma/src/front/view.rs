@@ -5,7 +5,7 @@
 //!
 //! 1. **A view is a borrowed window.** A [`DmaView`] names bytes `[0, len)` of DMA memory
 //!    ([`DmaMemory::view`], [`Coherent::view`](super::Coherent::view), a pool block's
-//!    `DmaBlock::view` (`super::pool`)) for as long as the borrow of its owner lasts;
+//!    [`DmaBlock::view`](super::DmaBlock::view)) for as long as the borrow of its owner lasts;
 //!    the owner keeps the pages allocated (and, for coherent memory, mapped) meanwhile. Every
 //!    access is checked against the window: beyond it is [`Error::OutOfRange`] `{ addr: end,
 //!    limit: len }`, a wrapping offset [`Error::Overflow`]. [`DmaView::sub`] narrows a view (one
@@ -149,6 +149,15 @@ impl<'a, P: Platform> DmaView<'a, P> {
         let pa = self.at(offset, len)?;
         // INVARIANT: inside this view's memory, same borrow.
         Ok(DmaView { pa, len, ..*self })
+    }
+
+    /// Bytes `[offset, offset + len)` clamped to the view (never fails; for callers that know
+    /// the range is inside, such as the pool's blocks).
+    pub(crate) fn window(&self, offset: u64, len: u64) -> DmaView<'a, P> {
+        let start = offset.min(self.len);
+        let len = len.min(self.len - start);
+        // INVARIANT: clamped inside this view.
+        DmaView { pa: PhysAddr::new(self.pa.raw() + start), len, ..*self }
     }
 
     /// Copies the `T` at `offset` out of the memory (theory 2).
