@@ -1,7 +1,10 @@
 //! A NIC driver on busdma, written as a driver author would: one state struct (`Nic`) owns the
-//! device, its tag, its TX and RX descriptor rings in coherent memory and a map per ring slot;
-//! each packet is three fragments (a 66-byte header and two 717-byte payloads, tcpbench's
-//! shape) mapped per packet; there is no `unsafe` in the driver.
+//! device, its tag, its TX and RX descriptor rings in coherent memory, a `DmaPool` of
+//! per-packet fragment tables (indirect descriptors) and a map per ring slot; each packet is
+//! three fragments (a 66-byte header and two 717-byte payloads, tcpbench's shape) mapped per
+//! packet. Descriptors are `#[repr(C)]` plain-data structs written by copy through typed views;
+//! the OWN bit moves between driver and NIC by atomic loads and stores of the status word.
+//! There is no `unsafe` in the driver.
 //!
 //! Run it with `cargo run --release -p busdma-model --example nic_driver`. The kernel part
 //! (the machine, the IOMMU) is the model's; the "NIC" is a loopback device model that fetches
@@ -11,10 +14,10 @@
 
 use busdma::Iova;
 use busdma::dma::{
-    Device, DeviceCoherent, DeviceOwnedMap, DeviceTag, Direction, DmaMemory, Iommu, Part, Policy, SyncOp,
-    TagSpec,
+    Device, DeviceBlock, DeviceCoherent, DeviceOwnedMap, DevicePool, DeviceTag, Direction, DmaMemory, Iommu,
+    Part, Policy, SyncOp, TagSpec,
 };
-use busdma::dma::{Error, MemAttr, Result};
+use busdma::dma::{Error, MemAttr, Pod, Result, Zeroable};
 use busdma::quickmap::QuickMaps;
 use busdma_model::{DmaPort, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 
@@ -26,11 +29,23 @@ type Packet<'i> = [Part<'i, HostPlatform>; 3];
 
 /// Ring slots (TX and RX).
 const SLOTS: usize = 16;
-/// A descriptor: bus address (8 bytes), length (4), flags (4).
-const DESC: u64 = 16;
+/// A descriptor, as the NIC reads it (little-endian, no padding).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+struct Desc {
+    /// Bus address: of a buffer, or (a TX ring entry) of the packet's fragment table.
+    addr: u64,
+    /// Length in bytes, or (a TX ring entry) the number of fragments.
+    len: u32,
+    /// Status bits, the word the driver and the NIC hand the descriptor over with.
+    status: u32,
+}
+const DESC: u64 = size_of::<Desc>() as u64;
+/// Offset of the status word in a descriptor.
+const STATUS: u64 = 12;
 /// The device owns the descriptor.
 const OWN: u32 = 1;
-/// The last descriptor of a packet.
+/// The last fragment of a packet.
 const EOP: u32 = 2;
 /// Fragment lengths and the header's offset in its buffer.
 const FRAGS: [u64; 3] = [66, 717, 717];
@@ -38,18 +53,21 @@ const HEADER_AT: u64 = 0x80;
 /// RX buffer size.
 const RX_BUF: u64 = 2048;
 
-/// One TX slot: its map owns the packet's three fragment buffers; the slot holds a packet
-/// from `send` until the NIC says it is done (`reclaim`).
+/// One TX slot: its map owns the packet's three fragment buffers; while the NIC owns the slot
+/// (from `send` to `reclaim`) it also holds the packet's fragment table, a block of the
+/// driver's descriptor pool (indirect descriptors, as virtio's).
 struct TxSlot<'i, 'm> {
     map: DeviceOwnedMap<'i, 'm, Hw<'m>, Packet<'i>>,
-    busy: bool,
+    table: Option<DeviceBlock<'i, 'm, Hw<'m>>>,
 }
 
-/// The driver's state: everything it owns, in teardown order (maps, then rings, then the tag,
-/// then the device: dropping it detaches and frees the domain once the IOTLB forgot it).
+/// The driver's state: everything it owns, in teardown order (maps and fragment tables, the
+/// pool, then rings, then the tag, then the device: dropping it detaches and frees the domain
+/// once the IOTLB forgot it).
 struct Nic<'i, 'm> {
     tx: Vec<TxSlot<'i, 'm>>,
     rx: Vec<DeviceOwnedMap<'i, 'm, Hw<'m>, DmaMemory<'i, HostPlatform>>>,
+    tables: DevicePool<'i, 'm, Hw<'m>>,
     tx_ring: DeviceCoherent<'i, 'm, Hw<'m>>,
     rx_ring: DeviceCoherent<'i, 'm, Hw<'m>>,
     tag: DeviceTag<'i, 'm, Hw<'m>>,
@@ -59,14 +77,17 @@ struct Nic<'i, 'm> {
 }
 
 impl<'i, 'm> Nic<'i, 'm> {
-    /// Attach: the device, a tag for a 32-bit NIC, both rings, a map and fragment buffers per
-    /// TX slot, a posted RX buffer per RX slot.
+    /// Attach: the device, a tag for a 32-bit NIC, both rings, the pool of fragment tables, a
+    /// map and fragment buffers per TX slot, a posted RX buffer per RX slot.
     fn attach(iommu: &'i Iommu<'m, Hw<'m>>, platform: &'i HostPlatform, id: u32) -> Result<Self> {
         let dev = iommu.attach(id, Policy::Strict)?;
         let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(32), ..TagSpec::new(64 << 10, 8) };
         let tag = dev.tag(spec)?;
-        let tx_ring = tag.alloc_coherent(SLOTS as u64 * 3 * DESC, false)?;
+        let tx_ring = tag.alloc_coherent(SLOTS as u64 * DESC, false)?;
         let rx_ring = tag.alloc_coherent(SLOTS as u64 * DESC, false)?;
+        // A fragment table: one descriptor per fragment, 64-byte aligned (the NIC fetches a
+        // cache line), never across a 4 KiB boundary.
+        let tables = tag.create_pool(FRAGS.len() as u64 * DESC, 64, 4096)?;
         let mut tx = Vec::new();
         for _ in 0..SLOTS {
             let frag = |len: u64, at: u64| -> Result<Part<'i, HostPlatform>> {
@@ -77,18 +98,18 @@ impl<'i, 'm> Nic<'i, 'm> {
             let mut map = tag.create_owned_map()?;
             map.load(packet, Direction::ToDevice).map_err(|(e, _)| e)?;
             map.unload()?; // mapped per packet, in `send`
-            tx.push(TxSlot { map, busy: false });
+            tx.push(TxSlot { map, table: None });
         }
         let mut rx = Vec::new();
-        for slot in 0..SLOTS {
+        for slot in 0..SLOTS as u64 {
             let mut map = tag.create_owned_map()?;
             let buf = DmaMemory::alloc(platform, tag.spec(), RX_BUF, MemAttr::WriteBack)?;
             let bus = map.load(buf, Direction::FromDevice).map_err(|(e, _)| e)?[0].addr;
             map.sync(SyncOp::PREREAD)?;
-            write_desc(&rx_ring, slot as u64, bus, RX_BUF as u32, OWN)?;
+            post(&rx_ring, slot, Desc { addr: bus.raw(), len: RX_BUF as u32, status: 0 })?;
             rx.push(map);
         }
-        Ok(Nic { tx, rx, tx_ring, rx_ring, tag, dev, tx_next: 0, rx_next: 0 })
+        Ok(Nic { tx, rx, tables, tx_ring, rx_ring, tag, dev, tx_next: 0, rx_next: 0 })
     }
 
     /// Bus addresses of the rings, for the NIC's registers.
@@ -97,11 +118,12 @@ impl<'i, 'm> Nic<'i, 'm> {
     }
 
     /// Sends one packet: copies it into the slot's fragments, maps them, writes one
-    /// descriptor per segment. `Busy` when the ring is full.
+    /// descriptor per segment into a fragment table from the pool, and hands the ring entry
+    /// pointing at it to the NIC. `Busy` when the ring is full.
     fn send(&mut self, packet: &[u8]) -> Result<()> {
         let n = self.tx_next;
         let slot = &mut self.tx[n];
-        if slot.busy {
+        if slot.table.is_some() {
             return Err(Error::Busy { what: "TX ring full", count: SLOTS as u64 });
         }
         let frags = slot.map.buffer().ok_or(Error::BadState { what: "TX slot without buffers" })?;
@@ -111,26 +133,32 @@ impl<'i, 'm> Nic<'i, 'm> {
             f.memory().write(f.offset(), &packet[at..at + len])?;
             at += len;
         }
-        let segs = slot.map.reload(Direction::ToDevice)?.to_vec();
-        slot.map.sync(SyncOp::PREWRITE)?;
+        let segs = slot.map.reload(Direction::ToDevice)?;
+        let mut descs = [Desc::default(); FRAGS.len()];
         for (i, s) in segs.iter().enumerate() {
-            let flags = OWN | if i + 1 == segs.len() { EOP } else { 0 };
-            write_desc(&self.tx_ring, (n * 3 + i) as u64, s.addr, s.len as u32, flags)?;
+            let status = if i + 1 == segs.len() { EOP } else { 0 };
+            *descs.get_mut(i).ok_or(Error::BadState { what: "more segments than fragments" })? =
+                Desc { addr: s.addr.raw(), len: s.len as u32, status };
         }
-        slot.busy = true;
+        let count = segs.len() as u32;
+        slot.map.sync(SyncOp::PREWRITE)?;
+        let table = self.tables.alloc()?; // zeroed
+        table.view().write_slice(0, &descs)?;
+        post(&self.tx_ring, n as u64, Desc { addr: table.bus_addr().raw(), len: count, status: 0 })?;
+        slot.table = Some(table);
         self.tx_next = (n + 1) % SLOTS;
         Ok(())
     }
 
-    /// Takes back the TX slots whose descriptors the NIC gave back: POSTWRITE, unload.
+    /// Takes back the TX slots whose descriptors the NIC gave back: POSTWRITE, unload, and the
+    /// fragment table back to the pool.
     fn reclaim(&mut self) -> Result<usize> {
         let mut done = 0;
-        for (n, slot) in self.tx.iter_mut().enumerate().filter(|(_, s)| s.busy) {
-            let (_, _, flags) = read_desc(&self.tx_ring, (n * 3) as u64)?;
-            if flags & OWN == 0 {
+        for (n, slot) in self.tx.iter_mut().enumerate().filter(|(_, s)| s.table.is_some()) {
+            if status(&self.tx_ring, n as u64)? & OWN == 0 {
                 slot.map.sync(SyncOp::POSTWRITE)?;
                 slot.map.unload()?;
-                slot.busy = false;
+                slot.table = None; // back to the pool
                 done += 1;
             }
         }
@@ -141,35 +169,35 @@ impl<'i, 'm> Nic<'i, 'm> {
     fn receive(&mut self, out: &mut Vec<Vec<u8>>) -> Result<()> {
         loop {
             let n = self.rx_next;
-            let (bus, len, flags) = read_desc(&self.rx_ring, n as u64)?;
-            if flags & OWN != 0 {
+            if status(&self.rx_ring, n as u64)? & OWN != 0 {
                 return Ok(());
             }
+            // The status load ordered this read after it (an acquire and `dma_rmb`).
+            let d: Desc = self.rx_ring.view().read(n as u64 * DESC)?;
             let map = &mut self.rx[n];
             map.sync(SyncOp::POSTREAD)?;
-            let mut packet = vec![0u8; len as usize];
+            let mut packet = vec![0u8; d.len as usize];
             map.buffer().ok_or(Error::BadState { what: "RX slot without buffer" })?.read(0, &mut packet)?;
             out.push(packet);
             map.sync(SyncOp::PREREAD)?;
-            write_desc(&self.rx_ring, n as u64, bus, RX_BUF as u32, OWN)?;
+            post(&self.rx_ring, n as u64, Desc { len: RX_BUF as u32, status: 0, ..d })?;
             self.rx_next = (n + 1) % SLOTS;
         }
     }
 }
 
-fn write_desc(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64, bus: Iova, len: u32, flags: u32) -> Result<()> {
-    let mut d = [0u8; DESC as usize];
-    d[..8].copy_from_slice(&bus.raw().to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..].copy_from_slice(&flags.to_le_bytes());
-    ring.memory().write(i * DESC, &d)
+/// Writes descriptor `i` of `ring` (its status word clear), then hands it to the NIC with an
+/// atomic store of OWN (a release after `dma_wmb`: the NIC never sees OWN before the rest).
+fn post(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64, d: Desc) -> Result<()> {
+    let v = ring.view();
+    v.write(i * DESC, &d)?;
+    v.atomic_u32(i * DESC + STATUS)?.store(d.status | OWN);
+    Ok(())
 }
 
-fn read_desc(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64) -> Result<(Iova, u32, u32)> {
-    let mut d = [0u8; DESC as usize];
-    ring.memory().read(i * DESC, &mut d)?;
-    let word = |r: core::ops::Range<usize>| u32::from_le_bytes(d[r].try_into().unwrap_or_default());
-    Ok((Iova::new(u64::from_le_bytes(d[..8].try_into().unwrap_or_default())), word(8..12), word(12..16)))
+/// The status word of descriptor `i` of `ring` (an atomic load: an acquire, then `dma_rmb`).
+fn status(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64) -> Result<u32> {
+    Ok(ring.view().atomic_u32(i * DESC + STATUS)?.load())
 }
 
 // ---- the NIC (a device model: everything it touches goes by DMA through the IOMMU) -------
@@ -183,19 +211,14 @@ struct LoopbackNic<P: DmaPort> {
 }
 
 impl<P: DmaPort> LoopbackNic<P> {
-    fn desc(&self, ring: Iova, i: u64) -> (u64, u32, u32) {
-        let mut d = [0u8; DESC as usize];
-        self.port.dma_read(Iova::new(ring.raw() + i * DESC), &mut d).expect("descriptor fetch faulted");
-        let w = |r: core::ops::Range<usize>| u32::from_le_bytes(d[r].try_into().unwrap());
-        (u64::from_le_bytes(d[..8].try_into().unwrap()), w(8..12), w(12..16))
+    fn fetch(&self, at: u64) -> Desc {
+        let mut d = Desc::default();
+        self.port.dma_read(Iova::new(at), bytemuck::bytes_of_mut(&mut d)).expect("descriptor fetch faulted");
+        d
     }
 
-    fn put_desc(&self, ring: Iova, i: u64, addr: u64, len: u32, flags: u32) {
-        let mut d = [0u8; DESC as usize];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..].copy_from_slice(&flags.to_le_bytes());
-        self.port.dma_write(Iova::new(ring.raw() + i * DESC), &d).expect("descriptor write-back faulted");
+    fn write_back(&self, at: u64, d: Desc) {
+        self.port.dma_write(Iova::new(at), bytemuck::bytes_of(&d)).expect("descriptor write-back faulted");
     }
 
     /// Transmits every packet the driver handed over, looping each back into the next RX
@@ -203,27 +226,27 @@ impl<P: DmaPort> LoopbackNic<P> {
     fn run(&mut self) -> usize {
         let mut sent = 0;
         loop {
-            let slot = self.tx_head % SLOTS as u64;
-            let (_, _, flags) = self.desc(self.tx_ring, slot * 3);
-            if flags & OWN == 0 {
+            let entry = self.tx_ring.raw() + (self.tx_head % SLOTS as u64) * DESC;
+            let e = self.fetch(entry);
+            if e.status & OWN == 0 {
                 return sent;
             }
             let mut packet = Vec::new();
-            for i in 0..3 {
-                let (addr, len, flags) = self.desc(self.tx_ring, slot * 3 + i);
-                let mut b = vec![0u8; len as usize];
-                self.port.dma_read(Iova::new(addr), &mut b).expect("packet fetch faulted");
+            for i in 0..e.len as u64 {
+                let f = self.fetch(e.addr + i * DESC);
+                let mut b = vec![0u8; f.len as usize];
+                self.port.dma_read(Iova::new(f.addr), &mut b).expect("packet fetch faulted");
                 packet.extend(b);
-                self.put_desc(self.tx_ring, slot * 3 + i, addr, len, flags & !OWN);
-                if flags & EOP != 0 {
+                if f.status & EOP != 0 {
                     break;
                 }
             }
-            let rx = self.rx_head % SLOTS as u64;
-            let (buf, _, flags) = self.desc(self.rx_ring, rx);
-            assert!(flags & OWN != 0, "RX ring overrun");
-            self.port.dma_write(Iova::new(buf), &packet).expect("RX write faulted");
-            self.put_desc(self.rx_ring, rx, buf, packet.len() as u32, 0);
+            self.write_back(entry, Desc { status: e.status & !OWN, ..e });
+            let rx = self.rx_ring.raw() + (self.rx_head % SLOTS as u64) * DESC;
+            let r = self.fetch(rx);
+            assert!(r.status & OWN != 0, "RX ring overrun");
+            self.port.dma_write(Iova::new(r.addr), &packet).expect("RX write faulted");
+            self.write_back(rx, Desc { len: packet.len() as u32, status: 0, ..r });
             self.tx_head += 1;
             self.rx_head += 1;
             sent += 1;
@@ -277,6 +300,15 @@ fn main() -> Result<()> {
         st.inv_range
     );
     assert_eq!(st.faults, 0);
+    let pool = nic.tables.stats();
+    println!(
+        "  fragment tables from a DmaPool: {} page(s) of {} blocks of {} bytes, {} out",
+        pool.pages,
+        pool.blocks_per_page,
+        nic.tables.block_size(),
+        pool.out
+    );
+    assert!(pool.pages >= 1 && pool.out <= SLOTS as u64);
     assert!(nic.dev.domain().is_some(), "strict policy: the device has a domain");
     drop(nic); // maps, rings, tag, then the device: detached, its domain freed
     let leaked = iommu.stats().leaked_domains;

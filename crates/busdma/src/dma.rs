@@ -39,6 +39,8 @@
 //! | a device behind an IOMMU | [`Iommu::attach`] with a [`Policy`] (strict, deferred, untrusted, identity, bypass) → an owned [`Device`] |
 //! | its constraints (DMA mask, alignment, boundary, segments) | [`Device::tag`] with a [`TagSpec`] → a [`DeviceTag`] (a cheap handle; maps hold it) |
 //! | descriptor rings, mailboxes | [`Tag::alloc_coherent`] → [`Coherent`] (mapped for its whole life) |
+//! | many small descriptors or completion records | [`Tag::create_pool`] → [`DmaPool`] → [`DmaBlock`]s (owned, back to the pool on drop) |
+//! | descriptor fields and status bits in coherent memory | `view()` → [`DmaView`]: `#[repr(C)]` [`Pod`] values by copy, [`DmaAtomicU32`]/[`DmaAtomicU64`] status words; no `unsafe` |
 //! | a buffer that goes back and forth | [`Tag::alloc_buffer`] → [`CpuOwned`] ⇄ [`DeviceOwned`], direction in the type |
 //! | per-I/O buffers and scatter-gather lists | [`Tag::create_owned_map`] → [`OwnedMap`], loaded with [`DmaMemory`], [`Part`]s of it, [`RegionSlice`]s of device memory, registered user buffers, or arrays and tuples of them |
 //! | a buffer from the kernel heap | [`HeapBuffer`] (whole heap pages, so the device reaches nothing else), loaded into an [`OwnedMap`] |
@@ -61,8 +63,11 @@ pub use crate::front::{
     HeapBuffer, HeapPage, OwnedMap, Part, PendingLoad, QuarantineStats, RegionKind, RegionSlice, Segment,
     SyncStats, Tag, TagFlags, TagSpec,
 };
+pub use crate::front::{DmaAtomicU32, DmaAtomicU64, DmaBlock, DmaPool, DmaView, PoolStats};
 pub use crate::front::{DmaWindow, LinkError, Linked};
 pub use crate::platform::MemAttr;
+/// The plain-data contract of [`DmaView`] (derive it with bytemuck's `derive` feature).
+pub use bytemuck::{Pod, Zeroable};
 
 use crate::device::DeviceStrategy;
 
@@ -77,3 +82,9 @@ pub type DeviceCoherent<'i, 'p, H> = Coherent<'i, <H as IommuHw>::Platform, Devi
 
 /// A two-step window of a device's tag whose links own the buffers `B` ([`DmaWindow`]).
 pub type DeviceWindow<'i, 'p, H, B> = DmaWindow<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>, B>;
+
+/// A pool of small coherent blocks of a device's tag ([`Tag::create_pool`]).
+pub type DevicePool<'i, 'p, H> = DmaPool<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
+
+/// A block of a device's pool ([`DmaPool::alloc`]).
+pub type DeviceBlock<'i, 'p, H> = DmaBlock<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;

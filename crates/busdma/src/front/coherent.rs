@@ -106,6 +106,11 @@ impl<'p, P: Platform> DmaMemory<'p, P> {
         self.attr
     }
 
+    /// The platform the memory came from.
+    pub(crate) fn platform(&self) -> &'p P {
+        self.p
+    }
+
     /// Copies bytes at `offset` into `buf`.
     ///
     /// Errors: [`Error::OutOfRange`] beyond the allocation.

@@ -57,6 +57,7 @@ pub mod heap;
 pub mod load;
 pub mod map;
 pub mod owned;
+pub mod pool;
 pub mod quarantine;
 pub mod registered;
 pub mod segments;
@@ -64,6 +65,7 @@ pub mod spec;
 pub mod strategy;
 pub mod tag;
 pub mod typed;
+pub mod view;
 pub mod window;
 
 pub use cache_sync::{SyncOp, SyncStats};
@@ -74,6 +76,7 @@ pub use heap::{HeapBuffer, HeapPage};
 pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments, Run, SgEntry, SgList};
 pub use map::{Direction, DmaMap};
 pub use owned::{DeviceRegion, DmaBuffer, OwnedMap, Part, RegionKind, RegionSlice};
+pub use pool::{DmaBlock, DmaPool, PoolStats};
 pub use quarantine::QuarantineStats;
 pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};
@@ -82,4 +85,5 @@ pub use strategy::{
     WindowSource,
 };
 pub use tag::{Exclusion, Tag, TagFlags, TagSpec};
+pub use view::{DmaAtomicU32, DmaAtomicU64, DmaView};
 pub use window::{DmaWindow, LinkError, Linked, WindowStats};
