@@ -7,7 +7,11 @@
 //!    a time; a load source ([`load::LoadSource`]) is anything that reduces to physical runs
 //!    `(PA, len, kind)`; a load yields [`segments::Segment`]s of bus addresses that honour
 //!    every constraint of the tag ([`segments`]); [`cache_sync`] makes the CPU's and the
-//!    device's views agree; [`coherent`] allocates memory meeting a tag.
+//!    device's views agree; [`coherent`] allocates memory meeting a tag, [`pool`] carves small
+//!    blocks from it, and [`view`] reads and writes it as typed plain data and atomic status
+//!    words. Owned loads ([`owned`]) take busdma's memory, kernel-heap pages ([`heap`]),
+//!    packets and block requests ([`chain`]); a two-step window ([`window`]) keeps an IOVA
+//!    range and links owned buffers into it, one invalidation per batch.
 //! 2. **Layers.** Front end (this module) → strategy ([`strategy`]: direct, the IOMMU
 //!    strategies, identity; bounce buffering at the [`strategy::bounce_hook`]) → mechanisms
 //!    (IOVA allocator, page tables, invalidation) → the platform seam. The front end itself
