@@ -20,6 +20,14 @@
 //! unloading everything it holds (no lost wake-up); at the end nothing waits and the queue's
 //! counters balance (`deferred = completed + cancelled`, none failed).
 //!
+//! Two-step windows (`DmaWindow`): each thread also links owned buffers (1 or 2 pages) at
+//! random offsets of a 16-page window on the strict domain and of one on the deferred domain,
+//! unlinks, and commits (lazily, sometimes, on the deferred one), against a reference of what
+//! occupies each page. Checked: a link succeeds exactly when its pages are free and below the
+//! link limit, and otherwise gives its buffer back; the device reads a linked buffer's bytes at
+//! its bus address; a commit gives back only unlinked buffers, a forced one all of them, after
+//! which their bus addresses fault; every buffer comes back by the window's destroy.
+//!
 //! At the end, every map destroyed and both domains flushed, the counters must balance: no
 //! live IOVA range in either domain, no bounce page in use, no model-audit violation, and
 //! every table page back with the platform once the domains are gone. Every failed check is
@@ -28,10 +36,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use busdma::MemAttr;
 use busdma::bounce::{BounceZones, Bounced, ZoneConfig};
 use busdma::front::{
-    Deferrable, DeferredCallback, Direct, Direction, DmaMap, IommuPerMap, IommuPerSegment, IommuReserved,
-    MemKind, PendingLoad, RawSegments, Segment, SgEntry, SgList, Strategy, SyncOp, Tag, TagSpec,
+    Deferrable, DeferredCallback, Direct, Direction, DmaMap, DmaMemory, DmaWindow, IommuPerMap,
+    IommuPerSegment, IommuReserved, MemKind, PendingLoad, RawSegments, Segment, SgEntry, SgList, Strategy,
+    SyncOp, Tag, TagSpec, WindowSource,
 };
 use busdma::iommu::InvalidationPolicy;
 use busdma::iova::{IovaAllocator, IovaConfig};
@@ -354,6 +364,153 @@ fn wait_op<'a>(
     }
 }
 
+/// Pages of each thread's windows.
+const WINDOW_PAGES: u64 = 16;
+/// Links a window holds at most.
+const WINDOW_LINKS: usize = 6;
+
+/// A window and its reference: page offset -> (pages, bytes, unlinked), free buffers.
+struct WindowRig<'a, S: WindowSource<HostPlatform>> {
+    w: DmaWindow<'a, HostPlatform, S, DmaMemory<'a, HostPlatform>>,
+    links: std::collections::BTreeMap<u64, (u64, bool)>,
+    free: Vec<DmaMemory<'a, HostPlatform>>,
+    path: Path<'a, 'a>,
+    deferred: bool,
+    name: &'static str,
+}
+
+impl<'a, S: WindowSource<HostPlatform>> WindowRig<'a, S> {
+    fn new(
+        m: &'a HostPlatform,
+        tag: &Tag<'a, HostPlatform, S>,
+        path: Path<'a, 'a>,
+        deferred: bool,
+        name: &'static str,
+    ) -> Result<Self, String> {
+        let w =
+            tag.create_window(WINDOW_PAGES * PAGE_SIZE, WINDOW_LINKS).map_err(|e| format!("{name}: {e}"))?;
+        let mut free = Vec::new();
+        // At most the tag's maximum segment (2 pages): a link is one segment.
+        for pages in [1, 1, 2, 2, 1, 2, 1, 2] {
+            let d = DmaMemory::alloc(m, tag.spec(), pages * PAGE_SIZE, MemAttr::WriteBack)
+                .map_err(|e| format!("{name}: {e}"))?;
+            free.push(d);
+        }
+        Ok(Self { w, links: Default::default(), free, path, deferred, name })
+    }
+
+    /// Pages `[at, at + pages)` are free in the reference.
+    fn pages_free(&self, at: u64, pages: u64) -> bool {
+        self.links.iter().all(|(&o, &(n, _))| at + pages <= o || o + n <= at)
+    }
+
+    fn op(&mut self, m: &HostPlatform, rng: &mut Rng, v: &Violations) {
+        let name = self.name;
+        match rng.below(8) {
+            0..=3 if !self.free.is_empty() => {
+                let buf = self.free.swap_remove(rng.below(self.free.len() as u64) as usize);
+                let pages = buf.len() / PAGE_SIZE;
+                let at = rng.below(WINDOW_PAGES - pages + 1);
+                let seed = rng.next() as u8 | 1;
+                let data: Vec<u8> =
+                    (0..buf.len()).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
+                if buf.write(0, &data).is_err() {
+                    v.report(format_args!("{name}: the CPU could not fill a buffer"));
+                }
+                let expect_ok = self.pages_free(at, pages) && self.links.len() < WINDOW_LINKS;
+                match self.w.link(at * PAGE_SIZE, buf, Direction::ToDevice) {
+                    Ok(l) => {
+                        if !expect_ok {
+                            v.report(format_args!(
+                                "{name}: a link over taken pages or past the limit succeeded"
+                            ));
+                        }
+                        let mut got = vec![0u8; l.len as usize];
+                        let seg = Segment { addr: l.iova, len: l.len };
+                        if !self.path.read(m, &seg, &mut got) || got != data {
+                            v.report(format_args!("{name}: the device did not read the linked bytes"));
+                        }
+                        self.links.insert(at, (pages, false));
+                    }
+                    Err(e) => {
+                        if expect_ok {
+                            v.report(format_args!("{name}: a link of free pages failed: {:?}", e.error));
+                        }
+                        match e.buffer {
+                            Some(b) => self.free.push(b),
+                            None => v.report(format_args!("{name}: a refused link kept its buffer")),
+                        }
+                    }
+                }
+            }
+            4 | 5 => {
+                let live: Vec<u64> = self.links.iter().filter(|l| !l.1.1).map(|l| *l.0).collect();
+                if !live.is_empty() {
+                    let at = live[rng.below(live.len() as u64) as usize];
+                    match self.w.unlink(at * PAGE_SIZE) {
+                        Ok(()) => {
+                            if let Some(l) = self.links.get_mut(&at) {
+                                l.1 = true;
+                            }
+                        }
+                        Err(e) => v.report(format_args!("{name}: unlink of a link failed: {e}")),
+                    }
+                }
+            }
+            _ => {
+                let lazy = self.deferred && rng.below(2) == 0;
+                let marked: Vec<u64> = self.links.iter().filter(|l| l.1.1).map(|l| *l.0).collect();
+                let mut back = Vec::new();
+                let r = if lazy {
+                    self.w.commit_lazy(|off, b| back.push((off, b)))
+                } else {
+                    self.w.commit(|off, b| back.push((off, b)))
+                };
+                if let Err(e) = r {
+                    v.report(format_args!("{name}: commit: {e}"));
+                }
+                for (off, b) in back {
+                    match self.links.remove(&(off / PAGE_SIZE)) {
+                        Some((_, true)) => {}
+                        _ => v.report(format_args!("{name}: a buffer came back that was not unlinked")),
+                    }
+                    self.free.push(b);
+                }
+                if !lazy {
+                    if self.links.values().any(|l| l.1) {
+                        v.report(format_args!("{name}: a forced commit kept an unlinked buffer"));
+                    }
+                    let base = self.w.iova().start().raw();
+                    for at in marked {
+                        let seg = Segment { addr: Iova::new(base + at * PAGE_SIZE), len: 1 };
+                        if !self.links.contains_key(&at) && self.path.read(m, &seg, &mut [0u8; 1]) {
+                            v.report(format_args!(
+                                "{name}: an unlinked page is reachable after a forced commit"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(self, v: &Violations) {
+        let name = self.name;
+        let mut n = 0usize;
+        let want = self.links.len();
+        let st = self.w.stats();
+        if st.links == 0 || st.batches == 0 || st.refused == 0 {
+            v.report(format_args!("{name}: links, batches or refusals never happened: {st:?}"));
+        }
+        if let Err(e) = self.w.destroy(|_, _| n += 1) {
+            v.report(format_args!("{name}: destroy: {e}"));
+        }
+        if n != want {
+            v.report(format_args!("{name}: destroy gave back {n} buffers of {want}"));
+        }
+    }
+}
+
 fn domain<'a>(
     m: &'a HostPlatform,
     iommu: &'a ModelIommu<'a>,
@@ -453,11 +610,20 @@ pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
                         return v.report(format_args!("thread {t}: a waiting map could not be created"));
                     };
                     let (ps, pd) = (Path::Iommu(iommu, DEV_STRICT), Path::Iommu(iommu, DEV_DEFERRED));
+                    let windows = (
+                        WindowRig::new(m, &t2, ps, false, "window strict"),
+                        WindowRig::new(m, &t3, pd, true, "window deferred"),
+                    );
+                    let (Ok(mut ws), Ok(mut wd)) = windows else {
+                        return v.report(format_args!("thread {t}: a window could not be created"));
+                    };
                     let r = &mut rng;
                     while Instant::now() < deadline {
                         for _ in 0..64 {
-                            match r.below(8) {
+                            match r.below(10) {
                                 7 => wait_op(m, wait_tag, &mut wait_maps, iommu, base, r, v),
+                                8 => ws.op(m, r, v),
+                                9 => wd.op(m, r, v),
                                 0 => one_op(m, &mut m0, Path::Physical, false, base, r, v, "direct"),
                                 1 => one_op(m, &mut m1, Path::Physical, false, base, r, v, "bounce"),
                                 2 => one_op(m, &mut m2, ps, true, base, r, v, "per-map strict"),
@@ -469,6 +635,8 @@ pub fn run(args: &SoakArgs) -> Result<SoakRow, String> {
                         }
                         ops.fetch_add(64, Ordering::Relaxed);
                     }
+                    ws.finish(v);
+                    wd.finish(v);
                 });
             }
         });
