@@ -195,3 +195,18 @@ fn typed_accesses_out_of_range_or_misaligned_are_refused_with_their_values_and_c
         assert_eq!(v.read::<[u32; 3]>(88).unwrap(), [u32::MAX, u32::MAX, 1]);
     });
 }
+
+#[test]
+fn a_streaming_buffer_is_written_as_typed_plain_data_while_the_cpu_owns_it() {
+    use busdma::dma::ToDevice;
+    with_device(false, |_, tag, port| {
+        let buf = tag.alloc_buffer::<ToDevice>(256).unwrap();
+        let d = Desc { addr: 0xfeed_f00d, len: 64, status: 3 };
+        buf.view().write(32, &d).unwrap();
+        assert_eq!(buf.view().read::<Desc>(32).unwrap(), d);
+        assert!(matches!(buf.view().write(250, &d), Err(Error::OutOfRange { .. })));
+        let dev = buf.to_device().ok().unwrap();
+        let bus = dev.segments()[0].addr;
+        assert_eq!(device_bytes(port, Iova::new(bus.raw() + 32), 16), bytemuck::bytes_of(&d));
+    });
+}

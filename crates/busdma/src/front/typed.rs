@@ -164,6 +164,12 @@ impl<'p, P: Platform, S: Strategy<P>, D: DmaDir> CpuOwned<'p, P, S, D> {
         self.inner.mem().write(offset, data)
     }
 
+    /// The buffer as a typed view ([`super::view`]): `#[repr(C)]` plain-data values by copy
+    /// (a command block, a request header) while the CPU owns it.
+    pub fn view(&self) -> super::view::DmaView<'_, P> {
+        self.inner.mem().view()
+    }
+
     /// Hands the buffer to the device: load, then the PRE sync of `D`.
     ///
     /// Errors: those of [`DmaMap::load`](super::map::DmaMap::load) and [`DmaMap::sync`](super::map::DmaMap::sync). The buffer comes back with the
