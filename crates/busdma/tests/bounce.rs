@@ -354,7 +354,8 @@ fn a_zone_that_cannot_grow_below_its_limit_keeps_what_it_got_and_says_no_memory(
         }
     }
     let zones = BounceZones::new(&m, ZoneConfig::default());
-    let c = Constraint { below: Some(PhysAddr::new(limit)), align: 1, untrusted_granule: None };
+    let c =
+        Constraint { below: Some(PhysAddr::new(limit)), excluded: None, align: 1, untrusted_granule: None };
     let zone = zones.zone(c.zone_key()).unwrap();
     assert_eq!(zone.grow_for_map(5), Err(Error::NoMemory { requested: 5 * PAGE_SIZE }));
     let st = zone.stats();
@@ -386,7 +387,12 @@ fn zones_are_shared_per_constraint_and_distinct_across_constraints() {
         &d,
         &qm,
         &[ClientSeg::phys(PhysAddr::new(LIMIT_28 + 4096), 10)],
-        &Constraint { below: Some(PhysAddr::new(LIMIT_28)), align: 1 << 16, untrusted_granule: None },
+        &Constraint {
+            below: Some(PhysAddr::new(LIMIT_28)),
+            excluded: None,
+            align: 1 << 16,
+            untrusted_granule: None,
+        },
     )
     .unwrap();
     assert!(load.segments()[0].addr.is_aligned(1 << 16), "{load:?}");

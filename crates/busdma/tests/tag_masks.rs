@@ -180,3 +180,16 @@ fn a_root_tag_with_a_mask_wider_than_the_platforms_bus_is_refused_naming_the_mas
     // A child cannot widen what the root was narrowed to either.
     assert!(tag.child(TagSpec::new(64 << 10, 8)).is_err());
 }
+
+#[test]
+fn a_buffer_above_the_exclusion_window_but_below_the_mask_is_not_bounced() {
+    let m = machine();
+    let low = m.ram().start().raw() + (32 << 20) - 1;
+    let high = m.ram().start().raw() + (64 << 20) - 1;
+    drop(m);
+    let spec = TagSpec { exclusion: Some(Exclusion { low, high }), ..TagSpec::new(64 << 10, 8) };
+    // `bounced_read` places the buffer at or above `high + 1`: reachable as it is.
+    let (ends, same) = bounced_read(spec, high + 1);
+    assert!(ends.iter().all(|&e| e > high), "segments {ends:x?} kept above the window (not bounced)");
+    assert!(same, "the device reads exactly the buffer's bytes");
+}

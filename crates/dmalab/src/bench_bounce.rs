@@ -80,7 +80,7 @@ pub fn run(args: &BounceArgs) -> Result<Vec<Value>, String> {
     // The device reaches the first 64 MiB: clients at +96 MiB (direct-mapped) and +192 MiB
     // (outside the direct map) must bounce, into direct-mapped pages below +64 MiB.
     let key = ZoneKey::below(Some(PhysAddr::new(start + (64 << 20))));
-    let c = Constraint { below: key.below, align: 1, untrusted_granule: None };
+    let c = Constraint { below: key.below, excluded: None, align: 1, untrusted_granule: None };
     let config = ZoneConfig { placement: Placement::DirectMapped, ..ZoneConfig::default() };
     let zone = Arc::new(BounceZone::new(&m, key, config).map_err(e)?);
     // Every size, near and far, loaded at once: 2 × (1 + 1 + 16) pages.

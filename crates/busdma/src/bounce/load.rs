@@ -72,6 +72,10 @@ impl ClientSeg {
 pub struct Constraint {
     /// The device reaches only bus addresses below this (its DMA mask + 1), if set.
     pub below: Option<PhysAddr>,
+    /// Bus addresses `(low, high]` below the mask that the device cannot reach either
+    /// (FreeBSD's exclusion window: a bridge decodes them for itself), if any. Memory in it is
+    /// bounced; memory above `high` is not. Bounce pages come from below `low + 1`.
+    pub excluded: Option<(u64, u64)>,
     /// Every segment must start at a multiple of this (a power of two).
     pub align: u64,
     /// Untrusted device behind an IOMMU of this page size: a piece that does not fill whole
@@ -83,17 +87,24 @@ impl Constraint {
     /// A trusted device without IOMMU whose DMA mask has `bits` bits.
     pub fn dma_bits(bits: u32) -> Self {
         let below = if bits >= 64 { None } else { Some(PhysAddr::new(1u64 << bits)) };
-        Self { below, align: 1, untrusted_granule: None }
+        Self { below, excluded: None, align: 1, untrusted_granule: None }
     }
 
     /// An untrusted device behind an IOMMU with 4 KiB pages (it reaches everything through it).
     pub const fn untrusted() -> Self {
-        Self { below: None, align: 1, untrusted_granule: Some(PAGE_SIZE) }
+        Self { below: None, excluded: None, align: 1, untrusted_granule: Some(PAGE_SIZE) }
     }
 
     /// The bounce zone this constraint draws from.
     pub fn zone_key(&self) -> ZoneKey {
-        ZoneKey { below: self.below, align: self.align.max(PAGE_SIZE) }
+        let below = match (self.below, self.excluded) {
+            (b, Some((low, _))) => {
+                let w = PhysAddr::new(low.saturating_add(1));
+                Some(b.map_or(w, |b| if b.raw() < w.raw() { b } else { w }))
+            }
+            (b, None) => b,
+        };
+        ZoneKey { below, align: self.align.max(PAGE_SIZE) }
     }
 
     fn validate(&self) -> Result<()> {
@@ -124,7 +135,10 @@ impl Constraint {
         let sub_page = self.untrusted_granule.is_some_and(|g| (seg.pa.raw() | seg.len) & (g - 1) != 0);
         let why = if sub_page {
             Some(Why::SubPage)
-        } else if self.below.is_some_and(|b| end > b.raw()) || !seg.pa.is_aligned(self.align) {
+        } else if self.below.is_some_and(|b| end > b.raw())
+            || self.excluded.is_some_and(|(low, high)| seg.pa.raw() <= high && end > low.saturating_add(1))
+            || !seg.pa.is_aligned(self.align)
+        {
             Some(Why::Unreachable)
         } else {
             None

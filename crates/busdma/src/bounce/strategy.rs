@@ -85,12 +85,16 @@ impl<'z, 'p, P: Platform, S> Bounced<'z, 'p, P, S> {
     }
 
     fn constraint(&self, spec: &TagSpec) -> Constraint {
-        let (below, align) = if self.physical_reach {
-            (spec.reach_limit().checked_add(1).map(PhysAddr::new), spec.alignment)
+        let (below, excluded, align) = if self.physical_reach {
+            // The mask, and the exclusion window under it (`TagSpec::reach_limit` is the
+            // conservative single limit the IOVA side uses; here memory above the window is
+            // reachable as is).
+            let excluded = spec.exclusion.filter(|w| w.low < spec.dma_mask).map(|w| (w.low, w.high));
+            (spec.dma_mask.checked_add(1).map(PhysAddr::new), excluded, spec.alignment)
         } else {
-            (None, 1)
+            (None, None, 1)
         };
-        Constraint { below, align, untrusted_granule: spec.flags.untrusted.then_some(PAGE_SIZE) }
+        Constraint { below, excluded, align, untrusted_granule: spec.flags.untrusted.then_some(PAGE_SIZE) }
     }
 
     fn may_bounce(&self, spec: &TagSpec) -> bool {

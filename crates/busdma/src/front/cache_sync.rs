@@ -67,8 +67,26 @@ pub struct SyncStats {
 ///
 /// Errors: [`crate::Error::NotRam`] for a page run outside RAM (a raw load of an address that
 /// is not RAM): its maintenance is refused, runs before it were maintained.
+#[inline]
 pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> Result<SyncStats> {
+    if coherent {
+        // Theory 1: barriers only; inline, the per-packet case of a coherent device.
+        coherent_barriers(p, op);
+        return Ok(SyncStats::default());
+    }
     sync_runs_in(p, runs, op, coherent, 0..u64::MAX)
+}
+
+/// The barriers a sync of a coherent device needs: `dma_wmb` before the device may read,
+/// `dma_rmb` after it wrote.
+#[inline]
+fn coherent_barriers<P: Platform>(p: &P, op: SyncOp) {
+    if op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD) {
+        p.dma_wmb();
+    }
+    if op.contains(SyncOp::POSTREAD) {
+        p.dma_rmb();
+    }
 }
 
 /// Performs `op` on bytes `range` of the buffer that `runs` make up, in buffer order (theory
@@ -82,14 +100,8 @@ pub fn sync_runs_in<P: Platform>(
     range: core::ops::Range<u64>,
 ) -> Result<SyncStats> {
     let mut st = SyncStats::default();
-    let pre = op.contains(SyncOp::PREWRITE) || op.contains(SyncOp::PREREAD);
     if coherent {
-        if pre {
-            p.dma_wmb();
-        }
-        if op.contains(SyncOp::POSTREAD) {
-            p.dma_rmb();
-        }
+        coherent_barriers(p, op);
         return Ok(st);
     }
     let mut ops = [None, None];
@@ -124,12 +136,7 @@ pub fn sync_runs_in<P: Platform>(
         }
         st.maintained += 1;
     }
-    if pre {
-        p.dma_wmb();
-    }
-    if op.contains(SyncOp::POSTREAD) {
-        p.dma_rmb();
-    }
+    coherent_barriers(p, op);
     Ok(st)
 }
 

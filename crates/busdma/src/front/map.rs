@@ -51,7 +51,7 @@ use crate::addr::{PAGE_SIZE, PhysAddr};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::cache_sync::{SyncOp, SyncStats, sync_runs_in};
+use super::cache_sync::{SyncOp, SyncStats, sync_runs, sync_runs_in};
 use super::defer::Node;
 use super::load::{LoadSource, Run, RunSource};
 use super::segments::{Segment, SegmentBuilder};
@@ -274,7 +274,44 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
     /// [`DmaMap::sync`] of a body.
     #[inline]
     pub(crate) fn sync(&self, body: &mut Body<S::MapState>, op: SyncOp) -> Result<SyncStats> {
-        self.sync_range(body, op, 0, None)
+        // The whole load: the per-packet path, kept apart from `sync_range` (no range to
+        // check or clip; inlined into the caller's loop as before partial syncs existed).
+        let Some(l) = body.loaded.as_mut() else {
+            return Err(Error::BadState { what: "sync of a map that is not loaded" });
+        };
+        if !l.dir.allows(op) {
+            return Err(self.wrong_direction(l.dir, op, body.segs.first().map_or(0, |s| s.addr.raw())));
+        }
+        let st = sync_runs(self.tag.platform, &body.runs, op, self.spec.flags.coherent)?;
+        let state = body.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
+        self.tag.strategy.sync(self.tag.platform, self.spec, state, op, 0..l.len)?;
+        if op.contains(SyncOp::POSTREAD) {
+            l.device_writing = false;
+        }
+        if op.contains(SyncOp::PREREAD) {
+            l.device_writing = true;
+            l.cpu_part = None;
+        }
+        Ok(st)
+    }
+
+    /// The error (and the debug report) of a sync the load's direction does not allow.
+    #[cold]
+    fn wrong_direction(&self, dir: Direction, op: SyncOp, bus: u64) -> Error {
+        #[cfg(feature = "dma-debug")]
+        self.tag.debug.report(super::debug::Violation::SyncWrongDirection {
+            tag: self.tag_id,
+            map: self.map_id,
+            dir,
+            op,
+            bus,
+        });
+        #[cfg(not(feature = "dma-debug"))]
+        let _ = (dir, bus);
+        Error::InvalidArgument {
+            what: "sync operation for the load's direction",
+            value: u64::from(op.bits()),
+        }
     }
 
     /// [`DmaMap::sync_range`] of a body; `len: None` is the whole load from `offset` on.
@@ -297,18 +334,7 @@ impl<'a, 'p, P: Platform, S: Strategy<P>> Ctx<'a, 'p, P, S> {
             return Err(Error::ZeroSize);
         }
         if !l.dir.allows(op) {
-            #[cfg(feature = "dma-debug")]
-            self.tag.debug.report(super::debug::Violation::SyncWrongDirection {
-                tag: self.tag_id,
-                map: self.map_id,
-                dir: l.dir,
-                op,
-                bus: body.segs.first().map_or(0, |s| s.addr.raw()),
-            });
-            return Err(Error::InvalidArgument {
-                what: "sync operation for the load's direction",
-                value: u64::from(op.bits()),
-            });
+            return Err(self.wrong_direction(l.dir, op, body.segs.first().map_or(0, |s| s.addr.raw())));
         }
         let st = sync_runs_in(self.tag.platform, &body.runs, op, self.spec.flags.coherent, offset..end)?;
         let state = body.state.as_ref().ok_or(Error::BadState { what: "map state missing" })?;
@@ -481,6 +507,7 @@ impl<'p, P: Platform, S: Strategy<P>> DmaMap<'p, P, S> {
     ///
     /// Errors: [`Error::BadState`] (not loaded), [`Error::InvalidArgument`] (an operation the
     /// load's direction does not allow; value: the operation's bits).
+    #[inline]
     pub fn sync(&mut self, op: SyncOp) -> Result<SyncStats> {
         let (cx, body) = self.cx();
         cx.sync(body, op)

@@ -65,17 +65,25 @@ pub struct Constraints {
     pub max_segments: u32,
     /// Highest reachable bus address (inclusive).
     pub dma_mask: u64,
+    /// Bus addresses `(excluded.0, excluded.1]` under the mask the device cannot reach either
+    /// (the tag's exclusion window); `(u64::MAX, 0)`, which no address meets, for none.
+    pub excluded: (u64, u64),
 }
+
+/// No exclusion window ([`Constraints::excluded`]).
+pub const NO_WINDOW: (u64, u64) = (u64::MAX, 0);
 
 impl Constraints {
     /// The constraints of a (validated) tag.
+    #[inline]
     pub fn of(spec: &TagSpec) -> Self {
         Self {
             align: spec.alignment,
             boundary: spec.boundary,
             max_seg: spec.max_segment_size & !(spec.alignment - 1),
             max_segments: spec.max_segments,
-            dma_mask: spec.reach_limit(),
+            dma_mask: spec.dma_mask,
+            excluded: spec.exclusion.filter(|w| w.low < spec.dma_mask).map_or(NO_WINDOW, |w| (w.low, w.high)),
         }
     }
 
@@ -173,6 +181,12 @@ impl<'a> SegmentBuilder<'a> {
         if end - 1 > self.c.dma_mask {
             return Err(Error::OutOfRange { addr: end - 1, limit: self.c.dma_mask });
         }
+        if addr <= self.c.excluded.1 && end - 1 > self.c.excluded.0 {
+            return Err(Error::OutOfRange {
+                addr: addr.max(self.c.excluded.0 + 1),
+                limit: self.c.excluded.0,
+            });
+        }
         let (mut a, mut left) = (addr, len);
         // Extend the last segment while it is contiguous, inside its boundary window and short
         // of the maximum length.
@@ -258,6 +272,9 @@ pub fn check_segments(segs: &[Segment], c: &Constraints) -> Result<()> {
         if end - 1 > c.dma_mask {
             return Err(Error::OutOfRange { addr: end - 1, limit: c.dma_mask });
         }
+        if a <= c.excluded.1 && end - 1 > c.excluded.0 {
+            return Err(Error::OutOfRange { addr: a.max(c.excluded.0 + 1), limit: c.excluded.0 });
+        }
     }
     Ok(())
 }
@@ -267,7 +284,7 @@ mod tests {
     use super::*;
 
     fn c(align: u64, boundary: u64, max_seg: u64, max_segments: u32) -> Constraints {
-        Constraints { align, boundary, max_seg, max_segments, dma_mask: u64::MAX - 1 }
+        Constraints { align, boundary, max_seg, max_segments, dma_mask: u64::MAX - 1, excluded: NO_WINDOW }
     }
 
     fn build(c: Constraints, runs: &[(u64, u64)]) -> Result<Vec<Segment>> {
@@ -364,12 +381,28 @@ mod tests {
                     max_seg: max_seg & !(align - 1),
                     max_segments: 4,
                     dma_mask: u64::MAX,
+                    excluded: NO_WINDOW,
                 };
                 if let Ok(segs) = build(k, &runs) {
                     prop_assert_eq!(check_segments(&segs, &k), Ok(()));
                 }
             }
         }
+    }
+
+    #[test]
+    fn runs_in_the_exclusion_window_are_rejected_and_runs_above_it_accepted() {
+        let mut k = c(1, 0, 0x10000, 4);
+        k.excluded = (0x2fff, 0x5fff);
+        assert!(build(k, &[(0x1000, 0x2000)]).is_ok());
+        assert!(build(k, &[(0x6000, 0x1000)]).is_ok());
+        assert_eq!(build(k, &[(0x5fff, 2)]).unwrap_err(), Error::OutOfRange { addr: 0x5fff, limit: 0x2fff });
+        assert_eq!(
+            build(k, &[(0x2f00, 0x200)]).unwrap_err(),
+            Error::OutOfRange { addr: 0x3000, limit: 0x2fff }
+        );
+        let inside = [Segment { addr: Iova::new(0x4000), len: 0x10 }];
+        assert_eq!(check_segments(&inside, &k), Err(Error::OutOfRange { addr: 0x4000, limit: 0x2fff }));
     }
 
     #[test]

@@ -148,11 +148,11 @@ impl TagSpec {
         Ok(())
     }
 
-    /// The highest bus address a streaming load may use, inclusive: the mask, lowered to the
-    /// exclusion window's `lowaddr` when the window starts below it. Addresses above
-    /// `highaddr` are reachable in FreeBSD's model; busdma's bounce layer and IOVA limits
-    /// know one limit, so it keeps loads below the window altogether (a superset of what the
-    /// window excludes: safe, at the cost of bouncing memory above `highaddr` too).
+    /// The highest bus address below which every address is reachable, inclusive: the mask,
+    /// lowered to the exclusion window's `lowaddr` when the window starts below it. IOVA
+    /// allocation and coherent memory stay below it (one limit, and there is room there).
+    /// The bounce layer is exact instead: it bounces memory inside the window and leaves
+    /// memory above `highaddr` (and below the mask) in place, as FreeBSD does.
     pub fn reach_limit(&self) -> u64 {
         match self.exclusion {
             Some(Exclusion { low, .. }) if low < self.dma_mask => low,
