@@ -121,17 +121,23 @@ impl Magazine {
     }
 
     /// Pushes `s` if fewer than `cap` rounds are held.
+    ///
+    /// # Safety
+    ///
+    /// `cap <= MAG_ROUNDS` (a [`CpuCache`]'s capacity is).
     #[inline]
-    fn push(&mut self, cap: usize, s: u64) -> bool {
-        match self.rounds.get_mut(self.len) {
-            Some(slot) if self.len < cap => {
-                *slot = s;
-                // INVARIANT: the slot existed, so len + 1 <= MAG_ROUNDS.
-                self.len += 1;
-                true
-            }
-            _ => false,
+    unsafe fn push(&mut self, cap: usize, s: u64) -> bool {
+        let len = self.len;
+        if len >= cap {
+            return false;
         }
+        debug_assert!(cap <= MAG_ROUNDS);
+        // SAFETY: `len < cap` and `cap <= MAG_ROUNDS` (the caller's promise), so `len`
+        // indexes `rounds`.
+        unsafe { *self.rounds.get_unchecked_mut(len) = s };
+        // INVARIANT: len < cap <= MAG_ROUNDS, so len + 1 <= MAG_ROUNDS.
+        self.len = len + 1;
+        true
     }
 }
 
@@ -144,6 +150,10 @@ struct ClassCache {
 }
 
 /// One CPU's magazines, all classes.
+///
+/// # Invariants
+///
+/// `1 <= capacity <= MAG_ROUNDS`.
 #[derive(Debug)]
 pub struct CpuCache {
     capacity: usize,
@@ -201,6 +211,7 @@ impl CpuCache {
         }
         let classes = <[ClassCache; CLASSES]>::try_from(classes)
             .map_err(|_| Error::BadState { what: "CpuCache::new made the wrong number of classes" })?;
+        // INVARIANT: capacity checked above.
         Ok(Self { capacity, classes, stats: CpuStats::default() })
     }
 
@@ -227,6 +238,35 @@ impl CpuCache {
             return (None, false);
         }
         self.alloc_refill(c, fits, depot)
+    }
+
+    /// The fast path's pop: offers the top round of class `c`'s loaded magazine to `take`,
+    /// and takes it (counting a hit) only if `take` accepts it, returning the round and what
+    /// `take` returned. `None` (nothing changed) if the loaded magazine is empty or `take`
+    /// refuses: the caller then goes through [`CpuCache::alloc`], which refills and counts
+    /// the miss.
+    #[inline(always)]
+    pub fn pop_with<R>(&mut self, c: usize, take: impl FnOnce(u64) -> Option<R>) -> Option<(u64, R)> {
+        let cc = self.classes.get_mut(c)?;
+        let s = cc.loaded.top()?;
+        let r = take(s)?;
+        // INVARIANT: top() found a round, so len >= 1.
+        cc.loaded.len -= 1;
+        self.stats.hits += 1;
+        Some((s, r))
+    }
+
+    /// The fast path's push: `start` onto class `c`'s loaded magazine if it has room
+    /// (counting a cached free). `false` (nothing changed) if it is full: the caller then
+    /// goes through [`CpuCache::free`].
+    #[inline(always)]
+    pub fn push(&mut self, c: usize, start: u64) -> bool {
+        let cap = self.capacity;
+        let Some(cc) = self.classes.get_mut(c) else { return false };
+        // SAFETY: `cap` is this cache's capacity, at most MAG_ROUNDS (its invariant).
+        let pushed = unsafe { cc.loaded.push(cap, start) };
+        self.stats.cached_frees += u64::from(pushed);
+        pushed
     }
 
     /// `alloc` when the loaded magazine is empty: swap with `previous`, or trade an empty
@@ -269,7 +309,8 @@ impl CpuCache {
     pub fn free(&mut self, c: usize, start: u64, depot: &Depot) -> (bool, DepotTouched) {
         let cap = self.capacity;
         let Some(cc) = self.classes.get_mut(c) else { return (false, false) };
-        if cc.loaded.push(cap, start) {
+        // SAFETY: `cap` is this cache's capacity, at most MAG_ROUNDS (its invariant).
+        if unsafe { cc.loaded.push(cap, start) } {
             self.stats.cached_frees += 1;
             return (true, false);
         }
@@ -294,7 +335,8 @@ impl CpuCache {
             self.stats.depot_puts += 1;
             touched = true;
         }
-        let pushed = cc.loaded.push(cap, start);
+        // SAFETY: `cap` is this cache's capacity, at most MAG_ROUNDS (its invariant).
+        let pushed = unsafe { cc.loaded.push(cap, start) };
         if pushed {
             self.stats.cached_frees += 1;
         }

@@ -100,7 +100,7 @@ pub use window::IovaWindow;
 use crate::addr::{AddrRange, Iova, PAGE_SHIFT, PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
-use crate::sync::{Ordering, SpinLock};
+use crate::sync::{Ordering, SpinGuard, SpinLock};
 use livemap::{LeafHint, LiveMap};
 use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine};
 use tree::{Fit, Kind, Tree};
@@ -326,9 +326,20 @@ fn class_of(size: u64) -> Option<usize> {
     if size.wrapping_sub(1) >= MAX_CLASS_PAGES << PAGE_SHIFT || size % PAGE_SIZE != 0 {
         return None;
     }
-    // ceil(log2(pages)) for pages in 1..=MAX_CLASS_PAGES.
-    Some((u64::BITS - ((size >> PAGE_SHIFT) - 1).leading_zeros()) as usize)
+    CLASS_OF_PAGES.get((size >> PAGE_SHIFT) as usize).map(|&c| usize::from(c))
 }
+
+/// The class of a page count in `1..=MAX_CLASS_PAGES` (index 0 unused): ceil(log2(pages)), a
+/// load instead of a bit scan on the hot paths.
+const CLASS_OF_PAGES: [u8; MAX_CLASS_PAGES as usize + 1] = {
+    let mut t = [0u8; MAX_CLASS_PAGES as usize + 1];
+    let mut n = 2;
+    while n <= MAX_CLASS_PAGES as usize {
+        t[n] = (usize::BITS - (n - 1).leading_zeros()) as u8;
+        n += 1;
+    }
+    t
+};
 
 #[inline]
 fn class_bytes(c: usize) -> u64 {
@@ -353,7 +364,7 @@ impl IovaAllocator {
             let cache = CpuCache::new(rounds)?;
             cpus.push(Padded(SpinLock::new(PerCpu { cache, hint: LeafHint::default() })));
         }
-        let pages = if cfg.caches { space.len() >> PAGE_SHIFT } else { 1 };
+        let pages = if cfg.caches { space.end().raw() >> PAGE_SHIFT } else { 1 };
         Ok(Self {
             space,
             cfg,
@@ -376,9 +387,12 @@ impl IovaAllocator {
         self.cfg
     }
 
+    /// The live map's index of the page at `addr`: its page number (not its offset in the
+    /// space: a subtraction less on the hot paths; the map is made for pages up to the
+    /// space's end, so every page of the space has its own mark).
     #[inline]
-    fn page_of(&self, addr: u64) -> u64 {
-        (addr - self.space.start().raw()) >> PAGE_SHIFT
+    fn page_of(addr: u64) -> u64 {
+        addr >> PAGE_SHIFT
     }
 
     #[inline]
@@ -395,7 +409,7 @@ impl IovaAllocator {
     /// (at most the largest class, so its page count fits the mark byte).
     #[inline]
     fn mark_live(&self, start: u64, size: u64) -> Result<()> {
-        let page = self.page_of(start);
+        let page = Self::page_of(start);
         let mark = match self.live.get(page) {
             Some(m) => m,
             None => self.live.get_or_create(page)?,
@@ -644,9 +658,75 @@ impl IovaSource for IovaAllocator {
     #[inline]
     fn alloc<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         // The fast path (theory 8): a class-size request with no alignment beyond a page and
-        // no boundary, served by the top round of the CPU's loaded magazine. Validation is
-        // folded into the round's check: a round is a range of the space, so `s + size <=
-        // limit` (limit clipped to the space) is all a page-aligned request needs.
+        // no boundary, served by the top round of the CPU's loaded magazine when the CPU's
+        // leaf hint holds its live mark. It either completes or changes nothing and hands the
+        // request to `alloc_slow`, which does it all again with every check.
+        let size = req.size;
+        if req.align <= PAGE_SIZE && req.boundary == 0 {
+            if let (Some(c), Some(pc)) = (class_of(size), self.cpus.get(g.cpu())) {
+                let mut pc = pc.0.lock();
+                let PerCpu { cache, hint } = &mut *pc;
+                let hit = cache.pop_with(c, |s| {
+                    // A round is a class range of the space, so `s + size` cannot wrap; and as
+                    // it is page-aligned, `<= limit` is `<=` the limit rounded down to a page
+                    // (and to the space, which every round is inside).
+                    let end = s.checked_add(size).filter(|&e| e <= req.limit.raw())?;
+                    // SAFETY: `hint` is this CPU's, used with no map but `self.live`.
+                    let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) }?;
+                    Some((end, mark))
+                });
+                if let Some((s, (end, mark))) = hit {
+                    // Release: a free on another CPU that reads this mark (by its CAS) must
+                    // see the range as this allocation's.
+                    mark.store(Self::mark_of(size), Ordering::Release);
+                    drop(pc);
+                    return AddrRange::new(Iova::new(s), Iova::new(end));
+                }
+            }
+        }
+        self.alloc_slow(g, req)
+    }
+
+    #[inline(always)]
+    fn free<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+        // The fast path (theory 8): the range's live mark, found through the CPU's leaf hint,
+        // holds exactly its page count, so it is a live class range (an allocation set the
+        // mark; nothing else does): clear the mark and push the round. Anything else changes
+        // nothing and goes to `free_slow`, which does it all again with every check.
+        let (s, len) = (range.start().raw(), range.len());
+        // A page-aligned start (a mark is per page) and a page count of a class (the mark
+        // holds 1..=64; a larger count must not match it modulo 256).
+        if (s | len) % PAGE_SIZE == 0 && len.wrapping_sub(1) < MAX_CLASS_PAGES << PAGE_SHIFT {
+            let pages = (len >> PAGE_SHIFT) as usize;
+            if let (Some(&c), Some(pc)) = (CLASS_OF_PAGES.get(pages), self.cpus.get(g.cpu())) {
+                let mut pc = pc.0.lock();
+                let PerCpu { cache, hint } = &mut *pc;
+                // SAFETY: `hint` is this CPU's, used with no map but `self.live`. A start
+                // outside the space has no leaf in the hint (its key is compared whole, so
+                // no page aliases another), or a mark no allocation set (past the space's
+                // end in the last leaf).
+                let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) };
+                if let Some(mark) = mark {
+                    let live = Self::mark_of(len);
+                    if mark.compare_exchange(live, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                        if cache.push(usize::from(c), s) {
+                            return Ok(());
+                        }
+                        return self.free_full(pc, usize::from(c), s);
+                    }
+                }
+            }
+        }
+        self.free_slow(g, range)
+    }
+}
+
+impl IovaAllocator {
+    /// Every allocation the fast path did not complete: the fast path again with every
+    /// check (counting a miss, refilling the hint), the general path, the tree.
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         let size = req.size;
         if self.cfg.caches && req.align <= PAGE_SIZE && req.boundary == 0 {
             if let Some(c) = class_of(size) {
@@ -655,12 +735,11 @@ impl IovaSource for IovaAllocator {
                 let PerCpu { cache, hint } = &mut *pc;
                 let (hit, touched) = cache.alloc(c, |s| s + size <= limit, &self.depot);
                 if let Some(s) = hit {
-                    let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) else {
+                    let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) else {
                         drop(pc);
                         return Err(self.untracked_round(c, s));
                     };
-                    // Release: a free on another CPU that reads this mark (by its CAS) must
-                    // see the range as this allocation's.
+                    // Release: as in `alloc`.
                     mark.store(Self::mark_of(size), Ordering::Release);
                     drop(pc);
                     if touched {
@@ -678,8 +757,11 @@ impl IovaSource for IovaAllocator {
         self.alloc_general(g, req)
     }
 
-    #[inline]
-    fn free<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+    /// Every free the fast path did not complete: full validation, the mark through a walk
+    /// when the hint misses, errors, plain ranges and double frees through the tree.
+    #[cold]
+    #[inline(never)]
+    fn free_slow<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         let (s, len) = (range.start().raw(), range.len());
         if !self.space.contains_range(&range) {
             return Err(Error::OutOfRange { addr: s, limit: self.space.end().raw() });
@@ -693,7 +775,7 @@ impl IovaSource for IovaAllocator {
                 class_total = Some(class_bytes(c) + self.guard);
                 let mut pc = self.cpu_cache(g.cpu())?.lock();
                 let PerCpu { cache, hint } = &mut *pc;
-                if let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) {
+                if let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) {
                     match mark.compare_exchange(Self::mark_of(len), 0, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
                             let (cached, touched) = cache.free(c, s, &self.depot);
@@ -745,7 +827,7 @@ impl IovaAllocator {
         let PerCpu { cache, hint } = &mut *pc;
         let (hit, touched) = cache.alloc(c, fits, &self.depot);
         if let Some(s) = hit {
-            let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) else {
+            let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) else {
                 drop(pc);
                 return Err(self.untracked_round(c, s));
             };
@@ -769,6 +851,16 @@ impl IovaAllocator {
         let cb = class_bytes(c);
         let _ = self.tree.0.lock().free(s, cb, cb + self.guard, Kind::Class, None);
         Error::BadState { what: "a cached IOVA round without its live mark" }
+    }
+
+    /// A cached free whose loaded magazine is full (its mark already cleared): swap, or
+    /// trade with the depot, then let the depot trim.
+    #[cold]
+    #[inline(never)]
+    fn free_full(&self, mut pc: SpinGuard<'_, PerCpu>, c: usize, s: u64) -> Result<()> {
+        let (cached, touched) = pc.cache.free(c, s, &self.depot);
+        drop(pc);
+        self.free_spilled(c, s, cached, touched)
     }
 
     /// The end of a cached free that exchanged a magazine with the depot (`touched`: let the
