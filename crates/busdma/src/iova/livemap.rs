@@ -112,7 +112,7 @@ unsafe impl Sync for LiveMap {}
 const EMPTY_KEY: u64 = u64::MAX;
 
 /// log2 of the marks in one 64-byte cache line.
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 const LINE_BITS: u32 = 6;
 
 /// The skew of the marks in a leaf (theory 4): odd, so `i -> i * SKEW mod LEAF_PAGES` is a

@@ -100,9 +100,9 @@ pub use window::IovaWindow;
 use crate::addr::{AddrRange, Iova, PAGE_SHIFT, PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
-use crate::sync::{Ordering, SpinGuard, SpinLock};
+use crate::sync::{AtomicU8, Ordering, SpinGuard, SpinLock};
 use livemap::{LeafHint, LiveMap};
-use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine};
+use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine, MarkAddr};
 use tree::{Fit, Kind, Tree};
 
 /// A request for IOVA space.
@@ -290,6 +290,13 @@ struct PerCpu {
 /// `new` come first; everything a CPU writes on a slower path (the tree's lock, the depot's
 /// classes, the rare counters) sits on cache lines of its own, so it never invalidates the
 /// read-mostly line in the other CPUs' caches.
+///
+/// # Invariants
+///
+/// Every round in the CPUs' magazines and the depot was pushed with the address of its live
+/// mark in `live` (the mark of `page_of(round)`), and every CPU's `hint` is empty or was
+/// filled by `live`. (Rounds enter the caches only in the free paths, after the compare-and-
+/// swap on that very mark; `live` drops with the caches.)
 pub struct IovaAllocator {
     space: AddrRange<Iova>,
     cfg: IovaConfig,
@@ -665,17 +672,17 @@ impl IovaSource for IovaAllocator {
         if req.align <= PAGE_SIZE && req.boundary == 0 {
             if let (Some(c), Some(pc)) = (class_of(size), self.cpus.get(g.cpu())) {
                 let mut pc = pc.0.lock();
-                let PerCpu { cache, hint } = &mut *pc;
-                let hit = cache.pop_with(c, |s| {
+                let hit = pc.cache.pop_with(c, |s| {
                     // A round is a class range of the space, so `s + size` cannot wrap; and as
                     // it is page-aligned, `<= limit` is `<=` the limit rounded down to a page
                     // (and to the space, which every round is inside).
-                    let end = s.checked_add(size).filter(|&e| e <= req.limit.raw())?;
-                    // SAFETY: `hint` is this CPU's, used with no map but `self.live`.
-                    let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) }?;
-                    Some((end, mark))
+                    s.checked_add(size).filter(|&e| e <= req.limit.raw())
                 });
-                if let Some((s, (end, mark))) = hit {
+                if let Some((s, mark, end)) = hit {
+                    // SAFETY: every round in this allocator's caches carries the address of
+                    // its live mark in `self.live` (the type's invariant), which lives as
+                    // long as `self`.
+                    let mark = unsafe { &*mark.as_ptr() };
                     // Release: a free on another CPU that reads this mark (by its CAS) must
                     // see the range as this allocation's.
                     mark.store(Self::mark_of(size), Ordering::Release);
@@ -709,10 +716,10 @@ impl IovaSource for IovaAllocator {
                 if let Some(mark) = mark {
                     let live = Self::mark_of(len);
                     if mark.compare_exchange(live, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                        if cache.push(usize::from(c), s) {
+                        if cache.push(usize::from(c), s, MarkAddr::of(mark)) {
                             return Ok(());
                         }
-                        return self.free_full(pc, usize::from(c), s);
+                        return self.free_full(pc, usize::from(c), s, mark);
                     }
                 }
             }
@@ -778,7 +785,7 @@ impl IovaAllocator {
                 if let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) {
                     match mark.compare_exchange(Self::mark_of(len), 0, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
-                            let (cached, touched) = cache.free(c, s, &self.depot);
+                            let (cached, touched) = cache.free(c, s, MarkAddr::of(mark), &self.depot);
                             drop(pc);
                             if touched || !cached {
                                 return self.free_spilled(c, s, cached, touched);
@@ -857,8 +864,8 @@ impl IovaAllocator {
     /// trade with the depot, then let the depot trim.
     #[cold]
     #[inline(never)]
-    fn free_full(&self, mut pc: SpinGuard<'_, PerCpu>, c: usize, s: u64) -> Result<()> {
-        let (cached, touched) = pc.cache.free(c, s, &self.depot);
+    fn free_full(&self, mut pc: SpinGuard<'_, PerCpu>, c: usize, s: u64, mark: &AtomicU8) -> Result<()> {
+        let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
         drop(pc);
         self.free_spilled(c, s, cached, touched)
     }
