@@ -8,6 +8,9 @@
 //!    A CPU's two magazines per class are made with its cache and every depot exchange trades
 //!    one magazine for another, so the hot paths never allocate and never check for a
 //!    missing magazine: a pop is a length test and a load, a push a length test and a store.
+//!    Each round is kept with a [`MarkAddr`], the address of its live mark, which the
+//!    magazine stores and hands back but never dereferences (the allocator's hit stores the
+//!    mark through it instead of looking it up).
 //! 2. **Two magazines per CPU per class**, `loaded` and `previous`. An allocation pops from
 //!    `loaded`; if it is empty and `previous` is full, the two swap; a free pushes to `loaded`;
 //!    if it is full and `previous` is empty, they swap. So a CPU that alternates allocations and

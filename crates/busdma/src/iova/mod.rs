@@ -67,16 +67,25 @@
 //! 8. **The fast path and what CPUs share.** A request of a class size with no alignment beyond
 //!    a page and no boundary (the NIC and storage common case) is served by the top round of
 //!    the CPU's loaded magazine: `s + size <= limit` is its whole validation (a round is a
-//!    range of the space). Per pair it takes the CPU's own lock twice and does one
-//!    compare-and-swap on the live mark (point 4), under that lock; the mark's leaf comes from
-//!    a per-CPU one-entry hint ([`livemap::LeafHint`]) instead of a radix walk. Nothing it
-//!    writes is shared with another CPU by design: magazines are 128-byte-aligned boxes made
-//!    with the cache (never a `Vec` whose heap neighbour is another CPU's), the counters are
-//!    plain integers under the CPU's lock, and the tree's lock, the depot's classes and the
-//!    rare counters each sit on lines of their own, away from the read-mostly fields every
-//!    call reads. What remains shared is the live map's lines, only when two CPUs' hot ranges
-//!    fall on one line (see `livemap`, theory 4). Any other request takes the general path
-//!    (full validation, the same caches with the request's own checks).
+//!    range of the space). `alloc` and `free` are inline and either complete there or change
+//!    nothing and call one cold function (`alloc_slow`, `free_slow`) that does it all again
+//!    with every check, so the hot code holds no error construction and no `Validated`.
+//!    Per pair it takes the CPU's own lock twice and does one compare-and-swap on the live
+//!    mark (point 4), under that lock. A cached round carries the address of its mark
+//!    ([`magazine::MarkAddr`], set by the free that cached it), so a hit stores the mark with
+//!    no lookup; a free finds the mark through a per-CPU one-entry hint
+//!    ([`livemap::LeafHint`], through `get_hinted_own`: a key comparison, as the allocator's
+//!    hints are never used with another map) instead of a radix walk, and trusts it only for
+//!    a page-aligned start and a page count of 1..=64 equal to the mark. Nothing it writes is
+//!    shared with another CPU by design: magazines are 128-byte-aligned boxes made with the
+//!    cache (never a `Vec` whose heap neighbour is another CPU's), the counters are plain
+//!    integers under the CPU's lock, and the tree's lock, the depot's classes and the rare
+//!    counters each sit on lines of their own, away from the read-mostly fields every call
+//!    reads. What remains shared is the live map's lines, only when two CPUs' hot ranges fall
+//!    on one line (see `livemap`, theory 4). Any other request takes the general path (full
+//!    validation, the same caches with the request's own checks). Without caches no mark is
+//!    ever set and no round ever cached, so neither fast path can complete and the slow paths
+//!    see `IovaConfig::caches`.
 //!
 //! # Locking and execution context
 //!
