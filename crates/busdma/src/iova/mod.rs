@@ -674,8 +674,8 @@ impl IovaSource for IovaAllocator {
     #[inline]
     fn alloc<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         // The fast path (theory 8): a class-size request with no alignment beyond a page and
-        // no boundary, served by the top round of the CPU's loaded magazine when the CPU's
-        // leaf hint holds its live mark. It either completes or changes nothing and hands the
+        // no boundary, served by the top round of the CPU's loaded magazine, which comes with
+        // the address of its live mark. It either completes or changes nothing and hands the
         // request to `alloc_slow`, which does it all again with every check.
         let size = req.size;
         if req.align <= PAGE_SIZE && req.boundary == 0 {
@@ -717,10 +717,10 @@ impl IovaSource for IovaAllocator {
             if let (Some(&c), Some(pc)) = (CLASS_OF_PAGES.get(pages), self.cpus.get(g.cpu())) {
                 let mut pc = pc.0.lock();
                 let PerCpu { cache, hint } = &mut *pc;
-                // SAFETY: `hint` is this CPU's, used with no map but `self.live`. A start
-                // outside the space has no leaf in the hint (its key is compared whole, so
-                // no page aliases another), or a mark no allocation set (past the space's
-                // end in the last leaf).
+                // SAFETY: `hint` is this CPU's, used with no map but `self.live` (the type's
+                // invariant). (And a start outside the space finds no mark: the hint's key is
+                // compared whole, so no page aliases another, and past the space's end in the
+                // last leaf no allocation ever set one.)
                 let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) };
                 if let Some(mark) = mark {
                     let live = Self::mark_of(len);
