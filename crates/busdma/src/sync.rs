@@ -66,13 +66,24 @@ impl<T> SpinLock<T> {
     /// Spins until the lock is free, then takes it.
     #[inline]
     pub fn lock(&self) -> SpinGuard<'_, T> {
+        // One attempt inline (the uncontended case falls through), the spinning out of line.
+        if self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            self.lock_contended();
+        }
+        // INVARIANT: we hold `locked` (taken above or by `lock_contended`) until the guard drops.
+        SpinGuard { lock: self }
+    }
+
+    /// `lock` after a failed first attempt: spins until it takes the lock.
+    #[cold]
+    #[inline(never)]
+    fn lock_contended(&self) {
         loop {
-            if self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                // INVARIANT: we hold `locked` until the guard drops.
-                return SpinGuard { lock: self };
-            }
             while self.locked.load(Ordering::Relaxed) {
                 spin_hint();
+            }
+            if self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                return;
             }
         }
     }

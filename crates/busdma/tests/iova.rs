@@ -319,6 +319,36 @@ fn free_with_a_wrong_size_is_detected_and_changes_nothing() {
     }
 }
 
+/// The cached free trusts a live mark only for the exact range it records: a start inside
+/// the mark's page, a page count equal to the mark modulo 256 (the mark is a byte), or an
+/// address outside the space whose page bits match never clear it, on the warm path (the
+/// CPU's leaf hint holds the mark's leaf) as on the cold one.
+#[test]
+fn only_the_exact_range_of_a_live_mark_is_freed_through_it() {
+    let a = allocator(1024, true, false);
+    on_cpu(0, |g| {
+        let low = req(4, P, 0, 256 * P + 8 * P);
+        let warm = a.alloc(g, &low).unwrap();
+        a.free(g, warm).unwrap();
+        let r = a.alloc(g, &low).unwrap();
+        assert_eq!(r, warm, "served by the magazine");
+        let s = r.start().raw();
+        let half = AddrRange::from_start_len(Iova::new(s + P / 2), 4 * P).unwrap();
+        assert!(matches!(a.free(g, half), Err(Error::Misaligned { .. })));
+        let modulo = AddrRange::from_start_len(r.start(), 260 * P).unwrap();
+        assert!(a.free(g, modulo).is_err(), "260 pages freed a 4-page range");
+        for far in [s + (1 << 40), s + (1024 << 24)] {
+            let far = AddrRange::from_start_len(Iova::new(far), 4 * P).unwrap();
+            assert!(matches!(a.free(g, far), Err(Error::OutOfRange { .. })));
+        }
+        a.free(g, r).unwrap();
+        assert!(matches!(a.free(g, r), Err(Error::DoubleFree { .. })));
+        assert_eq!(a.alloc(g, &low).unwrap(), r, "cached once");
+        assert_ne!(a.alloc(g, &low).unwrap(), r, "and only once");
+    });
+    a.check_invariants().unwrap();
+}
+
 /// Found by the `iova_ops` fuzz target (regression of its first finding): 6 pages freed as 7
 /// round to the same 8-page class; the live map records the exact page count, so the free is
 /// refused and the correct one still works, on whichever CPU it happens.

@@ -3,7 +3,7 @@
 //! lost or handed out twice.
 #![cfg(loom)]
 
-use busdma::iova::magazine::{CpuCache, Depot};
+use busdma::iova::magazine::{CpuCache, Depot, MarkAddr};
 use busdma::sync::SpinLock;
 use loom::sync::Arc;
 use loom::thread;
@@ -40,7 +40,7 @@ fn rounds_freed_on_one_cpu_are_allocated_once_on_the_other() {
         // into the depot.
         let t0 = thread::spawn(move || {
             for s in 0..3 {
-                assert!(m0.cpus[0].lock().free(CLASS, s, &m0.depot).0);
+                assert!(m0.cpus[0].lock().free(CLASS, s, MarkAddr::NONE, &m0.depot).0);
             }
         });
         // CPU 1 allocates what the depot offers (maybe nothing yet) and frees it back.
@@ -49,7 +49,7 @@ fn rounds_freed_on_one_cpu_are_allocated_once_on_the_other() {
             let got = m1.cpus[1].lock().alloc(CLASS, |_| true, &m1.depot).0;
             if let Some(s) = got {
                 assert!(s < 3);
-                assert!(m1.cpus[1].lock().free(CLASS, s, &m1.depot).0);
+                assert!(m1.cpus[1].lock().free(CLASS, s, MarkAddr::NONE, &m1.depot).0);
             }
             got
         });
@@ -68,7 +68,7 @@ fn a_flush_racing_both_cpus_loses_and_duplicates_nothing() {
         let m = machine();
         // Preload: CPU 0 holds two rounds, the depot one full magazine.
         for s in 0..3 {
-            assert!(m.cpus[0].lock().free(CLASS, s, &m.depot).0);
+            assert!(m.cpus[0].lock().free(CLASS, s, MarkAddr::NONE, &m.depot).0);
         }
         let m1 = m.clone();
         let taker = thread::spawn(move || {

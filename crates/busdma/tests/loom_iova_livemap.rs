@@ -8,6 +8,8 @@
 //!   the same class never clears it.
 //! - A CPU's hinted lookup (its one-leaf memo) racing another CPU's creation of the leaf sees
 //!   no leaf or the published mark, never a torn one, and afterwards reaches the same mark.
+//! - Two CPUs freeing one allocation through their own hints (`get_hinted_own`, the fast
+//!   free) reach the mark their walk reached, and exactly one of them clears it.
 #![cfg(loom)]
 
 use busdma::iova::livemap::{LEAF_PAGES, LeafHint, LiveMap};
@@ -86,6 +88,35 @@ fn a_hinted_lookup_racing_a_leaf_creation_finds_the_published_mark() {
         assert_eq!(m.compare_exchange(4, 0, Ordering::AcqRel, Ordering::Acquire), Ok(4));
         let again = map.get_hinted(&mut hint, page).unwrap();
         assert_eq!(again.compare_exchange(4, 0, Ordering::AcqRel, Ordering::Acquire), Err(0));
+        assert_eq!(map.get(page).unwrap().load(Ordering::Acquire), 0);
+    });
+}
+
+/// The allocator's fast free: each CPU reaches the mark through its own hint (empty until a
+/// walk fills it, then a key comparison), and of two CPUs freeing one allocation that way at
+/// once exactly one clears the mark.
+#[test]
+fn lookups_through_owned_hints_reach_the_walked_mark_and_clear_it_once() {
+    model(|| {
+        let map = Arc::new(LiveMap::new(PAGES).unwrap());
+        let page = LEAF_PAGES as u64 + 5;
+        map.get_or_create(page).unwrap().store(2, Ordering::Release);
+        let free = || {
+            let map = map.clone();
+            thread::spawn(move || {
+                let mut hint = LeafHint::default();
+                // SAFETY: the hint is empty.
+                assert!(unsafe { map.get_hinted_own(&hint, page) }.is_none(), "an empty hint hit");
+                let walked: *const _ = map.get_hinted(&mut hint, page).unwrap();
+                // SAFETY: the hint was filled by this map and no other.
+                let m = unsafe { map.get_hinted_own(&hint, page) }.unwrap();
+                assert!(core::ptr::eq(m, walked), "the hint reached another mark");
+                m.compare_exchange(2, 0, Ordering::AcqRel, Ordering::Relaxed)
+            })
+        };
+        let (a, b) = (free(), free());
+        let (ra, rb) = (a.join().unwrap(), b.join().unwrap());
+        assert!(ra.is_ok() != rb.is_ok(), "two frees of one allocation both succeeded, or neither");
         assert_eq!(map.get(page).unwrap().load(Ordering::Acquire), 0);
     });
 }

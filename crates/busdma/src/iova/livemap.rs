@@ -19,9 +19,12 @@
 //!    again and again, and ranges placed near each other go to different CPUs; with marks in
 //!    page order 64 neighbouring pages (256 KiB of IOVA) share one cache line, so two CPUs'
 //!    compare-and-swaps on their own marks would bounce that line between them. Inside a leaf
-//!    the marks are therefore laid out transposed and skewed (`slot_of`): pages 1 to 62
-//!    apart land on different lines, and so do aligned ranges of up to 64 pages in a row (64
-//!    of them); two marks share a line only 63 pages apart or further. This does not make
+//!    the marks are therefore laid out skewed (`slot_of`: the page's index in its leaf times
+//!    65, modulo the leaf): pages 1 to 62 apart land on different lines, and so do aligned
+//!    ranges of up to 64 pages in a row (64 of them); two marks share a line only 63 pages
+//!    apart or further. 65 is the one multiplier that does both (an exhaustive search over
+//!    the odd ones, the only bijections); its line is `(low + high) mod 64` for the index's
+//!    low and high 6 bits, and the multiply costs two instructions on the hot path. This does not make
 //!    sharing impossible: two CPUs whose hot ranges (dozens each) sit in one leaf will have
 //!    some marks on common lines; it only keeps neighbours apart.
 //! 5. **Hints.** Each CPU keeps a [`LeafHint`]: the leaf it used last, with the map's
@@ -30,7 +33,10 @@
 //!    refills the hint. The hint is the CPU's own (kept under its cache lock); it only
 //!    remembers a pointer that [`LiveMap::get`] would return, and leaves are never freed
 //!    before the map, so a stale hint is impossible while its map lives; the identity check
-//!    keeps a hint from ever being used with another map.
+//!    keeps a hint from ever being used with another map. An owner that never lends its
+//!    hints to another map (the allocator: its hints live beside its map) skips that check
+//!    with the `unsafe` `LiveMap::get_hinted_own`, a key comparison and a load on a hit, and
+//!    refills through [`LiveMap::get_hinted`] on a miss.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -74,9 +80,10 @@ static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::n
 ///
 /// # Invariants
 ///
-/// `map` is 0 (an empty hint: no map has identity 0), or `leaf` holds the marks of leaf `key`
-/// of the map whose `id` is `map`; leaves live as long as their map and identities are never
-/// reused, so `leaf` is valid whenever `map` equals a live map's `id`.
+/// `map` is 0 and `key` is `EMPTY_KEY` (an empty hint: no map has identity 0 and no leaf
+/// has that key), or `leaf` holds the marks of leaf `key` of the map whose `id` is `map`;
+/// leaves live as long as their map and identities are never reused, so `leaf` is valid
+/// whenever `map` equals a live map's `id`.
 #[derive(Debug)]
 pub struct LeafHint {
     map: u64,
@@ -90,8 +97,8 @@ unsafe impl Send for LeafHint {}
 
 impl Default for LeafHint {
     fn default() -> Self {
-        // INVARIANT: identity 0, an empty hint.
-        Self { map: 0, key: 0, leaf: ptr::null() }
+        // INVARIANT: identity 0 and no leaf's key, an empty hint.
+        Self { map: 0, key: EMPTY_KEY, leaf: ptr::null() }
     }
 }
 
@@ -100,19 +107,25 @@ unsafe impl Send for LiveMap {}
 // SAFETY: as above: `&self` methods only read pointers and marks atomically.
 unsafe impl Sync for LiveMap {}
 
+/// The key of an empty [`LeafHint`]: no leaf has it (a key is a page number shifted right by
+/// [`LEAF_BITS`], below 2^52).
+const EMPTY_KEY: u64 = u64::MAX;
+
 /// log2 of the marks in one 64-byte cache line.
+#[cfg(all(test, not(loom)))]
 const LINE_BITS: u32 = 6;
 
+/// The skew of the marks in a leaf (theory 4): odd, so `i -> i * SKEW mod LEAF_PAGES` is a
+/// bijection.
+const SKEW: u64 = 65;
+
 /// The byte of `page`'s mark in its leaf, always `< LEAF_PAGES`: the leaf's 64 lines × 64
-/// marks are laid out so that nearby pages land on different cache lines (theory 4). Line
-/// `(low + high) mod 64`, byte `high`, for `low`/`high` the page's low and high 6 bits in the
-/// leaf: a bijection (from line and byte, `high` = byte and `low` = line − byte mod 64).
+/// marks are laid out so that nearby pages land on different cache lines (theory 4). For
+/// `low`/`high` the page's low and high 6 bits in the leaf, `i * 65 = low + 64 (low + high)`
+/// modulo 4096: line `(low + high) mod 64`, byte `low`; a bijection (65 is odd).
 #[inline]
 fn slot_of(page: u64) -> usize {
-    let i = page as usize & (LEAF_PAGES - 1);
-    let mask = (1 << LINE_BITS) - 1;
-    let (low, high) = (i & mask, i >> LINE_BITS);
-    (((low + high) & mask) << LINE_BITS) | high
+    (page.wrapping_mul(SKEW) as usize) & (LEAF_PAGES - 1)
 }
 
 fn new_leaf() -> Result<*mut u8> {
@@ -204,6 +217,26 @@ impl LiveMap {
         // `leaf` is a live leaf of this map: LEAF_PAGES marks alive until the map drops, which
         // cannot happen while `&self` is borrowed; the index is masked below LEAF_PAGES.
         Some(unsafe { &*leaf.add(slot_of(page)) })
+    }
+
+    /// The mark of `page` if `hint` remembers its leaf, else `None` (the caller then goes
+    /// through [`LiveMap::get_hinted`], which walks and refills the hint): a comparison and a
+    /// load. Lock-free.
+    ///
+    /// # Safety
+    ///
+    /// `hint` is empty or was last filled by this map's [`LiveMap::get_hinted`] (the owner
+    /// never passes it to another map).
+    #[inline]
+    pub unsafe fn get_hinted_own(&self, hint: &LeafHint, page: u64) -> Option<&AtomicU8> {
+        if hint.key != page >> LEAF_BITS {
+            return None;
+        }
+        // SAFETY: the key matched, so the hint is not empty (no page has EMPTY_KEY's key); by
+        // the caller's promise it was filled by this map, so by the hint's invariant `leaf`
+        // is leaf `key` of this map, alive until the map drops, which cannot happen while
+        // `&self` is borrowed; the index is masked below LEAF_PAGES.
+        Some(unsafe { &*hint.leaf.add(slot_of(page)) })
     }
 
     /// The marks of `page`'s leaf, if it exists.

@@ -8,6 +8,9 @@
 //!    A CPU's two magazines per class are made with its cache and every depot exchange trades
 //!    one magazine for another, so the hot paths never allocate and never check for a
 //!    missing magazine: a pop is a length test and a load, a push a length test and a store.
+//!    Each round is kept with a [`MarkAddr`], the address of its live mark, which the
+//!    magazine stores and hands back but never dereferences (the allocator's hit stores the
+//!    mark through it instead of looking it up).
 //! 2. **Two magazines per CPU per class**, `loaded` and `previous`. An allocation pops from
 //!    `loaded`; if it is empty and `previous` is full, the two swap; a free pushes to `loaded`;
 //!    if it is full and `previous` is empty, they swap. So a CPU that alternates allocations and
@@ -36,7 +39,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::sync::SpinLock;
+use crate::sync::{AtomicU8, SpinLock};
 
 /// Size classes: ranges of 1, 2, 4, ..., 64 pages (4 KiB to 256 KiB). 64 KiB covers a TSO
 /// frame and a typical storage request, 256 KiB the largest common block I/O; larger
@@ -80,13 +83,43 @@ pub struct CpuStats {
 ///
 /// # Invariants
 ///
-/// `len <= MAG_ROUNDS`; `rounds[..len]` are the rounds, bottom first.
+/// `len <= MAG_ROUNDS`; `rounds[..len]` are the rounds, bottom first, and `marks[..len]` the
+/// [`MarkAddr`] pushed with each.
 #[derive(Debug)]
 #[repr(C, align(128))]
 pub struct Magazine {
     len: usize,
     rounds: [u64; MAG_ROUNDS],
+    marks: [MarkAddr; MAG_ROUNDS],
 }
+
+/// What the owner keeps with each round: the address of its live mark (see
+/// `iova::livemap`), so that the allocation taking the round stores the mark without looking
+/// it up. The magazine never dereferences it; the owner vouches for it (the loom models,
+/// which have no marks, push [`MarkAddr::NONE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkAddr(*const AtomicU8);
+
+impl MarkAddr {
+    /// No mark.
+    pub const NONE: Self = Self(core::ptr::null());
+
+    /// The address of `mark`.
+    #[inline]
+    pub fn of(mark: &AtomicU8) -> Self {
+        Self(mark)
+    }
+
+    /// The address, to be dereferenced by whoever can vouch that the mark still lives.
+    #[inline]
+    pub fn as_ptr(self) -> *const AtomicU8 {
+        self.0
+    }
+}
+
+// SAFETY: a magazine is rounds and mark addresses; it never dereferences the addresses, so
+// moving it to another thread moves no access (its owner states when they may be used).
+unsafe impl Send for Magazine {}
 
 impl Magazine {
     /// A new, empty magazine on the heap, or [`Error::NoMemory`].
@@ -95,7 +128,7 @@ impl Magazine {
         v.try_reserve_exact(1)
             .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Self>() as u64 })?;
         // INVARIANT: len 0.
-        v.push(Self { len: 0, rounds: [0; MAG_ROUNDS] });
+        v.push(Self { len: 0, rounds: [0; MAG_ROUNDS], marks: [MarkAddr::NONE; MAG_ROUNDS] });
         let one = v.into_boxed_slice();
         // SAFETY: `one` is a boxed slice of exactly one `Magazine`, allocated with the layout of
         // one `Magazine` (a `[T]` of length 1 has the size and alignment of `T`), so it may be
@@ -120,18 +153,34 @@ impl Magazine {
         self.rounds.get(self.len.wrapping_sub(1)).copied()
     }
 
-    /// Pushes `s` if fewer than `cap` rounds are held.
+    /// The top round and its mark address, if any.
     #[inline]
-    fn push(&mut self, cap: usize, s: u64) -> bool {
-        match self.rounds.get_mut(self.len) {
-            Some(slot) if self.len < cap => {
-                *slot = s;
-                // INVARIANT: the slot existed, so len + 1 <= MAG_ROUNDS.
-                self.len += 1;
-                true
-            }
-            _ => false,
+    fn top_with_mark(&self) -> Option<(u64, MarkAddr)> {
+        let i = self.len.wrapping_sub(1);
+        Some((*self.rounds.get(i)?, *self.marks.get(i)?))
+    }
+
+    /// Pushes `s` with its mark address if fewer than `cap` rounds are held.
+    ///
+    /// # Safety
+    ///
+    /// `cap <= MAG_ROUNDS` (a [`CpuCache`]'s capacity is).
+    #[inline]
+    unsafe fn push(&mut self, cap: usize, s: u64, mark: MarkAddr) -> bool {
+        let len = self.len;
+        if len >= cap {
+            return false;
         }
+        debug_assert!(cap <= MAG_ROUNDS);
+        // SAFETY: `len < cap` and `cap <= MAG_ROUNDS` (the caller's promise), so `len`
+        // indexes `rounds` and `marks`.
+        unsafe {
+            *self.rounds.get_unchecked_mut(len) = s;
+            *self.marks.get_unchecked_mut(len) = mark;
+        }
+        // INVARIANT: len < cap <= MAG_ROUNDS, so len + 1 <= MAG_ROUNDS.
+        self.len = len + 1;
+        true
     }
 }
 
@@ -144,6 +193,10 @@ struct ClassCache {
 }
 
 /// One CPU's magazines, all classes.
+///
+/// # Invariants
+///
+/// `1 <= capacity <= MAG_ROUNDS`.
 #[derive(Debug)]
 pub struct CpuCache {
     capacity: usize,
@@ -201,6 +254,7 @@ impl CpuCache {
         }
         let classes = <[ClassCache; CLASSES]>::try_from(classes)
             .map_err(|_| Error::BadState { what: "CpuCache::new made the wrong number of classes" })?;
+        // INVARIANT: capacity checked above.
         Ok(Self { capacity, classes, stats: CpuStats::default() })
     }
 
@@ -227,6 +281,39 @@ impl CpuCache {
             return (None, false);
         }
         self.alloc_refill(c, fits, depot)
+    }
+
+    /// The fast path's pop: offers the top round of class `c`'s loaded magazine to `take`,
+    /// and takes it (counting a hit) only if `take` accepts it, returning the round, the mark
+    /// address pushed with it and what `take` returned. `None` (nothing changed) if the
+    /// loaded magazine is empty or `take` refuses: the caller then goes through
+    /// [`CpuCache::alloc`], which refills and counts the miss.
+    #[inline(always)]
+    pub fn pop_with<R>(
+        &mut self,
+        c: usize,
+        take: impl FnOnce(u64) -> Option<R>,
+    ) -> Option<(u64, MarkAddr, R)> {
+        let cc = self.classes.get_mut(c)?;
+        let (s, mark) = cc.loaded.top_with_mark()?;
+        let r = take(s)?;
+        // INVARIANT: top_with_mark() found a round, so len >= 1.
+        cc.loaded.len -= 1;
+        self.stats.hits += 1;
+        Some((s, mark, r))
+    }
+
+    /// The fast path's push: `start` onto class `c`'s loaded magazine if it has room
+    /// (counting a cached free). `false` (nothing changed) if it is full: the caller then
+    /// goes through [`CpuCache::free`].
+    #[inline(always)]
+    pub fn push(&mut self, c: usize, start: u64, mark: MarkAddr) -> bool {
+        let cap = self.capacity;
+        let Some(cc) = self.classes.get_mut(c) else { return false };
+        // SAFETY: `cap` is this cache's capacity, at most MAG_ROUNDS (its invariant).
+        let pushed = unsafe { cc.loaded.push(cap, start, mark) };
+        self.stats.cached_frees += u64::from(pushed);
+        pushed
     }
 
     /// `alloc` when the loaded magazine is empty: swap with `previous`, or trade an empty
@@ -266,20 +353,21 @@ impl CpuCache {
     /// Pushes a round of class `c`. Returns `false` if it could not be cached (no empty
     /// magazine could be made): the caller frees it to the tree.
     #[inline(always)]
-    pub fn free(&mut self, c: usize, start: u64, depot: &Depot) -> (bool, DepotTouched) {
+    pub fn free(&mut self, c: usize, start: u64, mark: MarkAddr, depot: &Depot) -> (bool, DepotTouched) {
         let cap = self.capacity;
         let Some(cc) = self.classes.get_mut(c) else { return (false, false) };
-        if cc.loaded.push(cap, start) {
+        // SAFETY: `cap` is this cache's capacity, at most MAG_ROUNDS (its invariant).
+        if unsafe { cc.loaded.push(cap, start, mark) } {
             self.stats.cached_frees += 1;
             return (true, false);
         }
-        self.free_spill(c, start, depot)
+        self.free_spill(c, start, mark, depot)
     }
 
     /// `free` when the loaded magazine is full: swap with an empty `previous`, or trade the
     /// full `previous` for an empty magazine at the depot.
     #[cold]
-    fn free_spill(&mut self, c: usize, start: u64, depot: &Depot) -> (bool, DepotTouched) {
+    fn free_spill(&mut self, c: usize, start: u64, mark: MarkAddr, depot: &Depot) -> (bool, DepotTouched) {
         let cap = self.capacity;
         let Some(cc) = self.classes.get_mut(c) else { return (false, false) };
         let mut touched = false;
@@ -294,7 +382,8 @@ impl CpuCache {
             self.stats.depot_puts += 1;
             touched = true;
         }
-        let pushed = cc.loaded.push(cap, start);
+        // SAFETY: `cap` is this cache's capacity, at most MAG_ROUNDS (its invariant).
+        let pushed = unsafe { cc.loaded.push(cap, start, mark) };
         if pushed {
             self.stats.cached_frees += 1;
         }
@@ -433,11 +522,11 @@ mod tests {
         let depot = Depot::new();
         let mut cpu = CpuCache::new(4).unwrap();
         for i in 0..4 {
-            assert!(cpu.free(0, i * 0x1000, &depot).0);
+            assert!(cpu.free(0, i * 0x1000, MarkAddr::NONE, &depot).0);
         }
         for _ in 0..1000 {
             let s = cpu.alloc(0, |_| true, &depot).0.unwrap();
-            assert!(cpu.free(0, s, &depot).0);
+            assert!(cpu.free(0, s, MarkAddr::NONE, &depot).0);
         }
         assert_eq!((cpu.stats.depot_gets, cpu.stats.depot_puts), (0, 0));
     }
@@ -447,7 +536,7 @@ mod tests {
         let depot = Depot::new();
         let (mut a, mut b) = (CpuCache::new(2).unwrap(), CpuCache::new(2).unwrap());
         for i in 0..10 {
-            assert!(a.free(3, i, &depot).0);
+            assert!(a.free(3, i, MarkAddr::NONE, &depot).0);
         }
         // a holds 4 in its two magazines, the depot 3 full magazines (6 rounds).
         assert_eq!(depot.census().0[3], 6);
@@ -465,7 +554,7 @@ mod tests {
     fn a_round_above_the_limit_is_a_miss_not_a_hit() {
         let depot = Depot::new();
         let mut a = CpuCache::new(2).unwrap();
-        assert!(a.free(0, 0x10_0000, &depot).0);
+        assert!(a.free(0, 0x10_0000, MarkAddr::NONE, &depot).0);
         assert_eq!(a.alloc(0, |s| s + 0x1000 <= 0x10_0000, &depot).0, None);
         assert_eq!(a.alloc(0, |s| s + 0x1000 <= 0x10_1000, &depot).0, Some(0x10_0000));
     }
@@ -475,7 +564,7 @@ mod tests {
         let depot = Depot::new();
         let (mut a, mut b) = (CpuCache::new(1).unwrap(), CpuCache::new(1).unwrap());
         for i in 0..12 {
-            assert!(a.free(0, i, &depot).0);
+            assert!(a.free(0, i, MarkAddr::NONE, &depot).0);
         }
         assert_eq!(depot.census().0[0], 10);
         // b churns through the depot, three rounds out and back each time: its working set
@@ -484,7 +573,7 @@ mod tests {
         for _ in 0..TRIM_INTERVAL {
             let got: Vec<u64> = (0..3).map(|_| b.alloc(0, |_| true, &depot).0.unwrap()).collect();
             for s in got {
-                assert!(b.free(0, s, &depot).0);
+                assert!(b.free(0, s, MarkAddr::NONE, &depot).0);
             }
             trimmed.extend(depot.trim(0));
         }

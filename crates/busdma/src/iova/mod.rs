@@ -67,16 +67,25 @@
 //! 8. **The fast path and what CPUs share.** A request of a class size with no alignment beyond
 //!    a page and no boundary (the NIC and storage common case) is served by the top round of
 //!    the CPU's loaded magazine: `s + size <= limit` is its whole validation (a round is a
-//!    range of the space). Per pair it takes the CPU's own lock twice and does one
-//!    compare-and-swap on the live mark (point 4), under that lock; the mark's leaf comes from
-//!    a per-CPU one-entry hint ([`livemap::LeafHint`]) instead of a radix walk. Nothing it
-//!    writes is shared with another CPU by design: magazines are 128-byte-aligned boxes made
-//!    with the cache (never a `Vec` whose heap neighbour is another CPU's), the counters are
-//!    plain integers under the CPU's lock, and the tree's lock, the depot's classes and the
-//!    rare counters each sit on lines of their own, away from the read-mostly fields every
-//!    call reads. What remains shared is the live map's lines, only when two CPUs' hot ranges
-//!    fall on one line (see `livemap`, theory 4). Any other request takes the general path
-//!    (full validation, the same caches with the request's own checks).
+//!    range of the space). `alloc` and `free` are inline and either complete there or change
+//!    nothing and call one cold function (`alloc_slow`, `free_slow`) that does it all again
+//!    with every check, so the hot code holds no error construction and no `Validated`.
+//!    Per pair it takes the CPU's own lock twice and does one compare-and-swap on the live
+//!    mark (point 4), under that lock. A cached round carries the address of its mark
+//!    ([`magazine::MarkAddr`], set by the free that cached it), so a hit stores the mark with
+//!    no lookup; a free finds the mark through a per-CPU one-entry hint
+//!    ([`livemap::LeafHint`], through `get_hinted_own`: a key comparison, as the allocator's
+//!    hints are never used with another map) instead of a radix walk, and trusts it only for
+//!    a page-aligned start and a page count of 1..=64 equal to the mark. Nothing it writes is
+//!    shared with another CPU by design: magazines are 128-byte-aligned boxes made with the
+//!    cache (never a `Vec` whose heap neighbour is another CPU's), the counters are plain
+//!    integers under the CPU's lock, and the tree's lock, the depot's classes and the rare
+//!    counters each sit on lines of their own, away from the read-mostly fields every call
+//!    reads. What remains shared is the live map's lines, only when two CPUs' hot ranges fall
+//!    on one line (see `livemap`, theory 4). Any other request takes the general path (full
+//!    validation, the same caches with the request's own checks). Without caches no mark is
+//!    ever set and no round ever cached, so neither fast path can complete and the slow paths
+//!    see `IovaConfig::caches`.
 //!
 //! # Locking and execution context
 //!
@@ -100,9 +109,9 @@ pub use window::IovaWindow;
 use crate::addr::{AddrRange, Iova, PAGE_SHIFT, PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
-use crate::sync::{Ordering, SpinLock};
+use crate::sync::{AtomicU8, Ordering, SpinGuard, SpinLock};
 use livemap::{LeafHint, LiveMap};
-use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine};
+use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine, MarkAddr};
 use tree::{Fit, Kind, Tree};
 
 /// A request for IOVA space.
@@ -290,6 +299,13 @@ struct PerCpu {
 /// `new` come first; everything a CPU writes on a slower path (the tree's lock, the depot's
 /// classes, the rare counters) sits on cache lines of its own, so it never invalidates the
 /// read-mostly line in the other CPUs' caches.
+///
+/// # Invariants
+///
+/// Every round in the CPUs' magazines and the depot was pushed with the address of its live
+/// mark in `live` (the mark of `page_of(round)`), and every CPU's `hint` is empty or was
+/// filled by `live`. (Rounds enter the caches only in the free paths, after the compare-and-
+/// swap on that very mark; `live` drops with the caches.)
 pub struct IovaAllocator {
     space: AddrRange<Iova>,
     cfg: IovaConfig,
@@ -326,9 +342,20 @@ fn class_of(size: u64) -> Option<usize> {
     if size.wrapping_sub(1) >= MAX_CLASS_PAGES << PAGE_SHIFT || size % PAGE_SIZE != 0 {
         return None;
     }
-    // ceil(log2(pages)) for pages in 1..=MAX_CLASS_PAGES.
-    Some((u64::BITS - ((size >> PAGE_SHIFT) - 1).leading_zeros()) as usize)
+    CLASS_OF_PAGES.get((size >> PAGE_SHIFT) as usize).map(|&c| usize::from(c))
 }
+
+/// The class of a page count in `1..=MAX_CLASS_PAGES` (index 0 unused): ceil(log2(pages)), a
+/// load instead of a bit scan on the hot paths.
+const CLASS_OF_PAGES: [u8; MAX_CLASS_PAGES as usize + 1] = {
+    let mut t = [0u8; MAX_CLASS_PAGES as usize + 1];
+    let mut n = 2;
+    while n <= MAX_CLASS_PAGES as usize {
+        t[n] = (usize::BITS - (n - 1).leading_zeros()) as u8;
+        n += 1;
+    }
+    t
+};
 
 #[inline]
 fn class_bytes(c: usize) -> u64 {
@@ -353,7 +380,7 @@ impl IovaAllocator {
             let cache = CpuCache::new(rounds)?;
             cpus.push(Padded(SpinLock::new(PerCpu { cache, hint: LeafHint::default() })));
         }
-        let pages = if cfg.caches { space.len() >> PAGE_SHIFT } else { 1 };
+        let pages = if cfg.caches { space.end().raw() >> PAGE_SHIFT } else { 1 };
         Ok(Self {
             space,
             cfg,
@@ -376,9 +403,12 @@ impl IovaAllocator {
         self.cfg
     }
 
+    /// The live map's index of the page at `addr`: its page number (not its offset in the
+    /// space: a subtraction less on the hot paths; the map is made for pages up to the
+    /// space's end, so every page of the space has its own mark).
     #[inline]
-    fn page_of(&self, addr: u64) -> u64 {
-        (addr - self.space.start().raw()) >> PAGE_SHIFT
+    fn page_of(addr: u64) -> u64 {
+        addr >> PAGE_SHIFT
     }
 
     #[inline]
@@ -395,7 +425,7 @@ impl IovaAllocator {
     /// (at most the largest class, so its page count fits the mark byte).
     #[inline]
     fn mark_live(&self, start: u64, size: u64) -> Result<()> {
-        let page = self.page_of(start);
+        let page = Self::page_of(start);
         let mark = match self.live.get(page) {
             Some(m) => m,
             None => self.live.get_or_create(page)?,
@@ -644,9 +674,75 @@ impl IovaSource for IovaAllocator {
     #[inline]
     fn alloc<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         // The fast path (theory 8): a class-size request with no alignment beyond a page and
-        // no boundary, served by the top round of the CPU's loaded magazine. Validation is
-        // folded into the round's check: a round is a range of the space, so `s + size <=
-        // limit` (limit clipped to the space) is all a page-aligned request needs.
+        // no boundary, served by the top round of the CPU's loaded magazine, which comes with
+        // the address of its live mark. It either completes or changes nothing and hands the
+        // request to `alloc_slow`, which does it all again with every check.
+        let size = req.size;
+        if req.align <= PAGE_SIZE && req.boundary == 0 {
+            if let (Some(c), Some(pc)) = (class_of(size), self.cpus.get(g.cpu())) {
+                let mut pc = pc.0.lock();
+                let hit = pc.cache.pop_with(c, |s| {
+                    // A round is a class range of the space, so `s + size` cannot wrap; and as
+                    // it is page-aligned, `<= limit` is `<=` the limit rounded down to a page
+                    // (and to the space, which every round is inside).
+                    s.checked_add(size).filter(|&e| e <= req.limit.raw())
+                });
+                if let Some((s, mark, end)) = hit {
+                    // SAFETY: every round in this allocator's caches carries the address of
+                    // its live mark in `self.live` (the type's invariant), which lives as
+                    // long as `self`.
+                    let mark = unsafe { &*mark.as_ptr() };
+                    // Release: a free on another CPU that reads this mark (by its CAS) must
+                    // see the range as this allocation's.
+                    mark.store(Self::mark_of(size), Ordering::Release);
+                    drop(pc);
+                    return AddrRange::new(Iova::new(s), Iova::new(end));
+                }
+            }
+        }
+        self.alloc_slow(g, req)
+    }
+
+    #[inline(always)]
+    fn free<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+        // The fast path (theory 8): the range's live mark, found through the CPU's leaf hint,
+        // holds exactly its page count, so it is a live class range (an allocation set the
+        // mark; nothing else does): clear the mark and push the round. Anything else changes
+        // nothing and goes to `free_slow`, which does it all again with every check.
+        let (s, len) = (range.start().raw(), range.len());
+        // A page-aligned start (a mark is per page) and a page count of a class (the mark
+        // holds 1..=64; a larger count must not match it modulo 256).
+        if (s | len) % PAGE_SIZE == 0 && len.wrapping_sub(1) < MAX_CLASS_PAGES << PAGE_SHIFT {
+            let pages = (len >> PAGE_SHIFT) as usize;
+            if let (Some(&c), Some(pc)) = (CLASS_OF_PAGES.get(pages), self.cpus.get(g.cpu())) {
+                let mut pc = pc.0.lock();
+                let PerCpu { cache, hint } = &mut *pc;
+                // SAFETY: `hint` is this CPU's, used with no map but `self.live` (the type's
+                // invariant). (And a start outside the space finds no mark: the hint's key is
+                // compared whole, so no page aliases another, and past the space's end in the
+                // last leaf no allocation ever set one.)
+                let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) };
+                if let Some(mark) = mark {
+                    let live = Self::mark_of(len);
+                    if mark.compare_exchange(live, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                        if cache.push(usize::from(c), s, MarkAddr::of(mark)) {
+                            return Ok(());
+                        }
+                        return self.free_full(pc, usize::from(c), s, mark);
+                    }
+                }
+            }
+        }
+        self.free_slow(g, range)
+    }
+}
+
+impl IovaAllocator {
+    /// Every allocation the fast path did not complete: the fast path again with every
+    /// check (counting a miss, refilling the hint), the general path, the tree.
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         let size = req.size;
         if self.cfg.caches && req.align <= PAGE_SIZE && req.boundary == 0 {
             if let Some(c) = class_of(size) {
@@ -655,12 +751,11 @@ impl IovaSource for IovaAllocator {
                 let PerCpu { cache, hint } = &mut *pc;
                 let (hit, touched) = cache.alloc(c, |s| s + size <= limit, &self.depot);
                 if let Some(s) = hit {
-                    let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) else {
+                    let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) else {
                         drop(pc);
                         return Err(self.untracked_round(c, s));
                     };
-                    // Release: a free on another CPU that reads this mark (by its CAS) must
-                    // see the range as this allocation's.
+                    // Release: as in `alloc`.
                     mark.store(Self::mark_of(size), Ordering::Release);
                     drop(pc);
                     if touched {
@@ -678,8 +773,11 @@ impl IovaSource for IovaAllocator {
         self.alloc_general(g, req)
     }
 
-    #[inline]
-    fn free<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+    /// Every free the fast path did not complete: full validation, the mark through a walk
+    /// when the hint misses, errors, plain ranges and double frees through the tree.
+    #[cold]
+    #[inline(never)]
+    fn free_slow<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         let (s, len) = (range.start().raw(), range.len());
         if !self.space.contains_range(&range) {
             return Err(Error::OutOfRange { addr: s, limit: self.space.end().raw() });
@@ -693,10 +791,10 @@ impl IovaSource for IovaAllocator {
                 class_total = Some(class_bytes(c) + self.guard);
                 let mut pc = self.cpu_cache(g.cpu())?.lock();
                 let PerCpu { cache, hint } = &mut *pc;
-                if let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) {
+                if let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) {
                     match mark.compare_exchange(Self::mark_of(len), 0, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
-                            let (cached, touched) = cache.free(c, s, &self.depot);
+                            let (cached, touched) = cache.free(c, s, MarkAddr::of(mark), &self.depot);
                             drop(pc);
                             if touched || !cached {
                                 return self.free_spilled(c, s, cached, touched);
@@ -745,7 +843,7 @@ impl IovaAllocator {
         let PerCpu { cache, hint } = &mut *pc;
         let (hit, touched) = cache.alloc(c, fits, &self.depot);
         if let Some(s) = hit {
-            let Some(mark) = self.live.get_hinted(hint, self.page_of(s)) else {
+            let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) else {
                 drop(pc);
                 return Err(self.untracked_round(c, s));
             };
@@ -769,6 +867,16 @@ impl IovaAllocator {
         let cb = class_bytes(c);
         let _ = self.tree.0.lock().free(s, cb, cb + self.guard, Kind::Class, None);
         Error::BadState { what: "a cached IOVA round without its live mark" }
+    }
+
+    /// A cached free whose loaded magazine is full (its mark already cleared): swap, or
+    /// trade with the depot, then let the depot trim.
+    #[cold]
+    #[inline(never)]
+    fn free_full(&self, mut pc: SpinGuard<'_, PerCpu>, c: usize, s: u64, mark: &AtomicU8) -> Result<()> {
+        let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
+        drop(pc);
+        self.free_spilled(c, s, cached, touched)
     }
 
     /// The end of a cached free that exchanged a magazine with the depot (`touched`: let the
