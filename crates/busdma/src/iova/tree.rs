@@ -68,6 +68,7 @@ struct Node {
     max_gap: u64,
     left: u32,
     right: u32,
+    parent: u32,
     prio: u32,
     kind: Kind,
 }
@@ -108,8 +109,13 @@ pub(crate) struct Tree {
     nodes: Vec<Node>,
     free_slots: Vec<u32>,
     root: u32,
+    /// The node allocated last, until it is freed (`NIL` otherwise): a free's lookup tries it
+    /// first.
+    last: u32,
     fails: [Option<Fit>; FAIL_SLOTS],
     next_fail: usize,
+    /// Some record of `fails` is set.
+    failed: bool,
     /// Occupied nodes that are not sentinels, by kind: allocated, class, reserved, window.
     pub counts: [u64; 4],
     pub stats: TreeStats,
@@ -168,13 +174,15 @@ impl Tree {
             nodes: Vec::new(),
             free_slots: Vec::new(),
             root: NIL,
+            last: NIL,
             fails: [None; FAIL_SLOTS],
             next_fail: 0,
+            failed: false,
             counts: [0; 4],
             stats: TreeStats::default(),
         };
-        t.insert_node(base, base, Kind::Sentinel)?;
-        t.insert_node(end, end, Kind::Sentinel)?;
+        t.insert_keyed(base, base, Kind::Sentinel)?;
+        t.insert_keyed(end, end, Kind::Sentinel)?;
         Ok(t)
     }
 
@@ -188,9 +196,9 @@ impl Tree {
         &mut self.nodes[i as usize]
     }
 
-    /// Recomputes the augmentation of `i` from its children.
+    /// Recomputes the augmentation of `i` from its children; true if it changed.
     #[inline]
-    fn pull(&mut self, i: u32) {
+    fn pull(&mut self, i: u32) -> bool {
         let n = *self.n(i);
         let (mut min_start, mut max_end, mut gap) = (n.start, n.end, 0);
         if n.left != NIL {
@@ -203,28 +211,184 @@ impl Tree {
             max_end = r.max_end;
             gap = gap.max(r.max_gap).max(r.min_start - n.end);
         }
+        let changed = (n.min_start, n.max_end, n.max_gap) != (min_start, max_end, gap);
         let m = self.n_mut(i);
         m.min_start = min_start;
         m.max_end = max_end;
         m.max_gap = gap;
+        changed
     }
 
-    fn rotate_right(&mut self, t: u32) -> u32 {
-        let l = self.n(t).left;
-        self.n_mut(t).left = self.n(l).right;
-        self.n_mut(l).right = t;
-        self.pull(t);
-        self.pull(l);
-        l
+    /// Pulls `i` and its ancestors, stopping at the first whose augmentation did not change
+    /// (an ancestor's depends only on its children's, so nothing above it changes either).
+    #[inline]
+    fn fix_up(&mut self, mut i: u32) {
+        while i != NIL && self.pull(i) {
+            self.stats.visited += 1;
+            i = self.n(i).parent;
+        }
     }
 
-    fn rotate_left(&mut self, t: u32) -> u32 {
-        let r = self.n(t).right;
-        self.n_mut(t).right = self.n(r).left;
-        self.n_mut(r).left = t;
-        self.pull(t);
-        self.pull(r);
-        r
+    /// Makes `c`'s parent point to `new` instead of `old` (the root if it has none).
+    #[inline]
+    fn replace_child(&mut self, parent: u32, old: u32, new: u32) {
+        if parent == NIL {
+            self.root = new;
+        } else if self.n(parent).left == old {
+            self.n_mut(parent).left = new;
+        } else {
+            self.n_mut(parent).right = new;
+        }
+        if new != NIL {
+            self.n_mut(new).parent = parent;
+        }
+    }
+
+    /// Rotates `x` above its parent `p` (which must exist). Neither is pulled: `p`'s subtree
+    /// changed (its caller pulls it), `x`'s covers what `p`'s did.
+    #[inline]
+    fn rotate_up(&mut self, x: u32) {
+        let p = self.n(x).parent;
+        let g = self.n(p).parent;
+        if self.n(p).left == x {
+            let b = self.n(x).right;
+            self.n_mut(p).left = b;
+            if b != NIL {
+                self.n_mut(b).parent = p;
+            }
+            self.n_mut(x).right = p;
+        } else {
+            let b = self.n(x).left;
+            self.n_mut(p).right = b;
+            if b != NIL {
+                self.n_mut(b).parent = p;
+            }
+            self.n_mut(x).left = p;
+        }
+        self.n_mut(p).parent = x;
+        self.replace_child(g, p, x);
+    }
+
+    /// Hangs the fresh leaf `x` under `at` (on its left if `left`; the root if `at` is NIL),
+    /// which must be its in-order place, then restores heap order and the augmentation.
+    fn link(&mut self, x: u32, at: u32, left: bool) {
+        self.n_mut(x).parent = at;
+        if at == NIL {
+            self.root = x;
+        } else if left {
+            self.n_mut(at).left = x;
+        } else {
+            self.n_mut(at).right = x;
+        }
+        let prio = self.n(x).prio;
+        loop {
+            let p = self.n(x).parent;
+            if p == NIL || self.n(p).prio >= prio {
+                break;
+            }
+            self.stats.visited += 1;
+            self.rotate_up(x);
+            self.pull(p);
+        }
+        self.pull(x);
+        self.fix_up(self.n(x).parent);
+    }
+
+    /// Takes node `x` out of the tree: rotates it down below its higher-priority child until
+    /// it has at most one child, splices it out, and repairs the augmentation upwards.
+    fn unlink(&mut self, x: u32) {
+        // The first child rotated into `x`'s place: from the splice point up to it, every node
+        // was rotated and must be pulled whatever the result; above it, until nothing changes.
+        let mut top = NIL;
+        loop {
+            let n = *self.n(x);
+            let c = match (n.left, n.right) {
+                (NIL, c) | (c, NIL) => {
+                    let p = n.parent;
+                    self.replace_child(p, x, c);
+                    let mut i = p;
+                    if top != NIL {
+                        while i != top {
+                            self.pull(i);
+                            i = self.n(i).parent;
+                        }
+                        self.pull(top);
+                        i = self.n(top).parent;
+                    }
+                    self.fix_up(i);
+                    return;
+                }
+                (l, r) => {
+                    if self.n(l).prio > self.n(r).prio {
+                        l
+                    } else {
+                        r
+                    }
+                }
+            };
+            self.stats.visited += 1;
+            self.rotate_up(c);
+            if top == NIL {
+                top = c;
+            }
+        }
+    }
+
+    /// A slot for a fresh leaf node `[start, end)` of `kind`, not yet linked.
+    fn new_node(&mut self, start: u64, end: u64, kind: Kind) -> Result<u32> {
+        let node = Node {
+            start,
+            end,
+            min_start: start,
+            max_end: end,
+            max_gap: 0,
+            left: NIL,
+            right: NIL,
+            parent: NIL,
+            prio: prio_of(start),
+            kind,
+        };
+        let x = match self.free_slots.pop() {
+            Some(x) => {
+                self.nodes[x as usize] = node;
+                x
+            }
+            None => {
+                if self.nodes.len() >= NIL as usize {
+                    return Err(Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 });
+                }
+                self.nodes
+                    .try_reserve(1)
+                    .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 })?;
+                self.nodes.push(node);
+                // Reserve the free-list slot now so that a later removal never needs to
+                // allocate.
+                if self.free_slots.try_reserve(self.nodes.len() - self.free_slots.len()).is_err() {
+                    self.nodes.pop();
+                    return Err(Error::NoMemory { requested: 4 });
+                }
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        if let Some(k) = kind_slot(kind) {
+            self.counts[k] += 1;
+        }
+        Ok(x)
+    }
+
+    /// Inserts `[start, end)` by a descent from the root (reservations and sentinels; an
+    /// allocation is linked where its search found the gap instead).
+    fn insert_keyed(&mut self, start: u64, end: u64, kind: Kind) -> Result<()> {
+        let x = self.new_node(start, end, kind)?;
+        let (mut t, mut at, mut left) = (self.root, NIL, false);
+        while t != NIL {
+            self.stats.visited += 1;
+            at = t;
+            left = (start, end) < self.key(t);
+            t = if left { self.n(t).left } else { self.n(t).right };
+        }
+        self.link(x, at, left);
+        Ok(())
     }
 
     #[inline]
@@ -233,69 +397,15 @@ impl Tree {
         (n.start, n.end)
     }
 
-    fn insert_at(&mut self, t: u32, x: u32) -> u32 {
-        if t == NIL {
-            return x;
-        }
-        self.stats.visited += 1;
-        let t = if self.key(x) < self.key(t) {
-            let l = self.insert_at(self.n(t).left, x);
-            self.n_mut(t).left = l;
-            if self.n(l).prio > self.n(t).prio { self.rotate_right(t) } else { t }
-        } else {
-            let r = self.insert_at(self.n(t).right, x);
-            self.n_mut(t).right = r;
-            if self.n(r).prio > self.n(t).prio { self.rotate_left(t) } else { t }
-        };
-        self.pull(t);
-        t
-    }
-
-    fn merge(&mut self, a: u32, b: u32) -> u32 {
-        if a == NIL {
-            return b;
-        }
-        if b == NIL {
-            return a;
-        }
-        self.stats.visited += 1;
-        if self.n(a).prio > self.n(b).prio {
-            let r = self.merge(self.n(a).right, b);
-            self.n_mut(a).right = r;
-            self.pull(a);
-            a
-        } else {
-            let l = self.merge(a, self.n(b).left);
-            self.n_mut(b).left = l;
-            self.pull(b);
-            b
-        }
-    }
-
-    /// Removes the non-sentinel node starting at `start` from the subtree `t`.
-    fn remove_at(&mut self, t: u32, start: u64, removed: &mut u32) -> u32 {
-        if t == NIL {
-            return NIL;
-        }
-        self.stats.visited += 1;
-        let n = *self.n(t);
-        if start == n.start && n.kind != Kind::Sentinel {
-            *removed = t;
-            return self.merge(n.left, n.right);
-        }
-        if start < n.start {
-            let l = self.remove_at(n.left, start, removed);
-            self.n_mut(t).left = l;
-        } else {
-            let r = self.remove_at(n.right, start, removed);
-            self.n_mut(t).right = r;
-        }
-        self.pull(t);
-        t
-    }
-
     /// The non-sentinel node starting exactly at `start`.
     fn lookup(&mut self, start: u64) -> Option<u32> {
+        // The last node allocated: freed at once by synchronous map/unmap users.
+        if self.last != NIL {
+            let n = self.n(self.last);
+            if n.start == start && n.kind != Kind::Sentinel {
+                return Some(self.last);
+            }
+        }
         let mut t = self.root;
         while t != NIL {
             self.stats.visited += 1;
@@ -328,77 +438,49 @@ impl Tree {
         None
     }
 
-    fn insert_node(&mut self, start: u64, end: u64, kind: Kind) -> Result<()> {
-        let node = Node {
-            start,
-            end,
-            min_start: start,
-            max_end: end,
-            max_gap: 0,
-            left: NIL,
-            right: NIL,
-            prio: prio_of(start),
-            kind,
-        };
-        let x = match self.free_slots.pop() {
-            Some(x) => {
-                self.nodes[x as usize] = node;
-                x
-            }
-            None => {
-                if self.nodes.len() >= NIL as usize {
-                    return Err(Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 });
-                }
-                self.nodes
-                    .try_reserve(1)
-                    .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 })?;
-                self.nodes.push(node);
-                (self.nodes.len() - 1) as u32
-            }
-        };
-        // Reserve the free-list slot now so that a later removal never needs to allocate.
-        if self.free_slots.try_reserve(1).is_err() {
-            self.free_slots.push(x);
-            return Err(Error::NoMemory { requested: 4 });
+    /// Removes node `x` (not a sentinel) and recycles its slot.
+    fn remove_node(&mut self, x: u32) {
+        self.unlink(x);
+        if self.last == x {
+            self.last = NIL;
         }
-        self.root = self.insert_at(self.root, x);
-        if let Some(k) = kind_slot(kind) {
-            self.counts[k] += 1;
-        }
-        Ok(())
-    }
-
-    fn remove_node(&mut self, start: u64) -> Node {
-        let mut removed = NIL;
-        self.root = self.remove_at(self.root, start, &mut removed);
-        debug_assert!(removed != NIL, "remove_node of an absent start {start:#x}");
-        let n = *self.n(removed);
         // Capacity was reserved at insertion: this push never allocates.
-        self.free_slots.push(removed);
-        if let Some(k) = kind_slot(n.kind) {
+        self.free_slots.push(x);
+        if let Some(k) = kind_slot(self.n(x).kind) {
             self.counts[k] -= 1;
         }
-        n
     }
 
-    fn search(&mut self, t: u32, f: &Fit) -> Option<u64> {
+    /// The highest fit of `f` in the subtree `t`: its start and where a leaf holding it links
+    /// (under which node, on which side).
+    fn search(&mut self, t: u32, f: &Fit) -> Option<(u64, u32, bool)> {
         self.stats.visited += 1;
         let n = *self.n(t);
         if n.right != NIL {
             let r = *self.n(n.right);
             if r.max_gap >= f.total && r.min_start < f.limit {
-                if let Some(s) = self.search(n.right, f) {
-                    return Some(s);
+                if let Some(hit) = self.search(n.right, f) {
+                    return Some(hit);
                 }
             }
             if let Some(s) = f.place(n.end, r.min_start) {
-                return Some(s);
+                // The gap's upper neighbour is the leftmost node of the right subtree.
+                let mut at = n.right;
+                while self.n(at).left != NIL {
+                    at = self.n(at).left;
+                }
+                return Some((s, at, true));
             }
         }
         if n.left != NIL {
             let l = *self.n(n.left);
             if let Some(s) = f.place(l.max_end, n.start) {
-                return Some(s);
+                // The gap's lower neighbour is the rightmost node of the left subtree.
+                let mut at = n.left;
+                while self.n(at).right != NIL {
+                    at = self.n(at).right;
+                }
+                return Some((s, at, false));
             }
             if l.max_gap >= f.total {
                 return self.search(n.left, f);
@@ -409,17 +491,20 @@ impl Tree {
 
     /// Places `f` at the highest fitting address and records it as `kind`. Returns the start.
     pub fn alloc(&mut self, f: &Fit, kind: Kind) -> Result<u64> {
-        if self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
+        if self.failed && self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
             self.stats.fast_failures += 1;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         }
         let found = if self.n(self.root).max_gap >= f.total { self.search(self.root, f) } else { None };
-        let Some(s) = found else {
+        let Some((s, at, left)) = found else {
             self.fails[self.next_fail] = Some(*f);
             self.next_fail = (self.next_fail + 1) % FAIL_SLOTS;
+            self.failed = true;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         };
-        self.insert_node(s, s + f.total, kind)?;
+        let x = self.new_node(s, s + f.total, kind)?;
+        self.link(x, at, left);
+        self.last = x;
         self.stats.allocs += 1;
         self.stats.windows += u64::from(kind == Kind::Window);
         Ok(s)
@@ -430,7 +515,7 @@ impl Tree {
         if let Some((o, _)) = self.overlapping(s, e) {
             return Err(Error::AlreadyMapped { addr: o.max(s) });
         }
-        self.insert_node(s, e, kind)
+        self.insert_keyed(s, e, kind)
     }
 
     /// Frees the node at `start`, which must be of `kind` and occupy `total` bytes; `size` is
@@ -461,11 +546,14 @@ impl Tree {
             let guard = total - size;
             return Err(Error::WrongSize { addr: start, given: size, actual: n.end - n.start - guard });
         }
-        self.remove_node(start);
+        self.remove_node(i);
         self.stats.frees += 1;
         self.stats.class_returns += u64::from(kind == Kind::Class);
         self.stats.window_frees += u64::from(kind == Kind::Window);
-        self.fails = [None; FAIL_SLOTS];
+        if self.failed {
+            self.fails = [None; FAIL_SLOTS];
+            self.failed = false;
+        }
         Ok(())
     }
 
@@ -504,6 +592,9 @@ impl Tree {
     /// Checks every invariant of the tree (order, disjointness, augmentation, heap order);
     /// O(n), for tests and debugging.
     pub fn check(&self) -> core::result::Result<(), &'static str> {
+        if self.root == NIL || self.n(self.root).parent != NIL {
+            return Err("parent link");
+        }
         let mut prev_end = None;
         self.check_at(self.root, &mut prev_end)?;
         Ok(())
@@ -517,6 +608,9 @@ impl Tree {
         for c in [n.left, n.right] {
             if c != NIL && self.n(c).prio > n.prio {
                 return Err("heap order");
+            }
+            if c != NIL && self.n(c).parent != t {
+                return Err("parent link");
             }
         }
         self.check_at(n.left, prev_end)?;
