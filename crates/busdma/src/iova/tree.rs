@@ -451,42 +451,68 @@ impl Tree {
         }
     }
 
-    /// The highest fit of `f` in the subtree `t`: its start and where a leaf holding it links
-    /// (under which node, on which side).
-    fn search(&mut self, t: u32, f: &Fit) -> Option<(u64, u32, bool)> {
-        self.stats.visited += 1;
-        let n = *self.n(t);
-        if n.right != NIL {
-            let r = *self.n(n.right);
-            if r.max_gap >= f.total && r.min_start < f.limit {
-                if let Some(hit) = self.search(n.right, f) {
-                    return Some(hit);
-                }
-            }
-            if let Some(s) = f.place(n.end, r.min_start) {
-                // The gap's upper neighbour is the leftmost node of the right subtree.
-                let mut at = n.right;
-                while self.n(at).left != NIL {
-                    at = self.n(at).left;
-                }
-                return Some((s, at, true));
-            }
+    /// The highest fit of `f` in the tree: its start and where a leaf holding it links (under
+    /// which node, on which side).
+    ///
+    /// The order of theory 4, without recursion: descend into right subtrees while they may
+    /// hold a fit; at a node whose right subtree is pruned or failed, try the gap above it,
+    /// the gap below it, then its left subtree; a node that fails hands the failure to its
+    /// parent (through the parent link), which goes on below its right subtree if it came
+    /// from there and fails too if it came from its left one.
+    fn search(&mut self, f: &Fit) -> Option<(u64, u32, bool)> {
+        let mut t = self.root;
+        if self.n(t).max_gap < f.total {
+            return None;
         }
-        if n.left != NIL {
-            let l = *self.n(n.left);
-            if let Some(s) = f.place(l.max_end, n.start) {
-                // The gap's lower neighbour is the rightmost node of the left subtree.
-                let mut at = n.left;
-                while self.n(at).right != NIL {
-                    at = self.n(at).right;
+        let mut descend = true;
+        loop {
+            self.stats.visited += 1;
+            let (left, right) = (self.n(t).left, self.n(t).right);
+            if right != NIL {
+                let r = self.n(right);
+                if descend && r.max_gap >= f.total && r.min_start < f.limit {
+                    t = right;
+                    continue;
                 }
-                return Some((s, at, false));
+                if let Some(s) = f.place(self.n(t).end, r.min_start) {
+                    // The gap's upper neighbour is the leftmost node of the right subtree.
+                    let mut at = right;
+                    while self.n(at).left != NIL {
+                        at = self.n(at).left;
+                    }
+                    return Some((s, at, true));
+                }
             }
-            if l.max_gap >= f.total {
-                return self.search(n.left, f);
+            if left != NIL {
+                let l = self.n(left);
+                if let Some(s) = f.place(l.max_end, self.n(t).start) {
+                    // The gap's lower neighbour is the rightmost node of the left subtree.
+                    let mut at = left;
+                    while self.n(at).right != NIL {
+                        at = self.n(at).right;
+                    }
+                    return Some((s, at, false));
+                }
+                if l.max_gap >= f.total {
+                    t = left;
+                    descend = true;
+                    continue;
+                }
             }
+            // No fit at or below `t`: climb to the first ancestor entered from its right.
+            loop {
+                let p = self.n(t).parent;
+                if p == NIL {
+                    return None;
+                }
+                let from_right = self.n(p).right == t;
+                t = p;
+                if from_right {
+                    break;
+                }
+            }
+            descend = false;
         }
-        None
     }
 
     /// Places `f` at the highest fitting address and records it as `kind`. Returns the start.
@@ -495,8 +521,7 @@ impl Tree {
             self.stats.fast_failures += 1;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         }
-        let found = if self.n(self.root).max_gap >= f.total { self.search(self.root, f) } else { None };
-        let Some((s, at, left)) = found else {
+        let Some((s, at, left)) = self.search(f) else {
             self.fails[self.next_fail] = Some(*f);
             self.next_fail = (self.next_fail + 1) % FAIL_SLOTS;
             self.failed = true;
