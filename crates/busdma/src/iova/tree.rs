@@ -63,8 +63,10 @@ struct Node {
     start: u64,
     /// End of the occupied range, guard page included.
     end: u64,
-    min_start: u64,
-    max_end: u64,
+    /// The free gap just below `start`: from the in-order predecessor's `end` (0 for the
+    /// lowest sentinel).
+    gap: u64,
+    /// The largest `gap` of the subtree.
     max_gap: u64,
     left: u32,
     right: u32,
@@ -196,40 +198,47 @@ impl Tree {
         &mut self.nodes[i as usize]
     }
 
-    /// Recomputes the augmentation of `i` from its children; true if it changed.
+    /// Recomputes `max_gap` of `i` from its own gap and its children's; true if it changed.
     #[inline]
     fn pull(&mut self, i: u32) -> bool {
-        let n = *self.n(i);
-        let (mut min_start, mut max_end, mut gap) = (n.start, n.end, 0);
-        if n.left != NIL {
-            let l = self.n(n.left);
-            min_start = l.min_start;
-            gap = l.max_gap.max(n.start - l.max_end);
+        let n = self.n(i);
+        let (l, r, old) = (n.left, n.right, n.max_gap);
+        let mut g = n.gap;
+        if l != NIL {
+            g = g.max(self.n(l).max_gap);
         }
-        if n.right != NIL {
-            let r = self.n(n.right);
-            max_end = r.max_end;
-            gap = gap.max(r.max_gap).max(r.min_start - n.end);
+        if r != NIL {
+            g = g.max(self.n(r).max_gap);
         }
-        let changed = (n.min_start, n.max_end, n.max_gap) != (min_start, max_end, gap);
-        let m = self.n_mut(i);
-        m.min_start = min_start;
-        m.max_end = max_end;
-        m.max_gap = gap;
-        changed
+        self.n_mut(i).max_gap = g;
+        g != old
     }
 
-    /// Pulls `i` and its ancestors, stopping at the first whose augmentation did not change
-    /// (an ancestor's depends only on its children's, so nothing above it changes either).
+    /// Pulls `i` and its ancestors, stopping at the first whose `max_gap` did not change
+    /// (an ancestor's depends only on its own gap and its children's, so nothing above it
+    /// changes either).
     #[inline]
     fn fix_up(&mut self, mut i: u32) {
         while i != NIL && self.pull(i) {
-            self.stats.visited += 1;
             i = self.n(i).parent;
         }
     }
 
-    /// Makes `c`'s parent point to `new` instead of `old` (the root if it has none).
+    /// Pulls every node from `i` up to and including `last` (an ancestor of `i`, or `i`)
+    /// whatever the result, then goes on as [`Tree::fix_up`] above it.
+    #[inline]
+    fn fix_up_through(&mut self, mut i: u32, last: u32) {
+        loop {
+            self.pull(i);
+            if i == last {
+                break;
+            }
+            i = self.n(i).parent;
+        }
+        self.fix_up(self.n(last).parent);
+    }
+
+    /// Makes `parent` point to `new` instead of `old` (the root if `parent` is NIL).
     #[inline]
     fn replace_child(&mut self, parent: u32, old: u32, new: u32) {
         if parent == NIL {
@@ -245,9 +254,10 @@ impl Tree {
     }
 
     /// Rotates `x` above its parent `p` (which must exist). Neither is pulled: `p`'s subtree
-    /// changed (its caller pulls it), `x`'s covers what `p`'s did.
+    /// changed (its caller pulls it), `x`'s holds the gaps `p`'s did.
     #[inline]
     fn rotate_up(&mut self, x: u32) {
+        self.stats.visited += 1;
         let p = self.n(x).parent;
         let g = self.n(p).parent;
         if self.n(p).left == x {
@@ -270,53 +280,66 @@ impl Tree {
     }
 
     /// Hangs the fresh leaf `x` under `at` (on its left if `left`; the root if `at` is NIL),
-    /// which must be its in-order place, then restores heap order and the augmentation.
-    fn link(&mut self, x: u32, at: u32, left: bool) {
+    /// which must be its in-order place, with `succ` its in-order successor (NIL for none),
+    /// whose gap shrinks to `succ_gap`; then restores the augmentation and heap order.
+    fn link(&mut self, x: u32, at: u32, left: bool, succ: u32, succ_gap: u64) {
         self.n_mut(x).parent = at;
         if at == NIL {
             self.root = x;
-        } else if left {
+            return;
+        }
+        if left {
             self.n_mut(at).left = x;
         } else {
             self.n_mut(at).right = x;
         }
+        // `succ` is `at` or an ancestor of it (a leaf's successor is its first ancestor
+        // entered from the left): pull everything up to it, its gap changed.
+        if succ == NIL {
+            self.fix_up(at);
+        } else {
+            self.n_mut(succ).gap = succ_gap;
+            self.fix_up_through(at, succ);
+        }
+        // Rotations keep the in-order sequence, hence every gap and the subtree maxima of
+        // everything above the pair rotated.
         let prio = self.n(x).prio;
+        let mut rotated = false;
         loop {
             let p = self.n(x).parent;
             if p == NIL || self.n(p).prio >= prio {
                 break;
             }
-            self.stats.visited += 1;
             self.rotate_up(x);
             self.pull(p);
+            rotated = true;
         }
-        self.pull(x);
-        self.fix_up(self.n(x).parent);
+        if rotated {
+            self.pull(x);
+        }
     }
 
-    /// Takes node `x` out of the tree: rotates it down below its higher-priority child until
-    /// it has at most one child, splices it out, and repairs the augmentation upwards.
+    /// Takes node `x` out of the tree: its successor's gap absorbs `x`'s range and gap; `x`
+    /// rotates down below its higher-priority child until it has at most one child and is
+    /// spliced out; the augmentation is repaired upwards.
     fn unlink(&mut self, x: u32) {
-        // The first child rotated into `x`'s place: from the splice point up to it, every node
-        // was rotated and must be pulled whatever the result; above it, until nothing changes.
+        let succ = self.successor(x);
+        let n = *self.n(x);
+        // The first child rotated into `x`'s place: from the splice point up to it, every
+        // node was rotated and lost `x` from its subtree.
         let mut top = NIL;
         loop {
-            let n = *self.n(x);
-            let c = match (n.left, n.right) {
+            let (l, r) = (self.n(x).left, self.n(x).right);
+            let c = match (l, r) {
                 (NIL, c) | (c, NIL) => {
-                    let p = n.parent;
+                    let p = self.n(x).parent;
                     self.replace_child(p, x, c);
-                    let mut i = p;
                     if top != NIL {
-                        while i != top {
-                            self.pull(i);
-                            i = self.n(i).parent;
-                        }
-                        self.pull(top);
-                        i = self.n(top).parent;
+                        self.fix_up_through(p, top);
+                    } else {
+                        self.fix_up(p);
                     }
-                    self.fix_up(i);
-                    return;
+                    break;
                 }
                 (l, r) => {
                     if self.n(l).prio > self.n(r).prio {
@@ -326,22 +349,45 @@ impl Tree {
                     }
                 }
             };
-            self.stats.visited += 1;
             self.rotate_up(c);
             if top == NIL {
                 top = c;
             }
         }
+        if succ != NIL {
+            let s = self.n_mut(succ);
+            s.gap += n.gap + (n.end - n.start);
+            self.fix_up_through(succ, succ);
+        }
     }
 
-    /// A slot for a fresh leaf node `[start, end)` of `kind`, not yet linked.
-    fn new_node(&mut self, start: u64, end: u64, kind: Kind) -> Result<u32> {
+    /// The in-order successor of `x`, NIL if none.
+    fn successor(&self, x: u32) -> u32 {
+        let mut i = self.n(x).right;
+        if i != NIL {
+            while self.n(i).left != NIL {
+                i = self.n(i).left;
+            }
+            return i;
+        }
+        let mut i = x;
+        loop {
+            let p = self.n(i).parent;
+            if p == NIL || self.n(p).left == i {
+                return p;
+            }
+            i = p;
+        }
+    }
+
+    /// A slot for a fresh leaf node `[start, end)` of `kind` whose gap below is `gap`, not
+    /// yet linked.
+    fn new_node(&mut self, start: u64, end: u64, gap: u64, kind: Kind) -> Result<u32> {
         let node = Node {
             start,
             end,
-            min_start: start,
-            max_end: end,
-            max_gap: 0,
+            gap,
+            max_gap: gap,
             left: NIL,
             right: NIL,
             parent: NIL,
@@ -377,17 +423,27 @@ impl Tree {
     }
 
     /// Inserts `[start, end)` by a descent from the root (reservations and sentinels; an
-    /// allocation is linked where its search found the gap instead).
+    /// allocation is linked where its search found the gap instead). The caller has checked
+    /// that it overlaps nothing.
     fn insert_keyed(&mut self, start: u64, end: u64, kind: Kind) -> Result<()> {
-        let x = self.new_node(start, end, kind)?;
         let (mut t, mut at, mut left) = (self.root, NIL, false);
+        // The last nodes the descent passed on their left (successor) and right (predecessor).
+        let (mut succ, mut pred_end) = (NIL, start);
         while t != NIL {
             self.stats.visited += 1;
             at = t;
             left = (start, end) < self.key(t);
-            t = if left { self.n(t).left } else { self.n(t).right };
+            if left {
+                succ = t;
+                t = self.n(t).left;
+            } else {
+                pred_end = self.n(t).end;
+                t = self.n(t).right;
+            }
         }
-        self.link(x, at, left);
+        let x = self.new_node(start, end, start - pred_end, kind)?;
+        let succ_gap = if succ == NIL { 0 } else { self.n(succ).start - end };
+        self.link(x, at, left, succ, succ_gap);
         Ok(())
     }
 
@@ -451,15 +507,15 @@ impl Tree {
         }
     }
 
-    /// The highest fit of `f` in the tree: its start and where a leaf holding it links (under
-    /// which node, on which side).
+    /// The highest fit of `f`: its start, the node whose gap holds it (the new node's
+    /// successor), and where a leaf holding it links (under which node, on which side).
     ///
     /// The order of theory 4, without recursion: descend into right subtrees while they may
-    /// hold a fit; at a node whose right subtree is pruned or failed, try the gap above it,
-    /// the gap below it, then its left subtree; a node that fails hands the failure to its
-    /// parent (through the parent link), which goes on below its right subtree if it came
-    /// from there and fails too if it came from its left one.
-    fn search(&mut self, f: &Fit) -> Option<(u64, u32, bool)> {
+    /// hold a fit; at a node whose right subtree is pruned or failed, try the node's own gap,
+    /// then its left subtree; a node that fails hands the failure to its parent (through the
+    /// parent link), which goes on below its right subtree if it came from there and fails
+    /// too if it came from its left one.
+    fn search(&mut self, f: &Fit) -> Option<(u64, u32, u32, bool)> {
         let mut t = self.root;
         if self.n(t).max_gap < f.total {
             return None;
@@ -467,37 +523,35 @@ impl Tree {
         let mut descend = true;
         loop {
             self.stats.visited += 1;
-            let (left, right) = (self.n(t).left, self.n(t).right);
-            if right != NIL {
-                let r = self.n(right);
-                if descend && r.max_gap >= f.total && r.min_start < f.limit {
-                    t = right;
-                    continue;
-                }
-                if let Some(s) = f.place(self.n(t).end, r.min_start) {
-                    // The gap's upper neighbour is the leftmost node of the right subtree.
-                    let mut at = right;
-                    while self.n(at).left != NIL {
-                        at = self.n(at).left;
-                    }
-                    return Some((s, at, true));
-                }
+            let n = self.n(t);
+            let (left, right, start, end, gap) = (n.left, n.right, n.start, n.end, n.gap);
+            // Every gap of the right subtree lies at or above `end`: none fits if
+            // `end + total` passes the limit.
+            if descend
+                && right != NIL
+                && self.n(right).max_gap >= f.total
+                && f.limit.checked_sub(end).is_some_and(|room| room >= f.total)
+            {
+                t = right;
+                continue;
             }
-            if left != NIL {
-                let l = self.n(left);
-                if let Some(s) = f.place(l.max_end, self.n(t).start) {
-                    // The gap's lower neighbour is the rightmost node of the left subtree.
+            if gap >= f.total {
+                if let Some(s) = f.place(start - gap, start) {
+                    // The new node precedes `t`: the rightmost leaf spot of `t`'s left subtree.
+                    if left == NIL {
+                        return Some((s, t, t, true));
+                    }
                     let mut at = left;
                     while self.n(at).right != NIL {
                         at = self.n(at).right;
                     }
-                    return Some((s, at, false));
+                    return Some((s, t, at, false));
                 }
-                if l.max_gap >= f.total {
-                    t = left;
-                    descend = true;
-                    continue;
-                }
+            }
+            if left != NIL && self.n(left).max_gap >= f.total {
+                t = left;
+                descend = true;
+                continue;
             }
             // No fit at or below `t`: climb to the first ancestor entered from its right.
             loop {
@@ -521,14 +575,16 @@ impl Tree {
             self.stats.fast_failures += 1;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         }
-        let Some((s, at, left)) = self.search(f) else {
+        let Some((s, succ, at, left)) = self.search(f) else {
             self.fails[self.next_fail] = Some(*f);
             self.next_fail = (self.next_fail + 1) % FAIL_SLOTS;
             self.failed = true;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         };
-        let x = self.new_node(s, s + f.total, kind)?;
-        self.link(x, at, left);
+        let sn = *self.n(succ);
+        let pred_end = sn.start - sn.gap;
+        let x = self.new_node(s, s + f.total, s - pred_end, kind)?;
+        self.link(x, at, left, succ, sn.start - (s + f.total));
         self.last = x;
         self.stats.allocs += 1;
         self.stats.windows += u64::from(kind == Kind::Window);
@@ -644,36 +700,21 @@ impl Tree {
                 return Err("overlap or order");
             }
         }
+        if n.gap != prev_end.map_or(0, |p| n.start - p) {
+            return Err("gap below a node");
+        }
         *prev_end = Some(n.end);
         self.check_at(n.right, prev_end)?;
-        let mut copy = self.clone_node_for_check(t);
-        let (a, b, c) = (copy.min_start, copy.max_end, copy.max_gap);
-        self.recompute(&mut copy);
-        if (a, b, c) != (copy.min_start, copy.max_end, copy.max_gap) {
+        let mut max_gap = n.gap;
+        for c in [n.left, n.right] {
+            if c != NIL {
+                max_gap = max_gap.max(self.n(c).max_gap);
+            }
+        }
+        if max_gap != n.max_gap {
             return Err("augmentation");
         }
         Ok(())
-    }
-
-    fn clone_node_for_check(&self, t: u32) -> Node {
-        *self.n(t)
-    }
-
-    fn recompute(&self, n: &mut Node) {
-        let (mut min_start, mut max_end, mut gap) = (n.start, n.end, 0);
-        if n.left != NIL {
-            let l = self.n(n.left);
-            min_start = l.min_start;
-            gap = l.max_gap.max(n.start - l.max_end);
-        }
-        if n.right != NIL {
-            let r = self.n(n.right);
-            max_end = r.max_end;
-            gap = gap.max(r.max_gap).max(r.min_start - n.end);
-        }
-        n.min_start = min_start;
-        n.max_end = max_end;
-        n.max_gap = gap;
     }
 
     /// Total free bytes (for tests): the sum of all gaps.
