@@ -106,6 +106,13 @@ pub(crate) struct TreeStats {
 }
 
 /// The augmented treap over one space.
+///
+/// # Invariants
+///
+/// `root`, `last` and every `left`, `right` and `parent` of a node are `NIL` or the index of
+/// a slot below `nodes.len()`: indices come only from [`Tree::new_node`], and `nodes` never
+/// shrinks below an index handed out (a freed slot goes to `free_slots`, to be reused; the one
+/// `pop` undoes a push whose index was never linked). `free_slots` has room for every slot.
 #[derive(Debug)]
 pub(crate) struct Tree {
     nodes: Vec<Node>,
@@ -188,14 +195,22 @@ impl Tree {
         Ok(t)
     }
 
+    /// Node `i`, which must be a link read from the tree (not `NIL`).
     #[inline]
     fn n(&self, i: u32) -> &Node {
-        &self.nodes[i as usize]
+        debug_assert!((i as usize) < self.nodes.len(), "node {i} of {}", self.nodes.len());
+        // SAFETY: every index passed here is `root`, `last` or a link of a node, none `NIL`
+        // (callers test for it), and by the invariant of `Tree` such an index is below
+        // `nodes.len()`.
+        unsafe { self.nodes.get_unchecked(i as usize) }
     }
 
+    /// Node `i` for writing; as [`Tree::n`].
     #[inline]
     fn n_mut(&mut self, i: u32) -> &mut Node {
-        &mut self.nodes[i as usize]
+        debug_assert!((i as usize) < self.nodes.len(), "node {i} of {}", self.nodes.len());
+        // SAFETY: as in `n`.
+        unsafe { self.nodes.get_unchecked_mut(i as usize) }
     }
 
     /// Recomputes `max_gap` of `i` from its own gap and its children's; true if it changed.
@@ -517,6 +532,8 @@ impl Tree {
     /// too if it came from its left one.
     fn search(&mut self, f: &Fit) -> Option<(u64, u32, u32, bool)> {
         let mut t = self.root;
+        // A fit ends at or below the limit: it starts at or below `top`.
+        let top = f.limit.checked_sub(f.total)?;
         if self.n(t).max_gap < f.total {
             return None;
         }
@@ -527,11 +544,7 @@ impl Tree {
             let (left, right, start, end, gap) = (n.left, n.right, n.start, n.end, n.gap);
             // Every gap of the right subtree lies at or above `end`: none fits if
             // `end + total` passes the limit.
-            if descend
-                && right != NIL
-                && self.n(right).max_gap >= f.total
-                && f.limit.checked_sub(end).is_some_and(|room| room >= f.total)
-            {
+            if descend && right != NIL && end <= top && self.n(right).max_gap >= f.total {
                 t = right;
                 continue;
             }
