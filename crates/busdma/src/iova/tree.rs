@@ -90,6 +90,18 @@ pub(crate) struct Fit {
     pub limit: u64,
 }
 
+/// Where a fit was found: its start `s`, the node `succ` whose gap holds it (the new node's
+/// successor), where the new leaf links (under `at`, on its left if `left`), and a bound on
+/// every gap above `succ`.
+#[derive(Clone, Copy, Debug)]
+struct Found {
+    s: u64,
+    succ: u32,
+    at: u32,
+    left: bool,
+    above: u64,
+}
+
 /// Counters of the slow path.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TreeStats {
@@ -97,6 +109,8 @@ pub(crate) struct TreeStats {
     pub frees: u64,
     pub visited: u64,
     pub fast_failures: u64,
+    /// Placements found at the hint, without a search (among `allocs`).
+    pub hint_hits: u64,
     /// Window allocations (among `allocs`).
     pub windows: u64,
     /// Class ranges returned by the caches (among `frees`).
@@ -121,6 +135,9 @@ pub(crate) struct Tree {
     /// The node allocated last, until it is freed (`NIL` otherwise): a free's lookup tries it
     /// first.
     last: u32,
+    /// The placement hint: a node, and `above`, a bound on every gap above it (theory 5).
+    hint: u32,
+    above: u64,
     fails: [Option<Fit>; FAIL_SLOTS],
     next_fail: usize,
     /// Some record of `fails` is set.
@@ -184,6 +201,8 @@ impl Tree {
             free_slots: Vec::new(),
             root: NIL,
             last: NIL,
+            hint: NIL,
+            above: 0,
             fails: [None; FAIL_SLOTS],
             next_fail: 0,
             failed: false,
@@ -192,6 +211,8 @@ impl Tree {
         };
         t.insert_keyed(base, base, Kind::Sentinel)?;
         t.insert_keyed(end, end, Kind::Sentinel)?;
+        // Nothing lies above the top sentinel.
+        t.hint = t.root_max();
         Ok(t)
     }
 
@@ -211,6 +232,15 @@ impl Tree {
         debug_assert!((i as usize) < self.nodes.len(), "node {i} of {}", self.nodes.len());
         // SAFETY: as in `n`.
         unsafe { self.nodes.get_unchecked_mut(i as usize) }
+    }
+
+    /// The highest node (the top sentinel).
+    fn root_max(&self) -> u32 {
+        let mut i = self.root;
+        while self.n(i).right != NIL {
+            i = self.n(i).right;
+        }
+        i
     }
 
     /// Recomputes `max_gap` of `i` from its own gap and its children's; true if it changed.
@@ -337,7 +367,7 @@ impl Tree {
     /// Takes node `x` out of the tree: its successor's gap absorbs `x`'s range and gap; `x`
     /// rotates down below its higher-priority child until it has at most one child and is
     /// spliced out; the augmentation is repaired upwards.
-    fn unlink(&mut self, x: u32) {
+    fn unlink(&mut self, x: u32) -> u32 {
         let succ = self.successor(x);
         let n = *self.n(x);
         // The first child rotated into `x`'s place: from the splice point up to it, every
@@ -374,6 +404,7 @@ impl Tree {
             s.gap += n.gap + (n.end - n.start);
             self.fix_up_through(succ, succ);
         }
+        succ
     }
 
     /// The in-order successor of `x`, NIL if none.
@@ -511,7 +542,17 @@ impl Tree {
 
     /// Removes node `x` (not a sentinel) and recycles its slot.
     fn remove_node(&mut self, x: u32) {
-        self.unlink(x);
+        let succ = self.unlink(x);
+        // The successor's gap grew. Above the hint (always, if `x` was the hint): it becomes
+        // the hint, and `above` still bounds every gap above it (a subset of those above the
+        // old hint). At or below the hint: no gap above the hint changed.
+        if succ == NIL {
+            // Cannot happen (the top sentinel follows every range): give up the hint.
+            self.hint = self.root_max();
+            self.above = u64::MAX;
+        } else if self.key(succ) > self.key(self.hint) {
+            self.hint = succ;
+        }
         if self.last == x {
             self.last = NIL;
         }
@@ -530,41 +571,44 @@ impl Tree {
     /// then its left subtree; a node that fails hands the failure to its parent (through the
     /// parent link), which goes on below its right subtree if it came from there and fails
     /// too if it came from its left one.
-    fn search(&mut self, f: &Fit) -> Option<(u64, u32, u32, bool)> {
+    fn search(&mut self, f: &Fit) -> Option<Found> {
         let mut t = self.root;
         // A fit ends at or below the limit: it starts at or below `top`.
         let top = f.limit.checked_sub(f.total)?;
         if self.n(t).max_gap < f.total {
             return None;
         }
+        // The largest gap passed over so far (every one lies above the fit, if one is found).
+        let mut above = 0;
         let mut descend = true;
         loop {
             self.stats.visited += 1;
             let n = self.n(t);
             let (left, right, start, end, gap) = (n.left, n.right, n.start, n.end, n.gap);
-            // Every gap of the right subtree lies at or above `end`: none fits if
-            // `end + total` passes the limit.
-            if descend && right != NIL && end <= top && self.n(right).max_gap >= f.total {
-                t = right;
-                continue;
+            if descend && right != NIL {
+                // Every gap of the right subtree lies at or above `end`: none fits if
+                // `end + total` passes the limit.
+                let r = self.n(right).max_gap;
+                if end <= top && r >= f.total {
+                    t = right;
+                    continue;
+                }
+                above = above.max(r);
             }
             if gap >= f.total {
                 if let Some(s) = f.place(start - gap, start) {
-                    // The new node precedes `t`: the rightmost leaf spot of `t`'s left subtree.
-                    if left == NIL {
-                        return Some((s, t, t, true));
-                    }
-                    let mut at = left;
-                    while self.n(at).right != NIL {
-                        at = self.n(at).right;
-                    }
-                    return Some((s, t, at, false));
+                    return Some(self.found(s, t, above));
                 }
             }
-            if left != NIL && self.n(left).max_gap >= f.total {
-                t = left;
-                descend = true;
-                continue;
+            above = above.max(gap);
+            if left != NIL {
+                let l = self.n(left).max_gap;
+                if l >= f.total {
+                    t = left;
+                    descend = true;
+                    continue;
+                }
+                above = above.max(l);
             }
             // No fit at or below `t`: climb to the first ancestor entered from its right.
             loop {
@@ -582,13 +626,50 @@ impl Tree {
         }
     }
 
+    /// A fit at `s` in the gap below node `succ`, with `above` bounding every gap above
+    /// `succ`: where its leaf links (the rightmost spot of `succ`'s left subtree).
+    #[inline]
+    fn found(&self, s: u64, succ: u32, above: u64) -> Found {
+        let left = self.n(succ).left;
+        if left == NIL {
+            return Found { s, succ, at: succ, left: true, above };
+        }
+        let mut at = left;
+        while self.n(at).right != NIL {
+            at = self.n(at).right;
+        }
+        Found { s, succ, at, left: false, above }
+    }
+
+    /// The fit in the hint's gap, if every gap above the hint is too small for `f` (then
+    /// it is the highest fit of the tree).
+    #[inline]
+    fn at_hint(&self, f: &Fit) -> Option<Found> {
+        if self.above >= f.total {
+            return None;
+        }
+        let n = self.n(self.hint);
+        if n.gap < f.total {
+            return None;
+        }
+        let s = f.place(n.start - n.gap, n.start)?;
+        Some(self.found(s, self.hint, self.above))
+    }
+
     /// Places `f` at the highest fitting address and records it as `kind`. Returns the start.
     pub fn alloc(&mut self, f: &Fit, kind: Kind) -> Result<u64> {
         if self.failed && self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
             self.stats.fast_failures += 1;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         }
-        let Some((s, succ, at, left)) = self.search(f) else {
+        let found = match self.at_hint(f) {
+            Some(hit) => {
+                self.stats.hint_hits += 1;
+                Some(hit)
+            }
+            None => self.search(f),
+        };
+        let Some(Found { s, succ, at, left, above }) = found else {
             self.fails[self.next_fail] = Some(*f);
             self.next_fail = (self.next_fail + 1) % FAIL_SLOTS;
             self.failed = true;
@@ -597,8 +678,12 @@ impl Tree {
         let sn = *self.n(succ);
         let pred_end = sn.start - sn.gap;
         let x = self.new_node(s, s + f.total, s - pred_end, kind)?;
-        self.link(x, at, left, succ, sn.start - (s + f.total));
+        let succ_gap = sn.start - (s + f.total);
+        self.link(x, at, left, succ, succ_gap);
         self.last = x;
+        // The gaps above the new node: the rest of its successor's and those above that.
+        self.hint = x;
+        self.above = above.max(succ_gap);
         self.stats.allocs += 1;
         self.stats.windows += u64::from(kind == Kind::Window);
         Ok(s)
