@@ -35,8 +35,9 @@ use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
 
-/// "No node".
-const NIL: u32 = u32::MAX;
+/// "No node": slot 0 holds a dummy node that is never linked and whose `max_gap` stays 0, so
+/// that `pull` reads a missing child's maximum without a branch.
+const NIL: u32 = 0;
 
 /// Number of remembered failures: one per distinct DMA limit a domain commonly sees (32-bit,
 /// the IOMMU's input width, and two more for odd masks such as 40 or 44 bits); a fifth limit
@@ -44,18 +45,20 @@ const NIL: u32 = u32::MAX;
 const FAIL_SLOTS: usize = 4;
 
 /// What a node's range is.
+/// The discriminant indexes [`Tree::counts`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum Kind {
-    /// A space sentinel (zero length).
-    Sentinel,
     /// A live allocation of the exact size asked for, freed through the tree.
-    Allocated,
+    Allocated = 0,
     /// A size-class range owned by the per-CPU caches: live with a caller or cached.
-    Class,
+    Class = 1,
     /// A reserved hole ([`super::IovaAllocator::reserve`]); never freed.
-    Reserved,
+    Reserved = 2,
     /// A reserved window ([`super::IovaAllocator::reserve_window`]).
-    Window,
+    Window = 3,
+    /// A space sentinel (zero length).
+    Sentinel = 4,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -123,10 +126,12 @@ pub(crate) struct TreeStats {
 ///
 /// # Invariants
 ///
-/// `root`, `last` and every `left`, `right` and `parent` of a node are `NIL` or the index of
-/// a slot below `nodes.len()`: indices come only from [`Tree::new_node`], and `nodes` never
-/// shrinks below an index handed out (a freed slot goes to `free_slots`, to be reused; the one
-/// `pop` undoes a push whose index was never linked). `free_slots` has room for every slot.
+/// `root`, `last`, `hint` and every `left`, `right` and `parent` of a node are the index of a
+/// slot below `nodes.len()`: `NIL` is slot 0, the dummy node pushed first; other indices come
+/// only from [`Tree::new_node`], and `nodes` never shrinks below an index handed out (a freed
+/// slot goes to `free_slots`, to be reused; the one `pop` undoes a push whose index was never
+/// linked). `free_slots` has room for every slot. The dummy's `max_gap` is 0 (it is never
+/// pulled).
 #[derive(Debug)]
 pub(crate) struct Tree {
     nodes: Vec<Node>,
@@ -142,8 +147,9 @@ pub(crate) struct Tree {
     next_fail: usize,
     /// Some record of `fails` is set.
     failed: bool,
-    /// Occupied nodes that are not sentinels, by kind: allocated, class, reserved, window.
-    pub counts: [u64; 4],
+    /// Nodes by kind (indexed by its discriminant): allocated, class, reserved, window,
+    /// sentinel.
+    pub counts: [u64; 5],
     pub stats: TreeStats,
 }
 
@@ -153,16 +159,6 @@ fn prio_of(start: u64) -> u32 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     (z ^ (z >> 31)) as u32
-}
-
-fn kind_slot(kind: Kind) -> Option<usize> {
-    match kind {
-        Kind::Sentinel => None,
-        Kind::Allocated => Some(0),
-        Kind::Class => Some(1),
-        Kind::Reserved => Some(2),
-        Kind::Window => Some(3),
-    }
 }
 
 impl Fit {
@@ -196,8 +192,23 @@ impl Fit {
 impl Tree {
     /// A tree over `[base, end)` with nothing occupied.
     pub fn new(base: u64, end: u64) -> Result<Self> {
+        let mut nodes = Vec::new();
+        nodes
+            .try_reserve(3)
+            .map_err(|_| Error::NoMemory { requested: 3 * core::mem::size_of::<Node>() as u64 })?;
+        nodes.push(Node {
+            start: 0,
+            end: 0,
+            gap: 0,
+            max_gap: 0,
+            left: NIL,
+            right: NIL,
+            parent: NIL,
+            prio: 0,
+            kind: Kind::Sentinel,
+        });
         let mut t = Tree {
-            nodes: Vec::new(),
+            nodes,
             free_slots: Vec::new(),
             root: NIL,
             last: NIL,
@@ -206,7 +217,7 @@ impl Tree {
             fails: [None; FAIL_SLOTS],
             next_fail: 0,
             failed: false,
-            counts: [0; 4],
+            counts: [0; 5],
             stats: TreeStats::default(),
         };
         t.insert_keyed(base, base, Kind::Sentinel)?;
@@ -216,13 +227,12 @@ impl Tree {
         Ok(t)
     }
 
-    /// Node `i`, which must be a link read from the tree (not `NIL`).
+    /// Node `i`: `root`, `last`, `hint` or a link read from the tree (`NIL` reads the dummy).
     #[inline]
     fn n(&self, i: u32) -> &Node {
         debug_assert!((i as usize) < self.nodes.len(), "node {i} of {}", self.nodes.len());
-        // SAFETY: every index passed here is `root`, `last` or a link of a node, none `NIL`
-        // (callers test for it), and by the invariant of `Tree` such an index is below
-        // `nodes.len()`.
+        // SAFETY: every index passed here is `root`, `last`, `hint` or a link of a node, and
+        // by the invariant of `Tree` each is below `nodes.len()`.
         unsafe { self.nodes.get_unchecked(i as usize) }
     }
 
@@ -248,13 +258,8 @@ impl Tree {
     fn pull(&mut self, i: u32) -> bool {
         let n = self.n(i);
         let (l, r, old) = (n.left, n.right, n.max_gap);
-        let mut g = n.gap;
-        if l != NIL {
-            g = g.max(self.n(l).max_gap);
-        }
-        if r != NIL {
-            g = g.max(self.n(r).max_gap);
-        }
+        // A missing child is the dummy node, whose `max_gap` is 0.
+        let g = n.gap.max(self.n(l).max_gap).max(self.n(r).max_gap);
         self.n_mut(i).max_gap = g;
         g != old
     }
@@ -446,7 +451,7 @@ impl Tree {
                 x
             }
             None => {
-                if self.nodes.len() >= NIL as usize {
+                if self.nodes.len() >= u32::MAX as usize {
                     return Err(Error::NoMemory { requested: core::mem::size_of::<Node>() as u64 });
                 }
                 self.nodes
@@ -462,9 +467,7 @@ impl Tree {
                 (self.nodes.len() - 1) as u32
             }
         };
-        if let Some(k) = kind_slot(kind) {
-            self.counts[k] += 1;
-        }
+        self.counts[kind as usize] += 1;
         Ok(x)
     }
 
@@ -558,9 +561,7 @@ impl Tree {
         }
         // Capacity was reserved at insertion: this push never allocates.
         self.free_slots.push(x);
-        if let Some(k) = kind_slot(self.n(x).kind) {
-            self.counts[k] -= 1;
-        }
+        self.counts[self.n(x).kind as usize] -= 1;
     }
 
     /// The highest fit of `f`: its start, the node whose gap holds it (the new node's
@@ -773,6 +774,9 @@ impl Tree {
     pub fn check(&self) -> core::result::Result<(), &'static str> {
         if self.root == NIL || self.n(self.root).parent != NIL {
             return Err("parent link");
+        }
+        if self.n(NIL).max_gap != 0 {
+            return Err("dummy node");
         }
         let mut prev_end = None;
         self.check_at(self.root, &mut prev_end)?;
