@@ -114,6 +114,8 @@ pub(crate) struct TreeStats {
     pub fast_failures: u64,
     /// Placements found at the hint, without a search (among `allocs`).
     pub hint_hits: u64,
+    /// Allocations that took the vacancy back (among `allocs`).
+    pub retakes: u64,
     /// Window allocations (among `allocs`).
     pub windows: u64,
     /// Class ranges returned by the caches (among `frees`).
@@ -143,6 +145,9 @@ pub(crate) struct Tree {
     /// The placement hint: a node, and `above`, a bound on every gap above it (theory 5).
     hint: u32,
     above: u64,
+    /// The node freed last, if its unlinking is deferred (theory 6): still linked, counted
+    /// free. `NIL` if none.
+    vacant: u32,
     fails: [Option<Fit>; FAIL_SLOTS],
     next_fail: usize,
     /// Some record of `fails` is set.
@@ -214,6 +219,7 @@ impl Tree {
             last: NIL,
             hint: NIL,
             above: 0,
+            vacant: NIL,
             fails: [None; FAIL_SLOTS],
             next_fail: 0,
             failed: false,
@@ -525,6 +531,7 @@ impl Tree {
 
     /// An occupied non-sentinel range overlapping `[s, e)`, if any.
     pub fn overlapping(&mut self, s: u64, e: u64) -> Option<(u64, u64)> {
+        self.settle();
         let mut t = self.root;
         while t != NIL {
             self.stats.visited += 1;
@@ -561,7 +568,45 @@ impl Tree {
         }
         // Capacity was reserved at insertion: this push never allocates.
         self.free_slots.push(x);
-        self.counts[self.n(x).kind as usize] -= 1;
+    }
+
+    /// Unlinks the vacancy, if any: every operation but the two that keep it calls this first,
+    /// so that it sees the tree as if the vacancy had been unlinked at its free.
+    #[inline]
+    fn settle(&mut self) {
+        let x = self.vacant;
+        if x != NIL {
+            self.vacant = NIL;
+            self.remove_node(x);
+        }
+    }
+
+    /// Takes the vacancy back for `f` if its range is exactly the highest fit of `f` (theory
+    /// 6): the vacancy is the hint, so every gap above it is below `above`; above its
+    /// successor's gap nothing fits if `above < total`, and inside the gap it would merge into
+    /// (from its predecessor's end to its successor's start) the highest fit must be its own
+    /// start with its own length. Then unlinking it and linking the new range would give the
+    /// same tree (a treap's shape is fixed by its keys and priorities, and the gaps return to
+    /// what they are), so nothing moves.
+    #[inline]
+    fn retake(&mut self, f: &Fit, kind: Kind) -> Option<u64> {
+        let x = self.vacant;
+        if x != self.hint || self.above >= f.total {
+            return None;
+        }
+        let n = *self.n(x);
+        if n.end - n.start != f.total {
+            return None;
+        }
+        let succ = self.successor(x);
+        if succ == NIL || f.place(n.start - n.gap, self.n(succ).start)? != n.start {
+            return None;
+        }
+        self.vacant = NIL;
+        self.n_mut(x).kind = kind;
+        self.counts[kind as usize] += 1;
+        self.last = x;
+        Some(n.start)
     }
 
     /// The highest fit of `f`: its start, the node whose gap holds it (the new node's
@@ -663,6 +708,15 @@ impl Tree {
             self.stats.fast_failures += 1;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         }
+        if self.vacant != NIL {
+            if let Some(s) = self.retake(f, kind) {
+                self.stats.retakes += 1;
+                self.stats.allocs += 1;
+                self.stats.windows += u64::from(kind == Kind::Window);
+                return Ok(s);
+            }
+            self.settle();
+        }
         let found = match self.at_hint(f) {
             Some(hit) => {
                 self.stats.hint_hits += 1;
@@ -692,6 +746,7 @@ impl Tree {
 
     /// Occupies exactly `[s, e)` as `kind`; fails with [`Error::AlreadyMapped`] on overlap.
     pub fn occupy(&mut self, s: u64, e: u64, kind: Kind) -> Result<()> {
+        self.settle();
         if let Some((o, _)) = self.overlapping(s, e) {
             return Err(Error::AlreadyMapped { addr: o.max(s) });
         }
@@ -715,6 +770,7 @@ impl Tree {
         kind: Kind,
         class_total: Option<u64>,
     ) -> Result<()> {
+        self.settle();
         let Some(i) = self.lookup(start) else {
             return Err(Error::DoubleFree { addr: start, size });
         };
@@ -726,7 +782,9 @@ impl Tree {
             let guard = total - size;
             return Err(Error::WrongSize { addr: start, given: size, actual: n.end - n.start - guard });
         }
-        self.remove_node(i);
+        // Unlinked at the next operation, unless the next allocation takes it back.
+        self.vacant = i;
+        self.counts[kind as usize] -= 1;
         self.stats.frees += 1;
         self.stats.class_returns += u64::from(kind == Kind::Class);
         self.stats.window_frees += u64::from(kind == Kind::Window);
@@ -764,6 +822,7 @@ impl Tree {
 
     /// Length occupied by the node at `start`, if one (not a sentinel) starts there.
     pub fn occupied_len(&mut self, start: u64) -> Option<(u64, Kind)> {
+        self.settle();
         let i = self.lookup(start)?;
         let n = self.n(i);
         Some((n.end - n.start, n.kind))
@@ -823,7 +882,9 @@ impl Tree {
     pub fn free_bytes(&self) -> u64 {
         let mut v = Vec::new();
         self.collect(self.root, &mut v);
-        v.windows(2).map(|w| w[1].0 - w[0].1).sum()
+        // The vacancy is still linked but free.
+        let vacant = if self.vacant == NIL { 0 } else { self.n(self.vacant).end - self.n(self.vacant).start };
+        v.windows(2).map(|w| w[1].0 - w[0].1).sum::<u64>() + vacant
     }
 
     fn collect(&self, t: u32, out: &mut Vec<(u64, u64)>) {
