@@ -394,6 +394,8 @@ struct Model {
     live: BTreeMap<u64, u64>,
     freed: Vec<(u64, u64)>,
     reserved: Vec<(u64, u64)>,
+    /// The start of the range allocated last.
+    last: Option<u64>,
 }
 
 /// Brute force: does `[lo, hi)`, clipped to `limit`, hold `total` bytes at a start that is
@@ -441,11 +443,33 @@ fn occupied(a: &IovaAllocator, m: &Model) -> Vec<(u64, u64)> {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc { pages: u64, align_shift: u32, boundary_shift: Option<u32>, limit_pages: Option<u64>, cpu: usize },
-    Free { pick: usize, cpu: usize },
-    DoubleFree { pick: usize, cpu: usize },
-    WrongSize { pick: usize, cpu: usize },
-    Reserve { at: u64, pages: u64 },
+    Alloc {
+        pages: u64,
+        align_shift: u32,
+        boundary_shift: Option<u32>,
+        limit_pages: Option<u64>,
+        cpu: usize,
+    },
+    Free {
+        pick: usize,
+        cpu: usize,
+    },
+    /// Frees the range allocated last, if still live (the tree's deferred unlink and retake).
+    FreeLast {
+        cpu: usize,
+    },
+    DoubleFree {
+        pick: usize,
+        cpu: usize,
+    },
+    WrongSize {
+        pick: usize,
+        cpu: usize,
+    },
+    Reserve {
+        at: u64,
+        pages: u64,
+    },
     Flush,
 }
 
@@ -460,6 +484,7 @@ fn op() -> impl Strategy<Value = Op> {
                 cpu
             }),
         4 => (any::<usize>(), 0usize..2).prop_map(|(pick, cpu)| Op::Free { pick, cpu }),
+        2 => (0usize..2).prop_map(|cpu| Op::FreeLast { cpu }),
         1 => (any::<usize>(), 0usize..2).prop_map(|(pick, cpu)| Op::DoubleFree { pick, cpu }),
         1 => (any::<usize>(), 0usize..2).prop_map(|(pick, cpu)| Op::WrongSize { pick, cpu }),
         1 => (0u64..512, 1u64..8).prop_map(|(at, pages)| Op::Reserve { at, pages }),
@@ -513,6 +538,7 @@ fn run(ops: &[Op], caches: bool, guard_page: bool) -> core::result::Result<(), T
                             prop_assert!(e <= rs || re <= s, "overlap with a reserved range");
                         }
                         m.live.insert(s, size);
+                        m.last = Some(s);
                         m.freed.retain(|&(fs, _)| fs != s);
                     }
                     Err(Error::Exhausted { .. }) => {
@@ -542,6 +568,14 @@ fn run(ops: &[Op], caches: bool, guard_page: bool) -> core::result::Result<(), T
             }
             Op::Free { pick, cpu } if !m.live.is_empty() => {
                 let (&s, &len) = m.live.iter().nth(pick % m.live.len()).unwrap();
+                let r = AddrRange::from_start_len(Iova::new(s), len).unwrap();
+                prop_assert_eq!(on_cpu(cpu, |g| a.free(g, r)), Ok(()));
+                m.live.remove(&s);
+                m.freed.push((s, len));
+            }
+            Op::FreeLast { cpu } if m.last.is_some_and(|s| m.live.contains_key(&s)) => {
+                let s = m.last.unwrap();
+                let len = m.live[&s];
                 let r = AddrRange::from_start_len(Iova::new(s), len).unwrap();
                 prop_assert_eq!(on_cpu(cpu, |g| a.free(g, r)), Ok(()));
                 m.live.remove(&s);

@@ -929,6 +929,70 @@ mod tests {
         }
     }
 
+    /// A free of the last allocation defers its unlinking; the next allocation takes the node
+    /// back only where a search would have placed it, and anything else unlinks it first.
+    #[test]
+    fn the_last_freed_range_is_taken_back_only_where_the_search_would_place_it() {
+        let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+        let one = fit(1, PAGE_SIZE, 0, u64::MAX);
+        let a = t.alloc(&one, Kind::Allocated).unwrap();
+        let b = t.alloc(&one, Kind::Allocated).unwrap();
+        t.free(b, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert_eq!(t.free_bytes(), 0x10_0000 - PAGE_SIZE);
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), b);
+        assert_eq!(t.stats.retakes, 1);
+        t.check().unwrap();
+        // Another size: the vacancy is unlinked and the search places the range top-down.
+        t.free(b, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        let two = t.alloc(&fit(2, PAGE_SIZE, 0, u64::MAX), Kind::Allocated).unwrap();
+        assert_eq!(two, a - 2 * PAGE_SIZE, "the vacancy and the gap below it merged: {two:#x}");
+        assert_eq!(t.stats.retakes, 1);
+        t.check().unwrap();
+        // A higher gap appears (the top range is freed): the vacancy below is not the fit.
+        let c = t.alloc(&one, Kind::Allocated).unwrap();
+        t.free(a, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        t.free(c, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), a);
+        // A double free of the vacancy is still a double free.
+        t.free(a, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert_eq!(
+            t.free(a, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None),
+            Err(Error::DoubleFree { addr: a, size: PAGE_SIZE })
+        );
+        t.check().unwrap();
+        assert_eq!(t.free_bytes(), 0x10_0000 - 2 * PAGE_SIZE);
+        // Placed low by its limit, freed, then asked for without one: a higher gap fits.
+        let low = t.alloc(&fit(1, PAGE_SIZE, 0, 0x18_0000), Kind::Allocated).unwrap();
+        assert_eq!(low, 0x18_0000 - PAGE_SIZE);
+        t.free(low, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), a);
+        // And by its alignment.
+        let aligned = t.alloc(&fit(1, 0x4_0000, 0, u64::MAX), Kind::Allocated).unwrap();
+        assert_eq!(aligned, 0x1C_0000);
+        t.free(aligned, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), c);
+        t.check().unwrap();
+    }
+
+    /// The vacancy ends where its successor starts, so its merged gap places exactly on it;
+    /// but a higher gap, which its own request's limit excluded, fits the next request.
+    #[test]
+    fn the_last_freed_range_is_not_taken_back_below_a_higher_fit() {
+        let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+        let one = fit(1, PAGE_SIZE, 0, u64::MAX);
+        let free = |t: &mut Tree, s| t.free(s, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        let _z = t.alloc(&one, Kind::Allocated).unwrap();
+        let g = t.alloc(&one, Kind::Allocated).unwrap();
+        let y = t.alloc(&one, Kind::Allocated).unwrap();
+        free(&mut t, g);
+        let x = t.alloc(&fit(1, PAGE_SIZE, 0, y), Kind::Allocated).unwrap();
+        assert_eq!(x, y - PAGE_SIZE);
+        free(&mut t, x);
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), g);
+        assert_eq!(t.stats.retakes, 0);
+        t.check().unwrap();
+    }
+
     #[test]
     fn remembered_failure_short_circuits_and_is_forgotten_on_free() {
         let mut t = Tree::new(0, 16 * PAGE_SIZE).unwrap();
