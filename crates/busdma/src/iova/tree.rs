@@ -1,5 +1,6 @@
-//! The slow path: a treap of occupied ranges, augmented with the largest free gap of each
-//! subtree, searched top-down.
+//! The slow path: a treap of occupied ranges, each node knowing the free gap below it and the
+//! largest gap of its subtree, searched top-down, with a placement hint and one deferred
+//! removal for the common "free, then allocate the same again" pair.
 //!
 //! # Theory
 //!
@@ -7,29 +8,65 @@
 //!    ([`Kind::Allocated`]), ranges owned by the per-CPU caches ([`Kind::Class`], live or
 //!    cached: the tree cannot tell and does not need to), reserved holes ([`Kind::Reserved`])
 //!    and windows ([`Kind::Window`]). Two zero-length sentinels sit at the space's two ends, so
-//!    every free byte lies in a *gap* between two in-order neighbours.
-//! 2. **Augmentation.** Each node keeps, for its subtree, the smallest start, the largest end
-//!    and the largest gap between two consecutive nodes *inside* the subtree. All three depend
-//!    on the subtree alone (not on an outside predecessor, unlike a per-node "gap to my
-//!    predecessor"), so a rotation or an insertion recomputes them bottom-up along one path:
-//!    `pull` is O(1), an update O(depth).
+//!    every free byte lies in a *gap* between two in-order neighbours, and every gap is the
+//!    gap *below* exactly one node (its upper neighbour).
+//! 2. **Augmentation.** Each node keeps `gap`, the free bytes between its in-order
+//!    predecessor's end and its start (0 for the lowest sentinel), and `max_gap`, the largest
+//!    `gap` of its subtree. `max_gap` depends on the subtree alone, so `pull` is O(1) and
+//!    branch-free (a missing child is a dummy node whose `max_gap` is 0). An insertion changes
+//!    two nodes' `gap` (the new node's and its successor's), a removal one (the successor
+//!    absorbs the removed range and its gap), a rotation none; after each, the maxima are
+//!    repaired upwards and the repair stops at the first node whose `max_gap` did not change
+//!    (a node's maximum depends only on its own gap and its children's maxima, so nothing
+//!    above it changes either). Nodes rotated in between are pulled whatever the result.
 //! 3. **Balance.** A treap: a node's priority is a hash of its start (deterministic, no random
-//!    source needed in `no_std`), heap-ordered; the expected depth is `~1.39 log2 n`, so
-//!    insert, remove, lookup and search are O(log n) expected.
+//!    source needed in `no_std`), heap-ordered; the expected depth is `~1.39 log2 n`. Nodes
+//!    carry parent links, so nothing recurses: an allocation links its node as a leaf at the
+//!    place its search found (no second descent) and rotates it up; a removal rotates the node
+//!    down below its higher-priority child and splices it out. Both take O(1) rotations
+//!    expected and O(depth) at worst; a lookup is one descent.
 //! 4. **Search** (top-down placement, as Linux and FreeBSD do, so low addresses stay free for
-//!    devices with narrow masks): visit the candidate gaps of a subtree from the highest
-//!    address down (right subtree, the gap between the node and its right subtree, the gap
-//!    between its left subtree and the node, left subtree), pruning every subtree whose largest
-//!    gap is smaller than the request or whose leftmost start is already past the limit. In each
-//!    gap the highest start honouring alignment, boundary and limit is tried. The first hit is
-//!    the highest fit.
-//! 5. **Remembered failures.** A failed search is recorded as (limit, size, align, boundary);
+//!    devices with narrow masks): visit the gaps from the highest address down (right subtree,
+//!    the node's own gap, left subtree), pruning every subtree whose `max_gap` is smaller than
+//!    the request and every right subtree whose lowest possible gap (it starts at the node's
+//!    end) already passes the limit. In each gap the highest start honouring alignment,
+//!    boundary and limit is tried; the first hit is the highest fit. A failed subtree hands
+//!    the failure to its parent through the parent link. With page alignment, no boundary and
+//!    no limit below the top of the large gaps, every unpruned subtree holds a fit, so the
+//!    search is one descent: O(log n) expected however fragmented the space. A limit, an
+//!    alignment or a boundary that the large enough gaps of a subtree do not admit makes it
+//!    backtrack, as the recursive search did.
+//! 5. **Placement hint.** The tree keeps a node `hint` and `above`, a bound on every gap
+//!    above the hint. If `above < total` and the hint's own gap holds a fit, that fit is the
+//!    highest of the tree (no gap above can hold `total` bytes), found without a search. The
+//!    bound is kept true: an allocation makes its new node the hint, with `above` the largest
+//!    of the old bound (or, after a search, of every gap and subtree maximum the search
+//!    passed over, all above the fit) and what is left of its successor's gap; a removal whose
+//!    successor lies above the hint makes that successor the hint (the gaps above it are a
+//!    subset); everything else only splits or shrinks gaps. The hint is always a linked node
+//!    (a removal of the hint moves it to the successor).
+//! 6. **Deferred removal.** A free checks and counts as usual but leaves its node linked as
+//!    the *vacancy*; every other operation unlinks it first (`settle`), so it sees the tree as
+//!    if the free had unlinked it. The next allocation takes the vacancy back without moving
+//!    anything when the vacancy is the hint, `above < total`, its length is `total`, and the
+//!    highest fit in the gap it would merge into (its predecessor's end to its successor's
+//!    start) is its own start: that is exactly where unlinking and searching would have put
+//!    the range, and a treap's shape is fixed by its keys and priorities, so the tree is the
+//!    one unlinking and relinking would give. This is the synchronous map/unmap pair (and the
+//!    lab's tree-alone pair); a ring that frees its oldest range takes the general path.
+//! 7. **Remembered failures.** A failed search is recorded as (limit, size, align, boundary);
 //!    a later request with the same limit that is at least as large, at least as aligned and no
 //!    less constrained by its boundary cannot fit either, and fails without a search. Any free
 //!    into the tree forgets every record (space came back).
-//! 6. **Storage.** Nodes live in an arena (`Vec`) linked by `u32` indices, recycled through a
-//!    free list; growth uses `try_reserve`, so exhaustion of kernel memory is an error, not a
-//!    panic.
+//! 8. **Misuse.** A free looks its start up (the last allocated node first, then one descent)
+//!    after settling the vacancy: no node there (or the vacancy itself freed again) is a
+//!    double free, another length is a wrong size, another kind a bad state; nothing changes.
+//! 9. **Storage.** Nodes live in an arena (`Vec`) linked by `u32` indices, slot 0 the dummy,
+//!    recycled through a free list whose capacity is reserved when a slot is made, so removal
+//!    never allocates; growth uses `try_reserve`, so exhaustion of kernel memory is an error,
+//!    not a panic. Node access skips bounds checks under the invariant of [`Tree`].
+//! 10. **Locking.** None here: the tree is plain data behind the allocator's tree lock, and
+//!     every operation takes `&mut self`.
 
 use alloc::vec::Vec;
 
