@@ -48,12 +48,13 @@
 //! 6. **Deferred removal.** A free checks and counts as usual but leaves its node linked as
 //!    the *vacancy*; every other operation unlinks it first (`settle`), so it sees the tree as
 //!    if the free had unlinked it. The next allocation takes the vacancy back without moving
-//!    anything when the vacancy is the hint, `above < total`, its length is `total`, and the
-//!    highest fit in the gap it would merge into (its predecessor's end to its successor's
-//!    start) is its own start: that is exactly where unlinking and searching would have put
-//!    the range, and a treap's shape is fixed by its keys and priorities, so the tree is the
-//!    one unlinking and relinking would give. This is the synchronous map/unmap pair (and the
-//!    lab's tree-alone pair); a ring that frees its oldest range takes the general path.
+//!    anything when every gap above it is smaller than `total` (`above` if it is the hint,
+//!    else one climb that computes the largest), its length is `total`, and the highest fit in
+//!    the gap it would merge into (its predecessor's end to its successor's start) is its own
+//!    start: that is exactly where unlinking and searching would have put the range, and a
+//!    treap's shape is fixed by its keys and priorities, so the tree is the one unlinking and
+//!    relinking would give. This is the synchronous map/unmap pair, and a ring whose oldest
+//!    range, freed, is the highest hole (a NIC ring on a top-down allocator).
 //! 7. **Remembered failures.** A failed search is recorded as (limit, size, align, boundary);
 //!    a later request with the same limit that is at least as large, at least as aligned and no
 //!    less constrained by its boundary cannot fit either, and fails without a search. Any free
@@ -619,7 +620,7 @@ impl Tree {
     }
 
     /// Takes the vacancy back for `f` if its range is exactly the highest fit of `f` (theory
-    /// 6): the vacancy is the hint, so every gap above it is below `above`; above its
+    /// 6): every gap above it is below `above` (the hint's bound, or computed), so above its
     /// successor's gap nothing fits if `above < total`, and inside the gap it would merge into
     /// (from its predecessor's end to its successor's start) the highest fit must be its own
     /// start with its own length. Then unlinking it and linking the new range would give the
@@ -628,7 +629,8 @@ impl Tree {
     #[inline]
     fn retake(&mut self, f: &Fit, kind: Kind) -> Option<u64> {
         let x = self.vacant;
-        if x != self.hint || self.above >= f.total {
+        let above = if x == self.hint { self.above } else { self.max_gap_above(x, f.total) };
+        if above >= f.total {
             return None;
         }
         let n = *self.n(x);
@@ -643,7 +645,30 @@ impl Tree {
         self.n_mut(x).kind = kind;
         self.counts[kind as usize] += 1;
         self.last = x;
+        // As after any allocation, the node is the hint; its gaps are those it had.
+        self.hint = x;
+        self.above = above;
         Some(n.start)
+    }
+
+    /// The largest gap above node `x` (of every node after it in order), or some gap of at
+    /// least `enough` once one is seen: the right subtree's maximum, then for each ancestor
+    /// entered from its left, its own gap and its right subtree's maximum. One climb, O(depth).
+    fn max_gap_above(&self, x: u32, enough: u64) -> u64 {
+        let mut u = self.n(self.n(x).right).max_gap;
+        let mut i = x;
+        while u < enough {
+            let p = self.n(i).parent;
+            if p == NIL {
+                break;
+            }
+            let pn = self.n(p);
+            if pn.left == i {
+                u = u.max(pn.gap).max(self.n(pn.right).max_gap);
+            }
+            i = p;
+        }
+        u
     }
 
     /// The highest fit of `f`: its start, the node whose gap holds it (the new node's
@@ -1028,6 +1053,47 @@ mod tests {
         assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), g);
         assert_eq!(t.stats.retakes, 0);
         t.check().unwrap();
+    }
+
+    /// A ring: the oldest range, freed, is the highest hole, and is taken back although it is
+    /// not the last allocated; a middle one below a higher hole is not.
+    #[test]
+    fn a_ring_takes_its_oldest_range_back_when_it_is_the_highest_fit() {
+        let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+        let one = fit(1, PAGE_SIZE, 0, u64::MAX);
+        let free = |t: &mut Tree, s| t.free(s, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        let r: Vec<u64> = (0..3).map(|_| t.alloc(&one, Kind::Allocated).unwrap()).collect();
+        free(&mut t, r[0]);
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), r[0]);
+        assert_eq!(t.stats.retakes, 1);
+        // r[0] free above r[1]: freeing r[1] leaves a vacancy below a higher fit.
+        free(&mut t, r[0]);
+        let _ = t.occupied_len(r[0]); // settles r[0]
+        free(&mut t, r[1]);
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), r[0]);
+        assert_eq!(t.stats.retakes, 1);
+        assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), r[1]);
+        t.check().unwrap();
+        assert_eq!(t.free_bytes(), 0x10_0000 - 3 * PAGE_SIZE);
+        // A hole higher up, apart from the vacancy (a live range between): not taken back,
+        // wherever the hole sits in the tree relative to the vacancy's node.
+        for live in [8, 64, 250] {
+            let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+            let r: Vec<u64> = (0..live).map(|_| t.alloc(&one, Kind::Allocated).unwrap()).collect();
+            for hole in 0..live - 2 {
+                for below in hole + 2..live {
+                    free(&mut t, r[hole]);
+                    let _ = t.occupied_len(r[hole]);
+                    free(&mut t, r[below]);
+                    assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), r[hole], "{live} {hole} {below}");
+                    assert_eq!(t.alloc(&one, Kind::Allocated).unwrap(), r[below]);
+                    if below > hole + 40 {
+                        break;
+                    }
+                }
+            }
+            t.check().unwrap();
+        }
     }
 
     #[test]
