@@ -629,16 +629,17 @@ impl Tree {
     #[inline]
     fn retake(&mut self, f: &Fit, kind: Kind) -> Option<u64> {
         let x = self.vacant;
-        let above = if x == self.hint { self.above } else { self.max_gap_above(x, f.total) };
-        if above >= f.total {
-            return None;
-        }
         let n = *self.n(x);
         if n.end - n.start != f.total {
             return None;
         }
         let succ = self.successor(x);
         if succ == NIL || f.place(n.start - n.gap, self.n(succ).start)? != n.start {
+            return None;
+        }
+        // Last, as it may climb the tree.
+        let above = if x == self.hint { self.above } else { self.max_gap_above(x, f.total) };
+        if above >= f.total {
             return None;
         }
         self.vacant = NIL;
