@@ -424,6 +424,8 @@ struct Model {
     live: BTreeMap<u64, u64>,
     freed: Vec<(u64, u64)>,
     reserved: Vec<(u64, u64)>,
+    /// The start of the range allocated last.
+    last: Option<u64>,
 }
 
 /// Brute force: does `[lo, hi)`, clipped to `limit`, hold `total` bytes at a start that is
@@ -440,13 +442,64 @@ fn fits_in(lo: u64, hi: u64, size: u64, total: u64, align: u64, boundary: u64, l
     false
 }
 
+/// Brute force: the highest start in `[lo, hi)`, clipped to `limit`, as [`fits_in`] asks.
+fn highest_in(lo: u64, hi: u64, size: u64, total: u64, align: u64, boundary: u64, limit: u64) -> Option<u64> {
+    let hi = hi.min(limit);
+    if hi < lo + total {
+        return None;
+    }
+    let mut s = (hi - total) / align * align;
+    while s >= lo {
+        if boundary == 0 || s / boundary == (s + size - 1) / boundary {
+            return Some(s);
+        }
+        s = s.checked_sub(align)?;
+    }
+    None
+}
+
+/// The occupied ranges of the tree alone (no caches): live ranges as the tree holds them and
+/// reservations, sorted.
+fn occupied(a: &IovaAllocator, m: &Model) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = m
+        .live
+        .keys()
+        .map(|&s| (s, s + a.occupied_len(Iova::new(s)).unwrap()))
+        .chain(m.reserved.iter().copied())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc { pages: u64, align_shift: u32, boundary_shift: Option<u32>, limit_pages: Option<u64>, cpu: usize },
-    Free { pick: usize, cpu: usize },
-    DoubleFree { pick: usize, cpu: usize },
-    WrongSize { pick: usize, cpu: usize },
-    Reserve { at: u64, pages: u64 },
+    Alloc {
+        pages: u64,
+        align_shift: u32,
+        boundary_shift: Option<u32>,
+        limit_pages: Option<u64>,
+        cpu: usize,
+    },
+    Free {
+        pick: usize,
+        cpu: usize,
+    },
+    /// Frees the range allocated last, if still live (the tree's deferred unlink and retake).
+    FreeLast {
+        cpu: usize,
+    },
+    DoubleFree {
+        pick: usize,
+        cpu: usize,
+    },
+    WrongSize {
+        pick: usize,
+        cpu: usize,
+    },
+    Reserve {
+        at: u64,
+        pages: u64,
+    },
     Flush,
 }
 
@@ -461,6 +514,7 @@ fn op() -> impl Strategy<Value = Op> {
                 cpu
             }),
         4 => (any::<usize>(), 0usize..2).prop_map(|(pick, cpu)| Op::Free { pick, cpu }),
+        2 => (0usize..2).prop_map(|cpu| Op::FreeLast { cpu }),
         1 => (any::<usize>(), 0usize..2).prop_map(|(pick, cpu)| Op::DoubleFree { pick, cpu }),
         1 => (any::<usize>(), 0usize..2).prop_map(|(pick, cpu)| Op::WrongSize { pick, cpu }),
         1 => (0u64..512, 1u64..8).prop_map(|(at, pages)| Op::Reserve { at, pages }),
@@ -484,9 +538,22 @@ fn run(ops: &[Op], caches: bool, guard_page: bool) -> core::result::Result<(), T
                 let boundary = boundary_shift.map_or(0, |b| (size.next_power_of_two()) << b);
                 let limit = limit_pages.map_or(u64::MAX, |l| base + l * P);
                 let r = req(pages, align, boundary, limit);
+                // Top-down placement, exactly: the tree alone hands out the highest fit.
+                let highest = (!caches).then(|| {
+                    let mut lo = base;
+                    let mut best = None;
+                    for (s, e) in occupied(&a, &m).into_iter().chain([(base + SPACE_PAGES * P, 0)]) {
+                        best = best.max(highest_in(lo, s, size, size + guard, align, boundary, limit));
+                        lo = lo.max(e);
+                    }
+                    best
+                });
                 match on_cpu(cpu, |g| a.alloc(g, &r)) {
                     Ok(got) => {
                         let (s, e) = (got.start().raw(), got.end().raw());
+                        if let Some(h) = highest {
+                            prop_assert_eq!(Some(s), h, "not the highest fit for {:?}", r);
+                        }
                         prop_assert_eq!(got.len(), size);
                         prop_assert_eq!(s % align, 0, "alignment");
                         prop_assert!(boundary == 0 || s / boundary == (e - 1) / boundary, "boundary");
@@ -501,6 +568,7 @@ fn run(ops: &[Op], caches: bool, guard_page: bool) -> core::result::Result<(), T
                             prop_assert!(e <= rs || re <= s, "overlap with a reserved range");
                         }
                         m.live.insert(s, size);
+                        m.last = Some(s);
                         m.freed.retain(|&(fs, _)| fs != s);
                     }
                     Err(Error::Exhausted { .. }) => {
@@ -530,6 +598,14 @@ fn run(ops: &[Op], caches: bool, guard_page: bool) -> core::result::Result<(), T
             }
             Op::Free { pick, cpu } if !m.live.is_empty() => {
                 let (&s, &len) = m.live.iter().nth(pick % m.live.len()).unwrap();
+                let r = AddrRange::from_start_len(Iova::new(s), len).unwrap();
+                prop_assert_eq!(on_cpu(cpu, |g| a.free(g, r)), Ok(()));
+                m.live.remove(&s);
+                m.freed.push((s, len));
+            }
+            Op::FreeLast { cpu } if m.last.is_some_and(|s| m.live.contains_key(&s)) => {
+                let s = m.last.unwrap();
+                let len = m.live[&s];
                 let r = AddrRange::from_start_len(Iova::new(s), len).unwrap();
                 prop_assert_eq!(on_cpu(cpu, |g| a.free(g, r)), Ok(()));
                 m.live.remove(&s);

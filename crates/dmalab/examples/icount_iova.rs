@@ -11,6 +11,9 @@
 //!   the oldest and allocates 1-16 pages (xorshift sizes), per-CPU caches on.
 //! - `tree-1k`, `tree-100k`: the tree alone (no per-CPU caches): a 1-page alloc + free pair
 //!   among 1 000 / 100 000 live 1-page ranges separated by 1-page holes.
+//! - `tree-ring-1k`, `tree-ring-100k`: the same spaces, but each step frees the oldest of 16
+//!   ranges in flight and allocates one (a NIC ring on the tree: never the range just
+//!   allocated, so the tree's retake of the last freed node does not apply).
 #![allow(missing_docs)]
 
 use std::hint::black_box;
@@ -45,6 +48,19 @@ fn hot_tree(m: &HostPlatform, a: &IovaAllocator, ops: usize) {
     }
 }
 
+#[inline(never)]
+fn hot_ring(m: &HostPlatform, a: &IovaAllocator, ring: &mut [Option<AddrRange<Iova>>], ops: usize) {
+    let g = m.pin_cpu();
+    let req = IovaRequest::pages(1);
+    for i in 0..ops {
+        let slot = i % ring.len();
+        if let Some(r) = ring[slot].take() {
+            a.free(&g, black_box(r)).expect("free");
+        }
+        ring[slot] = Some(a.alloc(&g, &req).expect("alloc"));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).map(String::as_str).unwrap_or("frag");
@@ -62,9 +78,9 @@ fn main() {
             hot_frag(&m, &a, &mut ring, ops);
             return;
         }
-        "tree-1k" => 1_000,
-        "tree-100k" => 100_000,
-        other => panic!("unknown path {other}: frag, tree-1k, tree-100k"),
+        "tree-1k" | "tree-ring-1k" => 1_000,
+        "tree-100k" | "tree-ring-100k" => 100_000,
+        other => panic!("unknown path {other}: frag, tree-1k, tree-100k, tree-ring-1k, tree-ring-100k"),
     };
     let a =
         IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).expect("iova");
@@ -74,5 +90,11 @@ fn main() {
         a.free(&g, r).expect("free");
     }
     drop(g);
+    if path.starts_with("tree-ring") {
+        let mut ring = vec![None; 16];
+        hot_ring(&m, &a, &mut ring, 64); // the ring full
+        hot_ring(&m, &a, &mut ring, ops);
+        return;
+    }
     hot_tree(&m, &a, ops);
 }
