@@ -261,7 +261,10 @@ fn drive<A: IovaSource>(
                     warm?;
                     let cpu0 = thread_cpu_time();
                     let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
+                    // At least one batch, even when the timer stopped the point before this
+                    // thread was scheduled (a loaded machine): a point of zero ops measures
+                    // nothing and its layer rates would be 0/0.
+                    loop {
                         // One preemption-disabled section per batch, as a driver's poll loop
                         // (NAPI) maps a batch of buffers.
                         let g = m.pin_cpu();
@@ -269,6 +272,9 @@ fn drive<A: IovaSource>(
                             step(&g, &mut ring)?;
                         }
                         n += CHECK_EVERY;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                     }
                     let end = Instant::now();
                     let cpu = thread_cpu_time().saturating_sub(cpu0);
