@@ -162,6 +162,20 @@
 //! }
 //! ```
 //!
+//! Cache maintenance goes only through a map's own runs: the run-level sync is not public,
+//! so safe code cannot make busdma invalidate (and so drop the stores of) lines at a kernel
+//! address it made up:
+//!
+//! ```compile_fail,E0603
+//! use busdma::front::cache_sync::{sync_runs, SyncOp};
+//! use busdma::front::{MemKind, Run};
+//! use busdma::{KernVa, PhysAddr, Platform};
+//! fn wipe<P: Platform>(p: &P) {
+//!     let run = Run { pa: PhysAddr::new(0x10_0000), len: 4096, kind: MemKind::Page, kva: Some(KernVa::new(0x1000)) };
+//!     let _ = sync_runs(p, &[run], SyncOp::POSTREAD, false); // error[E0603]: private
+//! }
+//! ```
+//!
 //! ## 7. Giving memory back after a failed invalidation
 //!
 //! The CPU cannot touch a device-owned typed buffer, and taking it back reports the

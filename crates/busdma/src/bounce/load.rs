@@ -444,23 +444,22 @@ impl<'p, P: Platform> BounceLoad<'p, P> {
     /// The bounce bytes that hold buffer bytes `[from, to)`: `(first bounce byte, length)`
     /// per copy item, in buffer order (what a partial sync maintains).
     pub fn bounce_spans(&self, from: u64, to: u64) -> impl Iterator<Item = (PhysAddr, u64)> + '_ {
+        self.items_in(from, to).map(|(it, lo, hi)| (PhysAddr::new(it.bounce.raw() + lo), hi - lo))
+    }
+
+    /// The copy items that hold buffer bytes `[from, to)`, each with the part of it inside:
+    /// `(item, lo, hi)`, offsets into the item, in buffer order.
+    fn items_in(&self, from: u64, to: u64) -> impl Iterator<Item = (&Item, u64, u64)> + '_ {
         let first = self.items.partition_point(|i| i.buf_off + i.client.len <= from);
         self.items[first..].iter().take_while(move |it| it.buf_off < to).map(move |it| {
             let lo = from.max(it.buf_off) - it.buf_off;
-            let hi = to.min(it.buf_off + it.client.len) - it.buf_off;
-            (PhysAddr::new(it.bounce.raw() + lo), hi - lo)
+            (it, lo, to.min(it.buf_off + it.client.len) - it.buf_off)
         })
     }
 
     /// Copies buffer bytes `[from, to)` between client and bounce pages.
     fn copy(&self, platform: &P, from: u64, to: u64, to_bounce: bool) -> Result<()> {
-        let first = self.items.partition_point(|i| i.buf_off + i.client.len <= from);
-        for it in &self.items[first..] {
-            if it.buf_off >= to {
-                break;
-            }
-            let lo = from.max(it.buf_off) - it.buf_off;
-            let hi = to.min(it.buf_off + it.client.len) - it.buf_off;
+        for (it, lo, hi) in self.items_in(from, to) {
             let (client, bounce, n) = (it.client.pa.raw() + lo, it.bounce.raw() + lo, hi - lo);
             let g = platform.pin_cpu();
             match (it.client.kva, to_bounce) {

@@ -68,7 +68,7 @@ pub struct SyncStats {
 /// Errors: [`crate::Error::NotRam`] for a page run outside RAM (a raw load of an address that
 /// is not RAM): its maintenance is refused, runs before it were maintained.
 #[inline]
-pub fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> Result<SyncStats> {
+pub(crate) fn sync_runs<P: Platform>(p: &P, runs: &[Run], op: SyncOp, coherent: bool) -> Result<SyncStats> {
     if coherent {
         // Theory 1: barriers only; inline, the per-packet case of a coherent device.
         coherent_barriers(p, op);
@@ -92,7 +92,7 @@ fn coherent_barriers<P: Platform>(p: &P, op: SyncOp) {
 /// Performs `op` on bytes `range` of the buffer that `runs` make up, in buffer order (theory
 /// 5): each run is cut to the part inside the range, runs outside it are not touched. Errors
 /// as [`sync_runs`].
-pub fn sync_runs_in<P: Platform>(
+pub(crate) fn sync_runs_in<P: Platform>(
     p: &P,
     runs: &[Run],
     op: SyncOp,
