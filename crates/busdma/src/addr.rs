@@ -91,6 +91,21 @@ pub const fn is_pow2(align: u64) -> bool {
     align != 0 && align & (align - 1) == 0
 }
 
+/// The end of bytes `[offset, offset + n)` of an object of `len` bytes, checked: the one
+/// bounds check of the by-copy accessors (DMA memory, typed views, heap buffers, chains).
+///
+/// Errors: [`Error::Overflow`] (the end does not fit in 64 bits), [`Error::OutOfRange`] with
+/// the end and `len` (the bytes run past the object).
+#[cfg(feature = "alloc")]
+#[inline]
+pub(crate) fn checked_end(offset: u64, n: u64, len: u64) -> Result<u64> {
+    let end = offset.checked_add(n).ok_or(Error::Overflow { base: offset, len: n })?;
+    if end > len {
+        return Err(Error::OutOfRange { addr: end, limit: len });
+    }
+    Ok(end)
+}
+
 macro_rules! address_type {
     ($(#[$meta:meta])* $name:ident, $space:literal) => {
         $(#[$meta])*

@@ -204,10 +204,7 @@ impl<'p, P: Platform> FragChain<'p, P> {
         n: u64,
         mut f: impl FnMut(&Part<'p, P>, u64, core::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        let end = offset.checked_add(n).ok_or(Error::Overflow { base: offset, len: n })?;
-        if end > self.len {
-            return Err(Error::OutOfRange { addr: end, limit: self.len });
-        }
+        crate::addr::checked_end(offset, n, self.len)?;
         let (mut at, mut done) = (0u64, 0u64);
         for part in &self.frags {
             if done == n {

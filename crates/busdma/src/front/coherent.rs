@@ -128,10 +128,7 @@ impl<'p, P: Platform> DmaMemory<'p, P> {
     }
 
     fn at(&self, offset: u64, n: u64) -> Result<PhysAddr> {
-        let end = offset.checked_add(n).ok_or(Error::Overflow { base: offset, len: n })?;
-        if end > self.len {
-            return Err(Error::OutOfRange { addr: end, limit: self.len });
-        }
+        crate::addr::checked_end(offset, n, self.len)?;
         Ok(PhysAddr::new(self.pa.raw() + offset))
     }
 }

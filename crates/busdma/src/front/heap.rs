@@ -158,10 +158,7 @@ impl HeapBuffer {
     /// Errors: [`Error::OutOfRange`] beyond the bytes in use, [`Error::Overflow`].
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let n = buf.len() as u64;
-        let end = offset.checked_add(n).ok_or(Error::Overflow { base: offset, len: n })?;
-        if end > self.len {
-            return Err(Error::OutOfRange { addr: end, limit: self.len });
-        }
+        crate::addr::checked_end(offset, n, self.len)?;
         // SAFETY: `[offset, end)` lies in the owned pages (checked); `buf` is a distinct Rust
         // buffer; the copy goes through raw pointers, no reference to the pages is made.
         #[allow(unsafe_code)]

@@ -236,10 +236,7 @@ impl<'a, P: Platform> DmaView<'a, P> {
 
     /// The physical address of `[offset, offset + n)`, checked against the view.
     fn at(&self, offset: u64, n: u64) -> Result<PhysAddr> {
-        let end = offset.checked_add(n).ok_or(Error::Overflow { base: offset, len: n })?;
-        if end > self.len {
-            return Err(Error::OutOfRange { addr: end, limit: self.len });
-        }
+        crate::addr::checked_end(offset, n, self.len)?;
         Ok(PhysAddr::new(self.pa.raw() + offset))
     }
 
