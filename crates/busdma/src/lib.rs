@@ -54,6 +54,8 @@ pub mod pgtable;
 pub mod pin;
 pub mod platform;
 #[cfg(feature = "alloc")]
+pub mod premapped;
+#[cfg(feature = "alloc")]
 pub mod quickmap;
 pub mod soundness;
 pub mod sync;
