@@ -397,9 +397,7 @@ fn a_premapped_tag_larger_than_a_slot_or_out_of_the_pools_reach_is_refused() {
     let mut map = tag.create_map().unwrap();
     let sg = [SgEntry { pa: PhysAddr::new(0xfee0_0000), len: 64, kind: MemKind::Mmio }];
     // SAFETY: never reached: the load is refused before anything touches it.
-    assert!(matches!(
-        map.load(&unsafe { SgList::new(&sg) }, Direction::ToDevice),
-        Err(Error::Unsupported { .. })
-    ));
+    let src = unsafe { SgList::new(&sg) };
+    assert!(matches!(map.load(&src, Direction::ToDevice), Err(Error::Unsupported { .. })));
     assert_eq!(pool.stats().free_slots, pool.stats().slots);
 }
