@@ -1146,5 +1146,15 @@ mod tests {
         // Overhead is on the driver's time: passthrough's own is exactly none.
         assert_eq!((res.rows[0].overhead_vs_passthrough, res.rows[0].driver_overhead_ns), (0.0, 0.0));
         assert!(res.memcpy.ns_per_packet > 0.0);
+        // The pool designs: mapped at setup only, nothing invalidated per packet; premapped
+        // copies every packet, the hybrid reports its calibrated threshold.
+        let pools: Vec<(&str, &str)> = res.pools.iter().map(|p| (p.pool.as_str(), p.invalidation)).collect();
+        assert_eq!(pools, [("premapped", "none"), ("hybrid", "strict"), ("hybrid", "deferred")]);
+        assert_eq!(res.pools[0].invalidations_per_packet, 0.0);
+        assert_eq!(res.pools[0].copied_packets, 2000);
+        for p in &res.pools {
+            assert!(p.setup_map_requests > 0, "{p:?}");
+        }
+        assert!(res.pools[1..].iter().all(|p| p.threshold_bytes.is_some() && p.calibration.is_some()));
     }
 }
