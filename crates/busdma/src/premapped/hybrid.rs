@@ -7,18 +7,21 @@
 //!    copied; otherwise the wrapped strategy `S` maps it. A copy that finds the pool
 //!    exhausted falls back to mapping (the load still succeeds; `S`'s own exhaustion is the
 //!    error). Each map remembers which path its load took; unload and sync follow it.
-//! 2. **The threshold** is where copying becomes dearer than mapping on this device:
-//!    [`Calibration`] measures, on the pool's domain (the device's: the one `S` should map in)
-//!    and with the platform's clock, a copy of a small and of a slot-sized buffer into a
-//!    slot, and an IOVA allocation + map + unmap (with the domain's invalidation, strict or
-//!    queued) of one page and of a slot's pages; each figure is a trimmed mean of
-//!    [`Calibration::ROUNDS`] rounds (the slowest quarter dropped: a preempted round says
-//!    nothing about the device). Both costs are taken as linear between their two points
-//!    (copies in bytes, maps in pages), and the threshold is the smallest multiple of 64 bytes
-//!    where the copy costs at least the map; if the copy is cheaper up to a whole slot, every
-//!    load that fits is copied. Under a virtual IOMMU (a map request and an invalidation are
-//!    each a VM exit) that is every load the pool can hold; on hardware with strict
-//!    invalidation a few KiB to tens of KiB; with deferred invalidation less.
+//! 2. **The threshold** is where copying becomes dearer than mapping on this device.
+//!    [`Calibration`] measures, with the platform's clock: copies of a small and of a
+//!    slot-sized buffer from slot to slot round a ring of up to 256 free slots, after one
+//!    untimed pass (cold copies, as a ring of I/Os cycling through the pool makes them: in
+//!    tcpbench a hot copy of one 64 KiB buffer measured ten times cheaper than the workload's);
+//!    and [`Calibration::ROUNDS`] IOVA allocations + maps + unmaps (with the domain's
+//!    invalidation, strict or queued) of one page and of a slot's pages on the pool's domain
+//!    (the device's: the one `S` should map in). Each figure is a trimmed mean (the slowest
+//!    quarter dropped: a preempted round says nothing about the device). Both costs are taken
+//!    as linear between their two points (copies in bytes, maps in pages), and the threshold
+//!    is the smallest multiple of 64 bytes where the copy costs at least the map; if the copy
+//!    is cheaper up to a whole slot, every load that fits is copied. Under a virtual IOMMU (a
+//!    map request and an invalidation are each a VM exit) that is every load the pool can
+//!    hold; with strict invalidation on hardware a few KiB to tens of KiB; with deferred
+//!    invalidation less.
 //! 3. **Set by the driver.** [`Hybrid::with_threshold`] skips the measurement, and
 //!    [`Hybrid::set_threshold`] overrides it; the figures stay readable
 //!    ([`Hybrid::calibration`], printable with `Display`).
@@ -26,6 +29,7 @@
 //!    frees them only after the domain's invalidation of their last unmap has completed
 //!    ([`IommuOps::wait_unmapped`]); if that fails they are leaked.
 
+use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
@@ -48,9 +52,9 @@ pub struct Calibration {
     pub small_bytes: u64,
     /// Bytes of the large copy (a slot).
     pub large_bytes: u64,
-    /// Copy of `small_bytes` into a slot.
+    /// Copy of `small_bytes` from slot to slot.
     pub copy_small_ns: f64,
-    /// Copy of `large_bytes` into a slot.
+    /// Copy of `large_bytes` from slot to slot.
     pub copy_large_ns: f64,
     /// Allocate + map + unmap (with its invalidation) of one page.
     pub map_page_ns: f64,
@@ -136,30 +140,55 @@ impl<P: Platform> Drop for Scratch<'_, P> {
     }
 }
 
+/// Most slots the copy calibration cycles through.
+const CAL_SLOTS: usize = 256;
+
 fn calibrate<P: Platform, D: IommuOps<P>>(pool: &PremappedPool<'_, P, D>) -> Result<Calibration> {
     let p = pool.platform();
     let large = pool.slot_bytes();
     let pages = large / PAGE_SIZE;
     let small = 512u64.min(large);
     let mut scratch = Scratch { p, pa: p.alloc_pages(&PageRequest::pages(pages))?, pages, leak: false };
-    // Copies: into a slot of the pool, from the scratch pages.
+    // Copies: slot to slot around a ring of free slots, as a ring of I/Os cycles through the
+    // pool (cold copies: a copy of a hot buffer would flatter the copy; theory 2).
+    let mut slots = Vec::new();
+    slots.try_reserve_exact(CAL_SLOTS).map_err(|_| Error::NoMemory { requested: (CAL_SLOTS * 4) as u64 })?;
     let g = p.pin_cpu();
-    let slot = pool.take(&g).ok_or(Error::Exhausted { size: large, limit: pool.window().end().raw() })?;
+    while slots.len() < CAL_SLOTS {
+        match pool.take(&g) {
+            Some(i) => slots.push(i),
+            None => break,
+        }
+    }
     drop(g);
     let copy = |n: u64| -> Result<f64> {
-        let run = [Run { pa: scratch.pa, len: n, kind: MemKind::Page, kva: p.phys_to_kva(scratch.pa) }];
-        let mut t = [0u64; Calibration::ROUNDS];
-        pool.copy(slot, &run, 0..n, true)?; // warm-up
-        for x in &mut t {
-            let t0 = p.monotonic_ns();
-            pool.copy(slot, &run, 0..n, true)?;
-            *x = p.monotonic_ns() - t0;
+        let k = slots.len();
+        let mut t = Vec::new();
+        t.try_reserve_exact(k).map_err(|_| Error::NoMemory { requested: (k * 8) as u64 })?;
+        // Two passes round the ring; the first (page faults, first touches) is not timed.
+        for pass in 0..2 {
+            for j in 0..k {
+                let src =
+                    pool.slot_pa(slots[j] as usize).ok_or(Error::BadState { what: "calibration slot" })?;
+                let run = [Run { pa: src, len: n, kind: MemKind::Page, kva: p.phys_to_kva(src) }];
+                let t0 = p.monotonic_ns();
+                pool.copy_uncounted(slots[(j + 1) % k], &run, 0..n, true)?;
+                if pass == 1 {
+                    t.push(p.monotonic_ns() - t0);
+                }
+            }
         }
         Ok(trimmed_mean(&mut t))
     };
-    let copies = copy(small).and_then(|s| copy(large).map(|l| (s, l)));
+    let copies = if slots.len() < 2 {
+        Err(Error::Exhausted { size: large, limit: pool.window().end().raw() })
+    } else {
+        copy(small).and_then(|s| copy(large).map(|l| (s, l)))
+    };
     let g = p.pin_cpu();
-    pool.give(&g, slot);
+    for &i in &slots {
+        pool.give(&g, i);
+    }
     drop(g);
     let (copy_small_ns, copy_large_ns) = copies?;
     // Maps: allocate, map, unmap (invalidation as the domain does it), in the pool's domain.

@@ -245,6 +245,19 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
     /// client → slot). Returns the bytes copied.
     pub(crate) fn copy(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
+        let copied = self.copy_uncounted(i, runs, range, to_slot)?;
+        self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
+        Ok(copied)
+    }
+
+    /// [`Self::copy`] without counting (the hybrid's calibration).
+    pub(crate) fn copy_uncounted(
+        &self,
+        i: u32,
+        runs: &[Run],
+        range: Range<u64>,
+        to_slot: bool,
+    ) -> Result<u64> {
         let base = self.slots[i as usize].raw();
         let mut off = 0u64;
         let mut copied = 0u64;
@@ -285,7 +298,6 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 break;
             }
         }
-        self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
         Ok(copied)
     }
 
