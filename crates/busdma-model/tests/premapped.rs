@@ -358,13 +358,17 @@ fn the_hybrid_calibration_keeps_its_figures_and_its_threshold_follows_them() {
     let tp = TablePool::new(&m);
     let d = PtDomain::new(&m, &tp);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(16 * PAGE_SIZE, 1)).unwrap();
-    let h = Hybrid::calibrated(&pool, IommuPerMap(&d)).unwrap();
+    let spec = TagSpec::new(16 * PAGE_SIZE, 4);
+    let h = Hybrid::calibrated(&pool, IommuPerMap(&d), &spec).unwrap();
     let c = *h.calibration().unwrap();
     assert_eq!((c.small_bytes, c.large_bytes, h.threshold()), (512, 16 * PAGE_SIZE, c.threshold));
+    // Nothing of the calibration is counted as I/O.
+    let st = pool.stats();
+    assert_eq!((st.loads, st.bytes_copied, st.exhausted, st.steals), (0, 0, 0, 0));
     assert!(c.copy_small_ns > 0.0 && c.copy_large_ns > 0.0 && c.map_page_ns > 0.0 && c.map_large_ns > 0.0);
     assert!(c.threshold >= 64 && c.threshold <= 16 * PAGE_SIZE + 1, "{c}");
     assert!(c.to_string().contains(&format!("threshold {} B", c.threshold)));
-    // The calibration gave back its slot and its IOVA.
+    // The calibration gave back its slots and the map path's IOVA.
     assert_eq!(pool.stats().free_slots, pool.stats().slots);
     assert_eq!(d.live_iova_bytes(), pool.window().len());
     // The driver can override it.

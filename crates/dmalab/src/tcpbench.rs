@@ -933,7 +933,7 @@ fn measure_domain<I: IovaSource>(
                 let before = inv(iommu.stats());
                 (before, measure_strategy(m, args, Premapped(&pool), &port, progress)?, None, None)
             } else {
-                let h = Hybrid::calibrated(&pool, IommuPerMap(&dom)).map_err(e)?;
+                let h = Hybrid::calibrated(&pool, IommuPerMap(&dom), &nic_spec(args)).map_err(e)?;
                 let (t, c) = (h.threshold(), h.calibration().map(|c| c.to_string()));
                 let before = inv(iommu.stats());
                 (before, measure_strategy(m, args, h, &port, progress)?, Some(t), c)

@@ -8,40 +8,41 @@
 //!    exhausted falls back to mapping (the load still succeeds; `S`'s own exhaustion is the
 //!    error). Each map remembers which path its load took; unload and sync follow it.
 //! 2. **The threshold** is where copying becomes dearer than mapping on this device.
-//!    [`Calibration`] measures, with the platform's clock: copies of a small and of a
-//!    slot-sized buffer from slot to slot round a ring of up to 256 free slots, after one
-//!    untimed pass (cold copies, as a ring of I/Os cycling through the pool makes them: in
-//!    tcpbench a hot copy of one 64 KiB buffer measured ten times cheaper than the workload's);
-//!    and [`Calibration::ROUNDS`] IOVA allocations + maps + unmaps (with the domain's
-//!    invalidation, strict or queued) of one page and of a slot's pages on the pool's domain
-//!    (the device's: the one `S` should map in). Each figure is a trimmed mean (the slowest
-//!    quarter dropped: a preempted round says nothing about the device). Both costs are taken
-//!    as linear between their two points (copies in bytes, maps in pages), and the threshold
-//!    is the smallest multiple of 64 bytes where the copy costs at least the map; if the copy
-//!    is cheaper up to a whole slot, every load that fits is copied. Under a virtual IOMMU (a
-//!    map request and an invalidation are each a VM exit) that is every load the pool can
-//!    hold; with strict invalidation on hardware a few KiB to tens of KiB; with deferred
-//!    invalidation less.
+//!    [`Calibration`] measures, with the platform's clock and for the driver's tag spec, a
+//!    whole load + PREWRITE sync + unload of a small (512-byte) and of a large (the tag's
+//!    largest load, at most a slot) buffer through each path, as the strategies run them: the
+//!    copy path into the pool, and `S` (allocation, map, unmap with the domain's
+//!    invalidation, strict or queued). The client buffers are taken round a ring of up to 64
+//!    free pool slots, after one untimed pass, alternating the two paths, so both read cold
+//!    buffers as a ring of I/Os does (a hot copy of one 64 KiB buffer measured ten times
+//!    cheaper than tcpbench's). Each figure is a trimmed mean (the slowest quarter dropped: a
+//!    preempted round says nothing about the device). Both costs are taken as linear between
+//!    their two points (copies in bytes, maps in pages), and the threshold is the smallest
+//!    multiple of 64 bytes where the copy costs at least the map; if the copy is cheaper up to
+//!    the large size, every load that fits a slot is copied. Under a virtual IOMMU (a map
+//!    request and an invalidation are each a VM exit) that is every load the pool can hold.
 //! 3. **Set by the driver.** [`Hybrid::with_threshold`] skips the measurement, and
 //!    [`Hybrid::set_threshold`] overrides it; the figures stay readable
 //!    ([`Hybrid::calibration`], printable with `Display`).
-//! 4. **Calibration's own soundness.** It maps scratch pages of its own, never a client's, and
-//!    frees them only after the domain's invalidation of their last unmap has completed
-//!    ([`IommuOps::wait_unmapped`]); if that fails they are leaked.
+//! 4. **Calibration's own soundness.** Its client buffers are pool slots it holds, which
+//!    the pool never frees while mapped; `S` maps them a second time, at IOVA of its own, and
+//!    unmaps them; the calibration then waits for those invalidations
+//!    ([`Strategy::wait_unmapped`]), and if that fails the pool leaks its pages at drop instead
+//!    of freeing pages a stale translation may still reach. Nothing it does is counted in the
+//!    pool's counters.
 
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
-use crate::addr::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
+use crate::addr::PAGE_SIZE;
 use crate::dir::{Direction, SyncOp};
 use crate::error::{Error, Result};
 use crate::front::load::{MemKind, Run};
 use crate::front::segments::{Segment, SegmentBuilder};
-use crate::front::spec::{TagFlags, TagSpec};
-use crate::front::strategy::iommu::prot_of;
+use crate::front::spec::TagSpec;
 use crate::front::strategy::{Invalidation, IommuOps, Strategy};
-use crate::platform::{PageRequest, Platform};
+use crate::platform::Platform;
 
 use super::pool::{Premapped, PremappedPool, PremappedState};
 
@@ -122,103 +123,54 @@ fn trimmed_mean(v: &mut [u64]) -> f64 {
     v[..keep].iter().sum::<u64>() as f64 / keep as f64
 }
 
-/// Scratch pages for the calibration, freed on drop unless leaked.
-struct Scratch<'p, P: Platform> {
-    p: &'p P,
-    pa: PhysAddr,
-    pages: u64,
-    leak: bool,
-}
+/// Most pool slots the calibration uses as cold client buffers.
+const CAL_SLOTS: usize = 64;
 
-impl<P: Platform> Drop for Scratch<'_, P> {
-    fn drop(&mut self) {
-        if !self.leak {
-            // SAFETY: allocated by `calibrate`; any mapping of them has been invalidated
-            // (otherwise `leak` is set).
-            unsafe { self.p.free_pages(self.pa, self.pages) };
-        }
-    }
-}
-
-/// Most slots the copy calibration cycles through.
-const CAL_SLOTS: usize = 256;
-
-fn calibrate<P: Platform, D: IommuOps<P>>(pool: &PremappedPool<'_, P, D>) -> Result<Calibration> {
+/// Calibration (theory 2): end-to-end load + PREWRITE sync + unload of an `n`-byte buffer
+/// through the copy path and through `map`, alternating, the client buffers taken round a
+/// ring of free pool slots.
+fn calibrate<P: Platform, D: IommuOps<P>, S: Strategy<P>>(
+    pool: &PremappedPool<'_, P, D>,
+    map: &S,
+    spec: &TagSpec,
+) -> Result<Calibration> {
     let p = pool.platform();
-    let large = pool.slot_bytes();
-    let pages = large / PAGE_SIZE;
+    let large = spec.max_size.min(pool.slot_bytes());
     let small = 512u64.min(large);
-    let mut scratch = Scratch { p, pa: p.alloc_pages(&PageRequest::pages(pages))?, pages, leak: false };
-    // Copies: slot to slot around a ring of free slots, as a ring of I/Os cycles through the
-    // pool (cold copies: a copy of a hot buffer would flatter the copy; theory 2).
-    let mut slots = Vec::new();
-    slots.try_reserve_exact(CAL_SLOTS).map_err(|_| Error::NoMemory { requested: (CAL_SLOTS * 4) as u64 })?;
+    let mut spec = *spec;
+    spec.max_size = large;
+    spec.max_segments = spec.max_segments.max(1);
+    // Client buffers: free slots held for the calibration, one left for the copy path.
+    let mut held = Vec::new();
+    held.try_reserve_exact(CAL_SLOTS).map_err(|_| Error::NoMemory { requested: (CAL_SLOTS * 4) as u64 })?;
     let g = p.pin_cpu();
-    while slots.len() < CAL_SLOTS {
-        match pool.take(&g) {
-            Some(i) => slots.push(i),
+    while held.len() < CAL_SLOTS {
+        match pool.take(&g, false) {
+            Some(i) => held.push(i),
             None => break,
         }
     }
-    drop(g);
-    let copy = |n: u64| -> Result<f64> {
-        let k = slots.len();
-        let mut t = Vec::new();
-        t.try_reserve_exact(k).map_err(|_| Error::NoMemory { requested: (k * 8) as u64 })?;
-        // Two passes round the ring; the first (page faults, first touches) is not timed.
-        for pass in 0..2 {
-            for j in 0..k {
-                let src =
-                    pool.slot_pa(slots[j] as usize).ok_or(Error::BadState { what: "calibration slot" })?;
-                let run = [Run { pa: src, len: n, kind: MemKind::Page, kva: p.phys_to_kva(src) }];
-                let t0 = p.monotonic_ns();
-                pool.copy_uncounted(slots[(j + 1) % k], &run, 0..n, true)?;
-                if pass == 1 {
-                    t.push(p.monotonic_ns() - t0);
-                }
-            }
-        }
-        Ok(trimmed_mean(&mut t))
-    };
-    let copies = if slots.len() < 2 {
-        Err(Error::Exhausted { size: large, limit: pool.window().end().raw() })
-    } else {
-        copy(small).and_then(|s| copy(large).map(|l| (s, l)))
-    };
-    let g = p.pin_cpu();
-    for &i in &slots {
+    if let Some(i) = held.pop() {
         pool.give(&g, i);
     }
     drop(g);
-    let (copy_small_ns, copy_large_ns) = copies?;
-    // Maps: allocate, map, unmap (invalidation as the domain does it), in the pool's domain.
-    let d = pool.domain();
-    let prot = prot_of(MemKind::Page, Direction::ToDevice, TagFlags::default());
-    let map = |n: u64| -> Result<f64> {
-        let mut t = [0u64; Calibration::ROUNDS + 1];
-        for x in &mut t {
-            let g = p.pin_cpu();
-            let t0 = p.monotonic_ns();
-            let w = d.alloc_iova(&g, n * PAGE_SIZE, PAGE_SIZE, d.max_iova())?;
-            // SAFETY: `w` was just allocated and is held here; the scratch pages are ours and
-            // freed only after the invalidation of this unmap (theory 4).
-            if let Err(e) = unsafe { d.map(&g, w.start(), scratch.pa, n * PAGE_SIZE, prot) } {
-                // SAFETY: nothing mapped (the failed map undid itself); the window is ours.
-                unsafe { d.free_iova(&g, w) };
-                return Err(e);
-            }
-            let mapped = AddrRange::new(w.start(), Iova::new(w.start().raw() + n * PAGE_SIZE))?;
-            // SAFETY: the range mapped just above, in the window held here; both given up.
-            unsafe { d.unmap(&g, &[mapped], &[w])? };
-            *x = p.monotonic_ns() - t0;
-        }
-        Ok(trimmed_mean(&mut t[1..]))
+    let r = if held.is_empty() {
+        Err(Error::Exhausted { size: pool.slot_bytes(), limit: pool.window().end().raw() })
+    } else {
+        let run_both = |n: u64| -> Result<(f64, f64)> { measure(pool, map, &spec, &held, n) };
+        run_both(small).and_then(|s| run_both(large).map(|l| (s, l)))
     };
-    let maps = map(1).and_then(|one| map(pages).map(|l| (one, l)));
-    if d.wait_unmapped(&p.pin_cpu()).is_err() {
-        scratch.leak = true;
+    let g = p.pin_cpu();
+    for &i in &held {
+        pool.give(&g, i);
     }
-    let (map_page_ns, map_large_ns) = maps?;
+    drop(g);
+    // The map path mapped pool pages: wait for those unmaps before anyone relies on the pool
+    // being the only mapping of its pages (theory 4).
+    if map.wait_unmapped(p).is_err() {
+        pool.leak_on_drop();
+    }
+    let ((copy_small_ns, map_page_ns), (copy_large_ns, map_large_ns)) = r?;
     let mut c = Calibration {
         small_bytes: small,
         large_bytes: large,
@@ -230,6 +182,63 @@ fn calibrate<P: Platform, D: IommuOps<P>>(pool: &PremappedPool<'_, P, D>) -> Res
     };
     c.threshold = c.compute_threshold();
     Ok(c)
+}
+
+/// Trimmed-mean ns of (copy path, map path) for `n`-byte loads from the `held` slots.
+fn measure<P: Platform, D: IommuOps<P>, S: Strategy<P>>(
+    pool: &PremappedPool<'_, P, D>,
+    map: &S,
+    spec: &TagSpec,
+    held: &[u32],
+    n: u64,
+) -> Result<(f64, f64)> {
+    let p = pool.platform();
+    let k = held.len();
+    let mut pst = PremappedState::new(spec)?;
+    let mut mst = map.create(p, spec)?;
+    let mut segs = Vec::new();
+    let (mut tc, mut tm) = (Vec::new(), Vec::new());
+    let cap = spec.max_segments as usize;
+    let r = (|| -> Result<()> {
+        segs.try_reserve_exact(cap).map_err(|_| Error::NoMemory { requested: (cap * 16) as u64 })?;
+        tc.try_reserve_exact(k).map_err(|_| Error::NoMemory { requested: (k * 8) as u64 })?;
+        tm.try_reserve_exact(k).map_err(|_| Error::NoMemory { requested: (k * 8) as u64 })?;
+        // Two passes round the ring; the first (first touches, cold tables) is not timed.
+        for pass in 0..2 {
+            for j in 0..k {
+                let pa =
+                    pool.slot_pa(held[j] as usize).ok_or(Error::BadState { what: "calibration slot" })?;
+                let run = [Run { pa, len: n, kind: MemKind::Page, kva: p.phys_to_kva(pa) }];
+                // The copy path, as `Premapped` runs it.
+                let t0 = p.monotonic_ns();
+                let mut b = SegmentBuilder::for_tag(&mut segs, spec);
+                pool.load_into(spec, &mut pst, &run, Direction::ToDevice, &mut b, false)?;
+                pool.sync_of(spec, &pst, SyncOp::PREWRITE, 0..n, false)?;
+                pool.unload_from(&mut pst)?;
+                let t1 = p.monotonic_ns();
+                // The map path, on the next buffer of the ring (the one just copied is hot).
+                let pa = pool
+                    .slot_pa(held[(j + k / 2) % k] as usize)
+                    .ok_or(Error::BadState { what: "calibration slot" })?;
+                let run = [Run { pa, len: n, kind: MemKind::Page, kva: p.phys_to_kva(pa) }];
+                let t2 = p.monotonic_ns();
+                let mut b = SegmentBuilder::for_tag(&mut segs, spec);
+                map.load(p, spec, &mut mst, &run, Direction::ToDevice, &mut b)?;
+                map.sync(p, spec, &mst, SyncOp::PREWRITE, 0..n)?;
+                map.unload(p, &mut mst, &run, &segs)?;
+                let t3 = p.monotonic_ns();
+                if pass == 1 {
+                    tc.push(t1 - t0);
+                    tm.push(t3 - t2);
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = pool.unload_from(&mut pst);
+    map.destroy(p, mst);
+    r?;
+    Ok((trimmed_mean(&mut tc), trimmed_mean(&mut tm)))
 }
 
 /// Copy below a threshold into `pool`, map with `S` at or above it (theory 1).
@@ -256,8 +265,11 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>, S> Hybrid<'a, 'p, P, D, S> {
     /// slot of the pool for the measurement and gives it back.
     ///
     /// Errors: the pool is exhausted, no memory for the scratch pages, the domain's errors.
-    pub fn calibrated(pool: &'a PremappedPool<'p, P, D>, map: S) -> Result<Self> {
-        let c = calibrate(pool)?;
+    pub fn calibrated(pool: &'a PremappedPool<'p, P, D>, map: S, spec: &TagSpec) -> Result<Self>
+    where
+        S: Strategy<P>,
+    {
+        let c = calibrate(pool, &map, spec)?;
         Ok(Self { pool: Premapped(pool), map, threshold: c.threshold, calibration: Some(c) })
     }
 
@@ -348,7 +360,7 @@ impl<'p, P: Platform, D: IommuOps<P>, S: Strategy<P>> Strategy<P> for Hybrid<'_,
             copyable &= r.kind.bounceable();
         }
         if copyable && len < self.threshold && len <= self.pool.0.slot_bytes() {
-            match self.pool.0.load_into(spec, &mut st.pool, runs, dir, segs) {
+            match self.pool.0.load_into(spec, &mut st.pool, runs, dir, segs, true) {
                 Ok(()) => {
                     st.path = Path::Copied;
                     return Ok(());
@@ -385,7 +397,7 @@ impl<'p, P: Platform, D: IommuOps<P>, S: Strategy<P>> Strategy<P> for Hybrid<'_,
 
     fn sync(&self, p: &P, spec: &TagSpec, st: &Self::MapState, op: SyncOp, range: Range<u64>) -> Result<()> {
         match st.path {
-            Path::Copied => self.pool.0.sync_of(spec, &st.pool, op, range),
+            Path::Copied => self.pool.0.sync_of(spec, &st.pool, op, range, true),
             Path::Mapped => self.map.sync(p, spec, &st.map, op, range),
             Path::Idle => Ok(()),
         }

@@ -5,7 +5,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::addr::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
 use crate::dir::{Direction, SyncOp};
@@ -96,6 +96,9 @@ pub struct PremappedPool<'p, P: Platform, D: IommuOps<P>> {
     bytes_copied: AtomicU64,
     exhausted: AtomicU64,
     steals: AtomicU64,
+    /// Set if an unmap of the pool's pages elsewhere in the domain (the hybrid's calibration)
+    /// could not be waited for: the drop leaks the pages.
+    leak: AtomicBool,
 }
 
 impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
@@ -129,6 +132,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             bytes_copied: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
             steals: AtomicU64::new(0),
+            leak: AtomicBool::new(false),
         };
         // From here on `Drop` unmaps the slots mapped so far and frees their pages.
         pool.slots.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 8) as u64 })?;
@@ -219,20 +223,30 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         Ok(())
     }
 
-    /// Takes a free slot, the calling CPU's first.
-    pub(crate) fn take(&self, g: &CpuGuard<'_, P>) -> Option<u32> {
+    /// Takes a free slot, the calling CPU's first (`count`: in the steal and exhaustion
+    /// counters; not for the calibration's own takes).
+    pub(crate) fn take(&self, g: &CpuGuard<'_, P>, count: bool) -> Option<u32> {
         let cpu = g.cpu() % self.free.len();
         if let Some(i) = self.free[cpu].lock().pop() {
             return Some(i);
         }
         for k in 1..self.free.len() {
             if let Some(i) = self.free[(cpu + k) % self.free.len()].lock().pop() {
-                self.steals.fetch_add(1, Ordering::Relaxed);
+                if count {
+                    self.steals.fetch_add(1, Ordering::Relaxed);
+                }
                 return Some(i);
             }
         }
-        self.exhausted.fetch_add(1, Ordering::Relaxed);
+        if count {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+        }
         None
+    }
+
+    /// Makes the drop leak the pages (an unmap of them elsewhere failed its invalidation).
+    pub(crate) fn leak_on_drop(&self) {
+        self.leak.store(true, Ordering::Release);
     }
 
     /// Gives slot `i` back to the calling CPU's list.
@@ -243,21 +257,8 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     }
 
     /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
-    /// client → slot). Returns the bytes copied.
+    /// client → slot). Returns the bytes copied (the caller counts them).
     pub(crate) fn copy(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
-        let copied = self.copy_uncounted(i, runs, range, to_slot)?;
-        self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
-        Ok(copied)
-    }
-
-    /// [`Self::copy`] without counting (the hybrid's calibration).
-    pub(crate) fn copy_uncounted(
-        &self,
-        i: u32,
-        runs: &[Run],
-        range: Range<u64>,
-        to_slot: bool,
-    ) -> Result<u64> {
         let base = self.slots[i as usize].raw();
         let mut off = 0u64;
         let mut copied = 0u64;
@@ -358,7 +359,7 @@ impl<P: Platform, D: IommuOps<P>> Drop for PremappedPool<'_, P, D> {
             }
         };
         drop(g);
-        if !flushed {
+        if !flushed || self.leak.load(Ordering::Acquire) {
             // The device may still reach the pages: leak them (theory 3).
             return;
         }
@@ -416,6 +417,7 @@ impl PremappedState {
 
 impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// Loads `runs` into a slot (theory 2, 5, 6). On error `st` is unloaded and holds nothing.
+    /// `count`: in the counters (not for the hybrid's calibration).
     pub(crate) fn load_into(
         &self,
         spec: &TagSpec,
@@ -423,6 +425,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         runs: &[Run],
         dir: Direction,
         segs: &mut SegmentBuilder<'_>,
+        count: bool,
     ) -> Result<()> {
         let mut len = 0u64;
         for r in runs {
@@ -446,7 +449,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             });
         }
         let g = self.p.pin_cpu();
-        let Some(i) = self.take(&g) else {
+        let Some(i) = self.take(&g, count) else {
             return Err(Error::Exhausted { size: self.slot_bytes, limit: self.window.end().raw() });
         };
         drop(g);
@@ -455,19 +458,25 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 // Theory 5: zeros past the buffer, the client's bytes in it whatever the
                 // direction.
                 self.zero(i, len..self.slot_bytes)?;
-                self.copy(i, runs, 0..len, true)?;
+                return self.copy(i, runs, 0..len, true);
             }
-            Ok(())
+            Ok(0)
         });
-        if let Err(e) = r {
-            let g = self.p.pin_cpu();
-            self.give(&g, i);
-            return Err(e);
-        }
+        let copied = match r {
+            Ok(n) => n,
+            Err(e) => {
+                let g = self.p.pin_cpu();
+                self.give(&g, i);
+                return Err(e);
+            }
+        };
         st.runs.clear();
         st.runs.extend_from_slice(runs);
         (st.slot, st.len, st.dir, st.untrusted) = (Some(i), len, dir, spec.flags.untrusted);
-        self.loads.fetch_add(1, Ordering::Relaxed);
+        if count {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -481,20 +490,22 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         r
     }
 
-    /// The strategy's sync of buffer bytes `range` (theory 4).
+    /// The strategy's sync of buffer bytes `range` (theory 4); `count`: as for `load_into`.
     pub(crate) fn sync_of(
         &self,
         spec: &TagSpec,
         st: &PremappedState,
         op: SyncOp,
         range: Range<u64>,
+        count: bool,
     ) -> Result<()> {
         let Some(i) = st.slot else { return Ok(()) };
         let maintain = !spec.flags.coherent;
         let pre_write = op.contains(SyncOp::PREWRITE) && st.dir.device_reads();
         let pre_read = op.contains(SyncOp::PREREAD) && st.untrusted;
+        let mut copied = 0;
         if pre_write || pre_read {
-            self.copy(i, &st.runs, range.clone(), true)?;
+            copied += self.copy(i, &st.runs, range.clone(), true)?;
             if maintain {
                 self.maintain(i, range.clone(), CacheMaint::CleanInvalidate)?;
             }
@@ -505,7 +516,10 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             if maintain {
                 self.maintain(i, range.clone(), CacheMaint::Invalidate)?;
             }
-            self.copy(i, &st.runs, range, false)?;
+            copied += self.copy(i, &st.runs, range, false)?;
+        }
+        if count {
+            self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -544,7 +558,7 @@ impl<'p, P: Platform, D: IommuOps<P>> Strategy<P> for Premapped<'_, 'p, P, D> {
         dir: Direction,
         segs: &mut SegmentBuilder<'_>,
     ) -> Result<()> {
-        self.0.load_into(spec, st, runs, dir, segs)
+        self.0.load_into(spec, st, runs, dir, segs, true)
     }
 
     fn unload(&self, _p: &P, st: &mut PremappedState, _runs: &[Run], _segs: &[Segment]) -> Result<()> {
@@ -561,6 +575,6 @@ impl<'p, P: Platform, D: IommuOps<P>> Strategy<P> for Premapped<'_, 'p, P, D> {
     }
 
     fn sync(&self, _p: &P, spec: &TagSpec, st: &PremappedState, op: SyncOp, range: Range<u64>) -> Result<()> {
-        self.0.sync_of(spec, st, op, range)
+        self.0.sync_of(spec, st, op, range, true)
     }
 }
