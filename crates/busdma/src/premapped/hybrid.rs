@@ -424,9 +424,10 @@ mod tests {
 
     #[test]
     fn the_threshold_is_where_the_copy_overtakes_the_map() {
-        // Copy 20 ns + ~0.05 ns/B; map 1000 ns + 50 ns/page: crossing near 20 KiB.
+        // Copy ~0.05 ns/B; map 1000 ns + 50 ns per page after the first: they cross at
+        // 25 600 bytes (1 301 ns vs 1 300 ns).
         let c = cal(45.0, 3300.0, 1000.0, 1750.0);
-        assert!(c.threshold > 16 * 1024 && c.threshold < 24 * 1024, "{c}");
+        assert_eq!(c.threshold, 25600, "{c}");
         assert!(c.copy_ns(c.threshold) >= c.map_ns(c.threshold));
         assert!(c.copy_ns(c.threshold - 64) < c.map_ns(c.threshold - 64));
     }
