@@ -28,9 +28,12 @@
 //!    outlives every tag and map that uses it. A forgotten pool leaks its pages, still mapped:
 //!    nobody else ever gets them.
 //! 4. **Copies** are the bounce layer's ([`crate::bounce`], theory 6): PREWRITE copies client
-//!    → slot, POSTREAD slot → client, through the client's kernel mapping (a `Mapped` run) or
-//!    the direct map or quick maps ([`crate::quickmap`]), pinning the CPU for one run's copy;
-//!    buffer offset `o` is slot byte `o`, so a partial sync copies just its range. Non-coherent
+//!    → slot, POSTREAD slot → client, one run at a time; buffer offset `o` is slot byte `o`,
+//!    so a partial sync copies just its range. When the slot and the run are both reachable
+//!    without a quick map (the slot wholly in the direct map, checked page by page at
+//!    creation; the run in the direct map, checked page by page, or a `Mapped` run's own
+//!    mapping) the copy is one `memcpy` between the two kernel addresses; otherwise it goes
+//!    through [`crate::quickmap`]'s copies, pinning the CPU for one run. Non-coherent
 //!    tags: the slot's lines are cleaned after a PRE copy and invalidated before a POSTREAD
 //!    copy ([`crate::quickmap::maintain_phys`]). Memory the CPU cannot copy (no page and no
 //!    kernel mapping: MMIO, a peer BAR) is refused at load with [`Error::Unsupported`].
@@ -56,7 +59,9 @@
 //! # Counters
 //!
 //! [`PoolStats`]: slots, free slots, map requests (at creation only), loads served, bytes
-//! copied, loads refused for exhaustion, steals from another CPU's list.
+//! copied, loads refused for exhaustion, steals from another CPU's list. Loads and bytes are
+//! per-CPU counters (a load and a store by the CPU's guard holder, no locked add on the
+//! per-I/O path), summed when read.
 
 mod hybrid;
 mod pool;

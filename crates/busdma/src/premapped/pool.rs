@@ -7,7 +7,7 @@ use core::fmt;
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::addr::{AddrRange, Iova, PAGE_SIZE, PhysAddr};
+use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::dir::{Direction, SyncOp};
 use crate::error::{Error, Result};
 use crate::front::load::{MemKind, Run};
@@ -90,10 +90,11 @@ pub struct PremappedPool<'p, P: Platform, D: IommuOps<P>> {
     slot_bytes: u64,
     window: AddrRange<Iova>,
     slots: Vec<PhysAddr>,
-    /// Per CPU: indexes of free slots.
-    free: Vec<SpinLock<Vec<u32>>>,
-    loads: AtomicU64,
-    bytes_copied: AtomicU64,
+    /// Per slot: its kernel address if the direct map covers all of it (copies then need no
+    /// quick map).
+    slot_kva: Vec<Option<KernVa>>,
+    /// Per CPU: free slots and counters.
+    free: Vec<PerCpu>,
     exhausted: AtomicU64,
     steals: AtomicU64,
     /// Set if an unmap of the pool's pages elsewhere in the domain (the hybrid's calibration)
@@ -127,15 +128,15 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             slot_bytes,
             window,
             slots: Vec::new(),
+            slot_kva: Vec::new(),
             free: Vec::new(),
-            loads: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
             steals: AtomicU64::new(0),
             leak: AtomicBool::new(false),
         };
         // From here on `Drop` unmaps the slots mapped so far and frees their pages.
         pool.slots.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 8) as u64 })?;
+        pool.slot_kva.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
         let prot = prot_of(MemKind::Page, Direction::Bidirectional, TagFlags::default());
         for i in 0..n {
             let req = PageRequest {
@@ -158,13 +159,18 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 return Err(e);
             }
             pool.slots.push(pa);
+            pool.slot_kva.push(direct_span(p, pa, slot_bytes));
         }
         let per = config.slots_per_cpu;
         for c in 0..cpus {
             let mut v = Vec::new();
             v.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 4) as u64 })?;
             v.extend((c * per..(c + 1) * per).rev().map(|i| i as u32));
-            pool.free.push(SpinLock::new(v));
+            pool.free.push(PerCpu {
+                list: SpinLock::new(v),
+                loads: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+            });
         }
         Ok(pool)
     }
@@ -173,11 +179,11 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             slots: self.slots.len() as u64,
-            free_slots: self.free.iter().map(|f| f.lock().len() as u64).sum(),
+            free_slots: self.free.iter().map(|f| f.list.lock().len() as u64).sum(),
             slot_bytes: self.slot_bytes,
             map_requests: self.slots.len() as u64,
-            loads: self.loads.load(Ordering::Relaxed),
-            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            loads: self.free.iter().map(|f| f.loads.load(Ordering::Relaxed)).sum(),
+            bytes_copied: self.free.iter().map(|f| f.bytes.load(Ordering::Relaxed)).sum(),
             exhausted: self.exhausted.load(Ordering::Relaxed),
             steals: self.steals.load(Ordering::Relaxed),
         }
@@ -227,11 +233,11 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// counters; not for the calibration's own takes).
     pub(crate) fn take(&self, g: &CpuGuard<'_, P>, count: bool) -> Option<u32> {
         let cpu = g.cpu() % self.free.len();
-        if let Some(i) = self.free[cpu].lock().pop() {
+        if let Some(i) = self.free[cpu].list.lock().pop() {
             return Some(i);
         }
         for k in 1..self.free.len() {
-            if let Some(i) = self.free[(cpu + k) % self.free.len()].lock().pop() {
+            if let Some(i) = self.free[(cpu + k) % self.free.len()].list.lock().pop() {
                 if count {
                     self.steals.fetch_add(1, Ordering::Relaxed);
                 }
@@ -253,7 +259,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     pub(crate) fn give(&self, g: &CpuGuard<'_, P>, i: u32) {
         let cpu = g.cpu() % self.free.len();
         // The list was reserved for every slot: the push never allocates.
-        self.free[cpu].lock().push(i);
+        self.free[cpu].list.lock().push(i);
     }
 
     /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
@@ -267,6 +273,30 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             if s < e {
                 let (client_off, n) = (s - off, e - s);
                 let slot = PhysAddr::new(base + s);
+                // Both sides in the direct map: one copy, no quick map (theory 4).
+                let client_kva = match r.kind {
+                    MemKind::Page => direct_span(self.p, PhysAddr::new(r.pa.raw() + client_off), n),
+                    MemKind::Mapped { kva } => Some(KernVa::new(kva.raw() + client_off)),
+                    _ => None,
+                };
+                if let (Some(c), Some(k)) = (client_kva, self.slot_kva[i as usize]) {
+                    let k = k.raw() + s;
+                    let (src, dst) = if to_slot { (c.raw(), k) } else { (k, c.raw()) };
+                    // SAFETY: `k` maps bytes `[s, s + n)` of slot `i`, the pool's own RAM, all
+                    // in the direct map (checked page by page at creation); `c` maps the
+                    // client's `n` bytes: a `Page` run through the direct map (checked page by
+                    // page just above; the run is the load's RAM, the load source's contract),
+                    // a `Mapped` run through its own mapping (the load source's contract,
+                    // `front::load` theory 2). Slot and client are different memory; neither
+                    // is referenced by `&`/`&mut` (device-visible memory is reached by copy).
+                    unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, n as usize) };
+                    copied += n;
+                    off += r.len;
+                    if off >= range.end {
+                        break;
+                    }
+                    continue;
+                }
                 let g = self.p.pin_cpu();
                 match r.kind {
                     MemKind::Page => {
@@ -369,6 +399,39 @@ impl<P: Platform, D: IommuOps<P>> Drop for PremappedPool<'_, P, D> {
             unsafe { self.p.free_pages(pa, pages) };
         }
     }
+}
+
+/// The direct-map address of `[pa, pa + n)` if the direct map covers all of it contiguously
+/// (asked page by page: the platform's answers are trusted, its layout is not assumed).
+fn direct_span<P: Platform>(p: &P, pa: PhysAddr, n: u64) -> Option<KernVa> {
+    let k0 = p.phys_to_kva(pa)?;
+    let end = pa.raw().checked_add(n)?;
+    let mut page = pa.page_base().raw().checked_add(PAGE_SIZE)?;
+    while page < end {
+        if p.phys_to_kva(PhysAddr::new(page))?.raw() != k0.raw() + (page - pa.raw()) {
+            return None;
+        }
+        page += PAGE_SIZE;
+    }
+    Some(k0)
+}
+
+/// One CPU's free slots and counters, on cache lines of their own.
+#[repr(align(128))]
+struct PerCpu {
+    list: SpinLock<Vec<u32>>,
+    /// Loads served and bytes copied on this CPU: written only by the thread holding the
+    /// CPU's preemption guard ([`bump`]), read by anyone.
+    loads: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Adds `n` to a per-CPU counter: a load and a store, no locked add. Only the holder of the
+/// CPU's guard writes it (the platform's guard excludes every other thread from the CPU), so
+/// no update is lost.
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 pub(crate) fn uncopyable() -> Error {
@@ -474,8 +537,10 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         st.runs.extend_from_slice(runs);
         (st.slot, st.len, st.dir, st.untrusted) = (Some(i), len, dir, spec.flags.untrusted);
         if count {
-            self.loads.fetch_add(1, Ordering::Relaxed);
-            self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
+            let g = self.p.pin_cpu();
+            let c = &self.free[g.cpu() % self.free.len()];
+            bump(&c.loads, 1);
+            bump(&c.bytes, copied);
         }
         Ok(())
     }
@@ -518,8 +583,9 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             }
             copied += self.copy(i, &st.runs, range, false)?;
         }
-        if count {
-            self.bytes_copied.fetch_add(copied, Ordering::Relaxed);
+        if count && copied > 0 {
+            let g = self.p.pin_cpu();
+            bump(&self.free[g.cpu() % self.free.len()].bytes, copied);
         }
         Ok(())
     }
