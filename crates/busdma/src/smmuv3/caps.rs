@@ -131,8 +131,8 @@ impl Capabilities {
 mod tests {
     use super::*;
 
-    /// QEMU 7.2's `virt` SMMUv3, as read by the test kernel.
-    const QEMU72: Capabilities = Capabilities::new(0x0d40_101a, 0x0273_0010, 0x0000_0404, 0x0000_0054);
+    /// QEMU 7.2's `virt` SMMUv3, as the aarch64 test kernel read it (qemu/aarch64).
+    const QEMU72: Capabilities = Capabilities::new(0x0d40_101a, 0x0273_0010, 0x0000_1404, 0x0000_0074);
 
     #[test]
     fn qemu_72_smmu_decodes_and_is_accepted() {
