@@ -55,12 +55,12 @@ pub mod pin;
 pub mod platform;
 #[cfg(feature = "alloc")]
 pub mod quickmap;
+#[cfg(feature = "smmuv3")]
+pub mod smmuv3;
 pub mod soundness;
 pub mod sync;
 #[cfg(feature = "vtd")]
 pub mod vtd;
-#[cfg(feature = "smmuv3")]
-pub mod smmuv3;
 
 pub use addr::{AddrRange, Address, Iova, KernVa, PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr, UserVa};
 pub use dir::{Direction, SyncOp};

@@ -38,7 +38,8 @@ const PROBE: u64 = 4;
 /// Sentinel for buffers that must not change.
 const SENTINEL: u8 = 0x5a;
 /// Deferred policy for the second device: never flushes on its own (count 64, one hour).
-const DEFERRED: InvalidationPolicy = InvalidationPolicy::Deferred { max_entries: 64, max_age_ns: 3_600_000_000_000 };
+const DEFERRED: InvalidationPolicy =
+    InvalidationPolicy::Deferred { max_entries: 64, max_age_ns: 3_600_000_000_000 };
 
 struct Runner {
     failed: usize,
@@ -175,9 +176,10 @@ pub fn run() -> usize {
     if edus.len() < 2 {
         return r.failed;
     }
-    for (prefix, st, bits) in
-        [("linear/39-bit", StreamTableChoice::Linear, 39), ("2-level/48-bit", StreamTableChoice::TwoLevel, 48)]
-    {
+    for (prefix, st, bits) in [
+        ("linear/39-bit", StreamTableChoice::Linear, 39),
+        ("2-level/48-bit", StreamTableChoice::TwoLevel, 48),
+    ] {
         r.prefix = prefix;
         let baseline = frames::in_use();
         let config = SmmuConfig { stream_table: st, ..SmmuConfig::default() };

@@ -42,7 +42,8 @@ impl<'p> DevDomain<'p> {
     ) -> Result<Self> {
         let asid = smmu.alloc_asid()?;
         let built = (|| {
-            let table = PageTable::new(pool, PageTableConfig { input_bits, coherent_walker: smmu.coherent() })?;
+            let table =
+                PageTable::new(pool, PageTableConfig { input_bits, coherent_walker: smmu.coherent() })?;
             let space = AddrRange::new(Iova::new(PAGE_SIZE), Iova::new(1 << input_bits))?;
             let iova = IovaAllocator::new(
                 space,

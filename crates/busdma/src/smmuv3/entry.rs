@@ -164,7 +164,8 @@ mod tests {
         assert_eq!(s1[0], 0x4123_4540 | 0b1011);
         assert_eq!(s1[1], 0xd4, "S1CIR = S1COR = WB-RA, S1CSH = ISH");
         assert!(s1[2..].iter().all(|&w| w == 0), "no stage 2, no VMID, STRW = NS-EL1");
-        for c in [SteConfig::Abort, SteConfig::Bypass, SteConfig::Stage1 { cd: PhysAddr::new(0x8_0000_0040) }] {
+        for c in [SteConfig::Abort, SteConfig::Bypass, SteConfig::Stage1 { cd: PhysAddr::new(0x8_0000_0040) }]
+        {
             assert_eq!(ste_config(ste(c)[0]), Some(c));
         }
         assert_eq!(ste_config(0), None);

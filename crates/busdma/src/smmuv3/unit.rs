@@ -203,7 +203,12 @@ impl<'p, P: Platform> Smmu<'p, P> {
                 l2: [const { None }; L1_ENTRIES],
                 cds: alloc::vec::Vec::new(),
                 cmdq: Queue { ring: cmdq, log2: CMDQ_LOG2.min(caps.cmdq_max_log2()), index: 0, stuck: false },
-                evtq: Queue { ring: evtq, log2: EVTQ_LOG2.min(caps.eventq_max_log2()), index: 0, stuck: false },
+                evtq: Queue {
+                    ring: evtq,
+                    log2: EVTQ_LOG2.min(caps.eventq_max_log2()),
+                    index: 0,
+                    stuck: false,
+                },
                 asids: alloc::boxed::Box::new([0; MAX_ASIDS / 64]),
             }),
             stats: SmmuStats::default(),
@@ -235,10 +240,16 @@ impl<'p, P: Platform> Smmu<'p, P> {
         self.w32(regs::STRTAB_BASE_CFG, cfg);
         let mut state = self.state.lock();
         let (c, e) = (&state.cmdq, &state.evtq);
-        self.w64(regs::CMDQ_BASE, regs::BASE_RA | (c.ring.pa().raw() & regs::Q_BASE_ADDR_MASK) | u64::from(c.log2));
+        self.w64(
+            regs::CMDQ_BASE,
+            regs::BASE_RA | (c.ring.pa().raw() & regs::Q_BASE_ADDR_MASK) | u64::from(c.log2),
+        );
         self.w32(regs::CMDQ_PROD, 0);
         self.w32(regs::CMDQ_CONS, 0);
-        self.w64(regs::EVENTQ_BASE, regs::BASE_RA | (e.ring.pa().raw() & regs::Q_BASE_ADDR_MASK) | u64::from(e.log2));
+        self.w64(
+            regs::EVENTQ_BASE,
+            regs::BASE_RA | (e.ring.pa().raw() & regs::Q_BASE_ADDR_MASK) | u64::from(e.log2),
+        );
         self.w32(regs::EVENTQ_PROD, 0);
         self.w32(regs::EVENTQ_CONS, 0);
         // Acknowledge every global error left from before.
@@ -354,7 +365,10 @@ impl<'p, P: Platform> Smmu<'p, P> {
             return Err(Error::InvalidArgument { what: "SMMUv3 ASID 0 (never allocated)", value: 0 });
         }
         if !matches!(input_bits, 39 | 48) {
-            return Err(Error::InvalidArgument { what: "SMMUv3 stage-1 input width", value: input_bits.into() });
+            return Err(Error::InvalidArgument {
+                what: "SMMUv3 stage-1 input width",
+                value: input_bits.into(),
+            });
         }
         if !ttb0.is_aligned(PAGE_SIZE) {
             return Err(Error::Misaligned { value: ttb0.raw(), align: PAGE_SIZE });
@@ -453,7 +467,9 @@ impl<'p, P: Platform> Smmu<'p, P> {
     pub fn stream_config(&self, sid: u32) -> Option<SteConfig> {
         let mut state = self.state.lock();
         let format = self.format;
-        if format == StreamTableFormat::TwoLevel && state.l2[(sid >> entry::SPLIT) as usize % L1_ENTRIES].is_none() {
+        if format == StreamTableFormat::TwoLevel
+            && state.l2[(sid >> entry::SPLIT) as usize % L1_ENTRIES].is_none()
+        {
             return None;
         }
         let (table, index) = self.ste_slot(&mut state, sid).ok()?;
@@ -470,7 +486,10 @@ impl<'p, P: Platform> Smmu<'p, P> {
     /// its L1 descriptor in the 2-level format.
     fn ste_slot<'s>(&'s self, state: &'s mut State, sid: u32) -> Result<(&'s TablePage, usize)> {
         if sid >= 1 << self.sid_bits {
-            return Err(Error::InvalidArgument { what: "SMMUv3 StreamID beyond the stream table", value: sid.into() });
+            return Err(Error::InvalidArgument {
+                what: "SMMUv3 StreamID beyond the stream table",
+                value: sid.into(),
+            });
         }
         match self.format {
             StreamTableFormat::Linear => Ok((&self.strtab, sid as usize)),
@@ -703,8 +722,12 @@ impl<P: Platform> Drop for Smmu<'_, P> {
         // SAFETY: these three handles are not used after this drop; each alias is the one
         // handle of its page that is freed.
         let roots = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias(), self.strtab.alias()] };
-        let pages =
-            state.l2.iter_mut().filter_map(Option::take).chain(state.cds.drain(..).map(|(_, p)| p)).chain(roots);
+        let pages = state
+            .l2
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(state.cds.drain(..).map(|(_, p)| p))
+            .chain(roots);
         for page in pages {
             // SAFETY: the SMMU is off (CR0ACK = 0), so it reads none of these pages; each
             // came from `alloc_table_page` and is freed once.
