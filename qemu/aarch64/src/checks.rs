@@ -18,6 +18,7 @@ use busdma::pgtable::{Prot, TablePool};
 use busdma::smmuv3::{Access, EventKind, Smmu, SmmuConfig, SteConfig, StreamTableChoice, StreamTableFormat};
 use busdma::{Error, PAGE_SIZE, PageRequest, PhysAddr, Platform};
 
+use crate::device_check;
 use crate::domain::{DevDomain, EDU_LIMIT, Unit};
 use crate::edu::{self, Dir, Edu};
 use crate::frames;
@@ -182,7 +183,7 @@ pub fn run() -> usize {
     ] {
         r.prefix = prefix;
         let baseline = frames::in_use();
-        let config = SmmuConfig { stream_table: st, ..SmmuConfig::default() };
+        let config = SmmuConfig { stream_table: st, input_bits: bits, ..SmmuConfig::default() };
         // SAFETY: the SMMU of `virt`, driven by nothing else; the previous value was dropped.
         let smmu = match unsafe { Smmu::new(&PLATFORM, PhysAddr::new(SMMU_BASE), config) } {
             Ok(s) => s,
@@ -428,6 +429,14 @@ fn suite(r: &mut Runner, smmu: &'static Unit, edus: &[Edu], bits: u32) {
             return Err(format!("{} CD/L2 pages still held", smmu.table_pages()));
         }
         Ok(())
+    });
+    // Both streams are aborted again: busdma::device attaches one with a single call.
+    r.check(
+        "device: edu attached by busdma::device (one call) round-trips a DMA, blocked after detach",
+        || device_check::device_round_trip(smmu, e1),
+    );
+    r.check("device: a kernel-heap buffer is an owned DMA buffer: edu round-trips it", || {
+        device_check::heap_buffer_round_trip(smmu, e1)
     });
     drop(pool);
 }

@@ -11,6 +11,11 @@ use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 use crate::edu::Edu;
 use crate::platform::{KernelPlatform, PLATFORM};
 
+/// How the SMMUv3 driver names `dev`: its StreamID, the PCI requester id.
+pub fn device_id(dev: &Edu) -> u32 {
+    u32::from(dev.bdf.source_id())
+}
+
 /// edu's DMA mask: 28 bits.
 pub const EDU_LIMIT: u64 = 1 << crate::edu::DMA_BITS;
 

@@ -5,8 +5,8 @@
 //! on the PL011; the kernel leaves through semihosting SYS_EXIT with [`exit::PASS`] only if
 //! every check passed.
 //!
-//! Shared with the x86 kernel (`qemu/src`, included by path): the frame allocator, the heap
-//! and the edu driver. Apart: boot, MMU, console, exit, PCI configuration access, timer, the
+//! Shared with the x86 kernel (`qemu/src`, included by path): the frame allocator, the heap,
+//! the edu driver and the `busdma::device` checks. Apart: boot, MMU, console, exit, PCI configuration access, timer, the
 //! platform and the checks (SMMUv3 here, VT-d there). Why a sibling crate rather than one
 //! crate with arch modules: the two kernels build for different targets with different
 //! linker scripts, boot protocols and `.cargo` settings, and the x86 crate's configuration
@@ -20,6 +20,8 @@ extern crate alloc;
 mod boot;
 mod checks;
 mod console;
+#[path = "../../src/device_check.rs"]
+mod device_check;
 mod domain;
 #[path = "../../src/edu.rs"]
 mod edu;

@@ -63,6 +63,7 @@
 
 pub mod caps;
 pub mod cmd;
+mod device_hw;
 pub mod entry;
 pub mod event;
 mod invalidator;

@@ -61,11 +61,14 @@ pub struct SmmuConfig {
     pub stream_table: StreamTableChoice,
     /// Polls of CMDQ_CONS (or CR0ACK) before a wait is declared stuck.
     pub poll_limit: u32,
+    /// Input (IOVA) width of the stage-1 tables of domains made through `busdma::device`
+    /// (its `IommuHw::input_bits`): 39 or 48. [`Smmu::attach`] takes the width per stream.
+    pub input_bits: u32,
 }
 
 impl Default for SmmuConfig {
     fn default() -> Self {
-        Self { stream_table: StreamTableChoice::Auto, poll_limit: DEFAULT_POLL_LIMIT }
+        Self { stream_table: StreamTableChoice::Auto, poll_limit: DEFAULT_POLL_LIMIT, input_bits: 48 }
     }
 }
 
@@ -135,6 +138,7 @@ pub struct Smmu<'p, P: Platform> {
     format: StreamTableFormat,
     sid_bits: u32,
     poll_limit: u32,
+    input_bits: u32,
     strtab: TablePage,
     state: SpinLock<State>,
     stats: SmmuStats,
@@ -164,6 +168,12 @@ impl<'p, P: Platform> Smmu<'p, P> {
         };
         let caps = Capabilities::new(r(regs::IDR0), r(regs::IDR1), r(regs::IDR3), r(regs::IDR5));
         caps.check()?;
+        if !matches!(config.input_bits, 39 | 48) {
+            return Err(Error::InvalidArgument {
+                what: "SMMUv3 stage-1 input width (39 or 48)",
+                value: config.input_bits.into(),
+            });
+        }
         let format = match (config.stream_table, caps.two_level_stream_table()) {
             (StreamTableChoice::Linear, _) | (StreamTableChoice::Auto, false) => StreamTableFormat::Linear,
             (StreamTableChoice::TwoLevel | StreamTableChoice::Auto, true) => StreamTableFormat::TwoLevel,
@@ -198,6 +208,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
             format,
             sid_bits,
             poll_limit: config.poll_limit,
+            input_bits: config.input_bits,
             strtab,
             state: SpinLock::new(State {
                 l2: [const { None }; L1_ENTRIES],
@@ -280,6 +291,10 @@ impl<'p, P: Platform> Smmu<'p, P> {
     pub fn sid_bits(&self) -> u32 {
         self.sid_bits
     }
+    /// The stage-1 input width of domains made through `busdma::device` ([`SmmuConfig`]).
+    pub fn input_bits(&self) -> u32 {
+        self.input_bits
+    }
     /// Counters.
     pub fn stats(&self) -> &SmmuStats {
         &self.stats
@@ -357,7 +372,9 @@ impl<'p, P: Platform> Smmu<'p, P> {
     ///
     /// The tables reachable from `ttb0` must stay allocated, and be written only by the
     /// owner of the domain's page table, until `sid` is detached ([`Smmu::detach`], which
-    /// aborts the stream and invalidates the ASID) and that detach returned `Ok`.
+    /// aborts the stream and invalidates the ASID) and that detach returned `Ok`. If `attach`
+    /// itself fails with [`Error::InvalidationFailed`] and [`Smmu::stream_config`] still says
+    /// stage 1 (the undo could not be invalidated either), the same holds: detach first.
     ///
     /// [`ArmLpaeS1::MAIR`]: crate::pgtable::ArmLpaeS1::MAIR
     pub unsafe fn attach(&self, sid: u32, asid: u16, ttb0: PhysAddr, input_bits: u32) -> Result<()> {
@@ -389,10 +406,13 @@ impl<'p, P: Platform> Smmu<'p, P> {
         };
         write_ste(&cd_page, 0, cd.words());
         let ste = entry::ste(SteConfig::Stage1 { cd: cd_page.pa() });
-        let cd_pa = cd_page.pa();
-        state.cds.push((sid, cd_page));
         self.stats.cfgi.fetch_add(1, Ordering::Relaxed);
-        let r = self.submit(&mut state, &[cmd::cfgi_cd(sid)], asid.into());
+        if let Err(e) = self.submit(&mut state, &[cmd::cfgi_cd(sid)], asid.into()) {
+            // SAFETY: no STE points at the CD yet: the SMMU never reads it; freed once.
+            unsafe { self.platform.free_table_page(cd_page) };
+            return Err(e);
+        }
+        state.cds.push((sid, cd_page));
         let (table, index) = self.ste_slot(&mut state, sid)?;
         for (i, &w) in ste.iter().enumerate().skip(1) {
             store(table, index * STE_WORDS + i, w);
@@ -400,9 +420,27 @@ impl<'p, P: Platform> Smmu<'p, P> {
         store(table, index * STE_WORDS, ste[0]);
         self.stats.cfgi.fetch_add(1, Ordering::Relaxed);
         self.stats.tlbi_asid.fetch_add(1, Ordering::Relaxed);
-        let r2 = self.submit(&mut state, &[cmd::cfgi_ste(sid), cmd::tlbi_nh_asid(asid)], asid.into());
-        debug_assert_eq!(entry::ste_config(ste[0]), Some(SteConfig::Stage1 { cd: cd_pa }));
-        r.and(r2)
+        let Err(e) = self.submit(&mut state, &[cmd::cfgi_ste(sid), cmd::tlbi_nh_asid(asid)], asid.into())
+        else {
+            return Ok(());
+        };
+        // Undo: abort again, and make the SMMU forget the stage-1 STE (the queue was repaired).
+        // Only if that invalidation completes is nothing of the attach left to reach the
+        // tables; otherwise the stream stays attached (see `# Safety`).
+        let (table, index) = self.ste_slot(&mut state, sid)?;
+        store(table, index * STE_WORDS, entry::ste(SteConfig::Abort)[0]);
+        if self.submit(&mut state, &[cmd::cfgi_ste(sid), cmd::tlbi_nh_asid(asid)], asid.into()).is_ok() {
+            if let Some(i) = state.cds.iter().position(|&(s, _)| s == sid) {
+                let page = state.cds.swap_remove(i).1;
+                // SAFETY: the STE is abort and CFGI_STE + CMD_SYNC completed: the SMMU reads
+                // the CD no more; allocated above, freed once.
+                unsafe { self.platform.free_table_page(page) };
+            }
+        } else {
+            let (table, index) = self.ste_slot(&mut state, sid)?;
+            store(table, index * STE_WORDS, ste[0]);
+        }
+        Err(e)
     }
 
     /// Makes stream `sid` bypass translation (its DMA reaches physical memory directly).
@@ -474,6 +512,13 @@ impl<'p, P: Platform> Smmu<'p, P> {
         }
         let (table, index) = self.ste_slot(&mut state, sid).ok()?;
         entry::ste_config(ste_word(table, index, 0))
+    }
+
+    /// Word 0 of stream `sid`'s CD, if it has one.
+    pub(super) fn cd_word0(&self, sid: u32) -> Option<u64> {
+        let sid = mutant::stream_id(sid);
+        let state = self.state.lock();
+        state.cds.iter().find(|&&(s, _)| s == sid).map(|(_, p)| word(p, 0))
     }
 
     /// Table pages the stream table holds beyond its root (2-level: L2 tables) plus CD pages.
