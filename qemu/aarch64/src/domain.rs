@@ -1,11 +1,13 @@
-//! One device, one domain: an edu device's stream pointed at a stage-1 context whose ASID is
-//! the `busdma::iommu::Domain`'s id, whose tables are the domain's Arm LPAE tables, and whose
-//! invalidations the SMMUv3 driver executes.
+//! One device, one domain: an edu device's stream pointed at a stage-1 context (ASID) or a
+//! stage-2 STE (VMID) whose id is the `busdma::iommu::Domain`'s, whose tables are the domain's
+//! Arm LPAE tables, and whose invalidations the SMMUv3 driver executes. The stage is the
+//! `busdma::device::IommuHw` the domain is built over.
 
+use busdma::device::IommuHw;
 use busdma::iommu::{Domain, DomainConfig, FlushTicket, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool};
-use busdma::smmuv3::{Smmu, Stage1};
+use busdma::smmuv3::Smmu;
 use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 
 use crate::edu::Edu;
@@ -19,52 +21,52 @@ pub fn device_id(dev: &Edu) -> u32 {
 /// edu's DMA mask: 28 bits.
 pub const EDU_LIMIT: u64 = 1 << crate::edu::DMA_BITS;
 
-/// The driver as the domains see it.
+/// The driver as the domains see it (stage 1; `busdma::smmuv3::Stage2Domains` is stage 2).
 pub type Unit = Smmu<'static, KernelPlatform>;
-/// A domain behind the SMMU.
-pub type SmmuDomain<'p> = Domain<'p, KernelPlatform, Stage1, IovaAllocator, Unit>;
+/// A domain behind the SMMU at the stage `H` drives.
+pub type SmmuDomain<'p, H> = Domain<'p, KernelPlatform, <H as IommuHw>::Format, IovaAllocator, H>;
 
-/// A device in its own domain.
-pub struct DevDomain<'p> {
+/// A device in its own domain, at the stage `H` drives (the SMMU itself: stage 1;
+/// `Stage2Domains`: stage 2).
+pub struct DevDomain<'p, H: IommuHw<Platform = KernelPlatform, DeviceId = u32>> {
     /// The device.
     pub dev: &'p Edu,
-    /// The ASID (= the domain id).
-    pub asid: u16,
+    /// The domain id: the ASID (stage 1) or VMID (stage 2).
+    pub id: u16,
     /// The domain.
-    pub dom: SmmuDomain<'p>,
-    smmu: &'p Unit,
+    pub dom: SmmuDomain<'p, H>,
+    hw: &'p H,
 }
 
-impl<'p> DevDomain<'p> {
-    /// Allocates an ASID, builds a domain with `policy` and `input_bits` of IOVA, and points
-    /// `dev`'s stream at it.
+impl<'p, H: IommuHw<Platform = KernelPlatform, DeviceId = u32>> DevDomain<'p, H> {
+    /// Allocates a domain id, builds a domain with `policy` and the hardware's input width,
+    /// and points `dev`'s stream at it.
     pub fn attach(
-        smmu: &'p Unit,
+        hw: &'p H,
         pool: &'p TablePool<'p, KernelPlatform>,
         dev: &'p Edu,
         policy: InvalidationPolicy,
-        input_bits: u32,
     ) -> Result<Self> {
-        let asid = smmu.alloc_asid()?;
+        let id = hw.alloc_domain_id()?;
+        let input_bits = hw.input_bits();
         let built = (|| {
-            let table =
-                PageTable::new(pool, PageTableConfig { input_bits, coherent_walker: smmu.coherent() })?;
+            let cfg = PageTableConfig { input_bits, coherent_walker: hw.coherent_walker() };
+            let table = PageTable::new(pool, cfg)?;
             let space = AddrRange::new(Iova::new(PAGE_SIZE), Iova::new(1 << input_bits))?;
             let iova = IovaAllocator::new(
                 space,
                 IovaConfig { cpus: PLATFORM.num_cpus(), caches: true, guard_page: false },
             )?;
-            let dom = Domain::new(&PLATFORM, table, iova, smmu, DomainConfig::new(asid, policy))?;
-            // SAFETY: the tables are `dom`'s, owned by the returned value; `detach` aborts the
-            // stream before the domain (and its tables) is dropped, and a `DevDomain` dropped
-            // without it is dropped with the SMMU turned off or at the end of the run.
-            unsafe { smmu.attach(u32::from(dev.bdf.source_id()), asid, dom.table().root(), input_bits)? };
+            let dom = Domain::new(&PLATFORM, table, iova, hw, DomainConfig::new(id, policy))?;
+            // SAFETY: the tables are `dom`'s, owned by the returned value; the checks always
+            // `detach` (which aborts the stream and invalidates) before the domain is dropped.
+            unsafe { hw.attach_tables(device_id(dev), id, dom.table().root())? };
             Ok(dom)
         })();
         match built {
-            Ok(dom) => Ok(Self { dev, asid, dom, smmu }),
+            Ok(dom) => Ok(Self { dev, id, dom, hw }),
             Err(e) => {
-                let _ = smmu.free_asid(asid);
+                hw.free_domain_id(id);
                 Err(e)
             }
         }
@@ -107,11 +109,12 @@ impl<'p> DevDomain<'p> {
         self.dom.flush(&g)
     }
 
-    /// Aborts the stream, drops the domain (its tables go back to the pool), frees the ASID.
+    /// Aborts the stream, drops the domain (its tables go back to the pool), frees the id.
     pub fn detach(self) -> Result<()> {
-        let (smmu, asid, sid) = (self.smmu, self.asid, self.sid());
-        smmu.detach(sid)?;
+        let (hw, id, sid) = (self.hw, self.id, self.sid());
+        hw.detach(sid, Some(id))?;
         drop(self.dom);
-        smmu.free_asid(asid)
+        hw.free_domain_id(id);
+        Ok(())
     }
 }

@@ -43,6 +43,10 @@ impl Capabilities {
     pub fn httu(&self) -> u32 {
         (self.idr0 >> 6) & 0b11
     }
+    /// IDR0.VMID16.
+    pub fn vmid16(&self) -> bool {
+        self.idr0 & (1 << 18) != 0
+    }
     /// IDR0.ASID16.
     pub fn asid16(&self) -> bool {
         self.idr0 & (1 << 12) != 0

@@ -25,6 +25,10 @@ pub mod op {
     pub const TLBI_NH_ASID: u64 = 0x11;
     /// Invalidate stage-1 TLB entries of an ASID by address.
     pub const TLBI_NH_VA: u64 = 0x12;
+    /// Invalidate every stage-1 and stage-2 TLB entry of a VMID.
+    pub const TLBI_S12_VMALL: u64 = 0x28;
+    /// Invalidate stage-2 TLB entries of a VMID by IPA.
+    pub const TLBI_S2_IPA: u64 = 0x2a;
     /// Invalidate every non-secure non-hyp TLB entry.
     pub const TLBI_NSNH_ALL: u64 = 0x30;
     /// Completion barrier.
@@ -44,6 +48,25 @@ pub fn cfgi_cd(sid: u32) -> Command {
 /// TLBI_NH_ASID.
 pub fn tlbi_nh_asid(asid: u16) -> Command {
     [op::TLBI_NH_ASID | (u64::from(asid) << 48), 0]
+}
+
+/// TLBI_S12_VMALL: every entry tagged with `vmid`.
+pub fn tlbi_s12_vmall(vmid: u16) -> Command {
+    [op::TLBI_S12_VMALL | (u64::from(vmid) << 32), 0]
+}
+
+/// TLBI_S2_IPA of one 4 KiB page at IPA `addr` (TG = 0), walk caches included (Leaf = 0).
+pub fn tlbi_s2_ipa(vmid: u16, addr: u64) -> Command {
+    [op::TLBI_S2_IPA | (u64::from(vmid) << 32), addr & ((1 << 52) - 1) & !(PAGE_SIZE - 1)]
+}
+
+/// The range form of TLBI_S2_IPA (IDR3.RIL): `(num + 1) << scale` 4 KiB pages from `addr`.
+pub fn tlbi_s2_ipa_range(vmid: u16, addr: u64, num: u32, scale: u32) -> Command {
+    let w0 = op::TLBI_S2_IPA
+        | (u64::from(num & 0x1f) << 12)
+        | (u64::from(scale & 0x1f) << 20)
+        | (u64::from(vmid) << 32);
+    [w0, (addr & ((1 << 52) - 1) & !(PAGE_SIZE - 1)) | (1 << 10)]
 }
 
 /// TLBI_NSNH_ALL.
@@ -75,11 +98,25 @@ pub fn tlbi_nh_va_range(asid: u16, addr: u64, num: u32, scale: u32) -> Command {
 /// The range-form commands covering `pages` pages from `addr`: each the largest
 /// `(num + 1) << scale` block that fits in what is left. Calls `emit` per command; at most
 /// a few dozen for any range (each takes at least half of what is left, 32 blocks at a time).
-pub fn range_commands(asid: u16, mut addr: u64, mut pages: u64, mut emit: impl FnMut(Command)) {
+pub fn range_commands(asid: u16, addr: u64, pages: u64, emit: impl FnMut(Command)) {
+    range_blocks(addr, pages, |a, num, scale| tlbi_nh_va_range(asid, a, num, scale), emit)
+}
+
+/// [`range_commands`] for TLBI_S2_IPA.
+pub fn s2_range_commands(vmid: u16, addr: u64, pages: u64, emit: impl FnMut(Command)) {
+    range_blocks(addr, pages, |a, num, scale| tlbi_s2_ipa_range(vmid, a, num, scale), emit)
+}
+
+fn range_blocks(
+    mut addr: u64,
+    mut pages: u64,
+    make: impl Fn(u64, u32, u32) -> Command,
+    mut emit: impl FnMut(Command),
+) {
     while pages > 0 {
         let scale = (63 - pages.leading_zeros()).saturating_sub(4).min(31);
         let num = (pages >> scale).min(32) as u32;
-        emit(tlbi_nh_va_range(asid, addr, num - 1, scale));
+        emit(make(addr, num - 1, scale));
         let done = u64::from(num) << scale;
         pages -= done;
         addr += done << PAGE_SHIFT;
@@ -100,6 +137,15 @@ mod tests {
         assert_eq!(sync(), [0x46, 0]);
         assert_eq!(tlbi_nh_va(3, 0x1234_5678), [0x0003_0000_0000_0012, 0x1234_5000]);
         assert_eq!(tlbi_nh_va_range(3, 0x20_0000, 31, 2), [0x0003_0000_0021_f012, 0x20_0400]);
+        assert_eq!(tlbi_s12_vmall(5), [0x0000_0005_0000_0028, 0]);
+        assert_eq!(tlbi_s2_ipa(5, 0x1234_5678), [0x0000_0005_0000_002a, 0x1234_5000]);
+        assert_eq!(tlbi_s2_ipa_range(5, 0x20_0000, 1, 3), [0x0000_0005_0030_102a, 0x20_0400]);
+        let mut n = 0;
+        s2_range_commands(5, 0, 33, |c| {
+            assert_eq!(c[0] & 0xff, 0x2a);
+            n += 1;
+        });
+        assert_eq!(n, 2);
     }
 
     #[test]

@@ -56,12 +56,47 @@ pub enum SteConfig {
         /// The 64-byte CD (64-byte aligned).
         cd: PhysAddr,
     },
+    /// Stage-2 translation (the STE holds the table and its controls itself).
+    Stage2(Stage2Config),
+}
+
+/// What a stage-2 STE says (words 2 and 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage2Config {
+    /// The VMID tagging the stream's TLB entries.
+    pub vmid: u16,
+    /// The stage-2 table root (S2TTB, 4 KiB aligned).
+    pub ttb: PhysAddr,
+    /// Input (IPA) bits: 39 (walk starts at level 1) or 48 (level 0).
+    pub input_bits: u32,
+    /// S2PS: the output size, IDR5.OAS's encoding.
+    pub ps: u32,
+}
+
+/// What an STE's word 0 says (decoding: the stage-2 fields live in other words).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SteKind {
+    /// Abort.
+    Abort,
+    /// Bypass.
+    Bypass,
+    /// Stage 1 through the CD at this address.
+    Stage1 {
+        /// The CD.
+        cd: PhysAddr,
+    },
+    /// Stage 2.
+    Stage2,
 }
 
 const STE_V: u64 = 1;
 const CFG_ABORT: u64 = 0b000 << 1;
 const CFG_BYPASS: u64 = 0b100 << 1;
 const CFG_S1: u64 = 0b101 << 1;
+const CFG_S2: u64 = 0b110 << 1;
+/// STE word 2: S2IR0 = S2OR0 = 1 (write-back), S2SH0 = 3 (inner shareable), S2TG = 0
+/// (4 KiB), S2AA64, S2R (record faults); S2AFFD, S2HA/HD, S2S, S2ENDI clear.
+const STE2_S2_CONTROLS: u64 = (1 << 40) | (1 << 42) | (3 << 44) | (1 << 51) | (1 << 58);
 /// STE word 1: S1CIR = S1COR = 1 (write-back read-allocate), S1CSH = 3 (inner shareable).
 const STE1_CD_ATTRS: u64 = (1 << 2) | (1 << 4) | (3 << 6);
 /// STE word 1: SHCFG = 1, use the incoming shareability (bypass streams).
@@ -80,20 +115,39 @@ pub fn ste(cfg: SteConfig) -> [u64; STE_WORDS] {
             w[0] = STE_V | CFG_S1 | (cd.raw() & ADDR_51_6);
             w[1] = STE1_CD_ATTRS;
         }
+        SteConfig::Stage2(c) => {
+            w[0] = STE_V | CFG_S2;
+            w[1] = STE1_SHCFG_INCOMING;
+            // 4 KiB granule: SL0 = 1 starts at level 1 (39 bits), 2 at level 0 (48 bits).
+            let sl0: u64 = if c.input_bits > 39 { 2 } else { 1 };
+            let t0sz = u64::from(64 - c.input_bits) & 0x3f;
+            w[2] = u64::from(c.vmid)
+                | (t0sz << 32)
+                | (sl0 << 38)
+                | STE2_S2_CONTROLS
+                | (u64::from(c.ps & 0b111) << 48);
+            w[3] = c.ttb.raw() & ADDR_51_4;
+        }
     }
     w
 }
 
+/// The VMID of a stage-2 STE's word 2.
+pub fn ste_vmid(word2: u64) -> u16 {
+    word2 as u16
+}
+
 /// Decodes the Config of an STE's word 0 (for tests and the teardown check): `None` if
 /// invalid or a config this driver never writes.
-pub fn ste_config(word0: u64) -> Option<SteConfig> {
+pub fn ste_config(word0: u64) -> Option<SteKind> {
     if word0 & STE_V == 0 {
         return None;
     }
     match word0 & 0b1110 {
-        CFG_ABORT => Some(SteConfig::Abort),
-        CFG_BYPASS => Some(SteConfig::Bypass),
-        CFG_S1 => Some(SteConfig::Stage1 { cd: PhysAddr::new(word0 & ADDR_51_6) }),
+        CFG_ABORT => Some(SteKind::Abort),
+        CFG_BYPASS => Some(SteKind::Bypass),
+        CFG_S1 => Some(SteKind::Stage1 { cd: PhysAddr::new(word0 & ADDR_51_6) }),
+        CFG_S2 => Some(SteKind::Stage2),
         _ => None,
     }
 }
@@ -164,11 +218,26 @@ mod tests {
         assert_eq!(s1[0], 0x4123_4540 | 0b1011);
         assert_eq!(s1[1], 0xd4, "S1CIR = S1COR = WB-RA, S1CSH = ISH");
         assert!(s1[2..].iter().all(|&w| w == 0), "no stage 2, no VMID, STRW = NS-EL1");
-        for c in [SteConfig::Abort, SteConfig::Bypass, SteConfig::Stage1 { cd: PhysAddr::new(0x8_0000_0040) }]
-        {
-            assert_eq!(ste_config(ste(c)[0]), Some(c));
-        }
+        assert_eq!(ste_config(ste(SteConfig::Abort)[0]), Some(SteKind::Abort));
+        assert_eq!(ste_config(ste(SteConfig::Bypass)[0]), Some(SteKind::Bypass));
+        let cd = PhysAddr::new(0x8_0000_0040);
+        assert_eq!(ste_config(ste(SteConfig::Stage1 { cd })[0]), Some(SteKind::Stage1 { cd }));
         assert_eq!(ste_config(0), None);
+    }
+
+    #[test]
+    fn stage2_stes_have_the_spec_bit_layout() {
+        let c = Stage2Config { vmid: 0x1234, ttb: PhysAddr::new(0x4_5678_9000), input_bits: 48, ps: 4 };
+        let w = ste(SteConfig::Stage2(c));
+        assert_eq!(w[0], 0b1101, "V, Config = 110");
+        // VMID, S2T0SZ 16, SL0 2, IR0/OR0 WB, SH0 ISH, TG 4K, PS 44 bits, AA64, R.
+        assert_eq!(w[2], 0x040c_3590_0000_1234);
+        assert_eq!(w[3], 0x4_5678_9000);
+        assert_eq!(ste_config(w[0]), Some(SteKind::Stage2));
+        assert_eq!(ste_vmid(w[2]), 0x1234);
+        let w39 = ste(SteConfig::Stage2(Stage2Config { input_bits: 39, ..c }));
+        assert_eq!((w39[2] >> 32) & 0x3f, 25);
+        assert_eq!((w39[2] >> 38) & 0b11, 1, "39 bits start at level 1");
     }
 
     #[test]

@@ -69,11 +69,13 @@ pub mod event;
 mod invalidator;
 mod mutant;
 pub mod regs;
+mod stage2;
 mod unit;
 
 pub use caps::Capabilities;
-pub use entry::SteConfig;
+pub use entry::{Stage2Config, SteConfig, SteKind};
 pub use event::{Access, EventKind, Fault};
+pub use stage2::Stage2Domains;
 pub use unit::{DEFAULT_POLL_LIMIT, Smmu, SmmuConfig, SmmuStats, StreamTableChoice, StreamTableFormat};
 
 /// The stage-1 page-table format domains behind this driver use: `busdma::pgtable`'s

@@ -10,7 +10,7 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering, SpinLock, spin_hint};
 
 use super::caps::Capabilities;
 use super::cmd::{self, Command};
-use super::entry::{self, ContextDescriptor, STE_WORDS, SteConfig};
+use super::entry::{self, ContextDescriptor, STE_WORDS, Stage2Config, SteConfig, SteKind};
 use super::event::Fault;
 use super::mutant;
 use super::regs::{self, cerror, cr0, gerror};
@@ -85,6 +85,8 @@ pub struct SmmuStats {
     pub tlbi_asid: AtomicU64,
     /// CFGI_STE and CFGI_CD commands.
     pub cfgi: AtomicU64,
+    /// TLBI_S2_IPA and TLBI_S12_VMALL commands (stage 2).
+    pub tlbi_s2: AtomicU64,
     /// Submissions that failed (command errors, time-outs).
     pub failed: AtomicU64,
     /// Command-queue errors the queue was repaired from.
@@ -120,6 +122,8 @@ struct State {
     evtq: Queue,
     /// ASIDs in use, one bit each (0 is never handed out).
     asids: alloc::boxed::Box<[u64; MAX_ASIDS / 64]>,
+    /// VMIDs in use (stage 2), likewise.
+    vmids: alloc::boxed::Box<[u64; MAX_ASIDS / 64]>,
 }
 
 /// One Arm SMMUv3, stage 1.
@@ -221,6 +225,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
                     stuck: false,
                 },
                 asids: alloc::boxed::Box::new([0; MAX_ASIDS / 64]),
+                vmids: alloc::boxed::Box::new([0; MAX_ASIDS / 64]),
             }),
             stats: SmmuStats::default(),
             inject: AtomicU32::new(0),
@@ -333,28 +338,35 @@ impl<'p, P: Platform> Smmu<'p, P> {
     pub fn alloc_asid(&self) -> Result<u16> {
         let limit = if self.caps.asid16() { MAX_ASIDS } else { 256 };
         let mut state = self.state.lock();
-        for id in 1..limit {
-            let (w, b) = (id / 64, id % 64);
-            if state.asids[w] & (1 << b) == 0 {
-                state.asids[w] |= 1 << b;
-                return Ok(id as u16);
-            }
+        take_id(&mut state.asids, limit)
+    }
+
+    /// A free VMID for a stage-2 domain (never 0; below 2^16 with IDR0.VMID16, else 2^8).
+    ///
+    /// Errors: [`Error::Unsupported`] without stage 2 (IDR0.S2P), [`Error::Exhausted`].
+    pub fn alloc_vmid(&self) -> Result<u16> {
+        if !self.caps.stage2() {
+            return Err(Error::Unsupported { what: "SMMUv3 stage 2 (IDR0.S2P = 0)" });
         }
-        Err(Error::Exhausted { size: 1, limit: limit as u64 })
+        let limit = if self.caps.vmid16() { MAX_ASIDS } else { 256 };
+        let mut state = self.state.lock();
+        take_id(&mut state.vmids, limit)
+    }
+
+    /// Gives a VMID back. Detach its streams first.
+    ///
+    /// Errors: [`Error::DoubleFree`] if it is not allocated.
+    pub fn free_vmid(&self, vmid: u16) -> Result<()> {
+        let mut state = self.state.lock();
+        give_id(&mut state.vmids, vmid)
     }
 
     /// Gives an ASID back. Detach its streams first.
     ///
     /// Errors: [`Error::DoubleFree`] if it is not allocated.
     pub fn free_asid(&self, asid: u16) -> Result<()> {
-        let id = usize::from(asid);
         let mut state = self.state.lock();
-        let (w, b) = (id / 64, id % 64);
-        if id == 0 || state.asids[w] & (1 << b) == 0 {
-            return Err(Error::DoubleFree { addr: id as u64, size: 1 });
-        }
-        state.asids[w] &= !(1 << b);
-        Ok(())
+        give_id(&mut state.asids, asid)
     }
 
     // ---- streams ---------------------------------------------------------------------------
@@ -393,7 +405,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
         let sid = mutant::stream_id(sid);
         let mut state = self.state.lock();
         let (table, index) = self.ste_slot(&mut state, sid)?;
-        if entry::ste_config(ste_word(table, index, 0)) != Some(SteConfig::Abort) {
+        if entry::ste_config(ste_word(table, index, 0)) != Some(SteKind::Abort) {
             return Err(Error::AlreadyMapped { addr: sid.into() });
         }
         let cd_page = self.platform.alloc_table_page()?;
@@ -443,6 +455,65 @@ impl<'p, P: Platform> Smmu<'p, P> {
         Err(e)
     }
 
+    /// Points stream `sid` at a stage-2 table: an STE with Config = stage 2, `vmid`, the table
+    /// rooted at `ttb` of `input_bits` (39 or 48) IPA bits, S2PS = IDR5.OAS. Order as for
+    /// [`Smmu::attach`]: words 1-7 under an abort word 0, then word 0, CFGI_STE,
+    /// TLBI_S12_VMALL of the VMID, CMD_SYNC.
+    ///
+    /// Errors: [`Error::Unsupported`] (no IDR0.S2P), [`Error::InvalidArgument`] (StreamID,
+    /// VMID 0, input width not 39 or 48 or beyond IDR5.OAS: QEMU's 44-bit SMMU takes 39),
+    /// [`Error::Misaligned`], [`Error::AlreadyMapped`],
+    /// [`Error::NoMemory`], [`Error::InvalidationFailed`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`Smmu::attach`], with `ttb` for `ttb0`.
+    pub unsafe fn attach_s2(&self, sid: u32, vmid: u16, ttb: PhysAddr, input_bits: u32) -> Result<()> {
+        if !self.caps.stage2() {
+            return Err(Error::Unsupported { what: "SMMUv3 stage 2 (IDR0.S2P = 0)" });
+        }
+        if vmid == 0 {
+            return Err(Error::InvalidArgument { what: "SMMUv3 VMID 0 (never allocated)", value: 0 });
+        }
+        if !matches!(input_bits, 39 | 48) {
+            return Err(Error::InvalidArgument {
+                what: "SMMUv3 stage-2 input width",
+                value: input_bits.into(),
+            });
+        }
+        if input_bits > self.caps.oas_bits() {
+            // S2T0SZ may not describe more IPA bits than the output size (S2PS <= OAS).
+            return Err(Error::InvalidArgument {
+                what: "SMMUv3 stage-2 input wider than the output size (IDR5.OAS)",
+                value: input_bits.into(),
+            });
+        }
+        if !ttb.is_aligned(PAGE_SIZE) {
+            return Err(Error::Misaligned { value: ttb.raw(), align: PAGE_SIZE });
+        }
+        let sid = mutant::stream_id(sid);
+        let mut state = self.state.lock();
+        let (table, index) = self.ste_slot(&mut state, sid)?;
+        if entry::ste_config(ste_word(table, index, 0)) != Some(SteKind::Abort) {
+            return Err(Error::AlreadyMapped { addr: sid.into() });
+        }
+        let ste =
+            entry::ste(SteConfig::Stage2(Stage2Config { vmid, ttb, input_bits, ps: self.caps.oas_field() }));
+        write_ste(table, index, ste);
+        self.stats.cfgi.fetch_add(1, Ordering::Relaxed);
+        let cmds = [cmd::cfgi_ste(sid), cmd::tlbi_s12_vmall(vmid)];
+        let Err(e) = self.submit(&mut state, &cmds, vmid.into()) else {
+            return Ok(());
+        };
+        let (table, index) = self.ste_slot(&mut state, sid)?;
+        store(table, index * STE_WORDS, entry::ste(SteConfig::Abort)[0]);
+        if self.submit(&mut state, &cmds, vmid.into()).is_err() {
+            let (table, index) = self.ste_slot(&mut state, sid)?;
+            store(table, index * STE_WORDS, ste[0]);
+        }
+        Err(e)
+    }
+
     /// Makes stream `sid` bypass translation (its DMA reaches physical memory directly).
     ///
     /// Errors: as [`Smmu::attach`].
@@ -454,7 +525,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
     pub unsafe fn bypass(&self, sid: u32) -> Result<()> {
         let mut state = self.state.lock();
         let (table, index) = self.ste_slot(&mut state, sid)?;
-        if entry::ste_config(ste_word(table, index, 0)) != Some(SteConfig::Abort) {
+        if entry::ste_config(ste_word(table, index, 0)) != Some(SteKind::Abort) {
             return Err(Error::AlreadyMapped { addr: sid.into() });
         }
         let ste = entry::ste(SteConfig::Bypass);
@@ -477,14 +548,18 @@ impl<'p, P: Platform> Smmu<'p, P> {
         let mut state = self.state.lock();
         let (table, index) = self.ste_slot(&mut state, sid)?;
         let old = entry::ste_config(ste_word(table, index, 0));
-        if matches!(old, None | Some(SteConfig::Abort)) {
+        if matches!(old, None | Some(SteKind::Abort)) {
             return Err(Error::NotMapped { addr: sid.into() });
         }
+        let vmid = entry::ste_vmid(ste_word(table, index, 2));
         store(table, index * STE_WORDS, entry::ste(SteConfig::Abort)[0]);
         let cd = state.cds.iter().position(|&(s, _)| s == sid).map(|i| state.cds.swap_remove(i).1);
         let asid = cd.as_ref().map_or(0, |p| ContextDescriptor::asid_of(ste_word(p, 0, 0)));
-        let cmds: [Command; 2] = [cmd::cfgi_ste(sid), cmd::tlbi_nh_asid(asid)];
-        let n = if cd.is_some() { 2 } else { 1 };
+        let (cmds, n): ([Command; 2], usize) = match old {
+            Some(SteKind::Stage2) => ([cmd::cfgi_ste(sid), cmd::tlbi_s12_vmall(vmid)], 2),
+            _ if cd.is_some() => ([cmd::cfgi_ste(sid), cmd::tlbi_nh_asid(asid)], 2),
+            _ => ([cmd::cfgi_ste(sid), cmd::sync()], 1),
+        };
         self.stats.cfgi.fetch_add(1, Ordering::Relaxed);
         if n == 2 {
             self.stats.tlbi_asid.fetch_add(1, Ordering::Relaxed);
@@ -502,7 +577,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
     }
 
     /// The configuration of stream `sid`'s STE as the table holds it (for teardown checks).
-    pub fn stream_config(&self, sid: u32) -> Option<SteConfig> {
+    pub fn stream_config(&self, sid: u32) -> Option<SteKind> {
         let mut state = self.state.lock();
         let format = self.format;
         if format == StreamTableFormat::TwoLevel
@@ -519,6 +594,20 @@ impl<'p, P: Platform> Smmu<'p, P> {
         let sid = mutant::stream_id(sid);
         let state = self.state.lock();
         state.cds.iter().find(|&&(s, _)| s == sid).map(|(_, p)| word(p, 0))
+    }
+
+    /// The VMID of stream `sid`'s STE, if it is attached at stage 2.
+    pub fn s2_vmid(&self, sid: u32) -> Option<u16> {
+        let sid = mutant::stream_id(sid);
+        let mut state = self.state.lock();
+        if self.format == StreamTableFormat::TwoLevel
+            && state.l2[(sid >> entry::SPLIT) as usize % L1_ENTRIES].is_none()
+        {
+            return None;
+        }
+        let (table, index) = self.ste_slot(&mut state, sid).ok()?;
+        (entry::ste_config(ste_word(table, index, 0)) == Some(SteKind::Stage2))
+            .then(|| entry::ste_vmid(ste_word(table, index, 2)))
     }
 
     /// Table pages the stream table holds beyond its root (2-level: L2 tables) plus CD pages.
@@ -578,6 +667,42 @@ impl<'p, P: Platform> Smmu<'p, P> {
         self.corrupt_if_injected(&mut cmds);
         let mut state = self.state.lock();
         self.submit(&mut state, &cmds, asid.into())
+    }
+
+    /// Invalidates `vmid`'s stage-2 TLB entries for IPA `range` (TLBI_S2_IPA, range form when
+    /// IDR3.RIL offers it; TLBI_S12_VMALL for large ranges without it), then CMD_SYNC.
+    ///
+    /// Errors: [`Error::InvalidationFailed`].
+    pub fn flush_s2_range(&self, vmid: u16, range: AddrRange<Iova>) -> Result<()> {
+        let first = range.start().raw() >> PAGE_SHIFT;
+        let pages = range.end().raw().div_ceil(PAGE_SIZE) - first;
+        let mut cmds: alloc::vec::Vec<Command> = alloc::vec::Vec::new();
+        if mutant::SKIP_TLBI {
+        } else if self.caps.range_invalidation() {
+            cmd::s2_range_commands(vmid, first << PAGE_SHIFT, pages, |c| cmds.push(c));
+        } else if pages <= MAX_VA_COMMANDS {
+            cmds.extend((0..pages).map(|i| cmd::tlbi_s2_ipa(vmid, (first + i) << PAGE_SHIFT)));
+        } else {
+            return self.flush_vmid(vmid);
+        }
+        self.stats.tlbi_s2.fetch_add(cmds.len() as u64, Ordering::Relaxed);
+        self.corrupt_if_injected(&mut cmds);
+        let mut state = self.state.lock();
+        self.submit(&mut state, &cmds, vmid.into())
+    }
+
+    /// Invalidates every TLB entry of `vmid` (TLBI_S12_VMALL), then CMD_SYNC.
+    ///
+    /// Errors: [`Error::InvalidationFailed`].
+    pub fn flush_vmid(&self, vmid: u16) -> Result<()> {
+        let mut cmds: alloc::vec::Vec<Command> = alloc::vec::Vec::new();
+        if !mutant::SKIP_TLBI {
+            cmds.push(cmd::tlbi_s12_vmall(vmid));
+            self.stats.tlbi_s2.fetch_add(1, Ordering::Relaxed);
+        }
+        self.corrupt_if_injected(&mut cmds);
+        let mut state = self.state.lock();
+        self.submit(&mut state, &cmds, vmid.into())
     }
 
     /// Invalidates every stage-1 TLB entry of `asid` (TLBI_NH_ASID), then CMD_SYNC.
@@ -779,6 +904,29 @@ impl<P: Platform> Drop for Smmu<'_, P> {
             unsafe { self.platform.free_table_page(page) };
         }
     }
+}
+
+/// Takes the lowest free id in `1..limit` from `bits`.
+fn take_id(bits: &mut [u64; MAX_ASIDS / 64], limit: usize) -> Result<u16> {
+    for id in 1..limit.min(MAX_ASIDS) {
+        let (w, b) = (id / 64, id % 64);
+        if bits[w] & (1 << b) == 0 {
+            bits[w] |= 1 << b;
+            return Ok(id as u16);
+        }
+    }
+    Err(Error::Exhausted { size: 1, limit: limit as u64 })
+}
+
+/// Gives `id` back to `bits`.
+fn give_id(bits: &mut [u64; MAX_ASIDS / 64], id: u16) -> Result<()> {
+    let id = usize::from(id);
+    let (w, b) = (id / 64, id % 64);
+    if id == 0 || bits[w] & (1 << b) == 0 {
+        return Err(Error::DoubleFree { addr: id as u64, size: 1 });
+    }
+    bits[w] &= !(1 << b);
+    Ok(())
 }
 
 fn word(page: &TablePage, i: usize) -> u64 {
