@@ -451,7 +451,11 @@ fn suite<H: Hw>(
         expect_no_fault(smmu)?;
         smmu.inject_invalidation_failures(1);
         match d0.unmap(m) {
-            Err(Error::InvalidationFailed { .. }) => {}
+            // CMDQ_CONS.ERR (bits 30:24) = 1: CERROR_ILL, and the error says so.
+            Err(Error::InvalidationFailed { what, status, domain })
+                if what.contains("CERROR_ILL")
+                    && (status >> 24) & 0x7f == 1
+                    && domain == u64::from(d0.id) => {}
             other => return Err(format!("unmap with an illegal command returned {other:?}")),
         }
         if smmu.gerror() != 0 {
@@ -471,6 +475,61 @@ fn suite<H: Hw>(
             return Err("a DMA after the recovery reached the buffer".into());
         }
         Ok(())
+    });
+    r.check("bad driver inputs are refused with clear errors and change nothing", || {
+        let root = d0.dom.table().root();
+        let bits = IommuHw::input_bits(hw);
+        let beyond = 1u32 << smmu.sid_bits();
+        let e = |r: busdma::Result<()>, what: &str, ok: fn(&Error) -> bool| match r {
+            Err(ref x) if ok(x) => Ok(()),
+            other => Err(format!("{what}: {other:?}")),
+        };
+        // SAFETY: every call below is refused before any STE or CD is written (the checks
+        // are what this proves), so no table is published.
+        unsafe {
+            if stage2 {
+                e(smmu.attach_s2(d0.sid(), 0, root, bits), "VMID 0", |x| {
+                    matches!(x, Error::InvalidArgument { .. })
+                })?;
+                e(smmu.attach_s2(d0.sid(), d0.id, root, 48), "48-bit IPA beyond OAS 44", |x| {
+                    matches!(x, Error::InvalidArgument { .. })
+                })?;
+                e(smmu.attach_s2(d0.sid(), d0.id, root, bits), "attached stream", |x| {
+                    matches!(x, Error::AlreadyMapped { .. })
+                })?;
+            } else {
+                e(smmu.attach(d0.sid(), 0, root, bits), "ASID 0", |x| {
+                    matches!(x, Error::InvalidArgument { .. })
+                })?;
+                e(smmu.attach(d0.sid(), d0.id, root, 40), "40-bit input", |x| {
+                    matches!(x, Error::InvalidArgument { .. })
+                })?;
+                e(smmu.attach(d0.sid(), d0.id, root, bits), "attached stream", |x| {
+                    matches!(x, Error::AlreadyMapped { .. })
+                })?;
+            }
+            let misaligned = PhysAddr::new(root.raw() + 0x80);
+            e(smmu.attach(0x3, 7, misaligned, 39), "misaligned root", |x| {
+                matches!(x, Error::Misaligned { .. })
+            })?;
+            e(smmu.attach(beyond, 7, root, 39), "StreamID beyond the table", |x| {
+                matches!(x, Error::InvalidArgument { .. })
+            })?;
+        }
+        e(smmu.detach(0x3), "detach of a stream never attached", |x| matches!(x, Error::NotMapped { .. }))?;
+        let id = smmu.alloc_asid().map_err(e2s)?;
+        smmu.free_asid(id).map_err(e2s)?;
+        e(smmu.free_asid(id), "ASID freed twice", |x| matches!(x, Error::DoubleFree { .. }))?;
+        // Nothing changed: both streams still translate through their own domains.
+        for d in [&d0, &d1] {
+            if matches!(smmu.stream_config(d.sid()), None | Some(SteKind::Abort)) {
+                return Err(format!("sid {:#x} lost its STE", d.sid()));
+            }
+        }
+        if smmu.stream_config(0x3).is_some_and(|k| k != SteKind::Abort) {
+            return Err("StreamID 3 got an STE".into());
+        }
+        expect_no_fault(smmu)
     });
     let (sid0, sid1) = (d0.sid(), d1.sid());
     let probe = Buf::new(1);

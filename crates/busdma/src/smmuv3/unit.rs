@@ -546,6 +546,13 @@ impl<'p, P: Platform> Smmu<'p, P> {
     pub fn detach(&self, sid: u32) -> Result<()> {
         let sid = mutant::stream_id(sid);
         let mut state = self.state.lock();
+        if self.format == StreamTableFormat::TwoLevel
+            && sid < 1 << self.sid_bits
+            && state.l2[(sid >> entry::SPLIT) as usize].is_none()
+        {
+            // No L2 table, so no STE: nothing to detach (and nothing to allocate for it).
+            return Err(Error::NotMapped { addr: sid.into() });
+        }
         let (table, index) = self.ste_slot(&mut state, sid)?;
         let old = entry::ste_config(ste_word(table, index, 0));
         if matches!(old, None | Some(SteKind::Abort)) {
@@ -655,7 +662,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
         let pages = range.end().raw().div_ceil(PAGE_SIZE) - first;
         let mut cmds: alloc::vec::Vec<Command> = alloc::vec::Vec::new();
         if mutant::SKIP_TLBI {
-            // The mutant: no TLBI at all.
+            // The mutant: no TLBI at all (`cmds` stays empty: only the CMD_SYNC goes out).
         } else if self.caps.range_invalidation() {
             cmd::range_commands(asid, first << PAGE_SHIFT, pages, |c| cmds.push(c));
         } else if pages <= MAX_VA_COMMANDS {
@@ -678,6 +685,7 @@ impl<'p, P: Platform> Smmu<'p, P> {
         let pages = range.end().raw().div_ceil(PAGE_SIZE) - first;
         let mut cmds: alloc::vec::Vec<Command> = alloc::vec::Vec::new();
         if mutant::SKIP_TLBI {
+            // The mutant: no TLBI at all.
         } else if self.caps.range_invalidation() {
             cmd::s2_range_commands(vmid, first << PAGE_SHIFT, pages, |c| cmds.push(c));
         } else if pages <= MAX_VA_COMMANDS {
@@ -804,7 +812,15 @@ impl<'p, P: Platform> Smmu<'p, P> {
             Err(Error::InvalidationFailed { what, domain, status: status.into() })
         };
         if let Some(cons) = repaired {
-            return failed("SMMUv3 command queue error (GERROR.CMDQ_ERR): a command was rejected", cons);
+            let what = match (cons >> cerror::SHIFT) & cerror::MASK {
+                cerror::ILL => "SMMUv3 command queue error: an illegal command (CERROR_ILL)",
+                cerror::ABT => "SMMUv3 command queue error: a command fetch aborted (CERROR_ABT)",
+                cerror::ATC_INV_SYNC => {
+                    "SMMUv3 command queue error: an ATC invalidation failed (CERROR_ATC_INV_SYNC)"
+                }
+                _ => "SMMUv3 command queue error (GERROR.CMDQ_ERR)",
+            };
+            return failed(what, cons);
         }
         if q.stuck {
             return failed("SMMUv3 CMD_SYNC never completed", self.r32(regs::CMDQ_CONS));
@@ -819,8 +835,8 @@ impl<'p, P: Platform> Smmu<'p, P> {
     #[cold]
     fn repair(&self, q: &Queue, cons: u32) {
         self.stats.queue_errors_recovered.fetch_add(1, Ordering::Relaxed);
-        let err = (cons >> cerror::SHIFT) & cerror::MASK;
-        debug_assert!(matches!(err, cerror::NONE | cerror::ILL | cerror::ABT | cerror::ATC_INV_SYNC));
+        // CMDQ_CONS.ERR ((cons >> 24) & 0x7f: CERROR_ILL, _ABT, _ATC_INV_SYNC) stays in the
+        // status the caller's error carries; whatever it is, the repair is the same.
         let slot = q.slot(cons);
         let s = cmd::sync();
         store(&q.ring, 2 * slot, s[0]);
