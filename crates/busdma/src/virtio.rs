@@ -70,7 +70,7 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Trans
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE as VIRTIO_PAGE_SIZE};
 
 use crate::addr::{PAGE_SIZE, PhysAddr};
-use crate::device::{Device, DeviceTag, IommuHw};
+use crate::device::{Device, DeviceTag, IommuHw, Policy};
 use crate::dir::{Direction, SyncOp};
 use crate::error::{Error, Result};
 use crate::front::{Coherent, DmaMemory, OwnedMap, TagSpec};
@@ -106,6 +106,8 @@ pub struct VirtioStats {
     pub bounced_out: AtomicU64,
     /// Unloads that failed (the bounce memory is quarantined by busdma).
     pub unload_errors: AtomicU64,
+    /// Shares unloaded by [`VirtioDma::reclaim_shares`].
+    pub reclaimed: AtomicU64,
     /// Queue memory and shares left outstanding when the `VirtioDma` was dropped (leaked).
     pub leaked: AtomicU64,
 }
@@ -145,26 +147,70 @@ pub struct VirtioDma<'i, 'p, H: IommuHw> {
     queues: SpinLock<Vec<QueueMem<'i, 'p, H>>>,
     shares: SpinLock<Vec<Share<'i, 'p, H>>>,
     stats: VirtioStats,
+    last_error: SpinLock<Option<Error>>,
+    /// The device's policy translates (strict, deferred, untrusted): an unloaded share is
+    /// unreachable, whatever the device does.
+    translated: bool,
 }
 
 impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
     /// Serves `dev`: one tag of it that maps up to `max_size` bytes (queue memory or one
-    /// shared buffer) as one segment, anywhere in 64 bits.
+    /// shared buffer) as one segment, anywhere in 64 bits. `coherent`: the device snoops CPU
+    /// caches (virtio-pci devices on x86 do), so queue memory is write-back and syncs maintain
+    /// no cache; otherwise queue memory is uncached, which the platform must offer.
     ///
     /// Errors: those of [`Device::tag`].
-    pub fn new(dev: &Device<'i, 'p, H>, max_size: u64) -> Result<Self> {
-        let tag = dev.tag(TagSpec::new(max_size, 1))?;
+    pub fn new(dev: &Device<'i, 'p, H>, max_size: u64, coherent: bool) -> Result<Self> {
+        let mut spec = TagSpec::new(max_size, 1);
+        spec.flags.coherent = coherent;
+        let tag = dev.tag(spec)?;
         Ok(Self {
             tag,
             queues: SpinLock::new(Vec::new()),
             shares: SpinLock::new(Vec::new()),
             stats: VirtioStats::default(),
+            last_error: SpinLock::new(None),
+            translated: matches!(dev.policy(), Policy::Strict | Policy::Deferred | Policy::Untrusted),
         })
     }
 
     /// The counters.
     pub fn stats(&self) -> &VirtioStats {
         &self.stats
+    }
+
+    /// The last error busdma returned to a `dma_alloc` or `share` (the `Hal` cannot carry it
+    /// to the driver, which sees `DmaError` or panics).
+    pub fn last_error(&self) -> Option<Error> {
+        *self.last_error.lock()
+    }
+
+    fn note<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            *self.last_error.lock() = Some(*e);
+        }
+        r
+    }
+
+    /// Unloads and frees every share the driver never unshared (virtio-drivers leaves posted
+    /// receive buffers shared when a driver is dropped: its console, for one), once the device
+    /// is reset. Safe: the driver never saw these buffers (they are busdma's bounce memory,
+    /// known to it by bus address only), and on a translated policy the unload cuts the device
+    /// off before the memory is freed (and a later `unshare` of the address does nothing).
+    /// Returns how many were reclaimed.
+    ///
+    /// Errors: [`Error::BadState`] on an identity or pass-through policy, where the unload
+    /// would not stop a device that still DMAs (nothing is reclaimed).
+    pub fn reclaim_shares(&self) -> Result<usize> {
+        if !self.translated {
+            return Err(Error::BadState { what: "virtio reclaim_shares on an untranslated device" });
+        }
+        let shares = core::mem::take(&mut *self.shares.lock());
+        let n = shares.len();
+        // Each drop unloads and frees once no translation reaches the memory (or quarantines).
+        drop(shares);
+        VirtioStats::bump(&self.stats.reclaimed, n as u64);
+        Ok(n)
     }
 
     /// Queue allocations and shares outstanding.
@@ -315,13 +361,13 @@ trait Backend {
 
 impl<H: IommuHw> Backend for VirtioDma<'_, '_, H> {
     fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)> {
-        VirtioDma::alloc(self, pages)
+        self.note(VirtioDma::alloc(self, pages))
     }
     fn dealloc(&self, bus: u64, kva: u64, pages: usize) -> bool {
         VirtioDma::dealloc(self, bus, kva, pages)
     }
     fn share(&self, bytes: &[u8], dir: Direction) -> Result<u64> {
-        VirtioDma::share(self, bytes, dir)
+        self.note(VirtioDma::share(self, bytes, dir))
     }
     fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool {
         VirtioDma::unshare(self, bus, out, dir)
