@@ -247,8 +247,14 @@ fn with_device<K: VirtioKernel, R>(
         }
         Ok(r)
     })();
-    dev.detach().map_err(|e| format!("detach: {e:?}"))?;
-    r
+    // The round's own failure first: a failed round leaks what the driver left (module
+    // `busdma::virtio`, theory 6), so the detach then finds the device busy.
+    let detached = dev.detach().map_err(|e| format!("detach: {e:?}"));
+    match (r, detached) {
+        (Err(e), Err(d)) => Err(format!("{e}; {d}")),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Ok(v), Ok(())) => Ok(v),
+    }
 }
 
 fn policy_name(p: Policy) -> &'static str {
