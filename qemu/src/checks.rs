@@ -301,6 +301,11 @@ pub fn run(info: &BootInfo) -> usize {
         || crate::device_check::heap_buffer_round_trip(&vtd, &devs[0]),
     );
 
+    r.check(
+        "device: an untrusted device's sub-page buffer is bounced: edu reads the rest of its page and finds none of its secret",
+        || crate::device_check::untrusted_sub_page(&vtd, &devs[0]),
+    );
+
     // Drivers written elsewhere (virtio-drivers), when the runner gave this configuration
     // virtio devices (kernel command line virtio=on).
     if info.param("virtio") == Some("on") {
