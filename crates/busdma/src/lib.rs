@@ -42,6 +42,8 @@ pub mod device;
 pub mod dir;
 #[cfg(feature = "alloc")]
 pub mod dma;
+#[cfg(feature = "dma-api")]
+pub mod dmaop;
 pub mod error;
 #[cfg(feature = "alloc")]
 pub mod front;
