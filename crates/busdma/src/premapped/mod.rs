@@ -17,13 +17,13 @@
 //!    from the domain, slot `i` at `window + i × slot bytes`, and mapped (read and write) at
 //!    creation: one map request per slot, then never again. A slot is one segment in bus space
 //!    whatever the load's scatter-gather shape. The pool holds no slot of a load: a load takes
-//!    one from its CPU's free list ([`SpinLock`]ed, uncontended unless it steals) or, if that
+//!    one from its CPU's free list ([`SpinLock`](crate::sync::SpinLock)ed, uncontended unless it steals) or, if that
 //!    is empty, from another CPU's; unload gives it back to the unloading CPU's list.
 //! 3. **Soundness.** The device reaches the pool's pages and nothing else through the pool:
 //!    a load gives it the bus address of a slot, never of the client's memory, whose bytes
 //!    the CPU copies. The pages are the pool's own, mapped for the pool's life; the pool
 //!    unmaps them at drop, and frees them only once that unmap's invalidation has completed
-//!    ([`crate::iommu::IommuOps`]'s `ensure_flushed`); if the invalidation fails they are
+//!    ([`IommuOps::ensure_flushed`](crate::front::strategy::IommuOps::ensure_flushed)); if the invalidation fails they are
 //!    leaked (never reused while a device may reach them). Strategies borrow the pool, so it
 //!    outlives every tag and map that uses it. A forgotten pool leaks its pages, still mapped:
 //!    nobody else ever gets them.
@@ -36,7 +36,7 @@
 //!    through [`crate::quickmap`]'s copies, pinning the CPU for one run. Non-coherent
 //!    tags: the slot's lines are cleaned after a PRE copy and invalidated before a POSTREAD
 //!    copy ([`crate::quickmap::maintain_phys`]). Memory the CPU cannot copy (no page and no
-//!    kernel mapping: MMIO, a peer BAR) is refused at load with [`Error::Unsupported`].
+//!    kernel mapping: MMIO, a peer BAR) is refused at load with [`Error::Unsupported`](crate::Error::Unsupported).
 //! 5. **Untrusted devices** see the buffer's bytes and zeros, as with sub-page bouncing
 //!    ([`crate::bounce`], theory 7): at load the slot past the buffer is zeroed and the client's
 //!    bytes are copied in whatever the direction (PREREAD repeats the copy), so a device that
@@ -45,7 +45,7 @@
 //!    any time (that is the pool's bargain): what it finds there is its own in-flight I/O, its
 //!    own writes, or zeros. Rights are per pool (read and write), not per direction: a device
 //!    writing a transmit slot changes only the pool's copy, which is never copied back.
-//! 6. **Exhaustion** returns [`Error::Exhausted`] (the slot size and the pool window's end)
+//! 6. **Exhaustion** returns [`Error::Exhausted`](crate::Error::Exhausted) (the slot size and the pool window's end)
 //!    and takes nothing; the front end treats it as a resource, so on a tag that may wait
 //!    `DmaMap::load_or_defer` queues the load and the unload that returns a slot completes it
 //!    ([`crate::front::defer`]), as for bounce pages. No path panics.
@@ -66,5 +66,5 @@
 mod hybrid;
 mod pool;
 
-pub use hybrid::{Calibration, Hybrid, HybridState};
+pub use hybrid::{Calibration, Hybrid, HybridState, MAX_RUNS};
 pub use pool::{PoolConfig, PoolStats, Premapped, PremappedPool, PremappedState};
