@@ -51,10 +51,11 @@
 //!    ([`crate::front::defer`]), as for bounce pages. No path panics.
 //! 7. **Hybrid** ([`Hybrid`]): below a byte threshold a load is copied into the pool, at or
 //!    above it (or when it does not fit a slot, cannot be copied, or the pool is exhausted) it
-//!    is mapped by the wrapped strategy. The threshold is where a measured copy becomes
-//!    dearer than a measured map + unmap (with its invalidation, strict or deferred as the
-//!    domain does it) on this device: [`Calibration`], measured at creation, kept and
-//!    printable; or set by the driver. See `hybrid.rs`.
+//!    is mapped by the wrapped strategy. The thresholds (one per run count: each further run
+//!    is another map request on the map path) are where a measured copy becomes dearer than a
+//!    measured map + unmap (with its invalidation, strict or deferred as the domain does it)
+//!    on this device: [`Calibration`], measured at creation, kept and printable; or set by
+//!    the driver. See `hybrid.rs`.
 //!
 //! # Counters
 //!
