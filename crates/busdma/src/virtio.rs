@@ -40,10 +40,13 @@
 //!    `dma_dealloc` of an address the slot's `VirtioDma` does not know do nothing (and
 //!    `dma_dealloc` returns -1); an unload that fails quarantines the bounce memory
 //!    ([`crate::front::quarantine`]) and counts it in [`VirtioStats::unload_errors`].
-//! 6. **Leaks, never reuse.** A [`VirtioDma`] dropped while queue memory or shares are still
-//!    outstanding (a driver that outlived its scope, a queue dropped with buffers in flight)
-//!    leaks them: they stay mapped and allocated, because a device or a driver may still use
-//!    them ([`VirtioStats::leaked`]).
+//! 6. **Leaks, never reuse.** A [`VirtioDma`] dropped while queue memory is still out (a
+//!    driver that outlived its scope) leaks it: it stays mapped and allocated, because the
+//!    driver holds pointers into it and the device may still use it, and so do shares that
+//!    have a streaming map of their own ([`VirtioStats::leaked`]). Shares still linked in the
+//!    ring go with the ring's window, which unmaps them and frees them only after the
+//!    invalidation that proves no translation reaches them (the driver only ever saw their
+//!    bus addresses).
 //! 7. **`VIRTIO_F_ACCESS_PLATFORM`.** A virtio-pci device behind an IOMMU (QEMU:
 //!    `iommu_platform=on`) offers feature bit 33 and refuses `FEATURES_OK` unless the driver
 //!    accepts it; without it the device would bypass the IOMMU. `virtio-drivers` never accepts
