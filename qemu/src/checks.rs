@@ -303,7 +303,7 @@ pub fn run(info: &BootInfo) -> usize {
 
     r.check(
         "device: an untrusted device's sub-page buffer is bounced: edu reads the rest of its page and finds none of its secret",
-        || crate::device_check::untrusted_sub_page(&vtd, &devs[0]),
+        || crate::untrusted_check::untrusted_sub_page(&vtd, &devs[0]),
     );
 
     // Drivers written elsewhere (virtio-drivers), when the runner gave this configuration
