@@ -25,21 +25,21 @@ use crate::platform::{self, KernelPlatform, PLATFORM};
 use crate::println;
 use crate::start_info::BootInfo;
 
-type CheckResult = Result<(), String>;
+pub(crate) type CheckResult = Result<(), String>;
 
 /// Where q35 puts its VT-d remapping unit (QEMU's DMAR table says so too).
 const VTD_BASE: u64 = 0xfed9_0000;
 /// Bytes per edu transfer: half a page, well inside QEMU 7.2's safe range (see `edu`).
-const XFER: u64 = 2048;
+pub(crate) const XFER: u64 = 2048;
 /// Sentinel written to twin pages and to buffers that must not change.
-const SENTINEL: u8 = 0x5a;
+pub(crate) const SENTINEL: u8 = 0x5a;
 
-struct Runner {
-    failed: usize,
+pub(crate) struct Runner {
+    pub(crate) failed: usize,
 }
 
 impl Runner {
-    fn check(&mut self, name: &str, f: impl FnOnce() -> CheckResult) {
+    pub(crate) fn check(&mut self, name: &str, f: impl FnOnce() -> CheckResult) {
         match f() {
             Ok(()) => println!("ok - {name}"),
             Err(why) => {
@@ -50,23 +50,23 @@ impl Runner {
     }
 }
 
-fn e2s(e: busdma::Error) -> String {
+pub(crate) fn e2s(e: busdma::Error) -> String {
     format!("{e}")
 }
 
 /// The pattern the edu buffer is loaded with before transfers to RAM.
-fn pattern() -> Vec<u8> {
+pub(crate) fn pattern() -> Vec<u8> {
     (0..XFER as u32).map(|i| (i.wrapping_mul(7) + 3) as u8).collect()
 }
 
 /// A run of zeroed frames at or above 2^28.
-struct Buf {
-    pa: PhysAddr,
+pub(crate) struct Buf {
+    pub(crate) pa: PhysAddr,
     pages: u64,
 }
 
 impl Buf {
-    fn new(pages: u64, align: u64) -> Result<Self, String> {
+    pub(crate) fn new(pages: u64, align: u64) -> Result<Self, String> {
         let req = PageRequest { align, ..PageRequest::pages(pages) };
         let pa = PLATFORM.alloc_pages(&req).map_err(e2s)?;
         Ok(Self { pa, pages })
@@ -76,7 +76,7 @@ impl Buf {
         PhysAddr::new(self.pa.raw() + off)
     }
 
-    fn fill(&self, byte: u8) -> CheckResult {
+    pub(crate) fn fill(&self, byte: u8) -> CheckResult {
         PLATFORM.fill_phys(self.pa, self.pages * PAGE_SIZE, byte).map_err(e2s)
     }
 
@@ -87,12 +87,12 @@ impl Buf {
     }
 
     /// Whether `[off, off + XFER)` holds the edu pattern.
-    fn holds_pattern(&self, off: u64) -> Result<bool, String> {
+    pub(crate) fn holds_pattern(&self, off: u64) -> Result<bool, String> {
         Ok(self.read(off, XFER)? == pattern())
     }
 
     /// Whether every byte is `byte`.
-    fn all(&self, byte: u8) -> Result<bool, String> {
+    pub(crate) fn all(&self, byte: u8) -> Result<bool, String> {
         Ok(self.read(0, self.pages * PAGE_SIZE)?.iter().all(|&b| b == byte))
     }
 }
@@ -106,10 +106,10 @@ impl Drop for Buf {
 }
 
 /// The twin page of an IOVA: the scratch page at the same numeric address.
-struct Twin(u64);
+pub(crate) struct Twin(u64);
 
 impl Twin {
-    fn of(iova: Iova) -> Result<Self, String> {
+    pub(crate) fn of(iova: Iova) -> Result<Self, String> {
         let page = iova.raw() & !(PAGE_SIZE - 1);
         if page < frames::SCRATCH_BASE
             || page + PAGE_SIZE > frames::ARENA_BASE
@@ -121,7 +121,7 @@ impl Twin {
         Ok(Twin(page))
     }
 
-    fn untouched(&self) -> CheckResult {
+    pub(crate) fn untouched(&self) -> CheckResult {
         let mut v = vec![0u8; PAGE_SIZE as usize];
         PLATFORM.read_phys(PhysAddr::new(self.0), &mut v).map_err(e2s)?;
         if v.iter().any(|&b| b != SENTINEL) {
@@ -215,6 +215,10 @@ pub fn run(info: &BootInfo) -> usize {
         if devs.len() == 2 { Ok(()) } else { Err(format!("found {} usable edu devices", devs.len())) }
     });
     if devs.len() < 2 {
+        return r.failed;
+    }
+    if info.param("iommu") == Some("virtio") {
+        crate::viommu::run(&mut r, &devs);
         return r.failed;
     }
     r.check("edu DMA round trip untranslated (IOMMU off)", || untranslated_round_trip(&devs[0]));

@@ -57,6 +57,8 @@ pub mod platform;
 pub mod quickmap;
 pub mod soundness;
 pub mod sync;
+#[cfg(feature = "virtio-iommu")]
+pub mod virtio_iommu;
 #[cfg(feature = "vtd")]
 pub mod vtd;
 

@@ -1,0 +1,355 @@
+//! A domain of a virtio-iommu: an IOVA space (the device's input range, minus the endpoint's
+//! reserved regions) whose mappings are MAP requests and whose removals are UNMAP requests,
+//! sent at once (strict) or in batches (deferred).
+#![allow(unsafe_code)] // map is an unsafe fn: the caller lends the memory to the device
+
+use alloc::vec::Vec;
+
+use crate::addr::{AddrRange, Iova, PhysAddr};
+use crate::error::{Error, Result};
+use crate::iommu::InvalidationPolicy;
+use crate::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
+use crate::pgtable::Prot;
+use crate::platform::{CpuGuard, Platform};
+use crate::sync::{AtomicU64, Ordering, SpinLock};
+
+use super::mutant;
+use super::unit::VirtioIommu;
+use super::wire::{Request, ReservedRegion, map_flags};
+
+/// A live mapping of a [`ViommuDomain`]: give it back with [`ViommuDomain::unmap`]. Dropping
+/// it instead leaves the range mapped (and its IOVA taken) until the domain is dropped, which
+/// detaches the endpoint: a leak, never a reuse.
+#[must_use = "a mapping stays live until given back to ViommuDomain::unmap"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct ViommuMapping {
+    range: AddrRange<Iova>,
+    allocated: bool,
+}
+
+impl ViommuMapping {
+    /// The bus address of the mapping's first byte.
+    pub fn iova(&self) -> Iova {
+        self.range.start()
+    }
+
+    /// The mapped IOVA range (whole granules).
+    pub fn range(&self) -> AddrRange<Iova> {
+        self.range
+    }
+}
+
+/// Counters of a domain (a snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ViommuDomainStats {
+    /// Mappings made.
+    pub maps: u64,
+    /// Mappings given back.
+    pub unmaps: u64,
+    /// Batches of UNMAP requests sent by deferred flushes.
+    pub flushes: u64,
+    /// IOVA ranges held back forever because their UNMAP failed.
+    pub held_back: u64,
+}
+
+struct Pending {
+    ranges: Vec<AddrRange<Iova>>,
+    oldest_ns: u64,
+}
+
+/// One endpoint's domain on a virtio-iommu (module theory 3–6).
+pub struct ViommuDomain<'v, 'p, P: Platform> {
+    unit: &'v VirtioIommu<'p, P>,
+    id: u32,
+    endpoint: u32,
+    granule: u64,
+    reserved: Vec<ReservedRegion>,
+    iova: IovaAllocator,
+    policy: InvalidationPolicy,
+    pending: SpinLock<Pending>,
+    maps: AtomicU64,
+    unmaps: AtomicU64,
+    flushes: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
+    /// Creates a domain for `endpoint` whose allocated IOVA lies in `aperture` (clipped to the
+    /// device's input range), learns the endpoint's reserved regions (PROBE) and keeps them
+    /// out of the IOVA space, then attaches the endpoint: from then on it reaches only what
+    /// this domain maps.
+    ///
+    /// Errors: [`Error::InvalidArgument`] (nothing of the aperture is translatable, a zero
+    /// queue bound), the driver's request errors, [`Error::NoMemory`].
+    pub fn new(
+        unit: &'v VirtioIommu<'p, P>,
+        endpoint: u32,
+        aperture: AddrRange<Iova>,
+        policy: InvalidationPolicy,
+    ) -> Result<Self> {
+        if let InvalidationPolicy::Deferred { max_entries, max_age_ns } = policy
+            && (max_entries == 0 || max_age_ns == 0)
+        {
+            return Err(Error::InvalidArgument { what: "deferred policy bound of 0", value: 0 });
+        }
+        let granule = unit.info().granule().max(crate::PAGE_SIZE);
+        let space = unit
+            .input_range()?
+            .intersection(&aperture)
+            .and_then(|r| r.align_out(1).ok())
+            .ok_or(Error::InvalidArgument { what: "aperture outside the input range", value: aperture.start().raw() })?;
+        // Shrink to whole granules.
+        let start = space.start().align_up(granule).ok_or(Error::Overflow { base: space.start().raw(), len: granule })?;
+        let end = space.end().align_down(granule);
+        let space = AddrRange::new(start, end)?;
+        let reserved = unit.probe(endpoint)?;
+        let iova = IovaAllocator::new(
+            space,
+            IovaConfig { cpus: unit.platform().num_cpus(), caches: false, guard_page: false },
+        )?;
+        if !mutant::IGNORE_RESERVED {
+            for r in &reserved {
+                if let Some(hole) = r.range.intersection(&space) {
+                    iova.reserve(hole.align_out(granule)?)?;
+                }
+            }
+        }
+        let id = unit.alloc_domain_id()?;
+        // SAFETY: a fresh domain number (never handed out before) maps nothing yet.
+        unsafe { unit.submit(&[Request::Attach { domain: id, endpoint }])? };
+        Ok(Self {
+            unit,
+            id,
+            endpoint,
+            granule,
+            reserved,
+            iova,
+            policy,
+            pending: SpinLock::new(Pending { ranges: Vec::new(), oldest_ns: 0 }),
+            maps: AtomicU64::new(0),
+            unmaps: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        })
+    }
+
+    /// The domain number.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> u32 {
+        self.endpoint
+    }
+
+    /// The mapping granule: the device's smallest page, at least [`crate::PAGE_SIZE`].
+    pub fn granule(&self) -> u64 {
+        self.granule
+    }
+
+    /// The endpoint's reserved regions, as PROBE reported them.
+    pub fn reserved(&self) -> &[ReservedRegion] {
+        &self.reserved
+    }
+
+    /// UNMAPs queued by the deferred policy, not yet sent.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().ranges.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ViommuDomainStats {
+        ViommuDomainStats {
+            maps: self.maps.load(Ordering::Relaxed),
+            unmaps: self.unmaps.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            held_back: self.held_back.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Maps `len` bytes at `pa` (both multiples of the granule) at IOVA the domain allocates
+    /// below `limit` (the device's DMA mask + 1): one MAP request.
+    ///
+    /// Errors: [`Error::ZeroSize`], [`Error::Misaligned`], [`Error::Exhausted`] (after
+    /// sending queued UNMAPs), the device's [`Error::RequestFailed`] (the IOVA is freed).
+    ///
+    /// # Safety
+    ///
+    /// `[pa, pa + len)` is memory the caller owns and keeps (neither freed nor reused) until
+    /// the mapping is unmapped and, for a deferred domain, [`ViommuDomain::flush`] (or a flush
+    /// the queue bounds force) has sent its UNMAP.
+    pub unsafe fn map(&self, g: &CpuGuard<'_, P>, pa: PhysAddr, len: u64, limit: Iova, prot: Prot) -> Result<ViommuMapping> {
+        self.check_granules(pa, len)?;
+        self.flush_if_due(g)?;
+        let req = IovaRequest { size: len, align: self.granule, boundary: 0, limit };
+        let range = match self.iova.alloc(g, &req) {
+            Ok(r) => r,
+            Err(Error::Exhausted { .. }) if self.pending() > 0 => {
+                self.flush(g)?;
+                self.iova.alloc(g, &req)?
+            }
+            Err(e) => return Err(e),
+        };
+        // SAFETY: the caller lends `[pa, pa + len)` per this function's contract.
+        match unsafe { self.send_map(range, pa, prot) } {
+            Ok(()) => Ok(ViommuMapping { range, allocated: true }),
+            Err(e) => {
+                // A refused MAP mapped nothing: the IOVA is reusable at once.
+                self.iova.free(g, range)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Maps `[pa, pa + len)` at the fixed IOVA `iova`, which must lie outside the allocator's
+    /// space (a window the caller manages) and outside every reserved region.
+    ///
+    /// Errors: [`Error::Misaligned`], [`Error::BadWindow`] (overlaps a reserved region: its
+    /// bounds), [`Error::InvalidArgument`] (inside the allocated space or outside the input
+    /// range), the device's errors.
+    ///
+    /// # Safety
+    ///
+    /// As for [`ViommuDomain::map`].
+    pub unsafe fn map_at(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<ViommuMapping> {
+        self.check_granules(pa, len)?;
+        if !iova.is_aligned(self.granule) {
+            return Err(Error::Misaligned { value: iova.raw(), align: self.granule });
+        }
+        let range = AddrRange::from_start_len(iova, len)?;
+        if !mutant::IGNORE_RESERVED
+            && let Some(r) = self.reserved.iter().find(|r| r.range.overlaps(&range))
+        {
+            return Err(Error::BadWindow {
+                what: "IOVA range overlaps a reserved region of the endpoint",
+                low: r.range.start().raw(),
+                high: r.range.end().raw(),
+            });
+        }
+        if range.overlaps(&self.iova.space()) {
+            return Err(Error::InvalidArgument { what: "fixed IOVA inside the allocated space", value: iova.raw() });
+        }
+        if !self.unit.input_range()?.contains_range(&range) {
+            return Err(Error::InvalidArgument { what: "fixed IOVA outside the input range", value: iova.raw() });
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.send_map(range, pa, prot)? };
+        Ok(ViommuMapping { range, allocated: false })
+    }
+
+    /// Gives a mapping back. Strict: one UNMAP request, complete when this returns `Ok`, then
+    /// the IOVA is free. Deferred: queued; a batch of UNMAPs (one notification) goes out when
+    /// the queue holds its bound or its oldest entry is old enough.
+    ///
+    /// Errors: the device's [`Error::RequestFailed`] for a failed UNMAP: the range may still be
+    /// mapped, so its IOVA is held back, never reused.
+    pub fn unmap(&self, g: &CpuGuard<'_, P>, m: ViommuMapping) -> Result<()> {
+        self.unmaps.fetch_add(1, Ordering::Relaxed);
+        match self.policy {
+            InvalidationPolicy::Strict => self.send_unmaps(g, &[m.range], m.allocated),
+            InvalidationPolicy::Deferred { max_entries, .. } => {
+                if !m.allocated {
+                    // Fixed mappings are the caller's windows: strict, so the window can be
+                    // mapped again as soon as this returns.
+                    return self.send_unmaps(g, &[m.range], false);
+                }
+                let full = {
+                    let mut p = self.pending.lock();
+                    p.ranges.try_reserve(1).map_err(|_| Error::NoMemory { requested: 16 })?;
+                    if p.ranges.is_empty() {
+                        p.oldest_ns = self.unit.platform().monotonic_ns();
+                    }
+                    p.ranges.push(m.range);
+                    p.ranges.len() >= max_entries
+                };
+                if full { self.flush(g) } else { self.flush_if_due(g) }
+            }
+        }
+    }
+
+    /// Sends every queued UNMAP in one batch (one notification per queue-full) and frees
+    /// their IOVA once the device has completed them.
+    ///
+    /// Errors: the device's; what failed is held back.
+    pub fn flush(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        let ranges = core::mem::take(&mut self.pending.lock().ranges);
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.send_unmaps(g, &ranges, true)
+    }
+
+    fn flush_if_due(&self, g: &CpuGuard<'_, P>) -> Result<()> {
+        let InvalidationPolicy::Deferred { max_age_ns, .. } = self.policy else { return Ok(()) };
+        let due = {
+            let p = self.pending.lock();
+            !p.ranges.is_empty() && self.unit.platform().monotonic_ns().saturating_sub(p.oldest_ns) >= max_age_ns
+        };
+        if due { self.flush(g) } else { Ok(()) }
+    }
+
+    fn check_granules(&self, pa: PhysAddr, len: u64) -> Result<()> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if !pa.is_aligned(self.granule) {
+            return Err(Error::Misaligned { value: pa.raw(), align: self.granule });
+        }
+        if len % self.granule != 0 {
+            return Err(Error::Misaligned { value: len, align: self.granule });
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    ///
+    /// As for [`ViommuDomain::map`].
+    unsafe fn send_map(&self, range: AddrRange<Iova>, pa: PhysAddr, prot: Prot) -> Result<()> {
+        let mut flags = 0;
+        if prot.read {
+            flags |= map_flags::READ;
+        }
+        if prot.write {
+            flags |= map_flags::WRITE;
+        }
+        let pa = if mutant::WRONG_RANGE { PhysAddr::new(pa.raw() + self.granule) } else { pa };
+        // SAFETY: the caller lends the memory (this function's contract).
+        unsafe { self.unit.submit(&[Request::Map { domain: self.id, range, pa, flags }])? };
+        self.maps.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// UNMAPs `ranges` (one batch) and, if `free`, gives their IOVA back after the device
+    /// completed them. On failure nothing is freed: held back.
+    fn send_unmaps(&self, g: &CpuGuard<'_, P>, ranges: &[AddrRange<Iova>], free: bool) -> Result<()> {
+        if !mutant::SKIP_UNMAP {
+            let mut reqs = Vec::new();
+            reqs.try_reserve_exact(ranges.len()).map_err(|_| Error::NoMemory { requested: ranges.len() as u64 })?;
+            reqs.extend(ranges.iter().map(|&range| Request::Unmap { domain: self.id, range }));
+            // SAFETY: UNMAP takes reach away; it lends nothing.
+            if let Err(e) = unsafe { self.unit.submit(&reqs) } {
+                self.held_back.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        if free {
+            for &r in ranges {
+                self.iova.free(g, r)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<P: Platform> Drop for ViommuDomain<'_, '_, P> {
+    fn drop(&mut self) {
+        let g = self.unit.platform().pin_cpu();
+        let _ = self.flush(&g);
+        // SAFETY: DETACH takes reach away; it lends nothing. A failed DETACH leaves the
+        // endpoint attached to mappings whose memory the callers still own (they had to
+        // unmap before freeing it): nothing is freed here but IOVA bookkeeping.
+        let _ = unsafe { self.unit.submit(&[Request::Detach { domain: self.id, endpoint: self.endpoint }]) };
+    }
+}
