@@ -29,7 +29,8 @@ const MSI_WINDOW: u64 = 0xfee0_0000;
 const IOS: u64 = 8;
 /// Deferred bound of the request-count check: a batch of UNMAPs every 4 unmaps, never by age
 /// (an hour: the check controls time).
-const DEFERRED: InvalidationPolicy = InvalidationPolicy::Deferred { max_entries: 4, max_age_ns: 3_600_000_000_000 };
+const DEFERRED: InvalidationPolicy =
+    InvalidationPolicy::Deferred { max_entries: 4, max_age_ns: 3_600_000_000_000 };
 
 struct Cfg(Bdf);
 
@@ -55,7 +56,9 @@ fn expect_fault(unit: &Unit, endpoint: u32, bus: u64, reason: FaultReason) -> Ch
         return Err(format!("no fault record for the access at {bus:#x}"));
     };
     if f.endpoint != endpoint || f.address.map(|a| a.raw()) != Some(bus) || f.reason != reason {
-        return Err(format!("fault {f:?} does not name endpoint {endpoint:#x}, address {bus:#x}, {reason:?}"));
+        return Err(format!(
+            "fault {f:?} does not name endpoint {endpoint:#x}, address {bus:#x}, {reason:?}"
+        ));
     }
     // QEMU splits a transfer into accesses and reports each one that faults: every further
     // record must name the same endpoint and an address inside the transfer.
@@ -98,7 +101,12 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
     let info = *unit.info();
     println!(
         "virtio-iommu {bdf}: features {:#x}, page sizes {:#x}, input [{:#x}, {:#x}], domains [{}, {}], probe {} bytes",
-        info.features, info.page_size_mask, info.input_first, info.input_last, info.domain_first, info.domain_last,
+        info.features,
+        info.page_size_mask,
+        info.input_first,
+        info.input_last,
+        info.domain_first,
+        info.domain_last,
         info.probe_size
     );
     r.check("virtio-iommu initialises with bypass off and MAP_UNMAP, PROBE negotiated", || {
@@ -112,7 +120,9 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
         }
         Ok(())
     });
-    r.check("virtio-iommu: an unattached endpoint's DMA is blocked and reported", || unattached_blocked(&unit, &devs[1]));
+    r.check("virtio-iommu: an unattached endpoint's DMA is blocked and reported", || {
+        unattached_blocked(&unit, &devs[1])
+    });
     let ep0 = u32::from(devs[0].bdf.source_id());
     let strict = match ViommuDomain::new(&unit, ep0, aperture(), InvalidationPolicy::Strict) {
         Ok(d) => d,
@@ -122,11 +132,16 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
         }
     };
     r.check("virtio-iommu: PROBE reports the MSI window as a reserved region", || {
-        let msi = strict.reserved().iter().any(|x| x.kind == ReservedKind::Msi && x.range.contains(Iova::new(MSI_WINDOW)));
+        let msi = strict
+            .reserved()
+            .iter()
+            .any(|x| x.kind == ReservedKind::Msi && x.range.contains(Iova::new(MSI_WINDOW)));
         if msi { Ok(()) } else { Err(format!("reserved regions {:?}", strict.reserved())) }
     });
     r.check("virtio-iommu: a mapping in a reserved region is refused", || reserved_refused(&strict));
-    r.check("virtio-iommu: DMA lands exactly where mapped, both directions", || lands(&unit, &strict, &devs[0]));
+    r.check("virtio-iommu: DMA lands exactly where mapped, both directions", || {
+        lands(&unit, &strict, &devs[0])
+    });
     r.check("virtio-iommu: after a strict unmap the device faults and nothing lands", || {
         unmapped_faults(&unit, &strict, &devs[0])
     });
@@ -134,7 +149,15 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
         let before = unit.stats().requests;
         let buf = Buf::new(1, PAGE_SIZE)?;
         // SAFETY: never sent (refused); `buf` outlives the call anyway.
-        let got = unsafe { strict.map(&PLATFORM.pin_cpu(), busdma::PhysAddr::new(buf.pa.raw() + 512), PAGE_SIZE, Iova::new(EDU_LIMIT), Prot::READ) };
+        let got = unsafe {
+            strict.map(
+                &PLATFORM.pin_cpu(),
+                busdma::PhysAddr::new(buf.pa.raw() + 512),
+                PAGE_SIZE,
+                Iova::new(EDU_LIMIT),
+                Prot::READ,
+            )
+        };
         match got {
             Err(Error::Misaligned { .. }) if unit.stats().requests == before => Ok(()),
             other => Err(format!("got {other:?}, {} requests sent", unit.stats().requests - before)),
@@ -242,7 +265,9 @@ fn unmapped_faults(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
 /// IOVA faults.
 fn per_io(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
     let mut out = String::new();
-    for (name, policy, want_kicks_x4) in [("strict", InvalidationPolicy::Strict, 8), ("deferred", DEFERRED, 5)] {
+    for (name, policy, want_kicks_x4) in
+        [("strict", InvalidationPolicy::Strict, 8), ("deferred", DEFERRED, 5)]
+    {
         let d = ViommuDomain::new(unit, ep, aperture(), policy).map_err(e2s)?;
         let g = PLATFORM.pin_cpu();
         let dst = Buf::new(1, PAGE_SIZE)?;
@@ -253,7 +278,8 @@ fn per_io(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
         for _ in 0..IOS {
             dst.fill(0)?;
             // SAFETY: `dst` outlives the mapping and the flush below.
-            let m = unsafe { d.map(&g, dst.pa, PAGE_SIZE, Iova::new(EDU_LIMIT), Prot::WRITE) }.map_err(e2s)?;
+            let m =
+                unsafe { d.map(&g, dst.pa, PAGE_SIZE, Iova::new(EDU_LIMIT), Prot::WRITE) }.map_err(e2s)?;
             last = m.iova().raw();
             dev.dma(Dir::ToRam, last, 0, XFER)?;
             d.unmap(&g, m).map_err(e2s)?;
@@ -261,9 +287,16 @@ fn per_io(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
         d.flush(&g).map_err(e2s)?;
         let s = unit.stats();
         let (reqs, kicks) = (s.requests - before.requests, s.kicks - before.kicks);
-        out += &format!("{name}: {:.2} requests, {:.2} notifications per I/O; ", reqs as f64 / IOS as f64, kicks as f64 / IOS as f64);
-        println!("virtio-iommu {name}: {reqs} requests ({} MAP, {} UNMAP), {kicks} notifications for {IOS} I/Os",
-            s.maps - before.maps, s.unmaps - before.unmaps);
+        out += &format!(
+            "{name}: {:.2} requests, {:.2} notifications per I/O; ",
+            reqs as f64 / IOS as f64,
+            kicks as f64 / IOS as f64
+        );
+        println!(
+            "virtio-iommu {name}: {reqs} requests ({} MAP, {} UNMAP), {kicks} notifications for {IOS} I/Os",
+            s.maps - before.maps,
+            s.unmaps - before.unmaps
+        );
         if reqs != 2 * IOS || kicks != want_kicks_x4 * IOS / 4 {
             return Err(format!("{name}: {reqs} requests and {kicks} notifications for {IOS} I/Os"));
         }
@@ -280,6 +313,6 @@ fn per_io(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
         }
         expect_fault(unit, ep, last, FaultReason::Mapping)?;
     }
-    println!("virtio-iommu requests per I/O: {out}");
+    println!("measure - virtio-iommu requests per I/O (map, edu DMA, unmap): {}", out.trim_end_matches("; "));
     Ok(())
 }

@@ -93,13 +93,17 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
             return Err(Error::InvalidArgument { what: "deferred policy bound of 0", value: 0 });
         }
         let granule = unit.info().granule().max(crate::PAGE_SIZE);
-        let space = unit
-            .input_range()?
-            .intersection(&aperture)
-            .and_then(|r| r.align_out(1).ok())
-            .ok_or(Error::InvalidArgument { what: "aperture outside the input range", value: aperture.start().raw() })?;
+        let space = unit.input_range()?.intersection(&aperture).and_then(|r| r.align_out(1).ok()).ok_or(
+            Error::InvalidArgument {
+                what: "aperture outside the input range",
+                value: aperture.start().raw(),
+            },
+        )?;
         // Shrink to whole granules.
-        let start = space.start().align_up(granule).ok_or(Error::Overflow { base: space.start().raw(), len: granule })?;
+        let start = space
+            .start()
+            .align_up(granule)
+            .ok_or(Error::Overflow { base: space.start().raw(), len: granule })?;
         let end = space.end().align_down(granule);
         let space = AddrRange::new(start, end)?;
         let reserved = unit.probe(endpoint)?;
@@ -179,7 +183,14 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
     /// `[pa, pa + len)` is memory the caller owns and keeps (neither freed nor reused) until
     /// the mapping is unmapped and, for a deferred domain, [`ViommuDomain::flush`] (or a flush
     /// the queue bounds force) has sent its UNMAP.
-    pub unsafe fn map(&self, g: &CpuGuard<'_, P>, pa: PhysAddr, len: u64, limit: Iova, prot: Prot) -> Result<ViommuMapping> {
+    pub unsafe fn map(
+        &self,
+        g: &CpuGuard<'_, P>,
+        pa: PhysAddr,
+        len: u64,
+        limit: Iova,
+        prot: Prot,
+    ) -> Result<ViommuMapping> {
         self.check_granules(pa, len)?;
         self.flush_if_due(g)?;
         let req = IovaRequest { size: len, align: self.granule, boundary: 0, limit };
@@ -228,10 +239,16 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
             });
         }
         if range.overlaps(&self.iova.space()) {
-            return Err(Error::InvalidArgument { what: "fixed IOVA inside the allocated space", value: iova.raw() });
+            return Err(Error::InvalidArgument {
+                what: "fixed IOVA inside the allocated space",
+                value: iova.raw(),
+            });
         }
         if !self.unit.input_range()?.contains_range(&range) {
-            return Err(Error::InvalidArgument { what: "fixed IOVA outside the input range", value: iova.raw() });
+            return Err(Error::InvalidArgument {
+                what: "fixed IOVA outside the input range",
+                value: iova.raw(),
+            });
         }
         // SAFETY: the caller's contract.
         unsafe { self.send_map(range, pa, prot)? };
@@ -285,7 +302,8 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         let InvalidationPolicy::Deferred { max_age_ns, .. } = self.policy else { return Ok(()) };
         let due = {
             let p = self.pending.lock();
-            !p.ranges.is_empty() && self.unit.platform().monotonic_ns().saturating_sub(p.oldest_ns) >= max_age_ns
+            !p.ranges.is_empty()
+                && self.unit.platform().monotonic_ns().saturating_sub(p.oldest_ns) >= max_age_ns
         };
         if due { self.flush(g) } else { Ok(()) }
     }
@@ -326,7 +344,8 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
     fn send_unmaps(&self, g: &CpuGuard<'_, P>, ranges: &[AddrRange<Iova>], free: bool) -> Result<()> {
         if !mutant::SKIP_UNMAP {
             let mut reqs = Vec::new();
-            reqs.try_reserve_exact(ranges.len()).map_err(|_| Error::NoMemory { requested: ranges.len() as u64 })?;
+            reqs.try_reserve_exact(ranges.len())
+                .map_err(|_| Error::NoMemory { requested: ranges.len() as u64 })?;
             reqs.extend(ranges.iter().map(|&range| Request::Unmap { domain: self.id, range }));
             // SAFETY: UNMAP takes reach away; it lends nothing.
             if let Err(e) = unsafe { self.unit.submit(&reqs) } {

@@ -79,5 +79,5 @@ pub mod wire;
 
 pub use domain::{ViommuDomain, ViommuDomainStats, ViommuMapping};
 pub use transport::ConfigSpace;
-pub use unit::{VirtioIommu, ViommuInfo, ViommuStats};
+pub use unit::{ViommuInfo, ViommuStats, VirtioIommu};
 pub use wire::{FaultReason, FaultRecord, ReservedKind, ReservedRegion};

@@ -3,9 +3,10 @@
 //! writes the used ring while the driver runs.
 //!
 //! Layout of the ring page for [`MAX_ENTRIES`] = 64 entries: descriptor table at 0 (16 bytes
-//! each: 1024), driver ring at 1024 (4 + 2·64 + 2 = 134 bytes), device ring at 2048 (4 + 8·64
-//! + 2 = 518 bytes; 4-aligned as required). Descriptors are owned by fixed slots, so the driver
-//! never keeps a free list: slot `s` of the request queue uses descriptors `2s` and `2s + 1`.
+//! each: 1024), driver ring at 1024 (4 + 2·64 + 2 = 134 bytes), device ring at 2048
+//! (4 + 8·64 + 2 = 518 bytes; 4-aligned as required). Descriptors are owned by fixed slots, so
+//! the driver never keeps a free list: slot `s` of the request queue uses descriptors `2s` and
+//! `2s + 1`.
 #![forbid(unsafe_code)]
 
 use crate::addr::PhysAddr;
@@ -59,7 +60,15 @@ impl SplitQueue {
     }
 
     /// Writes descriptor `i`: `len` bytes at `addr`, with `flags`, chained to `next`.
-    pub fn set_desc<P: Platform>(&self, p: &P, i: u16, addr: PhysAddr, len: u32, flags: u16, next: u16) -> Result<()> {
+    pub fn set_desc<P: Platform>(
+        &self,
+        p: &P,
+        i: u16,
+        addr: PhysAddr,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> Result<()> {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&addr.raw().to_le_bytes());
         d[8..12].copy_from_slice(&len.to_le_bytes());

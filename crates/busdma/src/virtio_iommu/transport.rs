@@ -126,7 +126,9 @@ impl<'p, P: Platform> VirtioPci<'p, P> {
                 notify_multiplier: multiplier,
                 device: PhysAddr::new(d),
             }),
-            _ => Err(Error::Unsupported { what: "virtio-pci function lacks common, notify or device structures" }),
+            _ => Err(Error::Unsupported {
+                what: "virtio-pci function lacks common, notify or device structures",
+            }),
         }
     }
 
@@ -269,7 +271,10 @@ impl<'p, P: Platform> VirtioPci<'p, P> {
 /// The memory address BAR `bar` decodes.
 fn bar_base(cfg: &impl ConfigSpace, bar: u8) -> Result<u64> {
     if bar > 5 {
-        return Err(Error::InvalidArgument { what: "virtio capability names BAR > 5", value: u64::from(bar) });
+        return Err(Error::InvalidArgument {
+            what: "virtio capability names BAR > 5",
+            value: u64::from(bar),
+        });
     }
     let off = 0x10 + 4 * bar;
     let lo = cfg.read32(off);

@@ -177,7 +177,12 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
         let unit = Self {
             platform,
             info,
-            req: SpinLock::new(Requests { q: SplitQueue::new(pages[0], 0, 0), bufs: pages[2], probe_in: pages[3], slots: 0 }),
+            req: SpinLock::new(Requests {
+                q: SplitQueue::new(pages[0], 0, 0),
+                bufs: pages[2],
+                probe_in: pages[3],
+                slots: 0,
+            }),
             evt: SpinLock::new(Events { q: SplitQueue::new(pages[1], 0, 1), bufs: pages[4] }),
             pages,
             broken: AtomicBool::new(false),
@@ -202,7 +207,9 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
         // Every event buffer is the device's from the start.
         for i in 0..eq.size() {
             let buf = PhysAddr::new(pages[4].raw() + u64::from(i) * EVENT_BYTES);
-            let posted = eq.set_desc(platform, i, buf, FAULT_EVENT as u32, F_WRITE, 0).and_then(|()| eq.publish(platform, i));
+            let posted = eq
+                .set_desc(platform, i, buf, FAULT_EVENT as u32, F_WRITE, 0)
+                .and_then(|()| eq.publish(platform, i));
             if let Err(e) = posted {
                 unit.t.set_status(status::FAILED);
                 return Err(e);
@@ -313,7 +320,12 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if code != 0 {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::RequestFailed { request: "PROBE", status: code, domain: 0, addr: u64::from(endpoint) });
+            return Err(Error::RequestFailed {
+                request: "PROBE",
+                status: code,
+                domain: 0,
+                addr: u64::from(endpoint),
+            });
         }
         let mut props = alloc::vec![0u8; size as usize];
         self.platform.read_phys(r.probe_in, &mut props)?;
@@ -389,7 +401,12 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
                     polls += 1;
                     if polls >= POLLS {
                         self.broken.store(true, Ordering::Release);
-                        return Err(Error::RequestFailed { request: "any", status: NO_ANSWER, domain: 0, addr: 0 });
+                        return Err(Error::RequestFailed {
+                            request: "any",
+                            status: NO_ANSWER,
+                            domain: 0,
+                            addr: 0,
+                        });
                     }
                     core::hint::spin_loop();
                 }

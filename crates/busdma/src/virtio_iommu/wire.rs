@@ -253,11 +253,17 @@ pub fn parse_probe(props: &[u8]) -> Result<Vec<ReservedRegion>> {
         }
         let body = at + 4;
         let Some(end) = body.checked_add(len).filter(|&e| e <= props.len()) else {
-            return Err(Error::InvalidArgument { what: "PROBE property runs past the buffer", value: at as u64 });
+            return Err(Error::InvalidArgument {
+                what: "PROBE property runs past the buffer",
+                value: at as u64,
+            });
         };
         if ty == PROP_RESV_MEM {
             if len < 20 {
-                return Err(Error::InvalidArgument { what: "PROBE RESV_MEM property too short", value: len as u64 });
+                return Err(Error::InvalidArgument {
+                    what: "PROBE RESV_MEM property too short",
+                    value: len as u64,
+                });
             }
             let b = &props[body..end];
             let kind = match b[0] {
@@ -271,7 +277,10 @@ pub fn parse_probe(props: &[u8]) -> Result<Vec<ReservedRegion>> {
             w.copy_from_slice(&b[12..20]);
             let last = u64::from_le_bytes(w);
             if last < start {
-                return Err(Error::InvalidArgument { what: "PROBE reserved region ends below its start", value: start });
+                return Err(Error::InvalidArgument {
+                    what: "PROBE reserved region ends below its start",
+                    value: start,
+                });
             }
             // A region reaching the top of the space is clipped by one byte so it stays
             // representable half-open; nothing can be mapped at the last byte anyway.
@@ -356,7 +365,8 @@ mod tests {
     #[test]
     fn map_requests_carry_inclusive_ends_and_little_endian_fields() {
         let mut out = [0u8; MAX_OUT];
-        let req = Request::Map { domain: 7, range: r(0x1000, 0x3000), pa: PhysAddr::new(0x1234_5000), flags: 3 };
+        let req =
+            Request::Map { domain: 7, range: r(0x1000, 0x3000), pa: PhysAddr::new(0x1234_5000), flags: 3 };
         assert_eq!(req.encode(&mut out).unwrap(), 36);
         assert_eq!(out[0], T_MAP);
         assert_eq!(&out[4..8], &7u32.to_le_bytes());
