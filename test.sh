@@ -129,8 +129,9 @@ done
 step "soak: random mixed workload on every strategy, invariants checked (dmalab soak)"
 cargo run --release --quiet -- soak --seconds 20 --threads 2 || die "dmalab soak found violations"
 
-step "QEMU suite: the VT-d driver against QEMU's intel-iommu (qemu/run)"
-apt_need qemu-system-x86_64 qemu-system-x86
+step "QEMU suite: the VT-d driver against QEMU's intel-iommu, on QEMU 7.2 and 10.0.2 (qemu/run)"
+# Debian's 7.2 from apt; bookworm-backports' 10.0.2 unpacked beside it (qemu/install-qemu).
+qemu/install-qemu || die "cannot install QEMU 7.2 and 10.0.2 (qemu/install-qemu)"
 apt_need timeout coreutils
 qemu/run || die "qemu/run: the QEMU suite failed"
 qemu/run --mutants || die "qemu/run --mutants: a mutant driver passed the QEMU suite"
