@@ -163,8 +163,24 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
             other => Err(format!("got {other:?}, {} requests sent", unit.stats().requests - before)),
         }
     });
-    drop(strict);
     let ep1 = u32::from(devs[1].bdf.source_id());
+    let lent = Buf::new(1, PAGE_SIZE);
+    r.check("virtio-iommu: a domain refuses to unmap another domain's mapping", || {
+        let lent = lent.as_ref().map_err(Clone::clone)?;
+        let other = ViommuDomain::new(&unit, ep1, aperture(), InvalidationPolicy::Strict).map_err(e2s)?;
+        let g = PLATFORM.pin_cpu();
+        // SAFETY: `lent` is freed only after `strict` is dropped (its DETACH removes the
+        // domain and this mapping with it).
+        let m =
+            unsafe { strict.map(&g, lent.pa, PAGE_SIZE, Iova::new(EDU_LIMIT), Prot::READ) }.map_err(e2s)?;
+        let before = unit.stats().unmaps;
+        match other.unmap(&g, m) {
+            Err(Error::InvalidArgument { .. }) if unit.stats().unmaps == before => Ok(()),
+            got => Err(format!("got {got:?}, {} UNMAPs sent", unit.stats().unmaps - before)),
+        }
+    });
+    drop(strict);
+    drop(lent);
     r.check("virtio-iommu: requests per I/O, strict and deferred", || per_io(&unit, &devs[1], ep1));
 }
 

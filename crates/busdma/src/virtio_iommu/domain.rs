@@ -25,6 +25,9 @@ use super::wire::{Request, ReservedRegion, map_flags};
 pub struct ViommuMapping {
     range: AddrRange<Iova>,
     allocated: bool,
+    /// The domain that made it: (its unit's address, its number). The unit is borrowed by
+    /// every domain, so its address is stable while a mapping of it can exist.
+    owner: (usize, u32),
 }
 
 impl ViommuMapping {
@@ -204,7 +207,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         };
         // SAFETY: the caller lends `[pa, pa + len)` per this function's contract.
         match unsafe { self.send_map(range, pa, prot) } {
-            Ok(()) => Ok(ViommuMapping { range, allocated: true }),
+            Ok(()) => Ok(ViommuMapping { range, allocated: true, owner: self.owner() }),
             Err(e) => {
                 // A refused MAP mapped nothing: the IOVA is reusable at once.
                 self.iova.free(g, range)?;
@@ -252,7 +255,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         }
         // SAFETY: the caller's contract.
         unsafe { self.send_map(range, pa, prot)? };
-        Ok(ViommuMapping { range, allocated: false })
+        Ok(ViommuMapping { range, allocated: false, owner: self.owner() })
     }
 
     /// Gives a mapping back. Strict: one UNMAP request, complete when this returns `Ok`, then
@@ -260,8 +263,16 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
     /// the queue holds its bound or its oldest entry is old enough.
     ///
     /// Errors: the device's [`Error::RequestFailed`] for a failed UNMAP: the range may still be
-    /// mapped, so its IOVA is held back, never reused.
+    /// mapped, so its IOVA is held back, never reused. [`Error::InvalidArgument`] for a
+    /// mapping of another domain: nothing is sent and the mapping stays live (a leak: its
+    /// memory stays lent to the device).
     pub fn unmap(&self, g: &CpuGuard<'_, P>, m: ViommuMapping) -> Result<()> {
+        if m.owner != self.owner() {
+            return Err(Error::InvalidArgument {
+                what: "mapping of another virtio-iommu domain",
+                value: m.range.start().raw(),
+            });
+        }
         self.unmaps.fetch_add(1, Ordering::Relaxed);
         match self.policy {
             InvalidationPolicy::Strict => self.send_unmaps(g, &[m.range], m.allocated),
@@ -296,6 +307,10 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.send_unmaps(g, &ranges, true)
+    }
+
+    fn owner(&self) -> (usize, u32) {
+        (core::ptr::from_ref(self.unit) as usize, self.id)
     }
 
     fn flush_if_due(&self, g: &CpuGuard<'_, P>) -> Result<()> {

@@ -72,8 +72,8 @@
 
 mod domain;
 mod mutant;
-pub mod queue;
-pub mod transport;
+mod queue;
+mod transport;
 mod unit;
 pub mod wire;
 

@@ -33,15 +33,13 @@ pub struct SplitQueue {
     last_used: u16,
     /// The queue's notification address.
     pub notify: PhysAddr,
-    /// The queue's index.
-    pub index: u16,
 }
 
 impl SplitQueue {
     /// A queue of `size` entries (a power of two ≤ [`MAX_ENTRIES`]) in the zeroed page at
     /// `ring`.
-    pub fn new(ring: PhysAddr, size: u16, index: u16) -> Self {
-        Self { ring, size, next_avail: 0, last_used: 0, notify: PhysAddr::new(0), index }
+    pub fn new(ring: PhysAddr, size: u16) -> Self {
+        Self { ring, size, next_avail: 0, last_used: 0, notify: PhysAddr::new(0) }
     }
 
     /// Where the device must look.

@@ -172,18 +172,18 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
             }
         }
         let size = |q| queue_size(t.max_queue_size(q));
-        let mut rq = SplitQueue::new(pages[0], size(REQUEST_QUEUE), REQUEST_QUEUE);
-        let mut eq = SplitQueue::new(pages[1], size(EVENT_QUEUE), EVENT_QUEUE);
+        let mut rq = SplitQueue::new(pages[0], size(REQUEST_QUEUE));
+        let mut eq = SplitQueue::new(pages[1], size(EVENT_QUEUE));
         let unit = Self {
             platform,
             info,
             req: SpinLock::new(Requests {
-                q: SplitQueue::new(pages[0], 0, 0),
+                q: SplitQueue::new(pages[0], 0),
                 bufs: pages[2],
                 probe_in: pages[3],
                 slots: 0,
             }),
-            evt: SpinLock::new(Events { q: SplitQueue::new(pages[1], 0, 1), bufs: pages[4] }),
+            evt: SpinLock::new(Events { q: SplitQueue::new(pages[1], 0), bufs: pages[4] }),
             pages,
             broken: AtomicBool::new(false),
             next_domain: AtomicU64::new(u64::from(info.domain_first.max(1))),
