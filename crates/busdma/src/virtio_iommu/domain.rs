@@ -90,9 +90,11 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         aperture: AddrRange<Iova>,
         policy: InvalidationPolicy,
     ) -> Result<Self> {
-        if let InvalidationPolicy::Deferred { max_entries, max_age_ns } = policy
-            && (max_entries == 0 || max_age_ns == 0)
-        {
+        if matches!(
+            policy,
+            InvalidationPolicy::Deferred { max_entries: 0, .. }
+                | InvalidationPolicy::Deferred { max_age_ns: 0, .. }
+        ) {
             return Err(Error::InvalidArgument { what: "deferred policy bound of 0", value: 0 });
         }
         let granule = unit.info().granule().max(crate::PAGE_SIZE);
@@ -232,9 +234,12 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
             return Err(Error::Misaligned { value: iova.raw(), align: self.granule });
         }
         let range = AddrRange::from_start_len(iova, len)?;
-        if !mutant::IGNORE_RESERVED
-            && let Some(r) = self.reserved.iter().find(|r| r.range.overlaps(&range))
-        {
+        let hit = if mutant::IGNORE_RESERVED {
+            None
+        } else {
+            self.reserved.iter().find(|r| r.range.overlaps(&range))
+        };
+        if let Some(r) = hit {
             return Err(Error::BadWindow {
                 what: "IOVA range overlaps a reserved region of the endpoint",
                 low: r.range.start().raw(),

@@ -122,8 +122,9 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
     ///
     /// # Safety
     ///
-    /// As for [`VirtioPci::new`]: `cfg` reads a virtio-iommu function the caller owns, its BARs
-    /// assigned, memory decoding and bus mastering on, nothing else driving it.
+    /// `cfg` reads the configuration space of a virtio-iommu function the caller owns, whose
+    /// BARs are assigned and stay where they are (mapped for the platform's MMIO) for the
+    /// driver's life, with memory decoding and bus mastering on, and nothing else driving it.
     pub unsafe fn new(platform: &'p P, cfg: &impl ConfigSpace) -> Result<Self> {
         // SAFETY: the caller's contract is the transport's.
         let t = unsafe { VirtioPci::new(platform, cfg)? };
