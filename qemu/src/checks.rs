@@ -72,7 +72,7 @@ impl Buf {
         Ok(Self { pa, pages })
     }
 
-    fn at(&self, off: u64) -> PhysAddr {
+    pub(crate) fn at(&self, off: u64) -> PhysAddr {
         PhysAddr::new(self.pa.raw() + off)
     }
 
@@ -859,14 +859,14 @@ fn edu_tag<'a>(
 }
 
 /// `len` bytes of `buf` from `off`, as a kernel buffer (KVA == PA in this kernel).
-fn kbuf(buf: &Buf, off: u64, len: u64) -> KernelBuf {
+pub(crate) fn kbuf(buf: &Buf, off: u64, len: u64) -> KernelBuf {
     // SAFETY: `buf` is frames the check allocated and keeps until its maps are unloaded.
     unsafe { KernelBuf::new(KernVa::new(buf.at(off).raw()), len) }
 }
 
 /// DMAs between the edu buffer and the segments of a loaded map, segment by segment (the
 /// device buffer offset advancing).
-fn dma_segments(dev: &Edu, dir: Dir, segs: &[Segment]) -> CheckResult {
+pub(crate) fn dma_segments(dev: &Edu, dir: Dir, segs: &[Segment]) -> CheckResult {
     let mut off = 0;
     for s in segs {
         dev.dma(dir, s.addr.raw(), off, s.len)?;

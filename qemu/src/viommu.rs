@@ -8,14 +8,16 @@
 use alloc::format;
 use alloc::string::String;
 
+use alloc::vec::Vec;
+use busdma::front::{Direction, IommuPerMap, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::Prot;
 use busdma::virtio_iommu::{ConfigSpace, FaultReason, ReservedKind, ViommuDomain, VirtioIommu};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, Platform};
 
-use crate::checks::{Buf, CheckResult, Runner, SENTINEL, Twin, XFER, e2s, pattern};
+use crate::checks::{Buf, CheckResult, Runner, SENTINEL, Twin, XFER, dma_segments, e2s, kbuf, pattern};
 use crate::domain::EDU_LIMIT;
-use crate::edu::{Dir, Edu};
+use crate::edu::{self, Dir, Edu};
 use crate::pci::{self, Bdf};
 use crate::platform::{KernelPlatform, PLATFORM};
 use crate::println;
@@ -145,6 +147,10 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
     r.check("virtio-iommu: after a strict unmap the device faults and nothing lands", || {
         unmapped_faults(&unit, &strict, &devs[0])
     });
+    r.check(
+        "virtio-iommu: a busdma tag (IommuPerMap) over the domain loads, edu DMAs, unload blocks",
+        || through_tag(&unit, &strict, &devs[0]),
+    );
     r.check("virtio-iommu: misaligned buffers are refused before any request", || {
         let before = unit.stats().requests;
         let buf = Buf::new(1, PAGE_SIZE)?;
@@ -242,6 +248,65 @@ fn lands(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
         return Err(format!("unexpected fault {f:?}"));
     }
     Ok(())
+}
+
+/// The front end over a virtio-iommu domain: a tag with edu's 28-bit mask whose strategy is
+/// `IommuPerMap` over the domain. A transmit load inside one page, a receive load straddling two
+/// (so one transfer crosses an IOVA page), the pattern through edu, then after the unloads the
+/// old bus addresses fault.
+fn through_tag(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
+    drain_faults(unit)?;
+    let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(2 * PAGE_SIZE, 2) };
+    let tag = Tag::new_root(&PLATFORM, IommuPerMap(d), spec).map_err(e2s)?;
+    let src = Buf::new(1, PAGE_SIZE)?;
+    let dst = Buf::new(2, PAGE_SIZE)?;
+    PLATFORM.write_phys(src.at(0x800), &pattern()).map_err(e2s)?;
+    dst.fill(0)?;
+    let maps_before = unit.stats().maps;
+    let mut tx = tag.create_map().map_err(e2s)?;
+    let mut rx = tag.create_map().map_err(e2s)?;
+    let tx_segs: Vec<Segment> = tx.load(&kbuf(&src, 0x800, XFER), Direction::ToDevice).map_err(e2s)?.to_vec();
+    let rx_segs: Vec<Segment> =
+        rx.load(&kbuf(&dst, 0xc00, XFER), Direction::FromDevice).map_err(e2s)?.to_vec();
+    let mut twins = Vec::new();
+    for s in tx_segs.iter().chain(&rx_segs) {
+        if s.end() > EDU_LIMIT {
+            return Err(format!("segment {s:?} beyond edu's 28-bit mask"));
+        }
+        let mut page = s.addr.raw() & !(PAGE_SIZE - 1);
+        while page < s.end() {
+            twins.push(Twin::of(Iova::new(page))?);
+            page += PAGE_SIZE;
+        }
+    }
+    tx.sync(SyncOp::PREWRITE).map_err(e2s)?;
+    dma_segments(dev, Dir::FromRam, &tx_segs)?;
+    tx.sync(SyncOp::POSTWRITE).map_err(e2s)?;
+    rx.sync(SyncOp::PREREAD).map_err(e2s)?;
+    dma_segments(dev, Dir::ToRam, &rx_segs)?;
+    rx.sync(SyncOp::POSTREAD).map_err(e2s)?;
+    if let Some(f) = unit.take_fault().map_err(e2s)? {
+        return Err(format!("unexpected fault {f:?}"));
+    }
+    if !dst.holds_pattern(0xc00)? {
+        return Err("the data did not arrive in the receive buffer".into());
+    }
+    for t in &twins {
+        t.untouched()?;
+    }
+    let maps = unit.stats().maps - maps_before;
+    tx.unload().map_err(e2s)?;
+    rx.unload().map_err(e2s)?;
+    if maps != 2 {
+        return Err(format!("{maps} MAP requests for two one-allocation loads, expected 2"));
+    }
+    dst.fill(SENTINEL)?;
+    let old = rx_segs[0].addr.raw();
+    dev.dma(Dir::ToRam, old, 0, XFER)?;
+    if !dst.all(SENTINEL)? {
+        return Err(format!("after the unload a DMA to {old:#x} reached the buffer"));
+    }
+    expect_fault(unit, u32::from(dev.bdf.source_id()), old, FaultReason::Mapping)
 }
 
 /// Loads `dev`'s buffer with the pattern through a read-only mapping of `d` (flushed after).

@@ -55,10 +55,19 @@ pub struct ViommuDomainStats {
     pub held_back: u64,
 }
 
+/// The deferred queue: ranges to UNMAP and ranges to free after, for the batch `batch`.
 struct Pending {
-    ranges: Vec<AddrRange<Iova>>,
+    unmap: Vec<AddrRange<Iova>>,
+    free: Vec<AddrRange<Iova>>,
     oldest_ns: u64,
+    /// The number of the batch now collecting; every earlier one has been taken by a flush.
+    batch: u64,
 }
+
+/// Proof of an unmap: the deferred batch it joined (`None`: strict, done on return). Pass it
+/// to `ensure_flushed` (the front end's `IommuOps`) before reusing the IOVA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViommuTicket(Option<u64>);
 
 /// One endpoint's domain on a virtio-iommu (module theory 3–6).
 pub struct ViommuDomain<'v, 'p, P: Platform> {
@@ -70,6 +79,10 @@ pub struct ViommuDomain<'v, 'p, P: Platform> {
     iova: IovaAllocator,
     policy: InvalidationPolicy,
     pending: SpinLock<Pending>,
+    /// Serialises flushes, so batches complete in order and `done` only grows.
+    flushing: SpinLock<()>,
+    /// Batches `< done` have completed: the device can no longer reach their ranges.
+    done: AtomicU64,
     maps: AtomicU64,
     unmaps: AtomicU64,
     flushes: AtomicU64,
@@ -134,7 +147,9 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
             reserved,
             iova,
             policy,
-            pending: SpinLock::new(Pending { ranges: Vec::new(), oldest_ns: 0 }),
+            pending: SpinLock::new(Pending { unmap: Vec::new(), free: Vec::new(), oldest_ns: 0, batch: 0 }),
+            flushing: SpinLock::new(()),
+            done: AtomicU64::new(0),
             maps: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -157,6 +172,17 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         self.granule
     }
 
+    /// The policy.
+    pub fn policy(&self) -> InvalidationPolicy {
+        self.policy
+    }
+
+    /// The IOVA space the domain allocates from (whole granules, reserved regions excluded
+    /// from allocation).
+    pub fn space(&self) -> AddrRange<Iova> {
+        self.iova.space()
+    }
+
     /// The endpoint's reserved regions, as PROBE reported them.
     pub fn reserved(&self) -> &[ReservedRegion] {
         &self.reserved
@@ -164,7 +190,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
 
     /// UNMAPs queued by the deferred policy, not yet sent.
     pub fn pending(&self) -> usize {
-        self.pending.lock().ranges.len()
+        self.pending.lock().unmap.len()
     }
 
     /// Counters.
@@ -197,16 +223,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         prot: Prot,
     ) -> Result<ViommuMapping> {
         self.check_granules(pa, len)?;
-        self.flush_if_due(g)?;
-        let req = IovaRequest { size: len, align: self.granule, boundary: 0, limit };
-        let range = match self.iova.alloc(g, &req) {
-            Ok(r) => r,
-            Err(Error::Exhausted { .. }) if self.pending() > 0 => {
-                self.flush(g)?;
-                self.iova.alloc(g, &req)?
-            }
-            Err(e) => return Err(e),
-        };
+        let range = self.alloc(g, len, self.granule, limit)?;
         // SAFETY: the caller lends `[pa, pa + len)` per this function's contract.
         match unsafe { self.send_map(range, pa, prot) } {
             Ok(()) => Ok(ViommuMapping { range, allocated: true, owner: self.owner() }),
@@ -278,40 +295,144 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
                 value: m.range.start().raw(),
             });
         }
-        self.unmaps.fetch_add(1, Ordering::Relaxed);
-        match self.policy {
-            InvalidationPolicy::Strict => self.send_unmaps(g, &[m.range], m.allocated),
-            InvalidationPolicy::Deferred { max_entries, .. } => {
-                if !m.allocated {
-                    // Fixed mappings are the caller's windows: strict, so the window can be
-                    // mapped again as soon as this returns.
-                    return self.send_unmaps(g, &[m.range], false);
-                }
-                let full = {
-                    let mut p = self.pending.lock();
-                    p.ranges.try_reserve(1).map_err(|_| Error::NoMemory { requested: 16 })?;
-                    if p.ranges.is_empty() {
-                        p.oldest_ns = self.unit.platform().monotonic_ns();
-                    }
-                    p.ranges.push(m.range);
-                    p.ranges.len() >= max_entries
-                };
-                if full { self.flush(g) } else { self.flush_if_due(g) }
-            }
+        if m.allocated {
+            self.unmap_ranges(g, &[m.range], &[m.range]).map(|_| ())
+        } else {
+            // Fixed mappings are the caller's windows: strict, so the window can be mapped
+            // again as soon as this returns.
+            self.unmaps.fetch_add(1, Ordering::Relaxed);
+            self.send_unmaps(&[m.range])
         }
     }
 
     /// Sends every queued UNMAP in one batch (one notification per queue-full) and frees
     /// their IOVA once the device has completed them.
     ///
-    /// Errors: the device's; what failed is held back.
+    /// Errors: the device's; the batch is queued again (nothing freed) for a later flush.
     pub fn flush(&self, g: &CpuGuard<'_, P>) -> Result<()> {
-        let ranges = core::mem::take(&mut self.pending.lock().ranges);
-        if ranges.is_empty() {
-            return Ok(());
+        let _serial = self.flushing.lock();
+        let (unmap, free, batch) = {
+            let mut p = self.pending.lock();
+            let b = p.batch;
+            p.batch += 1;
+            (core::mem::take(&mut p.unmap), core::mem::take(&mut p.free), b)
+        };
+        if !unmap.is_empty() {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.send_unmaps(&unmap) {
+                let mut p = self.pending.lock();
+                if p.unmap.is_empty() {
+                    p.oldest_ns = self.unit.platform().monotonic_ns();
+                }
+                // Held back: queued again (in the batch now collecting), never freed before a
+                // flush that succeeds. Extending cannot fail for want of memory: the vectors
+                // were taken whole, so the queue's own are at most as long.
+                p.unmap.extend_from_slice(&unmap);
+                p.free.extend_from_slice(&free);
+                return Err(e);
+            }
         }
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.send_unmaps(g, &ranges, true)
+        let mut first_err = Ok(());
+        for &r in &free {
+            if let Err(e) = self.iova.free(g, r) {
+                first_err = first_err.and(Err(e));
+            }
+        }
+        self.done.fetch_max(batch + 1, Ordering::Release);
+        first_err
+    }
+
+    /// Allocates `size` bytes of IOVA aligned to `align` (at least the granule) ending at or
+    /// below `limit` (exclusive); a deferred domain that finds the space exhausted with UNMAPs
+    /// queued flushes them and retries once.
+    pub(crate) fn alloc(
+        &self,
+        g: &CpuGuard<'_, P>,
+        size: u64,
+        align: u64,
+        limit: Iova,
+    ) -> Result<AddrRange<Iova>> {
+        self.flush_if_due(g)?;
+        let req = IovaRequest { size, align: align.max(self.granule), boundary: 0, limit };
+        match self.iova.alloc(g, &req) {
+            Err(Error::Exhausted { .. }) if self.pending() > 0 => {
+                self.flush(g)?;
+                self.iova.alloc(g, &req)
+            }
+            other => other,
+        }
+    }
+
+    /// Gives back IOVA that is not mapped (never was, or its UNMAP completed).
+    pub(crate) fn free_range(&self, g: &CpuGuard<'_, P>, r: AddrRange<Iova>) -> Result<()> {
+        self.iova.free(g, r)
+    }
+
+    /// MAPs `[iova, iova + len)` (whole granules, IOVA the caller holds) to `pa`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`ViommuDomain::map`]; the caller holds the IOVA range.
+    pub(crate) unsafe fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<()> {
+        self.check_granules(pa, len)?;
+        if !iova.is_aligned(self.granule) {
+            return Err(Error::Misaligned { value: iova.raw(), align: self.granule });
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.send_map(AddrRange::from_start_len(iova, len)?, pa, prot) }
+    }
+
+    /// UNMAPs `mapped` and gives `free` back: strict, one batch now (then the IOVA is free);
+    /// deferred, queued (a flush when the bounds say).
+    ///
+    /// Errors: the device's (strict: nothing freed, held back).
+    pub(crate) fn unmap_ranges(
+        &self,
+        g: &CpuGuard<'_, P>,
+        mapped: &[AddrRange<Iova>],
+        free: &[AddrRange<Iova>],
+    ) -> Result<ViommuTicket> {
+        self.unmaps.fetch_add(1, Ordering::Relaxed);
+        match self.policy {
+            InvalidationPolicy::Strict => {
+                self.send_unmaps(mapped)?;
+                for &r in free {
+                    self.iova.free(g, r)?;
+                }
+                Ok(ViommuTicket(None))
+            }
+            InvalidationPolicy::Deferred { max_entries, .. } => {
+                let (full, batch) = {
+                    let mut p = self.pending.lock();
+                    p.unmap.try_reserve(mapped.len()).map_err(|_| Error::NoMemory { requested: 16 })?;
+                    p.free.try_reserve(free.len()).map_err(|_| Error::NoMemory { requested: 16 })?;
+                    if p.unmap.is_empty() {
+                        p.oldest_ns = self.unit.platform().monotonic_ns();
+                    }
+                    p.unmap.extend_from_slice(mapped);
+                    p.free.extend_from_slice(free);
+                    (p.unmap.len() >= max_entries, p.batch)
+                };
+                if full {
+                    self.flush(g)?;
+                } else {
+                    self.flush_if_due(g)?;
+                }
+                Ok(ViommuTicket(Some(batch)))
+            }
+        }
+    }
+
+    /// Whether the unmap of `t` has completed, without waiting.
+    pub fn is_flushed(&self, t: ViommuTicket) -> bool {
+        t.0.is_none_or(|b| self.done.load(Ordering::Acquire) > b)
+    }
+
+    /// Returns once the unmap of `t` has completed (flushing if it is still queued).
+    ///
+    /// Errors: the device's.
+    pub fn ensure_flushed(&self, g: &CpuGuard<'_, P>, t: ViommuTicket) -> Result<()> {
+        if self.is_flushed(t) { Ok(()) } else { self.flush(g) }
     }
 
     fn owner(&self) -> (usize, u32) {
@@ -322,7 +443,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         let InvalidationPolicy::Deferred { max_age_ns, .. } = self.policy else { return Ok(()) };
         let due = {
             let p = self.pending.lock();
-            !p.ranges.is_empty()
+            !p.unmap.is_empty()
                 && self.unit.platform().monotonic_ns().saturating_sub(p.oldest_ns) >= max_age_ns
         };
         if due { self.flush(g) } else { Ok(()) }
@@ -359,24 +480,19 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         Ok(())
     }
 
-    /// UNMAPs `ranges` (one batch) and, if `free`, gives their IOVA back after the device
-    /// completed them. On failure nothing is freed: held back.
-    fn send_unmaps(&self, g: &CpuGuard<'_, P>, ranges: &[AddrRange<Iova>], free: bool) -> Result<()> {
-        if !mutant::SKIP_UNMAP {
-            let mut reqs = Vec::new();
-            reqs.try_reserve_exact(ranges.len())
-                .map_err(|_| Error::NoMemory { requested: ranges.len() as u64 })?;
-            reqs.extend(ranges.iter().map(|&range| Request::Unmap { domain: self.id, range }));
-            // SAFETY: UNMAP takes reach away; it lends nothing.
-            if let Err(e) = unsafe { self.unit.submit(&reqs) } {
-                self.held_back.fetch_add(ranges.len() as u64, Ordering::Relaxed);
-                return Err(e);
-            }
+    /// UNMAPs `ranges` (one batch: one notification per queue-full), complete on `Ok`.
+    fn send_unmaps(&self, ranges: &[AddrRange<Iova>]) -> Result<()> {
+        if mutant::SKIP_UNMAP || ranges.is_empty() {
+            return Ok(());
         }
-        if free {
-            for &r in ranges {
-                self.iova.free(g, r)?;
-            }
+        let mut reqs = Vec::new();
+        reqs.try_reserve_exact(ranges.len())
+            .map_err(|_| Error::NoMemory { requested: ranges.len() as u64 })?;
+        reqs.extend(ranges.iter().map(|&range| Request::Unmap { domain: self.id, range }));
+        // SAFETY: UNMAP takes reach away; it lends nothing.
+        if let Err(e) = unsafe { self.unit.submit(&reqs) } {
+            self.held_back.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+            return Err(e);
         }
         Ok(())
     }

@@ -21,10 +21,13 @@
 //! 3. **The domain is not a page table** ([`ViommuDomain`]). The seam with the rest of busdma
 //!    is the IOVA allocator and the invalidation policy, not the page-table walker: a domain
 //!    allocates IOVA (from the device's input range ∩ the caller's aperture, in whole
-//!    granules), sends one MAP per mapping and one UNMAP per unmapping. The page-size mask
-//!    is honoured by taking its smallest page (at least 4 KiB) as the granule: buffers,
-//!    lengths and IOVA are multiples of it, and a misaligned request is refused with the
-//!    offending value before anything is sent.
+//!    granules), sends one MAP per mapping and one UNMAP per unmapping. The front end's IOMMU
+//!    strategies (`IommuPerMap`, `IommuPerSegment`, `IommuReserved`) reach it through the same
+//!    domain interface as a table-walking domain, `front::strategy::IommuOps`
+//!    (`front/strategy/viommu.rs`), so tags and maps work unchanged behind a virtio-iommu.
+//!    The page-size mask is honoured by taking its smallest page (at least 4 KiB) as the
+//!    granule: buffers, lengths and IOVA are multiples of it, and a misaligned request is
+//!    refused with the offending value before anything is sent.
 //! 4. **Strict and deferred.** *Strict*: `unmap` sends the UNMAP and frees the IOVA only once
 //!    it has completed. *Deferred* ([`crate::iommu::InvalidationPolicy::Deferred`]): unmaps
 //!    queue; when the queue holds `max_entries` or its oldest entry is `max_age_ns` old, all
@@ -52,12 +55,12 @@
 //!
 //! # What is not here yet
 //!
-//! The device handle ([`crate::device::Iommu::attach`]) is built over a page-table domain
-//! ([`crate::iommu::Domain`]); a virtio-iommu domain has no table, so it does not plug into
-//! `IommuHw` (whose `attach_tables` takes a table root). The seam that fits both is a domain
-//! backend trait (map a range / unmap ranges with a flush policy) under the strategies, with
-//! `Domain` as the table-walking implementation and [`ViommuDomain`] as the request-sending
-//! one; until then a driver uses [`ViommuDomain`] directly.
+//! The one-call device handle ([`crate::device::Iommu::attach`]) is built over `IommuHw`, whose
+//! `attach_tables` takes a table root and whose domains are page-table `Domain`s; a
+//! virtio-iommu domain has no table, so it does not plug in there. A driver builds a
+//! [`ViommuDomain`] and a tag over it (`Tag::new_root(platform, IommuPerMap(&domain), spec)`)
+//! instead. Making `device::Iommu` generic over the domain (a table domain or a request
+//! domain, both `IommuOps`) is the step left.
 //!
 //! # Locking and execution context
 //!
@@ -77,7 +80,7 @@ mod transport;
 mod unit;
 pub mod wire;
 
-pub use domain::{ViommuDomain, ViommuDomainStats, ViommuMapping};
+pub use domain::{ViommuDomain, ViommuDomainStats, ViommuMapping, ViommuTicket};
 pub use transport::ConfigSpace;
 pub use unit::{ViommuInfo, ViommuStats, VirtioIommu};
 pub use wire::{FaultReason, FaultRecord, ReservedKind, ReservedRegion};
