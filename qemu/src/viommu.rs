@@ -188,6 +188,11 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
     drop(strict);
     drop(lent);
     r.check("virtio-iommu: requests per I/O, strict and deferred", || per_io(&unit, &devs[1], ep1));
+    let st = unit.stats();
+    println!(
+        "measure - virtio-iommu totals: {} requests ({} MAP, {} UNMAP, {} refused), {} notifications, {} fault records",
+        st.requests, st.maps, st.unmaps, st.errors, st.kicks, st.faults
+    );
 }
 
 fn unattached_blocked(unit: &Unit, dev: &Edu) -> CheckResult {

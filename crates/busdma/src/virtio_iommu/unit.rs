@@ -279,13 +279,22 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
         if self.broken.load(Ordering::Acquire) {
             return Err(Error::BadState { what: "virtio-iommu stopped answering" });
         }
+        // Every request is encoded once before any is published, so a malformed one (an empty
+        // range) is refused with nothing half-sent.
+        let mut out = [0u8; MAX_OUT];
+        for req in reqs {
+            req.encode(&mut out)?;
+        }
         let mut r = self.req.lock();
         let mut first_err = None;
         for chunk in reqs.chunks(usize::from(r.slots)) {
-            let mut out = [0u8; MAX_OUT];
             for (i, req) in chunk.iter().enumerate() {
                 let len = req.encode(&mut out)?;
-                self.put_slot(&mut r, i as u16, &out[..len], None)?;
+                if let Err(e) = self.put_slot(&mut r, i as u16, &out[..len], None) {
+                    // Part of the chunk may be published: the queue's state is unknown now.
+                    self.broken.store(true, Ordering::Release);
+                    return Err(e);
+                }
             }
             self.kick(&r);
             self.wait(&mut r, chunk.len())?;
