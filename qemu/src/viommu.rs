@@ -9,7 +9,7 @@ use alloc::format;
 use alloc::string::String;
 
 use alloc::vec::Vec;
-use busdma::front::{Direction, IommuPerMap, Segment, SyncOp, Tag, TagSpec};
+use busdma::front::{Direction, IommuPerMap, IommuReserved, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::Prot;
 use busdma::virtio_iommu::{ConfigSpace, FaultReason, ReservedKind, ViommuDomain, VirtioIommu};
@@ -187,6 +187,9 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
     });
     drop(strict);
     drop(lent);
+    r.check("virtio-iommu: a reserved window (IommuReserved) on a deferred domain is remapped only after its UNMAP", || {
+        reserved_window_deferred(&unit, &devs[1], ep1)
+    });
     r.check("virtio-iommu: requests per I/O, strict and deferred", || per_io(&unit, &devs[1], ep1));
     let st = unit.stats();
     println!(
@@ -312,6 +315,51 @@ fn through_tag(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
         return Err(format!("after the unload a DMA to {old:#x} reached the buffer"));
     }
     expect_fault(unit, u32::from(dev.bdf.source_id()), old, FaultReason::Mapping)
+}
+
+/// A map with a reserved IOVA window (`IommuReserved`) on a deferred domain: the unload queues
+/// its UNMAP and keeps the window; the reload into the same window must first complete that
+/// UNMAP (the strategy waits on the unload's ticket), so exactly one UNMAP goes out before the
+/// new MAP, and the device's next write lands in the new buffer only.
+fn reserved_window_deferred(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
+    let d = ViommuDomain::new(unit, ep, aperture(), DEFERRED).map_err(e2s)?;
+    load_pattern(&d, dev)?;
+    drain_faults(unit)?;
+    let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
+    let tag = Tag::new_root(&PLATFORM, IommuReserved::new(&d), spec).map_err(e2s)?;
+    let (a, b) = (Buf::new(1, PAGE_SIZE)?, Buf::new(1, PAGE_SIZE)?);
+    let mut map = tag.create_map().map_err(e2s)?;
+    let bus_a = map.load(&kbuf(&a, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+    dev.dma(Dir::ToRam, bus_a, 0, XFER)?;
+    map.unload().map_err(e2s)?;
+    a.fill(SENTINEL)?;
+    b.fill(SENTINEL)?;
+    let before = unit.stats();
+    if d.pending() != 1 {
+        return Err(format!("{} UNMAPs queued after a deferred unload, expected 1", d.pending()));
+    }
+    let bus_b = map.load(&kbuf(&b, 0, XFER), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+    if bus_b != bus_a {
+        return Err(format!("the reserved window moved: {bus_a:#x} then {bus_b:#x}"));
+    }
+    let after = unit.stats();
+    if (after.unmaps - before.unmaps, after.maps - before.maps) != (1, 1) {
+        return Err(format!(
+            "the reload sent {} UNMAP and {} MAP, expected 1 and 1",
+            after.unmaps - before.unmaps,
+            after.maps - before.maps
+        ));
+    }
+    dev.dma(Dir::ToRam, bus_b, 0, XFER)?;
+    if let Some(f) = unit.take_fault().map_err(e2s)? {
+        return Err(format!("unexpected fault {f:?}"));
+    }
+    if !b.holds_pattern(0)? || !a.all(SENTINEL)? {
+        return Err("the DMA after the reload did not land in the new buffer only".into());
+    }
+    map.unload().map_err(e2s)?;
+    drop(map);
+    d.flush(&PLATFORM.pin_cpu()).map_err(e2s)
 }
 
 /// Loads `dev`'s buffer with the pattern through a read-only mapping of `d` (flushed after).
