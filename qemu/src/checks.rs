@@ -218,7 +218,15 @@ pub fn run(info: &BootInfo) -> usize {
         return r.failed;
     }
     if info.param("iommu") == Some("virtio") {
-        crate::viommu::run(&mut r, &devs);
+        let granule = match info.param("granule") {
+            None | Some("4k") => PAGE_SIZE,
+            Some("64k") => 64 << 10,
+            Some(other) => {
+                println!("FAIL - kernel command line: unknown granule={other}");
+                return r.failed + 1;
+            }
+        };
+        crate::viommu::run(&mut r, &devs, granule);
         return r.failed;
     }
     r.check("edu DMA round trip untranslated (IOMMU off)", || untranslated_round_trip(&devs[0]));

@@ -78,8 +78,10 @@ fn drain_faults(unit: &Unit) -> CheckResult {
     Ok(())
 }
 
-/// Runs the virtio-iommu checks on `devs` (two edu devices).
-pub fn run(r: &mut Runner, devs: &[Edu]) {
+/// Runs the virtio-iommu checks on `devs` (two edu devices). `granule`: the smallest page
+/// the device was configured with (kernel command line `granule=64k`; default 4 KiB). With a
+/// granule larger than a page only the granule checks run ([`large_granule`]).
+pub fn run(r: &mut Runner, devs: &[Edu], granule: u64) {
     let mut found = None;
     pci::scan_bus0(|bdf, v, d| {
         if (v, d) == (VENDOR, DEVICE) {
@@ -117,8 +119,12 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
         if info.features & need != need || info.features & feature::BYPASS != 0 {
             return Err(format!("negotiated features {:#x}", info.features));
         }
-        if info.granule() != PAGE_SIZE {
-            return Err(format!("granule {:#x}, expected 4 KiB (q35)", info.granule()));
+        if info.granule() != granule {
+            return Err(format!(
+                "granule {:#x} (page sizes {:#x}), expected {granule:#x}",
+                info.granule(),
+                info.page_size_mask
+            ));
         }
         Ok(())
     });
@@ -126,6 +132,10 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
         unattached_blocked(&unit, &devs[1])
     });
     let ep0 = u32::from(devs[0].bdf.source_id());
+    if granule != PAGE_SIZE {
+        large_granule(r, &unit, &devs[0], ep0, granule);
+        return;
+    }
     let strict = match ViommuDomain::new(&unit, ep0, aperture(), InvalidationPolicy::Strict) {
         Ok(d) => d,
         Err(e) => {
@@ -196,6 +206,92 @@ pub fn run(r: &mut Runner, devs: &[Edu]) {
         "measure - virtio-iommu totals: {} requests ({} MAP, {} UNMAP, {} refused), {} notifications, {} fault records",
         st.requests, st.maps, st.unmaps, st.errors, st.kicks, st.faults
     );
+}
+
+/// The page-size mask honoured, against a device whose smallest page is `granule` (QEMU
+/// 10.0.2's `granule=64k`): a buffer aligned to 4 KiB but not to the granule, or a length that
+/// is not a multiple of it, is refused before any request; a granule-sized mapping gets a
+/// granule-aligned IOVA and the device's write lands at its offset inside it (and faults after
+/// the unmap); the front end's 4 KiB strategies refuse the domain.
+fn large_granule(r: &mut Runner, unit: &Unit, dev: &Edu, ep: u32, granule: u64) {
+    let d = match ViommuDomain::new(unit, ep, aperture(), InvalidationPolicy::Strict) {
+        Ok(d) => d,
+        Err(e) => {
+            r.check("virtio-iommu: attach edu 0 to a strict domain", || Err(e2s(e)));
+            return;
+        }
+    };
+    let pages = granule / PAGE_SIZE;
+    r.check(
+        "virtio-iommu: buffers not aligned to the device's granule are refused before any request",
+        || {
+            let buf = Buf::new(2 * pages, granule)?;
+            let g = PLATFORM.pin_cpu();
+            let before = unit.stats().requests;
+            let limit = Iova::new(EDU_LIMIT);
+            // SAFETY: refused before any request; `buf` outlives the calls anyway.
+            let off = unsafe { d.map(&g, buf.at(PAGE_SIZE), granule, limit, Prot::WRITE) };
+            // SAFETY: as above.
+            let short = unsafe { d.map(&g, buf.pa, PAGE_SIZE, limit, Prot::WRITE) };
+            match (off, short) {
+                (Err(Error::Misaligned { align: a, .. }), Err(Error::Misaligned { align: b, .. }))
+                    if a == granule && b == granule && unit.stats().requests == before =>
+                {
+                    Ok(())
+                }
+                (x, y) => {
+                    Err(format!("got {x:?} and {y:?}, {} requests sent", unit.stats().requests - before))
+                }
+            }
+        },
+    );
+    r.check("virtio-iommu: a granule mapping gets a granule-aligned IOVA; DMA lands inside it, faults after unmap", || {
+        drain_faults(unit)?;
+        load_pattern_granule(&d, dev, granule)?;
+        let buf = Buf::new(pages, granule)?;
+        buf.fill(SENTINEL)?;
+        let g = PLATFORM.pin_cpu();
+        // SAFETY: `buf` outlives the mapping (unmapped below, strict).
+        let m = unsafe { d.map(&g, buf.pa, granule, Iova::new(EDU_LIMIT), Prot::WRITE) }.map_err(e2s)?;
+        if !m.iova().is_aligned(granule) {
+            return Err(format!("IOVA {} not aligned to the granule {granule:#x}", m.iova()));
+        }
+        let off = granule / 2;
+        let bus = m.iova().raw() + off;
+        dev.dma(Dir::ToRam, bus, 0, XFER)?;
+        if !buf.holds_pattern(off)? {
+            return Err(format!("the write to {bus:#x} did not land at offset {off:#x} of the buffer"));
+        }
+        d.unmap(&g, m).map_err(e2s)?;
+        buf.fill(SENTINEL)?;
+        dev.dma(Dir::ToRam, bus, 0, XFER)?;
+        if !buf.all(SENTINEL)? {
+            return Err(format!("after the unmap a DMA to {bus:#x} reached the buffer"));
+        }
+        expect_fault(unit, ep, bus, FaultReason::Mapping)
+    });
+    r.check("virtio-iommu: the front end's 4 KiB strategies refuse a larger granule", || {
+        let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
+        let tag = Tag::new_root(&PLATFORM, IommuPerMap(&d), spec).map_err(e2s)?;
+        let buf = Buf::new(1, PAGE_SIZE)?;
+        let mut map = tag.create_map().map_err(e2s)?;
+        match map.load(&kbuf(&buf, 0, XFER), Direction::FromDevice) {
+            Err(Error::Unsupported { .. }) => Ok(()),
+            Err(e) => Err(format!("refused with {e}, not as unsupported")),
+            Ok(segs) => Err(format!("loaded at {:?}", segs.first())),
+        }
+    });
+}
+
+/// Loads `dev`'s buffer with the pattern through a read-only granule mapping of `d`.
+fn load_pattern_granule(d: &Dom<'_>, dev: &Edu, granule: u64) -> CheckResult {
+    let g = PLATFORM.pin_cpu();
+    let src = Buf::new(granule / PAGE_SIZE, granule)?;
+    PLATFORM.write_phys(src.pa, &pattern()).map_err(e2s)?;
+    // SAFETY: `src` outlives the mapping (unmapped below, strict).
+    let m = unsafe { d.map(&g, src.pa, granule, Iova::new(EDU_LIMIT), Prot::READ) }.map_err(e2s)?;
+    dev.dma(Dir::FromRam, m.iova().raw(), 0, XFER)?;
+    d.unmap(&g, m).map_err(e2s)
 }
 
 fn unattached_blocked(unit: &Unit, dev: &Edu) -> CheckResult {
