@@ -14,7 +14,11 @@
 //! - mechanism-level mapping of IOVA ranges the caller claims to own (page tables, domains)
 //!   and attaching raw table roots to IOMMU hardware, or turning its translation off
 //!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation): every device then
-//!   reaches all of memory).
+//!   reaches all of memory); on a virtio-iommu, the requests that give reach
+//!   ([`VirtioIommu::submit`](crate::virtio_iommu::VirtioIommu::submit): MAP, ATTACH) and
+//!   [`ViommuDomain::map`](crate::virtio_iommu::ViommuDomain::map) /
+//!   [`map_at`](crate::virtio_iommu::ViommuDomain::map_at), and taking over the device
+//!   ([`VirtioIommu::new`](crate::virtio_iommu::VirtioIommu::new)).
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
 //! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no
@@ -69,6 +73,18 @@
 //! ) {
 //!     // error[E0133]: any IOVA, any physical address
 //!     let _ = IommuOps::map(&d, g, Iova::new(0x1000), PhysAddr::new(0x1000), 4096, Prot::READ_WRITE);
+//! }
+//! ```
+//!
+//! A virtio-iommu domain's MAP is no back door either (E0133):
+//!
+//! ```compile_fail,E0133
+//! use busdma::pgtable::Prot;
+//! use busdma::virtio_iommu::ViommuDomain;
+//! use busdma::{CpuGuard, Iova, PhysAddr, Platform};
+//! fn poke<P: Platform>(d: &ViommuDomain<'_, '_, P>, g: &CpuGuard<'_, P>) {
+//!     // error[E0133]: any physical address, lent to the device
+//!     let _ = d.map(g, PhysAddr::new(0x1000), 4096, Iova::new(1 << 28), Prot::READ_WRITE);
 //! }
 //! ```
 //!
