@@ -28,6 +28,10 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
   || die "cannot add clippy/rustfmt"
 rustup toolchain list | grep -q "^$MSRV" || rustup toolchain install "$MSRV" --profile minimal \
   || die "cannot install the MSRV toolchain $MSRV"
+# Bare-metal targets: busdma's no_std builds and the aarch64 test kernel (qemu/aarch64).
+for t in aarch64-unknown-none x86_64-unknown-none; do
+  rustup target list --installed | grep -qx "$t" || rustup target add "$t" || die "cannot add the $t target"
+done
 
 step "format"
 cargo fmt --all --check || die "cargo fmt --check (run: cargo fmt --all)"
@@ -38,6 +42,16 @@ cargo clippy --workspace --all-targets -- -D warnings || die "clippy"
 step "the QEMU test kernel builds (qemu/: its own workspace, so the steps above miss it)"
 (cd qemu && cargo fmt --check) || die "cargo fmt --check in qemu/ (run: cd qemu && cargo fmt)"
 (cd qemu && cargo clippy --release --quiet -- -D warnings) || die "clippy on the test kernel (qemu/)"
+(cd qemu/aarch64 && cargo fmt --check) || die "cargo fmt --check in qemu/aarch64/ (run: cd qemu/aarch64 && cargo fmt)"
+(cd qemu/aarch64 && cargo clippy --release --quiet -- -D warnings) || die "clippy on the aarch64 test kernel (qemu/aarch64/)"
+
+step "busdma builds for bare metal (no_std): aarch64-unknown-none and x86_64-unknown-none, with and without alloc"
+for t in aarch64-unknown-none x86_64-unknown-none; do
+  for f in "" alloc alloc,vtd,smmuv3; do
+    cargo build -p busdma --no-default-features --features "$f" --target "$t" --quiet \
+      || die "busdma for $t with features [$f]"
+  done
+done
 
 step "docs (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet || die "cargo doc"
@@ -129,8 +143,9 @@ done
 step "soak: random mixed workload on every strategy, invariants checked (dmalab soak)"
 cargo run --release --quiet -- soak --seconds 20 --threads 2 || die "dmalab soak found violations"
 
-step "QEMU suite: the VT-d driver against QEMU's intel-iommu, on QEMU 7.2 and 10.0.2 (qemu/run)"
-# Debian's 7.2 from apt; bookworm-backports' 10.0.2 unpacked beside it (qemu/install-qemu).
+step "QEMU suite: the VT-d driver against QEMU's intel-iommu and the SMMUv3 driver against virt's SMMUv3, on QEMU 7.2 and 10.0.2 (qemu/run)"
+# Debian's 7.2 from apt (qemu-system-x86 and qemu-system-arm); bookworm-backports' 10.0.2
+# unpacked beside it (qemu/install-qemu).
 qemu/install-qemu || die "cannot install QEMU 7.2 and 10.0.2 (qemu/install-qemu)"
 apt_need timeout coreutils
 qemu/run || die "qemu/run: the QEMU suite failed"

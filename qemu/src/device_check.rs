@@ -1,5 +1,7 @@
-//! `busdma::device` on the real (emulated) VT-d unit: edu attached with one call, one DMA round
-//! trip through a tag of the device, and the detach that blocks it again.
+//! `busdma::device` on the real (emulated) IOMMU: edu attached with one call, one DMA round
+//! trip through a tag of the device, and the detach that blocks it again. Shared by the x86
+//! kernel (VT-d) and the aarch64 one (SMMUv3, `qemu/aarch64`, by path): `crate::domain`
+//! names the driver (`Unit`) and how it names a device (`device_id`).
 
 use alloc::format;
 use alloc::string::String;
@@ -9,10 +11,9 @@ use alloc::vec::Vec;
 use busdma::device::{Iommu, Policy};
 use busdma::front::{Direction, HeapBuffer, OwnedMap, RawSegment, TagSpec};
 use busdma::quickmap::QuickMaps;
-use busdma::vtd::SourceId;
 use busdma::{PAGE_SIZE, PageRequest, Platform};
 
-use crate::domain::Unit;
+use crate::domain::{Unit, device_id};
 use crate::edu::{self, Dir, Edu};
 use crate::platform::PLATFORM;
 
@@ -25,10 +26,10 @@ fn e2s(e: busdma::Error) -> String {
 
 /// edu copies a RAM buffer into its own through one map, then back into another RAM buffer
 /// through a second map, both through the device's domain; after the detach its DMA faults.
-pub fn device_round_trip(vtd: &Unit, dev: &Edu) -> Result<(), String> {
+pub fn device_round_trip(unit: &Unit, dev: &Edu) -> Result<(), String> {
     let qm = QuickMaps::for_platform(&PLATFORM);
-    let iommu = Iommu::new(&PLATFORM, &qm, vtd).map_err(e2s)?;
-    let d = iommu.attach(SourceId(dev.bdf.source_id()), Policy::Strict).map_err(e2s)?;
+    let iommu = Iommu::new(&PLATFORM, &qm, unit).map_err(e2s)?;
+    let d = iommu.attach(device_id(dev), Policy::Strict).map_err(e2s)?;
     let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
     let tag = d.tag(spec).map_err(e2s)?;
     let src = PLATFORM.alloc_pages(&PageRequest::pages(1)).map_err(e2s)?;
@@ -65,7 +66,7 @@ pub fn device_round_trip(vtd: &Unit, dev: &Edu) -> Result<(), String> {
     dev.dma(Dir::ToRam, bus_back, 0, LEN)?;
     let mut got = vec![0u8; LEN as usize];
     PLATFORM.read_phys(dst, &mut got).map_err(e2s)?;
-    while vtd.take_fault().is_some() {}
+    while unit.take_fault().is_some() {}
     // SAFETY: both runs came from `alloc_pages` above and no mapping reaches them any more
     // (unloaded, and the device detached).
     unsafe {
@@ -85,10 +86,10 @@ pub fn device_round_trip(vtd: &Unit, dev: &Edu) -> Result<(), String> {
 /// identity direct map) is loaded into an owned map with no `unsafe`, edu copies it into its
 /// own memory and back into a second heap buffer through the device's domain, and the bytes
 /// come back with the buffer once the strict unload proves no translation reaches it.
-pub fn heap_buffer_round_trip(vtd: &Unit, dev: &Edu) -> Result<(), String> {
+pub fn heap_buffer_round_trip(unit: &Unit, dev: &Edu) -> Result<(), String> {
     let qm = QuickMaps::for_platform(&PLATFORM);
-    let iommu = Iommu::new(&PLATFORM, &qm, vtd).map_err(e2s)?;
-    let d = iommu.attach(SourceId(dev.bdf.source_id()), Policy::Strict).map_err(e2s)?;
+    let iommu = Iommu::new(&PLATFORM, &qm, unit).map_err(e2s)?;
+    let d = iommu.attach(device_id(dev), Policy::Strict).map_err(e2s)?;
     let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
     let r = (|| {
         let tag = d.tag(spec).map_err(e2s)?;

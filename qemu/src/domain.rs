@@ -13,6 +13,11 @@ use busdma::{AddrRange, CpuGuard, Iova, PAGE_SIZE, PhysAddr, Platform, Result};
 use crate::edu::Edu;
 use crate::platform::{KernelPlatform, PLATFORM};
 
+/// How the VT-d driver names `dev` (its requester id), for `device_check.rs`.
+pub fn device_id(dev: &Edu) -> SourceId {
+    SourceId(dev.bdf.source_id())
+}
+
 /// edu's DMA mask: 28 address bits; every IOVA handed to it lies below.
 pub const EDU_LIMIT: u64 = 1 << 28;
 

@@ -17,7 +17,13 @@ use busdma::sync::SpinLock;
 use busdma::{Error, PAGE_SIZE, PhysAddr, Result};
 
 /// Start of the arena: 2^28, the first address edu cannot emit (its DMA mask is 28 bits).
+#[cfg(target_arch = "x86_64")]
 pub const ARENA_BASE: u64 = 1 << 28;
+/// Start of the arena on aarch64 (`qemu/aarch64` shares this file): 128 MiB into the RAM of
+/// QEMU's `virt` (which starts at 1 GiB, so every byte of it is already beyond edu's mask),
+/// above the kernel image loaded at 0x4008_0000.
+#[cfg(target_arch = "aarch64")]
+pub const ARENA_BASE: u64 = 0x4800_0000;
 /// Bytes of the arena given to the heap: 8 MiB, far more than the checks allocate (tens of
 /// KiB of bookkeeping) but small beside the frames.
 pub const HEAP_BYTES: u64 = 8 << 20;
@@ -25,7 +31,9 @@ pub const HEAP_BYTES: u64 = 8 << 20;
 /// arena [256 MiB, 392 MiB) stays clear of the ACPI tables SeaBIOS puts at the top of RAM).
 pub const FRAMES: usize = 32768;
 /// First byte of the low scratch zone whose pages the checks may overwrite: 4 MiB, above the
-/// BIOS areas and the kernel image (checked at boot).
+/// BIOS areas and the kernel image (checked at boot). (x86 only: on aarch64 nothing below
+/// 2^28 is RAM.)
+#[cfg(target_arch = "x86_64")]
 pub const SCRATCH_BASE: u64 = 4 << 20;
 
 const WORDS: usize = FRAMES / 64;

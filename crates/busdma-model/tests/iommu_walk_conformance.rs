@@ -9,7 +9,7 @@
 use proptest::prelude::*;
 
 use busdma::pgtable::{
-    ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
+    ArmLpaeS1, ArmLpaeS2, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
 };
 use busdma::{AddrRange, CpuGuard, Iova, PAGE_SIZE, PageSize, PhysAddr, Platform};
 use busdma_model::{Context, FaultReason, HostPlatform, IommuConfig, MachineConfig, ModelIommu, TableFormat};
@@ -25,7 +25,11 @@ fn walker(m: &HostPlatform) -> ModelIommu<'_> {
 }
 
 fn model_format<F: PteFormat>() -> TableFormat {
-    if F::NAME == VtdSl::NAME { TableFormat::VtdSecondLevel } else { TableFormat::ArmLpaeStage1 }
+    match F::NAME {
+        n if n == VtdSl::NAME => TableFormat::VtdSecondLevel,
+        n if n == ArmLpaeS2::NAME => TableFormat::ArmLpaeStage2,
+        _ => TableFormat::ArmLpaeStage1,
+    }
 }
 
 fn range(start: u64, len: u64) -> AddrRange<Iova> {
@@ -168,6 +172,7 @@ fn the_model_walk_agrees_with_iova_to_phys_for_every_format_width_and_size() {
         for size in PageSize::ALL {
             every_size_case::<VtdSl>(bits, size);
             every_size_case::<ArmLpaeS1>(bits, size);
+            every_size_case::<ArmLpaeS2>(bits, size);
         }
     }
 }
@@ -265,5 +270,6 @@ proptest! {
         let bits = if wide { 48 } else { 39 };
         random_case::<VtdSl>(bits, &ops)?;
         random_case::<ArmLpaeS1>(bits, &ops)?;
+        random_case::<ArmLpaeS2>(bits, &ops)?;
     }
 }

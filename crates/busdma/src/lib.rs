@@ -55,6 +55,8 @@ pub mod pin;
 pub mod platform;
 #[cfg(feature = "alloc")]
 pub mod quickmap;
+#[cfg(feature = "smmuv3")]
+pub mod smmuv3;
 pub mod soundness;
 pub mod sync;
 #[cfg(feature = "virtio-iommu")]

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use busdma::pgtable::{
-    ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
+    ArmLpaeS1, ArmLpaeS2, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
 };
 use busdma::{AddrRange, Error, Iova, PageSize, PhysAddr, Platform};
 use busdma_model::{HostPlatform, MachineConfig};
@@ -70,6 +70,7 @@ macro_rules! matrix {
                 for coherent in [true, false] {
                     run::<VtdSl>(Case { format: VtdSl::NAME, bits, size, coherent });
                     run::<ArmLpaeS1>(Case { format: ArmLpaeS1::NAME, bits, size, coherent });
+                    run::<ArmLpaeS2>(Case { format: ArmLpaeS2::NAME, bits, size, coherent });
                 }
             }
         }
@@ -130,6 +131,9 @@ fn rights_read_back_as_the_format_grants_them() {
         if case.format == VtdSl::NAME {
             assert_eq!(VtdSl::prot(ro), Prot::READ);
             assert_eq!(VtdSl::prot(wo), Prot::WRITE);
+        } else if case.format == ArmLpaeS2::NAME {
+            assert_eq!(ArmLpaeS2::prot(ro), Prot::READ);
+            assert_eq!(ArmLpaeS2::prot(wo), Prot::WRITE, "stage 2 expresses write-only");
         } else {
             assert_eq!(ArmLpaeS1::prot(ro), Prot::READ);
             assert_eq!(ArmLpaeS1::prot(wo), Prot::READ_WRITE, "stage 1 cannot deny reads");

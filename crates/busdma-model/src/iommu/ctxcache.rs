@@ -61,21 +61,26 @@ fn pack(c: &Context) -> u64 {
     let format = match c.format {
         TableFormat::VtdSecondLevel => 0u64,
         TableFormat::ArmLpaeStage1 => 1,
+        TableFormat::ArmLpaeStage2 => 2,
     };
     u64::from(c.domain)
         | (u64::from(c.input_bits & 0xff) << 16)
         | (format << 24)
-        | (u64::from(c.privileged) << 25)
+        | (u64::from(c.privileged) << 26)
 }
 
 fn unpack(root: u64, meta: u64) -> Context {
-    let format = if meta >> 24 & 1 == 0 { TableFormat::VtdSecondLevel } else { TableFormat::ArmLpaeStage1 };
+    let format = match meta >> 24 & 0b11 {
+        0 => TableFormat::VtdSecondLevel,
+        1 => TableFormat::ArmLpaeStage1,
+        _ => TableFormat::ArmLpaeStage2,
+    };
     Context {
         domain: meta as u16,
         root: PhysAddr::new(root),
         format,
         input_bits: (meta >> 16 & 0xff) as u32,
-        privileged: meta >> 25 & 1 != 0,
+        privileged: meta >> 26 & 1 != 0,
     }
 }
 

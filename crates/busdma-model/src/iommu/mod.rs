@@ -52,6 +52,7 @@ mod inject;
 mod iotlb;
 mod lci;
 mod lpae;
+mod lpae_s2;
 mod vtd;
 mod walk;
 
@@ -98,6 +99,9 @@ pub enum TableFormat {
     VtdSecondLevel,
     /// Arm VMSAv8-64 stage 1, 4 KiB granule, as an SMMU walks it (25- to 48-bit input).
     ArmLpaeStage1,
+    /// Arm VMSAv8-64 stage 2, 4 KiB granule, as an SMMU walks it for a stage-2 STE (31- to
+    /// 48-bit input, start level 1 or 0, no concatenation).
+    ArmLpaeStage2,
 }
 
 /// What a device is attached to: the IOMMU's context (VT-d context entry, SMMU stream table
@@ -128,6 +132,7 @@ impl Context {
         let l = match self.format {
             TableFormat::VtdSecondLevel => vtd::levels(self.input_bits),
             TableFormat::ArmLpaeStage1 => lpae::levels(self.input_bits),
+            TableFormat::ArmLpaeStage2 => lpae_s2::levels(self.input_bits),
         };
         l.ok_or(Error::InvalidArgument {
             what: "input width for this table format",
@@ -464,6 +469,7 @@ impl<'m> ModelIommu<'m> {
                 vtd::walk(&mem, root, levels, iova, out)
             }
             TableFormat::ArmLpaeStage1 => lpae::walk(&mem, root, ctx.input_bits, iova, out, ctx.privileged),
+            TableFormat::ArmLpaeStage2 => lpae_s2::walk(&mem, root, ctx.input_bits, iova, out),
         }
     }
 

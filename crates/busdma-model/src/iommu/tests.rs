@@ -30,7 +30,7 @@ impl Tables {
         let pages: Vec<TablePage> = (0..4).map(|_| m.alloc_table_page().unwrap()).collect();
         let link = match format {
             TableFormat::VtdSecondLevel => VTD_RW,
-            TableFormat::ArmLpaeStage1 => LPAE_TABLE,
+            TableFormat::ArmLpaeStage1 | TableFormat::ArmLpaeStage2 => LPAE_TABLE,
         };
         for i in 0..3 {
             pages[i].entry(0).unwrap().store(pages[i + 1].pa().raw() | link, Ordering::Release);
@@ -51,6 +51,10 @@ impl Tables {
         let e = match self.format {
             TableFormat::VtdSecondLevel => pa.raw() | if writable { VTD_RW } else { 0b01 },
             TableFormat::ArmLpaeStage1 => pa.raw() | LPAE_PAGE_RW | if writable { 0 } else { LPAE_RDONLY },
+            // Stage 2: page, AF, MemAttr Normal WB, S2AP read (bit 6) and write (bit 7).
+            TableFormat::ArmLpaeStage2 => {
+                pa.raw() | 0b11 | 1 << 10 | 0b1111 << 2 | 1 << 6 | u64::from(writable) << 7
+            }
         };
         self.pages[3].entry(index).unwrap().store(e, Ordering::Release);
     }
@@ -60,7 +64,8 @@ impl Tables {
     }
 }
 
-const FORMATS: [TableFormat; 2] = [TableFormat::VtdSecondLevel, TableFormat::ArmLpaeStage1];
+const FORMATS: [TableFormat; 3] =
+    [TableFormat::VtdSecondLevel, TableFormat::ArmLpaeStage1, TableFormat::ArmLpaeStage2];
 
 fn range(iova: u64, len: u64) -> AddrRange<Iova> {
     AddrRange::from_start_len(Iova::new(iova), len).unwrap()

@@ -7,8 +7,9 @@
 //!    the last level, whose entries map 4 KiB; 1 maps 2 MiB; 2 maps 1 GiB; 3 maps 512 GiB).
 //!    The walker ([`PageTable`]) knows the shape every supported format shares (4 KiB tables
 //!    of 512 entries, 9 bits of input address per level, 3 levels for 39-bit and 4 for 48-bit
-//!    input) and nothing of the bits. Two formats exist: [`VtdSl`] (Intel VT-d second level)
-//!    and [`ArmLpaeS1`] (Arm VMSAv8-64 stage 1, 4 KiB granule, as SMMUv2/v3 walk it). Each is
+//!    input) and nothing of the bits. Three formats exist: [`VtdSl`] (Intel VT-d second
+//!    level), [`ArmLpaeS1`] (Arm VMSAv8-64 stage 1, 4 KiB granule, as SMMUv2/v3 walk it) and
+//!    [`ArmLpaeS2`] (its stage 2: memory type and rights in the leaf, no MAIR). Each is
 //!    documented from its specification at the top of its file.
 //! 2. **Batches and blocks.** [`PageTable::map`] maps a run of pages in one call, descending
 //!    once per table it touches, not once per page. Where the run covers a whole 2 MiB or
@@ -80,6 +81,7 @@ mod format;
 mod gather;
 pub mod install;
 mod lpae;
+mod lpae_s2;
 mod pool;
 mod vtd;
 mod walker;
@@ -87,6 +89,7 @@ mod walker;
 pub use format::{PteFormat, height_shift, height_span};
 pub use gather::{FlushDone, Gather};
 pub use lpae::ArmLpaeS1;
+pub use lpae_s2::ArmLpaeS2;
 pub use pool::{PoolStats, TablePool};
 pub use vtd::VtdSl;
 pub use walker::{PageTable, PageTableConfig};
