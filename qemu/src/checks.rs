@@ -39,12 +39,17 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
-    pub(crate) fn check(&mut self, name: &str, f: impl FnOnce() -> CheckResult) {
+    /// Runs one check and prints its line; true if it passed.
+    pub(crate) fn check(&mut self, name: &str, f: impl FnOnce() -> CheckResult) -> bool {
         match f() {
-            Ok(()) => println!("ok - {name}"),
+            Ok(()) => {
+                println!("ok - {name}");
+                true
+            }
             Err(why) => {
                 self.failed += 1;
                 println!("FAIL - {name}: {why}");
+                false
             }
         }
     }
@@ -190,8 +195,10 @@ pub fn run(info: &BootInfo) -> usize {
     let mut r = Runner { failed: 0 };
     println!("busdma-qemu: cmdline '{}'", info.cmdline);
     let mut edus: Vec<Bdf> = Vec::new();
+    let mut virtio = crate::virtio_check::Found::default();
     pci::scan_bus0(|bdf, v, d| {
         println!("pci {bdf} {v:04x}:{d:04x}");
+        virtio.add(bdf, v, d);
         if (v, d) == (edu::VENDOR, edu::DEVICE) {
             edus.push(bdf);
         }
@@ -306,18 +313,63 @@ pub fn run(info: &BootInfo) -> usize {
         || crate::device_check::heap_buffer_round_trip(&vtd, &devs[0]),
     );
 
-    r.check("vtd: teardown turns translation off and frees every page it took", || {
-        drop(vtd);
-        // SAFETY: the driver is gone; reading the unit's status register has no side effect.
-        let status = unsafe { PLATFORM.mmio_read32(PhysAddr::new(VTD_BASE + busdma::vtd::regs::GSTS)) };
-        if status & busdma::vtd::regs::gcmd::TE != 0 {
-            return Err("translation still on".into());
-        }
-        if frames::in_use() != frames_before {
-            return Err(format!("{} frames in use, {frames_before} before bring-up", frames::in_use()));
-        }
-        Ok(())
-    });
+    r.check(
+        "device: an untrusted device's sub-page buffer is bounced: edu reads the rest of its page and finds none of its secret",
+        || crate::device_check::untrusted_sub_page(&vtd, &devs[0]),
+    );
+
+    // Drivers written elsewhere (virtio-drivers), when the runner gave this configuration
+    // virtio devices (kernel command line virtio=on).
+    if info.param("virtio") == Some("on") {
+        crate::virtio_check::run(&vtd, &virtio, |name, f| r.check(name, f));
+    } else if virtio.any() {
+        r.check("virtio devices only where the runner asked for them", || Err("virtio=on missing".into()));
+    }
+
+    r.check(
+        "vtd: a dropped unit keeps blocking (translation stays on, edu's DMA finds no context) and frees every page but its root table",
+        || {
+            drop(vtd);
+            // SAFETY: the driver is gone; reading the unit's status register has no side effect.
+            let status = unsafe { PLATFORM.mmio_read32(PhysAddr::new(VTD_BASE + busdma::vtd::regs::GSTS)) };
+            if status & busdma::vtd::regs::gcmd::TE == 0 {
+                return Err("translation turned off: every device reaches all of memory".into());
+            }
+            // Counted before the DMA below, whose scratch-page writes use frames of their own.
+            if frames::in_use() != frames_before + 1 {
+                return Err(format!(
+                    "{} frames in use, {frames_before} before bring-up (+1 expected: the root table the unit still reads)",
+                    frames::in_use()
+                ));
+            }
+            // A scratch page an untranslated DMA would reach: it must stay as it is.
+            let target = 0x0120_0000u64;
+            PLATFORM.fill_phys(PhysAddr::new(target), PAGE_SIZE, SENTINEL).map_err(e2s)?;
+            devs[0].dma(Dir::ToRam, target, 0, XFER)?;
+            let mut got = vec![0u8; PAGE_SIZE as usize];
+            PLATFORM.read_phys(PhysAddr::new(target), &mut got).map_err(e2s)?;
+            if got.iter().any(|&b| b != SENTINEL) {
+                return Err("a DMA after the drop reached memory".into());
+            }
+            Ok(())
+        },
+    );
+    r.check(
+        "vtd: translation turned off (unsafe) before the drop: every page freed, the root table too",
+        || {
+            let frames_now = frames::in_use();
+            // SAFETY: q35's only remapping unit, and the previous driver value is gone.
+            let unit = unsafe { Vtd::new(&PLATFORM, PhysAddr::new(VTD_BASE), config) }.map_err(e2s)?;
+            // SAFETY: no device is given work until the end of this kernel: nothing DMAs while the
+            // unit is off.
+            unsafe { unit.disable_translation() }.map_err(e2s)?;
+            drop(unit);
+            if frames::in_use() != frames_now {
+                return Err(format!("{} frames in use, {frames_now} before", frames::in_use()));
+            }
+            Ok(())
+        },
+    );
     r.failed
 }
 

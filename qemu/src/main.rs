@@ -27,6 +27,7 @@ mod platform;
 mod port;
 mod start_info;
 mod viommu;
+mod virtio_check;
 
 use core::panic::PanicInfo;
 

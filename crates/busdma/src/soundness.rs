@@ -13,9 +13,12 @@
 //!   bus code ([`DeviceRegion::new`](crate::front::DeviceRegion::new): MMIO, peer BARs);
 //! - mechanism-level mapping of IOVA ranges the caller claims to own (page tables, domains)
 //!   and attaching raw table roots to IOMMU hardware, or turning its translation off
-//!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation): every device then
-//!   reaches all of memory); on a virtio-iommu, the requests that give reach
-//!   ([`VirtioIommu::submit`](crate::virtio_iommu::VirtioIommu::submit): MAP, ATTACH) and
+//!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation),
+//!   [`Smmu::disable_translation`](crate::smmuv3::Smmu::disable_translation): every device
+//!   then reaches all of memory). Dropping a unit is safe because it never turns translation
+//!   off: it leaves every device blocked and leaks the one table the unit still reads.
+//!   On a virtio-iommu: the requests that give reach
+//!   ([`VirtioIommu::submit`](crate::virtio_iommu::VirtioIommu::submit): MAP, ATTACH),
 //!   [`ViommuDomain::map`](crate::virtio_iommu::ViommuDomain::map) /
 //!   [`map_at`](crate::virtio_iommu::ViommuDomain::map_at), and taking over the device
 //!   ([`VirtioIommu::new`](crate::virtio_iommu::VirtioIommu::new)).

@@ -217,15 +217,37 @@ pub fn run() -> usize {
         } else {
             println!("# smmuv3: IDR0.S2P = 0, no stage 2 on this SMMU (QEMU < 9.2): stage-2 checks not run");
         }
+        let kept = smmu.stream_table_pages();
+        let cr0ack = || {
+            // SAFETY: the SMMU's register block; reading CR0ACK has no side effect.
+            unsafe { PLATFORM.mmio_read32(PhysAddr::new(SMMU_BASE + busdma::smmuv3::regs::CR0ACK)) }
+        };
+        let was_on = cr0ack() & busdma::smmuv3::regs::cr0::SMMUEN != 0;
         // SAFETY: `smmu` came from Box::leak above and every borrow of it ended with `suite`.
         drop(unsafe { alloc::boxed::Box::from_raw(smmu as *const Unit as *mut Unit) });
         let left = frames::in_use();
-        r.check("teardown: SMMU dropped, every table, queue and CD page freed", || {
-            if left != baseline {
-                return Err(format!("{} frames in use, {baseline} before the probe", left));
-            }
-            Ok(())
-        });
+        r.check(
+            "teardown: a dropped SMMU stays enabled with every stream aborted (no bypass); every CD and queue page freed, only the stream table kept",
+            || {
+                if !was_on {
+                    // Never enabled (no stage 2 on this QEMU: no suite ran): nothing to keep.
+                    return if left == baseline {
+                        Ok(())
+                    } else {
+                        Err(format!("{left} frames in use, {baseline} before the probe"))
+                    };
+                }
+                if cr0ack() & busdma::smmuv3::regs::cr0::SMMUEN == 0 {
+                    return Err("the SMMU is off: every device bypasses it".into());
+                }
+                if left != baseline + kept {
+                    return Err(format!(
+                        "{left} frames in use, {baseline} before the probe (+{kept} expected: the stream table)"
+                    ));
+                }
+                Ok(())
+            },
+        );
     }
     r.failed
 }
@@ -577,5 +599,9 @@ fn suite<H: Hw>(
     r.check("device: a kernel-heap buffer is an owned DMA buffer: edu round-trips it", || {
         device_check::heap_buffer_round_trip(smmu, e1)
     });
+    r.check(
+        "device: an untrusted device's sub-page buffer is bounced: edu reads the rest of its page and finds none of its secret",
+        || device_check::untrusted_sub_page(smmu, e1),
+    );
     drop(pool);
 }

@@ -326,7 +326,22 @@ impl<'p, P: Platform> Smmu<'p, P> {
     /// Turns translation off (streams get GBPA's attribute: bypass by default).
     ///
     /// Errors: [`Error::BadState`] if CR0ACK never agrees.
-    pub fn disable_translation(&self) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// With the SMMU off every device behind it bypasses it (GBPA's default; QEMU 7.2 has no
+    /// other) and reaches all of physical memory. The caller guarantees that none of them
+    /// issues DMA until translation is on again, or that each is trusted with all of memory.
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::Platform;
+    /// use busdma::smmuv3::Smmu;
+    /// // Turning the SMMU off without `unsafe` is rejected (E0133): it opens all of memory.
+    /// fn open_everything<P: Platform>(smmu: &Smmu<'_, P>) {
+    ///     let _ = smmu.disable_translation();
+    /// }
+    /// ```
+    pub unsafe fn disable_translation(&self) -> Result<()> {
         self.set_cr0(cr0::CMDQEN | cr0::EVENTQEN)
     }
 
@@ -617,6 +632,12 @@ impl<'p, P: Platform> Smmu<'p, P> {
             .then(|| entry::ste_vmid(ste_word(table, index, 2)))
     }
 
+    /// Pages of the stream table: the linear page, or the L1 page and every L2 table. A drop
+    /// with translation on keeps (leaks) exactly these: the SMMU still reads them.
+    pub fn stream_table_pages(&self) -> usize {
+        1 + self.state.lock().l2.iter().filter(|p| p.is_some()).count()
+    }
+
     /// Table pages the stream table holds beyond its root (2-level: L2 tables) plus CD pages.
     pub fn table_pages(&self) -> usize {
         let state = self.state.lock();
@@ -898,24 +919,69 @@ impl<'p, P: Platform> Smmu<'p, P> {
 }
 
 impl<P: Platform> Drop for Smmu<'_, P> {
-    /// Turns the SMMU off (queues too), then frees every page: once off it reads none.
+    /// Leaves every device blocked, never bypassing: turning the SMMU off would send every
+    /// stream through GBPA (bypass by default, and QEMU 7.2 honours nothing else), so every
+    /// device would reach all of memory from a safe drop. Only [`Smmu::disable_translation`],
+    /// which is `unsafe`, does that.
+    ///
+    /// - Translation on (the usual case): every STE becomes abort, then CFGI_ALL,
+    ///   TLBI_NSNH_ALL and CMD_SYNC; the queues are turned off with SMMUEN kept on. From then
+    ///   on every stream is terminated; the CD and queue pages are freed. The stream table
+    ///   (the linear page, or the L1 page and every L2 page) stays allocated (leaked: the
+    ///   enabled SMMU still reads it).
+    /// - Translation already off (the caller turned it off, `unsafe`ly): the queues are
+    ///   turned off and every page is freed.
+    /// - Anything the SMMU does not acknowledge: every page it may still read is leaked.
     fn drop(&mut self) {
-        if self.set_cr0(0).is_err() {
-            // Not acknowledged: the SMMU may still walk the tables; leak them.
+        let translating = self.r32(regs::CR0ACK) & cr0::SMMUEN != 0;
+        if translating {
+            let abort = entry::ste(SteConfig::Abort);
+            let state = self.state.get_mut();
+            let tables: alloc::vec::Vec<(&TablePage, usize)> = match self.format {
+                StreamTableFormat::Linear => alloc::vec![(&self.strtab, 1usize << self.sid_bits)],
+                StreamTableFormat::TwoLevel => {
+                    state.l2.iter().flatten().map(|t| (t, 1usize << entry::SPLIT)).collect()
+                }
+            };
+            for (table, n) in tables {
+                for index in 0..n {
+                    // Word 0 alone: Config = abort makes the SMMU ignore words 1-7.
+                    store(table, index * STE_WORDS, abort[0]);
+                }
+            }
+            let mut state = self.state.lock();
+            // CFGI_ALL is CFGI_STE_RANGE (0x04) with Range = 31.
+            let cfgi_all: Command = [0x04, 31];
+            if self.submit(&mut state, &[cfgi_all, cmd::tlbi_nsnh_all()], 0).is_err() {
+                // A cached STE may still lead to a CD and its tables: leak everything.
+                return;
+            }
+            drop(state);
+        }
+        if self.set_cr0(if translating { cr0::SMMUEN } else { 0 }).is_err() {
+            // Not acknowledged: the SMMU may still read every page; leak them.
             return;
         }
         let state = self.state.get_mut();
-        // SAFETY: these three handles are not used after this drop; each alias is the one
-        // handle of its page that is freed.
-        let roots = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias(), self.strtab.alias()] };
-        let pages = state
-            .l2
-            .iter_mut()
-            .filter_map(Option::take)
-            .chain(state.cds.drain(..).map(|(_, p)| p))
-            .chain(roots);
-        for page in pages {
-            // SAFETY: the SMMU is off (CR0ACK = 0), so it reads none of these pages; each
+        for (_, page) in state.cds.drain(..) {
+            // SAFETY: no STE points at a CD any more (every one aborts and CFGI_ALL has
+            // completed, or the SMMU is off); each came from `alloc_table_page`, freed once.
+            unsafe { self.platform.free_table_page(page) };
+        }
+        // SAFETY: these two handles are not used after this drop; each alias is the one handle
+        // of its page that is freed.
+        let queues = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias()] };
+        for page in queues {
+            // SAFETY: both queues are off (CR0ACK agreed), so the SMMU reads neither page.
+            unsafe { self.platform.free_table_page(page) };
+        }
+        if translating {
+            return;
+        }
+        // SAFETY: the one remaining handle of the stream table page, not used after this drop.
+        let root = unsafe { self.strtab.alias() };
+        for page in state.l2.iter_mut().filter_map(Option::take).chain([root]) {
+            // SAFETY: the SMMU is off (CR0ACK = 0), so it reads no stream table page; each
             // came from `alloc_table_page` and is freed once.
             unsafe { self.platform.free_table_page(page) };
         }
