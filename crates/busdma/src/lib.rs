@@ -65,6 +65,8 @@ pub mod soundness;
 pub mod sync;
 #[cfg(feature = "virtio")]
 pub mod virtio;
+#[cfg(feature = "virtio-iommu")]
+pub mod virtio_iommu;
 #[cfg(feature = "vtd")]
 pub mod vtd;
 
