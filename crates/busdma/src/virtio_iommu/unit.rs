@@ -88,9 +88,16 @@ struct Events {
 
 /// A virtio-iommu device, initialised: bypass off, both queues running.
 ///
+/// Dropping it leaves the device as it is: bypass off and, once every domain is gone, no
+/// endpoint attached, so every endpoint's DMA is refused. It does not reset the device: a
+/// device may return to its default bypass state at reset (the spec leaves it to the device;
+/// QEMU restores its `boot-bypass`, on by default, at system reset only), which would let
+/// every endpoint reach all of memory after a safe drop. Its five queue
+/// pages stay with the device (leaked). [`VirtioIommu::reset`] (`unsafe`) resets and frees.
+///
 /// # Invariants
 ///
-/// The queue pages stay allocated until the device has been reset (drop).
+/// The queue pages stay allocated until the device has been reset ([`VirtioIommu::reset`]).
 pub struct VirtioIommu<'p, P: Platform> {
     platform: &'p P,
     t: VirtioPci<'p, P>,
@@ -201,7 +208,7 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
             return Err(Error::Unsupported { what: "virtio-iommu queue too small" });
         }
         // SAFETY: the ring pages are ours, zeroed, laid out as `layout` says, and freed only
-        // after the device is reset (drop).
+        // after the device is reset (`VirtioIommu::reset`; a drop leaks them).
         rq.notify = unsafe { unit.t.setup_queue(REQUEST_QUEUE, &rq.layout()) };
         // SAFETY: as above.
         eq.notify = unsafe { unit.t.setup_queue(EVENT_QUEUE, &eq.layout()) };
@@ -432,15 +439,24 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
     }
 }
 
-impl<P: Platform> Drop for VirtioIommu<'_, P> {
-    fn drop(&mut self) {
-        // A device that did not reset may still use the queue pages: leak them.
-        if self.t.reset().is_ok() {
-            for &pa in &self.pages {
-                // SAFETY: our pages; the device is reset, so it no longer uses them.
-                unsafe { self.platform.free_pages(pa, 1) };
-            }
+impl<P: Platform> VirtioIommu<'_, P> {
+    /// Resets the device and frees its queue pages (dropping the driver does neither: see
+    /// [`VirtioIommu`]). Errors: [`Error::BadState`] if the reset never completes; the pages
+    /// are then leaked, since the device may still use them.
+    ///
+    /// # Safety
+    ///
+    /// A reset device lets endpoints through as its default says: QEMU's `boot-bypass` is on
+    /// unless the VMM turned it off, and the spec leaves it to the device. The caller
+    /// guarantees that no endpoint behind this virtio-iommu issues DMA from here on, or that
+    /// each is trusted with all of guest memory.
+    pub unsafe fn reset(self) -> Result<()> {
+        self.t.reset()?;
+        for &pa in &self.pages {
+            // SAFETY: our pages; the device is reset, so it no longer uses them.
+            unsafe { self.platform.free_pages(pa, 1) };
         }
+        Ok(())
     }
 }
 
