@@ -1,4 +1,4 @@
-//! Arm SMMUv3, stage 1 (Arm IHI 0070).
+//! Arm SMMUv3, stage 1 and stage 2 (Arm IHI 0070).
 //!
 //! # Theory
 //!
@@ -46,6 +46,12 @@
 //!    StreamID, input address, direction). [`Smmu::gerror`] reports global errors.
 //! 8. **Policy lives above**, as for VT-d: a `busdma::iommu::Domain` decides when to
 //!    invalidate (strict or deferred); this driver only executes.
+//! 9. **Stage 2** (when IDR0.S2P): a stage-2 STE holds the table root (S2TTB), its controls
+//!    (S2T0SZ, S2SL0, S2PS ≤ IDR5.OAS, 4 KiB granule, S2R) and the VMID that tags its TLB
+//!    entries; there is no CD. Its tables are `pgtable::ArmLpaeS2`; its invalidations are
+//!    TLBI_S2_IPA (by IPA) and TLBI_S12_VMALL (the VMID). VMIDs come from their own bitmap
+//!    ([`Smmu::alloc_vmid`]); [`Stage2Domains`] is the SMMU seen through its stage-2 side,
+//!    so a `Domain` (domain id = VMID) runs on either stage unchanged. Nesting is not built.
 //!
 //! # Locking and execution context
 //!
