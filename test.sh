@@ -67,6 +67,12 @@ cargo +"$MSRV" check --workspace --quiet || die "MSRV $MSRV check"
 step "unit, property and doc tests"
 cargo test --workspace || die "cargo test"
 
+step "busdma's adapters for drivers written elsewhere (features virtio, dma-api)"
+cargo clippy -p busdma --all-targets --features virtio,dma-api -- -D warnings || die "clippy (busdma --features virtio,dma-api)"
+cargo +"$MSRV" check -p busdma --features virtio --quiet || die "MSRV $MSRV check of busdma --features virtio (virtio-drivers 0.12)"
+# dma-api 0.10 needs rustc 1.88 (let chains): this runs on stable. virtio is proven in qemu/run.
+cargo test -p busdma --features dma-api --test dmaop_adapter || die "the dma-api DmaOp adapter on the model"
+
 step "loom models (every interleaving of the lock-free pieces)"
 if compgen -G "crates/busdma/tests/loom_*.rs" >/dev/null; then
   RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p busdma --release --test 'loom_*' \

@@ -25,6 +25,7 @@ mod pci;
 mod platform;
 mod port;
 mod start_info;
+mod virtio_check;
 
 use core::panic::PanicInfo;
 

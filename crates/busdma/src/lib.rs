@@ -42,6 +42,8 @@ pub mod device;
 pub mod dir;
 #[cfg(feature = "alloc")]
 pub mod dma;
+#[cfg(feature = "dma-api")]
+pub mod dmaop;
 pub mod error;
 #[cfg(feature = "alloc")]
 pub mod front;
@@ -59,6 +61,8 @@ pub mod quickmap;
 pub mod smmuv3;
 pub mod soundness;
 pub mod sync;
+#[cfg(feature = "virtio")]
+pub mod virtio;
 #[cfg(feature = "vtd")]
 pub mod vtd;
 

@@ -12,7 +12,9 @@
 //!   [`RawSegment::new`](crate::front::RawSegment::new), and device memory described once by
 //!   bus code ([`DeviceRegion::new`](crate::front::DeviceRegion::new): MMIO, peer BARs);
 //! - mechanism-level mapping of IOVA ranges the caller claims to own (page tables, domains)
-//!   and attaching raw table roots to IOMMU hardware.
+//!   and attaching raw table roots to IOMMU hardware, or turning its translation off
+//!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation): every device then
+//!   reaches all of memory).
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
 //! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no

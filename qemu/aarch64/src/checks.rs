@@ -577,5 +577,9 @@ fn suite<H: Hw>(
     r.check("device: a kernel-heap buffer is an owned DMA buffer: edu round-trips it", || {
         device_check::heap_buffer_round_trip(smmu, e1)
     });
+    r.check(
+        "device: an untrusted device's sub-page buffer is bounced: edu reads the rest of its page and finds none of its secret",
+        || device_check::untrusted_sub_page(smmu, e1),
+    );
     drop(pool);
 }

@@ -94,7 +94,10 @@ impl<'z, 'p, P: Platform, S> Bounced<'z, 'p, P, S> {
         } else {
             (None, None, 1)
         };
-        Constraint { below, excluded, align, untrusted_granule: spec.flags.untrusted.then_some(PAGE_SIZE) }
+        // Mutant `untrusted-no-bounce` (qemu/run --mutants): sub-page runs of an untrusted
+        // device mapped in place, exposing the rest of their pages.
+        let untrusted = spec.flags.untrusted && !cfg!(busdma_mutant = "untrusted-no-bounce");
+        Constraint { below, excluded, align, untrusted_granule: untrusted.then_some(PAGE_SIZE) }
     }
 
     fn may_bounce(&self, spec: &TagSpec) -> bool {

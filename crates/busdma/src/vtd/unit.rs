@@ -293,7 +293,23 @@ impl<'p, P: Platform> Vtd<'p, P> {
     /// Turns DMA remapping off (DMA goes untranslated again).
     ///
     /// Errors: [`Error::BadState`] if the unit does not acknowledge.
-    pub fn disable_translation(&self) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// Untranslated, every device behind the unit reaches all of physical memory, whatever
+    /// its domain allowed. The caller guarantees that none of them issues DMA until
+    /// translation is on again (quiesced or reset), or accepts that each may reach any memory
+    /// (every one is trusted with all of it, as in a boot-time passthrough).
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::Platform;
+    /// use busdma::vtd::Vtd;
+    /// // Turning remapping off without `unsafe` is rejected (E0133): it opens all of memory.
+    /// fn open_everything<P: Platform>(unit: &Vtd<'_, P>) {
+    ///     let _ = unit.disable_translation();
+    /// }
+    /// ```
+    pub unsafe fn disable_translation(&self) -> Result<()> {
         self.set_persistent(gcmd::TE, false)
     }
 

@@ -1,0 +1,618 @@
+//! # rcore-os `virtio-drivers` on busdma (feature `virtio`)
+//!
+//! `virtio-drivers` (0.12) reaches DMA through its `Hal`: an `unsafe trait` of associated
+//! functions (no `&self`) that allocates queue memory (`dma_alloc`), frees it (`dma_dealloc`),
+//! and shares request buffers with the device (`share` / `unshare`). This module implements it
+//! over a busdma [`Device`], so its block, network and console drivers DMA through the IOMMU.
+//!
+//! ## Theory
+//!
+//! 1. **One device, one slot.** The `Hal` has no `&self`, so its state is global: a
+//!    [`HalSlot`] (a `static` of the kernel's) names the [`VirtioDma`] that serves one device,
+//!    and [`BusdmaHal<K>`] reaches it through `K::slot()` ([`VirtioKernel`]). A kernel with
+//!    several virtio devices has one slot and one `K` per device. [`HalSlot::scope`] installs a
+//!    `VirtioDma` for the length of a closure and removes it afterwards; every `Hal` call holds
+//!    the slot's lock for its whole length, so a scope cannot end while a call through it runs.
+//! 2. **Queue memory is coherent.** `dma_alloc` is [`crate::front::Tag::alloc_coherent`] of the
+//!    device's tag: page-aligned, zeroed here, mapped for its whole life; the bus address it
+//!    returns is the IOVA, never the physical address.
+//! 3. **Shared buffers are always bounced.** `share` copies the caller's bytes (all of them,
+//!    whatever the direction, so bytes the device does not write come back unchanged) into
+//!    fresh [`DmaMemory`] of the tag, loads that into an owned streaming map (synced for the
+//!    device) and returns its bus address; `unshare` syncs for the CPU, copies the bytes back
+//!    when the device may have written them, and unloads (strict policies invalidate the IOTLB
+//!    before `unshare` returns). The device never reaches the caller's memory — a stack or heap
+//!    buffer of any alignment — or the rest of its page. Why not map page-aligned buffers in
+//!    place: `share`'s contract only promises the buffer for the length of the call, so only
+//!    memory busdma owns may stay mapped after it returns (see "What virtio-drivers promises").
+//! 4. **Bus address 0 is failure** to `virtio-drivers` (`dma_alloc`): translated policies never
+//!    hand out IOVA 0 (the device's aperture starts at 1 MiB), and an address 0 from a
+//!    pass-through device is turned into a failure.
+//! 5. **No error path.** `dma_alloc` reports failure by bus address 0 (the driver returns
+//!    `Error::DmaError`). `share` cannot fail: when busdma refuses (no memory, no IOVA, an
+//!    invalidation failure) or the slot is empty, it panics with the error, rather than give
+//!    the device an address that reaches nothing or something else. `unshare` and
+//!    `dma_dealloc` of an address the slot's `VirtioDma` does not know do nothing (and
+//!    `dma_dealloc` returns -1); an unload that fails quarantines the bounce memory
+//!    ([`crate::front::quarantine`]) and counts it in [`VirtioStats::unload_errors`].
+//! 6. **Leaks, never reuse.** A [`VirtioDma`] dropped while queue memory or shares are still
+//!    outstanding (a driver that outlived its scope, a queue dropped with buffers in flight)
+//!    leaks them: they stay mapped and allocated, because a device or a driver may still use
+//!    them ([`VirtioStats::leaked`]).
+//! 7. **`VIRTIO_F_ACCESS_PLATFORM`.** A virtio-pci device behind an IOMMU (QEMU:
+//!    `iommu_platform=on`) offers feature bit 33 and refuses `FEATURES_OK` unless the driver
+//!    accepts it; without it the device would bypass the IOMMU. `virtio-drivers` never accepts
+//!    it; [`AccessPlatform`] wraps any `Transport` and accepts it when offered.
+//!
+//! ## What virtio-drivers promises (and what this module relies on)
+//!
+//! - `dma_dealloc(paddr, vaddr, pages)`: `paddr`/`vaddr`/`pages` come from one `dma_alloc` of
+//!   the same `Hal`, not yet freed. Not relied on: the address is looked up, an unknown one is
+//!   refused.
+//! - `share(buffer, direction)`: `buffer` is valid, non-empty and not accessed by another
+//!   thread *for the duration of the call*. Relied on for the copy in, nothing after.
+//! - `unshare(paddr, buffer, direction)`: `buffer` is valid and not accessed by another thread
+//!   for the duration of the call; `paddr` is what the matching `share` returned. The copy
+//!   back relies on the first; the second is checked (an unknown `paddr` does nothing).
+//! - Not promised by the `Hal`, relied on nowhere: that the device has finished with a share
+//!   when `unshare` comes (virtio-drivers unshares after the device returned the descriptor;
+//!   if it did not, the device loses access at the unload and faults, busdma's memory stays
+//!   ours until no translation reaches it).
+//!
+//! [`Device`]: crate::device::Device
+#![deny(unsafe_code)]
+
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE as VIRTIO_PAGE_SIZE};
+
+use crate::addr::{PAGE_SIZE, PhysAddr};
+use crate::device::{Device, DeviceTag, IommuHw, Policy};
+use crate::dir::{Direction, SyncOp};
+use crate::error::{Error, Result};
+use crate::front::{Coherent, DmaMemory, OwnedMap, TagSpec};
+use crate::platform::MemAttr;
+use crate::sync::{AtomicU64, Ordering, SpinLock};
+
+/// `VIRTIO_F_ACCESS_PLATFORM` (virtio 1.2, 6): the device's DMA goes through the platform's
+/// IOMMU.
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// Mutants (`qemu/run --mutants`, module `mutant` of the VT-d driver explains the scheme).
+mod mutant {
+    /// Hand the device physical addresses instead of bus addresses.
+    pub(super) const PHYS: bool = cfg!(busdma_mutant = "virtio-phys-addr");
+    /// Unload a share as soon as it is loaded, before the device has used it.
+    pub(super) const UNMAP_EARLY: bool = cfg!(busdma_mutant = "virtio-unmap-early");
+}
+
+/// Counters of one [`VirtioDma`] (relaxed; read them between requests).
+#[derive(Debug, Default)]
+pub struct VirtioStats {
+    /// `dma_alloc` calls that succeeded.
+    pub allocs: AtomicU64,
+    /// `dma_dealloc` calls that freed memory.
+    pub deallocs: AtomicU64,
+    /// `share` calls (each one streaming map of a bounce buffer).
+    pub shares: AtomicU64,
+    /// `unshare` calls that found their share.
+    pub unshares: AtomicU64,
+    /// Bytes copied into bounce buffers by `share` (the whole buffer, every direction).
+    pub bounced_in: AtomicU64,
+    /// Bytes copied back by `unshare` (buffers the device may have written).
+    pub bounced_out: AtomicU64,
+    /// Unloads that failed (the bounce memory is quarantined by busdma).
+    pub unload_errors: AtomicU64,
+    /// Shares unloaded by [`VirtioDma::reclaim_shares`].
+    pub reclaimed: AtomicU64,
+    /// Queue memory and shares left outstanding when the `VirtioDma` was dropped (leaked).
+    pub leaked: AtomicU64,
+}
+
+impl VirtioStats {
+    fn bump(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+type Coh<'i, 'p, H> = Coherent<'i, <H as IommuHw>::Platform, crate::device::DeviceStrategy<'i, 'p, H>>;
+type Bounce<'i, 'p, H> = OwnedMap<
+    'i,
+    <H as IommuHw>::Platform,
+    crate::device::DeviceStrategy<'i, 'p, H>,
+    DmaMemory<'i, <H as IommuHw>::Platform>,
+>;
+
+/// Queue memory handed out by `dma_alloc`.
+struct QueueMem<'i, 'p, H: IommuHw> {
+    bus: u64,
+    kva: u64,
+    pages: usize,
+    mem: Coh<'i, 'p, H>,
+}
+
+/// A shared (bounced) buffer.
+struct Share<'i, 'p, H: IommuHw> {
+    bus: u64,
+    map: Bounce<'i, 'p, H>,
+}
+
+/// The busdma side of a virtio device: its tag, the queue memory and shares it has handed out,
+/// and counters. Install it in a [`HalSlot`] with [`HalSlot::scope`].
+pub struct VirtioDma<'i, 'p, H: IommuHw> {
+    tag: DeviceTag<'i, 'p, H>,
+    queues: SpinLock<Vec<QueueMem<'i, 'p, H>>>,
+    shares: SpinLock<Vec<Share<'i, 'p, H>>>,
+    stats: VirtioStats,
+    last_error: SpinLock<Option<Error>>,
+    /// The device's policy translates (strict, deferred, untrusted): an unloaded share is
+    /// unreachable, whatever the device does.
+    translated: bool,
+}
+
+impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
+    /// Serves `dev`: one tag of it that maps up to `max_size` bytes (queue memory or one
+    /// shared buffer) as one segment, anywhere in 64 bits. `coherent`: the device snoops CPU
+    /// caches (virtio-pci devices on x86 do), so queue memory is write-back and syncs maintain
+    /// no cache; otherwise queue memory is uncached, which the platform must offer.
+    ///
+    /// Errors: those of [`Device::tag`].
+    pub fn new(dev: &Device<'i, 'p, H>, max_size: u64, coherent: bool) -> Result<Self> {
+        let mut spec = TagSpec::new(max_size, 1);
+        spec.flags.coherent = coherent;
+        let tag = dev.tag(spec)?;
+        Ok(Self {
+            tag,
+            queues: SpinLock::new(Vec::new()),
+            shares: SpinLock::new(Vec::new()),
+            stats: VirtioStats::default(),
+            last_error: SpinLock::new(None),
+            translated: matches!(dev.policy(), Policy::Strict | Policy::Deferred | Policy::Untrusted),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &VirtioStats {
+        &self.stats
+    }
+
+    /// The last error busdma returned to a `dma_alloc` or `share` (the `Hal` cannot carry it
+    /// to the driver, which sees `DmaError` or panics).
+    pub fn last_error(&self) -> Option<Error> {
+        *self.last_error.lock()
+    }
+
+    fn note<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            *self.last_error.lock() = Some(*e);
+        }
+        r
+    }
+
+    /// Unloads and frees every share the driver never unshared (virtio-drivers leaves posted
+    /// receive buffers shared when a driver is dropped: its console, for one), once the device
+    /// is reset. Safe: the driver never saw these buffers (they are busdma's bounce memory,
+    /// known to it by bus address only), and on a translated policy the unload cuts the device
+    /// off before the memory is freed (and a later `unshare` of the address does nothing).
+    /// Returns how many were reclaimed.
+    ///
+    /// Errors: [`Error::BadState`] on an identity or pass-through policy, where the unload
+    /// would not stop a device that still DMAs (nothing is reclaimed).
+    pub fn reclaim_shares(&self) -> Result<usize> {
+        if !self.translated {
+            return Err(Error::BadState { what: "virtio reclaim_shares on an untranslated device" });
+        }
+        let shares = core::mem::take(&mut *self.shares.lock());
+        let n = shares.len();
+        // Each drop unloads and frees once no translation reaches the memory (or quarantines).
+        drop(shares);
+        VirtioStats::bump(&self.stats.reclaimed, n as u64);
+        Ok(n)
+    }
+
+    /// Queue allocations and shares outstanding.
+    pub fn outstanding(&self) -> (usize, usize) {
+        (self.queues.lock().len(), self.shares.lock().len())
+    }
+
+    fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)> {
+        let len = (pages as u64)
+            .checked_mul(PAGE_SIZE)
+            .ok_or(Error::Overflow { base: pages as u64, len: PAGE_SIZE })?;
+        let mem = self.tag.alloc_coherent(len, false)?;
+        let kva = mem.memory().kva().ok_or(Error::NotDirectMapped { pa: mem.memory().pa().raw() })?;
+        let bus = if mutant::PHYS { mem.memory().pa().raw() } else { mem.segments()[0].addr.raw() };
+        if mem.segments().len() != 1 || bus == 0 {
+            return Err(Error::BadState { what: "virtio queue memory: not one segment, or bus address 0" });
+        }
+        let ptr = NonNull::new(kva.raw() as *mut u8).ok_or(Error::NotDirectMapped { pa: 0 })?;
+        zero(&mem, len)?;
+        self.queues.lock().push(QueueMem { bus, kva: kva.raw(), pages, mem });
+        VirtioStats::bump(&self.stats.allocs, 1);
+        Ok((bus, ptr))
+    }
+
+    fn dealloc(&self, bus: u64, kva: u64, pages: usize) -> bool {
+        let mut q = self.queues.lock();
+        let Some(i) = q.iter().position(|m| m.bus == bus && m.kva == kva && m.pages == pages) else {
+            return false;
+        };
+        let m = q.swap_remove(i);
+        drop(q);
+        // Dropping unloads, then frees once no translation reaches the pages.
+        drop(m.mem);
+        VirtioStats::bump(&self.stats.deallocs, 1);
+        true
+    }
+
+    fn share(&self, bytes: &[u8], dir: Direction) -> Result<u64> {
+        let len = bytes.len() as u64;
+        let mem = DmaMemory::alloc(self.tag.platform(), self.tag.spec(), len, MemAttr::WriteBack)?;
+        // Every byte, whatever the direction: bytes the device does not write come back as
+        // they were (theory 3).
+        mem.write(0, bytes)?;
+        VirtioStats::bump(&self.stats.bounced_in, len);
+        let pa = mem.pa().raw();
+        let mut map: Bounce<'i, 'p, H> = self.tag.create_owned_map()?;
+        let segs = map.load(mem, dir).map_err(|(e, _)| e)?;
+        if segs.len() != 1 || segs[0].addr.raw() == 0 {
+            return Err(Error::BadState { what: "virtio share: not one segment, or bus address 0" });
+        }
+        let bus = if mutant::PHYS { pa } else { segs[0].addr.raw() };
+        map.sync(pre(dir))?;
+        if mutant::UNMAP_EARLY {
+            map.unload()?;
+        }
+        self.shares.lock().push(Share { bus, map });
+        VirtioStats::bump(&self.stats.shares, 1);
+        Ok(bus)
+    }
+
+    /// Syncs for the CPU, copies the bounce buffer back into `out` when the device may have
+    /// written it, unloads. False if `bus` is no share of ours.
+    fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool {
+        let mut s = self.shares.lock();
+        let Some(i) = s.iter().position(|m| m.bus == bus) else { return false };
+        let Share { mut map, .. } = s.swap_remove(i);
+        drop(s);
+        let mut ok = map.sync(post(dir)).is_ok();
+        if let (Some(out), true) = (out, dir.device_writes()) {
+            match map.buffer() {
+                Some(mem) if mem.read(0, out).is_ok() => {
+                    VirtioStats::bump(&self.stats.bounced_out, out.len() as u64)
+                }
+                _ => ok = false,
+            }
+        }
+        // The take unloads (strict: the IOTLB is invalidated first) and gives the memory back
+        // once no translation reaches it; on failure the map keeps it and quarantines it.
+        match map.take() {
+            Ok(mem) => drop(mem),
+            Err(_) => ok = false,
+        }
+        if !ok {
+            VirtioStats::bump(&self.stats.unload_errors, 1);
+        }
+        VirtioStats::bump(&self.stats.unshares, 1);
+        true
+    }
+}
+
+fn zero<P: crate::platform::Platform, S: crate::front::strategy::Strategy<P>>(
+    mem: &Coherent<'_, P, S>,
+    len: u64,
+) -> Result<()> {
+    const CHUNK: usize = 512;
+    let zeros = [0u8; CHUNK];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(CHUNK as u64);
+        mem.memory().write(off, &zeros[..n as usize])?;
+        off += n;
+    }
+    Ok(())
+}
+
+fn pre(dir: Direction) -> SyncOp {
+    match dir {
+        Direction::ToDevice => SyncOp::PREWRITE,
+        Direction::FromDevice => SyncOp::PREREAD,
+        Direction::Bidirectional => SyncOp::PREWRITE.union(SyncOp::PREREAD),
+    }
+}
+
+fn post(dir: Direction) -> SyncOp {
+    match dir {
+        Direction::ToDevice => SyncOp::POSTWRITE,
+        Direction::FromDevice => SyncOp::POSTREAD,
+        Direction::Bidirectional => SyncOp::POSTWRITE.union(SyncOp::POSTREAD),
+    }
+}
+
+fn direction(d: BufferDirection) -> Direction {
+    match d {
+        BufferDirection::DriverToDevice => Direction::ToDevice,
+        BufferDirection::DeviceToDriver => Direction::FromDevice,
+        BufferDirection::Both => Direction::Bidirectional,
+    }
+}
+
+impl<H: IommuHw> Drop for VirtioDma<'_, '_, H> {
+    fn drop(&mut self) {
+        // Theory 6: whatever is still out may still be used by a driver or a device.
+        let queues = core::mem::take(&mut *self.queues.lock());
+        let shares = core::mem::take(&mut *self.shares.lock());
+        VirtioStats::bump(&self.stats.leaked, (queues.len() + shares.len()) as u64);
+        core::mem::forget(queues);
+        core::mem::forget(shares);
+    }
+}
+
+/// What a [`HalSlot`] calls: [`VirtioDma`] with its lifetimes and IOMMU erased.
+trait Backend {
+    fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)>;
+    fn dealloc(&self, bus: u64, kva: u64, pages: usize) -> bool;
+    fn share(&self, bytes: &[u8], dir: Direction) -> Result<u64>;
+    fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool;
+}
+
+impl<H: IommuHw> Backend for VirtioDma<'_, '_, H> {
+    fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)> {
+        self.note(VirtioDma::alloc(self, pages))
+    }
+    fn dealloc(&self, bus: u64, kva: u64, pages: usize) -> bool {
+        VirtioDma::dealloc(self, bus, kva, pages)
+    }
+    fn share(&self, bytes: &[u8], dir: Direction) -> Result<u64> {
+        self.note(VirtioDma::share(self, bytes, dir))
+    }
+    fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool {
+        VirtioDma::unshare(self, bus, out, dir)
+    }
+}
+
+/// A pointer to an installed backend, its lifetime erased.
+///
+/// # Invariants
+///
+/// Points to a live backend for as long as it sits in a [`HalSlot`] ([`HalSlot::scope`]
+/// removes it before the borrow it came from ends).
+struct Installed(NonNull<dyn Backend + 'static>);
+
+// SAFETY: `Installed` is only dereferenced under the slot's lock, and the backends are
+// `VirtioDma`s, whose state sits behind spin locks.
+#[allow(unsafe_code)]
+unsafe impl Send for Installed {}
+
+/// The global home of one device's [`VirtioDma`] (theory 1): a `static` of the kernel's.
+pub struct HalSlot {
+    inner: SpinLock<Option<Installed>>,
+}
+
+impl Default for HalSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HalSlot {
+    /// An empty slot.
+    pub const fn new() -> Self {
+        Self { inner: SpinLock::new(None) }
+    }
+
+    /// Installs `dma` for the length of `f`: `BusdmaHal<K>` with `K::slot() == self` serves
+    /// from it while `f` runs (and answers "failed" before and after).
+    ///
+    /// Errors: [`Error::BadState`] if the slot already serves a device (nothing runs).
+    pub fn scope<H: IommuHw, R>(&self, dma: &VirtioDma<'_, '_, H>, f: impl FnOnce() -> R) -> Result<R> {
+        {
+            let mut slot = self.inner.lock();
+            if slot.is_some() {
+                return Err(Error::BadState { what: "virtio HalSlot already serves a device" });
+            }
+            let short: NonNull<dyn Backend + '_> = NonNull::from(dma as &dyn Backend);
+            // SAFETY: only the trait object's lifetime bound changes (same layout). INVARIANT:
+            // the pointer is removed from the slot below, before `dma`'s borrow ends, and the
+            // guard removes it if `f` unwinds; every use takes the slot's lock, which the removal
+            // takes too, so no use outlasts the borrow.
+            #[allow(unsafe_code)]
+            let erased: NonNull<dyn Backend + 'static> = unsafe { core::mem::transmute(short) };
+            *slot = Some(Installed(erased));
+        }
+        struct Remove<'a>(&'a HalSlot);
+        impl Drop for Remove<'_> {
+            fn drop(&mut self) {
+                *self.0.inner.lock() = None;
+            }
+        }
+        let _remove = Remove(self);
+        Ok(f())
+    }
+
+    /// Runs `f` on the installed backend under the slot's lock, or returns `None`.
+    fn with<R>(&self, f: impl FnOnce(&dyn Backend) -> R) -> Option<R> {
+        let slot = self.inner.lock();
+        let installed = slot.as_ref()?;
+        // SAFETY: `Installed`'s invariant: the backend is alive while it sits in the slot, and
+        // we hold the slot's lock, so it cannot be removed during `f`.
+        #[allow(unsafe_code)]
+        let backend = unsafe { installed.0.as_ref() };
+        Some(f(backend))
+    }
+}
+
+/// What a kernel supplies to [`BusdmaHal`]: which slot serves the device, and its own MMIO
+/// mappings.
+///
+/// # Safety
+///
+/// `mmio_phys_to_virt` must meet `virtio_drivers::Hal::mmio_phys_to_virt`'s implementation
+/// contract: for a BAR range the PCI transport read from the device, a valid pointer to that
+/// MMIO range that aliases no Rust allocation or reference.
+#[allow(unsafe_code)]
+pub unsafe trait VirtioKernel: 'static {
+    /// The slot of this device.
+    fn slot() -> &'static HalSlot;
+
+    /// The kernel's virtual address of the MMIO range `[pa, pa + size)`.
+    ///
+    /// # Safety
+    ///
+    /// `pa` and `size` describe a BAR range of a virtio device.
+    unsafe fn mmio_phys_to_virt(pa: PhysAddr, size: usize) -> NonNull<u8>;
+}
+
+/// `virtio_drivers::Hal` over the [`VirtioDma`] in `K::slot()` (module theory).
+pub struct BusdmaHal<K>(PhantomData<K>);
+
+// SAFETY: the `Hal`'s implementation contract, item by item:
+// - `dma_alloc`: the pointer is the direct-map address of coherent memory this call allocated
+//   (so valid and page-aligned: allocations are whole pages at page alignment, and
+//   `virtio_drivers::PAGE_SIZE` is busdma's `PAGE_SIZE`, asserted below), zeroed here, owned by
+//   the `VirtioDma` until `dma_dealloc` names it (or leaked, never freed: theory 6), so it
+//   aliases no other allocation. The bus address is the device's IOVA; 0 on any failure, with a
+//   dangling pointer that virtio-drivers never dereferences (it checks the address first).
+// - `mmio_phys_to_virt`: the kernel's answer, under `VirtioKernel`'s safety contract.
+// - `share`: the device gets the bus address of a bounce buffer that busdma owns while the
+//   share exists; the caller's buffer is read during the call only, as `share` allows.
+// - `unshare`: writes the caller's buffer during the call only, as `unshare` allows.
+#[allow(unsafe_code)]
+unsafe impl<K: VirtioKernel> Hal for BusdmaHal<K> {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (virtio_drivers::PhysAddr, NonNull<u8>) {
+        const _: () = assert!(VIRTIO_PAGE_SIZE as u64 == PAGE_SIZE);
+        match K::slot().with(|b| b.alloc(pages)) {
+            Some(Ok((bus, ptr))) => (bus, ptr),
+            _ => (0, NonNull::dangling()),
+        }
+    }
+
+    unsafe fn dma_dealloc(paddr: virtio_drivers::PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let kva = vaddr.as_ptr() as u64;
+        match K::slot().with(|b| b.dealloc(paddr, kva, pages)) {
+            Some(true) => 0,
+            _ => -1,
+        }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: virtio_drivers::PhysAddr, size: usize) -> NonNull<u8> {
+        // SAFETY: our caller's contract (a valid MMIO region of the device) is the kernel's.
+        unsafe { K::mmio_phys_to_virt(PhysAddr::new(paddr), size) }
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> virtio_drivers::PhysAddr {
+        // SAFETY: `share`'s contract: `buffer` is valid for reads and not accessed by another
+        // thread during this call; the slice does not outlive it.
+        let bytes = unsafe { &*(buffer.as_ptr() as *const [u8]) };
+        match K::slot().with(|b| b.share(bytes, self::direction(direction))) {
+            Some(Ok(bus)) => bus,
+            // Theory 5: the Hal has no error path.
+            Some(Err(e)) => panic!("busdma virtio share of {} bytes failed: {e}", bytes.len()),
+            None => panic!("busdma virtio share outside HalSlot::scope"),
+        }
+    }
+
+    unsafe fn unshare(paddr: virtio_drivers::PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
+        let dir = self::direction(direction);
+        // SAFETY: `unshare`'s contract: `buffer` is valid and not accessed by another thread
+        // during this call; the slice does not outlive it. It is only made when the device may
+        // have written the buffer (a receive or both-ways buffer is writable memory).
+        let out = dir.device_writes().then(|| unsafe { &mut *buffer.as_ptr() });
+        let _ = K::slot().with(|b| b.unshare(paddr, out, dir));
+    }
+}
+
+/// A `Transport` that also accepts `VIRTIO_F_ACCESS_PLATFORM` when the device offers it
+/// (theory 7); everything else is the wrapped transport's.
+pub struct AccessPlatform<T> {
+    inner: T,
+    offered: bool,
+}
+
+impl<T: Transport> AccessPlatform<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T) -> Self {
+        Self { inner, offered: false }
+    }
+
+    /// Whether the device offered (and so the driver accepted) `VIRTIO_F_ACCESS_PLATFORM`.
+    pub fn access_platform(&self) -> bool {
+        self.offered
+    }
+
+    /// The wrapped transport.
+    pub fn inner(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: Transport> Transport for AccessPlatform<T> {
+    fn device_type(&self) -> DeviceType {
+        self.inner.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        let f = self.inner.read_device_features();
+        self.offered = f & VIRTIO_F_ACCESS_PLATFORM != 0;
+        f
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        let extra = if self.offered { VIRTIO_F_ACCESS_PLATFORM } else { 0 };
+        self.inner.write_driver_features(driver_features | extra)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.inner.max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        self.inner.notify(queue)
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.inner.get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.inner.set_status(status)
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.inner.set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.inner.requires_legacy_layout()
+    }
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: virtio_drivers::PhysAddr,
+        driver_area: virtio_drivers::PhysAddr,
+        device_area: virtio_drivers::PhysAddr,
+    ) {
+        self.inner.queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.inner.queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.inner.queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.inner.ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.inner.read_config_generation()
+    }
+    fn read_config_space<V: zerocopy::FromBytes + zerocopy::IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> virtio_drivers::Result<V> {
+        self.inner.read_config_space(offset)
+    }
+    fn write_config_space<V: zerocopy::IntoBytes + zerocopy::Immutable>(
+        &mut self,
+        offset: usize,
+        value: V,
+    ) -> virtio_drivers::Result<()> {
+        self.inner.write_config_space(offset, value)
+    }
+}
