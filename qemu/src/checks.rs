@@ -314,18 +314,50 @@ pub fn run(info: &BootInfo) -> usize {
         r.check("virtio devices only where the runner asked for them", || Err("virtio=on missing".into()));
     }
 
-    r.check("vtd: teardown turns translation off and frees every page it took", || {
-        drop(vtd);
-        // SAFETY: the driver is gone; reading the unit's status register has no side effect.
-        let status = unsafe { PLATFORM.mmio_read32(PhysAddr::new(VTD_BASE + busdma::vtd::regs::GSTS)) };
-        if status & busdma::vtd::regs::gcmd::TE != 0 {
-            return Err("translation still on".into());
-        }
-        if frames::in_use() != frames_before {
-            return Err(format!("{} frames in use, {frames_before} before bring-up", frames::in_use()));
-        }
-        Ok(())
-    });
+    r.check(
+        "vtd: a dropped unit keeps blocking (translation stays on, edu's DMA finds no context) and frees every page but its root table",
+        || {
+            drop(vtd);
+            // SAFETY: the driver is gone; reading the unit's status register has no side effect.
+            let status = unsafe { PLATFORM.mmio_read32(PhysAddr::new(VTD_BASE + busdma::vtd::regs::GSTS)) };
+            if status & busdma::vtd::regs::gcmd::TE == 0 {
+                return Err("translation turned off: every device reaches all of memory".into());
+            }
+            // Counted before the DMA below, whose scratch-page writes use frames of their own.
+            if frames::in_use() != frames_before + 1 {
+                return Err(format!(
+                    "{} frames in use, {frames_before} before bring-up (+1 expected: the root table the unit still reads)",
+                    frames::in_use()
+                ));
+            }
+            // A scratch page an untranslated DMA would reach: it must stay as it is.
+            let target = 0x0120_0000u64;
+            PLATFORM.fill_phys(PhysAddr::new(target), PAGE_SIZE, SENTINEL).map_err(e2s)?;
+            devs[0].dma(Dir::ToRam, target, 0, XFER)?;
+            let mut got = vec![0u8; PAGE_SIZE as usize];
+            PLATFORM.read_phys(PhysAddr::new(target), &mut got).map_err(e2s)?;
+            if got.iter().any(|&b| b != SENTINEL) {
+                return Err("a DMA after the drop reached memory".into());
+            }
+            Ok(())
+        },
+    );
+    r.check(
+        "vtd: translation turned off (unsafe) before the drop: every page freed, the root table too",
+        || {
+            let frames_now = frames::in_use();
+            // SAFETY: q35's only remapping unit, and the previous driver value is gone.
+            let unit = unsafe { Vtd::new(&PLATFORM, PhysAddr::new(VTD_BASE), config) }.map_err(e2s)?;
+            // SAFETY: no device is given work until the end of this kernel: nothing DMAs while the
+            // unit is off.
+            unsafe { unit.disable_translation() }.map_err(e2s)?;
+            drop(unit);
+            if frames::in_use() != frames_now {
+                return Err(format!("{} frames in use, {frames_now} before", frames::in_use()));
+            }
+            Ok(())
+        },
+    );
     r.failed
 }
 

@@ -821,29 +821,63 @@ impl<'p, P: Platform> Vtd<'p, P> {
 }
 
 impl<P: Platform> Drop for Vtd<'_, P> {
-    /// Turns translation and queued invalidation off, then frees every table page: once the
-    /// unit no longer translates it walks nothing.
+    /// Leaves the unit blocking every device, never translating nothing: turning translation
+    /// off (as the unit was found) would let every device reach all of physical memory, and a
+    /// safe drop must not open that (only [`Vtd::disable_translation`], which is `unsafe`,
+    /// does).
+    ///
+    /// - Translation on (the usual case): every root entry is cleared, the write buffer, the
+    ///   context cache and the IOTLB are flushed globally, and queued invalidation is turned
+    ///   off. From then on every DMA finds no context and is blocked; the context tables and
+    ///   the queue are freed. The root table stays allocated (leaked: RTADDR still names it
+    ///   and the unit reads it), one page per unit.
+    /// - Translation already off (the caller turned it off, `unsafe`ly): queued invalidation
+    ///   is turned off and every page is freed, the root table too.
+    /// - Anything the unit does not acknowledge: every page it may still read is leaked.
     fn drop(&mut self) {
-        let off = self.set_persistent(gcmd::TE, false).and_then(|()| self.set_persistent(gcmd::QIE, false));
-        let state = self.state.get_mut();
-        if off.is_err() {
-            // The unit did not acknowledge: it may still walk the tables, so leak them rather
-            // than hand memory it reads to someone else.
-            return;
+        let translating = self.gsts() & gcmd::TE != 0;
+        if translating {
+            let state = self.state.get_mut();
+            let present: [bool; BUSES] = core::array::from_fn(|b| state.context[b].is_some());
+            for bus in (0..BUSES).filter(|&b| present[b]) {
+                // Word 0 first: it holds the present bit.
+                store_word(&self.root, 2 * bus, 0);
+                store_word(&self.root, 2 * bus + 1, 0);
+                self.clean(entry_kva(&self.root, 2 * bus), 16);
+            }
+            let mut state = self.state.lock();
+            let blocked = self
+                .flush_write_buffer_locked()
+                .and_then(|()| self.invalidate_context_locked(&mut state, ContextScope::Global))
+                .and_then(|()| self.invalidate_iotlb_locked(&mut state, IotlbScope::Global));
+            drop(state);
+            if blocked.is_err() {
+                // A cached context may still lead to the context tables: leak everything.
+                return;
+            }
         }
-        let pages = state
-            .context
-            .iter_mut()
-            .filter_map(Option::take)
-            .chain(state.queue.take().into_iter().flat_map(|q| [q.ring, q.status]));
-        for page in pages {
-            // SAFETY: translation and queued invalidation are off, so the unit reads none of
-            // these pages any more; each came from `alloc_table_page` and is freed once.
+        let qi_off = self.set_persistent(gcmd::QIE, false);
+        let state = self.state.get_mut();
+        for page in state.context.iter_mut().filter_map(Option::take) {
+            // SAFETY: no root entry points at a context table any more (cleared above and the
+            // context cache invalidated, or translation is off), so the unit reads none of
+            // them; each came from `alloc_table_page` and is freed once.
             unsafe { self.platform.free_table_page(page) };
         }
-        // SAFETY: as above; the root table is no longer latched by an enabled unit. The alias
-        // is the one handle freed: `self.root` is not used after this drop.
-        unsafe { self.platform.free_table_page(self.root.alias()) };
+        if qi_off.is_err() {
+            // The queue may still be read: leak its pages (and the root).
+            return;
+        }
+        for page in state.queue.take().into_iter().flat_map(|q| [q.ring, q.status]) {
+            // SAFETY: queued invalidation is off, so the unit reads neither page.
+            unsafe { self.platform.free_table_page(page) };
+        }
+        if !translating {
+            // SAFETY: translation is off, so the root table is no longer latched by an
+            // enabled unit. The alias is the one handle freed: `self.root` is not used after
+            // this drop.
+            unsafe { self.platform.free_table_page(self.root.alias()) };
+        }
     }
 }
 
