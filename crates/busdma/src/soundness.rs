@@ -13,8 +13,10 @@
 //!   bus code ([`DeviceRegion::new`](crate::front::DeviceRegion::new): MMIO, peer BARs);
 //! - mechanism-level mapping of IOVA ranges the caller claims to own (page tables, domains)
 //!   and attaching raw table roots to IOMMU hardware, or turning its translation off
-//!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation): every device then
-//!   reaches all of memory).
+//!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation),
+//!   [`Smmu::disable_translation`](crate::smmuv3::Smmu::disable_translation): every device
+//!   then reaches all of memory), or letting a stream bypass
+//!   ([`Smmu::bypass`](crate::smmuv3::Smmu::bypass)).
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
 //! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no

@@ -216,16 +216,29 @@ pub fn run() -> usize {
             suite(&mut r, smmu, &stage2, &edus, st, true);
         } else {
             println!("# smmuv3: IDR0.S2P = 0, no stage 2 on this SMMU (QEMU < 9.2): stage-2 checks not run");
+            // Translating with no stream attached: the teardown check below still applies.
+            if let Err(e) = smmu.enable_translation() {
+                r.check("translation enabled (CR0.SMMUEN)", || Err(e2s(e)));
+            }
         }
         // SAFETY: `smmu` came from Box::leak above and every borrow of it ended with `suite`.
         drop(unsafe { alloc::boxed::Box::from_raw(smmu as *const Unit as *mut Unit) });
         let left = frames::in_use();
-        r.check("teardown: SMMU dropped, every table, queue and CD page freed", || {
-            if left != baseline {
-                return Err(format!("{} frames in use, {baseline} before the probe", left));
-            }
-            Ok(())
-        });
+        // SAFETY: reading CR0ACK of `virt`'s SMMU has no side effect (no driver owns it now).
+        let cr0ack = unsafe { PLATFORM.mmio_read32(PhysAddr::new(SMMU_BASE + busdma::smmuv3::regs::CR0ACK)) };
+        r.check(
+            "teardown: the dropped SMMU still translates (SMMUEN, queues off), every stream aborted; \
+             every page freed but the stream table root it still reads",
+            || {
+                if cr0ack != busdma::smmuv3::regs::cr0::SMMUEN {
+                    return Err(format!("CR0ACK {cr0ack:#x} after the drop: SMMUEN off opens bypass"));
+                }
+                if left != baseline + 1 {
+                    return Err(format!("{left} frames in use, {baseline} before the probe (+1 expected)"));
+                }
+                Ok(())
+            },
+        );
     }
     r.failed
 }

@@ -323,10 +323,26 @@ impl<'p, P: Platform> Smmu<'p, P> {
         self.set_cr0(cr0::CMDQEN | cr0::EVENTQEN | cr0::SMMUEN)
     }
 
-    /// Turns translation off (streams get GBPA's attribute: bypass by default).
+    /// Turns translation off (CR0.SMMUEN = 0): streams then get GBPA's attribute, which is
+    /// bypass by default (and on SMMUs without GBPA, such as QEMU 7.2's, always).
     ///
     /// Errors: [`Error::BadState`] if CR0ACK never agrees.
-    pub fn disable_translation(&self) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// Untranslated, every device behind the SMMU may read and write any physical address:
+    /// the caller vouches that each of them is trusted with all of memory (or quiesced) until
+    /// translation is on again.
+    ///
+    /// ```compile_fail,E0133
+    /// use busdma::Platform;
+    /// use busdma::smmuv3::Smmu;
+    /// // Turning translation off without `unsafe` is rejected (E0133): it opens all of memory.
+    /// fn open_everything<P: Platform>(smmu: &Smmu<'_, P>) {
+    ///     let _ = smmu.disable_translation();
+    /// }
+    /// ```
+    pub unsafe fn disable_translation(&self) -> Result<()> {
         self.set_cr0(cr0::CMDQEN | cr0::EVENTQEN)
     }
 
@@ -898,26 +914,54 @@ impl<'p, P: Platform> Smmu<'p, P> {
 }
 
 impl<P: Platform> Drop for Smmu<'_, P> {
-    /// Turns the SMMU off (queues too), then frees every page: once off it reads none.
+    /// Leaves the SMMU blocking every stream, never bypassing: turning it off (SMMUEN = 0)
+    /// would let every device through untranslated (GBPA bypass), and a safe drop must not
+    /// open that (only [`Smmu::disable_translation`], which is `unsafe`, does).
+    ///
+    /// - Translating (the usual case): every STE becomes abort (linear) or every L1
+    ///   descriptor invalid (2-level: C_BAD_STREAMID), CFGI_ALL + TLBI_NSNH_ALL + CMD_SYNC,
+    ///   then both queues are turned off with SMMUEN left on. Every DMA is terminated from
+    ///   then on; L2 tables, CDs and queues are freed. The stream table root stays allocated
+    ///   (leaked: STRTAB_BASE still names it and the SMMU reads it), one page per SMMU.
+    /// - Not translating (never enabled, or disabled `unsafe`ly): the SMMU is turned off
+    ///   (queues too) and every page is freed.
+    /// - Anything the SMMU does not acknowledge: every page it may still read is leaked.
     fn drop(&mut self) {
-        if self.set_cr0(0).is_err() {
-            // Not acknowledged: the SMMU may still walk the tables; leak them.
+        let translating = self.r32(regs::CR0ACK) & cr0::SMMUEN != 0;
+        if translating {
+            let linear = self.format == StreamTableFormat::Linear;
+            for i in 0..if linear { 1usize << self.sid_bits } else { L1_ENTRIES } {
+                if linear {
+                    store(&self.strtab, i * STE_WORDS, entry::ste(SteConfig::Abort)[0]);
+                } else {
+                    store(&self.strtab, i, 0);
+                }
+            }
+            let mut state = self.state.lock();
+            // CFGI_ALL is CFGI_STE_RANGE (0x04) with Range = 31.
+            let blocked = self.submit(&mut state, &[[0x04, 31], cmd::tlbi_nsnh_all()], 0);
+            drop(state);
+            if blocked.is_err() || self.set_cr0(cr0::SMMUEN).is_err() {
+                // The SMMU may still use what it cached, or still run its queues: leak all.
+                return;
+            }
+        } else if self.set_cr0(0).is_err() {
             return;
         }
         let state = self.state.get_mut();
-        // SAFETY: these three handles are not used after this drop; each alias is the one
-        // handle of its page that is freed.
-        let roots = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias(), self.strtab.alias()] };
-        let pages = state
-            .l2
-            .iter_mut()
-            .filter_map(Option::take)
-            .chain(state.cds.drain(..).map(|(_, p)| p))
-            .chain(roots);
-        for page in pages {
-            // SAFETY: the SMMU is off (CR0ACK = 0), so it reads none of these pages; each
-            // came from `alloc_table_page` and is freed once.
+        // SAFETY: these handles are not used after this drop; each alias is the one handle of
+        // its page that is freed.
+        let queues = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias()] };
+        let pages = state.l2.iter_mut().filter_map(Option::take).chain(state.cds.drain(..).map(|(_, p)| p));
+        for page in pages.chain(queues) {
+            // SAFETY: no L1 descriptor or STE points at an L2 table or CD any more and the
+            // SMMU's caches were invalidated (or it is off), and both queues are off, so the
+            // SMMU reads none of these pages; each came from `alloc_table_page`, freed once.
             unsafe { self.platform.free_table_page(page) };
+        }
+        if !translating {
+            // SAFETY: the SMMU is off: it reads the stream table no more; freed once.
+            unsafe { self.platform.free_table_page(self.strtab.alias()) };
         }
     }
 }
