@@ -15,8 +15,8 @@
 //!   and attaching raw table roots to IOMMU hardware, or turning its translation off
 //!   ([`Vtd::disable_translation`](crate::vtd::Vtd::disable_translation),
 //!   [`Smmu::disable_translation`](crate::smmuv3::Smmu::disable_translation): every device
-//!   then reaches all of memory), or letting a stream bypass
-//!   ([`Smmu::bypass`](crate::smmuv3::Smmu::bypass)).
+//!   then reaches all of memory). Dropping a unit is safe because it never turns translation
+//!   off: it leaves every device blocked and leaks the one table the unit still reads.
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
 //! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no

@@ -33,7 +33,7 @@
 //!    then the CD page is freed. A 2-level table's L2 page (64 STEs, all abort) is complete
 //!    before the L1 descriptor that publishes it is written. Dropping the driver never opens
 //!    bypass: a translating SMMU is left translating with every stream aborted and its queues
-//!    off (the stream table root leaked); only the `unsafe`
+//!    off (the stream table, which it still reads, leaked); only the `unsafe`
 //!    [`Smmu::disable_translation`] turns SMMUEN off.
 //! 5. **Coherence.** The driver requires IDR0.COHACC (the SMMU snoops CPU caches when it
 //!    reads tables and queues), and tells it so in CR1 (inner-shareable write-back). It

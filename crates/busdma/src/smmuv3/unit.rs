@@ -323,21 +323,20 @@ impl<'p, P: Platform> Smmu<'p, P> {
         self.set_cr0(cr0::CMDQEN | cr0::EVENTQEN | cr0::SMMUEN)
     }
 
-    /// Turns translation off (CR0.SMMUEN = 0): streams then get GBPA's attribute, which is
-    /// bypass by default (and on SMMUs without GBPA, such as QEMU 7.2's, always).
+    /// Turns translation off (streams get GBPA's attribute: bypass by default).
     ///
     /// Errors: [`Error::BadState`] if CR0ACK never agrees.
     ///
     /// # Safety
     ///
-    /// Untranslated, every device behind the SMMU may read and write any physical address:
-    /// the caller vouches that each of them is trusted with all of memory (or quiesced) until
-    /// translation is on again.
+    /// With the SMMU off every device behind it bypasses it (GBPA's default; QEMU 7.2 has no
+    /// other) and reaches all of physical memory. The caller guarantees that none of them
+    /// issues DMA until translation is on again, or that each is trusted with all of memory.
     ///
     /// ```compile_fail,E0133
     /// use busdma::Platform;
     /// use busdma::smmuv3::Smmu;
-    /// // Turning translation off without `unsafe` is rejected (E0133): it opens all of memory.
+    /// // Turning the SMMU off without `unsafe` is rejected (E0133): it opens all of memory.
     /// fn open_everything<P: Platform>(smmu: &Smmu<'_, P>) {
     ///     let _ = smmu.disable_translation();
     /// }
@@ -633,6 +632,12 @@ impl<'p, P: Platform> Smmu<'p, P> {
             .then(|| entry::ste_vmid(ste_word(table, index, 2)))
     }
 
+    /// Pages of the stream table: the linear page, or the L1 page and every L2 table. A drop
+    /// with translation on keeps (leaks) exactly these: the SMMU still reads them.
+    pub fn stream_table_pages(&self) -> usize {
+        1 + self.state.lock().l2.iter().filter(|p| p.is_some()).count()
+    }
+
     /// Table pages the stream table holds beyond its root (2-level: L2 tables) plus CD pages.
     pub fn table_pages(&self) -> usize {
         let state = self.state.lock();
@@ -914,54 +919,71 @@ impl<'p, P: Platform> Smmu<'p, P> {
 }
 
 impl<P: Platform> Drop for Smmu<'_, P> {
-    /// Leaves the SMMU blocking every stream, never bypassing: turning it off (SMMUEN = 0)
-    /// would let every device through untranslated (GBPA bypass), and a safe drop must not
-    /// open that (only [`Smmu::disable_translation`], which is `unsafe`, does).
+    /// Leaves every device blocked, never bypassing: turning the SMMU off would send every
+    /// stream through GBPA (bypass by default, and QEMU 7.2 honours nothing else), so every
+    /// device would reach all of memory from a safe drop. Only [`Smmu::disable_translation`],
+    /// which is `unsafe`, does that.
     ///
-    /// - Translating (the usual case): every STE becomes abort (linear) or every L1
-    ///   descriptor invalid (2-level: C_BAD_STREAMID), CFGI_ALL + TLBI_NSNH_ALL + CMD_SYNC,
-    ///   then both queues are turned off with SMMUEN left on. Every DMA is terminated from
-    ///   then on; L2 tables, CDs and queues are freed. The stream table root stays allocated
-    ///   (leaked: STRTAB_BASE still names it and the SMMU reads it), one page per SMMU.
-    /// - Not translating (never enabled, or disabled `unsafe`ly): the SMMU is turned off
-    ///   (queues too) and every page is freed.
+    /// - Translation on (the usual case): every STE becomes abort, then CFGI_ALL,
+    ///   TLBI_NSNH_ALL and CMD_SYNC; the queues are turned off with SMMUEN kept on. From then
+    ///   on every stream is terminated; the CD and queue pages are freed. The stream table
+    ///   (the linear page, or the L1 page and every L2 page) stays allocated (leaked: the
+    ///   enabled SMMU still reads it).
+    /// - Translation already off (the caller turned it off, `unsafe`ly): the queues are
+    ///   turned off and every page is freed.
     /// - Anything the SMMU does not acknowledge: every page it may still read is leaked.
     fn drop(&mut self) {
         let translating = self.r32(regs::CR0ACK) & cr0::SMMUEN != 0;
         if translating {
-            let linear = self.format == StreamTableFormat::Linear;
-            for i in 0..if linear { 1usize << self.sid_bits } else { L1_ENTRIES } {
-                if linear {
-                    store(&self.strtab, i * STE_WORDS, entry::ste(SteConfig::Abort)[0]);
-                } else {
-                    store(&self.strtab, i, 0);
+            let abort = entry::ste(SteConfig::Abort);
+            let state = self.state.get_mut();
+            let tables: alloc::vec::Vec<(&TablePage, usize)> = match self.format {
+                StreamTableFormat::Linear => alloc::vec![(&self.strtab, 1usize << self.sid_bits)],
+                StreamTableFormat::TwoLevel => {
+                    state.l2.iter().flatten().map(|t| (t, 1usize << entry::SPLIT)).collect()
+                }
+            };
+            for (table, n) in tables {
+                for index in 0..n {
+                    // Word 0 alone: Config = abort makes the SMMU ignore words 1-7.
+                    store(table, index * STE_WORDS, abort[0]);
                 }
             }
             let mut state = self.state.lock();
             // CFGI_ALL is CFGI_STE_RANGE (0x04) with Range = 31.
-            let blocked = self.submit(&mut state, &[[0x04, 31], cmd::tlbi_nsnh_all()], 0);
-            drop(state);
-            if blocked.is_err() || self.set_cr0(cr0::SMMUEN).is_err() {
-                // The SMMU may still use what it cached, or still run its queues: leak all.
+            let cfgi_all: Command = [0x04, 31];
+            if self.submit(&mut state, &[cfgi_all, cmd::tlbi_nsnh_all()], 0).is_err() {
+                // A cached STE may still lead to a CD and its tables: leak everything.
                 return;
             }
-        } else if self.set_cr0(0).is_err() {
+            drop(state);
+        }
+        if self.set_cr0(if translating { cr0::SMMUEN } else { 0 }).is_err() {
+            // Not acknowledged: the SMMU may still read every page; leak them.
             return;
         }
         let state = self.state.get_mut();
-        // SAFETY: these handles are not used after this drop; each alias is the one handle of
-        // its page that is freed.
-        let queues = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias()] };
-        let pages = state.l2.iter_mut().filter_map(Option::take).chain(state.cds.drain(..).map(|(_, p)| p));
-        for page in pages.chain(queues) {
-            // SAFETY: no L1 descriptor or STE points at an L2 table or CD any more and the
-            // SMMU's caches were invalidated (or it is off), and both queues are off, so the
-            // SMMU reads none of these pages; each came from `alloc_table_page`, freed once.
+        for (_, page) in state.cds.drain(..) {
+            // SAFETY: no STE points at a CD any more (every one aborts and CFGI_ALL has
+            // completed, or the SMMU is off); each came from `alloc_table_page`, freed once.
             unsafe { self.platform.free_table_page(page) };
         }
-        if !translating {
-            // SAFETY: the SMMU is off: it reads the stream table no more; freed once.
-            unsafe { self.platform.free_table_page(self.strtab.alias()) };
+        // SAFETY: these two handles are not used after this drop; each alias is the one handle
+        // of its page that is freed.
+        let queues = unsafe { [state.cmdq.ring.alias(), state.evtq.ring.alias()] };
+        for page in queues {
+            // SAFETY: both queues are off (CR0ACK agreed), so the SMMU reads neither page.
+            unsafe { self.platform.free_table_page(page) };
+        }
+        if translating {
+            return;
+        }
+        // SAFETY: the one remaining handle of the stream table page, not used after this drop.
+        let root = unsafe { self.strtab.alias() };
+        for page in state.l2.iter_mut().filter_map(Option::take).chain([root]) {
+            // SAFETY: the SMMU is off (CR0ACK = 0), so it reads no stream table page; each
+            // came from `alloc_table_page` and is freed once.
+            unsafe { self.platform.free_table_page(page) };
         }
     }
 }
