@@ -25,22 +25,22 @@ use crate::platform::{self, KernelPlatform, PLATFORM};
 use crate::println;
 use crate::start_info::BootInfo;
 
-type CheckResult = Result<(), String>;
+pub(crate) type CheckResult = Result<(), String>;
 
 /// Where q35 puts its VT-d remapping unit (QEMU's DMAR table says so too).
 const VTD_BASE: u64 = 0xfed9_0000;
 /// Bytes per edu transfer: half a page, well inside QEMU 7.2's safe range (see `edu`).
-const XFER: u64 = 2048;
+pub(crate) const XFER: u64 = 2048;
 /// Sentinel written to twin pages and to buffers that must not change.
-const SENTINEL: u8 = 0x5a;
+pub(crate) const SENTINEL: u8 = 0x5a;
 
-struct Runner {
-    failed: usize,
+pub(crate) struct Runner {
+    pub(crate) failed: usize,
 }
 
 impl Runner {
     /// Runs one check and prints its line; true if it passed.
-    fn check(&mut self, name: &str, f: impl FnOnce() -> CheckResult) -> bool {
+    pub(crate) fn check(&mut self, name: &str, f: impl FnOnce() -> CheckResult) -> bool {
         match f() {
             Ok(()) => {
                 println!("ok - {name}");
@@ -55,33 +55,33 @@ impl Runner {
     }
 }
 
-fn e2s(e: busdma::Error) -> String {
+pub(crate) fn e2s(e: busdma::Error) -> String {
     format!("{e}")
 }
 
 /// The pattern the edu buffer is loaded with before transfers to RAM.
-fn pattern() -> Vec<u8> {
+pub(crate) fn pattern() -> Vec<u8> {
     (0..XFER as u32).map(|i| (i.wrapping_mul(7) + 3) as u8).collect()
 }
 
 /// A run of zeroed frames at or above 2^28.
-struct Buf {
-    pa: PhysAddr,
+pub(crate) struct Buf {
+    pub(crate) pa: PhysAddr,
     pages: u64,
 }
 
 impl Buf {
-    fn new(pages: u64, align: u64) -> Result<Self, String> {
+    pub(crate) fn new(pages: u64, align: u64) -> Result<Self, String> {
         let req = PageRequest { align, ..PageRequest::pages(pages) };
         let pa = PLATFORM.alloc_pages(&req).map_err(e2s)?;
         Ok(Self { pa, pages })
     }
 
-    fn at(&self, off: u64) -> PhysAddr {
+    pub(crate) fn at(&self, off: u64) -> PhysAddr {
         PhysAddr::new(self.pa.raw() + off)
     }
 
-    fn fill(&self, byte: u8) -> CheckResult {
+    pub(crate) fn fill(&self, byte: u8) -> CheckResult {
         PLATFORM.fill_phys(self.pa, self.pages * PAGE_SIZE, byte).map_err(e2s)
     }
 
@@ -92,12 +92,12 @@ impl Buf {
     }
 
     /// Whether `[off, off + XFER)` holds the edu pattern.
-    fn holds_pattern(&self, off: u64) -> Result<bool, String> {
+    pub(crate) fn holds_pattern(&self, off: u64) -> Result<bool, String> {
         Ok(self.read(off, XFER)? == pattern())
     }
 
     /// Whether every byte is `byte`.
-    fn all(&self, byte: u8) -> Result<bool, String> {
+    pub(crate) fn all(&self, byte: u8) -> Result<bool, String> {
         Ok(self.read(0, self.pages * PAGE_SIZE)?.iter().all(|&b| b == byte))
     }
 }
@@ -111,10 +111,10 @@ impl Drop for Buf {
 }
 
 /// The twin page of an IOVA: the scratch page at the same numeric address.
-struct Twin(u64);
+pub(crate) struct Twin(u64);
 
 impl Twin {
-    fn of(iova: Iova) -> Result<Self, String> {
+    pub(crate) fn of(iova: Iova) -> Result<Self, String> {
         let page = iova.raw() & !(PAGE_SIZE - 1);
         if page < frames::SCRATCH_BASE
             || page + PAGE_SIZE > frames::ARENA_BASE
@@ -126,7 +126,7 @@ impl Twin {
         Ok(Twin(page))
     }
 
-    fn untouched(&self) -> CheckResult {
+    pub(crate) fn untouched(&self) -> CheckResult {
         let mut v = vec![0u8; PAGE_SIZE as usize];
         PLATFORM.read_phys(PhysAddr::new(self.0), &mut v).map_err(e2s)?;
         if v.iter().any(|&b| b != SENTINEL) {
@@ -222,6 +222,18 @@ pub fn run(info: &BootInfo) -> usize {
         if devs.len() == 2 { Ok(()) } else { Err(format!("found {} usable edu devices", devs.len())) }
     });
     if devs.len() < 2 {
+        return r.failed;
+    }
+    if info.param("iommu") == Some("virtio") {
+        let granule = match info.param("granule") {
+            None | Some("4k") => PAGE_SIZE,
+            Some("64k") => 64 << 10,
+            Some(other) => {
+                println!("FAIL - kernel command line: unknown granule={other}");
+                return r.failed + 1;
+            }
+        };
+        crate::viommu::run(&mut r, &devs, granule);
         return r.failed;
     }
     r.check("edu DMA round trip untranslated (IOMMU off)", || untranslated_round_trip(&devs[0]));
@@ -907,14 +919,14 @@ fn edu_tag<'a>(
 }
 
 /// `len` bytes of `buf` from `off`, as a kernel buffer (KVA == PA in this kernel).
-fn kbuf(buf: &Buf, off: u64, len: u64) -> KernelBuf {
+pub(crate) fn kbuf(buf: &Buf, off: u64, len: u64) -> KernelBuf {
     // SAFETY: `buf` is frames the check allocated and keeps until its maps are unloaded.
     unsafe { KernelBuf::new(KernVa::new(buf.at(off).raw()), len) }
 }
 
 /// DMAs between the edu buffer and the segments of a loaded map, segment by segment (the
 /// device buffer offset advancing).
-fn dma_segments(dev: &Edu, dir: Dir, segs: &[Segment]) -> CheckResult {
+pub(crate) fn dma_segments(dev: &Edu, dir: Dir, segs: &[Segment]) -> CheckResult {
     let mut off = 0;
     for s in segs {
         dev.dma(dir, s.addr.raw(), off, s.len)?;

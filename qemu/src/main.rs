@@ -4,7 +4,8 @@
 //! exits through `isa-debug-exit` with [`exit::PASS`] only if every check passed.
 //!
 //! Kernel command line (`-append`): `inval=queued|register|auto` chooses the VT-d
-//! invalidation method (auto = queued when ECAP.QI offers it).
+//! invalidation method (auto = queued when ECAP.QI offers it); `iommu=virtio` runs the
+//! virtio-iommu checks (`viommu.rs`) instead of the VT-d ones.
 #![no_std]
 #![no_main]
 
@@ -25,6 +26,7 @@ mod pci;
 mod platform;
 mod port;
 mod start_info;
+mod viommu;
 mod virtio_check;
 
 use core::panic::PanicInfo;

@@ -193,6 +193,26 @@ unsafe impl Platform for KernelPlatform {
         unsafe { core::ptr::write_volatile(pa.raw() as *mut u64, value) }
     }
 
+    unsafe fn mmio_read8(&self, pa: PhysAddr) -> u8 {
+        // SAFETY: as in mmio_read32 (a byte register: virtio's device status).
+        unsafe { core::ptr::read_volatile(pa.raw() as *const u8) }
+    }
+
+    unsafe fn mmio_write8(&self, pa: PhysAddr, value: u8) {
+        // SAFETY: as in mmio_read32.
+        unsafe { core::ptr::write_volatile(pa.raw() as *mut u8, value) }
+    }
+
+    unsafe fn mmio_read16(&self, pa: PhysAddr) -> u16 {
+        // SAFETY: as in mmio_read32 (2-aligned per the contract).
+        unsafe { core::ptr::read_volatile(pa.raw() as *const u16) }
+    }
+
+    unsafe fn mmio_write16(&self, pa: PhysAddr, value: u16) {
+        // SAFETY: as in mmio_read32.
+        unsafe { core::ptr::write_volatile(pa.raw() as *mut u16, value) }
+    }
+
     unsafe fn quick_map(&self, _cpu: usize, _slot: usize, pa: PhysAddr) -> KernVa {
         // Every page of RAM is permanently mapped at KVA == PA: a quick map is the identity.
         KernVa::new(pa.raw())

@@ -144,6 +144,7 @@ fn transport<K: VirtioKernel>(bdf: Bdf) -> Result<Transport, String> {
 
 /// Counters read before and after a batch of requests.
 struct Counters {
+    shares: u64,
     maps: u64,
     unmaps: u64,
     iotlb: u64,
@@ -160,12 +161,13 @@ impl Counters {
         }
         let s = dma.stats();
         let bounced = counter(&s.bounced_in) + counter(&s.bounced_out);
-        Self { maps, unmaps, iotlb: vtd.stats().iotlb_total(), bounced }
+        Self { shares: counter(&s.shares), maps, unmaps, iotlb: vtd.stats().iotlb_total(), bounced }
     }
 
     /// Two devices' counters summed (the unit's IOTLB count is shared: taken once).
     fn plus(self, other: Counters) -> Self {
         Self {
+            shares: self.shares + other.shares,
             maps: self.maps + other.maps,
             unmaps: self.unmaps + other.unmaps,
             iotlb: self.iotlb,
@@ -180,7 +182,8 @@ impl Counters {
             format!("{}.{:02}", hundredths / 100, hundredths % 100)
         };
         format!(
-            "per request: {} maps, {} unmaps, {} IOTLB invalidations, {} bounced bytes",
+            "per request: {} shares, {} maps, {} unmaps, {} IOTLB invalidations, {} bounced bytes",
+            f(self.shares, before.shares),
             f(self.maps, before.maps),
             f(self.unmaps, before.unmaps),
             f(self.iotlb, before.iotlb),

@@ -217,6 +217,19 @@ pub enum Error {
     /// A deferred load was cancelled before it completed (`PendingLoad::cancel`, or its map
     /// destroyed): what its callback receives.
     Cancelled,
+    /// An IOMMU driven by requests (virtio-iommu) answered a request with an error status, or
+    /// never answered it (status 0xff from the driver: a time-out).
+    RequestFailed {
+        /// The request (`"ATTACH"`, `"MAP"`, ...).
+        request: &'static str,
+        /// The device's status code (virtio-iommu: 1 IOERR, 2 UNSUPP, 3 DEVERR, 4 INVAL,
+        /// 5 RANGE, 6 NOENT, 7 FAULT, 8 NOMEM; 0xff: no answer in time).
+        status: u8,
+        /// The domain the request named.
+        domain: u64,
+        /// The first address (or endpoint, for ATTACH/DETACH/PROBE) the request named.
+        addr: u64,
+    },
 }
 
 impl Error {
@@ -248,6 +261,7 @@ impl Error {
             Error::InProgress => EINPROGRESS,
             Error::InvalidationFailed { .. } => EIO,
             Error::Cancelled => ECANCELED,
+            Error::RequestFailed { .. } => EIO,
         }
     }
 }
@@ -303,6 +317,11 @@ impl fmt::Display for Error {
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::PermissionDenied { what } => write!(f, "permission denied: {what}"),
             Error::InProgress => write!(f, "operation deferred; it completes by callback"),
+            Error::RequestFailed { request, status, domain, addr } => write!(
+                f,
+                "IOMMU request {request} (domain {domain}, address/endpoint {addr:#x}) failed with \
+                 status {status}"
+            ),
             Error::InvalidationFailed { what, domain, status } => write!(
                 f,
                 "IOMMU invalidation of domain {domain} failed: {what} (status {status:#x}); \

@@ -56,6 +56,8 @@ pub mod pgtable;
 pub mod pin;
 pub mod platform;
 #[cfg(feature = "alloc")]
+pub mod premapped;
+#[cfg(feature = "alloc")]
 pub mod quickmap;
 #[cfg(feature = "smmuv3")]
 pub mod smmuv3;
@@ -63,6 +65,8 @@ pub mod soundness;
 pub mod sync;
 #[cfg(feature = "virtio")]
 pub mod virtio;
+#[cfg(feature = "virtio-iommu")]
+pub mod virtio_iommu;
 #[cfg(feature = "vtd")]
 pub mod vtd;
 

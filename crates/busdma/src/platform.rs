@@ -395,6 +395,61 @@ pub unsafe trait Platform: Sync {
     /// As for [`Platform::mmio_read64`].
     unsafe fn mmio_write64(&self, pa: PhysAddr, value: u64);
 
+    /// Reads an 8-bit device register (virtio's device status). The default reads the aligned
+    /// 32-bit word that holds it: correct only for devices that accept word reads of it and
+    /// whose reads have no side effect; a platform with byte-lane MMIO overrides it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read32`], for the register at `pa` (any alignment).
+    unsafe fn mmio_read8(&self, pa: PhysAddr) -> u8 {
+        let word = PhysAddr::new(pa.raw() & !3);
+        // SAFETY: the caller owns the register, and so the aligned word that holds it.
+        (unsafe { self.mmio_read32(word) } >> ((pa.raw() & 3) * 8)) as u8
+    }
+
+    /// Writes an 8-bit device register. The default is a read-modify-write of the aligned
+    /// 32-bit word (see [`Platform::mmio_read8`]); a platform with byte-lane MMIO overrides it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read8`].
+    unsafe fn mmio_write8(&self, pa: PhysAddr, value: u8) {
+        let word = PhysAddr::new(pa.raw() & !3);
+        let shift = (pa.raw() & 3) * 8;
+        // SAFETY: the caller owns the register, and so the aligned word that holds it.
+        unsafe {
+            let old = self.mmio_read32(word);
+            self.mmio_write32(word, (old & !(0xff << shift)) | (u32::from(value) << shift));
+        }
+    }
+
+    /// Reads a 16-bit device register (2-aligned). Default: as [`Platform::mmio_read8`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read32`], with 2-byte alignment.
+    unsafe fn mmio_read16(&self, pa: PhysAddr) -> u16 {
+        let word = PhysAddr::new(pa.raw() & !3);
+        // SAFETY: the caller owns the register, and so the aligned word that holds it.
+        (unsafe { self.mmio_read32(word) } >> ((pa.raw() & 2) * 8)) as u16
+    }
+
+    /// Writes a 16-bit device register (2-aligned). Default: as [`Platform::mmio_write8`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::mmio_read16`].
+    unsafe fn mmio_write16(&self, pa: PhysAddr, value: u16) {
+        let word = PhysAddr::new(pa.raw() & !3);
+        let shift = (pa.raw() & 2) * 8;
+        // SAFETY: the caller owns the register, and so the aligned word that holds it.
+        unsafe {
+            let old = self.mmio_read32(word);
+            self.mmio_write32(word, (old & !(0xffff << shift)) | (u32::from(value) << shift));
+        }
+    }
+
     // ---- quick (temporary per-CPU) mappings ------------------------------------------
 
     /// Points quick-map slot `slot` (< [`QUICK_SLOTS`]) of CPU `cpu` at the 4 KiB page `pa`

@@ -17,6 +17,11 @@
 //!   [`Smmu::disable_translation`](crate::smmuv3::Smmu::disable_translation): every device
 //!   then reaches all of memory). Dropping a unit is safe because it never turns translation
 //!   off: it leaves every device blocked and leaks the one table the unit still reads.
+//!   On a virtio-iommu: the requests that give reach
+//!   ([`VirtioIommu::submit`](crate::virtio_iommu::VirtioIommu::submit): MAP, ATTACH),
+//!   [`ViommuDomain::map`](crate::virtio_iommu::ViommuDomain::map) /
+//!   [`map_at`](crate::virtio_iommu::ViommuDomain::map_at), and taking over the device
+//!   ([`VirtioIommu::new`](crate::virtio_iommu::VirtioIommu::new)).
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
 //! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no
@@ -71,6 +76,18 @@
 //! ) {
 //!     // error[E0133]: any IOVA, any physical address
 //!     let _ = IommuOps::map(&d, g, Iova::new(0x1000), PhysAddr::new(0x1000), 4096, Prot::READ_WRITE);
+//! }
+//! ```
+//!
+//! A virtio-iommu domain's MAP is no back door either (E0133):
+//!
+//! ```compile_fail,E0133
+//! use busdma::pgtable::Prot;
+//! use busdma::virtio_iommu::ViommuDomain;
+//! use busdma::{CpuGuard, Iova, PhysAddr, Platform};
+//! fn poke<P: Platform>(d: &ViommuDomain<'_, '_, P>, g: &CpuGuard<'_, P>) {
+//!     // error[E0133]: any physical address, lent to the device
+//!     let _ = d.map(g, PhysAddr::new(0x1000), 4096, Iova::new(1 << 28), Prot::READ_WRITE);
 //! }
 //! ```
 //!

@@ -17,14 +17,19 @@
 //!    device's tag: page-aligned, zeroed here, mapped for its whole life; the bus address it
 //!    returns is the IOVA, never the physical address.
 //! 3. **Shared buffers are always bounced.** `share` copies the caller's bytes (all of them,
-//!    whatever the direction, so bytes the device does not write come back unchanged) into
-//!    fresh [`DmaMemory`] of the tag, loads that into an owned streaming map (synced for the
-//!    device) and returns its bus address; `unshare` syncs for the CPU, copies the bytes back
-//!    when the device may have written them, and unloads (strict policies invalidate the IOTLB
-//!    before `unshare` returns). The device never reaches the caller's memory — a stack or heap
-//!    buffer of any alignment — or the rest of its page. Why not map page-aligned buffers in
-//!    place: `share`'s contract only promises the buffer for the length of the call, so only
-//!    memory busdma owns may stay mapped after it returns (see "What virtio-drivers promises").
+//!    whatever the direction, so bytes the device does not write come back unchanged) into a
+//!    page-multiple [`DmaMemory`] of busdma's and links it into the device's **bounce ring**,
+//!    a two-step window ([`crate::front::DmaWindow`], 64 pages reserved once per device);
+//!    `unshare` syncs for the CPU, copies the bytes back when the device may have written
+//!    them, unlinks and commits. Strict and untrusted policies commit at once (the IOTLB is
+//!    invalidated before `unshare` returns); a deferred policy commits lazily: the unlink is
+//!    queued and the buffer returns to the ring, for reuse, only once a flush the domain does
+//!    anyway covers it, so deferred devices share invalidations. A buffer that finds no room
+//!    in the ring (or a policy without a domain) gets a streaming map of its own instead. The
+//!    device never reaches the caller's memory — a stack or heap buffer of any alignment — or
+//!    the rest of its page. Why not map page-aligned buffers in place: `share`'s contract
+//!    only promises the buffer for the length of the call, so only memory busdma owns may stay
+//!    mapped after it returns (see "What virtio-drivers promises").
 //! 4. **Bus address 0 is failure** to `virtio-drivers` (`dma_alloc`): translated policies never
 //!    hand out IOVA 0 (the device's aperture starts at 1 MiB), and an address 0 from a
 //!    pass-through device is turned into a failure.
@@ -35,10 +40,13 @@
 //!    `dma_dealloc` of an address the slot's `VirtioDma` does not know do nothing (and
 //!    `dma_dealloc` returns -1); an unload that fails quarantines the bounce memory
 //!    ([`crate::front::quarantine`]) and counts it in [`VirtioStats::unload_errors`].
-//! 6. **Leaks, never reuse.** A [`VirtioDma`] dropped while queue memory or shares are still
-//!    outstanding (a driver that outlived its scope, a queue dropped with buffers in flight)
-//!    leaks them: they stay mapped and allocated, because a device or a driver may still use
-//!    them ([`VirtioStats::leaked`]).
+//! 6. **Leaks, never reuse.** A [`VirtioDma`] dropped while queue memory is still out (a
+//!    driver that outlived its scope) leaks it: it stays mapped and allocated, because the
+//!    driver holds pointers into it and the device may still use it, and so do shares that
+//!    have a streaming map of their own ([`VirtioStats::leaked`]). Shares still linked in the
+//!    ring go with the ring's window, which unmaps them and frees them only after the
+//!    invalidation that proves no translation reaches them (the driver only ever saw their
+//!    bus addresses).
 //! 7. **`VIRTIO_F_ACCESS_PLATFORM`.** A virtio-pci device behind an IOMMU (QEMU:
 //!    `iommu_platform=on`) offers feature bit 33 and refuses `FEATURES_OK` unless the driver
 //!    accepts it; without it the device would bypass the IOMMU. `virtio-drivers` never accepts
@@ -134,10 +142,66 @@ struct QueueMem<'i, 'p, H: IommuHw> {
     mem: Coh<'i, 'p, H>,
 }
 
-/// A shared (bounced) buffer.
+/// A shared (bounced) buffer outside the window (theory 3: larger than the window's free
+/// room, or a policy without a window).
 struct Share<'i, 'p, H: IommuHw> {
     bus: u64,
     map: Bounce<'i, 'p, H>,
+}
+
+/// Pages of the two-step window that bounce buffers are linked into (256 KiB: room for every
+/// request a virtio driver keeps in flight with 16-entry queues).
+const RING_PAGES: u64 = 64;
+/// Bounce buffers kept for reuse once a commit has handed them back.
+const SPARE_MAX: usize = 32;
+
+type Window<'i, 'p, H> = crate::front::DmaWindow<
+    'i,
+    <H as IommuHw>::Platform,
+    crate::device::DeviceStrategy<'i, 'p, H>,
+    DmaMemory<'i, <H as IommuHw>::Platform>,
+>;
+
+/// The bounce ring (theory 3): a two-step window of the device's domain, its pages' use, the
+/// live shares by bus address and offset, and bounce buffers handed back for reuse.
+struct Ring<'i, 'p, H: IommuHw> {
+    win: Window<'i, 'p, H>,
+    /// Per window page: linked, marked or retiring (the window refuses to link over it).
+    taken: Vec<bool>,
+    live: Vec<(u64, u64)>,
+    spare: Vec<DmaMemory<'i, H::Platform>>,
+    /// Deferred policy: unlinked buffers come back once a flush the domain does anyway covers
+    /// them (`commit_lazy`); strict and untrusted: at once, after their invalidation.
+    lazy: bool,
+}
+
+impl<'i, 'p, H: IommuHw> Ring<'i, 'p, H> {
+    /// First free run of `pages` window pages.
+    fn free_run(&self, pages: usize) -> Option<usize> {
+        let mut run = 0;
+        for (i, &t) in self.taken.iter().enumerate() {
+            run = if t { 0 } else { run + 1 };
+            if run == pages {
+                return Some(i + 1 - pages);
+            }
+        }
+        None
+    }
+
+    /// Ends the batch of unlinks; buffers that come back free their pages and are kept for
+    /// reuse. `forced`: wait for the invalidation even under deferred.
+    fn commit(&mut self, forced: bool) -> Result<usize> {
+        let (taken, spare) = (&mut self.taken, &mut self.spare);
+        let mut back = |off: u64, mem: DmaMemory<'i, H::Platform>| {
+            let first = (off / PAGE_SIZE) as usize;
+            let end = (first + mem.pages() as usize).min(taken.len());
+            taken[first..end].iter_mut().for_each(|t| *t = false);
+            if spare.len() < SPARE_MAX {
+                spare.push(mem);
+            }
+        };
+        if forced || !self.lazy { self.win.commit(&mut back) } else { self.win.commit_lazy(&mut back) }
+    }
 }
 
 /// The busdma side of a virtio device: its tag, the queue memory and shares it has handed out,
@@ -146,6 +210,7 @@ pub struct VirtioDma<'i, 'p, H: IommuHw> {
     tag: DeviceTag<'i, 'p, H>,
     queues: SpinLock<Vec<QueueMem<'i, 'p, H>>>,
     shares: SpinLock<Vec<Share<'i, 'p, H>>>,
+    ring: SpinLock<Option<Ring<'i, 'p, H>>>,
     stats: VirtioStats,
     last_error: SpinLock<Option<Error>>,
     /// The device's policy translates (strict, deferred, untrusted): an unloaded share is
@@ -164,13 +229,25 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
         let mut spec = TagSpec::new(max_size, 1);
         spec.flags.coherent = coherent;
         let tag = dev.tag(spec)?;
+        let translated = matches!(dev.policy(), Policy::Strict | Policy::Deferred | Policy::Untrusted);
+        let ring = match translated {
+            true => Some(Ring {
+                win: tag.create_window(RING_PAGES * PAGE_SIZE, RING_PAGES as usize)?,
+                taken: alloc::vec![false; RING_PAGES as usize],
+                live: Vec::new(),
+                spare: Vec::new(),
+                lazy: dev.policy() == Policy::Deferred,
+            }),
+            false => None,
+        };
         Ok(Self {
             tag,
             queues: SpinLock::new(Vec::new()),
             shares: SpinLock::new(Vec::new()),
+            ring: SpinLock::new(ring),
             stats: VirtioStats::default(),
             last_error: SpinLock::new(None),
-            translated: matches!(dev.policy(), Policy::Strict | Policy::Deferred | Policy::Untrusted),
+            translated,
         })
     }
 
@@ -206,16 +283,23 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
             return Err(Error::BadState { what: "virtio reclaim_shares on an untranslated device" });
         }
         let shares = core::mem::take(&mut *self.shares.lock());
-        let n = shares.len();
+        let mut n = shares.len();
         // Each drop unloads and frees once no translation reaches the memory (or quarantines).
         drop(shares);
+        if let Some(ring) = self.ring.lock().as_mut() {
+            for (_, off) in core::mem::take(&mut ring.live) {
+                n += usize::from(ring.win.unlink(off).is_ok());
+            }
+            ring.commit(true)?;
+        }
         VirtioStats::bump(&self.stats.reclaimed, n as u64);
         Ok(n)
     }
 
     /// Queue allocations and shares outstanding.
     pub fn outstanding(&self) -> (usize, usize) {
-        (self.queues.lock().len(), self.shares.lock().len())
+        let ring = self.ring.lock().as_ref().map_or(0, |r| r.live.len());
+        (self.queues.lock().len(), self.shares.lock().len() + ring)
     }
 
     fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)> {
@@ -249,6 +333,86 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
     }
 
     fn share(&self, bytes: &[u8], dir: Direction) -> Result<u64> {
+        match self.ring_share(bytes, dir) {
+            Ok(bus) => Ok(bus),
+            Err(_) => self.map_share(bytes, dir),
+        }
+    }
+
+    /// `share` through the bounce ring (theory 3): a page-multiple bounce buffer (reused when
+    /// one came back) linked into the window; no IOVA allocation, no table allocation.
+    fn ring_share(&self, bytes: &[u8], dir: Direction) -> Result<u64> {
+        let len = bytes.len() as u64;
+        let pages = len.div_ceil(PAGE_SIZE).max(1);
+        let mut guard = self.ring.lock();
+        let ring = guard.as_mut().ok_or(Error::Unsupported { what: "no bounce ring" })?;
+        let first = match ring.free_run(pages as usize) {
+            Some(f) => f,
+            None => {
+                ring.commit(true)?;
+                ring.free_run(pages as usize).ok_or(Error::BadState { what: "virtio bounce ring full" })?
+            }
+        };
+        let mem = match ring.spare.iter().position(|m| m.pages() == pages) {
+            Some(i) => ring.spare.swap_remove(i),
+            None => {
+                DmaMemory::alloc(self.tag.platform(), self.tag.spec(), pages * PAGE_SIZE, MemAttr::WriteBack)?
+            }
+        };
+        // Every byte, whatever the direction (theory 3); the rest of a reused buffer holds
+        // only earlier bytes of this same device.
+        mem.write(0, bytes)?;
+        let pa = mem.pa().raw();
+        let off = first as u64 * PAGE_SIZE;
+        let linked = match ring.win.link(off, mem, dir) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(m) = e.buffer {
+                    ring.spare.push(m);
+                }
+                return Err(e.error);
+            }
+        };
+        ring.taken[first..first + pages as usize].iter_mut().for_each(|t| *t = true);
+        VirtioStats::bump(&self.stats.bounced_in, len);
+        VirtioStats::bump(&self.stats.shares, 1);
+        let bus = if mutant::PHYS { pa } else { linked.iova.raw() };
+        if ring.win.sync(off, pre(dir)).is_err() || mutant::UNMAP_EARLY {
+            let _ = ring.win.unlink(off);
+            ring.commit(true)?;
+            if !mutant::UNMAP_EARLY {
+                return Err(Error::BadState { what: "virtio share: sync failed" });
+            }
+            return Ok(bus);
+        }
+        ring.live.push((bus, off));
+        Ok(bus)
+    }
+
+    /// `unshare` of a ring share: `None` if `bus` is not one.
+    fn ring_unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> Option<bool> {
+        let mut guard = self.ring.lock();
+        let ring = guard.as_mut()?;
+        let i = ring.live.iter().position(|&(b, _)| b == bus)?;
+        let (_, off) = ring.live.swap_remove(i);
+        let mut ok = ring.win.sync(off, post(dir)).is_ok();
+        if let (Some(out), true) = (out, dir.device_writes()) {
+            match ring.win.buffer(off) {
+                Some(mem) if mem.read(0, out).is_ok() => {
+                    VirtioStats::bump(&self.stats.bounced_out, out.len() as u64)
+                }
+                _ => ok = false,
+            }
+        }
+        // Strict: the device loses access before this returns; deferred: at the domain's next
+        // flush, the buffer coming back to the ring only after it.
+        ok &= ring.win.unlink(off).is_ok();
+        ok &= ring.commit(false).is_ok();
+        Some(ok)
+    }
+
+    /// `share` through a streaming map of its own (theory 3's fallback).
+    fn map_share(&self, bytes: &[u8], dir: Direction) -> Result<u64> {
         let len = bytes.len() as u64;
         let mem = DmaMemory::alloc(self.tag.platform(), self.tag.spec(), len, MemAttr::WriteBack)?;
         // Every byte, whatever the direction: bytes the device does not write come back as
@@ -273,7 +437,14 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
 
     /// Syncs for the CPU, copies the bounce buffer back into `out` when the device may have
     /// written it, unloads. False if `bus` is no share of ours.
-    fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool {
+    fn unshare(&self, bus: u64, mut out: Option<&mut [u8]>, dir: Direction) -> bool {
+        if let Some(ok) = self.ring_unshare(bus, out.as_deref_mut(), dir) {
+            if !ok {
+                VirtioStats::bump(&self.stats.unload_errors, 1);
+            }
+            VirtioStats::bump(&self.stats.unshares, 1);
+            return true;
+        }
         let mut s = self.shares.lock();
         let Some(i) = s.iter().position(|m| m.bus == bus) else { return false };
         let Share { mut map, .. } = s.swap_remove(i);

@@ -210,9 +210,27 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
     r.push(&results.memcpy);
     if common.json {
         results.attribution.iter().for_each(|a| r.push(a));
+        results.pools.iter().for_each(|p| r.push(p));
         r.print(true);
     } else {
         r.print(false);
+        if !results.pools.is_empty() {
+            println!();
+            let mut t = Report::new();
+            for p in &results.pools {
+                let mut v = serde_json::to_value(p).map_err(|e| e.to_string())?;
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("calibration");
+                }
+                t.push(v);
+            }
+            t.print(false);
+            for p in &results.pools {
+                if let Some(c) = &p.calibration {
+                    println!("{} ({}) calibration: {c}", p.pool, p.invalidation);
+                }
+            }
+        }
         if !results.attribution.is_empty() {
             println!();
             let mut t = Report::new();

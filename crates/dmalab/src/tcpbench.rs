@@ -63,6 +63,8 @@ use busdma::front::{
 use busdma::iommu::InvalidationPolicy;
 use busdma::iova::{IovaSource, extent::ExtentAllocator};
 use busdma::pgtable::TablePool;
+use busdma::premapped::{Hybrid, PoolConfig, Premapped, PremappedPool};
+use busdma::quickmap::QuickMaps;
 use busdma::{PAGE_SIZE, Platform};
 use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, ModelIommu};
 use serde::Serialize;
@@ -730,6 +732,9 @@ pub struct Results {
     /// One row per invalidation policy for which all four per-segment / per-map × allocator
     /// rows ran.
     pub attribution: Vec<Attribution>,
+    /// One row per pre-mapped design that ran: its pool's counters and the hybrid's
+    /// calibration.
+    pub pools: Vec<PoolRow>,
 }
 
 /// What part of the per-segment collapse each cause explains, on the driver's time.
@@ -810,7 +815,11 @@ pub type Design = (&'static str, &'static str, &'static str);
 ///   fragments at fixed offsets, linked and unlinked per packet, one commit (one IOTLB
 ///   invalidation) per [`WINDOW_BATCH`] packets; owned DMA buffers. Under deferred
 ///   invalidation lazy commits over two buffer sets (`run_window_queue`).
-pub const STRATEGIES: [Design; 15] = [
+/// - `premapped`: every packet copied into a slot of a pool mapped once per device and CPU
+///   (`busdma::premapped`): no map request and no invalidation per packet.
+/// - `hybrid`: per load, a copy into that pool below a threshold measured at creation (copy
+///   vs map + unmap on this domain), a per-map load over busdma's allocator above it.
+pub const STRATEGIES: [Design; 18] = [
     ("passthrough", "none", "none"),
     ("identity", "strict", "none"),
     ("identity", "deferred", "none"),
@@ -826,6 +835,9 @@ pub const STRATEGIES: [Design; 15] = [
     ("iommu-reserved", "deferred", "busdma"),
     ("iommu-window", "strict", "busdma"),
     ("iommu-window", "deferred", "busdma"),
+    ("premapped", "none", "busdma"),
+    ("hybrid", "strict", "busdma"),
+    ("hybrid", "deferred", "busdma"),
 ];
 
 /// How many designs a run with these options measures (passthrough always runs).
@@ -842,6 +854,27 @@ enum Kind {
     PerMap,
     Reserved,
     Window,
+    Premapped,
+    Hybrid,
+}
+
+/// What a pre-mapped design's pool did in one run (printed under the table).
+#[derive(Serialize, Debug, Clone)]
+pub struct PoolRow {
+    pub pool: String,
+    pub invalidation: &'static str,
+    #[serde(flatten)]
+    pub cost: Cost,
+    /// Map requests the pool made (all at setup).
+    pub setup_map_requests: u64,
+    /// IOTLB invalidation commands during the measured run, per packet.
+    pub invalidations_per_packet: f64,
+    /// Packets copied into the pool (the rest were mapped).
+    pub copied_packets: u64,
+    /// The hybrid's threshold in bytes (loads below it are copied).
+    pub threshold_bytes: Option<u64>,
+    /// The hybrid's calibration, as measured.
+    pub calibration: Option<String>,
 }
 
 /// Measures `strategy` through `port`.
@@ -862,6 +895,7 @@ where
 
 /// Builds a fresh model IOMMU and VT-d domain (48-bit, 4 levels) with IOVA source `iova`,
 /// attaches the NIC, and measures strategy `kind` through the NIC's IOMMU port.
+#[allow(clippy::too_many_arguments)]
 fn measure_domain<I: IovaSource>(
     m: &HostPlatform,
     args: &TcpArgs,
@@ -870,6 +904,7 @@ fn measure_domain<I: IovaSource>(
     progress: &AtomicU64,
     kind: Kind,
     cost: &Cost,
+    pools: &mut Vec<PoolRow>,
 ) -> Result<Measured, String> {
     let e = |e: busdma::Error| e.to_string();
     let iommu = ModelIommu::new(m, cost.config()).map_err(e)?;
@@ -889,6 +924,33 @@ fn measure_domain<I: IovaSource>(
             measure_strategy(m, args, IommuReserved::alternating(&dom, 2), &port, progress)?
         }
         Kind::Reserved => measure_strategy(m, args, IommuReserved::new(&dom), &port, progress)?,
+        Kind::Premapped | Kind::Hybrid => {
+            let qm = QuickMaps::for_platform(m);
+            // One slot per ring descriptor on each CPU, a packet each.
+            let pool = PremappedPool::new(m, &dom, &qm, PoolConfig::new(args.size, args.ring)).map_err(e)?;
+            let inv = |s: busdma_model::IommuStats| s.inv_range + s.inv_domain;
+            let (before, r, threshold, calibration) = if matches!(kind, Kind::Premapped) {
+                let before = inv(iommu.stats());
+                (before, measure_strategy(m, args, Premapped(&pool), &port, progress)?, None, None)
+            } else {
+                let h = Hybrid::calibrated(&pool, IommuPerMap(&dom), &nic_spec(args)).map_err(e)?;
+                let (t, c) = (h.threshold(), h.calibration().map(|c| c.to_string()));
+                let before = inv(iommu.stats());
+                (before, measure_strategy(m, args, h, &port, progress)?, Some(t), c)
+            };
+            let stats = pool.stats();
+            pools.push(PoolRow {
+                pool: if threshold.is_some() { "hybrid".into() } else { "premapped".into() },
+                invalidation: if threshold.is_some() { policy_name(policy) } else { "none" },
+                cost: cost.clone(),
+                setup_map_requests: stats.map_requests,
+                invalidations_per_packet: (inv(iommu.stats()) - before) as f64 / r.packets.max(1) as f64,
+                copied_packets: stats.loads,
+                threshold_bytes: threshold,
+                calibration,
+            });
+            r
+        }
         Kind::Window => {
             let tag = Tag::new_root(m, IommuPerMap(&dom), nic_spec(args)).map_err(e)?;
             // Deferred: lazy commits over two buffer sets (the flush queue's bounds, or one
@@ -905,6 +967,10 @@ fn measure_domain<I: IovaSource>(
         return Err(format!("{} NIC DMA faults, first {:?}", faults.len(), faults[0]));
     }
     Ok(r)
+}
+
+fn policy_name(p: InvalidationPolicy) -> &'static str {
+    if matches!(p, InvalidationPolicy::Strict) { "strict" } else { "deferred" }
 }
 
 /// Runs every selected strategy side by side.
@@ -927,6 +993,7 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     check_honest("passthrough", &pt)?;
     let pt_ns = pt.driver_per_packet();
     let mut rows = Vec::new();
+    let mut pools = Vec::new();
     if wanted("passthrough") {
         rows.push(row(STRATEGIES[0], &cost, args.size, &pt, pt_ns));
     }
@@ -942,13 +1009,24 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
             "iommu-per-segment" => Kind::PerSegment,
             "iommu-per-map" => Kind::PerMap,
             "iommu-window" => Kind::Window,
+            "premapped" => Kind::Premapped,
+            "hybrid" => Kind::Hybrid,
             _ => Kind::Reserved,
         };
         let r = if allocator == "extent" {
             let extent = ExtentAllocator::new(fixture::iova_space()?).map_err(err)?;
-            measure_domain(m, args, policy, extent, progress, kind, &cost)?
+            measure_domain(m, args, policy, extent, progress, kind, &cost, &mut pools)?
         } else {
-            measure_domain(m, args, policy, fixture::iova_allocator(m, true)?, progress, kind, &cost)?
+            measure_domain(
+                m,
+                args,
+                policy,
+                fixture::iova_allocator(m, true)?,
+                progress,
+                kind,
+                &cost,
+                &mut pools,
+            )?
         };
         check_honest(name, &r)?;
         rows.push(row(design, &cost, args.size, &r, pt_ns));
@@ -956,7 +1034,7 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
     let attribution =
         ["strict", "deferred"].into_iter().filter_map(|p| Attribution::from_rows(&rows, p, &cost)).collect();
     let memcpy = MemcpyRow { strategy: "memcpy", cost, ns_per_packet: measure_memcpy(m, args)? };
-    Ok(Results { rows, memcpy, attribution })
+    Ok(Results { rows, memcpy, attribution, pools })
 }
 
 /// The workload is honest only if the NIC read and verified every packet sent.
@@ -1068,5 +1146,15 @@ mod tests {
         // Overhead is on the driver's time: passthrough's own is exactly none.
         assert_eq!((res.rows[0].overhead_vs_passthrough, res.rows[0].driver_overhead_ns), (0.0, 0.0));
         assert!(res.memcpy.ns_per_packet > 0.0);
+        // The pool designs: mapped at setup only, nothing invalidated per packet; premapped
+        // copies every packet, the hybrid reports its calibrated threshold.
+        let pools: Vec<(&str, &str)> = res.pools.iter().map(|p| (p.pool.as_str(), p.invalidation)).collect();
+        assert_eq!(pools, [("premapped", "none"), ("hybrid", "strict"), ("hybrid", "deferred")]);
+        assert_eq!(res.pools[0].invalidations_per_packet, 0.0);
+        assert_eq!(res.pools[0].copied_packets, 2000);
+        for p in &res.pools {
+            assert!(p.setup_map_requests > 0, "{p:?}");
+        }
+        assert!(res.pools[1..].iter().all(|p| p.threshold_bytes.is_some() && p.calibration.is_some()));
     }
 }

@@ -20,6 +20,8 @@ pub struct PtDomain<'p> {
     pub iova: IovaAllocator,
     live: AtomicU64,
     pub invalidations: AtomicU64,
+    /// Map calls.
+    pub maps: AtomicU64,
 }
 
 impl<'p> PtDomain<'p> {
@@ -30,7 +32,14 @@ impl<'p> PtDomain<'p> {
         let iova =
             IovaAllocator::new(space, IovaConfig { cpus: m.num_cpus(), caches: true, guard_page: false })
                 .unwrap();
-        Self { m, pt, iova, live: AtomicU64::new(0), invalidations: AtomicU64::new(0) }
+        Self {
+            m,
+            pt,
+            iova,
+            live: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            maps: AtomicU64::new(0),
+        }
     }
     pub fn live_iova_bytes(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
@@ -81,6 +90,7 @@ unsafe impl IommuOps<HostPlatform> for &PtDomain<'_> {
         len: u64,
         prot: Prot,
     ) -> Result<()> {
+        self.maps.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the front end passes IOVA it allocated here and memory its load holds.
         unsafe { self.pt.map(g, iova, pa, len, prot) }
     }

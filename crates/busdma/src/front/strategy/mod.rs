@@ -32,6 +32,8 @@ pub mod per_map;
 pub mod per_segment;
 pub mod reserve_levels;
 pub mod reserved;
+#[cfg(feature = "virtio-iommu")]
+pub mod viommu;
 
 use crate::error::{Error, Result};
 use crate::platform::Platform;

@@ -1,0 +1,71 @@
+//! Pre-mapped pools: a device's DMA buffers mapped once, a copy per I/O ([`Premapped`]), and
+//! the strategy that picks copy or map per load from measured costs ([`Hybrid`]).
+//!
+//! # Theory
+//!
+//! 1. **Why.** Under a virtual IOMMU (virtio-iommu, VT-d in caching mode) every map and every
+//!    invalidation is a request to the hypervisor, a VM exit of microseconds; a packet that is
+//!    mapped and unmapped pays two. A pool of pages mapped once for the device turns each I/O
+//!    into a copy of its bytes: zero map requests, zero invalidations. Even on hardware IOMMUs
+//!    copying a small buffer costs less than mapping it and waiting for the invalidation
+//!    (Markuze et al., "True IOMMU protection from DMA attacks", ASPLOS 2016). It is bounce
+//!    buffering whose bounce pages are mapped once ([`crate::bounce`], theory 1) instead of
+//!    per load.
+//! 2. **The pool** ([`PremappedPool`]) belongs to one device's domain: `slots_per_cpu` slots
+//!    for each CPU, each slot `slot_pages` physically contiguous pages from
+//!    [`Platform::alloc_pages`](crate::Platform::alloc_pages), all placed in one IOVA window
+//!    from the domain, slot `i` at `window + i × slot bytes`, and mapped (read and write) at
+//!    creation: one map request per slot, then never again. A slot is one segment in bus space
+//!    whatever the load's scatter-gather shape. The pool holds no slot of a load: a load takes
+//!    one from its CPU's free list ([`SpinLock`](crate::sync::SpinLock)ed, uncontended unless it steals) or, if that
+//!    is empty, from another CPU's; unload gives it back to the unloading CPU's list.
+//! 3. **Soundness.** The device reaches the pool's pages and nothing else through the pool:
+//!    a load gives it the bus address of a slot, never of the client's memory, whose bytes
+//!    the CPU copies. The pages are the pool's own, mapped for the pool's life; the pool
+//!    unmaps them at drop, and frees them only once that unmap's invalidation has completed
+//!    ([`IommuOps::ensure_flushed`](crate::front::strategy::IommuOps::ensure_flushed)); if the invalidation fails they are
+//!    leaked (never reused while a device may reach them). Strategies borrow the pool, so it
+//!    outlives every tag and map that uses it. A forgotten pool leaks its pages, still mapped:
+//!    nobody else ever gets them.
+//! 4. **Copies** are the bounce layer's ([`crate::bounce`], theory 6): PREWRITE copies client
+//!    → slot, POSTREAD slot → client, one run at a time; buffer offset `o` is slot byte `o`,
+//!    so a partial sync copies just its range. When the slot and the run are both reachable
+//!    without a quick map (the slot wholly in the direct map, checked page by page at
+//!    creation; the run in the direct map, checked page by page, or a `Mapped` run's own
+//!    mapping) the copy is one `memcpy` between the two kernel addresses; otherwise it goes
+//!    through [`crate::quickmap`]'s copies, pinning the CPU for one run. Non-coherent
+//!    tags: the slot's lines are cleaned after a PRE copy and invalidated before a POSTREAD
+//!    copy ([`crate::quickmap::maintain_phys`]). Memory the CPU cannot copy (no page and no
+//!    kernel mapping: MMIO, a peer BAR) is refused at load with [`Error::Unsupported`](crate::Error::Unsupported).
+//! 5. **Untrusted devices** see the buffer's bytes and zeros, as with sub-page bouncing
+//!    ([`crate::bounce`], theory 7): at load the slot past the buffer is zeroed and the client's
+//!    bytes are copied in whatever the direction (PREREAD repeats the copy), so a device that
+//!    writes less than the buffer leaves the client's own bytes; at unload the buffer's bytes
+//!    are zeroed again, so an idle slot holds zeros. The device can still reach every slot at
+//!    any time (that is the pool's bargain): what it finds there is its own in-flight I/O, its
+//!    own writes, or zeros. Rights are per pool (read and write), not per direction: a device
+//!    writing a transmit slot changes only the pool's copy, which is never copied back.
+//! 6. **Exhaustion** returns [`Error::Exhausted`](crate::Error::Exhausted) (the slot size and the pool window's end)
+//!    and takes nothing; the front end treats it as a resource, so on a tag that may wait
+//!    `DmaMap::load_or_defer` queues the load and the unload that returns a slot completes it
+//!    ([`crate::front::defer`]), as for bounce pages. No path panics.
+//! 7. **Hybrid** ([`Hybrid`]): below a byte threshold a load is copied into the pool, at or
+//!    above it (or when it does not fit a slot, cannot be copied, or the pool is exhausted) it
+//!    is mapped by the wrapped strategy. The thresholds (one per run count: each further run
+//!    is another map request on the map path) are where a measured copy becomes dearer than a
+//!    measured map + unmap (with its invalidation, strict or deferred as the domain does it)
+//!    on this device: [`Calibration`], measured at creation, kept and printable; or set by
+//!    the driver. See `hybrid.rs`.
+//!
+//! # Counters
+//!
+//! [`PoolStats`]: slots, free slots, map requests (at creation only), loads served, bytes
+//! copied, loads refused for exhaustion, steals from another CPU's list. Loads and bytes are
+//! per-CPU counters (a load and a store by the CPU's guard holder, no locked add on the
+//! per-I/O path), summed when read.
+
+mod hybrid;
+mod pool;
+
+pub use hybrid::{Calibration, Hybrid, HybridState, MAX_RUNS};
+pub use pool::{PoolConfig, PoolStats, Premapped, PremappedPool, PremappedState};

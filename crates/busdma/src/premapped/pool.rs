@@ -1,0 +1,646 @@
+//! The pre-mapped pool and the [`Premapped`] strategy.
+//!
+//! See the theory statement in [`crate::premapped`] (sections 2 to 6).
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
+use crate::dir::{Direction, SyncOp};
+use crate::error::{Error, Result};
+use crate::front::load::{MemKind, Run};
+use crate::front::segments::{Segment, SegmentBuilder};
+use crate::front::spec::{TagFlags, TagSpec};
+use crate::front::strategy::iommu::{iova_limit, max_runs, prot_of};
+use crate::front::strategy::{Invalidation, IommuOps, Strategy};
+use crate::platform::{CpuGuard, MemAttr, PageRequest, Placement, Platform};
+use crate::quickmap::{CacheMaint, QuickMaps, maintain_phys};
+use crate::sync::SpinLock;
+
+/// The shape of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Bytes of one slot, rounded up to pages: the largest load the pool copies.
+    pub slot_size: u64,
+    /// Slots on each CPU's free list at creation (a transmit ring's depth, say).
+    pub slots_per_cpu: usize,
+    /// Direct-map placement of the slots' pages (`NotDirectMapped` makes every copy go
+    /// through quick maps).
+    pub placement: Placement,
+}
+
+impl PoolConfig {
+    /// `slots_per_cpu` slots of `slot_size` bytes per CPU, anywhere in RAM.
+    pub const fn new(slot_size: u64, slots_per_cpu: usize) -> Self {
+        Self { slot_size, slots_per_cpu, placement: Placement::Any }
+    }
+}
+
+/// Counters of a pool (a snapshot, [`PremappedPool::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Slots in the pool.
+    pub slots: u64,
+    /// Slots free now.
+    pub free_slots: u64,
+    /// Bytes of one slot.
+    pub slot_bytes: u64,
+    /// Map requests the pool made: one per slot, at creation; never per I/O.
+    pub map_requests: u64,
+    /// Loads served from the pool.
+    pub loads: u64,
+    /// Bytes copied between clients and slots (both directions).
+    pub bytes_copied: u64,
+    /// Loads refused because no slot was free.
+    pub exhausted: u64,
+    /// Slots taken from another CPU's free list.
+    pub steals: u64,
+}
+
+impl fmt::Display for PoolStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} slots of {} bytes ({} free), {} map requests, {} loads, {} bytes copied, {} exhausted, {} steals",
+            self.slots,
+            self.slot_bytes,
+            self.free_slots,
+            self.map_requests,
+            self.loads,
+            self.bytes_copied,
+            self.exhausted,
+            self.steals
+        )
+    }
+}
+
+/// A device's pre-mapped pool (theory 2 and 3).
+///
+/// # Invariants
+///
+/// Every slot `i` is `slot_pages` pages at `slots[i]`, owned by the pool, mapped at
+/// `window.start + i × slot bytes` in `dom` from creation until drop; each slot index is on at
+/// most one free list or held by at most one loaded map.
+pub struct PremappedPool<'p, P: Platform, D: IommuOps<P>> {
+    p: &'p P,
+    dom: D,
+    qm: &'p QuickMaps,
+    slot_bytes: u64,
+    window: AddrRange<Iova>,
+    slots: Vec<PhysAddr>,
+    /// Per slot: its kernel address if the direct map covers all of it (copies then need no
+    /// quick map).
+    slot_kva: Vec<Option<KernVa>>,
+    /// Per CPU: free slots and counters.
+    free: Vec<PerCpu>,
+    exhausted: AtomicU64,
+    steals: AtomicU64,
+    /// Set if an unmap of the pool's pages elsewhere in the domain (the hybrid's calibration)
+    /// could not be waited for: the drop leaks the pages.
+    leak: AtomicBool,
+}
+
+impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
+    /// Allocates the pool's pages and maps them in `dom` (theory 2): `config.slots_per_cpu`
+    /// slots for each of the platform's CPUs.
+    ///
+    /// Errors: [`Error::ZeroSize`] (no slot or an empty slot), [`Error::NoMemory`] (pages),
+    /// the domain's IOVA or map errors; whatever was mapped is unmapped and freed again.
+    pub fn new(p: &'p P, dom: D, qm: &'p QuickMaps, config: PoolConfig) -> Result<Self> {
+        let slot_pages = config.slot_size.div_ceil(PAGE_SIZE);
+        let cpus = p.num_cpus();
+        let n = config.slots_per_cpu.checked_mul(cpus).ok_or(Error::ZeroSize)?;
+        if slot_pages == 0 || n == 0 || n > u32::MAX as usize {
+            return Err(Error::ZeroSize);
+        }
+        let slot_bytes = slot_pages * PAGE_SIZE;
+        let total =
+            slot_bytes.checked_mul(n as u64).ok_or(Error::Overflow { base: slot_bytes, len: n as u64 })?;
+        let g = p.pin_cpu();
+        let window = dom.alloc_iova(&g, total, PAGE_SIZE, dom.max_iova())?;
+        drop(g);
+        let mut pool = Self {
+            p,
+            dom,
+            qm,
+            slot_bytes,
+            window,
+            slots: Vec::new(),
+            slot_kva: Vec::new(),
+            free: Vec::new(),
+            exhausted: AtomicU64::new(0),
+            steals: AtomicU64::new(0),
+            leak: AtomicBool::new(false),
+        };
+        // From here on `Drop` unmaps the slots mapped so far and frees their pages.
+        pool.slots.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 8) as u64 })?;
+        pool.slot_kva.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
+        let prot = prot_of(MemKind::Page, Direction::Bidirectional, TagFlags::default());
+        for i in 0..n {
+            let req = PageRequest {
+                pages: slot_pages,
+                align: PAGE_SIZE,
+                below: None,
+                placement: config.placement,
+                attr: MemAttr::WriteBack,
+            };
+            let pa = p.alloc_pages(&req)?;
+            let iova = Iova::new(window.start().raw() + i as u64 * slot_bytes);
+            let g = p.pin_cpu();
+            // SAFETY: `iova` lies in the window the pool allocated and holds, each slot's
+            // range once; the pages are the pool's own (just allocated), freed only after the
+            // unmap at drop has been invalidated (theory 3).
+            if let Err(e) = unsafe { pool.dom.map(&g, iova, pa, slot_bytes, prot) } {
+                drop(g);
+                // SAFETY: allocated just above, never mapped (the failed map undid itself).
+                unsafe { p.free_pages(pa, slot_pages) };
+                return Err(e);
+            }
+            pool.slots.push(pa);
+            pool.slot_kva.push(direct_span(p, pa, slot_bytes));
+        }
+        let per = config.slots_per_cpu;
+        for c in 0..cpus {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 4) as u64 })?;
+            v.extend((c * per..(c + 1) * per).rev().map(|i| i as u32));
+            pool.free.push(PerCpu {
+                list: SpinLock::new(v),
+                loads: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+            });
+        }
+        Ok(pool)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            slots: self.slots.len() as u64,
+            free_slots: self.free.iter().map(|f| f.list.lock().len() as u64).sum(),
+            slot_bytes: self.slot_bytes,
+            map_requests: self.slots.len() as u64,
+            loads: self.free.iter().map(|f| f.loads.load(Ordering::Relaxed)).sum(),
+            bytes_copied: self.free.iter().map(|f| f.bytes.load(Ordering::Relaxed)).sum(),
+            exhausted: self.exhausted.load(Ordering::Relaxed),
+            steals: self.steals.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes of one slot: the largest load the pool copies.
+    pub fn slot_bytes(&self) -> u64 {
+        self.slot_bytes
+    }
+
+    /// The IOVA window every slot lies in: all the device can reach through the pool.
+    pub fn window(&self) -> AddrRange<Iova> {
+        self.window
+    }
+
+    /// The domain the pool is mapped in.
+    pub fn domain(&self) -> &D {
+        &self.dom
+    }
+
+    pub(crate) fn platform(&self) -> &'p P {
+        self.p
+    }
+
+    fn slot_iova(&self, i: u32) -> u64 {
+        self.window.start().raw() + u64::from(i) * self.slot_bytes
+    }
+
+    /// Whether a tag with `spec` can be given slots: the window lies within its reach and a
+    /// slot starts on its alignment. (`max_size` is checked by [`Premapped`] only: the hybrid
+    /// maps what does not fit.)
+    pub(crate) fn check_reach(&self, spec: &TagSpec) -> Result<()> {
+        let last = self.window.end().raw() - 1;
+        let limit = iova_limit(&self.dom, spec);
+        if last > limit {
+            return Err(Error::OutOfRange { addr: last, limit });
+        }
+        if spec.alignment > PAGE_SIZE
+            && (self.slot_bytes % spec.alignment != 0 || !self.window.start().is_aligned(spec.alignment))
+        {
+            return Err(Error::BadAlignment { align: spec.alignment });
+        }
+        Ok(())
+    }
+
+    /// Takes a free slot, the calling CPU's first (`count`: in the steal and exhaustion
+    /// counters; not for the calibration's own takes).
+    pub(crate) fn take(&self, g: &CpuGuard<'_, P>, count: bool) -> Option<u32> {
+        let cpu = g.cpu() % self.free.len();
+        if let Some(i) = self.free[cpu].list.lock().pop() {
+            return Some(i);
+        }
+        for k in 1..self.free.len() {
+            if let Some(i) = self.free[(cpu + k) % self.free.len()].list.lock().pop() {
+                if count {
+                    self.steals.fetch_add(1, Ordering::Relaxed);
+                }
+                return Some(i);
+            }
+        }
+        if count {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    }
+
+    /// Makes the drop leak the pages (an unmap of them elsewhere failed its invalidation).
+    pub(crate) fn leak_on_drop(&self) {
+        self.leak.store(true, Ordering::Release);
+    }
+
+    /// Gives slot `i` back to the calling CPU's list.
+    pub(crate) fn give(&self, g: &CpuGuard<'_, P>, i: u32) {
+        let cpu = g.cpu() % self.free.len();
+        // The list was reserved for every slot: the push never allocates.
+        self.free[cpu].list.lock().push(i);
+    }
+
+    /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
+    /// client → slot). Returns the bytes copied (the caller counts them).
+    pub(crate) fn copy(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
+        let base = self.slots[i as usize].raw();
+        let mut off = 0u64;
+        let mut copied = 0u64;
+        for r in runs {
+            let (s, e) = (off.max(range.start), (off + r.len).min(range.end));
+            if s < e {
+                let (client_off, n) = (s - off, e - s);
+                let slot = PhysAddr::new(base + s);
+                // Both sides in the direct map: one copy, no quick map (theory 4).
+                let client_kva = match r.kind {
+                    MemKind::Page => direct_span(self.p, PhysAddr::new(r.pa.raw() + client_off), n),
+                    MemKind::Mapped { kva } => Some(KernVa::new(kva.raw() + client_off)),
+                    _ => None,
+                };
+                if let (Some(c), Some(k)) = (client_kva, self.slot_kva[i as usize]) {
+                    let k = k.raw() + s;
+                    let (src, dst) = if to_slot { (c.raw(), k) } else { (k, c.raw()) };
+                    // SAFETY: `k` maps bytes `[s, s + n)` of slot `i`, the pool's own RAM, all
+                    // in the direct map (checked page by page at creation); `c` maps the
+                    // client's `n` bytes: a `Page` run through the direct map (checked page by
+                    // page just above; the run is the load's RAM, the load source's contract),
+                    // a `Mapped` run through its own mapping (the load source's contract,
+                    // `front::load` theory 2). Slot and client are different memory; neither
+                    // is referenced by `&`/`&mut` (device-visible memory is reached by copy).
+                    unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, n as usize) };
+                    copied += n;
+                    off += r.len;
+                    if off >= range.end {
+                        break;
+                    }
+                    continue;
+                }
+                let g = self.p.pin_cpu();
+                match r.kind {
+                    MemKind::Page => {
+                        let c = PhysAddr::new(r.pa.raw() + client_off);
+                        if to_slot {
+                            self.qm.copy_phys_to_phys(&g, c, slot, n)?;
+                        } else {
+                            self.qm.copy_phys_to_phys(&g, slot, c, n)?;
+                        }
+                    }
+                    MemKind::Mapped { kva } => {
+                        let c = crate::addr::KernVa::new(kva.raw() + client_off);
+                        if to_slot {
+                            // SAFETY: a `Mapped` run's `kva` maps the run while it is loaded,
+                            // not referenced during syncs (the load source's contract,
+                            // `front::load` theory 2); `slot` is the pool's RAM.
+                            unsafe { self.qm.copy_kva_to_phys(&g, c, slot, n)? };
+                        } else {
+                            // SAFETY: as above; the client's mapping is writable (a load of
+                            // memory the device may write is a writable mapping).
+                            unsafe { self.qm.copy_phys_to_kva(&g, slot, c, n)? };
+                        }
+                    }
+                    _ => return Err(uncopyable()),
+                }
+                copied += n;
+            }
+            off += r.len;
+            if off >= range.end {
+                break;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Zeroes slot `i`'s bytes `range`.
+    pub(crate) fn zero(&self, i: u32, range: Range<u64>) -> Result<()> {
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let g = self.p.pin_cpu();
+        self.qm.fill_phys(
+            &g,
+            PhysAddr::new(self.slots[i as usize].raw() + range.start),
+            range.end - range.start,
+            0,
+        )
+    }
+
+    /// Cache maintenance of slot `i`'s bytes `range` (non-coherent tags).
+    pub(crate) fn maintain(&self, i: u32, range: Range<u64>, op: CacheMaint) -> Result<()> {
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let g = self.p.pin_cpu();
+        maintain_phys(
+            &g,
+            PhysAddr::new(self.slots[i as usize].raw() + range.start),
+            range.end - range.start,
+            op,
+        )
+        .map(|_| ())
+    }
+
+    /// The physical address of slot `i` (tests and diagnostics).
+    pub fn slot_pa(&self, i: usize) -> Option<PhysAddr> {
+        self.slots.get(i).copied()
+    }
+}
+
+impl<P: Platform, D: IommuOps<P>> Drop for PremappedPool<'_, P, D> {
+    fn drop(&mut self) {
+        let mapped = self.slots.len() as u64 * self.slot_bytes;
+        let g = self.p.pin_cpu();
+        let flushed = if mapped == 0 {
+            // SAFETY: the pool's window, nothing mapped in it.
+            unsafe { self.dom.free_iova(&g, self.window) };
+            true
+        } else {
+            let range = AddrRange::new(self.window.start(), Iova::new(self.window.start().raw() + mapped));
+            match range {
+                Ok(range) => {
+                    // SAFETY: the pool mapped `range` and holds its window; both are given up.
+                    match unsafe { self.dom.unmap(&g, &[range], &[self.window]) } {
+                        Ok(t) => self.dom.ensure_flushed(&g, t).is_ok(),
+                        Err(_) => false,
+                    }
+                }
+                Err(_) => false,
+            }
+        };
+        drop(g);
+        if !flushed || self.leak.load(Ordering::Acquire) {
+            // The device may still reach the pages: leak them (theory 3).
+            return;
+        }
+        let pages = self.slot_bytes / PAGE_SIZE;
+        for &pa in &self.slots {
+            // SAFETY: the pool's own pages, whose mappings' invalidation has completed.
+            unsafe { self.p.free_pages(pa, pages) };
+        }
+    }
+}
+
+/// The direct-map address of `[pa, pa + n)` if the direct map covers all of it contiguously
+/// (asked page by page: the platform's answers are trusted, its layout is not assumed).
+fn direct_span<P: Platform>(p: &P, pa: PhysAddr, n: u64) -> Option<KernVa> {
+    let k0 = p.phys_to_kva(pa)?;
+    let end = pa.raw().checked_add(n)?;
+    let mut page = pa.page_base().raw().checked_add(PAGE_SIZE)?;
+    while page < end {
+        if p.phys_to_kva(PhysAddr::new(page))?.raw() != k0.raw() + (page - pa.raw()) {
+            return None;
+        }
+        page += PAGE_SIZE;
+    }
+    Some(k0)
+}
+
+/// One CPU's free slots and counters, on cache lines of their own.
+#[repr(align(128))]
+struct PerCpu {
+    list: SpinLock<Vec<u32>>,
+    /// Loads served and bytes copied on this CPU: written only by the thread holding the
+    /// CPU's preemption guard ([`bump`]), read by anyone.
+    loads: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Adds `n` to a per-CPU counter: a load and a store, no locked add. Only the holder of the
+/// CPU's guard writes it (the platform's guard excludes every other thread from the CPU), so
+/// no update is lost.
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+pub(crate) fn uncopyable() -> Error {
+    Error::Unsupported { what: "pre-mapped pool: memory with no page and no kernel mapping cannot be copied" }
+}
+
+/// The pre-mapped pool strategy: every load copied into a slot of `pool` (theory 2 to 6).
+pub struct Premapped<'a, 'p, P: Platform, D: IommuOps<P>>(pub &'a PremappedPool<'p, P, D>);
+
+impl<P: Platform, D: IommuOps<P>> Clone for Premapped<'_, '_, P, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P: Platform, D: IommuOps<P>> Copy for Premapped<'_, '_, P, D> {}
+
+/// Per-map state of [`Premapped`]: the slot of the current load and its runs.
+#[derive(Debug)]
+pub struct PremappedState {
+    slot: Option<u32>,
+    len: u64,
+    dir: Direction,
+    untrusted: bool,
+    runs: Vec<Run>,
+}
+
+impl PremappedState {
+    pub(crate) fn new(spec: &TagSpec) -> Result<Self> {
+        let n = max_runs(spec);
+        let mut runs = Vec::new();
+        runs.try_reserve_exact(n)
+            .map_err(|_| Error::NoMemory { requested: (n * size_of::<Run>()) as u64 })?;
+        Ok(Self { slot: None, len: 0, dir: Direction::ToDevice, untrusted: false, runs })
+    }
+
+    /// The slot of the current load, if loaded.
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
+
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.slot.is_some()
+    }
+}
+
+impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
+    /// Loads `runs` into a slot (theory 2, 5, 6). On error `st` is unloaded and holds nothing.
+    /// `count`: in the counters (not for the hybrid's calibration).
+    pub(crate) fn load_into(
+        &self,
+        spec: &TagSpec,
+        st: &mut PremappedState,
+        runs: &[Run],
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+        count: bool,
+    ) -> Result<()> {
+        let mut len = 0u64;
+        for r in runs {
+            if !r.kind.bounceable() {
+                return Err(uncopyable());
+            }
+            len = len.checked_add(r.len).ok_or(Error::Overflow { base: len, len: r.len })?;
+        }
+        if len > self.slot_bytes {
+            return Err(Error::LimitExceeded {
+                what: "bytes per pre-mapped slot",
+                requested: len,
+                limit: self.slot_bytes,
+            });
+        }
+        if runs.len() > st.runs.capacity() {
+            return Err(Error::LimitExceeded {
+                what: "runs per pre-mapped load",
+                requested: runs.len() as u64,
+                limit: st.runs.capacity() as u64,
+            });
+        }
+        let g = self.p.pin_cpu();
+        let Some(i) = self.take(&g, count) else {
+            return Err(Error::Exhausted { size: self.slot_bytes, limit: self.window.end().raw() });
+        };
+        drop(g);
+        let r = segs.push(self.slot_iova(i), len).and_then(|_| segs.check()).and_then(|_| {
+            if spec.flags.untrusted {
+                // Theory 5: zeros past the buffer, the client's bytes in it whatever the
+                // direction.
+                self.zero(i, len..self.slot_bytes)?;
+                return self.copy(i, runs, 0..len, true);
+            }
+            Ok(0)
+        });
+        let copied = match r {
+            Ok(n) => n,
+            Err(e) => {
+                let g = self.p.pin_cpu();
+                self.give(&g, i);
+                return Err(e);
+            }
+        };
+        st.runs.clear();
+        st.runs.extend_from_slice(runs);
+        (st.slot, st.len, st.dir, st.untrusted) = (Some(i), len, dir, spec.flags.untrusted);
+        if count {
+            let g = self.p.pin_cpu();
+            let c = &self.free[g.cpu() % self.free.len()];
+            bump(&c.loads, 1);
+            bump(&c.bytes, copied);
+        }
+        Ok(())
+    }
+
+    /// Unloads `st`'s slot (untrusted: scrubbed first).
+    pub(crate) fn unload_from(&self, st: &mut PremappedState) -> Result<()> {
+        let Some(i) = st.slot.take() else { return Ok(()) };
+        let r = if st.untrusted { self.zero(i, 0..st.len) } else { Ok(()) };
+        let g = self.p.pin_cpu();
+        self.give(&g, i);
+        st.runs.clear();
+        r
+    }
+
+    /// The strategy's sync of buffer bytes `range` (theory 4); `count`: as for `load_into`.
+    pub(crate) fn sync_of(
+        &self,
+        spec: &TagSpec,
+        st: &PremappedState,
+        op: SyncOp,
+        range: Range<u64>,
+        count: bool,
+    ) -> Result<()> {
+        let Some(i) = st.slot else { return Ok(()) };
+        let maintain = !spec.flags.coherent;
+        let pre_write = op.contains(SyncOp::PREWRITE) && st.dir.device_reads();
+        let pre_read = op.contains(SyncOp::PREREAD) && st.untrusted;
+        let mut copied = 0;
+        if pre_write || pre_read {
+            copied += self.copy(i, &st.runs, range.clone(), true)?;
+            if maintain {
+                self.maintain(i, range.clone(), CacheMaint::CleanInvalidate)?;
+            }
+        } else if maintain && op.contains(SyncOp::PREREAD) {
+            self.maintain(i, range.clone(), CacheMaint::CleanInvalidate)?;
+        }
+        if op.contains(SyncOp::POSTREAD) && st.dir.device_writes() {
+            if maintain {
+                self.maintain(i, range.clone(), CacheMaint::Invalidate)?;
+            }
+            copied += self.copy(i, &st.runs, range, false)?;
+        }
+        if count && copied > 0 {
+            let g = self.p.pin_cpu();
+            bump(&self.free[g.cpu() % self.free.len()].bytes, copied);
+        }
+        Ok(())
+    }
+}
+
+impl<'p, P: Platform, D: IommuOps<P>> Strategy<P> for Premapped<'_, 'p, P, D> {
+    const NAME: &'static str = "premapped";
+    type MapState = PremappedState;
+
+    /// Nothing is invalidated per I/O (the pool's mappings live as long as it does).
+    fn invalidation(&self) -> Invalidation {
+        Invalidation::None
+    }
+
+    fn check_tag(&self, _p: &P, spec: &TagSpec) -> Result<()> {
+        if spec.max_size > self.0.slot_bytes {
+            return Err(Error::LimitExceeded {
+                what: "tag max_size above the pre-mapped slot size",
+                requested: spec.max_size,
+                limit: self.0.slot_bytes,
+            });
+        }
+        self.0.check_reach(spec)
+    }
+
+    fn create(&self, _p: &P, spec: &TagSpec) -> Result<PremappedState> {
+        PremappedState::new(spec)
+    }
+
+    fn load(
+        &self,
+        _p: &P,
+        spec: &TagSpec,
+        st: &mut PremappedState,
+        runs: &[Run],
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        self.0.load_into(spec, st, runs, dir, segs, true)
+    }
+
+    fn unload(&self, _p: &P, st: &mut PremappedState, _runs: &[Run], _segs: &[Segment]) -> Result<()> {
+        self.0.unload_from(st)
+    }
+
+    fn destroy(&self, _p: &P, mut st: PremappedState) {
+        let _ = self.0.unload_from(&mut st);
+    }
+
+    /// Client memory is never mapped: nothing to wait for.
+    fn wait_unmapped(&self, _p: &P) -> Result<()> {
+        Ok(())
+    }
+
+    fn sync(&self, _p: &P, spec: &TagSpec, st: &PremappedState, op: SyncOp, range: Range<u64>) -> Result<()> {
+        self.0.sync_of(spec, st, op, range, true)
+    }
+}
