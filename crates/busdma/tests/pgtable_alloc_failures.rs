@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use busdma::pgtable::{
-    ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
+    ArmLpaeS1, ArmLpaeS2, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
 };
 use busdma::{AddrRange, Error, Iova, PageSize, PhysAddr, Platform};
 use busdma_model::{HostPlatform, MachineConfig};
@@ -102,6 +102,7 @@ fn every_map_allocation_point_fails_cleanly_vtd_48() {
 #[test]
 fn every_map_allocation_point_fails_cleanly_lpae_39() {
     sweep::<ArmLpaeS1>(39);
+    sweep::<ArmLpaeS2>(39);
 }
 
 #[test]
@@ -155,6 +156,7 @@ fn every_split_allocation_point_fails_with_the_block_intact_vtd() {
 #[test]
 fn every_split_allocation_point_fails_with_the_block_intact_lpae() {
     split_sweep::<ArmLpaeS1>();
+    split_sweep::<ArmLpaeS2>();
 }
 
 #[test]
@@ -242,6 +244,7 @@ fn a_gather_allocation_failure_keeps_tables_installed_and_still_unmaps_vtd() {
 #[test]
 fn a_gather_allocation_failure_keeps_tables_installed_and_still_unmaps_lpae() {
     detach_sweep::<ArmLpaeS1>();
+    detach_sweep::<ArmLpaeS2>();
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use busdma::pgtable::{
-    ArmLpaeS1, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
+    ArmLpaeS1, ArmLpaeS2, FlushDone, Gather, PageTable, PageTableConfig, Prot, PteFormat, TablePool, VtdSl,
 };
 use busdma::platform::PageRequest;
 use busdma::{AddrRange, Error, Iova, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, TablePage};
@@ -268,5 +268,10 @@ proptest! {
     #[test]
     fn lpae_39_agrees_with_the_reference_map(ops in proptest::collection::vec(op(), 1..30)) {
         run::<ArmLpaeS1>(39, &ops);
+    }
+
+    #[test]
+    fn lpae_s2_48_agrees_with_the_reference_map(ops in proptest::collection::vec(op(), 1..30)) {
+        run::<ArmLpaeS2>(48, &ops);
     }
 }

@@ -1,4 +1,4 @@
-//! Arm SMMUv3, stage 1 (Arm IHI 0070).
+//! Arm SMMUv3, stage 1 and stage 2 (Arm IHI 0070).
 //!
 //! # Theory
 //!
@@ -31,7 +31,10 @@
 //!    TLBI_NH_ASID of the ASID (nothing cached under it from an earlier domain survives).
 //!    Detach is the reverse: word 0 to abort, CFGI_STE, TLBI_NH_ASID, CMD_SYNC, and only
 //!    then the CD page is freed. A 2-level table's L2 page (64 STEs, all abort) is complete
-//!    before the L1 descriptor that publishes it is written.
+//!    before the L1 descriptor that publishes it is written. Dropping the driver never opens
+//!    bypass: a translating SMMU is left translating with every stream aborted and its queues
+//!    off (the stream table, which it still reads, leaked); only the `unsafe`
+//!    [`Smmu::disable_translation`] turns SMMUEN off.
 //! 5. **Coherence.** The driver requires IDR0.COHACC (the SMMU snoops CPU caches when it
 //!    reads tables and queues), and tells it so in CR1 (inner-shareable write-back). It
 //!    refuses the rest at probe, with everything else it cannot drive
@@ -46,6 +49,12 @@
 //!    StreamID, input address, direction). [`Smmu::gerror`] reports global errors.
 //! 8. **Policy lives above**, as for VT-d: a `busdma::iommu::Domain` decides when to
 //!    invalidate (strict or deferred); this driver only executes.
+//! 9. **Stage 2** (when IDR0.S2P): a stage-2 STE holds the table root (S2TTB), its controls
+//!    (S2T0SZ, S2SL0, S2PS ≤ IDR5.OAS, 4 KiB granule, S2R) and the VMID that tags its TLB
+//!    entries; there is no CD. Its tables are `pgtable::ArmLpaeS2`; its invalidations are
+//!    TLBI_S2_IPA (by IPA) and TLBI_S12_VMALL (the VMID). VMIDs come from their own bitmap
+//!    ([`Smmu::alloc_vmid`]); [`Stage2Domains`] is the SMMU seen through its stage-2 side,
+//!    so a `Domain` (domain id = VMID) runs on either stage unchanged. Nesting is not built.
 //!
 //! # Locking and execution context
 //!
