@@ -22,7 +22,7 @@ use core::ptr::NonNull;
 use busdma::PhysAddr;
 use busdma::device::{Device, Iommu, Policy};
 use busdma::quickmap::QuickMaps;
-use busdma::virtio::{AccessPlatform, BusdmaHal, HalSlot, VirtioDma, VirtioKernel};
+use busdma::virtio::{AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel};
 use busdma::vtd::SourceId;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::device::console::VirtIOConsole;
@@ -152,7 +152,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn read(vtd: &Unit, dev: &Device<'_, '_, &Unit>, dma: &VirtioDma<'_, '_, &Unit>) -> Self {
+    fn read(vtd: &Unit, dev: &Device<'_, '_, &Unit>, dma: &DeviceVirtioDma<'_, '_, &Unit>) -> Self {
         let (mut maps, mut unmaps) = (0, 0);
         if let Some(d) = dev.domain() {
             let s = d.domain().stats();
@@ -220,7 +220,7 @@ fn with_device<K: VirtioKernel, R>(
     iommu: &Iommu<'_, &Unit>,
     bdf: Bdf,
     policy: Policy,
-    f: impl FnOnce(&Device<'_, '_, &Unit>, &VirtioDma<'_, '_, &Unit>) -> Result<R, String>,
+    f: impl FnOnce(&Device<'_, '_, &Unit>, &DeviceVirtioDma<'_, '_, &Unit>) -> Result<R, String>,
 ) -> Result<R, String> {
     let dev = iommu.attach(SourceId(bdf.source_id()), policy).map_err(e2s)?;
     let r = (|| {

@@ -600,6 +600,11 @@ impl<'p, P: Platform, D: IommuOps<P>> Strategy<P> for Premapped<'_, 'p, P, D> {
         Invalidation::None
     }
 
+    fn unload_revokes(&self) -> bool {
+        // The device reaches the pool's slots, never the loaded memory (theory 3).
+        true
+    }
+
     fn check_tag(&self, _p: &P, spec: &TagSpec) -> Result<()> {
         if spec.max_size > self.0.slot_bytes {
             return Err(Error::LimitExceeded {
