@@ -233,7 +233,8 @@ pub fn run(info: &BootInfo) -> usize {
                 return r.failed + 1;
             }
         };
-        crate::viommu::run(&mut r, &devs, granule);
+        let virtio = (info.param("virtio") == Some("on")).then_some(&virtio);
+        crate::viommu::run(&mut r, &devs, granule, virtio);
         return r.failed;
     }
     r.check("edu DMA round trip untranslated (IOMMU off)", || untranslated_round_trip(&devs[0]));

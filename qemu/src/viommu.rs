@@ -78,10 +78,11 @@ fn drain_faults(unit: &Unit) -> CheckResult {
     Ok(())
 }
 
-/// Runs the virtio-iommu checks on `devs` (two edu devices). `granule`: the smallest page
+/// Runs the virtio-iommu checks on `devs` (two edu devices), and the virtio-drivers checks
+/// behind the unit when the runner gave `virtio` devices. `granule`: the smallest page
 /// the device was configured with (kernel command line `granule=64k`; default 4 KiB). With a
 /// granule larger than a page only the granule checks run ([`large_granule`]).
-pub fn run(r: &mut Runner, devs: &[Edu], granule: u64) {
+pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::virtio_check::Found>) {
     let mut found = None;
     pci::scan_bus0(|bdf, v, d| {
         if (v, d) == (VENDOR, DEVICE) {
@@ -201,6 +202,10 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64) {
         reserved_window_deferred(&unit, &devs[1], ep1)
     });
     r.check("virtio-iommu: requests per I/O, strict and deferred", || per_io(&unit, &devs[1], ep1));
+    // virtio-drivers' blk, net and console behind the same unit (`virtio=on`).
+    if let Some(found) = virtio {
+        crate::viommu_virtio::run(r, &unit, found);
+    }
     let st = unit.stats();
     println!(
         "measure - virtio-iommu totals: {} requests ({} MAP, {} UNMAP, {} refused), {} notifications, {} fault records",

@@ -17,7 +17,8 @@
 //!    `VirtioDma` for the length of a closure and removes it afterwards; every `Hal` call holds
 //!    the slot's lock for its whole length, so a scope cannot end while a call through it runs.
 //! 2. **Queue memory is coherent.** `dma_alloc` is [`crate::front::Tag::alloc_coherent`] of the
-//!    device's tag: page-aligned, zeroed here, mapped for its whole life; the bus address it
+//!    device's queue tag (the share tag, or a mapping tag of the same device when shares are
+//!    copied into a pre-mapped pool, [`VirtioDma::pooled`]): page-aligned, zeroed here, mapped for its whole life; the bus address it
 //!    returns is the IOVA, never the physical address.
 //! 3. **Shared buffers are always bounced.** `share` copies the caller's bytes (all of them,
 //!    whatever the direction, so bytes the device does not write come back unchanged) into a
@@ -139,17 +140,19 @@ impl VirtioStats {
 }
 
 /// Queue memory handed out by `dma_alloc`.
-struct QueueMem<'a, P: Platform, S: Strategy<P>> {
+struct QueueMem<'a, P: Platform, Q: Strategy<P>> {
     bus: u64,
     kva: u64,
     pages: usize,
-    mem: Coherent<'a, P, S>,
+    mem: Coherent<'a, P, Q>,
 }
 
 /// A shared (bounced) buffer outside the ring (theory 3: larger than the ring's free room, or
 /// a strategy without a window).
 struct Share<'a, P: Platform, S: Strategy<P>> {
     bus: u64,
+    /// The direction it was loaded in.
+    dir: Direction,
     map: OwnedMap<'a, P, S, DmaMemory<'a, P>>,
 }
 
@@ -252,11 +255,14 @@ pub fn tag_spec(max_size: u64, coherent: bool) -> TagSpec {
     spec
 }
 
-/// The busdma side of a virtio device: its tag (of any strategy), the queue memory and shares
-/// it has handed out, and counters. Install it in a [`HalSlot`] with [`HalSlot::scope`].
-pub struct VirtioDma<'a, P: Platform, S: Strategy<P>> {
+/// The busdma side of a virtio device: the tag its queue memory comes from (strategy `Q`),
+/// the tag its shares are loaded through (strategy `S`, by default the same), the queue memory
+/// and shares it has handed out, and counters. Install it in a [`HalSlot`] with
+/// [`HalSlot::scope`].
+pub struct VirtioDma<'a, P: Platform, Q: Strategy<P>, S: Strategy<P> = Q> {
+    queue_tag: Tag<'a, P, Q>,
     tag: Tag<'a, P, S>,
-    queues: SpinLock<Vec<QueueMem<'a, P, S>>>,
+    queues: SpinLock<Vec<QueueMem<'a, P, Q>>>,
     shares: SpinLock<Vec<Share<'a, P, S>>>,
     ring: SpinLock<Option<Ring<'a, P>>>,
     stats: VirtioStats,
@@ -299,22 +305,32 @@ impl<'a, P: Platform, S: WindowSource<P> + 'a> VirtioDma<'a, P, S> {
             Err(Error::Unsupported { .. }) => None,
             Err(e) => return Err(e),
         };
-        Ok(Self::with_ring(tag, ring))
+        Ok(Self::with_ring(tag.clone(), tag, ring))
     }
 }
 
 impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
-    /// Serves the device of `tag` (of any strategy; at most one segment per load,
-    /// [`tag_spec`]) with a streaming map of `tag` per share: the pre-mapped pool
-    /// ([`crate::premapped::Premapped`]) copies each share into a slot mapped once, so a share
-    /// costs the device's IOMMU no request; the per-map strategies map and unmap each share.
+    /// Serves the device of `tag` (of any mapping strategy; at most one segment per load,
+    /// [`tag_spec`]): queue memory from `tag`, a streaming map of `tag` per share.
     pub fn streaming(tag: Tag<'a, P, S>) -> Self {
-        Self::with_ring(tag, None)
+        Self::with_ring(tag.clone(), tag, None)
+    }
+}
+
+impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
+    /// Queue memory from `queues`, shares through a streaming map of `shares` each: the
+    /// pre-mapped pool ([`crate::premapped::Premapped`]) or the hybrid copy a share into a
+    /// slot mapped once, so a share costs the device's IOMMU no request. `queues` must map
+    /// memory in place (the device and the driver use the rings continuously, with no sync
+    /// between): a per-map strategy of the same domain, not a copying one.
+    pub fn pooled(queues: Tag<'a, P, Q>, shares: Tag<'a, P, S>) -> Self {
+        Self::with_ring(queues, shares, None)
     }
 
-    fn with_ring(tag: Tag<'a, P, S>, ring: Option<Ring<'a, P>>) -> Self {
+    fn with_ring(queue_tag: Tag<'a, P, Q>, tag: Tag<'a, P, S>, ring: Option<Ring<'a, P>>) -> Self {
         let translated = tag.strategy().unload_revokes();
         Self {
+            queue_tag,
             tag,
             queues: SpinLock::new(Vec::new()),
             shares: SpinLock::new(Vec::new()),
@@ -325,7 +341,7 @@ impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
         }
     }
 
-    /// The tag the device is served through.
+    /// The tag shares are loaded through.
     pub fn tag(&self) -> &Tag<'a, P, S> {
         &self.tag
     }
@@ -390,7 +406,7 @@ impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
         let len = (pages as u64)
             .checked_mul(PAGE_SIZE)
             .ok_or(Error::Overflow { base: pages as u64, len: PAGE_SIZE })?;
-        let mem = self.tag.alloc_coherent(len, false)?;
+        let mem = self.queue_tag.alloc_coherent(len, false)?;
         let kva = mem.memory().kva().ok_or(Error::NotDirectMapped { pa: mem.memory().pa().raw() })?;
         let bus = if mutant::PHYS { mem.memory().pa().raw() } else { mem.segments()[0].addr.raw() };
         if mem.segments().len() != 1 || bus == 0 {
@@ -505,6 +521,11 @@ impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
         VirtioStats::bump(&self.stats.bounced_in, len);
         let pa = mem.pa().raw();
         let mut map: OwnedMap<'a, P, S, DmaMemory<'a, P>> = self.tag.create_owned_map()?;
+        // A receive buffer is loaded both ways: a copying strategy (the pre-mapped pool) must
+        // copy the caller's bytes in too, or bytes the device does not write would come back
+        // as whatever the slot last held (theory 3). The device may read the bounce buffer,
+        // which holds the caller's own bytes and nothing else.
+        let dir = if dir == Direction::FromDevice { Direction::Bidirectional } else { dir };
         let segs = map.load(mem, dir).map_err(|(e, _)| e)?;
         if segs.len() != 1 || segs[0].addr.raw() == 0 {
             return Err(Error::BadState { what: "virtio share: not one segment, or bus address 0" });
@@ -514,7 +535,7 @@ impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
         if mutant::UNMAP_EARLY {
             map.unload()?;
         }
-        self.shares.lock().push(Share { bus, map });
+        self.shares.lock().push(Share { bus, dir, map });
         VirtioStats::bump(&self.stats.shares, 1);
         Ok(bus)
     }
@@ -531,9 +552,9 @@ impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
         }
         let mut s = self.shares.lock();
         let Some(i) = s.iter().position(|m| m.bus == bus) else { return false };
-        let Share { mut map, .. } = s.swap_remove(i);
+        let Share { mut map, dir: loaded, .. } = s.swap_remove(i);
         drop(s);
-        let mut ok = map.sync(post(dir)).is_ok();
+        let mut ok = map.sync(post(loaded)).is_ok();
         if let (Some(out), true) = (out, dir.device_writes()) {
             match map.buffer() {
                 Some(mem) if mem.read(0, out).is_ok() => {
@@ -595,7 +616,7 @@ fn direction(d: BufferDirection) -> Direction {
     }
 }
 
-impl<P: Platform, S: Strategy<P>> Drop for VirtioDma<'_, P, S> {
+impl<P: Platform, Q: Strategy<P>, S: Strategy<P>> Drop for VirtioDma<'_, P, Q, S> {
     fn drop(&mut self) {
         // Theory 6: whatever is still out may still be used by a driver or a device.
         let queues = core::mem::take(&mut *self.queues.lock());
@@ -614,7 +635,7 @@ trait Backend {
     fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool;
 }
 
-impl<P: Platform, S: Strategy<P>> Backend for VirtioDma<'_, P, S> {
+impl<P: Platform, Q: Strategy<P>, S: Strategy<P>> Backend for VirtioDma<'_, P, Q, S> {
     fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)> {
         self.note(VirtioDma::alloc(self, pages))
     }
@@ -663,9 +684,9 @@ impl HalSlot {
     /// from it while `f` runs (and answers "failed" before and after).
     ///
     /// Errors: [`Error::BadState`] if the slot already serves a device (nothing runs).
-    pub fn scope<P: Platform, S: Strategy<P>, R>(
+    pub fn scope<P: Platform, Q: Strategy<P>, S: Strategy<P>, R>(
         &self,
-        dma: &VirtioDma<'_, P, S>,
+        dma: &VirtioDma<'_, P, Q, S>,
         f: impl FnOnce() -> R,
     ) -> Result<R> {
         {
