@@ -15,7 +15,9 @@ use busdma::pgtable::Prot;
 use busdma::virtio_iommu::{ConfigSpace, FaultReason, ReservedKind, ViommuDomain, VirtioIommu};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, Platform};
 
-use crate::checks::{Buf, CheckResult, Runner, SENTINEL, Twin, XFER, dma_segments, e2s, kbuf, pattern};
+use crate::checks::{
+    Buf, CheckResult, Runner, SENTINEL, Twin, XFER, dma_segments, e2s, kbuf, pattern, segment_twins,
+};
 use crate::domain::EDU_LIMIT;
 use crate::edu::{self, Dir, Edu};
 use crate::pci::{self, Bdf};
@@ -390,17 +392,7 @@ fn through_tag(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
     let tx_segs: Vec<Segment> = tx.load(&kbuf(&src, 0x800, XFER), Direction::ToDevice).map_err(e2s)?.to_vec();
     let rx_segs: Vec<Segment> =
         rx.load(&kbuf(&dst, 0xc00, XFER), Direction::FromDevice).map_err(e2s)?.to_vec();
-    let mut twins = Vec::new();
-    for s in tx_segs.iter().chain(&rx_segs) {
-        if s.end() > EDU_LIMIT {
-            return Err(format!("segment {s:?} beyond edu's 28-bit mask"));
-        }
-        let mut page = s.addr.raw() & !(PAGE_SIZE - 1);
-        while page < s.end() {
-            twins.push(Twin::of(Iova::new(page))?);
-            page += PAGE_SIZE;
-        }
-    }
+    let twins = segment_twins(tx_segs.iter().chain(&rx_segs))?;
     tx.sync(SyncOp::PREWRITE).map_err(e2s)?;
     dma_segments(dev, Dir::FromRam, &tx_segs)?;
     tx.sync(SyncOp::POSTWRITE).map_err(e2s)?;
