@@ -17,13 +17,14 @@
 use alloc::format;
 use alloc::string::String;
 
+use busdma::device::{DeviceConfig, Policy, ViommuDevice};
 use busdma::front::strategy::Strategy;
 use busdma::front::{IommuPerMap, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::premapped::{Hybrid, PoolConfig, Premapped, PremappedPool};
 use busdma::quickmap::QuickMaps;
 use busdma::virtio::{BusdmaHal, HalSlot, VirtioDma, VirtioKernel, VirtioStats, tag_spec};
-use busdma::virtio_iommu::{FaultReason, ViommuDomain, ViommuStats, VirtioIommu};
+use busdma::virtio_iommu::{FaultReason, ViommuStats, VirtioIommu};
 use busdma::{AddrRange, Iova, PAGE_SIZE};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::device::console::VirtIOConsole;
@@ -38,7 +39,6 @@ use crate::virtio_check::{
 };
 
 type Unit = VirtioIommu<'static, KernelPlatform>;
-type Dom<'v> = ViommuDomain<'v, 'static, KernelPlatform>;
 
 /// Blocks each strategy writes and reads back (4 strategies: the runner checks 16).
 const BLOCKS: usize = 4;
@@ -109,7 +109,7 @@ fn spec(max: u64) -> TagSpec {
     TagSpec { dma_mask: TagSpec::mask_of_bits(32), ..tag_spec(max, true) }
 }
 
-/// Attaches `bdf` to a fresh domain of `kind` and runs `body` with the `VirtioDma` serving it;
+/// Attaches `bdf` to a fresh domain of `kind` (`busdma::device::ViommuDevice`) and runs `body` with the `VirtioDma` serving it;
 /// then checks the driver gave everything back (shares a dropped driver left posted are
 /// reclaimed) and detaches (the domain's drop).
 fn served(
@@ -119,9 +119,11 @@ fn served(
     kind: Kind,
     body: &mut dyn FnMut(&dyn Served) -> CheckResult,
 ) -> CheckResult {
-    let policy = if kind == Kind::Deferred { DEFERRED } else { InvalidationPolicy::Strict };
-    let d: Dom<'_> = ViommuDomain::new(unit, u32::from(bdf.source_id()), aperture(), policy).map_err(e2s)?;
-    let queues = Tag::new_root(&PLATFORM, IommuPerMap(&d), spec(MAX_MAP)).map_err(e2s)?;
+    let policy = if kind == Kind::Deferred { Policy::Deferred } else { Policy::Strict };
+    // One call: domain, PROBE's reserved regions kept out, ATTACH (busdma::device).
+    let cfg = DeviceConfig { aperture: Some(aperture()), deferred: DEFERRED, ..DeviceConfig::default() };
+    let dev = ViommuDevice::attach(unit, u32::from(bdf.source_id()), policy, cfg).map_err(e2s)?;
+    let queues = dev.tag(spec(MAX_MAP)).map_err(e2s)?;
     let r = match kind {
         Kind::Strict | Kind::Deferred => {
             let dma = VirtioDma::windowed(queues).map_err(e2s)?;
@@ -131,13 +133,19 @@ fn served(
             run_served(&dma, body)
         }
         Kind::Premapped | Kind::Hybrid => {
-            let pool =
-                PremappedPool::new(&PLATFORM, &d, qm, PoolConfig::new(PAGE_SIZE, POOL_SLOTS)).map_err(e2s)?;
+            let pool = PremappedPool::new(
+                &PLATFORM,
+                dev.attachment().clone(),
+                qm,
+                PoolConfig::new(PAGE_SIZE, POOL_SLOTS),
+            )
+            .map_err(e2s)?;
             if kind == Kind::Premapped {
                 let shares = Tag::new_root(&PLATFORM, Premapped(&pool), spec(PAGE_SIZE)).map_err(e2s)?;
                 run_served(&VirtioDma::pooled(queues, shares), body)
             } else {
-                let h = Hybrid::calibrated(&pool, IommuPerMap(&d), &spec(MAX_MAP)).map_err(e2s)?;
+                let h = Hybrid::calibrated(&pool, IommuPerMap(dev.attachment().clone()), &spec(MAX_MAP))
+                    .map_err(e2s)?;
                 if let Some(c) = h.calibration() {
                     println!("virtio-iommu hybrid calibration {bdf}: {c}");
                 }
@@ -146,7 +154,7 @@ fn served(
             }
         }
     };
-    d.flush(&busdma::Platform::pin_cpu(&PLATFORM)).map_err(e2s)?;
+    dev.domain().flush(&busdma::Platform::pin_cpu(&PLATFORM)).map_err(e2s)?;
     r
 }
 
@@ -338,6 +346,21 @@ pub fn run(r: &mut Runner, unit: &Unit, found: &Found) {
     });
     let (Some(blk_bdf), Some(con), true) = (found.blk, found.console, ok) else { return };
     let (a, b) = (found.net[0], found.net[1]);
+    r.check("busdma::device::ViommuDevice refuses untrusted, identity and bypass before any request", || {
+        let before = unit.stats().requests;
+        for policy in [Policy::Untrusted, Policy::Identity, Policy::Bypass] {
+            match ViommuDevice::attach(unit, u32::from(blk_bdf.source_id()), policy, DeviceConfig::default())
+            {
+                Err(busdma::Error::Unsupported { .. }) => {}
+                Err(e) => return Err(format!("{policy:?}: refused with {e}, not as unsupported")),
+                Ok(_) => return Err(format!("{policy:?}: attached")),
+            }
+        }
+        match unit.stats().requests - before {
+            0 => Ok(()),
+            n => Err(format!("{n} requests sent")),
+        }
+    });
     let qm: &'static QuickMaps =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(QuickMaps::for_platform(&PLATFORM)));
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
@@ -358,10 +381,9 @@ pub fn run(r: &mut Runner, unit: &Unit, found: &Found) {
             return;
         }
     }
-    for (name, policy, kind) in [
-        ("strict", busdma::device::Policy::Strict, Kind::Strict),
-        ("deferred", busdma::device::Policy::Deferred, Kind::Deferred),
-    ] {
+    for (name, policy, kind) in
+        [("strict", Policy::Strict, Kind::Strict), ("deferred", Policy::Deferred, Kind::Deferred)]
+    {
         let check = format!("virtio-console ({name}) behind virtio-iommu: a line written");
         let ok = r.check(&check, || {
             served(unit, qm, con, kind, &mut |dma| {
