@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+mod arch;
 mod boot;
 mod checks;
 mod console;
@@ -24,6 +25,7 @@ mod heap;
 mod hpet;
 mod mem;
 mod pci;
+mod pci_access;
 mod platform;
 mod port;
 mod start_info;
