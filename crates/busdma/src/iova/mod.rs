@@ -837,18 +837,26 @@ impl IovaAllocator {
             if let Some(c) = class_of(len) {
                 class_total = Some(class_bytes(c) + self.guard);
                 let cpu = self.cpu_cache(g.cpu())?;
-                let mark = self.live.get_hinted(&mut cpu.lock().hint, Self::page_of(s));
-                if let Some(mark) = mark {
-                    match self.clear_mark(mark, len)? {
+                let mut pc = cpu.lock();
+                if let Some(mark) = self.live.get_hinted(&mut pc.hint, Self::page_of(s)) {
+                    // Under this CPU's lock when the mark is this CPU's or no one's (one lock
+                    // hold, as the fast path); another CPU's mark under that CPU's lock alone.
+                    let mut cleared = self.clear_mark(mark, len, Some(g.cpu()))?;
+                    if cleared == Cleared::ElsewhereOwned {
+                        drop(pc);
+                        cleared = self.clear_mark(mark, len, None)?;
+                        pc = cpu.lock();
+                    }
+                    match cleared {
                         Cleared::Yes => {
-                            let (cached, touched) =
-                                cpu.lock().cache.free(c, s, MarkAddr::of(mark), &self.depot);
+                            let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
+                            drop(pc);
                             if touched || !cached {
                                 return self.free_spilled(c, s, cached, touched);
                             }
                             return Ok(());
                         }
-                        Cleared::NotLive => {}
+                        Cleared::NotLive | Cleared::ElsewhereOwned => {}
                         Cleared::OtherSize(pages) => {
                             return Err(Error::WrongSize {
                                 addr: s,
@@ -865,6 +873,7 @@ impl IovaAllocator {
 }
 
 /// What [`IovaAllocator::clear_mark`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Cleared {
     /// The mark held the freed size and this call cleared it.
     Yes,
@@ -872,13 +881,18 @@ enum Cleared {
     NotLive,
     /// The mark holds another page count.
     OtherSize(u64),
+    /// The mark is owned by a CPU whose lock the caller does not hold, and the caller holds
+    /// one (so this call could not take the owner's): nothing changed; call again holding none.
+    ElsewhereOwned,
 }
 
 impl IovaAllocator {
     /// Clears `mark` if it holds a live allocation of `len` bytes (theory 4): under the lock
     /// of the CPU the mark names, by a plain load and store, or by compare-and-swap when it
-    /// names none. Takes no lock on entry (it takes at most one, the owner's).
-    fn clear_mark(&self, mark: &AtomicU16, len: u64) -> Result<Cleared> {
+    /// names none. `held`: the CPU whose cache lock the caller holds, if any; holding one, it
+    /// never takes another (no two CPU locks at once) and answers `ElsewhereOwned` instead;
+    /// holding none, it takes at most one, the owner's.
+    fn clear_mark(&self, mark: &AtomicU16, len: u64, held: Option<usize>) -> Result<Cleared> {
         let mut seen = mark.load(Ordering::Acquire);
         loop {
             let pages = u64::from(seen) & MARK_PAGES_MASK;
@@ -895,6 +909,14 @@ impl IovaAllocator {
                     Err(now) => seen = now,
                 }
                 continue;
+            }
+            if held == Some(tag - 1) {
+                // Ours, and we hold our lock: nothing else can change it (see below).
+                mark.store(0, Ordering::Release);
+                return Ok(Cleared::Yes);
+            }
+            if held.is_some() {
+                return Ok(Cleared::ElsewhereOwned);
             }
             // The owner's lock: an owned mark changes only under it, so what we read under it
             // stays until we release.
