@@ -190,6 +190,8 @@ static void bench(bool caches, unsigned long live, unsigned long pages, unsigned
 {
 	struct bench b = { .caches = caches, .pages = pages, .ring = ring ? ring : 1 };
 	struct worker *ws = calloc(threads, sizeof(*ws));
+	if (threads > LAB_MAX_CPUS)
+		die("more threads than LAB_MAX_CPUS");
 	lab_ncpus = threads;
 	setup(caches, live);
 	pthread_barrier_init(&b.go, NULL, (unsigned int)threads + 1);
