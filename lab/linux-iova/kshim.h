@@ -144,6 +144,7 @@ static inline void kmem_cache_free(struct kmem_cache *c, void *p)
 	*head = p;
 }
 static inline void *kcalloc(size_t n, size_t size, gfp_t gfp) { (void)gfp; return calloc(n, size); }
+static inline void *kzalloc(size_t size, gfp_t gfp) { (void)gfp; return calloc(1, size); }
 static inline void kfree(void *p) { free(p); }
 
 /* Per-CPU data: thread `lab_cpu`'s area among `lab_ncpus` (at most LAB_MAX_CPUS). */
