@@ -11,6 +11,9 @@
 //!   the oldest and allocates 1-16 pages (xorshift sizes), per-CPU caches on.
 //! - `tree-1k`, `tree-100k`: the tree alone (no per-CPU caches): a 1-page alloc + free pair
 //!   among 1 000 / 100 000 live 1-page ranges separated by 1-page holes.
+//! - `cross`: timed only (not a callgrind path): CPU 0's thread allocates batches of 256 1-page
+//!   ranges, CPU 1's thread frees each batch (a transmit completion on another core), the two
+//!   taking turns; prints each side's CPU ns per range.
 //! - `tree-ring-1k`, `tree-ring-100k`: the same spaces, but each step frees the oldest of 16
 //!   ranges in flight and allocates one (a NIC ring on the tree: never the range just
 //!   allocated, so the tree's retake of the last freed node does not apply).
@@ -78,6 +81,11 @@ fn main() {
             hot_frag(&m, &a, &mut ring, ops);
             return;
         }
+        "cross" => {
+            drop(_b);
+            cross(&m, space, ops);
+            return;
+        }
         "tree-1k" | "tree-ring-1k" => 1_000,
         "tree-100k" | "tree-ring-100k" => 100_000,
         other => panic!("unknown path {other}: frag, tree-1k, tree-100k, tree-ring-1k, tree-ring-100k"),
@@ -101,6 +109,57 @@ fn main() {
     let t = Timer::start();
     hot_tree(&m, &a, ops);
     t.report("tree", live, ops);
+}
+
+/// The `cross` path: allocations on CPU 0, their frees on CPU 1, in turns of `BATCH`.
+fn cross(m: &HostPlatform, space: AddrRange<Iova>, ops: usize) {
+    const BATCH: usize = 256;
+    let a = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false }).expect("iova");
+    let (to_free, freed) = (std::sync::Mutex::new(Vec::new()), std::sync::Barrier::new(2));
+    let rounds = ops.div_ceil(BATCH);
+    let (alloc_ns, free_ns) = std::thread::scope(|s| {
+        let allocator = s.spawn(|| {
+            let _b = m.bind_cpu(0).expect("bind 0");
+            let mut cpu = 0;
+            for _ in 0..rounds {
+                let t = thread_cpu_ns();
+                let g = m.pin_cpu();
+                let batch: Vec<_> =
+                    (0..BATCH).map(|_| a.alloc(&g, &IovaRequest::pages(1)).expect("alloc")).collect();
+                drop(g);
+                cpu += thread_cpu_ns() - t;
+                *to_free.lock().unwrap() = batch;
+                freed.wait(); // handed over
+                freed.wait(); // freed
+            }
+            cpu
+        });
+        let freer = s.spawn(|| {
+            let _b = m.bind_cpu(1).expect("bind 1");
+            let mut cpu = 0;
+            for _ in 0..rounds {
+                freed.wait();
+                let batch = core::mem::take(&mut *to_free.lock().unwrap());
+                let t = thread_cpu_ns();
+                let g = m.pin_cpu();
+                for r in batch {
+                    a.free(&g, black_box(r)).expect("free");
+                }
+                drop(g);
+                cpu += thread_cpu_ns() - t;
+                freed.wait();
+            }
+            cpu
+        });
+        (allocator.join().expect("allocator"), freer.join().expect("freer"))
+    });
+    let n = (rounds * BATCH) as f64;
+    println!(
+        "{{\"impl\":\"busdma\",\"mode\":\"cross\",\"pairs\":{},\"alloc_cpu_ns\":{:.2},\"free_cpu_ns\":{:.2}}}",
+        rounds * BATCH,
+        alloc_ns as f64 / n,
+        free_ns as f64 / n
+    );
 }
 
 /// Wall and thread-CPU time of a tree path's hot loop, printed as one JSON line (for

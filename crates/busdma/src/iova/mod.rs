@@ -46,8 +46,10 @@
 //!    cache hit), 0 for one made under no CPU lock (a class range fresh from the tree) or by
 //!    a CPU beyond the 511 the tag holds. An owned mark changes only under its owner's lock:
 //!    the owner's free clears it by a plain load, compare and store (the fast path holds that
-//!    lock already), another CPU's free takes the owner's lock to do the same; a mark with no
-//!    owner is cleared by one compare-and-swap. Either way a mark is cleared exactly once per
+//!    lock already), another CPU's free takes the owner's lock to do the same and gives the
+//!    round back to the owner's cache, its home, in that one lock hold (`free_foreign`: a
+//!    transmit completion on another core costs one remote lock, as the compare-and-swap on
+//!    the mark's remote line did); a mark with no owner is cleared by one compare-and-swap. Either way a mark is cleared exactly once per
 //!    allocation however CPUs race (`tests/loom_iova_owner.rs` checks every interleaving of
 //!    two CPUs' frees). A free whose mark holds another size is
 //!    [`Error::WrongSize`], even one that rounds to the same class (6 pages freed as 7). A free
@@ -777,6 +779,7 @@ impl IovaSource for IovaAllocator {
                         }
                         return self.free_full(pc, usize::from(c), s, mark);
                     }
+                    return self.free_foreign(pc, g, range, usize::from(c), mark);
                 }
             }
         }
@@ -785,6 +788,47 @@ impl IovaSource for IovaAllocator {
 }
 
 impl IovaAllocator {
+    /// A fast free whose mark is not this CPU's of that size: when it is another CPU's live
+    /// mark of that size (a range freed on another core than the one that allocated it),
+    /// clear it under the owner's lock and give the round back to the owner's cache, its
+    /// home, in that one lock hold (the owner's next allocation takes it with no depot
+    /// exchange); anything else goes to `free_slow`.
+    #[cold]
+    #[inline(never)]
+    fn free_foreign<P: Platform>(
+        &self,
+        pc: SpinGuard<'_, PerCpu>,
+        g: &CpuGuard<'_, P>,
+        range: AddrRange<Iova>,
+        c: usize,
+        mark: &AtomicU16,
+    ) -> Result<()> {
+        drop(pc);
+        let (s, len) = (range.start().raw(), range.len());
+        let seen = mark.load(Ordering::Acquire);
+        let tag = usize::from(seen >> MARK_OWNER_SHIFT);
+        if u64::from(seen) & MARK_PAGES_MASK != len >> PAGE_SHIFT || tag == 0 || tag - 1 == g.cpu() {
+            return self.free_slow(g, range);
+        }
+        let Ok(owner) = self.cpu_cache(tag - 1) else {
+            return self.free_slow(g, range);
+        };
+        let mut oc = owner.lock();
+        // An owned mark changes only under its owner's lock (theory 4): if it still reads as
+        // it did, it is still that live allocation's, and only we can clear it now.
+        if mark.load(Ordering::Acquire) != seen {
+            drop(oc);
+            return self.free_slow(g, range);
+        }
+        mark.store(0, Ordering::Release);
+        let (cached, touched) = oc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
+        drop(oc);
+        if touched || !cached {
+            return self.free_spilled(c, s, cached, touched);
+        }
+        Ok(())
+    }
+
     /// Every allocation the fast path did not complete: the fast path again with every
     /// check (counting a miss, refilling the hint), the general path, the tree.
     #[cold]
