@@ -266,8 +266,17 @@ fn double_free_is_detected_and_changes_nothing() {
 /// and a second free on either CPU is a double free; the range is cached once.
 #[test]
 fn a_free_on_another_cpu_clears_the_owners_mark_once() {
-    for (pages, wrong) in [(1, 2), (3, 4), (64, 63)] {
+    // A cold CPU 1 hint sends its frees through `free_slow`; a warm one through the fast
+    // path's `free_foreign` (the round goes back to CPU 0's cache).
+    for ((pages, wrong), warm) in [(1, 2), (3, 4), (64, 63)].into_iter().flat_map(|p| [(p, false), (p, true)])
+    {
         let a = allocator(1024, true, false);
+        if warm {
+            on_cpu(1, |g| {
+                let w = a.alloc(g, &IovaRequest::pages(1)).unwrap();
+                a.free(g, w).unwrap();
+            });
+        }
         // Below the top of the space, so that the wrong size still lies inside it.
         let one = req(pages, P, 0, 256 * P + 512 * P);
         let r = on_cpu(0, |g| {
