@@ -177,10 +177,10 @@ fn calibrate<P: Platform, D: IommuOps<P>, S: Strategy<P>>(
             None => break,
         }
     }
-    if let Some(i) = held.pop() {
-        pool.give(&g, i);
-    }
     drop(g);
+    if let Some(i) = held.pop() {
+        pool.give(i);
+    }
     let r = if held.is_empty() {
         Err(Error::Exhausted { size: pool.slot_bytes(), limit: pool.window().end().raw() })
     } else {
@@ -193,11 +193,9 @@ fn calibrate<P: Platform, D: IommuOps<P>, S: Strategy<P>>(
             Ok((s, l, two))
         })
     };
-    let g = p.pin_cpu();
     for &i in &held {
-        pool.give(&g, i);
+        pool.give(i);
     }
-    drop(g);
     // The map path mapped pool pages: wait for those unmaps before anyone relies on the pool
     // being the only mapping of its pages (theory 4).
     if map.wait_unmapped(p).is_err() {

@@ -18,7 +18,7 @@
 //!    creation: one map request per slot, then never again. A slot is one segment in bus space
 //!    whatever the load's scatter-gather shape. The pool holds no slot of a load: a load takes
 //!    one from its CPU's free list ([`SpinLock`](crate::sync::SpinLock)ed, uncontended unless it steals) or, if that
-//!    is empty, from another CPU's; unload gives it back to the unloading CPU's list.
+//!    is empty, from another CPU's; unload gives it back to its home list (the CPU it was created for), with no pin.
 //! 3. **Soundness.** The device reaches the pool's pages and nothing else through the pool:
 //!    a load gives it the bus address of a slot, never of the client's memory, whose bytes
 //!    the CPU copies. The pages are the pool's own, mapped for the pool's life; the pool
@@ -60,9 +60,10 @@
 //! # Counters
 //!
 //! [`PoolStats`]: slots, free slots, map requests (at creation only), loads served, bytes
-//! copied, loads refused for exhaustion, steals from another CPU's list. Loads and bytes are
-//! per-CPU counters (a load and a store by the CPU's guard holder, no locked add on the
-//! per-I/O path), summed when read.
+//! copied, loads refused for exhaustion, steals from another CPU's list. Loads and bytes copied
+//! at load are per-CPU counters (a load and a store by the CPU's guard holder, under the load's
+//! one pin); bytes copied by syncs are an atomic add to the slot's home list's counter (syncs
+//! and unloads take no pin); all summed when read.
 
 mod hybrid;
 mod pool;

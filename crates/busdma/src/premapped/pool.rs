@@ -88,6 +88,8 @@ pub struct PremappedPool<'p, P: Platform, D: IommuOps<P>> {
     dom: D,
     qm: &'p QuickMaps,
     slot_bytes: u64,
+    /// Slots created per CPU: slot `i`'s home list is `i / per_cpu`.
+    per_cpu: usize,
     window: AddrRange<Iova>,
     slots: Vec<PhysAddr>,
     /// Per slot: its kernel address if the direct map covers all of it (copies then need no
@@ -126,6 +128,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             dom,
             qm,
             slot_bytes,
+            per_cpu: config.slots_per_cpu,
             window,
             slots: Vec::new(),
             slot_kva: Vec::new(),
@@ -170,6 +173,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 list: SpinLock::new(v),
                 loads: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
+                sync_bytes: AtomicU64::new(0),
             });
         }
         Ok(pool)
@@ -183,7 +187,11 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             slot_bytes: self.slot_bytes,
             map_requests: self.slots.len() as u64,
             loads: self.free.iter().map(|f| f.loads.load(Ordering::Relaxed)).sum(),
-            bytes_copied: self.free.iter().map(|f| f.bytes.load(Ordering::Relaxed)).sum(),
+            bytes_copied: self
+                .free
+                .iter()
+                .map(|f| f.bytes.load(Ordering::Relaxed).wrapping_add(f.sync_bytes.load(Ordering::Relaxed)))
+                .sum(),
             exhausted: self.exhausted.load(Ordering::Relaxed),
             steals: self.steals.load(Ordering::Relaxed),
         }
@@ -255,17 +263,19 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         self.leak.store(true, Ordering::Release);
     }
 
-    /// Gives slot `i` back to the calling CPU's list.
-    pub(crate) fn give(&self, g: &CpuGuard<'_, P>, i: u32) {
-        let cpu = g.cpu() % self.free.len();
+    /// Gives slot `i` back to its home list (the CPU it was created for): no pin needed, the
+    /// list's lock is all that guards it, and a slot stolen by another CPU goes home.
+    pub(crate) fn give(&self, i: u32) {
+        let home = (i as usize / self.per_cpu.max(1)).min(self.free.len() - 1);
         // The list was reserved for every slot: the push never allocates.
-        self.free[cpu].list.lock().push(i);
+        self.free[home].list.lock().push(i);
     }
 
     /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
     /// client → slot). Returns the bytes copied (the caller counts them).
     pub(crate) fn copy(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
         let base = self.slots[i as usize].raw();
+        let slot_kva = self.slot_kva[i as usize];
         let mut off = 0u64;
         let mut copied = 0u64;
         for r in runs {
@@ -279,7 +289,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                     MemKind::Mapped { kva } => Some(KernVa::new(kva.raw() + client_off)),
                     _ => None,
                 };
-                if let (Some(c), Some(k)) = (client_kva, self.slot_kva[i as usize]) {
+                if let (Some(c), Some(k)) = (client_kva, slot_kva) {
                     let k = k.raw() + s;
                     let (src, dst) = if to_slot { (c.raw(), k) } else { (k, c.raw()) };
                     // SAFETY: `k` maps bytes `[s, s + n)` of slot `i`, the pool's own RAM, all
@@ -335,6 +345,20 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// Zeroes slot `i`'s bytes `range`.
     pub(crate) fn zero(&self, i: u32, range: Range<u64>) -> Result<()> {
         if range.start >= range.end {
+            return Ok(());
+        }
+        if let Some(k) = self.slot_kva[i as usize] {
+            debug_assert!(range.end <= self.slot_bytes);
+            // SAFETY: `k` maps all of slot `i` through the direct map (checked page by page at
+            // creation), the pool's own RAM, and `range` lies in the slot (callers pass ranges
+            // within `slot_bytes`); nothing holds a reference to it (reached by copy only).
+            unsafe {
+                core::ptr::write_bytes(
+                    (k.raw() + range.start) as *mut u8,
+                    0,
+                    (range.end - range.start) as usize,
+                )
+            };
             return Ok(());
         }
         let g = self.p.pin_cpu();
@@ -420,10 +444,12 @@ fn direct_span<P: Platform>(p: &P, pa: PhysAddr, n: u64) -> Option<KernVa> {
 #[repr(align(128))]
 struct PerCpu {
     list: SpinLock<Vec<u32>>,
-    /// Loads served and bytes copied on this CPU: written only by the thread holding the
-    /// CPU's preemption guard ([`bump`]), read by anyone.
+    /// Loads served and bytes copied at load on this CPU: written only by the thread holding
+    /// the CPU's preemption guard ([`bump`]), read by anyone.
     loads: AtomicU64,
     bytes: AtomicU64,
+    /// Bytes copied by syncs of this list's slots, from any CPU: atomic adds only.
+    sync_bytes: AtomicU64,
 }
 
 /// Adds `n` to a per-CPU counter: a load and a store, no locked add. Only the holder of the
@@ -530,7 +556,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         let copied = match r {
             Ok(n) => n,
             Err(e) => {
-                self.give(&g, i);
+                self.give(i);
                 return Err(e);
             }
         };
@@ -549,8 +575,8 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     pub(crate) fn unload_from(&self, st: &mut PremappedState) -> Result<()> {
         let Some(i) = st.slot.take() else { return Ok(()) };
         let r = if st.untrusted { self.zero(i, 0..st.len) } else { Ok(()) };
-        let g = self.p.pin_cpu();
-        self.give(&g, i);
+        // No pin: the slot goes to its home list, under that list's lock.
+        self.give(i);
         st.runs.clear();
         r
     }
@@ -584,8 +610,10 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             copied += self.copy(i, &st.runs, range, false)?;
         }
         if count && copied > 0 {
-            let g = self.p.pin_cpu();
-            bump(&self.free[g.cpu() % self.free.len()].bytes, copied);
+            // No pin: an atomic add to the slot's home counter of sync copies (written by
+            // any CPU, so never by `bump`'s unlocked load and store).
+            let home = (i as usize / self.per_cpu.max(1)).min(self.free.len() - 1);
+            self.free[home].sync_bytes.fetch_add(copied, Ordering::Relaxed);
         }
         Ok(())
     }
