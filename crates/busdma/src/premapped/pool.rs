@@ -273,7 +273,40 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
 
     /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
     /// client → slot). Returns the bytes copied (the caller counts them).
+    ///
+    /// The packet path's case first: the whole load, a direct-mapped slot and every run
+    /// reachable without a quick map: one memcpy per run, no offsets to clip. Anything else
+    /// (a part of the load, a run needing a quick map) takes the general loop, from the start.
     pub(crate) fn copy(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
+        if let (0, Some(k)) = (range.start, self.slot_kva[i as usize]) {
+            let mut off = 0u64;
+            for r in runs {
+                if off + r.len > range.end {
+                    break;
+                }
+                let c = match r.kind {
+                    MemKind::Page => direct_span(self.p, r.pa, r.len),
+                    MemKind::Mapped { kva } => Some(kva),
+                    _ => None,
+                };
+                let Some(c) = c else { break };
+                let k = k.raw() + off;
+                let (src, dst) = if to_slot { (c.raw(), k) } else { (k, c.raw()) };
+                // SAFETY: as in `copy_general`: `k` maps bytes `[off, off + r.len)` of slot `i`
+                // (within `range`, within the load, within the slot), all in the direct map;
+                // `c` maps the run's bytes (direct map checked page by page, or the `Mapped`
+                // run's own mapping); different memory, neither referenced by `&`/`&mut`.
+                unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, r.len as usize) };
+                off += r.len;
+            }
+            if off == range.end {
+                return Ok(off);
+            }
+        }
+        self.copy_general(i, runs, range, to_slot)
+    }
+
+    fn copy_general(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
         let base = self.slots[i as usize].raw();
         let slot_kva = self.slot_kva[i as usize];
         let mut off = 0u64;
