@@ -265,6 +265,7 @@ fn an_untrusted_device_finds_only_its_buffer_and_zeros_in_a_slot_it_left_junk_in
         dev_write(&m, &d, seg.addr.raw(), b"0123456789");
         // And leaves junk in the rest of its slot for the next load to find (it must not).
         dev_write(&m, &d, seg.addr.raw() + 100, &[0xaa; 500]);
+        dev_write(&m, &d, slot_start + PAGE_SIZE - 16, &[0xab; 16]);
         map.sync(SyncOp::POSTREAD.union(SyncOp::POSTWRITE)).unwrap();
         let mut got = vec![0u8; 100];
         m.read_phys(buf, &mut got).unwrap();
