@@ -19,6 +19,10 @@
 //! - `tcp-premapped`, `tcp-nic-premapped`: the same packet through the pre-mapped pool
 //!   (`busdma::premapped::Premapped`, one-page slots mapped once in a strict domain): the
 //!   PREWRITE copies the 1500 bytes into the slot, the NIC reads the slot;
+//! - `per-map-64k-strict`, `hybrid-64k-strict`: as `per-map-strict` with a 16-page (64 KiB)
+//!   buffer; the hybrid's threshold is 64 KiB, so it maps every load with per-map strict, in
+//!   a domain that also holds its pool as tcpbench's `--size 65536` has it (64 KiB slots, 256
+//!   per CPU: 8 192 pages mapped);
 //! - `iova`: an IOVA alloc + free pair of 4 pages (`dmalab bench iova`'s fast path).
 //!
 //! The IOVA allocator's other paths (mixed sizes, the tree alone) are in `examples/icount_iova.rs`:
@@ -35,7 +39,7 @@ use busdma::front::{
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
-use busdma::premapped::{PoolConfig, Premapped, PremappedPool};
+use busdma::premapped::{Hybrid, PoolConfig, Premapped, PremappedPool};
 use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform};
 use busdma_model::{
@@ -235,8 +239,9 @@ fn main() {
         t.report("pair", 4, 0, ops);
         return;
     }
-    let buf = m.frames().alloc(FrameRequest::pages(1)).expect("buffer");
-    let run = [(buf, PAGE_SIZE)];
+    let pages = if path.contains("64k") { 16 } else { 1 };
+    let buf = m.frames().alloc(FrameRequest::pages(pages)).expect("buffer");
+    let run = [(buf, pages * PAGE_SIZE)];
     // SAFETY: the lab's own model RAM, kept until every map of it is dropped.
     let src = unsafe { RawSegments::new(&run) };
     if path.starts_with("tcp") && path.ends_with("passthrough") {
@@ -260,6 +265,15 @@ fn main() {
     match path {
         "reserved-strict" | "reserved-deferred" => {
             run_maps(&Tag::new_root(&m, IommuReserved::new(&dom), spec(false)).expect("tag"), &src, ops)
+        }
+        "per-map-64k-strict" => {
+            run_maps(&Tag::new_root(&m, IommuPerMap(&dom), spec(false)).expect("tag"), &src, ops)
+        }
+        "hybrid-64k-strict" => {
+            let qm = QuickMaps::for_platform(&m);
+            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(16 * PAGE_SIZE, RING)).expect("pool");
+            let h = Hybrid::with_threshold(&pool, IommuPerMap(&dom), 16 * PAGE_SIZE);
+            run_maps(&Tag::new_root(&m, h, spec(false)).expect("tag"), &src, ops)
         }
         "per-map-strict" | "per-map-deferred" => {
             run_maps(&Tag::new_root(&m, IommuPerMap(&dom), spec(false)).expect("tag"), &src, ops)
