@@ -19,7 +19,7 @@
 //! - `tcp-premapped`, `tcp-nic-premapped`: the same packet through the pre-mapped pool
 //!   (`busdma::premapped::Premapped`, one-page slots mapped once in a strict domain): the
 //!   PREWRITE copies the 1500 bytes into the slot, the NIC reads the slot;
-//! - `per-map-64k-strict`, `hybrid-64k-strict`: as `per-map-strict` with a 16-page (64 KiB)
+//! - `per-map-64k-strict`, `hybrid-64k-strict` (and `-deferred`): as `per-map-strict` with a 16-page (64 KiB)
 //!   buffer; the hybrid's threshold is 64 KiB, so it maps every load with per-map strict, in
 //!   a domain that also holds its pool as tcpbench's `--size 65536` has it (64 KiB slots, 256
 //!   per CPU: 8 192 pages mapped);
@@ -266,10 +266,10 @@ fn main() {
         "reserved-strict" | "reserved-deferred" => {
             run_maps(&Tag::new_root(&m, IommuReserved::new(&dom), spec(false)).expect("tag"), &src, ops)
         }
-        "per-map-64k-strict" => {
+        "per-map-64k-strict" | "per-map-64k-deferred" => {
             run_maps(&Tag::new_root(&m, IommuPerMap(&dom), spec(false)).expect("tag"), &src, ops)
         }
-        "hybrid-64k-strict" => {
+        "hybrid-64k-strict" | "hybrid-64k-deferred" => {
             let qm = QuickMaps::for_platform(&m);
             let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(16 * PAGE_SIZE, RING)).expect("pool");
             let h = Hybrid::with_threshold(&pool, IommuPerMap(&dom), 16 * PAGE_SIZE);
