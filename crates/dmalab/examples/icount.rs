@@ -271,7 +271,8 @@ fn main() {
         }
         "hybrid-64k-strict" | "hybrid-64k-deferred" => {
             let qm = QuickMaps::for_platform(&m);
-            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(16 * PAGE_SIZE, RING)).expect("pool");
+            let pool =
+                PremappedPool::new(&m, &dom, &qm, PoolConfig::new(16 * PAGE_SIZE, RING)).expect("pool");
             let h = Hybrid::with_threshold(&pool, IommuPerMap(&dom), 16 * PAGE_SIZE);
             run_maps(&Tag::new_root(&m, h, spec(false)).expect("tag"), &src, ops)
         }
