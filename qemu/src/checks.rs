@@ -196,9 +196,13 @@ pub fn run(info: &BootInfo) -> usize {
     println!("busdma-qemu: cmdline '{}'", info.cmdline);
     let mut edus: Vec<Bdf> = Vec::new();
     let mut virtio = crate::virtio_check::Found::default();
+    let mut e1000 = None;
     pci::scan_bus0(|bdf, v, d| {
         println!("pci {bdf} {v:04x}:{d:04x}");
         virtio.add(bdf, v, d);
+        if crate::e1000_check::is_e1000(v, d) {
+            e1000 = Some(bdf);
+        }
         if (v, d) == (edu::VENDOR, edu::DEVICE) {
             edus.push(bdf);
         }
@@ -322,6 +326,8 @@ pub fn run(info: &BootInfo) -> usize {
     // virtio devices (kernel command line virtio=on).
     if info.param("virtio") == Some("on") {
         crate::virtio_check::run(&vtd, &virtio, |name, f| r.check(name, f));
+        // eth-intel's e1000 (dma-api), with the first virtio-net NIC as its peer.
+        crate::e1000_check::run(&vtd, e1000, virtio.net.first().copied(), |name, f| r.check(name, f));
     } else if virtio.any() {
         r.check("virtio devices only where the runner asked for them", || Err("virtio=on missing".into()));
     }

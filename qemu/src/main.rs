@@ -16,6 +16,7 @@ mod checks;
 mod console;
 mod device_check;
 mod domain;
+mod e1000_check;
 mod edu;
 mod exit;
 mod frames;

@@ -60,9 +60,9 @@ const MAX_MAP: u64 = 64 << 10;
 const POLL_LIMIT: u64 = 1 << 26;
 const FAULT_EVERY: u64 = 1 << 10;
 /// Virtqueue size of the net driver.
-const NET_QUEUE: usize = 16;
+pub(crate) const NET_QUEUE: usize = 16;
 /// An EtherType for local experiments (IEEE 802 local experimental 1).
-const ETHERTYPE: u16 = 0x88b5;
+pub(crate) const ETHERTYPE: u16 = 0x88b5;
 
 fn mmio(pa: PhysAddr, size: usize) -> NonNull<u8> {
     let end = pa.raw().checked_add(size as u64);
@@ -89,16 +89,18 @@ macro_rules! virtio_kernel {
 }
 virtio_kernel!(BlkK, BLK_SLOT);
 virtio_kernel!(NetAK, NET_A_SLOT);
+// The virtio-net peer of the e1000 check (e1000_check.rs).
+virtio_kernel!(E1000PeerK, E1000_PEER_SLOT);
 virtio_kernel!(NetBK, NET_B_SLOT);
 virtio_kernel!(ConsoleK, CONSOLE_SLOT);
 
-type Transport = AccessPlatform<PciTransport>;
+pub(crate) type Transport = AccessPlatform<PciTransport>;
 
-fn e2s(e: busdma::Error) -> String {
+pub(crate) fn e2s(e: busdma::Error) -> String {
     format!("{e}")
 }
 
-fn v2s(e: virtio_drivers::Error) -> String {
+pub(crate) fn v2s(e: virtio_drivers::Error) -> String {
     format!("virtio: {e:?}")
 }
 
@@ -131,7 +133,7 @@ impl Found {
 }
 
 /// The PCI transport of `bdf` for `K`'s Hal, wrapped to accept ACCESS_PLATFORM.
-fn transport<K: VirtioKernel>(bdf: Bdf) -> Result<Transport, String> {
+pub(crate) fn transport<K: VirtioKernel>(bdf: Bdf) -> Result<Transport, String> {
     bdf.enable();
     // SAFETY: q35's ECAM window is identity-mapped MMIO; this root lives only while the
     // transport is built, and nothing else touches configuration space meanwhile.
@@ -198,16 +200,16 @@ fn counter(c: &busdma::sync::AtomicU64) -> u64 {
 
 /// Polls `done` until it holds, reading VT-d fault records every `FAULT_EVERY` polls: a fault
 /// or `POLL_LIMIT` polls end the wait with an error naming it.
-fn wait(vtd: &Unit, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
+pub(crate) fn wait(vtd: &Unit, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
     for i in 0..POLL_LIMIT {
         if done() {
             return Ok(());
         }
-        if i % FAULT_EVERY == 0 {
-            if let Some(f) = vtd.take_fault() {
-                while vtd.take_fault().is_some() {}
-                return Err(format!("{what}: VT-d fault {f:?}"));
-            }
+        if i % FAULT_EVERY == 0
+            && let Some(f) = vtd.take_fault()
+        {
+            while vtd.take_fault().is_some() {}
+            return Err(format!("{what}: VT-d fault {f:?}"));
         }
         core::hint::spin_loop();
     }
@@ -216,7 +218,7 @@ fn wait(vtd: &Unit, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
 
 /// Attaches `bdf` under `policy`, serves it from `K`'s slot while `f` runs, then checks that
 /// the driver gave back everything and detaches.
-fn with_device<K: VirtioKernel, R>(
+pub(crate) fn with_device<K: VirtioKernel, R>(
     iommu: &Iommu<'_, &Unit>,
     bdf: Bdf,
     policy: Policy,
@@ -260,7 +262,7 @@ fn with_device<K: VirtioKernel, R>(
     }
 }
 
-fn policy_name(p: Policy) -> &'static str {
+pub(crate) fn policy_name(p: Policy) -> &'static str {
     match p {
         Policy::Strict => "strict",
         Policy::Deferred => "deferred",
