@@ -197,11 +197,15 @@ pub fn run(info: &BootInfo) -> usize {
     let mut edus: Vec<Bdf> = Vec::new();
     let mut virtio = crate::virtio_check::Found::default();
     let mut e1000 = None;
+    let mut nvme = None;
     pci::scan_bus0(|bdf, v, d| {
         println!("pci {bdf} {v:04x}:{d:04x}");
         virtio.add(bdf, v, d);
         if crate::e1000_check::is_e1000(v, d) {
             e1000 = Some(bdf);
+        }
+        if (v, d) == (crate::nvme_check::VENDOR, crate::nvme_check::DEVICE) {
+            nvme = Some(bdf);
         }
         if (v, d) == (edu::VENDOR, edu::DEVICE) {
             edus.push(bdf);
@@ -328,6 +332,8 @@ pub fn run(info: &BootInfo) -> usize {
         crate::virtio_check::run(&vtd, &virtio, |name, f| r.check(name, f));
         // eth-intel's e1000 (dma-api), with the first virtio-net NIC as its peer.
         crate::e1000_check::run(&vtd, e1000, virtio.net.first().copied(), |name, f| r.check(name, f));
+        // nvme-driver's NVMe controller (dma-api), polled.
+        crate::nvme_check::run(&vtd, nvme, |name, f| r.check(name, f));
     } else if virtio.any() {
         r.check("virtio devices only where the runner asked for them", || Err("virtio=on missing".into()));
     }

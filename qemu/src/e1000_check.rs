@@ -70,7 +70,7 @@ pub fn is_e1000(vendor: u16, device: u16) -> bool {
 }
 
 /// mmio-api's `ioremap` in this kernel: the identity map (KVA == PA below 4 GiB).
-struct KernelMmio;
+pub(crate) struct KernelMmio;
 
 impl MmioOp for KernelMmio {
     fn ioremap(&self, addr: MmioAddr, size: usize) -> Result<MmioRaw, MapError> {
@@ -87,7 +87,7 @@ impl MmioOp for KernelMmio {
     fn iounmap(&self, _mmio: &MmioRaw) {}
 }
 
-static KERNEL_MMIO: KernelMmio = KernelMmio;
+pub(crate) static KERNEL_MMIO: KernelMmio = KernelMmio;
 
 /// ax-sync's lock provider (dma-api's pool locks through ax-sync): a test-and-set spin lock;
 /// execution contexts are no-ops, as the kernel never takes an interrupt and has one CPU.
@@ -153,10 +153,15 @@ impl ax_sync::interface::SpinOps for KernelSync {
     }
 }
 
-type Op = BusdmaDmaOp<&'static Unit>;
+pub(crate) type Op = BusdmaDmaOp<&'static Unit>;
+
+/// The counters of `dev` (served by `op`) and the unit now.
+pub(crate) fn counters(vtd: &Unit, dev: &Device<'_, '_, &Unit>, op: &Op) -> Counters {
+    Counters::read(vtd, dev, op)
+}
 
 /// Maps, unmaps and IOTLB invalidations so far (the e1000's domain and the unit).
-struct Counters {
+pub(crate) struct Counters {
     maps: u64,
     unmaps: u64,
     iotlb: u64,
@@ -172,6 +177,22 @@ impl Counters {
             unmaps = s.unmaps;
         }
         Self { maps, unmaps, iotlb: vtd.stats().iotlb_total(), streaming: op.outstanding().1 as u64 }
+    }
+
+    /// "per request: ..." for a device driven alone (nvme_check.rs): its domain's maps and
+    /// unmaps, the unit's IOTLB invalidations, and its backend's streaming maps (none).
+    pub(crate) fn per_request_nvme(&self, before: &Counters, n: u64) -> String {
+        let f = |a: u64, b: u64| {
+            let hundredths = (a - b) * 100 / n;
+            format!("{}.{:02}", hundredths / 100, hundredths % 100)
+        };
+        format!(
+            "per request: {} maps, {} unmaps, {} IOTLB invalidations, 0 bounced bytes (no streaming map: \
+             nvme-driver's data buffers are dma-api contiguous allocations, one per request)",
+            f(self.maps, before.maps),
+            f(self.unmaps, before.unmaps),
+            f(self.iotlb, before.iotlb),
+        )
     }
 
     fn per_request(&self, before: &Counters, n: u64) -> String {
@@ -205,42 +226,41 @@ fn ours(got: &[u8]) -> bool {
     got.len() >= 14 && got[12..14] == ETHERTYPE.to_be_bytes()
 }
 
-/// One round under `policy` (the e1000) and `peer_policy` (the virtio-net): `FRAMES` frames
-/// e1000 -> virtio-net and `FRAMES` back, each verified.
-pub fn round(
+/// Attaches `bdf` under `policy` and runs `f` with a `DeviceDma` over busdma's `BusdmaDmaOp`
+/// for it, under the `'static` lease (module doc); then checks that the backend has nothing
+/// outstanding, detaches the device and reads the fault records. `bdf` must be quiet (no DMA)
+/// when `f` returns.
+pub(crate) fn with_dma_api(
     vtd: &Unit,
-    e1000: Bdf,
-    peer: Bdf,
+    bdf: Bdf,
     policy: Policy,
-    peer_policy: Policy,
     qm: &QuickMaps,
+    f: impl FnOnce(&DeviceDma, &'static Iommu<'static, &'static Unit>, &'static Op) -> CheckResult,
 ) -> CheckResult {
     // SAFETY: the `'static` lease (module doc): `vtd` and `qm` outlive this call, and every
-    // holder of the references made here is a local of this function or of the block below,
-    // dropped before it returns (the driver and its queues, the pools, the `DeviceDma`
-    // clones, the backend); mmio-api keeps only `KERNEL_MMIO`, a true static.
+    // holder of the references made here is a local of this function or of `f`, dropped
+    // before it returns (the driver and its queues, the pools, the `DeviceDma` clones, the
+    // backend); mmio-api keeps only `KERNEL_MMIO`, a true static.
     let (vtd_s, qm_s): (&'static Unit, &'static QuickMaps) =
         unsafe { (&*(vtd as *const Unit), &*(qm as *const QuickMaps)) };
     let iommu = Iommu::new(&PLATFORM, qm_s, vtd_s).map_err(e2s)?;
     // SAFETY: as above: `iommu` is dropped at the end of this function, after every holder.
     let iommu_s: &'static Iommu<'static, &'static Unit> = unsafe { &*(&iommu as *const _) };
-    e1000.enable();
-    let dev = iommu_s.attach(SourceId(e1000.source_id()), policy).map_err(e2s)?;
+    bdf.enable();
+    let dev = iommu_s.attach(SourceId(bdf.source_id()), policy).map_err(e2s)?;
     let op = BusdmaDmaOp::new(dev, true);
     let r = {
-        // SAFETY: as above: `op` is dropped below, after the block that holds this reference
-        // (and every `DeviceDma` made from it) has ended.
+        // SAFETY: as above: `op` is dropped below, after `f` (which holds this reference and
+        // every `DeviceDma` made from it) has returned.
         let op_s: &'static Op = unsafe { &*(&op as *const Op) };
         let domain = DmaDomainId::Translated(
-            NonZeroU64::new(u64::from(e1000.source_id()) + 1).unwrap_or(NonZeroU64::MIN),
+            NonZeroU64::new(u64::from(bdf.source_id()) + 1).unwrap_or(NonZeroU64::MIN),
         );
         let info = DmaDeviceInfo::new(domain, DmaCoherency::Coherent, DmaConstraints::new(u64::MAX));
         let dma = DeviceDma::new(info, op_s);
-        traffic(vtd, iommu_s, &dma, op_s, e1000, peer, policy, peer_policy).map_err(|e| {
-            match op.last_error() {
-                Some(b) => format!("{e} (busdma: {b})"),
-                None => e,
-            }
+        f(&dma, iommu_s, op_s).map_err(|e| match op.last_error() {
+            Some(b) => format!("{e} (busdma: {b})"),
+            None => e,
         })
     };
     let outstanding = op.outstanding();
@@ -253,13 +273,28 @@ pub fn round(
         }
         Ok(())
     });
-    // Drops the device handle: the e1000 is detached and its domain torn down.
+    // Drops the device handle: the device is detached and its domain torn down.
     drop(op);
     drop(iommu);
     if let Some(f) = vtd.take_fault() {
         return r.and(Err(format!("VT-d fault after the round {f:?}")));
     }
     r
+}
+
+/// One round under `policy` (the e1000) and `peer_policy` (the virtio-net): `FRAMES` frames
+/// e1000 -> virtio-net and `FRAMES` back, each verified.
+pub fn round(
+    vtd: &Unit,
+    e1000: Bdf,
+    peer: Bdf,
+    policy: Policy,
+    peer_policy: Policy,
+    qm: &QuickMaps,
+) -> CheckResult {
+    with_dma_api(vtd, e1000, policy, qm, |dma, iommu, op| {
+        traffic(vtd, iommu, dma, op, e1000, peer, policy, peer_policy)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -23,6 +23,7 @@ mod frames;
 mod heap;
 mod hpet;
 mod mem;
+mod nvme_check;
 mod pci;
 mod platform;
 mod port;
