@@ -44,7 +44,8 @@ use crate::pci::Bdf;
 use crate::platform::PLATFORM;
 use crate::println;
 use crate::virtio_check::{
-    E1000PeerK, ETHERTYPE, NET_QUEUE, Transport, e2s, policy_name, transport, v2s, wait, with_device,
+    E1000PeerK, ETHERTYPE, NET_QUEUE, Transport, e2s, policy_name, transport, v2s, vtd_faults, wait,
+    with_device,
 };
 
 type CheckResult = Result<(), String>;
@@ -336,7 +337,7 @@ fn traffic(
             buf.prepare_for_device();
             tx.submit(buf).map_err(|e| format!("e1000 submit: {:?}", e.into_parts().1))?;
             let mut sent = None;
-            wait(vtd, "e1000 transmit", || {
+            wait(&vtd_faults(vtd), "e1000 transmit", || {
                 sent = tx.reclaim();
                 sent.is_some()
             })?;
@@ -384,7 +385,7 @@ fn virtio_receive(
         // SAFETY: `rxbuf` stays alive and untouched until `receive_complete` below (on an
         // error return the driver's drop resets the device before the buffer goes).
         let token = unsafe { net.receive_begin(&mut rxbuf) }.map_err(v2s)?;
-        wait(vtd, "virtio-net receive (from e1000)", || net.poll_receive() == Some(token))?;
+        wait(&vtd_faults(vtd), "virtio-net receive (from e1000)", || net.poll_receive() == Some(token))?;
         // SAFETY: the buffer of the submission.
         let (h, len) = unsafe { net.receive_complete(token, &mut rxbuf) }.map_err(v2s)?;
         let got = &rxbuf[h..h + len];
@@ -415,7 +416,7 @@ fn virtio_send(
     txbuf.truncate(hdr + frame.len());
     // SAFETY: `txbuf` stays alive and untouched until `transmit_complete`.
     let token = unsafe { net.transmit_begin(&txbuf) }.map_err(v2s)?;
-    wait(vtd, "virtio-net transmit (to e1000)", || net.poll_transmit() == Some(token))?;
+    wait(&vtd_faults(vtd), "virtio-net transmit (to e1000)", || net.poll_transmit() == Some(token))?;
     // SAFETY: the buffer of the submission.
     unsafe { net.transmit_complete(token, &txbuf) }.map_err(v2s)?;
     Ok(())
@@ -431,7 +432,7 @@ fn e1000_receive(
 ) -> CheckResult {
     for _ in 0..MAX_STALE {
         let mut done = None;
-        wait(vtd, "e1000 receive", || {
+        wait(&vtd_faults(vtd), "e1000 receive", || {
             done = rx.reclaim();
             done.is_some()
         })?;

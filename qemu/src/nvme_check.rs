@@ -35,7 +35,7 @@ use crate::domain::Unit;
 use crate::e1000_check::{KERNEL_MMIO, Op, with_dma_api};
 use crate::pci::Bdf;
 use crate::println;
-use crate::virtio_check::{policy_name, wait};
+use crate::virtio_check::{policy_name, vtd_faults, wait};
 
 type CheckResult = Result<(), String>;
 
@@ -153,7 +153,7 @@ fn one(
     q.commit_submissions().map_err(blk)?;
     let id = sink.accepted[0];
     let mut err = None;
-    wait(vtd, "nvme request", || {
+    wait(&vtd_faults(vtd), "nvme request", || {
         if let Err(e) = q.drain_completions(&mut sink) {
             err = Some(e);
             return true;

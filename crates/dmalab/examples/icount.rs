@@ -16,6 +16,9 @@
 //! - `tcp-nic-reserved-strict`, `tcp-nic-reserved-deferred`, `tcp-nic-passthrough`: the same
 //!   with the NIC's DMA read of the packet through the model IOMMU (or straight to RAM); the
 //!   deferred reserved maps have two windows each, used in turn, as in `dmalab tcpbench`;
+//! - `tcp-premapped`, `tcp-nic-premapped`: the same packet through the pre-mapped pool
+//!   (`busdma::premapped::Premapped`, one-page slots mapped once in a strict domain): the
+//!   PREWRITE copies the 1500 bytes into the slot, the NIC reads the slot;
 //! - `iova`: an IOVA alloc + free pair of 4 pages (`dmalab bench iova`'s fast path).
 //!
 //! The IOVA allocator's other paths (mixed sizes, the tree alone) are in `examples/icount_iova.rs`:
@@ -32,6 +35,8 @@ use busdma::front::{
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::premapped::{PoolConfig, Premapped, PremappedPool};
+use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform};
 use busdma_model::{
     Context, DirectPort, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu,
@@ -238,6 +243,12 @@ fn main() {
                 nic,
                 ops,
             )
+        }
+        "tcp-premapped" | "tcp-nic-premapped" => {
+            let qm = QuickMaps::for_platform(&m);
+            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(PAGE_SIZE, RING)).expect("pool");
+            let nic = path.starts_with("tcp-nic").then_some(&port as &dyn DmaPort);
+            tcp(&m, &Tag::new_root(&m, Premapped(&pool), spec(true)).expect("tag"), nic, ops)
         }
         other => panic!("unknown path {other}"),
     }
