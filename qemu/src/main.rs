@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+mod arch;
 mod boot;
 mod checks;
 mod console;
@@ -26,6 +27,7 @@ mod hpet;
 mod mem;
 mod nvme_check;
 mod pci;
+mod pci_access;
 mod platform;
 mod port;
 mod start_info;

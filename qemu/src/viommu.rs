@@ -40,7 +40,7 @@ struct Cfg(Bdf);
 
 impl ConfigSpace for Cfg {
     fn read32(&self, offset: u8) -> u32 {
-        self.0.read32(offset)
+        self.0.read32(offset.into())
     }
 }
 
