@@ -491,7 +491,9 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// The second half of an unmap whose entries are cleared into `gather` (`failed`: the
     /// error that stopped the clearing): strict (or failed) invalidates now and releases,
     /// deferred queues (theory 2, 3, 8).
-    #[inline]
+    // Always: both unmaps are on the per-packet path, and a call here cost per-map's
+    // 1-page unmap 64 instructions (callgrind, `icount per-map-strict`).
+    #[inline(always)]
     fn finish_unmap(
         &self,
         g: &CpuGuard<'_, P>,
