@@ -1,8 +1,9 @@
-//! Links the kernel as a static, non-PIE ELF at 1 MiB with a PVH note (see `linker.ld`).
+//! Links the kernel as a static, non-PIE ELF at 1 MiB with a PVH note (see `linker.ld`);
+//! rust-lld (the x86_64-unknown-none target's linker) takes these arguments directly.
 
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    for arg in ["-nostartfiles", "-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none"] {
+    for arg in ["-static", "--no-pie", "--build-id=none"] {
         println!("cargo:rustc-link-arg-bins={arg}");
     }
     println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");

@@ -10,11 +10,12 @@
 //! 2. **What the trampoline does**, in order: zero `.bss` (the loader does not promise it),
 //!    identity-map the low 4 GiB with 2 MiB pages (RAM, ECAM at 0xb000_0000, BARs, the VT-d
 //!    unit at 0xfed9_0000 all live there, and KVA == PA is the kernel's whole memory model),
-//!    enable PAE, SSE (the prebuilt `core` uses SSE: CR0.EM=0, CR0.MP=1, CR4.OSFXSR and
-//!    CR4.OSXMMEXCPT) and long mode, load a 64-bit GDT, and call `kmain(start_info)` on a
+//!    enable PAE, SSE (CR0.EM=0, CR0.MP=1, CR4.OSFXSR and CR4.OSXMMEXCPT; the soft-float
+//!    x86_64-unknown-none code uses none, but an SSE instruction from inline assembly would
+//!    then run rather than fault with no IDT) and long mode, load a 64-bit GDT, and call `kmain(start_info)` on a
 //!    256 KiB stack.
 //! 3. **Interrupts stay off for the kernel's life.** Everything polls, so no IDT is needed
-//!    and the red zone of the prebuilt `core` is harmless.
+//!    and no red zone matters (the target disables it anyway).
 
 use core::arch::global_asm;
 

@@ -34,19 +34,6 @@ use core::panic::PanicInfo;
 #[global_allocator]
 static ALLOC: heap::KernelHeap = heap::KernelHeap;
 
-/// The prebuilt `core` is compiled with unwinding tables that name this symbol; with
-/// `panic = "abort"` nothing ever calls it.
-#[unsafe(no_mangle)]
-pub extern "C" fn rust_eh_personality() {}
-
-/// The prebuilt `alloc` has landing pads that resume unwinding; with `panic = "abort"` no
-/// unwind ever starts, so reaching this is a bug worth a loud failure.
-#[unsafe(no_mangle)]
-pub extern "C" fn _Unwind_Resume() -> ! {
-    println!("FAIL - kernel: _Unwind_Resume called");
-    exit::exit(exit::FAIL)
-}
-
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
     println!("FAIL - kernel panic: {info}");

@@ -1,6 +1,6 @@
-//! `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp`: the prebuilt `core` for this target calls
-//! them but `compiler_builtins` does not provide them here. Written with string instructions
-//! so the compiler cannot turn them back into calls to themselves.
+//! `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp`: `core` calls them; `compiler_builtins`
+//! for x86_64-unknown-none has weak ones, which these strong definitions replace. Written
+//! with string instructions so the compiler cannot turn them back into calls to themselves.
 
 use core::arch::asm;
 

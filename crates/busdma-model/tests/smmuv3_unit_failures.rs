@@ -6,15 +6,16 @@
 //! acknowledges it), and empty event queue registers. A switch makes it stop consuming
 //! commands, as a wedged SMMU would.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
-use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
-use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool};
+use busdma::pgtable::{PageTable, PageTableConfig, TablePool};
 use busdma::smmuv3::{Smmu, SmmuConfig, Stage1, regs};
-use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform};
-use busdma_model::{FrameRequest, HostPlatform, MachineConfig, MmioHandler};
+use busdma::{Error, PhysAddr};
+use busdma_model::{HostPlatform, MmioHandler};
+use common::wedged::{Rig, range, strict_domain_holds_the_unmap_back_while_wedged};
 
 /// Where the stub's registers sit (`virt`'s SMMU address; the model's RAM starts at 0).
 const BASE: u64 = 0x0905_0000;
@@ -108,29 +109,16 @@ impl MmioHandler for Stub {
     }
 }
 
-struct Rig {
-    m: Arc<HostPlatform>,
-    wedged: Arc<AtomicBool>,
-}
-
 fn rig() -> Rig {
-    let m =
-        Arc::new(HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap());
-    let wedged = Arc::new(AtomicBool::new(false));
-    let stub = Stub { regs: Mutex::new(Regs::default()), ram: Arc::downgrade(&m), wedged: wedged.clone() };
-    let window = AddrRange::from_start_len(PhysAddr::new(BASE), 0x2_0000).unwrap();
-    m.add_mmio(window, Box::new(stub)).unwrap();
-    Rig { m, wedged }
+    common::wedged::rig(BASE, 0x2_0000, |ram, wedged| {
+        Box::new(Stub { regs: Mutex::new(Regs::default()), ram, wedged })
+    })
 }
 
 fn smmu(m: &HostPlatform) -> Smmu<'_, HostPlatform> {
     let config = SmmuConfig { poll_limit: POLLS, input_bits: 39, ..SmmuConfig::default() };
     // SAFETY: the stub at BASE is an SMMU's register block nothing else drives.
     unsafe { Smmu::new(m, PhysAddr::new(BASE), config) }.unwrap()
-}
-
-fn range() -> AddrRange<Iova> {
-    AddrRange::from_start_len(Iova::new(0x10_0000), PAGE_SIZE).unwrap()
 }
 
 fn is_time_out(e: &Error, asid: u16) -> bool {
@@ -196,35 +184,7 @@ fn a_strict_domain_over_a_wedged_smmu_holds_the_unmap_back_and_recovers_when_it_
         .unwrap();
     // SAFETY: test rig: the stub walks no table; the tables outlive the stream's attachment.
     unsafe { smmu.attach(0x0008, asid, pt.root(), 39) }.unwrap();
-    let space = AddrRange::from_start_len(Iova::new(1 << 20), 1 << 28).unwrap();
-    let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).unwrap();
-    let d = Domain::new(m, pt, iova, &smmu, DomainConfig::new(asid, InvalidationPolicy::Strict)).unwrap();
-    let g = m.pin_cpu();
-    let frame = m.alloc_frames(FrameRequest::pages(1)).unwrap();
-    let r = d.alloc_iova(&g, &IovaRequest::pages(1)).unwrap();
-    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
-    unsafe { d.map(&g, r.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
-    rig.wedged.store(true, Ordering::Relaxed);
-    // SAFETY: as above.
-    let e = unsafe { d.unmap(&g, &[r], &[r]) }.unwrap_err();
-    assert!(is_time_out(&e, asid), "{e:?}");
-    assert!(d.degraded());
-    assert_eq!((d.stats().held_back, d.stats().iova_released), (1, 0));
-    // Still wedged: a map must recover first, fails, and maps nothing.
-    let r2 = d.iova().alloc(&g, &IovaRequest::pages(1)).unwrap();
-    // SAFETY: as above.
-    assert!(unsafe { d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.is_err());
-    assert!(d.table().leaf_of(r2.start()).is_none());
-    // The SMMU answers: the map recovers (TLBI_NH_ASID), releases, maps.
-    rig.wedged.store(false, Ordering::Relaxed);
-    // SAFETY: as above.
-    unsafe { d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
-    assert!(!d.degraded());
-    assert_eq!((d.stats().held_back, d.stats().iova_released), (0, 1));
-    // SAFETY: as above.
-    unsafe { d.unmap(&g, &[r2], &[r2]) }.unwrap();
-    drop(g);
-    smmu.detach(0x0008).unwrap();
-    drop(d);
+    let detach = || smmu.detach(0x0008).unwrap();
+    strict_domain_holds_the_unmap_back_while_wedged(&rig, pt, &smmu, asid, |e| is_time_out(e, asid), detach);
     smmu.free_asid(asid).unwrap();
 }

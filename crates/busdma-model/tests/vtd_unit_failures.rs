@@ -5,15 +5,16 @@
 //! invalidation queue (context, IOTLB and wait descriptors; any other type is rejected with
 //! FSTS.IQE). A switch makes it stop completing anything, as a wedged unit would.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
-use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
-use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool};
+use busdma::pgtable::{PageTable, PageTableConfig, TablePool};
 use busdma::vtd::{DomainId, InvalidationChoice, SecondLevel, SourceId, Vtd, VtdConfig, regs};
-use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform};
-use busdma_model::{FrameRequest, HostPlatform, MachineConfig, MmioHandler};
+use busdma::{Error, PhysAddr, Platform};
+use busdma_model::{HostPlatform, MmioHandler};
+use common::wedged::{Rig, range, strict_domain_holds_the_unmap_back_while_wedged};
 
 /// Where the stub's registers sit (q35's VT-d address; the model's RAM starts at 0).
 const BASE: u64 = 0xfed9_0000;
@@ -133,29 +134,16 @@ impl MmioHandler for Stub {
     }
 }
 
-struct Rig {
-    m: Arc<HostPlatform>,
-    wedged: Arc<AtomicBool>,
-}
-
 fn rig() -> Rig {
-    let m =
-        Arc::new(HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap());
-    let wedged = Arc::new(AtomicBool::new(false));
-    let stub = Stub { regs: Mutex::new(Regs::default()), ram: Arc::downgrade(&m), wedged: wedged.clone() };
-    let window = AddrRange::from_start_len(PhysAddr::new(BASE), 0x1000).unwrap();
-    m.add_mmio(window, Box::new(stub)).unwrap();
-    Rig { m, wedged }
+    common::wedged::rig(BASE, 0x1000, |ram, wedged| {
+        Box::new(Stub { regs: Mutex::new(Regs::default()), ram, wedged })
+    })
 }
 
 fn unit(m: &HostPlatform, invalidation: InvalidationChoice) -> Vtd<'_, HostPlatform> {
     let config = VtdConfig { invalidation, poll_limit: POLLS, ..VtdConfig::default() };
     // SAFETY: the stub at BASE is a remapping unit's register block nothing else drives.
     unsafe { Vtd::new(m, PhysAddr::new(BASE), config) }.unwrap()
-}
-
-fn range() -> AddrRange<Iova> {
-    AddrRange::from_start_len(Iova::new(0x10_0000), PAGE_SIZE).unwrap()
 }
 
 fn is_time_out(e: &Error, did: DomainId) -> bool {
@@ -244,35 +232,7 @@ fn a_strict_domain_over_a_wedged_unit_holds_the_unmap_back_and_recovers_when_the
     let pt = PageTable::<_, SecondLevel>::new(&pool, cfg).unwrap();
     // SAFETY: test rig: the tables outlive every DMA the test issues through the device.
     unsafe { vtd.attach(SourceId(0x0008), did, pt.root(), vtd.levels()) }.unwrap();
-    let space = AddrRange::from_start_len(Iova::new(1 << 20), 1 << 28).unwrap();
-    let iova = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: false, guard_page: false }).unwrap();
-    let d = Domain::new(m, pt, iova, &vtd, DomainConfig::new(did.0, InvalidationPolicy::Strict)).unwrap();
-    let g = m.pin_cpu();
-    let frame = m.alloc_frames(FrameRequest::pages(1)).unwrap();
-    let r = d.alloc_iova(&g, &IovaRequest::pages(1)).unwrap();
-    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
-    unsafe { d.map(&g, r.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
-    rig.wedged.store(true, Ordering::Relaxed);
-    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
-    let e = unsafe { d.unmap(&g, &[r], &[r]) }.unwrap_err();
-    assert!(is_time_out(&e, did), "{e:?}");
-    assert!(d.degraded());
-    assert_eq!((d.stats().held_back, d.stats().iova_released), (1, 0));
-    // Still wedged: a map must recover first, fails, and maps nothing.
-    let r2 = d.iova().alloc(&g, &IovaRequest::pages(1)).unwrap();
-    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
-    assert!(unsafe { d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.is_err());
-    assert!(d.table().leaf_of(r2.start()).is_none());
-    // The unit answers: the map recovers (whole-domain invalidation), releases, maps.
-    rig.wedged.store(false, Ordering::Relaxed);
-    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
-    unsafe { d.map(&g, r2.start(), frame.pa(), PAGE_SIZE, Prot::READ) }.unwrap();
-    assert!(!d.degraded());
-    assert_eq!((d.stats().held_back, d.stats().iova_released), (0, 1));
-    // SAFETY: the test owns this table's IOVA (each range mapped once) and the memory it maps.
-    unsafe { d.unmap(&g, &[r2], &[r2]) }.unwrap();
-    drop(g);
-    vtd.detach(SourceId(0x0008)).unwrap();
-    drop(d);
+    let detach = || vtd.detach(SourceId(0x0008)).unwrap();
+    strict_domain_holds_the_unmap_back_while_wedged(&rig, pt, &vtd, did.0, |e| is_time_out(e, did), detach);
     vtd.free_domain_id(did).unwrap();
 }

@@ -44,7 +44,7 @@ const VALID: u64 = 1 << 0;
 const TABLE_OR_PAGE: u64 = 1 << 1;
 const AP_UNPRIV: u64 = 1 << 6;
 const AP_RDONLY: u64 = 1 << 7;
-const AF: u64 = 1 << 10;
+pub(super) const AF: u64 = 1 << 10;
 const APTABLE_NO_UNPRIV: u64 = 1 << 61;
 const APTABLE_NO_WRITE: u64 = 1 << 62;
 
@@ -70,6 +70,29 @@ pub(crate) fn walk(
         Some(l) => l,
         None => return Err(FaultReason::BeyondInputWidth { input_bits }),
     };
+    walk_descriptors(mem, root, levels, iova, output_bits, |e, tables| {
+        let no_write = tables & APTABLE_NO_WRITE != 0;
+        let no_unpriv = tables & APTABLE_NO_UNPRIV != 0;
+        let accessible = privileged || (e & AP_UNPRIV != 0 && !no_unpriv);
+        let attr = (MAIR >> (8 * ((e >> 2) & 0b111))) & 0xff;
+        let memory = if attr >> 4 == 0 { MemoryType::Device } else { MemoryType::Normal };
+        let attrs = LeafAttrs { memory, snoop: false, privileged_only: e & AP_UNPRIV == 0 };
+        (accessible, accessible && e & AP_RDONLY == 0 && !no_write, attrs)
+    })
+}
+
+/// The walk both stages share (format items 1-3 and the access flag): `levels` levels from
+/// `root` for `addr`. `leaf` decodes the leaf descriptor's rights and attributes (read,
+/// write, attributes) once its type, output size and access flag have passed; it also gets
+/// the OR of the table descriptors passed through (stage 1's hierarchical permissions).
+pub(crate) fn walk_descriptors(
+    mem: &impl EntryReader,
+    root: u64,
+    levels: u32,
+    addr: u64,
+    output_bits: u32,
+    leaf: impl FnOnce(u64, u64) -> (bool, bool, LeafAttrs),
+) -> Result<Walk, FaultReason> {
     let mut w = Walk {
         page: PhysAddr::new(0),
         read: false,
@@ -78,15 +101,14 @@ pub(crate) fn walk(
         depth: 0,
         attrs: LeafAttrs::NORMAL,
     };
-    let mut no_write = false;
-    let mut no_unpriv = false;
-    let mut table = root;
+    let mut next = root;
+    let mut tables = 0;
     for level in 0..levels {
         let height = levels - 1 - level;
         let shift = 12 + 9 * height;
         // The start table may be shorter than 512 entries; the input check bounds the index.
-        let e = read_entry(mem, table, (iova >> shift) & 511)?;
-        w.tables[level as usize] = table;
+        let e = read_entry(mem, next, (addr >> shift) & 511)?;
+        w.tables[level as usize] = next;
         w.depth = level as u8 + 1;
         if e & VALID == 0 {
             return Err(FaultReason::NotPresent { level });
@@ -101,21 +123,15 @@ pub(crate) fn walk(
             return Err(FaultReason::AddressSize { level, entry: e });
         }
         if height > 0 && !is_block {
-            no_write |= e & APTABLE_NO_WRITE != 0;
-            no_unpriv |= e & APTABLE_NO_UNPRIV != 0;
-            table = e & bits(47, 12);
+            tables |= e;
+            next = e & bits(47, 12);
             continue;
         }
         if e & AF == 0 {
             return Err(FaultReason::AccessFlag { level });
         }
-        let accessible = privileged || (e & AP_UNPRIV != 0 && !no_unpriv);
-        w.read = accessible;
-        w.write = accessible && e & AP_RDONLY == 0 && !no_write;
-        w.page = PhysAddr::new((e & bits(47, shift)) | (iova & bits(shift - 1, 12)));
-        let attr = (MAIR >> (8 * ((e >> 2) & 0b111))) & 0xff;
-        let memory = if attr >> 4 == 0 { MemoryType::Device } else { MemoryType::Normal };
-        w.attrs = LeafAttrs { memory, snoop: false, privileged_only: e & AP_UNPRIV == 0 };
+        (w.read, w.write, w.attrs) = leaf(e, tables);
+        w.page = PhysAddr::new((e & bits(47, shift)) | (addr & bits(shift - 1, 12)));
         return Ok(w);
     }
     Err(FaultReason::NotPresent { level: levels })

@@ -17,16 +17,12 @@
 //!    are ignored.
 #![forbid(unsafe_code)]
 
-use busdma::PhysAddr;
-
-use super::walk::{EntryReader, LeafAttrs, MAX_LEVELS, MemoryType, Walk, bits, read_entry};
+use super::lpae::walk_descriptors;
+use super::walk::{EntryReader, LeafAttrs, MemoryType, Walk};
 use crate::dma::FaultReason;
 
-const VALID: u64 = 1 << 0;
-const TABLE_OR_PAGE: u64 = 1 << 1;
 const S2AP_READ: u64 = 1 << 6;
 const S2AP_WRITE: u64 = 1 << 7;
-const AF: u64 = 1 << 10;
 
 /// Walks from the start table at `root` for `ipa`, with `input_bits` of input and
 /// `output_bits` of output address.
@@ -37,52 +33,14 @@ pub(crate) fn walk(
     ipa: u64,
     output_bits: u32,
 ) -> Result<Walk, FaultReason> {
-    // The widths a 4 KiB-granule stage 2 starting at level 0 or 1 without concatenation has.
-    let levels = match input_bits {
-        31..=39 => 3,
-        40..=48 => 4,
-        _ => return Err(FaultReason::BeyondInputWidth { input_bits }),
+    let Some(levels) = levels(input_bits) else {
+        return Err(FaultReason::BeyondInputWidth { input_bits });
     };
-    let mut w = Walk {
-        page: PhysAddr::new(0),
-        read: false,
-        write: false,
-        tables: [0; MAX_LEVELS],
-        depth: 0,
-        attrs: LeafAttrs::NORMAL,
-    };
-    let mut table = root;
-    for level in 0..levels {
-        let height = levels - 1 - level;
-        let shift = 12 + 9 * height;
-        let e = read_entry(mem, table, (ipa >> shift) & 511)?;
-        w.tables[level as usize] = table;
-        w.depth = level as u8 + 1;
-        if e & VALID == 0 {
-            return Err(FaultReason::NotPresent { level });
-        }
-        let is_block = e & TABLE_OR_PAGE == 0;
-        if is_block && !(1..=2).contains(&height) {
-            return Err(FaultReason::Reserved { level, entry: e });
-        }
-        if e & bits(51, output_bits.min(48)) != 0 {
-            return Err(FaultReason::AddressSize { level, entry: e });
-        }
-        if height > 0 && !is_block {
-            table = e & bits(47, 12);
-            continue;
-        }
-        if e & AF == 0 {
-            return Err(FaultReason::AccessFlag { level });
-        }
-        w.read = e & S2AP_READ != 0;
-        w.write = e & S2AP_WRITE != 0;
-        w.page = PhysAddr::new((e & bits(47, shift)) | (ipa & bits(shift - 1, 12)));
+    // Stage 2 has no hierarchical permissions: table descriptors' bits 63:59 are ignored.
+    walk_descriptors(mem, root, levels, ipa, output_bits, |e, _tables| {
         let memory = if (e >> 2) & 0b1100 == 0 { MemoryType::Device } else { MemoryType::Normal };
-        w.attrs = LeafAttrs { memory, snoop: false, privileged_only: false };
-        return Ok(w);
-    }
-    Err(FaultReason::NotPresent { level: levels })
+        (e & S2AP_READ != 0, e & S2AP_WRITE != 0, LeafAttrs { memory, snoop: false, privileged_only: false })
+    })
 }
 
 /// Levels walked for `input_bits` of IPA, if supported.
@@ -96,6 +54,7 @@ pub(crate) fn levels(input_bits: u32) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::lpae::AF;
     use super::*;
     use std::collections::HashMap;
 

@@ -122,3 +122,4 @@ unsafe impl Platform for Recording<'_> {
 pub type Guard<'a> = CpuGuard<'a, HostPlatform>;
 
 pub mod ptdomain;
+pub mod wedged;

@@ -41,51 +41,33 @@
 //!   STE.PRIVCFG or the transaction's own attribute) may use the entry.
 //! - **Snoop.** Stage 1 has no snoop override: a Normal inner-shareable write-back type is
 //!   what makes an access coherent, so `Prot::force_snoop` is dropped.
-//! - **Stage 2** (MemAttr bits 5:2 encoding the type directly, S2AP) is not implemented:
-//!   busdma builds stage-1 tables only; a stage-2 variant would encode Device-nGnRE as
-//!   MemAttr `0b0001`.
+//! - **Stage 2** is [`super::ArmLpaeS2`]: the same tables with other leaf attributes; the
+//!   descriptor core both stages share is `lpae_desc.rs`.
 //! - **Output width.** Without FEAT_LPA2, 4 KiB-granule descriptors hold output addresses of
 //!   48 bits (bits 47:12).
 //! - **Blocks** at level 1 (1 GiB) and level 2 (2 MiB); a level-0 block does not exist with a
 //!   4 KiB granule, so height 3 is always a table.
 #![forbid(unsafe_code)]
 
-use super::{MemType, Prot, PteFormat};
-use crate::addr::PhysAddr;
-use crate::error::{Error, Result};
+use super::lpae_desc::{AF, LpaeStage, SH_INNER, SH_OUTER};
+use super::{MemType, Prot};
 
 /// The Arm LPAE stage-1 format, 4 KiB granule.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ArmLpaeS1;
 
-/// Bit 0: valid.
-const VALID: u64 = 1 << 0;
-/// Bits 1:0 = `11`: table (heights 1-3) or page (height 0).
-const TYPE_TABLE_OR_PAGE: u64 = 0b11;
-/// Bits 1:0 = `01`: block (heights 1, 2).
-const TYPE_BLOCK: u64 = 0b01;
-/// Bits 1:0 mask.
-const TYPE_MASK: u64 = 0b11;
 /// Bits 4:2: AttrIndx.
 const ATTR_INDX_SHIFT: u32 = 2;
 /// Bits 4:2 mask.
 const ATTR_INDX_MASK: u64 = 0b111 << ATTR_INDX_SHIFT;
-/// Bits 9:8 = `10`: outer shareable (device memory).
-const SH_OUTER: u64 = 0b10 << 8;
 /// Bit 6: AP[1], unprivileged access.
 const AP_UNPRIV: u64 = 1 << 6;
 /// Bit 7: AP[2], read-only.
 const AP_RDONLY: u64 = 1 << 7;
-/// Bits 9:8 = `11`: inner shareable.
-const SH_INNER: u64 = 0b11 << 8;
-/// Bit 10: access flag.
-const AF: u64 = 1 << 10;
 /// Bit 53: privileged execute never.
 const PXN: u64 = 1 << 53;
 /// Bit 54: (unprivileged) execute never.
 const UXN: u64 = 1 << 54;
-/// Output address, bits 47:12.
-const ADDR_MASK: u64 = ((1 << 48) - 1) & !0xfff;
 
 impl ArmLpaeS1 {
     /// The MAIR index of normal-memory leaves: attribute 0.
@@ -100,53 +82,27 @@ impl ArmLpaeS1 {
     pub const MAIR: u64 = 0x04_ff;
 }
 
-impl PteFormat for ArmLpaeS1 {
+impl LpaeStage for ArmLpaeS1 {
     const NAME: &'static str = "arm-lpae-s1";
-    const OUTPUT_BITS: u32 = 48;
-    const MAX_LEAF_HEIGHT: u32 = 2;
 
-    fn effective_prot(prot: Prot) -> Result<Prot> {
-        if !prot.read && !prot.write {
-            return Err(Error::InvalidArgument { what: "rights: neither read nor write", value: 0 });
-        }
+    fn stage_prot(prot: Prot) -> Prot {
         // Stage 1 cannot deny reads of a valid entry and has no snoop override (module docs).
-        Ok(Prot { read: true, force_snoop: false, ..prot })
+        Prot { read: true, force_snoop: false, ..prot }
     }
 
     #[inline]
-    fn is_present(pte: u64) -> bool {
-        pte & VALID != 0
-    }
-
-    #[inline]
-    fn is_leaf(pte: u64, height: u32) -> bool {
-        height == 0 || (height <= Self::MAX_LEAF_HEIGHT && pte & TYPE_MASK == TYPE_BLOCK)
-    }
-
-    #[inline]
-    fn make_table(table: PhysAddr) -> u64 {
-        (table.raw() & ADDR_MASK) | TYPE_TABLE_OR_PAGE
-    }
-
-    #[inline]
-    fn make_leaf(pa: PhysAddr, prot: Prot, height: u32) -> u64 {
-        let ty = if height == 0 { TYPE_TABLE_OR_PAGE } else { TYPE_BLOCK };
+    fn leaf_attrs(prot: Prot) -> u64 {
         let ro = if prot.write { 0 } else { AP_RDONLY };
         let unpriv = if prot.privileged { 0 } else { AP_UNPRIV };
         let (attr, sh) = match prot.mem {
             MemType::Normal => (Self::ATTR_INDEX, SH_INNER),
             MemType::Device => (Self::ATTR_INDEX_DEVICE, SH_OUTER),
         };
-        (pa.raw() & ADDR_MASK) | ty | (attr << ATTR_INDX_SHIFT) | unpriv | ro | sh | AF | PXN | UXN
+        (attr << ATTR_INDX_SHIFT) | unpriv | ro | sh | AF | PXN | UXN
     }
 
     #[inline]
-    fn output(pte: u64, _height: u32) -> PhysAddr {
-        PhysAddr::new(pte & ADDR_MASK)
-    }
-
-    #[inline]
-    fn prot(pte: u64) -> Prot {
+    fn leaf_prot(pte: u64) -> Prot {
         let mem = if (pte & ATTR_INDX_MASK) >> ATTR_INDX_SHIFT == Self::ATTR_INDEX_DEVICE {
             MemType::Device
         } else {
@@ -160,17 +116,13 @@ impl PteFormat for ArmLpaeS1 {
             force_snoop: false,
         }
     }
-
-    #[inline]
-    fn split_block(pte: u64, height: u32) -> u64 {
-        // Children keep every attribute; at level 3 (height 0) the type becomes "page".
-        if height == 1 { (pte & !TYPE_MASK) | TYPE_TABLE_OR_PAGE } else { pte }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::PteFormat;
     use super::*;
+    use crate::addr::PhysAddr;
 
     #[test]
     fn lpae_entries_have_the_spec_bit_layout() {
@@ -207,20 +159,5 @@ mod tests {
         assert_eq!(ArmLpaeS1::prot(pte), privileged);
         let snoop = Prot { force_snoop: true, ..Prot::READ_WRITE };
         assert_eq!(ArmLpaeS1::effective_prot(snoop), Ok(Prot::READ_WRITE), "no snoop override");
-    }
-
-    #[test]
-    fn address_field_is_linear_for_every_height() {
-        for h in 0..=2 {
-            let span = 1u64 << (12 + 9 * h);
-            let pa = PhysAddr::new(7 * span);
-            for d in [span, 5 * span] {
-                let moved = PhysAddr::new(pa.raw() + d);
-                assert_eq!(
-                    ArmLpaeS1::make_leaf(moved, Prot::READ, h),
-                    ArmLpaeS1::make_leaf(pa, Prot::READ, h) + d
-                );
-            }
-        }
     }
 }

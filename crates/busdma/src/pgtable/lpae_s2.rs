@@ -23,18 +23,13 @@
 //!   override (`force_snoop` dropped: Normal write-back inner-shareable is snooped).
 #![forbid(unsafe_code)]
 
-use super::{MemType, Prot, PteFormat};
-use crate::addr::PhysAddr;
-use crate::error::{Error, Result};
+use super::lpae_desc::{AF, LpaeStage, SH_INNER, SH_OUTER};
+use super::{MemType, Prot};
 
 /// The Arm LPAE stage-2 format, 4 KiB granule.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ArmLpaeS2;
 
-const VALID: u64 = 1 << 0;
-const TYPE_TABLE_OR_PAGE: u64 = 0b11;
-const TYPE_BLOCK: u64 = 0b01;
-const TYPE_MASK: u64 = 0b11;
 /// MemAttr `1111`: Normal, outer and inner write-back cacheable.
 const MEMATTR_NORMAL_WB: u64 = 0b1111 << 2;
 /// MemAttr `0001`: Device-nGnRE.
@@ -44,58 +39,28 @@ const MEMATTR_MASK: u64 = 0b1111 << 2;
 const S2AP_READ: u64 = 1 << 6;
 /// S2AP[1]: write.
 const S2AP_WRITE: u64 = 1 << 7;
-const SH_INNER: u64 = 0b11 << 8;
-const SH_OUTER: u64 = 0b10 << 8;
-const AF: u64 = 1 << 10;
 /// XN[1] (bit 54): execute never at every level of privilege.
 const XN: u64 = 1 << 54;
-const ADDR_MASK: u64 = ((1 << 48) - 1) & !0xfff;
 
-impl PteFormat for ArmLpaeS2 {
+impl LpaeStage for ArmLpaeS2 {
     const NAME: &'static str = "arm-lpae-s2";
-    const OUTPUT_BITS: u32 = 48;
-    const MAX_LEAF_HEIGHT: u32 = 2;
 
-    fn effective_prot(prot: Prot) -> Result<Prot> {
-        if !prot.read && !prot.write {
-            return Err(Error::InvalidArgument { what: "rights: neither read nor write", value: 0 });
-        }
-        Ok(Prot { privileged: false, force_snoop: false, ..prot })
+    fn stage_prot(prot: Prot) -> Prot {
+        Prot { privileged: false, force_snoop: false, ..prot }
     }
 
     #[inline]
-    fn is_present(pte: u64) -> bool {
-        pte & VALID != 0
-    }
-
-    #[inline]
-    fn is_leaf(pte: u64, height: u32) -> bool {
-        height == 0 || (height <= Self::MAX_LEAF_HEIGHT && pte & TYPE_MASK == TYPE_BLOCK)
-    }
-
-    #[inline]
-    fn make_table(table: PhysAddr) -> u64 {
-        (table.raw() & ADDR_MASK) | TYPE_TABLE_OR_PAGE
-    }
-
-    #[inline]
-    fn make_leaf(pa: PhysAddr, prot: Prot, height: u32) -> u64 {
-        let ty = if height == 0 { TYPE_TABLE_OR_PAGE } else { TYPE_BLOCK };
+    fn leaf_attrs(prot: Prot) -> u64 {
         let ap = if prot.read { S2AP_READ } else { 0 } | if prot.write { S2AP_WRITE } else { 0 };
         let (attr, sh) = match prot.mem {
             MemType::Normal => (MEMATTR_NORMAL_WB, SH_INNER),
             MemType::Device => (MEMATTR_DEVICE_NGNRE, SH_OUTER),
         };
-        (pa.raw() & ADDR_MASK) | ty | attr | ap | sh | AF | XN
+        attr | ap | sh | AF | XN
     }
 
     #[inline]
-    fn output(pte: u64, _height: u32) -> PhysAddr {
-        PhysAddr::new(pte & ADDR_MASK)
-    }
-
-    #[inline]
-    fn prot(pte: u64) -> Prot {
+    fn leaf_prot(pte: u64) -> Prot {
         let mem = if pte & MEMATTR_MASK == MEMATTR_DEVICE_NGNRE { MemType::Device } else { MemType::Normal };
         Prot {
             read: pte & S2AP_READ != 0,
@@ -105,16 +70,13 @@ impl PteFormat for ArmLpaeS2 {
             force_snoop: false,
         }
     }
-
-    #[inline]
-    fn split_block(pte: u64, height: u32) -> u64 {
-        if height == 1 { (pte & !TYPE_MASK) | TYPE_TABLE_OR_PAGE } else { pte }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::PteFormat;
     use super::*;
+    use crate::addr::PhysAddr;
 
     #[test]
     fn stage2_entries_have_the_spec_bit_layout() {

@@ -81,6 +81,7 @@ mod format;
 mod gather;
 pub mod install;
 mod lpae;
+mod lpae_desc;
 mod lpae_s2;
 mod pool;
 mod vtd;
