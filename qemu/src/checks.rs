@@ -233,7 +233,8 @@ pub fn run(info: &BootInfo) -> usize {
                 return r.failed + 1;
             }
         };
-        crate::viommu::run(&mut r, &devs, granule);
+        let virtio = (info.param("virtio") == Some("on")).then_some(&virtio);
+        crate::viommu::run(&mut r, &devs, granule, virtio);
         return r.failed;
     }
     r.check("edu DMA round trip untranslated (IOMMU off)", || untranslated_round_trip(&devs[0]));
@@ -935,6 +936,23 @@ pub(crate) fn dma_segments(dev: &Edu, dir: Dir, segs: &[Segment]) -> CheckResult
     Ok(())
 }
 
+/// The twin of every IOVA page `segs` cover (each must lie below edu's 28-bit mask), so a
+/// check can show that an untranslated DMA to those numbers reached none of them.
+pub(crate) fn segment_twins<'s>(segs: impl Iterator<Item = &'s Segment>) -> Result<Vec<Twin>, String> {
+    let mut twins = Vec::new();
+    for s in segs {
+        if s.end() > EDU_LIMIT {
+            return Err(format!("segment {s:?} beyond edu's 28-bit mask"));
+        }
+        let mut page = s.addr.raw() & !(PAGE_SIZE - 1);
+        while page < s.end() {
+            twins.push(Twin::of(Iova::new(page))?);
+            page += PAGE_SIZE;
+        }
+    }
+    Ok(twins)
+}
+
 fn through_maps(vtd: &Unit, d: &DevDomain<'_>) -> CheckResult {
     let tag = edu_tag(d)?;
     let src = Buf::new(1, PAGE_SIZE)?;
@@ -947,17 +965,7 @@ fn through_maps(vtd: &Unit, d: &DevDomain<'_>) -> CheckResult {
     let tx_segs: Vec<Segment> = tx.load(&kbuf(&src, 0x800, XFER), Direction::ToDevice).map_err(e2s)?.to_vec();
     let rx_segs: Vec<Segment> =
         rx.load(&kbuf(&dst, 0xc00, XFER), Direction::FromDevice).map_err(e2s)?.to_vec();
-    let mut twins = Vec::new();
-    for s in tx_segs.iter().chain(&rx_segs) {
-        if s.end() > EDU_LIMIT {
-            return Err(format!("segment {s:?} beyond edu's 28-bit mask"));
-        }
-        let mut page = s.addr.raw() & !(PAGE_SIZE - 1);
-        while page < s.end() {
-            twins.push(Twin::of(Iova::new(page))?);
-            page += PAGE_SIZE;
-        }
-    }
+    let twins = segment_twins(tx_segs.iter().chain(&rx_segs))?;
     tx.sync(SyncOp::PREWRITE).map_err(e2s)?;
     dma_segments(d.dev, Dir::FromRam, &tx_segs)?;
     tx.sync(SyncOp::POSTWRITE).map_err(e2s)?;

@@ -5,12 +5,14 @@
 //!
 //! Kernel command line (`-append`): `inval=queued|register|auto` chooses the VT-d
 //! invalidation method (auto = queued when ECAP.QI offers it); `iommu=virtio` runs the
-//! virtio-iommu checks (`viommu.rs`) instead of the VT-d ones.
+//! virtio-iommu checks (`viommu.rs`) instead of the VT-d ones; `virtio=on` adds the virtio-drivers
+//! checks (`virtio_check.rs` behind VT-d, `viommu_virtio.rs` behind virtio-iommu).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod arch;
 mod boot;
 mod checks;
 mod console;
@@ -23,10 +25,12 @@ mod heap;
 mod hpet;
 mod mem;
 mod pci;
+mod pci_access;
 mod platform;
 mod port;
 mod start_info;
 mod viommu;
+mod viommu_virtio;
 mod virtio_check;
 
 use core::panic::PanicInfo;

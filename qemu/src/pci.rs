@@ -1,22 +1,21 @@
-//! PCI configuration through the legacy 0xcf8/0xcfc mechanism, and enumeration of bus 0
-//! (q35 puts every `-device` without a bus on the root complex, bus 0).
+//! PCI functions and the enumeration of bus 0, shared by both test kernels (the aarch64 one
+//! includes this file by path). How a configuration dword is reached is each kernel's
+//! `pci_access`: the legacy 0xcf8/0xcfc mechanism on x86 (q35 puts every `-device` without a
+//! bus on the root complex, bus 0), the `virt` machine's ECAM on aarch64.
 
-use crate::port::{inl, outl};
-
-const CONFIG_ADDRESS: u16 = 0xcf8;
-const CONFIG_DATA: u16 = 0xcfc;
+use crate::pci_access;
 
 /// Offsets in the type-0 configuration header.
-const VENDOR_DEVICE: u8 = 0x00;
-const COMMAND: u8 = 0x04;
-const HEADER_TYPE_WORD: u8 = 0x0c;
-const BAR0: u8 = 0x10;
+pub const VENDOR_DEVICE: u16 = 0x00;
+pub const COMMAND: u16 = 0x04;
+pub const HEADER_TYPE_WORD: u16 = 0x0c;
+pub const BAR0: u16 = 0x10;
 /// Command register bits: memory space decoding and bus mastering.
 const CMD_MEMORY: u32 = 1 << 1;
 const CMD_BUS_MASTER: u32 = 1 << 2;
 
-/// A PCI function: bus, device, function. Its requester (source) id is `bus << 8 | devfn`,
-/// what VT-d fault records name.
+/// A PCI function: bus, device, function. Its requester id is `bus << 8 | devfn`, what VT-d
+/// fault records and SMMU events name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bdf {
     /// Bus number.
@@ -33,37 +32,19 @@ impl Bdf {
         (self.dev << 3) | self.func
     }
 
-    /// The 16-bit requester id.
+    /// The 16-bit requester id: VT-d's source id, the SMMU's StreamID.
     pub fn source_id(self) -> u16 {
         (u16::from(self.bus) << 8) | u16::from(self.devfn())
     }
 
-    fn address(self, offset: u8) -> u32 {
-        // Bit 31 enables the access; offset is dword-aligned.
-        (1 << 31)
-            | (u32::from(self.bus) << 16)
-            | (u32::from(self.dev) << 11)
-            | (u32::from(self.func) << 8)
-            | u32::from(offset & 0xfc)
-    }
-
     /// Reads the configuration dword at `offset`.
-    pub fn read32(self, offset: u8) -> u32 {
-        // SAFETY: the 0xcf8/0xcfc pair is the PCI configuration mechanism, used only from this
-        // single-threaded kernel with interrupts off, so address and data stay paired.
-        unsafe {
-            outl(CONFIG_ADDRESS, self.address(offset));
-            inl(CONFIG_DATA)
-        }
+    pub fn read32(self, offset: u16) -> u32 {
+        pci_access::read32(self, offset)
     }
 
     /// Writes the configuration dword at `offset`.
-    pub fn write32(self, offset: u8, value: u32) {
-        // SAFETY: as in `read32`.
-        unsafe {
-            outl(CONFIG_ADDRESS, self.address(offset));
-            outl(CONFIG_DATA, value);
-        }
+    pub fn write32(self, offset: u16, value: u32) {
+        pci_access::write32(self, offset, value)
     }
 
     /// (vendor, device), or `None` if nothing answers.

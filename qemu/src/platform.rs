@@ -1,46 +1,13 @@
-//! The kernel's implementation of `busdma::Platform`: identity-mapped RAM (KVA == PA for the
-//! low 4 GiB), frames from [`crate::frames`], MMIO by volatile access, cache maintenance by
-//! `clflush`, one CPU that is never preempted (interrupts stay off).
-
-use core::arch::asm;
+//! Both test kernels' implementation of `busdma::Platform` (the aarch64 one includes this
+//! file by path): identity-mapped RAM, frames from [`crate::frames`], MMIO by volatile access,
+//! one CPU that is never preempted (interrupts stay off). What differs by architecture (which
+//! RAM, cache maintenance, barriers, the clock) is each kernel's `arch` module.
 
 use busdma::platform::{MemAttr, PageRequest, Placement};
-use busdma::sync::SpinLock;
 use busdma::{Error, KernVa, PAGE_SIZE, PhysAddr, Platform, Result, TablePage};
 
-use crate::frames;
-
-/// Most RAM ranges the kernel remembers from the boot memory map (QEMU gives 2 or 3).
-const MAX_RANGES: usize = 16;
-/// x86 cache line: 64 bytes.
-const LINE: u64 = 64;
-/// The identity map covers the low 4 GiB (boot.rs builds it).
-const IDENTITY_END: u64 = 1 << 32;
-
-struct RamMap {
-    ranges: [(u64, u64); MAX_RANGES],
-    count: usize,
-}
-
-static RAM: SpinLock<RamMap> = SpinLock::new(RamMap { ranges: [(0, 0); MAX_RANGES], count: 0 });
-
-/// Records a RAM range `[start, end)` from the boot memory map (clipped to the identity map).
-pub fn add_ram(start: u64, end: u64) {
-    let end = end.min(IDENTITY_END);
-    let mut ram = RAM.lock();
-    if start < end && ram.count < MAX_RANGES {
-        let i = ram.count;
-        ram.ranges[i] = (start, end);
-        ram.count += 1;
-    }
-}
-
-/// Whether `[start, start + len)` is RAM.
-pub fn is_ram(start: u64, len: u64) -> bool {
-    let Some(end) = start.checked_add(len) else { return false };
-    let ram = RAM.lock();
-    ram.ranges[..ram.count].iter().any(|&(s, e)| s <= start && end <= e)
-}
+pub use crate::arch::is_ram;
+use crate::{arch, frames};
 
 fn check_ram(pa: PhysAddr, len: u64) -> Result<()> {
     if is_ram(pa.raw(), len) {
@@ -50,33 +17,12 @@ fn check_ram(pa: PhysAddr, len: u64) -> Result<()> {
     }
 }
 
-fn for_each_line(kva: KernVa, len: u64, f: impl Fn(u64)) {
-    let start = kva.raw() & !(LINE - 1);
-    let end = kva.raw().saturating_add(len);
-    // SAFETY: mfence orders earlier stores before the flushes (clflush is ordered only by
-    // fences) and touches no memory itself.
-    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
-    let mut line = start;
-    while line < end {
-        f(line);
-        line += LINE;
-    }
-    // SAFETY: as above; orders the flushes before whatever the caller does next (a doorbell).
-    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
-}
-
-fn clflush(line: u64) {
-    // SAFETY: clflush on an identity-mapped address only writes the line back and drops it;
-    // it never faults on mapped memory and changes no data.
-    unsafe { asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
-}
-
 /// The platform of the test kernel.
 pub struct KernelPlatform;
 
-// SAFETY: the kernel identity-maps all RAM (boot.rs), so every `phys_to_kva`/`kva_to_phys`
-// answer (given only for RAM) and every quick map (the identity) maps exactly the page asked;
-// `is_ram` answers from the firmware's RAM list that the frame allocator serves from; table
+// SAFETY: each kernel identity-maps all RAM `arch::is_ram` reports (its boot.rs), so every
+// `phys_to_kva`/`kva_to_phys` answer (given only for RAM) and every quick map (the identity)
+// maps exactly the page asked; `is_ram` answers the RAM the frame allocator serves from; table
 // pages are fresh zeroed frames owned until freed; there is one CPU with interrupts always off,
 // so nothing else ever runs on it and `num_cpus` is 1 for good.
 unsafe impl Platform for KernelPlatform {
@@ -155,26 +101,32 @@ unsafe impl Platform for KernelPlatform {
     fn preempt_enable(&self, _cpu: usize) {}
 
     fn monotonic_ns(&self) -> u64 {
-        crate::hpet::now_ns()
+        arch::now_ns()
     }
 
     fn cache_clean(&self, kva: KernVa, len: u64) {
-        for_each_line(kva, len, clflush);
+        arch::cache_clean(kva, len);
     }
 
     fn cache_invalidate(&self, kva: KernVa, len: u64) {
-        // x86 has no user-level "discard without write-back"; clflush writes back then
-        // discards, which is what the contract allows for lines the caller owns.
-        for_each_line(kva, len, clflush);
+        arch::cache_invalidate(kva, len);
     }
 
     fn cache_clean_invalidate(&self, kva: KernVa, len: u64) {
-        for_each_line(kva, len, clflush);
+        arch::cache_clean_invalidate(kva, len);
+    }
+
+    fn dma_wmb(&self) {
+        arch::dma_wmb();
+    }
+
+    fn dma_rmb(&self) {
+        arch::dma_rmb();
     }
 
     unsafe fn mmio_read32(&self, pa: PhysAddr) -> u32 {
-        // SAFETY: the caller owns the register; the low 4 GiB are identity-mapped uncached
-        // above 3 GiB (boot.rs), where QEMU's MMIO lives.
+        // SAFETY: the caller owns the register; each kernel identity-maps its machine's MMIO
+        // as uncached device memory (boot.rs: above 3 GiB on q35, below 1 GiB on virt).
         unsafe { core::ptr::read_volatile(pa.raw() as *const u32) }
     }
 

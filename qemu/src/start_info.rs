@@ -2,7 +2,7 @@
 
 use alloc::string::String;
 
-use crate::platform;
+use crate::arch;
 
 /// `hvm_start_info.magic`.
 const MAGIC: u32 = 0x336e_c578;
@@ -56,7 +56,7 @@ pub fn parse(pa: u64) -> Result<BootInfo, &'static str> {
         let e = map + i * 24;
         let (addr, size, kind) = (read::<u64>(e), read::<u64>(e + 8), read::<u32>(e + 16));
         if kind == RAM {
-            platform::add_ram(addr, addr.saturating_add(size));
+            arch::add_ram(addr, addr.saturating_add(size));
         }
     }
     Ok(BootInfo { cmdline })

@@ -15,7 +15,9 @@ use busdma::pgtable::Prot;
 use busdma::virtio_iommu::{ConfigSpace, FaultReason, ReservedKind, ViommuDomain, VirtioIommu};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, Platform};
 
-use crate::checks::{Buf, CheckResult, Runner, SENTINEL, Twin, XFER, dma_segments, e2s, kbuf, pattern};
+use crate::checks::{
+    Buf, CheckResult, Runner, SENTINEL, Twin, XFER, dma_segments, e2s, kbuf, pattern, segment_twins,
+};
 use crate::domain::EDU_LIMIT;
 use crate::edu::{self, Dir, Edu};
 use crate::pci::{self, Bdf};
@@ -38,7 +40,7 @@ struct Cfg(Bdf);
 
 impl ConfigSpace for Cfg {
     fn read32(&self, offset: u8) -> u32 {
-        self.0.read32(offset)
+        self.0.read32(offset.into())
     }
 }
 
@@ -78,10 +80,11 @@ fn drain_faults(unit: &Unit) -> CheckResult {
     Ok(())
 }
 
-/// Runs the virtio-iommu checks on `devs` (two edu devices). `granule`: the smallest page
+/// Runs the virtio-iommu checks on `devs` (two edu devices), and the virtio-drivers checks
+/// behind the unit when the runner gave `virtio` devices. `granule`: the smallest page
 /// the device was configured with (kernel command line `granule=64k`; default 4 KiB). With a
 /// granule larger than a page only the granule checks run ([`large_granule`]).
-pub fn run(r: &mut Runner, devs: &[Edu], granule: u64) {
+pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::virtio_check::Found>) {
     let mut found = None;
     pci::scan_bus0(|bdf, v, d| {
         if (v, d) == (VENDOR, DEVICE) {
@@ -201,6 +204,10 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64) {
         reserved_window_deferred(&unit, &devs[1], ep1)
     });
     r.check("virtio-iommu: requests per I/O, strict and deferred", || per_io(&unit, &devs[1], ep1));
+    // virtio-drivers' blk, net and console behind the same unit (`virtio=on`).
+    if let Some(found) = virtio {
+        crate::viommu_virtio::run(r, &unit, found);
+    }
     let st = unit.stats();
     println!(
         "measure - virtio-iommu totals: {} requests ({} MAP, {} UNMAP, {} refused), {} notifications, {} fault records",
@@ -385,17 +392,7 @@ fn through_tag(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
     let tx_segs: Vec<Segment> = tx.load(&kbuf(&src, 0x800, XFER), Direction::ToDevice).map_err(e2s)?.to_vec();
     let rx_segs: Vec<Segment> =
         rx.load(&kbuf(&dst, 0xc00, XFER), Direction::FromDevice).map_err(e2s)?.to_vec();
-    let mut twins = Vec::new();
-    for s in tx_segs.iter().chain(&rx_segs) {
-        if s.end() > EDU_LIMIT {
-            return Err(format!("segment {s:?} beyond edu's 28-bit mask"));
-        }
-        let mut page = s.addr.raw() & !(PAGE_SIZE - 1);
-        while page < s.end() {
-            twins.push(Twin::of(Iova::new(page))?);
-            page += PAGE_SIZE;
-        }
-    }
+    let twins = segment_twins(tx_segs.iter().chain(&rx_segs))?;
     tx.sync(SyncOp::PREWRITE).map_err(e2s)?;
     dma_segments(dev, Dir::FromRam, &tx_segs)?;
     tx.sync(SyncOp::POSTWRITE).map_err(e2s)?;

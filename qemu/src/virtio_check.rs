@@ -22,7 +22,7 @@ use core::ptr::NonNull;
 use busdma::PhysAddr;
 use busdma::device::{Device, Iommu, Policy};
 use busdma::quickmap::QuickMaps;
-use busdma::virtio::{AccessPlatform, BusdmaHal, HalSlot, VirtioDma, VirtioKernel};
+use busdma::virtio::{AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel};
 use busdma::vtd::SourceId;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::device::console::VirtIOConsole;
@@ -51,10 +51,10 @@ pub const BLK: u16 = 0x1042;
 pub const CONSOLE: u16 = 0x1043;
 /// Blocks each policy's round writes and reads back (the runner checks 2 × this many).
 pub const BLOCKS: usize = 8;
+/// Largest single mapping a virtio device asks for (queues and buffers are far smaller).
+pub const MAX_MAP: u64 = 64 << 10;
 /// virtio-pci devices on x86 snoop CPU caches (PCIe), whatever the VT-d unit's ECAP.C says
 /// about its own table walks: queue memory is write-back.
-/// Largest single mapping a virtio device asks for (queues and buffers are far smaller).
-const MAX_MAP: u64 = 64 << 10;
 /// Polls of a virtqueue before a request counts as lost (VT-d fault records are read every
 /// `FAULT_EVERY` polls and end the wait at once).
 const POLL_LIMIT: u64 = 1 << 26;
@@ -92,13 +92,13 @@ virtio_kernel!(NetAK, NET_A_SLOT);
 virtio_kernel!(NetBK, NET_B_SLOT);
 virtio_kernel!(ConsoleK, CONSOLE_SLOT);
 
-type Transport = AccessPlatform<PciTransport>;
+pub type Transport = AccessPlatform<PciTransport>;
 
 fn e2s(e: busdma::Error) -> String {
     format!("{e}")
 }
 
-fn v2s(e: virtio_drivers::Error) -> String {
+pub fn v2s(e: virtio_drivers::Error) -> String {
     format!("virtio: {e:?}")
 }
 
@@ -131,7 +131,7 @@ impl Found {
 }
 
 /// The PCI transport of `bdf` for `K`'s Hal, wrapped to accept ACCESS_PLATFORM.
-fn transport<K: VirtioKernel>(bdf: Bdf) -> Result<Transport, String> {
+pub fn transport<K: VirtioKernel>(bdf: Bdf) -> Result<Transport, String> {
     bdf.enable();
     // SAFETY: q35's ECAM window is identity-mapped MMIO; this root lives only while the
     // transport is built, and nothing else touches configuration space meanwhile.
@@ -152,7 +152,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn read(vtd: &Unit, dev: &Device<'_, '_, &Unit>, dma: &VirtioDma<'_, '_, &Unit>) -> Self {
+    fn read(vtd: &Unit, dev: &Device<'_, '_, &Unit>, dma: &DeviceVirtioDma<'_, '_, &Unit>) -> Self {
         let (mut maps, mut unmaps) = (0, 0);
         if let Some(d) = dev.domain() {
             let s = d.domain().stats();
@@ -192,21 +192,33 @@ impl Counters {
     }
 }
 
-fn counter(c: &busdma::sync::AtomicU64) -> u64 {
+pub fn counter(c: &busdma::sync::AtomicU64) -> u64 {
     c.load(core::sync::atomic::Ordering::Relaxed)
 }
 
-/// Polls `done` until it holds, reading VT-d fault records every `FAULT_EVERY` polls: a fault
-/// or `POLL_LIMIT` polls end the wait with an error naming it.
-fn wait(vtd: &Unit, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
+/// The IOMMU's fault reporting while a request is polled: the first pending fault record, as
+/// text (VT-d's fault registers, virtio-iommu's event queue), the rest drained.
+pub type Faults<'a> = &'a dyn Fn() -> Option<String>;
+
+/// VT-d's fault records as [`Faults`].
+fn vtd_faults(vtd: &Unit) -> impl Fn() -> Option<String> + '_ {
+    move || {
+        let f = vtd.take_fault()?;
+        while vtd.take_fault().is_some() {}
+        Some(format!("VT-d fault {f:?}"))
+    }
+}
+
+/// Polls `done` until it holds, reading fault records every `FAULT_EVERY` polls: a fault or
+/// `POLL_LIMIT` polls end the wait with an error naming it.
+fn wait(faults: Faults<'_>, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
     for i in 0..POLL_LIMIT {
         if done() {
             return Ok(());
         }
         if i % FAULT_EVERY == 0 {
-            if let Some(f) = vtd.take_fault() {
-                while vtd.take_fault().is_some() {}
-                return Err(format!("{what}: VT-d fault {f:?}"));
+            if let Some(f) = faults() {
+                return Err(format!("{what}: {f}"));
             }
         }
         core::hint::spin_loop();
@@ -220,7 +232,7 @@ fn with_device<K: VirtioKernel, R>(
     iommu: &Iommu<'_, &Unit>,
     bdf: Bdf,
     policy: Policy,
-    f: impl FnOnce(&Device<'_, '_, &Unit>, &VirtioDma<'_, '_, &Unit>) -> Result<R, String>,
+    f: impl FnOnce(&Device<'_, '_, &Unit>, &DeviceVirtioDma<'_, '_, &Unit>) -> Result<R, String>,
 ) -> Result<R, String> {
     let dev = iommu.attach(SourceId(bdf.source_id()), policy).map_err(e2s)?;
     let r = (|| {
@@ -270,7 +282,7 @@ fn policy_name(p: Policy) -> &'static str {
 
 /// What block `i` holds: the 16-byte line `blk NNNN busdma\n`, 32 times (the runner rebuilds
 /// it with printf to check the image).
-fn block_pattern(i: usize) -> Vec<u8> {
+pub fn block_pattern(i: usize) -> Vec<u8> {
     let line = format!("blk {i:04} busdma\n");
     line.as_bytes().iter().copied().cycle().take(SECTOR_SIZE).collect()
 }
@@ -280,33 +292,8 @@ fn block_pattern(i: usize) -> Vec<u8> {
 pub fn blk(vtd: &Unit, iommu: &Iommu<'_, &Unit>, bdf: Bdf, policy: Policy, first: usize) -> CheckResult {
     with_device::<BlkK, _>(iommu, bdf, policy, |dev, dma| {
         let mut blk = VirtIOBlk::<BusdmaHal<BlkK>, Transport>::new(transport::<BlkK>(bdf)?).map_err(v2s)?;
-        if (blk.capacity() as usize) < first + BLOCKS {
-            return Err(format!("disk has {} blocks", blk.capacity()));
-        }
         let before = Counters::read(vtd, dev, dma);
-        for i in first..first + BLOCKS {
-            let data = block_pattern(i);
-            let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
-            // SAFETY: `req`, `data` and `resp` stay alive and untouched until the completion
-            // below (or leak with the driver if it never comes: we return with an error and
-            // the driver's drop resets the device).
-            let token = unsafe { blk.write_blocks_nb(i, &mut req, &data, &mut resp) }.map_err(v2s)?;
-            wait(vtd, "virtio-blk write", || blk.peek_used() == Some(token))?;
-            // SAFETY: the same buffers as the submission.
-            unsafe { blk.complete_write_blocks(token, &req, &data, &mut resp) }.map_err(v2s)?;
-        }
-        for i in first..first + BLOCKS {
-            let mut got = vec![0u8; SECTOR_SIZE];
-            let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
-            // SAFETY: as for the writes.
-            let token = unsafe { blk.read_blocks_nb(i, &mut req, &mut got, &mut resp) }.map_err(v2s)?;
-            wait(vtd, "virtio-blk read", || blk.peek_used() == Some(token))?;
-            // SAFETY: the same buffers as the submission.
-            unsafe { blk.complete_read_blocks(token, &req, &mut got, &mut resp) }.map_err(v2s)?;
-            if got != block_pattern(i) {
-                return Err(format!("block {i} read back differs from what was written"));
-            }
-        }
+        blk_io(&mut blk, &vtd_faults(vtd), first, BLOCKS)?;
         let after = Counters::read(vtd, dev, dma);
         println!(
             "virtio-blk {}: {} writes + {} reads of {SECTOR_SIZE} bytes, {}",
@@ -320,10 +307,47 @@ pub fn blk(vtd: &Unit, iommu: &Iommu<'_, &Unit>, bdf: Bdf, policy: Policy, first
     })
 }
 
+/// Writes `count` blocks from `first` (block `i` holds [`block_pattern`]`(i)`), then reads
+/// them back and compares, each request polled with `faults` read.
+pub fn blk_io<H: virtio_drivers::Hal>(
+    blk: &mut VirtIOBlk<H, Transport>,
+    faults: Faults<'_>,
+    first: usize,
+    count: usize,
+) -> CheckResult {
+    if (blk.capacity() as usize) < first + count {
+        return Err(format!("disk has {} blocks", blk.capacity()));
+    }
+    for i in first..first + count {
+        let data = block_pattern(i);
+        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+        // SAFETY: `req`, `data` and `resp` stay alive and untouched until the completion
+        // below (or leak with the driver if it never comes: we return with an error and the
+        // driver's drop resets the device).
+        let token = unsafe { blk.write_blocks_nb(i, &mut req, &data, &mut resp) }.map_err(v2s)?;
+        wait(faults, "virtio-blk write", || blk.peek_used() == Some(token))?;
+        // SAFETY: the same buffers as the submission.
+        unsafe { blk.complete_write_blocks(token, &req, &data, &mut resp) }.map_err(v2s)?;
+    }
+    for i in first..first + count {
+        let mut got = vec![0u8; SECTOR_SIZE];
+        let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+        // SAFETY: as for the writes.
+        let token = unsafe { blk.read_blocks_nb(i, &mut req, &mut got, &mut resp) }.map_err(v2s)?;
+        wait(faults, "virtio-blk read", || blk.peek_used() == Some(token))?;
+        // SAFETY: the same buffers as the submission.
+        unsafe { blk.complete_read_blocks(token, &req, &mut got, &mut resp) }.map_err(v2s)?;
+        if got != block_pattern(i) {
+            return Err(format!("block {i} read back differs from what was written"));
+        }
+    }
+    Ok(())
+}
+
 /// One frame from `tx` to `rx`: the receiver posts a buffer first, the sender transmits, both
 /// complete; the frame must arrive byte for byte.
-fn exchange<HA, HB>(
-    vtd: &Unit,
+pub fn exchange<HA, HB>(
+    faults: Faults<'_>,
     tx: &mut VirtIONetRaw<HA, Transport, NET_QUEUE>,
     rx: &mut VirtIONetRaw<HB, Transport, NET_QUEUE>,
     tag: u8,
@@ -347,10 +371,10 @@ where
     let rtoken = unsafe { rx.receive_begin(&mut rxbuf) }.map_err(v2s)?;
     // SAFETY: as above, for `txbuf` until `transmit_complete`.
     let ttoken = unsafe { tx.transmit_begin(&txbuf) }.map_err(v2s)?;
-    wait(vtd, "virtio-net transmit", || tx.poll_transmit() == Some(ttoken))?;
+    wait(faults, "virtio-net transmit", || tx.poll_transmit() == Some(ttoken))?;
     // SAFETY: the buffer of the submission.
     unsafe { tx.transmit_complete(ttoken, &txbuf) }.map_err(v2s)?;
-    wait(vtd, "virtio-net receive", || rx.poll_receive() == Some(rtoken))?;
+    wait(faults, "virtio-net receive", || rx.poll_receive() == Some(rtoken))?;
     // SAFETY: the buffer of the submission.
     let (h, len) = unsafe { rx.receive_complete(rtoken, &mut rxbuf) }.map_err(v2s)?;
     if rxbuf[h..h + len] != frame[..] {
@@ -369,8 +393,8 @@ pub fn net(vtd: &Unit, iommu: &Iommu<'_, &Unit>, a: Bdf, b: Bdf, policies: (Poli
             let mut nb = VirtIONetRaw::<BusdmaHal<NetBK>, Transport, NET_QUEUE>::new(transport::<NetBK>(b)?)
                 .map_err(v2s)?;
             let before = Counters::read(vtd, da, dmaa).plus(Counters::read(vtd, db, dmab));
-            exchange(vtd, &mut na, &mut nb, 0x21)?;
-            exchange(vtd, &mut nb, &mut na, 0x43)?;
+            exchange(&vtd_faults(vtd), &mut na, &mut nb, 0x21)?;
+            exchange(&vtd_faults(vtd), &mut nb, &mut na, 0x43)?;
             let after = Counters::read(vtd, da, dmaa).plus(Counters::read(vtd, db, dmab));
             println!(
                 "virtio-net {}+{}: 2 frames (A->B, B->A), 4 requests, {}",

@@ -3,7 +3,10 @@
 //! `virtio-drivers` (0.12) reaches DMA through its `Hal`: an `unsafe trait` of associated
 //! functions (no `&self`) that allocates queue memory (`dma_alloc`), frees it (`dma_dealloc`),
 //! and shares request buffers with the device (`share` / `unshare`). This module implements it
-//! over a busdma [`Device`], so its block, network and console drivers DMA through the IOMMU.
+//! over a busdma tag of any strategy ([`VirtioDma<'a, P, S>`](VirtioDma) over a
+//! [`Tag<'a, P, S>`](Tag)): a [`Device`] of [`crate::device`] (VT-d, SMMUv3), an IOMMU strategy
+//! over any domain (a virtio-iommu domain), the pre-mapped pool or the hybrid of
+//! [`crate::premapped`]; so its block, network and console drivers DMA through the IOMMU.
 //!
 //! ## Theory
 //!
@@ -14,7 +17,8 @@
 //!    `VirtioDma` for the length of a closure and removes it afterwards; every `Hal` call holds
 //!    the slot's lock for its whole length, so a scope cannot end while a call through it runs.
 //! 2. **Queue memory is coherent.** `dma_alloc` is [`crate::front::Tag::alloc_coherent`] of the
-//!    device's tag: page-aligned, zeroed here, mapped for its whole life; the bus address it
+//!    device's queue tag (the share tag, or a mapping tag of the same device when shares are
+//!    copied into a pre-mapped pool, [`VirtioDma::pooled`]): page-aligned, zeroed here, mapped for its whole life; the bus address it
 //!    returns is the IOVA, never the physical address.
 //! 3. **Shared buffers are always bounced.** `share` copies the caller's bytes (all of them,
 //!    whatever the direction, so bytes the device does not write come back unchanged) into a
@@ -27,12 +31,17 @@
 //!    anyway covers it, so deferred devices share invalidations. A buffer that finds no room
 //!    in the ring (or a policy without a domain) gets a streaming map of its own instead. The
 //!    device never reaches the caller's memory — a stack or heap buffer of any alignment — or
-//!    the rest of its page. Why not map page-aligned buffers in place: `share`'s contract
+//!    the rest of its page. The ring needs a domain to reserve its window in: tags whose
+//!    strategy lends one ([`WindowSource`]; [`VirtioDma::windowed`]) get it, the others
+//!    ([`VirtioDma::streaming`]: the pre-mapped pool, the hybrid, no IOMMU) load each bounce
+//!    buffer through a streaming map of the tag, which under the pre-mapped pool is a copy
+//!    into a slot mapped once (no IOMMU request per share). Why not map page-aligned buffers
+//!    in place: `share`'s contract
 //!    only promises the buffer for the length of the call, so only memory busdma owns may stay
 //!    mapped after it returns (see "What virtio-drivers promises").
-//! 4. **Bus address 0 is failure** to `virtio-drivers` (`dma_alloc`): translated policies never
-//!    hand out IOVA 0 (the device's aperture starts at 1 MiB), and an address 0 from a
-//!    pass-through device is turned into a failure.
+//! 4. **Bus address 0 is failure** to `virtio-drivers` (`dma_alloc`): busdma's devices never
+//!    hand out IOVA 0 (their aperture starts at 1 MiB), and a bus address 0 from any tag
+//!    (pass-through, a domain whose aperture includes 0) is turned into a failure.
 //! 5. **No error path.** `dma_alloc` reports failure by bus address 0 (the driver returns
 //!    `Error::DmaError`). `share` cannot fail: when busdma refuses (no memory, no IOVA, an
 //!    invalidation failure) or the slot is empty, it panics with the error, rather than give
@@ -46,7 +55,9 @@
 //!    have a streaming map of their own ([`VirtioStats::leaked`]). Shares still linked in the
 //!    ring go with the ring's window, which unmaps them and frees them only after the
 //!    invalidation that proves no translation reaches them (the driver only ever saw their
-//!    bus addresses).
+//!    bus addresses). [`VirtioDma::reclaim_shares`] frees shares the driver left posted only
+//!    when the tag's strategy takes unloaded memory away from the device
+//!    ([`Strategy::unload_revokes`]); identity and pass-through tags refuse.
 //! 7. **`VIRTIO_F_ACCESS_PLATFORM`.** A virtio-pci device behind an IOMMU (QEMU:
 //!    `iommu_platform=on`) offers feature bit 33 and refuses `FEATURES_OK` unless the driver
 //!    accepts it; without it the device would bypass the IOMMU. `virtio-drivers` never accepts
@@ -70,6 +81,7 @@
 //! [`Device`]: crate::device::Device
 #![deny(unsafe_code)]
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
@@ -78,11 +90,12 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Trans
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE as VIRTIO_PAGE_SIZE};
 
 use crate::addr::{PAGE_SIZE, PhysAddr};
-use crate::device::{Device, DeviceTag, IommuHw, Policy};
+use crate::device::{Device, DeviceStrategy, IommuHw};
 use crate::dir::{Direction, SyncOp};
 use crate::error::{Error, Result};
-use crate::front::{Coherent, DmaMemory, OwnedMap, TagSpec};
-use crate::platform::MemAttr;
+use crate::front::strategy::{Invalidation, Strategy, WindowSource};
+use crate::front::{Coherent, DmaMemory, DmaWindow, OwnedMap, Tag, TagSpec};
+use crate::platform::{MemAttr, Platform};
 use crate::sync::{AtomicU64, Ordering, SpinLock};
 
 /// `VIRTIO_F_ACCESS_PLATFORM` (virtio 1.2, 6): the device's DMA goes through the platform's
@@ -126,27 +139,21 @@ impl VirtioStats {
     }
 }
 
-type Coh<'i, 'p, H> = Coherent<'i, <H as IommuHw>::Platform, crate::device::DeviceStrategy<'i, 'p, H>>;
-type Bounce<'i, 'p, H> = OwnedMap<
-    'i,
-    <H as IommuHw>::Platform,
-    crate::device::DeviceStrategy<'i, 'p, H>,
-    DmaMemory<'i, <H as IommuHw>::Platform>,
->;
-
 /// Queue memory handed out by `dma_alloc`.
-struct QueueMem<'i, 'p, H: IommuHw> {
+struct QueueMem<'a, P: Platform, Q: Strategy<P>> {
     bus: u64,
     kva: u64,
     pages: usize,
-    mem: Coh<'i, 'p, H>,
+    mem: Coherent<'a, P, Q>,
 }
 
-/// A shared (bounced) buffer outside the window (theory 3: larger than the window's free
-/// room, or a policy without a window).
-struct Share<'i, 'p, H: IommuHw> {
+/// A shared (bounced) buffer outside the ring (theory 3: larger than the ring's free room, or
+/// a strategy without a window).
+struct Share<'a, P: Platform, S: Strategy<P>> {
     bus: u64,
-    map: Bounce<'i, 'p, H>,
+    /// The direction it was loaded in.
+    dir: Direction,
+    map: OwnedMap<'a, P, S, DmaMemory<'a, P>>,
 }
 
 /// Pages of the two-step window that bounce buffers are linked into (256 KiB: room for every
@@ -155,27 +162,61 @@ const RING_PAGES: u64 = 64;
 /// Bounce buffers kept for reuse once a commit has handed them back.
 const SPARE_MAX: usize = 32;
 
-type Window<'i, 'p, H> = crate::front::DmaWindow<
-    'i,
-    <H as IommuHw>::Platform,
-    crate::device::DeviceStrategy<'i, 'p, H>,
-    DmaMemory<'i, <H as IommuHw>::Platform>,
->;
+/// What the bounce ring needs of a two-step window, its strategy erased (a ring exists only
+/// for strategies that lend a window: [`VirtioDma::windowed`]).
+trait RingWindow<'a, P: Platform> {
+    /// Links `mem` at `off`; its bus address, or the error and the buffer when given back.
+    fn link(
+        &mut self,
+        off: u64,
+        mem: DmaMemory<'a, P>,
+        dir: Direction,
+    ) -> core::result::Result<u64, (Error, Option<DmaMemory<'a, P>>)>;
+    fn unlink(&mut self, off: u64) -> Result<()>;
+    /// `lazy`: `commit_lazy` (buffers come back once a flush the domain does anyway covers
+    /// them), else `commit`.
+    fn commit(&mut self, lazy: bool, back: &mut dyn FnMut(u64, DmaMemory<'a, P>)) -> Result<usize>;
+    fn sync(&mut self, off: u64, op: SyncOp) -> Result<()>;
+    fn buffer(&self, off: u64) -> Option<&DmaMemory<'a, P>>;
+}
+
+impl<'a, P: Platform, S: WindowSource<P>> RingWindow<'a, P> for DmaWindow<'a, P, S, DmaMemory<'a, P>> {
+    fn link(
+        &mut self,
+        off: u64,
+        mem: DmaMemory<'a, P>,
+        dir: Direction,
+    ) -> core::result::Result<u64, (Error, Option<DmaMemory<'a, P>>)> {
+        DmaWindow::link(self, off, mem, dir).map(|l| l.iova.raw()).map_err(|e| (e.error, e.buffer))
+    }
+    fn unlink(&mut self, off: u64) -> Result<()> {
+        DmaWindow::unlink(self, off)
+    }
+    fn commit(&mut self, lazy: bool, back: &mut dyn FnMut(u64, DmaMemory<'a, P>)) -> Result<usize> {
+        if lazy { self.commit_lazy(back) } else { DmaWindow::commit(self, back) }
+    }
+    fn sync(&mut self, off: u64, op: SyncOp) -> Result<()> {
+        DmaWindow::sync(self, off, op).map(|_| ())
+    }
+    fn buffer(&self, off: u64) -> Option<&DmaMemory<'a, P>> {
+        DmaWindow::buffer(self, off)
+    }
+}
 
 /// The bounce ring (theory 3): a two-step window of the device's domain, its pages' use, the
 /// live shares by bus address and offset, and bounce buffers handed back for reuse.
-struct Ring<'i, 'p, H: IommuHw> {
-    win: Window<'i, 'p, H>,
+struct Ring<'a, P: Platform> {
+    win: Box<dyn RingWindow<'a, P> + 'a>,
     /// Per window page: linked, marked or retiring (the window refuses to link over it).
     taken: Vec<bool>,
     live: Vec<(u64, u64)>,
-    spare: Vec<DmaMemory<'i, H::Platform>>,
+    spare: Vec<DmaMemory<'a, P>>,
     /// Deferred policy: unlinked buffers come back once a flush the domain does anyway covers
     /// them (`commit_lazy`); strict and untrusted: at once, after their invalidation.
     lazy: bool,
 }
 
-impl<'i, 'p, H: IommuHw> Ring<'i, 'p, H> {
+impl<'a, P: Platform> Ring<'a, P> {
     /// First free run of `pages` window pages.
     fn free_run(&self, pages: usize) -> Option<usize> {
         let mut run = 0;
@@ -192,7 +233,7 @@ impl<'i, 'p, H: IommuHw> Ring<'i, 'p, H> {
     /// reuse. `forced`: wait for the invalidation even under deferred.
     fn commit(&mut self, forced: bool) -> Result<usize> {
         let (taken, spare) = (&mut self.taken, &mut self.spare);
-        let mut back = |off: u64, mem: DmaMemory<'i, H::Platform>| {
+        let mut back = |off: u64, mem: DmaMemory<'a, P>| {
             let first = (off / PAGE_SIZE) as usize;
             let end = (first + mem.pages() as usize).min(taken.len());
             taken[first..end].iter_mut().for_each(|t| *t = false);
@@ -200,47 +241,96 @@ impl<'i, 'p, H: IommuHw> Ring<'i, 'p, H> {
                 spare.push(mem);
             }
         };
-        if forced || !self.lazy { self.win.commit(&mut back) } else { self.win.commit_lazy(&mut back) }
+        self.win.commit(self.lazy && !forced, &mut back)
     }
 }
 
-/// The busdma side of a virtio device: its tag, the queue memory and shares it has handed out,
-/// and counters. Install it in a [`HalSlot`] with [`HalSlot::scope`].
-pub struct VirtioDma<'i, 'p, H: IommuHw> {
-    tag: DeviceTag<'i, 'p, H>,
-    queues: SpinLock<Vec<QueueMem<'i, 'p, H>>>,
-    shares: SpinLock<Vec<Share<'i, 'p, H>>>,
-    ring: SpinLock<Option<Ring<'i, 'p, H>>>,
+/// The tag spec a [`VirtioDma`] needs: loads of up to `max_size` bytes (queue memory or one
+/// shared buffer) as one segment, anywhere in 64 bits; `coherent`: the device snoops CPU
+/// caches (virtio-pci devices on x86 do), so queue memory is write-back and syncs maintain no
+/// cache; otherwise queue memory is uncached, which the platform must offer.
+pub fn tag_spec(max_size: u64, coherent: bool) -> TagSpec {
+    let mut spec = TagSpec::new(max_size, 1);
+    spec.flags.coherent = coherent;
+    spec
+}
+
+/// The busdma side of a virtio device: the tag its queue memory comes from (strategy `Q`),
+/// the tag its shares are loaded through (strategy `S`, by default the same), the queue memory
+/// and shares it has handed out, and counters. Install it in a [`HalSlot`] with
+/// [`HalSlot::scope`].
+pub struct VirtioDma<'a, P: Platform, Q: Strategy<P>, S: Strategy<P> = Q> {
+    queue_tag: Tag<'a, P, Q>,
+    tag: Tag<'a, P, S>,
+    queues: SpinLock<Vec<QueueMem<'a, P, Q>>>,
+    shares: SpinLock<Vec<Share<'a, P, S>>>,
+    ring: SpinLock<Option<Ring<'a, P>>>,
     stats: VirtioStats,
     last_error: SpinLock<Option<Error>>,
-    /// The device's policy translates (strict, deferred, untrusted): an unloaded share is
-    /// unreachable, whatever the device does.
+    /// The strategy's unload takes memory away from the device ([`Strategy::unload_revokes`]:
+    /// strict, deferred, untrusted, the pre-mapped pool): an unloaded share is unreachable,
+    /// whatever the device does.
     translated: bool,
 }
 
-impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
-    /// Serves `dev`: one tag of it that maps up to `max_size` bytes (queue memory or one
-    /// shared buffer) as one segment, anywhere in 64 bits. `coherent`: the device snoops CPU
-    /// caches (virtio-pci devices on x86 do), so queue memory is write-back and syncs maintain
-    /// no cache; otherwise queue memory is uncached, which the platform must offer.
+/// The [`VirtioDma`] of a device attached by [`crate::device`].
+pub type DeviceVirtioDma<'i, 'p, H> = VirtioDma<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
+
+impl<'i, 'p, H: IommuHw> VirtioDma<'i, H::Platform, DeviceStrategy<'i, 'p, H>> {
+    /// Serves `dev` through a tag of it ([`tag_spec`]`(max_size, coherent)`), with the bounce
+    /// ring when its policy has a domain ([`VirtioDma::windowed`]).
     ///
-    /// Errors: those of [`Device::tag`].
+    /// Errors: those of [`Device::tag`] and [`VirtioDma::windowed`].
     pub fn new(dev: &Device<'i, 'p, H>, max_size: u64, coherent: bool) -> Result<Self> {
-        let mut spec = TagSpec::new(max_size, 1);
-        spec.flags.coherent = coherent;
-        let tag = dev.tag(spec)?;
-        let translated = matches!(dev.policy(), Policy::Strict | Policy::Deferred | Policy::Untrusted);
-        let ring = match translated {
-            true => Some(Ring {
-                win: tag.create_window(RING_PAGES * PAGE_SIZE, RING_PAGES as usize)?,
+        Self::windowed(dev.tag(tag_spec(max_size, coherent))?)
+    }
+}
+
+impl<'a, P: Platform, S: WindowSource<P> + 'a> VirtioDma<'a, P, S> {
+    /// Serves the device of `tag` (a root or child tag of at most one segment per load,
+    /// [`tag_spec`]) with the bounce ring (theory 3) in a window of the tag's domain, or,
+    /// when the strategy has no domain to lend (identity, pass-through), with a streaming map
+    /// per share. Deferred invalidation commits the ring lazily.
+    ///
+    /// Errors: those of [`Tag::create_window`] other than [`Error::Unsupported`].
+    pub fn windowed(tag: Tag<'a, P, S>) -> Result<Self> {
+        let ring = match tag.create_window::<DmaMemory<'a, P>>(RING_PAGES * PAGE_SIZE, RING_PAGES as usize) {
+            Ok(win) => Some(Ring {
+                win: Box::new(win),
                 taken: alloc::vec![false; RING_PAGES as usize],
                 live: Vec::new(),
                 spare: Vec::new(),
-                lazy: dev.policy() == Policy::Deferred,
+                lazy: tag.strategy().invalidation() == Invalidation::Deferred,
             }),
-            false => None,
+            Err(Error::Unsupported { .. }) => None,
+            Err(e) => return Err(e),
         };
-        Ok(Self {
+        Ok(Self::with_ring(tag.clone(), tag, ring))
+    }
+}
+
+impl<'a, P: Platform, S: Strategy<P>> VirtioDma<'a, P, S> {
+    /// Serves the device of `tag` (of any mapping strategy; at most one segment per load,
+    /// [`tag_spec`]): queue memory from `tag`, a streaming map of `tag` per share.
+    pub fn streaming(tag: Tag<'a, P, S>) -> Self {
+        Self::with_ring(tag.clone(), tag, None)
+    }
+}
+
+impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
+    /// Queue memory from `queues`, shares through a streaming map of `shares` each: the
+    /// pre-mapped pool ([`crate::premapped::Premapped`]) or the hybrid copy a share into a
+    /// slot mapped once, so a share costs the device's IOMMU no request. `queues` must map
+    /// memory in place (the device and the driver use the rings continuously, with no sync
+    /// between): a per-map strategy of the same domain, not a copying one.
+    pub fn pooled(queues: Tag<'a, P, Q>, shares: Tag<'a, P, S>) -> Self {
+        Self::with_ring(queues, shares, None)
+    }
+
+    fn with_ring(queue_tag: Tag<'a, P, Q>, tag: Tag<'a, P, S>, ring: Option<Ring<'a, P>>) -> Self {
+        let translated = tag.strategy().unload_revokes();
+        Self {
+            queue_tag,
             tag,
             queues: SpinLock::new(Vec::new()),
             shares: SpinLock::new(Vec::new()),
@@ -248,7 +338,17 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
             stats: VirtioStats::default(),
             last_error: SpinLock::new(None),
             translated,
-        })
+        }
+    }
+
+    /// The tag shares are loaded through.
+    pub fn tag(&self) -> &Tag<'a, P, S> {
+        &self.tag
+    }
+
+    /// Whether shares go through the bounce ring (else through a streaming map each).
+    pub fn has_ring(&self) -> bool {
+        self.ring.lock().is_some()
     }
 
     /// The counters.
@@ -306,7 +406,7 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
         let len = (pages as u64)
             .checked_mul(PAGE_SIZE)
             .ok_or(Error::Overflow { base: pages as u64, len: PAGE_SIZE })?;
-        let mem = self.tag.alloc_coherent(len, false)?;
+        let mem = self.queue_tag.alloc_coherent(len, false)?;
         let kva = mem.memory().kva().ok_or(Error::NotDirectMapped { pa: mem.memory().pa().raw() })?;
         let bus = if mutant::PHYS { mem.memory().pa().raw() } else { mem.segments()[0].addr.raw() };
         if mem.segments().len() != 1 || bus == 0 {
@@ -364,24 +464,24 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
         mem.write(0, bytes)?;
         let pa = mem.pa().raw();
         let off = first as u64 * PAGE_SIZE;
-        let linked = match ring.win.link(off, mem, dir) {
-            Ok(l) => l,
-            Err(e) => {
-                if let Some(m) = e.buffer {
+        let iova = match ring.win.link(off, mem, dir) {
+            Ok(iova) => iova,
+            Err((e, buffer)) => {
+                if let Some(m) = buffer {
                     ring.spare.push(m);
                 }
-                return Err(e.error);
+                return Err(e);
             }
         };
         ring.taken[first..first + pages as usize].iter_mut().for_each(|t| *t = true);
         VirtioStats::bump(&self.stats.bounced_in, len);
         VirtioStats::bump(&self.stats.shares, 1);
-        let bus = if mutant::PHYS { pa } else { linked.iova.raw() };
-        if ring.win.sync(off, pre(dir)).is_err() || mutant::UNMAP_EARLY {
+        let bus = if mutant::PHYS { pa } else { iova };
+        if iova == 0 || ring.win.sync(off, pre(dir)).is_err() || mutant::UNMAP_EARLY {
             let _ = ring.win.unlink(off);
             ring.commit(true)?;
             if !mutant::UNMAP_EARLY {
-                return Err(Error::BadState { what: "virtio share: sync failed" });
+                return Err(Error::BadState { what: "virtio share: bus address 0, or sync failed" });
             }
             return Ok(bus);
         }
@@ -420,7 +520,12 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
         mem.write(0, bytes)?;
         VirtioStats::bump(&self.stats.bounced_in, len);
         let pa = mem.pa().raw();
-        let mut map: Bounce<'i, 'p, H> = self.tag.create_owned_map()?;
+        let mut map: OwnedMap<'a, P, S, DmaMemory<'a, P>> = self.tag.create_owned_map()?;
+        // A receive buffer is loaded both ways: a copying strategy (the pre-mapped pool) must
+        // copy the caller's bytes in too, or bytes the device does not write would come back
+        // as whatever the slot last held (theory 3). The device may read the bounce buffer,
+        // which holds the caller's own bytes and nothing else.
+        let dir = if dir == Direction::FromDevice { Direction::Bidirectional } else { dir };
         let segs = map.load(mem, dir).map_err(|(e, _)| e)?;
         if segs.len() != 1 || segs[0].addr.raw() == 0 {
             return Err(Error::BadState { what: "virtio share: not one segment, or bus address 0" });
@@ -430,7 +535,7 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
         if mutant::UNMAP_EARLY {
             map.unload()?;
         }
-        self.shares.lock().push(Share { bus, map });
+        self.shares.lock().push(Share { bus, dir, map });
         VirtioStats::bump(&self.stats.shares, 1);
         Ok(bus)
     }
@@ -447,9 +552,9 @@ impl<'i, 'p, H: IommuHw> VirtioDma<'i, 'p, H> {
         }
         let mut s = self.shares.lock();
         let Some(i) = s.iter().position(|m| m.bus == bus) else { return false };
-        let Share { mut map, .. } = s.swap_remove(i);
+        let Share { mut map, dir: loaded, .. } = s.swap_remove(i);
         drop(s);
-        let mut ok = map.sync(post(dir)).is_ok();
+        let mut ok = map.sync(post(loaded)).is_ok();
         if let (Some(out), true) = (out, dir.device_writes()) {
             match map.buffer() {
                 Some(mem) if mem.read(0, out).is_ok() => {
@@ -511,7 +616,7 @@ fn direction(d: BufferDirection) -> Direction {
     }
 }
 
-impl<H: IommuHw> Drop for VirtioDma<'_, '_, H> {
+impl<P: Platform, Q: Strategy<P>, S: Strategy<P>> Drop for VirtioDma<'_, P, Q, S> {
     fn drop(&mut self) {
         // Theory 6: whatever is still out may still be used by a driver or a device.
         let queues = core::mem::take(&mut *self.queues.lock());
@@ -530,7 +635,7 @@ trait Backend {
     fn unshare(&self, bus: u64, out: Option<&mut [u8]>, dir: Direction) -> bool;
 }
 
-impl<H: IommuHw> Backend for VirtioDma<'_, '_, H> {
+impl<P: Platform, Q: Strategy<P>, S: Strategy<P>> Backend for VirtioDma<'_, P, Q, S> {
     fn alloc(&self, pages: usize) -> Result<(u64, NonNull<u8>)> {
         self.note(VirtioDma::alloc(self, pages))
     }
@@ -579,7 +684,11 @@ impl HalSlot {
     /// from it while `f` runs (and answers "failed" before and after).
     ///
     /// Errors: [`Error::BadState`] if the slot already serves a device (nothing runs).
-    pub fn scope<H: IommuHw, R>(&self, dma: &VirtioDma<'_, '_, H>, f: impl FnOnce() -> R) -> Result<R> {
+    pub fn scope<P: Platform, Q: Strategy<P>, S: Strategy<P>, R>(
+        &self,
+        dma: &VirtioDma<'_, P, Q, S>,
+        f: impl FnOnce() -> R,
+    ) -> Result<R> {
         {
             let mut slot = self.inner.lock();
             if slot.is_some() {

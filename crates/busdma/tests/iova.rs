@@ -261,6 +261,47 @@ fn double_free_is_detected_and_changes_nothing() {
     }
 }
 
+/// A range handed out by a CPU's cache has a mark owned by that CPU (theory 4 of `iova`):
+/// another CPU's free clears it under the owner's lock, a wrong size there changes nothing,
+/// and a second free on either CPU is a double free; the range is cached once.
+#[test]
+fn a_free_on_another_cpu_clears_the_owners_mark_once() {
+    // A cold CPU 1 hint sends its frees through `free_slow`; a warm one through the fast
+    // path's `free_foreign` (the round goes back to CPU 0's cache).
+    for ((pages, wrong), warm) in [(1, 2), (3, 4), (64, 63)].into_iter().flat_map(|p| [(p, false), (p, true)])
+    {
+        let a = allocator(1024, true, false);
+        if warm {
+            on_cpu(1, |g| {
+                let w = a.alloc(g, &IovaRequest::pages(1)).unwrap();
+                a.free(g, w).unwrap();
+            });
+        }
+        // Below the top of the space, so that the wrong size still lies inside it.
+        let one = req(pages, P, 0, 256 * P + 512 * P);
+        let r = on_cpu(0, |g| {
+            let r = a.alloc(g, &one).unwrap();
+            a.free(g, r).unwrap();
+            // From CPU 0's cache: the mark is CPU 0's.
+            a.alloc(g, &one).unwrap()
+        });
+        let double = Err(Error::DoubleFree { addr: r.start().raw(), size: r.len() });
+        on_cpu(1, |g| {
+            let bad = AddrRange::from_start_len(r.start(), wrong * P).unwrap();
+            let e = a.free(g, bad);
+            assert!(matches!(e, Err(Error::WrongSize { .. })), "{pages} freed as {wrong}: {e:?}");
+            a.free(g, r).unwrap();
+            assert_eq!(a.free(g, r), double, "{pages} pages, again on CPU 1");
+        });
+        on_cpu(0, |g| assert_eq!(a.free(g, r), double, "{pages} pages, again on CPU 0"));
+        let x = on_cpu(1, |g| a.alloc(g, &one).unwrap());
+        let y = on_cpu(1, |g| a.alloc(g, &one).unwrap());
+        let z = on_cpu(0, |g| a.alloc(g, &one).unwrap());
+        assert!(!x.overlaps(&y) && !x.overlaps(&z) && !y.overlaps(&z), "{x:?} {y:?} {z:?}");
+        a.check_invariants().unwrap();
+    }
+}
+
 /// An empty range has no size class: freeing one where a cached range starts (its live mark
 /// is clear) must not push that start into a magazine a second time.
 #[test]
@@ -310,7 +351,8 @@ fn free_with_a_wrong_size_is_detected_and_changes_nothing() {
                 // Below the top of the space, so that the wrong size still lies inside it.
                 let r = a.alloc(g, &req(pages, P, 0, 256 * P + 512 * P)).unwrap();
                 let bad = AddrRange::from_start_len(r.start(), wrong * P).unwrap();
-                assert!(matches!(a.free(g, bad), Err(Error::WrongSize { .. })), "{pages} freed as {wrong}");
+                let e = a.free(g, bad);
+                assert!(matches!(e, Err(Error::WrongSize { .. })), "{pages} freed as {wrong}: {e:?}");
                 a.free(g, r).unwrap();
             }
         });

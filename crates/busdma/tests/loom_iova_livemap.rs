@@ -58,7 +58,7 @@ fn a_live_mark_is_cleared_by_exactly_one_free_of_its_exact_size() {
         let map = Arc::new(LiveMap::new(PAGES).unwrap());
         // An allocation of 6 pages (class 8) is live at page 7.
         map.get_or_create(7).unwrap().store(6, Ordering::Release);
-        let free = |size: u8| {
+        let free = |size: u16| {
             let map = map.clone();
             thread::spawn(move || {
                 map.get(7).unwrap().compare_exchange(size, 0, Ordering::AcqRel, Ordering::Acquire)

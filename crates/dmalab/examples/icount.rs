@@ -16,6 +16,9 @@
 //! - `tcp-nic-reserved-strict`, `tcp-nic-reserved-deferred`, `tcp-nic-passthrough`: the same
 //!   with the NIC's DMA read of the packet through the model IOMMU (or straight to RAM); the
 //!   deferred reserved maps have two windows each, used in turn, as in `dmalab tcpbench`;
+//! - `tcp-premapped`, `tcp-nic-premapped`: the same packet through the pre-mapped pool
+//!   (`busdma::premapped::Premapped`, one-page slots mapped once in a strict domain): the
+//!   PREWRITE copies the 1500 bytes into the slot, the NIC reads the slot;
 //! - `iova`: an IOVA alloc + free pair of 4 pages (`dmalab bench iova`'s fast path).
 //!
 //! The IOVA allocator's other paths (mixed sizes, the tree alone) are in `examples/icount_iova.rs`:
@@ -32,6 +35,8 @@ use busdma::front::{
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
+use busdma::premapped::{PoolConfig, Premapped, PremappedPool};
+use busdma::quickmap::QuickMaps;
 use busdma::{AddrRange, Iova, PAGE_SIZE, PhysAddr, Platform};
 use busdma_model::{
     Context, DirectPort, DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu,
@@ -161,6 +166,38 @@ fn hot_iova(m: &HostPlatform, a: &IovaAllocator, ops: usize) {
     }
 }
 
+/// Wall and thread-CPU time of a hot loop, printed as one JSON line (the `iova` path's, for
+/// `lab/linux-iova/run`, which times Linux's allocator on the same loop).
+struct Timer(std::time::Instant, u64);
+
+impl Timer {
+    fn start() -> Self {
+        Self(std::time::Instant::now(), thread_cpu_ns())
+    }
+
+    fn report(&self, mode: &str, pages: u64, live: u64, pairs: usize) {
+        let (wall, cpu) = (self.0.elapsed().as_nanos() as f64, (thread_cpu_ns() - self.1) as f64);
+        let n = pairs.max(1) as f64;
+        println!(
+            "{{\"impl\":\"busdma\",\"mode\":\"{mode}\",\"pages\":{pages},\"live\":{live},\"threads\":1,\
+             \"pairs\":{pairs},\"ns_per_op\":{:.2},\"cpu_ns_per_op\":{:.2}}}",
+            wall / n,
+            cpu / n
+        );
+    }
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn spec(tcp: bool) -> TagSpec {
     if tcp {
         let mut s = TagSpec::new(1500, 3);
@@ -193,7 +230,9 @@ fn main() {
             iova.free(&g, r).expect("free");
         }
         drop(g);
+        let t = Timer::start();
         hot_iova(&m, &iova, ops);
+        t.report("pair", 4, 0, ops);
         return;
     }
     let buf = m.frames().alloc(FrameRequest::pages(1)).expect("buffer");
@@ -238,6 +277,12 @@ fn main() {
                 nic,
                 ops,
             )
+        }
+        "tcp-premapped" | "tcp-nic-premapped" => {
+            let qm = QuickMaps::for_platform(&m);
+            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(PAGE_SIZE, RING)).expect("pool");
+            let nic = path.starts_with("tcp-nic").then_some(&port as &dyn DmaPort);
+            tcp(&m, &Tag::new_root(&m, Premapped(&pool), spec(true)).expect("tag"), nic, ops)
         }
         other => panic!("unknown path {other}"),
     }

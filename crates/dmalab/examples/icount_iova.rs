@@ -11,6 +11,9 @@
 //!   the oldest and allocates 1-16 pages (xorshift sizes), per-CPU caches on.
 //! - `tree-1k`, `tree-100k`: the tree alone (no per-CPU caches): a 1-page alloc + free pair
 //!   among 1 000 / 100 000 live 1-page ranges separated by 1-page holes.
+//! - `cross`: timed only (not a callgrind path): CPU 0's thread allocates batches of 256 1-page
+//!   ranges, CPU 1's thread frees each batch (a transmit completion on another core), the two
+//!   taking turns; prints each side's CPU ns per range.
 //! - `tree-ring-1k`, `tree-ring-100k`: the same spaces, but each step frees the oldest of 16
 //!   ranges in flight and allocates one (a NIC ring on the tree: never the range just
 //!   allocated, so the tree's retake of the last freed node does not apply).
@@ -78,6 +81,11 @@ fn main() {
             hot_frag(&m, &a, &mut ring, ops);
             return;
         }
+        "cross" => {
+            drop(_b);
+            cross(&m, space, ops);
+            return;
+        }
         "tree-1k" | "tree-ring-1k" => 1_000,
         "tree-100k" | "tree-ring-100k" => 100_000,
         other => panic!("unknown path {other}: frag, tree-1k, tree-100k, tree-ring-1k, tree-ring-100k"),
@@ -93,8 +101,95 @@ fn main() {
     if path.starts_with("tree-ring") {
         let mut ring = vec![None; 16];
         hot_ring(&m, &a, &mut ring, 64); // the ring full
+        let t = Timer::start();
         hot_ring(&m, &a, &mut ring, ops);
+        t.report("tree-ring", live, ops);
         return;
     }
+    let t = Timer::start();
     hot_tree(&m, &a, ops);
+    t.report("tree", live, ops);
+}
+
+/// The `cross` path: allocations on CPU 0, their frees on CPU 1, in turns of `BATCH`.
+fn cross(m: &HostPlatform, space: AddrRange<Iova>, ops: usize) {
+    const BATCH: usize = 256;
+    let a = IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false }).expect("iova");
+    let (to_free, freed) = (std::sync::Mutex::new(Vec::new()), std::sync::Barrier::new(2));
+    let rounds = ops.div_ceil(BATCH);
+    let (alloc_ns, free_ns) = std::thread::scope(|s| {
+        let allocator = s.spawn(|| {
+            let _b = m.bind_cpu(0).expect("bind 0");
+            let mut cpu = 0;
+            for _ in 0..rounds {
+                let t = thread_cpu_ns();
+                let g = m.pin_cpu();
+                let batch: Vec<_> =
+                    (0..BATCH).map(|_| a.alloc(&g, &IovaRequest::pages(1)).expect("alloc")).collect();
+                drop(g);
+                cpu += thread_cpu_ns() - t;
+                *to_free.lock().unwrap() = batch;
+                freed.wait(); // handed over
+                freed.wait(); // freed
+            }
+            cpu
+        });
+        let freer = s.spawn(|| {
+            let _b = m.bind_cpu(1).expect("bind 1");
+            let mut cpu = 0;
+            for _ in 0..rounds {
+                freed.wait();
+                let batch = core::mem::take(&mut *to_free.lock().unwrap());
+                let t = thread_cpu_ns();
+                let g = m.pin_cpu();
+                for r in batch {
+                    a.free(&g, black_box(r)).expect("free");
+                }
+                drop(g);
+                cpu += thread_cpu_ns() - t;
+                freed.wait();
+            }
+            cpu
+        });
+        (allocator.join().expect("allocator"), freer.join().expect("freer"))
+    });
+    let n = (rounds * BATCH) as f64;
+    println!(
+        "{{\"impl\":\"busdma\",\"mode\":\"cross\",\"pairs\":{},\"alloc_cpu_ns\":{:.2},\"free_cpu_ns\":{:.2}}}",
+        rounds * BATCH,
+        alloc_ns as f64 / n,
+        free_ns as f64 / n
+    );
+}
+
+/// Wall and thread-CPU time of a tree path's hot loop, printed as one JSON line (for
+/// `lab/linux-iova/run`, which times Linux's allocator on the same loops).
+struct Timer(std::time::Instant, u64);
+
+impl Timer {
+    fn start() -> Self {
+        Self(std::time::Instant::now(), thread_cpu_ns())
+    }
+
+    fn report(&self, mode: &str, live: u64, pairs: usize) {
+        let (wall, cpu) = (self.0.elapsed().as_nanos() as f64, (thread_cpu_ns() - self.1) as f64);
+        let n = pairs.max(1) as f64;
+        println!(
+            "{{\"impl\":\"busdma\",\"mode\":\"{mode}\",\"pages\":1,\"live\":{live},\"threads\":1,\
+             \"pairs\":{pairs},\"ns_per_op\":{:.2},\"cpu_ns_per_op\":{:.2}}}",
+            wall / n,
+            cpu / n
+        );
+    }
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

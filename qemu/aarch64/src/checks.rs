@@ -160,7 +160,7 @@ fn tlbis(smmu: &Unit) -> u64 {
 
 /// Finds the edu devices (after placing every BAR).
 fn find_edus() -> Result<Vec<Edu>, String> {
-    let placed = pci::assign_bars()?;
+    let placed = crate::pci_access::assign_bars()?;
     let mut edus = Vec::new();
     let mut err = None;
     pci::scan_bus0(|bdf, v, d| {

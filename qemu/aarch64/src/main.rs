@@ -6,7 +6,8 @@
 //! every check passed.
 //!
 //! Shared with the x86 kernel (`qemu/src`, included by path): the frame allocator, the heap,
-//! the edu driver and the `busdma::device` checks. Apart: boot, MMU, console, exit, PCI configuration access, timer, the
+//! the PCI functions and bus scan, the edu driver and the `busdma::device` checks. Apart: boot, MMU,
+//! console, exit, PCI configuration access, timer, the
 //! platform and the checks (SMMUv3 here, VT-d there). Why a sibling crate rather than one
 //! crate with arch modules: the two kernels build for different targets with different
 //! linker scripts, boot protocols and `.cargo` settings, and the x86 crate's configuration
@@ -17,6 +18,7 @@
 
 extern crate alloc;
 
+mod arch;
 mod boot;
 mod checks;
 mod console;
@@ -30,7 +32,10 @@ mod exit;
 mod frames;
 #[path = "../../src/heap.rs"]
 mod heap;
+#[path = "../../src/pci.rs"]
 mod pci;
+mod pci_access;
+#[path = "../../src/platform.rs"]
 mod platform;
 
 use core::panic::PanicInfo;

@@ -145,6 +145,11 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
         self.inner.invalidation()
     }
 
+    fn unload_revokes(&self) -> bool {
+        // Bounced runs reached bounce pages only; the rest the inner strategy mapped.
+        self.inner.unload_revokes()
+    }
+
     fn check_tag(&self, p: &P, spec: &TagSpec) -> Result<()> {
         self.inner.check_tag(p, spec)
     }

@@ -55,6 +55,10 @@
 //!    the IOVA allocator's reservations are permanent, so unregistering stops new domains
 //!    from reserving the range but existing domains keep the hole until they are dropped.
 //!
+//! 8. **virtio-iommu** (`viommu.rs`): a request-driven IOMMU has no tables for
+//!    [`IommuHw::attach_tables`]; [`ViommuDevice::attach`] is its one call (strict or
+//!    deferred), with tags from the handle and the domain kept alive by every tag and map.
+//!
 //! # Execution context
 //!
 //! `attach`, `detach` and dropping the last handle allocate (attach) and spin on the
@@ -68,12 +72,16 @@ mod hw;
 mod iommu;
 mod peer;
 mod strategy;
+#[cfg(feature = "virtio-iommu")]
+mod viommu;
 
 pub use handle::{DetachError, Device, DeviceBypass, DeviceDomain};
 pub use hw::IommuHw;
 pub use iommu::{DEFAULT_APERTURE_START, DeviceConfig, Iommu, IommuStats};
 pub use peer::PeerHandle;
 pub use strategy::{DeviceMapState, DeviceStrategy};
+#[cfg(feature = "virtio-iommu")]
+pub use viommu::{ViommuAttachment, ViommuDevice, ViommuStrategy, ViommuTag};
 
 use crate::front::Tag;
 

@@ -88,6 +88,10 @@ impl<'i, 'p, H: IommuHw> Strategy<H::Platform> for DeviceStrategy<'i, 'p, H> {
         }
     }
 
+    fn unload_revokes(&self) -> bool {
+        matches!(self, Self::PerMap(_) | Self::Untrusted(_))
+    }
+
     fn check_tag(&self, p: &H::Platform, spec: &TagSpec) -> Result<()> {
         match self {
             Self::PerMap(s) => s.check_tag(p, spec),

@@ -1,30 +1,33 @@
-//! The live map: one mark byte per page of the space, telling whether a size-class range that
-//! starts on that page is live (held by a caller) and for how many pages it was asked.
+//! The live map: one 16-bit mark per page of the space, telling whether a size-class range
+//! that starts on that page is live (held by a caller), for how many pages it was asked, and
+//! which CPU's lock guards its mark (the allocator's encoding: `iova`, theory 4).
 //!
 //! # Theory
 //!
 //! 1. **Why.** The per-CPU caches must catch a double free without taking the tree lock (the
-//!    tree knows every range but is shared by all CPUs). A free of a class range does one
-//!    compare-and-swap on the range's mark, from "live, class c" to "not live": it succeeds
-//!    exactly once per allocation, whichever CPUs race, so a second free sees "not live" and
+//!    tree knows every range but is shared by all CPUs). A free of a class range clears the
+//!    range's mark once, from "live, this size" to "not live": under the lock of the CPU the
+//!    mark names (a plain load and store), or by one compare-and-swap when it names none.
+//!    Either way exactly one of racing frees succeeds, so a second free sees "not live" and
 //!    goes to the tree, which reports it (see `iova::tree`, `Kind::Class`).
-//! 2. **Shape.** A radix tree like a page table: leaves of [`LEAF_PAGES`] mark bytes, interior
+//! 2. **Shape.** A radix tree like a page table: leaves of [`LEAF_PAGES`] marks, interior
 //!    nodes of [`FAN`] pointers, as many levels as the space needs (3 for a 48-bit space). Only
 //!    the paths to pages where a class range was ever placed exist; they are installed by
 //!    compare-and-swap and never removed before the map drops, so a reader holding `&self`
 //!    can follow them without a lock.
 //! 3. **Cost.** A lookup is `levels` dependent loads of hot lines plus the mark; memory is one
-//!    4 KiB leaf per 16 MiB of IOVA space that ever held a class range (1/4096 of it).
+//!    8 KiB leaf per 16 MiB of IOVA space that ever held a class range (1/2048 of it).
 //! 4. **No false sharing between CPUs.** Each CPU's magazines hand the same few ranges out
 //!    again and again, and ranges placed near each other go to different CPUs; with marks in
-//!    page order 64 neighbouring pages (256 KiB of IOVA) share one cache line, so two CPUs'
-//!    compare-and-swaps on their own marks would bounce that line between them. Inside a leaf
-//!    the marks are therefore laid out skewed (`slot_of`: the page's index in its leaf times
-//!    65, modulo the leaf): pages 1 to 62 apart land on different lines, and so do aligned
-//!    ranges of up to 64 pages in a row (64 of them); two marks share a line only 63 pages
-//!    apart or further. 65 is the one multiplier that does both (an exhaustive search over
-//!    the odd ones, the only bijections); its line is `(low + high) mod 64` for the index's
-//!    low and high 6 bits, and the multiply costs two instructions on the hot path. This does not make
+//!    page order 32 neighbouring pages (128 KiB of IOVA) share one cache line, so two CPUs'
+//!    writes to their own marks would bounce that line between them. Inside a leaf the marks
+//!    are therefore laid out skewed (`slot_of`: the page's index in its leaf times 129,
+//!    modulo the leaf): pages 1 to 126 apart land on different lines, and so do aligned
+//!    ranges of up to 64 pages in a row (128 of them, or the 64 of 64 pages in a leaf); two
+//!    marks share a line only 127 pages apart or further. 129 is the odd multiplier (the only
+//!    bijections) with the widest such distance that also keeps the aligned runs apart (an
+//!    exhaustive search over the odd ones: 65, the best for 8-bit marks, reaches only 63
+//!    here); as `128 i + i`, it costs two instructions on the hot path. This does not make
 //!    sharing impossible: two CPUs whose hot ranges (dozens each) sit in one leaf will have
 //!    some marks on common lines; it only keeps neighbours apart.
 //! 5. **Hints.** Each CPU keeps a [`LeafHint`]: the leaf it used last, with the map's
@@ -43,9 +46,9 @@ use alloc::vec::Vec;
 use core::ptr;
 
 use crate::error::{Error, Result};
-use crate::sync::{AtomicPtr, AtomicU8, Ordering};
+use crate::sync::{AtomicPtr, AtomicU16, Ordering};
 
-/// log2 of the pages one leaf covers: a leaf is one 4 KiB page of marks.
+/// log2 of the pages one leaf covers: a leaf is 4096 marks, 8 KiB.
 const LEAF_BITS: u32 = 12;
 /// Pages (marks) per leaf.
 pub const LEAF_PAGES: usize = 1 << LEAF_BITS;
@@ -58,7 +61,7 @@ pub const FAN: usize = 1 << FAN_BITS;
 ///
 /// # Invariants
 ///
-/// `root` points to a leaf of [`LEAF_PAGES`] `AtomicU8`s if `levels == 0`, else to an
+/// `root` points to a leaf of [`LEAF_PAGES`] `AtomicU16`s if `levels == 0`, else to an
 /// interior node of [`FAN`] `AtomicPtr<u8>`s; an interior node at height `h` (leaves are at
 /// height 0, the root at `levels`) holds null or pointers to nodes of height `h - 1`. Every
 /// node was made by `Box::into_raw` of a boxed slice of that length and is freed only in `Drop`.
@@ -88,7 +91,7 @@ static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::n
 pub struct LeafHint {
     map: u64,
     key: u64,
-    leaf: *const AtomicU8,
+    leaf: *const AtomicU16,
 }
 
 // SAFETY: the hint is an address that is only dereferenced through the map it belongs to
@@ -113,26 +116,26 @@ const EMPTY_KEY: u64 = u64::MAX;
 
 /// log2 of the marks in one 64-byte cache line.
 #[cfg(all(test, not(loom)))]
-const LINE_BITS: u32 = 6;
+const LINE_BITS: u32 = 5;
 
 /// The skew of the marks in a leaf (theory 4): odd, so `i -> i * SKEW mod LEAF_PAGES` is a
 /// bijection.
-const SKEW: u64 = 65;
+const SKEW: u64 = 129;
 
-/// The byte of `page`'s mark in its leaf, always `< LEAF_PAGES`: the leaf's 64 lines × 64
+/// The index of `page`'s mark in its leaf, always `< LEAF_PAGES`: the leaf's 128 lines × 32
 /// marks are laid out so that nearby pages land on different cache lines (theory 4). For
-/// `low`/`high` the page's low and high 6 bits in the leaf, `i * 65 = low + 64 (low + high)`
-/// modulo 4096: line `(low + high) mod 64`, byte `low`; a bijection (65 is odd).
+/// `low`/`high` the page's low 7 and high 5 bits in the leaf, `i * 129 = low + 128 (low +
+/// high)` modulo 4096; a bijection (129 is odd).
 #[inline]
 fn slot_of(page: u64) -> usize {
     (page.wrapping_mul(SKEW) as usize) & (LEAF_PAGES - 1)
 }
 
 fn new_leaf() -> Result<*mut u8> {
-    let mut v: Vec<AtomicU8> = Vec::new();
-    v.try_reserve_exact(LEAF_PAGES).map_err(|_| Error::NoMemory { requested: LEAF_PAGES as u64 })?;
-    v.extend((0..LEAF_PAGES).map(|_| AtomicU8::new(0)));
-    Ok(Box::into_raw(v.into_boxed_slice()) as *mut AtomicU8 as *mut u8)
+    let mut v: Vec<AtomicU16> = Vec::new();
+    v.try_reserve_exact(LEAF_PAGES).map_err(|_| Error::NoMemory { requested: (LEAF_PAGES * 2) as u64 })?;
+    v.extend((0..LEAF_PAGES).map(|_| AtomicU16::new(0)));
+    Ok(Box::into_raw(v.into_boxed_slice()) as *mut AtomicU16 as *mut u8)
 }
 
 fn new_interior() -> Result<*mut u8> {
@@ -151,7 +154,7 @@ fn new_interior() -> Result<*mut u8> {
 unsafe fn free_node(p: *mut u8, h: u32) {
     if h == 0 {
         // SAFETY: per the invariant, a leaf is a boxed slice of LEAF_PAGES marks.
-        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p as *mut AtomicU8, LEAF_PAGES)) });
+        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p as *mut AtomicU16, LEAF_PAGES)) });
         return;
     }
     // SAFETY: per the invariant, an interior node is a boxed slice of FAN pointers.
@@ -193,7 +196,7 @@ impl LiveMap {
 
     /// The mark of `page`, if its leaf exists. Lock-free.
     #[inline]
-    pub fn get(&self, page: u64) -> Option<&AtomicU8> {
+    pub fn get(&self, page: u64) -> Option<&AtomicU16> {
         // SAFETY: `leaf_of` returns a leaf of this map (LEAF_PAGES marks alive until it drops);
         // the index is masked below LEAF_PAGES.
         self.leaf_of(page).map(|p| unsafe { &*p.add(slot_of(page)) })
@@ -203,7 +206,7 @@ impl LiveMap {
     /// when the page's leaf is the one the hint remembers, else a walk that updates it.
     /// Lock-free.
     #[inline]
-    pub fn get_hinted(&self, hint: &mut LeafHint, page: u64) -> Option<&AtomicU8> {
+    pub fn get_hinted(&self, hint: &mut LeafHint, page: u64) -> Option<&AtomicU16> {
         let key = page >> LEAF_BITS;
         let leaf = if hint.key == key && hint.map == self.id {
             hint.leaf
@@ -228,7 +231,7 @@ impl LiveMap {
     /// `hint` is empty or was last filled by this map's [`LiveMap::get_hinted`] (the owner
     /// never passes it to another map).
     #[inline]
-    pub unsafe fn get_hinted_own(&self, hint: &LeafHint, page: u64) -> Option<&AtomicU8> {
+    pub unsafe fn get_hinted_own(&self, hint: &LeafHint, page: u64) -> Option<&AtomicU16> {
         if hint.key != page >> LEAF_BITS {
             return None;
         }
@@ -241,7 +244,7 @@ impl LiveMap {
 
     /// The marks of `page`'s leaf, if it exists.
     #[inline]
-    fn leaf_of(&self, page: u64) -> Option<*const AtomicU8> {
+    fn leaf_of(&self, page: u64) -> Option<*const AtomicU16> {
         let mut p = self.root;
         let mut h = self.levels;
         while h > 0 {
@@ -252,13 +255,13 @@ impl LiveMap {
             }
             h -= 1;
         }
-        Some(p as *const AtomicU8)
+        Some(p as *const AtomicU16)
     }
 
     /// The mark of `page`, creating the path to it if needed.
     ///
     /// Errors: [`Error::NoMemory`] if a node cannot be allocated (nothing changes).
-    pub fn get_or_create(&self, page: u64) -> Result<&AtomicU8> {
+    pub fn get_or_create(&self, page: u64) -> Result<&AtomicU16> {
         let mut p = self.root;
         let mut h = self.levels;
         while h > 0 {
@@ -281,7 +284,7 @@ impl LiveMap {
             h -= 1;
         }
         // SAFETY: as in `get`.
-        Ok(unsafe { &*(p as *const AtomicU8).add(slot_of(page)) })
+        Ok(unsafe { &*(p as *const AtomicU16).add(slot_of(page)) })
     }
 }
 
@@ -325,15 +328,17 @@ mod tests {
             assert!(s < LEAF_PAGES && !seen[s], "page {page}: slot {s} twice");
             seen[s] = true;
         }
-        for page in 0..(LEAF_PAGES - 64) as u64 {
-            for d in 1..63 {
+        for page in 0..(LEAF_PAGES - 128) as u64 {
+            for d in 1..127 {
                 assert_ne!(line(page), line(page + d), "pages {page} and {}", page + d);
             }
         }
-        // Aligned ranges in a row (64 of them, of 1 to 64 pages): 64 different lines.
+        // Aligned ranges in a row (128 of them, of 1 to 32 pages; the 64 of 64 pages in a
+        // leaf): each on a line of its own.
         for size in [1, 2, 4, 8, 16, 32, 64] {
-            let lines: alloc::collections::BTreeSet<_> = (0..64).map(|k| line(k * size)).collect();
-            assert_eq!(lines.len(), 64, "{size}-page ranges");
+            let n = (LEAF_PAGES as u64 / size).min(128);
+            let lines: alloc::collections::BTreeSet<_> = (0..n).map(|k| line(k * size)).collect();
+            assert_eq!(lines.len() as u64, n, "{size}-page ranges");
         }
     }
 }

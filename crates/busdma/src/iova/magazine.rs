@@ -39,7 +39,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::sync::{AtomicU8, SpinLock};
+use crate::sync::{AtomicU16, SpinLock};
 
 /// Size classes: ranges of 1, 2, 4, ..., 64 pages (4 KiB to 256 KiB). 64 KiB covers a TSO
 /// frame and a typical storage request, 256 KiB the largest common block I/O; larger
@@ -98,7 +98,7 @@ pub struct Magazine {
 /// it up. The magazine never dereferences it; the owner vouches for it (the loom models,
 /// which have no marks, push [`MarkAddr::NONE`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MarkAddr(*const AtomicU8);
+pub struct MarkAddr(*const AtomicU16);
 
 impl MarkAddr {
     /// No mark.
@@ -106,13 +106,13 @@ impl MarkAddr {
 
     /// The address of `mark`.
     #[inline]
-    pub fn of(mark: &AtomicU8) -> Self {
+    pub fn of(mark: &AtomicU16) -> Self {
         Self(mark)
     }
 
     /// The address, to be dereferenced by whoever can vouch that the mark still lives.
     #[inline]
-    pub fn as_ptr(self) -> *const AtomicU8 {
+    pub fn as_ptr(self) -> *const AtomicU16 {
         self.0
     }
 }

@@ -40,10 +40,18 @@
 //!
 //! 4. **Double frees are detected, never cached.** The tree knows every occupied range; a
 //!    class range stays occupied in the tree while it sits in a cache. The *live map*
-//!    (`livemap`) keeps one mark per page: "a class range starting here is held by a caller
-//!    who asked for exactly `n` pages" (`n` ≤ 64 fits the mark byte). An allocation sets the
-//!    mark; a free clears it by one compare-and-swap from the freed size, which succeeds
-//!    exactly once per allocation however CPUs race. A free whose mark holds another size is
+//!    (`livemap`) keeps one 16-bit mark per page: "a class range starting here is held by a
+//!    caller who asked for exactly `n` pages" (`n` ≤ 64, the low 7 bits), and above it the
+//!    mark's **owner**: `cpu + 1` for an allocation made under CPU `cpu`'s cache lock (every
+//!    cache hit), 0 for one made under no CPU lock (a class range fresh from the tree) or by
+//!    a CPU beyond the 511 the tag holds. An owned mark changes only under its owner's lock:
+//!    the owner's free clears it by a plain load, compare and store (the fast path holds that
+//!    lock already), another CPU's free takes the owner's lock to do the same and gives the
+//!    round back to the owner's cache, its home, in that one lock hold (`free_foreign`: a
+//!    transmit completion on another core costs one remote lock, as the compare-and-swap on
+//!    the mark's remote line did); a mark with no owner is cleared by one compare-and-swap. Either way a mark is cleared exactly once per
+//!    allocation however CPUs race (`tests/loom_iova_owner.rs` checks every interleaving of
+//!    two CPUs' frees). A free whose mark holds another size is
 //!    [`Error::WrongSize`], even one that rounds to the same class (6 pages freed as 7). A free
 //!    whose mark is clear goes to the tree, which tells: a plain allocation is freed there; a
 //!    class range (already cached) is a [`Error::DoubleFree`]; an unknown start is a
@@ -70,8 +78,9 @@
 //!    range of the space). `alloc` and `free` are inline and either complete there or change
 //!    nothing and call one cold function (`alloc_slow`, `free_slow`) that does it all again
 //!    with every check, so the hot code holds no error construction and no `Validated`.
-//!    Per pair it takes the CPU's own lock twice and does one compare-and-swap on the live
-//!    mark (point 4), under that lock. A cached round carries the address of its mark
+//!    Per pair it takes the CPU's own lock twice, as Linux's per-CPU rcache does, and no other
+//!    locked instruction: the mark a cache hit stores is owned by this CPU (point 4), so the
+//!    free on the same CPU clears it with a plain store under that lock. A cached round carries the address of its mark
 //!    ([`magazine::MarkAddr`], set by the free that cached it), so a hit stores the mark with
 //!    no lookup; a free finds the mark through a per-CPU one-entry hint
 //!    ([`livemap::LeafHint`], through `get_hinted_own`: a key comparison, as the allocator's
@@ -90,7 +99,8 @@
 //! # Locking and execution context
 //!
 //! Lock order: a CPU's cache, then a depot class, then the tree; all are [`SpinLock`]s held
-//! for bounded work (a magazine exchange, one tree operation, or a flush). Nothing sleeps;
+//! for bounded work (a magazine exchange, one tree operation, or a flush). No one holds two
+//! CPUs' caches at once: a free clearing another CPU's mark takes that CPU's lock alone. Nothing sleeps;
 //! every method may run with preemption disabled. Per-CPU state is indexed by
 //! [`CpuGuard::cpu`]; a guard for a CPU at or beyond `IovaConfig::cpus` is an error.
 
@@ -109,7 +119,7 @@ pub use window::IovaWindow;
 use crate::addr::{AddrRange, Iova, PAGE_SHIFT, PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
-use crate::sync::{AtomicU8, Ordering, SpinGuard, SpinLock};
+use crate::sync::{AtomicU16, Ordering, SpinGuard, SpinLock};
 use livemap::{LeafHint, LiveMap};
 use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine, MarkAddr};
 use tree::{Fit, Kind, Tree};
@@ -287,6 +297,18 @@ struct Padded<T>(T);
 /// Largest class: 2^(CLASSES-1) pages.
 const MAX_CLASS_PAGES: u64 = 1 << (CLASSES - 1);
 
+/// A live mark's low bits: the allocation's page count, 1..=[`MAX_CLASS_PAGES`] (theory 4).
+const MARK_OWNER_SHIFT: u32 = 7;
+/// The page count of a mark.
+const MARK_PAGES_MASK: u64 = (1 << MARK_OWNER_SHIFT) - 1;
+/// CPUs `0..MAX_OWNER` own their marks (tag `cpu + 1` in the 9 bits above the page count);
+/// the marks of CPUs beyond have no owner (tag 0) and are cleared by compare-and-swap.
+const MAX_OWNER: usize = (1 << (16 - MARK_OWNER_SHIFT)) - 1;
+/// The "CPU" of a mark set under no CPU's lock: no owner.
+const UNOWNED: usize = usize::MAX;
+const _: () =
+    assert!(MAX_CLASS_PAGES <= MARK_PAGES_MASK && MAX_OWNER << MARK_OWNER_SHIFT <= u16::MAX as usize);
+
 /// What one CPU owns: its magazines and its live-map leaf hint, behind its own lock.
 struct PerCpu {
     cache: CpuCache,
@@ -304,8 +326,9 @@ struct PerCpu {
 ///
 /// Every round in the CPUs' magazines and the depot was pushed with the address of its live
 /// mark in `live` (the mark of `page_of(round)`), and every CPU's `hint` is empty or was
-/// filled by `live`. (Rounds enter the caches only in the free paths, after the compare-and-
-/// swap on that very mark; `live` drops with the caches.)
+/// filled by `live`. (Rounds enter the caches only in the free paths, after clearing that
+/// very mark; `live` drops with the caches.) A live mark naming an owner CPU changes only
+/// while that CPU's entry of `cpus` is locked (theory 4).
 pub struct IovaAllocator {
     space: AddrRange<Iova>,
     cfg: IovaConfig,
@@ -422,7 +445,8 @@ impl IovaAllocator {
     }
 
     /// Marks the class range at `start` live, held by a caller who asked for `size` bytes
-    /// (at most the largest class, so its page count fits the mark byte).
+    /// (at most the largest class), with no owner: no CPU lock is held here, so the mark is
+    /// cleared by compare-and-swap (theory 4).
     #[inline]
     fn mark_live(&self, start: u64, size: u64) -> Result<()> {
         let page = Self::page_of(start);
@@ -432,15 +456,27 @@ impl IovaAllocator {
         };
         // Release: a free on another CPU that reads this mark (by its CAS) must see the range
         // as this allocation's; the caller's own hand-off orders the rest.
-        mark.store(Self::mark_of(size), Ordering::Release);
+        mark.store(Self::mark_of(size, UNOWNED), Ordering::Release);
         Ok(())
     }
 
-    /// The live mark of a class-size allocation of `size` bytes: its exact page count
-    /// (1..=64, never 0, which means "not live").
+    /// The live mark of a class-size allocation of `size` bytes made under the lock of CPU
+    /// `cpu` (theory 4): its exact page count (1..=64, so never 0, which means "not live") in
+    /// the low [`MARK_OWNER_SHIFT`] bits, and above them `cpu + 1` if that fits, else 0 (no
+    /// owner). [`UNOWNED`] as `cpu` gives the mark of an allocation made under no CPU lock.
     #[inline]
-    fn mark_of(size: u64) -> u8 {
-        (size / PAGE_SIZE) as u8
+    fn mark_of(size: u64, cpu: usize) -> u16 {
+        let tag = if cpu < MAX_OWNER { (cpu as u16 + 1) << MARK_OWNER_SHIFT } else { 0 };
+        (size >> PAGE_SHIFT) as u16 | tag
+    }
+
+    /// What a fast free on CPU `cpu` ORs with the freed page count to get the one mark it may
+    /// clear (theory 4): the mark of that many pages owned by `cpu`; for a CPU beyond
+    /// [`MAX_OWNER`] (whose marks have no owner), low bits that make a page count of 127,
+    /// which no mark holds (at most 64), so its fast free never matches.
+    #[inline]
+    fn owned_by(cpu: usize) -> u16 {
+        if cpu < MAX_OWNER { (cpu as u16 + 1) << MARK_OWNER_SHIFT } else { MARK_PAGES_MASK as u16 }
     }
 
     /// Runs `f` on the tree; on [`Error::Exhausted`] flushes every cache and runs it once more.
@@ -692,9 +728,9 @@ impl IovaSource for IovaAllocator {
                     // its live mark in `self.live` (the type's invariant), which lives as
                     // long as `self`.
                     let mark = unsafe { &*mark.as_ptr() };
-                    // Release: a free on another CPU that reads this mark (by its CAS) must
-                    // see the range as this allocation's.
-                    mark.store(Self::mark_of(size), Ordering::Release);
+                    // Owned by this CPU: we hold its lock (theory 4). Release: a free on
+                    // another CPU that reads this mark must see the range as this allocation's.
+                    mark.store(Self::mark_of(size, g.cpu()), Ordering::Release);
                     drop(pc);
                     return AddrRange::new(Iova::new(s), Iova::new(end));
                 }
@@ -706,15 +742,22 @@ impl IovaSource for IovaAllocator {
     #[inline(always)]
     fn free<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         // The fast path (theory 8): the range's live mark, found through the CPU's leaf hint,
-        // holds exactly its page count, so it is a live class range (an allocation set the
-        // mark; nothing else does): clear the mark and push the round. Anything else changes
-        // nothing and goes to `free_slow`, which does it all again with every check.
+        // holds exactly its page count and names this CPU as its owner, so it is a live class
+        // range (an allocation set the mark; nothing else does) whose mark only changes under
+        // the lock we take: clear it by a plain store and push the round. Anything else (a
+        // mark of another CPU or of none, a clear mark, another size) changes nothing and goes
+        // to `free_slow`, which does it all again with every check.
         let (s, len) = (range.start().raw(), range.len());
-        // A page-aligned start (a mark is per page) and a page count of a class (the mark
-        // holds 1..=64; a larger count must not match it modulo 256).
-        if (s | len) % PAGE_SIZE == 0 && len.wrapping_sub(1) < MAX_CLASS_PAGES << PAGE_SHIFT {
+        // A page-aligned start (a mark is per page) and 1..=64 whole pages (the mark holds
+        // 1..=64; a larger count must not reach the owner bits), in one test: `len - PAGE_SIZE`
+        // (wrapping) is a multiple of a page below 64 pages exactly for those lengths.
+        const FAST_FREE_MASK: u64 = !((MAX_CLASS_PAGES - 1) << PAGE_SHIFT);
+        if (len.wrapping_sub(PAGE_SIZE) | (s & (PAGE_SIZE - 1))) & FAST_FREE_MASK == 0 {
             let pages = (len >> PAGE_SHIFT) as usize;
-            if let (Some(&c), Some(pc)) = (CLASS_OF_PAGES.get(pages), self.cpus.get(g.cpu())) {
+            // SAFETY: the test above holds only for 1..=64 pages, and the table has an entry
+            // for each of 0..=MAX_CLASS_PAGES (64).
+            let c = unsafe { *CLASS_OF_PAGES.get_unchecked(pages) };
+            if let Some(pc) = self.cpus.get(g.cpu()) {
                 let mut pc = pc.0.lock();
                 let PerCpu { cache, hint } = &mut *pc;
                 // SAFETY: `hint` is this CPU's, used with no map but `self.live` (the type's
@@ -723,13 +766,20 @@ impl IovaSource for IovaAllocator {
                 // last leaf no allocation ever set one.)
                 let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) };
                 if let Some(mark) = mark {
-                    let live = Self::mark_of(len);
-                    if mark.compare_exchange(live, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    // `pages` is 1..=64 (checked above), so this is exactly the mark of that
+                    // many pages owned by this CPU, or for a CPU whose marks have no owner a
+                    // value no mark holds (`free_slow` then).
+                    if mark.load(Ordering::Acquire) == pages as u16 | Self::owned_by(g.cpu()) {
+                        // This CPU owns the mark and we hold its lock: nothing else can clear
+                        // or set it until we release (theory 4), so a plain store clears it
+                        // exactly once. Release: pairs with whoever reads it next.
+                        mark.store(0, Ordering::Release);
                         if cache.push(usize::from(c), s, MarkAddr::of(mark)) {
                             return Ok(());
                         }
                         return self.free_full(pc, usize::from(c), s, mark);
                     }
+                    return self.free_foreign(pc, g, range, usize::from(c), mark);
                 }
             }
         }
@@ -738,6 +788,47 @@ impl IovaSource for IovaAllocator {
 }
 
 impl IovaAllocator {
+    /// A fast free whose mark is not this CPU's of that size: when it is another CPU's live
+    /// mark of that size (a range freed on another core than the one that allocated it),
+    /// clear it under the owner's lock and give the round back to the owner's cache, its
+    /// home, in that one lock hold (the owner's next allocation takes it with no depot
+    /// exchange); anything else goes to `free_slow`.
+    #[cold]
+    #[inline(never)]
+    fn free_foreign<P: Platform>(
+        &self,
+        pc: SpinGuard<'_, PerCpu>,
+        g: &CpuGuard<'_, P>,
+        range: AddrRange<Iova>,
+        c: usize,
+        mark: &AtomicU16,
+    ) -> Result<()> {
+        drop(pc);
+        let (s, len) = (range.start().raw(), range.len());
+        let seen = mark.load(Ordering::Acquire);
+        let tag = usize::from(seen >> MARK_OWNER_SHIFT);
+        if u64::from(seen) & MARK_PAGES_MASK != len >> PAGE_SHIFT || tag == 0 || tag - 1 == g.cpu() {
+            return self.free_slow(g, range);
+        }
+        let Ok(owner) = self.cpu_cache(tag - 1) else {
+            return self.free_slow(g, range);
+        };
+        let mut oc = owner.lock();
+        // An owned mark changes only under its owner's lock (theory 4): if it still reads as
+        // it did, it is still that live allocation's, and only we can clear it now.
+        if mark.load(Ordering::Acquire) != seen {
+            drop(oc);
+            return self.free_slow(g, range);
+        }
+        mark.store(0, Ordering::Release);
+        let (cached, touched) = oc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
+        drop(oc);
+        if touched || !cached {
+            return self.free_spilled(c, s, cached, touched);
+        }
+        Ok(())
+    }
+
     /// Every allocation the fast path did not complete: the fast path again with every
     /// check (counting a miss, refilling the hint), the general path, the tree.
     #[cold]
@@ -755,8 +846,8 @@ impl IovaAllocator {
                         drop(pc);
                         return Err(self.untracked_round(c, s));
                     };
-                    // Release: as in `alloc`.
-                    mark.store(Self::mark_of(size), Ordering::Release);
+                    // Owned by this CPU (we hold its lock). Release: as in `alloc`.
+                    mark.store(Self::mark_of(size, g.cpu()), Ordering::Release);
                     drop(pc);
                     if touched {
                         self.trim(c);
@@ -789,24 +880,32 @@ impl IovaAllocator {
         if self.cfg.caches {
             if let Some(c) = class_of(len) {
                 class_total = Some(class_bytes(c) + self.guard);
-                let mut pc = self.cpu_cache(g.cpu())?.lock();
-                let PerCpu { cache, hint } = &mut *pc;
-                if let Some(mark) = self.live.get_hinted(hint, Self::page_of(s)) {
-                    match mark.compare_exchange(Self::mark_of(len), 0, Ordering::AcqRel, Ordering::Acquire) {
-                        Ok(_) => {
-                            let (cached, touched) = cache.free(c, s, MarkAddr::of(mark), &self.depot);
+                let cpu = self.cpu_cache(g.cpu())?;
+                let mut pc = cpu.lock();
+                if let Some(mark) = self.live.get_hinted(&mut pc.hint, Self::page_of(s)) {
+                    // Under this CPU's lock when the mark is this CPU's or no one's (one lock
+                    // hold, as the fast path); another CPU's mark under that CPU's lock alone.
+                    let mut cleared = self.clear_mark(mark, len, Some(g.cpu()))?;
+                    if cleared == Cleared::ElsewhereOwned {
+                        drop(pc);
+                        cleared = self.clear_mark(mark, len, None)?;
+                        pc = cpu.lock();
+                    }
+                    match cleared {
+                        Cleared::Yes => {
+                            let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
                             drop(pc);
                             if touched || !cached {
                                 return self.free_spilled(c, s, cached, touched);
                             }
                             return Ok(());
                         }
-                        Err(0) => {}
-                        Err(other) => {
+                        Cleared::NotLive | Cleared::ElsewhereOwned => {}
+                        Cleared::OtherSize(pages) => {
                             return Err(Error::WrongSize {
                                 addr: s,
                                 given: len,
-                                actual: u64::from(other) * PAGE_SIZE,
+                                actual: pages << PAGE_SHIFT,
                             });
                         }
                     }
@@ -817,7 +916,65 @@ impl IovaAllocator {
     }
 }
 
+/// What [`IovaAllocator::clear_mark`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cleared {
+    /// The mark held the freed size and this call cleared it.
+    Yes,
+    /// The mark was clear (a double free, or a plain range: the tree tells).
+    NotLive,
+    /// The mark holds another page count.
+    OtherSize(u64),
+    /// The mark is owned by a CPU whose lock the caller does not hold, and the caller holds
+    /// one (so this call could not take the owner's): nothing changed; call again holding none.
+    ElsewhereOwned,
+}
+
 impl IovaAllocator {
+    /// Clears `mark` if it holds a live allocation of `len` bytes (theory 4): under the lock
+    /// of the CPU the mark names, by a plain load and store, or by compare-and-swap when it
+    /// names none. `held`: the CPU whose cache lock the caller holds, if any; holding one, it
+    /// never takes another (no two CPU locks at once) and answers `ElsewhereOwned` instead;
+    /// holding none, it takes at most one, the owner's.
+    fn clear_mark(&self, mark: &AtomicU16, len: u64, held: Option<usize>) -> Result<Cleared> {
+        let mut seen = mark.load(Ordering::Acquire);
+        loop {
+            let pages = u64::from(seen) & MARK_PAGES_MASK;
+            if seen == 0 {
+                return Ok(Cleared::NotLive);
+            }
+            if pages != len >> PAGE_SHIFT {
+                return Ok(Cleared::OtherSize(pages));
+            }
+            let tag = usize::from(seen >> MARK_OWNER_SHIFT);
+            if tag == 0 {
+                match mark.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Ok(Cleared::Yes),
+                    Err(now) => seen = now,
+                }
+                continue;
+            }
+            if held == Some(tag - 1) {
+                // Ours, and we hold our lock: nothing else can change it (see below).
+                mark.store(0, Ordering::Release);
+                return Ok(Cleared::Yes);
+            }
+            if held.is_some() {
+                return Ok(Cleared::ElsewhereOwned);
+            }
+            // The owner's lock: an owned mark changes only under it, so what we read under it
+            // stays until we release.
+            let _owner = self.cpu_cache(tag - 1)?.lock();
+            let now = mark.load(Ordering::Acquire);
+            if now == seen {
+                mark.store(0, Ordering::Release);
+                return Ok(Cleared::Yes);
+            }
+            // Freed meanwhile (and maybe allocated again, by any CPU): decide on what is there.
+            seen = now;
+        }
+    }
+
     /// A request the fast path does not take: no caches, no class, or an alignment or
     /// boundary the top round cannot be assumed to honour.
     #[inline(never)]
@@ -847,7 +1004,8 @@ impl IovaAllocator {
                 drop(pc);
                 return Err(self.untracked_round(c, s));
             };
-            mark.store(Self::mark_of(size), Ordering::Release);
+            // Owned by this CPU (we hold its lock). Release: as in `alloc`.
+            mark.store(Self::mark_of(size, g.cpu()), Ordering::Release);
         }
         drop(pc);
         if touched {
@@ -873,7 +1031,7 @@ impl IovaAllocator {
     /// trade with the depot, then let the depot trim.
     #[cold]
     #[inline(never)]
-    fn free_full(&self, mut pc: SpinGuard<'_, PerCpu>, c: usize, s: u64, mark: &AtomicU8) -> Result<()> {
+    fn free_full(&self, mut pc: SpinGuard<'_, PerCpu>, c: usize, s: u64, mark: &AtomicU16) -> Result<()> {
         let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
         drop(pc);
         self.free_spilled(c, s, cached, touched)

@@ -396,6 +396,11 @@ impl<'p, P: Platform, D: IommuOps<P>, S: Strategy<P>> Strategy<P> for Hybrid<'_,
         self.map.invalidation()
     }
 
+    fn unload_revokes(&self) -> bool {
+        // Copied loads reached pool slots only; mapped ones are the wrapped strategy's.
+        self.map.unload_revokes()
+    }
+
     fn check_tag(&self, p: &P, spec: &TagSpec) -> Result<()> {
         self.pool.0.check_reach(spec)?;
         self.map.check_tag(p, spec)

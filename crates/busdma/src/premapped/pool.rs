@@ -511,11 +511,13 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 limit: st.runs.capacity() as u64,
             });
         }
+        // One pin for the slot and the load's counters (a second pin and unpin cost 50
+        // instructions of a 1730-instruction packet, `examples/icount.rs tcp-premapped`); an
+        // untrusted load's zeroing and copy run pinned too (bounded by the slot's size).
         let g = self.p.pin_cpu();
         let Some(i) = self.take(&g, count) else {
             return Err(Error::Exhausted { size: self.slot_bytes, limit: self.window.end().raw() });
         };
-        drop(g);
         let r = segs.push(self.slot_iova(i), len).and_then(|_| segs.check()).and_then(|_| {
             if spec.flags.untrusted {
                 // Theory 5: zeros past the buffer, the client's bytes in it whatever the
@@ -528,7 +530,6 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         let copied = match r {
             Ok(n) => n,
             Err(e) => {
-                let g = self.p.pin_cpu();
                 self.give(&g, i);
                 return Err(e);
             }
@@ -537,7 +538,6 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         st.runs.extend_from_slice(runs);
         (st.slot, st.len, st.dir, st.untrusted) = (Some(i), len, dir, spec.flags.untrusted);
         if count {
-            let g = self.p.pin_cpu();
             let c = &self.free[g.cpu() % self.free.len()];
             bump(&c.loads, 1);
             bump(&c.bytes, copied);
@@ -598,6 +598,11 @@ impl<'p, P: Platform, D: IommuOps<P>> Strategy<P> for Premapped<'_, 'p, P, D> {
     /// Nothing is invalidated per I/O (the pool's mappings live as long as it does).
     fn invalidation(&self) -> Invalidation {
         Invalidation::None
+    }
+
+    fn unload_revokes(&self) -> bool {
+        // The device reaches the pool's slots, never the loaded memory (theory 3).
+        true
     }
 
     fn check_tag(&self, _p: &P, spec: &TagSpec) -> Result<()> {

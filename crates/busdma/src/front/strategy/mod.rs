@@ -86,6 +86,18 @@ pub trait Strategy<P: Platform>: Clone + Send + Sync {
     /// The invalidation mode (for reports).
     fn invalidation(&self) -> Invalidation;
 
+    /// Whether an unload takes the loaded memory away from the device: once `unload` (and,
+    /// under deferred invalidation, the flush it queued) completed, no bus address the load
+    /// handed out reaches that memory. True for the IOMMU strategies that map each load
+    /// (per-map, per-segment, reserved) and for copies into memory the device owns instead
+    /// (the pre-mapped pool); false (the default) where the device keeps reaching it: no
+    /// IOMMU, identity pages. Clients that free memory a device may still be using after an
+    /// unload (`busdma::virtio`'s reclaim of shares a reset driver left posted) ask it first;
+    /// a strategy must not answer true unless it is so.
+    fn unload_revokes(&self) -> bool {
+        false
+    }
+
     /// Checks that the strategy can serve a root tag's spec (an IOMMU aperture that covers
     /// the mask, say). Defaults to accepting.
     fn check_tag(&self, _p: &P, _spec: &TagSpec) -> Result<()> {

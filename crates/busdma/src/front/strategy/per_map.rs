@@ -111,6 +111,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerMap<D> {
         self.0.invalidation()
     }
 
+    fn unload_revokes(&self) -> bool {
+        true
+    }
+
     fn wait_unmapped(&self, p: &P) -> Result<()> {
         self.0.wait_unmapped(&p.pin_cpu())
     }

@@ -52,6 +52,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuPerSegment<D> {
         self.0.invalidation()
     }
 
+    fn unload_revokes(&self) -> bool {
+        true
+    }
+
     fn wait_unmapped(&self, p: &P) -> Result<()> {
         self.0.wait_unmapped(&p.pin_cpu())
     }

@@ -211,6 +211,10 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         self.domain.invalidation()
     }
 
+    fn unload_revokes(&self) -> bool {
+        true
+    }
+
     fn wait_unmapped(&self, p: &P) -> Result<()> {
         self.domain.wait_unmapped(&p.pin_cpu())
     }
