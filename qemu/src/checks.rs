@@ -27,6 +27,12 @@ use crate::start_info::BootInfo;
 
 pub(crate) type CheckResult = Result<(), String>;
 
+/// `count / n` with two decimals ("0.93"), for the per-request figures the checks print.
+pub(crate) fn per_n(count: u64, n: u64) -> String {
+    let hundredths = count * 100 / n.max(1);
+    format!("{}.{:02}", hundredths / 100, hundredths % 100)
+}
+
 /// Where q35 puts its VT-d remapping unit (QEMU's DMAR table says so too).
 const VTD_BASE: u64 = 0xfed9_0000;
 /// Bytes per edu transfer: half a page, well inside QEMU 7.2's safe range (see `edu`).

@@ -183,10 +183,7 @@ impl Counters {
     /// "per request: ..." for a device driven alone (nvme_check.rs): its domain's maps and
     /// unmaps, the unit's IOTLB invalidations, and its backend's streaming maps (none).
     pub(crate) fn per_request_nvme(&self, before: &Counters, n: u64) -> String {
-        let f = |a: u64, b: u64| {
-            let hundredths = (a - b) * 100 / n;
-            format!("{}.{:02}", hundredths / 100, hundredths % 100)
-        };
+        let f = |a: u64, b: u64| crate::checks::per_n(a - b, n);
         format!(
             "per request: {} maps, {} unmaps, {} IOTLB invalidations, 0 bounced bytes (no streaming map: \
              nvme-driver's data buffers are dma-api contiguous allocations, one per request)",
@@ -197,10 +194,7 @@ impl Counters {
     }
 
     fn per_request(&self, before: &Counters, n: u64) -> String {
-        let f = |a: u64, b: u64| {
-            let hundredths = (a - b) * 100 / n;
-            format!("{}.{:02}", hundredths / 100, hundredths % 100)
-        };
+        let f = |a: u64, b: u64| crate::checks::per_n(a - b, n);
         format!(
             "per request: {} maps, {} unmaps (the e1000's domain), {} IOTLB invalidations (the unit's: \
              the virtio-net peer's), 0 bounced bytes (no streaming map: eth-intel's buffers are dma-api \

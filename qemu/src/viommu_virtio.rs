@@ -184,10 +184,7 @@ fn faults(unit: &Unit) -> impl Fn() -> Option<String> + '_ {
 
 /// "X requests (a MAP, b UNMAP), Y notifications per I/O request" between two snapshots.
 fn per_io(before: &ViommuStats, after: &ViommuStats, ios: u64) -> String {
-    let f = |a: u64, b: u64| {
-        let hundredths = (a - b) * 100 / ios;
-        format!("{}.{:02}", hundredths / 100, hundredths % 100)
-    };
+    let f = |a: u64, b: u64| crate::checks::per_n(a - b, ios);
     format!(
         "{} requests ({} MAP, {} UNMAP), {} notifications per I/O request",
         f(after.requests, before.requests),

@@ -179,10 +179,7 @@ impl Counters {
 
     /// "per request: ..." with the deltas since `before` over `n` requests (two decimals).
     fn per_request(&self, before: &Counters, n: u64) -> String {
-        let f = |a: u64, b: u64| {
-            let hundredths = (a - b) * 100 / n;
-            format!("{}.{:02}", hundredths / 100, hundredths % 100)
-        };
+        let f = |a: u64, b: u64| crate::checks::per_n(a - b, n);
         format!(
             "per request: {} shares, {} maps, {} unmaps, {} IOTLB invalidations, {} bounced bytes",
             f(self.shares, before.shares),
