@@ -22,7 +22,9 @@ use core::ptr::NonNull;
 use busdma::PhysAddr;
 use busdma::device::{Device, Iommu, Policy};
 use busdma::quickmap::QuickMaps;
-use busdma::virtio::{AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel};
+use busdma::virtio::{
+    AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel, VirtioStats,
+};
 use busdma::vtd::SourceId;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::device::console::VirtIOConsole;
@@ -130,6 +132,20 @@ impl Found {
     pub fn any(&self) -> bool {
         self.blk.is_some() || !self.net.is_empty() || self.console.is_some()
     }
+}
+
+/// After a driver's drop: no queue allocation or share outstanding (`outstanding`, as
+/// `VirtioDma::outstanding` counts them) and no unshare whose unload failed.
+pub(crate) fn drained((queues, shares): (usize, usize), stats: &VirtioStats) -> CheckResult {
+    if queues != 0 || shares != 0 {
+        return Err(format!(
+            "{queues} queue allocations and {shares} shares outstanding after the driver's drop"
+        ));
+    }
+    if counter(&stats.unload_errors) != 0 {
+        return Err("an unshare's unload failed".into());
+    }
+    Ok(())
 }
 
 /// The PCI transport of `bdf` for `K`'s Hal, wrapped to accept ACCESS_PLATFORM.
@@ -250,15 +266,7 @@ pub(crate) fn with_device<K: VirtioKernel, R>(
                 policy_name(policy)
             );
         }
-        let (queues, shares) = dma.outstanding();
-        if queues != 0 || shares != 0 {
-            return Err(format!(
-                "{queues} queue allocations and {shares} shares outstanding after the driver's drop"
-            ));
-        }
-        if counter(&dma.stats().unload_errors) != 0 {
-            return Err("an unshare's unload failed".into());
-        }
+        drained(dma.outstanding(), dma.stats())?;
         Ok(r)
     })();
     // The round's own failure first: a failed round leaks what the driver left (module
