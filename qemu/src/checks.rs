@@ -27,6 +27,12 @@ use crate::start_info::BootInfo;
 
 pub(crate) type CheckResult = Result<(), String>;
 
+/// `count / n` with two decimals ("0.93"), for the per-request figures the checks print.
+pub(crate) fn per_n(count: u64, n: u64) -> String {
+    let hundredths = count * 100 / n.max(1);
+    format!("{}.{:02}", hundredths / 100, hundredths % 100)
+}
+
 /// Where q35 puts its VT-d remapping unit (QEMU's DMAR table says so too).
 const VTD_BASE: u64 = 0xfed9_0000;
 /// Bytes per edu transfer: half a page, well inside QEMU 7.2's safe range (see `edu`).
@@ -196,9 +202,17 @@ pub fn run(info: &BootInfo) -> usize {
     println!("busdma-qemu: cmdline '{}'", info.cmdline);
     let mut edus: Vec<Bdf> = Vec::new();
     let mut virtio = crate::virtio_check::Found::default();
+    let mut e1000 = None;
+    let mut nvme = None;
     pci::scan_bus0(|bdf, v, d| {
         println!("pci {bdf} {v:04x}:{d:04x}");
         virtio.add(bdf, v, d);
+        if crate::e1000_check::is_e1000(v, d) {
+            e1000 = Some(bdf);
+        }
+        if (v, d) == (crate::nvme_check::VENDOR, crate::nvme_check::DEVICE) {
+            nvme = Some(bdf);
+        }
         if (v, d) == (edu::VENDOR, edu::DEVICE) {
             edus.push(bdf);
         }
@@ -323,6 +337,10 @@ pub fn run(info: &BootInfo) -> usize {
     // virtio devices (kernel command line virtio=on).
     if info.param("virtio") == Some("on") {
         crate::virtio_check::run(&vtd, &virtio, |name, f| r.check(name, f));
+        // eth-intel's e1000 (dma-api), with the first virtio-net NIC as its peer.
+        crate::e1000_check::run(&vtd, e1000, virtio.net.first().copied(), |name, f| r.check(name, f));
+        // nvme-driver's NVMe controller (dma-api), polled.
+        crate::nvme_check::run(&vtd, nvme, |name, f| r.check(name, f));
     } else if virtio.any() {
         r.check("virtio devices only where the runner asked for them", || Err("virtio=on missing".into()));
     }

@@ -114,6 +114,8 @@ pub fn free(pa: PhysAddr, pages: u64) -> Result<()> {
     if raw < FRAMES_BASE || raw.checked_add(bytes).is_none_or(|e| e > ARENA_END) {
         return Err(Error::OutOfRange { addr: raw, limit: ARENA_END });
     }
+    // Shared with the aarch64 kernel (rust-version 1.85: no `is_multiple_of`).
+    #[allow(clippy::manual_is_multiple_of)]
     if raw % PAGE_SIZE != 0 {
         return Err(Error::Misaligned { value: raw, align: PAGE_SIZE });
     }

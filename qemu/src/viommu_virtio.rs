@@ -35,7 +35,7 @@ use crate::pci::Bdf;
 use crate::platform::{KernelPlatform, PLATFORM};
 use crate::println;
 use crate::virtio_check::{
-    BlkK, ConsoleK, Found, MAX_MAP, NetAK, NetBK, Transport, blk_io, counter, exchange, transport, v2s,
+    BlkK, ConsoleK, Found, MAX_MAP, NetAK, NetBK, Transport, blk_io, exchange, transport, v2s,
 };
 
 type Unit = VirtioIommu<'static, KernelPlatform>;
@@ -161,16 +161,7 @@ fn served(
 fn run_served(dma: &dyn Served, body: &mut dyn FnMut(&dyn Served) -> CheckResult) -> CheckResult {
     body(dma)?;
     dma.reclaim().map_err(e2s)?;
-    let (queues, shares) = dma.outstanding();
-    if queues != 0 || shares != 0 {
-        return Err(format!(
-            "{queues} queue allocations and {shares} shares outstanding after the driver's drop"
-        ));
-    }
-    if counter(&dma.stats().unload_errors) != 0 {
-        return Err("an unshare's unload failed".into());
-    }
-    Ok(())
+    crate::virtio_check::drained(dma.outstanding(), dma.stats())
 }
 
 /// virtio-iommu's fault records as `virtio_check::Faults`.
@@ -184,10 +175,7 @@ fn faults(unit: &Unit) -> impl Fn() -> Option<String> + '_ {
 
 /// "X requests (a MAP, b UNMAP), Y notifications per I/O request" between two snapshots.
 fn per_io(before: &ViommuStats, after: &ViommuStats, ios: u64) -> String {
-    let f = |a: u64, b: u64| {
-        let hundredths = (a - b) * 100 / ios;
-        format!("{}.{:02}", hundredths / 100, hundredths % 100)
-    };
+    let f = |a: u64, b: u64| crate::checks::per_n(a - b, ios);
     format!(
         "{} requests ({} MAP, {} UNMAP), {} notifications per I/O request",
         f(after.requests, before.requests),

@@ -22,7 +22,9 @@ use core::ptr::NonNull;
 use busdma::PhysAddr;
 use busdma::device::{Device, Iommu, Policy};
 use busdma::quickmap::QuickMaps;
-use busdma::virtio::{AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel};
+use busdma::virtio::{
+    AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel, VirtioStats,
+};
 use busdma::vtd::SourceId;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::device::console::VirtIOConsole;
@@ -60,9 +62,9 @@ pub const MAX_MAP: u64 = 64 << 10;
 const POLL_LIMIT: u64 = 1 << 26;
 const FAULT_EVERY: u64 = 1 << 10;
 /// Virtqueue size of the net driver.
-const NET_QUEUE: usize = 16;
+pub(crate) const NET_QUEUE: usize = 16;
 /// An EtherType for local experiments (IEEE 802 local experimental 1).
-const ETHERTYPE: u16 = 0x88b5;
+pub(crate) const ETHERTYPE: u16 = 0x88b5;
 
 fn mmio(pa: PhysAddr, size: usize) -> NonNull<u8> {
     let end = pa.raw().checked_add(size as u64);
@@ -89,12 +91,14 @@ macro_rules! virtio_kernel {
 }
 virtio_kernel!(BlkK, BLK_SLOT);
 virtio_kernel!(NetAK, NET_A_SLOT);
+// The virtio-net peer of the e1000 check (e1000_check.rs).
+virtio_kernel!(E1000PeerK, E1000_PEER_SLOT);
 virtio_kernel!(NetBK, NET_B_SLOT);
 virtio_kernel!(ConsoleK, CONSOLE_SLOT);
 
 pub type Transport = AccessPlatform<PciTransport>;
 
-fn e2s(e: busdma::Error) -> String {
+pub(crate) fn e2s(e: busdma::Error) -> String {
     format!("{e}")
 }
 
@@ -128,6 +132,20 @@ impl Found {
     pub fn any(&self) -> bool {
         self.blk.is_some() || !self.net.is_empty() || self.console.is_some()
     }
+}
+
+/// After a driver's drop: no queue allocation or share outstanding (`outstanding`, as
+/// `VirtioDma::outstanding` counts them) and no unshare whose unload failed.
+pub(crate) fn drained((queues, shares): (usize, usize), stats: &VirtioStats) -> CheckResult {
+    if queues != 0 || shares != 0 {
+        return Err(format!(
+            "{queues} queue allocations and {shares} shares outstanding after the driver's drop"
+        ));
+    }
+    if counter(&stats.unload_errors) != 0 {
+        return Err("an unshare's unload failed".into());
+    }
+    Ok(())
 }
 
 /// The PCI transport of `bdf` for `K`'s Hal, wrapped to accept ACCESS_PLATFORM.
@@ -177,10 +195,7 @@ impl Counters {
 
     /// "per request: ..." with the deltas since `before` over `n` requests (two decimals).
     fn per_request(&self, before: &Counters, n: u64) -> String {
-        let f = |a: u64, b: u64| {
-            let hundredths = (a - b) * 100 / n;
-            format!("{}.{:02}", hundredths / 100, hundredths % 100)
-        };
+        let f = |a: u64, b: u64| crate::checks::per_n(a - b, n);
         format!(
             "per request: {} shares, {} maps, {} unmaps, {} IOTLB invalidations, {} bounced bytes",
             f(self.shares, before.shares),
@@ -201,7 +216,7 @@ pub fn counter(c: &busdma::sync::AtomicU64) -> u64 {
 pub type Faults<'a> = &'a dyn Fn() -> Option<String>;
 
 /// VT-d's fault records as [`Faults`].
-fn vtd_faults(vtd: &Unit) -> impl Fn() -> Option<String> + '_ {
+pub(crate) fn vtd_faults(vtd: &Unit) -> impl Fn() -> Option<String> + '_ {
     move || {
         let f = vtd.take_fault()?;
         while vtd.take_fault().is_some() {}
@@ -211,15 +226,15 @@ fn vtd_faults(vtd: &Unit) -> impl Fn() -> Option<String> + '_ {
 
 /// Polls `done` until it holds, reading fault records every `FAULT_EVERY` polls: a fault or
 /// `POLL_LIMIT` polls end the wait with an error naming it.
-fn wait(faults: Faults<'_>, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
+pub(crate) fn wait(faults: Faults<'_>, what: &str, mut done: impl FnMut() -> bool) -> CheckResult {
     for i in 0..POLL_LIMIT {
         if done() {
             return Ok(());
         }
-        if i % FAULT_EVERY == 0 {
-            if let Some(f) = faults() {
-                return Err(format!("{what}: {f}"));
-            }
+        if i % FAULT_EVERY == 0
+            && let Some(f) = faults()
+        {
+            return Err(format!("{what}: {f}"));
         }
         core::hint::spin_loop();
     }
@@ -228,7 +243,7 @@ fn wait(faults: Faults<'_>, what: &str, mut done: impl FnMut() -> bool) -> Check
 
 /// Attaches `bdf` under `policy`, serves it from `K`'s slot while `f` runs, then checks that
 /// the driver gave back everything and detaches.
-fn with_device<K: VirtioKernel, R>(
+pub(crate) fn with_device<K: VirtioKernel, R>(
     iommu: &Iommu<'_, &Unit>,
     bdf: Bdf,
     policy: Policy,
@@ -251,15 +266,7 @@ fn with_device<K: VirtioKernel, R>(
                 policy_name(policy)
             );
         }
-        let (queues, shares) = dma.outstanding();
-        if queues != 0 || shares != 0 {
-            return Err(format!(
-                "{queues} queue allocations and {shares} shares outstanding after the driver's drop"
-            ));
-        }
-        if counter(&dma.stats().unload_errors) != 0 {
-            return Err("an unshare's unload failed".into());
-        }
+        drained(dma.outstanding(), dma.stats())?;
         Ok(r)
     })();
     // The round's own failure first: a failed round leaks what the driver left (module
@@ -272,7 +279,7 @@ fn with_device<K: VirtioKernel, R>(
     }
 }
 
-fn policy_name(p: Policy) -> &'static str {
+pub(crate) fn policy_name(p: Policy) -> &'static str {
     match p {
         Policy::Strict => "strict",
         Policy::Deferred => "deferred",

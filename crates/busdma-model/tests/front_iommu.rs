@@ -264,6 +264,39 @@ fn reserved_maps_allocate_their_window_and_table_levels_at_create_only() {
 }
 
 #[test]
+fn a_pinned_reserved_window_keeps_its_leaf_tables_when_a_load_covers_a_whole_span() {
+    // A 4 MiB load covers at least one whole 2 MiB leaf table of its window: the walker's
+    // unmap would detach that table (and free it after the flush) while the map still points
+    // into it. The pinned window clears leaves only, so its tables stay installed.
+    let m = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(96 << 20) }).unwrap();
+    for policy in [InvalidationPolicy::Strict, InvalidationPolicy::deferred()] {
+        with_domain(&m, policy, |d, iommu, pool| {
+            let len = 4 << 20;
+            let pa = m.frames().alloc(FrameRequest::pages(len / PAGE_SIZE)).unwrap();
+            let tag = Tag::new_root(&m, IommuReserved::new(d), TagSpec::new(len, 1)).unwrap();
+            let mut map = tag.create_map().unwrap();
+            assert!(map.state().pinned(), "busdma's domain pins reserved windows");
+            let (tables, allocs) = (d.table().table_pages(), pool.stats().allocs);
+            for round in 0..3u8 {
+                m.write_phys(PhysAddr::new(pa.raw() + len - 1), &[round]).unwrap();
+                let one = [SgEntry { pa, len, kind: MemKind::Page }];
+                // SAFETY: the test owns these frames and keeps them until the map is dropped.
+                let one = unsafe { SgList::new(&one) };
+                let segs = map.load(&one, Direction::ToDevice).unwrap().to_vec();
+                let mut b = [0u8; 1];
+                iommu.port(DEV).dma_read(Iova::new(segs[0].addr.raw() + len - 1), &mut b).unwrap();
+                assert_eq!(b[0], round, "the device reads this load's bytes");
+                map.unload().unwrap();
+                d.flush(&m.pin_cpu()).unwrap();
+                assert!(!any_reachable(iommu, &segs), "nothing reachable after unload");
+                assert_eq!(d.table().table_pages(), tables, "no leaf table detached");
+            }
+            assert_eq!(pool.stats().allocs, allocs, "load/unload allocate no table");
+        });
+    }
+}
+
+#[test]
 fn a_per_segment_load_allocates_one_iova_per_run_and_unloads_with_one_invalidation() {
     let m = machine();
     with_domain(&m, InvalidationPolicy::Strict, |d, iommu, _| {

@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use busdma::front::{Direction, IommuPerMap, KernelBuf, Tag, TagSpec};
+use busdma::front::{
+    Direction, IommuPerMap, IommuReserved, KernelBuf, MemKind, SgEntry, SgList, Tag, TagSpec,
+};
 use busdma::iommu::{Domain, DomainConfig, DomainId, InvalidationPolicy, IotlbInvalidator};
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::pgtable::{PageTable, PageTableConfig, Prot, TablePool, VtdSl};
@@ -274,6 +276,39 @@ fn a_map_unload_whose_invalidation_fails_returns_the_error_and_is_unloaded_all_t
         // The next load recovers the domain first: the stale entry is gone.
         map.load(&buf, Direction::ToDevice).unwrap();
         assert!(!d.degraded() && d.stats().held_back == 0);
+        map.unload().unwrap();
+        assert!(matches!(read(iommu, bus), Err(FaultReason::NotPresent { .. })));
+    });
+}
+
+#[test]
+fn a_pinned_reserved_window_is_not_mapped_again_while_its_failed_invalidation_is_unproven() {
+    with_domain(InvalidationPolicy::Strict, |m, d, iommu, flaky, _pool| {
+        let tag = Tag::new_root(m, IommuReserved::new(d), TagSpec::new(PAGE_SIZE, 1)).unwrap();
+        let mut map = tag.create_map().unwrap();
+        assert!(map.state().pinned());
+        let (old, new) = (frame(m), frame(m));
+        m.write_phys(old, &0x01d_u64.to_le_bytes()).unwrap();
+        m.write_phys(new, &0x11e_u64.to_le_bytes()).unwrap();
+        let (e_old, e_new) = (
+            [SgEntry { pa: old, len: 8, kind: MemKind::Page }],
+            [SgEntry { pa: new, len: 8, kind: MemKind::Page }],
+        );
+        // SAFETY: memory the test allocated and keeps until the map is dropped.
+        let (sg_old, sg_new) = unsafe { (SgList::new(&e_old), SgList::new(&e_new)) };
+        let bus = map.load(&sg_old, Direction::ToDevice).unwrap()[0].addr;
+        assert_eq!(read(iommu, bus), Ok(0x01d), "the device caches the translation");
+        flaky.fail_next(1);
+        assert!(is_injected(&map.unload().unwrap_err()));
+        assert_eq!(read(iommu, bus), Ok(0x01d), "the stale entry the error warns about");
+        // The window is the same IOVA: while no invalidation succeeds, it is not mapped again.
+        flaky.fail_next(1);
+        assert!(is_injected(&map.load(&sg_new, Direction::ToDevice).unwrap_err()));
+        assert!(!map.is_loaded() && d.degraded());
+        // Once one succeeds, the new load reaches the new page, never the stale one.
+        assert_eq!(map.load(&sg_new, Direction::ToDevice).unwrap()[0].addr, bus);
+        assert!(!d.degraded());
+        assert_eq!(read(iommu, bus), Ok(0x11e));
         map.unload().unwrap();
         assert!(matches!(read(iommu, bus), Err(FaultReason::NotPresent { .. })));
     });

@@ -117,7 +117,10 @@ impl<H: IommuHw + 'static> BusdmaDmaOp<H> {
         let tag = self.dev.tag(self.spec(&c, size, layout.align()))?;
         let mem = tag.alloc_coherent(size, no_cache)?;
         let kva = mem.memory().kva().ok_or(Error::NotDirectMapped { pa: mem.memory().pa().raw() })?;
-        let bus = mem.segments()[0].addr.raw();
+        let mut bus = mem.segments()[0].addr.raw();
+        if mutant::PHYS {
+            bus = mem.memory().pa().raw();
+        }
         if mem.segments().len() != 1 || bus & (layout.align() as u64 - 1) != 0 {
             return Err(Error::BadState { what: "dma-api allocation: not one aligned segment" });
         }
@@ -187,6 +190,13 @@ impl<H: IommuHw + 'static> BusdmaDmaOp<H> {
         // Theory 4: an unload unloads even when it reports an error; the domain recovers.
         let _ = map.unload();
     }
+}
+
+/// The QEMU suite's mutant of this adapter (`qemu/run --mutants`; see `crate::vtd`'s mutant
+/// module for why a mutant is a cfg, not a feature): allocations hand the device their
+/// physical address instead of their IOVA. In every other build the switch is `false`.
+mod mutant {
+    pub(super) const PHYS: bool = cfg!(busdma_mutant = "dmaop-phys-addr");
 }
 
 fn pre(dir: Direction) -> SyncOp {

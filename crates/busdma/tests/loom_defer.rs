@@ -4,75 +4,20 @@
 //! pages: a load takes the token or fails with `Exhausted`; an unload gives it back.
 #![cfg(loom)]
 
+mod common;
+
 use busdma::front::load::Run;
 use busdma::front::segments::{Segment, SegmentBuilder};
 use busdma::front::strategy::{Invalidation, Strategy};
 use busdma::front::{Deferrable, Direction, RawSegments, Tag, TagSpec};
 use busdma::sync::{AtomicU64, AtomicUsize, Ordering};
-use busdma::{Error, KernVa, PAGE_SIZE, PageRequest, PhysAddr, Platform, TablePage};
+use busdma::{Error, PAGE_SIZE, PhysAddr};
 use loom::sync::Arc;
 use loom::thread;
 
-/// A platform with nothing behind it: the model exercises the front end's queue, not memory.
-struct Bare;
-
-// SAFETY: nothing is RAM (`is_ram` is always false) and no table page or page is ever handed
-// out, so busdma never quick-maps, copies or walks through this platform; the one CPU is shared
-// by loom's threads, which is sound only because the deferred-load queue modelled here keeps no
-// per-CPU state (it is a test double, not a platform to copy).
-unsafe impl Platform for Bare {
-    fn read_phys(&self, _: PhysAddr, _: &mut [u8]) -> busdma::Result<()> {
-        Ok(())
-    }
-    fn write_phys(&self, _: PhysAddr, _: &[u8]) -> busdma::Result<()> {
-        Ok(())
-    }
-    fn fill_phys(&self, _: PhysAddr, _: u64, _: u8) -> busdma::Result<()> {
-        Ok(())
-    }
-    fn alloc_table_page(&self) -> busdma::Result<TablePage> {
-        Err(Error::NoMemory { requested: PAGE_SIZE })
-    }
-    unsafe fn free_table_page(&self, _: TablePage) {}
-    fn alloc_pages(&self, req: &PageRequest) -> busdma::Result<PhysAddr> {
-        Err(Error::NoMemory { requested: req.pages * PAGE_SIZE })
-    }
-    unsafe fn free_pages(&self, _: PhysAddr, _: u64) {}
-    fn is_ram(&self, _: PhysAddr, _: u64) -> bool {
-        false
-    }
-    fn phys_to_kva(&self, _: PhysAddr) -> Option<KernVa> {
-        None
-    }
-    fn kva_to_phys(&self, _: KernVa) -> Option<PhysAddr> {
-        None
-    }
-    fn num_cpus(&self) -> usize {
-        1
-    }
-    fn preempt_disable(&self) -> usize {
-        0
-    }
-    fn preempt_enable(&self, _: usize) {}
-    fn monotonic_ns(&self) -> u64 {
-        0
-    }
-    fn cache_clean(&self, _: KernVa, _: u64) {}
-    fn cache_invalidate(&self, _: KernVa, _: u64) {}
-    fn cache_clean_invalidate(&self, _: KernVa, _: u64) {}
-    unsafe fn mmio_read32(&self, _: PhysAddr) -> u32 {
-        0
-    }
-    unsafe fn mmio_write32(&self, _: PhysAddr, _: u32) {}
-    unsafe fn mmio_read64(&self, _: PhysAddr) -> u64 {
-        0
-    }
-    unsafe fn mmio_write64(&self, _: PhysAddr, _: u64) {}
-    unsafe fn quick_map(&self, _: usize, _: usize, _: PhysAddr) -> KernVa {
-        KernVa::new(0)
-    }
-    unsafe fn quick_unmap(&self, _: usize, _: usize) {}
-}
+/// One CPU that loom's threads share: the deferred-load queue modelled here keeps no per-CPU
+/// state.
+type Bare = common::loom_bare::Bare<1>;
 
 /// One token: a load takes it (CAS 1 → 0) or fails with `Exhausted`; an unload returns it.
 #[derive(Clone)]
@@ -119,7 +64,7 @@ impl Strategy<Bare> for Token {
     }
 }
 
-static BARE: Bare = Bare;
+static BARE: Bare = common::loom_bare::Bare;
 
 fn spec() -> TagSpec {
     let mut s = TagSpec::new(PAGE_SIZE, 1);

@@ -5,76 +5,16 @@
 //! double free, and the range is cached once (never handed out twice).
 #![cfg(loom)]
 
-use std::cell::Cell;
+mod common;
 
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
-use busdma::{AddrRange, Error, Iova, KernVa, PAGE_SIZE, PageRequest, PhysAddr, Platform, TablePage};
+use busdma::{AddrRange, Error, Iova, PAGE_SIZE, Platform};
+use common::loom_bare::{Bare, CPU};
 use loom::sync::Arc;
 use loom::thread;
 
-loom::thread_local! {
-    static CPU: Cell<usize> = Cell::new(0);
-}
-
 /// Two CPUs, each loom thread on the one it sets in `CPU`; nothing else behind it.
-struct TwoCpus;
-
-// SAFETY: nothing is RAM and no page or table page is ever handed out, so busdma never
-// quick-maps, copies or walks through this platform; each modelled thread names its own CPU
-// and no two threads of a model share one (the per-CPU rule `CpuGuard` relies on).
-unsafe impl Platform for TwoCpus {
-    fn read_phys(&self, _: PhysAddr, _: &mut [u8]) -> busdma::Result<()> {
-        Ok(())
-    }
-    fn write_phys(&self, _: PhysAddr, _: &[u8]) -> busdma::Result<()> {
-        Ok(())
-    }
-    fn fill_phys(&self, _: PhysAddr, _: u64, _: u8) -> busdma::Result<()> {
-        Ok(())
-    }
-    fn alloc_table_page(&self) -> busdma::Result<TablePage> {
-        Err(Error::NoMemory { requested: PAGE_SIZE })
-    }
-    unsafe fn free_table_page(&self, _: TablePage) {}
-    fn alloc_pages(&self, req: &PageRequest) -> busdma::Result<PhysAddr> {
-        Err(Error::NoMemory { requested: req.pages * PAGE_SIZE })
-    }
-    unsafe fn free_pages(&self, _: PhysAddr, _: u64) {}
-    fn is_ram(&self, _: PhysAddr, _: u64) -> bool {
-        false
-    }
-    fn phys_to_kva(&self, _: PhysAddr) -> Option<KernVa> {
-        None
-    }
-    fn kva_to_phys(&self, _: KernVa) -> Option<PhysAddr> {
-        None
-    }
-    fn num_cpus(&self) -> usize {
-        2
-    }
-    fn preempt_disable(&self) -> usize {
-        CPU.with(|c| c.get())
-    }
-    fn preempt_enable(&self, _: usize) {}
-    fn monotonic_ns(&self) -> u64 {
-        0
-    }
-    fn cache_clean(&self, _: KernVa, _: u64) {}
-    fn cache_invalidate(&self, _: KernVa, _: u64) {}
-    fn cache_clean_invalidate(&self, _: KernVa, _: u64) {}
-    unsafe fn mmio_read32(&self, _: PhysAddr) -> u32 {
-        0
-    }
-    unsafe fn mmio_write32(&self, _: PhysAddr, _: u32) {}
-    unsafe fn mmio_read64(&self, _: PhysAddr) -> u64 {
-        0
-    }
-    unsafe fn mmio_write64(&self, _: PhysAddr, _: u64) {}
-    unsafe fn quick_map(&self, _: usize, _: usize, _: PhysAddr) -> KernVa {
-        KernVa::new(0)
-    }
-    unsafe fn quick_unmap(&self, _: usize, _: usize) {}
-}
+type TwoCpus = Bare<2>;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
@@ -93,7 +33,7 @@ fn an_owned_mark_is_cleared_by_exactly_one_of_two_cpus_freeing_it() {
         let a = Arc::new(
             IovaAllocator::new(space, IovaConfig { cpus: 2, caches: true, guard_page: false }).unwrap(),
         );
-        let p = TwoCpus;
+        let p: TwoCpus = Bare;
         let one = IovaRequest::pages(1);
         // CPU 1 allocates and frees a range of the same leaf first, so its leaf hint is warm
         // and its free below takes the fast path's check (the hint hits), not only the walk.
@@ -115,7 +55,7 @@ fn an_owned_mark_is_cleared_by_exactly_one_of_two_cpus_freeing_it() {
             let a = a.clone();
             thread::spawn(move || {
                 CPU.with(|c| c.set(cpu));
-                let p = TwoCpus;
+                let p: TwoCpus = Bare;
                 let g = p.pin_cpu();
                 a.free(&g, r)
             })
@@ -131,7 +71,7 @@ fn an_owned_mark_is_cleared_by_exactly_one_of_two_cpus_freeing_it() {
             let a = a.clone();
             move || {
                 CPU.with(|c| c.set(1));
-                a.alloc(&TwoCpus.pin_cpu(), &IovaRequest::pages(1)).unwrap()
+                a.alloc(&Bare::<2>.pin_cpu(), &IovaRequest::pages(1)).unwrap()
             }
         })
         .join()

@@ -32,6 +32,10 @@
 
 use std::hint::black_box;
 
+#[path = "shared/timing.rs"]
+mod timing;
+use timing::Timer;
+
 use busdma::front::{
     Direct, Direction, IommuPerMap, IommuReserved, MemKind, RawSegments, SgEntry, SgList, Strategy, SyncOp,
     Tag, TagSpec,
@@ -168,38 +172,6 @@ fn hot_iova(m: &HostPlatform, a: &IovaAllocator, ops: usize) {
         let r = a.alloc(&g, &req).expect("alloc");
         a.free(&g, black_box(r)).expect("free");
     }
-}
-
-/// Wall and thread-CPU time of a hot loop, printed as one JSON line (the `iova` path's, for
-/// `lab/linux-iova/run`, which times Linux's allocator on the same loop).
-struct Timer(std::time::Instant, u64);
-
-impl Timer {
-    fn start() -> Self {
-        Self(std::time::Instant::now(), thread_cpu_ns())
-    }
-
-    fn report(&self, mode: &str, pages: u64, live: u64, pairs: usize) {
-        let (wall, cpu) = (self.0.elapsed().as_nanos() as f64, (thread_cpu_ns() - self.1) as f64);
-        let n = pairs.max(1) as f64;
-        println!(
-            "{{\"impl\":\"busdma\",\"mode\":\"{mode}\",\"pages\":{pages},\"live\":{live},\"threads\":1,\
-             \"pairs\":{pairs},\"ns_per_op\":{:.2},\"cpu_ns_per_op\":{:.2}}}",
-            wall / n,
-            cpu / n
-        );
-    }
-}
-
-/// CPU time consumed by the calling thread, in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn spec(tcp: bool) -> TagSpec {

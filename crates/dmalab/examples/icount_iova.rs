@@ -21,6 +21,10 @@
 
 use std::hint::black_box;
 
+#[path = "shared/timing.rs"]
+mod timing;
+use timing::{Timer, thread_cpu_ns};
+
 use busdma::iova::{IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::{AddrRange, Iova, Platform};
 use busdma_model::{HostPlatform, MachineConfig};
@@ -103,12 +107,12 @@ fn main() {
         hot_ring(&m, &a, &mut ring, 64); // the ring full
         let t = Timer::start();
         hot_ring(&m, &a, &mut ring, ops);
-        t.report("tree-ring", live, ops);
+        t.report("tree-ring", 1, live, ops);
         return;
     }
     let t = Timer::start();
     hot_tree(&m, &a, ops);
-    t.report("tree", live, ops);
+    t.report("tree", 1, live, ops);
 }
 
 /// The `cross` path: allocations on CPU 0, their frees on CPU 1, in turns of `BATCH`.
@@ -160,36 +164,4 @@ fn cross(m: &HostPlatform, space: AddrRange<Iova>, ops: usize) {
         alloc_ns as f64 / n,
         free_ns as f64 / n
     );
-}
-
-/// Wall and thread-CPU time of a tree path's hot loop, printed as one JSON line (for
-/// `lab/linux-iova/run`, which times Linux's allocator on the same loops).
-struct Timer(std::time::Instant, u64);
-
-impl Timer {
-    fn start() -> Self {
-        Self(std::time::Instant::now(), thread_cpu_ns())
-    }
-
-    fn report(&self, mode: &str, live: u64, pairs: usize) {
-        let (wall, cpu) = (self.0.elapsed().as_nanos() as f64, (thread_cpu_ns() - self.1) as f64);
-        let n = pairs.max(1) as f64;
-        println!(
-            "{{\"impl\":\"busdma\",\"mode\":\"{mode}\",\"pages\":1,\"live\":{live},\"threads\":1,\
-             \"pairs\":{pairs},\"ns_per_op\":{:.2},\"cpu_ns_per_op\":{:.2}}}",
-            wall / n,
-            cpu / n
-        );
-    }
-}
-
-/// CPU time consumed by the calling thread, in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

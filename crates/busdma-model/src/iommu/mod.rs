@@ -587,6 +587,26 @@ impl<'m> ModelIommu<'m> {
         probed
     }
 
+    /// [`IotlbInvalidator::invalidate_mapped`]'s work: the map latency, and in caching mode
+    /// the drop of what the IOTLB may hold for `range`.
+    #[inline(never)]
+    fn after_map(&self, domain: DomainId, range: AddrRange<Iova>) {
+        self.map_latency();
+        if self.config.caching_mode {
+            self.bump(Stat::InvAfterMap, 1);
+            self.drop_range(domain, range);
+        }
+    }
+
+    /// [`IotlbInvalidator::audit_unmapped`] with the audit on.
+    #[inline(never)]
+    fn audit_unmapped_slow(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
+        self.with_audit(|a| {
+            let pages = ranges.iter().map(|&r| Self::pages(r));
+            a.unmapped(domain, pages, self.platform.monotonic_ns(), self.iotlb.generation());
+        });
+    }
+
     #[inline]
     fn with_audit(&self, f: impl FnOnce(&mut audit::Audit)) {
         if let Some(a) = &self.audit {
@@ -606,12 +626,12 @@ impl IotlbInvalidator for ModelIommu<'_> {
     // This hook, `set_coherence_index` and the `audit_*` hooks are inlined across crates:
     // without caching mode, coherence indexes or the audit each is a load and a branch on
     // every map and unmap.
+    // The common case (no map latency, no caching mode) is tested first and the rest kept out
+    // of line, so the hook stays small enough to inline into every map path.
     #[inline]
     fn invalidate_mapped(&self, domain: DomainId, range: AddrRange<Iova>) -> Result<()> {
-        self.map_latency();
-        if self.config.caching_mode {
-            self.bump(Stat::InvAfterMap, 1);
-            self.drop_range(domain, range);
+        if self.config.map_latency_ns != 0 || self.config.caching_mode {
+            self.after_map(domain, range);
         }
         Ok(())
     }
@@ -650,10 +670,9 @@ impl IotlbInvalidator for ModelIommu<'_> {
 
     #[inline]
     fn audit_unmapped(&self, domain: DomainId, ranges: &[AddrRange<Iova>]) {
-        self.with_audit(|a| {
-            let pages = ranges.iter().map(|&r| Self::pages(r));
-            a.unmapped(domain, pages, self.platform.monotonic_ns(), self.iotlb.generation());
-        });
+        if self.audit.is_some() {
+            self.audit_unmapped_slow(domain, ranges);
+        }
     }
 
     #[inline]

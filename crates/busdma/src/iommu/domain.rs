@@ -39,6 +39,12 @@
 //!      map one relaxed load. [`Domain::flush`] recovers too (a kernel's retry timer).
 //!    - Dropping a domain whose last invalidation fails leaks its table pages and what is
 //!      held back, never frees them.
+//! 9. **Pinned windows.** A reserved window ([`Domain::pin_window`]) keeps the last-level
+//!    tables under it for as long as it is held, so [`Domain::map_pinned`] writes a load's
+//!    leaves without a walk and [`Domain::unmap_pinned`] clears them; both keep the rules
+//!    above (a degraded domain recovers before a map, a failed map is invalidated, an unmap
+//!    is invalidated now or queued and returns its ticket). The tables are never detached by
+//!    these calls ([`crate::pgtable::LeafWindow`]), so nothing is freed on this path.
 //!
 //! # Execution context
 //!
@@ -55,7 +61,7 @@ use super::{DomainConfig, DomainId, InvalidationPolicy, IotlbInvalidator};
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
 use crate::iova::{IovaRequest, IovaSource};
-use crate::pgtable::{FlushDone, Gather, PageTable, Prot, PteFormat};
+use crate::pgtable::{FlushDone, Gather, LeafTemplate, LeafWindow, PageTable, Prot, PteFormat};
 use crate::platform::{CpuGuard, Platform};
 use crate::sync::{AtomicBool, AtomicU64, Ordering, SpinLock};
 
@@ -72,6 +78,9 @@ enum FreeList {
 
 impl FreeList {
     fn new(free: &[AddrRange<Iova>]) -> Result<Self> {
+        if free.is_empty() {
+            return Ok(Self::none());
+        }
         if free.len() <= INLINE_FREES {
             let mut a = [AddrRange::empty_at(Iova::new(0)); INLINE_FREES];
             a[..free.len()].copy_from_slice(free);
@@ -101,6 +110,23 @@ impl FreeList {
 struct Pending {
     gather: Gather,
     free: FreeList,
+}
+
+/// One run of a load into a pinned window ([`Domain::map_pinned`]): the window's bytes
+/// `[off, off + len)` (page multiples) map `[pa, pa + len)` with `prot`, and the IOMMU keeps
+/// the alias `coherence` coherent (seed 003).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedRun {
+    /// Offset of the run's first page in the window.
+    pub off: u64,
+    /// Physical address of that page.
+    pub pa: PhysAddr,
+    /// Bytes mapped (a page multiple).
+    pub len: u64,
+    /// The entries' attributes.
+    pub prot: Prot,
+    /// The coherence index of the run's first page.
+    pub coherence: super::CoherenceIndex,
 }
 
 /// Counters a user can read (a snapshot).
@@ -459,6 +485,22 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             cleared += 1;
         }
         self.hw.audit_unmapped(self.cfg.id, &ranges[..cleared]);
+        self.finish_unmap(g, gather, failed, free)
+    }
+
+    /// The second half of an unmap whose entries are cleared into `gather` (`failed`: the
+    /// error that stopped the clearing): strict (or failed) invalidates now and releases,
+    /// deferred queues (theory 2, 3, 8).
+    // Always: both unmaps are on the per-packet path, and a call here cost per-map's
+    // 1-page unmap 64 instructions (callgrind, `icount per-map-strict`).
+    #[inline(always)]
+    fn finish_unmap(
+        &self,
+        g: &CpuGuard<'_, P>,
+        gather: Gather,
+        failed: Option<Error>,
+        free: &[AddrRange<Iova>],
+    ) -> Result<FlushTicket> {
         let fq = match (&self.fq, failed) {
             (Some(fq), None) => fq,
             (_, failed) => {
@@ -532,6 +574,174 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             }
         }
         Ok(ticket)
+    }
+
+    /// Pins the last-level tables of a reserved window (theory 9): installs every level over
+    /// it and returns the tables, so later loads write leaves without a walk.
+    ///
+    /// Errors: those of [`PageTable::pin_leaves`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`PageTable::pin_leaves`]: `window` is the caller's (from
+    /// [`Domain::alloc_iova`]), and until it gives the window up it maps and unmaps inside it
+    /// only with [`Domain::map_pinned`] and [`Domain::unmap_pinned`] on the returned window.
+    pub unsafe fn pin_window(&self, g: &CpuGuard<'_, P>, window: AddrRange<Iova>) -> Result<LeafWindow> {
+        // SAFETY: this function's contract is the table's.
+        unsafe { self.table.pin_leaves(g, window) }
+    }
+
+    /// Maps every run of `runs` into the pinned window `lw` (theory 9): the checks of
+    /// [`Domain::map`] once per load (a degraded domain recovers first, an aged queue is
+    /// flushed), each run's leaves written straight into the window's tables. On failure
+    /// nothing of `runs` translates any more and the range was invalidated (theory 5) or
+    /// held back (theory 8).
+    ///
+    /// Errors: those of [`PageTable::write_pinned`]; [`Error::InvalidationFailed`] as for
+    /// [`Domain::map`].
+    ///
+    /// # Safety
+    ///
+    /// `lw` came from [`Domain::pin_window`] of this domain and its window is still the
+    /// caller's; each run's `off` is a page of that window with nothing mapped there, and its
+    /// physical range may be given to the devices with its rights, as for [`Domain::map`].
+    pub unsafe fn map_pinned(&self, g: &CpuGuard<'_, P>, lw: &LeafWindow, runs: &[PinnedRun]) -> Result<()> {
+        if self.degraded.load(Ordering::Relaxed) {
+            self.recover(g)?;
+        }
+        self.flush_if_due(g);
+        let base = lw.start().raw();
+        // One template per attribute set (runs of a load usually share one).
+        let mut leaf: Option<(Prot, LeafTemplate<F>)> = None;
+        // The written pages whose caching-mode invalidation is still to come: runs laid out on
+        // consecutive pages (the usual load) are invalidated as one range.
+        let mut pending: Option<(u64, u64)> = None;
+        for (i, r) in runs.iter().enumerate() {
+            let t = match leaf {
+                Some((p, t)) if p == r.prot => t,
+                _ => match self.table.leaf_template(r.prot) {
+                    Ok(t) => {
+                        leaf = Some((r.prot, t));
+                        t
+                    }
+                    Err(e) => return Err(self.undo_pinned(g, lw, &runs[..i], e)),
+                },
+            };
+            let end = r.off.wrapping_add(r.len);
+            let range = match AddrRange::new(
+                Iova::new(base.wrapping_add(r.off)),
+                Iova::new(base.wrapping_add(end)),
+            ) {
+                Ok(range) => range,
+                Err(e) => return Err(self.undo_pinned(g, lw, &runs[..i], e)),
+            };
+            self.hw.audit_mapping(self.cfg.id, range);
+            // SAFETY: `lw` is this domain's and its window the caller's; the run's physical
+            // range may be given to the device (this function's contract).
+            if let Err(e) = unsafe { self.table.write_pinned(lw, r.off, r.pa, r.len, &t) } {
+                return Err(self.undo_pinned(g, lw, &runs[..i], e));
+            }
+            self.hw.set_coherence_index(self.cfg.id, range, r.coherence);
+            pending = match pending {
+                Some((start, e)) if e == r.off => Some((start, end)),
+                Some((start, e)) => {
+                    if let Err(e) = self.invalidate_mapped(base, start, e) {
+                        return Err(self.undo_pinned(g, lw, &runs[..=i], e));
+                    }
+                    Some((r.off, end))
+                }
+                None => Some((r.off, end)),
+            };
+        }
+        if let Some((start, end)) = pending {
+            if let Err(e) = self.invalidate_mapped(base, start, end) {
+                return Err(self.undo_pinned(g, lw, runs, e));
+            }
+        }
+        self.counters.add(g, Stat::Maps, 1);
+        Ok(())
+    }
+
+    /// The caching-mode invalidation of [`Domain::map`] for the window's bytes `[start, end)`,
+    /// just written.
+    #[inline]
+    fn invalidate_mapped(&self, base: u64, start: u64, end: u64) -> Result<()> {
+        let range = AddrRange::new(Iova::new(base.wrapping_add(start)), Iova::new(base.wrapping_add(end)))?;
+        self.hw.invalidate_mapped(self.cfg.id, range)
+    }
+
+    /// Theory 5 and 8 for [`Domain::map_pinned`]: clears `written` (every run written so far,
+    /// announced to the IOMMU or not), then invalidates their hull; holds it back if that
+    /// fails.
+    #[cold]
+    fn undo_pinned(&self, g: &CpuGuard<'_, P>, lw: &LeafWindow, written: &[PinnedRun], why: Error) -> Error {
+        self.counters.add(g, Stat::MapFailures, 1);
+        let base = lw.start().raw();
+        let mut gather = Gather::new();
+        for r in written {
+            // SAFETY: written by the caller's `map_pinned` just now, in its window.
+            let _ = unsafe { self.table.clear_pinned(lw, r.off, r.len) };
+            if let Ok(range) = AddrRange::from_start_len(Iova::new(base.wrapping_add(r.off)), r.len) {
+                gather.add_range(range);
+            }
+        }
+        if let Some(hull) = gather.range() {
+            self.counters.add(g, Stat::RangeInvalidations, 1);
+            if self.hw.invalidate_range(self.cfg.id, hull).is_err() {
+                self.hold(g, Some(Pending { gather, free: FreeList::none() }));
+            }
+        }
+        why
+    }
+
+    /// Unmaps the runs a [`Domain::map_pinned`] mapped in `lw`, as [`Domain::unmap`] with an
+    /// empty free list: one ranged invalidation (strict) or one queued entry (deferred); the
+    /// window stays the caller's. Returns the ticket to pass to [`Domain::ensure_flushed`]
+    /// before the window is mapped again.
+    ///
+    /// Errors: as [`Domain::unmap`] ([`Error::NotMapped`] stops at the first run not mapped:
+    /// the runs before it are unmapped and invalidated).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Domain::map_pinned`]: `lw` is this domain's, its window the caller's, and
+    /// `runs` what the caller mapped in it.
+    pub unsafe fn unmap_pinned(
+        &self,
+        g: &CpuGuard<'_, P>,
+        lw: &LeafWindow,
+        runs: &[PinnedRun],
+    ) -> Result<FlushTicket> {
+        self.counters.add(g, Stat::Unmaps, 1);
+        let base = lw.start().raw();
+        let mut gather = Gather::new();
+        let mut failed = None;
+        // Runs laid out on consecutive pages (the usual load) are cleared as one range.
+        let mut i = 0;
+        while i < runs.len() {
+            let (off, mut end) = (runs[i].off, runs[i].off.wrapping_add(runs[i].len));
+            i += 1;
+            while i < runs.len() && runs[i].off == end {
+                end = end.wrapping_add(runs[i].len);
+                i += 1;
+            }
+            let len = end.wrapping_sub(off);
+            let range = match AddrRange::from_start_len(Iova::new(base.wrapping_add(off)), len) {
+                Ok(range) => range,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            // SAFETY: the caller's window and what it mapped there (this function's contract).
+            if let Err(e) = unsafe { self.table.clear_pinned(lw, off, len) } {
+                failed = Some(e);
+                break;
+            }
+            gather.add_range(range);
+            self.hw.audit_unmapped(self.cfg.id, core::slice::from_ref(&range));
+        }
+        self.finish_unmap(g, gather, failed, &[])
     }
 
     /// Programs the coherence index of the mapped `range` (seed 003; see

@@ -39,7 +39,7 @@ mod domain;
 pub mod flushq;
 
 #[cfg(feature = "alloc")]
-pub use domain::{Domain, DomainStats};
+pub use domain::{Domain, DomainStats, PinnedRun};
 #[cfg(feature = "alloc")]
 pub use flushq::FlushTicket;
 

@@ -93,7 +93,7 @@ pub use lpae::ArmLpaeS1;
 pub use lpae_s2::ArmLpaeS2;
 pub use pool::{PoolStats, TablePool};
 pub use vtd::VtdSl;
-pub use walker::{PageTable, PageTableConfig};
+pub use walker::{LeafTemplate, LeafWindow, PageTable, PageTableConfig};
 
 /// The memory type a leaf gives the device's accesses (theory 9).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -20,6 +20,9 @@ use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PageSize, PhysAddr};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform, TablePage};
 
+mod leafwin;
+pub use leafwin::{LeafTemplate, LeafWindow};
+
 /// Splits one unmap may need: at each end of the range, a 1 GiB block splits into 2 MiB
 /// blocks and the 2 MiB block holding the end splits into 4 KiB pages: 2 per end, 2 ends.
 const MAX_SPLITS: usize = 4;

@@ -15,9 +15,9 @@
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::Result;
-use crate::iommu::{CoherenceIndex, Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator};
+use crate::iommu::{CoherenceIndex, Domain, FlushTicket, InvalidationPolicy, IotlbInvalidator, PinnedRun};
 use crate::iova::{IovaRequest, IovaSource};
-use crate::pgtable::{Prot, PteFormat};
+use crate::pgtable::{LeafWindow, Prot, PteFormat};
 use crate::platform::{CpuGuard, Platform};
 
 use super::Invalidation;
@@ -99,6 +99,28 @@ where
     unsafe fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
         // SAFETY: `IommuOps::reserve_tables`'s contract: the caller holds the window.
         unsafe { reserve_levels(self.table(), g, range) }
+    }
+
+    unsafe fn pin_window(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<Option<LeafWindow>> {
+        // SAFETY: `IommuOps::pin_window`'s contract is `Domain::pin_window`'s.
+        unsafe { Domain::pin_window(self, g, range) }.map(Some)
+    }
+
+    #[inline]
+    unsafe fn map_pinned(&self, g: &CpuGuard<'_, P>, lw: &LeafWindow, runs: &[PinnedRun]) -> Result<()> {
+        // SAFETY: `IommuOps::map_pinned`'s contract is `Domain::map_pinned`'s.
+        unsafe { Domain::map_pinned(self, g, lw, runs) }
+    }
+
+    #[inline]
+    unsafe fn unmap_pinned(
+        &self,
+        g: &CpuGuard<'_, P>,
+        lw: &LeafWindow,
+        runs: &[PinnedRun],
+    ) -> Result<FlushTicket> {
+        // SAFETY: `IommuOps::unmap_pinned`'s contract is `Domain::unmap_pinned`'s.
+        unsafe { Domain::unmap_pinned(self, g, lw, runs) }
     }
 
     #[inline]

@@ -48,8 +48,8 @@
 
 use crate::addr::{AddrRange, Iova, KernVa, PAGE_SIZE, PhysAddr};
 use crate::error::Result;
-use crate::iommu::CoherenceIndex;
-use crate::pgtable::{MemType, Prot};
+use crate::iommu::{CoherenceIndex, PinnedRun};
+use crate::pgtable::{LeafWindow, MemType, Prot};
 use crate::platform::{CpuGuard, Platform};
 
 use super::{BounceReason, Invalidation, bounce_hook};
@@ -155,6 +155,51 @@ pub unsafe trait IommuOps<P: Platform>: Send + Sync {
     ///
     /// The caller holds `range` exclusively (a window it allocated).
     unsafe fn reserve_tables(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()>;
+
+    /// Pins the last-level tables of a reserved window (after or instead of
+    /// [`IommuOps::reserve_tables`]), so loads into it go through
+    /// [`IommuOps::map_pinned`] and [`IommuOps::unmap_pinned`]. `None`: the domain has no
+    /// such path (the default, which reserves the table levels only); the caller maps with
+    /// [`IommuOps::map`] and [`IommuOps::unmap`].
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `range` exclusively (a window it allocated) and, if this returns a
+    /// window, maps and unmaps inside `range` only through it until it frees the range.
+    unsafe fn pin_window(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<Option<LeafWindow>> {
+        // SAFETY: this function's contract covers `reserve_tables`'.
+        unsafe { self.reserve_tables(g, range) }.map(|()| None)
+    }
+
+    /// Maps `runs` into the pinned window `lw`, as one `map` per run would; on error nothing
+    /// of `runs` translates any more. The default (a domain whose `pin_window` never returns
+    /// a window) refuses.
+    ///
+    /// # Safety
+    ///
+    /// `lw` came from this domain's [`IommuOps::pin_window`] and its window is the caller's;
+    /// each run is a page range of the window with nothing mapped, and its physical range may
+    /// be given to the device with its rights (as for [`IommuOps::map`]).
+    unsafe fn map_pinned(&self, g: &CpuGuard<'_, P>, lw: &LeafWindow, runs: &[PinnedRun]) -> Result<()> {
+        let _ = (g, lw, runs);
+        Err(crate::Error::Unsupported { what: "pinned windows" })
+    }
+
+    /// Unmaps the runs mapped in `lw`, as [`IommuOps::unmap`] with no range to free. The
+    /// default refuses (see [`IommuOps::map_pinned`]).
+    ///
+    /// # Safety
+    ///
+    /// As for [`IommuOps::map_pinned`]: `runs` are what the caller mapped in its window `lw`.
+    unsafe fn unmap_pinned(
+        &self,
+        g: &CpuGuard<'_, P>,
+        lw: &LeafWindow,
+        runs: &[PinnedRun],
+    ) -> Result<Self::Ticket> {
+        let _ = (g, lw, runs);
+        Err(crate::Error::Unsupported { what: "pinned windows" })
+    }
 
     /// Programs the coherence index of the freshly mapped `range` (seed 003, see
     /// [`CoherenceIndex`]): strategies call it after each `map` with the kernel alias of the

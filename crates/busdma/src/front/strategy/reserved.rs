@@ -20,6 +20,16 @@
 //!    turn, a load waits for the unload of `n` loads ago; one forced flush completes every
 //!    queued unload, so at most one load in `n` pays for a flush, for `n` times the IOVA.
 //! 4. **Destroy** waits for each window's last invalidation, then frees the windows.
+//! 5. **Pinned windows** (a domain that has them, [`IommuOps::pin_window`]: busdma's own).
+//!    Create also pins each window's last-level tables; a load then makes *one* layout pass
+//!    that pushes the segments and lists each run's pages ([`PinnedRun`]), checks the size,
+//!    and hands the list to [`IommuOps::map_pinned`], which writes the leaves straight into
+//!    the pinned tables (no walk, no install, no per-run domain call); unload hands the same
+//!    list to [`IommuOps::unmap_pinned`]. The window is used only through its pinned tables
+//!    while the map lives, so they are never detached or freed under it (`pgtable`'s
+//!    `LeafWindow` theory 2); destroy frees the window's IOVA after its last invalidation as
+//!    before, the tables staying in the domain's page table, empty (a forgotten map leaks its
+//!    window and frees nothing).
 #![deny(unsafe_code)] // allowed only where the strategy calls `IommuOps`' unsafe mapping methods
 
 use alloc::vec::Vec;
@@ -28,13 +38,17 @@ use crate::addr::{AddrRange, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::platform::Platform;
 
-use super::iommu::{IommuOps, iova_limit, max_runs, window_align};
+use super::iommu::{
+    IommuOps, Place, builder_error, coherence_index, iova_limit, layout, max_runs, prot_of, window_align,
+};
 use super::per_map::{map_runs, push_segments};
 use super::{Invalidation, Strategy};
 use crate::dir::Direction;
 use crate::front::load::Run;
 use crate::front::segments::{Segment, SegmentBuilder};
 use crate::front::spec::TagSpec;
+use crate::iommu::PinnedRun;
+use crate::pgtable::LeafWindow;
 
 /// The reserved-window strategy over domain handle `D`.
 #[derive(Clone, Debug)]
@@ -60,8 +74,12 @@ impl<D> IommuReserved<D> {
 #[derive(Debug)]
 pub struct ReservedState<T> {
     windows: Vec<(AddrRange<Iova>, Option<T>)>,
+    /// Each window's pinned tables (theory 5), empty when the domain has none.
+    pinned: Vec<LeafWindow>,
     cur: usize,
     mapped: Vec<AddrRange<Iova>>,
+    /// The current load's runs in a pinned window.
+    runs: Vec<PinnedRun>,
 }
 
 impl<T> ReservedState<T> {
@@ -74,6 +92,53 @@ impl<T> ReservedState<T> {
     pub fn windows(&self) -> impl Iterator<Item = AddrRange<Iova>> + '_ {
         self.windows.iter().map(|w| w.0)
     }
+
+    /// Whether the windows' tables are pinned (theory 5).
+    pub fn pinned(&self) -> bool {
+        !self.pinned.is_empty()
+    }
+}
+
+/// Theory 5: one layout pass pushes the segments of the layout at `base` and lists the pages
+/// each run maps in `out` (capacity: the map's run bound); returns the window size needed.
+#[inline]
+fn plan_pinned(
+    runs: &[Run],
+    align: u64,
+    base: u64,
+    dir: Direction,
+    flags: crate::front::spec::TagFlags,
+    segs: &mut SegmentBuilder<'_>,
+    out: &mut Vec<PinnedRun>,
+) -> Result<u64> {
+    out.clear();
+    let size = layout(runs, align, |r, place| {
+        let (a, l) = match place {
+            Place::Bypass(b) => (b.raw(), r.len),
+            Place::At { off, map_start, map_end, pa } => {
+                if map_end > map_start {
+                    if out.len() == out.capacity() {
+                        return Err(Error::LimitExceeded {
+                            what: "mapped ranges per load",
+                            requested: out.len() as u64 + 1,
+                            limit: out.capacity() as u64,
+                        });
+                    }
+                    out.push(PinnedRun {
+                        off: map_start,
+                        pa,
+                        len: map_end - map_start,
+                        prot: prot_of(r.kind, dir, flags),
+                        coherence: coherence_index(r, map_start as i64 - off as i64),
+                    });
+                }
+                (base + off, r.len)
+            }
+        };
+        segs.push(a, l).map_err(|e| builder_error(r, e))
+    })?;
+    segs.check()?;
+    Ok(size)
 }
 
 /// The window size for `spec` (theory 1).
@@ -84,6 +149,57 @@ pub fn window_size(spec: &TagSpec) -> Result<u64> {
         .ok_or(Error::Overflow { base: per_seg, len: u64::from(spec.max_segments) })?;
     let raw = spec.max_size.checked_add(waste).ok_or(Error::Overflow { base: spec.max_size, len: waste })?;
     raw.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::Overflow { base: raw, len: PAGE_SIZE })
+}
+
+impl<D> IommuReserved<D> {
+    /// Theory 5: a load into pinned window `lw` (window number `cur`).
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    #[inline]
+    fn load_pinned<P: Platform>(
+        &self,
+        p: &P,
+        cur: usize,
+        lw: &LeafWindow,
+        windows: &mut [(AddrRange<Iova>, Option<D::Ticket>)],
+        out: &mut Vec<PinnedRun>,
+        runs: &[Run],
+        align: u64,
+        dir: Direction,
+        spec: &TagSpec,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()>
+    where
+        D: IommuOps<P>,
+    {
+        let (window, pending) = &mut windows[cur];
+        let size = plan_pinned(runs, align, window.start().raw(), dir, spec.flags, segs, out)?;
+        if size > window.len() {
+            out.clear();
+            return Err(Error::Exhausted { size, limit: window.len() });
+        }
+        let d = &self.domain;
+        let g = p.pin_cpu();
+        if let Some(t) = *pending {
+            // Theory 3; a failed flush keeps the window unused.
+            if let Err(e) = d.ensure_flushed(&g, t) {
+                out.clear();
+                return Err(e);
+            }
+            *pending = None;
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `lw` is this map's window's pinned tables (create), the window is empty (its
+        // last unmap flushed just above) and fits the layout (checked); the runs are this
+        // load's (the Strategy contract).
+        if let Err(e) = unsafe { d.map_pinned(&g, lw, out) } {
+            // Nothing of it translates any more (map_pinned's contract).
+            out.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 #[allow(unsafe_code)]
@@ -109,6 +225,9 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         let mut mapped = Vec::new();
         let n = max_runs(spec);
         mapped.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
+        let mut runs = Vec::new();
+        runs.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 64) as u64 })?;
+        let mut pinned = Vec::new();
         let mut windows = Vec::new();
         windows
             .try_reserve_exact(self.windows)
@@ -116,9 +235,20 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         let size = window_size(spec)?;
         for _ in 0..self.windows {
             let w = d.alloc_iova(&g, size, window_align(spec), iova_limit(d, spec)).and_then(|w| {
-                // SAFETY: `w` came from `alloc_iova` just now and is this map's.
-                match unsafe { d.reserve_tables(&g, w) } {
-                    Ok(()) => Ok(w),
+                // SAFETY: `w` came from `alloc_iova` just now and is this map's; if pinned, it
+                // is mapped only through its pinned tables until destroy frees it (theory 5).
+                match unsafe { d.pin_window(&g, w) } {
+                    Ok(lw) => {
+                        if let Some(lw) = lw {
+                            if pinned.try_reserve(1).is_err() {
+                                // SAFETY: `w` is this map's, nothing mapped in it.
+                                unsafe { d.free_iova(&g, w) };
+                                return Err(Error::NoMemory { requested: 64 });
+                            }
+                            pinned.push(lw);
+                        }
+                        Ok(w)
+                    }
                     Err(e) => {
                         // SAFETY: `w` is this map's, nothing mapped in it.
                         unsafe { d.free_iova(&g, w) };
@@ -137,7 +267,15 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
                 }
             }
         }
-        Ok(ReservedState { windows, cur: 0, mapped })
+        if !pinned.is_empty() && pinned.len() != windows.len() {
+            // A domain pins every window or none; anything else is refused, not half used.
+            for (w, _) in windows {
+                // SAFETY: the windows allocated above, nothing mapped in them.
+                unsafe { d.free_iova(&g, w) };
+            }
+            return Err(Error::BadState { what: "a domain pinned some reserved windows only" });
+        }
+        Ok(ReservedState { windows, pinned, cur: 0, mapped, runs })
     }
 
     #[inline]
@@ -153,6 +291,20 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
         super::iommu::check_untrusted(spec, runs)?;
         let d = &self.domain;
         let align = window_align(spec);
+        if let Some(lw) = st.pinned.get(st.cur) {
+            return self.load_pinned(
+                p,
+                st.cur,
+                lw,
+                &mut st.windows,
+                &mut st.runs,
+                runs,
+                align,
+                dir,
+                spec,
+                segs,
+            );
+        }
         let (window, pending) = &mut st.windows[st.cur];
         let base = window.start().raw();
         // One pass builds the segments and sizes the layout; nothing is mapped before the
@@ -184,7 +336,17 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
     #[inline]
     fn unload(&self, p: &P, st: &mut Self::MapState, _runs: &[Run], _segs: &[Segment]) -> Result<()> {
         let mut r = Ok(());
-        if !st.mapped.is_empty() {
+        if let Some(lw) = st.pinned.get(st.cur) {
+            if !st.runs.is_empty() {
+                let g = p.pin_cpu();
+                // As below: a lost ticket leaves the domain degraded, which recovers first.
+                // SAFETY: the runs this map's load mapped in its own pinned window.
+                let t = unsafe { self.domain.unmap_pinned(&g, lw, &st.runs) };
+                st.windows[st.cur].1 = t.as_ref().ok().copied();
+                r = t.map(|_| ());
+            }
+            st.runs.clear();
+        } else if !st.mapped.is_empty() {
             let g = p.pin_cpu();
             // On a failed invalidation the ticket is lost, but the domain is degraded: its
             // next map (into this window too) first completes a whole-domain invalidation.
