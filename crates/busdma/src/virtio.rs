@@ -622,8 +622,9 @@ impl<P: Platform, Q: Strategy<P>, S: Strategy<P>> Drop for VirtioDma<'_, P, Q, S
         let queues = core::mem::take(&mut *self.queues.lock());
         let shares = core::mem::take(&mut *self.shares.lock());
         VirtioStats::bump(&self.stats.leaked, (queues.len() + shares.len()) as u64);
-        core::mem::forget(queues);
-        core::mem::forget(shares);
+        // Each entry is leaked (never unmapped or freed); the vectors' own buffers are ours.
+        queues.into_iter().for_each(core::mem::forget);
+        shares.into_iter().for_each(core::mem::forget);
     }
 }
 
