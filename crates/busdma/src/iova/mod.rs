@@ -395,12 +395,13 @@ impl IovaAllocator {
         if cfg.cpus == 0 {
             return Err(Error::InvalidArgument { what: "IovaConfig::cpus (zero)", value: 0 });
         }
+        // Without caches no CPU state is made: the fast paths find no CPU entry and go
+        // straight to the slow paths, which take the tree's lock alone (theory 8).
+        let ncpus = if cfg.caches { cfg.cpus } else { 0 };
         let mut cpus = Vec::new();
-        cpus.try_reserve_exact(cfg.cpus).map_err(|_| Error::NoMemory { requested: cfg.cpus as u64 * 128 })?;
-        // Without caches the magazines are never used: make them with one round each.
-        let rounds = if cfg.caches { MAG_ROUNDS } else { 1 };
-        for _ in 0..cfg.cpus {
-            let cache = CpuCache::new(rounds)?;
+        cpus.try_reserve_exact(ncpus).map_err(|_| Error::NoMemory { requested: ncpus as u64 * 128 })?;
+        for _ in 0..ncpus {
+            let cache = CpuCache::new(MAG_ROUNDS)?;
             cpus.push(Padded(SpinLock::new(PerCpu { cache, hint: LeafHint::default() })));
         }
         let pages = if cfg.caches { space.end().raw() >> PAGE_SHIFT } else { 1 };
