@@ -835,8 +835,11 @@ impl IovaAllocator {
     #[cold]
     #[inline(never)]
     fn alloc_slow<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
+        if !self.cfg.caches {
+            return self.alloc_tree(req);
+        }
         let size = req.size;
-        if self.cfg.caches && req.align <= PAGE_SIZE && req.boundary == 0 {
+        if req.align <= PAGE_SIZE && req.boundary == 0 {
             if let Some(c) = class_of(size) {
                 let limit = (req.limit.raw() & !(PAGE_SIZE - 1)).min(self.space.end().raw());
                 let mut pc = self.cpu_cache(g.cpu())?.lock();
@@ -976,15 +979,22 @@ impl IovaAllocator {
         }
     }
 
+    /// Any request without caches: the tree alone, under its lock.
+    #[inline(never)]
+    fn alloc_tree(&self, req: &IovaRequest) -> Result<AddrRange<Iova>> {
+        let v = Validated::new(req, self.space)?;
+        let s = self.tree.0.lock().alloc(&v.fit(self.guard), Kind::Allocated)?;
+        Self::range(s, v.size)
+    }
+
     /// A request the fast path does not take: no caches, no class, or an alignment or
     /// boundary the top round cannot be assumed to honour.
     #[inline(never)]
     fn alloc_general<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
-        let v = Validated::new(req, self.space)?;
         if !self.cfg.caches {
-            let s = self.tree.0.lock().alloc(&v.fit(self.guard), Kind::Allocated)?;
-            return Self::range(s, v.size);
+            return self.alloc_tree(req);
         }
+        let v = Validated::new(req, self.space)?;
         let cache = self.cpu_cache(g.cpu())?;
         let Some(c) = class_of(v.size) else {
             let s = self.with_retry(|t| t.alloc(&v.fit(self.guard), Kind::Allocated))?;

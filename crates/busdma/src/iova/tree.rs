@@ -766,20 +766,31 @@ impl Tree {
     }
 
     /// Places `f` at the highest fitting address and records it as `kind`. Returns the start.
+    #[inline]
     pub fn alloc(&mut self, f: &Fit, kind: Kind) -> Result<u64> {
-        if self.failed && self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
-            self.stats.fast_failures += 1;
-            return Err(Error::Exhausted { size: f.size, limit: f.limit });
-        }
-        if self.vacant != NIL {
+        // The retake (theory 6) inline, everything else out of line, so that the common pair
+        // pays for neither the search's registers nor its error paths. (A vacancy implies no
+        // remembered failure: the free that made it forgot them all.)
+        if self.vacant != NIL && !self.failed {
             if let Some(s) = self.retake(f, kind) {
                 self.stats.retakes += 1;
                 self.stats.allocs += 1;
                 self.stats.windows += u64::from(kind == Kind::Window);
                 return Ok(s);
             }
-            self.settle();
         }
+        self.alloc_placed(f, kind)
+    }
+
+    /// [`Tree::alloc`] when the vacancy was not taken back: remembered failures, then the
+    /// hint or a search.
+    #[inline(never)]
+    fn alloc_placed(&mut self, f: &Fit, kind: Kind) -> Result<u64> {
+        if self.failed && self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
+            self.stats.fast_failures += 1;
+            return Err(Error::Exhausted { size: f.size, limit: f.limit });
+        }
+        self.settle();
         let found = match self.at_hint(f) {
             Some(hit) => {
                 self.stats.hint_hits += 1;
