@@ -708,7 +708,7 @@ impl IovaAllocator {
 }
 
 impl IovaSource for IovaAllocator {
-    #[inline]
+    #[inline(always)]
     fn alloc<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
         // The fast path (theory 8): a class-size request with no alignment beyond a page and
         // no boundary, served by the top round of the CPU's loaded magazine, which comes with
@@ -716,7 +716,10 @@ impl IovaSource for IovaAllocator {
         // request to `alloc_slow`, which does it all again with every check.
         let size = req.size;
         if req.align <= PAGE_SIZE && req.boundary == 0 {
-            if let (Some(c), Some(pc)) = (class_of(size), self.cpus.get(g.cpu())) {
+            if let Some(c) = class_of(size) {
+                let Some(pc) = self.cpus.get(g.cpu()) else {
+                    return self.alloc_no_cpu(g, req);
+                };
                 let mut pc = pc.0.lock();
                 let hit = pc.cache.pop_with(c, |s| {
                     // A round is a class range of the space, so `s + size` cannot wrap; and as
@@ -758,7 +761,10 @@ impl IovaSource for IovaAllocator {
             // SAFETY: the test above holds only for 1..=64 pages, and the table has an entry
             // for each of 0..=MAX_CLASS_PAGES (64).
             let c = unsafe { *CLASS_OF_PAGES.get_unchecked(pages) };
-            if let Some(pc) = self.cpus.get(g.cpu()) {
+            let Some(pc) = self.cpus.get(g.cpu()) else {
+                return self.free_no_cpu(g, range);
+            };
+            {
                 let mut pc = pc.0.lock();
                 let PerCpu { cache, hint } = &mut *pc;
                 // SAFETY: `hint` is this CPU's, used with no map but `self.live` (the type's
@@ -873,50 +879,63 @@ impl IovaAllocator {
     #[cold]
     #[inline(never)]
     fn free_slow<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
-        let (s, len) = (range.start().raw(), range.len());
-        if !self.space.contains_range(&range) {
-            return Err(Error::OutOfRange { addr: s, limit: self.space.end().raw() });
+        if !self.cfg.caches {
+            return self.free_tree(range);
         }
-        if (s | len) % PAGE_SIZE != 0 {
-            return Err(Error::Misaligned { value: s | len, align: PAGE_SIZE });
-        }
+        let (s, len) = self.check_freed(&range)?;
         let mut class_total = None;
-        if self.cfg.caches {
-            if let Some(c) = class_of(len) {
-                class_total = Some(class_bytes(c) + self.guard);
-                let cpu = self.cpu_cache(g.cpu())?;
-                let mut pc = cpu.lock();
-                if let Some(mark) = self.live.get_hinted(&mut pc.hint, Self::page_of(s)) {
-                    // Under this CPU's lock when the mark is this CPU's or no one's (one lock
-                    // hold, as the fast path); another CPU's mark under that CPU's lock alone.
-                    let mut cleared = self.clear_mark(mark, len, Some(g.cpu()))?;
-                    if cleared == Cleared::ElsewhereOwned {
+        if let Some(c) = class_of(len) {
+            class_total = Some(class_bytes(c) + self.guard);
+            let cpu = self.cpu_cache(g.cpu())?;
+            let mut pc = cpu.lock();
+            if let Some(mark) = self.live.get_hinted(&mut pc.hint, Self::page_of(s)) {
+                // Under this CPU's lock when the mark is this CPU's or no one's (one lock
+                // hold, as the fast path); another CPU's mark under that CPU's lock alone.
+                let mut cleared = self.clear_mark(mark, len, Some(g.cpu()))?;
+                if cleared == Cleared::ElsewhereOwned {
+                    drop(pc);
+                    cleared = self.clear_mark(mark, len, None)?;
+                    pc = cpu.lock();
+                }
+                match cleared {
+                    Cleared::Yes => {
+                        let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
                         drop(pc);
-                        cleared = self.clear_mark(mark, len, None)?;
-                        pc = cpu.lock();
+                        if touched || !cached {
+                            return self.free_spilled(c, s, cached, touched);
+                        }
+                        return Ok(());
                     }
-                    match cleared {
-                        Cleared::Yes => {
-                            let (cached, touched) = pc.cache.free(c, s, MarkAddr::of(mark), &self.depot);
-                            drop(pc);
-                            if touched || !cached {
-                                return self.free_spilled(c, s, cached, touched);
-                            }
-                            return Ok(());
-                        }
-                        Cleared::NotLive | Cleared::ElsewhereOwned => {}
-                        Cleared::OtherSize(pages) => {
-                            return Err(Error::WrongSize {
-                                addr: s,
-                                given: len,
-                                actual: pages << PAGE_SHIFT,
-                            });
-                        }
+                    Cleared::NotLive | Cleared::ElsewhereOwned => {}
+                    Cleared::OtherSize(pages) => {
+                        return Err(Error::WrongSize { addr: s, given: len, actual: pages << PAGE_SHIFT });
                     }
                 }
             }
         }
         self.tree.0.lock().free(s, len, len + self.guard, Kind::Allocated, class_total)
+    }
+}
+
+impl IovaAllocator {
+    /// A freed range's start and length, if it is a page-aligned range of the space.
+    #[inline]
+    fn check_freed(&self, range: &AddrRange<Iova>) -> Result<(u64, u64)> {
+        let (s, len) = (range.start().raw(), range.len());
+        if !self.space.contains_range(range) {
+            return Err(Error::OutOfRange { addr: s, limit: self.space.end().raw() });
+        }
+        if (s | len) % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned { value: s | len, align: PAGE_SIZE });
+        }
+        Ok((s, len))
+    }
+
+    /// Any free without caches: the tree alone, under its lock.
+    #[inline(never)]
+    fn free_tree(&self, range: AddrRange<Iova>) -> Result<()> {
+        let (s, len) = self.check_freed(&range)?;
+        self.tree.0.lock().free(s, len, len + self.guard, Kind::Allocated, None)
     }
 }
 
@@ -977,6 +996,21 @@ impl IovaAllocator {
             // Freed meanwhile (and maybe allocated again, by any CPU): decide on what is there.
             seen = now;
         }
+    }
+
+    /// The fast paths found no CPU entry: without caches there are none (the tree alone);
+    /// with them, `g` names a CPU beyond `IovaConfig::cpus` (the slow path reports it).
+    #[cold]
+    #[inline(never)]
+    fn alloc_no_cpu<P: Platform>(&self, g: &CpuGuard<'_, P>, req: &IovaRequest) -> Result<AddrRange<Iova>> {
+        if self.cfg.caches { self.alloc_slow(g, req) } else { self.alloc_tree(req) }
+    }
+
+    /// As [`IovaAllocator::alloc_no_cpu`], for a free.
+    #[cold]
+    #[inline(never)]
+    fn free_no_cpu<P: Platform>(&self, g: &CpuGuard<'_, P>, range: AddrRange<Iova>) -> Result<()> {
+        if self.cfg.caches { self.free_slow(g, range) } else { self.free_tree(range) }
     }
 
     /// Any request without caches: the tree alone, under its lock.

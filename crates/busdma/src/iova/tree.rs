@@ -588,7 +588,9 @@ impl Tree {
         None
     }
 
-    /// Removes node `x` (not a sentinel) and recycles its slot.
+    /// Removes node `x` (not a sentinel) and recycles its slot. Out of line: the paths that
+    /// may call it (through `settle`) stay small when there is nothing to remove.
+    #[inline(never)]
     fn remove_node(&mut self, x: u32) {
         let succ = self.unlink(x);
         // The successor's gap grew. Above the hint (always, if `x` was the hint): it becomes
@@ -869,6 +871,8 @@ impl Tree {
         Ok(())
     }
 
+    #[cold]
+    #[inline(never)]
     fn kind_mismatch(
         start: u64,
         size: u64,
