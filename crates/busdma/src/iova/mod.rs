@@ -677,8 +677,11 @@ impl IovaAllocator {
         let (depot_rounds, _) = self.depot.census();
         tally(depot_rounds);
         let t = self.tree.0.lock();
-        st.allocations = st.cache_hits + t.stats.allocs - t.stats.windows;
-        st.frees += t.stats.frees - t.stats.class_returns - t.stats.window_frees;
+        // Windows are not allocations, and a class range returned by the caches was counted
+        // as freed when the caches took it.
+        let (allocs, frees) = (t.stats.allocs, t.stats.frees);
+        st.allocations = st.cache_hits + allocs[Kind::Allocated as usize] + allocs[Kind::Class as usize];
+        st.frees += frees[Kind::Allocated as usize];
         st.tree_nodes_visited = t.stats.visited;
         st.fast_failures = t.stats.fast_failures;
         st.live_ranges = t.counts[0] + t.counts[1] - cached_ranges;

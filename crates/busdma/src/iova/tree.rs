@@ -146,20 +146,17 @@ struct Found {
 /// Counters of the slow path.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TreeStats {
-    pub allocs: u64,
-    pub frees: u64,
+    /// Allocations by kind (indexed by its discriminant, as [`Tree::counts`]): one counter
+    /// bumped per allocation, whatever its kind.
+    pub allocs: [u64; 5],
+    /// Frees by kind, as `allocs`.
+    pub frees: [u64; 5],
     pub visited: u64,
     pub fast_failures: u64,
     /// Placements found at the hint, without a search (among `allocs`).
     pub hint_hits: u64,
     /// Allocations that took the vacancy back (among `allocs`).
     pub retakes: u64,
-    /// Window allocations (among `allocs`).
-    pub windows: u64,
-    /// Class ranges returned by the caches (among `frees`).
-    pub class_returns: u64,
-    /// Windows released (among `frees`).
-    pub window_frees: u64,
 }
 
 /// The augmented treap over one space.
@@ -776,8 +773,7 @@ impl Tree {
         if self.vacant != NIL && !self.failed {
             if let Some(s) = self.retake(f, kind) {
                 self.stats.retakes += 1;
-                self.stats.allocs += 1;
-                self.stats.windows += u64::from(kind == Kind::Window);
+                self.stats.allocs[kind as usize] += 1;
                 return Ok(s);
             }
         }
@@ -815,8 +811,7 @@ impl Tree {
         // The gaps above the new node: the rest of its successor's and those above that.
         self.hint = x;
         self.above = above.max(succ_gap);
-        self.stats.allocs += 1;
-        self.stats.windows += u64::from(kind == Kind::Window);
+        self.stats.allocs[kind as usize] += 1;
         Ok(s)
     }
 
@@ -861,9 +856,7 @@ impl Tree {
         // Unlinked at the next operation, unless the next allocation takes it back.
         self.vacant = i;
         self.counts[kind as usize] -= 1;
-        self.stats.frees += 1;
-        self.stats.class_returns += u64::from(kind == Kind::Class);
-        self.stats.window_frees += u64::from(kind == Kind::Window);
+        self.stats.frees[kind as usize] += 1;
         if self.failed {
             self.fails = [None; FAIL_SLOTS];
             self.failed = false;
