@@ -88,6 +88,43 @@ fn freed_space_is_reused_and_counted() {
 }
 
 #[test]
+fn stats_count_allocations_and_frees_but_not_windows_or_cache_returns() {
+    for caches in [false, true] {
+        let a = allocator(256, caches, false);
+        on_cpu(0, |g| {
+            let w = a.reserve_window(g, 16 * P, 1, P, Iova::new(u64::MAX)).unwrap();
+            let plain = a.alloc(g, &IovaRequest::pages(100)).unwrap();
+            let rs: Vec<_> = (0..3).map(|_| a.alloc(g, &IovaRequest::pages(2)).unwrap()).collect();
+            a.free(g, plain).unwrap();
+            for r in rs {
+                a.free(g, r).unwrap();
+            }
+            a.release_window(g, w).unwrap();
+            // The caches give their ranges back to the tree: not frees of the caller's.
+            a.flush_caches();
+            let s = a.stats();
+            assert_eq!((s.allocations, s.frees, s.live_ranges, s.windows), (4, 4, 0, 0), "caches {caches}");
+            assert_eq!(a.free_bytes(), 256 * P);
+        });
+    }
+}
+
+#[test]
+fn without_caches_any_cpu_frees_through_the_tree_with_misuse_detected() {
+    let a = allocator(64, false, false);
+    let r = on_cpu(0, |g| a.alloc(g, &IovaRequest::pages(3)).unwrap());
+    on_cpu(1, |g| {
+        assert!(matches!(
+            a.free(g, AddrRange::from_start_len(r.start(), 2 * P).unwrap()),
+            Err(Error::WrongSize { .. })
+        ));
+        a.free(g, r).unwrap();
+        assert!(matches!(a.free(g, r), Err(Error::DoubleFree { .. })));
+    });
+    assert_eq!(a.free_bytes(), 64 * P);
+}
+
+#[test]
 fn exhaustion_flushes_every_cpu_and_retries_once() {
     let a = allocator(16, true, false);
     // CPU 0 allocates the whole space in 1-page ranges; CPU 1 frees them (cross-CPU frees),
