@@ -49,7 +49,8 @@
 //!    the *vacancy*; every other operation unlinks it first (`settle`), so it sees the tree as
 //!    if the free had unlinked it. The next allocation takes the vacancy back without moving
 //!    anything when every gap above it is smaller than `total` (`above` if it is the hint,
-//!    else one climb that computes the largest), its length is `total`, and the highest fit in
+//!    else one climb that computes the largest, cut short at the first node after the hint
+//!    when `above` already bounds the rest below `total`), its length is `total`, and the highest fit in
 //!    the gap it would merge into (its predecessor's end to its successor's start) is its own
 //!    start: that is exactly where unlinking and searching would have put the range, and a
 //!    treap's shape is fixed by its keys and priorities, so the tree is the one unlinking and
@@ -651,12 +652,17 @@ impl Tree {
         Some(n.start)
     }
 
-    /// The largest gap above node `x` (of every node after it in order), or some gap of at
-    /// least `enough` once one is seen: the right subtree's maximum, then for each ancestor
-    /// entered from its left, its own gap and its right subtree's maximum. One climb, O(depth).
+    /// A bound on every gap above node `x` (of every node after it in order) that is below
+    /// `enough` when the largest such gap is, or else some value of at least `enough`: the
+    /// right subtree's maximum, then for each ancestor entered from its left, its own gap and
+    /// its right subtree's maximum. One climb, O(depth), cut short at the first such ancestor
+    /// after the hint when `above` is below `enough`: that ancestor and every node after it
+    /// lie above the hint, so `above` bounds their gaps (theory 5).
     fn max_gap_above(&self, x: u32, enough: u64) -> u64 {
         let mut u = self.n(self.n(x).right).max_gap;
         let mut i = x;
+        let hint_bounds = self.above < enough;
+        let hint_key = self.key(self.hint);
         while u < enough {
             let p = self.n(i).parent;
             if p == NIL {
@@ -664,6 +670,9 @@ impl Tree {
             }
             let pn = self.n(p);
             if pn.left == i {
+                if hint_bounds && self.key(p) > hint_key {
+                    return u.max(self.above);
+                }
                 u = u.max(pn.gap).max(self.n(pn.right).max_gap);
             }
             i = p;
