@@ -553,7 +553,7 @@ impl Tree {
                 return Some(self.last);
             }
         }
-        let mut t = self.root;
+        let mut t = self.finger(start);
         while t != NIL {
             self.stats.visited += 1;
             let n = self.n(t);
@@ -563,6 +563,42 @@ impl Tree {
             t = if start < n.start { n.left } else { n.right };
         }
         None
+    }
+
+    /// A node whose subtree holds the range starting at `start` if the tree holds one: the
+    /// hint, or its lowest ancestor that is. A free of a range placed near the last one (a
+    /// ring) then descends from a few levels up instead of from the root. A subtree holds
+    /// every node strictly between its nearest ancestors on either side; climbing from the
+    /// hint towards `start`, the side beyond the hint stays beyond `start`, so the climb stops
+    /// at the first node entered from `start`'s side whose parent is strictly past `start`
+    /// on that side (a range starting at `start` is past a node that starts below it).
+    #[inline(never)]
+    fn finger(&mut self, start: u64) -> u32 {
+        let mut i = self.hint;
+        if i == NIL {
+            return self.root;
+        }
+        let below = match start.cmp(&self.n(i).start) {
+            core::cmp::Ordering::Less => true,
+            core::cmp::Ordering::Greater => false,
+            // The hint itself, or (after a sentinel of that start) its neighbour.
+            core::cmp::Ordering::Equal => return self.root,
+        };
+        loop {
+            let p = self.n(i).parent;
+            if p == NIL {
+                return i;
+            }
+            self.stats.visited += 1;
+            let pn = self.n(p);
+            if below && pn.right == i && pn.start < start {
+                return i;
+            }
+            if !below && pn.left == i && pn.start > start {
+                return i;
+            }
+            i = p;
+        }
     }
 
     /// An occupied non-sentinel range overlapping `[s, e)`, if any.
@@ -1007,6 +1043,47 @@ mod tests {
                 assert!(s + f.total <= hi);
             }
         }
+    }
+
+    /// A free's lookup starts from the hint's subtree (`finger`): every range is found from
+    /// there, on either side of the hint and however far, and a start that holds no range
+    /// (or only a sentinel) is a double free.
+    #[test]
+    fn a_free_finds_its_range_on_either_side_of_the_hint() {
+        let (base, end) = (0x10_0000, 0x10_0000 + 512 * PAGE_SIZE);
+        let mut t = Tree::new(base, end).unwrap();
+        let one = fit(1, PAGE_SIZE, 0, u64::MAX);
+        let mut live: Vec<u64> = (0..300).map(|_| t.alloc(&one, Kind::Allocated).unwrap()).collect();
+        // Frees alternately far below and far above wherever the hint now is, then near it.
+        let mut k = 0u64;
+        while !live.is_empty() {
+            k = (k * 7 + 13) % 1009;
+            let i = if k % 3 == 0 {
+                live.len() / 2
+            } else if k % 2 == 0 {
+                0
+            } else {
+                live.len() - 1
+            };
+            let s = live.swap_remove(i.min(live.len() - 1));
+            t.free(s, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+            assert_eq!(
+                t.free(s, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None),
+                Err(Error::DoubleFree { addr: s, size: PAGE_SIZE })
+            );
+            if k % 5 == 0 {
+                // A fresh allocation moves the hint.
+                live.push(t.alloc(&one, Kind::Allocated).unwrap());
+            }
+            t.check().unwrap();
+        }
+        for s in [base, end] {
+            assert_eq!(
+                t.free(s, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None),
+                Err(Error::DoubleFree { addr: s, size: PAGE_SIZE })
+            );
+        }
+        assert_eq!(t.free_bytes(), end - base);
     }
 
     /// A free of the last allocation defers its unlinking; the next allocation takes the node
