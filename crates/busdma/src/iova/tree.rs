@@ -60,8 +60,10 @@
 //!    a later request with the same limit that is at least as large, at least as aligned and no
 //!    less constrained by its boundary cannot fit either, and fails without a search. Any free
 //!    into the tree forgets every record (space came back).
-//! 8. **Misuse.** A free looks its start up (the last allocated node first, then one descent)
-//!    after settling the vacancy: no node there (or the vacancy itself freed again) is a
+//! 8. **Misuse.** A free looks its start up (the last allocated node first, then a finger
+//!    search: a climb from the hint to its lowest ancestor whose subtree must hold the start,
+//!    and one descent from there; a ring's oldest range is a few levels from the hint, not a
+//!    whole depth) after settling the vacancy: no node there (or the vacancy itself freed again) is a
 //!    double free, another length is a wrong size, another kind a bad state; nothing changes.
 //! 9. **Storage.** Nodes live in an arena (`Vec`) linked by `u32` indices, slot 0 the dummy,
 //!    recycled through a free list whose capacity is reserved when a slot is made, so removal
