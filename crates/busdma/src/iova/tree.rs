@@ -60,7 +60,7 @@
 //!    a later request with the same limit that is at least as large, at least as aligned and no
 //!    less constrained by its boundary cannot fit either, and fails without a search. Any free
 //!    into the tree forgets every record (space came back).
-//! 8. **Misuse.** A free looks its start up (the last allocated node first, then a finger
+//! 8. **Misuse.** A free looks its start up (the last two allocated nodes first, then a finger
 //!    search: a climb from the hint to its lowest ancestor whose subtree must hold the start,
 //!    and one descent from there; a ring's oldest range is a few levels from the hint, not a
 //!    whole depth) after settling the vacancy: no node there (or the vacancy itself freed again) is a
@@ -166,20 +166,22 @@ pub(crate) struct TreeStats {
 ///
 /// # Invariants
 ///
-/// `root`, `last`, `hint` and every `left`, `right` and `parent` of a node are the index of a
+/// `root`, each of `recent`, `hint` and every `left`, `right` and `parent` of a node are the index of a
 /// slot below `nodes.len()`: `NIL` is slot 0, the dummy node pushed first; other indices come
 /// only from [`Tree::new_node`], and `nodes` never shrinks below an index handed out (a freed
 /// slot goes to `free_slots`, to be reused; the one `pop` undoes a push whose index was never
 /// linked). `free_slots` has room for every slot. The dummy's `max_gap` is 0 (it is never
-/// pulled).
+/// pulled). Each of `recent` is `NIL` or a linked node (a removal clears it), so a free's
+/// lookup never takes a recycled slot's stale range for a live one.
 #[derive(Debug)]
 pub(crate) struct Tree {
     nodes: Vec<Node>,
     free_slots: Vec<u32>,
     root: u32,
-    /// The node allocated last, until it is freed (`NIL` otherwise): a free's lookup tries it
-    /// first.
-    last: u32,
+    /// The nodes allocated last and the one before, each until it is freed (`NIL` otherwise):
+    /// a free's lookup tries them first (the synchronous pair frees the last, a two-deep ring
+    /// or an "allocate the next, then free the previous" step the one before).
+    recent: [u32; 2],
     /// The placement hint: a node, and `above`, a bound on every gap above it (theory 5).
     hint: u32,
     above: u64,
@@ -254,7 +256,7 @@ impl Tree {
             nodes,
             free_slots: Vec::new(),
             root: NIL,
-            last: NIL,
+            recent: [NIL; 2],
             hint: NIL,
             above: 0,
             vacant: NIL,
@@ -271,11 +273,11 @@ impl Tree {
         Ok(t)
     }
 
-    /// Node `i`: `root`, `last`, `hint` or a link read from the tree (`NIL` reads the dummy).
+    /// Node `i`: `root`, one of `recent`, `hint` or a link read from the tree (`NIL` reads the dummy).
     #[inline]
     fn n(&self, i: u32) -> &Node {
         debug_assert!((i as usize) < self.nodes.len(), "node {i} of {}", self.nodes.len());
-        // SAFETY: every index passed here is `root`, `last`, `hint` or a link of a node, and
+        // SAFETY: every index passed here is `root`, one of `recent`, `hint` or a link of a node, and
         // by the invariant of `Tree` each is below `nodes.len()`.
         unsafe { self.nodes.get_unchecked(i as usize) }
     }
@@ -548,11 +550,11 @@ impl Tree {
 
     /// The non-sentinel node starting exactly at `start`.
     fn lookup(&mut self, start: u64) -> Option<u32> {
-        // The last node allocated: freed at once by synchronous map/unmap users.
-        if self.last != NIL {
-            let n = self.n(self.last);
+        // The last two nodes allocated (`NIL` reads the dummy, a sentinel: no match).
+        for r in self.recent {
+            let n = self.n(r);
             if n.start == start && n.kind != Kind::Sentinel {
-                return Some(self.last);
+                return Some(r);
             }
         }
         let mut t = self.finger(start);
@@ -639,8 +641,10 @@ impl Tree {
         } else if self.key(succ) > self.key(self.hint) {
             self.hint = succ;
         }
-        if self.last == x {
-            self.last = NIL;
+        for r in &mut self.recent {
+            if *r == x {
+                *r = NIL;
+            }
         }
         // Capacity was reserved at insertion: this push never allocates.
         self.free_slots.push(x);
@@ -683,7 +687,7 @@ impl Tree {
         self.vacant = NIL;
         self.n_mut(x).kind = kind;
         self.counts[kind as usize] += 1;
-        self.last = x;
+        self.recent = [x, self.recent[0]];
         // As after any allocation, the node is the hint; its gaps are those it had.
         self.hint = x;
         self.above = above;
@@ -854,7 +858,7 @@ impl Tree {
         let x = self.new_node(s, s + f.total, s - pred_end, kind)?;
         let succ_gap = sn.start - (s + f.total);
         self.link(x, at, left, succ, succ_gap);
-        self.last = x;
+        self.recent = [x, self.recent[0]];
         // The gaps above the new node: the rest of its successor's and those above that.
         self.hint = x;
         self.above = above.max(succ_gap);
@@ -1086,6 +1090,33 @@ mod tests {
             );
         }
         assert_eq!(t.free_bytes(), end - base);
+    }
+
+    /// The two most recent allocations are tried first by a free's lookup, and a removal
+    /// forgets them: a range freed, unlinked and freed again is a double free, however
+    /// recently it was allocated.
+    #[test]
+    fn a_removed_recent_allocation_is_not_found_again() {
+        let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+        let one = fit(1, PAGE_SIZE, 0, u64::MAX);
+        let a = t.alloc(&one, Kind::Allocated).unwrap();
+        let b = t.alloc(&one, Kind::Allocated).unwrap();
+        // `a` is the one before the last: found without a descent.
+        t.free(a, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        // Another size settles the vacancy: `a` is unlinked and its slot recycled.
+        let c = t.alloc(&fit(2, PAGE_SIZE, 0, u64::MAX), Kind::Allocated).unwrap();
+        assert_eq!(
+            t.free(a, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None),
+            Err(Error::DoubleFree { addr: a, size: PAGE_SIZE })
+        );
+        t.free(b, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None).unwrap();
+        t.free(c, 2 * PAGE_SIZE, 2 * PAGE_SIZE, Kind::Allocated, None).unwrap();
+        assert_eq!(
+            t.free(b, PAGE_SIZE, PAGE_SIZE, Kind::Allocated, None),
+            Err(Error::DoubleFree { addr: b, size: PAGE_SIZE })
+        );
+        t.check().unwrap();
+        assert_eq!(t.free_bytes(), 0x10_0000);
     }
 
     /// A free of the last allocation defers its unlinking; the next allocation takes the node
