@@ -655,6 +655,49 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_unmap_is_due_by_age_on_any_cpu_until_a_flush_covers_it() {
+        let q = FlushQueues::<u8>::new(2, 100, 1_000).unwrap();
+        assert_eq!(q.record(1, q.ticket(), 500), Recorded::Recorded);
+        assert_eq!(q.record(1, q.ticket(), 900), Recorded::Recorded);
+        assert_eq!((q.pending(), q.recorded()), (0, 2));
+        assert!(q.unflushed());
+        // Aged by the first recorded unmap's time, as a queue by its oldest entry.
+        assert!(!q.due(1_499) && q.due(1_500));
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
+        assert!(!q.unflushed() && q.recorded() == 0 && !q.due(10_000));
+        // A fresh record after the flush counts from its own first time.
+        assert_eq!(q.record(0, q.ticket(), 20_000), Recorded::Recorded);
+        assert!(!q.due(20_999) && q.due(21_000));
+    }
+
+    #[test]
+    fn the_record_that_reaches_the_count_bound_asks_for_a_flush_and_the_flush_resets_it() {
+        let q = FlushQueues::<u8>::new(1, 3, u64::MAX).unwrap();
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Recorded);
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Recorded);
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Full);
+        assert_eq!(q.recorded(), 3);
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
+        assert_eq!(q.recorded(), 0);
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Recorded);
+        assert_eq!(q.recorded(), 1);
+        // No record for a CPU beyond the count, nor for an already invalidated unmap.
+        assert_eq!(q.record(1, q.ticket(), 0), Recorded::NoRecord);
+        assert_eq!(q.record(0, FlushTicket::DONE, 0), Recorded::NoRecord);
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_a_record_uncovered_and_the_next_success_covers_it() {
+        let q = FlushQueues::<u8>::new(1, 8, u64::MAX).unwrap();
+        let _ = q.record(0, q.ticket(), 0);
+        let broken = Error::InvalidationFailed { what: "test", domain: 1, status: 0 };
+        assert_eq!(q.flush(|| Err(broken), &mut |_| {}), Err(broken));
+        assert!(q.unflushed() && q.recorded() == 1);
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
+        assert!(!q.unflushed());
+    }
+
+    #[test]
     fn bad_bounds_are_errors() {
         assert!(FlushQueues::<u8>::new(0, 1, 1).is_err());
         assert!(FlushQueues::<u8>::new(1, 0, 1).is_err());
