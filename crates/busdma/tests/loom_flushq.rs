@@ -280,7 +280,11 @@ fn a_recorded_unmaps_window_is_repointed_only_after_an_invalidation_that_saw_its
                 fq.flush(|| hw.invalidate_all(), &mut |_| {}).unwrap();
             }
         }
-        assert_eq!(*hw.tlb.lock().unwrap(), [0, 0], "a window re-pointed while its old translation is cached");
+        assert_eq!(
+            *hw.tlb.lock().unwrap(),
+            [0, 0],
+            "a window re-pointed while its old translation is cached"
+        );
         device.join().unwrap();
         flusher.join().unwrap();
         assert!(!fq.unflushed() && fq.recorded() == 0);

@@ -43,16 +43,16 @@
 //!    tables under it for as long as it is held, so [`Domain::map_pinned`] writes a load's
 //!    leaves without a walk and [`Domain::unmap_pinned`] clears them; both keep the rules
 //!    above (a degraded domain recovers before a map, a failed map is invalidated, an unmap
-//!    is invalidated now or queued and returns its ticket). The tables are never detached by
+//!    is invalidated now or queued, or recorded (theory 10), and returns its ticket). The tables are never detached by
 //!    these calls ([`crate::pgtable::LeafWindow`]), so nothing is freed on this path.
 //! 10. **Unmaps that free nothing** (a kept window's, a pinned window's: no IOVA to give back,
-//!    no table page detached) are *recorded* on the CPU's record of the flush queues instead
-//!    of queued (rule 8 of [`super::flushq`], which has the argument): the caller keeps the
-//!    ticket for [`Domain::ensure_flushed`] before the window is mapped again, the count and
-//!    age bounds force flushes as for queued unmaps, and [`Domain::flush_queued`] (the unpin
-//!    barrier, a quarantine's proof) flushes while a recorded unmap is uncovered, so no
-//!    buffer is handed back for reuse before an invalidation that saw its clear finished.
-//!    [`Domain::pending`] counts them; `DomainStats::queued` counts them as queued.
+//!     no table page detached) are *recorded* on the CPU's record of the flush queues instead
+//!     of queued (rule 8 of [`super::flushq`], which has the argument): the caller keeps the
+//!     ticket for [`Domain::ensure_flushed`] before the window is mapped again, the count and
+//!     age bounds force flushes as for queued unmaps, and [`Domain::flush_queued`] (the unpin
+//!     barrier, a quarantine's proof) flushes while a recorded unmap is uncovered, so no
+//!     buffer is handed back for reuse before an invalidation that saw its clear finished.
+//!     [`Domain::pending`] counts them; `DomainStats::queued` counts them as queued.
 //!
 //! # Execution context
 //!

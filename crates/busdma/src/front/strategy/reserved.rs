@@ -356,7 +356,11 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
             r = t.map(|_| ());
         }
         st.mapped.clear();
-        st.cur = (st.cur + 1) % st.windows.len();
+        // Windows in turn (theory 3); no division on the per-packet path.
+        st.cur += 1;
+        if st.cur >= st.windows.len() {
+            st.cur = 0;
+        }
         r
     }
 
