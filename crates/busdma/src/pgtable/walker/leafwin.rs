@@ -234,7 +234,7 @@ impl<P: Platform, F: PteFormat> PageTable<'_, P, F> {
         // for address 0) plus `pa`, and consecutive leaves differ by the page size.
         let mut pte = leaf.pte + pa.raw();
         let mut done = 0u64;
-        let r = lw.chunks(first, n, |t, i, j| {
+        let mut write = |t: &TablePage, i: usize, j: usize| {
             for x in i..j {
                 let Some(slot) = t.entry(x) else {
                     return Err(Error::OutOfRange { addr: x as u64, limit: ENTRIES as u64 });
@@ -250,7 +250,12 @@ impl<P: Platform, F: PteFormat> PageTable<'_, P, F> {
             }
             self.clean(t, i, j - i);
             Ok(())
-        });
+        };
+        // One table (the usual run): no chunk loop.
+        let r = match lw.one_table(first, n) {
+            Some((t, i, j)) => write(t, i, j),
+            None => lw.chunks(first, n, write),
+        };
         if r.is_err() && done > 0 {
             // Roll back this call's leaves (theory 3).
             let _ = self.store_zero(lw, first, done);
