@@ -799,13 +799,19 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     ///
     /// Errors: [`Error::InvalidationFailed`] if that flush fails: the range of `t` must not
     /// be mapped again yet.
+    #[inline]
     pub fn ensure_flushed(&self, g: &CpuGuard<'_, P>, t: FlushTicket) -> Result<()> {
-        if let Some(fq) = &self.fq {
-            if !fq.generations().is_flushed(t) {
-                self.flush_now(g, fq)?;
-            }
+        match &self.fq {
+            Some(fq) if !fq.generations().is_flushed(t) => self.flush_for(g, fq),
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The flush of [`Domain::ensure_flushed`], out of the load path's line.
+    #[cold]
+    #[inline(never)]
+    fn flush_for(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) -> Result<()> {
+        self.flush_now(g, fq)
     }
 
     /// Returns once every unmap that returned before the call has been invalidated: flushes
@@ -871,10 +877,17 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     fn flush_if_due(&self, g: &CpuGuard<'_, P>) {
         if let Some(fq) = &self.fq {
             if fq.due(self.platform.monotonic_ns()) {
-                self.counters.add(g, Stat::FlushesAged, 1);
-                let _ = self.flush_now(g, fq);
+                self.flush_aged(g, fq);
             }
         }
+    }
+
+    /// The flush of [`Domain::flush_if_due`], out of the map path's line.
+    #[cold]
+    #[inline(never)]
+    fn flush_aged(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) {
+        self.counters.add(g, Stat::FlushesAged, 1);
+        let _ = self.flush_now(g, fq);
     }
 
     fn flush_now(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) -> Result<()> {
