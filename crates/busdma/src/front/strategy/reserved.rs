@@ -13,7 +13,9 @@
 //!    still queued: a device could reach the old pages through a stale IOTLB entry *and* now
 //!    the new ones through the same IOVA, which is only harmless if the old invalidation has
 //!    completed. So load first calls `ensure_flushed` on the previous unload's ticket (a no-op
-//!    once the queue has been drained, a flush otherwise). Under strict invalidation the ticket
+//!    once a flush has covered it, a flush otherwise). Under deferred invalidation the unload
+//!    queues nothing (it frees nothing): it is recorded on its CPU's record, which keeps the
+//!    unpin barrier and the count and age bounds true for it (`iommu::flushq` rule 8). Under strict invalidation the ticket
 //!    is already complete. The cost of this (a forced flush per reuse when maps are recycled
 //!    faster than the queue drains) is what `dmalab bench map` shows in its deferred rows.
 //!    **Alternating windows** ([`IommuReserved::alternating`]): with `n` windows used in
