@@ -53,7 +53,9 @@
 //!    `started` only grows, so a flush covering the record's ticket covers every unmap it
 //!    recorded), how many it recorded since the record was last found covered, and the time
 //!    of the first of those. [`FlushQueues::record`] is written only by the CPU that owns the
-//!    record (the caller's guard: a plain load and store, as the domain's counters), and is
+//!    record (the caller's guard: a plain load and store, as the domain's counters, and with
+//!    their precondition: the domain is not re-entered from an interrupt on the same CPU,
+//!    which would lose a ticket between the load and the store), and is
 //!    published with a `Release` store of the ticket after the unmap's ticket was read (rule
 //!    3 orders the clear before that read). Readers:
 //!    - [`FlushQueues::unflushed`] (what `flush_queued` asks besides "is any queue
