@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 
-use busdma::front::{Direction, IommuPerMap, Tag, TagSpec, load_registered};
+use busdma::front::{Direction, IommuPerMap, IommuReserved, Tag, TagSpec, load_registered};
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
@@ -331,4 +331,36 @@ fn a_barrier_failing_at_teardown_leaves_the_pages_pinned_for_good() {
     assert_eq!((report.regions, report.pages_unpinned, report.pins_held), (1, 0, PAGES));
     assert!(matches!(report.barrier_error, Some(Error::InvalidationFailed { .. })), "{report:?}");
     assert_eq!((probe.unpins.get(), us.pinned_pages()), (0, PAGES), "nothing handed back");
+}
+
+/// A reserved map's deferred unload queues nothing (flush queue rule 8: it frees nothing, so
+/// it is only recorded on its CPU's record); the barrier must still see it. The device uses
+/// the buffer through the map's pinned window, the map is unloaded, the region unregistered:
+/// at the unpin the old bus address must fault. A barrier that looked only at the queues
+/// would find them empty and let the pages go while the IOTLB still translates to them.
+#[test]
+fn a_reserved_windows_recorded_unmap_keeps_its_pages_pinned_until_a_flush_covers_it() {
+    deferred_rig!(m, iommu, dom, per_map_tag, us, probe);
+    drop(per_map_tag);
+    let tag = Tag::new_root(&m, IommuReserved::new(&dom), TagSpec::new(64 << 10, 16)).unwrap();
+    let reg = Registry::with_barrier(&probe, u64::MAX, &tag).unwrap();
+    reg.register(UA, PAGES * PAGE_SIZE).unwrap();
+    let mut map = tag.create_map().unwrap();
+    let flushes = dom.stats().flushes;
+    {
+        let load = load_registered(&mut map, &reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
+        let seg = load.segments()[0];
+        let mut b = [0u8; 8];
+        for off in (0..seg.len).step_by(PAGE_SIZE as usize) {
+            probe.port.dma_read(Iova::new(seg.addr.raw() + off), &mut b).unwrap();
+        }
+        probe.bus.set(Some((seg.addr.raw(), seg.len)));
+        load.unload().unwrap();
+    }
+    assert_eq!(dom.stats().flushes, flushes, "the unload stayed deferred");
+    assert_eq!(dom.pending(), 1, "the recorded unmap counts as pending");
+    reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
+    reg.synchronize().unwrap();
+    assert_eq!((probe.unpins.get(), probe.reached_at_unpin.get()), (1, 0));
+    assert_eq!((dom.stats().flushes - flushes, dom.pending()), (1, 0));
 }

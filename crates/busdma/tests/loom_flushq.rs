@@ -13,7 +13,7 @@ use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 
-use busdma::iommu::flushq::{FlushQueues, Pushed};
+use busdma::iommu::flushq::{FlushQueues, Pushed, Recorded};
 
 const PA: u64 = 0x7000;
 
@@ -63,6 +63,22 @@ fn unmap(hw: &Hw, fq: &FlushQueues<usize>, released: &AtomicU64, cpu: usize, i: 
             release(it);
         }
     }
+}
+
+/// Clears entry `i` (an unmap that frees nothing: a reserved window's), records it on `cpu`
+/// (flushq rule 8) and flushes when the record says so; returns the ticket the window's owner
+/// keeps.
+fn unmap_recorded(hw: &Hw, fq: &FlushQueues<usize>, cpu: usize, i: usize) -> busdma::iommu::FlushTicket {
+    hw.pte[i].store(0, Ordering::Release);
+    let t = fq.ticket();
+    match fq.record(cpu, t, 0) {
+        Recorded::Recorded => {}
+        Recorded::Full => {
+            fq.flush(|| hw.invalidate_all(), &mut |_| {}).unwrap();
+        }
+        Recorded::NoRecord => panic!("cpu {cpu} has a record"),
+    }
+    t
 }
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -197,5 +213,80 @@ fn a_failed_flush_racing_an_unmap_releases_nothing_and_the_next_flush_releases_i
         assert_eq!(released.load(Ordering::Relaxed), 0, "a failed flush released an item");
         fq.flush(|| hw.invalidate_all(), &mut |it| hw.released(it, &released)).unwrap();
         assert_eq!((released.load(Ordering::Relaxed), fq.pending()), (1, 0));
+    });
+}
+
+/// Flushq rule 8, the buffer: an unmap that freed nothing queued nothing, only its CPU's
+/// record. A barrier (another CPU) that starts after the unmap returned, racing a third CPU's
+/// flush, flushes unless the record is covered; either way the translation is gone when it
+/// returns. Fails if the barrier looks only at the queues (`pending`).
+#[test]
+fn a_recorded_unmap_that_returned_before_an_unpin_barrier_leaves_no_translation_cached() {
+    model(|| {
+        let hw = Arc::new(Hw::new(true));
+        let fq = Arc::new(FlushQueues::new(3, 2, u64::MAX).unwrap());
+        let returned = Arc::new(AtomicU64::new(0));
+        let unmapper = {
+            let (hw, fq, done) = (hw.clone(), fq.clone(), returned.clone());
+            thread::spawn(move || {
+                unmap_recorded(&hw, &fq, 0, 0);
+                done.store(1, Ordering::Release);
+            })
+        };
+        let flusher = {
+            let (hw, fq) = (hw.clone(), fq.clone());
+            thread::spawn(move || {
+                fq.flush(|| hw.invalidate_all(), &mut |_| {}).unwrap();
+            })
+        };
+        if returned.load(Ordering::Acquire) == 1 {
+            // `Domain::flush_queued`.
+            if fq.pending() > 0 || fq.unflushed() {
+                fq.flush(|| hw.invalidate_all(), &mut |_| {}).unwrap();
+            }
+            assert_eq!(hw.tlb.lock().unwrap()[0], 0, "handed back while its translation is cached");
+        }
+        unmapper.join().unwrap();
+        flusher.join().unwrap();
+    });
+}
+
+/// Flushq rule 8, the window: the owner of a window keeps its recorded unmap's ticket and,
+/// before mapping the window again, flushes unless a finished flush covers it
+/// (`Domain::ensure_flushed`). Two unmaps on the same CPU (the second's ticket replaces the
+/// first's in the record) race another CPU's flush and a device walk.
+#[test]
+fn a_recorded_unmaps_window_is_repointed_only_after_an_invalidation_that_saw_its_clear() {
+    model(|| {
+        let hw = Arc::new(Hw::new(false));
+        let fq = Arc::new(FlushQueues::new(2, 4, u64::MAX).unwrap());
+        let device = {
+            let hw = hw.clone();
+            thread::spawn(move || {
+                hw.walk(0);
+                hw.walk(1);
+            })
+        };
+        let flusher = {
+            let (hw, fq) = (hw.clone(), fq.clone());
+            thread::spawn(move || {
+                fq.flush(|| hw.invalidate_all(), &mut |_| {}).unwrap();
+            })
+        };
+        let t0 = unmap_recorded(&hw, &fq, 0, 0);
+        let t1 = unmap_recorded(&hw, &fq, 0, 1);
+        for t in [t0, t1] {
+            if !fq.generations().is_flushed(t) {
+                fq.flush(|| hw.invalidate_all(), &mut |_| {}).unwrap();
+            }
+        }
+        assert_eq!(
+            *hw.tlb.lock().unwrap(),
+            [0, 0],
+            "a window re-pointed while its old translation is cached"
+        );
+        device.join().unwrap();
+        flusher.join().unwrap();
+        assert!(!fq.unflushed() && fq.recorded() == 0);
     });
 }

@@ -43,8 +43,16 @@
 //!    tables under it for as long as it is held, so [`Domain::map_pinned`] writes a load's
 //!    leaves without a walk and [`Domain::unmap_pinned`] clears them; both keep the rules
 //!    above (a degraded domain recovers before a map, a failed map is invalidated, an unmap
-//!    is invalidated now or queued and returns its ticket). The tables are never detached by
+//!    is invalidated now or queued, or recorded (theory 10), and returns its ticket). The tables are never detached by
 //!    these calls ([`crate::pgtable::LeafWindow`]), so nothing is freed on this path.
+//! 10. **Unmaps that free nothing** (a kept window's, a pinned window's: no IOVA to give back,
+//!     no table page detached) are *recorded* on the CPU's record of the flush queues instead
+//!     of queued (rule 8 of [`super::flushq`], which has the argument): the caller keeps the
+//!     ticket for [`Domain::ensure_flushed`] before the window is mapped again, the count and
+//!     age bounds force flushes as for queued unmaps, and [`Domain::flush_queued`] (the unpin
+//!     barrier, a quarantine's proof) flushes while a recorded unmap is uncovered, so no
+//!     buffer is handed back for reuse before an invalidation that saw its clear finished.
+//!     [`Domain::pending`] counts them; `DomainStats::queued` counts them as queued.
 //!
 //! # Execution context
 //!
@@ -56,7 +64,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
 
-use super::flushq::{FlushGenerations, FlushQueues, FlushTicket, Pushed};
+use super::flushq::{FlushGenerations, FlushQueues, FlushTicket, Pushed, Recorded};
 use super::{DomainConfig, DomainId, InvalidationPolicy, IotlbInvalidator};
 use crate::addr::{AddrRange, Iova, PhysAddr};
 use crate::error::{Error, Result};
@@ -333,9 +341,10 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         self.fq.as_ref().map(|fq| fq.generations())
     }
 
-    /// Unmaps queued and not yet released (0 for a strict domain).
+    /// Unmaps queued and not yet released, or recorded and not yet covered by a flush
+    /// (theory 10; 0 for a strict domain).
     pub fn pending(&self) -> usize {
-        self.fq.as_ref().map_or(0, |fq| fq.pending())
+        self.fq.as_ref().map_or(0, |fq| fq.pending() + fq.recorded())
     }
 
     /// The counters.
@@ -535,6 +544,26 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
         };
         let ticket = fq.ticket();
         let now = self.platform.monotonic_ns();
+        if free.is_empty() && gather.freed_tables() == 0 {
+            // Theory 10: nothing to release later, so nothing is queued.
+            match fq.record(g.cpu(), ticket, now) {
+                Recorded::Recorded => {
+                    self.counters.add(g, Stat::Queued, 1);
+                    if fq.due(now) {
+                        self.counters.add(g, Stat::FlushesAged, 1);
+                        self.flush_now(g, fq)?;
+                    }
+                    return Ok(ticket);
+                }
+                Recorded::Full => {
+                    self.counters.add(g, Stat::Queued, 1);
+                    self.counters.add(g, Stat::FlushesFull, 1);
+                    self.flush_now(g, fq)?;
+                    return Ok(ticket);
+                }
+                Recorded::NoRecord => {}
+            }
+        }
         let item = match FreeList::new(free) {
             Ok(free) => Pending { gather, free },
             Err(_) => {
@@ -770,13 +799,19 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     ///
     /// Errors: [`Error::InvalidationFailed`] if that flush fails: the range of `t` must not
     /// be mapped again yet.
+    #[inline]
     pub fn ensure_flushed(&self, g: &CpuGuard<'_, P>, t: FlushTicket) -> Result<()> {
-        if let Some(fq) = &self.fq {
-            if !fq.generations().is_flushed(t) {
-                self.flush_now(g, fq)?;
-            }
+        match &self.fq {
+            Some(fq) if !fq.generations().is_flushed(t) => self.flush_for(g, fq),
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The flush of [`Domain::ensure_flushed`], out of the load path's line.
+    #[cold]
+    #[inline(never)]
+    fn flush_for(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) -> Result<()> {
+        self.flush_now(g, fq)
     }
 
     /// Returns once every unmap that returned before the call has been invalidated: flushes
@@ -789,7 +824,10 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// started after its clear has finished (`flushq.rs`, rule 2), under the queue's lock,
     /// which [`Domain::pending`] takes too. So an entry of an unmap that returned before the
     /// call is either seen queued (and the flush below covers it) or already covered. An unmap
-    /// whose invalidation failed has left the domain degraded until a recovery succeeds.
+    /// that queued nothing (theory 10) stored its ticket in its CPU's record before returning,
+    /// so the record shows that ticket (or a later one) uncovered, or a covering flush has
+    /// finished (`flushq.rs`, rule 8). An unmap whose invalidation failed has left the domain
+    /// degraded until a recovery succeeds.
     ///
     /// Errors: [`Error::InvalidationFailed`]; nothing is proven then.
     pub fn flush_queued(&self, g: &CpuGuard<'_, P>) -> Result<()> {
@@ -797,7 +835,8 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
             return self.recover(g);
         }
         if let Some(fq) = &self.fq {
-            if fq.pending() > 0 {
+            // Theory 10: an unmap that queued nothing is in its CPU's record.
+            if fq.pending() > 0 || fq.unflushed() {
                 return self.flush_now(g, fq);
             }
         }
@@ -838,10 +877,17 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     fn flush_if_due(&self, g: &CpuGuard<'_, P>) {
         if let Some(fq) = &self.fq {
             if fq.due(self.platform.monotonic_ns()) {
-                self.counters.add(g, Stat::FlushesAged, 1);
-                let _ = self.flush_now(g, fq);
+                self.flush_aged(g, fq);
             }
         }
+    }
+
+    /// The flush of [`Domain::flush_if_due`], out of the map path's line.
+    #[cold]
+    #[inline(never)]
+    fn flush_aged(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) {
+        self.counters.add(g, Stat::FlushesAged, 1);
+        let _ = self.flush_now(g, fq);
     }
 
     fn flush_now(&self, g: &CpuGuard<'_, P>, fq: &FlushQueues<Pending>) -> Result<()> {

@@ -35,6 +35,42 @@
 //! 7. **Failures.** An invalidation can fail (the IOMMU reports an error or never answers). A
 //!    failed flush releases nothing and its items stay queued; it keeps the number it took,
 //!    and the next flush that succeeds covers every ticket below its own number.
+//! 8. **Unmaps that free nothing are recorded, not queued.** An unmap of a reserved window
+//!    (the window stays its map's; its pinned tables are never detached) gives nothing back:
+//!    no IOVA goes to the allocator and no table page to the pool. A queue entry for it would
+//!    carry an empty item, and its release would do nothing. What deferral must still
+//!    guarantee for it is a matter of the *translation*, not of the IOVA:
+//!    - the window is not re-pointed before an invalidation that saw the clear has finished
+//!      (its owner keeps the unmap's ticket and calls `ensure_flushed` before it maps the
+//!      window again: the ticket is the map's "invalidated up to generation g");
+//!    - the *buffer* the entries pointed at is not handed back for reuse on a proof of
+//!      unreachability (the unpin barrier, a quarantine's release: `Domain::flush_queued`)
+//!      unless a covering invalidation has finished;
+//!    - the count and age bounds of rule 5 still bound how long a device may reach it.
+//!
+//!    So each CPU keeps one [`Record`] instead of entries: the greatest ticket of the unmaps
+//!    it recorded (later tickets are never smaller: the CPU's unmaps run one after another and
+//!    `started` only grows, so a flush covering the record's ticket covers every unmap it
+//!    recorded), how many it recorded since the record was last found covered, and the time
+//!    of the first of those. [`FlushQueues::record`] is written only by the CPU that owns the
+//!    record (the caller's guard: a plain load and store, as the domain's counters, and with
+//!    their precondition: the domain is not re-entered from an interrupt on the same CPU,
+//!    which would lose a ticket between the load and the store), and is
+//!    published with a `Release` store of the ticket after the unmap's ticket was read (rule
+//!    3 orders the clear before that read). Readers:
+//!    - [`FlushQueues::unflushed`] (what `flush_queued` asks besides "is any queue
+//!      non-empty"): an unmap that returned before the caller's call stored its ticket before
+//!      returning, so an `Acquire` load of the record sees that ticket or a later one of the
+//!      same CPU; if `finished > ticket` a flush that started after the clear has finished
+//!      (rule 2), otherwise the caller flushes. Either way the buffer is proven unreachable
+//!      before it is handed back (loom: `tests/loom_flushq.rs`, `a_recorded_unmap_*`).
+//!    - The count bound: the record that reaches `max_entries` uncovered unmaps tells the
+//!      caller to flush, as a full queue does.
+//!    - The age bound: the first time of an uncovered record takes part in the queues'
+//!      oldest time exactly as a queue's oldest entry (its store precedes the hint's
+//!      `fetch_min`, so `raise_hint`'s argument holds unchanged), so `due` fires for it.
+//!
+//!    A failed flush leaves records uncovered (rule 7), and the next success covers them.
 #![forbid(unsafe_code)]
 
 use alloc::boxed::Box;
@@ -150,6 +186,32 @@ struct Queue<T> {
     ring: VecDeque<Queued<T>>,
 }
 
+/// One CPU's record of unmaps that queued nothing (rule 8), on its own cache lines.
+///
+/// # Invariants
+///
+/// Written only by the CPU that owns it. `ticket` is 0 (nothing recorded) or one more than
+/// the greatest ticket generation recorded; `count` and `since` describe the unmaps recorded
+/// since the record was last found covered (meaningless once it is covered).
+#[repr(align(128))]
+struct Record {
+    ticket: AtomicU64,
+    count: AtomicU64,
+    since: AtomicU64,
+}
+
+/// What [`FlushQueues::record`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded; the record still has room.
+    Recorded,
+    /// Recorded, and the record now holds `max_entries` uncovered unmaps: the caller must
+    /// flush.
+    Full,
+    /// Not recorded: no record for that CPU. The caller queues the unmap instead.
+    NoRecord,
+}
+
 /// One queue per CPU of items waiting for a flush, bounded by count and age.
 pub struct FlushQueues<T> {
     gens: FlushGenerations,
@@ -159,6 +221,8 @@ pub struct FlushQueues<T> {
     oldest: Box<[AtomicU64]>,
     /// A lower bound of `oldest` over all queues (`u64::MAX`: all empty, as far as known).
     hint: AtomicU64,
+    /// Per CPU: the unmaps that queued nothing (rule 8).
+    records: Box<[Record]>,
     max_entries: usize,
     max_age_ns: u64,
 }
@@ -200,11 +264,15 @@ impl<T> FlushQueues<T> {
             queues.push(SpinLock::new(Queue { ring }));
         }
         let oldest = (0..cpus).map(|_| AtomicU64::new(u64::MAX)).collect();
+        let records = (0..cpus)
+            .map(|_| Record { ticket: AtomicU64::new(0), count: AtomicU64::new(0), since: AtomicU64::new(0) })
+            .collect();
         Ok(Self {
             gens: FlushGenerations::new(),
             queues: queues.into_boxed_slice(),
             oldest,
             hint: AtomicU64::new(u64::MAX),
+            records,
             max_entries,
             max_age_ns,
         })
@@ -234,6 +302,55 @@ impl<T> FlushQueues<T> {
     /// Items queued on every CPU (a snapshot; takes each queue's lock).
     pub fn pending(&self) -> usize {
         self.queues.iter().map(|q| q.lock().ring.len()).sum()
+    }
+
+    /// Unmaps recorded (rule 8) that no finished flush covers yet, on every CPU (a snapshot;
+    /// it may count an unmap that a flush has covered meanwhile, never miss one).
+    pub fn recorded(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|r| self.uncovered(r))
+            .map(|r| r.count.load(Ordering::Relaxed) as usize)
+            .sum()
+    }
+
+    /// True if some recorded unmap (rule 8) that returned before this call is not yet covered
+    /// by a finished flush.
+    pub fn unflushed(&self) -> bool {
+        self.records.iter().any(|r| self.uncovered(r))
+    }
+
+    /// The record holds an unmap no finished flush covers.
+    #[inline]
+    fn uncovered(&self, r: &Record) -> bool {
+        match r.ticket.load(Ordering::Acquire) {
+            0 => false,
+            t => !self.gens.is_flushed(FlushTicket(Some(t - 1))),
+        }
+    }
+
+    /// Rule 8: records an unmap that frees nothing, cleared under `ticket` at `now_ns`, on
+    /// `cpu`'s record. The caller holds a guard for `cpu` (the record's single writer).
+    #[inline]
+    pub fn record(&self, cpu: usize, ticket: FlushTicket, now_ns: u64) -> Recorded {
+        let (Some(r), Some(t)) = (self.records.get(cpu), ticket.0) else {
+            return Recorded::NoRecord;
+        };
+        let t = t.wrapping_add(1);
+        if !self.uncovered(r) {
+            // A fresh record: its first unmap's time joins the age bound (rule 8), stored
+            // before the hint is lowered (`raise_hint`'s hazard).
+            r.count.store(1, Ordering::Relaxed);
+            r.ticket.store(t, Ordering::Release);
+            r.since.store(now_ns, Ordering::Release);
+            self.hint.fetch_min(now_ns, Ordering::AcqRel);
+            return if self.max_entries <= 1 { Recorded::Full } else { Recorded::Recorded };
+        }
+        let n = r.count.load(Ordering::Relaxed).wrapping_add(1);
+        r.count.store(n, Ordering::Relaxed);
+        // Single writer, tickets never decrease (rule 8): the greater one covers both.
+        r.ticket.store(t.max(r.ticket.load(Ordering::Relaxed)), Ordering::Release);
+        if n >= self.max_entries as u64 { Recorded::Full } else { Recorded::Recorded }
     }
 
     /// Releases the items of queue `cpu` that a finished flush covers, oldest first. Call
@@ -304,9 +421,23 @@ impl<T> FlushQueues<T> {
         false
     }
 
-    /// The queues' oldest entry time, `u64::MAX` if all are empty.
+    /// The queues' oldest entry time and the uncovered records' first times (rule 8),
+    /// `u64::MAX` if all are empty.
     fn min_oldest(&self) -> u64 {
-        self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX)
+        let queued = self.oldest.iter().map(|o| o.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let recorded = self
+            .records
+            .iter()
+            .filter_map(|r| {
+                // `since` is stored after `ticket`: read first, a fresh record's time is
+                // never seen with the covered ticket before it (an old time with a fresh
+                // ticket only makes `due` early).
+                let since = r.since.load(Ordering::Acquire);
+                self.uncovered(r).then_some(since)
+            })
+            .min()
+            .unwrap_or(u64::MAX);
+        queued.min(recorded)
     }
 
     /// Raises the hint from `expected` to `oldest` (the queues' minimum as just read), unless a
@@ -523,6 +654,49 @@ mod tests {
         assert_eq!(out, [1, 2]);
         assert!(q.generations().is_flushed(t1) && q.generations().is_flushed(t2));
         assert_eq!((q.generations().started(), q.generations().finished()), (3, 3));
+    }
+
+    #[test]
+    fn a_recorded_unmap_is_due_by_age_on_any_cpu_until_a_flush_covers_it() {
+        let q = FlushQueues::<u8>::new(2, 100, 1_000).unwrap();
+        assert_eq!(q.record(1, q.ticket(), 500), Recorded::Recorded);
+        assert_eq!(q.record(1, q.ticket(), 900), Recorded::Recorded);
+        assert_eq!((q.pending(), q.recorded()), (0, 2));
+        assert!(q.unflushed());
+        // Aged by the first recorded unmap's time, as a queue by its oldest entry.
+        assert!(!q.due(1_499) && q.due(1_500));
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
+        assert!(!q.unflushed() && q.recorded() == 0 && !q.due(10_000));
+        // A fresh record after the flush counts from its own first time.
+        assert_eq!(q.record(0, q.ticket(), 20_000), Recorded::Recorded);
+        assert!(!q.due(20_999) && q.due(21_000));
+    }
+
+    #[test]
+    fn the_record_that_reaches_the_count_bound_asks_for_a_flush_and_the_flush_resets_it() {
+        let q = FlushQueues::<u8>::new(1, 3, u64::MAX).unwrap();
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Recorded);
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Recorded);
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Full);
+        assert_eq!(q.recorded(), 3);
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
+        assert_eq!(q.recorded(), 0);
+        assert_eq!(q.record(0, q.ticket(), 0), Recorded::Recorded);
+        assert_eq!(q.recorded(), 1);
+        // No record for a CPU beyond the count, nor for an already invalidated unmap.
+        assert_eq!(q.record(1, q.ticket(), 0), Recorded::NoRecord);
+        assert_eq!(q.record(0, FlushTicket::DONE, 0), Recorded::NoRecord);
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_a_record_uncovered_and_the_next_success_covers_it() {
+        let q = FlushQueues::<u8>::new(1, 8, u64::MAX).unwrap();
+        let _ = q.record(0, q.ticket(), 0);
+        let broken = Error::InvalidationFailed { what: "test", domain: 1, status: 0 };
+        assert_eq!(q.flush(|| Err(broken), &mut |_| {}), Err(broken));
+        assert!(q.unflushed() && q.recorded() == 1);
+        q.flush(|| Ok(()), &mut |_| {}).unwrap();
+        assert!(!q.unflushed());
     }
 
     #[test]

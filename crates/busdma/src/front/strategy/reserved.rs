@@ -10,15 +10,18 @@
 //! 2. **Load** lays the runs out at the window's start and maps leaves; **unload** clears them
 //!    with one `unmap` that frees nothing (the window stays the map's) and keeps the ticket.
 //! 3. **Reuse under deferred invalidation.** The next load may reuse IOVAs whose unmap is
-//!    still queued: a device could reach the old pages through a stale IOTLB entry *and* now
-//!    the new ones through the same IOVA, which is only harmless if the old invalidation has
-//!    completed. So load first calls `ensure_flushed` on the previous unload's ticket (a no-op
-//!    once the queue has been drained, a flush otherwise). Under strict invalidation the ticket
-//!    is already complete. The cost of this (a forced flush per reuse when maps are recycled
-//!    faster than the queue drains) is what `dmalab bench map` shows in its deferred rows.
+//!    not yet invalidated: a device could reach the old pages through a stale IOTLB entry
+//!    *and* now the new ones through the same IOVA, which is only harmless if the old
+//!    invalidation has completed. So load first calls `ensure_flushed` on the previous
+//!    unload's ticket (a no-op once a flush has covered it, a flush otherwise). The unload
+//!    queues nothing (it frees nothing): it is recorded on its CPU's record, which keeps the
+//!    unpin barrier and the count and age bounds true for it (`iommu::flushq` rule 8). Under
+//!    strict invalidation the ticket is already complete. The cost of this (a forced flush per
+//!    reuse when maps are recycled faster than flushes come) is what `dmalab bench map` shows
+//!    in its deferred rows.
 //!    **Alternating windows** ([`IommuReserved::alternating`]): with `n` windows used in
 //!    turn, a load waits for the unload of `n` loads ago; one forced flush completes every
-//!    queued unload, so at most one load in `n` pays for a flush, for `n` times the IOVA.
+//!    earlier unload, so at most one load in `n` pays for a flush, for `n` times the IOVA.
 //! 4. **Destroy** waits for each window's last invalidation, then frees the windows.
 //! 5. **Pinned windows** (a domain that has them, [`IommuOps::pin_window`]: busdma's own).
 //!    Create also pins each window's last-level tables; a load then makes *one* layout pass
@@ -356,7 +359,11 @@ impl<P: Platform, D: IommuOps<P> + Clone> Strategy<P> for IommuReserved<D> {
             r = t.map(|_| ());
         }
         st.mapped.clear();
-        st.cur = (st.cur + 1) % st.windows.len();
+        // Windows in turn (theory 3); no division on the per-packet path.
+        st.cur += 1;
+        if st.cur >= st.windows.len() {
+            st.cur = 0;
+        }
         r
     }
 

@@ -94,6 +94,20 @@ impl LeafWindow {
         Ok(())
     }
 
+    /// The one table holding all of pages `[first, first + n)` (checked in the window by the
+    /// caller) and the entry indices `[i, j)` in it, if they lie in one table (the usual
+    /// load: a packet's few pages).
+    #[inline]
+    fn one_table(&self, first: u64, n: u64) -> Option<(&TablePage, usize, usize)> {
+        let abs = self.first + first as usize;
+        let (k, i) = (abs / ENTRIES, abs % ENTRIES);
+        let j = i + n as usize;
+        if j > ENTRIES {
+            return None;
+        }
+        self.tables.get(k).map(|t| (t, i, j))
+    }
+
     /// Checks `[off, off + len)` is a non-empty page-aligned part of the window; returns its
     /// first page and page count.
     #[inline]
@@ -220,7 +234,7 @@ impl<P: Platform, F: PteFormat> PageTable<'_, P, F> {
         // for address 0) plus `pa`, and consecutive leaves differ by the page size.
         let mut pte = leaf.pte + pa.raw();
         let mut done = 0u64;
-        let r = lw.chunks(first, n, |t, i, j| {
+        let mut write = |t: &TablePage, i: usize, j: usize| {
             for x in i..j {
                 let Some(slot) = t.entry(x) else {
                     return Err(Error::OutOfRange { addr: x as u64, limit: ENTRIES as u64 });
@@ -236,7 +250,12 @@ impl<P: Platform, F: PteFormat> PageTable<'_, P, F> {
             }
             self.clean(t, i, j - i);
             Ok(())
-        });
+        };
+        // One table (the usual run): no chunk loop.
+        let r = match lw.one_table(first, n) {
+            Some((t, i, j)) => write(t, i, j),
+            None => lw.chunks(first, n, write),
+        };
         if r.is_err() && done > 0 {
             // Roll back this call's leaves (theory 3).
             let _ = self.store_zero(lw, first, done);
@@ -257,30 +276,50 @@ impl<P: Platform, F: PteFormat> PageTable<'_, P, F> {
     #[inline]
     pub unsafe fn clear_pinned(&self, lw: &LeafWindow, off: u64, len: u64) -> Result<()> {
         let (first, n) = lw.pages(off, len)?;
+        if let Some((t, i, j)) = lw.one_table(first, n) {
+            // One table (the usual unload): checked whole before the first store, as below,
+            // with one look-up instead of two passes.
+            Self::check_present(t, i, j, lw.start + off)?;
+            self.zero(t, i, j);
+            return Ok(());
+        }
         let mut p = first;
         lw.chunks(first, n, |t, i, j| {
-            for x in i..j {
-                if !t.entry(x).is_some_and(|e| F::is_present(e.load(Ordering::Relaxed))) {
-                    return Err(Error::NotMapped { addr: lw.start + p * PAGE_SIZE });
-                }
-                p += 1;
-            }
+            Self::check_present(t, i, j, lw.start + p * PAGE_SIZE)?;
+            p += (j - i) as u64;
             Ok(())
         })?;
         self.store_zero(lw, first, n)
+    }
+
+    /// Checks entries `[i, j)` of `t` are all present; `addr` is the IOVA of entry `i`.
+    #[inline]
+    fn check_present(t: &TablePage, i: usize, j: usize, addr: u64) -> Result<()> {
+        for x in i..j {
+            if !t.entry(x).is_some_and(|e| F::is_present(e.load(Ordering::Relaxed))) {
+                return Err(Error::NotMapped { addr: addr + (x - i) as u64 * PAGE_SIZE });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores zero into entries `[i, j)` of `t` and cleans them.
+    #[inline]
+    fn zero(&self, t: &TablePage, i: usize, j: usize) {
+        for x in i..j {
+            // Relaxed: the owner's invalidation orders the hardware's view (as unmap).
+            if let Some(e) = t.entry(x) {
+                e.store(0, Ordering::Relaxed);
+            }
+        }
+        self.clean(t, i, j - i);
     }
 
     /// Stores zero into pages `[first, first + n)` of the window and cleans them.
     #[inline]
     fn store_zero(&self, lw: &LeafWindow, first: u64, n: u64) -> Result<()> {
         lw.chunks(first, n, |t, i, j| {
-            for x in i..j {
-                // Relaxed: the owner's invalidation orders the hardware's view (as unmap).
-                if let Some(e) = t.entry(x) {
-                    e.store(0, Ordering::Relaxed);
-                }
-            }
-            self.clean(t, i, j - i);
+            self.zero(t, i, j);
             Ok(())
         })
     }
