@@ -22,7 +22,8 @@ use crate::sync::SpinLock;
 /// The shape of a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Bytes of one slot, rounded up to pages: the largest load the pool copies.
+    /// Bytes of one slot, rounded up to pages: the largest load the pool copies. Loads of
+    /// this size are spread over a slot's lines when it is smaller than the slot (theory 8).
     pub slot_size: u64,
     /// Slots on each CPU's free list at creation (a transmit ring's depth, say).
     pub slots_per_cpu: usize,
