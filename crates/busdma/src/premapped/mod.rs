@@ -57,18 +57,21 @@
 //!    measured map + unmap (with its invalidation, strict or deferred as the domain does it)
 //!    on this device: [`Calibration`], measured at creation, kept and printable; or set by
 //!    the driver. See `hybrid.rs`.
-//! 8. **A load's place in its slot** (colouring). A load of `len` bytes lies in its slot at
-//!    byte `at`: position `i mod k` of the `k = ⌈slot bytes / len⌉` positions spread evenly
-//!    from 0 to the slack (`slot bytes − len`), rounded down to 128 bytes (a cache line, or two)
-//!    and to the tag's alignment; at 0 instead if the position would put one of the tag's
-//!    boundaries inside the load and 0 would not. Why: slots start on page boundaries, so with
-//!    `at` = 0 every packet of a ring used the same first lines of its page, the same third of
-//!    a cache's sets (a 1 500-byte packet, 24 of a page's 64 lines), and evicted its own
-//!    pool; spread, consecutive slots cover the page's lines (`examples/icount.rs`
-//!    `tcp-nic-premapped` under callgrind's cache simulation, BENCHMARKS.md). The place
-//!    depends only on the slot, the length and the tag, so it holds the segment rules the
-//!    slot's start holds (alignment, segment count) and the same slot and length give the same
-//!    bus address; it changes nothing the device can reach (the whole slot, theory 5).
+//! 8. **A load's place in its slot** (colouring). Slot `i` has a colour, fixed at creation
+//!    from the configured load size `L` ([`PoolConfig::slot_size`]): position `i mod k` of the
+//!    `k = ⌈slot bytes / L⌉` positions spread evenly from 0 to `slot bytes − L`, rounded down
+//!    to 128 bytes (a cache line, or two); 0 when `L` fills the slot. A load of `len` bytes
+//!    lies in its slot at byte `at` = the colour, lowered to `slot bytes − len` and to the
+//!    tag's alignment (both in 128-byte steps), or at 0 if one of the tag's boundaries would
+//!    fall inside it there. Why: slots start on page boundaries, so with `at` = 0 every packet
+//!    of a ring used the same first lines of its page, the same third of a cache's sets (a
+//!    1 500-byte packet: 24 of a page's 64 lines), where they evicted each other and the
+//!    clients' buffers; spread, a ring's slots cover the page's lines (`examples/icount.rs`
+//!    `tcp-nic-premapped-sized` under callgrind's cache simulation, BENCHMARKS.md). The place
+//!    depends only on the slot, the length and the tag, so the same slot and length give the
+//!    same bus address; it keeps the tag's alignment and boundary, never needs more segments
+//!    than byte 0 would, and changes nothing the device can reach (the whole slot, theory 5). No
+//!    division on the load path: the colour, and the slot's home list, are kept per slot.
 //!
 //! # Counters
 //!
