@@ -1,7 +1,8 @@
 //! The pre-mapped pool (`busdma::premapped`): data round-trips through the pool, the device
 //! reaches the pool's pages and nothing else, no map or invalidation per I/O, the counters
 //! match a reference model, untrusted devices see their buffer and zeros, exhaustion is an
-//! error or a deferral, and the hybrid copies below its threshold and maps above it.
+//! error or a deferral, a ring's loads spread over the lines of their slots within the tag's
+//! rules, and the hybrid copies below its threshold and maps above it.
 
 mod common;
 
@@ -108,7 +109,9 @@ proptest! {
         let qm = QuickMaps::for_platform(&m);
         let tp = TablePool::new(&m);
         let d = PtDomain::new(&m, &tp);
-        let mut cfg = PoolConfig::new(4 * PAGE_SIZE, 2);
+        // Four-page slots configured for loads of three pages and a byte: every other slot's
+        // loads start near its end (theory 8), the others at its start.
+        let mut cfg = PoolConfig::new(3 * PAGE_SIZE + 1, 2);
         if outside_direct_map {
             cfg.placement = Placement::NotDirectMapped;
         }
@@ -174,8 +177,11 @@ proptest! {
                         prop_assert_eq!(dev_read(&m, &d, s.addr.raw(), s.len), bytes.clone());
                     }
                     if untrusted {
-                        // Zeros past the buffer, to the end of the slot.
-                        let rest = pool.slot_bytes() - (s.addr.raw() - window.start().raw()) % pool.slot_bytes() - s.len;
+                        // Zeros before the buffer from the start of the slot, and past it to
+                        // the end of the slot.
+                        let at = (s.addr.raw() - window.start().raw()) % pool.slot_bytes();
+                        let rest = pool.slot_bytes() - at - s.len;
+                        prop_assert!(dev_read(&m, &d, s.addr.raw() - at, at).iter().all(|&b| b == 0));
                         prop_assert!(dev_read(&m, &d, s.addr.raw() + s.len, rest).iter().all(|&b| b == 0));
                     }
                     let defined = vec![dir.device_reads() || untrusted; bytes.len()];
@@ -276,6 +282,126 @@ fn an_untrusted_device_finds_only_its_buffer_and_zeros_in_a_slot_it_left_junk_in
         // The idle slot keeps nothing of the finished I/O.
         assert!(dev_read(&m, &d, seg.addr.raw(), 100).iter().all(|&b| b == 0), "round {round}");
     }
+}
+
+/// Loads `n` maps of `tag` with `len` bytes of `page` each; the segments.
+fn load_ring<'p, S: DmaStrategy<HostPlatform>>(
+    tag: &Tag<'p, HostPlatform, S>,
+    page: PhysAddr,
+    len: u64,
+    n: usize,
+) -> (Vec<busdma::front::DmaMap<'p, HostPlatform, S>>, Vec<busdma::front::Segment>) {
+    let sg = [SgEntry { pa: page, len, kind: MemKind::Page }];
+    let mut maps: Vec<_> = (0..n).map(|_| tag.create_map().unwrap()).collect();
+    let mut segs = Vec::new();
+    for map in &mut maps {
+        // SAFETY: memory the caller allocated and keeps until the maps are dropped.
+        map.load(&unsafe { SgList::new(&sg) }, Direction::ToDevice).unwrap();
+        map.sync(SyncOp::PREWRITE).unwrap();
+        assert_eq!(map.segments().len(), 1);
+        segs.push(map.segments()[0]);
+    }
+    (maps, segs)
+}
+
+#[test]
+fn a_ring_of_packets_spreads_over_the_lines_of_its_slots_pages() {
+    let m = common::machine();
+    let qm = QuickMaps::for_platform(&m);
+    let tp = TablePool::new(&m);
+    let d = PtDomain::new(&m, &tp);
+    // Configured for 1500-byte packets: one-page slots, three places in a page.
+    let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(1500, 6)).unwrap();
+    let tag = Tag::new_root(&m, Premapped(&pool), TagSpec::new(1500, 1)).unwrap();
+    let page = m.frames().alloc(FrameRequest::pages(1)).unwrap();
+    let data: Vec<u8> = (0..1500u32).map(|i| (i * 7 % 253) as u8).collect();
+    m.write_phys(page, &data).unwrap();
+    let (maps, segs) = load_ring(&tag, page, 1500, 6);
+    let w = pool.window();
+    let mut places = Vec::new();
+    for s in &segs {
+        let at = (s.addr.raw() - w.start().raw()) % pool.slot_bytes();
+        // Within its slot, on a 128-byte step, and the device reads the packet there.
+        assert!(at + s.len <= pool.slot_bytes() && at % 128 == 0, "{at:#x}");
+        assert_eq!(dev_read(&m, &d, s.addr.raw(), s.len), data);
+        places.push(at);
+    }
+    places.sort_unstable();
+    places.dedup();
+    // Three places whose 24 lines cover the page's 64 (0, 1280 and 2560 bytes in).
+    assert_eq!(places, [0, 1280, 2560]);
+    // Another length in the same slot: the largest step that fits, the same place each time.
+    drop(maps);
+    let (_maps, mut again) = load_ring(&tag, page, 1500, 6);
+    let mut before = segs.clone();
+    before.sort_unstable_by_key(|s| s.addr);
+    again.sort_unstable_by_key(|s| s.addr);
+    assert_eq!(again, before, "the same slot and length give the same bus address");
+    let (_short, short) = load_ring(&tag, page, 64, 1);
+    assert!(short[0].addr.raw() % PAGE_SIZE < PAGE_SIZE - 64);
+}
+
+#[test]
+fn a_packets_place_in_its_slot_keeps_the_tags_alignment_and_boundary() {
+    let m = common::machine();
+    let qm = QuickMaps::for_platform(&m);
+    let tp = TablePool::new(&m);
+    let d = PtDomain::new(&m, &tp);
+    let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(1500, 6)).unwrap();
+    let page = m.frames().alloc(FrameRequest::pages(1)).unwrap();
+    // Aligned to 2 KiB: the places 0, 1280, 2560 become 0, 0, 2048.
+    let mut aligned = TagSpec::new(1500, 1);
+    aligned.alignment = 2048;
+    aligned.max_segment_size = 2048;
+    let tag = Tag::new_root(&m, Premapped(&pool), aligned).unwrap();
+    let (maps, segs) = load_ring(&tag, page, 1500, 6);
+    assert!(segs.iter().all(|s| s.addr.raw() % 2048 == 0), "{segs:?}");
+    assert!(segs.iter().any(|s| s.addr.raw() % PAGE_SIZE == 2048), "{segs:?}");
+    drop(maps);
+    // No segment may cross a 2 KiB boundary, one segment a load: a place whose packet would
+    // cross one (1280) falls back to the slot's start.
+    let mut bounded = TagSpec::new(1500, 1);
+    bounded.boundary = 2048;
+    let tag = Tag::new_root(&m, Premapped(&pool), bounded).unwrap();
+    let (_maps, segs) = load_ring(&tag, page, 1500, 6);
+    for s in &segs {
+        assert_eq!(s.addr.raw() / 2048, (s.addr.raw() + s.len - 1) / 2048, "{s:?}");
+    }
+    assert!(segs.iter().any(|s| s.addr.raw() % PAGE_SIZE == 2560), "{segs:?}");
+}
+
+#[test]
+fn an_untrusted_device_finds_zeros_before_a_packet_placed_inside_its_slot() {
+    let m = common::machine();
+    let qm = QuickMaps::for_platform(&m);
+    let tp = TablePool::new(&m);
+    let d = PtDomain::new(&m, &tp);
+    let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(1500, 3)).unwrap();
+    let mut spec = TagSpec::new(1500, 1);
+    spec.flags.untrusted = true;
+    let tag = Tag::new_root(&m, Premapped(&pool), spec).unwrap();
+    let page = m.frames().alloc(FrameRequest::pages(1)).unwrap();
+    let data: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8 | 1).collect();
+    m.write_phys(page, &data).unwrap();
+    let (mut maps, segs) = load_ring(&tag, page, 1500, 3);
+    let k = segs.iter().position(|s| s.addr.raw() % PAGE_SIZE != 0).expect("a packet placed inside its slot");
+    let slot_start = segs[k].addr.raw() & !(PAGE_SIZE - 1);
+    // The device fills all of the slot with junk, before the packet too, and the I/O ends.
+    dev_write(&m, &d, slot_start, &vec![0xee; PAGE_SIZE as usize]);
+    maps[k].sync(SyncOp::POSTWRITE).unwrap();
+    maps[k].unload().unwrap();
+    let sg = [SgEntry { pa: page, len: 1500, kind: MemKind::Page }];
+    // SAFETY: memory the test allocated and keeps until the maps are dropped.
+    maps[k].load(&unsafe { SgList::new(&sg) }, Direction::ToDevice).unwrap();
+    let s = maps[k].segments()[0];
+    assert_eq!(s, segs[k], "the same slot, the same place");
+    let whole = dev_read(&m, &d, slot_start, PAGE_SIZE);
+    let at = (s.addr.raw() - slot_start) as usize;
+    assert_eq!(&whole[at..at + 1500], &data[..]);
+    assert!(
+        whole[..at].iter().chain(&whole[at + 1500..]).all(|&b| b == 0),
+        "the device saw more than the packet and zeros"
+    );
 }
 
 #[test]

@@ -19,6 +19,9 @@
 //! - `tcp-premapped`, `tcp-nic-premapped`: the same packet through the pre-mapped pool
 //!   (`busdma::premapped::Premapped`, one-page slots mapped once in a strict domain): the
 //!   PREWRITE copies the 1500 bytes into the slot, the NIC reads the slot;
+//! - `tcp-premapped-sized`, `tcp-nic-premapped-sized`: the same with the pool configured as
+//!   `dmalab tcpbench` configures it, for 1500-byte loads (`PoolConfig::new(1500, 256)`, still
+//!   one-page slots): each slot's packet at its colour (`busdma::premapped`, theory 8);
 //! - `per-map-64k-strict`, `hybrid-64k-strict` (and `-deferred`): as `per-map-strict` with a 16-page (64 KiB)
 //!   buffer; the hybrid's threshold is 64 KiB, so it maps every load with per-map strict, in
 //!   a domain that also holds its pool as tcpbench's `--size 65536` has it (64 KiB slots, 256
@@ -265,9 +268,10 @@ fn main() {
                 ops,
             )
         }
-        "tcp-premapped" | "tcp-nic-premapped" => {
+        "tcp-premapped" | "tcp-nic-premapped" | "tcp-premapped-sized" | "tcp-nic-premapped-sized" => {
             let qm = QuickMaps::for_platform(&m);
-            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(PAGE_SIZE, RING)).expect("pool");
+            let size = if path.ends_with("sized") { 1500 } else { PAGE_SIZE };
+            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(size, RING)).expect("pool");
             let nic = path.starts_with("tcp-nic").then_some(&port as &dyn DmaPort);
             tcp(&m, &Tag::new_root(&m, Premapped(&pool), spec(true)).expect("tag"), nic, ops)
         }

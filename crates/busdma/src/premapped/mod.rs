@@ -28,8 +28,9 @@
 //!    outlives every tag and map that uses it. A forgotten pool leaks its pages, still mapped:
 //!    nobody else ever gets them.
 //! 4. **Copies** are the bounce layer's ([`crate::bounce`], theory 6): PREWRITE copies client
-//!    → slot, POSTREAD slot → client, one run at a time; buffer offset `o` is slot byte `o`,
-//!    so a partial sync copies just its range. When the slot and the run are both reachable
+//!    → slot, POSTREAD slot → client, one run at a time; buffer offset `o` is slot byte
+//!    `at + o`, `at` the load's place in its slot (theory 8), so a partial sync copies just
+//!    its range. When the slot and the run are both reachable
 //!    without a quick map (the slot wholly in the direct map, checked page by page at
 //!    creation; the run in the direct map, checked page by page, or a `Mapped` run's own
 //!    mapping) the copy is one `memcpy` between the two kernel addresses; otherwise it goes
@@ -38,7 +39,7 @@
 //!    copy ([`crate::quickmap::maintain_phys`]). Memory the CPU cannot copy (no page and no
 //!    kernel mapping: MMIO, a peer BAR) is refused at load with [`Error::Unsupported`](crate::Error::Unsupported).
 //! 5. **Untrusted devices** see the buffer's bytes and zeros, as with sub-page bouncing
-//!    ([`crate::bounce`], theory 7): at load the slot past the buffer is zeroed and the client's
+//!    ([`crate::bounce`], theory 7): at load the slot around the buffer is zeroed and the client's
 //!    bytes are copied in whatever the direction (PREREAD repeats the copy), so a device that
 //!    writes less than the buffer leaves the client's own bytes; at unload the buffer's bytes
 //!    are zeroed again, so an idle slot holds zeros. The device can still reach every slot at
@@ -56,6 +57,21 @@
 //!    measured map + unmap (with its invalidation, strict or deferred as the domain does it)
 //!    on this device: [`Calibration`], measured at creation, kept and printable; or set by
 //!    the driver. See `hybrid.rs`.
+//! 8. **A load's place in its slot** (colouring). Slot `i` has a colour, fixed at creation
+//!    from the configured load size `L` ([`PoolConfig::slot_size`]): position `i mod k` of the
+//!    `k = ⌈slot bytes / L⌉` positions spread evenly from 0 to `slot bytes − L`, rounded down
+//!    to 128 bytes (a cache line, or two); 0 when `L` fills the slot. A load of `len` bytes
+//!    lies in its slot at byte `at` = the colour, lowered to `slot bytes − len` and to the
+//!    tag's alignment (both in 128-byte steps), or at 0 if one of the tag's boundaries would
+//!    fall inside it there. Why: slots start on page boundaries, so with `at` = 0 every packet
+//!    of a ring used the same first lines of its page, the same third of a cache's sets (a
+//!    1 500-byte packet: 24 of a page's 64 lines), where they evicted each other and the
+//!    clients' buffers; spread, a ring's slots cover the page's lines (`examples/icount.rs`
+//!    `tcp-nic-premapped-sized` under callgrind's cache simulation, BENCHMARKS.md). The place
+//!    depends only on the slot, the length and the tag, so the same slot and length give the
+//!    same bus address; it keeps the tag's alignment and boundary, never needs more segments
+//!    than byte 0 would, and changes nothing the device can reach (the whole slot, theory 5). No
+//!    division on the load path: the colour, and the slot's home list, are kept per slot.
 //!
 //! # Counters
 //!

@@ -22,7 +22,8 @@ use crate::sync::SpinLock;
 /// The shape of a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Bytes of one slot, rounded up to pages: the largest load the pool copies.
+    /// Bytes of one slot, rounded up to pages: the largest load the pool copies. Loads of
+    /// this size are spread over a slot's lines when it is smaller than the slot (theory 8).
     pub slot_size: u64,
     /// Slots on each CPU's free list at creation (a transmit ring's depth, say).
     pub slots_per_cpu: usize,
@@ -88,13 +89,11 @@ pub struct PremappedPool<'p, P: Platform, D: IommuOps<P>> {
     dom: D,
     qm: &'p QuickMaps,
     slot_bytes: u64,
-    /// Slots created per CPU: slot `i`'s home list is `i / per_cpu`.
-    per_cpu: usize,
     window: AddrRange<Iova>,
     slots: Vec<PhysAddr>,
     /// Per slot: its kernel address if the direct map covers all of it (copies then need no
-    /// quick map).
-    slot_kva: Vec<Option<KernVa>>,
+    /// quick map), and its colour (theory 8).
+    meta: Vec<SlotMeta>,
     /// Per CPU: free slots and counters.
     free: Vec<PerCpu>,
     exhausted: AtomicU64,
@@ -128,10 +127,9 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
             dom,
             qm,
             slot_bytes,
-            per_cpu: config.slots_per_cpu,
             window,
             slots: Vec::new(),
-            slot_kva: Vec::new(),
+            meta: Vec::new(),
             free: Vec::new(),
             exhausted: AtomicU64::new(0),
             steals: AtomicU64::new(0),
@@ -139,7 +137,9 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         };
         // From here on `Drop` unmaps the slots mapped so far and frees their pages.
         pool.slots.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 8) as u64 })?;
-        pool.slot_kva.try_reserve_exact(n).map_err(|_| Error::NoMemory { requested: (n * 16) as u64 })?;
+        pool.meta
+            .try_reserve_exact(n)
+            .map_err(|_| Error::NoMemory { requested: (n * size_of::<SlotMeta>()) as u64 })?;
         let prot = prot_of(MemKind::Page, Direction::Bidirectional, TagFlags::default());
         for i in 0..n {
             let req = PageRequest {
@@ -162,7 +162,10 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 return Err(e);
             }
             pool.slots.push(pa);
-            pool.slot_kva.push(direct_span(p, pa, slot_bytes));
+            let colour = colour(i as u64, config.slot_size, slot_bytes);
+            // Slot `i`'s home list: the CPU it is created for (`n` is at most `u32::MAX`).
+            let home = (i / config.slots_per_cpu).min(cpus - 1) as u32;
+            pool.meta.push(SlotMeta { kva: direct_span(p, pa, slot_bytes), colour, home });
         }
         let per = config.slots_per_cpu;
         for c in 0..cpus {
@@ -220,6 +223,28 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         self.window.start().raw() + u64::from(i) * self.slot_bytes
     }
 
+    /// Where in slot `i` a load of `len` bytes (at most a slot) starts (theory 8): the slot's
+    /// colour, lowered to the load's slack and to the tag's alignment in steps of
+    /// [`COLOUR_STEP`]; 0 if that would put a boundary of the tag inside the load. No division:
+    /// the colour was computed at creation.
+    #[inline]
+    pub(crate) fn place(&self, i: u32, len: u64, spec: &TagSpec) -> u64 {
+        let slack = self.slot_bytes.saturating_sub(len);
+        let mut at = self.meta[i as usize].colour.min(slack) & !(COLOUR_STEP - 1);
+        if spec.alignment > COLOUR_STEP {
+            // A power of two (the tag checks it).
+            at &= !(spec.alignment - 1);
+        }
+        if at != 0 && spec.boundary != 0 && len != 0 {
+            // A power of two (the tag checks it): the first and last byte in one window.
+            let a = self.slot_iova(i) + at;
+            if (a ^ (a + len - 1)) & !(spec.boundary - 1) != 0 {
+                return 0;
+            }
+        }
+        at
+    }
+
     /// Whether a tag with `spec` can be given slots: the window lies within its reach and a
     /// slot starts on its alignment. (`max_size` is checked by [`Premapped`] only: the hybrid
     /// maps what does not fit.)
@@ -237,10 +262,17 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         Ok(())
     }
 
+    /// The free list of CPU `cpu`: its own (every CPU of the platform has one), without a
+    /// division on the load path; the remainder only guards a CPU number beyond the platform's.
+    #[inline]
+    fn list_of(&self, cpu: usize) -> usize {
+        if cpu < self.free.len() { cpu } else { cpu % self.free.len() }
+    }
+
     /// Takes a free slot, the calling CPU's first (`count`: in the steal and exhaustion
     /// counters; not for the calibration's own takes).
     pub(crate) fn take(&self, g: &CpuGuard<'_, P>, count: bool) -> Option<u32> {
-        let cpu = g.cpu() % self.free.len();
+        let cpu = self.list_of(g.cpu());
         if let Some(i) = self.free[cpu].list.lock().pop() {
             return Some(i);
         }
@@ -266,19 +298,27 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// Gives slot `i` back to its home list (the CPU it was created for): no pin needed, the
     /// list's lock is all that guards it, and a slot stolen by another CPU goes home.
     pub(crate) fn give(&self, i: u32) {
-        let home = (i as usize / self.per_cpu.max(1)).min(self.free.len() - 1);
+        let home = self.meta[i as usize].home as usize;
         // The list was reserved for every slot: the push never allocates.
         self.free[home].list.lock().push(i);
     }
 
-    /// Copies between the client runs and slot `i`, for buffer bytes `range` (`to_slot`:
-    /// client → slot). Returns the bytes copied (the caller counts them).
+    /// Copies between the client runs and slot `i`, whose byte `at` holds buffer byte 0 (the
+    /// load's colour), for buffer bytes `range` (`to_slot`: client → slot). Returns the bytes
+    /// copied (the caller counts them).
     ///
     /// The packet path's case first: the whole load, a direct-mapped slot and every run
     /// reachable without a quick map: one memcpy per run, no offsets to clip. Anything else
     /// (a part of the load, a run needing a quick map) takes the general loop, from the start.
-    pub(crate) fn copy(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
-        if let (0, Some(k)) = (range.start, self.slot_kva[i as usize]) {
+    pub(crate) fn copy(
+        &self,
+        i: u32,
+        at: u64,
+        runs: &[Run],
+        range: Range<u64>,
+        to_slot: bool,
+    ) -> Result<u64> {
+        if let (0, Some(k)) = (range.start, self.meta[i as usize].kva) {
             let mut off = 0u64;
             for r in runs {
                 if off + r.len > range.end {
@@ -290,10 +330,11 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                     _ => None,
                 };
                 let Some(c) = c else { break };
-                let k = k.raw() + off;
+                let k = k.raw() + at + off;
                 let (src, dst) = if to_slot { (c.raw(), k) } else { (k, c.raw()) };
-                // SAFETY: as in `copy_general`: `k` maps bytes `[off, off + r.len)` of slot `i`
-                // (within `range`, within the load, within the slot), all in the direct map;
+                // SAFETY: as in `copy_general`: `k` maps bytes `[at + off, at + off + r.len)`
+                // of slot `i` (within `range`, within the load, which lies in the slot at
+                // `at`), all in the direct map;
                 // `c` maps the run's bytes (direct map checked page by page, or the `Mapped`
                 // run's own mapping); different memory, neither referenced by `&`/`&mut`.
                 unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, r.len as usize) };
@@ -303,12 +344,12 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                 return Ok(off);
             }
         }
-        self.copy_general(i, runs, range, to_slot)
+        self.copy_general(i, at, runs, range, to_slot)
     }
 
-    fn copy_general(&self, i: u32, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
-        let base = self.slots[i as usize].raw();
-        let slot_kva = self.slot_kva[i as usize];
+    fn copy_general(&self, i: u32, at: u64, runs: &[Run], range: Range<u64>, to_slot: bool) -> Result<u64> {
+        let base = self.slots[i as usize].raw() + at;
+        let slot_kva = self.meta[i as usize].kva;
         let mut off = 0u64;
         let mut copied = 0u64;
         for r in runs {
@@ -323,9 +364,10 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
                     _ => None,
                 };
                 if let (Some(c), Some(k)) = (client_kva, slot_kva) {
-                    let k = k.raw() + s;
+                    let k = k.raw() + at + s;
                     let (src, dst) = if to_slot { (c.raw(), k) } else { (k, c.raw()) };
-                    // SAFETY: `k` maps bytes `[s, s + n)` of slot `i`, the pool's own RAM, all
+                    // SAFETY: `k` maps bytes `[at + s, at + s + n)` of slot `i` (the load lies
+                    // in the slot at `at`), the pool's own RAM, all
                     // in the direct map (checked page by page at creation); `c` maps the
                     // client's `n` bytes: a `Page` run through the direct map (checked page by
                     // page just above; the run is the load's RAM, the load source's contract),
@@ -380,7 +422,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         if range.start >= range.end {
             return Ok(());
         }
-        if let Some(k) = self.slot_kva[i as usize] {
+        if let Some(k) = self.meta[i as usize].kva {
             debug_assert!(range.end <= self.slot_bytes);
             // SAFETY: `k` maps all of slot `i` through the direct map (checked page by page at
             // creation), the pool's own RAM, and `range` lies in the slot (callers pass ranges
@@ -473,6 +515,36 @@ fn direct_span<P: Platform>(p: &P, pa: PhysAddr, n: u64) -> Option<KernVa> {
     Some(k0)
 }
 
+/// Granule of a load's place in its slot (theory 8): 128 bytes, a cache line on every CPU
+/// busdma targets or two (64-byte lines on x86-64 and most Arm cores, 128 on some), so a
+/// load starts on a line as at slot byte 0 and cache maintenance of it touches no other
+/// load's line.
+const COLOUR_STEP: u64 = 128;
+
+/// What a load needs of its slot besides the slot's address.
+#[derive(Clone, Copy, Debug)]
+struct SlotMeta {
+    /// The slot's kernel address if the direct map covers all of it.
+    kva: Option<KernVa>,
+    /// Where a load of the pool's configured size starts in the slot (theory 8).
+    colour: u64,
+    /// The free list the slot goes back to: the CPU it was created for.
+    home: u32,
+}
+
+/// Slot `i`'s colour for loads of `len` bytes in slots of `slot_bytes` (theory 8): position
+/// `i mod k` of the `k = ⌈slot_bytes / len⌉` positions spread evenly over the slack
+/// `slot_bytes − len`, rounded down to [`COLOUR_STEP`]; 0 without slack.
+fn colour(i: u64, len: u64, slot_bytes: u64) -> u64 {
+    let slack = slot_bytes.saturating_sub(len);
+    if slack == 0 || len == 0 {
+        return 0;
+    }
+    // At least 2 (`len < slot_bytes`); `slack / (k − 1) × j ≤ slack` for `j < k`.
+    let k = slot_bytes.div_ceil(len);
+    (slack / (k - 1) * (i % k)) & !(COLOUR_STEP - 1)
+}
+
 /// One CPU's free slots and counters, on cache lines of their own.
 #[repr(align(128))]
 struct PerCpu {
@@ -508,10 +580,13 @@ impl<P: Platform, D: IommuOps<P>> Clone for Premapped<'_, '_, P, D> {
 
 impl<P: Platform, D: IommuOps<P>> Copy for Premapped<'_, '_, P, D> {}
 
-/// Per-map state of [`Premapped`]: the slot of the current load and its runs.
+/// Per-map state of [`Premapped`]: the slot of the current load, where in it the load
+/// starts, and its runs.
 #[derive(Debug)]
 pub struct PremappedState {
     slot: Option<u32>,
+    /// Slot byte of buffer byte 0 (theory 8).
+    at: u64,
     len: u64,
     dir: Direction,
     untrusted: bool,
@@ -524,7 +599,7 @@ impl PremappedState {
         let mut runs = Vec::new();
         runs.try_reserve_exact(n)
             .map_err(|_| Error::NoMemory { requested: (n * size_of::<Run>()) as u64 })?;
-        Ok(Self { slot: None, len: 0, dir: Direction::ToDevice, untrusted: false, runs })
+        Ok(Self { slot: None, at: 0, len: 0, dir: Direction::ToDevice, untrusted: false, runs })
     }
 
     /// The slot of the current load, if loaded.
@@ -577,12 +652,14 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         let Some(i) = self.take(&g, count) else {
             return Err(Error::Exhausted { size: self.slot_bytes, limit: self.window.end().raw() });
         };
-        let r = segs.push(self.slot_iova(i), len).and_then(|_| segs.check()).and_then(|_| {
+        let at = self.place(i, len, spec);
+        let r = segs.push(self.slot_iova(i) + at, len).and_then(|_| segs.check()).and_then(|_| {
             if spec.flags.untrusted {
-                // Theory 5: zeros past the buffer, the client's bytes in it whatever the
+                // Theory 5: zeros around the buffer, the client's bytes in it whatever the
                 // direction.
-                self.zero(i, len..self.slot_bytes)?;
-                return self.copy(i, runs, 0..len, true);
+                self.zero(i, 0..at)?;
+                self.zero(i, at + len..self.slot_bytes)?;
+                return self.copy(i, at, runs, 0..len, true);
             }
             Ok(0)
         });
@@ -595,9 +672,9 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         };
         st.runs.clear();
         st.runs.extend_from_slice(runs);
-        (st.slot, st.len, st.dir, st.untrusted) = (Some(i), len, dir, spec.flags.untrusted);
+        (st.slot, st.at, st.len, st.dir, st.untrusted) = (Some(i), at, len, dir, spec.flags.untrusted);
         if count {
-            let c = &self.free[g.cpu() % self.free.len()];
+            let c = &self.free[self.list_of(g.cpu())];
             bump(&c.loads, 1);
             bump(&c.bytes, copied);
         }
@@ -607,7 +684,7 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// Unloads `st`'s slot (untrusted: scrubbed first).
     pub(crate) fn unload_from(&self, st: &mut PremappedState) -> Result<()> {
         let Some(i) = st.slot.take() else { return Ok(()) };
-        let r = if st.untrusted { self.zero(i, 0..st.len) } else { Ok(()) };
+        let r = if st.untrusted { self.zero(i, st.at..st.at + st.len) } else { Ok(()) };
         // No pin: the slot goes to its home list, under that list's lock.
         self.give(i);
         st.runs.clear();
@@ -625,27 +702,29 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     ) -> Result<()> {
         let Some(i) = st.slot else { return Ok(()) };
         let maintain = !spec.flags.coherent;
+        // The slot's bytes of buffer bytes `range`.
+        let in_slot = st.at + range.start..st.at + range.end;
         let pre_write = op.contains(SyncOp::PREWRITE) && st.dir.device_reads();
         let pre_read = op.contains(SyncOp::PREREAD) && st.untrusted;
         let mut copied = 0;
         if pre_write || pre_read {
-            copied += self.copy(i, &st.runs, range.clone(), true)?;
+            copied += self.copy(i, st.at, &st.runs, range.clone(), true)?;
             if maintain {
-                self.maintain(i, range.clone(), CacheMaint::CleanInvalidate)?;
+                self.maintain(i, in_slot.clone(), CacheMaint::CleanInvalidate)?;
             }
         } else if maintain && op.contains(SyncOp::PREREAD) {
-            self.maintain(i, range.clone(), CacheMaint::CleanInvalidate)?;
+            self.maintain(i, in_slot.clone(), CacheMaint::CleanInvalidate)?;
         }
         if op.contains(SyncOp::POSTREAD) && st.dir.device_writes() {
             if maintain {
-                self.maintain(i, range.clone(), CacheMaint::Invalidate)?;
+                self.maintain(i, in_slot, CacheMaint::Invalidate)?;
             }
-            copied += self.copy(i, &st.runs, range, false)?;
+            copied += self.copy(i, st.at, &st.runs, range, false)?;
         }
         if count && copied > 0 {
             // No pin: an atomic add to the slot's home counter of sync copies (written by
             // any CPU, so never by `bump`'s unlocked load and store).
-            let home = (i as usize / self.per_cpu.max(1)).min(self.free.len() - 1);
+            let home = self.meta[i as usize].home as usize;
             self.free[home].sync_bytes.fetch_add(copied, Ordering::Relaxed);
         }
         Ok(())
