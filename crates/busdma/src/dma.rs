@@ -54,7 +54,7 @@
 //! failed invalidation is quarantined, never reused ([`QuarantineStats`]). The rule and its
 //! proof: [`crate::soundness`].
 
-pub use crate::device::{DetachError, Device, DeviceConfig, DeviceTag, Iommu, IommuHw, Policy};
+pub use crate::device::{DetachError, Device, DeviceConfig, DeviceTag, DmaDevice, Iommu, IommuHw, Policy};
 pub use crate::dir::{Direction, SyncOp};
 pub use crate::error::{Error, Result};
 pub use crate::front::typed::{Bidirectional, CpuOwned, DeviceOwned, DmaDir, FromDevice, ToDevice};
