@@ -15,10 +15,10 @@ use crate::pgtable::Prot;
 use crate::platform::{CpuGuard, Platform};
 use crate::sync::SpinLock;
 
+use super::common::{DetachError, DmaDevice};
 use super::hw::IommuHw;
 use super::iommu::Iommu;
 use super::strategy::DeviceStrategy;
-use super::common::{DetachError, DmaDevice};
 use super::{DeviceTag, Policy};
 
 /// The domain type of a device of `H`.
