@@ -24,9 +24,9 @@
 //!    [`Error::Unsupported`] before any request is sent:
 //!    - *untrusted*: its sub-page bouncing draws on bounce zones and quick maps that an
 //!      [`super::Iommu`] owns for all its devices; a [`VirtioIommu`] owns none, and a
-//!      per-device pool would let each untrusted endpoint pin its own bounce memory. An
-//!      untrusted device behind virtio-iommu is served by strict + the bounce strategy by
-//!      hand, or not at all;
+//!      per-device pool would let each untrusted endpoint pin its own bounce memory (and
+//!      the domain's IOVA allocator has no guard page between loads). Not supported: the
+//!      step left is a virtio-iommu unit object that owns zones as `Iommu` does;
 //!    - *identity*: every page a load touches would cost a MAP request at its physical
 //!      address, kept reference counted; the table IOMMUs do that in memory, here it would be
 //!      a VM exit per page with nothing gained over strict;
@@ -224,7 +224,7 @@ impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
         match Arc::try_unwrap(dom.0) {
             Ok(d) => d.detach().map_err(DetachError::Failed),
             Err(a) => {
-                let handles = Arc::strong_count(&a) - 1;
+                let handles = Arc::strong_count(&a).saturating_sub(1);
                 let device = Self { unit, endpoint, dom: ViommuAttachment(a), policy };
                 Err(DetachError::Busy { device, handles })
             }
