@@ -9,6 +9,7 @@ use alloc::format;
 use alloc::string::String;
 
 use alloc::vec::Vec;
+use busdma::device::{DeviceConfig, Policy, ViommuDevice};
 use busdma::front::{Direction, IommuPerMap, IommuReserved, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::Prot;
@@ -204,6 +205,17 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::vi
         reserved_window_deferred(&unit, &devs[1], ep1)
     });
     r.check("virtio-iommu: requests per I/O, strict and deferred", || per_io(&unit, &devs[1], ep1));
+    for policy in [Policy::Strict, Policy::Deferred] {
+        let name = format!(
+            "virtio-iommu: edu attached {policy:?} by busdma::device::ViommuDevice runs the driver VT-d and SMMUv3 run (device_check::edu_round_trip): lands, Busy while a tag lives, blocked after detach"
+        );
+        r.check(&name, || {
+            let d = ViommuDevice::attach(&unit, ep1, policy, DeviceConfig::default()).map_err(e2s)?;
+            crate::device_check::edu_round_trip(d, &devs[1], &|| {
+                let _ = drain_faults(&unit);
+            })
+        });
+    }
     // virtio-drivers' blk, net and console behind the same unit (`virtio=on`).
     if let Some(found) = virtio {
         crate::viommu_virtio::run(r, &unit, found);

@@ -37,6 +37,7 @@
 //! | you have | you use |
 //! |---|---|
 //! | a device behind an IOMMU | [`Iommu::attach`] with a [`Policy`] (strict, deferred, untrusted, identity, bypass) → an owned [`Device`] |
+//! | a driver that must not care which IOMMU (VT-d, SMMUv3, virtio-iommu) | be generic over [`DmaDevice`]: tags, policy and detach of either handle ([`Device`], `device::ViommuDevice`) |
 //! | its constraints (DMA mask, alignment, boundary, segments) | [`Device::tag`] with a [`TagSpec`] → a [`DeviceTag`] (a cheap handle; maps hold it) |
 //! | descriptor rings, mailboxes | [`Tag::alloc_coherent`] → [`Coherent`] (mapped for its whole life) |
 //! | many small descriptors or completion records | [`Tag::create_pool`] → [`DmaPool`] → [`DmaBlock`]s (owned, back to the pool on drop) |
@@ -54,7 +55,7 @@
 //! failed invalidation is quarantined, never reused ([`QuarantineStats`]). The rule and its
 //! proof: [`crate::soundness`].
 
-pub use crate::device::{DetachError, Device, DeviceConfig, DeviceTag, Iommu, IommuHw, Policy};
+pub use crate::device::{DetachError, Device, DeviceConfig, DeviceTag, DmaDevice, Iommu, IommuHw, Policy};
 pub use crate::dir::{Direction, SyncOp};
 pub use crate::error::{Error, Result};
 pub use crate::front::typed::{Bidirectional, CpuOwned, DeviceOwned, DmaDir, FromDevice, ToDevice};

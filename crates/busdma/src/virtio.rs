@@ -4,9 +4,9 @@
 //! functions (no `&self`) that allocates queue memory (`dma_alloc`), frees it (`dma_dealloc`),
 //! and shares request buffers with the device (`share` / `unshare`). This module implements it
 //! over a busdma tag of any strategy ([`VirtioDma<'a, P, S>`](VirtioDma) over a
-//! [`Tag<'a, P, S>`](Tag)): a [`Device`] of [`crate::device`] (VT-d, SMMUv3), an IOMMU strategy
-//! over any domain (a virtio-iommu domain), the pre-mapped pool or the hybrid of
-//! [`crate::premapped`]; so its block, network and console drivers DMA through the IOMMU.
+//! [`Tag<'a, P, S>`](Tag)): any [`DmaDevice`] of [`crate::device`] (VT-d, SMMUv3,
+//! virtio-iommu: [`VirtioDma::new`]), an IOMMU strategy over any domain, the pre-mapped pool
+//! or the hybrid of [`crate::premapped`]; so its block, network and console drivers DMA through the IOMMU.
 //!
 //! ## Theory
 //!
@@ -78,7 +78,6 @@
 //!   if it did not, the device loses access at the unload and faults, busdma's memory stays
 //!   ours until no translation reaches it).
 //!
-//! [`Device`]: crate::device::Device
 #![deny(unsafe_code)]
 
 use alloc::boxed::Box;
@@ -90,7 +89,7 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Trans
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE as VIRTIO_PAGE_SIZE};
 
 use crate::addr::{PAGE_SIZE, PhysAddr};
-use crate::device::{Device, DeviceStrategy, IommuHw};
+use crate::device::{DeviceStrategy, DmaDevice, IommuHw};
 use crate::dir::{Direction, SyncOp};
 use crate::error::{Error, Result};
 use crate::front::strategy::{Invalidation, Strategy, WindowSource};
@@ -276,17 +275,20 @@ pub struct VirtioDma<'a, P: Platform, Q: Strategy<P>, S: Strategy<P> = Q> {
 /// The [`VirtioDma`] of a device attached by [`crate::device`].
 pub type DeviceVirtioDma<'i, 'p, H> = VirtioDma<'i, <H as IommuHw>::Platform, DeviceStrategy<'i, 'p, H>>;
 
-impl<'i, 'p, H: IommuHw> VirtioDma<'i, H::Platform, DeviceStrategy<'i, 'p, H>> {
-    /// Serves `dev` through a tag of it ([`tag_spec`]`(max_size, coherent)`), with the bounce
-    /// ring when its policy has a domain ([`VirtioDma::windowed`]).
+impl<'a, P: Platform, S: WindowSource<P> + 'a> VirtioDma<'a, P, S> {
+    /// Serves `dev` (any [`DmaDevice`]: VT-d, SMMUv3, virtio-iommu) through a tag of it
+    /// ([`tag_spec`]`(max_size, coherent)`), with the bounce ring when its policy has a
+    /// domain ([`VirtioDma::windowed`]).
     ///
-    /// Errors: those of [`Device::tag`] and [`VirtioDma::windowed`].
-    pub fn new(dev: &Device<'i, 'p, H>, max_size: u64, coherent: bool) -> Result<Self> {
+    /// Errors: those of [`DmaDevice::tag`] and [`VirtioDma::windowed`].
+    pub fn new<D: DmaDevice<'a, Platform = P, Strategy = S>>(
+        dev: &D,
+        max_size: u64,
+        coherent: bool,
+    ) -> Result<Self> {
         Self::windowed(dev.tag(tag_spec(max_size, coherent))?)
     }
-}
 
-impl<'a, P: Platform, S: WindowSource<P> + 'a> VirtioDma<'a, P, S> {
     /// Serves the device of `tag` (a root or child tag of at most one segment per load,
     /// [`tag_spec`]) with the bounce ring (theory 3) in a window of the tag's domain, or,
     /// when the strategy has no domain to lend (identity, pass-through), with a streaming map

@@ -122,4 +122,5 @@ unsafe impl Platform for Recording<'_> {
 pub type Guard<'a> = CpuGuard<'a, HostPlatform>;
 
 pub mod ptdomain;
+pub mod viommu;
 pub mod wedged;

@@ -15,6 +15,7 @@ use crate::pgtable::Prot;
 use crate::platform::{CpuGuard, Platform};
 use crate::sync::SpinLock;
 
+use super::common::{DetachError, DmaDevice};
 use super::hw::IommuHw;
 use super::iommu::Iommu;
 use super::strategy::DeviceStrategy;
@@ -388,7 +389,7 @@ impl<'i, 'p, H: IommuHw> Device<'i, 'p, H> {
     /// Errors: [`DetachError::Busy`] if tags or maps of the device are alive: the device is
     /// handed back, still attached. [`DetachError::Failed`] with the hardware's detach or
     /// invalidation error: the domain is leaked, never reused (theory 5).
-    pub fn detach(self) -> core::result::Result<(), DetachError<'i, 'p, H>> {
+    pub fn detach(self) -> core::result::Result<(), DetachError<Self>> {
         let Self { iommu, dev, policy, kind } = self;
         let busy = |kind, count: usize| {
             let device = Self { iommu, dev, policy, kind };
@@ -428,26 +429,29 @@ impl<'i, 'p, H: IommuHw> Device<'i, 'p, H> {
     }
 }
 
-/// Why [`Device::detach`] did not complete.
-pub enum DetachError<'i, 'p, H: IommuHw> {
-    /// Tags or maps of the device are alive (`handles` of them): the device, still attached.
-    Busy {
-        /// The device, handed back.
-        device: Device<'i, 'p, H>,
-        /// Live handles other than the device.
-        handles: usize,
-    },
-    /// The hardware's detach or invalidation failed: the domain and its id are leaked.
-    Failed(Error),
-}
+// The driver-facing trait: the inherent methods above, unchanged (module theory 8).
+impl<'i, 'p, H: IommuHw> DmaDevice<'i> for Device<'i, 'p, H> {
+    type Platform = H::Platform;
+    type Strategy = DeviceStrategy<'i, 'p, H>;
+    type DeviceId = H::DeviceId;
 
-impl<H: IommuHw> core::fmt::Debug for DetachError<'_, '_, H> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            DetachError::Busy { device, handles } => {
-                f.debug_struct("Busy").field("device", &device.dev).field("handles", handles).finish()
-            }
-            DetachError::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
-        }
+    fn platform(&self) -> &'i H::Platform {
+        self.iommu.platform()
+    }
+
+    fn id(&self) -> H::DeviceId {
+        Device::id(self)
+    }
+
+    fn policy(&self) -> Policy {
+        Device::policy(self)
+    }
+
+    fn tag(&self, spec: TagSpec) -> Result<DeviceTag<'i, 'p, H>> {
+        Device::tag(self, spec)
+    }
+
+    fn detach(self) -> core::result::Result<(), DetachError<Self>> {
+        Device::detach(self)
     }
 }

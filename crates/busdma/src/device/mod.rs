@@ -55,9 +55,23 @@
 //!    the IOVA allocator's reservations are permanent, so unregistering stops new domains
 //!    from reserving the range but existing domains keep the hole until they are dropped.
 //!
-//! 8. **virtio-iommu** (`viommu.rs`): a request-driven IOMMU has no tables for
-//!    [`IommuHw::attach_tables`]; [`ViommuDevice::attach`] is its one call (strict or
-//!    deferred), with tags from the handle and the domain kept alive by every tag and map.
+//! 8. **One handle, three IOMMUs** (`common.rs`, `viommu.rs`). A driver is written against
+//!    [`DmaDevice`], the way a FreeBSD driver holds a `device_t` and asks `bus_dma` for tags,
+//!    or a Linux driver holds a `struct device` whose `dma_map_ops` it never names: tags for
+//!    its constraints ([`DmaDevice::tag`], whose strategy is an associated type, so each
+//!    backend's hot path stays one monomorphic call chain), its policy, its id, and a detach
+//!    that reports. Two implementations: [`Device`] (any [`IommuHw`]: VT-d, SMMUv3, the
+//!    model; page tables, `attach_tables`) and [`ViommuDevice`] (virtio-iommu: no tables;
+//!    each map and unmap a request; [`ViommuDevice::attach`] is its one call, strict or
+//!    deferred, the other policies refused before any request with the reason in
+//!    `viommu.rs`). A trait over handles, not one `Device` generic over a backend, because
+//!    the two share no mechanism below the handle: the table path's attach order (theory 4),
+//!    peer BARs and bounce zones are `Iommu`'s, the request path's are the unit's; what they
+//!    share is the driver's view, which is what the trait names. Both keep the rules above:
+//!    every tag and map holds the attachment, the last drop flushes and detaches, a
+//!    forgotten map leaks its domain, never frees it. The trait is safe: busdma trusts
+//!    nothing it answers (tags are built by `Tag::new_root` over strategies whose
+//!    `IommuOps` is the trusted seam).
 //!
 //! # Execution context
 //!
@@ -67,6 +81,7 @@
 //! `match` on the policy per call, no allocation.
 #![deny(unsafe_code)]
 
+mod common;
 mod handle;
 mod hw;
 mod iommu;
@@ -75,7 +90,8 @@ mod strategy;
 #[cfg(feature = "virtio-iommu")]
 mod viommu;
 
-pub use handle::{DetachError, Device, DeviceBypass, DeviceDomain};
+pub use common::{DetachError, DmaDevice};
+pub use handle::{Device, DeviceBypass, DeviceDomain};
 pub use hw::IommuHw;
 pub use iommu::{DEFAULT_APERTURE_START, DeviceConfig, Iommu, IommuStats};
 pub use peer::PeerHandle;

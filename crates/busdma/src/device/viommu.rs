@@ -1,25 +1,39 @@
 //! One call attaches a virtio-iommu endpoint: [`ViommuDevice::attach`], the request-driven
-//! counterpart of [`super::Iommu::attach`].
+//! counterpart of [`super::Iommu::attach`]; behind [`super::DmaDevice`] a driver cannot tell
+//! them apart (module theory 8).
 //!
 //! # Theory
 //!
-//! 1. **Why a separate handle.** [`super::Iommu`] builds a page table and points the device's
+//! 1. **Why a separate attach.** [`super::Iommu`] builds a page table and points the device's
 //!    context at it ([`super::IommuHw::attach_tables`]); virtio-iommu has no table the driver
 //!    owns, only ATTACH/MAP/UNMAP/DETACH requests ([`crate::virtio_iommu`]), so its domain is
-//!    a [`ViommuDomain`], not a page-table `Domain`. The handle here gives a driver the same
-//!    shape: one call with a [`Policy`] (and a [`DeviceConfig`]), tags from the handle, the
-//!    domain kept alive by every tag and map.
+//!    a [`ViommuDomain`], not a page-table `Domain`, and the attach is its own call. What the
+//!    driver gets back has the same shape: [`ViommuDevice`] implements
+//!    [`super::DmaDevice`] (tags from the handle, the policy, the id, the detach), so a
+//!    driver generic over that trait runs unchanged on VT-d, SMMUv3 and virtio-iommu.
 //! 2. **Lifetime.** [`ViommuDevice`] and the strategy handle its tags hold
 //!    ([`ViommuAttachment`]) share one `Arc` of the domain. The domain's drop (after the last
 //!    tag, map and window are gone) flushes its queued UNMAPs and sends DETACH; a forgotten map
 //!    keeps the endpoint attached (a leak, never a reuse: the memory a map loaded is the
 //!    caller's, and it was unmapped before its unload returned, strict, or is flushed before
-//!    its IOVA or pages are reused, deferred).
+//!    its IOVA or pages are reused, deferred). [`ViommuDevice::detach`] does the same now and
+//!    reports: `Busy` (the device handed back) while a tag or map holds the domain.
 //! 3. **Policies.** [`Policy::Strict`] and [`Policy::Deferred`] (bounded by
-//!    [`DeviceConfig::deferred`]) map each load (`IommuPerMap`). Untrusted (sub-page bouncing
-//!    needs the IOMMU's bounce zones), identity (a MAP of every page used) and bypass (the
-//!    BYPASS feature is not negotiated: busdma turns bypass off) are refused with
-//!    [`Error::Unsupported`] before any request.
+//!    [`DeviceConfig::deferred`]: UNMAPs queue and go out in batches, one notification per
+//!    queue-full) map each load (`IommuPerMap`). The others are refused with
+//!    [`Error::Unsupported`] before any request is sent:
+//!    - *untrusted*: its sub-page bouncing draws on bounce zones and quick maps that an
+//!      [`super::Iommu`] owns for all its devices; a [`VirtioIommu`] owns none, and a
+//!      per-device pool would let each untrusted endpoint pin its own bounce memory (and
+//!      the domain's IOVA allocator has no guard page between loads). Not supported: the
+//!      step left is a virtio-iommu unit object that owns zones as `Iommu` does;
+//!    - *identity*: every page a load touches would cost a MAP request at its physical
+//!      address, kept reference counted; the table IOMMUs do that in memory, here it would be
+//!      a VM exit per page with nothing gained over strict;
+//!    - *bypass*: the spec lets an endpoint bypass only through the BYPASS feature or an
+//!      ATTACH with the bypass flag (BYPASS_CONFIG); busdma negotiates neither (the unit turns
+//!      bypass off, [`crate::virtio_iommu`] theory 2), as the VT-d driver refuses pass-through:
+//!      a device that reaches all of memory is never one safe call away.
 #![deny(unsafe_code)]
 
 use alloc::sync::Arc;
@@ -32,6 +46,7 @@ use crate::pgtable::Prot;
 use crate::platform::{CpuGuard, Platform};
 use crate::virtio_iommu::{ViommuDomain, ViommuTicket, VirtioIommu};
 
+use super::common::{DetachError, DmaDevice};
 use super::{DEFAULT_APERTURE_START, DeviceConfig, Policy};
 
 /// The domain of an attached virtio-iommu endpoint, as the IOMMU strategies (and the
@@ -120,11 +135,12 @@ unsafe impl<P: Platform> IommuOps<P> for ViommuAttachment<'_, '_, P> {
 pub type ViommuStrategy<'v, 'p, P> = IommuPerMap<ViommuAttachment<'v, 'p, P>>;
 
 /// A tag served by a virtio-iommu endpoint ([`ViommuDevice::tag`]).
-pub type ViommuTag<'v, 'p, P> = Tag<'p, P, ViommuStrategy<'v, 'p, P>>;
+pub type ViommuTag<'v, 'p, P> = Tag<'v, P, ViommuStrategy<'v, 'p, P>>;
 
 /// A virtio-iommu endpoint attached to a domain of its own (module theory).
 pub struct ViommuDevice<'v, 'p, P: Platform> {
     unit: &'v VirtioIommu<'p, P>,
+    endpoint: u32,
     dom: ViommuAttachment<'v, 'p, P>,
     policy: Policy,
 }
@@ -163,7 +179,7 @@ impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
             }
         };
         let dom = ViommuDomain::new(unit, endpoint, aperture, invalidation)?;
-        Ok(Self { unit, dom: ViommuAttachment(Arc::new(dom)), policy })
+        Ok(Self { unit, endpoint, dom: ViommuAttachment(Arc::new(dom)), policy })
     }
 
     /// A root tag of the endpoint with `spec` (loads mapped per map in its domain).
@@ -186,5 +202,59 @@ impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
     /// The policy it was attached with.
     pub fn policy(&self) -> Policy {
         self.policy
+    }
+
+    /// The endpoint (its PCI requester id).
+    pub fn endpoint(&self) -> u32 {
+        self.endpoint
+    }
+
+    /// The unit it is attached to.
+    pub fn unit(&self) -> &'v VirtioIommu<'p, P> {
+        self.unit
+    }
+
+    /// Detaches the endpoint now (module theory 2): queued UNMAPs sent, then DETACH.
+    ///
+    /// Errors: [`DetachError::Busy`] if tags, maps or windows of the device hold its domain:
+    /// the device is handed back, still attached, nothing sent. [`DetachError::Failed`] with
+    /// the device's request error ([`ViommuDomain::detach`]).
+    pub fn detach(self) -> core::result::Result<(), DetachError<Self>> {
+        let Self { unit, endpoint, dom, policy } = self;
+        match Arc::try_unwrap(dom.0) {
+            Ok(d) => d.detach().map_err(DetachError::Failed),
+            Err(a) => {
+                let handles = Arc::strong_count(&a).saturating_sub(1);
+                let device = Self { unit, endpoint, dom: ViommuAttachment(a), policy };
+                Err(DetachError::Busy { device, handles })
+            }
+        }
+    }
+}
+
+// The driver-facing trait: the inherent methods above (module theory 1).
+impl<'v, 'p, P: Platform> DmaDevice<'v> for ViommuDevice<'v, 'p, P> {
+    type Platform = P;
+    type Strategy = ViommuStrategy<'v, 'p, P>;
+    type DeviceId = u32;
+
+    fn platform(&self) -> &'v P {
+        self.unit.platform()
+    }
+
+    fn id(&self) -> u32 {
+        self.endpoint
+    }
+
+    fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    fn tag(&self, spec: TagSpec) -> Result<ViommuTag<'v, 'p, P>> {
+        ViommuDevice::tag(self, spec)
+    }
+
+    fn detach(self) -> core::result::Result<(), DetachError<Self>> {
+        ViommuDevice::detach(self)
     }
 }

@@ -87,6 +87,8 @@ pub struct ViommuDomain<'v, 'p, P: Platform> {
     unmaps: AtomicU64,
     flushes: AtomicU64,
     held_back: AtomicU64,
+    /// Whether the endpoint is still attached (DETACH not sent yet).
+    attached: bool,
 }
 
 impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
@@ -154,6 +156,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
             unmaps: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
+            attached: true,
         })
     }
 
@@ -498,13 +501,36 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
     }
 }
 
+impl<P: Platform> ViommuDomain<'_, '_, P> {
+    /// Sends the queued UNMAPs, then DETACH: from then on the endpoint reaches nothing. What
+    /// the drop does, with its error reported.
+    ///
+    /// Errors: the device's, for the flush (the queued ranges stay held back, never freed)
+    /// or the DETACH (the endpoint may still reach the domain's mappings, whose memory the
+    /// callers had to keep until their unmaps completed: nothing is freed here but IOVA
+    /// bookkeeping). The drop that follows sends nothing more.
+    pub fn detach(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if !self.attached {
+            return Ok(());
+        }
+        self.attached = false;
+        let g = self.unit.platform().pin_cpu();
+        let flushed = self.flush(&g);
+        drop(g);
+        // SAFETY: DETACH takes reach away; it lends nothing.
+        let detached =
+            unsafe { self.unit.submit(&[Request::Detach { domain: self.id, endpoint: self.endpoint }]) };
+        flushed.and(detached)
+    }
+}
+
 impl<P: Platform> Drop for ViommuDomain<'_, '_, P> {
     fn drop(&mut self) {
-        let g = self.unit.platform().pin_cpu();
-        let _ = self.flush(&g);
-        // SAFETY: DETACH takes reach away; it lends nothing. A failed DETACH leaves the
-        // endpoint attached to mappings whose memory the callers still own (they had to
-        // unmap before freeing it): nothing is freed here but IOVA bookkeeping.
-        let _ = unsafe { self.unit.submit(&[Request::Detach { domain: self.id, endpoint: self.endpoint }]) };
+        // A drop cannot report: [`ViommuDomain::detach`] does.
+        let _ = self.teardown();
     }
 }

@@ -53,14 +53,13 @@
 //!    the driver assumes a cache-coherent virtio device (as every virtio-pci device on x86
 //!    and on Arm virt is). The pages are freed only after a reset the device acknowledged.
 //!
-//! # What is not here yet
+//! # The device handle
 //!
-//! The one-call device handle ([`crate::device::Iommu::attach`]) is built over `IommuHw`, whose
-//! `attach_tables` takes a table root and whose domains are page-table `Domain`s; a
-//! virtio-iommu domain has no table, so it does not plug in there. A driver builds a
-//! [`ViommuDomain`] and a tag over it (`Tag::new_root(platform, IommuPerMap(&domain), spec)`)
-//! instead. Making `device::Iommu` generic over the domain (a table domain or a request
-//! domain, both `IommuOps`) is the step left.
+//! A driver does not build a [`ViommuDomain`] itself: [`crate::device::ViommuDevice::attach`]
+//! (strict or deferred) builds the domain, and the handle implements
+//! [`crate::device::DmaDevice`], the same trait as the page-table IOMMUs' `Device`, so a driver
+//! generic over it runs unchanged here (`crate::device` theory 8). `device::Iommu` itself stays
+//! over `IommuHw`: its `attach_tables` takes a table root, which this IOMMU has not.
 //!
 //! # Locking and execution context
 //!
