@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 
-use busdma::front::{Direction, IommuPerMap, IommuReserved, Tag, TagSpec, load_registered};
+use busdma::front::{Direction, DmaMap, IommuPerMap, IommuReserved, Strategy, Tag, TagSpec, load_registered};
 use busdma::iommu::{Domain, DomainConfig, InvalidationPolicy};
 use busdma::iova::{IovaAllocator, IovaConfig};
 use busdma::pgtable::{PageTable, PageTableConfig, TablePool, VtdSl};
@@ -281,13 +281,12 @@ impl<B: UnpinBarrier> UnpinBarrier for FailsFirst<'_, B> {
 
 /// One registered load through the deferred domain, the device using it, unloaded: its unmap
 /// stays queued. The probe is told the bus range.
-fn load_use_unload<'m, B: PinBackend, U: UnpinBarrier>(
-    tag: &Tag<'m, HostPlatform, IommuPerMap<&Dom<'m>>>,
+fn load_use_unload<'m, S: Strategy<HostPlatform>, B: PinBackend, U: UnpinBarrier>(
+    map: &mut DmaMap<'m, HostPlatform, S>,
     reg: &Registry<B, U>,
     probe: &Probing<'_, 'm>,
 ) {
-    let mut map = tag.create_map().unwrap();
-    let load = load_registered(&mut map, reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
+    let load = load_registered(map, reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
     let seg = load.segments()[0];
     let mut b = [0u8; 8];
     for off in (0..seg.len).step_by(PAGE_SIZE as usize) {
@@ -303,7 +302,7 @@ fn a_failing_barrier_holds_released_pages_pinned_until_it_succeeds() {
     let barrier = FailsFirst { inner: &tag, fails: Cell::new(2) };
     let reg = Registry::with_barrier(&probe, u64::MAX, &barrier).unwrap();
     reg.register(UA, PAGES * PAGE_SIZE).unwrap();
-    load_use_unload(&tag, &reg, &probe);
+    load_use_unload(&mut tag.create_map().unwrap(), &reg, &probe);
     // The unregistration takes effect (no new load finds the region) ...
     reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
     assert!(matches!(reg.load(UA, PAGE_SIZE), Err(Error::NotMapped { .. })));
@@ -326,7 +325,7 @@ fn a_barrier_failing_at_teardown_leaves_the_pages_pinned_for_good() {
     let barrier = FailsFirst { inner: &tag, fails: Cell::new(u32::MAX) };
     let reg = Registry::with_barrier(&probe, u64::MAX, &barrier).unwrap();
     reg.register(UA, PAGES * PAGE_SIZE).unwrap();
-    load_use_unload(&tag, &reg, &probe);
+    load_use_unload(&mut tag.create_map().unwrap(), &reg, &probe);
     let report = reg.cleanup();
     assert_eq!((report.regions, report.pages_unpinned, report.pins_held), (1, 0, PAGES));
     assert!(matches!(report.barrier_error, Some(Error::InvalidationFailed { .. })), "{report:?}");
@@ -347,16 +346,7 @@ fn a_reserved_windows_recorded_unmap_keeps_its_pages_pinned_until_a_flush_covers
     reg.register(UA, PAGES * PAGE_SIZE).unwrap();
     let mut map = tag.create_map().unwrap();
     let flushes = dom.stats().flushes;
-    {
-        let load = load_registered(&mut map, &reg, UA, PAGES * PAGE_SIZE, Direction::Bidirectional).unwrap();
-        let seg = load.segments()[0];
-        let mut b = [0u8; 8];
-        for off in (0..seg.len).step_by(PAGE_SIZE as usize) {
-            probe.port.dma_read(Iova::new(seg.addr.raw() + off), &mut b).unwrap();
-        }
-        probe.bus.set(Some((seg.addr.raw(), seg.len)));
-        load.unload().unwrap();
-    }
+    load_use_unload(&mut map, &reg, &probe);
     assert_eq!(dom.stats().flushes, flushes, "the unload stayed deferred");
     assert_eq!(dom.pending(), 1, "the recorded unmap counts as pending");
     reg.unregister(UA, PAGES * PAGE_SIZE).unwrap();
