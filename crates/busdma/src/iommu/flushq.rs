@@ -48,7 +48,7 @@
 //!      unless a covering invalidation has finished;
 //!    - the count and age bounds of rule 5 still bound how long a device may reach it.
 //!
-//!    So each CPU keeps one [`Record`] instead of entries: the greatest ticket of the unmaps
+//!    So each CPU keeps one `Record` instead of entries: the greatest ticket of the unmaps
 //!    it recorded (later tickets are never smaller: the CPU's unmaps run one after another and
 //!    `started` only grows, so a flush covering the record's ticket covers every unmap it
 //!    recorded), how many it recorded since the record was last found covered, and the time
