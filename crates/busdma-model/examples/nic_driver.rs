@@ -7,24 +7,33 @@
 //! Received frames are copied out (copybreak) with partial syncs of the frame's bytes only.
 //! There is no `unsafe` in the driver.
 //!
+//! The driver is written once against `DmaDevice` (`busdma::device` theory 8) and runs
+//! unchanged behind two kinds of IOMMU: the model's table-walking IOMMU (`Device`, the VT-d
+//! shape: page tables in memory, IOTLB invalidations) and a virtio-iommu (`ViommuDevice`: MAP
+//! and UNMAP requests to the request-level model `busdma_model::viommu`, as inside a VM).
+//!
 //! Run it with `cargo run --release -p busdma-model --example nic_driver`. The kernel part
-//! (the machine, the IOMMU) is the model's; the "NIC" is a loopback device model that fetches
-//! TX descriptors and packets and writes RX buffers and descriptors by DMA through the model
-//! IOMMU, so every byte the driver checks crossed the IOMMU twice.
+//! (the machine, the IOMMUs) is the model's; the "NIC" is a loopback device model that fetches
+//! TX descriptors and packets and writes RX buffers and descriptors by DMA through the IOMMU in
+//! front of it, so every byte the driver checks crossed the IOMMU twice.
 #![allow(missing_docs)]
 
+use std::sync::Arc;
+
 use busdma::Iova;
+use busdma::device::ViommuDevice;
 use busdma::dma::{
-    Device, DeviceBlock, DeviceCoherent, DeviceOwnedMap, DevicePool, DeviceTag, Direction, DmaMemory, Iommu,
-    Part, Policy, SyncOp, TagSpec,
+    Coherent, DeviceConfig, Direction, DmaBlock, DmaDevice, DmaMemory, DmaPool, Iommu, OwnedMap, Part,
+    Policy, SyncOp, Tag, TagSpec,
 };
 use busdma::dma::{Error, MemAttr, Pod, Result, Zeroable};
 use busdma::quickmap::QuickMaps;
+use busdma::virtio_iommu::VirtioIommu;
+use busdma_model::viommu::{ModelConfig, ModelViommu};
 use busdma_model::{DmaPort, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
 
 // ---- the driver ---------------------------------------------------------------------------
 
-type Hw<'m> = ModelIommu<'m>;
 /// The three fragments of a packet, owned by their slot's map.
 type Packet<'i> = [Part<'i, HostPlatform>; 3];
 
@@ -57,31 +66,31 @@ const RX_BUF: u64 = 2048;
 /// One TX slot: its map owns the packet's three fragment buffers; while the NIC owns the slot
 /// (from `send` to `reclaim`) it also holds the packet's fragment table, a block of the
 /// driver's descriptor pool (indirect descriptors, as virtio's).
-struct TxSlot<'i, 'm> {
-    map: DeviceOwnedMap<'i, 'm, Hw<'m>, Packet<'i>>,
-    table: Option<DeviceBlock<'i, 'm, Hw<'m>>>,
+struct TxSlot<'i, S: busdma::front::strategy::Strategy<HostPlatform>> {
+    map: OwnedMap<'i, HostPlatform, S, Packet<'i>>,
+    table: Option<DmaBlock<'i, HostPlatform, S>>,
 }
 
 /// The driver's state: everything it owns, in teardown order (maps and fragment tables, the
 /// pool, then rings, then the tag, then the device: dropping it detaches and frees the domain
 /// once the IOTLB forgot it).
-struct Nic<'i, 'm> {
-    tx: Vec<TxSlot<'i, 'm>>,
-    rx: Vec<DeviceOwnedMap<'i, 'm, Hw<'m>, DmaMemory<'i, HostPlatform>>>,
-    tables: DevicePool<'i, 'm, Hw<'m>>,
-    tx_ring: DeviceCoherent<'i, 'm, Hw<'m>>,
-    rx_ring: DeviceCoherent<'i, 'm, Hw<'m>>,
-    tag: DeviceTag<'i, 'm, Hw<'m>>,
-    dev: Device<'i, 'm, Hw<'m>>,
+struct Nic<'i, D: DmaDevice<'i, Platform = HostPlatform>> {
+    tx: Vec<TxSlot<'i, D::Strategy>>,
+    rx: Vec<OwnedMap<'i, HostPlatform, D::Strategy, DmaMemory<'i, HostPlatform>>>,
+    tables: DmaPool<'i, HostPlatform, D::Strategy>,
+    tx_ring: Coherent<'i, HostPlatform, D::Strategy>,
+    rx_ring: Coherent<'i, HostPlatform, D::Strategy>,
+    tag: Tag<'i, HostPlatform, D::Strategy>,
+    dev: D,
     tx_next: usize,
     rx_next: usize,
 }
 
-impl<'i, 'm> Nic<'i, 'm> {
-    /// Attach: the device, a tag for a 32-bit NIC, both rings, the pool of fragment tables, a
-    /// map and fragment buffers per TX slot, a posted RX buffer per RX slot.
-    fn attach(iommu: &'i Iommu<'m, Hw<'m>>, platform: &'i HostPlatform, id: u32) -> Result<Self> {
-        let dev = iommu.attach(id, Policy::Strict)?;
+impl<'i, D: DmaDevice<'i, Platform = HostPlatform>> Nic<'i, D> {
+    /// Probe: given the attached device, a tag for a 32-bit NIC, both rings, the pool of
+    /// fragment tables, a map and fragment buffers per TX slot, a posted RX buffer per RX slot.
+    fn probe(dev: D) -> Result<Self> {
+        let platform = dev.platform();
         let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(32), ..TagSpec::new(64 << 10, 8) };
         let tag = dev.tag(spec)?;
         let tx_ring = tag.alloc_coherent(SLOTS as u64 * DESC, false)?;
@@ -193,7 +202,11 @@ impl<'i, 'm> Nic<'i, 'm> {
 
 /// Writes descriptor `i` of `ring` (its status word clear), then hands it to the NIC with an
 /// atomic store of OWN (a release after `dma_wmb`: the NIC never sees OWN before the rest).
-fn post(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64, d: Desc) -> Result<()> {
+fn post<S: busdma::front::strategy::Strategy<HostPlatform>>(
+    ring: &Coherent<'_, HostPlatform, S>,
+    i: u64,
+    d: Desc,
+) -> Result<()> {
     let v = ring.view();
     v.write(i * DESC, &d)?;
     v.atomic_u32(i * DESC + STATUS)?.store(d.status | OWN);
@@ -201,7 +214,10 @@ fn post(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64, d: Desc) -> Result<()> {
 }
 
 /// The status word of descriptor `i` of `ring` (an atomic load: an acquire, then `dma_rmb`).
-fn status(ring: &DeviceCoherent<'_, '_, Hw<'_>>, i: u64) -> Result<u32> {
+fn status<S: busdma::front::strategy::Strategy<HostPlatform>>(
+    ring: &Coherent<'_, HostPlatform, S>,
+    i: u64,
+) -> Result<u32> {
     Ok(ring.view().atomic_u32(i * DESC + STATUS)?.load())
 }
 
@@ -263,16 +279,22 @@ impl<P: DmaPort> LoopbackNic<P> {
 
 const NIC_ID: u32 = 0x18;
 const PACKETS: usize = 1000;
+/// Where the virtio-iommu's BAR 0 sits (above the 64 MiB of RAM).
+const VIOMMU_BAR: u64 = 0xf000_0000;
 
-fn main() -> Result<()> {
-    let machine = HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) })?;
-    let quick_maps = QuickMaps::for_platform(&machine);
-    let iommu = Iommu::new(&machine, &quick_maps, ModelIommu::new(&machine, IommuConfig::default())?)?;
+/// What one run of the driver showed: the tag's id, the ring bases, the fragment-table pool.
+struct Run {
+    tag: u64,
+    rings: (Iova, Iova),
+    pool_pages: u64,
+}
 
-    let mut nic = Nic::attach(&iommu, &machine, NIC_ID)?;
+/// Probes the NIC on `dev`, loops `PACKETS` packets through `port` (the NIC's DMA behind the
+/// same IOMMU) and checks every byte; then tears the driver down (maps, rings, tag, device).
+fn drive<'i, D: DmaDevice<'i, Platform = HostPlatform>>(dev: D, port: impl DmaPort) -> Result<Run> {
+    let mut nic = Nic::probe(dev)?;
     let (tx_ring, rx_ring) = nic.ring_bases();
-    let mut hw = LoopbackNic { port: iommu.hw().port(NIC_ID), tx_ring, rx_ring, tx_head: 0, rx_head: 0 };
-
+    let mut hw = LoopbackNic { port, tx_ring, rx_ring, tx_head: 0, rx_head: 0 };
     let packet = |seq: usize| -> Vec<u8> {
         (0..FRAGS.iter().sum::<u64>() as usize)
             .map(|i| (i.wrapping_mul(31) ^ seq.wrapping_mul(7)) as u8)
@@ -290,40 +312,80 @@ fn main() -> Result<()> {
     for (seq, p) in received.iter().enumerate() {
         assert_eq!(p, &packet(seq), "packet {seq} arrived changed");
     }
+    let pool = nic.tables.stats();
+    assert!(pool.pages >= 1 && pool.out <= SLOTS as u64);
+    assert_eq!(nic.dev.policy(), Policy::Strict);
+    let run = Run { tag: nic.tag.id(), rings: (tx_ring, rx_ring), pool_pages: pool.pages };
+    // Maps, fragment tables, pool, rings and tag go first; the device then detaches at once
+    // (with them alive it would be handed back `Busy`).
+    let Nic { tx, rx, tables, tx_ring, rx_ring, tag, dev, .. } = nic;
+    drop((tx, rx, tables, tx_ring, rx_ring, tag));
+    dev.detach().map_err(|e| Error::BadState {
+        what: match e {
+            busdma::dma::DetachError::Busy { .. } => "detach refused: handles alive",
+            busdma::dma::DetachError::Failed(_) => "detach failed",
+        },
+    })?;
+    Ok(run)
+}
+
+fn main() -> Result<()> {
+    let machine =
+        Arc::new(HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) })?);
+    let quick_maps = QuickMaps::for_platform(&*machine);
+    let bytes = FRAGS.iter().sum::<u64>();
+
+    // Bare metal: a table-walking IOMMU (the VT-d shape).
+    let iommu = Iommu::new(&*machine, &quick_maps, ModelIommu::new(&machine, IommuConfig::default())?)?;
+    let run = drive(iommu.attach(NIC_ID, Policy::Strict)?, iommu.hw().port(NIC_ID))?;
     let st = iommu.hw().stats();
     println!(
-        "nic_driver: {PACKETS} packets of 3 fragments ({} bytes each) sent and received through the IOMMU, every byte checked",
-        FRAGS.iter().sum::<u64>()
+        "nic_driver: {PACKETS} packets of 3 fragments ({bytes} bytes each) sent and received through each IOMMU, every byte checked"
     );
     println!(
-        "  tag #{} (32-bit NIC), TX ring at bus {:#x}, RX ring at bus {:#x}; {} DMA translations, {} faults, {} ranged invalidations",
-        nic.tag.id(),
-        tx_ring.raw(),
-        rx_ring.raw(),
+        "  table IOMMU: tag #{} (32-bit NIC), TX ring at bus {:#x}, RX ring at bus {:#x}; {} DMA translations, {} faults, \
+         {} ranged invalidations; fragment tables from a DmaPool of {} page(s)",
+        run.tag,
+        run.rings.0.raw(),
+        run.rings.1.raw(),
         st.translations,
         st.faults,
-        st.inv_range
+        st.inv_range,
+        run.pool_pages
     );
     assert_eq!(st.faults, 0);
-    let pool = nic.tables.stats();
+    assert_eq!(iommu.stats().leaked_domains, 0);
+
+    // In a VM: the same driver behind a virtio-iommu, every map and unmap a request.
+    let model = ModelViommu::install(&machine, VIOMMU_BAR)?;
+    // SAFETY: the model function's BAR was just placed at VIOMMU_BAR on this machine and
+    // stays there; nothing else drives it.
+    let unit = unsafe { VirtioIommu::new(&*machine, &ModelConfig { bar: VIOMMU_BAR as u32 }) }?;
+    let dev = ViommuDevice::attach(&unit, NIC_ID, Policy::Strict, DeviceConfig::default())?;
+    let run = drive(dev, model.port(NIC_ID))?;
+    let (maps, unmaps) = (model.requests(3), model.requests(4));
     println!(
-        "  fragment tables from a DmaPool: {} page(s) of {} blocks of {} bytes, {} out",
-        pool.pages,
-        pool.blocks_per_page,
-        nic.tables.block_size(),
-        pool.out
+        "  virtio-iommu: tag #{}, TX ring at bus {:#x}, RX ring at bus {:#x}; {maps} MAP requests ({:.2} per packet: \
+         one per fragment) and {unmaps} UNMAP ({:.2}: one per packet covers its fragments), {} DETACH",
+        run.tag,
+        run.rings.0.raw(),
+        run.rings.1.raw(),
+        maps as f64 / PACKETS as f64,
+        unmaps as f64 / PACKETS as f64,
+        model.requests(2)
     );
-    assert!(pool.pages >= 1 && pool.out <= SLOTS as u64);
-    assert!(nic.dev.domain().is_some(), "strict policy: the device has a domain");
-    drop(nic); // maps, rings, tag, then the device: detached, its domain freed
-    let leaked = iommu.stats().leaked_domains;
-    assert_eq!(leaked, 0);
-    println!("  detached cleanly: no domain leaked");
+    assert_eq!(model.requests(2), 1);
+    let mut probe = [0u8; 16];
+    assert!(
+        model.port(NIC_ID).dma_read(run.rings.0, &mut probe).is_err(),
+        "detached: the ring is out of reach"
+    );
+    println!("  detached cleanly from both: no domain leaked, every mapping undone");
     Ok(())
 }
 
 /// The driver's state can move to another CPU's thread (an interrupt thread, a worker).
 #[allow(dead_code)]
-fn state_is_send<'a>(nic: Nic<'a, 'a>) -> impl Send + 'a {
+fn state_is_send<'a>(nic: Nic<'a, busdma::dma::Device<'a, 'a, ModelIommu<'a>>>) -> impl Send + 'a {
     nic
 }

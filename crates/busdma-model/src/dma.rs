@@ -80,6 +80,8 @@ pub enum FaultReason {
     },
     /// The translation exists but does not allow this direction (or this privilege).
     Permission,
+    /// No mapping covers the address (a request-level IOMMU, virtio-iommu: no table to walk).
+    Unmapped,
 }
 
 impl fmt::Display for FaultReason {
@@ -103,6 +105,7 @@ impl fmt::Display for FaultReason {
             FaultReason::TableOutsideRam { pa } => write!(f, "table entry at PA {pa:#x} is outside RAM"),
             FaultReason::AccessFlag { level } => write!(f, "access flag clear at level {level}"),
             FaultReason::Permission => write!(f, "permission denied"),
+            FaultReason::Unmapped => write!(f, "no mapping covers the address"),
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod linux_pin;
 pub mod ram;
 mod tsc;
 pub mod uspace;
+pub mod viommu;
 
 pub use audit::{BusAccess, PageKind};
 pub use cache::{Cache, CacheConfig, CachedCpu, Coherence, Indexing, Snoop};

@@ -122,5 +122,7 @@ unsafe impl Platform for Recording<'_> {
 pub type Guard<'a> = CpuGuard<'a, HostPlatform>;
 
 pub mod ptdomain;
-pub mod viommu;
+/// The request-level virtio-iommu model (the library's, shared with the examples).
+#[allow(unused_imports)]
+pub use busdma_model::viommu;
 pub mod wedged;

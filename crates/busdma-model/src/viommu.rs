@@ -5,18 +5,27 @@
 //! PROBE, no bypass), two split queues, and ATTACH, DETACH, MAP, UNMAP executed at the
 //! notification (as QEMU does under TCG). The event queue's buffers are taken and never used
 //! (the model reports no faults: a blocked access is the `dma_read` error).
+//!
+//! Endpoints behind it reach memory through [`ModelViommu::port`] (a [`DmaPort`], as the
+//! table-walking model's `ModelIommu::port`), so a device model written once runs behind
+//! either; [`ModelViommu::install`] places the function's registers on the machine.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use busdma::{Iova, PhysAddr, Platform};
-use busdma_model::{HostPlatform, MmioHandler};
+use busdma::{AddrRange, Iova, PhysAddr, Platform};
+
+use crate::dma::{DeviceId, DmaFault, DmaPort, FaultReason};
+use crate::{HostPlatform, MmioHandler};
 
 /// Layout of BAR 0: the common structure, the notify structure (multiplier 0: every queue
 /// notifies at its start) and the device structure.
 pub const COMMON: u64 = 0;
+/// Offset of the notify structure in BAR 0.
 pub const NOTIFY: u64 = 0x1000;
+/// Offset of the device-specific structure (`virtio_iommu_config`) in BAR 0.
 pub const DEVICE: u64 = 0x2000;
+/// Length of BAR 0.
 pub const BAR_LEN: u64 = 0x3000;
 const QUEUES: usize = 2;
 const QUEUE_MAX: u16 = 64;
@@ -29,6 +38,9 @@ const S_OK: u8 = 0;
 const S_INVAL: u8 = 4;
 const S_RANGE: u8 = 5;
 const S_NOENT: u8 = 6;
+/// MAP flags (5.13.6.4).
+const MAP_READ: u32 = 1;
+const MAP_WRITE: u32 = 2;
 
 #[derive(Clone, Copy, Default)]
 struct Queue {
@@ -64,29 +76,111 @@ pub struct ModelViommu {
 }
 
 impl ModelViommu {
+    /// A reset device on machine `m` (its registers placed by the caller, or by
+    /// [`ModelViommu::install`]).
     pub fn new(m: Weak<HostPlatform>) -> Self {
         Self { m, st: Mutex::new(State::default()) }
+    }
+
+    /// A reset device with its BAR 0 at `bar` on `m` (outside RAM and other windows): the
+    /// driver finds it through [`ModelConfig`] `{ bar }`.
+    ///
+    /// Errors: those of [`HostPlatform::add_mmio`] (the window overlaps RAM or another one).
+    pub fn install(m: &Arc<HostPlatform>, bar: u64) -> busdma::Result<Arc<Self>> {
+        let dev = Arc::new(Self::new(Arc::downgrade(m)));
+        m.add_mmio(AddrRange::from_start_len(PhysAddr::new(bar), BAR_LEN)?, Box::new(dev.clone()))?;
+        Ok(dev)
+    }
+
+    /// Endpoint `ep`'s view of memory: its reads and writes translated by the domain it is
+    /// attached to when they happen.
+    pub fn port(self: &Arc<Self>, ep: u32) -> ViommuPort {
+        ViommuPort { unit: self.clone(), ep }
+    }
+
+    /// The physical pieces of `[iova, iova + len)` for endpoint `ep` (`write`: device to
+    /// memory), or the fault of the first byte that is not mapped with that permission in
+    /// the domain `ep` is attached to (unattached endpoints reach nothing).
+    fn translate(
+        &self,
+        ep: u32,
+        iova: Iova,
+        len: u64,
+        write: bool,
+    ) -> Result<Vec<(PhysAddr, u64)>, DmaFault> {
+        let st = self.st.lock().unwrap();
+        let fault = |at: u64, reason| DmaFault { device: ep as DeviceId, iova: Iova::new(at), write, reason };
+        let maps = st
+            .attached
+            .get(&ep)
+            .and_then(|d| st.domains.get(d))
+            .ok_or_else(|| fault(iova.raw(), FaultReason::NotAttached))?;
+        let need = if write { MAP_WRITE } else { MAP_READ };
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        while at < len {
+            let a = iova.raw().checked_add(at).ok_or_else(|| fault(u64::MAX, FaultReason::Unmapped))?;
+            match maps.range(..=a).next_back() {
+                Some((&first, &(last, pa, flags))) if a <= last => {
+                    if flags & need == 0 {
+                        return Err(fault(a, FaultReason::Permission));
+                    }
+                    let n = (last - a + 1).min(len - at);
+                    out.push((PhysAddr::new(pa + (a - first)), n));
+                    at += n;
+                }
+                _ => return Err(fault(a, FaultReason::Unmapped)),
+            }
+        }
+        Ok(out)
     }
 
     /// What endpoint `ep` reading `len` bytes at `iova` gets: `None` if any byte is not
     /// mapped readable in the domain `ep` is attached to (unattached endpoints reach nothing).
     pub fn dma_read(&self, ep: u32, iova: Iova, len: u64) -> Option<Vec<u8>> {
-        let st = self.st.lock().unwrap();
-        let m = self.m.upgrade()?;
-        let maps = st.domains.get(st.attached.get(&ep)?)?;
         let mut out = vec![0u8; len as usize];
-        let mut at = 0u64;
-        while at < len {
-            let a = iova.raw() + at;
-            let (&first, &(last, pa, flags)) = maps.range(..=a).next_back()?;
-            if a > last || flags & 1 == 0 {
-                return None;
-            }
-            let n = (last - a + 1).min(len - at);
-            m.read_phys(PhysAddr::new(pa + (a - first)), &mut out[at as usize..(at + n) as usize]).ok()?;
-            at += n;
-        }
+        self.read_into(ep, iova, &mut out).ok()?;
         Some(out)
+    }
+
+    fn read_into(&self, ep: u32, iova: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
+        let pieces = self.translate(ep, iova, buf.len() as u64, false)?;
+        let m = self.m.upgrade();
+        let mut at = 0usize;
+        for (pa, n) in pieces {
+            let dst = &mut buf[at..at + n as usize];
+            if m.as_ref().is_none_or(|m| m.read_phys(pa, dst).is_err()) {
+                let reason = FaultReason::NoMemory { pa: pa.raw() };
+                return Err(DmaFault {
+                    device: ep as DeviceId,
+                    iova: Iova::new(iova.raw() + at as u64),
+                    write: false,
+                    reason,
+                });
+            }
+            at += n as usize;
+        }
+        Ok(())
+    }
+
+    fn write_from(&self, ep: u32, iova: Iova, data: &[u8]) -> Result<(), DmaFault> {
+        let pieces = self.translate(ep, iova, data.len() as u64, true)?;
+        let m = self.m.upgrade();
+        let mut at = 0usize;
+        for (pa, n) in pieces {
+            let src = &data[at..at + n as usize];
+            if m.as_ref().is_none_or(|m| m.write_phys(pa, src).is_err()) {
+                let reason = FaultReason::NoMemory { pa: pa.raw() };
+                return Err(DmaFault {
+                    device: ep as DeviceId,
+                    iova: Iova::new(iova.raw() + at as u64),
+                    write: true,
+                    reason,
+                });
+            }
+            at += n as usize;
+        }
+        Ok(())
     }
 
     /// Requests executed so far of wire type `t` (1 ATTACH, 2 DETACH, 3 MAP, 4 UNMAP).
@@ -291,6 +385,35 @@ impl ModelViommu {
     }
 }
 
+/// An endpoint's DMA behind a [`ModelViommu`] ([`ModelViommu::port`]): each access translated
+/// when it happens, refused whole if any byte is not mapped for it (nothing is written then).
+#[derive(Clone)]
+pub struct ViommuPort {
+    unit: Arc<ModelViommu>,
+    ep: u32,
+}
+
+impl DmaPort for ViommuPort {
+    fn dma_read(&self, bus: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.unit.read_into(self.ep, bus, buf)
+    }
+
+    fn dma_write(&self, bus: Iova, data: &[u8]) -> Result<(), DmaFault> {
+        self.unit.write_from(self.ep, bus, data)
+    }
+}
+
+/// The registers, shared with whoever keeps the device (its tests, its ports).
+impl MmioHandler for Arc<ModelViommu> {
+    fn read(&self, offset: u64, size: u8) -> u64 {
+        (**self).read(offset, size)
+    }
+
+    fn write(&self, offset: u64, size: u8, value: u64) {
+        (**self).write(offset, size, value)
+    }
+}
+
 impl MmioHandler for ModelViommu {
     fn read(&self, offset: u64, size: u8) -> u64 {
         let st = self.st.lock().unwrap();
@@ -316,6 +439,7 @@ impl MmioHandler for ModelViommu {
 /// The function's configuration space: the capability list naming the three structures in
 /// BAR 0 (a 32-bit memory BAR at `bar`).
 pub struct ModelConfig {
+    /// Where BAR 0 sits (a 32-bit memory BAR).
     pub bar: u32,
 }
 
