@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use busdma::iova::{ExtentAllocator, IovaAllocator, IovaConfig, IovaRequest, IovaSource};
+use busdma::iova::{ExtentAllocator, HOME_REGION, IovaAllocator, IovaConfig, IovaRequest, IovaSource};
 use busdma::{AddrRange, CpuGuard, Error, Iova, PAGE_SIZE, Platform};
 use busdma_model::{HostPlatform, MachineConfig};
 use proptest::prelude::*;
@@ -122,6 +122,52 @@ fn without_caches_any_cpu_frees_through_the_tree_with_misuse_detected() {
         assert!(matches!(a.free(g, r), Err(Error::DoubleFree { .. })));
     });
     assert_eq!(a.free_bytes(), 64 * P);
+}
+
+/// Home regions (`iova` theory 9): the class ranges two CPUs take fresh from the tree lie in
+/// different live-map leaves, so the marks their caches write never share a cache line.
+/// Without the regions both CPUs' ranges are placed top-down side by side, in one leaf.
+#[test]
+fn fresh_class_ranges_of_two_cpus_lie_in_separate_live_map_leaves() {
+    let a = IovaAllocator::new(space(0, 64 << 10), IovaConfig { cpus: 2, caches: true, guard_page: false })
+        .unwrap();
+    let leaf = |r: &AddrRange<Iova>| r.start().raw() / HOME_REGION;
+    let mut taken: [Vec<AddrRange<Iova>>; 2] = [Vec::new(), Vec::new()];
+    // Interleaved, as two CPUs filling their rings at the same time.
+    for i in 0..200 {
+        for (cpu, t) in taken.iter_mut().enumerate() {
+            t.push(on_cpu(cpu, |g| a.alloc(g, &IovaRequest::pages(1 + (i % 16) as u64)).unwrap()));
+        }
+    }
+    for r0 in &taken[0] {
+        for r1 in &taken[1] {
+            assert_ne!(leaf(r0), leaf(r1), "CPU 0's {r0:?} and CPU 1's {r1:?} share a leaf");
+        }
+    }
+    for (cpu, t) in taken.into_iter().enumerate() {
+        on_cpu(cpu, |g| t.into_iter().for_each(|r| a.free(g, r).unwrap()));
+    }
+    a.check_invariants().unwrap();
+}
+
+/// A home region never makes a request fail that could fit: a full region spills into the
+/// rest of the space, and a CPU whose region lies outside a small space allocates as if there
+/// were none, every page of the space.
+#[test]
+fn home_regions_never_make_a_fitting_request_fail() {
+    for pages in [256, 3 * (HOME_REGION / P) + 17] {
+        let a =
+            IovaAllocator::new(space(256, pages), IovaConfig { cpus: 2, caches: true, guard_page: false })
+                .unwrap();
+        let rs: Vec<_> =
+            on_cpu(1, |g| (0..pages).map(|_| a.alloc(g, &IovaRequest::pages(1)).unwrap()).collect());
+        assert!(
+            on_cpu(1, |g| a.alloc(g, &IovaRequest::pages(1))).is_err(),
+            "{pages} pages: the space is full"
+        );
+        on_cpu(0, |g| rs.into_iter().for_each(|r| a.free(g, r).unwrap()));
+        a.check_invariants().unwrap();
+    }
 }
 
 #[test]

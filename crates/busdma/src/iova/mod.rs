@@ -91,13 +91,36 @@
 //!    integers under the CPU's lock, and the tree's lock, the depot's classes and the rare
 //!    counters each sit on lines of their own, away from the read-mostly fields every call
 //!    reads. What remains shared is the live map's lines, only when two CPUs' hot ranges fall
-//!    on one line (see `livemap`, theory 4). Any other request takes the general path (full
+//!    on one line (see `livemap`, theory 4), which home regions make rare (point 9). Any other request takes the general path (full
 //!    validation, the same caches with the request's own checks). Without caches there is
 //!    no per-CPU state at all (no CPU lock that would guard nothing): both fast paths find no
 //!    CPU entry and hand the call to the tree (`alloc_no_cpu`, `free_no_cpu`), which takes its
 //!    own lock alone; a pair costs two locked instructions, as Linux's `alloc_iova` and
 //!    `free_iova` (it cost four, 44 vs 30 ns per tree pair on the lab VM).
 //!
+//! 9. **Home regions.** The marks two CPUs write must not share cache lines, or each cache
+//!    hit of a deep ring (hundreds of ranges in flight per CPU, every one cycling through
+//!    the CPU's magazines) misses on a line the other CPU just wrote: measured, the CPU time
+//!    per pair of a 256-deep ring rose 1.7x with a second thread while a 1-deep ring stayed
+//!    flat. The skewed layout of a leaf (`livemap`, theory 4) keeps neighbours apart, but two
+//!    CPUs whose rings filled at the same time own interleaved ranges all over one leaf. So a
+//!    class range fresh from the tree goes to a *home region* of the CPU whose cache will
+//!    cycle it: the space below the request's limit (rounded down to [`HOME_REGION`], one
+//!    live-map leaf) is cut into regions counted down from there, and CPU `c` of `n` owns
+//!    regions `c`, `c + n`, `c + 2n`, ... . The tree finds the highest fit below a region's
+//!    top and places it only at or above the region's floor (`Tree::alloc_above`); a miss
+//!    names where the highest fit lies, so the next try is the CPU's first region at or below
+//!    it (two searches place a range unless the space changed between them). The CPU
+//!    remembers the region it last placed in (a hint, `home`), so a fragmented top of the
+//!    space is searched past once, not on every miss. Naturally aligned in a home region
+//!    first, then with the request's own alignment in one, then the plain placement of
+//!    point 3: regions never make a request fail that could fit, and a CPU whose regions lie
+//!    outside the space (a small space, a high CPU number) places as without them. A round
+//!    freed on another CPU goes back to its owner's cache (point 4), so it stays home; the
+//!    depot, which trades whole magazines between CPUs, can still move rounds to another
+//!    CPU's cache (measured: mixed-size rings that exchange magazines often keep some
+//!    sharing). Only the placement of fresh class ranges changes: the fast path is untouched.
+
 //! # Locking and execution context
 //!
 //! Lock order: a CPU's cache, then a depot class, then the tree; all are [`SpinLock`]s held
@@ -122,7 +145,7 @@ pub use window::IovaWindow;
 use crate::addr::{AddrRange, Iova, PAGE_SHIFT, PAGE_SIZE, is_pow2};
 use crate::error::{Error, Result};
 use crate::platform::{CpuGuard, Platform};
-use crate::sync::{AtomicU16, Ordering, SpinGuard, SpinLock};
+use crate::sync::{AtomicU16, AtomicU32, Ordering, SpinGuard, SpinLock};
 use livemap::{LeafHint, LiveMap};
 use magazine::{CLASSES, CpuCache, Depot, MAG_ROUNDS, Magazine, MarkAddr};
 use tree::{Fit, Kind, Tree};
@@ -300,6 +323,13 @@ struct Padded<T>(T);
 /// Largest class: 2^(CLASSES-1) pages.
 const MAX_CLASS_PAGES: u64 = 1 << (CLASSES - 1);
 
+/// Bytes of IOVA in one home region for class ranges (theory 9): the span of one live-map
+/// leaf, so two CPUs' hot marks never share a leaf, hence never a line.
+pub const HOME_REGION: u64 = (livemap::LEAF_PAGES as u64) << PAGE_SHIFT;
+/// Tree searches a fresh class range makes at most for a home region before it is placed
+/// as without regions (two suffice unless the space changed between them).
+const HOME_TRIES: usize = 4;
+
 /// A live mark's low bits: the allocation's page count, 1..=[`MAX_CLASS_PAGES`] (theory 4).
 const MARK_OWNER_SHIFT: u32 = 7;
 /// The page count of a mark.
@@ -341,6 +371,10 @@ pub struct IovaAllocator {
     depot: Depot,
     tree: Padded<SpinLock<Tree>>,
     counters: Padded<SpinLock<Counters>>,
+    /// Per CPU with caches: which of its home regions its last fresh class range went to
+    /// (theory 9). A hint read and written by its CPU on the slow path under the tree's
+    /// lock; any value is safe.
+    home: Box<[AtomicU32]>,
 }
 
 /// Counters that no other lock covers (bumped on rare paths only).
@@ -407,6 +441,10 @@ impl IovaAllocator {
             let cache = CpuCache::new(MAG_ROUNDS)?;
             cpus.push(Padded(SpinLock::new(PerCpu { cache, hint: LeafHint::default() })));
         }
+        let mut home = Vec::new();
+        home.try_reserve_exact(ncpus).map_err(|_| Error::NoMemory { requested: ncpus as u64 * 4 })?;
+        home.extend((0..ncpus).map(|_| AtomicU32::new(0)));
+        let home = home.into_boxed_slice();
         let pages = if cfg.caches { space.end().raw() >> PAGE_SHIFT } else { 1 };
         Ok(Self {
             space,
@@ -417,6 +455,7 @@ impl IovaAllocator {
             depot: Depot::new(),
             tree: Padded(SpinLock::new(Tree::new(space.start().raw(), space.end().raw())?)),
             counters: Padded(SpinLock::new(Counters::default())),
+            home,
         })
     }
 
@@ -500,11 +539,63 @@ impl IovaAllocator {
         AddrRange::from_start_len(Iova::new(start), size)
     }
 
+    /// A class range of fit `natural` placed in one of CPU `cpu`'s home regions (theory 9),
+    /// under the tree's lock `t`: `None` when none of them has room (the caller places it as
+    /// without regions).
+    fn alloc_home(&self, t: &mut Tree, natural: &Fit, cpu: usize) -> Result<Option<u64>> {
+        let n = self.cfg.cpus as u64;
+        let Some(cursor) = self.home.get(cpu) else { return Ok(None) };
+        if n < 2 {
+            return Ok(None);
+        }
+        let base = natural.limit & !(HOME_REGION - 1);
+        let lo = self.space.start().raw();
+        let c = cpu as u64;
+        let mut k = u64::from(cursor.load(Ordering::Relaxed));
+        for _ in 0..HOME_TRIES {
+            // CPU `c`'s `k`-th region is region `c + k n` counted down from `base`.
+            let j = k.checked_mul(n).and_then(|x| x.checked_add(c));
+            let top = j.and_then(|j| j.checked_mul(HOME_REGION)).and_then(|d| base.checked_sub(d));
+            let room = top.filter(|&top| top >= lo.saturating_add(natural.total));
+            let Some(top) = room else {
+                // Past the bottom of the space: start again from the top, once.
+                if k == 0 {
+                    return Ok(None);
+                }
+                k = 0;
+                continue;
+            };
+            let floor = top.saturating_sub(HOME_REGION).max(lo);
+            match t.alloc_above(&Fit { limit: top, ..*natural }, floor, Kind::Class)? {
+                Ok(s) => {
+                    cursor.store(k as u32, Ordering::Relaxed);
+                    return Ok(Some(s));
+                }
+                // Nothing fits below this region's top: maybe above it (a region passed
+                // over when it was full); start again from the top, once.
+                Err(None) if k > 0 => k = 0,
+                Err(None) => return Ok(None),
+                // The highest fit lies at `s`, below the region: every region above `s` is
+                // full for this fit. Next: this CPU's first region at or below `s`.
+                Err(Some(s)) => {
+                    let region = (base - s - 1) / HOME_REGION;
+                    k = region.saturating_sub(c).div_ceil(n);
+                    if k > u64::from(u32::MAX) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The slow path for a class-size request: a class range (cacheable), else an exact
     /// plain allocation (not cacheable: rounding must never make a fitting request fail);
-    /// when neither fits, flush every cache and try both once more.
+    /// when neither fits, flush every cache and try both once more. A class range is placed
+    /// in a home region of `cpu` (the CPU whose cache will hold it) where one has room
+    /// (theory 9).
     #[cold]
-    fn alloc_class_slow(&self, v: &Validated, c: usize) -> Result<AddrRange<Iova>> {
+    fn alloc_class_slow(&self, v: &Validated, c: usize, cpu: usize) -> Result<AddrRange<Iova>> {
         let cb = class_bytes(c);
         // Naturally aligned first; a boundary is a power of two at least the size, hence at
         // least the class size, so such a range never crosses one. In a space too fragmented
@@ -520,9 +611,18 @@ impl IovaAllocator {
         let loose = Fit { align: v.align, ..natural };
         for attempt in 0..2 {
             let mut t = self.tree.0.lock();
-            let class = match t.alloc(&natural, Kind::Class) {
-                Err(Error::Exhausted { .. }) if loose != natural => t.alloc(&loose, Kind::Class),
-                r => r,
+            // Home first, naturally aligned, then with the request's alignment (a fragmented
+            // space may hold no naturally aligned range), then anywhere, in the same order.
+            let home = match self.alloc_home(&mut t, &natural, cpu)? {
+                None if loose != natural => self.alloc_home(&mut t, &loose, cpu)?,
+                h => h,
+            };
+            let class = match home {
+                Some(s) => Ok(s),
+                None => match t.alloc(&natural, Kind::Class) {
+                    Err(Error::Exhausted { .. }) if loose != natural => t.alloc(&loose, Kind::Class),
+                    r => r,
+                },
             };
             match class {
                 Ok(s) => {
@@ -874,7 +974,7 @@ impl IovaAllocator {
                 if touched {
                     self.trim(c);
                 }
-                return self.alloc_class_slow(&Validated::new(req, self.space)?, c);
+                return self.alloc_class_slow(&Validated::new(req, self.space)?, c, g.cpu());
             }
         }
         self.alloc_general(g, req)
@@ -1064,7 +1164,7 @@ impl IovaAllocator {
         }
         match hit {
             Some(s) => Self::range(s, size),
-            None => self.alloc_class_slow(&v, c),
+            None => self.alloc_class_slow(&v, c, g.cpu()),
         }
     }
 

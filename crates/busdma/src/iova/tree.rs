@@ -847,12 +847,46 @@ impl Tree {
             }
             None => self.search(f),
         };
-        let Some(Found { s, succ, at, left, above }) = found else {
+        let Some(found) = found else {
             self.fails[self.next_fail] = Some(*f);
             self.next_fail = (self.next_fail + 1) % FAIL_SLOTS;
             self.failed = true;
             return Err(Error::Exhausted { size: f.size, limit: f.limit });
         };
+        self.insert_found(found, f, kind)
+    }
+
+    /// The highest fit of `f` if it starts at or above `floor`: `Ok(Ok(start))`, placed and
+    /// recorded as `kind`; `Ok(Err(Some(s)))` if the highest fit starts at `s` below `floor`
+    /// (nothing placed: every fit lies below `floor`); `Ok(Err(None))` if nothing fits. A
+    /// miss records no failure (a fit may exist below the floor). The IOVA allocator's home
+    /// regions (`iova` theory 9) search with it.
+    pub fn alloc_above(
+        &mut self,
+        f: &Fit,
+        floor: u64,
+        kind: Kind,
+    ) -> Result<core::result::Result<u64, Option<u64>>> {
+        if self.failed && self.fails.iter().flatten().any(|r| r.implies_failure_of(f)) {
+            self.stats.fast_failures += 1;
+            return Ok(Err(None));
+        }
+        self.settle();
+        let found = match self.at_hint(f) {
+            Some(hit) => Some(hit),
+            None => self.search(f),
+        };
+        match found {
+            Some(found) if found.s >= floor => self.insert_found(found, f, kind).map(Ok),
+            Some(found) => Ok(Err(Some(found.s))),
+            None => Ok(Err(None)),
+        }
+    }
+
+    /// Places `f` where `found` says and records it as `kind`. Returns the start.
+    #[inline]
+    fn insert_found(&mut self, found: Found, f: &Fit, kind: Kind) -> Result<u64> {
+        let Found { s, succ, at, left, above } = found;
         let sn = *self.n(succ);
         let pred_end = sn.start - sn.gap;
         let x = self.new_node(s, s + f.total, s - pred_end, kind)?;
@@ -1036,6 +1070,22 @@ mod tests {
         assert_eq!(a, 0x20_0000 - PAGE_SIZE);
         let b = t.alloc(&fit(2, PAGE_SIZE, 0, 0x18_0000), Kind::Allocated).unwrap();
         assert_eq!(b, 0x18_0000 - 2 * PAGE_SIZE);
+        t.check().unwrap();
+    }
+
+    #[test]
+    fn alloc_above_places_only_at_or_above_its_floor_and_remembers_no_failure() {
+        let mut t = Tree::new(0x10_0000, 0x20_0000).unwrap();
+        // Occupy [0x18_0000, 0x20_0000): the highest fit below the top is then under 0x18_0000.
+        t.occupy(0x18_0000, 0x20_0000, Kind::Allocated).unwrap();
+        let f = fit(1, PAGE_SIZE, 0, 0x20_0000);
+        assert_eq!(t.alloc_above(&f, 0x18_0000, Kind::Class).unwrap(), Err(Some(0x18_0000 - PAGE_SIZE)));
+        assert_eq!(t.occupied_len(0x18_0000 - PAGE_SIZE), None, "a miss places nothing");
+        assert_eq!(t.alloc_above(&f, 0x17_0000, Kind::Class).unwrap(), Ok(0x18_0000 - PAGE_SIZE));
+        // Nothing fits below a limit at the space's start; a miss is not remembered, so the
+        // same fit with a higher limit is still searched.
+        assert_eq!(t.alloc_above(&fit(1, PAGE_SIZE, 0, 0x10_0000), 0, Kind::Class).unwrap(), Err(None));
+        assert!(t.alloc(&fit(1, PAGE_SIZE, 0, 0x18_0000), Kind::Class).is_ok());
         t.check().unwrap();
     }
 
