@@ -34,6 +34,14 @@
 //!    another CPU; this is what lets a flush reach every CPU's rounds. Lock order: CPU cache,
 //!    then depot class, then tree; trimmed magazines are handed back to the caller so the
 //!    tree lock is taken after the depot lock is released.
+//! 6. **Magazines go home.** A cache made for a CPU ([`CpuCache::for_cpu`]) stamps each full
+//!    magazine it gives the depot with its CPU; taking a full one, it looks through the last
+//!    [`HOME_SCAN`] of its class for its own before taking the most recent. A CPU whose
+//!    sizes wander (a ring of mixed sizes trades magazines every few dozen operations) then
+//!    gets its own rounds back, whose live marks lie in its own home regions (`iova` theory
+//!    9) and whose magazine lines it wrote last, instead of another CPU's. Rounds still flow
+//!    between CPUs when one frees what another allocates: a CPU with none of its own in
+//!    reach takes any.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -51,6 +59,15 @@ pub const CLASSES: usize = 7;
 /// per operation; a larger magazine would only hoard more IOVA space per CPU
 /// (2 x 32 x 7 classes rounds per CPU at most).
 pub const MAG_ROUNDS: usize = 32;
+
+/// The CPU of a cache or magazine that has none (the loom models' caches; a magazine no
+/// cache gave to the depot yet).
+pub const NO_HOME: u32 = u32::MAX;
+
+/// Full magazines of a class the depot looks through, most recent first, for one the taking
+/// CPU gave (theory 6): a bounded scan under the class lock, a shift of at most this many
+/// pointers to take one out of the middle.
+pub const HOME_SCAN: usize = 8;
 
 /// Depot operations of one class between two trims: long enough that a burst (a NIC ring
 /// refill of 256 buffers is 8 magazines) does not trim what the next burst needs, short
@@ -89,6 +106,9 @@ pub struct CpuStats {
 #[repr(C, align(128))]
 pub struct Magazine {
     len: usize,
+    /// The CPU whose cache last gave it to the depot full ([`NO_HOME`] until then): the depot
+    /// hands a CPU its own magazines back first (theory 6).
+    home: u32,
     rounds: [u64; MAG_ROUNDS],
     marks: [MarkAddr; MAG_ROUNDS],
 }
@@ -128,7 +148,7 @@ impl Magazine {
         v.try_reserve_exact(1)
             .map_err(|_| Error::NoMemory { requested: core::mem::size_of::<Self>() as u64 })?;
         // INVARIANT: len 0.
-        v.push(Self { len: 0, rounds: [0; MAG_ROUNDS], marks: [MarkAddr::NONE; MAG_ROUNDS] });
+        v.push(Self { len: 0, home: NO_HOME, rounds: [0; MAG_ROUNDS], marks: [MarkAddr::NONE; MAG_ROUNDS] });
         let one = v.into_boxed_slice();
         // SAFETY: `one` is a boxed slice of exactly one `Magazine`, allocated with the layout of
         // one `Magazine` (a `[T]` of length 1 has the size and alignment of `T`), so it may be
@@ -200,6 +220,8 @@ struct ClassCache {
 #[derive(Debug)]
 pub struct CpuCache {
     capacity: usize,
+    /// The CPU this cache belongs to, or [`NO_HOME`] (theory 6).
+    home: u32,
     classes: [ClassCache; CLASSES],
     /// This CPU's counters.
     pub stats: CpuStats,
@@ -255,7 +277,16 @@ impl CpuCache {
         let classes = <[ClassCache; CLASSES]>::try_from(classes)
             .map_err(|_| Error::BadState { what: "CpuCache::new made the wrong number of classes" })?;
         // INVARIANT: capacity checked above.
-        Ok(Self { capacity, classes, stats: CpuStats::default() })
+        Ok(Self { capacity, home: NO_HOME, classes, stats: CpuStats::default() })
+    }
+
+    /// [`CpuCache::new`] for CPU `cpu`: the full magazines it gives the depot come back to it
+    /// first (theory 6).
+    ///
+    /// Errors: those of [`CpuCache::new`].
+    pub fn for_cpu(capacity: usize, cpu: usize) -> Result<Self> {
+        let home = u32::try_from(cpu).unwrap_or(NO_HOME);
+        Ok(Self { home, ..Self::new(capacity)? })
     }
 
     /// Pops the top round of class `c` if `fits(start)` accepts it (the request's limit,
@@ -329,7 +360,7 @@ impl CpuCache {
         let mut touched = false;
         if !cc.previous.is_empty() {
             core::mem::swap(&mut cc.loaded, &mut cc.previous);
-        } else if depot.trade_empty_for_full(c, &mut cc.previous) {
+        } else if depot.trade_empty_for_full(c, &mut cc.previous, self.home) {
             // `previous` is now the full one; the empty `loaded` becomes `previous`.
             core::mem::swap(&mut cc.loaded, &mut cc.previous);
             self.stats.depot_gets += 1;
@@ -375,6 +406,7 @@ impl CpuCache {
             core::mem::swap(&mut cc.loaded, &mut cc.previous);
         } else {
             // Both full: the previous one goes to the depot, an empty one comes back.
+            cc.previous.home = self.home;
             if !depot.trade_full_for_empty(c, &mut cc.previous) {
                 return (false, false);
             }
@@ -422,11 +454,23 @@ impl Depot {
     }
 
     /// If the depot holds a full magazine of class `c`, swaps it into `*empty` and keeps the
-    /// empty one, returning `true`; else leaves `*empty` alone and returns `false`.
-    fn trade_empty_for_full(&self, c: usize, empty: &mut Box<Magazine>) -> bool {
+    /// empty one, returning `true`; else leaves `*empty` alone and returns `false`. Among
+    /// the last [`HOME_SCAN`] full magazines, one that CPU `home` gave is taken first.
+    fn trade_empty_for_full(&self, c: usize, empty: &mut Box<Magazine>, home: u32) -> bool {
         let Some(l) = self.classes.get(c) else { return false };
         let mut d = l.0.lock();
-        let Some(full) = d.full.pop() else { return false };
+        let n = d.full.len();
+        let own = match home {
+            NO_HOME => None,
+            h => d.full.iter().rev().take(HOME_SCAN).position(|m| m.home == h).map(|i| n - 1 - i),
+        };
+        let full = match own {
+            Some(i) => d.full.remove(i),
+            None => match d.full.pop() {
+                Some(m) => m,
+                None => return false,
+            },
+        };
         d.min_full = d.min_full.min(d.full.len());
         let old = core::mem::replace(empty, full);
         // Never fails to find room in practice; if it does, the empty magazine is dropped.
@@ -548,6 +592,28 @@ mod tests {
         a.drain(|_, s| got.push(s));
         got.sort_unstable();
         assert_eq!(got, (0..10).collect::<Vec<_>>());
+    }
+
+    /// Theory 6: a CPU whose magazines ran dry gets the full magazine it gave the depot back,
+    /// even when another CPU gave one after it; a CPU with none of its own takes any.
+    #[test]
+    fn the_depot_hands_a_cpu_its_own_full_magazine_first() {
+        let depot = Depot::new();
+        let (mut a, mut b) = (CpuCache::for_cpu(1, 0).unwrap(), CpuCache::for_cpu(1, 1).unwrap());
+        let mut c = CpuCache::for_cpu(1, 2).unwrap();
+        // Three frees fill a's two one-round magazines and put the first one in the depot.
+        for s in [10, 11, 12] {
+            assert!(a.free(0, s, MarkAddr::NONE, &depot).0);
+        }
+        for s in [20, 21, 22] {
+            assert!(b.free(0, s, MarkAddr::NONE, &depot).0);
+        }
+        assert_eq!(depot.census().0[0], 2);
+        // a empties its own magazines, then refills from the depot: its own round 10, not
+        // b's 20 (the most recent).
+        let mine: Vec<u64> = (0..3).map(|_| a.alloc(0, |_| true, &depot).0.unwrap()).collect();
+        assert_eq!(mine, [12, 11, 10]);
+        assert_eq!(c.alloc(0, |_| true, &depot).0, Some(20), "no magazine of its own: any");
     }
 
     #[test]

@@ -437,8 +437,8 @@ impl IovaAllocator {
         let ncpus = if cfg.caches { cfg.cpus } else { 0 };
         let mut cpus = Vec::new();
         cpus.try_reserve_exact(ncpus).map_err(|_| Error::NoMemory { requested: ncpus as u64 * 128 })?;
-        for _ in 0..ncpus {
-            let cache = CpuCache::new(MAG_ROUNDS)?;
+        for cpu in 0..ncpus {
+            let cache = CpuCache::for_cpu(MAG_ROUNDS, cpu)?;
             cpus.push(Padded(SpinLock::new(PerCpu { cache, hint: LeafHint::default() })));
         }
         let mut home = Vec::new();
