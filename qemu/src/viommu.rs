@@ -13,6 +13,7 @@ use busdma::device::{DeviceConfig, Policy, ViommuDevice};
 use busdma::front::{Direction, IommuPerMap, IommuReserved, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::Prot;
+use busdma::quickmap::QuickMaps;
 use busdma::virtio_iommu::{ConfigSpace, FaultReason, ReservedKind, ViommuDomain, VirtioIommu};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, Platform};
 
@@ -97,9 +98,12 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::vi
         return;
     };
     bdf.enable();
+    // The machine's quick maps, for the bounce copies of untrusted endpoints; the unit keeps
+    // them (`'static`: the unit's platform is).
+    let qm: &'static QuickMaps = alloc::boxed::Box::leak(alloc::boxed::Box::new(QuickMaps::for_platform(&PLATFORM)));
     // SAFETY: the virtio-iommu function is ours alone, SeaBIOS assigned its BARs below 4 GiB
     // (identity-mapped uncached), memory decoding and bus mastering are on.
-    let unit = match unsafe { VirtioIommu::new(&PLATFORM, &Cfg(bdf)) } {
+    let unit = match unsafe { VirtioIommu::new(&PLATFORM, qm, &Cfg(bdf)) } {
         Ok(u) => u,
         Err(e) => {
             r.check("virtio-iommu initialises (bypass off)", || Err(e2s(e)));

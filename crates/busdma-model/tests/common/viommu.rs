@@ -55,6 +55,8 @@ struct State {
     domains: BTreeMap<u32, BTreeMap<u64, (u64, u64, u32)>>,
     /// Requests executed, by type (index = the wire's type number).
     requests: [u64; 6],
+    /// Refuse every UNMAP (status INVAL, nothing unmapped): a hypervisor that failed one.
+    fail_unmaps: bool,
 }
 
 /// The device: its registers and the translation it applies.
@@ -87,6 +89,12 @@ impl ModelViommu {
             at += n;
         }
         Some(out)
+    }
+
+    /// From now on, every UNMAP fails (`true`: status INVAL, the range stays mapped) or
+    /// executes (`false`).
+    pub fn fail_unmaps(&self, on: bool) {
+        self.st.lock().unwrap().fail_unmaps = on;
     }
 
     /// Requests executed so far of wire type `t` (1 ATTACH, 2 DETACH, 3 MAP, 4 UNMAP).
@@ -269,6 +277,7 @@ impl ModelViommu {
                 maps.insert(first, (last, pa, flags));
                 S_OK
             }
+            4 if st.fail_unmaps => S_INVAL,
             4 => {
                 let (Some(first), Some(last)) = (u64_at(8), u64_at(16)) else { return S_INVAL };
                 let Some(maps) = st.domains.get_mut(&domain) else { return S_NOENT };
@@ -341,4 +350,32 @@ impl busdma::virtio_iommu::ConfigSpace for ModelConfig {
             _ => 0,
         }
     }
+}
+
+/// Where [`on_machine`] puts the model's BAR 0 (above the 64 MiB of RAM at 16 MiB).
+pub const BAR: u64 = 0xf000_0000;
+
+/// A model virtio-iommu on `m`'s MMIO at [`BAR`], initialised by busdma's driver with the
+/// machine's quick maps `qm`.
+pub fn on_machine<'m>(
+    m: &'m std::sync::Arc<HostPlatform>,
+    qm: &'m busdma::quickmap::QuickMaps,
+) -> (std::sync::Arc<ModelViommu>, busdma::virtio_iommu::VirtioIommu<'m, HostPlatform>) {
+    use std::sync::Arc;
+    let dev = Arc::new(ModelViommu::new(Arc::downgrade(m)));
+    struct Shared(Arc<ModelViommu>);
+    impl MmioHandler for Shared {
+        fn read(&self, offset: u64, size: u8) -> u64 {
+            self.0.read(offset, size)
+        }
+        fn write(&self, offset: u64, size: u8, value: u64) {
+            self.0.write(offset, size, value)
+        }
+    }
+    let window = busdma::AddrRange::from_start_len(PhysAddr::new(BAR), BAR_LEN).unwrap();
+    m.add_mmio(window, Box::new(Shared(dev.clone()))).unwrap();
+    // SAFETY: the model function is this test's alone, its BAR stays where it is.
+    let unit = unsafe { busdma::virtio_iommu::VirtioIommu::new(&**m, qm, &ModelConfig { bar: BAR as u32 }) }
+        .unwrap();
+    (dev, unit)
 }
