@@ -554,15 +554,28 @@ fn untrusted_guard_page(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
             m.sync(SyncOp::PREREAD).map_err(e2s)?;
             maps.push((m, bus));
         }
+        // The page past a load at the top of edu's reach is beyond it: those are skipped
+        // (the loads are allocated top-down, so at most one is).
+        let mut probed = 0;
         for (_, bus) in &maps {
             let past = bus + PAGE_SIZE;
-            let twin = Twin::of(Iova::new(past))?;
+            if past + XFER > EDU_LIMIT {
+                continue;
+            }
+            // Its twin, when the IOVA's number is scratch RAM.
+            let twin = Twin::of(Iova::new(past)).ok();
             dev.dma(Dir::ToRam, past, 0, XFER)?;
             if let Some(i) = bufs.iter().position(|b| !b.all(SENTINEL).unwrap_or(false)) {
                 return Err(format!("edu's write one page past the load at {bus:#x} reached buffer {i}"));
             }
-            twin.untouched()?;
+            if let Some(t) = twin {
+                t.untouched()?;
+            }
             expect_fault(unit, ep, past, FaultReason::Mapping)?;
+            probed += 1;
+        }
+        if probed < 2 {
+            return Err(format!("only {probed} of 3 loads have a page past them within edu's reach"));
         }
         for (i, (m, bus)) in maps.iter_mut().enumerate() {
             dev.dma(Dir::ToRam, *bus, 0, XFER)?;
