@@ -530,7 +530,8 @@ fn unmapped_faults(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
 /// one-page receive buffers are loaded through a tag of edu attached `Untrusted`, and edu's
 /// write to the page after each load's IOVA faults (a record naming the endpoint and that
 /// address) and lands in none of the buffers, nor in the twin page of its IOVA; the loads'
-/// own pages are still reachable (the write at each load's start arrives).
+/// own pages are still reachable (the write at each load's start arrives); and the I/Os cost
+/// what strict ones do (one MAP and one UNMAP each, each its own notification).
 fn untrusted_guard_page(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
     drain_faults(unit)?;
     let d = ViommuDevice::attach(unit, ep, Policy::Untrusted, DeviceConfig::default()).map_err(e2s)?;
@@ -546,6 +547,7 @@ fn untrusted_guard_page(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
         m.sync(SyncOp::PREWRITE).map_err(e2s)?;
         dev.dma(Dir::FromRam, bus, 0, XFER)?;
         m.unload().map_err(e2s)?;
+        let before = unit.stats();
         let mut maps = Vec::new();
         for b in &bufs {
             b.fill(SENTINEL)?;
@@ -584,6 +586,17 @@ fn untrusted_guard_page(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
                 return Err(format!("edu's write at the load's own bus address {bus:#x} did not arrive"));
             }
             m.unload().map_err(e2s)?;
+        }
+        // Strict whatever was asked: one MAP and one UNMAP per I/O, each its own notification.
+        let after = unit.stats();
+        let (reqs, kicks) = (after.requests - before.requests, after.kicks - before.kicks);
+        println!(
+            "measure - virtio-iommu untrusted: {reqs} requests ({} MAP, {} UNMAP), {kicks} notifications for 3 page-sized I/Os",
+            after.maps - before.maps,
+            after.unmaps - before.unmaps
+        );
+        if (reqs, kicks) != (6, 6) {
+            return Err(format!("{reqs} requests and {kicks} notifications for 3 I/Os, expected 6 and 6"));
         }
         Ok(())
     })();
