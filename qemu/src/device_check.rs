@@ -153,7 +153,11 @@ pub fn untrusted_sub_page(unit: &Unit, dev: &Edu) -> Result<(), String> {
 /// must not be among them, the buffer's bytes must be, and everything else must read as zero
 /// (busdma bounced the sub-page buffer into a zeroed page of its own). `drain_faults` clears
 /// the IOMMU's fault records after the detach.
-pub fn untrusted_sub_page_on<'a, D: DmaDevice<'a>>(d: D, dev: &Edu, drain_faults: &dyn Fn()) -> Result<(), String> {
+pub fn untrusted_sub_page_on<'a, D: DmaDevice<'a>>(
+    d: D,
+    dev: &Edu,
+    drain_faults: &dyn Fn(),
+) -> Result<(), String> {
     const SECRET: u8 = 0xa5;
     const OFF: u64 = 1024;
     const PART: u64 = 512;
@@ -162,12 +166,14 @@ pub fn untrusted_sub_page_on<'a, D: DmaDevice<'a>>(d: D, dev: &Edu, drain_faults
     let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
     let r = (|| {
         let tag = d.tag(spec).map_err(e2s)?;
-        let mem = DmaMemory::alloc(p, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack).map_err(e2s)?;
+        let mem =
+            DmaMemory::alloc(p, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack).map_err(e2s)?;
         mem.write(0, &[SECRET; PAGE_SIZE as usize]).map_err(e2s)?;
         let data: Vec<u8> = (0..PART as u32).map(|i| (i as u8) ^ 0x3c).collect();
         mem.write(OFF, &data).map_err(e2s)?;
         let part = Part::new(mem, OFF, PART).map_err(|(e, _)| e2s(e))?;
-        let out = DmaMemory::alloc(p, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack).map_err(e2s)?;
+        let out =
+            DmaMemory::alloc(p, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack).map_err(e2s)?;
         let mut src: OwnedMap<'_, _, _, Part<'_, _>> = tag.create_owned_map().map_err(e2s)?;
         let mut dst: OwnedMap<'_, _, _, DmaMemory<'_, _>> = tag.create_owned_map().map_err(e2s)?;
         let bus = src.load(part, Direction::ToDevice).map_err(|(e, _)| e2s(e))?[0].addr.raw();

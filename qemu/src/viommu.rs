@@ -100,7 +100,8 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::vi
     bdf.enable();
     // The machine's quick maps, for the bounce copies of untrusted endpoints; the unit keeps
     // them (`'static`: the unit's platform is).
-    let qm: &'static QuickMaps = alloc::boxed::Box::leak(alloc::boxed::Box::new(QuickMaps::for_platform(&PLATFORM)));
+    let qm: &'static QuickMaps =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(QuickMaps::for_platform(&PLATFORM)));
     // SAFETY: the virtio-iommu function is ours alone, SeaBIOS assigned its BARs below 4 GiB
     // (identity-mapped uncached), memory decoding and bus mastering are on.
     let unit = match unsafe { VirtioIommu::new(&PLATFORM, qm, &Cfg(bdf)) } {

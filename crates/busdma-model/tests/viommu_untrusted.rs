@@ -106,7 +106,7 @@ fn a_device_access_one_page_past_an_untrusted_load_faults_while_the_next_load_is
 }
 
 #[test]
-fn an_untrusted_endpoint_is_strict_even_when_deferred_was_asked_its_unmap_is_sent_by_the_unload_never_queued() {
+fn an_untrusted_endpoint_is_strict_whatever_was_asked_its_unmap_is_sent_by_the_unload_never_queued() {
     let m = machine();
     let qm = QuickMaps::for_platform(&*m);
     let (dev, unit) = on_machine(&m, &qm);

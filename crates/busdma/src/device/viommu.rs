@@ -45,8 +45,8 @@
 use alloc::sync::Arc;
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
-use crate::error::{Error, Result};
 use crate::bounce::Bounced;
+use crate::error::{Error, Result};
 use crate::front::strategy::{Invalidation, IommuOps, IommuPerMap};
 use crate::front::{Tag, TagSpec};
 use crate::pgtable::Prot;

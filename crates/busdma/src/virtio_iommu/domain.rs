@@ -116,7 +116,11 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
     /// faults instead of reaching the next.
     ///
     /// Errors: as [`ViommuDomain::new`].
-    pub fn new_untrusted(unit: &'v VirtioIommu<'p, P>, endpoint: u32, aperture: AddrRange<Iova>) -> Result<Self> {
+    pub fn new_untrusted(
+        unit: &'v VirtioIommu<'p, P>,
+        endpoint: u32,
+        aperture: AddrRange<Iova>,
+    ) -> Result<Self> {
         Self::build(unit, endpoint, aperture, InvalidationPolicy::Strict, true)
     }
 
