@@ -30,9 +30,10 @@
 //!    ([`VirtioIommu::bounce_zones`], `crate::virtio_iommu` theory 9), shared by all its
 //!    endpoints as an [`super::Iommu`]'s are by its devices, so no endpoint pins bounce
 //!    memory of its own: the device sees the buffer and zeros, never a neighbour. A bounce
-//!    page goes back to its zone after its load's UNMAP completed, never before (a failed
-//!    UNMAP keeps it out forever). The others are refused with [`Error::Unsupported`]
-//!    before any request is sent:
+//!    page goes back to its zone when the domain's unmap returns, before the front end's own
+//!    untrusted wait (`front::map` theory 8) runs, which is why the domain itself must be
+//!    strict: its UNMAP has completed by then (a failed UNMAP keeps the page out forever).
+//!    The others are refused with [`Error::Unsupported`] before any request is sent:
 //!    - *identity*: every page a load touches would cost a MAP request at its physical
 //!      address, kept reference counted; the table IOMMUs do that in memory, here it would be
 //!      a VM exit per page with nothing gained over strict;
@@ -153,8 +154,9 @@ pub struct ViommuDevice<'v, 'p, P: Platform> {
 impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
     /// Attaches `endpoint` (its PCI requester id) with `policy`: a domain over `cfg.aperture`
     /// (default: from [`DEFAULT_APERTURE_START`] to the top of the device's input range),
-    /// PROBE's reserved regions kept out, ATTACH sent. Process context; allocates; spins on
-    /// the request queue.
+    /// PROBE's reserved regions kept out, ATTACH sent; [`Policy::Untrusted`]: the domain is
+    /// [`ViommuDomain::new_untrusted`] (module theory 3). Process context; allocates; spins
+    /// on the request queue.
     ///
     /// Errors: [`Error::Unsupported`] (identity, bypass; nothing sent); those of
     /// [`ViommuDomain::new`] (the device's request errors, an aperture outside its input
