@@ -8,8 +8,13 @@ mod common;
 
 use std::sync::Arc;
 
+use busdma::bounce::Bounced;
 use busdma::device::{DeviceConfig, Policy, ViommuDevice};
-use busdma::front::{Direction, MemKind, SgEntry, SgList, SyncOp, TagSpec};
+use busdma::front::segments::SegmentBuilder;
+use busdma::front::{
+    Direction, Invalidation, IommuPerMap, MemKind, Run, Segment, SgEntry, SgList, Strategy, SyncOp, Tag,
+    TagSpec,
+};
 use busdma::iommu::InvalidationPolicy;
 use busdma::quickmap::QuickMaps;
 use busdma::{Iova, PAGE_SIZE, PhysAddr, Platform};
@@ -190,4 +195,105 @@ fn a_failed_unmap_keeps_the_untrusted_loads_bounce_page_out_of_the_zone_forever(
     map.sync(SyncOp::PREWRITE).unwrap();
     assert_eq!(dev.dma_read(DEV, bus, LEN).as_deref(), Some(&data[..]), "the old bounce page was reused");
     map.unload().unwrap();
+}
+
+/// An inner strategy watched: each `wait_unmapped` records how many bounce pages of `zones`
+/// are still reserved when it is called.
+#[derive(Clone)]
+struct Watched<'a, 'p, S> {
+    inner: S,
+    zones: &'a busdma::bounce::BounceZones<'p, HostPlatform>,
+    reserved_at_wait: &'a std::sync::Mutex<Vec<u64>>,
+}
+
+impl<S: Strategy<HostPlatform>> Strategy<HostPlatform> for Watched<'_, '_, S> {
+    const NAME: &'static str = "watched";
+    type MapState = S::MapState;
+    fn invalidation(&self) -> Invalidation {
+        self.inner.invalidation()
+    }
+    fn unload_revokes(&self) -> bool {
+        self.inner.unload_revokes()
+    }
+    fn check_tag(&self, p: &HostPlatform, spec: &TagSpec) -> busdma::Result<()> {
+        self.inner.check_tag(p, spec)
+    }
+    fn create(&self, p: &HostPlatform, spec: &TagSpec) -> busdma::Result<S::MapState> {
+        self.inner.create(p, spec)
+    }
+    fn load(
+        &self,
+        p: &HostPlatform,
+        spec: &TagSpec,
+        state: &mut S::MapState,
+        runs: &[Run],
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> busdma::Result<()> {
+        self.inner.load(p, spec, state, runs, dir, segs)
+    }
+    fn unload(
+        &self,
+        p: &HostPlatform,
+        state: &mut S::MapState,
+        runs: &[Run],
+        segs: &[Segment],
+    ) -> busdma::Result<()> {
+        self.inner.unload(p, state, runs, segs)
+    }
+    fn destroy(&self, p: &HostPlatform, state: S::MapState) {
+        self.inner.destroy(p, state)
+    }
+    fn wait_unmapped(&self, p: &HostPlatform) -> busdma::Result<()> {
+        let reserved = self.zones.stats().iter().map(|(_, s)| s.total_pages - s.free_pages).sum();
+        self.reserved_at_wait.lock().unwrap().push(reserved);
+        self.inner.wait_unmapped(p)
+    }
+    fn sync(
+        &self,
+        p: &HostPlatform,
+        spec: &TagSpec,
+        state: &S::MapState,
+        op: SyncOp,
+        range: std::ops::Range<u64>,
+    ) -> busdma::Result<()> {
+        self.inner.sync(p, spec, state, op, range)
+    }
+}
+
+#[test]
+fn bounced_over_a_deferred_endpoint_gives_a_bounce_page_back_only_after_its_queued_unmap_went_out() {
+    // A driver composing `Bounced` by hand over a deferred endpoint's domain (no `Policy`
+    // forces strict here): the front end's own untrusted wait comes after the strategy's
+    // unload, so `Bounced` must wait first, or the page is free for another load while the
+    // device still reaches it.
+    let m = machine();
+    let qm = QuickMaps::for_platform(&*m);
+    let (dev, unit) = on_machine(&m, &qm);
+    let d = ViommuDevice::attach(&unit, DEV, Policy::Deferred, untrusted_cfg()).unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let inner = Watched {
+        inner: IommuPerMap(d.attachment().clone()),
+        zones: unit.bounce_zones(),
+        reserved_at_wait: &seen,
+    };
+    let mut spec = TagSpec::new(PAGE_SIZE, 1);
+    spec.flags.untrusted = true;
+    let tag =
+        Tag::new_root(&*m, Bounced::over_iommu(inner, unit.bounce_zones(), unit.quick_maps()), spec).unwrap();
+    let mut map = tag.create_map().unwrap();
+    let (buf, _) = secret_page(&m);
+    let sg = [SgEntry { pa: buf, len: LEN, kind: MemKind::Page }];
+    // SAFETY: memory the test allocated and never frees.
+    map.load(&unsafe { SgList::new(&sg) }, Direction::ToDevice).unwrap();
+    map.unload().unwrap();
+    assert_eq!(dev.requests(4), 1, "the queued UNMAP went out before the unload returned");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.first(),
+        Some(&1),
+        "the first wait for the UNMAP found the bounce page already free: {seen:?}"
+    );
+    let z = unit.bounce_zones().stats()[0].1;
+    assert_eq!(z.free_pages, z.total_pages, "back in the zone after the wait");
 }

@@ -32,7 +32,10 @@
 //!    waiter list) serves users of the bounce layer without the front end.
 //! 7. **Unload.** A bounced load's pages go back to their zone when the inner strategy's
 //!    unload returns `Ok` (over an IOMMU: the strict invalidation or UNMAP has completed, so
-//!    the device can no longer reach them). An unload that fails keeps them out of the zone
+//!    the device can no longer reach them) and, for a deferred inner strategy, once its
+//!    [`Strategy::wait_unmapped`] has returned `Ok` too (the front end's own wait for
+//!    untrusted tags runs after this unload, too late for pages that another load could be
+//!    handed meanwhile). An unload or a wait that fails keeps them out of the zone
 //!    forever (the load is forgotten, holding its reservation and its zone): the device may
 //!    still reach them, and a page handed to the next load, or freed with the zone, would
 //!    give it another buffer's bytes.
@@ -229,8 +232,13 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
 
     fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]) -> Result<()> {
         if let Some(load) = state.load.take() {
-            let r = self.inner.unload(p, &mut state.inner, &state.runs, segs);
+            let mut r = self.inner.unload(p, &mut state.inner, &state.runs, segs);
             state.runs.clear();
+            if r.is_ok() && self.inner.invalidation() == Invalidation::Deferred {
+                // A deferred inner strategy leaves the bounce pages reachable until its queue
+                // is flushed: wait for that before they go back (theory 7).
+                r = self.inner.wait_unmapped(p);
+            }
             if r.is_ok() {
                 // The pages go back to the zone (and may complete deferred loads).
                 drop(load);
