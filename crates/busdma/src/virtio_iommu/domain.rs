@@ -161,7 +161,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
                 cpus: unit.platform().num_cpus(),
                 caches: false,
                 // A hostile device must not run off the end of one load into the next.
-                guard_page: untrusted,
+                guard_page: untrusted && !mutant::NO_GUARD,
             },
         )?;
         if !mutant::IGNORE_RESERVED {

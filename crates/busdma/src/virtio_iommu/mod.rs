@@ -81,8 +81,9 @@
 //! # Mutants
 //!
 //! `qemu/run --mutants` builds the driver broken on purpose (`--cfg busdma_mutant=`
-//! `"viommu-skip-unmap"`, `"viommu-wrong-range"`, `"viommu-ignore-reserved"`) and requires the
-//! QEMU suite to fail on each.
+//! `"viommu-skip-unmap"`, `"viommu-wrong-range"`, `"viommu-ignore-reserved"`,
+//! `"viommu-no-guard"`: no guard page in untrusted domains) and requires the QEMU suite to
+//! fail on each.
 
 mod domain;
 mod mutant;
