@@ -135,31 +135,45 @@ pub fn heap_buffer_round_trip(unit: &Unit, dev: &Edu) -> Result<(), String> {
     r
 }
 
-/// An untrusted device reaches only the bytes it was given: 512 bytes in the middle of a page
-/// whose other bytes hold a secret are loaded for edu attached `Untrusted`; edu copies the
+/// An untrusted device reaches only the bytes it was given, on the table IOMMU this kernel
+/// drives (`crate::domain::Unit`): [`untrusted_sub_page_on`] over edu attached `Untrusted` by
+/// `busdma::device::Iommu`.
+pub fn untrusted_sub_page(unit: &Unit, dev: &Edu) -> Result<(), String> {
+    let qm = QuickMaps::for_platform(&PLATFORM);
+    let iommu = Iommu::new(&PLATFORM, &qm, unit).map_err(e2s)?;
+    let d = iommu.attach(device_id(dev), Policy::Untrusted).map_err(e2s)?;
+    untrusted_sub_page_on(d, dev, &|| while unit.take_fault().is_some() {})
+}
+
+/// An untrusted device reaches only the bytes it was given, written once against
+/// `DmaDevice` (`d` attached `Untrusted`; VT-d, SMMUv3 and virtio-iommu run it): 512 bytes in
+/// the middle of a page whose other bytes hold a secret are loaded for edu; edu copies the
 /// first 2048 bytes of the bus address's page (everything it could reach below the buffer and
 /// the buffer itself) into its own memory and out to a second, whole-page buffer. The secret
-/// must not be among them, and the buffer's bytes must be (busdma bounced the sub-page
-/// buffer into a page of its own).
-pub fn untrusted_sub_page(unit: &Unit, dev: &Edu) -> Result<(), String> {
+/// must not be among them, the buffer's bytes must be, and everything else must read as zero
+/// (busdma bounced the sub-page buffer into a zeroed page of its own). `drain_faults` clears
+/// the IOMMU's fault records after the detach.
+pub fn untrusted_sub_page_on<'a, D: DmaDevice<'a>>(
+    d: D,
+    dev: &Edu,
+    drain_faults: &dyn Fn(),
+) -> Result<(), String> {
     const SECRET: u8 = 0xa5;
     const OFF: u64 = 1024;
     const PART: u64 = 512;
     const SPAN: u64 = 2048;
-    let qm = QuickMaps::for_platform(&PLATFORM);
-    let iommu = Iommu::new(&PLATFORM, &qm, unit).map_err(e2s)?;
-    let d = iommu.attach(device_id(dev), Policy::Untrusted).map_err(e2s)?;
+    let p = d.platform();
     let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
     let r = (|| {
         let tag = d.tag(spec).map_err(e2s)?;
-        let mem = DmaMemory::alloc(&PLATFORM, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack)
-            .map_err(e2s)?;
+        let mem =
+            DmaMemory::alloc(p, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack).map_err(e2s)?;
         mem.write(0, &[SECRET; PAGE_SIZE as usize]).map_err(e2s)?;
         let data: Vec<u8> = (0..PART as u32).map(|i| (i as u8) ^ 0x3c).collect();
         mem.write(OFF, &data).map_err(e2s)?;
         let part = Part::new(mem, OFF, PART).map_err(|(e, _)| e2s(e))?;
-        let out = DmaMemory::alloc(&PLATFORM, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack)
-            .map_err(e2s)?;
+        let out =
+            DmaMemory::alloc(p, &TagSpec::new(PAGE_SIZE, 1), PAGE_SIZE, MemAttr::WriteBack).map_err(e2s)?;
         let mut src: OwnedMap<'_, _, _, Part<'_, _>> = tag.create_owned_map().map_err(e2s)?;
         let mut dst: OwnedMap<'_, _, _, DmaMemory<'_, _>> = tag.create_owned_map().map_err(e2s)?;
         let bus = src.load(part, Direction::ToDevice).map_err(|(e, _)| e2s(e))?[0].addr.raw();
@@ -180,6 +194,9 @@ pub fn untrusted_sub_page(unit: &Unit, dev: &Edu) -> Result<(), String> {
                 "the device read the page's secret at offset {i} (bus page {page:#x}): not bounced"
             ));
         }
+        if let Some(i) = (0..seen.len()).find(|&i| outside(i) && seen[i] != 0) {
+            return Err(format!("the device read {:#x} at offset {i} beside the buffer, not zero", seen[i]));
+        }
         if seen[at as usize..(at + PART) as usize] != data[..] {
             return Err("the device did not read the buffer's bytes".into());
         }
@@ -188,6 +205,6 @@ pub fn untrusted_sub_page(unit: &Unit, dev: &Edu) -> Result<(), String> {
         Ok(())
     })();
     d.detach().map_err(|e| format!("detach: {e:?}"))?;
-    while unit.take_fault().is_some() {}
+    drain_faults();
     r
 }

@@ -13,6 +13,7 @@ use busdma::device::{DeviceConfig, Policy, ViommuDevice};
 use busdma::front::{Direction, IommuPerMap, IommuReserved, Segment, SyncOp, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::pgtable::Prot;
+use busdma::quickmap::QuickMaps;
 use busdma::virtio_iommu::{ConfigSpace, FaultReason, ReservedKind, ViommuDomain, VirtioIommu};
 use busdma::{AddrRange, Error, Iova, PAGE_SIZE, Platform};
 
@@ -97,9 +98,13 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::vi
         return;
     };
     bdf.enable();
+    // The machine's quick maps, for the bounce copies of untrusted endpoints; the unit keeps
+    // them (`'static`: the unit's platform is).
+    let qm: &'static QuickMaps =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(QuickMaps::for_platform(&PLATFORM)));
     // SAFETY: the virtio-iommu function is ours alone, SeaBIOS assigned its BARs below 4 GiB
     // (identity-mapped uncached), memory decoding and bus mastering are on.
-    let unit = match unsafe { VirtioIommu::new(&PLATFORM, &Cfg(bdf)) } {
+    let unit = match unsafe { VirtioIommu::new(&PLATFORM, qm, &Cfg(bdf)) } {
         Ok(u) => u,
         Err(e) => {
             r.check("virtio-iommu initialises (bypass off)", || Err(e2s(e)));
@@ -216,6 +221,18 @@ pub fn run(r: &mut Runner, devs: &[Edu], granule: u64, virtio: Option<&crate::vi
             })
         });
     }
+    r.check(
+        "virtio-iommu: edu attached Untrusted by busdma::device::ViommuDevice reads a bounced sub-page buffer and zeros, never the rest of its page (device_check::untrusted_sub_page_on)",
+        || {
+            let d = ViommuDevice::attach(&unit, ep1, Policy::Untrusted, DeviceConfig::default()).map_err(e2s)?;
+            crate::device_check::untrusted_sub_page_on(d, &devs[1], &|| {
+                let _ = drain_faults(&unit);
+            })
+        },
+    );
+    r.check("virtio-iommu: an untrusted endpoint's DMA one page past its load faults (guard page)", || {
+        untrusted_guard_page(&unit, &devs[1], ep1)
+    });
     // virtio-drivers' blk, net and console behind the same unit (`virtio=on`).
     if let Some(found) = virtio {
         crate::viommu_virtio::run(r, &unit, found);
@@ -508,6 +525,86 @@ fn unmapped_faults(unit: &Unit, d: &Dom<'_>, dev: &Edu) -> CheckResult {
     }
     twin.untouched()?;
     expect_fault(unit, u32::from(dev.bdf.source_id()), bus, FaultReason::Mapping)
+}
+
+/// An untrusted endpoint's domain keeps a never-mapped guard page after every load: three
+/// one-page receive buffers are loaded through a tag of edu attached `Untrusted`, and edu's
+/// write to the page after each load's IOVA faults (a record naming the endpoint and that
+/// address) and lands in none of the buffers, nor in the twin page of its IOVA; the loads'
+/// own pages are still reachable (the write at each load's start arrives); and the I/Os cost
+/// what strict ones do (one MAP and one UNMAP each, each its own notification).
+fn untrusted_guard_page(unit: &Unit, dev: &Edu, ep: u32) -> CheckResult {
+    drain_faults(unit)?;
+    let d = ViommuDevice::attach(unit, ep, Policy::Untrusted, DeviceConfig::default()).map_err(e2s)?;
+    let spec = TagSpec { dma_mask: TagSpec::mask_of_bits(edu::DMA_BITS), ..TagSpec::new(PAGE_SIZE, 1) };
+    let tag = d.tag(spec).map_err(e2s)?;
+    let bufs = [Buf::new(1, PAGE_SIZE)?, Buf::new(1, PAGE_SIZE)?, Buf::new(1, PAGE_SIZE)?];
+    let src = Buf::new(1, PAGE_SIZE)?;
+    let r = (|| {
+        // edu's own buffer gets the pattern, through the same tag.
+        PLATFORM.write_phys(src.pa, &pattern()).map_err(e2s)?;
+        let mut m = tag.create_map().map_err(e2s)?;
+        let bus = m.load(&kbuf(&src, 0, PAGE_SIZE), Direction::ToDevice).map_err(e2s)?[0].addr.raw();
+        m.sync(SyncOp::PREWRITE).map_err(e2s)?;
+        dev.dma(Dir::FromRam, bus, 0, XFER)?;
+        m.unload().map_err(e2s)?;
+        let before = unit.stats();
+        let mut maps = Vec::new();
+        for b in &bufs {
+            b.fill(SENTINEL)?;
+            let mut m = tag.create_map().map_err(e2s)?;
+            let bus = m.load(&kbuf(b, 0, PAGE_SIZE), Direction::FromDevice).map_err(e2s)?[0].addr.raw();
+            m.sync(SyncOp::PREREAD).map_err(e2s)?;
+            maps.push((m, bus));
+        }
+        // The page past a load at the top of edu's reach is beyond it: those are skipped
+        // (the loads are allocated top-down, so at most one is).
+        let mut probed = 0;
+        for (_, bus) in &maps {
+            let past = bus + PAGE_SIZE;
+            if past + XFER > EDU_LIMIT {
+                continue;
+            }
+            // Its twin, when the IOVA's number is scratch RAM.
+            let twin = Twin::of(Iova::new(past)).ok();
+            dev.dma(Dir::ToRam, past, 0, XFER)?;
+            if let Some(i) = bufs.iter().position(|b| !b.all(SENTINEL).unwrap_or(false)) {
+                return Err(format!("edu's write one page past the load at {bus:#x} reached buffer {i}"));
+            }
+            if let Some(t) = twin {
+                t.untouched()?;
+            }
+            expect_fault(unit, ep, past, FaultReason::Mapping)?;
+            probed += 1;
+        }
+        if probed < 2 {
+            return Err(format!("only {probed} of 3 loads have a page past them within edu's reach"));
+        }
+        for (i, (m, bus)) in maps.iter_mut().enumerate() {
+            dev.dma(Dir::ToRam, *bus, 0, XFER)?;
+            m.sync(SyncOp::POSTREAD).map_err(e2s)?;
+            if !bufs[i].holds_pattern(0)? {
+                return Err(format!("edu's write at the load's own bus address {bus:#x} did not arrive"));
+            }
+            m.unload().map_err(e2s)?;
+        }
+        // Strict whatever was asked: one MAP and one UNMAP per I/O, each its own notification.
+        let after = unit.stats();
+        let (reqs, kicks) = (after.requests - before.requests, after.kicks - before.kicks);
+        println!(
+            "measure - virtio-iommu untrusted: {reqs} requests ({} MAP, {} UNMAP), {kicks} notifications for 3 page-sized I/Os",
+            after.maps - before.maps,
+            after.unmaps - before.unmaps
+        );
+        if (reqs, kicks) != (6, 6) {
+            return Err(format!("{reqs} requests and {kicks} notifications for 3 I/Os, expected 6 and 6"));
+        }
+        Ok(())
+    })();
+    drop(tag);
+    d.detach().map_err(|e| format!("detach: {e:?}"))?;
+    drain_faults(unit)?;
+    r
 }
 
 /// `IOS` I/Os (map, DMA to RAM, unmap) per strategy; prints the requests and notifications

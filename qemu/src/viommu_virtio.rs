@@ -341,9 +341,9 @@ pub fn run(r: &mut Runner, unit: &Unit, found: &Found) {
     });
     let (Some(blk_bdf), Some(con), true) = (found.blk, found.console, ok) else { return };
     let (a, b) = (found.net[0], found.net[1]);
-    r.check("busdma::device::ViommuDevice refuses untrusted, identity and bypass before any request", || {
+    r.check("busdma::device::ViommuDevice refuses identity and bypass before any request", || {
         let before = unit.stats().requests;
-        for policy in [Policy::Untrusted, Policy::Identity, Policy::Bypass] {
+        for policy in [Policy::Identity, Policy::Bypass] {
             match ViommuDevice::attach(unit, u32::from(blk_bdf.source_id()), policy, DeviceConfig::default())
             {
                 Err(busdma::Error::Unsupported { .. }) => {}
@@ -356,8 +356,7 @@ pub fn run(r: &mut Runner, unit: &Unit, found: &Found) {
             n => Err(format!("{n} requests sent")),
         }
     });
-    let qm: &'static QuickMaps =
-        alloc::boxed::Box::leak(alloc::boxed::Box::new(QuickMaps::for_platform(&PLATFORM)));
+    let qm: &'static QuickMaps = unit.quick_maps();
     for (i, kind) in Kind::ALL.into_iter().enumerate() {
         let name = format!(
             "virtio-blk ({}) behind virtio-iommu: {BLOCKS} blocks written, read back and verified",

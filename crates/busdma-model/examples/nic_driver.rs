@@ -360,7 +360,7 @@ fn main() -> Result<()> {
     let model = ModelViommu::install(&machine, VIOMMU_BAR)?;
     // SAFETY: the model function's BAR was just placed at VIOMMU_BAR on this machine and
     // stays there; nothing else drives it.
-    let unit = unsafe { VirtioIommu::new(&*machine, &ModelConfig { bar: VIOMMU_BAR as u32 }) }?;
+    let unit = unsafe { VirtioIommu::new(&*machine, &quick_maps, &ModelConfig { bar: VIOMMU_BAR as u32 }) }?;
     let dev = ViommuDevice::attach(&unit, NIC_ID, Policy::Strict, DeviceConfig::default())?;
     let run = drive(dev, model.port(NIC_ID))?;
     let (maps, unmaps) = (model.requests(3), model.requests(4));

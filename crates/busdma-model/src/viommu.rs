@@ -67,6 +67,8 @@ struct State {
     domains: BTreeMap<u32, BTreeMap<u64, (u64, u64, u32)>>,
     /// Requests executed, by type (index = the wire's type number).
     requests: [u64; 6],
+    /// Refuse every UNMAP (status INVAL, nothing unmapped): a hypervisor that failed one.
+    fail_unmaps: bool,
 }
 
 /// The device: its registers and the translation it applies.
@@ -181,6 +183,12 @@ impl ModelViommu {
             at += n as usize;
         }
         Ok(())
+    }
+
+    /// From now on, every UNMAP fails (`true`: status INVAL, the range stays mapped) or
+    /// executes (`false`).
+    pub fn fail_unmaps(&self, on: bool) {
+        self.st.lock().unwrap().fail_unmaps = on;
     }
 
     /// Requests executed so far of wire type `t` (1 ATTACH, 2 DETACH, 3 MAP, 4 UNMAP).
@@ -363,6 +371,7 @@ impl ModelViommu {
                 maps.insert(first, (last, pa, flags));
                 S_OK
             }
+            4 if st.fail_unmaps => S_INVAL,
             4 => {
                 let (Some(first), Some(last)) = (u64_at(8), u64_at(16)) else { return S_INVAL };
                 let Some(maps) = st.domains.get_mut(&domain) else { return S_NOENT };
@@ -465,4 +474,21 @@ impl busdma::virtio_iommu::ConfigSpace for ModelConfig {
             _ => 0,
         }
     }
+}
+
+/// Where [`on_machine`] puts the model's BAR 0 (above the 64 MiB of RAM at 16 MiB).
+pub const BAR: u64 = 0xf000_0000;
+
+/// A model virtio-iommu on `m`'s MMIO at [`BAR`], initialised by busdma's driver with the
+/// machine's quick maps `qm` (tests' set-up: panics on failure).
+pub fn on_machine<'m>(
+    m: &'m Arc<HostPlatform>,
+    qm: &'m busdma::quickmap::QuickMaps,
+) -> (Arc<ModelViommu>, busdma::virtio_iommu::VirtioIommu<'m, HostPlatform>) {
+    let dev = ModelViommu::install(m, BAR).unwrap();
+    // SAFETY: the model function was just placed at BAR on this machine and stays there;
+    // nothing else drives it.
+    let unit = unsafe { busdma::virtio_iommu::VirtioIommu::new(&**m, qm, &ModelConfig { bar: BAR as u32 }) }
+        .unwrap();
+    (dev, unit)
 }

@@ -1,7 +1,7 @@
 //! One driver, two kinds of IOMMU: a driver written once against `busdma::device::DmaDevice`
 //! runs unchanged on the model's table-walking IOMMU (`Device` over `ModelIommu`, the VT-d
 //! shape) and on a virtio-iommu (`ViommuDevice` over the request-level model in
-//! `common/viommu.rs`), strict and deferred (`device` theory 8).
+//! `common/viommu.rs`), strict, deferred and untrusted (`device` theory 8).
 
 mod common;
 
@@ -11,14 +11,11 @@ use busdma::device::{DetachError, DeviceConfig, DmaDevice, Iommu, Policy, Viommu
 use busdma::front::{Direction, MemKind, SgEntry, SgList, SyncOp, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::quickmap::QuickMaps;
-use busdma::virtio_iommu::VirtioIommu;
-use busdma::{AddrRange, Error, Iova, PAGE_SIZE, PhysAddr, Platform};
+use busdma::{Error, Iova, PAGE_SIZE, Platform};
 use busdma_model::{DmaPort, FrameRequest, HostPlatform, IommuConfig, MachineConfig, ModelIommu};
-use common::viommu::{BAR_LEN, ModelConfig, ModelViommu};
+use common::viommu::on_machine as viommu;
 
 const DEV: u32 = 0x30;
-/// Where the model virtio-iommu's BAR 0 sits (above the 64 MiB of RAM at 16 MiB).
-const BAR: u64 = 0xf000_0000;
 /// Deferred bounds no test reaches by itself: only the detach flushes.
 const DEFERRED: InvalidationPolicy = InvalidationPolicy::Deferred { max_entries: 64, max_age_ns: u64::MAX };
 
@@ -77,29 +74,11 @@ fn on_model_iommu(policy: Policy) {
     assert_eq!(iommu.hw().audit_report().unwrap().violation_count, 0);
 }
 
-/// A virtio-iommu on the model machine, initialised by busdma's driver.
-fn viommu(m: &Arc<HostPlatform>) -> (Arc<ModelViommu>, VirtioIommu<'_, HostPlatform>) {
-    let dev = Arc::new(ModelViommu::new(Arc::downgrade(m)));
-    struct Shared(Arc<ModelViommu>);
-    impl busdma_model::MmioHandler for Shared {
-        fn read(&self, offset: u64, size: u8) -> u64 {
-            self.0.read(offset, size)
-        }
-        fn write(&self, offset: u64, size: u8, value: u64) {
-            self.0.write(offset, size, value)
-        }
-    }
-    let window = AddrRange::from_start_len(PhysAddr::new(BAR), BAR_LEN).unwrap();
-    m.add_mmio(window, Box::new(Shared(dev.clone()))).unwrap();
-    // SAFETY: the model function is this test's alone, its BAR stays where it is.
-    let unit = unsafe { VirtioIommu::new(&**m, &ModelConfig { bar: BAR as u32 }) }.unwrap();
-    (dev, unit)
-}
-
 /// The same driver behind virtio-iommu (requests, `ViommuDevice`).
 fn on_viommu(policy: Policy) {
     let m = machine();
-    let (dev, unit) = viommu(&m);
+    let qm = QuickMaps::for_platform(&*m);
+    let (dev, unit) = viommu(&m, &qm);
     let cfg = DeviceConfig { deferred: DEFERRED, ..DeviceConfig::default() };
     let d = ViommuDevice::attach(&unit, DEV, policy, cfg).unwrap();
     let unmaps_before = dev.requests(4);
@@ -119,6 +98,11 @@ fn one_driver_runs_unchanged_on_a_table_iommu_deferred() {
 }
 
 #[test]
+fn one_driver_runs_unchanged_on_a_table_iommu_untrusted() {
+    on_model_iommu(Policy::Untrusted);
+}
+
+#[test]
 fn one_driver_runs_unchanged_on_virtio_iommu_strict() {
     on_viommu(Policy::Strict);
 }
@@ -129,9 +113,15 @@ fn one_driver_runs_unchanged_on_virtio_iommu_deferred() {
 }
 
 #[test]
+fn one_driver_runs_unchanged_on_virtio_iommu_untrusted() {
+    on_viommu(Policy::Untrusted);
+}
+
+#[test]
 fn a_deferred_virtio_iommu_unload_stays_reachable_until_its_batch_and_the_detach_sends_it() {
     let m = machine();
-    let (dev, unit) = viommu(&m);
+    let qm = QuickMaps::for_platform(&*m);
+    let (dev, unit) = viommu(&m, &qm);
     let cfg = DeviceConfig { deferred: DEFERRED, ..DeviceConfig::default() };
     let d = ViommuDevice::attach(&unit, DEV, Policy::Deferred, cfg).unwrap();
     let pa = m.frames().alloc(FrameRequest::pages(1)).unwrap();
@@ -152,10 +142,11 @@ fn a_deferred_virtio_iommu_unload_stays_reachable_until_its_batch_and_the_detach
 }
 
 #[test]
-fn virtio_iommu_refuses_untrusted_identity_and_bypass_before_any_request() {
+fn virtio_iommu_refuses_identity_and_bypass_before_any_request() {
     let m = machine();
-    let (dev, unit) = viommu(&m);
-    for policy in [Policy::Untrusted, Policy::Identity, Policy::Bypass] {
+    let qm = QuickMaps::for_platform(&*m);
+    let (dev, unit) = viommu(&m, &qm);
+    for policy in [Policy::Identity, Policy::Bypass] {
         match ViommuDevice::attach(&unit, DEV, policy, DeviceConfig::default()) {
             Err(Error::Unsupported { .. }) => {}
             Err(e) => panic!("{policy:?}: {e}"),
@@ -182,12 +173,12 @@ fn arb_ops() -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
 }
 
 /// Runs `ops` through a tag of `d` (the same code for every backend) against a reference
-/// model: a live map's bus range reads exactly its bytes; under strict invalidation an
-/// unloaded range reads none of its old bytes (blocked, or another live map's); after the
-/// detach nothing is reachable.
+/// model: a live map's bus range reads exactly its bytes; under strict invalidation (strict
+/// and untrusted) an unloaded range reads none of its old bytes (blocked, or another live
+/// map's); after the detach nothing is reachable.
 fn reference_run<'a, D: DmaDevice<'a, Platform = HostPlatform>>(d: D, read: Reader<'_>, ops: &[Op]) {
     let p = d.platform();
-    let strict = d.policy() == Policy::Strict;
+    let strict = matches!(d.policy(), Policy::Strict | Policy::Untrusted);
     let tag = d.tag(TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
     let mut live = Vec::new();
     let mut gone: Vec<(Iova, Vec<u8>)> = Vec::new();
@@ -232,11 +223,10 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
 
     #[test]
-    fn any_sequence_of_loads_and_unloads_matches_the_reference_on_both_iommus(
+    fn any_sequence_of_loads_and_unloads_matches_the_reference_on_both_iommus_under_every_translated_policy(
         ops in arb_ops(),
-        deferred in proptest::bool::ANY,
+        policy in proptest::sample::select(vec![Policy::Strict, Policy::Deferred, Policy::Untrusted]),
     ) {
-        let policy = if deferred { Policy::Deferred } else { Policy::Strict };
         let m = machine();
         let qm = QuickMaps::for_platform(&*m);
         let model = ModelIommu::new(&m, IommuConfig::default()).unwrap();
@@ -247,7 +237,8 @@ proptest::proptest! {
             port.dma_read(bus, &mut b).ok().map(|()| b)
         }, &ops);
         let m2 = machine();
-        let (dev, unit) = viommu(&m2);
+        let qm2 = QuickMaps::for_platform(&*m2);
+        let (dev, unit) = viommu(&m2, &qm2);
         let cfg = DeviceConfig { deferred: DEFERRED, ..DeviceConfig::default() };
         let d = ViommuDevice::attach(&unit, DEV, policy, cfg).unwrap();
         reference_run(d, &|bus, len| dev.dma_read(DEV, bus, len), &ops);

@@ -30,6 +30,15 @@
 //!    the unload that returns pages completes it by callback ([`crate::front::defer`]); a
 //!    no-wait load fails. The bounce layer's own [`BounceLoad::load_or_defer`] (the zone's
 //!    waiter list) serves users of the bounce layer without the front end.
+//! 7. **Unload.** A bounced load's pages go back to their zone when the inner strategy's
+//!    unload returns `Ok` (over an IOMMU: the strict invalidation or UNMAP has completed, so
+//!    the device can no longer reach them) and, for a deferred inner strategy, once its
+//!    [`Strategy::wait_unmapped`] has returned `Ok` too (the front end's own wait for
+//!    untrusted tags runs after this unload, too late for pages that another load could be
+//!    handed meanwhile). An unload or a wait that fails keeps them out of the zone
+//!    forever (the load is forgotten, holding its reservation and its zone): the device may
+//!    still reach them, and a page handed to the next load, or freed with the zone, would
+//!    give it another buffer's bytes.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -222,11 +231,24 @@ impl<'p, P: Platform, S: Strategy<P>> Strategy<P> for Bounced<'_, 'p, P, S> {
     }
 
     fn unload(&self, p: &P, state: &mut Self::MapState, runs: &[Run], segs: &[Segment]) -> Result<()> {
-        if state.load.is_some() {
-            let r = self.inner.unload(p, &mut state.inner, &state.runs, segs);
+        if let Some(load) = state.load.take() {
+            let mut r = self.inner.unload(p, &mut state.inner, &state.runs, segs);
             state.runs.clear();
-            // The pages go back to the zone (and may complete deferred loads).
-            state.load = None;
+            if r.is_ok() && self.inner.invalidation() == Invalidation::Deferred {
+                // A deferred inner strategy leaves the bounce pages reachable until its queue
+                // is flushed: wait for that before they go back (theory 7).
+                r = self.inner.wait_unmapped(p);
+            }
+            if r.is_ok() {
+                // The pages go back to the zone (and may complete deferred loads).
+                drop(load);
+            } else {
+                // The inner unload failed (an invalidation or UNMAP that did not complete):
+                // the device may still reach the bounce pages, so they never go back to the
+                // zone (theory 7). Forgetting the load keeps its reservation, and with it the
+                // zone, alive forever: a leak, never a reuse.
+                core::mem::forget(load);
+            }
             r
         } else {
             self.inner.unload(p, &mut state.inner, runs, segs)

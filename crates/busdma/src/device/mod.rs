@@ -62,12 +62,13 @@
 //!    backend's hot path stays one monomorphic call chain), its policy, its id, and a detach
 //!    that reports. Two implementations: [`Device`] (any [`IommuHw`]: VT-d, SMMUv3, the
 //!    model; page tables, `attach_tables`) and [`ViommuDevice`] (virtio-iommu: no tables;
-//!    each map and unmap a request; [`ViommuDevice::attach`] is its one call, strict or
-//!    deferred, the other policies refused before any request with the reason in
-//!    `viommu.rs`). A trait over handles, not one `Device` generic over a backend, because
+//!    each map and unmap a request; [`ViommuDevice::attach`] is its one call, strict,
+//!    deferred or untrusted, identity and bypass refused before any request with the reason
+//!    in `viommu.rs`). A trait over handles, not one `Device` generic over a backend, because
 //!    the two share no mechanism below the handle: the table path's attach order (theory 4),
-//!    peer BARs and bounce zones are `Iommu`'s, the request path's are the unit's; what they
-//!    share is the driver's view, which is what the trait names. Both keep the rules above:
+//!    peer BARs and bounce zones are `Iommu`'s, the request path's (its bounce zones
+//!    included) are the unit's; what they share is the driver's view, which is what the
+//!    trait names. Both keep the rules above:
 //!    every tag and map holds the attachment, the last drop flushes and detaches, a
 //!    forgotten map leaks its domain, never frees it. The trait is safe: busdma trusts
 //!    nothing it answers (tags are built by `Tag::new_root` over strategies whose
@@ -89,6 +90,8 @@ mod peer;
 mod strategy;
 #[cfg(feature = "virtio-iommu")]
 mod viommu;
+#[cfg(feature = "virtio-iommu")]
+mod viommu_strategy;
 
 pub use common::{DetachError, DmaDevice};
 pub use handle::{Device, DeviceBypass, DeviceDomain};
@@ -97,7 +100,9 @@ pub use iommu::{DEFAULT_APERTURE_START, DeviceConfig, Iommu, IommuStats};
 pub use peer::PeerHandle;
 pub use strategy::{DeviceMapState, DeviceStrategy};
 #[cfg(feature = "virtio-iommu")]
-pub use viommu::{ViommuAttachment, ViommuDevice, ViommuStrategy, ViommuTag};
+pub use viommu::{ViommuAttachment, ViommuDevice, ViommuTag};
+#[cfg(feature = "virtio-iommu")]
+pub use viommu_strategy::{ViommuMapState, ViommuStrategy};
 
 use crate::front::Tag;
 

@@ -20,13 +20,20 @@
 //!    reports: `Busy` (the device handed back) while a tag or map holds the domain.
 //! 3. **Policies.** [`Policy::Strict`] and [`Policy::Deferred`] (bounded by
 //!    [`DeviceConfig::deferred`]: UNMAPs queue and go out in batches, one notification per
-//!    queue-full) map each load (`IommuPerMap`). The others are refused with
-//!    [`Error::Unsupported`] before any request is sent:
-//!    - *untrusted*: its sub-page bouncing draws on bounce zones and quick maps that an
-//!      [`super::Iommu`] owns for all its devices; a [`VirtioIommu`] owns none, and a
-//!      per-device pool would let each untrusted endpoint pin its own bounce memory (and
-//!      the domain's IOVA allocator has no guard page between loads). Not supported: the
-//!      step left is a virtio-iommu unit object that owns zones as `Iommu` does;
+//!    queue-full) map each load (`IommuPerMap`, [`ViommuStrategy::PerMap`]).
+//!    [`Policy::Untrusted`] ([`ViommuStrategy::Untrusted`]) is the table IOMMUs' untrusted
+//!    policy over requests: the domain is [`ViommuDomain::new_untrusted`] (strict whatever
+//!    [`DeviceConfig::deferred`] says, so every UNMAP has completed when its unload returns;
+//!    a never-mapped guard page after every load's IOVA), every tag is
+//!    [`crate::front::TagFlags::untrusted`], and sub-page runs are bounced
+//!    (`Bounced::over_iommu`) through the bounce zones and quick maps the *unit* owns
+//!    ([`VirtioIommu::bounce_zones`], `crate::virtio_iommu` theory 9), shared by all its
+//!    endpoints as an [`super::Iommu`]'s are by its devices, so no endpoint pins bounce
+//!    memory of its own: the device sees the buffer and zeros, never a neighbour. A bounce
+//!    page goes back to its zone when the domain's unmap returns, before the front end's own
+//!    untrusted wait (`front::map` theory 8) runs, which is why the domain itself must be
+//!    strict: its UNMAP has completed by then (a failed UNMAP keeps the page out forever).
+//!    The others are refused with [`Error::Unsupported`] before any request is sent:
 //!    - *identity*: every page a load touches would cost a MAP request at its physical
 //!      address, kept reference counted; the table IOMMUs do that in memory, here it would be
 //!      a VM exit per page with nothing gained over strict;
@@ -39,6 +46,7 @@
 use alloc::sync::Arc;
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
+use crate::bounce::Bounced;
 use crate::error::{Error, Result};
 use crate::front::strategy::{Invalidation, IommuOps, IommuPerMap};
 use crate::front::{Tag, TagSpec};
@@ -47,6 +55,7 @@ use crate::platform::{CpuGuard, Platform};
 use crate::virtio_iommu::{ViommuDomain, ViommuTicket, VirtioIommu};
 
 use super::common::{DetachError, DmaDevice};
+use super::viommu_strategy::ViommuStrategy;
 use super::{DEFAULT_APERTURE_START, DeviceConfig, Policy};
 
 /// The domain of an attached virtio-iommu endpoint, as the IOMMU strategies (and the
@@ -131,9 +140,6 @@ unsafe impl<P: Platform> IommuOps<P> for ViommuAttachment<'_, '_, P> {
     }
 }
 
-/// The strategy of a virtio-iommu endpoint's tags.
-pub type ViommuStrategy<'v, 'p, P> = IommuPerMap<ViommuAttachment<'v, 'p, P>>;
-
 /// A tag served by a virtio-iommu endpoint ([`ViommuDevice::tag`]).
 pub type ViommuTag<'v, 'p, P> = Tag<'v, P, ViommuStrategy<'v, 'p, P>>;
 
@@ -148,10 +154,11 @@ pub struct ViommuDevice<'v, 'p, P: Platform> {
 impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
     /// Attaches `endpoint` (its PCI requester id) with `policy`: a domain over `cfg.aperture`
     /// (default: from [`DEFAULT_APERTURE_START`] to the top of the device's input range),
-    /// PROBE's reserved regions kept out, ATTACH sent. Process context; allocates; spins on
-    /// the request queue.
+    /// PROBE's reserved regions kept out, ATTACH sent; [`Policy::Untrusted`]: the domain is
+    /// [`ViommuDomain::new_untrusted`] (module theory 3). Process context; allocates; spins
+    /// on the request queue.
     ///
-    /// Errors: [`Error::Unsupported`] (untrusted, identity, bypass; nothing sent); those of
+    /// Errors: [`Error::Unsupported`] (identity, bypass; nothing sent); those of
     /// [`ViommuDomain::new`] (the device's request errors, an aperture outside its input
     /// range, [`Error::NoMemory`]).
     pub fn attach(
@@ -161,9 +168,8 @@ impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
         cfg: DeviceConfig,
     ) -> Result<Self> {
         let invalidation = match policy {
-            Policy::Strict => crate::iommu::InvalidationPolicy::Strict,
+            Policy::Strict | Policy::Untrusted => crate::iommu::InvalidationPolicy::Strict,
             Policy::Deferred => cfg.deferred,
-            Policy::Untrusted => return Err(Error::Unsupported { what: "untrusted virtio-iommu endpoint" }),
             Policy::Identity => {
                 return Err(Error::Unsupported { what: "identity-mapped virtio-iommu endpoint" });
             }
@@ -178,15 +184,29 @@ impl<'v, 'p, P: Platform> ViommuDevice<'v, 'p, P> {
                 AddrRange::new(Iova::new(DEFAULT_APERTURE_START.max(input.start().raw())), input.end())?
             }
         };
-        let dom = ViommuDomain::new(unit, endpoint, aperture, invalidation)?;
+        let dom = if policy == Policy::Untrusted {
+            ViommuDomain::new_untrusted(unit, endpoint, aperture)?
+        } else {
+            ViommuDomain::new(unit, endpoint, aperture, invalidation)?
+        };
         Ok(Self { unit, endpoint, dom: ViommuAttachment(Arc::new(dom)), policy })
     }
 
-    /// A root tag of the endpoint with `spec` (loads mapped per map in its domain).
+    /// A root tag of the endpoint with `spec` (loads mapped per map in its domain; an
+    /// untrusted endpoint's tags are always untrusted, their sub-page runs bounced: module
+    /// theory 3).
     ///
     /// Errors: those of [`Tag::new_root`] (an invalid spec).
-    pub fn tag(&self, spec: TagSpec) -> Result<ViommuTag<'v, 'p, P>> {
-        Tag::new_root(self.unit.platform(), IommuPerMap(self.dom.clone()), spec)
+    pub fn tag(&self, mut spec: TagSpec) -> Result<ViommuTag<'v, 'p, P>> {
+        let per_map = IommuPerMap(self.dom.clone());
+        let s = if self.policy == Policy::Untrusted {
+            spec.flags.untrusted = true;
+            let unit = self.unit;
+            ViommuStrategy::Untrusted(Bounced::over_iommu(per_map, unit.bounce_zones(), unit.quick_maps()))
+        } else {
+            ViommuStrategy::PerMap(per_map)
+        };
+        Tag::new_root(self.unit.platform(), s, spec)
     }
 
     /// The domain handle (for a pre-mapped pool of the endpoint, say).

@@ -89,6 +89,8 @@ pub struct ViommuDomain<'v, 'p, P: Platform> {
     held_back: AtomicU64,
     /// Whether the endpoint is still attached (DETACH not sent yet).
     attached: bool,
+    /// Untrusted (module theory 9): strict, a guard page after every allocation.
+    untrusted: bool,
 }
 
 impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
@@ -105,6 +107,32 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         aperture: AddrRange<Iova>,
         policy: InvalidationPolicy,
     ) -> Result<Self> {
+        Self::build(unit, endpoint, aperture, policy, false)
+    }
+
+    /// As [`ViommuDomain::new`], for an endpoint assumed hostile (module theory 9): strict
+    /// (every UNMAP complete before its unmap returns, nothing queued) and a never-mapped
+    /// guard page after every allocated range, so a device running off the end of one load
+    /// faults instead of reaching the next.
+    ///
+    /// Errors: as [`ViommuDomain::new`].
+    pub fn new_untrusted(
+        unit: &'v VirtioIommu<'p, P>,
+        endpoint: u32,
+        aperture: AddrRange<Iova>,
+    ) -> Result<Self> {
+        Self::build(unit, endpoint, aperture, InvalidationPolicy::Strict, true)
+    }
+
+    fn build(
+        unit: &'v VirtioIommu<'p, P>,
+        endpoint: u32,
+        aperture: AddrRange<Iova>,
+        policy: InvalidationPolicy,
+        untrusted: bool,
+    ) -> Result<Self> {
+        // An untrusted endpoint is strict whatever was asked (as `crate::iommu` theory 7).
+        let policy = if untrusted { InvalidationPolicy::Strict } else { policy };
         if matches!(
             policy,
             InvalidationPolicy::Deferred { max_entries: 0, .. }
@@ -129,7 +157,12 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         let reserved = unit.probe(endpoint)?;
         let iova = IovaAllocator::new(
             space,
-            IovaConfig { cpus: unit.platform().num_cpus(), caches: false, guard_page: false },
+            IovaConfig {
+                cpus: unit.platform().num_cpus(),
+                caches: false,
+                // A hostile device must not run off the end of one load into the next.
+                guard_page: untrusted && !mutant::NO_GUARD,
+            },
         )?;
         if !mutant::IGNORE_RESERVED {
             for r in &reserved {
@@ -157,6 +190,7 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
             flushes: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
             attached: true,
+            untrusted,
         })
     }
 
@@ -175,9 +209,14 @@ impl<'v, 'p, P: Platform> ViommuDomain<'v, 'p, P> {
         self.granule
     }
 
-    /// The policy.
+    /// The policy (strict for an untrusted domain, whatever was asked).
     pub fn policy(&self) -> InvalidationPolicy {
         self.policy
+    }
+
+    /// Whether the domain is untrusted ([`ViommuDomain::new_untrusted`]).
+    pub fn untrusted(&self) -> bool {
+        self.untrusted
     }
 
     /// The IOVA space the domain allocates from (whole granules, reserved regions excluded

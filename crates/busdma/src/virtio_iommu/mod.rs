@@ -52,11 +52,23 @@
 //!    (`write_phys`/`read_phys`) with the platform's DMA barriers, never through references;
 //!    the driver assumes a cache-coherent virtio device (as every virtio-pci device on x86
 //!    and on Arm virt is). The pages are freed only after a reset the device acknowledged.
+//! 9. **Untrusted endpoints.** [`ViommuDomain::new_untrusted`] is strict whatever was asked
+//!    (a deferred queue would leave an unloaded range, and the bounce page behind it,
+//!    reachable until its batch) and gives every allocated range a never-mapped guard page
+//!    after its end (`crate::iova` theory 6), so a device that runs off the end of one load
+//!    faults instead of reaching the next. Sub-page bouncing needs pages shared by every
+//!    endpoint, as a table IOMMU's untrusted devices share its zones: the unit owns them
+//!    ([`VirtioIommu::bounce_zones`], created empty, grown as untrusted maps are created, up
+//!    to the zone bound) together with the machine's quick maps ([`VirtioIommu::quick_maps`],
+//!    given to [`VirtioIommu::new`]), so no endpoint pins bounce memory of its own. A bounce
+//!    page goes back to its zone only once the UNMAP of its load has completed; a failed
+//!    UNMAP keeps it (and its zone) out forever. Dropping the unit frees what its zones hold
+//!    free: no such page is mapped.
 //!
 //! # The device handle
 //!
 //! A driver does not build a [`ViommuDomain`] itself: [`crate::device::ViommuDevice::attach`]
-//! (strict or deferred) builds the domain, and the handle implements
+//! (strict, deferred or untrusted) builds the domain, and the handle implements
 //! [`crate::device::DmaDevice`], the same trait as the page-table IOMMUs' `Device`, so a driver
 //! generic over it runs unchanged here (`crate::device` theory 8). `device::Iommu` itself stays
 //! over `IommuHw`: its `attach_tables` takes a table root, which this IOMMU has not.
@@ -69,8 +81,9 @@
 //! # Mutants
 //!
 //! `qemu/run --mutants` builds the driver broken on purpose (`--cfg busdma_mutant=`
-//! `"viommu-skip-unmap"`, `"viommu-wrong-range"`, `"viommu-ignore-reserved"`) and requires the
-//! QEMU suite to fail on each.
+//! `"viommu-skip-unmap"`, `"viommu-wrong-range"`, `"viommu-ignore-reserved"`,
+//! `"viommu-no-guard"`: no guard page in untrusted domains) and requires the QEMU suite to
+//! fail on each.
 
 mod domain;
 mod mutant;

@@ -10,3 +10,6 @@ pub(crate) const WRONG_RANGE: bool = cfg!(busdma_mutant = "viommu-wrong-range");
 /// Ignore the endpoint's reserved regions (PROBE): neither kept out of the IOVA space nor
 /// refused to fixed mappings.
 pub(crate) const IGNORE_RESERVED: bool = cfg!(busdma_mutant = "viommu-ignore-reserved");
+/// No guard page after an untrusted domain's allocations: a device running off the end of one
+/// load reaches the next.
+pub(crate) const NO_GUARD: bool = cfg!(busdma_mutant = "viommu-no-guard");

@@ -5,8 +5,10 @@
 use alloc::vec::Vec;
 
 use crate::addr::{AddrRange, Iova, PhysAddr};
+use crate::bounce::{BounceZones, ZoneConfig};
 use crate::error::{Error, Result};
 use crate::platform::{PageRequest, Platform};
+use crate::quickmap::QuickMaps;
 use crate::sync::{AtomicBool, AtomicU64, Ordering, SpinLock};
 
 use super::queue::{F_NEXT, F_WRITE, MAX_ENTRIES, SplitQueue};
@@ -94,12 +96,19 @@ struct Events {
 /// QEMU restores its `boot-bypass`, on by default, at system reset only), which would let
 /// every endpoint reach all of memory after a safe drop. Its five queue
 /// pages stay with the device (leaked). [`VirtioIommu::reset`] (`unsafe`) resets and frees.
+/// The bounce zones' free pages are freed either way: a page goes back to its zone only once
+/// the UNMAP of its last load has completed (a load whose UNMAP failed keeps its pages and
+/// its zone forever), and a zone a live load holds outlives the unit (module theory 9).
 ///
 /// # Invariants
 ///
 /// The queue pages stay allocated until the device has been reset ([`VirtioIommu::reset`]).
 pub struct VirtioIommu<'p, P: Platform> {
     platform: &'p P,
+    quick_maps: &'p QuickMaps,
+    /// The bounce zones of the untrusted endpoints (module theory 9): one set for the unit,
+    /// as `device::Iommu` has, so the pages a zone grew to stay shared by every endpoint.
+    zones: BounceZones<'p, P>,
     t: VirtioPci<'p, P>,
     info: ViommuInfo,
     req: SpinLock<Requests>,
@@ -132,7 +141,9 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
     /// `cfg` reads the configuration space of a virtio-iommu function the caller owns, whose
     /// BARs are assigned and stay where they are (mapped for the platform's MMIO) for the
     /// driver's life, with memory decoding and bus mastering on, and nothing else driving it.
-    pub unsafe fn new(platform: &'p P, cfg: &impl ConfigSpace) -> Result<Self> {
+    /// `quick_maps` is the machine's quick-map state: the bounce copies of untrusted
+    /// endpoints use it (module theory 9).
+    pub unsafe fn new(platform: &'p P, quick_maps: &'p QuickMaps, cfg: &impl ConfigSpace) -> Result<Self> {
         // SAFETY: the caller's contract is the transport's.
         let t = unsafe { VirtioPci::new(platform, cfg)? };
         t.reset()?;
@@ -184,6 +195,8 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
         let mut eq = SplitQueue::new(pages[1], size(EVENT_QUEUE));
         let unit = Self {
             platform,
+            quick_maps,
+            zones: BounceZones::new(platform, ZoneConfig::default()),
             info,
             req: SpinLock::new(Requests {
                 q: SplitQueue::new(pages[0], 0),
@@ -245,6 +258,16 @@ impl<'p, P: Platform> VirtioIommu<'p, P> {
     /// The platform.
     pub fn platform(&self) -> &'p P {
         self.platform
+    }
+
+    /// The bounce zones of the unit's untrusted endpoints (module theory 9).
+    pub fn bounce_zones(&self) -> &BounceZones<'p, P> {
+        &self.zones
+    }
+
+    /// The machine's quick-map state, as given to [`VirtioIommu::new`].
+    pub fn quick_maps(&self) -> &'p QuickMaps {
+        self.quick_maps
     }
 
     /// A domain number no other domain of this driver got (numbers are never reused).
