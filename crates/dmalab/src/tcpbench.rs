@@ -647,7 +647,8 @@ where
 }
 
 /// What `premapped-zc` needs that the other designs do not: said in its pool row.
-pub const ZC_REQUIRES: &str = "a stack that allocates its packet buffers from the pool and builds packets there";
+pub const ZC_REQUIRES: &str =
+    "a stack that allocates its packet buffers from the pool and builds packets there";
 
 /// One transmit queue of `premapped-zc`: the lab's client is a stack that allocates its packet
 /// buffers from the pool (`busdma::premapped` theory 9) and builds each packet there, so a
