@@ -273,3 +273,43 @@ fn a_segment_the_tag_forbids_or_a_buffer_beyond_its_size_is_refused_and_nothing_
     drop(_buf);
     assert_eq!(pool.stats().free_slots, slots);
 }
+
+#[test]
+fn a_pool_buffers_copies_and_length_stay_within_its_capacity() {
+    let m = common::machine();
+    let qm = QuickMaps::for_platform(&m);
+    let tp = TablePool::new(&m);
+    let d = PtDomain::new(&m, &tp);
+    let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(1500, 1)).unwrap();
+    assert!(matches!(pool.alloc_buf(0), Err(Error::ZeroSize)));
+    assert!(matches!(pool.alloc_buf(PAGE_SIZE + 1), Err(Error::LimitExceeded { .. })));
+    let mut buf = pool.alloc_buf(100).unwrap();
+    assert!(matches!(buf.write(90, &[1; 11]), Err(Error::OutOfRange { .. })));
+    assert!(matches!(buf.write(u64::MAX, &[1]), Err(Error::OutOfRange { .. } | Error::Overflow { .. })));
+    assert!(matches!(buf.read(0, &mut [0; 101]), Err(Error::OutOfRange { .. })));
+    assert!(matches!(buf.set_len(101), Err(Error::OutOfRange { addr: 101, limit: 100 })));
+    assert!(matches!(buf.set_len(0), Err(Error::ZeroSize)));
+    buf.write(90, &[7; 10]).unwrap();
+    buf.set_len(40).unwrap();
+    assert_eq!((buf.len(), buf.capacity()), (40, 100));
+}
+
+#[test]
+fn a_pool_buffer_dropped_on_another_thread_goes_back_to_its_home_list() {
+    let m = common::machine();
+    let qm = QuickMaps::for_platform(&m);
+    let tp = TablePool::new(&m);
+    let d = PtDomain::new(&m, &tp);
+    let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 4)).unwrap();
+    let slots = pool.stats().slots;
+    let tag = Tag::new_root(&m, Premapped(&pool), TagSpec::new(PAGE_SIZE, 1)).unwrap();
+    let mut pm = tag.create_pool_map().unwrap();
+    pm.load(pool.alloc_buf(64).unwrap(), Direction::ToDevice).map_err(|(e, _)| e).unwrap();
+    let bufs: Vec<_> = (0..3).map(|_| pool.alloc_buf(64).unwrap()).collect();
+    std::thread::scope(|s| {
+        s.spawn(move || drop(bufs));
+        // The loaded map moves to another thread and is dropped there.
+        s.spawn(move || drop(pm));
+    });
+    assert_eq!(pool.stats().free_slots, slots);
+}

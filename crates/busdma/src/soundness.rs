@@ -24,7 +24,8 @@
 //!   ([`VirtioIommu::new`](crate::virtio_iommu::VirtioIommu::new)).
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
-//! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no
+//! buffers, [`OwnedMap`](crate::front::OwnedMap); a pre-mapped pool's buffer by its
+//! [`PoolMap`](crate::front::PoolMap), its slot the pool's for the pool's life), and goes back only once its tag proves no
 //! translation reaches it; otherwise it waits in the tag's quarantine
 //! ([`crate::front::quarantine`]). Forgetting a map leaks the memory together with its mapping.
 //!

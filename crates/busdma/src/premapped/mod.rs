@@ -101,7 +101,9 @@
 //! copied, loads refused for exhaustion, steals from another CPU's list. Loads and bytes copied
 //! at load are per-CPU counters (a load and a store by the CPU's guard holder, under the load's
 //! one pin); bytes copied by syncs are an atomic add to the slot's home list's counter (syncs
-//! and unloads take no pin); all summed when read.
+//! and unloads take no pin); all summed when read. Pool buffers (theory 9) count in the steal
+//! and exhaustion counters as loads do, and not in loads or bytes copied (their loads copy
+//! nothing).
 
 mod buf;
 mod hybrid;
