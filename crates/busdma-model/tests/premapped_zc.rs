@@ -313,3 +313,38 @@ fn a_pool_buffer_dropped_on_another_thread_goes_back_to_its_home_list() {
     });
     assert_eq!(pool.stats().free_slots, slots);
 }
+
+#[test]
+fn a_hybrid_tag_loads_a_pool_buffer_in_place_whatever_its_threshold_and_refuses_another_pools() {
+    let m = common::machine();
+    let qm = QuickMaps::for_platform(&m);
+    let tp = TablePool::new(&m);
+    let d = PtDomain::new(&m, &tp);
+    let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 2)).unwrap();
+    let other = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 1)).unwrap();
+    let slots = pool.stats().slots;
+    // Threshold 0: the hybrid maps every client buffer.
+    let h = busdma::premapped::Hybrid::with_threshold(&pool, busdma::front::IommuPerMap(&d), 0);
+    let tag = Tag::new_root(&m, h, TagSpec::new(PAGE_SIZE, 1)).unwrap();
+    let mut pm = tag.create_pool_map().unwrap();
+    let maps = d.maps.load(Ordering::Relaxed);
+    let data = packet(700, 3);
+    let mut buf = pool.alloc_buf(700).unwrap();
+    buf.write(0, &data).unwrap();
+    let seg = pm.load(buf, Direction::ToDevice).map_err(|(e, _)| e).unwrap()[0];
+    pm.sync(SyncOp::PREWRITE).unwrap();
+    assert!(pm.map().state().copied(), "the pool's path");
+    assert!(seg.addr.raw() >= pool.window().start().raw() && seg.addr.raw() < pool.window().end().raw());
+    assert_eq!(dev_read(&m, &d, seg.addr.raw(), 700), data);
+    assert_eq!(d.maps.load(Ordering::Relaxed), maps, "no map request");
+    pm.sync(SyncOp::POSTWRITE).unwrap();
+    pm.unload().unwrap();
+    assert_eq!(pool.stats().free_slots, slots - 1, "the unload keeps the buffer's slot");
+    assert_eq!((pool.stats().loads, pool.stats().bytes_copied), (0, 0));
+    // A buffer of another pool is refused here too.
+    let mut pm2 = tag.create_pool_map().unwrap();
+    let (e, _b) = pm2.load(other.alloc_buf(64).unwrap(), Direction::ToDevice).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
+    drop(pm.take().unwrap());
+    assert_eq!(pool.stats().free_slots, slots);
+}

@@ -226,8 +226,9 @@
 //!
 //! ```compile_fail,E0596
 //! use busdma::front::{IommuOps, PoolMap};
+//! use busdma::premapped::Premapped;
 //! use busdma::Platform;
-//! fn scribble<'a, 'p, P: Platform, D: IommuOps<P>>(pm: &PoolMap<'a, 'p, P, D>) {
+//! fn scribble<'a, 'p, P: Platform, D: IommuOps<P>>(pm: &PoolMap<'a, 'p, P, Premapped<'a, 'p, P, D>>) {
 //!     pm.buffer().unwrap().write(0, b"late"); // error[E0596]: behind a `&` reference
 //! }
 //! ```

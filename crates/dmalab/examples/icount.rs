@@ -312,7 +312,7 @@ type ZcBuf<'a, 'p, D> = Option<busdma::premapped::PoolBuf<'a, 'p, HostPlatform, 
 
 #[inline(never)]
 fn hot_tcp_zc<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
-    maps: &mut [busdma::front::PoolMap<'a, 'p, HostPlatform, D>],
+    maps: &mut [busdma::front::PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>],
     bufs: &mut [ZcBuf<'a, 'p, D>],
     port: Option<&dyn DmaPort>,
     buf: &mut [u8],
@@ -322,7 +322,7 @@ fn hot_tcp_zc<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
 }
 
 fn tcp_zc_loop<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
-    maps: &mut [busdma::front::PoolMap<'a, 'p, HostPlatform, D>],
+    maps: &mut [busdma::front::PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>],
     bufs: &mut [ZcBuf<'a, 'p, D>],
     port: Option<&dyn DmaPort>,
     buf: &mut [u8],

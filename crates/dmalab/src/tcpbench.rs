@@ -685,7 +685,8 @@ fn run_zc_queue<'a, 'p, D: IommuOps<HostPlatform>>(
         bufs.push(Some(b));
         expected.push(bytes);
     }
-    let mut maps: Vec<PoolMap<'a, 'p, HostPlatform, D>> = Vec::with_capacity(args.ring);
+    let mut maps: Vec<PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>> =
+        Vec::with_capacity(args.ring);
     for _ in 0..args.ring {
         maps.push(tag.create_pool_map().map_err(e("create map"))?);
     }
@@ -694,7 +695,7 @@ fn run_zc_queue<'a, 'p, D: IommuOps<HostPlatform>>(
     let (mut verified, mut dma_ticks, mut device_ticks) = (0u64, 0u64, 0u64);
     let transmit = |slot: usize,
                     seq: u64,
-                    pm: &mut PoolMap<'a, 'p, HostPlatform, D>,
+                    pm: &mut PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>,
                     nic_buf: &mut [u8]|
      -> Result<(u64, u64, PoolBuf<'a, 'p, HostPlatform, D>), String> {
         let mut off = 0usize;

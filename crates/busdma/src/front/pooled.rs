@@ -6,7 +6,7 @@
 //! 1. **Zero copy, zero map requests.** A [`PoolBuf`] is a slot of a
 //!    [`PremappedPool`](crate::premapped::PremappedPool), mapped once for the pool's device
 //!    (`premapped` theory 9). A stack that builds its packets there needs neither the copy of
-//!    [`Premapped`]'s loads nor a map request: [`PoolMap::load`] gives the device one segment,
+//!    [`Premapped`](crate::premapped::Premapped)'s copying loads nor a map request: [`PoolMap::load`] gives the device one segment,
 //!    the slot's bus address, and the map's runs are the slot's bytes, so the front end's
 //!    syncs clean and invalidate exactly those (non-coherent tags; barriers only on coherent
 //!    ones) and [`DmaMap::read`]/[`DmaMap::write`] reach them.
@@ -19,8 +19,10 @@
 //!    stay the pool's, mapped for the pool's life.
 //! 3. **The right IOVA or none.** The slot's bus address is valid in the pool's domain only:
 //!    a buffer of another pool (whatever its domain) is refused with
-//!    [`Error::InvalidArgument`] and handed back. Only a tag of the buffer's own pool's
-//!    [`Premapped`] strategy has a `PoolMap` at all (the type says so).
+//!    [`Error::InvalidArgument`] and handed back. Only a tag of a pool's strategy
+//!    ([`PoolStrategy`], sealed: [`Premapped`](crate::premapped::Premapped) and
+//!    [`Hybrid`](crate::premapped::Hybrid), whose copied loads already give the device the
+//!    pool's slots) has a `PoolMap` at all (the type says so).
 //! 4. **No allocation, no pin.** A load is the tag's checks on one segment (mask, alignment,
 //!    boundary, sizes), a pool identity check and a few stores; an unload, a few stores.
 //!
@@ -30,9 +32,8 @@
 #![forbid(unsafe_code)]
 
 use crate::error::{Error, Result};
-use crate::front::strategy::IommuOps;
 use crate::platform::Platform;
-use crate::premapped::{PoolBuf, Premapped};
+use crate::premapped::{PoolBuf, PoolStrategy};
 
 use super::cache_sync::{SyncOp, SyncStats};
 use super::load::Run;
@@ -40,30 +41,32 @@ use super::map::{Direction, DmaMap};
 use super::segments::{Segment, SegmentBuilder};
 use super::tag::Tag;
 
-/// The strategy of a pool's tag.
-type Pm<'a, 'p, P, D> = Premapped<'a, 'p, P, D>;
+/// The pool buffer type of a pool strategy `S`.
+type Buf<'a, 'p, P, S> = PoolBuf<'a, 'p, P, <S as PoolStrategy<'a, 'p, P>>::Dom>;
 
-/// A map of a [`Premapped`] tag that loads pool buffers in place (theory 1–3).
+/// A map of a pool's tag ([`Premapped`](crate::premapped::Premapped) or
+/// [`Hybrid`](crate::premapped::Hybrid): [`PoolStrategy`]) that loads pool buffers in place
+/// (theory 1–3).
 ///
 /// # Invariants
 ///
 /// `buf` is `Some` whenever `map` is loaded, and `map` holds nothing but `buf`'s slot. Field
 /// order: the map drops (unloads) before the buffer goes back to its pool.
-pub struct PoolMap<'a, 'p, P: Platform, D: IommuOps<P>> {
-    map: DmaMap<'p, P, Pm<'a, 'p, P, D>>,
-    buf: Option<PoolBuf<'a, 'p, P, D>>,
+pub struct PoolMap<'a, 'p, P: Platform, S: PoolStrategy<'a, 'p, P>> {
+    map: DmaMap<'p, P, S>,
+    buf: Option<Buf<'a, 'p, P, S>>,
 }
 
-impl<'a, 'p, P: Platform, D: IommuOps<P>> Tag<'p, P, Pm<'a, 'p, P, D>> {
+impl<'a, 'p, P: Platform, S: PoolStrategy<'a, 'p, P>> Tag<'p, P, S> {
     /// Creates a map that loads pool buffers of this tag's pool in place ([`PoolMap`]).
     ///
     /// Errors: those of [`Tag::create_map`].
-    pub fn create_pool_map(&self) -> Result<PoolMap<'a, 'p, P, D>> {
+    pub fn create_pool_map(&self) -> Result<PoolMap<'a, 'p, P, S>> {
         Ok(PoolMap { map: self.create_map()?, buf: None })
     }
 }
 
-impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolMap<'a, 'p, P, D> {
+impl<'a, 'p, P: Platform, S: PoolStrategy<'a, 'p, P>> PoolMap<'a, 'p, P, S> {
     /// Moves `buf` into the map and loads its [`PoolBuf::len`] bytes in place for a transfer
     /// in direction `dir`: one segment, the slot's bus address; no copy, no map request.
     ///
@@ -74,9 +77,9 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolMap<'a, 'p, P, D> {
     #[allow(clippy::result_large_err)]
     pub fn load(
         &mut self,
-        buf: PoolBuf<'a, 'p, P, D>,
+        buf: Buf<'a, 'p, P, S>,
         dir: Direction,
-    ) -> core::result::Result<&[Segment], (Error, PoolBuf<'a, 'p, P, D>)> {
+    ) -> core::result::Result<&[Segment], (Error, Buf<'a, 'p, P, S>)> {
         if self.buf.is_some() || self.map.is_loaded() {
             return Err((Error::BadState { what: "pool buffer load into a map that holds a buffer" }, buf));
         }
@@ -91,15 +94,15 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolMap<'a, 'p, P, D> {
     }
 
     /// The load of `buf` (theory 1, 3); on error the map is as before.
-    fn place(&mut self, buf: &PoolBuf<'a, 'p, P, D>, dir: Direction) -> Result<()> {
-        let pool = self.map.tag().strategy().0;
-        if !core::ptr::eq(pool, buf.pool()) {
+    fn place(&mut self, buf: &Buf<'a, 'p, P, S>, dir: Direction) -> Result<()> {
+        let (cx, body) = self.map.cx();
+        let strategy = &cx.tag.strategy;
+        if !core::ptr::eq(strategy.pool(), buf.pool()) {
             return Err(Error::InvalidArgument {
                 what: "pool buffer of another pool: its bus address is not this tag's (value: its bus address)",
                 value: buf.bus(),
             });
         }
-        let (cx, body) = self.map.cx();
         let len = buf.len();
         if len > cx.spec.max_size {
             return Err(Error::BadSize { size: len, limit: cx.spec.max_size });
@@ -109,11 +112,11 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolMap<'a, 'p, P, D> {
         // INVARIANT: `max_runs >= 1`, reserved at create: no allocation.
         body.runs.push(Run::page(cx.tag.platform, buf.pa(), len));
         let mut b = SegmentBuilder::for_tag(&mut body.segs, cx.spec);
-        let r = pool.load_owned(state, buf.slot(), buf.at(), len, dir, &mut b).and_then(|()| {
+        let r = strategy.load_owned(state, buf.slot(), buf.at(), len, dir, &mut b).and_then(|()| {
             b.finish().map(|_| ()).inspect_err(|_| {
                 // The tag forbids the segment: undo the load (a pool buffer's unload only
                 // forgets its slot).
-                let _ = pool.unload_from(state);
+                let _ = strategy.unload(cx.tag.platform, state, &[], &[]);
             })
         });
         match r {
@@ -158,7 +161,7 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolMap<'a, 'p, P, D> {
     /// the slot stays the pool's, mapped for the pool's device.
     ///
     /// Errors: [`Error::BadState`] (no buffer).
-    pub fn take(&mut self) -> Result<PoolBuf<'a, 'p, P, D>> {
+    pub fn take(&mut self) -> Result<Buf<'a, 'p, P, S>> {
         if self.buf.is_none() {
             return Err(Error::BadState { what: "take from a pool map that holds no buffer" });
         }
@@ -205,17 +208,17 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolMap<'a, 'p, P, D> {
 
     /// The held buffer, if any: read-only (writing a held buffer takes `&mut`, which the map
     /// never lends).
-    pub fn buffer(&self) -> Option<&PoolBuf<'a, 'p, P, D>> {
+    pub fn buffer(&self) -> Option<&Buf<'a, 'p, P, S>> {
         self.buf.as_ref()
     }
 
     /// The underlying map (segments, runs, ids).
-    pub fn map(&self) -> &DmaMap<'p, P, Pm<'a, 'p, P, D>> {
+    pub fn map(&self) -> &DmaMap<'p, P, S> {
         &self.map
     }
 }
 
-impl<P: Platform, D: IommuOps<P>> core::fmt::Debug for PoolMap<'_, '_, P, D> {
+impl<'a, 'p, P: Platform, S: PoolStrategy<'a, 'p, P>> core::fmt::Debug for PoolMap<'a, 'p, P, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("PoolMap").field("map", &self.map).field("buf", &self.buf).finish()
     }

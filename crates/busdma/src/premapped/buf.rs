@@ -5,11 +5,90 @@
 //! end's [`PoolMap`](crate::front::PoolMap).
 
 use crate::addr::{KernVa, PhysAddr};
+use crate::dir::Direction;
 use crate::error::{Error, Result};
-use crate::front::strategy::IommuOps;
+use crate::front::segments::SegmentBuilder;
+use crate::front::strategy::{IommuOps, Strategy};
 use crate::platform::Platform;
 
-use super::pool::PremappedPool;
+use super::hybrid::Hybrid;
+use super::pool::{Premapped, PremappedPool};
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A strategy whose tags load a pool's buffers in place (theory 9): [`Premapped`] and
+/// [`Hybrid`] over the pool. Sealed: the front end gives the device the slot's bus address on
+/// the strength of [`PoolStrategy::pool`]'s answer (the pool whose domain the tag's device
+/// translates through), which only busdma's strategies may give.
+pub trait PoolStrategy<'a, 'p, P: Platform>: Strategy<P> + sealed::Sealed {
+    /// The pool's domain.
+    type Dom: IommuOps<P>;
+
+    /// The pool whose slots this strategy's tags give their device.
+    fn pool(&self) -> &'a PremappedPool<'p, P, Self::Dom>;
+
+    /// Loads slot `slot`'s bytes `[at, at + len)`, a pool buffer's, in place into `st`: one
+    /// segment, no copy; the unload keeps the slot (its owner gives it back). On error `st`
+    /// is as before.
+    #[doc(hidden)]
+    fn load_owned(
+        &self,
+        st: &mut Self::MapState,
+        slot: u32,
+        at: u64,
+        len: u64,
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()>;
+}
+
+impl<P: Platform, D: IommuOps<P>> sealed::Sealed for Premapped<'_, '_, P, D> {}
+impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolStrategy<'a, 'p, P> for Premapped<'a, 'p, P, D> {
+    type Dom = D;
+
+    fn pool(&self) -> &'a PremappedPool<'p, P, D> {
+        self.0
+    }
+
+    #[inline]
+    fn load_owned(
+        &self,
+        st: &mut Self::MapState,
+        slot: u32,
+        at: u64,
+        len: u64,
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        self.0.load_owned(st, slot, at, len, dir, segs)
+    }
+}
+
+impl<P: Platform, D: IommuOps<P>, S> sealed::Sealed for Hybrid<'_, '_, P, D, S> {}
+impl<'a, 'p, P: Platform, D: IommuOps<P>, S: Strategy<P>> PoolStrategy<'a, 'p, P>
+    for Hybrid<'a, 'p, P, D, S>
+{
+    type Dom = D;
+
+    fn pool(&self) -> &'a PremappedPool<'p, P, D> {
+        self.pool_ref()
+    }
+
+    #[inline]
+    fn load_owned(
+        &self,
+        st: &mut Self::MapState,
+        slot: u32,
+        at: u64,
+        len: u64,
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        self.load_owned_slot(st, slot, at, len, dir, segs)
+    }
+}
 
 /// A slot of a [`PremappedPool`] owned as a buffer (theory 9): its bytes are written and read
 /// by copy ([`PoolBuf::write`], [`PoolBuf::read`]), and a

@@ -80,8 +80,9 @@
 //!    128-byte steps); its owner writes and reads it by copy, never through a reference (the
 //!    device may write any slot at any time, theory 5): one `memcpy` through the direct map,
 //!    or the platform's physical copy. The front end's
-//!    [`PoolMap`](crate::front::PoolMap) of a [`Premapped`] tag over the same pool takes it by
-//!    value and loads it in place: one segment at the slot's bus address, the slot's bytes as
+//!    [`PoolMap`](crate::front::PoolMap) of a [`Premapped`] or [`Hybrid`] tag over the same
+//!    pool ([`PoolStrategy`], sealed) takes it by value and loads it in place (the hybrid on its
+//!    copy path, whatever its threshold): one segment at the slot's bus address, the slot's bytes as
 //!    the map's runs (so the front end's syncs maintain exactly them on a non-coherent tag),
 //!    zero bytes copied, zero map requests; the map state marks the slot as the buffer's, so
 //!    the unload neither gives it back nor scrubs it and syncs copy nothing. A buffer of
@@ -109,6 +110,6 @@ mod buf;
 mod hybrid;
 mod pool;
 
-pub use buf::PoolBuf;
+pub use buf::{PoolBuf, PoolStrategy};
 pub use hybrid::{Calibration, Hybrid, HybridState, MAX_RUNS};
 pub use pool::{PoolConfig, PoolStats, Premapped, PremappedPool, PremappedState};
