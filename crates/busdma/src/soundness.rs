@@ -24,7 +24,8 @@
 //!   ([`VirtioIommu::new`](crate::virtio_iommu::VirtioIommu::new)).
 //!
 //! Memory a mapping reaches is owned by the mapping while it is loaded (coherent memory, typed
-//! buffers, [`OwnedMap`](crate::front::OwnedMap)), and goes back only once its tag proves no
+//! buffers, [`OwnedMap`](crate::front::OwnedMap); a pre-mapped pool's buffer by its
+//! [`PoolMap`](crate::front::PoolMap), its slot the pool's for the pool's life), and goes back only once its tag proves no
 //! translation reaches it; otherwise it waits in the tag's quarantine
 //! ([`crate::front::quarantine`]). Forgetting a map leaks the memory together with its mapping.
 //!
@@ -171,6 +172,78 @@
 //! }
 //! ```
 //!
+//! A pre-mapped pool's buffer ([`PoolBuf`](crate::premapped::PoolBuf)) is loaded in place by a
+//! [`PoolMap`](crate::front::PoolMap), which takes it by value until it gives it back:
+//!
+//! ```
+//! use busdma::front::{Direction, IommuOps, Tag};
+//! use busdma::premapped::{Premapped, PremappedPool};
+//! use busdma::Platform;
+//! fn send<'a, 'p, P: Platform, D: IommuOps<P>>(
+//!     tag: &Tag<'p, P, Premapped<'a, 'p, P, D>>,
+//!     pool: &'a PremappedPool<'p, P, D>,
+//! ) -> busdma::Result<()> {
+//!     let mut pm = tag.create_pool_map()?;
+//!     let mut buf = pool.alloc_buf(64)?;
+//!     buf.write(0, b"packet")?;
+//!     pm.load(buf, Direction::ToDevice).map_err(|(e, _)| e)?;
+//!     let buf = pm.take()?; // unloaded: the owner's again
+//!     drop(buf); // the slot goes back to the pool
+//!     Ok(())
+//! }
+//! ```
+//!
+//! so no handle is left through which safe code could give the slot back to the pool (where
+//! another load would take it) while the device may use it:
+//!
+//! ```compile_fail,E0382
+//! use busdma::front::{Direction, IommuOps, Tag};
+//! use busdma::premapped::{Premapped, PremappedPool};
+//! use busdma::Platform;
+//! fn early<'a, 'p, P: Platform, D: IommuOps<P>>(
+//!     tag: &Tag<'p, P, Premapped<'a, 'p, P, D>>,
+//!     pool: &'a PremappedPool<'p, P, D>,
+//! ) {
+//!     let mut pm = tag.create_pool_map().unwrap();
+//!     let buf = pool.alloc_buf(64).unwrap();
+//!     let _ = pm.load(buf, Direction::ToDevice);
+//!     drop(buf); // error[E0382]: use of moved value
+//! }
+//! ```
+//!
+//! nor a second handle to write it through ([`PoolBuf`](crate::premapped::PoolBuf) is not
+//! `Clone`), and the map lends only `&`, while writing takes `&mut`:
+//!
+//! ```compile_fail,E0599
+//! use busdma::front::IommuOps;
+//! use busdma::premapped::PremappedPool;
+//! use busdma::Platform;
+//! fn alias<'p, P: Platform, D: IommuOps<P>>(pool: &PremappedPool<'p, P, D>) {
+//!     let buf = pool.alloc_buf(64).unwrap();
+//!     let second = buf.clone(); // error[E0599]: no method `clone`
+//! }
+//! ```
+//!
+//! ```compile_fail,E0596
+//! use busdma::front::{IommuOps, PoolMap};
+//! use busdma::premapped::Premapped;
+//! use busdma::Platform;
+//! fn scribble<'a, 'p, P: Platform, D: IommuOps<P>>(pm: &PoolMap<'a, 'p, P, Premapped<'a, 'p, P, D>>) {
+//!     pm.buffer().unwrap().write(0, b"late"); // error[E0596]: behind a `&` reference
+//! }
+//! ```
+//!
+//! Only a tag of a pool's own strategy has pool maps: a slot's bus address means nothing
+//! to a tag that maps its loads (a buffer of another pool is refused at run time):
+//!
+//! ```compile_fail,E0599
+//! use busdma::front::{IommuOps, IommuPerMap, Tag};
+//! use busdma::Platform;
+//! fn wrong<'p, P: Platform, D: IommuOps<P> + Clone>(tag: &Tag<'p, P, IommuPerMap<D>>) {
+//!     let pm = tag.create_pool_map(); // error[E0599]: no method `create_pool_map`
+//! }
+//! ```
+//!
 //! A two-step window ([`DmaWindow`](crate::front::DmaWindow)) links the same owned buffers
 //! only; a borrowed buffer is not one (safe code could free it while it is linked):
 //!
@@ -221,6 +294,7 @@
 //! | deferred invalidation: memory freed before the flush | the tag's proof before the free | `iommu_inval_failure::memory_unloaded_under_deferred_invalidation_is_freed_only_after_the_flush`, `iommu_inval_failure::an_owned_buffer_leaves_its_map_only_after_the_deferred_unmap_is_flushed` |
 //! | 6: `mem::forget` of a loaded map | the memory is leaked with the mapping | `front_owned::forgetting_an_owned_map_leaks_its_memory_with_the_mapping_never_frees_it`, `front_debug::maps_still_loaded_at_domain_teardown_are_reported` |
 //! | two-step windows: a failed batch invalidation; `mem::forget` of a window | buffers held until a later proof (the tag's quarantine if the window goes); leaked with the mapping | `front_window::a_failed_invalidation_holds_the_buffers_until_a_later_proof`, `front_window::a_window_dropped_while_invalidations_fail_quarantines_its_buffers_and_never_frees_them`, `front_window::forgetting_a_window_leaks_its_buffers_with_their_mapping_never_frees_them` (busdma-model) |
+//! | pool buffers: a buffer of another pool; a loaded buffer's slot back in the pool; `mem::forget` of a loaded pool map | pool identity checked at load; the map state keeps an owned slot at unload; the slot is leaked, still the pool's | `premapped_zc::a_buffer_of_another_pool_is_refused_and_handed_back_whatever_its_domain`, `premapped_zc::a_loaded_pool_buffer_never_goes_back_to_the_pool_before_its_map_gives_it_up`, `premapped_zc::forgetting_a_loaded_pool_map_leaks_its_slot_and_no_later_buffer_gets_it` (busdma-model) |
 //! | 9: `TagFlags::untrusted` on a deferred domain | strict unload whatever the domain | `iommu_inval_failure::an_untrusted_tag_unloads_strictly_on_a_deferred_domain` |
 //! | 3: quick maps, copies, fills, maintenance of what is not RAM | `Platform::is_ram`, `Error::NotRam` | `quickmap::quick_maps_copies_fills_and_maintenance_refuse_what_is_not_ram` (busdma), `front_direct::a_sync_of_raw_segments_outside_ram_is_an_error_not_a_panic` (busdma-model) |
 //! | 8: a domain dropped while its device is attached | `busdma::device` owns the domain; raw attaches are `unsafe` | `device_attach::a_dropped_device_never_reaches_the_next_domain_that_reuses_its_table_pages`, `device_attach::detach_removes_the_context_and_invalidates_the_domain_before_its_table_pages_go_back`, `device_attach::a_failed_detach_or_invalidation_leaks_the_domain_its_tables_and_its_id_and_counts_it` |

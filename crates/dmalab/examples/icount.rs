@@ -27,6 +27,9 @@
 //!   a domain that also holds its pool as tcpbench's `--size 65536` has it (64 KiB slots, 256
 //!   per CPU: 8 192 pages mapped);
 //! - `iova`: an IOVA alloc + free pair of 4 pages (`dmalab bench iova`'s fast path).
+//! - `tcp-premapped-zc`, `tcp-nic-premapped-zc`: `dmalab tcpbench`'s `premapped-zc`: the
+//!   packet built in a pool buffer (`busdma::premapped::PoolBuf`, pool as `-sized`), loaded in
+//!   place by a `PoolMap` (one segment, no copy), PREWRITE, POSTWRITE, unload (`take`).
 //!
 //! The IOVA allocator's other paths (mixed sizes, the tree alone) are in `examples/icount_iova.rs`:
 //! a second caller of `alloc` here would change how it is inlined into `iova`'s loop, and with it
@@ -275,6 +278,74 @@ fn main() {
             let nic = path.starts_with("tcp-nic").then_some(&port as &dyn DmaPort);
             tcp(&m, &Tag::new_root(&m, Premapped(&pool), spec(true)).expect("tag"), nic, ops)
         }
+        "tcp-premapped-zc" | "tcp-nic-premapped-zc" => {
+            let qm = QuickMaps::for_platform(&m);
+            let pool = PremappedPool::new(&m, &dom, &qm, PoolConfig::new(1500, RING)).expect("pool");
+            let nic = path.starts_with("tcp-nic").then_some(&port as &dyn DmaPort);
+            tcp_zc(&Tag::new_root(&m, Premapped(&pool), spec(true)).expect("tag"), &pool, nic, ops)
+        }
         other => panic!("unknown path {other}"),
     }
+}
+
+/// `tcp-premapped-zc`: a ring of pool maps, each with its 1500-byte pool buffer.
+fn tcp_zc<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
+    tag: &Tag<'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>,
+    pool: &'a PremappedPool<'p, HostPlatform, D>,
+    port: Option<&dyn DmaPort>,
+    ops: usize,
+) {
+    let mut maps: Vec<_> = (0..RING).map(|_| tag.create_pool_map().expect("map")).collect();
+    let mut bufs: Vec<_> = (0..RING)
+        .map(|i| {
+            let mut b = pool.alloc_buf(1500).expect("pool buffer");
+            b.write(0, &[i as u8; 1500]).expect("write");
+            Some(b)
+        })
+        .collect();
+    let mut buf = vec![0u8; 1500];
+    tcp_zc_loop(&mut maps, &mut bufs, port, &mut buf, RING * 2);
+    hot_tcp_zc(&mut maps, &mut bufs, port, &mut buf, ops);
+}
+
+type ZcBuf<'a, 'p, D> = Option<busdma::premapped::PoolBuf<'a, 'p, HostPlatform, D>>;
+
+#[inline(never)]
+fn hot_tcp_zc<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
+    maps: &mut [busdma::front::PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>],
+    bufs: &mut [ZcBuf<'a, 'p, D>],
+    port: Option<&dyn DmaPort>,
+    buf: &mut [u8],
+    ops: usize,
+) {
+    tcp_zc_loop(maps, bufs, port, buf, ops);
+}
+
+fn tcp_zc_loop<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
+    maps: &mut [busdma::front::PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>],
+    bufs: &mut [ZcBuf<'a, 'p, D>],
+    port: Option<&dyn DmaPort>,
+    buf: &mut [u8],
+    ops: usize,
+) {
+    for i in 0..ops {
+        let slot = i % maps.len();
+        let map = &mut maps[slot];
+        if map.is_loaded() {
+            if let Some(p) = port {
+                let mut off = 0;
+                for s in map.segments() {
+                    let len = s.len as usize;
+                    p.dma_read(s.addr, &mut buf[off..off + len]).expect("NIC read");
+                    off += len;
+                }
+            }
+            map.sync(SyncOp::POSTWRITE).expect("sync");
+            bufs[slot] = Some(map.take().expect("unload"));
+        }
+        let b = bufs[slot].take().expect("buffer");
+        map.load(b, Direction::ToDevice).map_err(|(e, _)| e).expect("load");
+        map.sync(SyncOp::PREWRITE).expect("sync");
+    }
+    black_box(buf);
 }

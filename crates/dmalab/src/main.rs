@@ -221,6 +221,7 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
                 let mut v = serde_json::to_value(p).map_err(|e| e.to_string())?;
                 if let Some(o) = v.as_object_mut() {
                     o.remove("calibration");
+                    o.remove("requires");
                 }
                 t.push(v);
             }
@@ -228,6 +229,9 @@ fn tcpbench_cmd(common: &Common, machine: &MachineArgs, args: &tcpbench::TcpArgs
             for p in &results.pools {
                 if let Some(c) = &p.calibration {
                     println!("{} ({}) calibration: {c}", p.pool, p.invalidation);
+                }
+                if let Some(r) = p.requires {
+                    println!("{} needs {r}", p.pool);
                 }
             }
         }

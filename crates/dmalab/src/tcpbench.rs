@@ -57,13 +57,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use busdma::front::{
-    Direct, Direction, Identity, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, SgEntry, SgList,
-    Strategy, SyncOp, Tag, TagSpec,
+    Direct, Direction, Identity, IommuOps, IommuPerMap, IommuPerSegment, IommuReserved, MemKind, PoolMap,
+    SgEntry, SgList, Strategy, SyncOp, Tag, TagSpec,
 };
 use busdma::iommu::InvalidationPolicy;
 use busdma::iova::{IovaSource, extent::ExtentAllocator};
 use busdma::pgtable::TablePool;
-use busdma::premapped::{Hybrid, PoolConfig, Premapped, PremappedPool};
+use busdma::premapped::{Hybrid, PoolBuf, PoolConfig, Premapped, PremappedPool};
 use busdma::quickmap::QuickMaps;
 use busdma::{PAGE_SIZE, Platform};
 use busdma_model::{DirectPort, DmaPort, FrameBlock, FrameRequest, HostPlatform, ModelIommu};
@@ -646,6 +646,156 @@ where
     Ok(QueueResult { packets, verified, dma_ticks, device_ticks, run_ticks, run_ns })
 }
 
+/// What `premapped-zc` needs that the other designs do not: said in its pool row.
+pub const ZC_REQUIRES: &str =
+    "a stack that allocates its packet buffers from the pool and builds packets there";
+
+/// One transmit queue of `premapped-zc`: the lab's client is a stack that allocates its packet
+/// buffers from the pool (`busdma::premapped` theory 9) and builds each packet there, so a
+/// load copies nothing. The same bill as [`run_queue`]'s: each ring descriptor's packet is
+/// written once at setup (here into its pool buffer instead of its fragments) and stamped per
+/// packet with the same `write_phys` of 8 bytes at each fragment's offset; the driver's ticks
+/// cover load + PREWRITE and POSTWRITE + unload (`take`, which unloads and hands the buffer
+/// back); the device's, the NIC's DMA reads; the NIC verifies every byte.
+#[allow(clippy::too_many_arguments)]
+fn run_zc_queue<'a, 'p, D: IommuOps<HostPlatform>>(
+    m: &HostPlatform,
+    tag: &Tag<'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>,
+    pool: &'a PremappedPool<'p, HostPlatform, D>,
+    port: &dyn DmaPort,
+    args: &TcpArgs,
+    frag_lens: &[u64],
+    cpu: usize,
+    packets: u64,
+    progress: &AtomicU64,
+) -> Result<QueueResult, String> {
+    let _bind = m.bind_cpu(cpu).map_err(|e| format!("bind cpu {cpu}: {e}"))?;
+    let e = |what: &'static str| move |e: busdma::Error| format!("{what}: {e}");
+    // Each fragment's offset in the packet: where its stamp goes.
+    let offs: Vec<u64> = frag_lens.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l))).collect();
+    let mut bufs: Vec<Option<PoolBuf<'a, 'p, HostPlatform, D>>> = Vec::with_capacity(args.ring);
+    let mut expected = Vec::with_capacity(args.ring);
+    for slot in 0..args.ring {
+        let mut bytes = Vec::with_capacity(args.size as usize);
+        for (f, &len) in frag_lens.iter().enumerate() {
+            bytes.extend((0..len).map(|i| if i < 8 { 0 } else { pattern(slot, f, i) }));
+        }
+        let mut b = pool.alloc_buf(args.size).map_err(e("pool buffer"))?;
+        b.write(0, &bytes).map_err(e("pool buffer"))?;
+        bufs.push(Some(b));
+        expected.push(bytes);
+    }
+    let mut maps: Vec<PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>> =
+        Vec::with_capacity(args.ring);
+    for _ in 0..args.ring {
+        maps.push(tag.create_pool_map().map_err(e("create map"))?);
+    }
+    let mut inflight: Vec<Option<u64>> = vec![None; args.ring];
+    let mut nic_buf = vec![0u8; args.size as usize];
+    let (mut verified, mut dma_ticks, mut device_ticks) = (0u64, 0u64, 0u64);
+    let transmit = |slot: usize,
+                    seq: u64,
+                    pm: &mut PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>,
+                    nic_buf: &mut [u8]|
+     -> Result<(u64, u64, PoolBuf<'a, 'p, HostPlatform, D>), String> {
+        let mut off = 0usize;
+        let d0 = ticks();
+        for seg in pm.segments() {
+            let len = seg.len as usize;
+            let dst = nic_buf.get_mut(off..off + len).ok_or("segments exceed the packet")?;
+            port.dma_read(seg.addr, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
+            off += len;
+        }
+        let device = ticks() - d0;
+        if !verify_packet(&expected[slot], seq, &nic_buf[..off], frag_lens) {
+            return Err(format!("NIC read wrong bytes for packet {seq} (slot {slot})"));
+        }
+        let t0 = ticks();
+        pm.sync(SyncOp::POSTWRITE).map_err(|e| format!("sync POSTWRITE: {e}"))?;
+        let buf = pm.take().map_err(|e| format!("unload: {e}"))?;
+        Ok((ticks() - t0, device, buf))
+    };
+    let start = Instant::now();
+    let t_start = ticks();
+    for seq in 0..packets {
+        let slot = (seq % args.ring as u64) as usize;
+        if let Some(old) = inflight[slot].take() {
+            let (driver, device, buf) = transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            (dma_ticks, device_ticks) = (dma_ticks + driver, device_ticks + device);
+            bufs[slot] = Some(buf);
+            verified += 1;
+        }
+        let buf = bufs[slot].take().ok_or("pool buffer not back from its map")?;
+        // The stamp, as `Ring::stamp` writes the other designs' fragments.
+        for &o in &offs {
+            let pa = buf.pa().checked_add(o).ok_or("pool buffer address overflow")?;
+            m.write_phys(pa, &seq.to_le_bytes()).map_err(|e| e.to_string())?;
+        }
+        let t0 = ticks();
+        maps[slot].load(buf, Direction::ToDevice).map_err(|(err, _)| format!("load: {err}"))?;
+        maps[slot].sync(SyncOp::PREWRITE).map_err(|e| format!("sync PREWRITE: {e}"))?;
+        dma_ticks += ticks() - t0;
+        inflight[slot] = Some(seq);
+        if seq % PROGRESS_EVERY == PROGRESS_EVERY - 1 {
+            progress.fetch_add(PROGRESS_EVERY, Ordering::Relaxed);
+        }
+    }
+    for slot in 0..args.ring {
+        if let Some(old) = inflight[slot].take() {
+            let (driver, device, buf) = transmit(slot, old, &mut maps[slot], &mut nic_buf)?;
+            (dma_ticks, device_ticks) = (dma_ticks + driver, device_ticks + device);
+            bufs[slot] = Some(buf);
+            verified += 1;
+        }
+    }
+    let run_ticks = ticks() - t_start;
+    let run_ns = start.elapsed().as_nanos() as f64;
+    progress.fetch_add(packets % PROGRESS_EVERY, Ordering::Relaxed);
+    drop(maps);
+    drop(bufs);
+    Ok(QueueResult { packets, verified, dma_ticks, device_ticks, run_ticks, run_ns })
+}
+
+/// Runs `premapped-zc` ([`run_zc_queue`]) over `pool`'s tag, one queue per thread.
+pub fn measure_zc<'a, 'p, D: IommuOps<HostPlatform> + Sync>(
+    m: &HostPlatform,
+    tag: &Tag<'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>,
+    pool: &'a PremappedPool<'p, HostPlatform, D>,
+    port: &dyn DmaPort,
+    args: &TcpArgs,
+    progress: &AtomicU64,
+) -> Result<Measured, String> {
+    let frag_lens = args.fragments()?;
+    let total = args.effective_packets();
+    if args.threads > m.num_cpus() {
+        return Err(format!("{} threads but the machine has {} CPUs", args.threads, m.num_cpus()));
+    }
+    let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..args.threads)
+            .map(|t| {
+                let frag_lens = &frag_lens;
+                s.spawn(move || {
+                    let mine =
+                        total / args.threads as u64 + u64::from((t as u64) < total % args.threads as u64);
+                    run_zc_queue(m, tag, pool, port, args, frag_lens, t, mine, progress)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("tcpbench worker panicked".into()))).collect()
+    });
+    let (mut packets, mut verified, mut driver_ns, mut device_ns, mut wall_ns) = (0, 0, 0.0, 0.0, 0.0f64);
+    for r in results {
+        let q = r?;
+        packets += q.packets;
+        verified += q.verified;
+        let ns_per_tick = if q.run_ticks > 0 { q.run_ns / q.run_ticks as f64 } else { 0.0 };
+        driver_ns += q.dma_ticks as f64 * ns_per_tick;
+        device_ns += q.device_ticks as f64 * ns_per_tick;
+        wall_ns = wall_ns.max(q.run_ns);
+    }
+    Ok(Measured { packets, verified, wall_ns, driver_ns, device_ns })
+}
+
 /// The cost of copying one packet's bytes once, from its fragments into a contiguous buffer
 /// (what a copy-based design pays instead of mapping).
 pub fn measure_memcpy(m: &HostPlatform, args: &TcpArgs) -> Result<f64, String> {
@@ -817,9 +967,13 @@ pub type Design = (&'static str, &'static str, &'static str);
 ///   invalidation lazy commits over two buffer sets (`run_window_queue`).
 /// - `premapped`: every packet copied into a slot of a pool mapped once per device and CPU
 ///   (`busdma::premapped`): no map request and no invalidation per packet.
+/// - `premapped-zc`: the same pool, but the client is a stack that allocates its packet
+///   buffers from the pool and builds each packet there (`busdma::premapped` theory 9,
+///   [`run_zc_queue`]): a load copies nothing and makes no map request. It needs such a stack
+///   ([`ZC_REQUIRES`], printed in its pool row); a driver handed arbitrary buffers cannot use it.
 /// - `hybrid`: per load, a copy into that pool below a threshold measured at creation (copy
 ///   vs map + unmap on this domain), a per-map load over busdma's allocator above it.
-pub const STRATEGIES: [Design; 18] = [
+pub const STRATEGIES: [Design; 19] = [
     ("passthrough", "none", "none"),
     ("identity", "strict", "none"),
     ("identity", "deferred", "none"),
@@ -836,6 +990,7 @@ pub const STRATEGIES: [Design; 18] = [
     ("iommu-window", "strict", "busdma"),
     ("iommu-window", "deferred", "busdma"),
     ("premapped", "none", "busdma"),
+    ("premapped-zc", "none", "busdma"),
     ("hybrid", "strict", "busdma"),
     ("hybrid", "deferred", "busdma"),
 ];
@@ -855,6 +1010,7 @@ enum Kind {
     Reserved,
     Window,
     Premapped,
+    PremappedZc,
     Hybrid,
 }
 
@@ -875,6 +1031,8 @@ pub struct PoolRow {
     pub threshold_bytes: Option<u64>,
     /// The hybrid's calibration, as measured.
     pub calibration: Option<String>,
+    /// What the design needs of the client beyond a driver's loads (`premapped-zc`).
+    pub requires: Option<&'static str>,
 }
 
 /// Measures `strategy` through `port`.
@@ -924,7 +1082,7 @@ fn measure_domain<I: IovaSource>(
             measure_strategy(m, args, IommuReserved::alternating(&dom, 2), &port, progress)?
         }
         Kind::Reserved => measure_strategy(m, args, IommuReserved::new(&dom), &port, progress)?,
-        Kind::Premapped | Kind::Hybrid => {
+        Kind::Premapped | Kind::PremappedZc | Kind::Hybrid => {
             let qm = QuickMaps::for_platform(m);
             // One slot per ring descriptor on each CPU, a packet each.
             let pool = PremappedPool::new(m, &dom, &qm, PoolConfig::new(args.size, args.ring)).map_err(e)?;
@@ -932,6 +1090,10 @@ fn measure_domain<I: IovaSource>(
             let (before, r, threshold, calibration) = if matches!(kind, Kind::Premapped) {
                 let before = inv(iommu.stats());
                 (before, measure_strategy(m, args, Premapped(&pool), &port, progress)?, None, None)
+            } else if matches!(kind, Kind::PremappedZc) {
+                let tag = Tag::new_root(m, Premapped(&pool), nic_spec(args)).map_err(e)?;
+                let before = inv(iommu.stats());
+                (before, measure_zc(m, &tag, &pool, &port, args, progress)?, None, None)
             } else {
                 let h = Hybrid::calibrated(&pool, IommuPerMap(&dom), &nic_spec(args)).map_err(e)?;
                 let (t, c) = (h.threshold(), h.calibration().map(|c| c.to_string()));
@@ -940,7 +1102,11 @@ fn measure_domain<I: IovaSource>(
             };
             let stats = pool.stats();
             pools.push(PoolRow {
-                pool: if threshold.is_some() { "hybrid".into() } else { "premapped".into() },
+                pool: match kind {
+                    Kind::Hybrid => "hybrid".into(),
+                    Kind::PremappedZc => "premapped-zc".into(),
+                    _ => "premapped".into(),
+                },
                 invalidation: if threshold.is_some() { policy_name(policy) } else { "none" },
                 cost: cost.clone(),
                 setup_map_requests: stats.map_requests,
@@ -948,6 +1114,7 @@ fn measure_domain<I: IovaSource>(
                 copied_packets: stats.loads,
                 threshold_bytes: threshold,
                 calibration,
+                requires: matches!(kind, Kind::PremappedZc).then_some(ZC_REQUIRES),
             });
             r
         }
@@ -1010,6 +1177,7 @@ pub fn run(args: &TcpArgs, m: &HostPlatform, progress: &AtomicU64) -> Result<Res
             "iommu-per-map" => Kind::PerMap,
             "iommu-window" => Kind::Window,
             "premapped" => Kind::Premapped,
+            "premapped-zc" => Kind::PremappedZc,
             "hybrid" => Kind::Hybrid,
             _ => Kind::Reserved,
         };
@@ -1149,12 +1317,19 @@ mod tests {
         // The pool designs: mapped at setup only, nothing invalidated per packet; premapped
         // copies every packet, the hybrid reports its calibrated threshold.
         let pools: Vec<(&str, &str)> = res.pools.iter().map(|p| (p.pool.as_str(), p.invalidation)).collect();
-        assert_eq!(pools, [("premapped", "none"), ("hybrid", "strict"), ("hybrid", "deferred")]);
+        assert_eq!(
+            pools,
+            [("premapped", "none"), ("premapped-zc", "none"), ("hybrid", "strict"), ("hybrid", "deferred")]
+        );
         assert_eq!(res.pools[0].invalidations_per_packet, 0.0);
         assert_eq!(res.pools[0].copied_packets, 2000);
+        // premapped-zc: the stack builds its packets in the pool; nothing copied or invalidated,
+        // and its row says what it needs.
+        assert_eq!((res.pools[1].invalidations_per_packet, res.pools[1].copied_packets), (0.0, 0));
+        assert_eq!(res.pools[1].requires, Some(ZC_REQUIRES));
         for p in &res.pools {
             assert!(p.setup_map_requests > 0, "{p:?}");
         }
-        assert!(res.pools[1..].iter().all(|p| p.threshold_bytes.is_some() && p.calibration.is_some()));
+        assert!(res.pools[2..].iter().all(|p| p.threshold_bytes.is_some() && p.calibration.is_some()));
     }
 }

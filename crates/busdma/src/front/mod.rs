@@ -11,7 +11,8 @@
 //!    blocks from it, and [`view`] reads and writes it as typed plain data and atomic status
 //!    words. Owned loads ([`owned`]) take busdma's memory, kernel-heap pages ([`heap`]),
 //!    packets and block requests ([`chain`]); a two-step window ([`window`]) keeps an IOVA
-//!    range and links owned buffers into it, one invalidation per batch.
+//!    range and links owned buffers into it, one invalidation per batch; a pool map
+//!    ([`pooled`]) loads a pre-mapped pool's buffers in place, no copy and no map request.
 //! 2. **Layers.** Front end (this module) → strategy ([`strategy`]: direct, the IOMMU
 //!    strategies, identity; bounce buffering at the [`strategy::bounce_hook`]) → mechanisms
 //!    (IOVA allocator, page tables, invalidation) → the platform seam. The front end itself
@@ -62,6 +63,7 @@ pub mod load;
 pub mod map;
 pub mod owned;
 pub mod pool;
+pub mod pooled;
 pub mod quarantine;
 pub mod registered;
 pub mod segments;
@@ -81,6 +83,7 @@ pub use load::{KernelBuf, LoadSource, MemKind, PageList, RawSegment, RawSegments
 pub use map::{Direction, DmaMap};
 pub use owned::{DeviceRegion, DmaBuffer, OwnedMap, Part, RegionKind, RegionSlice};
 pub use pool::{DmaBlock, DmaPool, PoolStats};
+pub use pooled::PoolMap;
 pub use quarantine::QuarantineStats;
 pub use registered::{RegisteredLoad, load_registered};
 pub use segments::{Constraints, Segment};

@@ -386,6 +386,31 @@ impl<M> HybridState<M> {
     }
 }
 
+impl<'a, 'p, P: Platform, D: IommuOps<P>, S: Strategy<P>> Hybrid<'a, 'p, P, D, S> {
+    /// The pool.
+    pub(super) fn pool_ref(&self) -> &'a PremappedPool<'p, P, D> {
+        self.pool.0
+    }
+
+    /// A pool buffer's load in place (theory 9): the pool's path, whatever the threshold.
+    pub(super) fn load_owned_slot(
+        &self,
+        st: &mut HybridState<S::MapState>,
+        slot: u32,
+        at: u64,
+        len: u64,
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        if st.path != Path::Idle {
+            return Err(Error::BadState { what: "pool buffer load into a loaded hybrid map" });
+        }
+        self.pool.0.load_owned(&mut st.pool, slot, at, len, dir, segs)?;
+        st.path = Path::Copied;
+        Ok(())
+    }
+}
+
 impl<'p, P: Platform, D: IommuOps<P>, S: Strategy<P>> Strategy<P> for Hybrid<'_, 'p, P, D, S> {
     const NAME: &'static str = "hybrid";
     type MapState = HybridState<S::MapState>;

@@ -1,5 +1,6 @@
-//! Pre-mapped pools: a device's DMA buffers mapped once, a copy per I/O ([`Premapped`]), and
-//! the strategy that picks copy or map per load from measured costs ([`Hybrid`]).
+//! Pre-mapped pools: a device's DMA buffers mapped once, a copy per I/O ([`Premapped`]), the
+//! strategy that picks copy or map per load from measured costs ([`Hybrid`]), and slots owned
+//! as buffers a stack writes in place and loads with no copy ([`PoolBuf`]).
 //!
 //! # Theory
 //!
@@ -72,6 +73,28 @@
 //!    same bus address; it keeps the tag's alignment and boundary, never needs more segments
 //!    than byte 0 would, and changes nothing the device can reach (the whole slot, theory 5). No
 //!    division on the load path: the colour, and the slot's home list, are kept per slot.
+//! 9. **Pool buffers** ([`PoolBuf`]): a stack that builds its packets in the pool needs no
+//!    copy at load. [`PremappedPool::alloc_buf`] takes a free slot (the calling CPU's list
+//!    first; [`Error::Exhausted`](crate::Error::Exhausted) when none is free) as an owned
+//!    buffer, placed in its slot by theory 8's colour for its length (no tag known yet:
+//!    128-byte steps); its owner writes and reads it by copy, never through a reference (the
+//!    device may write any slot at any time, theory 5): one `memcpy` through the direct map,
+//!    or the platform's physical copy. The front end's
+//!    [`PoolMap`](crate::front::PoolMap) of a [`Premapped`] or [`Hybrid`] tag over the same
+//!    pool ([`PoolStrategy`], sealed) takes it by value and loads it in place (the hybrid on its
+//!    copy path, whatever its threshold): one segment at the slot's bus address, the slot's bytes as
+//!    the map's runs (so the front end's syncs maintain exactly them on a non-coherent tag),
+//!    zero bytes copied, zero map requests; the map state marks the slot as the buffer's, so
+//!    the unload neither gives it back nor scrubs it and syncs copy nothing. A buffer of
+//!    another pool is refused (its bus address is another window's, perhaps another
+//!    domain's). Dropping the buffer gives the slot back to its home list; forgetting it (or
+//!    the map holding it) leaks the slot, which stays the pool's and mapped only for the
+//!    pool's device until the pool's drop (theory 3): nothing else ever gets its pages. The
+//!    slot's bytes are the owner's: an idle slot holds zeros or bytes its device could
+//!    already reach, and an untrusted device sees a pool buffer for as long as it exists
+//!    (theory 5's bargain), so a stack writes there only what the device may see. Known
+//!    limit: a buffer's drop completes no deferred load waiting for a slot (the next unload
+//!    of the tag's tree does, [`crate::front::defer`]).
 //!
 //! # Counters
 //!
@@ -79,10 +102,14 @@
 //! copied, loads refused for exhaustion, steals from another CPU's list. Loads and bytes copied
 //! at load are per-CPU counters (a load and a store by the CPU's guard holder, under the load's
 //! one pin); bytes copied by syncs are an atomic add to the slot's home list's counter (syncs
-//! and unloads take no pin); all summed when read.
+//! and unloads take no pin); all summed when read. Pool buffers (theory 9) count in the steal
+//! and exhaustion counters as loads do, and not in loads or bytes copied (their loads copy
+//! nothing).
 
+mod buf;
 mod hybrid;
 mod pool;
 
+pub use buf::{PoolBuf, PoolStrategy};
 pub use hybrid::{Calibration, Hybrid, HybridState, MAX_RUNS};
 pub use pool::{PoolConfig, PoolStats, Premapped, PremappedPool, PremappedState};

@@ -1,6 +1,6 @@
 //! The pre-mapped pool and the [`Premapped`] strategy.
 //!
-//! See the theory statement in [`crate::premapped`] (sections 2 to 6).
+//! See the theory statement in [`crate::premapped`] (sections 2 to 6, 8 and 9).
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -83,7 +83,7 @@ impl fmt::Display for PoolStats {
 ///
 /// Every slot `i` is `slot_pages` pages at `slots[i]`, owned by the pool, mapped at
 /// `window.start + i × slot bytes` in `dom` from creation until drop; each slot index is on at
-/// most one free list or held by at most one loaded map.
+/// most one free list, held by at most one loaded map, or owned by one [`super::PoolBuf`].
 pub struct PremappedPool<'p, P: Platform, D: IommuOps<P>> {
     p: &'p P,
     dom: D,
@@ -270,7 +270,10 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     }
 
     /// Takes a free slot, the calling CPU's first (`count`: in the steal and exhaustion
-    /// counters; not for the calibration's own takes).
+    /// counters; not for the calibration's own takes). Inlined into the copy load's path
+    /// (a second caller, [`PremappedPool::alloc_buf`], made it a call: +19 instructions a
+    /// packet, `examples/icount.rs tcp-premapped-sized`).
+    #[inline(always)]
     pub(crate) fn take(&self, g: &CpuGuard<'_, P>, count: bool) -> Option<u32> {
         let cpu = self.list_of(g.cpu());
         if let Some(i) = self.free[cpu].list.lock().pop() {
@@ -460,6 +463,28 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         .map(|_| ())
     }
 
+    /// Slot `i`'s first physical byte.
+    pub(super) fn slot_phys(&self, i: u32) -> PhysAddr {
+        self.slots[i as usize]
+    }
+
+    /// Slot `i`'s direct-map address, if the direct map covers all of it.
+    pub(super) fn slot_kva(&self, i: u32) -> Option<KernVa> {
+        self.meta[i as usize].kva
+    }
+
+    /// Slot `i`'s bus address (its IOVA in the pool's domain).
+    pub(super) fn slot_bus(&self, i: u32) -> u64 {
+        self.slot_iova(i)
+    }
+
+    /// Where in slot `i` a buffer of `len` bytes (at most a slot) starts when no tag is
+    /// known yet (theory 9): the slot's colour lowered to the slack, in [`COLOUR_STEP`]s.
+    pub(super) fn place_any(&self, i: u32, len: u64) -> u64 {
+        let slack = self.slot_bytes.saturating_sub(len);
+        self.meta[i as usize].colour.min(slack) & !(COLOUR_STEP - 1)
+    }
+
     /// The physical address of slot `i` (tests and diagnostics).
     pub fn slot_pa(&self, i: usize) -> Option<PhysAddr> {
         self.slots.get(i).copied()
@@ -585,6 +610,9 @@ impl<P: Platform, D: IommuOps<P>> Copy for Premapped<'_, '_, P, D> {}
 #[derive(Debug)]
 pub struct PremappedState {
     slot: Option<u32>,
+    /// The slot is a pool buffer's ([`super::PoolBuf`], theory 9), loaded in place: its
+    /// owner keeps it at unload (no give-back, no scrub) and syncs copy nothing.
+    owned: bool,
     /// Slot byte of buffer byte 0 (theory 8).
     at: u64,
     len: u64,
@@ -599,7 +627,7 @@ impl PremappedState {
         let mut runs = Vec::new();
         runs.try_reserve_exact(n)
             .map_err(|_| Error::NoMemory { requested: (n * size_of::<Run>()) as u64 })?;
-        Ok(Self { slot: None, at: 0, len: 0, dir: Direction::ToDevice, untrusted: false, runs })
+        Ok(Self { slot: None, owned: false, at: 0, len: 0, dir: Direction::ToDevice, untrusted: false, runs })
     }
 
     /// The slot of the current load, if loaded.
@@ -681,9 +709,36 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         Ok(())
     }
 
+    /// Loads slot `i`, held by a pool buffer whose bytes `[at, at + len)` are the load, in
+    /// place (theory 9): one segment at the slot's bus address, no copy, no map request.
+    /// The caller checked that the buffer is this pool's and keeps it until the unload.
+    pub(crate) fn load_owned(
+        &self,
+        st: &mut PremappedState,
+        i: u32,
+        at: u64,
+        len: u64,
+        dir: Direction,
+        segs: &mut SegmentBuilder<'_>,
+    ) -> Result<()> {
+        if st.slot.is_some() {
+            return Err(Error::BadState { what: "pool buffer load into a map whose slot is taken" });
+        }
+        segs.push(self.slot_iova(i) + at, len)?;
+        segs.check()?;
+        st.runs.clear();
+        (st.slot, st.owned, st.at, st.len, st.dir, st.untrusted) = (Some(i), true, at, len, dir, false);
+        Ok(())
+    }
+
     /// Unloads `st`'s slot (untrusted: scrubbed first).
     pub(crate) fn unload_from(&self, st: &mut PremappedState) -> Result<()> {
         let Some(i) = st.slot.take() else { return Ok(()) };
+        if st.owned {
+            // A pool buffer's slot (theory 9): its owner gives it back, its bytes are its own.
+            st.owned = false;
+            return Ok(());
+        }
         let r = if st.untrusted { self.zero(i, st.at..st.at + st.len) } else { Ok(()) };
         // No pin: the slot goes to its home list, under that list's lock.
         self.give(i);
@@ -701,6 +756,11 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         count: bool,
     ) -> Result<()> {
         let Some(i) = st.slot else { return Ok(()) };
+        if st.owned {
+            // The load's runs are the slot itself: the front end's cache maintenance of them
+            // is all a sync needs (theory 9).
+            return Ok(());
+        }
         let maintain = !spec.flags.coherent;
         // The slot's bytes of buffer bytes `range`.
         let in_slot = st.at + range.start..st.at + range.end;
