@@ -14,7 +14,9 @@
 //!    tag's alignment when that exceeds a page and the run starts a page. A peer BAR with a
 //!    bypass bus address takes no IOVA. The layout is a pure function of the runs, so
 //!    strategies run it once to size the window, once to build segments and once to map,
-//!    without storing anything per run.
+//!    without storing anything per run. [`Layout::place`] is the rule for one run; [`layout`]
+//!    calls a closure back with each run's place, a caller with more per-run work calls
+//!    `place` in its own loop (inlined there: no call per run).
 //! 3. **Waste bound.** A run starts a fresh page only when the previous run ended mid-page
 //!    (or at a gap the alignment demands), and then it also starts a new segment; so a load of
 //!    `s` segments needs at most `max_size + s × max(PAGE_SIZE, alignment)` bytes of IOVA. This
