@@ -7,7 +7,7 @@
 //!    returned [`CpuBinding`] drops; no other thread can bind it meanwhile. A bound thread's
 //!    preemption guard costs a load and a compare: nobody else can run on its CPU.
 //!    *Invariant*: the thread-local binding names `(machine, cpu)` only while that slot's
-//!    owner word is this thread's token with [`PERMANENT`] set (bind claims the slot before it
+//!    owner word is this thread's token with `PERMANENT` set (bind claims the slot before it
 //!    sets the binding; unbind clears the binding before it frees the slot; a
 //!    [`CpuBinding`] is not `Send`, so both run on the bound thread). So a guard that finds
 //!    the binding naming its machine reads neither the owner word nor the thread's token: the
