@@ -6,6 +6,12 @@
 //!    [`HostPlatform::bind_cpu`](crate::HostPlatform::bind_cpu) and owns it until the
 //!    returned [`CpuBinding`] drops; no other thread can bind it meanwhile. A bound thread's
 //!    preemption guard costs a load and a compare: nobody else can run on its CPU.
+//!    *Invariant*: the thread-local binding names `(machine, cpu)` only while that slot's
+//!    owner word is this thread's token with `PERMANENT` set (bind claims the slot before it
+//!    sets the binding; unbind clears the binding before it frees the slot; a
+//!    [`CpuBinding`] is not `Send`, so both run on the bound thread). So a guard that finds
+//!    the binding naming its machine reads neither the owner word nor the thread's token: the
+//!    slot is its own (the guard a kernel's `preempt_disable` is, a depth count).
 //! 2. An unbound thread is given a slot by a hash of its thread number; its preemption guard
 //!    claims the slot with a compare-and-swap for the guard's lifetime, spinning (then
 //!    yielding) while another thread holds it, exactly as a thread would wait to be scheduled
@@ -125,7 +131,22 @@ impl Cpus {
         (owner & !PERMANENT == thread_token()).then_some(cpu)
     }
 
+    #[inline]
     pub(crate) fn preempt_disable(&self) -> usize {
+        let (m, cpu) = BOUND.with(Cell::get);
+        if m == self.machine {
+            // Theory 1's invariant: the slot is this thread's, permanently; only it touches
+            // depth (see below).
+            let slot = &self.slots[cpu];
+            slot.depth.store(slot.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return cpu;
+        }
+        self.preempt_disable_unbound()
+    }
+
+    /// [`Cpus::preempt_disable`] of a thread not bound to this machine (theory 2).
+    #[inline(never)]
+    fn preempt_disable_unbound(&self) -> usize {
         let cpu = self.current();
         let slot = &self.slots[cpu];
         let me = thread_token();
@@ -142,7 +163,23 @@ impl Cpus {
         cpu
     }
 
+    #[inline]
     pub(crate) fn preempt_enable(&self, cpu: usize) {
+        if BOUND.with(Cell::get) == (self.machine, cpu) {
+            // Theory 1's invariant: the slot is this thread's, permanently (never released
+            // here); a guard's depth is still checked (theory 3).
+            let slot = &self.slots[cpu];
+            let depth = slot.depth.load(Ordering::Relaxed);
+            assert!(depth > 0, "preempt_enable(cpu {cpu}) by its bound thread outside any guard");
+            slot.depth.store(depth - 1, Ordering::Relaxed);
+            return;
+        }
+        self.preempt_enable_unbound(cpu)
+    }
+
+    /// [`Cpus::preempt_enable`] of a thread not bound to `cpu` of this machine.
+    #[inline(never)]
+    fn preempt_enable_unbound(&self, cpu: usize) {
         let slot = &self.slots[cpu];
         let owner = slot.owner.load(Ordering::Relaxed);
         let me = thread_token();
@@ -237,5 +274,70 @@ impl CpuBinding<'_> {
 impl Drop for CpuBinding<'_> {
     fn drop(&mut self) {
         self.cpus.unbind(self.cpu);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(c: &Cpus, cpu: usize) -> u64 {
+        c.slots[cpu].owner.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_bound_threads_nested_guards_keep_its_slot_and_count_depth() {
+        let c = Cpus::new(2);
+        c.bind(1).unwrap();
+        let a = c.preempt_disable();
+        let b = c.preempt_disable();
+        assert_eq!((a, b), (1, 1));
+        assert_eq!(c.slots[1].depth.load(Ordering::Relaxed), 2);
+        c.preempt_enable(b);
+        c.preempt_enable(a);
+        assert_eq!(c.slots[1].depth.load(Ordering::Relaxed), 0);
+        assert_eq!(owner(&c, 1), thread_token() | PERMANENT, "the guard's end keeps a bound slot");
+        c.unbind(1);
+        assert_eq!(owner(&c, 1), 0);
+    }
+
+    #[test]
+    fn a_guard_after_unbind_claims_its_slot_for_the_guard_only() {
+        let c = Cpus::new(2);
+        c.bind(0).unwrap();
+        c.unbind(0);
+        // The binding is gone: the guard claims a slot by compare-and-swap (theory 2).
+        let cpu = c.preempt_disable();
+        assert_eq!(owner(&c, cpu), thread_token());
+        c.preempt_enable(cpu);
+        assert_eq!(owner(&c, cpu), 0, "an unbound guard frees its slot");
+    }
+
+    #[test]
+    fn a_thread_bound_on_one_machine_claims_its_slot_on_another() {
+        let (a, b) = (Cpus::new(2), Cpus::new(2));
+        a.bind(1).unwrap();
+        // Bound on `a` only: `b`'s slot is not this thread's until its guard claims it.
+        let cpu = b.preempt_disable();
+        assert_eq!(owner(&b, cpu), thread_token());
+        b.preempt_enable(cpu);
+        assert_eq!(owner(&b, cpu), 0);
+        a.unbind(1);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside any guard")]
+    fn a_bound_threads_enable_without_a_guard_panics() {
+        let c = Cpus::new(1);
+        c.bind(0).unwrap();
+        c.preempt_enable(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "does not hold it")]
+    fn an_enable_of_another_cpus_slot_panics_on_a_bound_thread() {
+        let c = Cpus::new(2);
+        c.bind(0).unwrap();
+        c.preempt_enable(1);
     }
 }

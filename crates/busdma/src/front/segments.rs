@@ -173,6 +173,7 @@ impl<'a> SegmentBuilder<'a> {
     /// caller abandons the whole load): [`Error::Overflow`] (the run wraps),
     /// [`Error::OutOfRange`] (beyond the DMA mask), [`Error::Misaligned`] (a new segment would
     /// start unaligned). Too many segments is reported by [`SegmentBuilder::finish`].
+    #[inline(always)]
     pub fn push(&mut self, addr: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());

@@ -634,6 +634,7 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     /// `lw` came from [`Domain::pin_window`] of this domain and its window is still the
     /// caller's; each run's `off` is a page of that window with nothing mapped there, and its
     /// physical range may be given to the devices with its rights, as for [`Domain::map`].
+    #[inline(always)]
     pub unsafe fn map_pinned(&self, g: &CpuGuard<'_, P>, lw: &LeafWindow, runs: &[PinnedRun]) -> Result<()> {
         if self.degraded.load(Ordering::Relaxed) {
             self.recover(g)?;
@@ -735,6 +736,7 @@ impl<'p, P: Platform, F: PteFormat, S: IovaSource, H: IotlbInvalidator> Domain<'
     ///
     /// As for [`Domain::map_pinned`]: `lw` is this domain's, its window the caller's, and
     /// `runs` what the caller mapped in it.
+    #[inline(always)]
     pub unsafe fn unmap_pinned(
         &self,
         g: &CpuGuard<'_, P>,

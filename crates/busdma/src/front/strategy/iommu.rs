@@ -14,7 +14,9 @@
 //!    tag's alignment when that exceeds a page and the run starts a page. A peer BAR with a
 //!    bypass bus address takes no IOVA. The layout is a pure function of the runs, so
 //!    strategies run it once to size the window, once to build segments and once to map,
-//!    without storing anything per run.
+//!    without storing anything per run. [`Layout::place`] is the rule for one run; [`layout`]
+//!    calls a closure back with each run's place, a caller with more per-run work calls
+//!    `place` in its own loop (inlined there: no call per run).
 //! 3. **Waste bound.** A run starts a fresh page only when the previous run ended mid-page
 //!    (or at a gap the alignment demands), and then it also starts a new segment; so a load of
 //!    `s` segments needs at most `max_size + s × max(PAGE_SIZE, alignment)` bytes of IOVA. This
@@ -290,38 +292,67 @@ fn page_up(x: u64) -> u64 {
 /// window size needed (a page multiple).
 #[inline]
 pub fn layout(runs: &[Run], align: u64, mut f: impl FnMut(&Run, Place) -> Result<()>) -> Result<u64> {
-    let mut cursor = 0u64;
-    let mut mapped_to = 0u64;
-    let mut prev: Option<(u64, MemType)> = None;
+    let mut l = Layout::new(align);
     for r in runs {
+        f(r, l.place(r))?;
+    }
+    Ok(l.size())
+}
+
+/// [`layout`] one run at a time, for a caller whose per-run work is better inlined in its own
+/// loop than called back (the reserved window's load: one call per run less). [`layout`] goes
+/// through [`Layout::place`] too, so both lay runs out alike.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    align: u64,
+    cursor: u64,
+    mapped_to: u64,
+    prev: Option<(u64, MemType)>,
+}
+
+impl Layout {
+    /// An empty layout with window alignment `align`.
+    #[inline]
+    pub fn new(align: u64) -> Self {
+        Self { align, cursor: 0, mapped_to: 0, prev: None }
+    }
+
+    /// The window size the runs placed so far need (a page multiple).
+    #[inline]
+    pub fn size(&self) -> u64 {
+        page_up(self.cursor)
+    }
+
+    /// Places `r` after the runs placed so far (theory 2); call it for each run of the load in
+    /// order.
+    #[inline(always)]
+    pub fn place(&mut self, r: &Run) -> Place {
         if let MemKind::PeerBar { bus: Some(b) } = r.kind {
-            f(r, Place::Bypass(b))?;
-            prev = None;
-            continue;
+            self.prev = None;
+            return Place::Bypass(b);
         }
         let page_off = r.pa.page_offset();
         let mem = mem_type(r.kind);
-        let off = if prev == Some((r.pa.raw(), mem)) {
-            cursor
+        let off = if self.prev == Some((r.pa.raw(), mem)) {
+            self.cursor
         } else {
-            let mut s = page_up(cursor);
-            if align > PAGE_SIZE && page_off == 0 {
-                s = (s + (align - 1)) & !(align - 1);
+            let mut s = page_up(self.cursor);
+            if self.align > PAGE_SIZE && page_off == 0 {
+                s = (s + (self.align - 1)) & !(self.align - 1);
             }
             s + page_off
         };
         let end = off + r.len;
-        let map_start = (off & !(PAGE_SIZE - 1)).max(mapped_to);
+        let map_start = (off & !(PAGE_SIZE - 1)).max(self.mapped_to);
         let map_end = page_up(end).max(map_start);
         // IOVA offset x maps PA `r.pa + x - off`; map_start ≥ off - page_off, so this does
         // not go below the run's first page.
         let pa = PhysAddr::new(r.pa.raw().wrapping_add(map_start).wrapping_sub(off));
-        f(r, Place::At { off, map_start, map_end, pa })?;
-        cursor = end;
-        mapped_to = map_end;
-        prev = Some((r.pa_end(), mem));
+        self.cursor = end;
+        self.mapped_to = map_end;
+        self.prev = Some((r.pa_end(), mem));
+        Place::At { off, map_start, map_end, pa }
     }
-    Ok(page_up(cursor))
 }
 
 /// The coherence index of the mapped bytes starting `delta` bytes after run `r`'s first byte

@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::platform::Platform;
 
 use super::iommu::{
-    IommuOps, Place, builder_error, coherence_index, iova_limit, layout, max_runs, prot_of, window_align,
+    IommuOps, Layout, Place, builder_error, coherence_index, iova_limit, max_runs, prot_of, window_align,
 };
 use super::per_map::{map_runs, push_segments};
 use super::{Invalidation, Strategy};
@@ -115,8 +115,10 @@ fn plan_pinned(
     out: &mut Vec<PinnedRun>,
 ) -> Result<u64> {
     out.clear();
-    let size = layout(runs, align, |r, place| {
-        let (a, l) = match place {
+    let mut l = Layout::new(align);
+    // The per-run work in this loop, not called back from `layout` (one call per run less).
+    for r in runs {
+        let (a, len) = match l.place(r) {
             Place::Bypass(b) => (b.raw(), r.len),
             Place::At { off, map_start, map_end, pa } => {
                 if map_end > map_start {
@@ -138,10 +140,10 @@ fn plan_pinned(
                 (base + off, r.len)
             }
         };
-        segs.push(a, l).map_err(|e| builder_error(r, e))
-    })?;
+        segs.push(a, len).map_err(|e| builder_error(r, e))?;
+    }
     segs.check()?;
-    Ok(size)
+    Ok(l.size())
 }
 
 /// The window size for `spec` (theory 1).

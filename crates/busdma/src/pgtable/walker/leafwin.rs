@@ -273,7 +273,7 @@ impl<P: Platform, F: PteFormat> PageTable<'_, P, F> {
     /// # Safety
     ///
     /// As for [`PageTable::write_pinned`]: `lw` is this table's and its window the caller's.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn clear_pinned(&self, lw: &LeafWindow, off: u64, len: u64) -> Result<()> {
         let (first, n) = lw.pages(off, len)?;
         if let Some((t, i, j)) = lw.one_table(first, n) {
