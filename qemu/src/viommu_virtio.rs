@@ -34,7 +34,8 @@ use crate::pci::Bdf;
 use crate::platform::{KernelPlatform, PLATFORM};
 use crate::println;
 use crate::virtio_check::{
-    BlkK, ConsoleK, Found, MAX_MAP, NetAK, NetBK, Served, Transport, blk_io, exchange, serve, transport, v2s,
+    BlkK, ConsoleK, Found, MAX_MAP, NetAK, NetBK, Served, Transport, blk_io, blk_io_with, block_pattern,
+    exchange, serve, transport, v2s,
 };
 
 type Unit = VirtioIommu<'static, KernelPlatform>;
@@ -54,6 +55,9 @@ enum Kind {
     Deferred,
     Premapped,
     Hybrid,
+    /// An untrusted endpoint (`Policy::Untrusted`: a strict, guard-paged domain; shares
+    /// through the bounce ring, whole pages of busdma's own).
+    Untrusted,
 }
 
 impl Kind {
@@ -65,6 +69,7 @@ impl Kind {
             Kind::Deferred => "deferred",
             Kind::Premapped => "premapped",
             Kind::Hybrid => "hybrid",
+            Kind::Untrusted => "untrusted",
         }
     }
 }
@@ -90,7 +95,11 @@ fn served(
     kind: Kind,
     body: &mut dyn FnMut(&dyn Served) -> CheckResult,
 ) -> CheckResult {
-    let policy = if kind == Kind::Deferred { Policy::Deferred } else { Policy::Strict };
+    let policy = match kind {
+        Kind::Deferred => Policy::Deferred,
+        Kind::Untrusted => Policy::Untrusted,
+        _ => Policy::Strict,
+    };
     let cfg = DeviceConfig { aperture: Some(aperture()), deferred: DEFERRED, ..DeviceConfig::default() };
     let dev = ViommuDevice::attach(unit, u32::from(bdf.source_id()), policy, cfg).map_err(e2s)?;
     serve(dev, |dev, k| virtio_dma(dev, qm, bdf, kind, k), |_, dma| body(dma))
@@ -107,7 +116,7 @@ fn virtio_dma(
     k: &mut dyn FnMut(&dyn Served) -> CheckResult,
 ) -> CheckResult {
     let queues = dev.tag(spec(MAX_MAP)).map_err(e2s)?;
-    if let Kind::Strict | Kind::Deferred = kind {
+    if let Kind::Strict | Kind::Deferred | Kind::Untrusted = kind {
         let dma = VirtioDma::windowed(queues).map_err(e2s)?;
         if !dma.has_ring() {
             return Err("no bounce ring over the virtio-iommu domain".into());
@@ -168,12 +177,23 @@ fn blk(unit: &Unit, qm: &'static QuickMaps, bdf: Bdf, kind: Kind, first: usize) 
             let mut blk =
                 VirtIOBlk::<BusdmaHal<BlkK>, Transport>::new(transport::<BlkK>(bdf)?).map_err(v2s)?;
             let before = unit.stats();
+            // Rewriting blocks another round wrote: first their complement (so a write that
+            // does not arrive is seen), then their pattern again (the image the runner checks
+            // is unchanged).
+            let passes = if kind == Kind::Untrusted { 2 } else { 1 };
+            if passes == 2 {
+                blk_io_with(&mut blk, &faults(unit), first, BLOCKS, &|i| {
+                    block_pattern(i).into_iter().map(|b| !b).collect()
+                })?;
+            }
             blk_io(&mut blk, &faults(unit), first, BLOCKS)?;
             let after = unit.stats();
             println!(
-                "virtio-blk {} (virtio-iommu): {BLOCKS} writes + {BLOCKS} reads of {SECTOR_SIZE} bytes, {}",
+                "virtio-blk {} (virtio-iommu): {} writes + {} reads of {SECTOR_SIZE} bytes, {}",
                 kind.name(),
-                per_io(&before, &after, 2 * BLOCKS as u64)
+                passes * BLOCKS,
+                passes * BLOCKS,
+                per_io(&before, &after, (2 * passes * BLOCKS) as u64)
             );
             drop(blk);
             pool_quiet(kind, &before, &after)
@@ -323,6 +343,14 @@ pub fn run(r: &mut Runner, unit: &Unit, found: &Found) {
         if !r.check(&name, || blk(unit, qm, blk_bdf, kind, i * BLOCKS)) {
             return;
         }
+    }
+    // Rewrites the strict round's blocks (the runner's image check, shared with VT-d's
+    // configurations, counts 16 blocks).
+    let name = format!(
+        "virtio-blk (untrusted) behind virtio-iommu: {BLOCKS} blocks rewritten (complement, then pattern), read back and verified"
+    );
+    if !r.check(&name, || blk(unit, qm, blk_bdf, Kind::Untrusted, 0)) {
+        return;
     }
     for kind in Kind::ALL {
         let name = format!(

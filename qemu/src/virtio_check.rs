@@ -379,11 +379,22 @@ pub fn blk_io<H: virtio_drivers::Hal>(
     first: usize,
     count: usize,
 ) -> CheckResult {
+    blk_io_with(blk, faults, first, count, &block_pattern)
+}
+
+/// [`blk_io`] with block `i` holding `pattern(i)`.
+pub fn blk_io_with<H: virtio_drivers::Hal>(
+    blk: &mut VirtIOBlk<H, Transport>,
+    faults: Faults<'_>,
+    first: usize,
+    count: usize,
+    pattern: &dyn Fn(usize) -> Vec<u8>,
+) -> CheckResult {
     if (blk.capacity() as usize) < first + count {
         return Err(format!("disk has {} blocks", blk.capacity()));
     }
     for i in first..first + count {
-        let data = block_pattern(i);
+        let data = pattern(i);
         let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
         // SAFETY: `req`, `data` and `resp` stay alive and untouched until the completion
         // below (or leak with the driver if it never comes: we return with an error and the
@@ -401,7 +412,7 @@ pub fn blk_io<H: virtio_drivers::Hal>(
         wait(faults, "virtio-blk read", || blk.peek_used() == Some(token))?;
         // SAFETY: the same buffers as the submission.
         unsafe { blk.complete_read_blocks(token, &req, &mut got, &mut resp) }.map_err(v2s)?;
-        if got != block_pattern(i) {
+        if got != pattern(i) {
             return Err(format!("block {i} read back differs from what was written"));
         }
     }
