@@ -7,7 +7,15 @@
 //!   under deferred);
 //! - `premapped`: queue memory through `IommuPerMap`, shares copied into a pre-mapped pool
 //!   (`busdma::premapped::Premapped`, slots mapped once per device): no request per I/O;
-//! - `hybrid`: the pool below the calibrated threshold, `IommuPerMap` at or above it.
+//! - `hybrid`: the pool below the calibrated threshold, `IommuPerMap` at or above it;
+//! - `untrusted` (virtio-blk only): an untrusted endpoint, shares through the bounce ring of
+//!   its strict, guard-paged domain; it rewrites the strict round's blocks (complement, then
+//!   pattern), so the runner's 16-block image check holds.
+//!
+//! Every round goes through the virtio checks' one serving path, `virtio_check::serve`
+//! (generic over `busdma::device::DmaDevice`, shared with VT-d): this module attaches and
+//! builds the strategy's `VirtioDma`, `serve` runs the round, checks that the driver gave
+//! everything back and detaches.
 //!
 //! Each round prints the virtio-iommu requests (MAP, UNMAP) and notifications per I/O request
 //! it caused (driver set-up and teardown excluded); the pool's must be zero. The last check

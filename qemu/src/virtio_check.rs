@@ -4,7 +4,10 @@
 //! `VIRTIO_F_ACCESS_PLATFORM`).
 //!
 //! Each device is attached by `busdma::device` under a strict and under a deferred policy in
-//! turn; its driver runs inside its `HalSlot`'s scope. Requests are submitted with the
+//! turn; its driver runs inside its `HalSlot`'s scope. The serving path, [`serve`], is generic
+//! over `busdma::device::DmaDevice` and shared with the virtio-iommu checks
+//! (`viommu_virtio.rs`): the caller attaches, `serve` serves, checks that the driver gave
+//! everything back and detaches. Requests are submitted with the
 //! drivers' non-blocking calls and polled with a bound, reading VT-d's fault records while
 //! polling, so a device that faults is reported (with the fault) instead of spinning. Each
 //! round prints maps, unmaps, IOTLB invalidations and bounced bytes per I/O request.
