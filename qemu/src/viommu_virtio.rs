@@ -7,7 +7,15 @@
 //!   under deferred);
 //! - `premapped`: queue memory through `IommuPerMap`, shares copied into a pre-mapped pool
 //!   (`busdma::premapped::Premapped`, slots mapped once per device): no request per I/O;
-//! - `hybrid`: the pool below the calibrated threshold, `IommuPerMap` at or above it.
+//! - `hybrid`: the pool below the calibrated threshold, `IommuPerMap` at or above it;
+//! - `untrusted` (virtio-blk only): an untrusted endpoint, shares through the bounce ring of
+//!   its strict, guard-paged domain; it rewrites the strict round's blocks (complement, then
+//!   pattern), so the runner's 16-block image check holds.
+//!
+//! Every round goes through the virtio checks' one serving path, `virtio_check::serve`
+//! (generic over `busdma::device::DmaDevice`, shared with VT-d): this module attaches and
+//! builds the strategy's `VirtioDma`, `serve` runs the round, checks that the driver gave
+//! everything back and detaches.
 //!
 //! Each round prints the virtio-iommu requests (MAP, UNMAP) and notifications per I/O request
 //! it caused (driver set-up and teardown excluded); the pool's must be zero. The last check
@@ -18,12 +26,11 @@ use alloc::format;
 use alloc::string::String;
 
 use busdma::device::{DeviceConfig, Policy, ViommuDevice};
-use busdma::front::strategy::Strategy;
 use busdma::front::{IommuPerMap, Tag, TagSpec};
 use busdma::iommu::InvalidationPolicy;
 use busdma::premapped::{Hybrid, PoolConfig, Premapped, PremappedPool};
 use busdma::quickmap::QuickMaps;
-use busdma::virtio::{BusdmaHal, HalSlot, VirtioDma, VirtioKernel, VirtioStats, tag_spec};
+use busdma::virtio::{BusdmaHal, VirtioDma, VirtioKernel, tag_spec};
 use busdma::virtio_iommu::{FaultReason, ViommuStats, VirtioIommu};
 use busdma::{AddrRange, Iova, PAGE_SIZE};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
@@ -35,7 +42,8 @@ use crate::pci::Bdf;
 use crate::platform::{KernelPlatform, PLATFORM};
 use crate::println;
 use crate::virtio_check::{
-    BlkK, ConsoleK, Found, MAX_MAP, NetAK, NetBK, Transport, blk_io, exchange, transport, v2s,
+    BlkK, ConsoleK, Found, MAX_MAP, NetAK, NetBK, Served, Transport, blk_io, blk_io_with, block_pattern,
+    exchange, serve, transport, v2s,
 };
 
 type Unit = VirtioIommu<'static, KernelPlatform>;
@@ -55,6 +63,9 @@ enum Kind {
     Deferred,
     Premapped,
     Hybrid,
+    /// An untrusted endpoint (`Policy::Untrusted`: a strict, guard-paged domain; shares
+    /// through the bounce ring, whole pages of busdma's own).
+    Untrusted,
 }
 
 impl Kind {
@@ -66,36 +77,8 @@ impl Kind {
             Kind::Deferred => "deferred",
             Kind::Premapped => "premapped",
             Kind::Hybrid => "hybrid",
+            Kind::Untrusted => "untrusted",
         }
-    }
-}
-
-/// The device side of the virtio adapter, its strategies erased for the checks.
-trait Served {
-    /// Runs `f` with this `VirtioDma` installed in `slot`.
-    fn serve(&self, slot: &HalSlot, f: &mut dyn FnMut() -> CheckResult) -> CheckResult;
-    fn stats(&self) -> &VirtioStats;
-    fn reclaim(&self) -> busdma::Result<usize>;
-    fn outstanding(&self) -> (usize, usize);
-}
-
-impl<Q: Strategy<KernelPlatform>, S: Strategy<KernelPlatform>> Served
-    for VirtioDma<'_, KernelPlatform, Q, S>
-{
-    fn serve(&self, slot: &HalSlot, f: &mut dyn FnMut() -> CheckResult) -> CheckResult {
-        slot.scope(self, f).map_err(e2s)?.map_err(|e| match self.last_error() {
-            Some(b) => format!("{e} (busdma: {b})"),
-            None => e,
-        })
-    }
-    fn stats(&self) -> &VirtioStats {
-        VirtioDma::stats(self)
-    }
-    fn reclaim(&self) -> busdma::Result<usize> {
-        self.reclaim_shares()
-    }
-    fn outstanding(&self) -> (usize, usize) {
-        VirtioDma::outstanding(self)
     }
 }
 
@@ -109,10 +92,10 @@ fn spec(max: u64) -> TagSpec {
     TagSpec { dma_mask: TagSpec::mask_of_bits(32), ..tag_spec(max, true) }
 }
 
-/// Attaches `bdf` to a fresh domain of `kind` (`busdma::device::ViommuDevice`) and runs `body`
-/// with the `VirtioDma` serving it; then checks the driver gave everything back (shares a
-/// dropped driver left posted are reclaimed) and detaches (`DmaDevice::detach`: queued UNMAPs
-/// sent, then DETACH, refused while anything of the driver still holds the domain).
+/// Attaches `bdf` to a fresh domain of `kind` (`busdma::device::ViommuDevice`: domain,
+/// PROBE's reserved regions kept out, ATTACH) and runs `body` with the `VirtioDma` serving it,
+/// through the virtio checks' one serving path (`virtio_check::serve`: the driver must give
+/// everything back, then the detach).
 fn served(
     unit: &Unit,
     qm: &'static QuickMaps,
@@ -120,55 +103,47 @@ fn served(
     kind: Kind,
     body: &mut dyn FnMut(&dyn Served) -> CheckResult,
 ) -> CheckResult {
-    let policy = if kind == Kind::Deferred { Policy::Deferred } else { Policy::Strict };
-    // One call: domain, PROBE's reserved regions kept out, ATTACH (busdma::device).
+    let policy = match kind {
+        Kind::Deferred => Policy::Deferred,
+        Kind::Untrusted => Policy::Untrusted,
+        _ => Policy::Strict,
+    };
     let cfg = DeviceConfig { aperture: Some(aperture()), deferred: DEFERRED, ..DeviceConfig::default() };
     let dev = ViommuDevice::attach(unit, u32::from(bdf.source_id()), policy, cfg).map_err(e2s)?;
-    let queues = dev.tag(spec(MAX_MAP)).map_err(e2s)?;
-    let r = match kind {
-        Kind::Strict | Kind::Deferred => {
-            let dma = VirtioDma::windowed(queues).map_err(e2s)?;
-            if !dma.has_ring() {
-                return Err("no bounce ring over the virtio-iommu domain".into());
-            }
-            run_served(&dma, body)
-        }
-        Kind::Premapped | Kind::Hybrid => {
-            let pool = PremappedPool::new(
-                &PLATFORM,
-                dev.attachment().clone(),
-                qm,
-                PoolConfig::new(PAGE_SIZE, POOL_SLOTS),
-            )
-            .map_err(e2s)?;
-            if kind == Kind::Premapped {
-                let shares = Tag::new_root(&PLATFORM, Premapped(&pool), spec(PAGE_SIZE)).map_err(e2s)?;
-                run_served(&VirtioDma::pooled(queues, shares), body)
-            } else {
-                let h = Hybrid::calibrated(&pool, IommuPerMap(dev.attachment().clone()), &spec(MAX_MAP))
-                    .map_err(e2s)?;
-                if let Some(c) = h.calibration() {
-                    println!("virtio-iommu hybrid calibration {bdf}: {c}");
-                }
-                let shares = Tag::new_root(&PLATFORM, h, spec(MAX_MAP)).map_err(e2s)?;
-                run_served(&VirtioDma::pooled(queues, shares), body)
-            }
-        }
-    };
-    // The round's own failure first: a failed round leaks what the driver left (module
-    // `busdma::virtio`, theory 6), so the detach then finds the device busy.
-    let detached = dev.detach().map_err(|e| format!("detach: {e:?}"));
-    match (r, detached) {
-        (Err(e), Err(d)) => Err(format!("{e}; {d}")),
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(())) => Ok(()),
-    }
+    serve(dev, |dev, k| virtio_dma(dev, qm, bdf, kind, k), |_, dma| body(dma))
 }
 
-fn run_served(dma: &dyn Served, body: &mut dyn FnMut(&dyn Served) -> CheckResult) -> CheckResult {
-    body(dma)?;
-    dma.reclaim().map_err(e2s)?;
-    crate::virtio_check::drained(dma.outstanding(), dma.stats())
+/// Builds the `VirtioDma` of `kind` over `dev` and hands it to `k`: queue memory from a tag of
+/// the device; shares through its bounce ring (strict, deferred), a pre-mapped pool of its
+/// domain, or the hybrid of that pool and a map per share.
+fn virtio_dma(
+    dev: &ViommuDevice<'_, 'static, KernelPlatform>,
+    qm: &'static QuickMaps,
+    bdf: Bdf,
+    kind: Kind,
+    k: &mut dyn FnMut(&dyn Served) -> CheckResult,
+) -> CheckResult {
+    let queues = dev.tag(spec(MAX_MAP)).map_err(e2s)?;
+    if let Kind::Strict | Kind::Deferred | Kind::Untrusted = kind {
+        let dma = VirtioDma::windowed(queues).map_err(e2s)?;
+        if !dma.has_ring() {
+            return Err("no bounce ring over the virtio-iommu domain".into());
+        }
+        return k(&dma);
+    }
+    let pool =
+        PremappedPool::new(&PLATFORM, dev.attachment().clone(), qm, PoolConfig::new(PAGE_SIZE, POOL_SLOTS))
+            .map_err(e2s)?;
+    if kind == Kind::Premapped {
+        let shares = Tag::new_root(&PLATFORM, Premapped(&pool), spec(PAGE_SIZE)).map_err(e2s)?;
+        return k(&VirtioDma::pooled(queues, shares));
+    }
+    let h = Hybrid::calibrated(&pool, IommuPerMap(dev.attachment().clone()), &spec(MAX_MAP)).map_err(e2s)?;
+    if let Some(c) = h.calibration() {
+        println!("virtio-iommu hybrid calibration {bdf}: {c}");
+    }
+    let shares = Tag::new_root(&PLATFORM, h, spec(MAX_MAP)).map_err(e2s)?;
+    k(&VirtioDma::pooled(queues, shares))
 }
 
 /// virtio-iommu's fault records as `virtio_check::Faults`.
@@ -210,12 +185,23 @@ fn blk(unit: &Unit, qm: &'static QuickMaps, bdf: Bdf, kind: Kind, first: usize) 
             let mut blk =
                 VirtIOBlk::<BusdmaHal<BlkK>, Transport>::new(transport::<BlkK>(bdf)?).map_err(v2s)?;
             let before = unit.stats();
+            // Rewriting blocks another round wrote: first their complement (so a write that
+            // does not arrive is seen), then their pattern again (the image the runner checks
+            // is unchanged).
+            let passes = if kind == Kind::Untrusted { 2 } else { 1 };
+            if passes == 2 {
+                blk_io_with(&mut blk, &faults(unit), first, BLOCKS, &|i| {
+                    block_pattern(i).into_iter().map(|b| !b).collect()
+                })?;
+            }
             blk_io(&mut blk, &faults(unit), first, BLOCKS)?;
             let after = unit.stats();
             println!(
-                "virtio-blk {} (virtio-iommu): {BLOCKS} writes + {BLOCKS} reads of {SECTOR_SIZE} bytes, {}",
+                "virtio-blk {} (virtio-iommu): {} writes + {} reads of {SECTOR_SIZE} bytes, {}",
                 kind.name(),
-                per_io(&before, &after, 2 * BLOCKS as u64)
+                passes * BLOCKS,
+                passes * BLOCKS,
+                per_io(&before, &after, (2 * passes * BLOCKS) as u64)
             );
             drop(blk);
             pool_quiet(kind, &before, &after)
@@ -365,6 +351,14 @@ pub fn run(r: &mut Runner, unit: &Unit, found: &Found) {
         if !r.check(&name, || blk(unit, qm, blk_bdf, kind, i * BLOCKS)) {
             return;
         }
+    }
+    // Rewrites the strict round's blocks (the runner's image check, shared with VT-d's
+    // configurations, counts 16 blocks).
+    let name = format!(
+        "virtio-blk (untrusted) behind virtio-iommu: {BLOCKS} blocks rewritten (complement, then pattern), read back and verified"
+    );
+    if !r.check(&name, || blk(unit, qm, blk_bdf, Kind::Untrusted, 0)) {
+        return;
     }
     for kind in Kind::ALL {
         let name = format!(

@@ -4,7 +4,10 @@
 //! `VIRTIO_F_ACCESS_PLATFORM`).
 //!
 //! Each device is attached by `busdma::device` under a strict and under a deferred policy in
-//! turn; its driver runs inside its `HalSlot`'s scope. Requests are submitted with the
+//! turn; its driver runs inside its `HalSlot`'s scope. The serving path, [`serve`], is generic
+//! over `busdma::device::DmaDevice` and shared with the virtio-iommu checks
+//! (`viommu_virtio.rs`): the caller attaches, `serve` serves, checks that the driver gave
+//! everything back and detaches. Requests are submitted with the
 //! drivers' non-blocking calls and polled with a bound, reading VT-d's fault records while
 //! polling, so a device that faults is reported (with the fault) instead of spinning. Each
 //! round prints maps, unmaps, IOTLB invalidations and bounced bytes per I/O request.
@@ -19,13 +22,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use busdma::PhysAddr;
-use busdma::device::{Device, Iommu, Policy};
+use busdma::device::{Device, DmaDevice, Iommu, Policy};
+use busdma::front::strategy::Strategy;
 use busdma::quickmap::QuickMaps;
-use busdma::virtio::{
-    AccessPlatform, BusdmaHal, DeviceVirtioDma, HalSlot, VirtioDma, VirtioKernel, VirtioStats,
-};
+use busdma::virtio::{AccessPlatform, BusdmaHal, HalSlot, VirtioDma, VirtioKernel, VirtioStats};
 use busdma::vtd::SourceId;
+use busdma::{PhysAddr, Platform};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -170,7 +172,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn read(vtd: &Unit, dev: &Device<'_, '_, &Unit>, dma: &DeviceVirtioDma<'_, '_, &Unit>) -> Self {
+    fn read(vtd: &Unit, dev: &Device<'_, '_, &Unit>, dma: &dyn Served) -> Self {
         let (mut maps, mut unmaps) = (0, 0);
         if let Some(d) = dev.domain() {
             let s = d.domain().stats();
@@ -241,42 +243,100 @@ pub(crate) fn wait(faults: Faults<'_>, what: &str, mut done: impl FnMut() -> boo
     Err(format!("{what}: no completion after {POLL_LIMIT} polls"))
 }
 
-/// Attaches `bdf` under `policy`, serves it from `K`'s slot while `f` runs, then checks that
-/// the driver gave back everything and detaches.
+/// The device side of busdma's virtio adapter with its strategies erased: a `VirtioDma` over
+/// any device (VT-d's, virtio-iommu's) and any share strategy (bounce ring, streaming maps,
+/// pre-mapped pool, hybrid), as [`serve`] hands it to a round.
+pub(crate) trait Served {
+    /// Runs `f` with this `VirtioDma` installed in `slot` (the Hal of its driver); a failure
+    /// is reported with busdma's last error, if any.
+    fn serve(&self, slot: &HalSlot, f: &mut dyn FnMut() -> CheckResult) -> CheckResult;
+    /// The adapter's counters.
+    fn stats(&self) -> &VirtioStats;
+    /// Takes back the shares a dropped driver left posted (`VirtioDma::reclaim_shares`).
+    fn reclaim(&self) -> busdma::Result<usize>;
+    /// Queue allocations and shares outstanding (`VirtioDma::outstanding`).
+    fn outstanding(&self) -> (usize, usize);
+}
+
+impl<P: Platform, Q: Strategy<P>, S: Strategy<P>> Served for VirtioDma<'_, P, Q, S> {
+    fn serve(&self, slot: &HalSlot, f: &mut dyn FnMut() -> CheckResult) -> CheckResult {
+        slot.scope(self, f).map_err(e2s)?.map_err(|e| match self.last_error() {
+            Some(b) => format!("{e} (busdma: {b})"),
+            None => e,
+        })
+    }
+    fn stats(&self) -> &VirtioStats {
+        VirtioDma::stats(self)
+    }
+    fn reclaim(&self) -> busdma::Result<usize> {
+        self.reclaim_shares()
+    }
+    fn outstanding(&self) -> (usize, usize) {
+        VirtioDma::outstanding(self)
+    }
+}
+
+/// The one attach-and-serve path of the virtio checks, written against
+/// `busdma::device::DmaDevice` (VT-d's `Device`, virtio-iommu's `ViommuDevice`), as
+/// `device_check::edu_round_trip` is for edu. The caller attached `dev`. `dma` builds the
+/// device's `VirtioDma` from it (a tag of the device: the bounce ring, or a pool of its
+/// domain) and hands it to the continuation it is given, which runs `round`, takes back the
+/// shares the dropped driver left posted and checks that nothing is outstanding; everything
+/// `dma` built is dropped when it returns. Then `dev` is detached (`DmaDevice::detach`: queued
+/// invalidations sent, refused while anything of the driver still holds the domain).
+pub(crate) fn serve<'a, D: DmaDevice<'a>, R>(
+    dev: D,
+    dma: impl FnOnce(&D, &mut dyn FnMut(&dyn Served) -> CheckResult) -> CheckResult,
+    round: impl FnOnce(&D, &dyn Served) -> Result<R, String>,
+) -> Result<R, String> {
+    let (mut round, mut out) = (Some(round), None);
+    let r = dma(&dev, &mut |served| {
+        let round = round.take().ok_or("the device's VirtioDma was served twice")?;
+        out = Some(round(&dev, served)?);
+        // The driver is gone and its transport reset the device: buffers it left posted
+        // (the console's receive buffer) are busdma's bounce memory, reclaimed here.
+        let reclaimed = served.reclaim().map_err(e2s)?;
+        if reclaimed > 0 {
+            println!(
+                "virtio {}: {reclaimed} share(s) left posted by the dropped driver reclaimed",
+                policy_name(dev.policy())
+            );
+        }
+        drained(served.outstanding(), served.stats())
+    });
+    // The round's own failure first: a failed round leaks what the driver left (module
+    // `busdma::virtio`, theory 6), so the detach then finds the device busy.
+    let detached = dev.detach().map_err(|e| format!("detach: {e:?}"));
+    match (r, detached, out) {
+        (Err(e), Err(d), _) => Err(format!("{e}; {d}")),
+        (Err(e), Ok(()), _) | (Ok(()), Err(e), _) => Err(e),
+        (Ok(()), Ok(()), Some(v)) => Ok(v),
+        (Ok(()), Ok(()), None) => Err("the device's VirtioDma was never served".into()),
+    }
+}
+
+/// VT-d: attaches `bdf` under `policy` and [`serve`]s it through the bounce ring of a tag of
+/// the device (`VirtioDma::new`), `f` run in `K`'s slot.
 pub(crate) fn with_device<K: VirtioKernel, R>(
     iommu: &Iommu<'_, &Unit>,
     bdf: Bdf,
     policy: Policy,
-    f: impl FnOnce(&Device<'_, '_, &Unit>, &DeviceVirtioDma<'_, '_, &Unit>) -> Result<R, String>,
+    f: impl FnOnce(&Device<'_, '_, &Unit>, &dyn Served) -> Result<R, String>,
 ) -> Result<R, String> {
     let dev = iommu.attach(SourceId(bdf.source_id()), policy).map_err(e2s)?;
-    let r = (|| {
-        let dma = VirtioDma::new(&dev, MAX_MAP, true).map_err(e2s)?;
-        let r =
-            K::slot().scope(&dma, || f(&dev, &dma)).map_err(e2s)?.map_err(|e| match dma.last_error() {
-                Some(b) => format!("{e} (busdma: {b})"),
-                None => e,
+    serve(
+        dev,
+        |dev, k| k(&VirtioDma::new(dev, MAX_MAP, true).map_err(e2s)?),
+        |dev, dma| {
+            let (mut f, mut out) = (Some(f), None);
+            dma.serve(K::slot(), &mut || {
+                let f = f.take().ok_or("the round ran twice")?;
+                out = Some(f(dev, dma)?);
+                Ok(())
             })?;
-        // The driver is gone and its transport reset the device: buffers it left posted
-        // (the console's receive buffer) are busdma's bounce memory, reclaimed here.
-        let reclaimed = dma.reclaim_shares().map_err(e2s)?;
-        if reclaimed > 0 {
-            println!(
-                "virtio {}: {reclaimed} share(s) left posted by the dropped driver reclaimed",
-                policy_name(policy)
-            );
-        }
-        drained(dma.outstanding(), dma.stats())?;
-        Ok(r)
-    })();
-    // The round's own failure first: a failed round leaks what the driver left (module
-    // `busdma::virtio`, theory 6), so the detach then finds the device busy.
-    let detached = dev.detach().map_err(|e| format!("detach: {e:?}"));
-    match (r, detached) {
-        (Err(e), Err(d)) => Err(format!("{e}; {d}")),
-        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
-        (Ok(v), Ok(())) => Ok(v),
-    }
+            out.ok_or_else(|| "the round did not run".into())
+        },
+    )
 }
 
 pub(crate) fn policy_name(p: Policy) -> &'static str {
@@ -322,11 +382,22 @@ pub fn blk_io<H: virtio_drivers::Hal>(
     first: usize,
     count: usize,
 ) -> CheckResult {
+    blk_io_with(blk, faults, first, count, &block_pattern)
+}
+
+/// [`blk_io`] with block `i` holding `pattern(i)`.
+pub fn blk_io_with<H: virtio_drivers::Hal>(
+    blk: &mut VirtIOBlk<H, Transport>,
+    faults: Faults<'_>,
+    first: usize,
+    count: usize,
+    pattern: &dyn Fn(usize) -> Vec<u8>,
+) -> CheckResult {
     if (blk.capacity() as usize) < first + count {
         return Err(format!("disk has {} blocks", blk.capacity()));
     }
     for i in first..first + count {
-        let data = block_pattern(i);
+        let data = pattern(i);
         let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
         // SAFETY: `req`, `data` and `resp` stay alive and untouched until the completion
         // below (or leak with the driver if it never comes: we return with an error and the
@@ -344,7 +415,7 @@ pub fn blk_io<H: virtio_drivers::Hal>(
         wait(faults, "virtio-blk read", || blk.peek_used() == Some(token))?;
         // SAFETY: the same buffers as the submission.
         unsafe { blk.complete_read_blocks(token, &req, &mut got, &mut resp) }.map_err(v2s)?;
-        if got != block_pattern(i) {
+        if got != pattern(i) {
             return Err(format!("block {i} read back differs from what was written"));
         }
     }
