@@ -455,35 +455,9 @@ pub fn measure_window<'p, S>(
 where
     S: busdma::front::WindowSource<HostPlatform> + Sync,
 {
-    let frag_lens = args.fragments()?;
-    let total = args.effective_packets();
-    if args.threads > m.num_cpus() {
-        return Err(format!("{} threads but the machine has {} CPUs", args.threads, m.num_cpus()));
-    }
-    let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..args.threads)
-            .map(|t| {
-                let frag_lens = &frag_lens;
-                s.spawn(move || {
-                    let mine =
-                        total / args.threads as u64 + u64::from((t as u64) < total % args.threads as u64);
-                    run_window_queue(m, tag, port, args, frag_lens, t, mine, progress, lazy)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("tcpbench worker panicked".into()))).collect()
-    });
-    let (mut packets, mut verified, mut driver_ns, mut device_ns, mut wall_ns) = (0, 0, 0.0, 0.0, 0.0f64);
-    for r in results {
-        let q = r?;
-        packets += q.packets;
-        verified += q.verified;
-        let ns_per_tick = if q.run_ticks > 0 { q.run_ns / q.run_ticks as f64 } else { 0.0 };
-        driver_ns += q.dma_ticks as f64 * ns_per_tick;
-        device_ns += q.device_ticks as f64 * ns_per_tick;
-        wall_ns = wall_ns.max(q.run_ns);
-    }
-    Ok(Measured { packets, verified, wall_ns, driver_ns, device_ns })
+    run_queues(m, args, |frag_lens, t, mine| {
+        run_window_queue(m, tag, port, args, frag_lens, t, mine, progress, lazy)
+    })
 }
 
 /// Reads the time-stamp counter (or a monotonic clock off x86-64).
@@ -518,6 +492,15 @@ where
     S: Strategy<HostPlatform> + Sync,
     S::MapState: Send,
 {
+    run_queues(m, args, |frag_lens, t, mine| run_queue(m, tag, port, args, frag_lens, t, mine, progress))
+}
+
+/// Runs `args.threads` transmit queues, queue `t` on its own thread with its share `mine` of
+/// the packets (`queue(frag_lens, t, mine)`), and adds up what they did.
+fn run_queues<F>(m: &HostPlatform, args: &TcpArgs, queue: F) -> Result<Measured, String>
+where
+    F: Fn(&[u64], usize, u64) -> Result<QueueResult, String> + Sync,
+{
     let frag_lens = args.fragments()?;
     let total = args.effective_packets();
     if args.threads > m.num_cpus() {
@@ -526,11 +509,11 @@ where
     let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..args.threads)
             .map(|t| {
-                let frag_lens = &frag_lens;
+                let (frag_lens, queue) = (&frag_lens, &queue);
                 s.spawn(move || {
                     let mine =
                         total / args.threads as u64 + u64::from((t as u64) < total % args.threads as u64);
-                    run_queue(m, tag, port, args, frag_lens, t, mine, progress)
+                    queue(frag_lens, t, mine)
                 })
             })
             .collect();
@@ -765,35 +748,9 @@ pub fn measure_zc<'a, 'p, D: IommuOps<HostPlatform> + Sync>(
     args: &TcpArgs,
     progress: &AtomicU64,
 ) -> Result<Measured, String> {
-    let frag_lens = args.fragments()?;
-    let total = args.effective_packets();
-    if args.threads > m.num_cpus() {
-        return Err(format!("{} threads but the machine has {} CPUs", args.threads, m.num_cpus()));
-    }
-    let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..args.threads)
-            .map(|t| {
-                let frag_lens = &frag_lens;
-                s.spawn(move || {
-                    let mine =
-                        total / args.threads as u64 + u64::from((t as u64) < total % args.threads as u64);
-                    run_zc_queue(m, tag, pool, port, args, frag_lens, t, mine, progress)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("tcpbench worker panicked".into()))).collect()
-    });
-    let (mut packets, mut verified, mut driver_ns, mut device_ns, mut wall_ns) = (0, 0, 0.0, 0.0, 0.0f64);
-    for r in results {
-        let q = r?;
-        packets += q.packets;
-        verified += q.verified;
-        let ns_per_tick = if q.run_ticks > 0 { q.run_ns / q.run_ticks as f64 } else { 0.0 };
-        driver_ns += q.dma_ticks as f64 * ns_per_tick;
-        device_ns += q.device_ticks as f64 * ns_per_tick;
-        wall_ns = wall_ns.max(q.run_ns);
-    }
-    Ok(Measured { packets, verified, wall_ns, driver_ns, device_ns })
+    run_queues(m, args, |frag_lens, t, mine| {
+        run_zc_queue(m, tag, pool, port, args, frag_lens, t, mine, progress)
+    })
 }
 
 /// The cost of copying one packet's bytes once, from its fragments into a contiguous buffer
