@@ -15,34 +15,9 @@ use busdma::premapped::{Hybrid, PoolConfig, Premapped, PremappedPool};
 use busdma::quickmap::QuickMaps;
 use busdma::{Error, PAGE_SIZE, PhysAddr, Placement, Platform};
 use busdma_model::{FrameRequest, HostPlatform};
-use common::ptdomain::PtDomain;
+use common::ptdomain::{PtDomain, dev_read, dev_write};
 use proptest::prelude::*;
 use std::sync::atomic::Ordering;
-
-/// What the device reads at `iova`: a walk of the domain's tables, page by page.
-fn dev_read(m: &HostPlatform, d: &PtDomain<'_>, iova: u64, len: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len as usize];
-    let mut done = 0;
-    while done < len {
-        let at = iova + done;
-        let n = (PAGE_SIZE - at % PAGE_SIZE).min(len - done);
-        let pa = d.translate(at).unwrap_or_else(|| panic!("device read of unmapped IOVA {at:#x}"));
-        m.read_phys(pa, &mut out[done as usize..(done + n) as usize]).unwrap();
-        done += n;
-    }
-    out
-}
-
-fn dev_write(m: &HostPlatform, d: &PtDomain<'_>, iova: u64, data: &[u8]) {
-    let mut done = 0u64;
-    while done < data.len() as u64 {
-        let at = iova + done;
-        let n = (PAGE_SIZE - at % PAGE_SIZE).min(data.len() as u64 - done);
-        let pa = d.translate(at).unwrap_or_else(|| panic!("device write of unmapped IOVA {at:#x}"));
-        m.write_phys(pa, &data[done as usize..(done + n) as usize]).unwrap();
-        done += n;
-    }
-}
 
 /// The PRE sync of a load in `dir`.
 fn pre(dir: Direction) -> SyncOp {

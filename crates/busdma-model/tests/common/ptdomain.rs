@@ -133,3 +133,29 @@ unsafe impl IommuOps<HostPlatform> for &PtDomain<'_> {
         unsafe { reserve_levels(&self.pt, g, range) }
     }
 }
+
+/// What the device reads at `iova`: a walk of the domain's tables, page by page.
+pub fn dev_read(m: &HostPlatform, d: &PtDomain<'_>, iova: u64, len: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len as usize];
+    let mut done = 0;
+    while done < len {
+        let at = iova + done;
+        let n = (busdma::PAGE_SIZE - at % busdma::PAGE_SIZE).min(len - done);
+        let pa = d.translate(at).unwrap_or_else(|| panic!("device read of unmapped IOVA {at:#x}"));
+        m.read_phys(pa, &mut out[done as usize..(done + n) as usize]).unwrap();
+        done += n;
+    }
+    out
+}
+
+/// What the device writes at `iova` lands through the domain's tables, page by page.
+pub fn dev_write(m: &HostPlatform, d: &PtDomain<'_>, iova: u64, data: &[u8]) {
+    let mut done = 0u64;
+    while done < data.len() as u64 {
+        let at = iova + done;
+        let n = (busdma::PAGE_SIZE - at % busdma::PAGE_SIZE).min(data.len() as u64 - done);
+        let pa = d.translate(at).unwrap_or_else(|| panic!("device write of unmapped IOVA {at:#x}"));
+        m.write_phys(pa, &data[done as usize..(done + n) as usize]).unwrap();
+        done += n;
+    }
+}
