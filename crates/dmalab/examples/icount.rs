@@ -141,6 +141,20 @@ fn hot_tcp<S: Strategy<HostPlatform>>(
     tcp_loop(maps, entries, port, buf, ops);
 }
 
+/// The NIC's read of a loaded packet's segments into `buf` (the `tcp-nic-*` paths; nothing
+/// without a port).
+#[inline(always)]
+fn nic_read(port: Option<&dyn DmaPort>, segs: &[busdma::front::Segment], buf: &mut [u8]) {
+    if let Some(p) = port {
+        let mut off = 0;
+        for s in segs {
+            let len = s.len as usize;
+            p.dma_read(s.addr, &mut buf[off..off + len]).expect("NIC read");
+            off += len;
+        }
+    }
+}
+
 fn tcp_loop<S: Strategy<HostPlatform>>(
     maps: &mut [busdma::front::DmaMap<'_, HostPlatform, S>],
     entries: &[Vec<SgEntry>],
@@ -152,14 +166,7 @@ fn tcp_loop<S: Strategy<HostPlatform>>(
         let slot = i % maps.len();
         let map = &mut maps[slot];
         if map.is_loaded() {
-            if let Some(p) = port {
-                let mut off = 0;
-                for s in map.segments() {
-                    let len = s.len as usize;
-                    p.dma_read(s.addr, &mut buf[off..off + len]).expect("NIC read");
-                    off += len;
-                }
-            }
+            nic_read(port, map.segments(), buf);
             map.sync(SyncOp::POSTWRITE).expect("sync");
             map.unload().expect("unload");
         }
@@ -332,14 +339,7 @@ fn tcp_zc_loop<'a, 'p, D: busdma::front::IommuOps<HostPlatform>>(
         let slot = i % maps.len();
         let map = &mut maps[slot];
         if map.is_loaded() {
-            if let Some(p) = port {
-                let mut off = 0;
-                for s in map.segments() {
-                    let len = s.len as usize;
-                    p.dma_read(s.addr, &mut buf[off..off + len]).expect("NIC read");
-                    off += len;
-                }
-            }
+            nic_read(port, map.segments(), buf);
             map.sync(SyncOp::POSTWRITE).expect("sync");
             bufs[slot] = Some(map.take().expect("unload"));
         }
