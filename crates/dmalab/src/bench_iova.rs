@@ -312,7 +312,7 @@ fn free_area_pages(pt: Point) -> u64 {
         return 0;
     }
     let class = pt.pages.1.next_power_of_two();
-    let magazines = 2 * 32 * 127;
+    let magazines = 2 * busdma::iova::magazine::MAG_ROUNDS as u64 * 127;
     pt.threads as u64 * (4 * pt.ring as u64 * class + magazines)
 }
 

@@ -55,10 +55,14 @@ use crate::sync::{AtomicU16, SpinLock};
 pub const CLASSES: usize = 7;
 
 /// Rounds per magazine. With two magazines per CPU, a CPU reaches the depot at most once per
-/// 32 operations, which amortises the depot's lock (~50 ns with its cache miss) to under 2 ns
-/// per operation; a larger magazine would only hoard more IOVA space per CPU
-/// (2 x 32 x 7 classes rounds per CPU at most).
-pub const MAG_ROUNDS: usize = 32;
+/// 64 operations of a class in one direction. A ring of mixed sizes is a random walk of each
+/// class's count around its mean, and a walk leaves a window of `w` rounds after about `w²`
+/// steps: doubling the magazine from 32 made the exchanges of such rings about four times
+/// rarer, and each exchange is a lock on a line every CPU writes (measured in BENCHMARKS.md,
+/// "IOVA fast path", round 5). The price is IOVA held per CPU: 2 x 64 rounds of each of the
+/// 7 classes at most, 63.5 MiB of IOVA per CPU if every class is full (Linux keeps 2 x 127
+/// per class and CPU).
+pub const MAG_ROUNDS: usize = 64;
 
 /// The CPU of a cache or magazine that has none (the loom models' caches; a magazine no
 /// cache gave to the depot yet).
