@@ -14,6 +14,17 @@ use busdma::{Error, PAGE_SIZE, Placement};
 use common::ptdomain::{PtDomain, dev_read, dev_write};
 use std::sync::atomic::Ordering;
 
+/// The machine `$m`, its quick maps `$qm` and a page-table domain `$d` (over a table pool that
+/// lives as long as they do), declared in the caller's scope.
+macro_rules! rig {
+    ($m:ident, $qm:ident, $d:ident) => {
+        let $m = common::machine();
+        let $qm = QuickMaps::for_platform(&$m);
+        let tp = TablePool::new(&$m);
+        let $d = PtDomain::new(&$m, &tp);
+    };
+}
+
 fn packet(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
 }
@@ -21,10 +32,7 @@ fn packet(n: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn a_pool_buffer_loads_in_place_with_no_copy_no_map_request_and_no_invalidation() {
     for outside_direct_map in [false, true] {
-        let m = common::machine();
-        let qm = QuickMaps::for_platform(&m);
-        let tp = TablePool::new(&m);
-        let d = PtDomain::new(&m, &tp);
+        rig!(m, qm, d);
         let mut cfg = PoolConfig::new(1500, 2);
         if outside_direct_map {
             cfg.placement = Placement::NotDirectMapped;
@@ -63,10 +71,7 @@ fn a_pool_buffer_loads_in_place_with_no_copy_no_map_request_and_no_invalidation(
 
 #[test]
 fn what_the_device_writes_into_a_loaded_pool_buffer_its_owner_reads_after_postread() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(2048, 1)).unwrap();
     let tag = Tag::new_root(&m, Premapped(&pool), TagSpec::new(PAGE_SIZE, 1)).unwrap();
     let mut pm = tag.create_pool_map().unwrap();
@@ -113,10 +118,7 @@ fn a_buffer_of_another_pool_is_refused_and_handed_back_whatever_its_domain() {
 
 #[test]
 fn a_loaded_pool_buffer_never_goes_back_to_the_pool_before_its_map_gives_it_up() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 2)).unwrap();
     let slots = pool.stats().slots;
     let tag = Tag::new_root(&m, Premapped(&pool), TagSpec::new(PAGE_SIZE, 1)).unwrap();
@@ -155,10 +157,7 @@ fn a_loaded_pool_buffer_never_goes_back_to_the_pool_before_its_map_gives_it_up()
 
 #[test]
 fn forgetting_a_loaded_pool_map_leaks_its_slot_and_no_later_buffer_gets_it() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 2)).unwrap();
     let slots = pool.stats().slots;
     let tag = Tag::new_root(&m, Premapped(&pool), TagSpec::new(PAGE_SIZE, 1)).unwrap();
@@ -179,10 +178,7 @@ fn forgetting_a_loaded_pool_map_leaks_its_slot_and_no_later_buffer_gets_it() {
 
 #[test]
 fn a_non_coherent_tag_maintains_the_slots_bytes_at_each_sync_and_a_coherent_one_does_not() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 1)).unwrap();
     for coherent in [false, true] {
         let mut spec = TagSpec::new(PAGE_SIZE, 1);
@@ -204,10 +200,7 @@ fn a_non_coherent_tag_maintains_the_slots_bytes_at_each_sync_and_a_coherent_one_
 
 #[test]
 fn a_segment_the_tag_forbids_or_a_buffer_beyond_its_size_is_refused_and_nothing_is_held() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     // One-page slots for 1500-byte loads: some buffers start inside their slot (theory 8).
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(1500, 4)).unwrap();
     let slots = pool.stats().slots;
@@ -250,10 +243,7 @@ fn a_segment_the_tag_forbids_or_a_buffer_beyond_its_size_is_refused_and_nothing_
 
 #[test]
 fn a_pool_buffers_copies_and_length_stay_within_its_capacity() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(1500, 1)).unwrap();
     assert!(matches!(pool.alloc_buf(0), Err(Error::ZeroSize)));
     assert!(matches!(pool.alloc_buf(PAGE_SIZE + 1), Err(Error::LimitExceeded { .. })));
@@ -270,10 +260,7 @@ fn a_pool_buffers_copies_and_length_stay_within_its_capacity() {
 
 #[test]
 fn a_pool_buffer_dropped_on_another_thread_goes_back_to_its_home_list() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 4)).unwrap();
     let slots = pool.stats().slots;
     let tag = Tag::new_root(&m, Premapped(&pool), TagSpec::new(PAGE_SIZE, 1)).unwrap();
@@ -290,10 +277,7 @@ fn a_pool_buffer_dropped_on_another_thread_goes_back_to_its_home_list() {
 
 #[test]
 fn a_hybrid_tag_loads_a_pool_buffer_in_place_whatever_its_threshold_and_refuses_another_pools() {
-    let m = common::machine();
-    let qm = QuickMaps::for_platform(&m);
-    let tp = TablePool::new(&m);
-    let d = PtDomain::new(&m, &tp);
+    rig!(m, qm, d);
     let pool = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 2)).unwrap();
     let other = PremappedPool::new(&m, &d, &qm, PoolConfig::new(PAGE_SIZE, 1)).unwrap();
     let slots = pool.stats().slots;

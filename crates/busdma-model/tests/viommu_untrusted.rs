@@ -34,6 +34,17 @@ fn machine() -> Arc<HostPlatform> {
     Arc::new(HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap())
 }
 
+/// The machine `$m`, the virtio-iommu model `$dev` and driver `$unit` on it, and endpoint
+/// `DEV` attached untrusted as `$d`, declared in the caller's scope.
+macro_rules! untrusted_rig {
+    ($m:ident, $dev:ident, $unit:ident, $d:ident) => {
+        let $m = machine();
+        let qm = QuickMaps::for_platform(&*$m);
+        let ($dev, $unit) = on_machine(&$m, &qm);
+        let $d = ViommuDevice::attach(&$unit, DEV, Policy::Untrusted, untrusted_cfg()).unwrap();
+    };
+}
+
 fn untrusted_cfg() -> DeviceConfig {
     DeviceConfig { deferred: DEFERRED, ..DeviceConfig::default() }
 }
@@ -55,10 +66,7 @@ fn page_of(bus: Iova) -> Iova {
 
 #[test]
 fn an_untrusted_endpoint_reading_the_whole_page_around_a_100_byte_load_sees_only_its_bytes_and_zeros() {
-    let m = machine();
-    let qm = QuickMaps::for_platform(&*m);
-    let (dev, unit) = on_machine(&m, &qm);
-    let d = ViommuDevice::attach(&unit, DEV, Policy::Untrusted, untrusted_cfg()).unwrap();
+    untrusted_rig!(m, dev, unit, d);
     // The driver does not ask for untrusted tags: the endpoint's policy makes them so.
     let tag = d.tag(TagSpec::new(1 << 16, 8)).unwrap();
     assert!(tag.spec().flags.untrusted);
@@ -87,10 +95,7 @@ fn an_untrusted_endpoint_reading_the_whole_page_around_a_100_byte_load_sees_only
 
 #[test]
 fn a_device_access_one_page_past_an_untrusted_load_faults_while_the_next_load_is_live() {
-    let m = machine();
-    let qm = QuickMaps::for_platform(&*m);
-    let (dev, unit) = on_machine(&m, &qm);
-    let d = ViommuDevice::attach(&unit, DEV, Policy::Untrusted, untrusted_cfg()).unwrap();
+    untrusted_rig!(m, dev, unit, d);
     assert!(d.domain().untrusted());
     let tag = d.tag(TagSpec::new(4 * PAGE_SIZE, 4)).unwrap();
     let mut live = Vec::new();
@@ -112,10 +117,7 @@ fn a_device_access_one_page_past_an_untrusted_load_faults_while_the_next_load_is
 
 #[test]
 fn an_untrusted_endpoint_is_strict_whatever_was_asked_its_unmap_is_sent_by_the_unload_never_queued() {
-    let m = machine();
-    let qm = QuickMaps::for_platform(&*m);
-    let (dev, unit) = on_machine(&m, &qm);
-    let d = ViommuDevice::attach(&unit, DEV, Policy::Untrusted, untrusted_cfg()).unwrap();
+    untrusted_rig!(m, dev, unit, d);
     let tag = d.tag(TagSpec::new(PAGE_SIZE, 1)).unwrap();
     let mut map = tag.create_map().unwrap();
     let (buf, _) = secret_page(&m);
@@ -170,10 +172,7 @@ fn untrusted_bounce_pages_go_back_to_the_units_zone_at_unload_and_the_reset_unit
 
 #[test]
 fn a_failed_unmap_keeps_the_untrusted_loads_bounce_page_out_of_the_zone_forever() {
-    let m = machine();
-    let qm = QuickMaps::for_platform(&*m);
-    let (dev, unit) = on_machine(&m, &qm);
-    let d = ViommuDevice::attach(&unit, DEV, Policy::Untrusted, untrusted_cfg()).unwrap();
+    untrusted_rig!(m, dev, unit, d);
     let tag = d.tag(TagSpec::new(PAGE_SIZE, 1)).unwrap();
     let mut map = tag.create_map().unwrap();
     let (buf, data) = secret_page(&m);
