@@ -8,9 +8,11 @@
 //! - `premapped`: queue memory through `IommuPerMap`, shares copied into a pre-mapped pool
 //!   (`busdma::premapped::Premapped`, slots mapped once per device): no request per I/O;
 //! - `hybrid`: the pool below the calibrated threshold, `IommuPerMap` at or above it;
-//! - `untrusted` (virtio-blk only): an untrusted endpoint, shares through the bounce ring of
-//!   its strict, guard-paged domain; it rewrites the strict round's blocks (complement, then
-//!   pattern), so the runner's 16-block image check holds.
+//! - `untrusted`: an untrusted endpoint, shares through the bounce ring of its strict,
+//!   guard-paged domain (one UNMAP per MAP, checked for virtio-net, although the attach asks
+//!   for deferred batches). virtio-blk rewrites the strict round's blocks (complement, then
+//!   pattern), so the runner's 16-block image check holds; virtio-net runs both NICs
+//!   untrusted; the console writes its own line (the runner looks for it in the console file).
 //!
 //! Every round goes through the virtio checks' one serving path, `virtio_check::serve`
 //! (generic over `busdma::device::DmaDevice`, shared with VT-d): this module attaches and
