@@ -27,7 +27,8 @@
 //!    `unshare` syncs for the CPU, copies the bytes back when the device may have written
 //!    them, unlinks and commits. A reused bounce buffer holds earlier bytes of this same
 //!    device past the new share; an untrusted tag's ring zeroes them first, so an untrusted
-//!    device sees its buffer and zeros, as `Policy::Untrusted` promises. Strict and untrusted policies commit at once (the IOTLB is
+//!    device sees its buffer and zeros, as `Policy::Untrusted` promises. Strict and untrusted
+//!    policies commit at once (the IOTLB is
 //!    invalidated before `unshare` returns); a deferred policy commits lazily: the unlink is
 //!    queued and the buffer returns to the ring, for reuse, only once a flush the domain does
 //!    anyway covers it, so deferred devices share invalidations. A buffer that finds no room
