@@ -343,6 +343,7 @@ pub(crate) fn policy_name(p: Policy) -> &'static str {
     match p {
         Policy::Strict => "strict",
         Policy::Deferred => "deferred",
+        Policy::Untrusted => "untrusted",
         _ => "other",
     }
 }

@@ -1,18 +1,21 @@
 //! `busdma::virtio` over tags of other strategies than a `device::Device`'s: shares copied into
 //! a pre-mapped pool (queue memory mapped in place), and the reclaim of posted shares only
-//! where an unload takes memory away from the device.
+//! where an unload takes memory away from the device; and an untrusted virtio-iommu endpoint's
+//! shares through the bounce ring (what the device sees of a reused bounce buffer).
 
 mod common;
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
+use busdma::device::{DeviceConfig, Policy, ViommuDevice};
 use busdma::front::{Direct, IommuPerMap, Tag};
 use busdma::pgtable::TablePool;
 use busdma::premapped::{PoolConfig, Premapped, PremappedPool};
 use busdma::quickmap::QuickMaps;
 use busdma::virtio::{BusdmaHal, HalSlot, VirtioDma, VirtioKernel, tag_spec};
-use busdma::{Error, PAGE_SIZE, PhysAddr, Platform};
-use busdma_model::HostPlatform;
+use busdma::{Error, Iova, PAGE_SIZE, PhysAddr, Platform};
+use busdma_model::{HostPlatform, MachineConfig};
 use common::ptdomain::PtDomain;
 use std::sync::atomic::Ordering;
 use virtio_drivers::{BufferDirection, Hal};
@@ -35,6 +38,7 @@ macro_rules! kernel {
 kernel!(PoolK, POOL_SLOT);
 kernel!(DirectK, DIRECT_SLOT);
 kernel!(MapK, MAP_SLOT);
+kernel!(UntrustedK, UNTRUSTED_SLOT);
 
 fn dev_write(m: &HostPlatform, d: &PtDomain<'_>, iova: u64, data: &[u8]) {
     assert!(iova % PAGE_SIZE + data.len() as u64 <= PAGE_SIZE);
@@ -141,4 +145,56 @@ fn posted_shares_are_reclaimed_only_where_an_unload_takes_the_memory_from_the_de
     assert_eq!(mapped.reclaim_shares(), Ok(1));
     assert!(d.translate(bus).is_none(), "a reclaimed share is still mapped");
     assert_eq!(mapped.outstanding(), (0, 0));
+}
+
+/// An untrusted endpoint's shares go through the bounce ring in whole pages of busdma's, and a
+/// page that a commit handed back is reused for the next share of its size: a short share in
+/// a reused page must show the device its own bytes and zeros (`Policy::Untrusted`'s promise),
+/// not the rest of an earlier, longer share.
+#[test]
+fn an_untrusted_endpoints_short_share_in_a_reused_bounce_page_shows_the_device_its_bytes_and_zeros() {
+    const DEV: u32 = 0x30;
+    let m =
+        Arc::new(HostPlatform::new(MachineConfig { cpus: 2, ..MachineConfig::with_ram(64 << 20) }).unwrap());
+    let qm = QuickMaps::for_platform(&*m);
+    let (dev, unit) = common::viommu::on_machine(&m, &qm);
+    let d = ViommuDevice::attach(&unit, DEV, Policy::Untrusted, DeviceConfig::default()).unwrap();
+    let dma = VirtioDma::new(&d, 16 * PAGE_SIZE, true).unwrap();
+    assert!(dma.has_ring());
+    let share = |buf: &mut [u8]| {
+        // SAFETY: `buf` is valid and ours for the call.
+        unsafe { <BusdmaHal<UntrustedK> as Hal>::share(NonNull::from(buf), BufferDirection::DriverToDevice) }
+    };
+    let unshare = |bus: u64, buf: &mut [u8]| {
+        // SAFETY: as for `share`.
+        unsafe {
+            <BusdmaHal<UntrustedK> as Hal>::unshare(bus, NonNull::from(buf), BufferDirection::DriverToDevice)
+        }
+    };
+    UNTRUSTED_SLOT
+        .scope(&dma, || {
+            // A frame of 2048 bytes, sent and given back: its page returns to the ring's spares.
+            let mut long = vec![0xaa; 2048];
+            let first = share(&mut long);
+            assert!(dev.dma_read(DEV, Iova::new(first), 2048).is_some_and(|b| b == long));
+            unshare(first, &mut long);
+            assert_eq!(dev.dma_read(DEV, Iova::new(first), 1), None, "reachable after its unshare");
+            let mut short = vec![0x11; 16];
+            let bus = share(&mut short);
+            let page = Iova::new(bus & !(PAGE_SIZE - 1));
+            let whole = dev.dma_read(DEV, page, PAGE_SIZE).expect("the share's page is mapped");
+            let off = (bus % PAGE_SIZE) as usize;
+            assert_eq!(&whole[off..off + 16], &short[..]);
+            let stale = whole[..off].iter().chain(&whole[off + 16..]).filter(|&&b| b != 0).count();
+            assert_eq!(
+                stale, 0,
+                "the device reads {stale} bytes around its 16-byte share that are not zeros"
+            );
+            unshare(bus, &mut short);
+        })
+        .unwrap();
+    assert_eq!(dma.outstanding(), (0, 0));
+    assert_eq!(dma.stats().shares.load(Ordering::Relaxed), 2);
+    drop(dma);
+    d.detach().unwrap();
 }

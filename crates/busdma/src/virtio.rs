@@ -25,7 +25,10 @@
 //!    page-multiple [`DmaMemory`] of busdma's and links it into the device's **bounce ring**,
 //!    a two-step window ([`crate::front::DmaWindow`], 64 pages reserved once per device);
 //!    `unshare` syncs for the CPU, copies the bytes back when the device may have written
-//!    them, unlinks and commits. Strict and untrusted policies commit at once (the IOTLB is
+//!    them, unlinks and commits. A reused bounce buffer holds earlier bytes of this same
+//!    device past the new share; an untrusted tag's ring zeroes them first, so an untrusted
+//!    device sees its buffer and zeros, as `Policy::Untrusted` promises. Strict and untrusted
+//!    policies commit at once (the IOTLB is
 //!    invalidated before `unshare` returns); a deferred policy commits lazily: the unlink is
 //!    queued and the buffer returns to the ring, for reuse, only once a flush the domain does
 //!    anyway covers it, so deferred devices share invalidations. A buffer that finds no room
@@ -415,7 +418,7 @@ impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
             return Err(Error::BadState { what: "virtio queue memory: not one segment, or bus address 0" });
         }
         let ptr = NonNull::new(kva.raw() as *mut u8).ok_or(Error::NotDirectMapped { pa: 0 })?;
-        zero(&mem, len)?;
+        zero(mem.memory(), 0, len)?;
         self.queues.lock().push(QueueMem { bus, kva: kva.raw(), pages, mem });
         VirtioStats::bump(&self.stats.allocs, 1);
         Ok((bus, ptr))
@@ -455,15 +458,25 @@ impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
                 ring.free_run(pages as usize).ok_or(Error::BadState { what: "virtio bounce ring full" })?
             }
         };
-        let mem = match ring.spare.iter().position(|m| m.pages() == pages) {
-            Some(i) => ring.spare.swap_remove(i),
-            None => {
-                DmaMemory::alloc(self.tag.platform(), self.tag.spec(), pages * PAGE_SIZE, MemAttr::WriteBack)?
-            }
+        let (mem, reused) = match ring.spare.iter().position(|m| m.pages() == pages) {
+            Some(i) => (ring.spare.swap_remove(i), true),
+            None => (
+                DmaMemory::alloc(
+                    self.tag.platform(),
+                    self.tag.spec(),
+                    pages * PAGE_SIZE,
+                    MemAttr::WriteBack,
+                )?,
+                false,
+            ),
         };
         // Every byte, whatever the direction (theory 3); the rest of a reused buffer holds
-        // only earlier bytes of this same device.
+        // only earlier bytes of this same device, zeroed for an untrusted one (fresh pages
+        // come zeroed).
         mem.write(0, bytes)?;
+        if reused && self.tag.spec().flags.untrusted {
+            zero(&mem, len, pages * PAGE_SIZE)?;
+        }
         let pa = mem.pa().raw();
         let off = first as u64 * PAGE_SIZE;
         let iova = match ring.win.link(off, mem, dir) {
@@ -579,16 +592,14 @@ impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
     }
 }
 
-fn zero<P: crate::platform::Platform, S: crate::front::strategy::Strategy<P>>(
-    mem: &Coherent<'_, P, S>,
-    len: u64,
-) -> Result<()> {
+/// Zeroes bytes `from..to` of `mem`.
+fn zero<P: Platform>(mem: &DmaMemory<'_, P>, from: u64, to: u64) -> Result<()> {
     const CHUNK: usize = 512;
     let zeros = [0u8; CHUNK];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(CHUNK as u64);
-        mem.memory().write(off, &zeros[..n as usize])?;
+    let mut off = from;
+    while off < to {
+        let n = (to - off).min(CHUNK as u64);
+        mem.write(off, &zeros[..n as usize])?;
         off += n;
     }
     Ok(())
