@@ -145,44 +145,37 @@ impl ModelViommu {
         Some(out)
     }
 
-    fn read_into(&self, ep: u32, iova: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
-        let pieces = self.translate(ep, iova, buf.len() as u64, false)?;
+    /// Translates `len` bytes at `iova` for `ep` and runs `each(machine, pa, offset, n)` on
+    /// every physically contiguous piece; a piece the machine refuses (or a machine gone) is
+    /// a `NoMemory` fault at its IOVA.
+    fn pieces(
+        &self,
+        ep: u32,
+        iova: Iova,
+        len: usize,
+        write: bool,
+        mut each: impl FnMut(&HostPlatform, PhysAddr, usize, usize) -> bool,
+    ) -> Result<(), DmaFault> {
+        let pieces = self.translate(ep, iova, len as u64, write)?;
         let m = self.m.upgrade();
         let mut at = 0usize;
         for (pa, n) in pieces {
-            let dst = &mut buf[at..at + n as usize];
-            if m.as_ref().is_none_or(|m| m.read_phys(pa, dst).is_err()) {
+            if !m.as_ref().is_some_and(|m| each(m, pa, at, n as usize)) {
                 let reason = FaultReason::NoMemory { pa: pa.raw() };
-                return Err(DmaFault {
-                    device: ep as DeviceId,
-                    iova: Iova::new(iova.raw() + at as u64),
-                    write: false,
-                    reason,
-                });
+                let iova = Iova::new(iova.raw() + at as u64);
+                return Err(DmaFault { device: ep as DeviceId, iova, write, reason });
             }
             at += n as usize;
         }
         Ok(())
     }
 
+    fn read_into(&self, ep: u32, iova: Iova, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.pieces(ep, iova, buf.len(), false, |m, pa, at, n| m.read_phys(pa, &mut buf[at..at + n]).is_ok())
+    }
+
     fn write_from(&self, ep: u32, iova: Iova, data: &[u8]) -> Result<(), DmaFault> {
-        let pieces = self.translate(ep, iova, data.len() as u64, true)?;
-        let m = self.m.upgrade();
-        let mut at = 0usize;
-        for (pa, n) in pieces {
-            let src = &data[at..at + n as usize];
-            if m.as_ref().is_none_or(|m| m.write_phys(pa, src).is_err()) {
-                let reason = FaultReason::NoMemory { pa: pa.raw() };
-                return Err(DmaFault {
-                    device: ep as DeviceId,
-                    iova: Iova::new(iova.raw() + at as u64),
-                    write: true,
-                    reason,
-                });
-            }
-            at += n as usize;
-        }
-        Ok(())
+        self.pieces(ep, iova, data.len(), true, |m, pa, at, n| m.write_phys(pa, &data[at..at + n]).is_ok())
     }
 
     /// From now on, every UNMAP fails (`true`: status INVAL, the range stays mapped) or
