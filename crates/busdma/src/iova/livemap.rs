@@ -242,9 +242,14 @@ impl LiveMap {
         Some(unsafe { &*hint.leaf.add(slot_of(page)) })
     }
 
-    /// The marks of `page`'s leaf, if it exists.
+    /// The marks of `page`'s leaf, if it exists; `None` for a page beyond what the map's
+    /// levels cover, which each level's slice of the page number would otherwise alias to a
+    /// page inside.
     #[inline]
     fn leaf_of(&self, page: u64) -> Option<*const AtomicU16> {
+        if page.checked_shr(LEAF_BITS + self.levels * FAN_BITS).unwrap_or(0) != 0 {
+            return None;
+        }
         let mut p = self.root;
         let mut h = self.levels;
         while h > 0 {

@@ -84,7 +84,11 @@
 //!    ([`magazine::MarkAddr`], set by the free that cached it), so a hit stores the mark with
 //!    no lookup; a free finds the mark through a per-CPU one-entry hint
 //!    ([`livemap::LeafHint`], through `get_hinted_own`: a key comparison, as the allocator's
-//!    hints are never used with another map) instead of a radix walk, and trusts it only for
+//!    hints are never used with another map) instead of a radix walk; when the hint names
+//!    another leaf (a CPU whose rounds lie in more than one home region), the free walks the
+//!    map out of line and refills the hint, and stays on the fast path (measured: sending
+//!    those frees down the slow path cost a quarter of a mixed-size ring's time). It trusts
+//!    the mark only for
 //!    a page-aligned start and a page count of 1..=64 equal to the mark. Nothing it writes is
 //!    shared with another CPU by design: magazines are 128-byte-aligned boxes made with the
 //!    cache (never a `Vec` whose heap neighbour is another CPU's), the counters are plain
@@ -873,11 +877,18 @@ impl IovaSource for IovaAllocator {
             {
                 let mut pc = pc.0.lock();
                 let PerCpu { cache, hint } = &mut *pc;
+                let page = Self::page_of(s);
                 // SAFETY: `hint` is this CPU's, used with no map but `self.live` (the type's
                 // invariant). (And a start outside the space finds no mark: the hint's key is
                 // compared whole, so no page aliases another, and past the space's end in the
                 // last leaf no allocation ever set one.)
-                let mark = unsafe { self.live.get_hinted_own(hint, Self::page_of(s)) };
+                let mark = match unsafe { self.live.get_hinted_own(hint, page) } {
+                    Some(mark) => Some(mark),
+                    // Another leaf than the last one: walk to it here (theory 9: a CPU's
+                    // rounds may lie in more than one home region) rather than redo the
+                    // whole free on the slow path.
+                    None => self.walk_hint(hint, page),
+                };
                 if let Some(mark) = mark {
                     // `pages` is 1..=64 (checked above), so this is exactly the mark of that
                     // many pages owned by this CPU, or for a CPU whose marks have no owner a
@@ -901,6 +912,16 @@ impl IovaSource for IovaAllocator {
 }
 
 impl IovaAllocator {
+    /// The mark of `page` through a walk of the live map, refilling the CPU's `hint` (a fast
+    /// free whose hint remembered another leaf). A page outside the space finds no mark (the
+    /// walk refuses a page beyond the map's levels, and past the space's end inside them no
+    /// mark was ever set): the free then goes to `free_slow`, which reports it. Out of line:
+    /// the fast path stays a comparison and a load when the hint holds.
+    #[inline(never)]
+    fn walk_hint(&self, hint: &mut LeafHint, page: u64) -> Option<&AtomicU16> {
+        self.live.get_hinted(hint, page)
+    }
+
     /// A fast free whose mark is not this CPU's of that size: when it is another CPU's live
     /// mark of that size (a range freed on another core than the one that allocated it),
     /// clear it under the owner's lock and give the round back to the owner's cache, its
