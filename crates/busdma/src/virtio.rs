@@ -418,7 +418,7 @@ impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
             return Err(Error::BadState { what: "virtio queue memory: not one segment, or bus address 0" });
         }
         let ptr = NonNull::new(kva.raw() as *mut u8).ok_or(Error::NotDirectMapped { pa: 0 })?;
-        zero(mem.memory(), 0, len)?;
+        mem.view().fill(0, len, 0)?;
         self.queues.lock().push(QueueMem { bus, kva: kva.raw(), pages, mem });
         VirtioStats::bump(&self.stats.allocs, 1);
         Ok((bus, ptr))
@@ -474,8 +474,9 @@ impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
         // only earlier bytes of this same device, zeroed for an untrusted one (fresh pages
         // come zeroed).
         mem.write(0, bytes)?;
-        if reused && self.tag.spec().flags.untrusted {
-            zero(&mem, len, pages * PAGE_SIZE)?;
+        let rest = pages * PAGE_SIZE - len;
+        if reused && rest > 0 && self.tag.spec().flags.untrusted {
+            mem.view().fill(len, rest, 0)?;
         }
         let pa = mem.pa().raw();
         let off = first as u64 * PAGE_SIZE;
@@ -590,19 +591,6 @@ impl<'a, P: Platform, Q: Strategy<P>, S: Strategy<P>> VirtioDma<'a, P, Q, S> {
         VirtioStats::bump(&self.stats.unshares, 1);
         true
     }
-}
-
-/// Zeroes bytes `from..to` of `mem`.
-fn zero<P: Platform>(mem: &DmaMemory<'_, P>, from: u64, to: u64) -> Result<()> {
-    const CHUNK: usize = 512;
-    let zeros = [0u8; CHUNK];
-    let mut off = from;
-    while off < to {
-        let n = (to - off).min(CHUNK as u64);
-        mem.write(off, &zeros[..n as usize])?;
-        off += n;
-    }
-    Ok(())
 }
 
 fn pre(dir: Direction) -> SyncOp {

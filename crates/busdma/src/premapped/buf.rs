@@ -188,7 +188,7 @@ impl<'a, 'p, P: Platform, D: IommuOps<P>> PoolBuf<'a, 'p, P, D> {
 
     /// The bus address of buffer byte 0, in the pool's domain.
     pub(crate) fn bus(&self) -> u64 {
-        self.pool.slot_bus(self.slot) + self.at
+        self.pool.slot_iova(self.slot) + self.at
     }
 
     /// Slot byte of buffer byte 0.

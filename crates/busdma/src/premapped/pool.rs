@@ -219,7 +219,8 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
         self.p
     }
 
-    fn slot_iova(&self, i: u32) -> u64 {
+    /// Slot `i`'s bus address (its IOVA in the pool's domain).
+    pub(super) fn slot_iova(&self, i: u32) -> u64 {
         self.window.start().raw() + u64::from(i) * self.slot_bytes
     }
 
@@ -471,11 +472,6 @@ impl<'p, P: Platform, D: IommuOps<P>> PremappedPool<'p, P, D> {
     /// Slot `i`'s direct-map address, if the direct map covers all of it.
     pub(super) fn slot_kva(&self, i: u32) -> Option<KernVa> {
         self.meta[i as usize].kva
-    }
-
-    /// Slot `i`'s bus address (its IOVA in the pool's domain).
-    pub(super) fn slot_bus(&self, i: u32) -> u64 {
-        self.slot_iova(i)
     }
 
     /// Where in slot `i` a buffer of `len` bytes (at most a slot) starts when no tag is
