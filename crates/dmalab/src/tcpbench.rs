@@ -244,6 +244,24 @@ impl<'m> Ring<'m> {
 }
 
 /// Whether `got` is the packet `want` (sequence stamps zeroed) stamped with `seq`.
+/// The NIC reads a packet by DMA, piece after piece (`(bus address, length)`: a map's
+/// segments or a window's links, named `what` in the error), into `nic_buf`; the bytes read.
+fn nic_dma_read(
+    port: &dyn DmaPort,
+    pieces: impl Iterator<Item = (busdma::Iova, u64)>,
+    nic_buf: &mut [u8],
+    what: &str,
+) -> Result<usize, String> {
+    let mut off = 0usize;
+    for (addr, len) in pieces {
+        let len = len as usize;
+        let dst = nic_buf.get_mut(off..off + len).ok_or_else(|| format!("{what} exceed the packet"))?;
+        port.dma_read(addr, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
+        off += len;
+    }
+    Ok(off)
+}
+
 fn verify_packet(want: &[u8], seq: u64, got: &[u8], frag_lens: &[u64]) -> bool {
     if got.len() != want.len() {
         return false;
@@ -353,14 +371,8 @@ where
                   (idx, linked): &(usize, Vec<busdma::front::Linked>),
                   nic_buf: &mut [u8]|
      -> Result<(u64, u64), String> {
-        let mut off = 0usize;
         let d0 = ticks();
-        for l in linked {
-            let len = l.len as usize;
-            let dst = nic_buf.get_mut(off..off + len).ok_or("links exceed the packet")?;
-            port.dma_read(l.iova, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
-            off += len;
-        }
+        let off = nic_dma_read(port, linked.iter().map(|l| (l.iova, l.len)), nic_buf, "links")?;
         let device = ticks() - d0;
         if !verify_packet(&expected[slot], old, &nic_buf[..off], frag_lens) {
             return Err(format!("NIC read wrong bytes for packet {old} (slot {slot})"));
@@ -576,14 +588,8 @@ where
                     nic_buf: &mut [u8]|
      -> Result<(u64, u64), String> {
         // The NIC reads the packet by DMA, segment after segment.
-        let mut off = 0usize;
         let d0 = ticks();
-        for seg in map.segments() {
-            let len = seg.len as usize;
-            let dst = nic_buf.get_mut(off..off + len).ok_or("segments exceed the packet")?;
-            port.dma_read(seg.addr, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
-            off += len;
-        }
+        let off = nic_dma_read(port, map.segments().iter().map(|s| (s.addr, s.len)), nic_buf, "segments")?;
         let device = ticks() - d0;
         if !ring.verify(slot, seq, &nic_buf[..off], frag_lens) {
             return Err(format!("NIC read wrong bytes for packet {seq} (slot {slot})"));
@@ -681,14 +687,8 @@ fn run_zc_queue<'a, 'p, D: IommuOps<HostPlatform>>(
                     pm: &mut PoolMap<'a, 'p, HostPlatform, Premapped<'a, 'p, HostPlatform, D>>,
                     nic_buf: &mut [u8]|
      -> Result<(u64, u64, PoolBuf<'a, 'p, HostPlatform, D>), String> {
-        let mut off = 0usize;
         let d0 = ticks();
-        for seg in pm.segments() {
-            let len = seg.len as usize;
-            let dst = nic_buf.get_mut(off..off + len).ok_or("segments exceed the packet")?;
-            port.dma_read(seg.addr, dst).map_err(|f| format!("NIC DMA fault: {f:?}"))?;
-            off += len;
-        }
+        let off = nic_dma_read(port, pm.segments().iter().map(|s| (s.addr, s.len)), nic_buf, "segments")?;
         let device = ticks() - d0;
         if !verify_packet(&expected[slot], seq, &nic_buf[..off], frag_lens) {
             return Err(format!("NIC read wrong bytes for packet {seq} (slot {slot})"));
